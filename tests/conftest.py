@@ -1,0 +1,117 @@
+"""Shared fixtures: real images made by qemu-img, real FUSE mounts, real loop devices.
+
+Every mount and loop device made here is undone in teardown, even when the
+test fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QCOWFS = str(Path(sys.executable).parent / "qcowfs")
+
+
+def run(*args: str | os.PathLike, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capture its output as text."""
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
+
+
+def qemu_img(*args: str | os.PathLike) -> str:
+    return run("qemu-img", *args).stdout
+
+
+def qemu_io(image: str | os.PathLike, *cmds: str, fmt: str = "qcow2") -> None:
+    args: list[str] = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    run(*args, str(image))
+
+
+def to_raw(image: Path, dest: Path, snapshot_id: str | None = None) -> Path:
+    """QEMU's view of an image as a raw file: the oracle every read is compared with."""
+    args = ["convert", "-O", "raw"]
+    if snapshot_id is not None:
+        args += ["-l", f"snapshot.id={snapshot_id}"]
+    qemu_img(*args, image, dest)
+    return dest
+
+
+def files_equal(a: Path, b: Path, chunk: int = 4 << 20) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def is_mounted(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0
+
+
+def force_unmount(path: Path) -> None:
+    """Last-resort cleanup: never leave a mount behind."""
+    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-uz", str(path)], ["umount", "-l", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, capture_output=True)
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True) -> Iterator[Path]:
+    """Mount IMAGE on MNT with qcowfs (daemonized), always unmount afterwards."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    args = [QCOWFS, "mount", str(image), str(mnt), *extra]
+    if read_only:
+        args.append("--read-only")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        force_unmount(mnt)
+        raise AssertionError(f"qcowfs mount failed ({p.returncode}): {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([QCOWFS, "umount", str(mnt)], capture_output=True, timeout=120)
+        force_unmount(mnt)
+
+
+@contextlib.contextmanager
+def loop_device(path: Path, read_only: bool = True) -> Iterator[str]:
+    """Attach PATH to a loop device, always detach afterwards."""
+    args = ["losetup", "--find", "--show"]
+    if read_only:
+        args.append("-r")
+    dev = run(*args, str(path)).stdout.strip()
+    try:
+        yield dev
+    finally:
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def mount(tmp_path: Path):
+    """mount(image, *opts, read_only=True) -> mountpoint; unmounted at teardown."""
+    stack = contextlib.ExitStack()
+    counter = iter(range(1000))
+
+    def _mount(image: Path, *extra: str, read_only: bool = True) -> Path:
+        mnt = tmp_path / f"mnt{next(counter)}"
+        return stack.enter_context(mounted(image, mnt, *extra, read_only=read_only))
+
+    with stack:
+        yield _mount
