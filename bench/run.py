@@ -1,0 +1,782 @@
+#!/usr/bin/env python3
+"""qcowfs benchmark: qcowfs against qemu-storage-daemon, qcowmount and a bare
+pyfuse3 passthrough, on the same qcow2 image, with fio.
+
+    bench/run.py [--quick] [--no-writes] [--runs N] [--only NAME,...] ...
+
+See bench/README.md. Exit status: 0 when every contender ran (whatever the
+speed), 1 when a contender failed to run (qcowfs's read-write mount being
+unavailable is reported as n/a and does not count as a failure), 130 on
+Ctrl-C. Everything it mounts or starts is unmounted / stopped on the way out.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / "work"
+MIB = 1 << 20
+GIB = 1 << 30
+
+# --------------------------------------------------------------------------
+# Benchmarks. To add one: append a Bench. `kind` decides which image it runs
+# on and which contenders take part ("read": the random-data image mounted
+# read-only; "write": a fresh scratch image per run, mounted read-write).
+# `prepare` names how the scratch image is made ("empty" or "copy").
+
+
+@dataclass
+class Bench:
+    key: str
+    title: str
+    kind: str  # "read" | "write"
+    unit: str  # "MiB/s" | "IOPS"
+    fio: list
+    time_based: bool = False
+    prepare: str = ""  # write benches: "empty" | "copy"
+
+
+BENCHES = [
+    Bench("seq_read", "seq read 1M", "read", "MiB/s",
+          ["--rw=read", "--bs=1M"]),
+    Bench("rand_read_1", "rand read 4k, 1 job", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True),
+    Bench("rand_read_4", "rand read 4k, 4 jobs", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=4", "--group_reporting"],
+          time_based=True),
+    Bench("seq_write", "seq write 1M (empty)", "write", "MiB/s",
+          ["--rw=write", "--bs=1M", "--end_fsync=1"], prepare="empty"),
+    Bench("rand_write_1", "rand write 4k +fsync", "write", "IOPS",
+          ["--rw=randwrite", "--bs=4k", "--numjobs=1", "--end_fsync=1"],
+          time_based=True, prepare="copy"),
+]
+
+# Aims: (bench key or "*read" for all read benches, peer) -> minimal ratio
+# qcowfs / peer. Only reported, never enforced.
+AIMS = {
+    ("*read", "qsd"): 1.5,
+    ("*read", "qcowmount"): 1.0,
+    ("seq_read", "passthrough"): 0.9,
+}
+
+PEERS = ["qsd", "qcowmount", "passthrough"]  # ratio columns, in order
+
+
+def aim_for(bench, peer):
+    if (bench.key, peer) in AIMS:
+        return AIMS[(bench.key, peer)]
+    return AIMS.get(("*" + bench.kind, peer))
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+
+
+class ContenderError(Exception):
+    """A contender could not be mounted or a run on it failed."""
+
+
+class Unavailable(ContenderError):
+    """Not a failure: the contender cannot do this yet (printed as n/a)."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd, timeout=120, check=True):
+    p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        err = (p.stderr.strip() or p.stdout.strip()).splitlines()
+        raise ContenderError(f"{Path(str(cmd[0])).name} exited {p.returncode}: "
+                             + (err[-1] if err else "(no output)"))
+    return p
+
+
+def mounted(path):
+    """True if `path` (a directory or, for FUSE exports, a file) is a mount point."""
+    path = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            mp = mp.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+            if mp == path:
+                return True
+    return False
+
+
+def wait_for(pred, timeout, what, proc=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise ContenderError(f"{what}: process exited {proc.returncode} before mounting")
+        time.sleep(0.05)
+    raise ContenderError(f"{what}: not mounted after {timeout}s")
+
+
+def pids_mentioning(path):
+    """Pids of live processes whose argv contains `path` (our unique mountpoint)."""
+    out = []
+    needle = os.fsencode(os.path.abspath(path))
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{d}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(a == needle or a.endswith(b"=" + needle) for a in argv):
+            out.append(int(d))
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pids(pids, grace=10.0):
+    """SIGTERM, wait, SIGKILL: only the given pids (processes we started)."""
+    pids = [p for p in pids if alive(p)]
+    end = time.monotonic() + grace
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if alive(p)]
+        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not pids:
+            return
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+        end = time.monotonic() + 5
+        while pids and time.monotonic() < end:
+            pids = [p for p in pids if alive(p)]
+            time.sleep(0.05)
+
+
+def force_unmount(path):
+    if not mounted(path):
+        return
+    for args in (["-u"], ["-uz"]):
+        subprocess.run(["fusermount3", *args, str(path)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30)
+        end = time.monotonic() + 3
+        while mounted(path) and time.monotonic() < end:
+            time.sleep(0.05)
+        if not mounted(path):
+            return
+    subprocess.run(["umount", "-l", str(path)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=30)
+
+
+# Everything we mount / start is also registered here, swept at exit.
+_MOUNTS = set()
+_PIDS = set()
+
+
+def sweep():
+    for mp in list(_MOUNTS):
+        with contextlib.suppress(Exception):
+            force_unmount(mp)
+    with contextlib.suppress(Exception):
+        stop_pids(list(_PIDS), grace=0)
+
+
+def drop_caches():
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        log(f"warning: cannot drop caches ({e}); results will be noisier")
+
+
+def warm(path):
+    """cat path > /dev/null"""
+    buf = bytearray(8 * MIB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def fuse_tune(file_path, read_ahead_kb=None, max_background=None):
+    """Set the FUSE connection's readahead / max_background (as root)."""
+    if read_ahead_kb is None and max_background is None:
+        return
+    st = os.stat(file_path)
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    if read_ahead_kb is not None:
+        Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb").write_text(f"{read_ahead_kb}\n")
+    if max_background is not None:
+        Path(f"/sys/fs/fuse/connections/{st.st_dev}/max_background").write_text(
+            f"{max_background}\n")
+
+
+# --------------------------------------------------------------------------
+# Contenders. mount(qcow2, raw, writable) is a context manager yielding the
+# path of the file that shows the virtual disk. `raw` is the raw twin of the
+# image (only the passthrough uses it).
+
+
+class Contender:
+    name = ""
+    label = ""
+    can_write = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mnt = WORK / "mnt" / self.name
+
+    def version(self):
+        return ""
+
+    @contextlib.contextmanager
+    def mount(self, qcow2, raw, writable):
+        raise NotImplementedError
+
+    def _dir(self):
+        if mounted(self.mnt):
+            force_unmount(self.mnt)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        return self.mnt
+
+
+class Qcowfs(Contender):
+    name = label = "qcowfs"
+
+    def exe(self):
+        p = shutil.which("qcowfs") or str(Path(sys.executable).parent / "qcowfs")
+        return p
+
+    def version(self):
+        with contextlib.suppress(Exception):
+            p = run([sys.executable, "-c", "import qcowfs;print(getattr(qcowfs,'__version__',''))"],
+                    timeout=30, check=False)
+            return p.stdout.strip()
+        return ""
+
+    @contextlib.contextmanager
+    def mount(self, qcow2, raw, writable):
+        mnt = self._dir()
+        cmd = [self.exe(), "mount", qcow2, mnt] + ([] if writable else ["--read-only"])
+        _MOUNTS.add(mnt)
+        pids = []
+        try:
+            try:
+                p = run(cmd, timeout=120, check=False)
+            except subprocess.TimeoutExpired:
+                raise ContenderError("qcowfs mount: timed out after 120s")
+            if p.returncode != 0 or not mounted(mnt):
+                err = (p.stderr.strip() or p.stdout.strip()).splitlines()
+                msg = (f"qcowfs mount{'' if writable else ' --read-only'} exited "
+                       f"{p.returncode}: {err[-1] if err else '(no output)'}")
+                raise (Unavailable if writable else ContenderError)(msg)
+            pids = pids_mentioning(mnt)
+            _PIDS.update(pids)
+            f = mnt / "disk.raw"
+            if not f.exists():
+                raise ContenderError("qcowfs: mounted but no disk.raw")
+            yield f
+        finally:
+            if mounted(mnt):
+                with contextlib.suppress(Exception):
+                    run([self.exe(), "umount", mnt], timeout=120, check=False)
+            force_unmount(mnt)
+            stop_pids(pids or pids_mentioning(mnt))
+
+
+class Qsd(Contender):
+    name = "qsd"
+    label = "qemu-storage-daemon"
+
+    def version(self):
+        with contextlib.suppress(Exception):
+            return run(["qemu-storage-daemon", "--version"]).stdout.splitlines()[0]
+        return ""
+
+    @contextlib.contextmanager
+    def mount(self, qcow2, raw, writable):
+        d = self._dir()
+        mnt = d / "disk.raw"  # the FUSE export mounts on a regular file
+        mnt.touch()
+        pidfile = d / "qsd.pid"
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+        cmd = ["qemu-storage-daemon",
+               "--blockdev", f"driver=file,node-name=file,filename={qcow2}",
+               "--blockdev", "driver=qcow2,node-name=qcow2,file=file",
+               "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={mnt},"
+                           f"writable={'on' if writable else 'off'}",
+               "--daemonize", "--pidfile", pidfile]
+        _MOUNTS.add(mnt)
+        pid = None
+        try:
+            run(cmd, timeout=60)  # --daemonize returns once the export is up
+            pid = int(pidfile.read_text().strip())
+            _PIDS.add(pid)
+            wait_for(lambda: mounted(mnt), 10, "qemu-storage-daemon")
+            yield mnt
+        finally:
+            # qsd 7.2 leaves a dead mount behind on SIGTERM and keeps running
+            # after fusermount3 -u: unmount first, then stop the daemon.
+            force_unmount(mnt)
+            if pid is None:
+                with contextlib.suppress(Exception):
+                    pid = int(pidfile.read_text().strip())
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                stop_pids([pid], grace=10)
+            force_unmount(mnt)
+
+
+class Qcowmount(Contender):
+    name = label = "qcowmount"
+    can_write = False  # libqcow is read-only
+
+    def version(self):
+        with contextlib.suppress(Exception):
+            return run(["qcowmount", "-V"], check=False).stdout.split("\n")[0].strip()
+        return ""
+
+    @contextlib.contextmanager
+    def mount(self, qcow2, raw, writable):
+        mnt = self._dir()
+        _MOUNTS.add(mnt)
+        pids = []
+        try:
+            run(["qcowmount", qcow2, mnt], timeout=60)  # daemonizes unless -v
+            wait_for(lambda: mounted(mnt), 10, "qcowmount")
+            pids = pids_mentioning(mnt)
+            _PIDS.update(pids)
+            yield mnt / "qcow1"
+        finally:
+            force_unmount(mnt)
+            stop_pids(pids or pids_mentioning(mnt))
+
+
+class Passthrough(Contender):
+    name = "passthrough"
+    label = "pyfuse3 passthrough"
+
+    def version(self):
+        with contextlib.suppress(Exception):
+            return "pyfuse3 " + run([sys.executable, "-c",
+                                     "import pyfuse3;print(pyfuse3.__version__)"]).stdout.strip()
+        return ""
+
+    @contextlib.contextmanager
+    def mount(self, qcow2, raw, writable):
+        mnt = self._dir()
+        cmd = [sys.executable, HERE / "passthrough.py", raw, mnt]
+        if writable:
+            cmd.append("--writable")
+        _MOUNTS.add(mnt)
+        errf = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errf)
+        _PIDS.add(proc.pid)
+        try:
+            try:
+                wait_for(lambda: mounted(mnt), 20, "passthrough", proc)
+            except ContenderError as e:
+                errf.seek(0)
+                tail = errf.read().strip().splitlines()
+                raise ContenderError(f"{e}: {tail[-1] if tail else ''}")
+            yield mnt / "disk.raw"
+        finally:
+            force_unmount(mnt)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            errf.close()
+            force_unmount(mnt)
+
+
+CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough]
+
+
+# --------------------------------------------------------------------------
+# Images
+
+
+def build_images(size, rebuild):
+    tag = f"{size // MIB}M"
+    raw = WORK / f"random-{tag}.raw"
+    qcow2 = WORK / f"random-{tag}.qcow2"
+    ok = (raw.exists() and raw.stat().st_size == size and qcow2.exists()
+          and qcow2.stat().st_mtime >= raw.stat().st_mtime)
+    if ok and not rebuild:
+        return raw, qcow2
+    log(f"building {tag} random image in {WORK} ...")
+    WORK.mkdir(parents=True, exist_ok=True)
+    for p in (raw, qcow2):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    tmp = raw.with_suffix(".raw.tmp")
+    with open("/dev/urandom", "rb", buffering=0) as src, open(tmp, "wb") as dst:
+        left = size
+        while left:
+            chunk = src.read(min(left, 4 * MIB))
+            dst.write(chunk)
+            left -= len(chunk)
+    tmp.rename(raw)
+    tmpq = qcow2.with_suffix(".qcow2.tmp")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, tmpq], timeout=600)
+    tmpq.rename(qcow2)
+    return raw, qcow2
+
+
+def scratch_images(bench, size, raw, qcow2):
+    """Fresh per-run images for a write bench: (scratch qcow2, scratch raw)."""
+    sq = WORK / "scratch.qcow2"
+    sr = WORK / "scratch.raw"
+    for p in (sq, sr):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    if bench.prepare == "empty":
+        run(["qemu-img", "create", "-q", "-f", "qcow2", sq, str(size)])
+        with open(sr, "wb") as f:
+            f.truncate(size)
+    elif bench.prepare == "copy":
+        run(["cp", "--reflink=auto", qcow2, sq], timeout=600)
+        run(["cp", "--reflink=auto", raw, sr], timeout=600)
+    else:
+        raise ValueError(bench.prepare)
+    return sq, sr
+
+
+# --------------------------------------------------------------------------
+# Running
+
+
+def fio(bench, path, size, runtime):
+    name = bench.key
+    cmd = ["fio", f"--name={name}", f"--filename={path}", "--ioengine=psync",
+           f"--size={size}", "--fallocate=none", "--output-format=json", *bench.fio]
+    if bench.time_based:
+        cmd += [f"--runtime={runtime}", "--time_based"]
+    timeout = 600 if not bench.time_based else runtime + 300
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ContenderError(f"fio timed out after {timeout}s")
+    out = p.stdout
+    try:
+        data = json.loads(out[out.index("{"):])
+    except ValueError:
+        data = None
+    if p.returncode != 0 or data is None:
+        err = (p.stderr.strip() or out.strip()).splitlines()
+        raise ContenderError(f"fio exited {p.returncode}: {err[-1] if err else '(no output)'}")
+    job = data["jobs"][0]
+    if job.get("error"):
+        raise ContenderError(f"fio job error {job['error']}")
+    ddir = "write" if bench.kind == "write" else "read"
+    d = job[ddir]
+    return {
+        "value": d["bw_bytes"] / MIB if bench.unit == "MiB/s" else d["iops"],
+        "bw_mib_s": d["bw_bytes"] / MIB,
+        "iops": d["iops"],
+        "io_mib": d["io_bytes"] / MIB,
+        "runtime_ms": d["runtime"],
+        "clat_mean_us": d.get("clat_ns", {}).get("mean", 0) / 1000,
+    }
+
+
+def check_data(path, raw, size):
+    """One cheap correctness guard: size and two 1 MiB chunks match the raw twin."""
+    st = os.stat(path)
+    if st.st_size != size:
+        raise ContenderError(f"size {st.st_size} != {size}")
+    with open(path, "rb", buffering=0) as a, open(raw, "rb", buffering=0) as b:
+        for off in (0, (size // 2 + 12345) & ~4095):
+            if os.pread(a.fileno(), MIB, off) != os.pread(b.fileno(), MIB, off):
+                raise ContenderError(f"data mismatch at offset {off}")
+
+
+@dataclass
+class Cell:
+    runs: list = field(default_factory=list)
+    error: str = ""
+    na: bool = False
+
+    @property
+    def median(self):
+        vals = [r["value"] for r in self.runs]
+        return statistics.median(vals) if vals else None
+
+
+def one_run(bench, cont, cfg, raw, qcow2):
+    if bench.kind == "read":
+        img_q, img_r = qcow2, raw
+    else:
+        img_q, img_r = scratch_images(bench, cfg.size, raw, qcow2)
+    warm_target = img_r if isinstance(cont, Passthrough) else img_q
+    try:
+        with cont.mount(img_q, img_r, writable=(bench.kind == "write")) as path:
+            if bench.kind == "read" and cfg.verify:
+                check_data(path, raw, cfg.size)
+            fuse_tune(path, cfg.read_ahead_kb, cfg.max_background)
+            drop_caches()
+            warm(warm_target)
+            return fio(bench, path, cfg.size, cfg.runtime)
+    finally:
+        if bench.kind == "write":
+            for p in (img_q, img_r):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+
+def measure(cfg, benches, contenders, raw, qcow2):
+    results = {b.key: {c.name: Cell() for c in contenders
+                       if b.kind == "read" or c.can_write} for b in benches}
+    for b in benches:
+        for i in range(cfg.runs):
+            for c in contenders:
+                cell = results[b.key].get(c.name)
+                if cell is None or cell.error or cell.na:
+                    continue
+                t0 = time.monotonic()
+                try:
+                    r = one_run(b, c, cfg, raw, qcow2)
+                except Unavailable as e:
+                    cell.na, cell.error = True, str(e)
+                    log(f"  {b.title:<22} {c.name:<12} run {i + 1}: n/a ({e})")
+                    continue
+                except (ContenderError, OSError, subprocess.SubprocessError) as e:
+                    cell.error = str(e) or type(e).__name__
+                    log(f"  {b.title:<22} {c.name:<12} run {i + 1}: FAILED: {cell.error}")
+                    continue
+                cell.runs.append(r)
+                log(f"  {b.title:<22} {c.name:<12} run {i + 1}: "
+                    f"{fmt(r['value'], b.unit):>9} {b.unit:<5} ({time.monotonic() - t0:.1f}s)")
+    return results
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if unit == "IOPS" or v >= 100 else f"{v:.1f}"
+
+
+def ratios(bench, row):
+    out = {}
+    q = row.get("qcowfs")
+    qv = q.median if q else None
+    for peer in PEERS:
+        cell = row.get(peer)
+        if cell is None:
+            continue
+        pv = cell.median
+        ratio = qv / pv if (qv is not None and pv) else None
+        aim = aim_for(bench, peer)
+        out[peer] = {"ratio": ratio, "aim": aim,
+                     "met": (ratio >= aim) if (ratio is not None and aim is not None) else None}
+    return out
+
+
+def report(cfg, benches, contenders, results):
+    names = [c.name for c in contenders]
+    w = 11
+    head = f"{'benchmark':<22} {'unit':<5} " + " ".join(f"{n:>{w}}" for n in names)
+    lines = [head, "-" * len(head)]
+    for b in benches:
+        row = results[b.key]
+        cells = []
+        for n in names:
+            cell = row.get(n)
+            if cell is None:
+                s = ""
+            elif cell.na:
+                s = "n/a"
+            elif cell.error and not cell.runs:
+                s = "FAILED"
+            else:
+                s = fmt(cell.median, b.unit) + ("!" if cell.error else "")
+            cells.append(f"{s:>{w}}")
+        lines.append((f"{b.title:<22} {b.unit:<5} " + " ".join(cells)).rstrip())
+    peers = [p for p in PEERS if p in names] if "qcowfs" in names else []
+    if not peers:
+        return "\n".join(lines)
+    cw = 24
+    head = f"{'qcowfs / peer':<28} " + " ".join(f"{p:<{cw}}" for p in peers).rstrip()
+    lines += ["", head, "-" * len(head.rstrip())]
+    for b in benches:
+        rs = ratios(b, results[b.key])
+        parts = []
+        for p in peers:
+            r = rs.get(p)
+            if r is None:
+                s = ""
+            else:
+                s = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+                if r["aim"] is not None:
+                    verdict = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
+                    s = f"{s:<6} aim >={r['aim']:.1f}{verdict}"
+            parts.append(f"{s:<{cw}}")
+        lines.append((f"{b.title:<28} " + " ".join(parts)).rstrip())
+    return "\n".join(lines)
+
+
+def to_json(cfg, benches, contenders, results, versions, elapsed):
+    out = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                 "python": platform.python_version()},
+        "config": {"image_size": cfg.size, "runs": cfg.runs, "runtime_s": cfg.runtime,
+                   "quick": cfg.quick, "read_ahead_kb": cfg.read_ahead_kb,
+                   "max_background": cfg.max_background},
+        "contenders": {c.name: {"label": c.label, "version": versions.get(c.name, "")}
+                       for c in contenders},
+        "benchmarks": {},
+        "elapsed_s": round(elapsed, 1),
+    }
+    for b in benches:
+        row = results[b.key]
+        out["benchmarks"][b.key] = {
+            "title": b.title, "kind": b.kind, "unit": b.unit,
+            "fio": b.fio + ([f"--runtime={cfg.runtime}", "--time_based"] if b.time_based else []),
+            "results": {n: {"median": c.median, "runs": c.runs,
+                            "status": "n/a" if c.na else ("failed" if c.error else "ok"),
+                            "error": c.error or None}
+                        for n, c in row.items()},
+            "ratios": ratios(b, row) if "qcowfs" in row else {},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 256 MiB image, 1 run each, 2 s random runs")
+    ap.add_argument("--writes", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the write benchmarks (default: on)")
+    ap.add_argument("--runs", type=int, help="runs per benchmark (default 3, quick 1)")
+    ap.add_argument("--runtime", type=int, help="seconds per random run (default 5, quick 2)")
+    ap.add_argument("--size-mib", type=int, help="image size (default 1024, quick 256)")
+    ap.add_argument("--only", help="comma-separated contenders: "
+                    + ",".join(c.name for c in CONTENDERS))
+    ap.add_argument("--bench", help="comma-separated benchmarks: "
+                    + ",".join(b.key for b in BENCHES))
+    ap.add_argument("--read-ahead-kb", type=int,
+                    help="set the FUSE bdi read_ahead_kb of every mount (tuning experiments)")
+    ap.add_argument("--max-background", type=int,
+                    help="set the FUSE connection's max_background of every mount")
+    ap.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip the data check of each read mount")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the random image")
+    ap.add_argument("--json", type=Path, default=WORK / "results.json")
+    cfg = ap.parse_args(argv)
+    cfg.runs = cfg.runs or (1 if cfg.quick else 3)
+    cfg.runtime = cfg.runtime or (2 if cfg.quick else 5)
+    cfg.size = (cfg.size_mib or (256 if cfg.quick else 1024)) * MIB
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    contenders = [c(cfg) for c in CONTENDERS]
+    if cfg.only:
+        want = cfg.only.split(",")
+        bad = set(want) - {c.name for c in contenders}
+        if bad:
+            sys.exit(f"unknown contender(s): {','.join(sorted(bad))}")
+        contenders = [c for c in contenders if c.name in want]
+    benches = [b for b in BENCHES if cfg.writes or b.kind != "write"]
+    if cfg.bench:
+        want = cfg.bench.split(",")
+        bad = set(want) - {b.key for b in BENCHES}
+        if bad:
+            sys.exit(f"unknown benchmark(s): {','.join(sorted(bad))}")
+        benches = [b for b in benches if b.key in want]
+    missing = [t for t in ("fio", "qemu-img", "qemu-storage-daemon", "qcowmount", "fusermount3")
+               if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"bench: missing tools: {' '.join(missing)} (run scripts/install.sh --test)")
+    if os.geteuid() != 0:
+        log("warning: not root: caches cannot be dropped, qsd/qcowmount may need allow_other")
+
+    t0 = time.monotonic()
+    results = None
+    try:
+        raw, qcow2 = build_images(cfg.size, cfg.rebuild)
+        versions = {c.name: c.version() for c in contenders}
+        log(f"image {qcow2.name}: {cfg.size // MIB} MiB, {cfg.runs} run(s) each, "
+            f"random runs {cfg.runtime}s")
+        results = measure(cfg, benches, contenders, raw, qcow2)
+    except KeyboardInterrupt:
+        log("interrupted, cleaning up")
+        return 130
+    finally:
+        sweep()
+        for p in (WORK / "scratch.qcow2", WORK / "scratch.raw"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    elapsed = time.monotonic() - t0
+    sys.stderr.flush()
+    print(flush=True)
+    print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
+          f"median of {cfg.runs}, warm host cache, cold FUSE page cache")
+    print(report(cfg, benches, contenders, results))
+    print("(higher is better; 'n/a': not available yet; '!': some runs failed; "
+          f"qsd = qemu-storage-daemon FUSE export; total {elapsed:.0f}s)")
+    data = to_json(cfg, benches, contenders, results, versions, elapsed)
+    cfg.json.parent.mkdir(parents=True, exist_ok=True)
+    cfg.json.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"results: {cfg.json}")
+    failed = [f"{b.key}/{n}: {c.error}" for b in benches
+              for n, c in results[b.key].items() if c.error and not c.na]
+    if failed:
+        print("contenders that failed to run:", *failed, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
