@@ -1,0 +1,129 @@
+"""LRU caches of metadata tables (L2 tables, refcount blocks) with dirty tracking.
+
+Modelled on QEMU's Qcow2Cache: a cache may depend on another one, and its
+dirty tables are only written once everything in the cache it depends on is
+on disk (written and fsync'd). The L2 cache depends on the refcount cache,
+so a new reference never reaches the disk before the refcount that covers it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable, Generic, TypeVar
+
+import trio
+
+from .hostfile import HostFile
+
+T = TypeVar("T")
+
+
+class TableCache(Generic[T]):
+    """Cluster-sized tables keyed by host offset, decoded once, evicted LRU."""
+
+    def __init__(self, name: str, file: HostFile, capacity: int,
+                 load: Callable[[int], Awaitable[T]], encode: Callable[[T], bytes]) -> None:
+        self.name = name
+        self.file = file
+        self.capacity = max(4, capacity)
+        self._load = load
+        self._encode = encode
+        self._tables: OrderedDict[int, T] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._pins: dict[int, int] = {}
+        self._loading: dict[int, trio.Event] = {}
+        self._flush_lock = trio.Lock()
+        self.depends_on: TableCache | None = None
+        self.hits = self.misses = 0
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def peek(self, offset: int) -> T | None:
+        """The table if cached (no I/O, no await): the hot path's first try."""
+        table = self._tables.get(offset)
+        if table is not None:
+            self._tables.move_to_end(offset)
+            self.hits += 1
+        return table
+
+    async def get(self, offset: int) -> T:
+        table = self.peek(offset)
+        if table is not None:
+            return table
+        while offset in self._loading:
+            await self._loading[offset].wait()
+            table = self.peek(offset)
+            if table is not None:
+                return table
+        self.misses += 1
+        done = self._loading[offset] = trio.Event()
+        try:
+            table = await self._load(offset)
+            self._tables[offset] = table
+        finally:
+            del self._loading[offset]
+            done.set()
+        await self._evict()
+        return table
+
+    def put_new(self, offset: int, table: T) -> None:
+        """Insert a table that exists only in memory so far (newly allocated)."""
+        self._tables[offset] = table
+        self._tables.move_to_end(offset)
+        self._dirty.add(offset)
+
+    def mark_dirty(self, offset: int) -> None:
+        if offset not in self._tables:
+            raise KeyError(f"{self.name} table at {offset:#x} is not cached")
+        self._dirty.add(offset)
+
+    def discard(self, offset: int) -> None:
+        """Forget a table whose cluster was freed (its contents no longer matter)."""
+        self._tables.pop(offset, None)
+        self._dirty.discard(offset)
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self._dirty.clear()
+
+    @asynccontextmanager
+    async def pinned(self, offset: int) -> AsyncIterator[T]:
+        """Hold a table in the cache across awaits (for read-modify-write)."""
+        table = await self.get(offset)
+        self._pins[offset] = self._pins.get(offset, 0) + 1
+        try:
+            yield table
+        finally:
+            n = self._pins[offset] - 1
+            if n:
+                self._pins[offset] = n
+            else:
+                del self._pins[offset]
+
+    async def _evict(self) -> None:
+        while len(self._tables) > self.capacity:
+            victim = next((off for off in self._tables
+                           if off not in self._dirty and off not in self._pins), None)
+            if victim is None:
+                if not self._dirty:
+                    return  # everything pinned: grow past capacity for now
+                await self.flush()
+                continue
+            del self._tables[victim]
+
+    async def flush(self) -> None:
+        """Write every dirty table, after the cache this one depends on is durable."""
+        async with self._flush_lock:
+            if not self._dirty:
+                return
+            dep = self.depends_on
+            while dep is not None and dep.dirty:
+                await dep.flush()
+                await dep.file.sync()
+            # No await from the check above to the end: nothing can dirty the
+            # dependency again before these tables are written.
+            for offset in sorted(self._dirty):
+                self.file.write_sync(self._encode(self._tables[offset]), offset)
+            self._dirty.clear()

@@ -1,0 +1,139 @@
+"""The serving process: FUSE session, readiness, signals, clean shutdown.
+
+Readiness is reported only once the mount answers a stat (to the parent of a
+daemonized mount through a pipe, to systemd through NOTIFY_SOCKET). SIGTERM
+and SIGINT end the session; then every cache is flushed and the image closed
+before the process exits, whichever way the mount went away.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING
+
+import pyfuse3
+import trio
+
+from .errors import QcowError
+from .fs import Access, Operations
+from .image import Image
+from .views import build_tree
+
+if TYPE_CHECKING:
+    from .cli import MountOptions
+
+log = logging.getLogger("qcowfs")
+
+
+def sd_notify(message: str) -> None:
+    """Send MESSAGE to systemd's notify socket, if we run under one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd: %s", e)
+
+
+def _report(ready_fd: int | None, text: str) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, text.encode())
+    finally:
+        os.close(ready_fd)
+
+
+def _write_pidfile(mountpoint: str) -> str | None:
+    from .cli import _mountinfo, _pidfile
+
+    for dev, mp, _fstype, _src in _mountinfo():
+        if mp == mountpoint:
+            path = _pidfile(dev)
+            with open(path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return path
+    return None
+
+
+def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set[str],
+          ready_fd: int | None) -> int:
+    """Mount, serve until unmounted or signalled, flush, exit code."""
+    ops = Operations(build_tree(image), Access(opts.uid, opts.gid, opts.umask), debug=opts.debug)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options)
+    except (RuntimeError, OSError) as e:
+        _report(ready_fd, f"cannot mount on {mountpoint}: {e}\n")
+        trio.run(image.close)
+        return 1
+    state = {"unmount": False}
+    pidfile: str | None = None
+
+    async def main() -> None:
+        nonlocal pidfile
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, state)
+            nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+            pidfile = _write_pidfile(mountpoint)
+            if ready_fd is not None:
+                _detach_stdio()
+            _report(ready_fd, "OK\n")
+            sd_notify("READY=1")
+            log.info("serving %s on %s%s", image.path, mountpoint, " (read-only)" if opts.read_only else "")
+        sd_notify("STOPPING=1")
+        await _shutdown(image)
+
+    code = 0
+    try:
+        trio.run(main)
+    except QcowError as e:
+        log.error("%s", e)
+        code = 1
+    except BaseException as e:  # noqa: BLE001 - the exit must stay clean
+        log.error("daemon failed: %s: %s", type(e).__name__, e)
+        code = 1
+    finally:
+        pyfuse3.close(unmount=state["unmount"])
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+    return code
+
+
+async def _run_fuse(scope: trio.CancelScope) -> None:
+    """Serve requests; returns when the mount goes away (umount, fusermount3 -u)."""
+    await pyfuse3.main(min_tasks=4, max_tasks=64)
+    scope.cancel()
+
+
+async def _watch_signals(state: dict[str, bool]) -> None:
+    """SIGTERM/SIGINT/SIGHUP: let requests in flight finish, then unmount."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            state["unmount"] = True
+            pyfuse3.terminate()
+            return
+
+
+async def _shutdown(image: Image) -> None:
+    with trio.CancelScope(shield=True):
+        await image.close()
+        log.info("image closed cleanly")
+
+
+def _detach_stdio() -> None:
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    os.close(fd)

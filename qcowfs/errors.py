@@ -1,0 +1,46 @@
+"""Errors a user can read.
+
+Each carries one line of text; the FUSE layer maps them to one errno and the
+CLI prints the message as one line on stderr.
+"""
+from __future__ import annotations
+
+import errno
+
+
+class QcowError(Exception):
+    """Base of every error qcowfs reports to a user."""
+
+    errno: int = errno.EIO
+
+
+class InvalidImageError(QcowError):
+    """The header or a structure named by it is malformed: refuse to open."""
+
+
+class UnsupportedFeatureError(QcowError):
+    """The image uses something qcowfs does not implement."""
+
+    errno = errno.EOPNOTSUPP
+
+
+class CorruptionError(QcowError):
+    """A table read at run time is inconsistent: fail this request with EIO."""
+
+
+class ReadOnlyError(QcowError):
+    """A write reached a read-only file or image."""
+
+    errno = errno.EROFS
+
+
+class ImageLockedError(QcowError):
+    """Another process (QEMU) holds the image in a conflicting way."""
+
+    errno = errno.EBUSY
+
+
+class NoSpaceError(QcowError):
+    """A refcount would overflow or the image cannot grow."""
+
+    errno = errno.ENOSPC

@@ -1,0 +1,252 @@
+"""pyfuse3 operations over a tree of DirNode/FileNode: files and byte ranges only.
+
+Every error leaves here as one errno: a QcowError carries its own, anything
+unexpected becomes EIO with one log line, and the daemon keeps serving.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from .errors import QcowError
+from .views import DirNode, FileNode, FileView
+
+log = logging.getLogger("qcowfs")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+ATTR_TIMEOUT = 300.0
+
+
+@dataclass
+class Access:
+    """Ownership and mode bits the mount reports (uid=, gid=, umask=)."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+
+
+def fuse_errors(func: F) -> F:
+    """Map every exception of a handler to one errno at the FUSE boundary."""
+
+    @wraps(func)
+    async def wrapper(*args: Any, **kw: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", func.__name__, args[1:])
+        try:
+            return await func(*args, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except QcowError as e:
+            log.error("%s: %s", func.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.error("%s: %s", func.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:  # noqa: BLE001 - the daemon must keep serving
+            log.error("%s: internal error: %s: %s", func.__name__, type(e).__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    """A read-mostly filesystem of fixed files whose contents come from views."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, root: DirNode, access: Access, debug: bool = False) -> None:
+        super().__init__()
+        self.access = access
+        self.debug = debug
+        self._nodes: dict[int, DirNode | FileNode] = {}
+        self._parents: dict[int, int] = {}
+        self._inodes: dict[int, int] = {}  # id(node) -> inode
+        self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
+        self._open: dict[int, FileView] = {}
+        self._next_fh = 1
+
+    def _add(self, node: DirNode | FileNode, inode: int, parent: int) -> int:
+        self._nodes[inode] = node
+        self._parents[inode] = parent
+        self._inodes[id(node)] = inode
+        nxt = inode + 1
+        if isinstance(node, DirNode):
+            for child in node.children.values():
+                nxt = self._add(child, nxt, inode)
+        return nxt
+
+    def _node(self, inode: int) -> DirNode | FileNode:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_uid, a.st_gid = self.access.uid, self.access.gid
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        a.st_blksize = 4096
+        if isinstance(node, DirNode):
+            a.st_mode = stat.S_IFDIR | (0o777 & ~self.access.umask & 0o755)
+            a.st_nlink = 2 + sum(isinstance(c, DirNode) for c in node.children.values())
+            a.st_size = 0
+            mtime = node.mtime_ns
+        else:
+            view = node.view
+            perm = 0o666 if view.writable else 0o444
+            a.st_mode = stat.S_IFREG | (perm & ~self.access.umask)
+            a.st_nlink = 1
+            a.st_size = view.size
+            a.st_blocks = (view.size + 511) // 512
+            mtime = view.mtime_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    # ---- lookup and attributes -----------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(parent_inode)
+        if not isinstance(node, DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._attr(parent_inode)
+        if name == b"..":
+            return self._attr(self._parents[parent_inode])
+        child = node.children.get(os.fsdecode(name))
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(self._inodes[id(child)])
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size:
+            if not isinstance(node, FileNode):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if attr.st_size != node.view.size:
+                await node.view.truncate(attr.st_size)
+        return self._attr(inode)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        total = sum(n.view.size for n in self._nodes.values() if isinstance(n, FileNode))
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # ---- directories ---------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not isinstance(self._node(inode), DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._node(fh)
+        assert isinstance(node, DirNode)
+        children = list(node.children.values())
+        for i in range(start_id, len(children)):
+            child = children[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
+                                         self._attr(self._inodes[id(child)]), i + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # ---- extended attributes -------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[str, bytes]:
+        node = self._node(inode)
+        return node.view.xattrs() if isinstance(node, FileNode) else {}
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(inode).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(k) for k in self._xattrs(inode)]
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ---- files ---------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if not isinstance(node, FileNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
+            raise pyfuse3.FUSEError(errno.EROFS if self._is_ro_mount() else errno.EACCES)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open[fh] = node.view
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=False)
+
+    def _is_ro_mount(self) -> bool:
+        return not any(isinstance(n, FileNode) and n.view.writable for n in self._nodes.values())
+
+    def _view(self, fh: int) -> FileView:
+        view = self._open.get(fh)
+        if view is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return view
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        return await self._view(fh).read(off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        view = self._view(fh)
+        n = view.clip(off, len(buf))
+        if n <= 0:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        return await view.write(off, buf[:n] if n < len(buf) else buf)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._view(fh).fsync()
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        self._open.pop(fh, None)
+

@@ -1,0 +1,88 @@
+"""Byte I/O on host files: the one place that decides how reads block.
+
+A pread served from the host page cache costs a few microseconds, a worker
+thread tens: so each read is first tried on the event loop with RWF_NOWAIT
+(never blocks), and only what would block goes to a worker thread. Writes of
+metadata and data are buffered pwrites (they land in the page cache); fsync
+always runs in a thread.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_THREADS = trio.CapacityLimiter(16)
+
+
+class HostFile:
+    """An open image, backing or data file, with async positional I/O."""
+
+    def __init__(self, path: str, writable: bool = False) -> None:
+        self.path = path
+        self.writable = writable
+        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        self._nowait = bool(_NOWAIT)
+        # Size as far as this process knows: grows with our own writes.
+        self.known_size = os.fstat(self.fd).st_size
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        """Blocking read for open-time parsing (before any request is served)."""
+        return os.pread(self.fd, length, offset)
+
+    async def read_into(self, buf: memoryview, offset: int) -> int:
+        """Fill BUF from OFFSET; returns bytes read (short only at end of file)."""
+        done, want = 0, len(buf)
+        if self._nowait:
+            try:
+                done = os.preadv(self.fd, [buf], offset, _NOWAIT)
+            except BlockingIOError:
+                done = 0
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # filesystem without RWF_NOWAIT support
+            if done == want:
+                return done
+        while done < want:
+            n = await trio.to_thread.run_sync(os.preadv, self.fd, [buf[done:]], offset + done,
+                                              limiter=_THREADS)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    async def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        n = await self.read_into(memoryview(buf), offset)
+        return bytes(buf[:n]) if n < length else bytes(buf)
+
+    async def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        self.write_sync(data, offset)
+
+    def write_sync(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """A buffered pwrite: lands in the page cache, ordered by sync()."""
+        view = memoryview(data)
+        end = offset + len(view)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+        if end > self.known_size:
+            self.known_size = end
+
+    async def sync(self) -> None:
+        await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_THREADS)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.known_size = size

@@ -1,0 +1,234 @@
+"""Opening an image: header validation, feature bits, backing chain, data file.
+
+Everything that can be checked before serving a request is checked here, so a
+bad image refuses the mount with one clear line instead of failing later.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import TableCache
+from .errors import InvalidImageError, QcowError, UnsupportedFeatureError
+from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_NAMES, CRYPT_NONE, EXT_BACKING_FORMAT,
+                     EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION,
+                     INCOMPAT_DATA_FILE, INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+                     MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
+from .hostfile import HostFile
+from .mapper import L1Table, Mapper, Source
+
+MAX_CHAIN_DEPTH = 64
+DEFAULT_L2_CACHE_BYTES = 32 << 20
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
+
+
+@dataclass
+class OpenOptions:
+    read_only: bool = True
+    l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+
+
+class RawSource:
+    """A raw backing file: reads past its end are zeros."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = HostFile(path)
+        self.size = self.file.known_size
+
+    async def read_into(self, buf: memoryview, offset: int) -> None:
+        n = min(len(buf), self.size - offset)
+        if n > 0:
+            await self.file.read_into(buf[:n], offset)
+
+    async def close(self) -> None:
+        self.file.close()
+
+    def chain(self) -> list[tuple[str, str]]:
+        return [(self.path, "raw")]
+
+
+def _check_table(name: str, offset: int, length: int, cluster_size: int, file_size: int) -> None:
+    if offset % cluster_size:
+        raise InvalidImageError(f"{name} offset {offset:#x} is not cluster aligned")
+    if offset < cluster_size:
+        raise InvalidImageError(f"{name} overlaps the image header")
+    if offset + length > file_size:
+        raise InvalidImageError(f"{name} lies past the end of the image file")
+
+
+def resolve_backing(image_path: str, name: str) -> str:
+    if name.startswith("json:"):
+        raise UnsupportedFeatureError("backing file given as a json: specification is not supported")
+    if _PROTOCOL.match(name):
+        raise UnsupportedFeatureError(f"backing file '{name}' uses a protocol; only local files are supported")
+    if not name:
+        raise InvalidImageError("backing file name is empty")
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+class Image:
+    """An open qcow2 image: its header, tables, caches and backing chain."""
+
+    def __init__(self, path: str, options: OpenOptions, chain: tuple[tuple[int, int], ...] = ()) -> None:
+        self.path = path
+        self.options = options
+        self.read_only = options.read_only
+        self.backing: Source | None = None
+        self.data_file: HostFile | None = None
+        try:
+            self.file = HostFile(path, writable=not options.read_only)
+        except OSError as e:
+            raise QcowError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            self._open(chain)
+        except BaseException:
+            self._close_files()
+            raise
+
+    # ---- open ---------------------------------------------------------------
+
+    def _open(self, chain: tuple[tuple[int, int], ...]) -> None:
+        st = os.fstat(self.file.fd)
+        ident = (st.st_dev, st.st_ino)
+        if ident in chain:
+            raise InvalidImageError(f"backing chain loops back to {self.path}")
+        if len(chain) >= MAX_CHAIN_DEPTH:
+            raise InvalidImageError(f"backing chain is deeper than {MAX_CHAIN_DEPTH}")
+        head = self.file.read_sync(0, 1 << 21)
+        h = self.header = Header.parse(head)
+        self.geo = Geometry.from_header(h)
+        self._validate(h, self.file.known_size)
+        self.snapshots = self._read_snapshots(h)
+        if h.incompatible_features & INCOMPAT_DATA_FILE:
+            self.data_file = self._open_data_file(h)
+        mapper_file = self.data_file or self.file
+        self.l2_cache: TableCache[np.ndarray] = TableCache(
+            "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
+            self._load_l2, self._encode_l2)
+        self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache)
+        self.active_l1 = L1Table(self.file, h.l1_table_offset, h.l1_size)
+        self.backing = self._open_backing(h, chain + (ident,))
+
+    def _validate(self, h: Header, file_size: int) -> None:
+        cs = self.geo.cluster_size
+        if h.crypt_method != CRYPT_NONE:
+            raise UnsupportedFeatureError("encrypted images are not supported (crypt_method "
+                                          f"{h.crypt_method})")
+        unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+        if unknown:
+            names = h.feature_names()
+            feats = ", ".join(names.get((FEATURE_TYPE_INCOMPAT, b), f"unknown feature bit {b}")
+                              for b in range(64) if unknown >> b & 1)
+            raise UnsupportedFeatureError(f"image uses unsupported incompatible feature(s): {feats}")
+        if h.compression_type not in COMPRESSION_NAMES:
+            raise UnsupportedFeatureError(f"unknown compression type {h.compression_type}")
+        if h.compression_type and not h.incompatible_features & INCOMPAT_COMPRESSION:
+            raise InvalidImageError("compression type is set without its incompatible feature bit")
+        if h.size > MAX_VIRTUAL_SIZE:
+            raise InvalidImageError(f"virtual size {h.size} is too large")
+        if h.l1_size * 8 > MAX_L1_BYTES:
+            raise InvalidImageError(f"L1 table is too large ({h.l1_size} entries)")
+        if h.l1_size < self.geo.l1_entries_needed(h.size):
+            raise InvalidImageError("L1 table is too small for the virtual size")
+        if h.l1_size:
+            _check_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+        rt_bytes = h.refcount_table_clusters * cs
+        if rt_bytes > MAX_REFTABLE_BYTES or not h.refcount_table_clusters:
+            raise InvalidImageError(f"invalid refcount table size ({h.refcount_table_clusters} clusters)")
+        _check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
+        if h.nb_snapshots > MAX_SNAPSHOTS:
+            raise InvalidImageError(f"too many snapshots ({h.nb_snapshots})")
+
+    def _read_snapshots(self, h: Header) -> list[SnapshotEntry]:
+        if not h.nb_snapshots:
+            return []
+        if h.snapshots_offset % self.geo.cluster_size or h.snapshots_offset < self.geo.cluster_size:
+            raise InvalidImageError("snapshot table offset is invalid")
+        raw = self.file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, 64 << 20))
+        return SnapshotEntry.parse_table(raw, h.nb_snapshots)
+
+    def _open_data_file(self, h: Header) -> HostFile:
+        name = h.extension(EXT_DATA_FILE)
+        if not name:
+            raise InvalidImageError("image needs an external data file but does not name it")
+        path = resolve_backing(self.path, name.decode("utf-8", "replace"))
+        try:
+            return HostFile(path, writable=not self.read_only)
+        except OSError as e:
+            raise QcowError(f"cannot open external data file {path}: {e.strerror}") from None
+
+    def _open_backing(self, h: Header, chain: tuple[tuple[int, int], ...]) -> Source | None:
+        if h.backing_file is None:
+            return None
+        path = resolve_backing(self.path, h.backing_file)
+        fmt_ext = h.extension(EXT_BACKING_FORMAT)
+        fmt = fmt_ext.decode("utf-8", "replace") if fmt_ext is not None else None
+        try:
+            if fmt is None:
+                with open(path, "rb") as f:
+                    fmt = "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+            if fmt == "raw":
+                return RawSource(path)
+        except OSError as e:
+            raise QcowError(f"cannot open backing file {path}: {e.strerror}") from None
+        if fmt != "qcow2":
+            raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
+        try:
+            return Image(path, OpenOptions(read_only=True, l2_cache_bytes=self.options.l2_cache_bytes),
+                         chain)
+        except QcowError as e:
+            raise type(e)(f"backing file {path}: {e}") from None
+
+    # ---- reading ------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+
+    async def _load_l2(self, offset: int) -> np.ndarray:
+        raw = await self.file.read(offset, self.geo.cluster_size)
+        if len(raw) < self.geo.cluster_size:
+            raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
+        table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        return table.reshape(-1, 2) if self.geo.extended_l2 else table
+
+    @staticmethod
+    def _encode_l2(table: np.ndarray) -> bytes:
+        return table.astype(">u8").tobytes()
+
+    async def read_into(self, buf: memoryview, offset: int) -> None:
+        """The active disk as a Source (used when this image is a backing file)."""
+        n = min(len(buf), self.size - offset)
+        if n > 0:
+            await self.mapper.read_into(self.active_l1, buf[:n], offset, self.backing)
+
+    async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
+        return await self.mapper.read(l1, offset, length, self.backing)
+
+    def chain(self) -> list[tuple[str, str]]:
+        """(path, format) of this image and every image below it."""
+        out = [(self.path, "qcow2")]
+        if self.backing is not None:
+            out += self.backing.chain()  # type: ignore[attr-defined]
+        return out
+
+    # ---- close --------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self.backing is not None:
+            await self.backing.close()  # type: ignore[attr-defined]
+            self.backing = None
+        self._close_files()
+
+    def _close_files(self) -> None:
+        if self.data_file is not None:
+            self.data_file.close()
+        self.file.close()

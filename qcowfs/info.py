@@ -1,0 +1,101 @@
+"""`qcowfs info`: what qemu-img info shows, with the same JSON keys."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, EXT_BACKING_FORMAT, EXT_DATA_FILE,
+                     INCOMPAT_CORRUPT, INCOMPAT_DIRTY)
+from .image import Image
+
+
+def describe(image: Image) -> dict[str, Any]:
+    h = image.header
+    data: dict[str, Any] = {
+        "compat": "0.10" if h.version == 2 else "1.1",
+        "refcount-bits": h.refcount_bits,
+        "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+    }
+    if h.version >= 3:
+        data["compression-type"] = COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))
+        data["lazy-refcounts"] = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        data["extended-l2"] = h.extended_l2
+        data["dirty"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
+    df = h.extension(EXT_DATA_FILE)
+    if df is not None:
+        data["data-file"] = df.decode("utf-8", "replace")
+        data["data-file-raw"] = image.data_file_raw
+    bitmaps = getattr(image, "bitmaps", None)
+    if bitmaps:
+        data["bitmaps"] = [{"name": b.name, "granularity": b.granularity, "flags": b.flag_names}
+                           for b in bitmaps]
+    out: dict[str, Any] = {
+        "filename": image.path,
+        "format": "qcow2",
+        "virtual-size": h.size,
+        "actual-size": os.stat(image.path).st_blocks * 512,
+        "cluster-size": h.cluster_size,
+        "dirty-flag": False,
+        "format-specific": {"type": "qcow2", "data": data},
+    }
+    if h.backing_file is not None:
+        out["backing-filename"] = h.backing_file
+        chain = image.chain()
+        if len(chain) > 1:
+            out["full-backing-filename"] = chain[1][0]
+        fmt = h.extension(EXT_BACKING_FORMAT)
+        if fmt is not None:
+            out["backing-filename-format"] = fmt.decode("utf-8", "replace")
+        out["backing-chain"] = [p for p, _ in chain[1:]]
+    if image.snapshots:
+        out["snapshots"] = [{
+            "id": s.id_str, "name": s.name, "vm-state-size": s.state_size,
+            "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+            "vm-clock-sec": s.vm_clock_nsec // 10**9, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+            **({"icount": s.icount} if s.icount is not None else {}),
+        } for s in image.snapshots]
+    return out
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render(d: dict[str, Any]) -> str:
+    import time
+    lines = [f"image: {d['filename']}", "file format: qcow2",
+             f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
+             f"disk size: {_human(d['actual-size'])}",
+             f"cluster_size: {d['cluster-size']}"]
+    if "backing-filename" in d:
+        lines.append(f"backing file: {d['backing-filename']}"
+                     + (f" (actual path: {d['full-backing-filename']})" if "full-backing-filename" in d else ""))
+        if "backing-filename-format" in d:
+            lines.append(f"backing file format: {d['backing-filename-format']}")
+        for i, p in enumerate(d.get("backing-chain", [])[1:], 2):
+            lines.append(f"backing chain [{i}]: {p}")
+    snaps = d.get("snapshots", [])
+    if snaps:
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10} {'DATE':<20}{'VM CLOCK':>16}")
+        for s in snaps:
+            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+            secs = s["vm-clock-sec"]
+            clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
+            lines.append(f"{s['id']:<8}{s['name']:<24}{_human(s['vm-state-size']):>10} {date:<20}{clock:>16}")
+    data = d["format-specific"]["data"]
+    lines.append("Format specific information:")
+    for key in ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",
+                "extended-l2", "data-file", "data-file-raw"):
+        if key in data:
+            v = data[key]
+            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
+    if data.get("bitmaps"):
+        lines.append("    bitmaps:")
+        for b in data["bitmaps"]:
+            lines.append(f"        [{b['name']}] granularity: {b['granularity']}, flags: {', '.join(b['flags']) or '-'}")
+    return "\n".join(lines)

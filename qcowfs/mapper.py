@@ -1,0 +1,275 @@
+"""Guest offsets to host runs, over any L1 table (the active one or a snapshot's).
+
+A request is cut into runs of clusters that read the same way (unallocated,
+zero, data at contiguous host offsets, one compressed cluster), so a read
+costs one pread per host-contiguous run, not one per cluster. Short ranges are
+classified entry by entry; longer ones with numpy over the L2 slice.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+import numpy as np
+
+from .cache import TableCache
+from .compression import decompress_cluster
+from .errors import CorruptionError
+from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, SC_ALL,
+                     SUBCLUSTERS_PER_CLUSTER, Geometry, decode_compressed)
+from .hostfile import HostFile
+
+# Run kinds.
+UNALLOC, ZERO, DATA, COMPRESSED, MIXED = range(5)
+KIND_NAMES = ("unallocated", "zero", "data", "compressed", "mixed")
+
+# (kind, guest offset, length, host): host is the byte offset for DATA and the
+# raw L2 entry for COMPRESSED.
+Run = tuple[int, int, int, int]
+
+NUMPY_THRESHOLD = 16
+L1_CHUNK_BITS = 12
+
+
+class Source(Protocol):
+    """Something a guest range can be read from: a backing image or raw file."""
+
+    size: int
+
+    async def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill BUF (pre-zeroed) from OFFSET; bytes past the source's end stay zero."""
+
+
+class L1Table:
+    """An L1 table, read lazily in chunks so a huge sparse disk costs little."""
+
+    def __init__(self, file: HostFile, offset: int, size: int) -> None:
+        self.file = file
+        self.offset = offset
+        self.size = size
+        self._chunks: dict[int, np.ndarray] = {}
+
+    async def get(self, index: int) -> int:
+        if index >= self.size:
+            return 0
+        chunk = self._chunks.get(index >> L1_CHUNK_BITS)
+        if chunk is None:
+            chunk = await self._load(index >> L1_CHUNK_BITS)
+        return int(chunk[index & ((1 << L1_CHUNK_BITS) - 1)])
+
+    async def _load(self, c: int) -> np.ndarray:
+        start = c << L1_CHUNK_BITS
+        n = min(1 << L1_CHUNK_BITS, self.size - start)
+        raw = await self.file.read(self.offset + start * 8, n * 8)
+        if len(raw) < n * 8:
+            raise CorruptionError("L1 table runs past the end of the image file")
+        chunk = np.frombuffer(raw, ">u8").astype(np.uint64)
+        self._chunks[c] = chunk
+        return chunk
+
+    async def set(self, index: int, value: int) -> None:
+        """Change one entry in memory and in the file (the caller orders it)."""
+        await self.get(index)
+        self._chunks[index >> L1_CHUNK_BITS][index & ((1 << L1_CHUNK_BITS) - 1)] = value
+        self.file.write_sync(value.to_bytes(8, "big"), self.offset + index * 8)
+
+    async def entries(self) -> np.ndarray:
+        """The whole table (for check and snapshot work, not the hot path)."""
+        for c in range(-(-self.size // (1 << L1_CHUNK_BITS))):
+            if c not in self._chunks:
+                await self._load(c)
+        if not self.size:
+            return np.zeros(0, np.uint64)
+        return np.concatenate([self._chunks[c] for c in sorted(self._chunks)])
+
+
+def _append(runs: list[Run], kind: int, guest: int, length: int, host: int) -> None:
+    """Add a run, merging it into the previous one when it continues it."""
+    if runs:
+        k, g, n, h = runs[-1]
+        if k == kind and g + n == guest and kind != COMPRESSED and (kind != DATA or h + n == host):
+            runs[-1] = (k, g, n + length, h)
+            return
+    runs.append((kind, guest, length, host))
+
+
+class Mapper:
+    """Maps and reads guest ranges through L1/L2 tables; one per image."""
+
+    def __init__(self, geo: Geometry, file: HostFile, data_file: HostFile,
+                 l2_cache: TableCache[np.ndarray]) -> None:
+        self.geo = geo
+        self.file = file
+        self.data_file = data_file
+        self.external_data = data_file is not file
+        self.l2_cache = l2_cache
+        self._cluster_mask = geo.cluster_size - 1
+        self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+
+    # ---- L2 tables ----------------------------------------------------------
+
+    def l2_offset(self, l1_entry: int) -> int:
+        """The L2 table's host offset from an L1 entry, validated (0: none)."""
+        off = l1_entry & L1E_OFFSET_MASK
+        if off and (off & self._cluster_mask or off < self.geo.cluster_size
+                    or off >= self.file.known_size):
+            raise CorruptionError(f"L1 entry points to an invalid L2 table offset {off:#x}")
+        return off
+
+    async def l2_table(self, l1: L1Table, index: int) -> np.ndarray | None:
+        off = self.l2_offset(await l1.get(index))
+        return await self.l2_cache.get(off) if off else None
+
+    # ---- mapping ------------------------------------------------------------
+
+    async def map(self, l1: L1Table, offset: int, length: int) -> list[Run]:
+        runs: list[Run] = []
+        span = self.geo.l2_span
+        pos, end = offset, offset + length
+        while pos < end:
+            index = pos // span
+            chunk_end = min(end, (index + 1) * span)
+            table = await self.l2_table(l1, index)
+            if table is None:
+                _append(runs, UNALLOC, pos, chunk_end - pos, 0)
+            else:
+                self._map_table(table, index * span, pos, chunk_end, runs)
+            pos = chunk_end
+        return runs
+
+    def _map_table(self, table: np.ndarray, base: int, start: int, end: int, runs: list[Run]) -> None:
+        cb = self.geo.cluster_bits
+        first = (start - base) >> cb
+        last = (end - 1 - base) >> cb
+        if last - first + 1 > NUMPY_THRESHOLD and not self.geo.extended_l2:
+            self._map_table_numpy(table, base, first, last, start, end, runs)
+            return
+        cs = self.geo.cluster_size
+        for i in range(first, last + 1):
+            c0 = base + (i << cb)
+            g0, g1 = max(start, c0), min(end, c0 + cs)
+            if self.geo.extended_l2:
+                kind, host = self._classify_ext(int(table[i, 0]), int(table[i, 1]))
+                if kind == MIXED:
+                    self._map_subclusters(int(table[i, 0]), int(table[i, 1]), c0, g0, g1, runs)
+                    continue
+            else:
+                kind, host = self._classify(int(table[i]))
+            if kind == DATA:
+                host += g0 - c0
+            _append(runs, kind, g0, g1 - g0, host)
+
+    def _classify(self, e: int) -> tuple[int, int]:
+        if e & OFLAG_COMPRESSED:
+            return COMPRESSED, e
+        if self.geo.zero_flag and e & OFLAG_ZERO:
+            return ZERO, 0
+        off = e & L2E_OFFSET_MASK
+        if not off:
+            return UNALLOC, 0
+        self._check_data(off)
+        return DATA, off
+
+    def _check_data(self, off: int) -> None:
+        if off & self._cluster_mask:
+            raise CorruptionError(f"L2 entry points to an unaligned cluster offset {off:#x}")
+        if not self.external_data and (off < self.geo.cluster_size or off >= self.file.known_size):
+            raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
+
+    def _classify_ext(self, w0: int, bitmap: int) -> tuple[int, int]:
+        if w0 & OFLAG_COMPRESSED:
+            return COMPRESSED, w0
+        off = w0 & L2E_OFFSET_MASK
+        alloc, zero = bitmap & SC_ALL, bitmap >> 32
+        if alloc & zero:
+            raise CorruptionError("extended L2 entry marks a subcluster both allocated and zero")
+        if alloc and not off:
+            raise CorruptionError("extended L2 entry has allocated subclusters but no cluster")
+        if alloc == SC_ALL:
+            self._check_data(off)
+            return DATA, off
+        if zero == SC_ALL:
+            return ZERO, 0
+        if not alloc and not zero:
+            return UNALLOC, 0
+        if off:
+            self._check_data(off)
+        return MIXED, off
+
+    def _map_subclusters(self, w0: int, bitmap: int, c0: int, g0: int, g1: int, runs: list[Run]) -> None:
+        sc = self.geo.subcluster_size
+        off = w0 & L2E_OFFSET_MASK
+        for s in range((g0 - c0) // sc, (g1 - 1 - c0) // sc + 1):
+            s0 = c0 + s * sc
+            a, b = max(g0, s0), min(g1, s0 + sc)
+            if bitmap >> s & 1:
+                _append(runs, DATA, a, b - a, off + (a - c0))
+            elif bitmap >> (32 + s) & 1:
+                _append(runs, ZERO, a, b - a, 0)
+            else:
+                _append(runs, UNALLOC, a, b - a, 0)
+
+    def _map_table_numpy(self, table: np.ndarray, base: int, first: int, last: int,
+                         start: int, end: int, runs: list[Run]) -> None:
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
+        e = table[first : last + 1]
+        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
+        off = e & np.uint64(L2E_OFFSET_MASK)
+        kind = np.full(len(e), UNALLOC, np.int8)
+        kind[off != 0] = DATA
+        if self.geo.zero_flag:
+            kind[((e & np.uint64(OFLAG_ZERO)) != 0) & ~comp] = ZERO
+        kind[comp] = COMPRESSED
+        data = kind == DATA
+        if data.any():
+            bad = data & ((off & np.uint64(self._cluster_mask)) != 0)
+            if not self.external_data:
+                bad |= data & ((off < np.uint64(cs)) | (off >= np.uint64(self.file.known_size)))
+            if bad.any():
+                raise CorruptionError(f"L2 entry points to an invalid cluster offset {int(off[bad][0]):#x}")
+        brk = np.flatnonzero((kind[1:] != kind[:-1]) | (kind[1:] == COMPRESSED)
+                             | (data[1:] & (off[1:] != off[:-1] + np.uint64(cs)))) + 1
+        starts = [0, *brk.tolist()]
+        ends = starts[1:] + [len(e)]
+        kinds = kind[starts].tolist()
+        hosts = np.where(comp, e, off)[starts].tolist()
+        for s, t, k, h in zip(starts, ends, kinds, hosts):
+            c0 = base + ((first + s) << cb)
+            g0, g1 = max(start, c0), min(end, base + ((first + t) << cb))
+            _append(runs, k, g0, g1 - g0, h + (g0 - c0) if k == DATA else h)
+
+    # ---- reading ------------------------------------------------------------
+
+    async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:
+        buf = bytearray(length)
+        await self.read_into(l1, memoryview(buf), offset, backing)
+        return buf
+
+    async def read_into(self, l1: L1Table, buf: memoryview, offset: int, backing: Source | None) -> None:
+        """Fill BUF (pre-zeroed) with the guest range at OFFSET."""
+        for kind, guest, length, host in await self.map(l1, offset, len(buf)):
+            dst = buf[guest - offset : guest - offset + length]
+            if kind == DATA:
+                await self.data_file.read_into(dst, host)
+            elif kind == UNALLOC:
+                if backing is not None:
+                    await backing.read_into(dst, guest)
+            elif kind == COMPRESSED:
+                cluster = await self.compressed_cluster(host)
+                o = guest & self._cluster_mask
+                dst[:] = cluster[o : o + length]
+
+    async def compressed_cluster(self, entry: int) -> bytes:
+        cached = self._decompressed.get(entry)
+        if cached is not None:
+            self._decompressed.move_to_end(entry)
+            return cached
+        desc = decode_compressed(entry, self.geo.cluster_bits)
+        if desc.host_offset < self.geo.cluster_size or desc.host_offset >= self.file.known_size:
+            raise CorruptionError(f"compressed cluster offset {desc.host_offset:#x} is outside the image")
+        raw = await self.file.read(desc.host_offset, desc.length)
+        cluster = decompress_cluster(raw, self.geo.cluster_size, self.geo.compression_type)
+        self._decompressed[entry] = cluster
+        if len(self._decompressed) > 64:
+            self._decompressed.popitem(last=False)
+        return cluster
