@@ -66,7 +66,9 @@ def create(path: Path, size: int | str, backing: str | None = None, backing_fmt:
 
 
 def info(image: Path, *extra: str) -> dict:
-    return json.loads(qimg("info", "--output=json", *extra, image))
+    """`qemu-img info --output=json`, run in the image's directory (see oracle())."""
+    image = Path(image).resolve()
+    return json.loads(qimg("info", "--output=json", *extra, image, cwd=image.parent))
 
 
 def virtual_size(image: Path) -> int:
