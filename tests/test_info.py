@@ -1,0 +1,128 @@
+"""`qcowfs info`: human summary, and JSON mirroring `qemu-img info --output=json`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import QCOWFS
+from images import build, info
+
+TIMEOUT = 60
+
+IMAGES = [
+    "v2-c512", "v3-c64k", "v3-c2M", "refcount1", "refcount64", "convert-c-zstd-c4k", "convert-c-zlib-v2",
+    "extl2-c64k-backing", "backing-relative", "backing-raw", "backing-chain4", "backing-no-format-ext",
+    "datafile", "datafile-abs", "datafile-raw", "dirty-lazy-refcounts", "corrupt-bit", "snapshots",
+    "snapshots-v2", "bitmaps", "huge-4T-c64k", "oddsize-c4k",
+]
+
+TOP_FIELDS = ["virtual-size", "cluster-size", "format", "backing-filename", "backing-filename-format"]
+DATA_FIELDS = ["compat", "refcount-bits", "compression-type", "lazy-refcounts", "corrupt", "extended-l2",
+               "data-file", "data-file-raw"]
+SNAPSHOT_FIELDS = ["id", "name", "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec", "vm-clock-nsec"]
+
+
+def qcowfs(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def real(path: str, base: Path) -> str:
+    return os.path.realpath(os.path.join(base, path))
+
+
+def backing_chain(img: Path) -> list[str]:
+    """Real paths of the backing files of IMG, nearest first, as qemu-img sees them."""
+    chain = info(img, "--backing-chain")
+    if isinstance(chain, dict):
+        chain = [chain]
+    return [real(c["filename"], img.parent) for c in chain[1:]]
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_info_json_matches_qemu(name: str, tmp_path: Path) -> None:
+    img = build(name, tmp_path / "img").resolve()
+    want = info(img)
+    p = qcowfs("info", "--json", img)
+    assert p.returncode == 0, f"qcowfs info --json failed: {p.stderr.strip()}"
+    assert "Traceback" not in p.stderr
+    got = json.loads(p.stdout)
+    errors: list[str] = []
+
+    def cmp(key: str, g, w) -> None:
+        if g != w:
+            errors.append(f"{key}: qcowfs {g!r} != qemu-img {w!r}")
+
+    for k in TOP_FIELDS:
+        if k in want:
+            cmp(k, got.get(k, "<missing>"), want[k])
+    if "full-backing-filename" in want:
+        g = got.get("full-backing-filename")
+        if not isinstance(g, str):
+            errors.append(f"full-backing-filename: {g!r}")
+        else:
+            cmp("full-backing-filename (resolved)", real(g, img.parent), real(want["full-backing-filename"], img.parent))
+
+    fs = got.get("format-specific", {})
+    cmp("format-specific.type", fs.get("type"), "qcow2")
+    gdata, wdata = fs.get("data", {}), want["format-specific"]["data"]
+    for k in DATA_FIELDS:
+        if k in wdata:
+            cmp(f"format-specific.data.{k}", gdata.get(k, "<missing>"), wdata[k])
+    if "bitmaps" in wdata:
+        norm = lambda bs: sorted((b["name"], b["granularity"], sorted(b["flags"])) for b in bs)  # noqa: E731
+        try:
+            cmp("bitmaps", norm(gdata.get("bitmaps", [])), norm(wdata["bitmaps"]))
+        except (KeyError, TypeError) as e:
+            errors.append(f"bitmaps malformed: {gdata.get('bitmaps')!r} ({e})")
+
+    if "snapshots" in want:
+        gs = got.get("snapshots")
+        if not isinstance(gs, list) or len(gs) != len(want["snapshots"]):
+            errors.append(f"snapshots: {gs!r} vs {want['snapshots']!r}")
+        else:
+            for i, (g, w) in enumerate(zip(gs, want["snapshots"])):
+                for k in SNAPSHOT_FIELDS:
+                    cmp(f"snapshots[{i}].{k}", g.get(k, "<missing>"), w[k])
+    elif got.get("snapshots"):
+        errors.append(f"qcowfs lists snapshots qemu-img does not: {got['snapshots']!r}")
+
+    chain = got.get("backing-chain", "<missing>")
+    if not isinstance(chain, list):
+        errors.append(f"backing-chain: {chain!r}")
+    else:
+        resolved = [real(c, img.parent) for c in chain]
+        # accept the list with or without the top image itself first
+        if resolved and resolved[0] == str(img):
+            resolved = resolved[1:]
+        cmp("backing-chain", resolved, backing_chain(img))
+    assert not errors, f"{name}:\n  " + "\n  ".join(errors)
+
+
+@pytest.mark.parametrize("name", ["v3-c64k", "backing-relative", "snapshots", "bitmaps", "datafile-raw"])
+def test_info_human(name: str, tmp_path: Path) -> None:
+    img = build(name, tmp_path / "img").resolve()
+    want = info(img)
+    p = qcowfs("info", img)
+    assert p.returncode == 0, f"qcowfs info failed: {p.stderr.strip()}"
+    assert "Traceback" not in p.stderr
+    out = p.stdout
+    assert out.strip() and not out.lstrip().startswith("{"), f"not a human-readable summary:\n{out}"
+    assert str(want["virtual-size"]) in out, f"virtual size in bytes missing:\n{out}"
+    assert "qcow2" in out
+    if "backing-filename" in want:
+        assert want["backing-filename"] in out, f"backing file name missing:\n{out}"
+    for s in want.get("snapshots", []):
+        assert s["name"] in out, f"snapshot {s['name']!r} missing:\n{out}"
+    for b in want["format-specific"]["data"].get("bitmaps", []):
+        assert b["name"] in out, f"bitmap {b['name']!r} missing:\n{out}"
+
+
+def test_info_missing_file(tmp_path: Path) -> None:
+    p = qcowfs("info", tmp_path / "nope.qcow2")
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
