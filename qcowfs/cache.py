@@ -68,11 +68,12 @@ class TableCache(Generic[T]):
         await self._evict()
         return table
 
-    def put_new(self, offset: int, table: T) -> None:
-        """Insert a table that exists only in memory so far (newly allocated)."""
+    def put_new(self, offset: int, table: T, dirty: bool = True) -> None:
+        """Insert a table we made (newly allocated): dirty unless already written."""
         self._tables[offset] = table
         self._tables.move_to_end(offset)
-        self._dirty.add(offset)
+        if dirty:
+            self._dirty.add(offset)
 
     def mark_dirty(self, offset: int) -> None:
         if offset not in self._tables:

@@ -78,6 +78,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
 
     async def main() -> None:
         nonlocal pidfile
+        if not image.read_only:
+            await image.prepare_writes()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, state)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)

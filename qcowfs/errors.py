@@ -44,3 +44,9 @@ class NoSpaceError(QcowError):
     """A refcount would overflow or the image cannot grow."""
 
     errno = errno.ENOSPC
+
+
+class ResizeError(QcowError):
+    """A resize the image cannot take (shrinking, bitmaps)."""
+
+    errno = errno.EINVAL

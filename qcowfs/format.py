@@ -5,6 +5,8 @@ Names follow docs/interop/qcow2.txt in QEMU. Every integer is big-endian.
 from __future__ import annotations
 
 import struct
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -220,8 +222,8 @@ class Header:
                 raise InvalidImageError("backing file name is not valid UTF-8") from None
         return hdr
 
-    def pack(self) -> bytes:
-        """Header fields, extensions (ending with the end marker) and backing name."""
+    def pack_fields(self) -> bytes:
+        """The fixed header fields alone (72 bytes for v2, header_length for v3)."""
         out = bytearray(_HEADER_V2.pack(
             QCOW_MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
             self.cluster_bits, self.size, self.crypt_method, self.l1_size, self.l1_table_offset,
@@ -233,8 +235,14 @@ class Header:
             out += bytes(self.header_length - len(out))
             if self.header_length > 104:
                 out[104] = self.compression_type
+        return bytes(out)
+
+    def pack(self) -> bytes:
+        """Fields, extensions (with the end marker) and backing name: a new first cluster."""
+        out = bytearray(self.pack_fields())
         for ext in self.extensions:
-            out += _EXT_HEAD.pack(ext.type, len(ext.data)) + ext.data + bytes(pad8(len(ext.data)) - len(ext.data))
+            out += _EXT_HEAD.pack(ext.type, len(ext.data)) + ext.data
+            out += bytes(pad8(len(ext.data)) - len(ext.data))
         out += _EXT_HEAD.pack(EXT_END, 0)
         if self.backing_file is not None:
             name = self.backing_file.encode()
@@ -242,6 +250,18 @@ class Header:
             out[8:20] = struct.pack(">QI", len(out), len(name))
             out += name
         return bytes(out)
+
+    def set_extension(self, ext_type: int, data: bytes | None) -> None:
+        """Replace (or with None, drop) one header extension, keeping the order."""
+        for i, ext in enumerate(self.extensions):
+            if ext.type == ext_type:
+                if data is None:
+                    del self.extensions[i]
+                else:
+                    ext.data = data
+                return
+        if data is not None:
+            self.extensions.append(HeaderExtension(ext_type, data))
 
 
 def parse_extensions(buf: bytes, start: int) -> Iterator[HeaderExtension]:
@@ -474,3 +494,13 @@ class Geometry:
 
     def l1_entries_needed(self, virtual_size: int) -> int:
         return -(-virtual_size // self.l2_span)
+
+
+def refcount_array(block: bytes | bytearray, order: int) -> "np.ndarray":
+    """All entries of a refcount block as an integer array (for free-space search)."""
+    if order >= 3:
+        return np.frombuffer(bytes(block), dtype=f">u{1 << (order - 3)}")
+    bits = 1 << order
+    raw = np.frombuffer(bytes(block), np.uint8)
+    shifts = np.arange(8 // bits, dtype=np.uint8) * bits
+    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)

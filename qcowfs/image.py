@@ -5,20 +5,29 @@ bad image refuses the mount with one clear line instead of failing later.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
+import trio
 
 from .cache import TableCache
-from .errors import InvalidImageError, QcowError, UnsupportedFeatureError
-from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_NAMES, CRYPT_NONE, EXT_BACKING_FORMAT,
-                     EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION,
-                     INCOMPAT_DATA_FILE, INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-                     MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
+from .errors import (CorruptionError, InvalidImageError, QcowError, ResizeError,
+                     UnsupportedFeatureError)
+from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_NONE,
+                     EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
+                     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+                     INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
+                     MAX_VIRTUAL_SIZE, OFLAG_COPIED, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
 from .hostfile import HostFile
+from .locking import lock_image
 from .mapper import L1Table, Mapper, Source
+from .refcount import Allocator
+from .writer import Writer
+
+log = logging.getLogger("qcowfs")
 
 MAX_CHAIN_DEPTH = 64
 DEFAULT_L2_CACHE_BYTES = 32 << 20
@@ -38,6 +47,11 @@ class RawSource:
         self.path = path
         self.file = HostFile(path)
         self.size = self.file.known_size
+        try:
+            lock_image(self.file.fd, path, writer=False)
+        except QcowError:
+            self.file.close()
+            raise
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
         n = min(len(buf), self.size - offset)
@@ -111,7 +125,28 @@ class Image:
             self._load_l2, self._encode_l2)
         self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache)
         self.active_l1 = L1Table(self.file, h.l1_table_offset, h.l1_size)
+        self.corrupt = False
+        self.allocator: Allocator | None = None
+        self.writer: Writer | None = None
+        if self.read_only:
+            lock_image(self.file.fd, self.path, writer=False)
+        else:
+            self._open_writable(h)
         self.backing = self._open_backing(h, chain + (ident,))
+
+    def _open_writable(self, h: Header) -> None:
+        if h.incompatible_features & INCOMPAT_CORRUPT:
+            raise QcowError(f"{self.path} is marked corrupt: mount it with --read-only, or repair "
+                            "it with `qcowfs check --repair`")
+        lock_image(self.file.fd, self.path, writer=True)
+        if self.data_file is not None:
+            lock_image(self.data_file.fd, self.data_file.path, writer=True)
+        self.allocator = Allocator(self.geo, self.file, h.refcount_table_offset,
+                                   h.refcount_table_clusters)
+        self.l2_cache.depends_on = self.allocator.cache
+        self.writer = Writer(self.geo, self.mapper, self.active_l1, self.allocator,
+                             lambda: self.backing)
+        self._flush_lock = trio.Lock()
 
     def _validate(self, h: Header, file_size: int) -> None:
         cs = self.geo.cluster_size
@@ -222,7 +257,113 @@ class Image:
 
     # ---- close --------------------------------------------------------------
 
+    # ---- writing --------------------------------------------------------------
+
+    async def prepare_writes(self) -> None:
+        """Before the first write: rebuild refcounts of a dirty image, drop
+        unknown autoclear bits (their meaning is lost once we write)."""
+        h = self.header
+        if h.incompatible_features & INCOMPAT_DIRTY:
+            from .check import rebuild_refcounts
+            log.info("%s has the dirty bit set: rebuilding refcounts", self.path)
+            await rebuild_refcounts(self)
+            h.incompatible_features &= ~INCOMPAT_DIRTY
+            await self.write_header_fields()
+        if h.autoclear_features & ~AUTOCLEAR_KNOWN:
+            h.autoclear_features &= AUTOCLEAR_KNOWN
+            await self.write_header_fields()
+
+    async def write_header_fields(self) -> None:
+        self.file.write_sync(self.header.pack_fields(), 0)
+        await self.file.sync()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if self.writer is None or self.corrupt:
+            raise CorruptionError("the image is marked corrupt; writes are refused") if self.corrupt \
+                else QcowError("the image is open read-only")
+        try:
+            if not self.writer.write_in_place(offset, data):
+                await self.writer.write(offset, data)
+        except CorruptionError as e:
+            await self.mark_corrupt(e)
+            raise
+        self.written(offset, len(data))
+        return len(data)
+
+    def written(self, offset: int, length: int) -> None:
+        """Hook for live dirty tracking (bitmaps)."""
+
+    async def mark_corrupt(self, why: Exception) -> None:
+        """Stop writing through metadata that failed a check, and say so in the image."""
+        if self.corrupt:
+            return
+        self.corrupt = True
+        log.error("%s: corruption found while writing (%s): the image is marked corrupt and "
+                  "the mount is read-only from now on", self.path, why)
+        if self.header.version >= 3:
+            self.header.incompatible_features |= INCOMPAT_CORRUPT
+            await self.write_header_fields()
+
+    async def flush(self) -> None:
+        """Data, refcount increases, fsync, L2 tables, fsync, refcount decreases."""
+        if self.allocator is None or self.corrupt:
+            return
+        async with self._flush_lock:
+            alloc = self.allocator
+            pending, alloc.pending = alloc.pending, []
+            await self.l2_cache.flush()
+            await alloc.flush()
+            await self.file.sync()
+            if pending:
+                alloc.pending[:0] = pending
+                await alloc.apply_pending()
+                await alloc.flush()
+                await self.file.sync()
+            if self.data_file is not None:
+                await self.data_file.sync()
+
+    async def resize(self, new_size: int) -> None:
+        """Grow the virtual disk (shrinking is refused: it would destroy data)."""
+        if self.writer is None:
+            raise QcowError("the image is open read-only")
+        if new_size < self.size:
+            raise ResizeError("shrinking the disk is not supported")
+        if getattr(self, "bitmaps", None):
+            raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
+        h = self.header
+        async with self.writer.lock:
+            needed = self.geo.l1_entries_needed(new_size)
+            if needed > h.l1_size:
+                if needed * 8 > MAX_L1_BYTES:
+                    raise ResizeError(f"virtual size {new_size} is too large")
+                await self._grow_l1(needed)
+            h.size = new_size
+            await self.write_header_fields()
+
+    async def _grow_l1(self, entries: int) -> None:
+        assert self.allocator is not None and self.writer is not None
+        h, cs = self.header, self.geo.cluster_size
+        old_l1 = self.active_l1
+        table = np.zeros(entries, np.uint64)
+        table[: old_l1.size] = await old_l1.entries()
+        nclusters = -(-entries * 8 // cs)
+        offset = await self.allocator.allocate(nclusters)
+        self.file.write_sync(table.astype(">u8").tobytes(), offset)
+        await self.allocator.flush()
+        await self.file.sync()
+        old = (h.l1_table_offset, h.l1_size)
+        h.l1_table_offset, h.l1_size = offset, entries
+        await self.write_header_fields()
+        self.active_l1 = self.writer.l1 = L1Table(self.file, offset, entries)
+        if old[1]:
+            self.allocator.release_later(old[0], -(-old[1] * 8 // cs) * cs)
+
     async def close(self) -> None:
+        if self.writer is not None:
+            try:
+                await self.flush()
+            finally:
+                self.writer = None
         if self.backing is not None:
             await self.backing.close()  # type: ignore[attr-defined]
             self.backing = None

@@ -15,7 +15,7 @@ import numpy as np
 from .cache import TableCache
 from .compression import decompress_cluster
 from .errors import CorruptionError
-from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, SC_ALL,
+from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
                      SUBCLUSTERS_PER_CLUSTER, Geometry, decode_compressed)
 from .hostfile import HostFile
 
@@ -55,6 +55,13 @@ class L1Table:
         chunk = self._chunks.get(index >> L1_CHUNK_BITS)
         if chunk is None:
             chunk = await self._load(index >> L1_CHUNK_BITS)
+        return int(chunk[index & ((1 << L1_CHUNK_BITS) - 1)])
+
+    def cached(self, index: int) -> int | None:
+        """The entry if its chunk is loaded (no await): for the write fast path."""
+        chunk = self._chunks.get(index >> L1_CHUNK_BITS)
+        if chunk is None or index >= self.size:
+            return None
         return int(chunk[index & ((1 << L1_CHUNK_BITS) - 1)])
 
     async def _load(self, c: int) -> np.ndarray:
@@ -165,10 +172,14 @@ class Mapper:
         if self.geo.zero_flag and e & OFLAG_ZERO:
             return ZERO, 0
         off = e & L2E_OFFSET_MASK
-        if not off:
+        if not off and not self._data_at_zero(e):
             return UNALLOC, 0
         self._check_data(off)
         return DATA, off
+
+    def _data_at_zero(self, e: int) -> bool:
+        """Offset 0 is a real cluster in an external data file: COPIED says so."""
+        return self.external_data and bool(e & OFLAG_COPIED)
 
     def _check_data(self, off: int) -> None:
         if off & self._cluster_mask:
@@ -183,7 +194,7 @@ class Mapper:
         alloc, zero = bitmap & SC_ALL, bitmap >> 32
         if alloc & zero:
             raise CorruptionError("extended L2 entry marks a subcluster both allocated and zero")
-        if alloc and not off:
+        if alloc and not off and not self._data_at_zero(w0):
             raise CorruptionError("extended L2 entry has allocated subclusters but no cluster")
         if alloc == SC_ALL:
             self._check_data(off)
@@ -217,6 +228,8 @@ class Mapper:
         off = e & np.uint64(L2E_OFFSET_MASK)
         kind = np.full(len(e), UNALLOC, np.int8)
         kind[off != 0] = DATA
+        if self.external_data:
+            kind[(e & np.uint64(OFLAG_COPIED)) != 0] = DATA
         if self.geo.zero_flag:
             kind[((e & np.uint64(OFLAG_ZERO)) != 0) & ~comp] = ZERO
         kind[comp] = COMPRESSED

@@ -1,0 +1,237 @@
+"""Guest writes: in-place overwrites, cluster allocation, copy-on-write, zeroing.
+
+The common case, overwriting clusters this image alone owns (COPIED), is one
+pwrite with no await and no lock. Everything that changes metadata runs under
+one lock, cluster run by cluster run: new clusters are filled completely
+(old contents from the backing chain, a compressed cluster, a shared cluster
+or zeros, merged with the new bytes) in one pwrite before the L2 entry that
+points to them changes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import trio
+
+from .cache import TableCache
+from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
+                     Geometry, decode_compressed)
+from .hostfile import HostFile
+from .mapper import L1Table, Mapper, Source
+from .refcount import Allocator
+
+# What a write must do with one cluster.
+IN_PLACE, REUSE, ALLOCATE = range(3)
+
+
+class Writer:
+    """Writes guest ranges through the active L1 table of one writable image."""
+
+    def __init__(self, geo: Geometry, mapper: Mapper, l1: L1Table, allocator: Allocator,
+                 backing: Callable[[], Source | None]) -> None:
+        self.geo = geo
+        self.mapper = mapper
+        self.l1 = l1
+        self.alloc = allocator
+        self.l2_cache: TableCache[np.ndarray] = mapper.l2_cache
+        self.file: HostFile = mapper.file
+        self.data_file: HostFile = mapper.data_file
+        self.external = mapper.external_data
+        self._backing = backing
+        self.lock = trio.Lock()
+        self._zero_cluster = bytes(geo.cluster_size)
+        # Zero detection needs the v3 zero flag, and an external data file
+        # must receive every byte (data_file_raw keeps it a valid raw image).
+        self.detect_zeroes = geo.zero_flag and not self.external
+
+    # ---- the fast path -----------------------------------------------------------
+
+    def write_in_place(self, offset: int, data: bytes) -> bool:
+        """Overwrite clusters we own, without awaiting; False if metadata must change."""
+        geo = self.geo
+        span = geo.l2_span
+        index = offset // span
+        if (offset + len(data) - 1) // span != index:
+            return False
+        l1e = self.l1.cached(index)
+        if not l1e:
+            return False
+        table = self.l2_cache.peek(l1e & L2E_OFFSET_MASK)
+        if table is None:
+            return False
+        cb = geo.cluster_bits
+        first = (offset - index * span) >> cb
+        last = (offset + len(data) - 1 - index * span) >> cb
+        host = -1
+        for k in range(first, last + 1):
+            if self._state(table, k) != IN_PLACE:
+                return False
+            h = int(table[k, 0] if geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
+            if host >= 0 and h != host + ((k - first) << cb):
+                return False
+            if host < 0:
+                host = h
+        if self.detect_zeroes and len(data) >= geo.cluster_size and self._has_zero_cluster(offset, data):
+            return False
+        self.data_file.write_sync(data, host + (offset & (geo.cluster_size - 1)))
+        return True
+
+    def _has_zero_cluster(self, offset: int, data: bytes) -> bool:
+        cs = self.geo.cluster_size
+        start = -offset % cs
+        view = memoryview(data)
+        return any(view[p : p + cs] == self._zero_cluster for p in range(start, len(data) - cs + 1, cs))
+
+    def _state(self, table: np.ndarray, k: int) -> int:
+        """IN_PLACE, REUSE (our cluster, entry must change) or ALLOCATE."""
+        if self.geo.extended_l2:
+            e, bitmap = int(table[k, 0]), int(table[k, 1])
+            if e & OFLAG_COMPRESSED or not e & OFLAG_COPIED:
+                return ALLOCATE
+            if bitmap & SC_ALL == SC_ALL:
+                return IN_PLACE
+            return REUSE if (e & L2E_OFFSET_MASK or self.external) else ALLOCATE
+        e = int(table[k])
+        if e & OFLAG_COMPRESSED or not e & OFLAG_COPIED:
+            return ALLOCATE
+        if not e & L2E_OFFSET_MASK and not self.external:
+            return ALLOCATE
+        if self.geo.zero_flag and e & OFLAG_ZERO:
+            return REUSE
+        return IN_PLACE
+
+    # ---- the allocating path ---------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> None:
+        async with self.lock:
+            span = self.geo.l2_span
+            pos, end = offset, offset + len(data)
+            view = memoryview(data)
+            while pos < end:
+                index = pos // span
+                chunk_end = min(end, (index + 1) * span)
+                table_off = await self._writable_l2(index)
+                async with self.l2_cache.pinned(table_off) as table:
+                    await self._write_table(table_off, table, index * span, pos, view[pos - offset : chunk_end - offset])
+                pos = chunk_end
+
+    async def _writable_l2(self, index: int) -> int:
+        """The L2 table for INDEX, allocated or copied so that we own it."""
+        l1e = await self.l1.get(index)
+        old = self.mapper.l2_offset(l1e)
+        if old and l1e & OFLAG_COPIED:
+            return old
+        new = await self.alloc.allocate(1)
+        if old:
+            table = (await self.l2_cache.get(old)).copy()
+        else:
+            shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
+            table = np.zeros(shape, np.uint64)
+        self.l2_cache.put_new(new, table)
+        # The new table and its refcount must be on disk before L1 points to it.
+        await self.l2_cache.flush()
+        await self.file.sync()
+        await self.l1.set(index, new | OFLAG_COPIED)
+        if old:
+            self.alloc.release_later(old, self.geo.cluster_size)
+        return new
+
+    async def _write_table(self, table_off: int, table: np.ndarray, base: int, start: int,
+                           data: memoryview) -> None:
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
+        end = start + len(data)
+        k = (start - base) >> cb
+        last = (end - 1 - base) >> cb
+        while k <= last:
+            c0 = base + (k << cb)
+            g0, g1 = max(start, c0), min(end, c0 + cs)
+            piece = data[g0 - start : g1 - start]
+            state = self._state(table, k)
+            if g1 - g0 == cs and self.detect_zeroes and piece == self._zero_cluster:
+                self._set_zero(table, k)
+                self.l2_cache.mark_dirty(table_off)
+                k += 1
+            elif state == IN_PLACE:
+                host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
+                self.data_file.write_sync(piece, host + (g0 - c0))
+                k += 1
+            else:
+                # A run of clusters that all need a new (or rewritten) cluster.
+                n = 1
+                while (k + n <= last and self._state(table, k + n) == ALLOCATE and state == ALLOCATE
+                       and not self._zero_piece(data, start, base + ((k + n) << cb))):
+                    n += 1
+                await self._fill_run(table, k, n, base, start, data, reuse=state == REUSE)
+                self.l2_cache.mark_dirty(table_off)
+                k += n
+
+    def _zero_piece(self, data: memoryview, start: int, c0: int) -> bool:
+        cs = self.geo.cluster_size
+        lo, hi = c0 - start, c0 - start + cs
+        return self.detect_zeroes and lo >= 0 and hi <= len(data) and data[lo:hi] == self._zero_cluster
+
+    async def _fill_run(self, table: np.ndarray, k: int, n: int, base: int, start: int,
+                        data: memoryview, reuse: bool) -> None:
+        """Write N whole clusters (old contents + new bytes), then point L2 at them."""
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
+        c0 = base + (k << cb)
+        buf = bytearray(n * cs)
+        end = start + len(data)
+        # Old contents only where the new bytes do not cover the run.
+        if start > c0:
+            await self._old_contents(memoryview(buf)[: start - c0], c0)
+        if end < c0 + n * cs:
+            tail = max(end, c0)
+            await self._old_contents(memoryview(buf)[tail - c0 :], tail)
+        lo, hi = max(start, c0), min(end, c0 + n * cs)
+        buf[lo - c0 : hi - c0] = data[lo - start : hi - start]
+        old_entries = [self._entry(table, k + j) for j in range(n)]
+        if self.external:
+            host = c0  # guest offset == host offset in an external data file
+        elif reuse:
+            host = old_entries[0][0] & L2E_OFFSET_MASK
+        else:
+            host = await self.alloc.allocate(n)
+        self.data_file.write_sync(buf, host)
+        for j in range(n):
+            self._set_data(table, k + j, host + (j << cb))
+            if not reuse:
+                self._release(*old_entries[j])
+
+    async def _old_contents(self, buf: memoryview, guest: int) -> None:
+        await self.mapper.read_into(self.l1, buf, guest, self._backing())
+
+    # ---- L2 entries ----------------------------------------------------------------
+
+    def _entry(self, table: np.ndarray, k: int) -> tuple[int, int]:
+        if self.geo.extended_l2:
+            return int(table[k, 0]), int(table[k, 1])
+        return int(table[k]), 0
+
+    def _set_data(self, table: np.ndarray, k: int, host: int) -> None:
+        if self.geo.extended_l2:
+            table[k, 0] = host | OFLAG_COPIED
+            table[k, 1] = SC_ALL
+        else:
+            table[k] = host | OFLAG_COPIED
+
+    def _set_zero(self, table: np.ndarray, k: int) -> None:
+        old = self._entry(table, k)
+        if self.geo.extended_l2:
+            table[k, 0] = 0
+            table[k, 1] = SC_ALL << 32
+        else:
+            table[k] = OFLAG_ZERO
+        self._release(*old)
+
+    def _release(self, entry: int, bitmap: int) -> None:
+        """Drop the reference an old L2 entry held (once it is off the disk)."""
+        if self.external:
+            return
+        if entry & OFLAG_COMPRESSED:
+            d = decode_compressed(entry, self.geo.cluster_bits)
+            start = d.host_offset & ~511
+            self.alloc.release_later(start, d.host_offset + d.length - start)
+        elif entry & L2E_OFFSET_MASK:
+            self.alloc.release_later(entry & L2E_OFFSET_MASK, self.geo.cluster_size)
