@@ -1,7 +1,6 @@
 """Read path: every image of the matrix, mounted read-only, reads exactly what qemu-img reads."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
