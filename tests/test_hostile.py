@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 
 from conftest import QCOWFS, force_unmount, is_mounted
-from images import (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, KiB, MiB, TiB, Header, create, file_state,
+from images import (EXT_FEATURE_TABLE, KiB, MiB, TiB, Header, create, file_state,
                     oracle, patch, qimg, qio, read_u64, set_field, set_incompatible, sh)
 
 TIMEOUT = 60

@@ -175,3 +175,26 @@ def test_huge_sparse_disk(name: str, tmp_path: Path, mount) -> None:
     if before != after:
         errors.append("read-only mount changed the image files")
     assert not errors, f"{name}:\n  " + "\n  ".join(errors)
+
+
+@pytest.mark.parametrize("name", ["convert-c-zstd-c512", "backing-chain4", "extl2-c64k-backing", "v2-c4k"])
+def test_concurrent_random_reads(name: str, tmp_path: Path, mount) -> None:
+    """Several threads reading at random places at once (cold cache) all get QEMU's bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = build(name, tmp_path / "img")
+    expected = oracle(img, tmp_path / "expected.raw").read_bytes()
+    mnt = mount(img)
+    disk = mnt / "disk.raw"
+
+    def worker(seed: int) -> list[str]:
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            return random_preads(fd, expected, random.Random(f"{name}-{seed}"), n=60)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=6) as ex:
+        results = list(ex.map(worker, range(6)))
+    errors = [e for r in results for e in r]
+    assert not errors, f"{name}:\n  " + "\n  ".join(errors[:20])
