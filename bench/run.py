@@ -94,6 +94,11 @@ class Unavailable(ContenderError):
     """Not a failure: the contender cannot do this yet (printed as n/a)."""
 
 
+def pin_prefix(cpus):
+    """taskset prefix for a command (empty when not pinning)."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -200,7 +205,10 @@ _PIDS = set()
 def sweep():
     for mp in list(_MOUNTS):
         with contextlib.suppress(Exception):
-            force_unmount(mp)
+            if str(mp) == "/sys/fs/fuse/connections":
+                subprocess.run(["umount", str(mp)], stderr=subprocess.DEVNULL, timeout=30)
+            else:
+                force_unmount(mp)
     with contextlib.suppress(Exception):
         stop_pids(list(_PIDS), grace=0)
 
@@ -231,6 +239,10 @@ def fuse_tune(file_path, read_ahead_kb=None, max_background=None):
     if read_ahead_kb is not None:
         Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb").write_text(f"{read_ahead_kb}\n")
     if max_background is not None:
+        conns = Path("/sys/fs/fuse/connections")
+        if not mounted(conns):  # fusectl is not always mounted (containers)
+            run(["mount", "-t", "fusectl", "fusectl", conns])
+            _MOUNTS.add(conns)
         Path(f"/sys/fs/fuse/connections/{st.st_dev}/max_background").write_text(
             f"{max_background}\n")
 
@@ -281,7 +293,8 @@ class Qcowfs(Contender):
     @contextlib.contextmanager
     def mount(self, qcow2, raw, writable):
         mnt = self._dir()
-        cmd = [self.exe(), "mount", qcow2, mnt] + ([] if writable else ["--read-only"])
+        cmd = pin_prefix(self.cfg.daemon_cpus) + [self.exe(), "mount", qcow2, mnt] + (
+            [] if writable else ["--read-only"])
         _MOUNTS.add(mnt)
         pids = []
         try:
@@ -325,7 +338,7 @@ class Qsd(Contender):
         pidfile = d / "qsd.pid"
         with contextlib.suppress(FileNotFoundError):
             pidfile.unlink()
-        cmd = ["qemu-storage-daemon",
+        cmd = pin_prefix(self.cfg.daemon_cpus) + ["qemu-storage-daemon",
                "--blockdev", f"driver=file,node-name=file,filename={qcow2}",
                "--blockdev", "driver=qcow2,node-name=qcow2,file=file",
                "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={mnt},"
@@ -368,7 +381,7 @@ class Qcowmount(Contender):
         _MOUNTS.add(mnt)
         pids = []
         try:
-            run(["qcowmount", qcow2, mnt], timeout=60)  # daemonizes unless -v
+            run(pin_prefix(self.cfg.daemon_cpus) + ["qcowmount", qcow2, mnt], timeout=60)  # daemonizes unless -v
             wait_for(lambda: mounted(mnt), 10, "qcowmount")
             pids = pids_mentioning(mnt)
             _PIDS.update(pids)
@@ -391,7 +404,7 @@ class Passthrough(Contender):
     @contextlib.contextmanager
     def mount(self, qcow2, raw, writable):
         mnt = self._dir()
-        cmd = [sys.executable, HERE / "passthrough.py", raw, mnt]
+        cmd = pin_prefix(self.cfg.daemon_cpus) + [sys.executable, HERE / "passthrough.py", raw, mnt]
         if writable:
             cmd.append("--writable")
         _MOUNTS.add(mnt)
@@ -479,9 +492,9 @@ def scratch_images(bench, size, raw, qcow2):
 # Running
 
 
-def fio(bench, path, size, runtime):
+def fio(bench, path, size, runtime, cpus=None):
     name = bench.key
-    cmd = ["fio", f"--name={name}", f"--filename={path}", "--ioengine=psync",
+    cmd = pin_prefix(cpus) + ["fio", f"--name={name}", f"--filename={path}", "--ioengine=psync",
            f"--size={size}", "--fallocate=none", "--output-format=json", *bench.fio]
     if bench.time_based:
         cmd += [f"--runtime={runtime}", "--time_based"]
@@ -550,7 +563,7 @@ def one_run(bench, cont, cfg, raw, qcow2):
             fuse_tune(path, cfg.read_ahead_kb, cfg.max_background)
             drop_caches()
             warm(warm_target)
-            return fio(bench, path, cfg.size, cfg.runtime)
+            return fio(bench, path, cfg.size, cfg.runtime, cfg.fio_cpus)
     finally:
         if bench.kind == "write":
             for p in (img_q, img_r):
@@ -627,13 +640,16 @@ def report(cfg, benches, contenders, results):
             elif cell.error and not cell.runs:
                 s = "FAILED"
             else:
-                s = fmt(cell.median, b.unit) + ("!" if cell.error else "")
+                vals = [r["value"] for r in cell.runs]
+                spread = len(vals) > 1 and min(vals) > 0 and max(vals) / min(vals) > 1.3
+                s = fmt(cell.median, b.unit) + ("~" if spread else "") + (
+                    "!" if cell.error else "")
             cells.append(f"{s:>{w}}")
         lines.append((f"{b.title:<22} {b.unit:<5} " + " ".join(cells)).rstrip())
     peers = [p for p in PEERS if p in names] if "qcowfs" in names else []
     if not peers:
         return "\n".join(lines)
-    cw = 24
+    cw = 26
     head = f"{'qcowfs / peer':<28} " + " ".join(f"{p:<{cw}}" for p in peers).rstrip()
     lines += ["", head, "-" * len(head.rstrip())]
     for b in benches:
@@ -660,7 +676,8 @@ def to_json(cfg, benches, contenders, results, versions, elapsed):
                  "python": platform.python_version()},
         "config": {"image_size": cfg.size, "runs": cfg.runs, "runtime_s": cfg.runtime,
                    "quick": cfg.quick, "read_ahead_kb": cfg.read_ahead_kb,
-                   "max_background": cfg.max_background},
+                   "max_background": cfg.max_background, "pin": cfg.pin,
+                   "daemon_cpus": cfg.daemon_cpus, "fio_cpus": cfg.fio_cpus},
         "contenders": {c.name: {"label": c.label, "version": versions.get(c.name, "")}
                        for c in contenders},
         "benchmarks": {},
@@ -700,6 +717,10 @@ def parse_args(argv):
                     help="set the FUSE bdi read_ahead_kb of every mount (tuning experiments)")
     ap.add_argument("--max-background", type=int,
                     help="set the FUSE connection's max_background of every mount")
+    ap.add_argument("--pin", choices=["none", "split", "same"], default="none",
+                    help="CPU placement: none = the scheduler's choice (default); "
+                    "split = daemons on the first CPU, fio on the others; "
+                    "same = daemons and fio on the first CPU")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip the data check of each read mount")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the random image")
@@ -707,6 +728,15 @@ def parse_args(argv):
     cfg = ap.parse_args(argv)
     cfg.runs = cfg.runs or (1 if cfg.quick else 3)
     cfg.runtime = cfg.runtime or (2 if cfg.quick else 5)
+    ncpu = len(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
+    if cfg.pin == "split" and ncpu >= 2:
+        cfg.daemon_cpus = str(cpus[0])
+        cfg.fio_cpus = ",".join(str(c) for c in cpus[1:])
+    elif cfg.pin == "same" or (cfg.pin == "split" and ncpu < 2):
+        cfg.daemon_cpus = cfg.fio_cpus = str(cpus[0])
+    else:
+        cfg.daemon_cpus = cfg.fio_cpus = None
     cfg.size = (cfg.size_mib or (256 if cfg.quick else 1024)) * MIB
     return cfg
 
@@ -734,7 +764,7 @@ def main(argv=None):
         if bad:
             sys.exit(f"unknown benchmark(s): {','.join(sorted(bad))}")
         benches = [b for b in benches if b.key in want]
-    missing = [t for t in ("fio", "qemu-img", "qemu-storage-daemon", "qcowmount", "fusermount3")
+    missing = [t for t in ("fio", "taskset", "qemu-img", "qemu-storage-daemon", "qcowmount", "fusermount3")
                if shutil.which(t) is None]
     if missing:
         sys.exit(f"bench: missing tools: {' '.join(missing)} (run scripts/install.sh --test)")
@@ -762,9 +792,11 @@ def main(argv=None):
     sys.stderr.flush()
     print(flush=True)
     print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
-          f"median of {cfg.runs}, warm host cache, cold FUSE page cache")
+          f"median of {cfg.runs}, warm host cache, cold FUSE page cache, "
+          f"daemons on CPU {cfg.daemon_cpus or 'any'}, fio on CPU {cfg.fio_cpus or 'any'}")
     print(report(cfg, benches, contenders, results))
     print("(higher is better; 'n/a': not available yet; '!': some runs failed; "
+          "'~': runs differ by >30%, see results.json; "
           f"qsd = qemu-storage-daemon FUSE export; total {elapsed:.0f}s)")
     data = to_json(cfg, benches, contenders, results, versions, elapsed)
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
