@@ -72,8 +72,7 @@ class Allocator:
         if not off:
             if delta < 0:
                 raise CorruptionError(f"refcount of cluster {cluster} would drop below zero")
-            first = rt_index * self.rpb
-            off = await self._new_block(rt_index, first if cluster != first else first + 1)
+            off = await self._new_block(rt_index)
         async with self.cache.pinned(off) as block:
             value = refcount_get(block, cluster % self.rpb, self.order) + delta
             if value < 0:
@@ -113,17 +112,16 @@ class Allocator:
                        if not self._block_offset(r)]
             if not missing:
                 break
-            # Give each uncovered range its refcount block first (inside the
-            # free run just found), then search again around them.
             for r in missing:
-                await self._new_block(r, max(start, r * self.rpb))
+                await self._new_block(r)
         for c in range(start, start + n):
             await self.change(c, 1)
         self.free_hint = start + n
         return start * self.geo.cluster_size
 
-    async def _find_free(self, n: int) -> int:
-        """First run of N free clusters at or after the hint, a block at a time."""
+    async def _find_free(self, n: int, covered_only: bool = False) -> int:
+        """First run of N free clusters at or after the hint, a block at a time.
+        With COVERED_ONLY, only clusters that already have a refcount block."""
         rpb = self.rpb
         c = self.free_hint
         run_start, run_len = c, 0
@@ -131,7 +129,9 @@ class Allocator:
             r, lo = divmod(c, rpb)
             off = self._block_offset(r)
             if not off:
-                segments: list[tuple[int, int]] = [(lo, rpb)]
+                if covered_only and r >= len(self.table):
+                    return -1
+                segments: list[tuple[int, int]] = [] if covered_only else [(lo, rpb)]
             else:
                 block = self.cache.peek(off) or await self.cache.get(off)
                 free = np.concatenate(([False], refcount_array(block, self.order)[lo:] == 0, [False]))
@@ -148,8 +148,9 @@ class Allocator:
                     return run_start
             c = (r + 1) * rpb
 
-    async def _new_block(self, rt_index: int, place: int) -> int:
-        """Create the refcount block for RT_INDEX at free cluster PLACE inside its range."""
+    async def _new_block(self, rt_index: int) -> int:
+        """Create the refcount block for RT_INDEX, in a cluster some block already
+        counts, or else as the first cluster of its own range (counting itself)."""
         if rt_index >= len(self.table):
             await self._grow_table(rt_index + 1)
             off = self._block_offset(rt_index)
@@ -157,9 +158,16 @@ class Allocator:
                 return off
         cs = self.geo.cluster_size
         block = bytearray(cs)
-        refcount_set(block, place - rt_index * self.rpb, self.order, 1)
+        place = await self._find_free(1, covered_only=True)
+        if place >= 0:
+            await self.change(place, 1)
+            await self.cache.flush()
+        else:
+            place = rt_index * self.rpb
+            refcount_set(block, 0, self.order, 1)
         offset = place * cs
-        # The block must be on disk before the table entry that points to it.
+        # The block (and its own refcount) must be on disk before the table
+        # entry that points to it.
         self.file.write_sync(block, offset)
         await self.file.sync()
         self.table[rt_index] = offset
