@@ -231,8 +231,6 @@ def cmd_info(image_arg: str, as_json: bool) -> int:
 
     image = Image(os.path.abspath(image_arg), OpenOptions(read_only=True))
     try:
-        if hasattr(image, "load_bitmaps"):
-            trio.run(image.load_bitmaps)
         d = describe(image)
     finally:
         trio.run(image.close)

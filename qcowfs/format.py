@@ -504,3 +504,16 @@ def refcount_array(block: bytes | bytearray, order: int) -> "np.ndarray":
     raw = np.frombuffer(bytes(block), np.uint8)
     shifts = np.arange(8 // bits, dtype=np.uint8) * bits
     return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+def encode_refcount_block(values: "np.ndarray", order: int, cluster_size: int) -> bytes:
+    """A refcount block holding VALUES (zero-padded to a whole block)."""
+    per_block = (cluster_size * 8) >> order
+    full = np.zeros(per_block, np.uint64)
+    full[: len(values)] = values
+    if order >= 3:
+        return full.astype(f">u{1 << (order - 3)}").tobytes()
+    bits = 1 << order
+    shifts = (np.arange(8 // bits, dtype=np.uint64) * np.uint64(bits))
+    packed = (full.reshape(-1, 8 // bits) << shifts).sum(axis=1)
+    return packed.astype(np.uint8).tobytes()

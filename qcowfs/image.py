@@ -22,6 +22,7 @@ from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES
                      INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
                      MAX_VIRTUAL_SIZE, OFLAG_COPIED, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
 from .hostfile import HostFile
+from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
 from .locking import lock_image
 from .mapper import L1Table, Mapper, Source
 from .refcount import Allocator
@@ -117,6 +118,8 @@ class Image:
         self.geo = Geometry.from_header(h)
         self._validate(h, self.file.known_size)
         self.snapshots = self._read_snapshots(h)
+        self.bitmaps: list[Bitmap] = load_bitmaps(h, self.file)
+        self._changed = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = self._open_data_file(h)
         mapper_file = self.data_file or self.file
@@ -272,9 +275,21 @@ class Image:
         if h.autoclear_features & ~AUTOCLEAR_KNOWN:
             h.autoclear_features &= AUTOCLEAR_KNOWN
             await self.write_header_fields()
+        await start_tracking(self)
+        for bm in self.bitmaps:
+            if bm.problem is not None:
+                log.warning("bitmap '%s' is not used: %s", bm.name, bm.problem)
 
     async def write_header_fields(self) -> None:
         self.file.write_sync(self.header.pack_fields(), 0)
+        await self.file.sync()
+
+    async def write_header(self) -> None:
+        """Rewrite the whole header (fields, extensions, backing name) in one write."""
+        raw = self.header.pack()
+        if len(raw) > self.geo.cluster_size:
+            raise QcowError("the header no longer fits in the first cluster")
+        self.file.write_sync(raw, 0)
         await self.file.sync()
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -291,7 +306,11 @@ class Image:
         return len(data)
 
     def written(self, offset: int, length: int) -> None:
-        """Hook for live dirty tracking (bitmaps)."""
+        """Live dirty tracking: bits are set before the write is acknowledged."""
+        self._changed = True
+        for bm in self.bitmaps:
+            if bm.bits is not None:
+                bm.mark(offset, length)
 
     async def mark_corrupt(self, why: Exception) -> None:
         """Stop writing through metadata that failed a check, and say so in the image."""
@@ -328,7 +347,7 @@ class Image:
             raise QcowError("the image is open read-only")
         if new_size < self.size:
             raise ResizeError("shrinking the disk is not supported")
-        if getattr(self, "bitmaps", None):
+        if self.bitmaps:
             raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
         h = self.header
         async with self.writer.lock:
@@ -362,6 +381,9 @@ class Image:
         if self.writer is not None:
             try:
                 await self.flush()
+                if not self.corrupt:
+                    await store_bitmaps(self, self._changed)
+                    await self.flush()
             finally:
                 self.writer = None
         if self.backing is not None:

@@ -25,10 +25,9 @@ def describe(image: Image) -> dict[str, Any]:
     if df is not None:
         data["data-file"] = df.decode("utf-8", "replace")
         data["data-file-raw"] = image.data_file_raw
-    bitmaps = getattr(image, "bitmaps", None)
-    if bitmaps:
+    if image.bitmaps:
         data["bitmaps"] = [{"name": b.name, "granularity": b.granularity, "flags": b.flag_names}
-                           for b in bitmaps]
+                           for b in image.bitmaps]
     out: dict[str, Any] = {
         "filename": image.path,
         "format": "qcow2",

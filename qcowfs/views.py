@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .errors import ReadOnlyError
+from .bitmaps import Bitmap, read_bitmap
+from .errors import CorruptionError, ReadOnlyError
+from .format import SnapshotEntry
 from .image import Image
 from .mapper import L1Table
+from .snapshots import snapshot_disk_size, snapshot_file_names, snapshot_xattrs, usable_name
 
 
 class FileView:
@@ -89,14 +92,67 @@ class DiskView(FileView):
             await self.image.flush()  # type: ignore[attr-defined]
 
 
+class SnapshotView(FileView):
+    """snapshots/NAME.raw: a snapshot's disk through its own L1 table, read-only.
+
+    Copy-on-write of the write path keeps it unchanged, so the kernel may cache it."""
+
+    def __init__(self, image: Image, entry: SnapshotEntry) -> None:
+        self.image = image
+        self.entry = entry
+        self._size = snapshot_disk_size(entry, image.size)
+        self.l1 = L1Table(image.file, entry.l1_table_offset, entry.l1_size)
+        self.mtime_ns = entry.date_sec * 10**9 + entry.date_nsec
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def xattrs(self) -> dict[str, bytes]:
+        return snapshot_xattrs(self.entry, self._size)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        n = self.clip(offset, length)
+        if n <= 0:
+            return b""
+        if self.entry.l1_table_offset % self.image.geo.cluster_size:
+            raise CorruptionError(f"snapshot {self.entry.id_str} has a misaligned L1 table")
+        return await self.image.read(self.l1, offset, n)
+
+
+class BitmapView(FileView):
+    """bitmaps/NAME: the bitmap's bits; live (not cached by the kernel) while tracked."""
+
+    def __init__(self, image: Image, bitmap: Bitmap) -> None:
+        self.image = image
+        self.bitmap = bitmap
+        self.keep_cache = False
+        self.mtime_ns = os.stat(image.path).st_mtime_ns
+
+    @property
+    def size(self) -> int:
+        return self.bitmap.size
+
+    def xattrs(self) -> dict[str, bytes]:
+        return self.bitmap.xattrs()
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return await read_bitmap(self.bitmap, self.image.file, offset, length)
+
+
+def _bitmap_file_names(bitmaps: list[Bitmap]) -> list[str]:
+    return [b.name if usable_name(b.name) else f"bitmap-{i}" for i, b in enumerate(bitmaps)]
+
+
 def build_tree(image: Image) -> DirNode:
     """The directory tree of a mount of IMAGE."""
     mtime = os.stat(image.path).st_mtime_ns
     root = DirNode("", mtime_ns=mtime)
     root.children["disk.raw"] = FileNode("disk.raw", DiskView(image))
-    root.children["snapshots"] = DirNode("snapshots", mtime_ns=mtime)
-    root.children["bitmaps"] = DirNode("bitmaps", mtime_ns=mtime)
+    snaps = root.children["snapshots"] = DirNode("snapshots", mtime_ns=mtime)
+    for name, entry in zip(snapshot_file_names(image.snapshots), image.snapshots):
+        snaps.children[name] = FileNode(name, SnapshotView(image, entry))
+    bitmaps = root.children["bitmaps"] = DirNode("bitmaps", mtime_ns=mtime)
+    for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps):
+        bitmaps.children[name] = FileNode(name, BitmapView(image, bm))
     return root
-
-
-__all__ = ["FileView", "DirNode", "FileNode", "DiskView", "build_tree", "L1Table"]
