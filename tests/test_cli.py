@@ -1,0 +1,234 @@
+"""The command line: failing mounts, accepted options, help and version.
+
+A mount that fails must say why in exactly one stderr line, exit non-zero,
+never show a traceback and leave nothing mounted.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from conftest import QCOWFS, force_unmount, is_mounted, mounted
+
+TIMEOUT = 60
+MiB = 1 << 20
+
+GENERIC = ["rw", "ro", "dev", "suid", "exec", "atime", "auto", "nofail", "_netdev",
+           "x-systemd.automount", "x-systemd.device-timeout=10s", "x-systemd.requires=foo.service",
+           "nosuid", "nodev", "noexec", "noatime", "noauto", "defaults"]
+
+
+def qcowfs(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True,
+                          timeout=TIMEOUT, **kw)
+
+
+def fuse_mounts_of(image: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line for line in f if line.split()[0] == str(image) and line.split()[2].startswith("fuse")]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    img = tmp_path_factory.mktemp("cli") / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(img)],
+                   check=True, capture_output=True)
+    return img
+
+
+def assert_clean_failure(p: subprocess.CompletedProcess, *patterns: str) -> str:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0, p
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+    assert len(lines) == 1, f"expected one stderr line, got: {p.stderr!r}"
+    assert lines[0].startswith("qcowfs: "), lines
+    for pat in patterns:
+        assert re.search(pat, lines[0], re.I), (pat, lines[0])
+    return lines[0]
+
+
+# ---- failing mounts ---------------------------------------------------------------------
+
+def test_missing_image(tmp_path: Path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = qcowfs("mount", tmp_path / "nope.qcow2", mnt)
+    assert_clean_failure(p, "nope.qcow2", "no such file")
+    assert not is_mounted(mnt)
+
+
+@pytest.mark.parametrize("size", [0, 100, 1 << 20])
+def test_bad_image(tmp_path: Path, size: int):
+    bad = tmp_path / "random.qcow2"
+    bad.write_bytes(os.urandom(size))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        p = qcowfs("mount", bad, mnt)
+        assert_clean_failure(p)
+        assert not is_mounted(mnt)
+        assert not fuse_mounts_of(bad)
+    finally:
+        force_unmount(mnt)
+
+
+def test_missing_mountpoint(tmp_path: Path, image: Path):
+    p = qcowfs("mount", image, tmp_path / "nodir")
+    assert_clean_failure(p, "nodir", "does not exist")
+    assert not fuse_mounts_of(image)
+
+
+def test_mountpoint_is_a_file(tmp_path: Path, image: Path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    p = qcowfs("mount", image, f)
+    assert_clean_failure(p, "afile", "not a directory")
+    assert not fuse_mounts_of(image)
+
+
+def test_mountpoint_in_missing_directory(tmp_path: Path, image: Path):
+    p = qcowfs("mount", image, tmp_path / "a" / "b")
+    assert_clean_failure(p, "does not exist")
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["ro", "rw"])
+def test_same_image_twice_on_same_mountpoint(tmp_path: Path, image: Path, read_only: bool):
+    mnt = tmp_path / "mnt"
+    extra = ["--read-only"] if read_only else []
+    with mounted(image, mnt, read_only=read_only):
+        p = qcowfs("mount", image, mnt, *extra)
+        assert_clean_failure(p, "already mounted")
+        assert len(fuse_mounts_of(image)) == 1
+        assert (mnt / "disk.raw").stat().st_size == 16 * MiB
+    assert not is_mounted(mnt)
+
+
+def test_image_mounted_writable_elsewhere_is_refused(tmp_path: Path, image: Path):
+    """A second writer on the same image (another mount point) is refused by the image lock."""
+    with mounted(image, tmp_path / "a", read_only=False):
+        mnt2 = tmp_path / "b"
+        mnt2.mkdir()
+        try:
+            p = qcowfs("mount", image, mnt2)
+            assert_clean_failure(p)
+            assert not is_mounted(mnt2)
+            assert len(fuse_mounts_of(image)) == 1
+        finally:
+            force_unmount(mnt2)
+
+
+@pytest.mark.parametrize("opt", ["bogus", "nobogus", "uid=abc", "umask=999", "l2_cache_size=lots",
+                                 "x", "allow_other,frobnicate"])
+def test_bad_option(tmp_path: Path, image: Path, opt: str):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = qcowfs("mount", image, mnt, "-o", opt)
+    assert_clean_failure(p)
+    assert not is_mounted(mnt)
+    # mount.fuse3's form too
+    p = qcowfs(image, mnt, "-o", opt)
+    assert_clean_failure(p)
+    assert not is_mounted(mnt)
+
+
+def test_unknown_option_names_it(tmp_path: Path, image: Path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    assert_clean_failure(qcowfs("mount", image, mnt, "-o", "ro,frobnicate=3"), "frobnicate")
+
+
+def test_umount_not_mounted(tmp_path: Path):
+    assert_clean_failure(qcowfs("umount", tmp_path), "not a qcowfs mount")
+
+
+# ---- accepted options ------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt", GENERIC)
+def test_generic_option_parses(opt: str):
+    from qcowfs.cli import MountOptions
+
+    MountOptions().apply(opt)
+
+
+def test_generic_options_mount(tmp_path: Path, image: Path):
+    """All of mount(8)'s and systemd's generic options at once, in both command forms."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for form in (["mount", image, mnt], [image, mnt]):
+        p = qcowfs(*form, "-o", ",".join(GENERIC + ["ro"]))
+        try:
+            assert p.returncode == 0, p.stderr
+            assert is_mounted(mnt)
+            assert (mnt / "disk.raw").read_bytes()[:4] == b"\x5a" * 4
+            with pytest.raises(OSError):
+                os.open(mnt / "disk.raw", os.O_WRONLY)
+        finally:
+            qcowfs("umount", mnt)
+            force_unmount(mnt)
+        assert not is_mounted(mnt)
+
+
+def test_mount_fuse3_options(tmp_path: Path, image: Path):
+    """What mount.fuse3 passes (ro,dev,suid, plus repeated -o) and fuse's own options."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = qcowfs(image, mnt, "-o", "rw,allow_other,dev,suid", "-o", "ro,default_permissions,subtype=qcowfs")
+    try:
+        assert p.returncode == 0, p.stderr
+        assert (mnt / "disk.raw").stat().st_size == 16 * MiB
+        line = fuse_mounts_of(image)[0].split()
+        assert line[2] == "fuse.qcowfs"
+        assert "ro" in line[3].split(",") and "allow_other" in line[3].split(",")
+    finally:
+        qcowfs("umount", mnt)
+        force_unmount(mnt)
+
+
+# ---- help and version -----------------------------------------------------------------
+
+def test_version():
+    p = qcowfs("--version")
+    assert p.returncode == 0
+    assert p.stdout.strip() == f"qcowfs {version('qcowfs')}"
+
+
+def test_top_help():
+    p = qcowfs("--help")
+    assert p.returncode == 0
+    for word in ("mount", "umount", "info", "check", "--version", "fuse.qcowfs"):
+        assert word in p.stdout, word
+
+
+@pytest.mark.parametrize("cmd, words", [
+    ("mount", ["IMAGE", "MOUNTPOINT", "--read-only", "--foreground", "--debug", "-o", "ro", "rw",
+               "allow_other", "uid=", "gid=", "umask=", "l2_cache_size"]),
+    ("umount", ["MOUNTPOINT"]),
+    ("info", ["IMAGE", "--json"]),
+    ("check", ["IMAGE", "--repair", "--json", "0", "1", "2", "3"]),
+])
+def test_subcommand_help(cmd: str, words: list[str]):
+    p = qcowfs(cmd, "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"usage: qcowfs {cmd}")
+    for w in words:
+        assert w in p.stdout, (cmd, w)
+
+
+def test_no_arguments_shows_usage():
+    p = qcowfs()
+    assert p.returncode != 0
+    assert "usage" in (p.stdout + p.stderr).lower()
+    assert "Traceback" not in p.stderr
+
+
+def test_missing_arguments_are_usage_errors(tmp_path: Path):
+    p = qcowfs("mount", tmp_path)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert "usage" in p.stderr.lower()
