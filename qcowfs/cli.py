@@ -337,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         die("interrupted", 130)
     except OSError as e:
         die(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        die(f"internal error: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

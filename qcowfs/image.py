@@ -39,6 +39,8 @@ _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
 class OpenOptions:
     read_only: bool = True
     l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+    # `qcowfs check --repair`: open a corrupt image for writing, to fix it.
+    repair: bool = False
 
 
 class RawSource:
@@ -138,18 +140,26 @@ class Image:
         self.backing = self._open_backing(h, chain + (ident,))
 
     def _open_writable(self, h: Header) -> None:
-        if h.incompatible_features & INCOMPAT_CORRUPT:
+        if h.incompatible_features & INCOMPAT_CORRUPT and not self.options.repair:
             raise QcowError(f"{self.path} is marked corrupt: mount it with --read-only, or repair "
                             "it with `qcowfs check --repair`")
         lock_image(self.file.fd, self.path, writer=True)
         if self.data_file is not None:
             lock_image(self.data_file.fd, self.data_file.path, writer=True)
-        self.allocator = Allocator(self.geo, self.file, h.refcount_table_offset,
-                                   h.refcount_table_clusters)
-        self.l2_cache.depends_on = self.allocator.cache
+        self.reload_refcounts()
         self.writer = Writer(self.geo, self.mapper, self.active_l1, self.allocator,
                              lambda: self.backing)
         self._flush_lock = trio.Lock()
+
+    def reload_refcounts(self) -> None:
+        """(Re)read the refcount table named by the header, with empty caches."""
+        h = self.header
+        self.allocator = Allocator(self.geo, self.file, h.refcount_table_offset,
+                                   h.refcount_table_clusters)
+        self.l2_cache.clear()
+        self.l2_cache.depends_on = self.allocator.cache
+        if self.writer is not None:
+            self.writer.alloc = self.allocator
 
     def _validate(self, h: Header, file_size: int) -> None:
         cs = self.geo.cluster_size

@@ -14,7 +14,7 @@ import numpy as np
 
 from .cache import TableCache
 from .errors import CorruptionError, NoSpaceError
-from .format import (REFT_OFFSET_MASK, Geometry, align_up, refcount_array, refcount_get,
+from .format import (REFT_OFFSET_MASK, Geometry, refcount_array, refcount_get,
                      refcount_set)
 from .hostfile import HostFile
 
@@ -176,27 +176,32 @@ class Allocator:
         return offset
 
     async def _grow_table(self, min_entries: int) -> None:
-        """Move the refcount table to a larger one that, with new blocks, covers itself."""
-        cs, rpb = self.geo.cluster_size, self.rpb
-        per_cluster = cs // 8
-        area = align_up(max(self.file.known_size, (len(self.table) * rpb) * cs) // cs, rpb)
-        nblocks, tclusters = 1, 1
+        """Move the refcount table to a larger one placed after the end of the
+        file, with new blocks for the ranges it lands in, counting itself."""
+        cs, rpb, per_cluster = self.geo.cluster_size, self.rpb, self.geo.cluster_size // 8
+        area = -(-self.file.known_size // cs)
+        nblocks, tclusters = 0, 1
         while True:
-            entries = max(min_entries, (area + nblocks + tclusters) // rpb + 1, len(self.table) * 2)
+            end = area + nblocks + tclusters
+            new_ranges = [r for r in range(area // rpb, (end - 1) // rpb + 1)
+                          if r >= len(self.table) or not self.table[r]]
+            entries = max(min_entries, -(-end // rpb), 2 * len(self.table))
             t = -(-entries // per_cluster)
-            b = -(-(nblocks + t) // rpb)
-            if (t, b) == (tclusters, nblocks):
+            if (len(new_ranges), t) == (nblocks, tclusters):
                 break
-            tclusters, nblocks = t, b
+            nblocks, tclusters = len(new_ranges), t
         table_at = area + nblocks
         new_table = self.table + [0] * (tclusters * per_cluster - len(self.table))
-        for j in range(nblocks):
+        for j, r in enumerate(new_ranges):
             block = bytearray(cs)
-            lo = (area // rpb + j) * rpb
-            for c in range(max(lo, area), min(lo + rpb, table_at + tclusters)):
-                refcount_set(block, c - lo, self.order, 1)
+            for c in range(max(r * rpb, area), min((r + 1) * rpb, end)):
+                refcount_set(block, c - r * rpb, self.order, 1)
             self.file.write_sync(block, (area + j) * cs)
-            new_table[area // rpb + j] = (area + j) * cs
+            new_table[r] = (area + j) * cs
+        for c in range(area, end):
+            if c // rpb < len(self.table) and self.table[c // rpb]:
+                await self.change(c, 1)
+        await self.cache.flush()
         self.file.write_sync(np.array(new_table, dtype=">u8").tobytes(), table_at * cs)
         await self.file.sync()
         old = (self.table_offset, self.table_clusters)
