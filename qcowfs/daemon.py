@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -68,8 +69,10 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     """Mount, serve until unmounted or signalled, flush, exit code."""
     ops = Operations(build_tree(image), Access(opts.uid, opts.gid, opts.umask), debug=opts.debug)
     try:
-        pyfuse3.init(ops, mountpoint, fuse_options)
+        _init_fuse(ops, mountpoint, fuse_options)
     except (RuntimeError, OSError) as e:
+        if ready_fd is None:
+            log.error("cannot mount on %s: %s", mountpoint, e)
         _report(ready_fd, f"cannot mount on {mountpoint}: {e}\n")
         trio.run(image.close)
         return 1
@@ -110,6 +113,28 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             except OSError:
                 pass
     return code
+
+
+def _init_fuse(ops: Operations, mountpoint: str, fuse_options: set[str]) -> None:
+    """pyfuse3.init, with what libfuse and fusermount3 print on stderr made
+    part of the one error line instead of extra lines of their own."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_options)
+            error = None
+        except (RuntimeError, OSError) as e:
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", "replace").strip()
+    if error is not None:
+        raise RuntimeError(text.splitlines()[-1] if text else str(error))
+    if text:
+        log.warning("%s", text)
 
 
 async def _run_fuse(scope: trio.CancelScope) -> None:
