@@ -1,0 +1,716 @@
+"""qcowfs as a system service: mount(8)/fstab through mount.fuse3, systemd units,
+readiness notification, signals, clean shutdown with writes in flight, access.
+
+Everything runs for real (root, /dev/fuse, mount(8), fusermount3, qemu-img).
+Every mount is undone in teardown, and after each unmount the image must pass
+`qemu-img check`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import QCOWFS, force_unmount, is_mounted
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "systemd"
+VENV_BIN = Path(QCOWFS).parent
+USR_LOCAL_QCOWFS = Path("/usr/local/bin/qcowfs")
+NOBODY = 65534
+MiB = 1 << 20
+TIMEOUT = 60
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(8), setpriv)")
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+def sh(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("timeout", TIMEOUT)
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
+
+
+def qemu_img_check(image: Path) -> subprocess.CompletedProcess:
+    p = sh("qemu-img", "check", image, check=False)
+    assert p.returncode == 0, f"qemu-img check {image}: {p.returncode}\n{p.stdout}{p.stderr}"
+    return p
+
+
+def make_image(path: Path, size: str = "32M", pattern: int = 0x5A, length: str = "1M") -> Path:
+    sh("qemu-img", "create", "-q", "-f", "qcow2", path, size)
+    sh("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} 0 {length}", path)
+    return path
+
+
+def mount_env() -> dict[str, str]:
+    """The brief's environment for mount(8): the venv's bin dir first on PATH.
+
+    (mount(8) drops PATH before running mount.fuse3, whose /bin/sh then falls
+    back to its default PATH: that is why /usr/local/bin/qcowfs is needed.)
+    """
+    return dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+
+
+def daemon_pids(mnt: Path) -> list[int]:
+    """Processes running qcowfs with MNT on their command line."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"qcowfs") for a in argv[:2]) and str(mnt).encode() in argv:
+            pids.append(int(d))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"daemon {pids} still running"
+        time.sleep(0.02)
+
+
+def public_dir() -> Path:
+    """A directory other users can traverse (pytest's tmp_path is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="qcowfs-svc-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def as_nobody(*args) -> subprocess.CompletedProcess:
+    return sh("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args, check=False)
+
+
+@contextlib.contextmanager
+def cleanup_mount(mnt: Path) -> Iterator[None]:
+    """Whatever happens, nothing stays mounted on MNT and its daemon is gone."""
+    try:
+        yield
+    finally:
+        pids = daemon_pids(mnt)
+        if is_mounted(mnt):
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+        force_unmount(mnt)
+        try:
+            wait_gone(pids, 30)
+        finally:
+            for p in pids:
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def qcowfs_on_default_path() -> Iterator[None]:
+    """/usr/local/bin/qcowfs -> the venv's qcowfs, as systemd/README.md says to install it.
+
+    Created when missing and removed by the last test session that uses it
+    (a count under a lock: pytest-xdist workers share it).
+    """
+    if USR_LOCAL_QCOWFS.exists() and not USR_LOCAL_QCOWFS.samefile(QCOWFS):
+        pytest.skip(f"{USR_LOCAL_QCOWFS} is another qcowfs ({os.path.realpath(USR_LOCAL_QCOWFS)})")
+    lock = Path(tempfile.gettempdir()) / "qcowfs-tests-usr-local-bin.lock"
+
+    def update(delta: int) -> None:
+        with open(lock, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            fields = f.read().split()
+            users, created = (int(fields[0]), fields[1] == "1") if len(fields) == 2 else (0, False)
+            users = max(0, users + delta)
+            if delta > 0 and not os.path.lexists(USR_LOCAL_QCOWFS):
+                os.symlink(QCOWFS, USR_LOCAL_QCOWFS)
+                created = True
+            if users == 0 and created:
+                if USR_LOCAL_QCOWFS.is_symlink() and os.readlink(USR_LOCAL_QCOWFS) == QCOWFS:
+                    USR_LOCAL_QCOWFS.unlink()
+                created = False
+            f.seek(0)
+            f.truncate()
+            f.write(f"{users} {int(created)}\n")
+
+    update(+1)
+    try:
+        yield
+    finally:
+        update(-1)
+
+
+# ---- readiness notification: a NOTIFY_SOCKET listener ------------------------------------
+
+class Foreground:
+    """`qcowfs mount --foreground ...` as systemd runs it, with a notify socket."""
+
+    def __init__(self, args: list, mnt: Path, logdir: Path, env: dict[str, str] | None = None):
+        self.mnt = mnt
+        self.sockdir = tempfile.mkdtemp(prefix="qn-", dir="/tmp")  # short: sun_path is 108 bytes
+        self.path = os.path.join(self.sockdir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[str] = []
+        self.log_path = logdir / f"qcowfs-{len(list(logdir.glob('qcowfs-*.log')))}.log"
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.log,
+                                     env=dict(env or os.environ, NOTIFY_SOCKET=self.path))
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def wait_message(self, wanted: str, timeout: float = TIMEOUT) -> None:
+        """Wait for the datagram line WANTED (e.g. READY=1); fail early if the process dies."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.1)
+        while wanted not in self.messages:
+            try:
+                self.messages += self.sock.recv(4096).decode().splitlines()
+                continue
+            except socket.timeout:
+                pass
+            if self.proc.poll() is not None:
+                # one last look: the datagram may have come just before the exit
+                self.sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        self.messages += self.sock.recv(4096).decode().splitlines()
+                if wanted in self.messages:
+                    break
+                raise AssertionError(f"qcowfs exited ({self.proc.returncode}) without {wanted}; "
+                                     f"got {self.messages}; stderr:\n{self.stderr()}")
+            assert time.monotonic() < deadline, f"no {wanted} after {timeout}s: {self.messages}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        force_unmount(self.mnt)
+        self.sock.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        self.log.close()
+
+
+@contextlib.contextmanager
+def foreground(image: Path, mnt: Path, *extra, logdir: Path, ready: bool = True,
+               args: list | None = None, env: dict[str, str] | None = None) -> Iterator[Foreground]:
+    mnt.mkdir(parents=True, exist_ok=True)
+    fg = Foreground(args or [QCOWFS, "mount", "--foreground", image, mnt, *extra], mnt, logdir, env)
+    try:
+        if ready:
+            fg.wait_message("READY=1")
+        yield fg
+    finally:
+        fg.close()
+
+
+def test_notify_ready_then_stopping(tmp_path: Path):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    with foreground(img, mnt, logdir=tmp_path, ready=False) as fg:
+        fg.wait_message("READY=1")
+        # At READY=1 the mount answers already: no sleep, no retry.
+        assert os.stat(mnt / "disk.raw").st_size == 32 * MiB
+        with open(mnt / "disk.raw", "rb") as f:
+            assert f.read(MiB) == b"\x5a" * MiB
+        assert is_mounted(mnt)
+        assert "STOPPING=1" not in fg.messages
+        assert fg.stop(signal.SIGTERM) == 0, fg.stderr()
+        fg.wait_message("STOPPING=1", timeout=5)
+        assert fg.messages.index("READY=1") < fg.messages.index("STOPPING=1")
+        assert not is_mounted(mnt)
+    qemu_img_check(img)
+
+
+def test_notify_socket_abstract_and_missing(tmp_path: Path):
+    """A NOTIFY_SOCKET nobody listens on must not stop the mount (a warning at most)."""
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "nobody-listens"))
+    p = subprocess.Popen([QCOWFS, "mount", "--foreground", str(img), str(mnt)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not is_mounted(mnt) or not (mnt / "disk.raw").exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(TIMEOUT) == 0
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        force_unmount(mnt)
+    assert not is_mounted(mnt)
+
+
+# ---- signals and unmounts ----------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_unmounts_cleanly(tmp_path: Path, sig: int):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    data = os.urandom(3 * 65536 + 123)
+    with foreground(img, mnt, logdir=tmp_path) as fg:
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(5 * MiB + 17)
+            f.write(data)
+        assert fg.stop(sig) == 0, fg.stderr()
+        assert not is_mounted(mnt)
+        assert "Traceback" not in fg.stderr()
+    qemu_img_check(img)
+    out = tmp_path / "out.raw"
+    sh("qemu-img", "convert", "-O", "raw", img, out)
+    with open(out, "rb") as f:
+        f.seek(5 * MiB + 17)
+        assert f.read(len(data)) == data
+
+
+WRITER = r"""
+import os, sys
+path, slots = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_WRONLY)
+i = 0
+while True:
+    try:
+        os.pwrite(fd, bytes([1 + i % 251]) * 65536, (i % slots) * 65536)
+    except OSError as e:
+        print("ERR", e.errno, flush=True)
+        break
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_sigterm_with_writes_in_flight(tmp_path: Path):
+    """SIGTERM while a writer keeps writing: every acknowledged write is in the image,
+    the image is clean, the daemon exits 0 and nothing stays mounted."""
+    img = tmp_path / "disk.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "32M")
+    mnt = tmp_path / "mnt"
+    slots = 32 * MiB // 65536
+    with foreground(img, mnt, logdir=tmp_path) as fg:
+        progress = tmp_path / "writer.out"
+        with open(progress, "w") as out, open(tmp_path / "writer.err", "w") as err:
+            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / "disk.raw"), str(slots)],
+                                      stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while progress.stat().st_size == 0:
+                assert writer.poll() is None, (tmp_path / "writer.err").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(1.5)  # writes all over the disk, and round again
+            assert writer.poll() is None, (tmp_path / "writer.err").read_text()
+            assert fg.stop(signal.SIGTERM) == 0, fg.stderr()
+            writer.wait(TIMEOUT)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        assert not is_mounted(mnt)
+    out = progress.read_text()
+    done = [int(x) for x in out.splitlines() if x.isdigit()]
+    assert len(done) > 10, out
+    assert "ERR" in out, out  # the writer saw the mount go away
+    assert done == list(range(len(done)))
+    qemu_img_check(img)
+    # every acknowledged write survived the shutdown
+    raw = tmp_path / "out.raw"
+    sh("qemu-img", "convert", "-O", "raw", img, raw)
+    expect: dict[int, int] = {}
+    for i in done:
+        expect[i % slots] = 1 + i % 251
+    expect.pop(len(done) % slots, None)  # the write in flight at the end may or may not have landed
+    with open(raw, "rb") as f:
+        for slot, byte in expect.items():
+            f.seek(slot * 65536)
+            assert f.read(65536) == bytes([byte]) * 65536, f"slot {slot}"
+
+
+def test_fusermount_u_ends_daemon(tmp_path: Path):
+    """Daemonized rw mount; `fusermount3 -u` makes the daemon flush and exit."""
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        p = sh(QCOWFS, "mount", img, mnt, check=False)
+        assert p.returncode == 0, p.stderr
+        pids = daemon_pids(mnt)
+        assert len(pids) == 1, pids
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(7 * MiB)
+            f.write(b"\xa7" * 200000)
+        sh("fusermount3", "-u", mnt)
+        wait_gone(pids)
+        assert not is_mounted(mnt)
+    qemu_img_check(img)
+    sh("qemu-io", "-f", "qcow2", "-c", f"read -P 0xa7 {7 * MiB} 200000", img)
+
+
+def test_daemonized_mount_is_ready_on_return(tmp_path: Path):
+    """`qcowfs mount` returns only once disk.raw can be read; the daemon is another process
+    that let go of the caller's stdout/stderr (or capture_output would never return)."""
+    img = make_image(tmp_path / "disk.qcow2")
+    for i in range(3):
+        mnt = tmp_path / f"mnt{i}"
+        mnt.mkdir()
+        with cleanup_mount(mnt):
+            p = subprocess.run([QCOWFS, "mount", str(img), str(mnt), "--read-only"],
+                               capture_output=True, text=True, timeout=TIMEOUT)
+            assert p.returncode == 0, p.stderr
+            with open(mnt / "disk.raw", "rb") as f:
+                assert f.read(MiB) == b"\x5a" * MiB
+            assert p.stdout == "" and p.stderr == ""
+            pids = daemon_pids(mnt)
+            assert len(pids) == 1
+            sh(QCOWFS, "umount", mnt)
+            assert not any(alive(x) for x in pids)
+            assert not is_mounted(mnt)
+    qemu_img_check(img)
+
+
+@pytest.mark.parametrize("fg", [False, True], ids=["daemon", "foreground"])
+def test_daemon_side_failure_reported_by_parent(tmp_path: Path, fg: bool):
+    """A failure in the daemon (after the fork) is the parent's exit status and one stderr line.
+
+    Here: a non-root user asks for allow_other, which fusermount3 refuses
+    without user_allow_other in /etc/fuse.conf (or, where /dev/fuse is
+    0600, cannot mount at all). libfuse and fusermount3 print their own
+    messages on stderr: they must end up in qcowfs's one line."""
+    if re.search(r"^\s*user_allow_other", Path("/etc/fuse.conf").read_text(), re.M):
+        pytest.skip("user_allow_other is set in /etc/fuse.conf")
+    d = public_dir()
+    try:
+        img = make_image(d / "disk.qcow2")
+        mnt = d / "mnt"
+        mnt.mkdir()
+        os.chown(img, NOBODY, NOBODY)
+        os.chown(mnt, NOBODY, NOBODY)
+        with cleanup_mount(mnt):
+            p = as_nobody(QCOWFS, "mount", *(["--foreground"] if fg else []), img, mnt, "-o", "ro,allow_other")
+            assert p.returncode != 0
+            assert "Traceback" not in p.stderr
+            lines = p.stderr.strip().splitlines()
+            assert len(lines) == 1, p.stderr
+            assert re.match(rf"qcowfs: cannot mount on {mnt}: .*(allow_other|/dev/fuse)", lines[0]), lines
+            assert not is_mounted(mnt)
+            assert daemon_pids(mnt) == []
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- logs ---------------------------------------------------------------------------------
+
+def test_foreground_logs_to_stderr(tmp_path: Path):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    with foreground(img, mnt, logdir=tmp_path) as fg:
+        (mnt / "disk.raw").read_bytes()
+        assert fg.stop(signal.SIGTERM) == 0
+        log = fg.stderr()
+    assert str(img) in log and str(mnt) in log, log
+    assert "SIGTERM" in log, log
+    assert "read(" not in log  # no request log without --debug
+    assert "Traceback" not in log
+
+
+def test_debug_logs_each_request(tmp_path: Path):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    with foreground(img, mnt, "--debug", "-o", "ro", logdir=tmp_path) as fg:
+        os.listdir(mnt / "snapshots")
+        with open(mnt / "disk.raw", "rb") as f:
+            f.read(4096)
+        assert fg.stop(signal.SIGTERM) == 0
+        log = fg.stderr()
+    for op in ("lookup", "getattr", "opendir", "readdir", "open", "read"):
+        assert re.search(rf"^qcowfs: {op}\(", log, re.M), (op, log[-3000:])
+
+
+# ---- access -------------------------------------------------------------------------------
+
+@pytest.fixture
+def pubdir() -> Iterator[Path]:
+    d = public_dir()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_access_default_only_mounting_user(pubdir: Path):
+    img = make_image(pubdir / "disk.qcow2")
+    mnt = pubdir / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        sh(QCOWFS, "mount", img, mnt, "--read-only")
+        assert (mnt / "disk.raw").stat().st_mode & 0o777 == 0o444
+        p = as_nobody("cat", mnt / "disk.raw")
+        assert p.returncode != 0 and "Permission denied" in p.stderr, p
+        sh(QCOWFS, "umount", mnt)
+
+
+@pytest.mark.parametrize("opts, reader_ok, writer_ok, mode, owner", [
+    ("ro,allow_other", True, False, 0o444, 0),
+    ("rw,allow_other", True, False, 0o644, 0),
+    (f"rw,allow_other,uid={NOBODY},gid={NOBODY}", True, True, 0o644, NOBODY),
+    ("rw,allow_other,umask=077", False, False, 0o600, 0),
+    (f"rw,allow_other,uid={NOBODY},umask=027", True, True, 0o640, NOBODY),
+], ids=["ro", "rw", "uid", "umask077", "uid-umask027"])
+def test_access_allow_other(pubdir: Path, opts: str, reader_ok: bool, writer_ok: bool, mode: int,
+                            owner: int):
+    img = make_image(pubdir / "disk.qcow2")
+    mnt = pubdir / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        sh(QCOWFS, "mount", img, mnt, "-o", opts)
+        st = (mnt / "disk.raw").stat()
+        assert (st.st_mode & 0o777, st.st_uid) == (mode, owner)
+        r = as_nobody("dd", f"if={mnt / 'disk.raw'}", "of=/dev/null", "bs=4096", "count=1")
+        assert (r.returncode == 0) == reader_ok, r.stderr
+        if not reader_ok:
+            assert "Permission denied" in r.stderr
+        w = as_nobody("dd", "if=/dev/zero", f"of={mnt / 'disk.raw'}", "bs=4096", "count=1",
+                      "seek=100", "conv=notrunc")
+        assert (w.returncode == 0) == writer_ok, w.stderr
+        if not writer_ok:
+            assert "Permission denied" in w.stderr or "Read-only" in w.stderr, w.stderr
+        sh(QCOWFS, "umount", mnt)
+    qemu_img_check(img)
+
+
+# ---- mount(8), umount(8), fstab ----------------------------------------------------------
+
+def mount8(*args) -> subprocess.CompletedProcess:
+    return sh("mount", *args, check=False, env=mount_env())
+
+
+@pytest.mark.usefixtures("qcowfs_on_default_path")
+def test_mount8_read_only(tmp_path: Path):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        p = mount8("-t", "fuse.qcowfs", img, mnt, "-o", "ro,allow_other")
+        assert p.returncode == 0, p.stderr
+        # mount(8) returned: the mount is ready
+        with open(mnt / "disk.raw", "rb") as f:
+            assert f.read(MiB) == b"\x5a" * MiB
+        with pytest.raises(OSError):
+            os.open(mnt / "disk.raw", os.O_WRONLY)
+        entry = next(line.split() for line in open("/proc/mounts") if line.split()[1] == str(mnt))
+        assert entry[0] == str(img) and entry[2] == "fuse.qcowfs"
+        assert {"ro", "allow_other"} <= set(entry[3].split(","))
+        pids = daemon_pids(mnt)
+        assert len(pids) == 1
+        p = sh("umount", mnt, check=False)
+        assert p.returncode == 0, p.stderr
+        wait_gone(pids)
+        assert not is_mounted(mnt)
+    qemu_img_check(img)
+
+
+@pytest.mark.usefixtures("qcowfs_on_default_path")
+def test_mount8_read_write(tmp_path: Path):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    data = os.urandom(MiB + 4097)
+    with cleanup_mount(mnt):
+        p = mount8("-t", "fuse.qcowfs", img, mnt)
+        assert p.returncode == 0, p.stderr
+        pids = daemon_pids(mnt)
+        assert len(pids) == 1
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(9 * MiB + 512)
+            f.write(data)
+        p = sh("umount", mnt, check=False)
+        assert p.returncode == 0, p.stderr
+        wait_gone(pids)
+        assert not is_mounted(mnt)
+    qemu_img_check(img)
+    out = tmp_path / "out.raw"
+    sh("qemu-img", "convert", "-O", "raw", img, out)
+    with open(out, "rb") as f:
+        assert f.read(MiB) == b"\x5a" * MiB
+        f.seek(9 * MiB + 512)
+        assert f.read(len(data)) == data
+
+
+def readme_fstab_options() -> str:
+    text = (SYSTEMD / "README.md").read_text()
+    m = re.search(r"^\s*\S+\s+\S+\s+fuse\.qcowfs\s+(\S+)\s+0\s+0\s*$", text, re.M)
+    assert m, "systemd/README.md has no fstab line"
+    return m.group(1)
+
+
+@pytest.mark.usefixtures("qcowfs_on_default_path")
+def test_fstab_line(tmp_path: Path):
+    """The fstab line of systemd/README.md, through `mount -T FSTAB MOUNTPOINT`."""
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# test\n{img} {mnt} fuse.qcowfs {readme_fstab_options()} 0 0\n")
+    with cleanup_mount(mnt):
+        p = mount8("-T", fstab, mnt)
+        assert p.returncode == 0, p.stderr
+        assert (mnt / "disk.raw").stat().st_size == 32 * MiB
+        pids = daemon_pids(mnt)
+        assert sh("umount", mnt, check=False).returncode == 0
+        wait_gone(pids)
+    qemu_img_check(img)
+
+
+def unit_value(path: Path, key: str) -> str:
+    m = re.search(rf"^{key}=(.*)$", path.read_text(), re.M)
+    assert m, f"{path.name}: no {key}="
+    return m.group(1).strip()
+
+
+@pytest.mark.usefixtures("qcowfs_on_default_path")
+def test_mount_unit_options(tmp_path: Path):
+    """The example .mount unit's Type= and Options=, as systemd would run mount(8)."""
+    unit = SYSTEMD / "mnt-img.mount"
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        p = mount8("-t", unit_value(unit, "Type"), img, mnt, "-o", unit_value(unit, "Options"))
+        assert p.returncode == 0, p.stderr
+        assert (mnt / "disk.raw").stat().st_size == 32 * MiB
+        pids = daemon_pids(mnt)
+        assert sh("umount", mnt, check=False).returncode == 0
+        wait_gone(pids)
+    qemu_img_check(img)
+
+
+# ---- systemd units ------------------------------------------------------------------------
+
+UNITS = sorted(p.name for p in SYSTEMD.glob("*") if p.suffix in (".service", ".mount"))
+
+
+def test_units_present():
+    assert "qcowfs@.service" in UNITS
+    assert any(u.endswith(".mount") for u in UNITS)
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_analyze_verify(tmp_path: Path, name: str):
+    text = (SYSTEMD / name).read_text()
+    assert "/usr/local/bin/qcowfs" in text or name.endswith(".mount")
+    # The test copy runs the venv's qcowfs: verify checks that ExecStart= exists.
+    text = text.replace("/usr/local/bin/qcowfs", QCOWFS)
+    names = [name] + ([name.replace("@.", "@test.")] if "@." in name else [])
+    for n in names:
+        (tmp_path / n).write_text(text)
+    for n in names:
+        p = sh("systemd-analyze", "verify", "--man=no", tmp_path / n, check=False, cwd=tmp_path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stderr.strip() == "", p.stderr
+
+
+def test_mount_unit_matches_its_name():
+    for name in UNITS:
+        if name.endswith(".mount"):
+            where = unit_value(SYSTEMD / name, "Where")
+            esc = sh("systemd-escape", "--path", "--suffix=mount", where).stdout.strip()
+            assert esc == name
+            assert unit_value(SYSTEMD / name, "Type") == "fuse.qcowfs"
+            assert unit_value(SYSTEMD / name, "What").startswith("/")
+
+
+def test_service_template(tmp_path: Path):
+    """qcowfs@.service run as systemd would: its EnvironmentFile, its ExecStart, Type=notify
+    readiness, KillSignal= ending it cleanly, ExecStopPost= harmless afterwards."""
+    unit = SYSTEMD / "qcowfs@.service"
+    assert unit_value(unit, "Type") == "notify"
+    assert unit_value(unit, "KillSignal") in ("SIGTERM", "TERM")
+    envfile = unit_value(unit, "EnvironmentFile").lstrip("-")
+    assert envfile == "/etc/qcowfs/%i.conf"
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    conf = tmp_path / "test.conf"
+    conf.write_text(f"IMAGE={img}\nMOUNTPOINT={mnt}\nOPTIONS=rw,allow_other\n")
+
+    env: dict[str, str] = {}
+    for m in re.finditer(r"^Environment=(\w+)=(.*)$", unit.read_text(), re.M):
+        env[m.group(1)] = m.group(2)
+    for line in conf.read_text().splitlines():
+        k, _, v = line.partition("=")
+        env[k] = v
+
+    def command(key: str) -> list[str]:
+        words = unit_value(unit, key).lstrip("-").split()
+        return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w).replace(
+            "/usr/local/bin/qcowfs", QCOWFS) for w in words]
+
+    start = command("ExecStart")
+    assert start[:3] == [QCOWFS, "mount", "--foreground"]
+    with foreground(img, mnt, logdir=tmp_path, args=start) as fg:
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.write(b"\x33" * 4096)
+        assert {"rw", "allow_other"} <= set(
+            next(line.split()[3] for line in open("/proc/mounts") if line.split()[1] == str(mnt)).split(","))
+        assert fg.stop(signal.SIGTERM) == 0, fg.stderr()
+        fg.wait_message("STOPPING=1", timeout=5)
+    assert not is_mounted(mnt)
+    post = sh(*command("ExecStopPost"), check=False)
+    assert "Traceback" not in post.stderr
+    qemu_img_check(img)
+    sh("qemu-io", "-f", "qcow2", "-c", "read -P 0x33 0 4096", img)
+
+
+# ---- Dockerfile -----------------------------------------------------------------------------
+
+def test_dockerfile_uses_install_script():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    assert re.match(r"FROM debian:12\b", instructions[0]), instructions[0]
+    runs = [i for i in instructions if i.startswith("RUN ")]
+    assert any("python3" in r for r in runs)
+    assert any(re.search(r"(^|[\s;&])(\./)?scripts/install\.sh\b", r[4:]) for r in runs), runs
+    assert any(re.match(r"COPY \. ", i) for i in instructions)
+    entry = [i for i in instructions if re.match(r"(ENTRYPOINT|CMD) ", i)]
+    assert any("qcowfs" in i for i in entry), entry
+    # what the image needs is not excluded by .dockerignore
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("scripts", "scripts/install.sh", "pyproject.toml", "qcowfs", "README.md"):
+        assert needed not in ignored
+    assert ".venv" in ignored  # the host's venv must not leak into the image
