@@ -158,6 +158,8 @@ def test_crash_loop(tmp_path: Path) -> None:
         assert rc in (0, 3), f"{history}: qemu-img check exit {rc} after a crash: {rep}"
         acked, _ = verify(img, init, lines, tmp_path)
         total_acked += acked
+        history[-1] += f", check exit {rc}, {acked} acknowledged slots verified"
+    print("\n".join(history))
     assert total_acked > 0, f"no fsync was acknowledged before any kill: {history}"
     for sid, want in snap.items():
         assert sha_file(oracle(img, tmp_path / f"snap{sid}-after.raw", snapshot_id=sid)) == want, \
@@ -199,6 +201,7 @@ def test_crash_then_check_repair(tmp_path: Path) -> None:
         crash_once(img, tmp_path / f"mnt{i}", init, seed=50 + i, kill_after=t)
         rc, rep = qcheck(img)
         assert rc in (0, 3), rep
+        print(f"kill after {t}s: qemu-img check exit {rc}")
         if rc == 3:
             break
         init = oracle(img, tmp_path / "init.raw")
