@@ -76,7 +76,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         _report(ready_fd, f"cannot mount on {mountpoint}: {e}\n")
         trio.run(image.close)
         return 1
-    state = {"unmount": False}
+    state = {"unmount": False, "ready": False}
     pidfile: str | None = None
 
     async def main() -> None:
@@ -91,6 +91,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             if ready_fd is not None:
                 _detach_stdio()
             _report(ready_fd, "OK\n")
+            state["ready"] = True
             sd_notify("READY=1")
             log.info("serving %s on %s%s", image.path, mountpoint, " (read-only)" if opts.read_only else "")
         sd_notify("STOPPING=1")
@@ -100,11 +101,9 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     try:
         trio.run(main)
     except QcowError as e:
-        log.error("%s", e)
-        code = 1
+        code = _failed(state, ready_fd, str(e))
     except BaseException as e:  # noqa: BLE001 - the exit must stay clean
-        log.error("daemon failed: %s: %s", type(e).__name__, e)
-        code = 1
+        code = _failed(state, ready_fd, f"daemon failed: {type(e).__name__}: {e}")
     finally:
         pyfuse3.close(unmount=state["unmount"])
         if pidfile:
@@ -113,6 +112,18 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             except OSError:
                 pass
     return code
+
+
+def _failed(state: dict[str, bool], ready_fd: int | None, msg: str) -> int:
+    """An error ends the daemon: unmount whatever is still mounted; before
+    readiness the error goes to the waiting parent, which prints it as its
+    one line."""
+    state["unmount"] = True
+    if ready_fd is not None and not state["ready"]:
+        _report(ready_fd, msg + "\n")
+    else:
+        log.error("%s", msg)
+    return 1
 
 
 def _init_fuse(ops: Operations, mountpoint: str, fuse_options: set[str]) -> None:

@@ -235,7 +235,8 @@ class Image:
 
     @property
     def size(self) -> int:
-        return self.header.size
+        """The virtual size as QEMU presents it: whole 512-byte sectors."""
+        return self.header.size & ~511
 
     @property
     def data_file_raw(self) -> bool:

@@ -15,9 +15,9 @@ def describe(image: Image) -> dict[str, Any]:
         "compat": "0.10" if h.version == 2 else "1.1",
         "refcount-bits": h.refcount_bits,
         "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+        "compression-type": COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
     }
     if h.version >= 3:
-        data["compression-type"] = COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))
         data["lazy-refcounts"] = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
         data["extended-l2"] = h.extended_l2
         data["dirty"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
@@ -37,6 +37,7 @@ def describe(image: Image) -> dict[str, Any]:
         "dirty-flag": False,
         "format-specific": {"type": "qcow2", "data": data},
     }
+    out["backing-chain"] = [p for p, _ in image.chain()[1:]]
     if h.backing_file is not None:
         out["backing-filename"] = h.backing_file
         chain = image.chain()
@@ -45,7 +46,6 @@ def describe(image: Image) -> dict[str, Any]:
         fmt = h.extension(EXT_BACKING_FORMAT)
         if fmt is not None:
             out["backing-filename-format"] = fmt.decode("utf-8", "replace")
-        out["backing-chain"] = [p for p, _ in chain[1:]]
     if image.snapshots:
         out["snapshots"] = [{
             "id": s.id_str, "name": s.name, "vm-state-size": s.state_size,

@@ -20,7 +20,8 @@ def snapshot_file_names(entries: list[SnapshotEntry]) -> list[str]:
 
 def snapshot_disk_size(entry: SnapshotEntry, header_size: int) -> int:
     """The snapshot's own virtual size; v2 entries without it use the header's."""
-    return entry.disk_size if entry.disk_size is not None else header_size
+    size = entry.disk_size if entry.disk_size is not None else header_size
+    return size & ~511  # QEMU counts whole sectors
 
 
 def snapshot_xattrs(entry: SnapshotEntry, disk_size: int) -> dict[str, bytes]:
