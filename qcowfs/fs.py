@@ -229,7 +229,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
-        return await self._view(fh).read(off, size)
+        view = self._view(fh)
+        data = view.read_cached(off, size)
+        return data if data is not None else await view.read(off, size)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -40,20 +40,23 @@ class HostFile:
         """Blocking read for open-time parsing (before any request is served)."""
         return os.pread(self.fd, length, offset)
 
+    def read_nowait(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Read from the page cache only: bytes read, 0 if it would block."""
+        if not self._nowait:
+            return 0
+        try:
+            return os.preadv(self.fd, [buf], offset, _NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False
+            return 0
+
     async def read_into(self, buf: memoryview, offset: int) -> int:
         """Fill BUF from OFFSET; returns bytes read (short only at end of file)."""
-        done, want = 0, len(buf)
-        if self._nowait:
-            try:
-                done = os.preadv(self.fd, [buf], offset, _NOWAIT)
-            except BlockingIOError:
-                done = 0
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait = False  # filesystem without RWF_NOWAIT support
-            if done == want:
-                return done
+        done, want = self.read_nowait(buf, offset), len(buf)
         while done < want:
             n = await trio.to_thread.run_sync(os.preadv, self.fd, [buf[done:]], offset + done,
                                               limiter=_THREADS)

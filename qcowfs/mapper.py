@@ -253,6 +253,39 @@ class Mapper:
 
     # ---- reading ------------------------------------------------------------
 
+    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
+        """The hot path: a range that is one host-contiguous data run, with its
+        tables cached and its bytes in the host page cache, read without a
+        single await. None means: take the general path."""
+        span = self.geo.l2_span
+        index = offset // span
+        if (offset + length - 1) // span != index or self.geo.extended_l2:
+            return None
+        l1e = l1.cached(index)
+        if not l1e:
+            return None
+        table = self.l2_cache.peek(l1e & L1E_OFFSET_MASK)
+        if table is None:
+            return None
+        cb = self.geo.cluster_bits
+        first = (offset - index * span) >> cb
+        last = (offset + length - 1 - index * span) >> cb
+        special = OFLAG_COMPRESSED | (OFLAG_ZERO if self.geo.zero_flag else 0)
+        e = int(table[first])
+        host = e & L2E_OFFSET_MASK
+        if e & special or not host:
+            return None
+        for k in range(first + 1, last + 1):
+            e = int(table[k])
+            if e & special or e & L2E_OFFSET_MASK != host + ((k - first) << cb):
+                return None
+        self._check_data(host)
+        self._check_data(host + ((last - first) << cb))
+        buf = bytearray(length)
+        if self.data_file.read_nowait(buf, host + (offset & self._cluster_mask)) != length:
+            return None
+        return buf
+
     async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:
         buf = bytearray(length)
         await self.read_into(l1, memoryview(buf), offset, backing)

@@ -32,6 +32,10 @@ class FileView:
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         raise NotImplementedError
 
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        """Serve a read without awaiting, when possible (None: use read())."""
+        return None
+
     async def write(self, offset: int, data: bytes) -> int:
         raise ReadOnlyError("file is read-only")
 
@@ -70,6 +74,10 @@ class DiskView(FileView):
     @property
     def size(self) -> int:
         return self.image.size
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        n = self.clip(offset, length)
+        return self.image.mapper.read_cached(self.image.active_l1, offset, n) if n > 0 else b""
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         n = self.clip(offset, length)
@@ -110,6 +118,10 @@ class SnapshotView(FileView):
 
     def xattrs(self) -> dict[str, bytes]:
         return snapshot_xattrs(self.entry, self._size)
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        n = self.clip(offset, length)
+        return self.image.mapper.read_cached(self.l1, offset, n) if n > 0 else b""
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         n = self.clip(offset, length)
