@@ -216,7 +216,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = node.view
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=node.view.direct_io)
 
     def _is_ro_mount(self) -> bool:
         return not any(isinstance(n, FileNode) and n.view.writable for n in self._nodes.values())

@@ -20,6 +20,9 @@ class FileView:
     # True when nothing but this mount changes the file, so the kernel may
     # keep its page cache across opens.
     keep_cache: bool = True
+    # True when the contents change under the kernel (live bitmaps): every
+    # read must reach us.
+    direct_io: bool = False
     mtime_ns: int = 0
 
     @property
@@ -139,6 +142,7 @@ class BitmapView(FileView):
         self.image = image
         self.bitmap = bitmap
         self.keep_cache = False
+        self.direct_io = True
         self.mtime_ns = os.stat(image.path).st_mtime_ns
 
     @property
