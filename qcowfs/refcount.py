@@ -124,6 +124,13 @@ class Allocator:
         With COVERED_ONLY, only clusters that already have a refcount block."""
         rpb = self.rpb
         c = self.free_hint
+        if n <= 64 and not covered_only:
+            # Usually the clusters right after the last allocation are free.
+            for k in range(c, c + n):
+                if await self.get(k):
+                    break
+            else:
+                return c
         run_start, run_len = c, 0
         while True:
             r, lo = divmod(c, rpb)
