@@ -23,7 +23,8 @@ from typing import Iterator
 
 import pytest
 
-from conftest import QCOWFS, force_unmount, is_mounted
+from conftest import QCOWFS
+from conftest import force_unmount as _force_unmount
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -37,6 +38,22 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(8),
 
 
 # ---- helpers -------------------------------------------------------------------------
+
+def is_mounted(path: Path) -> bool:
+    """Anything mounted on PATH, dead FUSE mounts included (`mountpoint -q` misses those:
+    their stat fails with ENOTCONN)."""
+    target = os.path.abspath(path).replace("\\", "\\134").replace(" ", "\\040")
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    _force_unmount(path)
+    for _ in range(3):
+        if not is_mounted(path):
+            return
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
 
 def sh(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("timeout", TIMEOUT)
@@ -65,7 +82,7 @@ def mount_env() -> dict[str, str]:
 
 
 def daemon_pids(mnt: Path) -> list[int]:
-    """Processes running qcowfs with MNT on their command line."""
+    """Processes running qcowfs (or a script using it) with MNT on their command line."""
     pids = []
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
@@ -74,7 +91,7 @@ def daemon_pids(mnt: Path) -> list[int]:
             argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"qcowfs") for a in argv[:2]) and str(mnt).encode() in argv:
+        if str(mnt).encode() in argv and any(b"qcowfs" in a for a in argv[:3]):
             pids.append(int(d))
     return pids
 
@@ -431,6 +448,40 @@ def test_daemon_side_failure_reported_by_parent(tmp_path: Path, fg: bool):
             assert daemon_pids(mnt) == []
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+FAIL_AFTER_MOUNT = r"""
+import sys
+import qcowfs.image
+from qcowfs.cli import main
+from qcowfs.errors import QcowError
+
+async def fail(self):
+    raise QcowError("injected failure while preparing the image for writes")
+
+qcowfs.image.Image.prepare_writes = fail
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("fg", [False, True], ids=["daemon", "foreground"])
+def test_failure_after_fuse_mount_leaves_nothing_mounted(tmp_path: Path, fg: bool):
+    """A failure once the FUSE mount exists but before it is ready (here injected into
+    Image.prepare_writes, which a dirty image's refcount rebuild can fail in for real)
+    unmounts, and is one stderr line naming the cause."""
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        p = sh(sys.executable, "-c", FAIL_AFTER_MOUNT, "mount", *(["--foreground"] if fg else []),
+               img, mnt, check=False)
+        assert p.returncode != 0
+        assert "Traceback" not in p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "injected failure" in lines[0], p.stderr
+        assert not is_mounted(mnt), "a dead FUSE mount was left behind"
+        assert daemon_pids(mnt) == []
+    qemu_img_check(img)
 
 
 # ---- logs ---------------------------------------------------------------------------------
