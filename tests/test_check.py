@@ -1,0 +1,266 @@
+"""`qcowfs check [--repair] [--json]` against `qemu-img check` on clean, leaking and corrupted images.
+
+Damage is made by patching copies of images made by qemu-img: a raised
+refcount is a leak (exit 3), a lowered one or a cleared COPIED flag is a
+corruption (exit 2). `--repair` must leave `qemu-img check` clean with the
+data unchanged.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import QCOWFS
+from images import KiB, MiB, Header, build, create, oracle, qimg, qio, read_u64, patch
+from test_write import assert_clean, assert_same, qcheck, sha_file
+
+
+def qcowfs_check(img: Path, *args: str) -> subprocess.CompletedProcess:
+    img = Path(img).resolve()
+    return subprocess.run([QCOWFS, "check", *args, str(img)], capture_output=True, text=True, timeout=120,
+                          cwd=img.parent)
+
+
+# --------------------------------------------------------------------------
+# refcount patching
+
+
+class Refcounts:
+    def __init__(self, img: Path):
+        self.img = img
+        self.h = Header(img)
+        self.cs = self.h.cluster_size
+        self.width = 1 << self.h.refcount_order
+        self.per_block = self.cs * 8 // self.width
+
+    def _where(self, host: int) -> tuple[int, int]:
+        """(file offset of the byte(s) holding the entry, bit shift within the byte for widths < 8)."""
+        c = host // self.cs
+        rt_index, k = divmod(c, self.per_block)
+        block = read_u64(self.img, self.h.refcount_table_offset + 8 * rt_index) & ~0x1FF
+        assert block, f"no refcount block for host cluster {c}"
+        bit = k * self.width
+        return block + bit // 8, bit % 8
+
+    def get(self, host: int) -> int:
+        off, shift = self._where(host)
+        nbytes = max(1, self.width // 8)
+        with open(self.img, "rb") as f:
+            f.seek(off)
+            raw = f.read(nbytes)
+        if self.width < 8:
+            return (raw[0] >> shift) & ((1 << self.width) - 1)
+        return int.from_bytes(raw, "big")
+
+    def set(self, host: int, value: int) -> None:
+        off, shift = self._where(host)
+        assert 0 <= value < (1 << self.width)
+        if self.width < 8:
+            with open(self.img, "rb") as f:
+                f.seek(off)
+                b = f.read(1)[0]
+            mask = ((1 << self.width) - 1) << shift
+            patch(self.img, off, bytes([(b & ~mask) | (value << shift)]))
+        else:
+            patch(self.img, off, value.to_bytes(self.width // 8, "big"))
+
+
+def data_clusters(img: Path) -> list[tuple[int, int]]:
+    """[(guest offset, host offset)] of allocated data clusters, from qemu-img map."""
+    cs = Header(img).cluster_size
+    out = []
+    for e in json.loads(qimg("map", "--output=json", img)):
+        if e.get("data") and "offset" in e and e.get("depth", 0) == 0 and not e.get("compressed"):
+            for i in range(0, e["length"], cs):
+                out.append((e["start"] + i, e["offset"] + i))
+    return out
+
+
+# --------------------------------------------------------------------------
+# layouts
+
+
+def _plain(d: Path, **opts) -> Path:
+    img = create(d / "disk.qcow2", 8 * MiB, **opts)
+    cs = Header(img).cluster_size
+    qio(img, "write -P 0x31 0 1M", f"write -P 0x32 {3 * MiB + 7} 300k", f"write -c -P 0x33 {6 * MiB} {cs}")
+    return img
+
+
+LAYOUTS = {
+    "default": lambda d: _plain(d),
+    "v2-c4k": lambda d: _plain(d, compat="0.10", cluster_size=4096),
+    "refcount1-c512": lambda d: _plain(d, refcount_bits=1, cluster_size=512),
+    "refcount2-c4k": lambda d: _plain(d, refcount_bits=2, cluster_size=4096),
+    "refcount8-c64k": lambda d: _plain(d, refcount_bits=8),
+    "refcount64-c4k": lambda d: _plain(d, refcount_bits=64, cluster_size=4096),
+    "extl2": lambda d: _plain(d, extended_l2="on"),
+}
+
+# images of the shared matrix that must check clean
+CLEAN = ["v3-c512", "refcount32", "qemu-io-c-zstd", "extl2-c16k-backing", "datafile", "snapshots", "bitmaps",
+         "backing-chain4"]
+
+
+def make(name: str, d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    if name in LAYOUTS:
+        return LAYOUTS[name](d).resolve()
+    return build(name, d).resolve()
+
+
+def same_verdict(img: Path) -> int:
+    rc, rep = qcheck(img)
+    before = sha_file(img)
+    p = qcowfs_check(img)
+    assert p.returncode == rc, f"qcowfs check exit {p.returncode}, qemu-img check exit {rc} ({rep})\n" \
+                               f"{p.stdout}{p.stderr}"
+    assert "Traceback" not in p.stderr
+    assert sha_file(img) == before, "qcowfs check without --repair changed the image"
+    return rc
+
+
+def repair_and_verify(img: Path, data: Path) -> None:
+    p = qcowfs_check(img, "--repair")
+    assert p.returncode == 0, f"qcowfs check --repair exit {p.returncode}: {p.stdout}{p.stderr}"
+    assert_clean(img)
+    assert_same(img, data)
+    p = qcowfs_check(img)
+    assert p.returncode == 0, f"qcowfs check after --repair: exit {p.returncode}: {p.stdout}{p.stderr}"
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS) + CLEAN)
+def test_clean_images(name: str, tmp_path: Path) -> None:
+    img = make(name, tmp_path / "img")
+    assert same_verdict(img) == 0
+
+
+@pytest.mark.parametrize("name", ["default", "v2-c4k", "refcount2-c4k", "refcount64-c4k", "extl2", "snapshots"])
+def test_raised_refcount_is_a_leak(name: str, tmp_path: Path) -> None:
+    """Raise the refcount of a cluster that no COPIED flag describes (the header's; a data cluster
+    shared with a snapshot): one more than its references is a leak, nothing else."""
+    img = make(name, tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    rc = Refcounts(img)
+    host = 0
+    if name == "snapshots":
+        host = next(h for _, h in data_clusters(img) if rc.get(h) == 2)
+    v = rc.get(host)
+    assert 1 <= v < (1 << rc.width) - 1
+    rc.set(host, v + 1)
+    assert rc.get(host) == v + 1
+    assert same_verdict(img) == 3
+    repair_and_verify(img, data)
+
+
+@pytest.mark.parametrize("name", ["default", "refcount1-c512", "refcount64-c4k"])
+def test_refcount_of_free_cluster_is_a_leak(name: str, tmp_path: Path) -> None:
+    """A refcount on a cluster nothing uses, inside the file."""
+    img = make(name, tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    rc = Refcounts(img)
+    size = img.stat().st_size
+    used = {h // rc.cs for _, h in data_clusters(img)}
+    # a cluster covered by the first refcount block that has refcount 0
+    for c in range(rc.per_block):
+        if c * rc.cs < size and c not in used and rc.get(c * rc.cs) == 0:
+            break
+    else:
+        # none free inside the file: append one
+        with open(img, "ab") as f:
+            f.truncate((size + rc.cs - 1) // rc.cs * rc.cs + rc.cs)
+        c = (size + rc.cs - 1) // rc.cs
+        assert c < rc.per_block
+    rc.set(c * rc.cs, 1)
+    assert same_verdict(img) == 3
+    repair_and_verify(img, data)
+
+
+@pytest.mark.parametrize("name", ["default", "v2-c4k", "refcount1-c512", "refcount64-c4k", "snapshots"])
+def test_lowered_refcount_is_corruption(name: str, tmp_path: Path) -> None:
+    img = make(name, tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    rc = Refcounts(img)
+    guest, host = data_clusters(img)[0]
+    v = rc.get(host)
+    assert v >= 1
+    rc.set(host, v - 1)
+    assert same_verdict(img) == 2
+    repair_and_verify(img, data)
+
+
+@pytest.mark.parametrize("name", ["default", "refcount1-c512", "extl2"])
+def test_cleared_copied_flag_is_corruption(name: str, tmp_path: Path) -> None:
+    img = make(name, tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    h = Header(img)
+    guest, _ = data_clusters(img)[1]
+    off = h.l2_entry_offset(guest)
+    e = read_u64(img, off)
+    assert e & (1 << 63), f"L2 entry {e:#x} has no COPIED flag to clear"
+    patch(img, off, struct.pack(">Q", e & ~(1 << 63)))
+    assert same_verdict(img) == 2
+    repair_and_verify(img, data)
+
+
+def test_cleared_l1_copied_flag_is_corruption(tmp_path: Path) -> None:
+    img = make("default", tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    h = Header(img)
+    off = h.l1_entry_offset(0)
+    e = read_u64(img, off)
+    assert e & (1 << 63)
+    patch(img, off, struct.pack(">Q", e & ~(1 << 63)))
+    assert same_verdict(img) == 2
+    repair_and_verify(img, data)
+
+
+def test_dirty_image_verdict_and_repair(tmp_path: Path) -> None:
+    """lazy_refcounts and an aborted qemu-io: stale refcounts, as qemu-img check sees them."""
+    img = make("dirty-lazy-refcounts", tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    same_verdict(img)
+    repair_and_verify(img, data)
+    assert Header(img).incompatible_features & 1 == 0, "dirty bit left set after --repair"
+
+
+@pytest.mark.parametrize("damage", ["clean", "leak", "corruption"])
+def test_json_matches_qemu(damage: str, tmp_path: Path) -> None:
+    img = make("default", tmp_path / "img")
+    if damage != "clean":
+        rc = Refcounts(img)
+        _, host = data_clusters(img)[0]
+        rc.set(host, rc.get(host) + (1 if damage == "leak" else -1))
+    code, want = qcheck(img)
+    p = qcowfs_check(img, "--json")
+    assert p.returncode == code, p.stderr
+    got = json.loads(p.stdout)
+    for key in ("leaks", "corruptions", "check-errors", "allocated-clusters", "total-clusters", "image-end-offset"):
+        assert got.get(key, 0) == want.get(key, 0), f"{key}: qcowfs {got.get(key)} qemu-img {want.get(key)}"
+
+
+def test_check_after_rw_mount_writes(tmp_path: Path) -> None:
+    """An image written through qcowfs checks clean with both tools."""
+    from test_write import Workload, qcowfs_mount
+    img = make("refcount2-c4k", tmp_path / "img")
+    ref = oracle(img, tmp_path / "ref.raw")
+    with qcowfs_mount(img, tmp_path / "mnt") as mnt:
+        w = Workload(mnt / "disk.raw", ref, 8 * MiB, 4096, seed=3)
+        try:
+            w.run(MiB)
+            w.fsync()
+        finally:
+            w.close()
+    assert same_verdict(img) == 0
+    assert_same(img, ref)
+
+
+def test_missing_image_is_check_failure(tmp_path: Path) -> None:
+    p = qcowfs_check(tmp_path / "nope.qcow2")
+    assert p.returncode == 1, f"exit {p.returncode}: {p.stderr}"
+    assert p.stderr.strip() and "Traceback" not in p.stderr
