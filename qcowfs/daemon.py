@@ -86,7 +86,9 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, state)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
-            await trio.to_thread.run_sync(os.stat, mountpoint)
+            # abandon_on_cancel: a signal before the stat is answered ends the
+            # FUSE loop, and the stat (then never answered) must not hold us.
+            await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
             pidfile = _write_pidfile(mountpoint)
             if ready_fd is not None:
                 _detach_stdio()
