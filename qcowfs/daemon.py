@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .cli import MountOptions
 
 log = logging.getLogger("qcowfs")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def sd_notify(message: str) -> None:
@@ -68,6 +69,12 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
           ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, flush, exit code."""
     ops = Operations(build_tree(image), Access(opts.uid, opts.gid, opts.umask), debug=opts.debug)
+    # From the mount on, a signal must not kill us (that leaves a dead mount,
+    # or a half-flushed image): until _watch_signals listens, and after it
+    # stopped listening (while flushing), signals are only remembered.
+    pending: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda n, _frame: pending.append(n))
     try:
         _init_fuse(ops, mountpoint, fuse_options)
     except (RuntimeError, OSError) as e:
@@ -84,7 +91,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         if not image.read_only:
             await image.prepare_writes()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, state)
+            nursery.start_soon(_watch_signals, state, pending)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             # abandon_on_cancel: a signal before the stat is answered ends the
             # FUSE loop, and the stat (then never answered) must not hold us.
@@ -156,14 +163,16 @@ async def _run_fuse(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _watch_signals(state: dict[str, bool]) -> None:
+async def _watch_signals(state: dict[str, bool], pending: list[int]) -> None:
     """SIGTERM/SIGINT/SIGHUP: let requests in flight finish, then unmount."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            state["unmount"] = True
-            pyfuse3.terminate()
-            return
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if not pending:
+            async for signum in signals:
+                pending.append(signum)
+                break
+        log.info("received %s: unmounting", signal.Signals(pending[0]).name)
+        state["unmount"] = True
+        pyfuse3.terminate()
 
 
 async def _shutdown(image: Image) -> None:
