@@ -316,6 +316,36 @@ def test_signal_unmounts_cleanly(tmp_path: Path, sig: int):
         assert f.read(len(data)) == data
 
 
+def test_sigterm_during_startup(tmp_path: Path):
+    """SIGTERM at any moment once the FUSE mount exists, even before the daemon is ready
+    (systemctl stop right after start): no hang, no dead mount left, exit 0, image clean."""
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for delay in (0, 0, 0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
+        p = subprocess.Popen([QCOWFS, "mount", "--foreground", str(img), str(mnt)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not is_mounted(mnt):
+                assert p.poll() is None, p.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            time.sleep(delay)
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(20)
+            err = p.stderr.read()
+            assert rc == 0, (delay, rc, err)
+            assert "Traceback" not in err
+            assert not is_mounted(mnt), f"mount left behind (SIGTERM {delay}s after the mount)"
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            force_unmount(mnt)
+    qemu_img_check(img)
+
+
 WRITER = r"""
 import os, sys
 path, slots = sys.argv[1], int(sys.argv[2])
