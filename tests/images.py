@@ -840,3 +840,26 @@ def _odd_header(d: Path) -> Path:
     qio(img, f"write -s {src.rnd(2 * MiB)} 1000 {MiB + 536}")
     set_field(img, "size", MiB + 1234)
     return img
+
+
+def snapshot_table(path: Path) -> list[dict]:
+    """The snapshot table as stored: id, name, l1 offset/size and the disk size from the extra data
+    (None when the entry has no such field)."""
+    h = Header(path)
+    out = []
+    with open(path, "rb") as f:
+        pos = h.snapshots_offset
+        for _ in range(h.nb_snapshots):
+            f.seek(pos)
+            fixed = f.read(40)
+            (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, clock_ns, vm_state,
+             extra_len) = struct.unpack(">QIHHIIQII", fixed)
+            extra = f.read(extra_len)
+            ident = f.read(id_len).decode()
+            name = f.read(name_len).decode(errors="replace")
+            disk_size = struct.unpack(">Q", extra[8:16])[0] if extra_len >= 16 else None
+            out.append({"id": ident, "name": name, "l1_table_offset": l1_off, "l1_size": l1_size,
+                        "disk_size": disk_size})
+            ln = 40 + extra_len + id_len + name_len
+            pos += (ln + 7) // 8 * 8
+    return out
