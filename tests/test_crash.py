@@ -149,7 +149,7 @@ def test_crash_loop(tmp_path: Path) -> None:
     history = []
     for it in range(5):
         init = oracle(img, tmp_path / "init.raw")
-        kill_after = rng.uniform(0.4, 2.5)
+        kill_after = rng.uniform(0.4, 2.0)
         lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after)
         nw = sum(1 for x in lines if x.startswith("W"))
         history.append(f"iteration {it}: killed after {kill_after:.2f}s, {nw} writes")
