@@ -499,12 +499,24 @@ def fio(bench, path, size, runtime, cpus=None):
     if bench.time_based:
         cmd += [f"--runtime={runtime}", "--time_based"]
     timeout = 600 if not bench.time_based else runtime + 300
+    # --thread: jobs are threads of one process, so stopping fio stops them
+    # all (fio's forked jobs call setsid() and would outlive a killed parent).
+    cmd.append("--thread")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ContenderError(f"fio timed out after {timeout}s")
-    out = p.stdout
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        proc.terminate()  # fio stops its jobs and exits on SIGTERM
+        try:
+            proc.communicate(timeout=10)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise ContenderError(f"fio timed out after {timeout}s")
+        raise
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     try:
         data = json.loads(out[out.index("{"):])
     except ValueError:
@@ -747,6 +759,7 @@ def main(argv=None):
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
 
@@ -771,6 +784,10 @@ def main(argv=None):
     if os.geteuid() != 0:
         log("warning: not root: caches cannot be dropped, qsd/qcowmount may need allow_other")
 
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: machine busy (load {load_start:.1f} on {os.cpu_count()} CPUs): "
+            "numbers will be noisy")
     t0 = time.monotonic()
     results = None
     try:
@@ -798,7 +815,13 @@ def main(argv=None):
     print("(higher is better; 'n/a': not available yet; '!': some runs failed; "
           "'~': runs differ by >30%, see results.json; "
           f"qsd = qemu-storage-daemon FUSE export; total {elapsed:.0f}s)")
+    load_end = os.getloadavg()[0]
+    if max(load_start, load_end) > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: other load on the machine (load average {load_start:.1f} at start, "
+              f"{load_end:.1f} at end, {os.cpu_count()} CPUs): numbers are noisy")
     data = to_json(cfg, benches, contenders, results, versions, elapsed)
+    data["host"]["loadavg_start"] = round(load_start, 2)
+    data["host"]["loadavg_end"] = round(load_end, 2)
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(data, indent=2) + "\n")
     print(f"results: {cfg.json}")
