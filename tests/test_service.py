@@ -408,8 +408,10 @@ def test_sigterm_with_writes_in_flight(tmp_path: Path):
             assert f.read(65536) == bytes([byte]) * 65536, f"slot {slot}"
 
 
-def test_fusermount_u_ends_daemon(tmp_path: Path):
-    """Daemonized rw mount; `fusermount3 -u` makes the daemon flush and exit."""
+@pytest.mark.parametrize("how", ["fusermount3", "SIGTERM", "SIGINT", "SIGHUP", "qcowfs-umount"])
+def test_daemonized_mount_ends_cleanly(tmp_path: Path, how: str):
+    """Daemonized rw mount; `fusermount3 -u`, a signal to the daemon or `qcowfs umount`
+    make it flush and exit, unmounted."""
     img = make_image(tmp_path / "disk.qcow2")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -421,7 +423,13 @@ def test_fusermount_u_ends_daemon(tmp_path: Path):
         with open(mnt / "disk.raw", "r+b") as f:
             f.seek(7 * MiB)
             f.write(b"\xa7" * 200000)
-        sh("fusermount3", "-u", mnt)
+        if how == "fusermount3":
+            sh("fusermount3", "-u", mnt)
+        elif how == "qcowfs-umount":
+            sh(QCOWFS, "umount", mnt)
+            assert not any(alive(x) for x in pids)  # it waited for the daemon
+        else:
+            os.kill(pids[0], getattr(signal, how))
         wait_gone(pids)
         assert not is_mounted(mnt)
     qemu_img_check(img)
