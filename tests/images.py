@@ -640,8 +640,6 @@ image("oddsize-c2M")(_odd_size(2 * MiB))
 image("oddsize-c64k-compressed")(_odd_size(64 * KiB, compressed=True))
 
 
-HUGE_WRITES: dict[str, list[tuple[int, int]]] = {}
-
 
 def _huge(cs: int, vsize: int = 4 * TiB, extended: bool = False):
     def fn(d: Path) -> Path:
