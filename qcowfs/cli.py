@@ -148,7 +148,7 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     image_path = os.path.abspath(image_arg)
     mountpoint = os.path.abspath(mountpoint_arg)
     _check_mountpoint(image_path, mountpoint)
-    image = Image(image_path, OpenOptions(read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes))
+    image = open_image(image_arg, OpenOptions(read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes))
     if foreground:
         _setup_logging(opts.debug, daemon=False)
         return serve(image, mountpoint, opts, _fuse_options(image_path, opts), ready_fd=None)
@@ -170,6 +170,17 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
         return 0
     os.waitpid(pid, 0)
     die(msg.strip() or "the daemon exited before the mount was ready")
+
+
+def open_image(image_arg: str, options: OpenOptions) -> Image:
+    """Open IMAGE; errors about its contents name the file."""
+    try:
+        return Image(os.path.abspath(image_arg), options)
+    except QcowError as e:
+        msg = str(e)
+        if image_arg not in msg and os.path.abspath(image_arg) not in msg:
+            msg = f"{image_arg}: {msg}"
+        raise type(e)(msg) from None
 
 
 def _setup_logging(debug: bool, daemon: bool) -> None:
@@ -229,7 +240,7 @@ def cmd_info(image_arg: str, as_json: bool) -> int:
 
     from .info import describe, render
 
-    image = Image(os.path.abspath(image_arg), OpenOptions(read_only=True))
+    image = open_image(image_arg, OpenOptions(read_only=True))
     try:
         d = describe(image)
     finally:
