@@ -8,7 +8,7 @@ data unchanged.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -264,3 +264,23 @@ def test_missing_image_is_check_failure(tmp_path: Path) -> None:
     p = qcowfs_check(tmp_path / "nope.qcow2")
     assert p.returncode == 1, f"exit {p.returncode}: {p.stderr}"
     assert p.stderr.strip() and "Traceback" not in p.stderr
+
+
+def test_repair_refused_on_mounted_image(tmp_path: Path) -> None:
+    """--repair on an image a qcowfs daemon is writing would fight the daemon: it must be refused
+    (like `qemu-img check -r` is, by the image lock), and change nothing."""
+    from test_write import qcowfs_mount
+    img = make("default", tmp_path / "img")
+    rc = Refcounts(img)
+    rc.set(0, rc.get(0) + 1)                   # a leak to repair
+    with qcowfs_mount(img, tmp_path / "mnt") as mnt:
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.write(b"\x55" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        before = sha_file(img)
+        p = qcowfs_check(img, "--repair")
+        assert p.returncode != 0, f"qcowfs check --repair ran on a mounted image: {p.stdout}{p.stderr}"
+        assert "lock" in p.stderr.lower() or "in use" in p.stderr.lower(), p.stderr
+        assert sha_file(img) == before, "qcowfs check --repair changed a mounted image"
+        assert (mnt / "disk.raw").read_bytes()[:4096] == b"\x55" * 4096

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from images import KiB, MiB, create, oracle, qio
+from images import KiB, MiB, create, oracle, qimg, qio
 from test_write import assert_clean, assert_same, pwrite_all, qcowfs_mount
 
 FIO_JOBS = """
@@ -106,13 +106,21 @@ def test_fio_verify(layout: str, tmp_path: Path) -> None:
     assert_clean(img)
 
 
-def test_threads_disjoint_and_overlapping(tmp_path: Path) -> None:
+@pytest.mark.parametrize("under", ["backing", "snapshot"])
+def test_threads_disjoint_and_overlapping(under: str, tmp_path: Path) -> None:
+    """Every write lands on clusters that must be filled from a backing file or copied away from a
+    snapshot first, by 8 threads at once, several of them inside the same cluster."""
     cs = 64 * KiB
     vsize = 48 * MiB
-    base = create(tmp_path / "base.qcow2", vsize, cluster_size=4096)
-    qio(base, f"write -P 0x42 0 {vsize}")
-    img = create(tmp_path / "disk.qcow2", vsize, backing="base.qcow2", backing_fmt="qcow2", cwd=tmp_path,
-                 cluster_size=cs).resolve()
+    if under == "backing":
+        base = create(tmp_path / "base.qcow2", vsize, cluster_size=4096)
+        qio(base, f"write -P 0x42 0 {vsize}")
+        img = create(tmp_path / "disk.qcow2", vsize, backing="base.qcow2", backing_fmt="qcow2", cwd=tmp_path,
+                     cluster_size=cs).resolve()
+    else:
+        img = create(tmp_path / "disk.qcow2", vsize, cluster_size=cs).resolve()
+        qio(img, f"write -P 0x42 0 {vsize}")
+        qimg("snapshot", "-c", "all42", img)
     nthreads = 8
     piece = cs // nthreads
     shared_clusters = list(range(0, 64))              # [0, 4M): every thread writes its piece of each cluster
@@ -195,3 +203,8 @@ def test_threads_disjoint_and_overlapping(tmp_path: Path) -> None:
     want = tmp_path / "live.raw"
     want.write_bytes(live)
     assert_same(img, want)
+    if under == "snapshot":
+        snap = oracle(img, tmp_path / "snap.raw", snapshot_id="1")
+        with open(snap, "rb") as f:
+            for chunk in iter(lambda: f.read(4 * MiB), b""):
+                assert chunk == b"\x42" * len(chunk), "the snapshot changed"
