@@ -212,3 +212,23 @@ def test_crash_then_check_repair(tmp_path: Path) -> None:
     assert p.returncode == 0, f"qcowfs check --repair exit {p.returncode}: {p.stdout}{p.stderr}"
     assert_clean(img)
     assert_same(img, before)
+
+
+def test_crash_during_refcount_table_growth(tmp_path: Path) -> None:
+    """512-byte clusters and 64-bit refcounts: a refcount block covers 32 KiB and the first refcount
+    table 2 MiB, so the writer keeps adding refcount blocks and growing the table when it is killed."""
+    d = tmp_path / "img"
+    d.mkdir()
+    img = create(d / "disk.qcow2", 32 * MiB, cluster_size=512, refcount_bits=64).resolve()
+    qio(img, "write -P 0x21 0 1M")
+    history = []
+    for it, t in enumerate((0.7, 1.6, 1.1)):
+        init = oracle(img, tmp_path / "init.raw")
+        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=300 + it, kill_after=t)
+        rc, rep = qcheck(img)
+        history.append(f"kill after {t}s: {sum(1 for x in lines if x.startswith('W'))} writes, check exit {rc}")
+        assert rc in (0, 3), f"{history}: {rep}"
+        verify(img, init, lines, tmp_path)
+    print("\n".join(history))
+    from images import Header
+    assert Header(img).refcount_table_clusters > 1, "the load never grew the refcount table"
