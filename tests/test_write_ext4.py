@@ -90,6 +90,8 @@ def test_ext4_through_rw_mount(direct_io: bool, tmp_path: Path) -> None:
     img = create(tmp_path / "disk.qcow2", 128 * MiB).resolve()
     with qcowfs_mount(img, tmp_path / "mnt") as mnt:
         with loop_rw(mnt / "disk.raw", direct_io) as dev:
+            dio = run("losetup", "-n", "-l", "-O", "DIO", dev).stdout.strip()
+            assert dio == ("1" if direct_io else "0"), f"loop device direct I/O is {dio}"
             sh("mkfs.ext4", "-q", "-F", dev)
             with fs_mounted(dev, tmp_path / "ext4") as root:
                 sums = make_tree(root, seed=7 + direct_io)
