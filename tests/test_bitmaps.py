@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS, force_unmount, is_mounted, mounted
-from images import EXT_BITMAPS, GiB, KiB, MiB, TiB, Header, Sources, create, info, oracle, patch, qimg, qio, sh
+from images import (EXT_BITMAPS, GiB, KiB, MiB, TiB, Header, Sources, create, info, oracle, patch, qimg, qio,
+                    set_field, sh)
 
 FLAG_IN_USE, FLAG_AUTO = 1, 2
 
@@ -208,6 +209,23 @@ def build_huge(d: Path) -> tuple[Path, list[tuple[int, int]]]:
     return img, ranges
 
 
+def build_c512(d: Path) -> tuple[Path, list[tuple[int, int]]]:
+    """512-byte clusters, 4-bit refcounts, an internal snapshot: bitmap tables of several clusters,
+    bitmap data stored into newly allocated clusters at unmount."""
+    d.mkdir(parents=True, exist_ok=True)
+    img = create(d / "disk.qcow2", SMALL, cluster_size=512, refcount_bits=4)
+    qimg("bitmap", "--add", "--granularity", "512", img, "c512")
+    qimg("bitmap", "--add", "--granularity", "8K", img, "c8k")
+    qimg("bitmap", "--add", "--granularity", "1K", img, "c1k-off")
+    ranges = [(1000, 3000), (3 * MiB + 100, 50000)]
+    qio(img, *(f"write -P 0x{i + 1:02x} {o} {n}" for i, (o, n) in enumerate(ranges)))
+    qimg("bitmap", "--disable", img, "c1k-off")
+    qimg("snapshot", "-c", "s", img)
+    qio(img, f"write -P 0x33 {2 * MiB} 5000")
+    assert bitmap_directory(img)["c512"]["table_size"] == 3
+    return img, ranges + [(2 * MiB, 5000)]
+
+
 # --------------------------------------------------------------------------
 # read-only: every bitmap file is QEMU's view
 
@@ -304,9 +322,9 @@ def test_no_bitmaps_empty_dir(tmp_path: Path, mount) -> None:
 # --------------------------------------------------------------------------
 # read-write: auto bitmaps track writes through disk.raw
 
-@pytest.mark.parametrize("kind", ["small", "huge"])
+@pytest.mark.parametrize("kind", ["small", "huge", "c512"])
 def test_writes_tracked(kind: str, tmp_path: Path) -> None:
-    img, _ = (build_small if kind == "small" else build_huge)(tmp_path / "img")
+    img, _ = {"small": build_small, "huge": build_huge, "c512": build_c512}[kind](tmp_path / "img")
     vsize = info(img)["virtual-size"]
     qb = qemu_bitmaps(img)
     old = {n: qemu_bits(img, n) for n in qb}
@@ -314,7 +332,7 @@ def test_writes_tracked(kind: str, tmp_path: Path) -> None:
     auto = {n for n, q in qb.items() if "auto" in q["flags"]}
     assert auto and set(qb) - auto
     rng = random.Random(kind)
-    if kind == "small":
+    if kind != "huge":
         writes = [(0, 1), (65535, 2), (700000, 1), (MiB + 511, 513), (2 * MiB, 3 * 65536 + 1),
                   (vsize - 1, 1), (vsize - 3000, 700), (3 * MiB, 5)]
     else:
@@ -363,7 +381,7 @@ def test_writes_tracked(kind: str, tmp_path: Path) -> None:
         if got != want:
             errors.append(f"after unmount, QEMU's view of {n}: {describe(got, want)}")
     assert not errors, "\n  ".join(errors)
-    if kind == "small":
+    if kind != "huge":
         disk = oracle(img, tmp_path / "after.raw").read_bytes()
         for off, ln in writes:
             assert disk[off:off + ln] == data[off], f"write at {off:#x} not in the image"
@@ -395,6 +413,62 @@ def test_tracking_matches_qemu_tracking(tmp_path: Path) -> None:
     for name in ("b512", "b64k", "b1m"):
         assert qemu_bits(b, name) == qemu_bits(a, name), name
     assert oracle(a, tmp_path / "a.raw").read_bytes() == oracle(b, tmp_path / "b.raw").read_bytes()
+
+
+def test_mmap_writes_tracked(tmp_path: Path) -> None:
+    import mmap
+    img = create(tmp_path / "disk.qcow2", SMALL)
+    qimg("bitmap", "--add", "--granularity", "4K", img, "b")
+    with mounted(img, tmp_path / "mnt", read_only=False) as m:
+        fd = os.open(m / "disk.raw", os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, SMALL)
+            try:
+                mm[MiB + 5: MiB + 9000] = b"\x5a" * 8995
+                mm.flush()
+            finally:
+                mm.close()
+        finally:
+            os.close(fd)
+        assert read_file(m / "bitmaps" / "b") == bits_for([(MiB + 5, 8995)], SMALL, 4096)
+        unmount(m)
+    assert qemu_bits(img, "b") == bits_for([(MiB + 5, 8995)], SMALL, 4096)
+    assert qemu_bitmaps(img)["b"]["flags"] == ["auto"]
+
+
+@pytest.mark.parametrize("how", ["qcowfs-umount", "umount", "fusermount3", "SIGTERM"])
+def test_clean_unmount_stores_bitmaps(how: str, tmp_path: Path) -> None:
+    """Every clean way of unmounting stores the tracked bits and clears in_use."""
+    img = create(tmp_path / "disk.qcow2", SMALL)
+    qimg("bitmap", "--add", "--granularity", "64K", img, "b")
+    mnt = tmp_path / "mnt"
+    writes = [(3, 5), (2 * MiB + 70000, 200000)]
+    with mounted(img, mnt, read_only=False):
+        fd = os.open(mnt / "disk.raw", os.O_WRONLY)
+        try:
+            for off, ln in writes:
+                os.pwrite(fd, b"\x33" * ln, off)
+        finally:
+            os.close(fd)
+        pids = daemon_pids(img, mnt)
+        assert len(pids) == 1, pids
+        if how == "qcowfs-umount":
+            unmount(mnt)
+        elif how == "SIGTERM":
+            os.kill(pids[0], signal.SIGTERM)
+        else:
+            cmd = ["umount", str(mnt)] if how == "umount" else ["fusermount3", "-u", str(mnt)]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stderr
+        for _ in range(400):
+            if not daemon_pids(img, mnt):
+                break
+            time.sleep(0.05)
+        assert not daemon_pids(img, mnt), f"daemon still running 20 s after {how}"
+        assert not is_mounted(mnt), f"still mounted after {how}"
+    assert qemu_bitmaps(img)["b"]["flags"] == ["auto"], qemu_bitmaps(img)
+    assert_qemu_clean(img)
+    assert qemu_bits(img, "b") == bits_for(writes, SMALL, 64 * KiB)
 
 
 # --------------------------------------------------------------------------
@@ -446,6 +520,28 @@ def test_killed_daemon_leaves_in_use(tmp_path: Path) -> None:
             assert e.value.errno == errno.EIO, f"{n}: {e.value}"
         for n in usable:
             assert read_file(m2 / "bitmaps" / n) == old[n]
+
+
+def test_untrusted_bitmaps_extension(tmp_path: Path) -> None:
+    """Autoclear bit 0 clear (a program without bitmap support wrote the image): QEMU ignores the
+    bitmaps; qcowfs must not serve their stale bits nor make them valid again."""
+    img = create(tmp_path / "disk.qcow2", SMALL)
+    qimg("bitmap", "--add", img, "stale")
+    qio(img, "write -P 1 0 4k")
+    set_field(img, "autoclear_features", Header(img).autoclear_features & ~1)
+    assert qemu_bitmaps(img) == {}
+    rc0 = sh("qemu-img", "check", img, check=False).returncode
+    with mounted(img, tmp_path / "mnt", read_only=False) as m:
+        for n in os.listdir(m / "bitmaps"):
+            with pytest.raises(OSError) as e:
+                read_file(m / "bitmaps" / n)
+            assert e.value.errno == errno.EIO, n
+        with open(m / "disk.raw", "r+b", buffering=0) as f:
+            f.seek(2 * MiB)
+            f.write(b"\x01" * 5000)
+        unmount(m)
+    assert qemu_bitmaps(img) == {}, "stale bitmaps came back as valid after a write"
+    assert sh("qemu-img", "check", img, check=False).returncode == rc0
 
 
 def make_in_use(how: str, d: Path) -> Path:
