@@ -258,6 +258,9 @@ def check_bitmap_files(img: Path, mnt: Path) -> dict[str, bytes]:
         if got and nbits % 8 and got[-1] >> (nbits % 8):
             errors.append(f"{tag}: tail bits past the disk end set: last byte {got[-1]:#04x}")
         try:
+            listed_x = set(os.listxattr(f))
+            if not {"user.qcow2.granularity", "user.qcow2.flags", "user.qcow2.type"} <= listed_x:
+                errors.append(f"{tag}: listxattr gives {sorted(listed_x)}")
             x = {k: os.getxattr(f, f"user.qcow2.{k}").decode() for k in ("granularity", "flags", "type")}
         except OSError as e:
             errors.append(f"{tag}: getxattr: {e}")
@@ -434,6 +437,27 @@ def test_mmap_writes_tracked(tmp_path: Path) -> None:
         unmount(m)
     assert qemu_bits(img, "b") == bits_for([(MiB + 5, 8995)], SMALL, 4096)
     assert qemu_bitmaps(img)["b"]["flags"] == ["auto"]
+
+
+def test_write_straddling_disk_end_sets_no_tail_bits(tmp_path: Path) -> None:
+    img = create(tmp_path / "disk.qcow2", SMALL)
+    qimg("bitmap", "--add", "--granularity", "512", img, "b512")
+    qimg("bitmap", "--add", "--granularity", "4K", img, "b4k")
+    with mounted(img, tmp_path / "mnt", read_only=False) as m:
+        fd = os.open(m / "disk.raw", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"x" * 100, SMALL - 10) == 10
+            for off in (SMALL, SMALL + 5000):
+                with pytest.raises(OSError):
+                    os.pwrite(fd, b"x" * 10, off)
+        finally:
+            os.close(fd)
+        assert os.stat(m / "disk.raw").st_size == SMALL
+        for n, g in (("b512", 512), ("b4k", 4096)):
+            assert read_file(m / "bitmaps" / n) == bits_for([(SMALL - 10, 10)], SMALL, g), n
+        unmount(m)
+    for n, g in (("b512", 512), ("b4k", 4096)):
+        assert qemu_bits(img, n) == bits_for([(SMALL - 10, 10)], SMALL, g), n
 
 
 @pytest.mark.parametrize("how", ["qcowfs-umount", "umount", "fusermount3", "SIGTERM"])
