@@ -138,12 +138,48 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
+        if (fields.update_mtime or fields.update_atime) and not (
+                isinstance(node, FileNode) and node.view.writable):
+            self._no_changes()
         if fields.update_size:
             if not isinstance(node, FileNode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             if attr.st_size != node.view.size:
                 await node.view.truncate(attr.st_size)
         return self._attr(inode)
+
+    def _no_changes(self) -> None:
+        """The tree is fixed: creating, removing or renaming entries is refused."""
+        raise pyfuse3.FUSEError(errno.EROFS if self._is_ro_mount() else errno.EACCES)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> Any:
+        self._no_changes()
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+        self._no_changes()
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> Any:
+        self._no_changes()
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._no_changes()
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._no_changes()
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._no_changes()
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> Any:
+        self._no_changes()
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> Any:
+        self._no_changes()
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

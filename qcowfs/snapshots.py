@@ -12,10 +12,14 @@ def usable_name(name: str) -> bool:
 
 
 def snapshot_file_names(entries: list[SnapshotEntry]) -> list[str]:
-    """NAME.raw when the name is unique and usable as a file name, else id-ID.raw."""
+    """NAME.raw when the name is unique and usable as a file name, else id-ID.raw
+    (also when NAME.raw would take the id-ID.raw name of another snapshot)."""
     counts = Counter(e.name for e in entries)
-    return [f"{e.name}.raw" if counts[e.name] == 1 and usable_name(e.name) else f"id-{e.id_str}.raw"
-            for e in entries]
+    by_id = [f"id-{e.id_str}.raw" for e in entries]
+    taken = set(by_id)
+    return [f"{e.name}.raw" if counts[e.name] == 1 and usable_name(e.name)
+            and (f"{e.name}.raw" not in taken or f"{e.name}.raw" == i) else i
+            for e, i in zip(entries, by_id)]
 
 
 def snapshot_disk_size(entry: SnapshotEntry, header_size: int) -> int:
