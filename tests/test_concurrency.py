@@ -69,7 +69,9 @@ def fio_job(disk: Path, extra: str = "") -> str:
 
 
 def run_fio(job: Path) -> list[dict]:
-    p = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True, timeout=180)
+    # cwd: fio leaves its verify state files there
+    p = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True, timeout=180,
+                       cwd=job.parent)
     out = p.stdout
     assert "{" in out, f"fio produced no report (exit {p.returncode}): {p.stderr}"
     report = json.loads(out[out.index("{"):])
