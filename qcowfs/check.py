@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QcowError
-from .format import (EXT_BITMAPS, INCOMPAT_CORRUPT, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .format import (EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                      OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK, BitmapsExtension,
                      align_up, compressed_shift, encode_refcount_block, refcount_array)
 from .image import Image, OpenOptions
@@ -210,7 +210,7 @@ def check_image(image: Image, progress: Callable[[float], None] | None = None) -
     _check_copied(image, stored, active_tables, result)
     nz = np.flatnonzero(stored)
     result.image_end_offset = int((nz[-1] + 1) * cs) if len(nz) else cs
-    result.total_clusters = image.geo.l1_entries_needed(image.size) * image.geo.l2_entries
+    result.total_clusters = -(-image.size // cs)
     return result, refs, stored, active_tables
 
 
@@ -377,8 +377,12 @@ def run_check(path: str, repair: bool, as_json: bool) -> int:
         try:
             result, *_ = check_image(image, progress)
             fixed = None
-            if repair and (result.corruptions or result.leaks):
+            dirty = bool(image.header.incompatible_features & INCOMPAT_DIRTY)
+            if repair and (result.corruptions or result.leaks or dirty):
                 await rebuild_refcounts(image)
+                if dirty:
+                    image.header.incompatible_features &= ~INCOMPAT_DIRTY
+                    await image.write_header_fields()
                 before = result
                 result, *_ = check_image(image)
                 fixed = (before.leaks - result.leaks, before.corruptions - result.corruptions)

@@ -361,6 +361,7 @@ class Image:
         if self.bitmaps:
             raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
         h = self.header
+        old_size = self.size
         async with self.writer.lock:
             needed = self.geo.l1_entries_needed(new_size)
             if needed > h.l1_size:
@@ -369,6 +370,10 @@ class Image:
                 await self._grow_l1(needed)
             h.size = new_size
             await self.write_header_fields()
+        # The new area reads zeros, even where a larger backing file has data.
+        shadowed = min(new_size, self.backing.size if self.backing is not None else 0)
+        for pos in range(old_size, shadowed, 1 << 20):
+            await self.writer.write(pos, bytes(min(1 << 20, shadowed - pos)))
 
     async def _grow_l1(self, entries: int) -> None:
         assert self.allocator is not None and self.writer is not None

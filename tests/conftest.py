@@ -56,7 +56,10 @@ def files_equal(a: Path, b: Path, chunk: int = 4 << 20) -> bool:
 
 
 def is_mounted(path: Path) -> bool:
-    return subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0
+    """True for live mounts and for dead ones (daemon gone: mountpoint(1) fails on those)."""
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1].encode().decode("unicode_escape") == target for line in f)
 
 
 def force_unmount(path: Path) -> None:
