@@ -35,6 +35,8 @@ class TableCache(Generic[T]):
         self._flush_lock = trio.Lock()
         self.depends_on: TableCache | None = None
         self.hits = self.misses = 0
+        # Flushes that wrote tables, and how many of them an fsync covers.
+        self.write_gen = self.synced_gen = 0
 
     @property
     def dirty(self) -> bool:
@@ -65,8 +67,20 @@ class TableCache(Generic[T]):
         finally:
             del self._loading[offset]
             done.set()
-        await self._evict()
+        # The table just loaded is what the caller wants: never the victim.
+        self._pins[offset] = self._pins.get(offset, 0) + 1
+        try:
+            await self._evict()
+        finally:
+            self._unpin(offset)
         return table
+
+    def _unpin(self, offset: int) -> None:
+        n = self._pins[offset] - 1
+        if n:
+            self._pins[offset] = n
+        else:
+            del self._pins[offset]
 
     def put_new(self, offset: int, table: T, dirty: bool = True) -> None:
         """Insert a table we made (newly allocated): dirty unless already written."""
@@ -97,11 +111,7 @@ class TableCache(Generic[T]):
         try:
             yield table
         finally:
-            n = self._pins[offset] - 1
-            if n:
-                self._pins[offset] = n
-            else:
-                del self._pins[offset]
+            self._unpin(offset)
 
     async def _evict(self) -> None:
         while len(self._tables) > self.capacity:
@@ -120,11 +130,16 @@ class TableCache(Generic[T]):
             if not self._dirty:
                 return
             dep = self.depends_on
-            while dep is not None and dep.dirty:
+            # The dependency must be written *and* fsync'd (also what an
+            # eviction wrote earlier without a sync).
+            while dep is not None and (dep.dirty or dep.write_gen > dep.synced_gen):
                 await dep.flush()
+                gen = dep.write_gen
                 await dep.file.sync()
+                dep.synced_gen = max(dep.synced_gen, gen)
             # No await from the check above to the end: nothing can dirty the
             # dependency again before these tables are written.
             for offset in sorted(self._dirty):
                 self.file.write_sync(self._encode(self._tables[offset]), offset)
             self._dirty.clear()
+            self.write_gen += 1

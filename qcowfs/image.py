@@ -394,6 +394,9 @@ class Image:
             self.allocator.release_later(old[0], -(-old[1] * 8 // cs) * cs)
 
     async def close(self) -> None:
+        log.debug("%s: %d reads from the page cache, %d in a worker thread; L2 cache %d hits, "
+                  "%d misses", self.path, self.file.cached_reads, self.file.thread_reads,
+                  self.l2_cache.hits, self.l2_cache.misses)
         if self.writer is not None:
             try:
                 await self.flush()

@@ -253,7 +253,7 @@ class Mapper:
 
     # ---- reading ------------------------------------------------------------
 
-    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
+    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytes | None:
         """The hot path: a range that is one host-contiguous data run, with its
         tables cached and its bytes in the host page cache, read without a
         single await. None means: take the general path."""
@@ -281,10 +281,7 @@ class Mapper:
                 return None
         self._check_data(host)
         self._check_data(host + ((last - first) << cb))
-        buf = bytearray(length)
-        if self.data_file.read_nowait(buf, host + (offset & self._cluster_mask)) != length:
-            return None
-        return buf
+        return self.data_file.read_cached(host + (offset & self._cluster_mask), length)
 
     async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:
         buf = bytearray(length)
