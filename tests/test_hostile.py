@@ -79,7 +79,7 @@ def encrypted_luks(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     img = d / "disk.qcow2"
     qimg("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
-         "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M")
+         "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200", img, "1M")
     return img
 
 
