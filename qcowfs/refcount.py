@@ -65,31 +65,38 @@ class Allocator:
 
     # ---- changing refcounts ------------------------------------------------------
 
-    async def change(self, cluster: int, delta: int) -> int:
-        """Add DELTA to a cluster's refcount now; returns the new value."""
-        rt_index = cluster // self.rpb
-        off = self._block_offset(rt_index)
-        if not off:
-            if delta < 0:
-                raise CorruptionError(f"refcount of cluster {cluster} would drop below zero")
-            off = await self._new_block(rt_index)
-        async with self.cache.pinned(off) as block:
-            value = refcount_get(block, cluster % self.rpb, self.order) + delta
-            if value < 0:
-                raise CorruptionError(f"refcount of cluster {cluster} would drop below zero")
-            if value > self.max_refcount:
-                raise NoSpaceError(f"refcount of cluster {cluster} would overflow "
-                                   f"{1 << self.order} bits")
-            refcount_set(block, cluster % self.rpb, self.order, value)
-            self.cache.mark_dirty(off)
-        if value == 0 and cluster < self.free_hint:
-            self.free_hint = cluster
-        return value
+    async def change(self, cluster: int, delta: int, count: int = 1) -> None:
+        """Add DELTA to the refcounts of COUNT clusters from CLUSTER, now
+        (one block lookup per refcount block, not per cluster)."""
+        rpb, order = self.rpb, self.order
+        end = cluster + count
+        while cluster < end:
+            rt_index = cluster // rpb
+            stop = min(end, (rt_index + 1) * rpb)
+            off = self._block_offset(rt_index)
+            if not off:
+                if delta < 0:
+                    raise CorruptionError(f"refcount of cluster {cluster} would drop below zero")
+                off = await self._new_block(rt_index)
+            async with self.cache.pinned(off) as block:
+                base = rt_index * rpb
+                for c in range(cluster, stop):
+                    value = refcount_get(block, c - base, order) + delta
+                    if value < 0:
+                        raise CorruptionError(f"refcount of cluster {c} would drop below zero")
+                    if value > self.max_refcount:
+                        raise NoSpaceError(f"refcount of cluster {c} would overflow "
+                                           f"{1 << order} bits")
+                    refcount_set(block, c - base, order, value)
+                    if value == 0 and c < self.free_hint:
+                        self.free_hint = c
+                self.cache.mark_dirty(off)
+            cluster = stop
 
     async def change_range(self, offset: int, length: int, delta: int) -> None:
         cs = self.geo.cluster_size
-        for c in range(offset // cs, (offset + length - 1) // cs + 1):
-            await self.change(c, delta)
+        first = offset // cs
+        await self.change(first, delta, (offset + length - 1) // cs + 1 - first)
 
     def release_later(self, offset: int, length: int) -> None:
         """Drop one reference to [offset, offset+length) once the drop is safe."""
@@ -114,8 +121,7 @@ class Allocator:
                 break
             for r in missing:
                 await self._new_block(r)
-        for c in range(start, start + n):
-            await self.change(c, 1)
+        await self.change(start, 1, n)
         self.free_hint = start + n
         return start * self.geo.cluster_size
 
@@ -124,13 +130,8 @@ class Allocator:
         With COVERED_ONLY, only clusters that already have a refcount block."""
         rpb = self.rpb
         c = self.free_hint
-        if n <= 64 and not covered_only:
-            # Usually the clusters right after the last allocation are free.
-            for k in range(c, c + n):
-                if await self.get(k):
-                    break
-            else:
-                return c
+        if n <= 64 and not covered_only and self._free_at(c, n):
+            return c  # usually: right after the last allocation
         run_start, run_len = c, 0
         while True:
             r, lo = divmod(c, rpb)
@@ -154,6 +155,16 @@ class Allocator:
                 if run_len >= n:
                     return run_start
             c = (r + 1) * rpb
+
+    def _free_at(self, c: int, n: int) -> bool:
+        """Whether clusters [c, c+n) are known free without I/O (cached blocks)."""
+        for k in range(c, c + n):
+            off = self._block_offset(k // self.rpb)
+            if off:
+                block = self.cache.peek(off)
+                if block is None or refcount_get(block, k % self.rpb, self.order):
+                    return False
+        return True
 
     async def _new_block(self, rt_index: int) -> int:
         """Create the refcount block for RT_INDEX, in a cluster some block already

@@ -176,16 +176,20 @@ class Writer:
         """Write N whole clusters (old contents + new bytes), then point L2 at them."""
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         c0 = base + (k << cb)
-        buf = bytearray(n * cs)
         end = start + len(data)
-        # Old contents only where the new bytes do not cover the run.
-        if start > c0:
-            await self._old_contents(memoryview(buf)[: start - c0], c0)
-        if end < c0 + n * cs:
-            tail = max(end, c0)
-            await self._old_contents(memoryview(buf)[tail - c0 :], tail)
-        lo, hi = max(start, c0), min(end, c0 + n * cs)
-        buf[lo - c0 : hi - c0] = data[lo - start : hi - start]
+        buf: bytearray | memoryview
+        if start <= c0 and end >= c0 + n * cs:
+            buf = data[c0 - start : c0 - start + n * cs]  # new bytes cover the run
+        else:
+            buf = bytearray(n * cs)
+            # Old contents only where the new bytes do not cover the run.
+            if start > c0:
+                await self._old_contents(memoryview(buf)[: start - c0], c0)
+            if end < c0 + n * cs:
+                tail = max(end, c0)
+                await self._old_contents(memoryview(buf)[tail - c0 :], tail)
+            lo, hi = max(start, c0), min(end, c0 + n * cs)
+            buf[lo - c0 : hi - c0] = data[lo - start : hi - start]
         old_entries = [self._entry(table, k + j) for j in range(n)]
         if self.external:
             host = c0  # guest offset == host offset in an external data file
