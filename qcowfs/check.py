@@ -18,7 +18,7 @@ import numpy as np
 from .errors import QcowError
 from .format import (EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                      OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK, BitmapsExtension,
-                     align_up, compressed_shift, encode_refcount_block, refcount_array)
+                     compressed_shift, encode_refcount_block, refcount_array)
 from .image import Image, OpenOptions
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3

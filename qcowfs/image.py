@@ -20,7 +20,7 @@ from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES
                      EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
-                     MAX_VIRTUAL_SIZE, OFLAG_COPIED, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
+                     MAX_VIRTUAL_SIZE, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
 from .hostfile import HostFile
 from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
 from .locking import lock_image

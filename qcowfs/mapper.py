@@ -16,7 +16,7 @@ from .cache import TableCache
 from .compression import decompress_cluster
 from .errors import CorruptionError
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     SUBCLUSTERS_PER_CLUSTER, Geometry, decode_compressed)
+                     Geometry, decode_compressed)
 from .hostfile import HostFile
 
 # Run kinds.

@@ -63,8 +63,9 @@ def is_mounted(path: Path) -> bool:
 
 
 def force_unmount(path: Path) -> None:
-    """Last-resort cleanup: never leave a mount behind."""
-    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-uz", str(path)], ["umount", "-l", str(path)]):
+    """Last-resort cleanup: never leave a mount behind (dead ones included)."""
+    cmds = [["fusermount3", "-u", str(path)], ["fusermount3", "-uz", str(path)]] + [["umount", "-l", str(path)]] * 3
+    for cmd in cmds:
         if not is_mounted(path):
             return
         subprocess.run(cmd, capture_output=True)

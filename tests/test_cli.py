@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS, mounted
-from conftest import force_unmount as _force_unmount
+from conftest import force_unmount, is_mounted
 
 TIMEOUT = 60
 MiB = 1 << 20
@@ -22,22 +22,6 @@ MiB = 1 << 20
 GENERIC = ["rw", "ro", "dev", "suid", "exec", "atime", "auto", "nofail", "_netdev",
            "x-systemd.automount", "x-systemd.device-timeout=10s", "x-systemd.requires=foo.service",
            "nosuid", "nodev", "noexec", "noatime", "noauto", "defaults"]
-
-
-def is_mounted(path: Path) -> bool:
-    """Anything mounted on PATH, dead FUSE mounts included (`mountpoint -q` misses those:
-    their stat fails with ENOTCONN)."""
-    target = os.path.abspath(path).replace("\\", "\\134").replace(" ", "\\040")
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    _force_unmount(path)
-    for _ in range(3):
-        if not is_mounted(path):
-            return
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def qcowfs(*args, **kw) -> subprocess.CompletedProcess:

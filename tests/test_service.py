@@ -24,7 +24,7 @@ from typing import Iterator
 import pytest
 
 from conftest import QCOWFS
-from conftest import force_unmount as _force_unmount
+from conftest import force_unmount, is_mounted
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -38,22 +38,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(8),
 
 
 # ---- helpers -------------------------------------------------------------------------
-
-def is_mounted(path: Path) -> bool:
-    """Anything mounted on PATH, dead FUSE mounts included (`mountpoint -q` misses those:
-    their stat fails with ENOTCONN)."""
-    target = os.path.abspath(path).replace("\\", "\\134").replace(" ", "\\040")
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    _force_unmount(path)
-    for _ in range(3):
-        if not is_mounted(path):
-            return
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
 
 def sh(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("timeout", TIMEOUT)
