@@ -64,7 +64,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, root: DirNode, access: Access, debug: bool = False) -> None:
         super().__init__()
-        self.access = access
+        self.ownership = access
         self.debug = debug
         self._nodes: dict[int, DirNode | FileNode] = {}
         self._parents: dict[int, int] = {}
@@ -72,6 +72,15 @@ class Operations(pyfuse3.Operations):
         self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
         self._open: dict[int, FileView] = {}
         self._next_fh = 1
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        """access(2): the mode bits decide (the kernel checks them itself with
+        default_permissions; without it only the mounting user gets here)."""
+        node = self._node(inode)
+        if mode & os.W_OK and isinstance(node, FileNode) and not node.view.writable:
+            return False
+        return True
 
     def _add(self, node: DirNode | FileNode, inode: int, parent: int) -> int:
         self._nodes[inode] = node
@@ -93,18 +102,18 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.st_uid, a.st_gid = self.access.uid, self.access.gid
+        a.st_uid, a.st_gid = self.ownership.uid, self.ownership.gid
         a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
         a.st_blksize = 4096
         if isinstance(node, DirNode):
-            a.st_mode = stat.S_IFDIR | (0o777 & ~self.access.umask & 0o755)
+            a.st_mode = stat.S_IFDIR | (0o777 & ~self.ownership.umask & 0o755)
             a.st_nlink = 2 + sum(isinstance(c, DirNode) for c in node.children.values())
             a.st_size = 0
             mtime = node.mtime_ns
         else:
             view = node.view
             perm = 0o666 if view.writable else 0o444
-            a.st_mode = stat.S_IFREG | (perm & ~self.access.umask)
+            a.st_mode = stat.S_IFREG | (perm & ~self.ownership.umask)
             a.st_nlink = 1
             a.st_size = view.size
             a.st_blocks = (view.size + 511) // 512

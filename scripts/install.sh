@@ -10,7 +10,7 @@ RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev"
 TEST_PKGS="qemu-utils qemu-system-common libqcow-utils fio e2fsprogs util-linux attr systemd"
 
 want="$RUN_PKGS"
-[ "${1:-}" = "--test" ] && want="$want $TEST_PKGS"
+if [ "${1:-}" = "--test" ]; then want="$want $TEST_PKGS"; fi
 
 missing=""
 for p in $want; do
@@ -31,7 +31,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-stamp=.venv/.installed$( [ "${1:-}" = "--test" ] && echo -test )
+stamp=.venv/.installed
+if [ "${1:-}" = "--test" ]; then stamp=.venv/.installed-test; fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
     if [ "${1:-}" = "--test" ]; then

@@ -1,0 +1,35 @@
+"""Plain filesystem calls on a mount: access(2), chdir, listing, statfs."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import qemu_img, qemu_io
+
+
+def _image(tmp_path: Path) -> Path:
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
+    qemu_io(img, "write -P 0x42 0 64k")
+    qemu_img("snapshot", "-c", "s1", img)
+    return img
+
+
+def test_access_and_chdir_keep_the_daemon_serving(tmp_path: Path, mount) -> None:
+    img = _image(tmp_path)
+    for read_only in (True, False):
+        mnt = mount(img, read_only=read_only)
+        # A shell's `cd` and `test -w` use chdir(2) and access(2).
+        p = subprocess.run(["sh", "-c", f"cd '{mnt}' && ls && test -r disk.raw && test -w disk.raw"],
+                           capture_output=True, text=True, timeout=30)
+        assert "disk.raw" in p.stdout, p.stderr
+        assert (p.returncode == 0) is (not read_only), p.stderr
+        assert os.access(mnt / "disk.raw", os.R_OK)
+        assert os.access(mnt / "disk.raw", os.W_OK) is (not read_only)
+        assert not os.access(mnt / "snapshots" / "s1.raw", os.W_OK)
+        assert os.access(mnt / "snapshots", os.X_OK)
+        st = os.statvfs(mnt)
+        assert st.f_bsize > 0
+        with open(mnt / "disk.raw", "rb") as f:
+            assert f.read(4) == b"\x42" * 4
