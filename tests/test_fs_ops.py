@@ -5,7 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import qemu_img, qemu_io
+from conftest import mounted, qemu_img, qemu_io
 
 
 def _image(tmp_path: Path) -> Path:
@@ -16,20 +16,20 @@ def _image(tmp_path: Path) -> Path:
     return img
 
 
-def test_access_and_chdir_keep_the_daemon_serving(tmp_path: Path, mount) -> None:
+def test_access_and_chdir_keep_the_daemon_serving(tmp_path: Path) -> None:
     img = _image(tmp_path)
     for read_only in (True, False):
-        mnt = mount(img, read_only=read_only)
-        # A shell's `cd` and `test -w` use chdir(2) and access(2).
-        p = subprocess.run(["sh", "-c", f"cd '{mnt}' && ls && test -r disk.raw && test -w disk.raw"],
-                           capture_output=True, text=True, timeout=30)
-        assert "disk.raw" in p.stdout, p.stderr
-        assert (p.returncode == 0) is (not read_only), p.stderr
-        assert os.access(mnt / "disk.raw", os.R_OK)
-        assert os.access(mnt / "disk.raw", os.W_OK) is (not read_only)
-        assert not os.access(mnt / "snapshots" / "s1.raw", os.W_OK)
-        assert os.access(mnt / "snapshots", os.X_OK)
-        st = os.statvfs(mnt)
-        assert st.f_bsize > 0
-        with open(mnt / "disk.raw", "rb") as f:
-            assert f.read(4) == b"\x42" * 4
+        with mounted(img, tmp_path / f"mnt{read_only}", read_only=read_only) as mnt:
+            # A shell's `cd` and `test -w` use chdir(2) and access(2).
+            p = subprocess.run(["sh", "-c", f"cd '{mnt}' && ls && test -r disk.raw && test -w disk.raw"],
+                               capture_output=True, text=True, timeout=30)
+            assert "disk.raw" in p.stdout, p.stderr
+            assert (p.returncode == 0) is (not read_only), p.stderr
+            assert os.access(mnt / "disk.raw", os.R_OK)
+            assert os.access(mnt / "disk.raw", os.W_OK) is (not read_only)
+            assert not os.access(mnt / "snapshots" / "s1.raw", os.W_OK)
+            assert os.access(mnt / "snapshots", os.X_OK)
+            st = os.statvfs(mnt)
+            assert st.f_bsize > 0
+            with open(mnt / "disk.raw", "rb") as f:
+                assert f.read(4) == b"\x42" * 4
