@@ -28,6 +28,7 @@ SUBCOMMANDS = ("mount", "umount", "info", "check")
 GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "exec", "atime", "auto", "nofail", "_netdev",
                    "defaults", "relatime", "strictatime", "lazytime", "user", "users", "owner",
                    "diratime", "async", "sync"}
+DEFAULT_READ_AROUND = 256 << 10
 RUN_DIR_CANDIDATES = ("/run/qcowfs", f"/tmp/qcowfs-{os.getuid()}")
 
 
@@ -61,6 +62,7 @@ class MountOptions:
     gid: int = field(default_factory=os.getgid)
     umask: int = 0o022
     l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+    read_around: int = DEFAULT_READ_AROUND
     debug: bool = False
 
     def apply(self, opts: str) -> None:
@@ -81,6 +83,10 @@ class MountOptions:
                     raise UsageError(f"invalid value for option {key}: '{value}'") from None
             elif key in ("l2_cache_size", "l2-cache-size"):
                 self.l2_cache_bytes = parse_size(value)
+            elif key == "read_around":
+                self.read_around = 0 if value.strip() in ("0", "off") else parse_size(value)
+                if self.read_around & (self.read_around - 1) or self.read_around % 4096:
+                    raise UsageError("read_around must be 0 or a power of two of at least 4K")
             elif key == "debug":
                 self.debug = True
             elif (key in GENERIC_OPTIONS or key.startswith("no") and key[2:] in GENERIC_OPTIONS
@@ -303,7 +309,8 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, l2_cache_size=SIZE "
-                        "(default 32M), debug; mount(8)/systemd generic options are accepted")
+                        "(default 32M), read_around=SIZE (default 256K, 0 = off), debug; "
+                        "mount(8)/systemd generic options are accepted")
 
 
 def _helper_parser() -> argparse.ArgumentParser:

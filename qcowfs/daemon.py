@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -69,7 +70,8 @@ def _write_pidfile(mountpoint: str) -> str | None:
 def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set[str],
           ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, flush, exit code."""
-    ops = Operations(build_tree(image), Access(opts.uid, opts.gid, opts.umask), debug=opts.debug)
+    ops = Operations(build_tree(image), Access(opts.uid, opts.gid, opts.umask), debug=opts.debug,
+                     read_around=opts.read_around)
     # From the mount on, a signal must not kill us (that leaves a dead mount,
     # or a half-flushed image): until _watch_signals listens, and after it
     # stopped listening (while flushing), signals are only remembered.
@@ -94,6 +96,9 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, state, pending)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            if opts.read_around:
+                for _ in range(2):
+                    nursery.start_soon(ops.push_worker)
             # abandon_on_cancel: a signal before the stat is answered ends the
             # FUSE loop, and the stat (then never answered) must not hold us.
             await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
@@ -119,12 +124,22 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     except BaseException as e:  # noqa: BLE001 - the exit must stay clean
         code = _failed(state, ready_fd, f"daemon failed: {type(e).__name__}: {e}")
     finally:
-        pyfuse3.close(unmount=state["unmount"])
         if pidfile:
             try:
                 os.unlink(pidfile)
             except OSError:
                 pass
+        if ops.pushing:
+            # A read-around push still waits in the kernel for a page that a
+            # request we will never answer holds: destroying the session under
+            # it is unsafe. The image is closed already: detach the mount and
+            # leave, letting the exit close the FUSE device.
+            if state["unmount"]:
+                subprocess.run(["umount", "-l", mountpoint] if os.geteuid() == 0
+                               else ["fusermount3", "-uz", mountpoint], capture_output=True)
+            logging.shutdown()
+            os._exit(code)
+        pyfuse3.close(unmount=state["unmount"])
     return code
 
 

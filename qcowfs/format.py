@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 from .errors import InvalidImageError
@@ -463,28 +464,28 @@ class Geometry:
     compression_type: int
     refcount_order: int
 
-    @property
+    @cached_property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    @property
+    @cached_property
     def l2_entry_size(self) -> int:
         return 16 if self.extended_l2 else 8
 
-    @property
+    @cached_property
     def l2_entries(self) -> int:
         return self.cluster_size // self.l2_entry_size
 
-    @property
+    @cached_property
     def l2_span(self) -> int:
         """Guest bytes covered by one L2 table."""
         return self.l2_entries << self.cluster_bits
 
-    @property
+    @cached_property
     def subcluster_size(self) -> int:
         return self.cluster_size // SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else self.cluster_size
 
-    @property
+    @cached_property
     def refcounts_per_block(self) -> int:
         return (self.cluster_size * 8) >> self.refcount_order
 

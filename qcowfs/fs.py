@@ -9,11 +9,13 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
+import trio
 
 from .errors import QcowError
 from .views import DirNode, FileNode, FileView
@@ -21,6 +23,13 @@ from .views import DirNode, FileNode, FileView
 log = logging.getLogger("qcowfs")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 ATTR_TIMEOUT = 300.0
+# Read-around: a small read that had to reach us (a random access) makes us
+# push the aligned window around it into the kernel's page cache, as the
+# kernel itself does for mmap faults. Only for files that cannot change.
+READ_AROUND_TRIGGER = 16 << 10
+READ_AROUND_QUEUE = 256
+READ_AROUND_RECENT = 2 * READ_AROUND_QUEUE
+_PUSH_THREADS = trio.CapacityLimiter(2)
 
 
 @dataclass
@@ -62,15 +71,24 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, root: DirNode, access: Access, debug: bool = False) -> None:
+    def __init__(self, root: DirNode, access: Access, debug: bool = False,
+                 read_around: int = 0) -> None:
         super().__init__()
+        self.read_around = read_around
+        self.pushing = 0  # read-around pushes inside the kernel right now
+        # Windows pushed recently: a second miss in one of them is a read that
+        # raced its push. Older ones may be pushed again (the kernel may have
+        # dropped them since).
+        self._pushed: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._push_send, self._push_recv = trio.open_memory_channel[tuple[int, FileView, int]](
+            READ_AROUND_QUEUE)
         self.ownership = access
         self.debug = debug
         self._nodes: dict[int, DirNode | FileNode] = {}
         self._parents: dict[int, int] = {}
         self._inodes: dict[int, int] = {}  # id(node) -> inode
         self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
-        self._open: dict[int, FileView] = {}
+        self._open: dict[int, tuple[FileView, int]] = {}
         self._next_fh = 1
 
     @fuse_errors
@@ -260,23 +278,67 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS if self._is_ro_mount() else errno.EACCES)
         fh = self._next_fh
         self._next_fh += 1
-        self._open[fh] = node.view
+        self._open[fh] = (node.view, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=node.view.direct_io)
 
     def _is_ro_mount(self) -> bool:
         return not any(isinstance(n, FileNode) and n.view.writable for n in self._nodes.values())
 
     def _view(self, fh: int) -> FileView:
-        view = self._open.get(fh)
-        if view is None:
+        entry = self._open.get(fh)
+        if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return view
+        return entry[0]
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
-        view = self._view(fh)
+        entry = self._open.get(fh)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        view = entry[0]
         data = view.read_cached(off, size)
-        return data if data is not None else await view.read(off, size)
+        if data is None:
+            data = await view.read(off, size)
+        if size <= READ_AROUND_TRIGGER and self.read_around and view.unchanging:
+            self._read_around(entry[1], view, off)
+        return data
+
+    def _read_around(self, inode: int, view: FileView, off: int) -> None:
+        start = off - off % self.read_around
+        key = (inode, start)
+        if key in self._pushed:
+            return
+        try:
+            self._push_send.send_nowait((inode, view, start))
+        except trio.WouldBlock:
+            return  # busy: this window can be pushed another time
+        self._pushed[key] = None
+        if len(self._pushed) > READ_AROUND_RECENT:
+            self._pushed.popitem(last=False)
+
+    def _push(self, inode: int, start: int, data: bytes) -> None:
+        self.pushing += 1  # (the GIL makes these updates atomic)
+        try:
+            pyfuse3.notify_store(inode, start, data)
+        finally:
+            self.pushing -= 1
+
+    async def push_worker(self) -> None:
+        """Push read-around windows into the kernel's page cache. notify_store
+        waits for page locks that in-flight reads hold until we reply to them,
+        so it runs in a thread, never on the loop."""
+        async for inode, view, start in self._push_recv:
+            try:
+                data = view.read_cached(start, self.read_around)
+                if data is None:
+                    data = await view.read(start, self.read_around)
+                if data:
+                    if not isinstance(data, bytes):
+                        data = bytes(data)
+                    await trio.to_thread.run_sync(self._push, inode, start, data,
+                                                  limiter=_PUSH_THREADS, abandon_on_cancel=True)
+            except Exception as e:  # noqa: BLE001 - a push is only an optimisation
+                log.debug("read-around at %d failed: %s", start, e)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -29,6 +29,7 @@ Run = tuple[int, int, int, int]
 
 NUMPY_THRESHOLD = 16
 L1_CHUNK_BITS = 12
+L1_CHUNK_MASK = (1 << L1_CHUNK_BITS) - 1
 
 
 class Source(Protocol):
@@ -111,6 +112,10 @@ class Mapper:
         self.external_data = data_file is not file
         self.l2_cache = l2_cache
         self._cluster_mask = geo.cluster_size - 1
+        # Precomputed for read_cached, the per-request hot path.
+        self._span_bits = geo.l2_span.bit_length() - 1
+        self._special = OFLAG_COMPRESSED | (OFLAG_ZERO if geo.zero_flag else 0)
+        self._l2_tables = l2_cache._tables
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
 
     # ---- L2 tables ----------------------------------------------------------
@@ -256,21 +261,22 @@ class Mapper:
     def read_cached(self, l1: L1Table, offset: int, length: int) -> bytes | None:
         """The hot path: a range that is one host-contiguous data run, with its
         tables cached and its bytes in the host page cache, read without a
-        single await. None means: take the general path."""
-        span = self.geo.l2_span
-        index = offset // span
-        if (offset + length - 1) // span != index or self.geo.extended_l2:
+        single await. None means: take the general path. (Written flat, with
+        precomputed values: it runs once per FUSE read.)"""
+        sb = self._span_bits
+        index = offset >> sb
+        if (offset + length - 1) >> sb != index or self.geo.extended_l2:
             return None
-        l1e = l1.cached(index)
-        if not l1e:
+        chunk = l1._chunks.get(index >> L1_CHUNK_BITS)
+        if chunk is None or index >= l1.size:
             return None
-        table = self.l2_cache.peek(l1e & L1E_OFFSET_MASK)
+        table = self._l2_tables.get(int(chunk[index & L1_CHUNK_MASK]) & L1E_OFFSET_MASK)
         if table is None:
             return None
         cb = self.geo.cluster_bits
-        first = (offset - index * span) >> cb
-        last = (offset + length - 1 - index * span) >> cb
-        special = OFLAG_COMPRESSED | (OFLAG_ZERO if self.geo.zero_flag else 0)
+        first = (offset & ((1 << sb) - 1)) >> cb
+        last = ((offset + length - 1) & ((1 << sb) - 1)) >> cb
+        special = self._special
         e = int(table[first])
         host = e & L2E_OFFSET_MASK
         if e & special or not host:
@@ -279,8 +285,11 @@ class Mapper:
             e = int(table[k])
             if e & special or e & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return None
-        self._check_data(host)
-        self._check_data(host + ((last - first) << cb))
+        last_host = host + ((last - first) << cb)
+        if host & self._cluster_mask or (not self.external_data and (
+                host <= self._cluster_mask or last_host >= self.file.known_size)):
+            self._check_data(host)  # raises with the precise reason
+            self._check_data(last_host)
         return self.data_file.read_cached(host + (offset & self._cluster_mask), length)
 
     async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:

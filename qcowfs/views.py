@@ -23,6 +23,9 @@ class FileView:
     # True when the contents change under the kernel (live bitmaps): every
     # read must reach us.
     direct_io: bool = False
+    # True when the bytes can never change while mounted (read-only files):
+    # then pushing them into the kernel's cache ahead of reads is safe.
+    unchanging: bool = False
     mtime_ns: int = 0
 
     @property
@@ -72,6 +75,7 @@ class DiskView(FileView):
     def __init__(self, image: Image) -> None:
         self.image = image
         self.writable = not image.read_only
+        self.unchanging = image.read_only
         self.mtime_ns = os.stat(image.path).st_mtime_ns
 
     @property
@@ -79,8 +83,10 @@ class DiskView(FileView):
         return self.image.size
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
-        n = self.clip(offset, length)
-        return self.image.mapper.read_cached(self.image.active_l1, offset, n) if n > 0 else b""
+        image = self.image
+        size = image.header.size & ~511
+        n = length if offset + length <= size else size - offset
+        return image.mapper.read_cached(image.active_l1, offset, n) if n > 0 else b""
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         n = self.clip(offset, length)
@@ -113,6 +119,7 @@ class SnapshotView(FileView):
         self.entry = entry
         self._size = snapshot_disk_size(entry, image.size)
         self.l1 = L1Table(image.file, entry.l1_table_offset, entry.l1_size)
+        self.unchanging = True
         self.mtime_ns = entry.date_sec * 10**9 + entry.date_nsec
 
     @property
