@@ -33,3 +33,27 @@ def test_access_and_chdir_keep_the_daemon_serving(tmp_path: Path) -> None:
             assert st.f_bsize > 0
             with open(mnt / "disk.raw", "rb") as f:
                 assert f.read(4) == b"\x42" * 4
+
+
+def test_read_around_window_sizes_give_the_same_bytes(tmp_path: Path) -> None:
+    """Random small reads (which push windows into the kernel's cache) read
+    exactly QEMU's bytes, whatever the window; a bad window is refused."""
+    import random
+
+    from conftest import QCOWFS, to_raw
+
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "16M")
+    qemu_io(img, "write -P 0x11 0 3M", "write -P 0x22 5M 1M", "write -z 1M 64k")
+    want = to_raw(img, tmp_path / "want.raw").read_bytes()
+    rng = random.Random(7)
+    for window in ("0", "64K", "1M"):
+        with mounted(img, tmp_path / f"m{window}", "-o", f"read_around={window}") as mnt:
+            with open(mnt / "disk.raw", "rb", buffering=0) as f:
+                for _ in range(400):
+                    off = rng.randrange(0, len(want) - 4096)
+                    f.seek(off)
+                    assert f.read(4096) == want[off:off + 4096], (window, off)
+    p = subprocess.run([QCOWFS, "mount", str(img), str(tmp_path / "bad"), "-o", "read_around=3000"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "read_around" in p.stderr
