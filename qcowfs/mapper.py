@@ -179,14 +179,15 @@ class Mapper:
         off = e & L2E_OFFSET_MASK
         if not off and not self._data_at_zero(e):
             return UNALLOC, 0
-        self._check_data(off)
+        self.check_data(off)
         return DATA, off
 
     def _data_at_zero(self, e: int) -> bool:
         """Offset 0 is a real cluster in an external data file: COPIED says so."""
         return self.external_data and bool(e & OFLAG_COPIED)
 
-    def _check_data(self, off: int) -> None:
+    def check_data(self, off: int) -> None:
+        """Raise CorruptionError unless OFF is a plausible data cluster offset."""
         if off & self._cluster_mask:
             raise CorruptionError(f"L2 entry points to an unaligned cluster offset {off:#x}")
         if not self.external_data and (off < self.geo.cluster_size or off >= self.file.known_size):
@@ -202,14 +203,14 @@ class Mapper:
         if alloc and not off and not self._data_at_zero(w0):
             raise CorruptionError("extended L2 entry has allocated subclusters but no cluster")
         if alloc == SC_ALL:
-            self._check_data(off)
+            self.check_data(off)
             return DATA, off
         if zero == SC_ALL:
             return ZERO, 0
         if not alloc and not zero:
             return UNALLOC, 0
         if off:
-            self._check_data(off)
+            self.check_data(off)
         return MIXED, off
 
     def _map_subclusters(self, w0: int, bitmap: int, c0: int, g0: int, g1: int, runs: list[Run]) -> None:
@@ -258,7 +259,7 @@ class Mapper:
 
     # ---- reading ------------------------------------------------------------
 
-    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytes | None:
+    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
         """The hot path: a range that is one host-contiguous data run, with its
         tables cached and its bytes in the host page cache, read without a
         single await. None means: take the general path. (Written flat, with
@@ -288,8 +289,8 @@ class Mapper:
         last_host = host + ((last - first) << cb)
         if host & self._cluster_mask or (not self.external_data and (
                 host <= self._cluster_mask or last_host >= self.file.known_size)):
-            self._check_data(host)  # raises with the precise reason
-            self._check_data(last_host)
+            self.check_data(host)  # raises with the precise reason
+            self.check_data(last_host)
         return self.data_file.read_cached(host + (offset & self._cluster_mask), length)
 
     async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:

@@ -74,6 +74,9 @@ class Writer:
                 host = h
         if self.detect_zeroes and len(data) >= geo.cluster_size and self._has_zero_cluster(offset, data):
             return False
+        # Never write through an entry that fails a check (raises CorruptionError).
+        self.mapper.check_data(host)
+        self.mapper.check_data(host + ((last - first) << cb))
         self.data_file.write_sync(data, host + (offset & (geo.cluster_size - 1)))
         return True
 
@@ -154,6 +157,7 @@ class Writer:
                 k += 1
             elif state == IN_PLACE:
                 host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
+                self.mapper.check_data(host)
                 self.data_file.write_sync(piece, host + (g0 - c0))
                 k += 1
             else:

@@ -57,3 +57,35 @@ def test_read_around_window_sizes_give_the_same_bytes(tmp_path: Path) -> None:
     p = subprocess.run([QCOWFS, "mount", str(img), str(tmp_path / "bad"), "-o", "read_around=3000"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "read_around" in p.stderr
+
+
+def test_corruption_found_while_writing_marks_image_and_stops_writes(tmp_path: Path) -> None:
+    """An L2 entry pointing past the end of the file: the write fails with EIO,
+    the image gets the corrupt bit, later writes fail too, reads elsewhere work."""
+    import errno
+    import struct
+
+    import pytest
+
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
+    qemu_io(img, "write -P 0x33 0 128k")
+    raw = bytearray(img.read_bytes())
+    l1_off = struct.unpack_from(">Q", raw, 40)[0]
+    l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    entry = struct.unpack_from(">Q", raw, l2_off + 8)[0]   # guest cluster 1
+    struct.pack_into(">Q", raw, l2_off + 8, (entry & ~0x00FFFFFFFFFFFE00) | (1 << 40))
+    img.write_bytes(raw)
+    with mounted(img, tmp_path / "m", read_only=False) as mnt:
+        fd = os.open(mnt / "disk.raw", os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"x" * 512, 65536 + 512)
+            assert e.value.errno == errno.EIO
+            with pytest.raises(OSError):
+                os.pwrite(fd, b"y" * 512, 0)          # the mount is read-only now
+            assert os.pread(fd, 4, 0) == b"\x33" * 4  # reads elsewhere still work
+        finally:
+            os.close(fd)
+    flags = struct.unpack_from(">Q", img.read_bytes(), 72)[0]
+    assert flags & 2, "corrupt bit not set"
