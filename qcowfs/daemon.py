@@ -31,6 +31,23 @@ log = logging.getLogger("qcowfs")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+READAHEAD_KB = 1024
+
+
+def _raise_readahead(dev: int) -> None:
+    """Let the kernel read ahead 1 MiB at a time (FUSE's default is 128K): a
+    sequential reader then costs a quarter of the round trips. Needs root;
+    without it the default stays."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "r+") as f:
+            if int(f.read().strip() or 0) < READAHEAD_KB:
+                f.seek(0)
+                f.write(str(READAHEAD_KB))
+    except (OSError, ValueError) as e:
+        log.debug("cannot raise read-ahead (%s): %s", path, e)
+
+
 def sd_notify(message: str) -> None:
     """Send MESSAGE to systemd's notify socket, if we run under one."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -101,7 +118,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
                     nursery.start_soon(ops.push_worker)
             # abandon_on_cancel: a signal before the stat is answered ends the
             # FUSE loop, and the stat (then never answered) must not hold us.
-            await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+            _raise_readahead(st.st_dev)
             pidfile = _write_pidfile(mountpoint)
             if ready_fd is not None:
                 _detach_stdio()
