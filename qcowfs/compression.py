@@ -24,9 +24,3 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
         raise CorruptionError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
     return out
 
-
-def compress_cluster(data: bytes, compression_type: int) -> bytes:
-    if compression_type == COMPRESSION_ZLIB:
-        c = zlib.compressobj(6, zlib.DEFLATED, -15)
-        return c.compress(data) + c.flush()
-    return zstandard.ZstdCompressor().compress(data)
