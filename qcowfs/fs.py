@@ -88,6 +88,8 @@ class Operations(pyfuse3.Operations):
         self._parents: dict[int, int] = {}
         self._inodes: dict[int, int] = {}  # id(node) -> inode
         self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
+        self._read_only = not any(isinstance(n, FileNode) and n.view.writable
+                                  for n in self._nodes.values())
         self._open: dict[int, tuple[FileView, int]] = {}
         self._next_fh = 1
 
@@ -282,7 +284,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=node.view.direct_io)
 
     def _is_ro_mount(self) -> bool:
-        return not any(isinstance(n, FileNode) and n.view.writable for n in self._nodes.values())
+        return self._read_only
 
     def _view(self, fh: int) -> FileView:
         entry = self._open.get(fh)

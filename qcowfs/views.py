@@ -83,6 +83,7 @@ class DiskView(FileView):
         return self.image.size
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        # clip() inlined: this runs once per FUSE read.
         image = self.image
         size = image.header.size & ~511
         n = length if offset + length <= size else size - offset
