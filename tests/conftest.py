@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -92,11 +91,13 @@ def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True) -> Iter
 
 
 @contextlib.contextmanager
-def loop_device(path: Path, read_only: bool = True) -> Iterator[str]:
+def loop_device(path: Path, read_only: bool = True, direct_io: bool = False) -> Iterator[str]:
     """Attach PATH to a loop device, always detach afterwards."""
     args = ["losetup", "--find", "--show"]
     if read_only:
         args.append("-r")
+    if direct_io:
+        args.append("--direct-io=on")
     dev = run(*args, str(path)).stdout.strip()
     try:
         yield dev

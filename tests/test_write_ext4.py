@@ -10,7 +10,6 @@ import hashlib
 import os
 import random
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,20 +22,8 @@ from test_write import assert_clean, qcowfs_mount
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for losetup/mount")
 
 
-@contextlib.contextmanager
-def loop_rw(path: Path, direct_io: bool) -> Iterator[str]:
-    if not direct_io:
-        with loop_device(path, read_only=False) as dev:
-            yield dev
-        return
-    dev = run("losetup", "--find", "--show", "--direct-io=on", str(path)).stdout.strip()
-    try:
-        yield dev
-    finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
+def loop_rw(path: Path, direct_io: bool):
+    return loop_device(path, read_only=False, direct_io=direct_io)
 
 
 @contextlib.contextmanager
