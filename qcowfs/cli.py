@@ -63,6 +63,7 @@ class MountOptions:
     umask: int = 0o022
     l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
     read_around: int = DEFAULT_READ_AROUND
+    page_cache: bool = False
     debug: bool = False
 
     def apply(self, opts: str) -> None:
@@ -87,6 +88,8 @@ class MountOptions:
                 self.read_around = 0 if value.strip() in ("0", "off") else parse_size(value)
                 if self.read_around & (self.read_around - 1) or self.read_around % 4096:
                     raise UsageError("read_around must be 0 or a power of two of at least 4K")
+            elif key == "page_cache":
+                self.page_cache = True
             elif key == "debug":
                 self.debug = True
             elif (key in GENERIC_OPTIONS or key.startswith("no") and key[2:] in GENERIC_OPTIONS
@@ -309,7 +312,7 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, l2_cache_size=SIZE "
-                        "(default 32M), read_around=SIZE (default 256K, 0 = off), debug; "
+                        "(default 32M), read_around=SIZE (default 256K, 0 = off), page_cache, debug; "
                         "mount(8)/systemd generic options are accepted")
 
 

@@ -93,6 +93,15 @@ class HostFile:
         if end > self.known_size:
             self.known_size = end
 
+    def writev_sync(self, parts: list[bytes | bytearray | memoryview], offset: int) -> None:
+        """write_sync of the concatenated PARTS, without concatenating them."""
+        n = os.pwritev(self.fd, parts, offset)
+        total = sum(len(p) for p in parts)
+        if n < total:  # a short write: finish the rest plainly
+            self.write_sync(memoryview(b"".join(parts))[n:], offset + n)
+        elif offset + total > self.known_size:
+            self.known_size = offset + total
+
     async def sync(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_THREADS)
 

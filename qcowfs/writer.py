@@ -181,19 +181,19 @@ class Writer:
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         c0 = base + (k << cb)
         end = start + len(data)
-        buf: bytearray | memoryview
-        if start <= c0 and end >= c0 + n * cs:
-            buf = data[c0 - start : c0 - start + n * cs]  # new bytes cover the run
-        else:
-            buf = bytearray(n * cs)
-            # Old contents only where the new bytes do not cover the run.
-            if start > c0:
-                await self._old_contents(memoryview(buf)[: start - c0], c0)
-            if end < c0 + n * cs:
-                tail = max(end, c0)
-                await self._old_contents(memoryview(buf)[tail - c0 :], tail)
-            lo, hi = max(start, c0), min(end, c0 + n * cs)
-            buf[lo - c0 : hi - c0] = data[lo - start : hi - start]
+        run_end = c0 + n * cs
+        lo, hi = max(start, c0), min(end, run_end)
+        # Old contents only where the new bytes do not cover the run; the
+        # pieces go out in one pwritev, the new bytes never copied.
+        parts: list[bytearray | memoryview] = [data[lo - start : hi - start]]
+        if lo > c0:
+            head = bytearray(lo - c0)
+            await self._old_contents(memoryview(head), c0)
+            parts.insert(0, head)
+        if hi < run_end:
+            tail = bytearray(run_end - hi)
+            await self._old_contents(memoryview(tail), hi)
+            parts.append(tail)
         old_entries = [self._entry(table, k + j) for j in range(n)]
         if self.external:
             host = c0  # guest offset == host offset in an external data file
@@ -201,7 +201,7 @@ class Writer:
             host = old_entries[0][0] & L2E_OFFSET_MASK
         else:
             host = await self.alloc.allocate(n)
-        self.data_file.write_sync(buf, host)
+        self.data_file.writev_sync(parts, host)
         for j in range(n):
             self._set_data(table, k + j, host + (j << cb))
             if not reuse:

@@ -422,7 +422,7 @@ def test_mmap_writes_tracked(tmp_path: Path) -> None:
     import mmap
     img = create(tmp_path / "disk.qcow2", SMALL)
     qimg("bitmap", "--add", "--granularity", "4K", img, "b")
-    with mounted(img, tmp_path / "mnt", read_only=False) as m:
+    with mounted(img, tmp_path / "mnt", "-o", "page_cache", read_only=False) as m:
         fd = os.open(m / "disk.raw", os.O_RDWR)
         try:
             mm = mmap.mmap(fd, SMALL)

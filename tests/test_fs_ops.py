@@ -89,3 +89,29 @@ def test_corruption_found_while_writing_marks_image_and_stops_writes(tmp_path: P
             os.close(fd)
     flags = struct.unpack_from(">Q", img.read_bytes(), 72)[0]
     assert flags & 2, "corrupt bit not set"
+
+
+def test_writable_disk_is_direct_io_unless_page_cache(tmp_path: Path) -> None:
+    """The README's trade: a writable disk.raw bypasses the kernel page cache,
+    so shared mmap is refused (ENODEV); -o page_cache and read-only mounts
+    allow it."""
+    import errno
+    import mmap
+    img = _image(tmp_path)
+    for extra, read_only, mappable in ((), False, False), (("-o", "page_cache"), False, True), ((), True, True):
+        with mounted(img, tmp_path / "mnt", *extra, read_only=read_only) as mnt:
+            fd = os.open(mnt / "disk.raw", os.O_RDONLY)
+            try:
+                if mappable:
+                    with mmap.mmap(fd, 4096, prot=mmap.PROT_READ) as mm:
+                        assert mm[:4] == b"\x42" * 4
+                else:
+                    try:
+                        mmap.mmap(fd, 4096, prot=mmap.PROT_READ).close()
+                    except OSError as e:
+                        assert e.errno == errno.ENODEV
+                    else:
+                        raise AssertionError("shared mmap of a direct I/O disk.raw worked")
+                assert os.pread(fd, 4, 0) == b"\x42" * 4
+            finally:
+                os.close(fd)

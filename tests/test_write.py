@@ -287,6 +287,16 @@ def budget_for(name: str) -> int:
 
 @pytest.mark.parametrize("name", CASES)
 def test_random_writes(name: str, tmp_path: Path) -> None:
+    random_writes(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["v3-c64k", "backing-qcow2", "extl2-c16k-backing", "refcount16-c512"])
+def test_random_writes_page_cache(name: str, tmp_path: Path) -> None:
+    """-o page_cache: the kernel's buffered write path (partial pages read first)."""
+    random_writes(name, tmp_path, "-o", "page_cache")
+
+
+def random_writes(name: str, tmp_path: Path, *mount_options: str) -> None:
     img = build_case(name, tmp_path / "img").resolve()
     vsize = info(img)["virtual-size"]
     cs = info(img)["cluster-size"]
@@ -294,7 +304,7 @@ def test_random_writes(name: str, tmp_path: Path) -> None:
     snaps = {sid: sha_file(oracle(img, tmp_path / f"snap-{sid}.raw", snapshot_id=sid)) for sid in snapshot_ids(img)}
     rt_clusters_before = Header(img).refcount_table_clusters
 
-    with qcowfs_mount(img, tmp_path / "mnt") as mnt:
+    with qcowfs_mount(img, tmp_path / "mnt", *mount_options) as mnt:
         disk = mnt / "disk.raw"
         assert disk.stat().st_size == vsize
         w = Workload(disk, ref, vsize, cs, seed=zlib.crc32(name.encode()))
