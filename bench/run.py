@@ -71,6 +71,7 @@ AIMS = {
     ("*read", "qsd"): 1.5,
     ("*read", "qcowmount"): 1.0,
     ("seq_read", "passthrough"): 0.9,
+    ("*write", "qsd"): 1.5,
 }
 
 PEERS = ["qsd", "qcowmount", "passthrough"]  # ratio columns, in order

@@ -64,6 +64,7 @@ class MountOptions:
     l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
     read_around: int = DEFAULT_READ_AROUND
     page_cache: bool = False
+    noexec: bool = False
     debug: bool = False
 
     def apply(self, opts: str) -> None:
@@ -88,6 +89,8 @@ class MountOptions:
                 self.read_around = 0 if value.strip() in ("0", "off") else parse_size(value)
                 if self.read_around & (self.read_around - 1) or self.read_around % 4096:
                     raise UsageError("read_around must be 0 or a power of two of at least 4K")
+            elif key in ("exec", "noexec"):
+                self.noexec = key == "noexec"
             elif key == "page_cache":
                 self.page_cache = True
             elif key == "debug":
@@ -131,6 +134,8 @@ def _fuse_options(image_path: str, opts: MountOptions) -> set[str]:
     s = {"fsname=" + image_path.replace(",", "\\,"), "subtype=qcowfs", "noatime"}
     if opts.read_only:
         s.add("ro")
+    if opts.noexec:
+        s.add("noexec")  # nosuid and nodev: always, FUSE's own defaults
     if opts.allow_other:
         s |= {"allow_other", "default_permissions"}
     return s

@@ -175,6 +175,17 @@ def test_generic_options_mount(tmp_path: Path, image: Path):
         assert not is_mounted(mnt)
 
 
+def test_noexec_reaches_the_kernel(tmp_path: Path, image: Path):
+    """noexec (last of exec/noexec wins) shows in /proc/mounts; nosuid,nodev always."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for opts, noexec in (("ro,noexec", True), ("ro,noexec,exec", False), ("ro,dev,suid", False)):
+        with mounted(image, mnt, "-o", opts):
+            flags = fuse_mounts_of(image)[0].split()[3].split(",")
+            assert ("noexec" in flags) is noexec, (opts, flags)
+            assert "nosuid" in flags and "nodev" in flags, (opts, flags)
+
+
 def test_mount_fuse3_options(tmp_path: Path, image: Path):
     """What mount.fuse3 passes (ro,dev,suid, plus repeated -o) and fuse's own options."""
     mnt = tmp_path / "mnt"
