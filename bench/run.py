@@ -262,6 +262,7 @@ class Contender:
     def __init__(self, cfg):
         self.cfg = cfg
         self.mnt = WORK / "mnt" / self.name
+        self.pids = []  # the serving processes of the current mount (memory)
 
     def version(self):
         return ""
@@ -308,7 +309,7 @@ class Qcowfs(Contender):
                 msg = (f"qcowfs mount{'' if writable else ' --read-only'} exited "
                        f"{p.returncode}: {err[-1] if err else '(no output)'}")
                 raise (Unavailable if writable else ContenderError)(msg)
-            pids = pids_mentioning(mnt)
+            pids = self.pids = pids_mentioning(mnt)
             _PIDS.update(pids)
             f = mnt / "disk.raw"
             if not f.exists():
@@ -351,6 +352,7 @@ class Qsd(Contender):
             run(cmd, timeout=60)  # --daemonize returns once the export is up
             pid = int(pidfile.read_text().strip())
             _PIDS.add(pid)
+            self.pids = [pid]
             wait_for(lambda: mounted(mnt), 10, "qemu-storage-daemon")
             yield mnt
         finally:
@@ -384,7 +386,7 @@ class Qcowmount(Contender):
         try:
             run(pin_prefix(self.cfg.daemon_cpus) + ["qcowmount", qcow2, mnt], timeout=60)  # daemonizes unless -v
             wait_for(lambda: mounted(mnt), 10, "qcowmount")
-            pids = pids_mentioning(mnt)
+            pids = self.pids = pids_mentioning(mnt)
             _PIDS.update(pids)
             yield mnt / "qcow1"
         finally:
@@ -413,6 +415,7 @@ class Passthrough(Contender):
         proc = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errf)
         _PIDS.add(proc.pid)
+        self.pids = [proc.pid]
         try:
             try:
                 wait_for(lambda: mounted(mnt), 20, "passthrough", proc)
@@ -562,6 +565,23 @@ class Cell:
         vals = [r["value"] for r in self.runs]
         return statistics.median(vals) if vals else None
 
+    @property
+    def peak_rss(self):
+        vals = [r["peak_rss_mib"] for r in self.runs if r.get("peak_rss_mib")]
+        return max(vals) if vals else None
+
+
+def peak_rss_mib(pids):
+    """Peak resident memory (VmHWM) of the serving processes, summed, in MiB."""
+    total_kb = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total_kb += int(line.split()[1])
+    return total_kb / 1024 if total_kb else None
+
 
 def one_run(bench, cont, cfg, raw, qcow2):
     if bench.kind == "read":
@@ -576,7 +596,9 @@ def one_run(bench, cont, cfg, raw, qcow2):
             fuse_tune(path, cfg.read_ahead_kb, cfg.max_background)
             drop_caches()
             warm(warm_target)
-            return fio(bench, path, cfg.size, cfg.runtime, cfg.fio_cpus)
+            r = fio(bench, path, cfg.size, cfg.runtime, cfg.fio_cpus)
+            r["peak_rss_mib"] = peak_rss_mib(cont.pids)
+            return r
     finally:
         if bench.kind == "write":
             for p in (img_q, img_r):
@@ -679,7 +701,23 @@ def report(cfg, benches, contenders, results):
                     s = f"{s:<6} aim >={r['aim']:.1f}{verdict}"
             parts.append(f"{s:<{cw}}")
         lines.append((f"{b.title:<28} " + " ".join(parts)).rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + memory_report(benches, names, peers, results))
+
+
+def memory_report(benches, names, peers, results):
+    """Peak RSS of each daemon (max over runs) and qcowfs / peer (lower is better)."""
+    w = 11
+    head = f"{'peak RSS (MiB)':<28} " + " ".join(f"{n:>{w}}" for n in names)
+    head += "   qcowfs / " + ", ".join(peers) + " (lower is better)"
+    lines = [head, "-" * len(head)]
+    for b in benches:
+        row = results[b.key]
+        rss = {n: row[n].peak_rss if n in row else None for n in names}
+        cells = " ".join(f"{'' if rss[n] is None else f'{rss[n]:.0f}':>{w}}" for n in names)
+        q = rss.get("qcowfs")
+        rs = ", ".join("-" if not (q and rss.get(p)) else f"{q / rss[p]:.2f}x" for p in peers)
+        lines.append(f"{b.title:<28} {cells}   {rs}")
+    return lines
 
 
 def to_json(cfg, benches, contenders, results, versions, elapsed):
@@ -701,7 +739,7 @@ def to_json(cfg, benches, contenders, results, versions, elapsed):
         out["benchmarks"][b.key] = {
             "title": b.title, "kind": b.kind, "unit": b.unit,
             "fio": b.fio + ([f"--runtime={cfg.runtime}", "--time_based"] if b.time_based else []),
-            "results": {n: {"median": c.median, "runs": c.runs,
+            "results": {n: {"median": c.median, "peak_rss_mib": c.peak_rss, "runs": c.runs,
                             "status": "n/a" if c.na else ("failed" if c.error else "ok"),
                             "error": c.error or None}
                         for n, c in row.items()},

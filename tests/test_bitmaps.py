@@ -117,7 +117,8 @@ def qemu_bits(img: Path, name: str) -> bytes:
         p = subprocess.Popen(["qemu-nbd", "--read-only", "-f", "qcow2", "-B", name, "-k", str(sock),
                               "--persistent", str(img)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            for _ in range(200):
+            deadline = time.monotonic() + 30  # generous: CI machines are busy
+            while time.monotonic() < deadline:
                 if sock.exists() or p.poll() is not None:
                     break
                 time.sleep(0.025)
