@@ -301,7 +301,7 @@ class Operations(pyfuse3.Operations):
         return entry[0]
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         entry = self._open.get(fh)
         if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 
 import trio
 
@@ -93,7 +94,7 @@ class HostFile:
         if end > self.known_size:
             self.known_size = end
 
-    def writev_sync(self, parts: list[bytes | bytearray | memoryview], offset: int) -> None:
+    def writev_sync(self, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """write_sync of the concatenated PARTS, without concatenating them."""
         n = os.pwritev(self.fd, parts, offset)
         total = sum(len(p) for p in parts)

@@ -146,20 +146,20 @@ class Image:
         lock_image(self.file.fd, self.path, writer=True)
         if self.data_file is not None:
             lock_image(self.data_file.fd, self.data_file.path, writer=True)
-        self.reload_refcounts()
-        self.writer = Writer(self.geo, self.mapper, self.active_l1, self.allocator,
-                             lambda: self.backing)
+        alloc = self.reload_refcounts()
+        self.writer = Writer(self.geo, self.mapper, self.active_l1, alloc, lambda: self.backing)
         self._flush_lock = trio.Lock()
 
-    def reload_refcounts(self) -> None:
+    def reload_refcounts(self) -> Allocator:
         """(Re)read the refcount table named by the header, with empty caches."""
         h = self.header
-        self.allocator = Allocator(self.geo, self.file, h.refcount_table_offset,
-                                   h.refcount_table_clusters)
+        alloc = self.allocator = Allocator(self.geo, self.file, h.refcount_table_offset,
+                                           h.refcount_table_clusters)
         self.l2_cache.clear()
-        self.l2_cache.depends_on = self.allocator.cache
+        self.l2_cache.depends_on = alloc.cache
         if self.writer is not None:
-            self.writer.alloc = self.allocator
+            self.writer.alloc = alloc
+        return alloc
 
     def _validate(self, h: Header, file_size: int) -> None:
         cs = self.geo.cluster_size

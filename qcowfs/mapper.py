@@ -35,7 +35,8 @@ L1_CHUNK_MASK = (1 << L1_CHUNK_BITS) - 1
 class Source(Protocol):
     """Something a guest range can be read from: a backing image or raw file."""
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill BUF (pre-zeroed) from OFFSET; bytes past the source's end stay zero."""

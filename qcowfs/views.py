@@ -105,16 +105,16 @@ class DiskView(FileView):
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
-        return await self.image.write(offset, data)  # type: ignore[attr-defined]
+        return await self.image.write(offset, data)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
-        await self.image.resize(size)  # type: ignore[attr-defined]
+        await self.image.resize(size)
 
     async def fsync(self) -> None:
         if self.writable:
-            await self.image.flush()  # type: ignore[attr-defined]
+            await self.image.flush()
 
 
 class SnapshotView(FileView):
