@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -37,6 +38,9 @@ GIB = 1 << 30
 # on and which contenders take part ("read": the random-data image mounted
 # read-only; "write": a fresh scratch image per run, mounted read-write).
 # `prepare` names how the scratch image is made ("empty" or "copy").
+# `job` is what runs on the mounted disk: fio with `fio`, or the users' real
+# job, ext4 on a loop device over disk.raw ("ext4_write": copy a tree of
+# files in, through umount; "ext4_read": read it all back with cold caches).
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Bench:
     fio: list
     time_based: bool = False
     prepare: str = ""  # write benches: "empty" | "copy"
+    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read"
 
 
 BENCHES = [
@@ -63,6 +68,10 @@ BENCHES = [
     Bench("rand_write_1", "rand write 4k +fsync", "write", "IOPS",
           ["--rw=randwrite", "--bs=4k", "--numjobs=1", "--end_fsync=1"],
           time_based=True, prepare="copy"),
+    Bench("ext4_write", "ext4 on loop: copy", "write", "MiB/s", [],
+          prepare="empty", job="ext4_write"),
+    Bench("ext4_read", "ext4 on loop: read", "write", "MiB/s", [],
+          prepare="empty", job="ext4_read"),
 ]
 
 # Aims: (bench key or "*read" for all read benches, peer) -> minimal ratio
@@ -71,7 +80,8 @@ AIMS = {
     ("*read", "qsd"): 1.5,
     ("*read", "qcowmount"): 1.0,
     ("seq_read", "passthrough"): 0.9,
-    ("*write", "qsd"): 1.5,
+    ("seq_write", "qsd"): 1.5,
+    ("rand_write_1", "qsd"): 1.5,
 }
 
 PEERS = ["qsd", "qcowmount", "passthrough"]  # ratio columns, in order
@@ -543,6 +553,71 @@ def fio(bench, path, size, runtime, cpus=None):
     }
 
 
+def ensure_tree(image_size):
+    """A tree of files of mixed sizes (random bytes) to copy onto ext4: made
+    once, a quarter of the image (at most 256 MiB). Returns (path, bytes)."""
+    target = min(256 * MIB, image_size // 4)
+    tree = WORK / f"tree-{target // MIB}M"
+    done = tree / ".complete"
+    if not done.exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        rng = random.Random(7)
+        total = i = 0
+        while total < target:
+            r = rng.random()
+            n = rng.randint(1, 64 << 10) if r < 0.7 else (
+                rng.randint(64 << 10, MIB) if r < 0.95 else rng.randint(MIB, 8 * MIB))
+            n = min(n, target - total)
+            d = tree / f"d{i // 100:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i:05d}").write_bytes(os.urandom(n))
+            total, i = total + n, i + 1
+        done.write_text(f"{total}\n")
+    return tree, int(done.read_text())
+
+
+def ext4_job(bench, disk, image_file, image_size):
+    """ext4 on a loop device over DISK: time the copy of a tree in (through
+    umount, which writes everything back) or reading it all back (caches
+    dropped, image file warm like the fio runs)."""
+    tree, nbytes = ensure_tree(image_size)
+    fs = WORK / "ext4"
+    fs.mkdir(parents=True, exist_ok=True)
+    dev = run(["losetup", "--find", "--show", disk]).stdout.strip()
+    try:
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev], timeout=300)
+
+        def copy_in():
+            run(["mount", dev, fs])
+            run(["cp", "-a", tree, fs / "tree"], timeout=900)
+            run(["umount", fs], timeout=300)
+
+        if bench.job == "ext4_write":
+            drop_caches()
+            warm(image_file)
+            run(["sh", "-c", f"tar cf - -C '{tree}' . | cat > /dev/null"], timeout=300)  # source warm
+            t0 = time.monotonic()
+            copy_in()
+        else:
+            copy_in()
+            drop_caches()
+            warm(image_file)
+            t0 = time.monotonic()
+            run(["mount", "-o", "ro", dev, fs])
+            # through cat: GNU tar skips reading file data when writing to /dev/null
+            run(["sh", "-c", f"tar cf - -C '{fs}' . | cat > /dev/null"], timeout=900)
+            run(["umount", fs], timeout=300)
+        seconds = time.monotonic() - t0
+    finally:
+        if mounted(fs):
+            subprocess.run(["umount", "-l", str(fs)], capture_output=True)
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+    return {"value": nbytes / MIB / seconds, "seconds": seconds, "tree_mib": nbytes / MIB}
+
+
 def check_data(path, raw, size):
     """One cheap correctness guard: size and two 1 MiB chunks match the raw twin."""
     st = os.stat(path)
@@ -594,9 +669,12 @@ def one_run(bench, cont, cfg, raw, qcow2):
             if bench.kind == "read" and cfg.verify:
                 check_data(path, raw, cfg.size)
             fuse_tune(path, cfg.read_ahead_kb, cfg.max_background)
-            drop_caches()
-            warm(warm_target)
-            r = fio(bench, path, cfg.size, cfg.runtime, cfg.fio_cpus)
+            if bench.job == "fio":
+                drop_caches()
+                warm(warm_target)
+                r = fio(bench, path, cfg.size, cfg.runtime, cfg.fio_cpus)
+            else:
+                r = ext4_job(bench, path, warm_target, cfg.size)
             r["peak_rss_mib"] = peak_rss_mib(cont.pids)
             return r
     finally:
@@ -816,7 +894,8 @@ def main(argv=None):
         if bad:
             sys.exit(f"unknown benchmark(s): {','.join(sorted(bad))}")
         benches = [b for b in benches if b.key in want]
-    missing = [t for t in ("fio", "taskset", "qemu-img", "qemu-storage-daemon", "qcowmount", "fusermount3")
+    missing = [t for t in ("fio", "taskset", "qemu-img", "qemu-storage-daemon", "qcowmount", "fusermount3",
+                         "losetup", "mkfs.ext4")
                if shutil.which(t) is None]
     if missing:
         sys.exit(f"bench: missing tools: {' '.join(missing)} (run scripts/install.sh --test)")
