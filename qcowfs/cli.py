@@ -25,7 +25,7 @@ from .image import DEFAULT_L2_CACHE_BYTES, Image, OpenOptions
 log = logging.getLogger("qcowfs")
 SUBCOMMANDS = ("mount", "umount", "info", "check")
 # Options mount(8) and systemd pass along that mean nothing to us.
-GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "exec", "atime", "auto", "nofail", "_netdev",
+GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "atime", "auto", "nofail", "_netdev",
                    "defaults", "relatime", "strictatime", "lazytime", "user", "users", "owner",
                    "diratime", "async", "sync"}
 DEFAULT_READ_AROUND = 256 << 10

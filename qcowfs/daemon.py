@@ -88,8 +88,8 @@ def _write_pidfile(mountpoint: str) -> str | None:
 def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set[str],
           ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, flush, exit code."""
-    ops = Operations(build_tree(image, opts.page_cache), Access(opts.uid, opts.gid, opts.umask), debug=opts.debug,
-                     read_around=opts.read_around)
+    ops = Operations(build_tree(image, opts.page_cache), Access(opts.uid, opts.gid, opts.umask),
+                     debug=opts.debug, read_around=opts.read_around)
     # From the mount on, a signal must not kill us (that leaves a dead mount,
     # or a half-flushed image): until _watch_signals listens, and after it
     # stopped listening (while flushing), signals are only remembered.

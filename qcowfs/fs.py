@@ -12,7 +12,7 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 
 import pyfuse3
 import trio
@@ -178,9 +178,10 @@ class Operations(pyfuse3.Operations):
                 await node.view.truncate(attr.st_size)
         return self._attr(inode)
 
-    def _no_changes(self) -> None:
-        """The tree is fixed: creating, removing or renaming entries is refused."""
-        raise pyfuse3.FUSEError(errno.EROFS if self._is_ro_mount() else errno.EACCES)
+    def _no_changes(self) -> NoReturn:
+        """The tree is fixed and read-only files stay so: EROFS on a read-only
+        mount, EACCES otherwise."""
+        raise pyfuse3.FUSEError(errno.EROFS if self._read_only else errno.EACCES)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> Any:
@@ -285,14 +286,11 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
-            raise pyfuse3.FUSEError(errno.EROFS if self._is_ro_mount() else errno.EACCES)
+            self._no_changes()
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = (node.view, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=node.view.direct_io)
-
-    def _is_ro_mount(self) -> bool:
-        return self._read_only
 
     def _view(self, fh: int) -> FileView:
         entry = self._open.get(fh)

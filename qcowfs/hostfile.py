@@ -95,13 +95,12 @@ class HostFile:
             self.known_size = end
 
     def writev_sync(self, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
-        """write_sync of the concatenated PARTS, without concatenating them."""
+        """write_sync of the concatenated PARTS, without concatenating them
+        (unless the kernel writes short, which write_sync then finishes)."""
         n = os.pwritev(self.fd, parts, offset)
         total = sum(len(p) for p in parts)
-        if n < total:  # a short write: finish the rest plainly
-            self.write_sync(memoryview(b"".join(parts))[n:], offset + n)
-        elif offset + total > self.known_size:
-            self.known_size = offset + total
+        rest = memoryview(b"".join(parts))[n:] if n < total else memoryview(b"")
+        self.write_sync(rest, offset + n)
 
     async def sync(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_THREADS)

@@ -6,6 +6,7 @@ test fails.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
@@ -120,3 +121,21 @@ def mount(tmp_path: Path):
 
     with stack:
         yield _mount
+
+
+def verify_tree(root: Path, sums: dict[str, str]) -> list[str]:
+    """Differences between the *.bin files under ROOT and their expected sha256 SUMS."""
+    errors = []
+    for rel, want in sums.items():
+        p = root / rel
+        try:
+            got = hashlib.sha256(p.read_bytes()).hexdigest()
+        except OSError as e:
+            errors.append(f"{rel}: {e}")
+            continue
+        if got != want:
+            errors.append(f"{rel}: sha256 {got} != {want}")
+    found = {str(p.relative_to(root)) for p in root.rglob("*.bin")}
+    if found != set(sums):
+        errors.append(f"file set differs: extra {sorted(found - set(sums))}, missing {sorted(set(sums) - found)}")
+    return errors

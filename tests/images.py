@@ -298,7 +298,7 @@ def _zero_over_backing(d: Path) -> Path:
     base = create(d / "base.qcow2", 4 * MiB)
     qio(base, f"write -s {src.rnd(4 * MiB)} 0 4M")
     img = create(d / "disk.qcow2", 4 * MiB, backing="base.qcow2", backing_fmt="qcow2", cwd=d)
-    qio(img, "write -z 64k 128k", "write -z -u 1M 64k", "write -z 2M 100", f"write -P 0x11 3M 100",
+    qio(img, "write -z 64k 128k", "write -z -u 1M 64k", "write -z 2M 100", "write -P 0x11 3M 100",
         "write -z 3200000 70000")
     return img
 
@@ -360,7 +360,7 @@ def _qio_compressed(ctype: str):
         img = create(d / "disk.qcow2", 4 * MiB, compression_type=ctype)
         src = Sources(d, seed=21 + len(ctype))
         qio(img, f"write -c -s {src.txt()} 0 64k", f"write -c -s {src.txt()} 128k 256k",
-            f"write -c -P 0x42 1M 64k",
+            "write -c -P 0x42 1M 64k",
             f"write -c -s {src.rnd()} 2M 64k",          # incompressible: stored as a normal cluster
             f"write -s {src.rnd()} {160 * KiB + 7} 1000",  # partial overwrite of a compressed cluster
             f"write -c -s {src.txt()} {4 * MiB - cs} {cs}")  # last cluster
@@ -567,7 +567,7 @@ def _dirty(d: Path) -> Path:
     src = Sources(d, seed=44)
     img = create(d / "disk.qcow2", 4 * MiB, lazy_refcounts="on")
     qio(img, f"write -s {src.rnd()} 0 100000")
-    p = qio(img, f"write -s {src.rnd()} 1000000 300000", f"write -P 0x14 3M 5", "abort", check=False)
+    p = qio(img, f"write -s {src.rnd()} 1000000 300000", "write -P 0x14 3M 5", "abort", check=False)
     assert p.returncode != 0
     assert info(img)["dirty-flag"] is True
     return img

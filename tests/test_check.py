@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS
-from images import KiB, MiB, Header, build, create, oracle, qimg, qio, read_u64, patch
+from images import MiB, Header, build, create, oracle, qimg, qio, read_u64, patch
 from test_write import assert_clean, assert_same, qcheck, sha_file
 
 

@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import QCOWFS
-from images import KiB, MiB, create, info, oracle, qimg, qio
-from test_write import (assert_clean, assert_same, in_proc_mounts, lazy_unmount, pwrite_all, qcheck,
+from images import KiB, MiB, create, oracle, qimg, qio
+from test_write import (assert_clean, assert_same, in_proc_mounts, lazy_unmount, mirror_writes, qcheck,
                         qcowfs_mount, sha_file, snapshot_ids)
 
 SLOT = 256 * KiB
@@ -176,18 +174,11 @@ def test_remount_and_write_after_kill(tmp_path: Path) -> None:
     ref = oracle(img, tmp_path / "ref.raw")
     rng = random.Random(8)
     with qcowfs_mount(img, tmp_path / "mnt1") as mnt:
-        fd, rfd = os.open(mnt / "disk.raw", os.O_RDWR), os.open(ref, os.O_RDWR)
-        try:
-            for _ in range(200):
-                n = rng.randint(1, 200 * KiB)
-                off = rng.randrange(0, 32 * MiB - n)
-                data = rng.randbytes(n)
-                pwrite_all(fd, data, off)
-                pwrite_all(rfd, data, off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.close(rfd)
+        writes = []
+        for _ in range(200):
+            n = rng.randint(1, 200 * KiB)
+            writes.append((rng.randrange(0, 32 * MiB - n), rng.randbytes(n)))
+        mirror_writes(mnt / "disk.raw", ref, writes)
     rc, rep = qcheck(img)
     assert rc in (0, 3), f"qemu-img check exit {rc} after remount and writes: {rep}"
     assert_same(img, ref)

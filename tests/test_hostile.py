@@ -18,7 +18,7 @@ import pytest
 
 from conftest import QCOWFS, force_unmount, is_mounted
 from images import (EXT_FEATURE_TABLE, KiB, MiB, TiB, Header, create, file_state,
-                    oracle, patch, qimg, qio, read_u64, set_field, set_incompatible, sh)
+                    oracle, patch, qio, read_u64, set_field, set_incompatible, sh)
 
 TIMEOUT = 60
 FEATURE_NAME = "qcowfs-test-frobnicator"

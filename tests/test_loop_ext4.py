@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import is_mounted, loop_device
+from conftest import is_mounted, loop_device, verify_tree
 from images import KiB, MiB, qimg, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for losetup/mount")
@@ -61,23 +61,6 @@ def build_ext4_raw(tmp: Path, seed: int, size: int = 64 * MiB) -> tuple[Path, di
             umount_dir(mnt)
     assert not is_mounted(mnt)
     return raw, sums
-
-
-def verify_tree(root: Path, sums: dict[str, str]) -> list[str]:
-    errors = []
-    for rel, want in sums.items():
-        p = root / rel
-        try:
-            got = hashlib.sha256(p.read_bytes()).hexdigest()
-        except OSError as e:
-            errors.append(f"{rel}: {e}")
-            continue
-        if got != want:
-            errors.append(f"{rel}: sha256 {got} != {want}")
-    found = {str(p.relative_to(root)) for p in root.rglob("*.bin")}
-    if found != set(sums):
-        errors.append(f"file set differs: extra {sorted(found - set(sums))}, missing {sorted(set(sums) - found)}")
-    return errors
 
 
 @pytest.mark.parametrize("variant", [

@@ -61,6 +61,11 @@ def random_preads(fd: int, expected: bytes, rng: random.Random, n: int = 150) ->
     return errors
 
 
+def size_errors(disk: Path, vsize: int) -> list[str]:
+    st = os.stat(disk)
+    return [] if st.st_size == vsize else [f"st_size {st.st_size} != virtual size {vsize}"]
+
+
 @pytest.mark.parametrize("name", NORMAL)
 def test_disk_raw_matches_qemu(name: str, tmp_path: Path, mount) -> None:
     d = tmp_path / "img"
@@ -74,10 +79,7 @@ def test_disk_raw_matches_qemu(name: str, tmp_path: Path, mount) -> None:
 
     mnt = mount(img)
     disk = mnt / "disk.raw"
-    errors: list[str] = []
-    st = os.stat(disk)
-    if st.st_size != vsize:
-        errors.append(f"st_size {st.st_size} != virtual size {vsize}")
+    errors = size_errors(disk, vsize)
     off = first_difference(disk, expected)
     if off is not None:
         errors.append("full read differs from qemu-img convert: " + describe_diff(disk, expected, off, cluster))
@@ -161,10 +163,7 @@ def test_huge_sparse_disk(name: str, tmp_path: Path, mount) -> None:
 
     mnt = mount(img)
     disk = mnt / "disk.raw"
-    errors: list[str] = []
-    st = os.stat(disk)
-    if st.st_size != vsize:
-        errors.append(f"st_size {st.st_size} != virtual size {vsize}")
+    errors = size_errors(disk, vsize)
     fd = os.open(disk, os.O_RDONLY)
     try:
         for (off, ln), want in expected.items():

@@ -652,6 +652,15 @@ def readme_fstab_options() -> str:
 
 
 @pytest.mark.usefixtures("qcowfs_on_default_path")
+def served_then_umounted(p: subprocess.CompletedProcess, mnt: Path) -> None:
+    """mount(8) (P) worked, the disk is served, and umount(8) ends the daemon."""
+    assert p.returncode == 0, p.stderr
+    assert (mnt / "disk.raw").stat().st_size == 32 * MiB
+    pids = daemon_pids(mnt)
+    assert sh("umount", mnt, check=False).returncode == 0
+    wait_gone(pids)
+
+
 def test_fstab_line(tmp_path: Path):
     """The fstab line of systemd/README.md, through `mount -T FSTAB MOUNTPOINT`."""
     img = make_image(tmp_path / "disk.qcow2")
@@ -661,11 +670,7 @@ def test_fstab_line(tmp_path: Path):
     fstab.write_text(f"# test\n{img} {mnt} fuse.qcowfs {readme_fstab_options()} 0 0\n")
     with cleanup_mount(mnt):
         p = mount8("-T", fstab, mnt)
-        assert p.returncode == 0, p.stderr
-        assert (mnt / "disk.raw").stat().st_size == 32 * MiB
-        pids = daemon_pids(mnt)
-        assert sh("umount", mnt, check=False).returncode == 0
-        wait_gone(pids)
+        served_then_umounted(p, mnt)
     qemu_img_check(img)
 
 
@@ -684,11 +689,7 @@ def test_mount_unit_options(tmp_path: Path):
     mnt.mkdir()
     with cleanup_mount(mnt):
         p = mount8("-t", unit_value(unit, "Type"), img, mnt, "-o", unit_value(unit, "Options"))
-        assert p.returncode == 0, p.stderr
-        assert (mnt / "disk.raw").stat().st_size == 32 * MiB
-        pids = daemon_pids(mnt)
-        assert sh("umount", mnt, check=False).returncode == 0
-        wait_gone(pids)
+        served_then_umounted(p, mnt)
     qemu_img_check(img)
 
 

@@ -12,18 +12,16 @@ import hashlib
 import json
 import os
 import random
-import re
-import struct
 import subprocess
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pytest
 
-from conftest import QCOWFS, files_equal, is_mounted, mounted
-from images import (KiB, MiB, MATRIX, build, Header, create, first_difference, info, oracle, qimg, qio, sh,
-                    set_field, Sources, scatter_cmds)
+from conftest import is_mounted, mounted
+from images import (KiB, MiB, MATRIX, build, Header, create, first_difference, info, oracle, qimg, qio,
+                    Sources, scatter_cmds)
 
 # --------------------------------------------------------------------------
 # helpers shared by the other read-write test files
@@ -111,6 +109,19 @@ def pwrite_all(fd: int, data: bytes, off: int) -> None:
         assert n > 0, f"pwrite returned {n} at {off}"
         view = view[n:]
         off += n
+
+
+def mirror_writes(disk: Path, ref: Path, writes: Iterable[tuple[int, bytes]]) -> None:
+    """Each (offset, data) written to DISK and to the reference raw REF; DISK fsync'd."""
+    fd, rfd = os.open(disk, os.O_RDWR), os.open(ref, os.O_RDWR)
+    try:
+        for off, data in writes:
+            pwrite_all(fd, data, off)
+            pwrite_all(rfd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.close(rfd)
 
 
 class Workload:
@@ -209,7 +220,7 @@ def verify_live(mnt: Path, ref: Path) -> None:
 def _refcount_512(bits: int):
     def fn(d: Path) -> Path:
         img = create(d / "disk.qcow2", 16 * MiB, refcount_bits=bits, cluster_size=512)
-        qio(img, f"write -P 0x11 0 64k", f"write -P 0x22 {5 * MiB + 3} 100k")
+        qio(img, "write -P 0x11 0 64k", f"write -P 0x22 {5 * MiB + 3} 100k")
         return img
     return fn
 
@@ -370,15 +381,8 @@ def test_grow(case: str, tmp_path: Path) -> None:
         with open(ref, "r+b") as f:
             f.truncate(new)
         # write into the new area and across the old end
-        fd, rfd = os.open(disk, os.O_RDWR), os.open(ref, os.O_RDWR)
-        try:
-            for off, data in ((old - 100, b"\xab" * 300), (new - 4097, os.urandom(4097)), (old + MiB + 1, os.urandom(70000))):
-                pwrite_all(fd, data, off)
-                pwrite_all(rfd, data, off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.close(rfd)
+        mirror_writes(disk, ref, ((old - 100, b"\xab" * 300), (new - 4097, os.urandom(4097)),
+                                  (old + MiB + 1, os.urandom(70000))))
         verify_live(mnt, ref)
     assert info(img)["virtual-size"] == new
     assert_clean(img)

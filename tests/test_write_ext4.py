@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import is_mounted, loop_device, run
+from conftest import is_mounted, loop_device, run, verify_tree
 from images import KiB, MiB, create, oracle, sh
 from test_write import assert_clean, qcowfs_mount
 
@@ -54,22 +54,6 @@ def make_tree(root: Path, seed: int, total: int = 6 * MiB) -> dict[str, str]:
         done += size
         i += 1
     return sums
-
-
-def verify_tree(root: Path, sums: dict[str, str]) -> list[str]:
-    errors = []
-    for rel, want in sums.items():
-        try:
-            got = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-        except OSError as e:
-            errors.append(f"{rel}: {e}")
-            continue
-        if got != want:
-            errors.append(f"{rel}: sha256 differs")
-    found = {str(p.relative_to(root)) for p in root.rglob("*.bin")}
-    if found != set(sums):
-        errors.append(f"file set differs: extra {sorted(found - set(sums))}, missing {sorted(set(sums) - found)}")
-    return errors
 
 
 @pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
