@@ -21,6 +21,7 @@ from .format import (AUTOCLEAR_BITMAPS, BITMAP_FLAG_NAMES, BME_AUTO, BME_EXTRA_D
                      BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
                      Header)
 from .hostfile import HostFile
+from .overlap import Kind
 
 if TYPE_CHECKING:
     from .image import Image
@@ -188,12 +189,14 @@ async def start_tracking(image: "Image") -> None:
 
 async def _write_flags(image: "Image", bitmaps: list[Bitmap], set_in_use: bool) -> None:
     """Flip in_use of BITMAPS in the directory, in place (one 4-byte write each)."""
-    ext = BitmapsExtension.parse(image.header.extension(EXT_BITMAPS) or b"")
-    positions = dict(zip((id(b) for b in image.bitmaps), flag_positions(image.bitmaps)))
+    meta = image.meta
+    ext = BitmapsExtension.parse(meta.header.extension(EXT_BITMAPS) or b"")
+    positions = dict(zip((id(b) for b in meta.bitmaps), flag_positions(meta.bitmaps)))
     for bm in bitmaps:
         bm.entry.flags = bm.entry.flags | BME_IN_USE if set_in_use else bm.entry.flags & ~BME_IN_USE
-        image.file.write_sync(struct.pack(">I", bm.entry.flags), ext.directory_offset + positions[id(bm)])
-    await image.file.sync()
+        meta.write(ext.directory_offset + positions[id(bm)], struct.pack(">I", bm.entry.flags),
+                   "bitmap directory entry", ignore=Kind.BITMAP_DIRECTORY)
+    await meta.file.sync()
 
 
 async def store_bitmaps(image: "Image", changed: bool) -> None:
@@ -207,7 +210,7 @@ async def store_bitmaps(image: "Image", changed: bool) -> None:
         for bm in tracked:
             bm.bits = None
         return
-    alloc, cs, file = image.allocator, image.geo.cluster_size, image.file
+    alloc, meta, cs = image.allocator, image.meta, image.geo.cluster_size
     assert alloc is not None
     zero = bytes(cs)
     for bm in tracked:
@@ -221,11 +224,13 @@ async def store_bitmaps(image: "Image", changed: bool) -> None:
                 table.append(0)
                 continue
             off = await alloc.allocate(1)
-            file.write_sync(chunk, off)
+            meta.write(off, chunk, f"bitmap '{bm.name}' data")
             table.append(off)
         raw_table = struct.pack(f">{len(table)}Q", *table)
         table_at = await alloc.allocate(-(-len(raw_table) // cs))
-        file.write_sync(raw_table, table_at)
+        meta.write(table_at, raw_table, f"bitmap '{bm.name}' table")
+        meta.add_structure(Kind.BITMAP_TABLE, table_at, len(raw_table))
+        meta.drop_structure(Kind.BITMAP_TABLE, old_table_at, len(old_table) * 8)
         for entry in old_table:
             if entry & BME_TABLE_OFFSET_MASK:
                 alloc.release_later(entry & BME_TABLE_OFFSET_MASK, cs)
@@ -233,16 +238,17 @@ async def store_bitmaps(image: "Image", changed: bool) -> None:
         bm.table, bm.entry.bitmap_table_offset = table, table_at
         bm.entry.flags &= ~BME_IN_USE
         bm.bits = None
-    old = BitmapsExtension.parse(image.header.extension(EXT_BITMAPS) or b"")
-    directory = directory_bytes(image.bitmaps)
+    old = BitmapsExtension.parse(meta.header.extension(EXT_BITMAPS) or b"")
+    directory = directory_bytes(meta.bitmaps)
     dir_at = await alloc.allocate(-(-len(directory) // cs))
-    file.write_sync(directory, dir_at)
+    meta.write(dir_at, directory, "bitmap directory")
     # New tables, data and directory (and their refcounts) before the header.
     await alloc.flush()
-    await file.sync()
-    ext = BitmapsExtension(len(image.bitmaps), len(directory), dir_at)
-    image.header.set_extension(EXT_BITMAPS, ext.pack())
-    await image.write_header()
+    await meta.file.sync()
+    ext = BitmapsExtension(len(meta.bitmaps), len(directory), dir_at)
+    await meta.set_extension(EXT_BITMAPS, ext.pack())
+    meta.drop_structure(Kind.BITMAP_DIRECTORY, old.directory_offset, old.directory_size)
+    meta.add_structure(Kind.BITMAP_DIRECTORY, dir_at, len(directory))
     alloc.release_later(old.directory_offset, old.directory_size)
 
 

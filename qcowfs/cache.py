@@ -22,9 +22,12 @@ class TableCache(Generic[T]):
     """Cluster-sized tables keyed by host offset, decoded once, evicted LRU."""
 
     def __init__(self, name: str, file: HostFile, capacity: int,
-                 load: Callable[[int], Awaitable[T]], encode: Callable[[T], bytes]) -> None:
+                 load: Callable[[int], Awaitable[T]], encode: Callable[[T], bytes],
+                 write: Callable[[int, bytes], None] | None = None) -> None:
         self.name = name
         self.file = file
+        # How a dirty table reaches the file: the metadata owner's checked write.
+        self._write = write or (lambda offset, data: file.write_sync(data, offset))
         self.capacity = max(4, capacity)
         self._load = load
         self._encode = encode
@@ -41,6 +44,12 @@ class TableCache(Generic[T]):
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._tables
 
     def peek(self, offset: int) -> T | None:
         """The table if cached (no I/O, no await): the hot path's first try."""
@@ -140,6 +149,6 @@ class TableCache(Generic[T]):
             # No await from the check above to the end: nothing can dirty the
             # dependency again before these tables are written.
             for offset in sorted(self._dirty):
-                self.file.write_sync(self._encode(self._tables[offset]), offset)
-            self._dirty.clear()
+                self._write(offset, self._encode(self._tables[offset]))
+                self._dirty.discard(offset)
             self.write_gen += 1

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import trio
@@ -20,12 +21,16 @@ from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES
                      EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
-                     MAX_VIRTUAL_SIZE, QCOW_MAGIC, Geometry, Header, SnapshotEntry)
+                     MAX_VIRTUAL_SIZE, QCOW_MAGIC, L2E_OFFSET_MASK, OFLAG_COMPRESSED, Geometry,
+                     Header, SnapshotEntry)
 from .hostfile import HostFile
 from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
 from .locking import lock_image
 from .mapper import L1Table, Mapper, Source
-from .refcount import Allocator
+from .metadata import Metadata
+from .overlap import Kind
+from .references import build_overlap_map
+from .refcount import Allocator, rebuild
 from .writer import Writer
 
 log = logging.getLogger("qcowfs")
@@ -116,20 +121,20 @@ class Image:
         if len(chain) >= MAX_CHAIN_DEPTH:
             raise InvalidImageError(f"backing chain is deeper than {MAX_CHAIN_DEPTH}")
         head = self.file.read_sync(0, 1 << 21)
-        h = self.header = Header.parse(head)
+        h = Header.parse(head)
         self.geo = Geometry.from_header(h)
         self._validate(h, self.file.known_size)
-        self.snapshots = self._read_snapshots(h)
-        self.bitmaps: list[Bitmap] = load_bitmaps(h, self.file)
+        meta = self.meta = Metadata(self.file, h, self.geo)
+        meta.snapshots = self._read_snapshots(h)
+        meta.bitmaps = load_bitmaps(h, self.file)
         self._changed = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = self._open_data_file(h)
         mapper_file = self.data_file or self.file
         self.l2_cache: TableCache[np.ndarray] = TableCache(
             "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
-            self._load_l2, self._encode_l2)
+            self._load_l2, self._encode_l2, self._write_l2)
         self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache)
-        self.active_l1 = L1Table(self.file, h.l1_table_offset, h.l1_size)
         self.corrupt = False
         self.allocator: Allocator | None = None
         self.writer: Writer | None = None
@@ -146,15 +151,35 @@ class Image:
         lock_image(self.file.fd, self.path, writer=True)
         if self.data_file is not None:
             lock_image(self.data_file.fd, self.data_file.path, writer=True)
+        build_overlap_map(self.meta)
         alloc = self.reload_refcounts()
-        self.writer = Writer(self.geo, self.mapper, self.active_l1, alloc, lambda: self.backing)
+        self.writer = Writer(self.geo, self.mapper, self.meta, alloc, lambda: self.backing)
         self._flush_lock = trio.Lock()
+
+    @property
+    def header(self) -> Header:
+        """The current header (owned by self.meta; read only)."""
+        return self.meta.header
+
+    @property
+    def snapshots(self) -> list[SnapshotEntry]:
+        return self.meta.snapshots
+
+    @property
+    def bitmaps(self) -> list[Bitmap]:
+        return self.meta.bitmaps
+
+    @property
+    def active_l1(self) -> L1Table:
+        return self.meta.active_l1
+
+    @property
+    def external_data(self) -> bool:
+        return self.data_file is not None
 
     def reload_refcounts(self) -> Allocator:
         """(Re)read the refcount table named by the header, with empty caches."""
-        h = self.header
-        alloc = self.allocator = Allocator(self.geo, self.file, h.refcount_table_offset,
-                                           h.refcount_table_clusters)
+        alloc = self.allocator = Allocator(self.meta)
         self.l2_cache.clear()
         self.l2_cache.depends_on = alloc.cache
         if self.writer is not None:
@@ -194,7 +219,8 @@ class Image:
     def _read_snapshots(self, h: Header) -> list[SnapshotEntry]:
         if not h.nb_snapshots:
             return []
-        if h.snapshots_offset % self.geo.cluster_size or h.snapshots_offset < self.geo.cluster_size:
+        if (h.snapshots_offset % self.geo.cluster_size or h.snapshots_offset < self.geo.cluster_size
+                or h.snapshots_offset >= self.file.known_size):
             raise InvalidImageError("snapshot table offset is invalid")
         raw = self.file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, 64 << 20))
         return SnapshotEntry.parse_table(raw, h.nb_snapshots)
@@ -247,7 +273,14 @@ class Image:
         if len(raw) < self.geo.cluster_size:
             raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
         table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        if self.allocator is not None and not self.external_data:
+            words = table[0::2] if self.geo.extended_l2 else table
+            std = words[(words & np.uint64(OFLAG_COMPRESSED)) == 0] & np.uint64(L2E_OFFSET_MASK)
+            self.allocator.note_references(std[std != 0])
         return table.reshape(-1, 2) if self.geo.extended_l2 else table
+
+    def _write_l2(self, offset: int, data: bytes) -> None:
+        self.meta.write(offset, data, "L2 table", ignore=Kind.ACTIVE_L2)
 
     @staticmethod
     def _encode_l2(table: np.ndarray) -> bytes:
@@ -276,32 +309,21 @@ class Image:
     async def prepare_writes(self) -> None:
         """Before the first write: rebuild refcounts of a dirty image, drop
         unknown autoclear bits (their meaning is lost once we write)."""
-        h = self.header
-        if h.incompatible_features & INCOMPAT_DIRTY:
-            from .check import rebuild_refcounts
+        if self.header.incompatible_features & INCOMPAT_DIRTY:
             log.info("%s has the dirty bit set: rebuilding refcounts", self.path)
-            await rebuild_refcounts(self)
-            h.incompatible_features &= ~INCOMPAT_DIRTY
-            await self.write_header_fields()
-        if h.autoclear_features & ~AUTOCLEAR_KNOWN:
-            h.autoclear_features &= AUTOCLEAR_KNOWN
-            await self.write_header_fields()
+            await self.rebuild_refcounts()
+            await self.meta.update(incompatible_features=self.header.incompatible_features & ~INCOMPAT_DIRTY)
+        if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
+            await self.meta.update(autoclear_features=self.header.autoclear_features & AUTOCLEAR_KNOWN)
         await start_tracking(self)
         for bm in self.bitmaps:
             if bm.problem is not None:
                 log.warning("bitmap '%s' is not used: %s", bm.name, bm.problem)
 
-    async def write_header_fields(self) -> None:
-        self.file.write_sync(self.header.pack_fields(), 0)
-        await self.file.sync()
-
-    async def write_header(self) -> None:
-        """Rewrite the whole header (fields, extensions, backing name) in one write."""
-        raw = self.header.pack()
-        if len(raw) > self.geo.cluster_size:
-            raise QcowError("the header no longer fits in the first cluster")
-        self.file.write_sync(raw, 0)
-        await self.file.sync()
+    async def rebuild_refcounts(self, progress: Callable[[float], None] | None = None) -> None:
+        """A new refcount structure from the references (dirty image, repair)."""
+        await rebuild(self.meta, self.external_data, progress)
+        self.reload_refcounts()
 
     async def write(self, offset: int, data: bytes) -> int:
         if self.writer is None or self.corrupt:
@@ -331,15 +353,22 @@ class Image:
         log.error("%s: corruption found while writing (%s): the image is marked corrupt and "
                   "the mount is read-only from now on", self.path, why)
         if self.header.version >= 3:
-            self.header.incompatible_features |= INCOMPAT_CORRUPT
-            await self.write_header_fields()
+            await self.meta.update(incompatible_features=self.header.incompatible_features | INCOMPAT_CORRUPT)
 
     async def flush(self) -> None:
         """Data, refcount increases, fsync, L2 tables, fsync, refcount decreases."""
         if self.allocator is None or self.corrupt:
             return
+        try:
+            await self._flush()
+        except CorruptionError as e:
+            await self.mark_corrupt(e)
+            raise
+
+    async def _flush(self) -> None:
         async with self._flush_lock:
             alloc = self.allocator
+            assert alloc is not None
             pending, alloc.pending = alloc.pending, []
             await self.l2_cache.flush()
             await alloc.flush()
@@ -354,42 +383,46 @@ class Image:
 
     async def resize(self, new_size: int) -> None:
         """Grow the virtual disk (shrinking is refused: it would destroy data)."""
-        if self.writer is None:
+        if self.writer is None or self.corrupt:
             raise QcowError("the image is open read-only")
         if new_size < self.size:
             raise ResizeError("shrinking the disk is not supported")
         if self.bitmaps:
             raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
-        h = self.header
         old_size = self.size
-        async with self.writer.lock:
-            needed = self.geo.l1_entries_needed(new_size)
-            if needed > h.l1_size:
-                if needed * 8 > MAX_L1_BYTES:
-                    raise ResizeError(f"virtual size {new_size} is too large")
-                await self._grow_l1(needed)
-            h.size = new_size
-            await self.write_header_fields()
-        # The new area reads zeros, even where a larger backing file has data.
-        shadowed = min(new_size, self.backing.size if self.backing is not None else 0)
-        for pos in range(old_size, shadowed, 1 << 20):
-            await self.writer.write(pos, bytes(min(1 << 20, shadowed - pos)))
+        try:
+            async with self.writer.lock:
+                needed = self.geo.l1_entries_needed(new_size)
+                if needed > self.header.l1_size:
+                    if needed * 8 > MAX_L1_BYTES:
+                        raise ResizeError(f"virtual size {new_size} is too large")
+                    await self._grow_l1(needed, new_size)
+                else:
+                    await self.meta.update(size=new_size)
+            # The new area reads zeros, even where a larger backing file has data.
+            shadowed = min(new_size, self.backing.size if self.backing is not None else 0)
+            for pos in range(old_size, shadowed, 1 << 20):
+                await self.writer.write(pos, bytes(min(1 << 20, shadowed - pos)))
+        except CorruptionError as e:
+            await self.mark_corrupt(e)
+            raise
 
-    async def _grow_l1(self, entries: int) -> None:
-        assert self.allocator is not None and self.writer is not None
+    async def _grow_l1(self, entries: int, new_size: int) -> None:
+        """A larger active L1 table in new clusters; the header switches to it
+        (and to the new size) in one write; then the old one is freed."""
+        assert self.allocator is not None
         h, cs = self.header, self.geo.cluster_size
-        old_l1 = self.active_l1
         table = np.zeros(entries, np.uint64)
-        table[: old_l1.size] = await old_l1.entries()
+        table[: h.l1_size] = await self.active_l1.entries()
         nclusters = -(-entries * 8 // cs)
         offset = await self.allocator.allocate(nclusters)
-        self.file.write_sync(table.astype(">u8").tobytes(), offset)
+        self.meta.write(offset, table.astype(">u8").tobytes(), "new L1 table")
         await self.allocator.flush()
         await self.file.sync()
         old = (h.l1_table_offset, h.l1_size)
-        h.l1_table_offset, h.l1_size = offset, entries
-        await self.write_header_fields()
-        self.active_l1 = self.writer.l1 = L1Table(self.file, offset, entries)
+        await self.meta.update(l1_table_offset=offset, l1_size=entries, size=new_size)
+        self.meta.drop_structure(Kind.ACTIVE_L1, old[0], old[1] * 8)
+        self.meta.add_structure(Kind.ACTIVE_L1, offset, entries * 8)
         if old[1]:
             self.allocator.release_later(old[0], -(-old[1] * 8 // cs) * cs)
 

@@ -8,13 +8,13 @@ classified entry by entry; longer ones with numpy over the L2 slice.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from .cache import TableCache
 from .compression import decompress_cluster
-from .errors import CorruptionError
+from .errors import CorruptionError, ReadOnlyError
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
                      Geometry, decode_compressed)
 from .hostfile import HostFile
@@ -43,12 +43,17 @@ class Source(Protocol):
 
 
 class L1Table:
-    """An L1 table, read lazily in chunks so a huge sparse disk costs little."""
+    """An L1 table, read lazily in chunks so a huge sparse disk costs little.
 
-    def __init__(self, file: HostFile, offset: int, size: int) -> None:
+    WRITE (offset, bytes) writes entries: the metadata owner passes its
+    checked write for the active table; snapshot tables have none."""
+
+    def __init__(self, file: HostFile, offset: int, size: int,
+                 write: Callable[[int, bytes], None] | None = None) -> None:
         self.file = file
         self.offset = offset
         self.size = size
+        self._write = write
         self._chunks: dict[int, np.ndarray] = {}
 
     async def get(self, index: int) -> int:
@@ -77,10 +82,16 @@ class L1Table:
         return chunk
 
     async def set(self, index: int, value: int) -> None:
-        """Change one entry in memory and in the file (the caller orders it)."""
+        """Change one entry in the file and in memory (the caller orders it)."""
+        if self._write is None:
+            raise ReadOnlyError("this L1 table is read-only")
         await self.get(index)
+        self._write(self.offset + index * 8, value.to_bytes(8, "big"))
         self._chunks[index >> L1_CHUNK_BITS][index & ((1 << L1_CHUNK_BITS) - 1)] = value
-        self.file.write_sync(value.to_bytes(8, "big"), self.offset + index * 8)
+
+    def chunk(self, index: int) -> np.ndarray | None:
+        """The loaded chunk holding entry INDEX, or None (the read hot path)."""
+        return self._chunks.get(index >> L1_CHUNK_BITS)
 
     async def entries(self) -> np.ndarray:
         """The whole table (for check and snapshot work, not the hot path)."""
@@ -116,7 +127,6 @@ class Mapper:
         # Precomputed for read_cached, the per-request hot path.
         self._span_bits = geo.l2_span.bit_length() - 1
         self._special = OFLAG_COMPRESSED | (OFLAG_ZERO if geo.zero_flag else 0)
-        self._l2_tables = l2_cache._tables
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
 
     # ---- L2 tables ----------------------------------------------------------
@@ -269,10 +279,10 @@ class Mapper:
         index = offset >> sb
         if (offset + length - 1) >> sb != index or self.geo.extended_l2:
             return None
-        chunk = l1._chunks.get(index >> L1_CHUNK_BITS)
+        chunk = l1.chunk(index)
         if chunk is None or index >= l1.size:
             return None
-        table = self._l2_tables.get(int(chunk[index & L1_CHUNK_MASK]) & L1E_OFFSET_MASK)
+        table = self.l2_cache.peek(int(chunk[index & L1_CHUNK_MASK]) & L1E_OFFSET_MASK)
         if table is None:
             return None
         cb = self.geo.cluster_bits

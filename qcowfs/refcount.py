@@ -1,46 +1,65 @@
-"""Refcounts: the refcount table and blocks, cluster allocation, table growth.
+"""Refcounts: the refcount table and blocks, cluster allocation, table growth,
+COPIED flags, and the rebuild of all of it from the references.
 
 Increases go into the refcount block cache at once and reach the disk before
 any L2 table that points to the new clusters (the L2 cache depends on this
 one). Decreases wait in `pending` until the references they drop are on disk
 (see `Image.flush`), so a crash can leak a cluster but never free one that
 is still referenced.
+
+The refcount table's pointer belongs to the metadata owner (Metadata): this
+module reads it there and changes it through Metadata.update.
+
+A cluster the refcounts call free is checked before it is handed out: it
+must hold no live metadata (the overlap map) and no L2 table loaded this
+session may reference it (a bitmap of referenced host clusters, filled as
+tables are loaded). A hit means the refcounts lie: CorruptionError, and the
+image is marked corrupt instead of losing data. References from tables never
+loaded (snapshots' data, parts of the disk not touched this session) cannot
+be checked without a full scan (`qcowfs check`).
 """
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 import numpy as np
 
 from .cache import TableCache
-from .errors import CorruptionError, NoSpaceError
-from .format import (REFT_OFFSET_MASK, Geometry, refcount_array, refcount_get,
-                     refcount_set)
-from .hostfile import HostFile
+from .errors import CorruptionError, NoSpaceError, QcowError
+from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+                     encode_refcount_block, refcount_array, refcount_get, refcount_set)
+from .metadata import Metadata
+from .overlap import Kind
+from .references import count_references, read_entries, refcount_table
 
 DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
-HEADER_REFTABLE_FIELDS = 48  # refcount_table_offset (8) + refcount_table_clusters (4)
+# Above this many host clusters the referenced-cluster bitmap is not kept
+# (it would take more than 128 MiB).
+MAX_TRACKED_CLUSTERS = 1 << 30
 
 
 class Allocator:
     """Refcount bookkeeping and free-cluster search for one writable image."""
 
-    def __init__(self, geo: Geometry, file: HostFile, table_offset: int, table_clusters: int) -> None:
-        self.geo = geo
-        self.file = file
+    def __init__(self, meta: Metadata) -> None:
+        geo = self.geo = meta.geo
+        self.meta = meta
+        self.file = meta.file
         self.order = geo.refcount_order
         self.max_refcount = (1 << (1 << self.order)) - 1
         self.rpb = geo.refcounts_per_block
-        self.table_offset = table_offset
-        self.table_clusters = table_clusters
-        raw = file.read_sync(table_offset, table_clusters * geo.cluster_size)
-        self.table: list[int] = [e & REFT_OFFSET_MASK for e in
-                                 np.frombuffer(raw, ">u8").astype(np.uint64).tolist()]
+        self.table: list[int] = refcount_table(meta.file, meta.header)
         self.cache: TableCache[bytearray] = TableCache(
-            "refcount", file, DEFAULT_REFCOUNT_CACHE_BYTES // geo.cluster_size,
-            self._load_block, bytes)
+            "refcount", meta.file, DEFAULT_REFCOUNT_CACHE_BYTES // geo.cluster_size,
+            self._load_block, bytes, self._write_block)
         self.pending: list[tuple[int, int]] = []   # (host offset, bytes) to release later
         self.free_hint = 0
+        self._referenced = np.zeros(0, np.uint8)
+        self._track_refs = -(-meta.file.known_size // geo.cluster_size) <= MAX_TRACKED_CLUSTERS
+
+    def _write_block(self, offset: int, data: bytes) -> None:
+        self.meta.write(offset, data, "refcount block", ignore=Kind.REFCOUNT_BLOCK)
 
     async def _load_block(self, offset: int) -> bytearray:
         raw = await self.file.read(offset, self.geo.cluster_size)
@@ -65,6 +84,47 @@ class Allocator:
 
     # ---- changing refcounts ------------------------------------------------------
 
+    # ---- host clusters known to be referenced ----------------------------------------
+
+    def note_references(self, host_offsets: np.ndarray) -> None:
+        """Remember host clusters an L2 table just loaded points to."""
+        if not self._track_refs or not len(host_offsets):
+            return
+        c = (host_offsets >> np.uint64(self.geo.cluster_bits)).astype(np.int64)
+        need = (int(c.max()) >> 3) + 1
+        if need > len(self._referenced):
+            if need > MAX_TRACKED_CLUSTERS >> 3:
+                self._track_refs = False
+                return
+            grown = np.zeros(max(need, 2 * len(self._referenced)), np.uint8)
+            grown[: len(self._referenced)] = self._referenced
+            self._referenced = grown
+        np.bitwise_or.at(self._referenced, c >> 3, (np.uint8(1) << (c & 7).astype(np.uint8)))
+
+    def _referenced_in(self, start: int, n: int) -> int:
+        """The first cluster of [start, start+n) known referenced, or -1."""
+        ref = self._referenced
+        lo, hi = start >> 3, min(len(ref), ((start + n - 1) >> 3) + 1)
+        if lo >= hi or not ref[lo:hi].any():
+            return -1
+        bits = np.unpackbits(ref[lo:hi], bitorder="little")
+        hit = np.flatnonzero(bits[start - lo * 8 : start - lo * 8 + n])
+        return start + int(hit[0]) if len(hit) else -1
+
+    def _forget_reference(self, c: int) -> None:
+        if c >> 3 < len(self._referenced):
+            self._referenced[c >> 3] &= ~np.uint8(1 << (c & 7))
+
+    def _verify_free(self, start: int, n: int) -> None:
+        """Refuse to hand out clusters the refcounts call free but that are in use."""
+        cs = self.geo.cluster_size
+        kinds = self.meta.overlap.kinds_at(start * cs, n * cs)
+        if kinds:
+            self.meta.overlap.check(start * cs, n * cs, "a cluster with refcount 0")
+        c = self._referenced_in(start, n)
+        if c >= 0:
+            raise CorruptionError(f"cluster {c} has refcount 0 but an L2 table references it")
+
     async def change(self, cluster: int, delta: int, count: int = 1) -> None:
         """Add DELTA to the refcounts of COUNT clusters from CLUSTER, now
         (one block lookup per refcount block, not per cluster)."""
@@ -88,8 +148,10 @@ class Allocator:
                         raise NoSpaceError(f"refcount of cluster {c} would overflow "
                                            f"{1 << order} bits")
                     refcount_set(block, c - base, order, value)
-                    if value == 0 and c < self.free_hint:
-                        self.free_hint = c
+                    if value == 0:
+                        self._forget_reference(c)
+                        if c < self.free_hint:
+                            self.free_hint = c
                 self.cache.mark_dirty(off)
             cluster = stop
 
@@ -121,6 +183,7 @@ class Allocator:
                 break
             for r in missing:
                 await self._new_block(r)
+        self._verify_free(start, n)
         await self.change(start, 1, n)
         self.free_hint = start + n
         return start * self.geo.cluster_size
@@ -178,18 +241,22 @@ class Allocator:
         block = bytearray(cs)
         place = await self._find_free(1, covered_only=True)
         if place >= 0:
+            self._verify_free(place, 1)
             await self.change(place, 1)
             await self.cache.flush()
         else:
             place = rt_index * self.rpb
+            self._verify_free(place, 1)
             refcount_set(block, 0, self.order, 1)
         offset = place * cs
         # The block (and its own refcount) must be on disk before the table
         # entry that points to it.
-        self.file.write_sync(block, offset)
+        self.meta.write(offset, block, "new refcount block")
         await self.file.sync()
+        self.meta.write(self.meta.header.refcount_table_offset + rt_index * 8, struct.pack(">Q", offset),
+                        "refcount table entry", ignore=Kind.REFCOUNT_TABLE)
         self.table[rt_index] = offset
-        self.file.write_sync(struct.pack(">Q", offset), self.table_offset + rt_index * 8)
+        self.meta.add_structure(Kind.REFCOUNT_BLOCK, offset, cs)
         self.cache.put_new(offset, block, dirty=False)
         return offset
 
@@ -214,19 +281,130 @@ class Allocator:
             block = bytearray(cs)
             for c in range(max(r * rpb, area), min((r + 1) * rpb, end)):
                 refcount_set(block, c - r * rpb, self.order, 1)
-            self.file.write_sync(block, (area + j) * cs)
+            self.meta.write((area + j) * cs, block, "new refcount block")
             new_table[r] = (area + j) * cs
         for c in range(area, end):
             if c // rpb < len(self.table) and self.table[c // rpb]:
                 await self.change(c, 1)
         await self.cache.flush()
-        self.file.write_sync(np.array(new_table, dtype=">u8").tobytes(), table_at * cs)
+        self.meta.write(table_at * cs, np.array(new_table, dtype=">u8").tobytes(), "new refcount table")
         await self.file.sync()
-        old = (self.table_offset, self.table_clusters)
-        self.file.write_sync(struct.pack(">QI", table_at * cs, tclusters), HEADER_REFTABLE_FIELDS)
-        await self.file.sync()
-        self.table, self.table_offset, self.table_clusters = new_table, table_at * cs, tclusters
-        self.release_later(old[0], old[1] * cs)
+        h = self.meta.header
+        old = (h.refcount_table_offset, h.refcount_table_clusters * cs)
+        await self.meta.update(refcount_table_offset=table_at * cs, refcount_table_clusters=tclusters)
+        self.table = new_table
+        self.meta.drop_structure(Kind.REFCOUNT_TABLE, *old)
+        self.meta.add_structure(Kind.REFCOUNT_TABLE, table_at * cs, tclusters * cs)
+        for j in range(len(new_ranges)):
+            self.meta.add_structure(Kind.REFCOUNT_BLOCK, (area + j) * cs, cs)
+        self.release_later(*old)
 
     async def flush(self) -> None:
         await self.cache.flush()
+
+
+# ---- COPIED flags ---------------------------------------------------------------------
+
+def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
+                  external: bool) -> tuple[list[int], dict[int, list[int]]]:
+    """Active L1 indexes and L2 entry indexes whose COPIED flag disagrees with
+    the refcounts STORED (COPIED is set iff the refcount is exactly 1)."""
+    h, geo = meta.header, meta.geo
+    cs = geo.cluster_size
+    bad_l1: list[int] = []
+    bad_l2: dict[int, list[int]] = {}
+    if not h.l1_size:
+        return bad_l1, bad_l2
+
+    def rc(off: int) -> int:
+        c = off // cs
+        return int(stored[c]) if c < len(stored) else 0
+
+    for i, e in enumerate(read_entries(meta.file, h.l1_table_offset, h.l1_size).tolist()):
+        off = e & L1E_OFFSET_MASK
+        if off and (rc(off) == 1) != bool(e & OFLAG_COPIED):
+            bad_l1.append(i)
+    step = 2 if geo.extended_l2 else 1
+    for off, table in active_tables.items():
+        wrong = []
+        for k, e in enumerate(table[::step].tolist()):
+            if e & OFLAG_COMPRESSED:
+                if e & OFLAG_COPIED:
+                    wrong.append(k)
+                continue
+            host = e & L2E_OFFSET_MASK
+            if not host or external:
+                continue
+            if (rc(host) == 1) != bool(e & OFLAG_COPIED):
+                wrong.append(k)
+        if wrong:
+            bad_l2[off] = wrong
+    return bad_l1, bad_l2
+
+
+async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
+                     external: bool) -> None:
+    """Make every COPIED flag of the active tables agree with STORED."""
+    bad_l1, bad_l2 = copied_errors(meta, stored, active_tables, external)
+    h, geo = meta.header, meta.geo
+    step = 2 if geo.extended_l2 else 1
+    for off, ks in bad_l2.items():
+        table = active_tables[off].copy()
+        for k in ks:
+            e = int(table[k * step])
+            host = e & L2E_OFFSET_MASK
+            want = not e & OFLAG_COMPRESSED and stored[host // geo.cluster_size] == 1
+            table[k * step] = (e | OFLAG_COPIED) if want else (e & ~OFLAG_COPIED)
+        meta.write(off, table.astype(">u8").tobytes(), "L2 table", ignore=Kind.ACTIVE_L2)
+    if bad_l2:
+        await meta.file.sync()
+    l1 = meta.active_l1
+    for i in bad_l1:
+        e = await l1.get(i)
+        c = (e & L1E_OFFSET_MASK) // geo.cluster_size
+        await l1.set(i, (e | OFLAG_COPIED) if stored[c] == 1 else (e & ~OFLAG_COPIED))
+    if bad_l1:
+        await meta.file.sync()
+
+
+# ---- rebuild ----------------------------------------------------------------------------
+
+async def rebuild(meta: Metadata, external: bool,
+                  progress: Callable[[float], None] | None = None) -> None:
+    """Replace the refcount structure by one computed from the references,
+    then make every COPIED flag exact. Crash-safe: the new blocks and table
+    go after the end of the file and the header switches to them only once
+    they are on disk; until then the old structure stands as it was.
+    (Inconsistent references are counted as they are; `qcowfs check` reports them.)"""
+    counted = count_references(meta, lambda _msg: None, refcount_structure=False, progress=progress)
+    counts = counted.counts
+    geo, cs = meta.geo, meta.geo.cluster_size
+    rpb, per_cluster = geo.refcounts_per_block, cs // 8
+    if counts.max(initial=0) > (1 << (1 << geo.refcount_order)) - 1:
+        raise QcowError("a cluster has more references than the refcount width can count")
+    area = max(len(counts), -(-meta.file.known_size // cs))
+    used = set((np.flatnonzero(counts) // rpb).tolist())
+    nblocks, tclusters = len(used) + 1, 1
+    while True:
+        end = area + nblocks + tclusters
+        ranges = sorted(used | set(range(area // rpb, (end - 1) // rpb + 1)))
+        t = -(-(-(-end // rpb)) // per_cluster)
+        if (len(ranges), t) == (nblocks, tclusters):
+            break
+        nblocks, tclusters = len(ranges), t
+    full = np.zeros(ranges[-1] * rpb + rpb, np.int64)
+    full[: len(counts)] = counts
+    full[area:end] = 1
+    table = np.zeros(tclusters * per_cluster, np.uint64)
+    for j, r in enumerate(ranges):
+        at = (area + j) * cs
+        meta.write(at, encode_refcount_block(full[r * rpb : (r + 1) * rpb], geo.refcount_order, cs),
+                   "new refcount block")
+        table[r] = at
+    table_at = (area + len(ranges)) * cs
+    meta.write(table_at, table.astype(">u8").tobytes(), "new refcount table")
+    await meta.file.sync()
+    await meta.update(refcount_table_offset=table_at, refcount_table_clusters=tclusters)
+    meta.replace_structures(Kind.REFCOUNT_TABLE, [(table_at, tclusters * cs)])
+    meta.replace_structures(Kind.REFCOUNT_BLOCK, [(int(o), cs) for o in table[table != 0].tolist()])
+    await fix_copied(meta, full, counted.active_tables, external)

@@ -18,7 +18,9 @@ from .cache import TableCache
 from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
                      Geometry, decode_compressed)
 from .hostfile import HostFile
-from .mapper import L1Table, Mapper, Source
+from .mapper import Mapper, Source
+from .metadata import Metadata
+from .overlap import Kind
 from .refcount import Allocator
 
 # What a write must do with one cluster.
@@ -28,11 +30,11 @@ IN_PLACE, REUSE, ALLOCATE = range(3)
 class Writer:
     """Writes guest ranges through the active L1 table of one writable image."""
 
-    def __init__(self, geo: Geometry, mapper: Mapper, l1: L1Table, allocator: Allocator,
+    def __init__(self, geo: Geometry, mapper: Mapper, meta: Metadata, allocator: Allocator,
                  backing: Callable[[], Source | None]) -> None:
         self.geo = geo
         self.mapper = mapper
-        self.l1 = l1
+        self.meta = meta
         self.alloc = allocator
         self.l2_cache: TableCache[np.ndarray] = mapper.l2_cache
         self.file: HostFile = mapper.file
@@ -54,7 +56,7 @@ class Writer:
         index = offset // span
         if (offset + len(data) - 1) // span != index:
             return False
-        l1e = self.l1.cached(index)
+        l1e = self.meta.active_l1.cached(index)
         if not l1e:
             return False
         table = self.l2_cache.peek(l1e & L2E_OFFSET_MASK)
@@ -75,10 +77,16 @@ class Writer:
         if self.detect_zeroes and len(data) >= geo.cluster_size and self._has_zero_cluster(offset, data):
             return False
         # Never write through an entry that fails a check (raises CorruptionError).
-        self.mapper.check_data(host)
-        self.mapper.check_data(host + ((last - first) << cb))
+        self._check_host(host, (last - first + 1) << cb)
         self.data_file.write_sync(data, host + (offset & (geo.cluster_size - 1)))
         return True
+
+    def _check_host(self, host: int, length: int) -> None:
+        """A data run's host clusters are plausible and hold no metadata."""
+        self.mapper.check_data(host)
+        self.mapper.check_data(host + length - self.geo.cluster_size)
+        if not self.external:
+            self.meta.check_data(host, length)
 
     def _has_zero_cluster(self, offset: int, data: bytes) -> bool:
         cs = self.geo.cluster_size
@@ -121,23 +129,27 @@ class Writer:
 
     async def _writable_l2(self, index: int) -> int:
         """The L2 table for INDEX, allocated or copied so that we own it."""
-        l1e = await self.l1.get(index)
+        l1 = self.meta.active_l1
+        l1e = await l1.get(index)
         old = self.mapper.l2_offset(l1e)
         if old and l1e & OFLAG_COPIED:
             return old
+        cs = self.geo.cluster_size
         new = await self.alloc.allocate(1)
         if old:
             table = (await self.l2_cache.get(old)).copy()
         else:
             shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
             table = np.zeros(shape, np.uint64)
+        self.meta.add_structure(Kind.ACTIVE_L2, new, cs)
         self.l2_cache.put_new(new, table)
         # The new table and its refcount must be on disk before L1 points to it.
         await self.l2_cache.flush()
         await self.file.sync()
-        await self.l1.set(index, new | OFLAG_COPIED)
+        await l1.set(index, new | OFLAG_COPIED)
         if old:
-            self.alloc.release_later(old, self.geo.cluster_size)
+            self.meta.drop_structure(Kind.ACTIVE_L2, old, cs)
+            self.alloc.release_later(old, cs)
         return new
 
     async def _write_table(self, table_off: int, table: np.ndarray, base: int, start: int,
@@ -157,7 +169,7 @@ class Writer:
                 k += 1
             elif state == IN_PLACE:
                 host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
-                self.mapper.check_data(host)
+                self._check_host(host, cs)
                 self.data_file.write_sync(piece, host + (g0 - c0))
                 k += 1
             else:
@@ -201,6 +213,8 @@ class Writer:
             host = old_entries[0][0] & L2E_OFFSET_MASK
         else:
             host = await self.alloc.allocate(n)
+        if reuse:  # (new clusters were checked when allocated)
+            self._check_host(host, n * cs)
         self.data_file.writev_sync(parts, host)
         for j in range(n):
             self._set_data(table, k + j, host + (j << cb))
@@ -208,7 +222,7 @@ class Writer:
                 self._release(*old_entries[j])
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
-        await self.mapper.read_into(self.l1, buf, guest, self._backing())
+        await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
 
     # ---- L2 entries ----------------------------------------------------------------
 

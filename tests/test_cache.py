@@ -70,7 +70,7 @@ def h(tmp_path):
 
 
 def cached(c: TableCache, *idx: int) -> list[bool]:
-    return [off(i) in c._tables for i in idx]
+    return [off(i) in c for i in idx]
 
 
 # ---- LRU ------------------------------------------------------------------
@@ -105,7 +105,7 @@ async def test_lru_eviction_order(h):
     assert cached(c, 0, 1, 2, 3, 4, 5) == [True, False, True, False, True, True]
     await c.get(off(6))              # evicts 0
     assert cached(c, 0, 2, 4, 5, 6) == [False, True, True, True, True]
-    assert len(c._tables) == 4
+    assert len(c) == 4
     # An evicted table is loaded again on the next get.
     await c.get(off(1))
     assert h.loads == [off(i) for i in (0, 1, 2, 3, 4, 5, 6, 1)]
@@ -137,7 +137,7 @@ async def test_dirty_tables_are_not_evicted_unflushed(h):
         await c.get(off(i))
     # The dirty tables survived the pressure; clean ones were evicted LRU.
     assert c.peek(off(0)) is t and c.peek(off(20)) is new
-    assert len(c._tables) == 4
+    assert len(c) == 4
     assert cached(c, 10, 11) == [True, True]
     assert h.on_disk(off(0)) == bytes([0]) * TS
     assert h.on_disk(off(20)) == bytes([20]) * TS

@@ -1,0 +1,102 @@
+"""The one owner of on-disk metadata state (QEMU's BDRVQcow2State).
+
+Every header field and every pointer to a metadata structure (active L1
+table, refcount table, snapshot table, bitmap directory) lives here once.
+Other modules read it; a change goes through `update`, which builds the
+whole header from memory and writes it (QEMU's qcow2_update_header), so a
+later header write can never put back a stale pointer. (It once did:
+refcount-table growth wrote its pointer by offset, and storing bitmaps at
+unmount wrote the old one back over it.)
+
+Every metadata write goes through `write`, which first asks the overlap map
+whether the target holds another live structure; guest data writes ask
+`check_data`. Either refusal is an OverlapError (a CorruptionError): the
+image's owner then marks the image corrupt and stops writing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from .errors import QcowError
+from .format import Geometry, Header, SnapshotEntry
+from .hostfile import HostFile
+from .mapper import L1Table
+from .overlap import Kind, OverlapMap
+
+if TYPE_CHECKING:
+    from .bitmaps import Bitmap
+
+
+class Metadata:
+    """Header, table pointers, snapshot list, bitmap list and the overlap map
+    of one open image."""
+
+    def __init__(self, file: HostFile, header: Header, geo: Geometry) -> None:
+        self.file = file
+        self.geo = geo
+        self._header = header
+        self.overlap = OverlapMap(geo.cluster_bits)
+        self.snapshots: list[SnapshotEntry] = []
+        self.bitmaps: list["Bitmap"] = []
+        self.active_l1 = self._l1_for(header)
+
+    @property
+    def header(self) -> Header:
+        """The current header (read it; change it only through update())."""
+        return self._header
+
+    def _l1_for(self, h: Header) -> L1Table:
+        return L1Table(self.file, h.l1_table_offset, h.l1_size, self._write_l1_entry)
+
+    def _write_l1_entry(self, offset: int, data: bytes) -> None:
+        self.write(offset, data, "active L1 entry", ignore=Kind.ACTIVE_L1)
+
+    # ---- the header -------------------------------------------------------------
+
+    async def update(self, **fields: Any) -> None:
+        """Change header fields: the whole header is packed from memory, written
+        in one pwrite and fsync'd; memory switches once that is done.
+
+        Callers put what the new values point to on disk (and fsync) first."""
+        fields.setdefault("extensions", list(self._header.extensions))
+        new = dataclasses.replace(self._header, **fields)
+        raw = new.pack()
+        if len(raw) > self.geo.cluster_size:
+            raise QcowError("the header no longer fits in the first cluster")
+        self.file.write_sync(raw, 0)
+        await self.file.sync()
+        old, self._header = self._header, new
+        if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
+            self.active_l1 = self._l1_for(new)
+
+    async def set_extension(self, ext_type: int, data: bytes | None) -> None:
+        """Replace (None: drop) one header extension, through update()."""
+        h = dataclasses.replace(self._header, extensions=[dataclasses.replace(e) for e in self._header.extensions])
+        h.set_extension(ext_type, data)
+        await self.update(extensions=h.extensions)
+
+    # ---- writes of metadata and data ---------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, what: str,
+              ignore: int = 0) -> None:
+        """Write a metadata structure (or part of one) at OFFSET, after checking
+        that it lands on nothing live but its own kind (IGNORE)."""
+        self.overlap.check(offset, len(data), what, ignore)
+        self.file.write_sync(data, offset)
+
+    def check_data(self, host: int, length: int) -> None:
+        """Guest data never lands on metadata (image file only)."""
+        self.overlap.check(host, length, "guest data")
+
+    def add_structure(self, kind: Kind, offset: int, length: int) -> None:
+        self.overlap.add(offset, length, kind)
+
+    def drop_structure(self, kind: Kind, offset: int, length: int) -> None:
+        self.overlap.remove(offset, length, kind)
+
+    def replace_structures(self, kind: Kind, ranges: list[tuple[int, int]]) -> None:
+        """All structures of KIND are now RANGES (after a rebuild)."""
+        self.overlap.remove_kind(kind)
+        for offset, length in ranges:
+            self.overlap.add(offset, length, kind)

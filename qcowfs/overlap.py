@@ -1,0 +1,119 @@
+"""Which host clusters hold live metadata: QEMU's pre-write overlap check.
+
+Before any metadata structure is written, and before guest data goes to a
+host cluster, the target range is checked against every other live
+structure. A hit means the image's pointers are inconsistent (an L2 entry
+that points into a refcount block, a refcount that calls an L2 table free):
+writing would destroy metadata, so the write is refused with an
+OverlapError, and the image is marked corrupt by its owner.
+
+Kinds follow QEMU's QCOW2_OL_* names. The map is exact for everything but
+the bitmap data clusters (QEMU does not track those either).
+"""
+from __future__ import annotations
+
+import enum
+from collections import Counter
+
+from .errors import CorruptionError
+
+
+class Kind(enum.IntFlag):
+    MAIN_HEADER = 1 << 0
+    ACTIVE_L1 = 1 << 1
+    ACTIVE_L2 = 1 << 2
+    REFCOUNT_TABLE = 1 << 3
+    REFCOUNT_BLOCK = 1 << 4
+    SNAPSHOT_TABLE = 1 << 5
+    INACTIVE_L1 = 1 << 6
+    INACTIVE_L2 = 1 << 7
+    BITMAP_DIRECTORY = 1 << 8
+    BITMAP_TABLE = 1 << 9
+
+
+KIND_TEXT = {
+    Kind.MAIN_HEADER: "the image header",
+    Kind.ACTIVE_L1: "the active L1 table",
+    Kind.ACTIVE_L2: "an active L2 table",
+    Kind.REFCOUNT_TABLE: "the refcount table",
+    Kind.REFCOUNT_BLOCK: "a refcount block",
+    Kind.SNAPSHOT_TABLE: "the snapshot table",
+    Kind.INACTIVE_L1: "a snapshot's L1 table",
+    Kind.INACTIVE_L2: "a snapshot's L2 table",
+    Kind.BITMAP_DIRECTORY: "the bitmap directory",
+    Kind.BITMAP_TABLE: "a bitmap table",
+}
+
+
+class OverlapError(CorruptionError):
+    """A write would land on live metadata of another structure."""
+
+
+class OverlapMap:
+    """Host cluster -> kinds of metadata living there.
+
+    One dict lookup per cluster, so the data write path can afford it. A kind
+    can be present more than once in a cluster (snapshots share L2 tables):
+    the extra references are counted aside, so removing one keeps the rest."""
+
+    def __init__(self, cluster_bits: int) -> None:
+        self.cluster_bits = cluster_bits
+        self._kinds: dict[int, int] = {}
+        self._extra: Counter[tuple[int, int]] = Counter()
+
+    def _clusters(self, offset: int, length: int) -> range:
+        cb = self.cluster_bits
+        return range(offset >> cb, (offset + max(length, 1) - 1 >> cb) + 1)
+
+    def add(self, offset: int, length: int, kind: Kind) -> None:
+        for c in self._clusters(offset, length):
+            have = self._kinds.get(c, 0)
+            if have & kind:
+                self._extra[(c, kind)] += 1
+            else:
+                self._kinds[c] = have | kind
+
+    def remove(self, offset: int, length: int, kind: Kind) -> None:
+        for c in self._clusters(offset, length):
+            if self._extra.get((c, kind)):
+                self._extra[(c, kind)] -= 1
+                if not self._extra[(c, kind)]:
+                    del self._extra[(c, kind)]
+                continue
+            left = self._kinds.get(c, 0) & ~kind
+            if left:
+                self._kinds[c] = left
+            else:
+                self._kinds.pop(c, None)
+
+    def remove_kind(self, kind: Kind) -> None:
+        """Forget every structure of KIND (before it is rebuilt from scratch)."""
+        for c in [c for c, k in self._kinds.items() if k & kind]:
+            left = self._kinds[c] & ~kind
+            if left:
+                self._kinds[c] = left
+            else:
+                del self._kinds[c]
+        for key in [key for key in self._extra if key[1] == kind]:
+            del self._extra[key]
+
+    def kinds_at(self, offset: int, length: int) -> int:
+        """The union of the kinds found in [offset, offset+length)."""
+        kinds = self._kinds
+        if not kinds:
+            return 0
+        out = 0
+        for c in self._clusters(offset, length):
+            out |= kinds.get(c, 0)
+        return out
+
+    def check(self, offset: int, length: int, what: str, ignore: int = 0) -> None:
+        """Raise OverlapError if [offset, offset+length) holds metadata other
+        than the kinds in IGNORE (a structure is not checked against itself)."""
+        hit = self.kinds_at(offset, length) & ~ignore
+        if hit:
+            first = next(k for k in Kind if hit & k)
+            raise OverlapError(f"{what} at {offset:#x} would overwrite {KIND_TEXT[first]}")
+
+    def __contains__(self, cluster: int) -> bool:
+        return cluster in self._kinds
