@@ -29,6 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+from qcowfs import mounts  # noqa: E402  (the one mount-table parser)
 WORK = HERE / "work"
 MIB = 1 << 20
 GIB = 1 << 30
@@ -126,14 +128,7 @@ def run(cmd, timeout=120, check=True):
 
 def mounted(path):
     """True if `path` (a directory or, for FUSE exports, a file) is a mount point."""
-    path = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4]
-            mp = mp.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-            if mp == path:
-                return True
-    return False
+    return mounts.is_mounted(path)
 
 
 def wait_for(pred, timeout, what, proc=None):

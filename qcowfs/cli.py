@@ -7,10 +7,15 @@ mount.fuse3 uses for `mount -t fuse.qcowfs`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import grp
 import json
 import logging
 import logging.handlers
 import os
+import pwd
+import re
 import signal
 import stat
 import sys
@@ -18,18 +23,19 @@ import time
 from dataclasses import dataclass, field
 from typing import NoReturn, Sequence
 
-from . import __version__
+from . import __version__, mounts
 from .errors import QcowError
 from .image import DEFAULT_L2_CACHE_BYTES, Image, OpenOptions
 
 log = logging.getLogger("qcowfs")
 SUBCOMMANDS = ("mount", "umount", "info", "check")
+# What the daemon logs to when there is no syslog (no /dev/log) and no -o log_file=.
+ROOT_LOG_FILE = "/var/log/qcowfs.log"
 # Options mount(8) and systemd pass along that mean nothing to us.
 GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "atime", "auto", "nofail", "_netdev",
                    "defaults", "relatime", "strictatime", "lazytime", "user", "users", "owner",
                    "diratime", "async", "sync"}
 DEFAULT_READ_AROUND = 256 << 10
-RUN_DIR_CANDIDATES = ("/run/qcowfs", f"/tmp/qcowfs-{os.getuid()}")
 
 
 class UsageError(QcowError):
@@ -66,6 +72,7 @@ class MountOptions:
     page_cache: bool = False
     noexec: bool = False
     debug: bool = False
+    log_file: str | None = None
 
     def apply(self, opts: str) -> None:
         for opt in filter(None, opts.split(",")):
@@ -78,11 +85,17 @@ class MountOptions:
                 self.allow_other = True
             elif key in ("default_permissions", "fsname", "subtype"):
                 pass
-            elif key in ("uid", "gid", "umask"):
+            elif key in ("uid", "gid"):
+                setattr(self, key, _owner_id(key, value))
+            elif key == "umask":
                 try:
-                    setattr(self, key, int(value, 8 if key == "umask" else 10))
+                    self.umask = int(value, 8)
                 except ValueError:
-                    raise UsageError(f"invalid value for option {key}: '{value}'") from None
+                    raise UsageError(f"invalid value for option umask: '{value}'") from None
+            elif key in ("log_file", "log-file"):
+                if not value:
+                    raise UsageError("option log_file needs a path: -o log_file=PATH")
+                self.log_file = os.path.abspath(value)
             elif key in ("l2_cache_size", "l2-cache-size"):
                 self.l2_cache_bytes = parse_size(value)
             elif key == "read_around":
@@ -102,19 +115,18 @@ class MountOptions:
                 raise UsageError(f"unknown mount option '{opt}'")
 
 
+def _owner_id(key: str, value: str) -> int:
+    """uid=/gid= as a number or a user/group name."""
+    if re.fullmatch(r"\d+", value):
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid if key == "uid" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        what = "user" if key == "uid" else "group"
+        raise UsageError(f"invalid value for option {key}: no {what} named '{value}'") from None
+
+
 # ---- mount --------------------------------------------------------------------
-
-def _mountinfo() -> list[tuple[str, str, str, str]]:
-    """(major:minor, mount point, fstype, source) of every mount."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            a, b = left.split(), right.split()
-            unescape = lambda s: s.encode().decode("unicode_escape")  # noqa: E731
-            out.append((a[2], unescape(a[4]), b[0], unescape(b[1]) if len(b) > 1 else ""))
-    return out
-
 
 def _check_mountpoint(image_path: str, mountpoint: str) -> None:
     try:
@@ -125,13 +137,17 @@ def _check_mountpoint(image_path: str, mountpoint: str) -> None:
         raise UsageError(f"mount point {mountpoint}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mount point {mountpoint} is not a directory")
-    for _dev, mp, fstype, source in _mountinfo():
-        if mp == mountpoint and fstype.startswith("fuse") and source == image_path:
+    where, source = mounts.canonical(mountpoint), mounts.fsname(image_path)
+    for m in mounts.mounts():
+        if m.mountpoint == where and m.fstype.startswith("fuse") and m.source == source:
             raise UsageError(f"{image_path} is already mounted on {mountpoint}")
 
 
 def _fuse_options(image_path: str, opts: MountOptions) -> set[str]:
-    s = {"fsname=" + image_path.replace(",", "\\,"), "subtype=qcowfs", "noatime"}
+    """The options for pyfuse3.init: ASCII only (see mounts.fsname), with
+    libfuse's option escapes for backslash and comma."""
+    name = mounts.fsname(image_path).replace("\\", "\\\\").replace(",", "\\,")
+    s = {"fsname=" + name, "subtype=qcowfs", "noatime"}
     if opts.read_only:
         s.add("ro")
     if opts.noexec:
@@ -141,49 +157,45 @@ def _fuse_options(image_path: str, opts: MountOptions) -> set[str]:
     return s
 
 
-def run_dir() -> str:
-    for d in RUN_DIR_CANDIDATES:
-        try:
-            os.makedirs(d, mode=0o755, exist_ok=True)
-            if os.access(d, os.W_OK):
-                return d
-        except OSError:
-            continue
-    return "/tmp"
-
-
-def _pidfile(dev: str) -> str:
-    return os.path.join(run_dir(), dev.replace(":", "_") + ".pid")
-
-
 def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foreground: bool) -> int:
-    from .daemon import serve  # pyfuse3 is only needed here
+    from .daemon import Readiness, serve  # pyfuse3 is only needed here
 
     image_path = os.path.abspath(image_arg)
     mountpoint = os.path.abspath(mountpoint_arg)
     _check_mountpoint(image_path, mountpoint)
     image = open_image(image_arg, OpenOptions(read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes))
+    fuse_options = _fuse_options(image_path, opts)
     if foreground:
-        _setup_logging(opts.debug, daemon=False)
-        return serve(image, mountpoint, opts, _fuse_options(image_path, opts), ready_fd=None)
+        _setup_logging(opts, daemon=False)
+        return serve(image, mountpoint, opts, fuse_options, Readiness(None))
+    # The log is opened here, before the fork, so that a log file that cannot
+    # be written is this command's error, not a silent daemon.
+    _setup_logging(opts, daemon=True)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(r)
-        os.setsid()
-        _setup_logging(opts.debug, daemon=True)
+        ready = Readiness(w)
         code = 1
         try:
-            code = serve(image, mountpoint, opts, _fuse_options(image_path, opts), ready_fd=w)
+            os.setsid()
+            code = serve(image, mountpoint, opts, fuse_options, ready)
+        except BaseException as e:  # noqa: BLE001 - the parent must hear why
+            ready.fail(f"daemon failed: {type(e).__name__}: {e}")
         finally:
+            logging.shutdown()
             os._exit(code)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         msg = f.read().decode("utf-8", "replace")
     if msg.startswith("OK"):
         return 0
-    os.waitpid(pid, 0)
-    die(msg.strip() or "the daemon exited before the mount was ready")
+    _, status = os.waitpid(pid, 0)
+    if not msg.strip():
+        msg = (f"the daemon was killed by {signal.Signals(os.WTERMSIG(status)).name} before the mount was ready"
+               if os.WIFSIGNALED(status) else
+               f"the daemon exited ({os.WEXITSTATUS(status)}) before the mount was ready")
+    die(msg.strip().splitlines()[-1])
 
 
 def open_image(image_arg: str, options: OpenOptions) -> Image:
@@ -197,64 +209,126 @@ def open_image(image_arg: str, options: OpenOptions) -> Image:
         raise type(e)(msg) from None
 
 
-def _setup_logging(debug: bool, daemon: bool) -> None:
-    level = logging.DEBUG if debug else logging.INFO
-    handler: logging.Handler
-    if daemon and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("qcowfs[%(process)d]: %(message)s"))
-    else:
+def default_log_files() -> list[str]:
+    """Where a daemon logs when there is no syslog, first that can be written:
+    /var/log/qcowfs.log for root; $XDG_STATE_HOME/qcowfs/qcowfs.log
+    (~/.local/state/qcowfs/qcowfs.log) for others, else the run directory's
+    qcowfs.log (/tmp/qcowfs-UID/, for users without a home)."""
+    if os.geteuid() == 0:
+        return [ROOT_LOG_FILE]
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    files = [os.path.join(state, "qcowfs", "qcowfs.log")]
+    run = mounts.run_dir()
+    if run is not None:
+        files.append(os.path.join(run, "qcowfs.log"))
+    return files
+
+
+def _file_handler(path: str) -> logging.Handler:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+    handler.setFormatter(logging.Formatter("%(asctime)s qcowfs[%(process)d]: %(message)s"))
+    return handler
+
+
+def _syslog_handler() -> logging.Handler | None:
+    """A handler for the local syslog socket, or None if there is none (no
+    /dev/log, or nothing listens on it: containers, minimal hosts)."""
+    try:
+        if not stat.S_ISSOCK(os.stat("/dev/log").st_mode):
+            return None
+        handler = logging.handlers.SysLogHandler(address="/dev/log",
+                                                 facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("qcowfs[%(process)d]: %(message)s"))
+    return handler
+
+
+def _setup_logging(opts: MountOptions, daemon: bool) -> None:
+    """Foreground: stderr. Daemon: -o log_file=PATH if given, else syslog if
+    there is one, else the first of default_log_files() that can be opened.
+    A log file that cannot be opened is an error of the mount command (it is
+    opened before the fork): a daemon never runs without a log."""
+    level = logging.DEBUG if opts.debug else logging.INFO
+    handler: logging.Handler | None = None
+    if daemon and opts.log_file is None:
+        handler = _syslog_handler()
+    if daemon and handler is None:
+        candidates = [opts.log_file] if opts.log_file else default_log_files()
+        for path in candidates:
+            try:
+                handler = _file_handler(path)
+                break
+            except OSError as e:
+                error = f"cannot open the log file {path}: {e.strerror}"
+        else:
+            raise QcowError(error)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("qcowfs: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pyfuse3").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("pyfuse3").setLevel(logging.DEBUG if opts.debug else logging.WARNING)
 
 
 # ---- umount -------------------------------------------------------------------
 
-def cmd_umount(mountpoint_arg: str) -> int:
+def cmd_umount(mountpoint_arg: str, force: bool = False) -> int:
+    """Unmount and wait for the daemon to have flushed and exited. A busy
+    mount is refused (saying what holds it) unless FORCE: then the daemon
+    flushes and detaches it anyway."""
     import subprocess
 
     mountpoint = os.path.abspath(mountpoint_arg)
-    entry = next((m for m in _mountinfo() if m[1] == mountpoint and m[2] == "fuse.qcowfs"), None)
+    entry = mounts.find(mountpoint, mounts.FSTYPE)
     if entry is None:
         raise UsageError(f"{mountpoint} is not a qcowfs mount")
-    pidfile = _pidfile(entry[0])
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    cmd = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise QcowError((p.stderr.strip().splitlines() or [f"cannot unmount {mountpoint}"])[-1])
+    pid = mounts.read_pid(entry.dev)
+    if force:
+        if pid is not None:
+            os.kill(pid, signal.SIGUSR1)
+        else:  # no daemon we know of: detaching is all there is to do
+            cmd = ["umount", "-l", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-uz", mountpoint]
+            subprocess.run(cmd, capture_output=True)
+    else:
+        cmd = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            err = (p.stderr.strip().splitlines() or [f"cannot unmount {mountpoint}"])[-1]
+            if "busy" in err.lower():
+                held = mounts.holders(mountpoint, exclude=(pid,) if pid else ())
+                raise QcowError(f"{mountpoint} is busy ({'; '.join(held) or 'in use'}): not unmounted; "
+                                "`qcowfs umount --force` flushes and detaches it anyway")
+            raise QcowError(err)
     deadline = time.monotonic() + 600
-    while pid and _alive(pid) and time.monotonic() < deadline:
+    while pid and mounts.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if pid and _alive(pid):
+    if pid and mounts.alive(pid):
         raise QcowError(f"daemon {pid} did not exit after the unmount")
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 # ---- info and check -------------------------------------------------------------
 
-def cmd_info(image_arg: str, as_json: bool) -> int:
+def _read_only_options(force_share: bool) -> OpenOptions:
+    """OpenOptions for info/check; FORCE_SHARE (-U) takes no image lock, as
+    qemu-img -U, to inspect an image a VM or a mount holds."""
+    if not force_share:
+        return OpenOptions(read_only=True)
+    if "force_share" not in {f.name for f in dataclasses.fields(OpenOptions)}:
+        raise QcowError("-U (force share) is not available in this build")
+    shared: dict[str, bool] = {"read_only": True, "force_share": True}
+    return OpenOptions(**shared)
+
+
+def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
     import trio
 
     from .info import describe, render
 
-    image = open_image(image_arg, OpenOptions(read_only=True))
+    image = open_image(image_arg, _read_only_options(force_share))
     try:
         d = describe(image)
     finally:
@@ -264,10 +338,16 @@ def cmd_info(image_arg: str, as_json: bool) -> int:
     return 0
 
 
-def cmd_check(image_arg: str, repair: bool, as_json: bool) -> int:
+def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = False) -> int:
     from .check import run_check
 
-    return run_check(os.path.abspath(image_arg), repair=repair, as_json=as_json)
+    if not force_share:
+        return run_check(os.path.abspath(image_arg), repair=repair, as_json=as_json)
+    if repair:
+        raise UsageError("-U (force share) cannot be used with --repair: a repair must own the image")
+    _read_only_options(True)  # says so if -U is not available
+    shared: dict[str, bool] = {"repair": False, "as_json": as_json, "force_share": True}
+    return run_check(os.path.abspath(image_arg), **shared)
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -293,12 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Unmount MOUNTPOINT; returns once the daemon has flushed "
                                    "everything to the image and exited.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--force", action="store_true",
+                   help="detach even if files are open or a loop device uses disk.raw "
+                        "(the daemon flushes first; whatever still uses the mount gets errors)")
 
     i = sub.add_parser("info", help="show what qemu-img info shows",
                        description="Show the image's format, sizes, features, backing chain, "
                                    "snapshots and bitmaps.")
     i.add_argument("image", metavar="IMAGE")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img's keys)")
+    i.add_argument("-U", "--force-share", action="store_true",
+                   help="take no lock: inspect an image that a VM or a mount holds")
 
     c = sub.add_parser("check", help="check refcounts and flags like qemu-img check",
                        description="Check the image's metadata. Exit codes as qemu-img check: "
@@ -306,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("--repair", action="store_true", help="fix leaks, refcounts and COPIED flags")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("-U", "--force-share", action="store_true",
+                   help="take no lock: check an image that a VM or a mount holds (results may be "
+                        "inconsistent while it is written)")
     return p
 
 
@@ -316,9 +404,10 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
                    help="stay attached (for systemd and debugging); logs go to stderr")
     m.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, l2_cache_size=SIZE "
-                        "(default 32M), read_around=SIZE (default 256K, 0 = off), page_cache, debug; "
-                        "mount(8)/systemd generic options are accepted")
+                   help="ro, rw, allow_other, uid=USER, gid=GROUP (names or numbers), umask=OCTAL, "
+                        "l2_cache_size=SIZE (default 32M), read_around=SIZE (default 256K, 0 = off), "
+                        "page_cache, log_file=PATH (daemon log; default syslog, else "
+                        f"{ROOT_LOG_FILE} for root), debug; mount(8)/systemd generic options are accepted")
 
 
 def _helper_parser() -> argparse.ArgumentParser:
@@ -340,21 +429,37 @@ def _mount_from_args(a: argparse.Namespace) -> int:
     return cmd_mount(a.image, a.mountpoint, opts, a.foreground)
 
 
+def _looks_like_command(word: str) -> bool:
+    """`qcowfs WORD ...` without a known subcommand is mount.fuse3's form
+    (WORD is the image) unless WORD looks like a mistyped command: a bare
+    lowercase word that names no file."""
+    return bool(re.fullmatch(r"[a-z][a-z-]*", word)) and not os.path.lexists(word)
+
+
+def _unknown_command(word: str) -> NoReturn:
+    close = difflib.get_close_matches(word, SUBCOMMANDS + ("unmount",), n=1)
+    hint = f" (did you mean '{'umount' if close == ['unmount'] else close[0]}'?)" if close else ""
+    die(f"unknown command '{word}'{hint}; commands: {', '.join(SUBCOMMANDS)} "
+        "(or IMAGE MOUNTPOINT -o OPTIONS, as mount.fuse3 calls it); see qcowfs --help", 2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+            if _looks_like_command(argv[0]):
+                _unknown_command(argv[0])
             return _mount_from_args(_helper_parser().parse_args(argv))
         a = build_parser().parse_args(argv)
         if a.command == "mount":
             return _mount_from_args(a)
         if a.command == "umount":
-            return cmd_umount(a.mountpoint)
+            return cmd_umount(a.mountpoint, a.force)
         if a.command == "info":
-            return cmd_info(a.image, a.json)
+            return cmd_info(a.image, a.json, a.force_share)
         if a.command == "check":
-            return cmd_check(a.image, a.repair, a.json)
+            return cmd_check(a.image, a.repair, a.json, a.force_share)
         build_parser().print_help()
         return 2
     except QcowError as e:

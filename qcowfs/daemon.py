@@ -1,25 +1,42 @@
 """The serving process: FUSE session, readiness, signals, clean shutdown.
 
 Readiness is reported only once the mount answers a stat (to the parent of a
-daemonized mount through a pipe, to systemd through NOTIFY_SOCKET). SIGTERM
-and SIGINT end the session; then every cache is flushed and the image closed
-before the process exits, whichever way the mount went away.
+daemonized mount through a pipe, to systemd through NOTIFY_SOCKET).
+
+Stopping never loses data. SIGTERM, SIGINT and SIGHUP flush everything to
+the image at once, then unmount -- but only if nothing holds the mount: the
+unmount is an ordinary umount(2), which the kernel refuses while files are
+open or a loop device sits on disk.raw. A busy mount is never detached
+lazily (that is what turned a loop device's pending writes into I/O errors
+and an ext4 on top into a damaged one). While busy the daemon keeps serving,
+logs one line naming what holds the mount, flushes every second, and
+unmounts and exits as soon as the mount is released. The explicit way to
+detach anyway is a second stop signal within FORCE_WINDOW seconds, or
+SIGUSR1 (`qcowfs umount --force`): then, after one more flush, the session
+ends and the mount is detached, and whatever still uses it gets errors.
+
+Whichever way the session ends, every cache is flushed and the image closed
+before the process exits.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
+from . import mounts
 from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
@@ -30,7 +47,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qcowfs")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
+FORCE_SIGNAL = signal.SIGUSR1
+# A second stop signal this soon after the first detaches a busy mount.
+FORCE_WINDOW = 5.0
+# How often a busy mount is flushed and tried again.
+BUSY_POLL = 1.0
+# An unmount refused right after the signal may only be a request in flight
+# (our own readiness stat, a process between two syscalls): retry quickly a
+# few times before calling the mount busy.
+QUICK_RETRIES = (0.02, 0.05, 0.1, 0.2)
 
 READAHEAD_KB = 1024
 
@@ -64,47 +89,72 @@ def sd_notify(message: str) -> None:
         log.warning("cannot notify systemd: %s", e)
 
 
-def _report(ready_fd: int | None, text: str) -> None:
-    if ready_fd is None:
-        return
-    try:
-        os.write(ready_fd, text.encode())
-    finally:
-        os.close(ready_fd)
+class Readiness:
+    """The pipe to the parent of a daemonized mount, which waits on it and
+    prints what comes as its one line ("OK" once ready). In the foreground
+    there is no pipe and errors are logged instead. Whatever ends the daemon
+    before readiness, the parent gets one line saying why."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    @property
+    def waiting(self) -> bool:
+        """A parent still waits for the outcome."""
+        return self.fd is not None
+
+    def send(self, text: str) -> None:
+        """Tell the parent TEXT (once; later calls do nothing)."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.write(fd, text.rstrip("\n").encode("utf-8", "surrogateescape") + b"\n")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def fail(self, msg: str) -> None:
+        """Report MSG to the parent, or log it when no parent waits."""
+        if self.waiting:
+            self.send(msg)
+        else:
+            log.error("%s", msg)
 
 
-def _write_pidfile(mountpoint: str) -> str | None:
-    from .cli import _mountinfo, _pidfile
+class Session:
+    """What the signal handling and the shutdown share."""
 
-    for dev, mp, _fstype, _src in _mountinfo():
-        if mp == mountpoint:
-            path = _pidfile(dev)
-            with open(path, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            return path
-    return None
+    def __init__(self, image: Image, mountpoint: str) -> None:
+        self.image = image
+        self.mountpoint = mountpoint
+        self.dev: str | None = None  # "major:minor" of our mount, once known
+        self.detach = False  # end with a lazy detach (forced, or after an error)
+        self.ready = False
+        self.stopping = False  # a stop signal came: we are trying to unmount
+        self.busy_since: float | None = None
 
 
 def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set[str],
-          ready_fd: int | None) -> int:
+          ready: Readiness) -> int:
     """Mount, serve until unmounted or signalled, flush, exit code."""
-    ops = Operations(build_tree(image, opts.page_cache), Access(opts.uid, opts.gid, opts.umask),
-                     debug=opts.debug, read_around=opts.read_around)
     # From the mount on, a signal must not kill us (that leaves a dead mount,
     # or a half-flushed image): until _watch_signals listens, and after it
     # stopped listening (while flushing), signals are only remembered.
     pending: list[int] = []
-    for signum in STOP_SIGNALS:
+    for signum in (*STOP_SIGNALS, FORCE_SIGNAL):
         signal.signal(signum, lambda n, _frame: pending.append(n))
     try:
+        ops = Operations(build_tree(image, opts.page_cache), Access(opts.uid, opts.gid, opts.umask),
+                         debug=opts.debug, read_around=opts.read_around, space_of=image.path)
         _init_fuse(ops, mountpoint, fuse_options)
-    except (RuntimeError, OSError) as e:
-        if ready_fd is None:
-            log.error("cannot mount on %s: %s", mountpoint, e)
-        _report(ready_fd, f"cannot mount on {mountpoint}: {e}\n")
+    except Exception as e:  # noqa: BLE001 - one line to the user, whatever it is
+        text = str(e) if isinstance(e, (RuntimeError, OSError, QcowError)) else f"{type(e).__name__}: {e}"
+        ready.fail(f"cannot mount on {mountpoint}: {text}")
         trio.run(image.close)
         return 1
-    state = {"unmount": False, "ready": False}
+    sess = Session(image, mountpoint)
     pidfile: str | None = None
 
     async def main() -> None:
@@ -112,7 +162,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         if not image.read_only:
             await image.prepare_writes()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, state, pending)
+            nursery.start_soon(_watch_signals, sess, pending)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             if opts.read_around:
                 for _ in range(2):
@@ -120,12 +170,16 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             # abandon_on_cancel: a signal before the stat is answered ends the
             # FUSE loop, and the stat (then never answered) must not hold us.
             st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+            sess.dev = mounts.dev_of(st.st_dev)
             _raise_readahead(st.st_dev)
-            pidfile = _write_pidfile(mountpoint)
-            if ready_fd is not None:
+            try:
+                pidfile = mounts.write_pidfile(sess.dev)
+            except OSError as e:
+                log.warning("cannot write a pid file: %s", e)
+            if ready.waiting:
                 _detach_stdio()
-            _report(ready_fd, "OK\n")
-            state["ready"] = True
+            ready.send("OK")
+            sess.ready = True
             sd_notify("READY=1")
             log.info("serving %s on %s%s", image.path, mountpoint, " (read-only)" if opts.read_only else "")
         sd_notify("STOPPING=1")
@@ -140,9 +194,9 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     try:
         trio.run(main)
     except QcowError as e:
-        code = _failed(state, ready_fd, str(e))
+        code = _failed(sess, ready, str(e))
     except BaseException as e:  # noqa: BLE001 - the exit must stay clean
-        code = _failed(state, ready_fd, f"daemon failed: {type(e).__name__}: {e}")
+        code = _failed(sess, ready, f"daemon failed: {type(e).__name__}: {e}")
     finally:
         if pidfile:
             try:
@@ -154,12 +208,14 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             # request we will never answer holds: destroying the session under
             # it is unsafe. The image is closed already: detach the mount and
             # leave, letting the exit close the FUSE device.
-            if state["unmount"]:
+            if sess.detach:
                 subprocess.run(["umount", "-l", mountpoint] if os.geteuid() == 0
                                else ["fusermount3", "-uz", mountpoint], capture_output=True)
             logging.shutdown()
             os._exit(code)
-        pyfuse3.close(unmount=state["unmount"])
+        pyfuse3.close(unmount=sess.detach)
+    if code == 0:
+        log.info("%s: image closed cleanly, daemon exits", mountpoint)
     return code
 
 
@@ -179,23 +235,27 @@ def _keep_big_buffers() -> None:
         mallopt(M_TRIM_THRESHOLD, 4 * BIG_BUFFER)
 
 
-def _failed(state: dict[str, bool], ready_fd: int | None, msg: str) -> int:
+def _failed(sess: Session, ready: Readiness, msg: str) -> int:
     """An error ends the daemon: unmount whatever is still mounted; before
     readiness the error goes to the waiting parent, which prints it as its
-    one line."""
-    state["unmount"] = True
-    if ready_fd is not None and not state["ready"]:
-        _report(ready_fd, msg + "\n")
-    else:
-        log.error("%s", msg)
+    one line; after it, to the log (never lost: see cli._setup_logging)."""
+    sess.detach = True
+    ready.fail(msg)
     return 1
 
 
 def _init_fuse(ops: Operations, mountpoint: str, fuse_options: set[str]) -> None:
     """pyfuse3.init, with what libfuse and fusermount3 print on stderr made
-    part of the one error line instead of extra lines of their own."""
+    part of the one error line instead of extra lines of their own. Our own
+    log lines written meanwhile (pyfuse3 logs through `logging`) still go to
+    the real stderr, not into what is captured."""
     with tempfile.TemporaryFile() as captured:
         saved = os.dup(2)
+        real_stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+        redirected = [h for h in logging.getLogger().handlers
+                      if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr]
+        for h in redirected:
+            h.setStream(real_stderr)
         os.dup2(captured.fileno(), 2)
         try:
             pyfuse3.init(ops, mountpoint, fuse_options)
@@ -205,12 +265,15 @@ def _init_fuse(ops: Operations, mountpoint: str, fuse_options: set[str]) -> None
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            for h in redirected:
+                h.setStream(sys.stderr)
+            real_stderr.close()
         captured.seek(0)
         text = captured.read().decode("utf-8", "replace").strip()
     if error is not None:
         raise RuntimeError(text.splitlines()[-1] if text else str(error))
     if text:
-        log.warning("%s", text)
+        log.warning("%s", " / ".join(text.splitlines()))
 
 
 async def _run_fuse(scope: trio.CancelScope) -> None:
@@ -219,22 +282,121 @@ async def _run_fuse(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _watch_signals(state: dict[str, bool], pending: list[int]) -> None:
-    """SIGTERM/SIGINT/SIGHUP: let requests in flight finish, then unmount."""
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        if not pending:
-            async for signum in signals:
-                pending.append(signum)
-                break
-        log.info("received %s: unmounting", signal.Signals(pending[0]).name)
-        state["unmount"] = True
-        pyfuse3.terminate()
+# ---- stopping ---------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _umount2(path: str) -> int:
+    """umount2(PATH, 0): 0, or the errno. Never MNT_DETACH."""
+    if _libc.umount2(os.fsencode(path), 0) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+async def _try_unmount(sess: Session) -> bool:
+    """One non-lazy unmount attempt; True if the mount is gone (the FUSE loop
+    then ends by itself)."""
+    top = mounts.find(sess.mountpoint)
+    if top is None or (sess.dev is not None and top.dev != sess.dev):
+        if top is not None:
+            log.warning("%s: another filesystem is mounted on top of ours: not unmounting it",
+                        sess.mountpoint)
+            return False
+        return True
+    if os.geteuid() == 0:
+        err = await trio.to_thread.run_sync(_umount2, sess.mountpoint)
+        if err in (0, errno.EINVAL, errno.ENOENT):
+            return True
+        if err != errno.EBUSY:
+            log.warning("cannot unmount %s: %s", sess.mountpoint, os.strerror(err))
+        return False
+    p = await trio.run_process(["fusermount3", "-u", sess.mountpoint], capture_stdout=True,
+                               capture_stderr=True, check=False)
+    if p.returncode == 0:
+        return True
+    text = p.stderr.decode("utf-8", "replace").strip()
+    if "busy" not in text.lower():
+        log.warning("cannot unmount %s: %s", sess.mountpoint, text or f"fusermount3 exit {p.returncode}")
+    return False
+
+
+async def _flush(image: Image) -> None:
+    """Everything written so far durable in the image (shielded: a flush is
+    never left half done)."""
+    with trio.CancelScope(shield=True):
+        await image.flush()
+
+
+async def _stop(sess: Session) -> None:
+    """Flush, then unmount when nothing holds the mount; keep serving until then."""
+    t0 = time.monotonic()
+    await _flush(sess.image)
+    log.info("everything written is flushed to %s (%.2fs); unmounting %s",
+             sess.image.path, time.monotonic() - t0, sess.mountpoint)
+    if await _try_unmount(sess):
+        return
+    for delay in QUICK_RETRIES:
+        await trio.sleep(delay)
+        if await _try_unmount(sess):
+            return
+    sess.busy_since = time.monotonic()
+    held_by = await trio.to_thread.run_sync(mounts.holders, sess.mountpoint)
+    log.warning("%s is busy (%s): still serving; it is unmounted and the daemon exits as soon "
+                "as it is released (a second signal within %gs, or `qcowfs umount --force`, "
+                "detaches it anyway)", sess.mountpoint,
+                "; ".join(held_by) or "held by something this process cannot see", FORCE_WINDOW)
+    while True:
+        await trio.sleep(BUSY_POLL)
+        await _flush(sess.image)
+        if await _try_unmount(sess):
+            log.info("%s was released after %.1fs: unmounted", sess.mountpoint,
+                     time.monotonic() - sess.busy_since)
+            return
+
+
+async def _force(sess: Session, why: str) -> None:
+    """Detach anyway, after a flush: the explicit, lossy-for-the-holders way."""
+    await _flush(sess.image)
+    held_by = mounts.holders(sess.mountpoint)
+    log.warning("%s: flushed; detaching %s%s", why, sess.mountpoint,
+                f" although it is still in use ({'; '.join(held_by)})" if held_by else "")
+    sess.detach = True
+    pyfuse3.terminate()
+
+
+async def _watch_signals(sess: Session, pending: list[int]) -> None:
+    """SIGTERM/SIGINT/SIGHUP: flush and unmount when free (see the module
+    docstring); a second one within FORCE_WINDOW, or SIGUSR1: detach anyway."""
+    last_stop: float | None = None
+    force: str | None = None
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(*STOP_SIGNALS, FORCE_SIGNAL) as signals:
+            while force is None:
+                if pending:
+                    signum = pending.pop(0)
+                else:
+                    async for signum in signals:
+                        break
+                name = signal.Signals(signum).name
+                now = time.monotonic()
+                if signum == FORCE_SIGNAL:
+                    force = f"received {name} (qcowfs umount --force)"
+                elif last_stop is not None and now - last_stop < FORCE_WINDOW:
+                    force = f"received a second stop signal ({name}) within {FORCE_WINDOW:g}s"
+                else:
+                    last_stop = now
+                    if not sess.stopping:
+                        sess.stopping = True
+                        log.info("received %s: flushing, then unmounting", name)
+                        nursery.start_soon(_stop, sess)
+            nursery.cancel_scope.cancel()
+    await _force(sess, force)
 
 
 async def _shutdown(image: Image) -> None:
     with trio.CancelScope(shield=True):
         await image.close()
-        log.info("image closed cleanly")
 
 
 def _detach_stdio() -> None:

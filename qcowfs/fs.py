@@ -73,8 +73,9 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, root: DirNode, access: Access, debug: bool = False,
-                 read_around: int = 0) -> None:
+                 read_around: int = 0, space_of: str | None = None) -> None:
         super().__init__()
+        self.space_of = space_of  # statfs reports the space of the filesystem holding this
         self.read_around = read_around
         self.pushing = 0  # read-around pushes inside the kernel right now
         # Windows pushed recently: a second miss in one of them is a read that
@@ -214,14 +215,22 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """df on the mount: the size and free space of the host filesystem that
+        holds the image, which is the room the image can still grow into
+        (without an image path: the files' total size, nothing free)."""
         s = pyfuse3.StatvfsData()
+        s.f_files = len(self._nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        if self.space_of is not None:
+            host = await trio.to_thread.run_sync(os.statvfs, self.space_of)
+            s.f_bsize, s.f_frsize = host.f_bsize, host.f_frsize
+            s.f_blocks, s.f_bfree, s.f_bavail = host.f_blocks, host.f_bfree, host.f_bavail
+            return s
         total = sum(n.view.size for n in self._nodes.values() if isinstance(n, FileNode))
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = total // 4096
         s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self._nodes)
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
         return s
 
     # ---- directories ---------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import pytest
 
+from qcowfs import mounts
+
 ROOT = Path(__file__).resolve().parent.parent
 QCOWFS = str(Path(sys.executable).parent / "qcowfs")
 
@@ -57,9 +59,7 @@ def files_equal(a: Path, b: Path, chunk: int = 4 << 20) -> bool:
 
 def is_mounted(path: Path) -> bool:
     """True for live mounts and for dead ones (daemon gone: mountpoint(1) fails on those)."""
-    target = os.path.realpath(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1].encode().decode("unicode_escape") == target for line in f)
+    return mounts.is_mounted(path)
 
 
 def force_unmount(path: Path) -> None:

@@ -346,50 +346,132 @@ while True:
 """
 
 
-def test_sigterm_with_writes_in_flight(tmp_path: Path):
-    """SIGTERM while a writer keeps writing: every acknowledged write is in the image,
-    the image is clean, the daemon exits 0 and nothing stays mounted."""
+def start_writer(tmp_path: Path, mnt: Path, slots: int) -> tuple[subprocess.Popen, Path]:
+    """The WRITER on MNT/disk.raw; returns once it has acknowledged writes."""
+    progress = tmp_path / "writer.out"
+    with open(progress, "w") as out, open(tmp_path / "writer.err", "w") as err:
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / "disk.raw"), str(slots)],
+                                  stdout=out, stderr=err)
+    deadline = time.monotonic() + TIMEOUT
+    while progress.stat().st_size == 0:
+        assert writer.poll() is None, (tmp_path / "writer.err").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return writer, progress
+
+
+def acknowledged_writes_survived(img: Path, tmp_path: Path, progress: Path, slots: int) -> list[int]:
+    """Every write the writer printed as done is in the image (the last one, in flight
+    when the mount went away, may or may not be)."""
+    out = progress.read_text()
+    done = [int(x) for x in out.splitlines() if x.isdigit()]
+    assert len(done) > 10, out
+    assert done == list(range(len(done)))
+    qemu_img_check(img)
+    raw = tmp_path / "out.raw"
+    sh("qemu-img", "convert", "-O", "raw", img, raw)
+    expect: dict[int, int] = {}
+    for i in done:
+        expect[i % slots] = 1 + i % 251
+    expect.pop(len(done) % slots, None)
+    with open(raw, "rb") as f:
+        for slot, byte in expect.items():
+            f.seek(slot * 65536)
+            assert f.read(65536) == bytes([byte]) * 65536, f"slot {slot}"
+    return done
+
+
+def test_sigterm_with_writes_in_flight_waits_for_release(tmp_path: Path):
+    """SIGTERM while a writer keeps disk.raw open and writing: the daemon flushes, says
+    what holds the mount, keeps serving (the writer never sees an error), and unmounts
+    and exits 0 as soon as the writer is gone; every acknowledged write is in the image."""
     img = tmp_path / "disk.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, "32M")
     mnt = tmp_path / "mnt"
     slots = 32 * MiB // 65536
     with foreground(img, mnt, logdir=tmp_path) as fg:
-        progress = tmp_path / "writer.out"
-        with open(progress, "w") as out, open(tmp_path / "writer.err", "w") as err:
-            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / "disk.raw"), str(slots)],
-                                      stdout=out, stderr=err)
+        writer, progress = start_writer(tmp_path, mnt, slots)
         try:
+            time.sleep(0.5)
+            fg.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + TIMEOUT
-            while progress.stat().st_size == 0:
-                assert writer.poll() is None, (tmp_path / "writer.err").read_text()
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            time.sleep(1.5)  # writes all over the disk, and round again
+            while "is busy" not in fg.stderr():
+                assert fg.proc.poll() is None, fg.stderr()
+                assert time.monotonic() < deadline, fg.stderr()
+                time.sleep(0.05)
+            busy = [line for line in fg.stderr().splitlines() if "is busy" in line]
+            assert len(busy) == 1 and f"pid {writer.pid} (python" in busy[0] and "disk.raw" in busy[0], busy
+            before = len(progress.read_text().splitlines())
+            time.sleep(1.5)  # still serving: the writer goes on
+            assert fg.proc.poll() is None and is_mounted(mnt)
             assert writer.poll() is None, (tmp_path / "writer.err").read_text()
-            assert fg.stop(signal.SIGTERM) == 0, fg.stderr()
+            assert len(progress.read_text().splitlines()) > before + 10
+            writer.send_signal(signal.SIGTERM)  # release the mount
+            writer.wait(TIMEOUT)
+            assert fg.proc.wait(TIMEOUT) == 0, fg.stderr()
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        assert not is_mounted(mnt)
+        log = fg.stderr()
+        assert "released" in log and "Traceback" not in log, log
+    assert "ERR" not in progress.read_text()
+    acknowledged_writes_survived(img, tmp_path, progress, slots)
+
+
+@pytest.mark.parametrize("how", ["second-SIGTERM", "umount-force"])
+def test_busy_mount_detached_explicitly(tmp_path: Path, how: str):
+    """A second stop signal within a few seconds, or `qcowfs umount --force`, detaches a
+    busy mount anyway, after a flush: the writer then gets errors, but every write it was
+    told had succeeded is in the image, and the image is clean."""
+    img = tmp_path / "disk.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "32M")
+    mnt = tmp_path / "mnt"
+    slots = 32 * MiB // 65536
+    with foreground(img, mnt, logdir=tmp_path) as fg:
+        writer, progress = start_writer(tmp_path, mnt, slots)
+        try:
+            time.sleep(0.5)
+            fg.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + TIMEOUT
+            while "is busy" not in fg.stderr():
+                assert fg.proc.poll() is None and time.monotonic() < deadline, fg.stderr()
+                time.sleep(0.05)
+            assert fg.proc.poll() is None and is_mounted(mnt)
+            if how == "second-SIGTERM":
+                fg.proc.send_signal(signal.SIGTERM)
+            else:
+                p = sh(QCOWFS, "umount", "--force", mnt, check=False)
+                assert p.returncode == 0, p.stderr
+            assert fg.proc.wait(TIMEOUT) == 0, fg.stderr()
             writer.wait(TIMEOUT)
         finally:
             if writer.poll() is None:
                 writer.kill()
                 writer.wait()
         assert not is_mounted(mnt)
-    out = progress.read_text()
-    done = [int(x) for x in out.splitlines() if x.isdigit()]
-    assert len(done) > 10, out
-    assert "ERR" in out, out  # the writer saw the mount go away
-    assert done == list(range(len(done)))
+        assert "detaching" in fg.stderr(), fg.stderr()
+    assert "ERR" in progress.read_text()  # the writer saw the mount go away
+    acknowledged_writes_survived(img, tmp_path, progress, slots)
+
+
+def test_umount_refuses_busy_mount_naming_the_holder(tmp_path: Path):
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        sh(QCOWFS, "mount", img, mnt)
+        with open(mnt / "disk.raw", "rb"):
+            p = sh(QCOWFS, "umount", mnt, check=False)
+            assert p.returncode != 0
+            lines = p.stderr.strip().splitlines()
+            assert len(lines) == 1 and "busy" in lines[0] and f"pid {os.getpid()}" in lines[0], p.stderr
+            assert "--force" in lines[0]
+            assert is_mounted(mnt) and (mnt / "disk.raw").stat().st_size == 32 * MiB
+        sh(QCOWFS, "umount", mnt)
+        assert not is_mounted(mnt)
     qemu_img_check(img)
-    # every acknowledged write survived the shutdown
-    raw = tmp_path / "out.raw"
-    sh("qemu-img", "convert", "-O", "raw", img, raw)
-    expect: dict[int, int] = {}
-    for i in done:
-        expect[i % slots] = 1 + i % 251
-    expect.pop(len(done) % slots, None)  # the write in flight at the end may or may not have landed
-    with open(raw, "rb") as f:
-        for slot, byte in expect.items():
-            f.seek(slot * 65536)
-            assert f.read(65536) == bytes([byte]) * 65536, f"slot {slot}"
 
 
 @pytest.mark.parametrize("how", ["fusermount3", "SIGTERM", "SIGINT", "SIGHUP", "qcowfs-umount"])
