@@ -3,12 +3,17 @@ VENV := .venv
 PY   := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all install install-test demo test bench clean
+.PHONY: all install uninstall install-test demo test bench clean
 
 all: install
 
+# The venv (on Debian's /usr/bin/python3) and /usr/local/bin/qcowfs, so that
+# `qcowfs` runs by name for every user and `mount -t fuse.qcowfs` finds it.
 install:
-	@scripts/install.sh
+	@scripts/install.sh --system
+
+uninstall:
+	@scripts/install.sh --uninstall
 
 install-test:
 	@scripts/install.sh --test

@@ -1,8 +1,11 @@
 #!/bin/sh
 # Build a sample image with snapshots and a bitmap, mount it, look inside, unmount.
+# Runs qcowfs by name, as `make install` put it on every user's PATH, and
+# once through `mount -t fuse.qcowfs` as /etc/fstab would.
 set -eu
 cd "$(dirname "$0")/.."
-Q="$PWD/.venv/bin/qcowfs"
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+Q=qcowfs
 D="$PWD/demo"
 mkdir -p "$D/mnt"
 mountpoint -q "$D/mnt" && "$Q" umount "$D/mnt"
@@ -17,12 +20,15 @@ qemu-img bitmap --add --granularity 64K "$D/sample.qcow2" backup-inc
 qemu-io -c 'write -P 0x33 64M 1M' "$D/sample.qcow2" >/dev/null
 qemu-img snapshot -c after-upgrade "$D/sample.qcow2"
 
+echo "== $(command -v qcowfs) --version"
+"$Q" --version
 echo "== qcowfs info"
 "$Q" info "$D/sample.qcow2"
 echo "== qcowfs mount demo/sample.qcow2 demo/mnt"
 "$Q" mount "$D/sample.qcow2" "$D/mnt"
 trap '"$Q" umount "$D/mnt" 2>/dev/null || true' EXIT
 ( cd "$D/mnt" && ls -lR . )
+df -h "$D/mnt"
 echo "== first bytes of disk.raw and of snapshots/before-upgrade.raw at 1 MiB"
 od -A d -t x1 -N 16 -j 1048576 "$D/mnt/disk.raw"
 od -A d -t x1 -N 16 -j 1048576 "$D/mnt/snapshots/before-upgrade.raw"
@@ -32,4 +38,12 @@ od -A d -t x1 "$D/mnt/bitmaps/backup-inc" | head -5
 echo "== unmount"
 "$Q" umount "$D/mnt"
 trap - EXIT
+if [ "$(id -u)" = 0 ]; then
+    echo "== mount -t fuse.qcowfs demo/sample.qcow2 demo/mnt -o ro (what /etc/fstab does)"
+    mount -t fuse.qcowfs "$D/sample.qcow2" "$D/mnt" -o ro
+    trap '"$Q" umount "$D/mnt" 2>/dev/null || true' EXIT
+    findmnt "$D/mnt"
+    "$Q" umount "$D/mnt"
+    trap - EXIT
+fi
 qemu-img check "$D/sample.qcow2"

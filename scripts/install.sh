@@ -1,22 +1,84 @@
 #!/bin/sh
 # One install script for make, CI and the Dockerfile.
-#   scripts/install.sh          system packages to run qcowfs + the venv in .venv
-#   scripts/install.sh --test   also what the tests and the benchmark need
-# Idempotent: packages already present are not fetched again.
+#   scripts/install.sh            system packages to run qcowfs + the venv in .venv
+#   scripts/install.sh --test     also what the tests and the benchmark need
+#   scripts/install.sh --system [--prefix DIR]
+#                                 also the system entry point DIR/bin/qcowfs (default
+#                                 /usr/local), a symlink to .venv/bin/qcowfs: `qcowfs` by
+#                                 name for every user, and what mount(8) needs for
+#                                 `mount -t fuse.qcowfs` (mount.fuse3 runs `qcowfs` from
+#                                 the default PATH, which has /usr/local/bin)
+#   scripts/install.sh --uninstall [--prefix DIR]
+#                                 remove that entry point (if it is ours)
+#   scripts/install.sh --venv-status
+#                                 say whether .venv is current or would be rebuilt; change nothing
+# Idempotent: packages already present are not fetched again, a venv that is
+# up to date is kept.
+#
+# The venv is built on Debian's /usr/bin/python3 (PYTHON=... to choose another),
+# never on whatever python3 comes first on PATH: a python under /root (pyenv,
+# mode 0700) would make qcowfs unusable for every other user and for systemd
+# units with User=. A venv made from another python is rebuilt.
 set -eu
 cd "$(dirname "$0")/.."
+REPO=$PWD
 
-RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev"
+test_deps=0 system=0 uninstall=0 status=0 prefix=/usr/local
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --test) test_deps=1 ;;
+        --system) system=1 ;;
+        --uninstall) uninstall=1 ;;
+        --venv-status) status=1 ;;
+        --prefix) prefix=${2:?--prefix needs a directory}; shift ;;
+        --prefix=*) prefix=${1#--prefix=} ;;
+        *) echo "install.sh: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+    shift
+done
+entry="$prefix/bin/qcowfs"
+
+if [ "$uninstall" = 1 ]; then
+    if [ -L "$entry" ] && [ "$(readlink "$entry")" = "$REPO/.venv/bin/qcowfs" ]; then
+        rm -f "$entry"
+        echo "removed $entry"
+    fi
+    exit 0
+fi
+
+PY=${PYTHON:-/usr/bin/python3}
+
+# Why .venv cannot stay, or nothing. .venv/bin/python is a symlink to the
+# python the venv was made from, and pyvenv.cfg's `home` is that python's
+# directory: another python than $PY means rebuild.
+venv_stale() {
+    [ -e .venv/pyvenv.cfg ] || { [ -e .venv ] && echo "no .venv/pyvenv.cfg"; return 0; }
+    want_py=$(readlink -f "$PY")
+    have_py=$(readlink -f .venv/bin/python 2>/dev/null || true)
+    home=$(sed -n 's/^home *= *//p' .venv/pyvenv.cfg)
+    home=$(readlink -f "$home" 2>/dev/null || echo "$home")
+    if [ "$have_py" != "$want_py" ] || { [ "$home" != "$(dirname "$want_py")" ] &&
+                                         [ "$home" != "$(readlink -f "$(dirname "$PY")")" ]; }; then
+        echo "made from ${have_py:-$home}, not $want_py"
+    fi
+}
+
+if [ "$status" = 1 ]; then
+    why=$(venv_stale)
+    if [ -n "$why" ]; then echo "rebuild: $why"; elif [ -x .venv/bin/python ]; then echo current; else echo missing; fi
+    exit 0
+fi
+
+RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev"
 TEST_PKGS="qemu-utils qemu-system-common libqcow-utils fio e2fsprogs util-linux attr systemd"
 
 want="$RUN_PKGS"
-if [ "${1:-}" = "--test" ]; then want="$want $TEST_PKGS"; fi
+if [ "$test_deps" = 1 ]; then want="$want $TEST_PKGS"; fi
 
 missing=""
 for p in $want; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
 done
-# python3-venv/python3-dev are only needed when python3 is Debian's own.
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "install.sh: missing packages:$missing (run as root)" >&2
@@ -27,18 +89,44 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+if [ ! -x "$PY" ]; then
+    echo "install.sh: $PY not found (PYTHON=... names another python)" >&2
+    exit 1
+fi
+why=$(venv_stale)
+if [ -n "$why" ]; then
+    echo "install.sh: .venv was $why: rebuilding it" >&2
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
+    rm -rf .venv
     "$PY" -m venv .venv
 fi
-stamp=.venv/.installed
-if [ "${1:-}" = "--test" ]; then stamp=.venv/.installed-test; fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip
-    if [ "${1:-}" = "--test" ]; then
+# Up to date: the stamp of this kind of install (or of the test install,
+# which includes it) is newer than pyproject.toml.
+fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
+if [ "$test_deps" = 1 ]; then
+    fresh .venv/.installed-test || {
+        .venv/bin/pip install -q --upgrade pip
         .venv/bin/pip install -q -e '.[test]'
-    else
+        touch .venv/.installed-test
+    }
+else
+    fresh .venv/.installed || fresh .venv/.installed-test || {
+        .venv/bin/pip install -q --upgrade pip
         .venv/bin/pip install -q -e .
+        touch .venv/.installed
+    }
+fi
+
+if [ "$system" = 1 ]; then
+    if [ -e "$entry" ] && [ ! -L "$entry" ]; then
+        echo "install.sh: $entry exists and is not a symlink: remove it first" >&2
+        exit 1
     fi
-    touch "$stamp"
+    if ! mkdir -p "$prefix/bin" 2>/dev/null || ! ln -sfn "$REPO/.venv/bin/qcowfs" "$entry" 2>/dev/null; then
+        echo "install.sh: cannot write $entry (run as root)" >&2
+        exit 1
+    fi
+    echo "installed $entry -> $REPO/.venv/bin/qcowfs"
 fi

@@ -126,7 +126,7 @@ def cleanup_mount(mnt: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def qcowfs_on_default_path() -> Iterator[None]:
-    """/usr/local/bin/qcowfs -> the venv's qcowfs, as systemd/README.md says to install it.
+    """/usr/local/bin/qcowfs -> the venv's qcowfs, as `make install` installs it.
 
     Created when missing and removed by the last test session that uses it
     (a count under a lock: pytest-xdist workers share it).
@@ -143,7 +143,9 @@ def qcowfs_on_default_path() -> Iterator[None]:
             users, created = (int(fields[0]), fields[1] == "1") if len(fields) == 2 else (0, False)
             users = max(0, users + delta)
             if delta > 0 and not os.path.lexists(USR_LOCAL_QCOWFS):
-                os.symlink(QCOWFS, USR_LOCAL_QCOWFS)
+                # what `make install` does
+                sh(ROOT / "scripts" / "install.sh", "--system")
+                assert USR_LOCAL_QCOWFS.samefile(QCOWFS)
                 created = True
             if users == 0 and created:
                 if USR_LOCAL_QCOWFS.is_symlink() and os.readlink(USR_LOCAL_QCOWFS) == QCOWFS:
