@@ -244,3 +244,96 @@ def test_missing_arguments_are_usage_errors(tmp_path: Path):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert "usage" in p.stderr.lower()
+
+
+# ---- messages -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, suggestion", [(["unmount", "m"], "umount"), (["list"], None),
+                                              (["mout", "a.qcow2", "m"], "mount"), (["inf", "x"], "info")])
+def test_mistyped_command(argv: list[str], suggestion: str | None, tmp_path: Path):
+    p = qcowfs(*argv, cwd=tmp_path)
+    line = assert_clean_failure(p, "unknown command", "mount, umount, info, check")
+    assert p.returncode == 2
+    assert f"'{argv[0]}'" in line
+    if suggestion:
+        assert f"did you mean '{suggestion}'" in line, line
+
+
+def test_mount_fuse3_form_with_a_relative_image(tmp_path: Path, image: Path):
+    """`qcowfs IMAGE DIR -o ...` still mounts when IMAGE is a bare file name in the
+    current directory (it names a file, so it is not a mistyped command)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = qcowfs(image.name, mnt, "-o", "ro", cwd=image.parent)
+    try:
+        assert p.returncode == 0, p.stderr
+        assert (mnt / "disk.raw").stat().st_size == 16 * MiB
+    finally:
+        qcowfs("umount", mnt)
+        force_unmount(mnt)
+
+
+def test_uid_gid_accept_names(tmp_path: Path, image: Path):
+    import grp
+    import pwd
+
+    user = pwd.getpwuid(65534).pw_name
+    group = grp.getgrgid(65534).gr_name
+    with mounted(image, tmp_path / "mnt", "-o", f"uid={user},gid={group}") as mnt:
+        st = (mnt / "disk.raw").stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+    p = qcowfs("mount", image, tmp_path / "mnt", "-o", "uid=no-such-user-here")
+    assert_clean_failure(p, "no user named 'no-such-user-here'")
+    p = qcowfs("mount", image, tmp_path / "mnt", "-o", "gid=no-such-group-here")
+    assert_clean_failure(p, "no group named 'no-such-group-here'")
+
+
+def test_df_shows_the_host_filesystem(tmp_path: Path, image: Path):
+    """statfs on the mount: the space of the filesystem holding the image (where it can
+    grow), not a 100 % full pseudo filesystem."""
+    with mounted(image, tmp_path / "mnt", read_only=False) as mnt:
+        got, host = os.statvfs(mnt), os.statvfs(image)
+        assert got.f_blocks * got.f_frsize == host.f_blocks * host.f_frsize
+        assert abs(got.f_bavail * got.f_frsize - host.f_bavail * host.f_frsize) < 64 * MiB
+        assert got.f_bavail > 0
+        df = subprocess.run(["df", "--output=source,pcent", str(mnt)], capture_output=True, text=True)
+        assert str(image) in df.stdout and "100%" not in df.stdout, df.stdout
+
+
+def test_lock_refusal_names_qcowfs_as_the_holder(tmp_path: Path, image: Path):
+    with mounted(image, tmp_path / "a", read_only=False) as a:
+        b = tmp_path / "b"
+        b.mkdir()
+        try:
+            for args in (["mount", image, b], ["mount", image, b, "--read-only"], ["info", image]):
+                line = assert_clean_failure(qcowfs(*args), "in use")
+                assert "QEMU?" not in line
+                assert re.search(rf"qcowfs \(pid \d+, mounted on {re.escape(str(a))}\)", line), line
+                assert "-U" in line, line
+        finally:
+            force_unmount(b)
+
+
+def _force_share_available() -> bool:
+    import dataclasses
+
+    from qcowfs.image import OpenOptions
+
+    return "force_share" in {f.name for f in dataclasses.fields(OpenOptions)}
+
+
+@pytest.mark.skipif(not _force_share_available(), reason="OpenOptions.force_share not there yet (image.py)")
+def test_info_and_check_force_share(tmp_path: Path, image: Path):
+    with mounted(image, tmp_path / "a", read_only=False):
+        assert_clean_failure(qcowfs("info", image), "in use")
+        p = qcowfs("info", "-U", image)
+        assert p.returncode == 0, p.stderr
+        assert "virtual size: 16 MiB" in p.stdout
+        p = qcowfs("check", "-U", image)
+        assert p.returncode in (0, 3), p.stdout + p.stderr
+        assert_clean_failure(qcowfs("check", "-U", "--repair", image), "cannot be used with --repair")
+
+
+def test_umount_force_help():
+    p = qcowfs("umount", "--help")
+    assert "--force" in p.stdout
