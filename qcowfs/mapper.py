@@ -15,13 +15,16 @@ import numpy as np
 from .cache import TableCache
 from .compression import decompress_cluster
 from .errors import CorruptionError, ReadOnlyError
-from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     Geometry, decode_compressed)
+from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, SC_ALL,
+                     Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
+                     extended_problem, subcluster_type)
 from .hostfile import HostFile
 
 # Run kinds.
 UNALLOC, ZERO, DATA, COMPRESSED, MIXED = range(5)
 KIND_NAMES = ("unallocated", "zero", "data", "compressed", "mixed")
+# How each L2 (sub)cluster type reads (INVALID never reaches a lookup).
+RUN_KIND = np.array([UNALLOC, UNALLOC, ZERO, ZERO, DATA, COMPRESSED, -1], np.int8)
 
 # (kind, guest offset, length, host): host is the byte offset for DATA and the
 # raw L2 entry for COMPRESSED.
@@ -126,7 +129,8 @@ class Mapper:
         self._cluster_mask = geo.cluster_size - 1
         # Precomputed for read_cached, the per-request hot path.
         self._span_bits = geo.l2_span.bit_length() - 1
-        self._special = OFLAG_COMPRESSED | (OFLAG_ZERO if geo.zero_flag else 0)
+        # Entries read_cached leaves to the general path (bit 0 is an error in v2).
+        self._special = OFLAG_COMPRESSED | OFLAG_ZERO
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
 
     # ---- L2 tables ----------------------------------------------------------
@@ -183,19 +187,26 @@ class Mapper:
             _append(runs, kind, g0, g1 - g0, host)
 
     def _classify(self, e: int) -> tuple[int, int]:
-        if e & OFLAG_COMPRESSED:
+        """Run kind and host offset of a standard L2 entry."""
+        t = cluster_type(e, False, self.external_data)
+        if t == SubclusterType.COMPRESSED:
             return COMPRESSED, e
-        if self.geo.zero_flag and e & OFLAG_ZERO:
-            return ZERO, 0
-        off = e & L2E_OFFSET_MASK
-        if not off and not self._data_at_zero(e):
+        if t == SubclusterType.UNALLOCATED_PLAIN:
             return UNALLOC, 0
+        off = e & L2E_OFFSET_MASK
+        if t != SubclusterType.NORMAL:
+            self.check_zero(t, off)
+            return ZERO, 0
         self.check_data(off)
         return DATA, off
 
-    def _data_at_zero(self, e: int) -> bool:
-        """Offset 0 is a real cluster in an external data file: COPIED says so."""
-        return self.external_data and bool(e & OFLAG_COPIED)
+    def check_zero(self, t: SubclusterType, off: int) -> None:
+        """A zero cluster is only legal in v3, and a preallocated one must be
+        aligned (QEMU answers EIO and marks the image corrupt otherwise)."""
+        if not self.geo.zero_flag:
+            raise CorruptionError("L2 entry has the zero flag in a version 2 image")
+        if t == SubclusterType.ZERO_ALLOC and off & self._cluster_mask:
+            raise CorruptionError(f"preallocated zero cluster at an unaligned offset {off:#x}")
 
     def check_data(self, off: int) -> None:
         """Raise CorruptionError unless OFF is a plausible data cluster offset."""
@@ -205,23 +216,23 @@ class Mapper:
             raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
 
     def _classify_ext(self, w0: int, bitmap: int) -> tuple[int, int]:
-        if w0 & OFLAG_COMPRESSED:
+        """Run kind and host offset of an extended L2 entry (MIXED: per subcluster)."""
+        why = extended_problem(w0, bitmap, self.external_data)
+        if why:
+            raise CorruptionError(f"extended L2 entry is invalid: {why}")
+        t = cluster_type(w0, True, self.external_data)
+        if t == SubclusterType.COMPRESSED:
             return COMPRESSED, w0
         off = w0 & L2E_OFFSET_MASK
         alloc, zero = bitmap & SC_ALL, bitmap >> 32
-        if alloc & zero:
-            raise CorruptionError("extended L2 entry marks a subcluster both allocated and zero")
-        if alloc and not off and not self._data_at_zero(w0):
-            raise CorruptionError("extended L2 entry has allocated subclusters but no cluster")
-        if alloc == SC_ALL:
+        if t == SubclusterType.NORMAL:
             self.check_data(off)
+        if alloc == SC_ALL:
             return DATA, off
         if zero == SC_ALL:
             return ZERO, 0
         if not alloc and not zero:
             return UNALLOC, 0
-        if off:
-            self.check_data(off)
         return MIXED, off
 
     def _map_subclusters(self, w0: int, bitmap: int, c0: int, g0: int, g1: int, runs: list[Run]) -> None:
@@ -230,26 +241,23 @@ class Mapper:
         for s in range((g0 - c0) // sc, (g1 - 1 - c0) // sc + 1):
             s0 = c0 + s * sc
             a, b = max(g0, s0), min(g1, s0 + sc)
-            if bitmap >> s & 1:
-                _append(runs, DATA, a, b - a, off + (a - c0))
-            elif bitmap >> (32 + s) & 1:
-                _append(runs, ZERO, a, b - a, 0)
-            else:
-                _append(runs, UNALLOC, a, b - a, 0)
+            kind = int(RUN_KIND[subcluster_type(w0, bitmap, s, True, self.external_data)])
+            _append(runs, kind, a, b - a, off + (a - c0) if kind == DATA else 0)
 
     def _map_table_numpy(self, table: np.ndarray, base: int, first: int, last: int,
                          start: int, end: int, runs: list[Run]) -> None:
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         e = table[first : last + 1]
-        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
         off = e & np.uint64(L2E_OFFSET_MASK)
-        kind = np.full(len(e), UNALLOC, np.int8)
-        kind[off != 0] = DATA
-        if self.external_data:
-            kind[(e & np.uint64(OFLAG_COPIED)) != 0] = DATA
-        if self.geo.zero_flag:
-            kind[((e & np.uint64(OFLAG_ZERO)) != 0) & ~comp] = ZERO
-        kind[comp] = COMPRESSED
+        types = cluster_types(e, self.external_data)
+        kind = RUN_KIND[types]
+        comp = kind == COMPRESSED
+        zero = kind == ZERO
+        if zero.any():
+            bad = zero & (types == SubclusterType.ZERO_ALLOC) & ((off & np.uint64(self._cluster_mask)) != 0)
+            if not self.geo.zero_flag or bad.any():
+                i = int(np.flatnonzero(zero if not self.geo.zero_flag else bad)[0])
+                self.check_zero(SubclusterType(int(types[i])), int(off[i]))
         data = kind == DATA
         if data.any():
             bad = data & ((off & np.uint64(self._cluster_mask)) != 0)

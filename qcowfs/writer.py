@@ -16,7 +16,7 @@ import trio
 
 from .cache import TableCache
 from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     Geometry, decode_compressed)
+                     Geometry, SubclusterType, cluster_type, decode_compressed)
 from .hostfile import HostFile
 from .mapper import Mapper, Source
 from .metadata import Metadata
@@ -98,19 +98,20 @@ class Writer:
         """IN_PLACE, REUSE (our cluster, entry must change) or ALLOCATE."""
         if self.geo.extended_l2:
             e, bitmap = int(table[k, 0]), int(table[k, 1])
-            if e & OFLAG_COMPRESSED or not e & OFLAG_COPIED:
+            t = cluster_type(e, True, self.external)
+            if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED:
                 return ALLOCATE
-            if bitmap & SC_ALL == SC_ALL:
+            if bitmap == SC_ALL:
                 return IN_PLACE
-            return REUSE if (e & L2E_OFFSET_MASK or self.external) else ALLOCATE
+            return REUSE if t == SubclusterType.NORMAL else ALLOCATE
         e = int(table[k])
-        if e & OFLAG_COMPRESSED or not e & OFLAG_COPIED:
+        t = cluster_type(e, False, self.external)
+        if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED or t == SubclusterType.UNALLOCATED_PLAIN:
             return ALLOCATE
-        if not e & L2E_OFFSET_MASK and not self.external:
-            return ALLOCATE
-        if self.geo.zero_flag and e & OFLAG_ZERO:
-            return REUSE
-        return IN_PLACE
+        if t == SubclusterType.NORMAL:
+            return IN_PLACE
+        self.mapper.check_zero(t, e & L2E_OFFSET_MASK)
+        return REUSE if t == SubclusterType.ZERO_ALLOC or self.external else ALLOCATE
 
     # ---- the allocating path ---------------------------------------------------
 

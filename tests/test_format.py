@@ -18,6 +18,12 @@ from hypothesis import strategies as st
 
 from qcowfs.errors import InvalidImageError
 from qcowfs.format import (
+    OFLAG_ZERO,
+    SubclusterType,
+    cluster_type,
+    cluster_types,
+    extended_problem,
+    subcluster_type,
     AUTOCLEAR_BITMAPS,
     BME_AUTO,
     BME_EXTRA_DATA_COMPATIBLE,
@@ -855,3 +861,40 @@ def test_geometry_from_header():
     assert Geometry.from_header(h) == Geometry(14, True, True, COMPRESSION_ZSTD, 2)
     h2 = make_header(version=2, cluster_bits=12)
     assert Geometry.from_header(h2) == Geometry(12, False, False, COMPRESSION_ZLIB, 4)
+
+
+# ---- the one classifier of L2 entries ------------------------------------------
+
+_ENTRY_BITS = st.sampled_from([0, OFLAG_COPIED, OFLAG_COMPRESSED, OFLAG_ZERO, OFLAG_COPIED | OFLAG_ZERO])
+
+
+@given(st.lists(st.tuples(_ENTRY_BITS, st.sampled_from([0, 0x200, 0x10000, 0x123400, 0xFFFFFFFFFE00])),
+                min_size=1, max_size=64), st.booleans())
+def test_numpy_cluster_types_match_the_scalar_classifier(entries, external):
+    """The vectorised path of the mapper classifies exactly as cluster_type does."""
+    raw = [flags | off for flags, off in entries]
+    got = cluster_types(np.array(raw, np.uint64), external).tolist()
+    assert got == [int(cluster_type(e, False, external)) for e in raw]
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1), st.integers(0, 31), st.booleans())
+def test_subcluster_types_follow_qemu(entry, bitmap, sc, external):
+    """QEMU's qcow2_get_subcluster_type for extended entries, restated."""
+    t = subcluster_type(entry, bitmap, sc, True, external)
+    alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
+    if entry & OFLAG_COMPRESSED:
+        assert t == SubclusterType.COMPRESSED
+    elif cluster_type(entry, True, external) == SubclusterType.NORMAL:
+        if alloc & zero:
+            assert t == SubclusterType.INVALID
+        elif zero >> sc & 1:
+            assert t == SubclusterType.ZERO_ALLOC
+        else:
+            assert t == (SubclusterType.NORMAL if alloc >> sc & 1 else SubclusterType.UNALLOCATED_ALLOC)
+    elif alloc:
+        assert t == SubclusterType.INVALID
+    else:
+        assert t == (SubclusterType.ZERO_PLAIN if zero >> sc & 1 else SubclusterType.UNALLOCATED_PLAIN)
+    assert (extended_problem(entry, bitmap, external) is not None) == (
+        bool(entry & OFLAG_COMPRESSED and bitmap) or t == SubclusterType.INVALID
+        or any(subcluster_type(entry, bitmap, s, True, external) == SubclusterType.INVALID for s in range(32)))
