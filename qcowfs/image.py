@@ -46,17 +46,20 @@ class OpenOptions:
     l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
     # `qcowfs check --repair`: open a corrupt image for writing, to fix it.
     repair: bool = False
+    # QEMU's -U / force-share=on: a read-only open that ignores other
+    # programs' write locks (what it shows may change under it).
+    force_share: bool = False
 
 
 class RawSource:
     """A raw backing file: reads past its end are zeros."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, force_share: bool = False) -> None:
         self.path = path
         self.file = HostFile(path)
         self.size = self.file.known_size
         try:
-            lock_image(self.file.fd, path, writer=False)
+            lock_image(self.file.fd, path, writer=False, force_share=force_share)
         except QcowError:
             self.file.close()
             raise
@@ -139,7 +142,7 @@ class Image:
         self.allocator: Allocator | None = None
         self.writer: Writer | None = None
         if self.read_only:
-            lock_image(self.file.fd, self.path, writer=False)
+            lock_image(self.file.fd, self.path, writer=False, force_share=self.options.force_share)
         else:
             self._open_writable(h)
         self.backing = self._open_backing(h, chain + (ident,))
@@ -246,14 +249,14 @@ class Image:
                 with open(path, "rb") as f:
                     fmt = "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
             if fmt == "raw":
-                return RawSource(path)
+                return RawSource(path, self.options.force_share)
         except OSError as e:
             raise QcowError(f"cannot open backing file {path}: {e.strerror}") from None
         if fmt != "qcow2":
             raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
         try:
-            return Image(path, OpenOptions(read_only=True, l2_cache_bytes=self.options.l2_cache_bytes),
-                         chain)
+            return Image(path, OpenOptions(read_only=True, l2_cache_bytes=self.options.l2_cache_bytes,
+                                           force_share=self.options.force_share), chain)
         except QcowError as e:
             raise type(e)(f"backing file {path}: {e}") from None
 
