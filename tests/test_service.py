@@ -796,6 +796,10 @@ def test_systemd_analyze_verify(tmp_path: Path, name: str):
     names = [name] + ([name.replace("@.", "@test.")] if "@." in name else [])
     for n in names:
         (tmp_path / n).write_text(text)
+    # a unit that requires a qcowfs@ instance is verified with that instance there
+    service = (SYSTEMD / "qcowfs@.service").read_text().replace("/usr/local/bin/qcowfs", QCOWFS)
+    for inst in re.findall(r"^Requires=(qcowfs@\S+\.service)$", text, re.M):
+        (tmp_path / inst).write_text(service)
     for n in names:
         p = sh("systemd-analyze", "verify", "--man=no", tmp_path / n, check=False, cwd=tmp_path)
         assert p.returncode == 0, p.stdout + p.stderr
@@ -808,8 +812,23 @@ def test_mount_unit_matches_its_name():
             where = unit_value(SYSTEMD / name, "Where")
             esc = sh("systemd-escape", "--path", "--suffix=mount", where).stdout.strip()
             assert esc == name
-            assert unit_value(SYSTEMD / name, "Type") == "fuse.qcowfs"
             assert unit_value(SYSTEMD / name, "What").startswith("/")
+    assert unit_value(SYSTEMD / "mnt-img.mount", "Type") == "fuse.qcowfs"
+
+
+def test_filesystem_inside_is_ordered_to_stop_first():
+    """The loop-mounted filesystem's unit stops before qcowfs@ (Requires= + After=), sets
+    up its loop device with autoclear (`loop`), stays out of local-fs.target (`nofail`),
+    and its fstab twin in systemd/README.md says the same."""
+    unit = SYSTEMD / "mnt-fs.mount"
+    assert unit_value(unit, "Requires") == unit_value(unit, "After") == "qcowfs@disk.service"
+    assert {"loop", "nofail"} <= set(unit_value(unit, "Options").split(","))
+    assert unit_value(unit, "What") == "/mnt/img/disk.raw"
+    readme = (SYSTEMD / "README.md").read_text()
+    assert re.search(r"^\s*/mnt/img/disk\.raw /mnt/fs ext4 \S*loop\S*,x-systemd\.requires=qcowfs@disk\.service",
+                     readme, re.M)
+    stop = unit_value(SYSTEMD / "qcowfs@.service", "TimeoutStopSec")
+    assert stop.endswith("min") and 1 <= int(stop[:-3]) <= 15, stop
 
 
 def test_service_template(tmp_path: Path):
