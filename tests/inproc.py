@@ -1,0 +1,709 @@
+"""The in-process test tier: images built by QEMU, written by qcowfs' Image, judged by QEMU.
+
+No FUSE, no root, no daemon: the tests open `qcowfs.image.Image` directly, drive
+writes, resize, flush and close on it, and then ask QEMU's own tools whether the
+image is still what it must be. qemu-img / qemu-io / qemu-nbd are only the
+oracle and the image builders here; qcowfs never calls them.
+
+Three parts:
+
+* building (`Layout`, `build`): a qcow2 image for any combination of cluster
+  size, refcount width, compat level, extended L2, lazy refcounts (optionally
+  left dirty by a killed qemu-io), compression type, a qcow2 backing file with
+  data, compressed clusters, internal snapshots and persistent bitmaps (auto or
+  disabled);
+* driving (`Subject`): open the Image in-process, write / resize / flush /
+  close it while a raw model of the disk (a sparse file) and the expected
+  bits of every bitmap follow each write;
+* judging (`Subject.judge`): `qemu-img check` exit 0, `qemu-img compare` of the
+  image with the model, every internal snapshot unchanged since it was taken,
+  and every persistent bitmap exactly as QEMU must see it.
+
+Bitmap oracle (honest note): the bits are read *through QEMU*, not through
+qcowfs. Each bitmap is exported with `qemu-nbd -B NAME` on a unix socket and
+read back with `qemu-img map --image-opts driver=nbd,...,x-dirty-bitmap=
+qemu:dirty-bitmap:NAME`, where dirty areas show as `"data": false`. That costs
+~30 ms per bitmap, so it is cheap enough to do after every session. qemu-nbd
+refuses a bitmap still flagged in_use, and `qemu-img info` must list every
+bitmap without the in-use flag as well. The expected bits are the bits QEMU
+showed when the bitmap was made (or at build time) plus every granule a write
+touched since, while the bitmap was auto; a disabled bitmap must not change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+import trio
+
+from qcowfs.errors import ResizeError
+from qcowfs.image import Image, OpenOptions
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+TIMEOUT = 300
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------
+# running the QEMU tools
+
+def run(*args: object, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run a command and capture its output; never raises on a non-zero exit."""
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+def clip(text: str, head: int = 40, tail: int = 10) -> str:
+    """A long tool output cut to its first and last lines: a broken refcount table makes
+    `qemu-img check` print 180,000 lines, which must not drown the assertion message."""
+    lines = text.splitlines()
+    if len(lines) <= head + tail:
+        return text
+    return "\n".join(lines[:head] + [f"... ({len(lines) - head - tail} lines left out) ..."] + lines[-tail:])
+
+
+def must(*args: object) -> str:
+    """Run a QEMU tool that has to succeed (building or reading the oracle)."""
+    p = run(*args)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))} exited {p.returncode}:\n{clip(p.stdout + p.stderr)}")
+    return p.stdout
+
+
+def qemu_io(image: Path, *cmds: str) -> None:
+    """qemu-io reports some I/O errors on stdout and still exits 0: treat both as failure."""
+    args: list[object] = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    p = run(*args, image)
+    if p.returncode != 0 or "failed" in p.stdout or "error" in p.stdout.lower():
+        raise RuntimeError(f"qemu-io {list(cmds)} on {image} exited {p.returncode}:\n{clip(p.stdout + p.stderr)}")
+
+
+def info(image: Path) -> dict[str, Any]:
+    return json.loads(must("qemu-img", "info", "--output=json", image))
+
+
+def to_raw(image: Path, dest: Path, snapshot_id: str | None = None) -> Path:
+    args: list[object] = ["qemu-img", "convert", "-O", "raw"]
+    if snapshot_id is not None:
+        args += ["-l", f"snapshot.id={snapshot_id}"]
+    must(*args, image, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------
+# data written by the tests
+
+def counter_block(n: int, tag: int) -> bytes:
+    """Compressible but position-dependent: 16-byte records, so a misplaced cluster differs."""
+    return b"".join(b"%04x%011x\n" % (tag & 0xFFFF, i) for i in range(-(-n // 16)))[:n]
+
+
+def make_data(kind: str, n: int, seed: int) -> bytes:
+    """Write buffers of the kinds that take different paths in the writer: random data,
+    all zeros (zero detection), one repeated byte (compresses), position-dependent text."""
+    if kind == "zeros":
+        return bytes(n)
+    if kind == "pattern":
+        return bytes([seed % 255 + 1]) * n
+    if kind == "text":
+        block = counter_block(min(n, 64 * KiB), seed)
+        return (block * -(-n // len(block)))[:n]
+    return random.Random(seed).randbytes(n)
+
+
+# --------------------------------------------------------------------------
+# layouts
+
+@dataclass(frozen=True)
+class BitmapSpec:
+    name: str
+    auto: bool = True
+    granularity: int = 64 * KiB
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything `build` needs to make one image with qemu-img / qemu-io."""
+    size: int = 64 * MiB
+    cluster_size: int = 64 * KiB
+    refcount_bits: int = 16
+    compat: str = "1.1"                 # "0.10" (v2) or "1.1" (v3)
+    extended_l2: bool = False
+    lazy_refcounts: bool = False
+    dirty: bool = False                 # lazy refcounts only: qemu-io killed after writing
+    compression_type: str = "zlib"
+    backing_size: int = 0               # a qcow2 backing file with data, this big (0: none)
+    backing_cluster_size: int = 64 * KiB
+    prefill: bool = False               # qemu-io writes data before qcowfs sees the image
+    compressed: int = 0                 # compressed clusters written with `qemu-io write -c`
+    snapshots: int = 0                  # internal snapshots taken at build time
+    bitmaps: tuple[BitmapSpec, ...] = ()
+    seed: int = 0
+
+    @property
+    def v3(self) -> bool:
+        return self.compat == "1.1"
+
+    def problems(self) -> list[str]:
+        """Why QEMU would refuse to make this image (empty: buildable)."""
+        out = []
+        if self.size % 512 or self.size <= 0:
+            out.append("virtual size must be a positive multiple of 512")
+        if not self.v3:
+            if self.refcount_bits != 16:
+                out.append("v2 has 16-bit refcounts only")
+            if self.extended_l2 or self.lazy_refcounts or self.bitmaps or self.compression_type != "zlib":
+                out.append("extended L2, lazy refcounts, bitmaps and zstd need v3")
+        if self.extended_l2 and self.cluster_size < 16 * KiB:
+            out.append("extended L2 needs clusters of at least 16 KiB")
+        if self.dirty and not self.lazy_refcounts:
+            out.append("only a lazy-refcounts image can be left dirty")
+        if self.dirty and (self.bitmaps or self.snapshots):
+            out.append("a dirty image stays dirty only if nothing opens it read-write after the kill "
+                       "(and bitmaps would be left in_use)")
+        if self.snapshots and not snapshot_fits(self.refcount_bits, self.snapshots, self.compressed):
+            out.append("refcounts too narrow for that many snapshots")
+        return out
+
+    def describe(self) -> str:
+        """One line a failure report can rebuild the image from."""
+        parts = [f"size={self.size}", f"cluster={self.cluster_size}", f"refcount_bits={self.refcount_bits}",
+                 f"compat={self.compat}"]
+        for name in ("extended_l2", "lazy_refcounts", "dirty", "prefill"):
+            if getattr(self, name):
+                parts.append(name)
+        if self.compression_type != "zlib":
+            parts.append(f"compression={self.compression_type}")
+        if self.backing_size:
+            parts.append(f"backing={self.backing_size}@{self.backing_cluster_size}")
+        if self.compressed:
+            parts.append(f"compressed={self.compressed}")
+        if self.snapshots:
+            parts.append(f"snapshots={self.snapshots}")
+        for b in self.bitmaps:
+            parts.append(f"bitmap={b.name}:{'auto' if b.auto else 'disabled'}:{b.granularity}")
+        parts.append(f"seed={self.seed}")
+        return "Layout(" + ", ".join(parts) + ")"
+
+    def features(self) -> str:
+        """The combination of features, without sizes and seed (counted by `make soak`)."""
+        f = [f"c{self.cluster_size}", f"r{self.refcount_bits}", "v3" if self.v3 else "v2"]
+        f += [n for n in ("extended_l2", "lazy_refcounts", "dirty", "prefill") if getattr(self, n)]
+        if self.compression_type != "zlib":
+            f.append(self.compression_type)
+        if self.backing_size:
+            f.append("backing")
+        if self.compressed:
+            f.append("compressed")
+        if self.snapshots:
+            f.append("snapshots")
+        if self.bitmaps:
+            f.append("bitmaps-" + "".join("a" if b.auto else "d" for b in self.bitmaps))
+        return "+".join(f)
+
+
+def snapshot_fits(refcount_bits: int, snapshots: int, compressed: int) -> bool:
+    """True if QEMU can hold this many snapshots without a refcount overflow: every
+    cluster then has snapshots+1 references, times the compressed clusters QEMU may
+    pack into one host cluster. (qemu-img refuses the snapshot otherwise.)"""
+    return (snapshots + 1) * max(1, compressed) < (1 << refcount_bits) - 1
+
+
+# --------------------------------------------------------------------------
+# the raw model and the expected bitmaps
+
+class Model:
+    """The disk as it must read: a sparse raw file, written alongside every write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert 0 <= offset and offset + len(data) <= self.size, (offset, len(data), self.size)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def resize(self, new_size: int) -> None:
+        """Grown areas read zeros (QEMU and qcowfs both hide a larger backing file there)."""
+        os.truncate(self.path, new_size)
+        self.size = new_size
+
+
+@dataclass
+class ExpectedBitmap:
+    name: str
+    auto: bool
+    granularity: int
+    bits: np.ndarray
+
+    def mark(self, offset: int, length: int) -> None:
+        if self.auto and length > 0:
+            g = self.granularity
+            self.bits[offset // g : (offset + length - 1) // g + 1] = True
+
+
+def nbits(size: int, granularity: int) -> int:
+    return -(-size // granularity)
+
+
+def dirty_bits(image: Path, name: str, granularity: int, size: int) -> np.ndarray:
+    """The bits of bitmap NAME as QEMU sees them (see the module docstring)."""
+    bits = np.zeros(nbits(size, granularity), bool)
+    # unix socket paths are limited to 108 bytes: not under pytest's long tmp_path
+    d = tempfile.mkdtemp(prefix="qnbd", dir="/tmp")
+    sock, pidfile = os.path.join(d, "s"), os.path.join(d, "pid")
+    try:
+        must("qemu-nbd", "--fork", "-r", "-f", "qcow2", "-B", name, "-k", sock, "--pid-file", pidfile, image)
+        out = must("qemu-img", "map", "--output=json", "--image-opts",
+                   f"driver=nbd,server.type=unix,server.path={sock},"
+                   f"x-dirty-bitmap=qemu:dirty-bitmap:{name.replace(',', ',,')}")
+        for e in json.loads(out):
+            if not e["data"]:
+                start, end = e["start"], e["start"] + e["length"]
+                bits[start // granularity : (end - 1) // granularity + 1] = True
+        return bits
+    finally:
+        try:
+            pid = int(Path(pidfile).read_text())
+        except (OSError, ValueError):
+            pid = 0
+        if pid:
+            # qemu-nbd without -t exits after its one client; until it has, it holds the
+            # image (and its lock): the next session must not start before that
+            _wait_gone(pid, 10) or (_kill(pid) and _wait_gone(pid, 10))
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie holds no files: count it as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _kill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def describe_bits(bits: np.ndarray, granularity: int, limit: int = 8) -> str:
+    """Set bits as guest byte ranges, for assertion messages."""
+    idx = np.flatnonzero(bits)
+    if not len(idx):
+        return "none"
+    runs: list[tuple[int, int]] = []
+    start = prev = int(idx[0])
+    for i in map(int, idx[1:]):
+        if i != prev + 1:
+            runs.append((start, prev))
+            start = i
+        prev = i
+    runs.append((start, prev))
+    text = ", ".join(f"[{a * granularity:#x}, {(b + 1) * granularity:#x})" for a, b in runs[:limit])
+    return text + (f" and {len(runs) - limit} more ranges" if len(runs) > limit else "")
+
+
+# --------------------------------------------------------------------------
+# building
+
+def _create(path: Path, size: int, backing: Path | None = None, **opts: object) -> None:
+    args: list[object] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if opts:
+        args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
+    if backing is not None:
+        args += ["-b", backing.name, "-F", "qcow2"]
+    must(*args, path, size)
+
+
+def _scatter(rng: random.Random, src: Path, size: int, n: int, max_len: int) -> list[str]:
+    """qemu-io writes of varied data at unaligned offsets, one touching the last byte."""
+    cmds = []
+    last = min(777, size)
+    cmds.append(f"write -s {src} {size - last} {last}")
+    for _ in range(n):
+        ln = rng.randint(1, max(1, min(max_len, size // 4)))
+        off = rng.randint(0, size - ln)
+        r = rng.random()
+        if r < 0.4:
+            cmds.append(f"write -s {src} {off} {ln}")
+        elif r < 0.8:
+            cmds.append(f"write -P 0x{rng.randint(1, 255):02x} {off} {ln}")
+        else:
+            cmds.append(f"write -z {off} {ln}")
+    return cmds
+
+
+@dataclass
+class Subject:
+    """An image under test, its raw model, its snapshots and bitmaps as they must be."""
+    directory: Path
+    image: Path
+    layout: Layout
+    model: Model
+    snapshots: dict[str, Path] = field(default_factory=dict)      # snapshot id -> expected raw
+    snapshot_names: dict[str, str] = field(default_factory=dict)  # snapshot id -> name
+    bitmaps: dict[str, ExpectedBitmap] = field(default_factory=dict)
+    open_image: Image | None = None
+    written: int = 0
+    sessions: int = 0
+    _snap_counter: int = 0
+
+    # ---- offline changes (qemu-img / qemu-io while the image is closed) -------
+
+    def _closed(self) -> None:
+        assert self.open_image is None, "QEMU tools must not touch an image qcowfs has open"
+
+    def snapshot_create(self) -> str:
+        """`qemu-img snapshot -c`; its content must stay the model's content of now."""
+        self._closed()
+        self._snap_counter += 1
+        name = f"snap{self._snap_counter}"
+        must("qemu-img", "snapshot", "-c", name, self.image)
+        sid = next(s["id"] for s in info(self.image).get("snapshots", []) if s["name"] == name)
+        expected = self.directory / f"snapshot-{sid}.raw"
+        to_raw(self.image, expected, sid)
+        p = run("qemu-img", "compare", "-f", "raw", "-F", "raw", expected, self.model.path)
+        assert p.returncode == 0, f"snapshot {name} (id {sid}) is not the model at creation:\n{p.stdout}{p.stderr}"
+        self.snapshots[sid] = expected
+        self.snapshot_names[sid] = name
+        return sid
+
+    def snapshot_delete(self, sid: str) -> None:
+        self._closed()
+        must("qemu-img", "snapshot", "-d", self.snapshot_names.pop(sid), self.image)  # -d takes names
+        self.snapshots.pop(sid).unlink()
+
+    def bitmap_add(self, name: str, auto: bool, granularity: int) -> None:
+        self._closed()
+        args: list[object] = ["qemu-img", "bitmap", "--add", "-g", granularity]
+        if not auto:
+            args.append("--disable")
+        must(*args, self.image, name)
+        self.bitmaps[name] = ExpectedBitmap(name, auto, granularity,
+                                            np.zeros(nbits(self.model.size, granularity), bool))
+
+    def bitmap_remove(self, name: str) -> None:
+        self._closed()
+        must("qemu-img", "bitmap", "--remove", self.image, name)
+        del self.bitmaps[name]
+
+    def bitmap_clear(self, name: str) -> None:
+        self._closed()
+        must("qemu-img", "bitmap", "--clear", self.image, name)
+        self.bitmaps[name].bits[:] = False
+
+    def resize_offline(self, new_size: int) -> None:
+        """`qemu-img resize` (grow); QEMU refuses it with persistent bitmaps, and on a v2 image
+        with snapshots (v2 snapshots do not record their disk size)."""
+        self._closed()
+        assert self.resize_refused() is None, self.resize_refused()
+        must("qemu-img", "resize", "-q", "-f", "qcow2", self.image, new_size)
+        self.model.resize(new_size)
+
+    def qemu_write(self, offset: int, length: int, byte: int) -> None:
+        """A write by QEMU between sessions (it marks auto bitmaps like any write)."""
+        self._closed()
+        if byte == 0:
+            qemu_io(self.image, f"write -z {offset} {length}")
+        else:
+            qemu_io(self.image, f"write -P 0x{byte:02x} {offset} {length}")
+        self.model.write(offset, bytes([byte]) * length)
+        for bm in self.bitmaps.values():
+            bm.mark(offset, length)
+
+    # ---- in-process sessions --------------------------------------------------
+
+    async def open(self) -> Image:
+        self._closed()
+        image = Image(str(self.image), OpenOptions(read_only=False))
+        try:
+            await image.prepare_writes()
+        except BaseException:
+            await image.close()
+            raise
+        assert image.size == self.model.size, (image.size, self.model.size)
+        self.open_image = image
+        self.sessions += 1
+        return image
+
+    def _image(self) -> Image:
+        assert self.open_image is not None, "no open session"
+        return self.open_image
+
+    async def write(self, offset: int, data: bytes) -> None:
+        n = await self._image().write(offset, data)
+        assert n == len(data), f"write of {len(data)} bytes at {offset} returned {n}"
+        self.model.write(offset, data)
+        self.written += len(data)
+        for bm in self.bitmaps.values():
+            bm.mark(offset, len(data))
+
+    async def write_concurrently(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """Disjoint writes in flight at once, as FUSE sends them (allocation must serialise)."""
+        spans = sorted((o, o + len(d)) for o, d in writes)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "concurrent writes must be disjoint"
+        async with trio.open_nursery() as nursery:
+            for offset, data in writes:
+                nursery.start_soon(self.write, offset, data)
+
+    async def read_back(self, offset: int, length: int) -> None:
+        """Read through qcowfs in the open session; must match the model."""
+        image = self._image()
+        got = bytes(await image.read(image.active_l1, offset, length))
+        want = self.model.read(offset, length)
+        if got != want:
+            first = next(i for i in range(min(len(got), len(want))) if got[i] != want[i]) \
+                if len(got) == len(want) else -1
+            raise AssertionError(f"qcowfs reads back other bytes at [{offset}, +{length}): "
+                                 f"first difference at {offset + first} (lengths {len(got)}/{len(want)})")
+
+    def resize_refused(self) -> str | None:
+        """Why QEMU refuses to grow this image now (None: it grows it)."""
+        if self.bitmaps:
+            return "the image has persistent bitmaps"
+        if not self.layout.v3 and self.snapshots:
+            # v2 snapshot entries have no disk size: QEMU would show every snapshot at the
+            # new size, with backing-file data appearing in it past the old end
+            return "a v2 image with internal snapshots (QEMU: Can't resize a v2 image which has snapshots)"
+        return None
+
+    async def resize(self, new_size: int) -> None:
+        """Grow through qcowfs; where QEMU refuses, qcowfs must refuse too (ResizeError)."""
+        image = self._image()
+        why = self.resize_refused()
+        if why is not None:
+            try:
+                await image.resize(new_size)
+            except ResizeError:
+                assert image.size == self.model.size
+                return
+            raise AssertionError(f"{self.layout.describe()}: resize to {new_size} was not refused: {why}")
+        await image.resize(new_size)
+        assert image.size == new_size, (image.size, new_size)
+        self.model.resize(new_size)
+
+    async def flush(self) -> None:
+        await self._image().flush()
+
+    async def close(self) -> None:
+        image = self._image()
+        self.open_image = None
+        await image.close()
+
+    async def abandon(self) -> None:
+        """Close after a failure without letting a second error hide the first."""
+        image, self.open_image = self.open_image, None
+        if image is not None:
+            try:
+                await image.close()
+            except Exception:
+                pass
+
+    # ---- judging ----------------------------------------------------------------
+
+    def judge(self) -> None:
+        """What must hold after every session: the whole oracle, QEMU's view."""
+        self._closed()
+        where = f"{self.layout.describe()}\nimage {self.image}"
+        p = run("qemu-img", "check", self.image)
+        assert p.returncode == 0, f"qemu-img check exited {p.returncode}\n{where}\n{clip(p.stdout + p.stderr)}"
+
+        inf = info(self.image)
+        assert inf["virtual-size"] == self.model.size, \
+            f"virtual size {inf['virtual-size']} != model {self.model.size}\n{where}"
+        assert not inf.get("dirty-flag"), f"dirty bit left set after a clean close\n{where}"
+        data = inf["format-specific"]["data"]
+        assert not data.get("corrupt"), f"image marked corrupt\n{where}"
+
+        p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.model.path)
+        assert p.returncode == 0, f"qemu-img compare with the model exited {p.returncode}\n{where}\n" \
+                                  f"{clip(p.stdout + p.stderr)}"
+
+        ids = sorted(s["id"] for s in inf.get("snapshots", []))
+        assert ids == sorted(self.snapshots), f"snapshots {ids}, expected {sorted(self.snapshots)}\n{where}"
+        for sid, expected in self.snapshots.items():
+            now = to_raw(self.image, self.directory / "snapshot-now.raw", sid)
+            try:
+                # compare ignores a tail of zeros: a grown disk pads its snapshots' views
+                p = run("qemu-img", "compare", "-f", "raw", "-F", "raw", now, expected)
+                assert p.returncode == 0, f"snapshot id {sid} changed\n{where}\n{p.stdout}{p.stderr}"
+            finally:
+                now.unlink()
+
+        listed = {b["name"]: b for b in data.get("bitmaps", [])}
+        assert sorted(listed) == sorted(self.bitmaps), \
+            f"bitmaps {sorted(listed)}, expected {sorted(self.bitmaps)}\n{where}"
+        for name, bm in self.bitmaps.items():
+            flags = listed[name]["flags"]
+            assert "in-use" not in flags, f"bitmap {name} left in use: {flags}\n{where}"
+            assert ("auto" in flags) == bm.auto, f"bitmap {name} flags {flags}, auto={bm.auto}\n{where}"
+            assert listed[name]["granularity"] == bm.granularity
+            got = dirty_bits(self.image, name, bm.granularity, self.model.size)
+            missing, extra = bm.bits & ~got, got & ~bm.bits
+            assert not missing.any(), (f"bitmap {name} ({'auto' if bm.auto else 'disabled'}) misses written "
+                                       f"ranges: {describe_bits(missing, bm.granularity)}\n{where}")
+            assert not extra.any(), (f"bitmap {name} ({'auto' if bm.auto else 'disabled'}) has bits no write "
+                                     f"set: {describe_bits(extra, bm.granularity)}\n{where}")
+
+
+def build(directory: Path, layout: Layout) -> Subject:
+    """Make the image LAYOUT describes with qemu-img / qemu-io, and its model from QEMU's view."""
+    bad = layout.problems()
+    assert not bad, f"{layout.describe()}: {bad}"
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(layout.seed)
+    src = directory / "src.bin"
+    src.write_bytes(rng.randbytes(256 * KiB))
+    img = directory / "disk.qcow2"
+    cs = layout.cluster_size
+
+    backing = None
+    if layout.backing_size:
+        backing = directory / "base.qcow2"
+        _create(backing, layout.backing_size, cluster_size=layout.backing_cluster_size)
+        qemu_io(backing, *_scatter(rng, src, layout.backing_size, 6, 256 * KiB))
+
+    opts: dict[str, object] = {"cluster_size": cs, "compat": layout.compat}
+    if layout.v3:
+        opts["refcount_bits"] = layout.refcount_bits
+        opts["compression_type"] = layout.compression_type
+    if layout.extended_l2:
+        opts["extended_l2"] = "on"
+    if layout.lazy_refcounts:
+        opts["lazy_refcounts"] = "on"
+    _create(img, layout.size, backing, **opts)
+
+    cmds: list[str] = []
+    taken: set[int] = set()
+    if layout.dirty:
+        # the first write to a fresh image allocates: with lazy refcounts that sets the dirty bit
+        n = rng.randint(1, min(300 * KiB, layout.size))
+        off = rng.randrange(0, layout.size - n + 1)
+        cmds.append(f"write -P 0x5d {off} {n}")
+        taken = set(range(off // cs, (off + n - 1) // cs + 1))
+    # Compressed clusters before other data: QEMU only compresses into unallocated clusters.
+    free = [c for c in range(layout.size // cs) if c not in taken]
+    if layout.compressed and free:
+        for c in sorted(rng.sample(free, min(layout.compressed, len(free)))):
+            cmds.append(f"write -c -P 0x{rng.randint(1, 255):02x} {c * cs} {cs}")
+    if layout.prefill:
+        cmds += _scatter(rng, src, layout.size, 8, 256 * KiB)
+    if layout.dirty:
+        # killed with everything written and flushed, but never closed: the dirty bit stays
+        args: list[object] = ["qemu-io", "-f", "qcow2"]
+        for c in cmds + ["flush", "sigraise 9"]:
+            args += ["-c", c]
+        p = run(*args, img)
+        assert p.returncode in (-9, 137), f"qemu-io was not killed: {p.returncode} {p.stdout} {p.stderr}"
+        assert info(img).get("dirty-flag"), "qemu-io killed after writing did not leave the dirty bit"
+    elif cmds:
+        qemu_io(img, *cmds)
+
+    # the model starts as QEMU's view of what was built (after a kill: what survived it)
+    model = Model(to_raw(img, directory / "model.raw"))
+    subject = Subject(directory, img, layout, model)
+    for i in range(layout.snapshots):
+        subject.snapshot_create()
+        # the next snapshot (and the active disk) differ from this one
+        n = rng.randint(1, min(64 * KiB, layout.size))
+        subject.qemu_write(rng.randrange(0, layout.size - n + 1), n, rng.randint(1, 255))
+    for spec in layout.bitmaps:
+        subject.bitmap_add(spec.name, spec.auto, spec.granularity)
+    if layout.bitmaps:
+        # QEMU's own writes set bits of the auto bitmaps: qcowfs must keep them
+        n = rng.randint(1, min(200 * KiB, layout.size))
+        subject.qemu_write(rng.randrange(0, layout.size - n + 1), n, rng.randint(0, 255))
+    return subject
+
+
+def fresh(directory: Path, layout: Layout) -> Subject:
+    """`build` into a directory that is emptied first (examples reuse one temp dir)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    return build(directory, layout)
+
+
+# --------------------------------------------------------------------------
+# one trio run shared by the plain (synchronous) rules of a state machine
+
+class TrioThread:
+    """A trio run in a worker thread for the life of one state machine example.
+
+    Hypothesis rules are plain functions, but an Image opened in one rule must be
+    used by the next within the same trio run (its locks and worker threads belong
+    to it), as in the daemon. `run` calls an async function in that run.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        assert self._token is not None, "trio thread did not start"
+
+    async def _main(self) -> None:
+        self._stop = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        self._ready.set()
+        await self._stop.wait()
+
+    def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(30)
+
+
+def chunks(total: int, step: int = MiB) -> Iterable[tuple[int, int]]:
+    """(offset, length) pieces of [0, total), STEP at a time."""
+    for off in range(0, total, step):
+        yield off, min(step, total - off)
+
+
+__all__ = ["BitmapSpec", "Layout", "Model", "Subject", "TrioThread", "build", "chunks", "clip", "fresh",
+           "info", "make_data", "must", "qemu_io", "run", "replace", "snapshot_fits", "KiB", "MiB", "GiB"]
