@@ -7,6 +7,7 @@ written, every block never written must be intact; the image mounts again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import QCOWFS
 from images import KiB, MiB, create, oracle, qimg, qio
@@ -139,8 +142,13 @@ def verify(img: Path, init: Path, lines: list[str], tmp: Path) -> tuple[int, int
     return acked, untouched
 
 
-def test_crash_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bitmap", [False, True], ids=["plain", "auto-bitmap"])
+def test_crash_loop(tmp_path: Path, bitmap: bool) -> None:
+    """4 KiB clusters, an internal snapshot (COW under the kill), compressed
+    clusters, and with BITMAP an auto bitmap tracked while writing."""
     img = make_image(tmp_path / "img")
+    if bitmap:
+        qimg("bitmap", "--add", img, "b0")
     snap = {sid: sha_file(oracle(img, tmp_path / f"snap{sid}.raw", snapshot_id=sid)) for sid in snapshot_ids(img)}
     rng = random.Random(20240601)
     total_acked = 0
@@ -157,11 +165,56 @@ def test_crash_loop(tmp_path: Path) -> None:
         acked, _ = verify(img, init, lines, tmp_path)
         total_acked += acked
         history[-1] += f", check exit {rc}, {acked} acknowledged slots verified"
+        if bitmap:
+            flags = bitmap_flags(img)
+            assert "in-use" in flags, f"{history}: a crash must leave the tracked bitmap in use: {flags}"
     print("\n".join(history))
     assert total_acked > 0, f"no fsync was acknowledged before any kill: {history}"
     for sid, want in snap.items():
         assert sha_file(oracle(img, tmp_path / f"snap{sid}-after.raw", snapshot_id=sid)) == want, \
             f"snapshot {sid} changed"
+
+
+def bitmap_flags(img: Path) -> list[str]:
+    data = json.loads(qimg("info", "--output=json", "-U", img))
+    return data["format-specific"]["data"]["bitmaps"][0]["flags"]
+
+
+def test_kill_while_storing_bitmaps_at_unmount(tmp_path: Path) -> None:
+    """SIGKILL while a clean unmount flushes and stores the bitmap (512-byte
+    clusters: storing allocates many clusters and grows the refcount table)."""
+    d = tmp_path / "img"
+    d.mkdir()
+    img = create(d / "disk.qcow2", 16 * MiB, cluster_size=512).resolve()
+    qimg("bitmap", "--add", img, "b0")
+    qimg("snapshot", "-c", "s0", img)
+    rng = random.Random(77)
+    results = []
+    for it in range(4):
+        mnt = tmp_path / f"mnt{it}"
+        with qcowfs_mount(img, mnt) as m:
+            pid = daemon_pid(img, mnt)
+            with open(m / "disk.raw", "r+b") as f:
+                for _ in range(40):
+                    f.seek(rng.randrange(0, 16 * MiB - 65536))
+                    f.write(rng.randbytes(rng.randint(1, 65536)))
+            umount = subprocess.Popen([QCOWFS, "umount", str(mnt)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.0, 0.15))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            umount.wait(timeout=60)
+            for _ in range(100):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.05)
+            lazy_unmount(mnt)
+        rc, rep = qcheck(img)
+        results.append(rc)
+        assert rc in (0, 3), f"qemu-img check exit {rc} after a kill during unmount: {rep}"
+    print(results)
 
 
 def test_remount_and_write_after_kill(tmp_path: Path) -> None:
