@@ -392,6 +392,8 @@ class Image:
             raise ResizeError("shrinking the disk is not supported")
         if self.bitmaps:
             raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
+        if self.snapshots and self.header.version < 3:
+            raise ResizeError("a version 2 image with snapshots cannot be resized (as in QEMU)")
         old_size = self.size
         try:
             async with self.writer.lock:
