@@ -199,14 +199,18 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
 
 
 def open_image(image_arg: str, options: OpenOptions) -> Image:
-    """Open IMAGE; errors about its contents name the file."""
+    """Open IMAGE; errors about its contents name the file; what a read-only
+    open left out (a damaged snapshot table...) is one warning line each."""
     try:
-        return Image(os.path.abspath(image_arg), options)
+        image = Image(os.path.abspath(image_arg), options)
     except QcowError as e:
         msg = str(e)
         if image_arg not in msg and os.path.abspath(image_arg) not in msg:
             msg = f"{image_arg}: {msg}"
         raise type(e)(msg) from None
+    for warning in image.warnings:
+        print(f"qcowfs: warning: {image_arg}: {warning}", file=sys.stderr)
+    return image
 
 
 def default_log_files() -> list[str]:

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import trio
@@ -17,7 +17,7 @@ import trio
 from .cache import TableCache
 from .errors import (CorruptionError, InvalidImageError, QcowError, ResizeError,
                      UnsupportedFeatureError)
-from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_NONE,
+from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_NAMES, CRYPT_NONE,
                      EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
@@ -34,6 +34,7 @@ from .refcount import Allocator, rebuild
 from .writer import Writer
 
 log = logging.getLogger("qcowfs")
+T = TypeVar("T")
 
 MAX_CHAIN_DEPTH = 64
 DEFAULT_L2_CACHE_BYTES = 32 << 20
@@ -128,8 +129,11 @@ class Image:
         self.geo = Geometry.from_header(h)
         self._validate(h, self.file.known_size)
         meta = self.meta = Metadata(self.file, h, self.geo)
-        meta.snapshots = self._read_snapshots(h)
-        meta.bitmaps = load_bitmaps(h, self.file)
+        # What a read-only open left out (damaged snapshot table or bitmap
+        # directory): the active disk is still served, as qemu-img convert does.
+        self.warnings: list[str] = []
+        meta.snapshots = self._optional("snapshot table", "snapshots", lambda: self._read_snapshots(h))
+        meta.bitmaps = self._optional("bitmap directory", "bitmaps", lambda: load_bitmaps(h, self.file))
         self._changed = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = self._open_data_file(h)
@@ -189,11 +193,21 @@ class Image:
             self.writer.alloc = alloc
         return alloc
 
+    def _optional(self, what: str, shown: str, read: Callable[[], list[T]]) -> list[T]:
+        try:
+            return read()
+        except InvalidImageError as e:
+            if not self.read_only:
+                raise
+            self.warnings.append(f"the {what} is damaged ({e}): {shown} are not shown")
+            return []
+
     def _validate(self, h: Header, file_size: int) -> None:
         cs = self.geo.cluster_size
         if h.crypt_method != CRYPT_NONE:
-            raise UnsupportedFeatureError("encrypted images are not supported (crypt_method "
-                                          f"{h.crypt_method})")
+            how = CRYPT_NAMES.get(h.crypt_method, f"an unknown method ({h.crypt_method})")
+            raise UnsupportedFeatureError(f"the image is encrypted with {how}, which qcowfs does not "
+                                          "support yet")
         unknown = h.incompatible_features & ~INCOMPAT_KNOWN
         if unknown:
             names = h.feature_names()

@@ -16,9 +16,9 @@ from typing import Callable
 
 import pytest
 
-from conftest import QCOWFS, force_unmount, is_mounted
+from conftest import QCOWFS, files_equal, force_unmount, is_mounted, to_raw
 from images import (EXT_FEATURE_TABLE, KiB, MiB, TiB, Header, create, file_state,
-                    oracle, patch, qio, read_u64, set_field, set_incompatible, sh)
+                    oracle, patch, qimg, qio, read_u64, set_field, set_incompatible, sh)
 
 TIMEOUT = 60
 FEATURE_NAME = "qcowfs-test-frobnicator"
@@ -154,11 +154,9 @@ def extension_overflow(d: Path) -> Path:
     return img
 
 
-def snapshot_table_past_eof(d: Path) -> Path:
-    img = good_image(d)
+def snapshot_table_past_eof(img: Path) -> None:
     set_field(img, "nb_snapshots", 1)
     set_field(img, "snapshots_offset", TiB)
-    return img
 
 
 HEADER_CASES: dict[str, Callable[[Path], Path]] = {
@@ -187,7 +185,6 @@ HEADER_CASES: dict[str, Callable[[Path], Path]] = {
     "extension-length-overflow": extension_overflow,
     "unknown-incompatible-named": unknown_incompatible_named,
     "unknown-incompatible-unnamed": unknown_incompatible_unnamed,
-    "snapshot-table-past-eof": snapshot_table_past_eof,
     "backing-name-past-cluster": backing_name_past_cluster,
 }
 
@@ -246,6 +243,59 @@ def check_refused(img: Path, tmp_path: Path, info_must_fail: bool) -> str:
             one_line_failure(p, "qcowfs info")
     assert file_state(tmp_path / "img") == before, "refused image was modified"
     return line
+
+
+def bitmap_directory_past_eof(img: Path) -> None:
+    """Point the bitmaps extension's directory past the end of the file."""
+    raw = bytearray(img.read_bytes()[: 64 * KiB])
+    pos = raw.find(struct.pack(">I", 0x23852875))
+    assert pos > 0, "no bitmaps extension"
+    struct.pack_into(">Q", raw, pos + 8 + 16, TiB)
+    with open(img, "r+b") as f:
+        f.write(raw[: pos + 8 + 24])
+
+
+DAMAGED_PARTS: dict[str, Callable[[Path], None]] = {
+    "snapshot-table-past-eof": snapshot_table_past_eof,
+    "bitmap-directory-past-eof": bitmap_directory_past_eof,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_PARTS))
+def test_damaged_part_left_out_of_a_read_only_mount(case: str, tmp_path: Path, mount) -> None:
+    """A damaged snapshot table or bitmap directory: a read-only mount still
+    serves disk.raw (the active layer is intact), says so in one line and
+    shows no snapshots / bitmaps; a writable mount is refused; nothing changes."""
+    d = tmp_path / "img"
+    img = good_image(d)
+    qimg("bitmap", "--add", img, "b0")
+    want = to_raw(img, tmp_path / "want.raw")
+    DAMAGED_PARTS[case](img)
+    before = file_state(d)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = qcowfs("mount", img, mnt, "--read-only")
+    try:
+        assert p.returncode == 0, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "damaged" in lines[0], p.stderr
+        assert files_equal(mnt / "disk.raw", want)
+        shown = "snapshots" if case.startswith("snapshot") else "bitmaps"
+        assert list((mnt / shown).iterdir()) == []
+    finally:
+        if is_mounted(mnt):
+            qcowfs("umount", mnt)
+        force_unmount(mnt)
+    one_line_failure(attempt_mount_rw(img, tmp_path / "mnt-rw"), "writable qcowfs mount")
+    assert file_state(d) == before, "a damaged image was modified"
+
+
+def attempt_mount_rw(img: Path, mnt: Path) -> subprocess.CompletedProcess:
+    mnt.mkdir(exist_ok=True)
+    try:
+        return qcowfs("mount", img, mnt)
+    finally:
+        force_unmount(mnt)
 
 
 @pytest.mark.parametrize("case", sorted(HEADER_CASES))
