@@ -887,6 +887,14 @@ def test_dockerfile_uses_install_script():
     entry = [i for i in instructions if re.match(r"(ENTRYPOINT|CMD) ", i)]
     assert any("qcowfs" in i for i in entry), entry
     # what the image needs is not excluded by .dockerignore
+    # multi-stage: the final stage copies the built venv and installs nothing to build with
+    froms = [i for i, x in enumerate(instructions) if x.startswith("FROM ")]
+    assert len(froms) >= 2, "the Dockerfile is not multi-stage"
+    final = instructions[froms[-1]:]
+    assert any(re.match(r"COPY --from=\S+ /opt/qcowfs", i) for i in final), final
+    final_installs = " ".join(i for i in final if i.startswith("RUN ") and "apt-get install" in i)
+    assert "python3" in final_installs and "fuse3" in final_installs, final_installs
+    assert not re.search(r"\bgcc\b|-dev\b|pkg-config", final_installs), final_installs
     ignored = (ROOT / ".dockerignore").read_text().split()
     for needed in ("scripts", "scripts/install.sh", "pyproject.toml", "qcowfs", "README.md"):
         assert needed not in ignored
