@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 
 from .errors import QcowError
-from .format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, refcount_array
+from .format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, refcount_array
 from .image import Image, OpenOptions
-from .references import count_references, refcount_table
+from .references import count_references, read_entries, refcount_table
 from .refcount import copied_errors
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
@@ -31,12 +31,16 @@ class CheckResult:
     messages: list[str] = field(default_factory=list)
     total_clusters: int = 0
     allocated_clusters: int = 0
+    fragmented_clusters: int = 0
     compressed_clusters: int = 0
     image_end_offset: int = 0
+    unsaid: int = 0
 
     def say(self, msg: str) -> None:
         if len(self.messages) < MAX_MESSAGES:
             self.messages.append(msg)
+        else:
+            self.unsaid += 1
 
 
 def refcounts(image: Image, nclusters: int) -> np.ndarray:
@@ -76,15 +80,26 @@ def check_image(image: Image, progress: Callable[[float], None] | None = None) -
         result.leaks += 1
         result.say(f"Leaked cluster {c} refcount={stored[c]} reference={want[c]}")
     bad_l1, bad_l2 = copied_errors(image.meta, stored, counted.active_tables, image.external_data)
+    l1 = read_entries(image.file, image.header.l1_table_offset, image.header.l1_size)
+    step = 2 if image.geo.extended_l2 else 1
+
+    def rc(off: int) -> int:
+        return int(stored[off // cs]) if off // cs < len(stored) else 0
+
     for i in bad_l1:
-        corruption(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i}")
+        e = int(l1[i])
+        corruption(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} "
+                   f"refcount={rc(e & L1E_OFFSET_MASK)}")
     for off, ks in bad_l2.items():
-        result.corruptions += len(ks) - 1
-        corruption(f"ERROR OFLAG_COPIED data cluster: l2_table={off:#x} entries={ks[:8]}")
-    nz = np.flatnonzero(stored)
+        for k in ks:
+            e = int(counted.active_tables[off][k * step])
+            corruption(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc(e & L2E_OFFSET_MASK)}")
+    # As qemu-img: the highest cluster that is referenced or has a refcount.
+    nz = np.flatnonzero((stored > 0) | (want > 0))
     result.image_end_offset = int((nz[-1] + 1) * cs) if len(nz) else cs
     result.total_clusters = -(-image.size // cs)
     result.allocated_clusters = counted.allocated_clusters
+    result.fragmented_clusters = counted.fragmented_clusters
     result.compressed_clusters = counted.compressed_clusters
     return result
 
@@ -105,13 +120,17 @@ def _report(path: str, r: CheckResult, as_json: bool, fixed: tuple[int, int] | N
         d = {"image-end-offset": r.image_end_offset, "total-clusters": r.total_clusters,
              "check-errors": 0, "leaks": r.leaks, "corruptions": r.corruptions, "filename": path,
              "format": "qcow2", "allocated-clusters": r.allocated_clusters,
+             "fragmented-clusters": r.fragmented_clusters,
              "compressed-clusters": r.compressed_clusters}
         if fixed is not None:
             d["leaks-fixed"], d["corruptions-fixed"] = fixed
         print(json.dumps(d, indent=4))
         return
+    # Like qemu-img: what is wrong on stderr, the summary on stdout.
     for m in r.messages:
-        print(m)
+        print(m, file=sys.stderr)
+    if r.unsaid:
+        print(f"({r.unsaid} more messages like these are not shown)", file=sys.stderr)
     if fixed is not None and any(fixed):
         print(f"The following inconsistencies were found and repaired:\n\n"
               f"    {fixed[0]} leaked clusters\n    {fixed[1]} corruptions\n")
@@ -124,9 +143,11 @@ def _report(path: str, r: CheckResult, as_json: bool, fixed: tuple[int, int] | N
     if not r.corruptions and not r.leaks:
         print("No errors were found on the image.")
     if r.total_clusters:
+        alloc = max(1, r.allocated_clusters)
         print(f"{r.allocated_clusters}/{r.total_clusters} = "
               f"{100 * r.allocated_clusters / r.total_clusters:.2f}% allocated, "
-              f"{100 * r.compressed_clusters / max(1, r.allocated_clusters):.2f}% compressed clusters")
+              f"{100 * r.fragmented_clusters / alloc:.2f}% fragmented, "
+              f"{100 * r.compressed_clusters / alloc:.2f}% compressed clusters")
     print(f"Image end offset: {r.image_end_offset}")
 
 

@@ -320,9 +320,12 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
         c = off // cs
         return int(stored[c]) if c < len(stored) else 0
 
+    # References past the end of the file are errors of their own (counted
+    # once, as qemu-img does), not COPIED errors too.
+    end = meta.file.known_size
     for i, e in enumerate(read_entries(meta.file, h.l1_table_offset, h.l1_size).tolist()):
         off = e & L1E_OFFSET_MASK
-        if off and (rc(off) == 1) != bool(e & OFLAG_COPIED):
+        if off and off < end and (rc(off) == 1) != bool(e & OFLAG_COPIED):
             bad_l1.append(i)
     step = 2 if geo.extended_l2 else 1
     for off, table in active_tables.items():
@@ -333,7 +336,7 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
                     wrong.append(k)
                 continue
             host = e & L2E_OFFSET_MASK
-            if not host or external:
+            if not host or external or host >= end:
                 continue
             if (rc(host) == 1) != bool(e & OFLAG_COPIED):
                 wrong.append(k)

@@ -20,7 +20,8 @@ import numpy as np
 
 from .format import (BME_TABLE_OFFSET_MASK, EXT_BITMAPS, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, BitmapsExtension,
-                     Header, compressed_shift, extended_problem)
+                     Header, SubclusterType, cluster_type, cluster_types, compressed_shift,
+                     extended_problem)
 from .hostfile import HostFile
 from .metadata import Metadata
 from .overlap import Kind
@@ -171,7 +172,9 @@ class Counted:
 
     counts: np.ndarray
     active_tables: dict[int, np.ndarray]
+    # Of the active disk, as qemu-img check counts them (snapshots excluded).
     allocated_clusters: int = 0
+    fragmented_clusters: int = 0
     compressed_clusters: int = 0
 
 
@@ -220,12 +223,28 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
         for off in data[past].tolist():
             corruption(f"ERROR data cluster at {off:#x} lies past the end of the image file")
         np.add.at(out.counts, idx[~past], ref.times)
-        out.allocated_clusters += len(data)
         for start, length in ref.compressed_ranges(geo.cluster_bits):
             add(start, length, "compressed cluster", ref.times)
-            out.compressed_clusters += 1
-            out.allocated_clusters += 1
+        if ref.active:
+            _fragmentation(out, ref, geo.extended_l2, external, cs)
     return out
+
+
+def _fragmentation(out: Counted, ref: L2Refs, extended: bool, external: bool, cs: int) -> None:
+    """qemu-img check's statistics of one active L2 table: allocated clusters
+    (data, preallocated zero, compressed), and fragmented ones (compressed, or
+    not right after the previous allocated cluster of the same table)."""
+    words = ref.words
+    if extended:
+        types = np.array([cluster_type(e, True, external) for e in words.tolist()], np.int8)
+    else:
+        types = cluster_types(words, external)
+    comp = int((types == SubclusterType.COMPRESSED).sum())
+    alloc = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
+    offs = (words[alloc] & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+    out.compressed_clusters += comp
+    out.allocated_clusters += comp + len(offs)
+    out.fragmented_clusters += comp + int((np.diff(offs) != cs).sum())
 
 
 def _interleave(ref: L2Refs) -> np.ndarray:

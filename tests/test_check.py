@@ -284,3 +284,75 @@ def test_repair_refused_on_mounted_image(tmp_path: Path) -> None:
         assert "lock" in p.stderr.lower() or "in use" in p.stderr.lower(), p.stderr
         assert sha_file(img) == before, "qcowfs check --repair changed a mounted image"
         assert (mnt / "disk.raw").read_bytes()[:4096] == b"\x55" * 4096
+
+
+# --------------------------------------------------------------------------
+# the output, as qemu-img check prints it
+
+
+def _truncated(d: Path) -> Path:
+    img = create(d / "disk.qcow2", 16 * MiB)
+    qio(img, "write -P 0x41 0 8M")
+    os.truncate(img, 4 * MiB)
+    return img
+
+
+def _fragmented(d: Path) -> Path:
+    """Interleaved writes, compressed clusters and a snapshot: fragmentation
+    and allocation statistics that only count the active disk."""
+    img = create(d / "disk.qcow2", 16 * MiB, cluster_size=4096)
+    qio(img, "write -P 1 0 64k", "write -P 2 8M 64k", "write -P 3 64k 64k", "write -c -P 4 12M 16k")
+    qimg("snapshot", "-c", "s", img)
+    qio(img, "write -P 5 4k 8k")
+    return img
+
+
+def _leaky(d: Path) -> Path:
+    img = make("default", d)
+    rc = Refcounts(img)
+    host = data_clusters(img)[0][1]
+    rc.set(host, rc.get(host) + 1)
+    return img
+
+
+def _corrupt(d: Path) -> Path:
+    img = make("default", d)
+    rc = Refcounts(img)
+    host = data_clusters(img)[0][1]
+    rc.set(host, 0)
+    return img
+
+
+OUTPUT_CASES = {
+    "truncated": _truncated,
+    "fragmented": _fragmented,
+    "leaky": _leaky,
+    "corrupt": _corrupt,
+    "dirty": lambda d: build("dirty-lazy-refcounts", d),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_output_matches_qemu(case: str, tmp_path: Path) -> None:
+    """Counts, image end offset and the statistics line are qemu-img's; the
+    messages go to stderr as qemu-img's do, the summary to stdout."""
+    d = tmp_path / "img"
+    d.mkdir()
+    img = Path(OUTPUT_CASES[case](d)).resolve()
+    q = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, timeout=120)
+    p = qcowfs_check(img)
+    assert p.returncode == q.returncode, f"qcowfs {p.returncode}, qemu-img {q.returncode}: {p.stdout}{p.stderr}"
+    assert p.stdout.splitlines()[-2:] == q.stdout.splitlines()[-2:], f"qcowfs:\n{p.stdout}\nqemu-img:\n{q.stdout}"
+    for what in ("errors were found", "leaked clusters were found"):
+        qline = next((x for x in q.stdout.splitlines() if what in x), None)
+        pline = next((x for x in p.stdout.splitlines() if what in x), None)
+        assert pline == qline, f"{what}: qcowfs {pline!r}, qemu-img {qline!r}"
+    qn, pn = len(q.stderr.splitlines()), len(p.stderr.splitlines())
+    assert pn == min(qn, 100) + (qn > 100), f"qcowfs printed {pn} messages, qemu-img {qn}:\n{p.stderr[:2000]}"
+    if qn > 100:
+        assert f"{qn - 100} more" in p.stderr.splitlines()[-1]
+    code, want = qcheck(img)
+    got = json.loads(qcowfs_check(img, "--json").stdout)
+    for key in ("leaks", "corruptions", "allocated-clusters", "fragmented-clusters",
+                "compressed-clusters", "image-end-offset", "total-clusters"):
+        assert got.get(key, 0) == want.get(key, 0), f"{key}: qcowfs {got.get(key)} qemu-img {want.get(key)}"
