@@ -356,3 +356,26 @@ def test_output_matches_qemu(case: str, tmp_path: Path) -> None:
     for key in ("leaks", "corruptions", "allocated-clusters", "fragmented-clusters",
                 "compressed-clusters", "image-end-offset", "total-clusters"):
         assert got.get(key, 0) == want.get(key, 0), f"{key}: qcowfs {got.get(key)} qemu-img {want.get(key)}"
+
+
+def test_repair_does_not_grow_the_file_when_there_is_room(tmp_path: Path) -> None:
+    """Free clusters inside the file (discarded data) take the new refcount
+    structure; the file keeps its size, as qemu-img check -r all does."""
+    d = tmp_path / "img"
+    d.mkdir()
+    img = create(d / "disk.qcow2", 32 * MiB).resolve()
+    qio(img, "write -P 0x11 0 8M", "discard 1M 4M", "write -P 0x12 16M 1M")
+    data = oracle(img, tmp_path / "data.raw")
+    rc = Refcounts(img)
+    host = data_clusters(img)[0][1]
+    rc.set(host, 0)
+    theirs = tmp_path / "theirs.qcow2"
+    theirs.write_bytes(img.read_bytes())
+    subprocess.run(["qemu-img", "check", "-r", "all", str(theirs)], capture_output=True, timeout=120)
+    size = img.stat().st_size
+    p = qcowfs_check(img, "--repair")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert img.stat().st_size == size, f"repair grew the file from {size} to {img.stat().st_size}"
+    assert img.stat().st_size <= theirs.stat().st_size
+    assert_clean(img)
+    assert_same(img, data)
