@@ -349,7 +349,11 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
         return run_check(os.path.abspath(image_arg), repair=repair, as_json=as_json)
     if repair:
         raise UsageError("-U (force share) cannot be used with --repair: a repair must own the image")
+    import inspect
+
     _read_only_options(True)  # says so if -U is not available
+    if "force_share" not in inspect.signature(run_check).parameters:
+        raise QcowError("-U (force share) is not available for check in this build")
     shared: dict[str, bool] = {"repair": False, "as_json": as_json, "force_share": True}
     return run_check(os.path.abspath(image_arg), **shared)
 

@@ -322,16 +322,36 @@ def _force_share_available() -> bool:
     return "force_share" in {f.name for f in dataclasses.fields(OpenOptions)}
 
 
+def _check_force_share_available() -> bool:
+    import inspect
+
+    from qcowfs.check import run_check
+
+    return "force_share" in inspect.signature(run_check).parameters
+
+
 @pytest.mark.skipif(not _force_share_available(), reason="OpenOptions.force_share not there yet (image.py)")
-def test_info_and_check_force_share(tmp_path: Path, image: Path):
+def test_info_force_share(tmp_path: Path, image: Path):
     with mounted(image, tmp_path / "a", read_only=False):
         assert_clean_failure(qcowfs("info", image), "in use")
         p = qcowfs("info", "-U", image)
         assert p.returncode == 0, p.stderr
         assert "virtual size: 16 MiB" in p.stdout
+        p = qcowfs("info", "--force-share", "--json", image)
+        assert p.returncode == 0 and '"virtual-size": 16777216' in p.stdout, p.stderr
+
+
+@pytest.mark.skipif(not _force_share_available() or not _check_force_share_available(),
+                    reason="run_check(force_share=) not there yet (check.py)")
+def test_check_force_share(tmp_path: Path, image: Path):
+    with mounted(image, tmp_path / "a", read_only=False):
+        assert_clean_failure(qcowfs("check", image), "in use")
         p = qcowfs("check", "-U", image)
         assert p.returncode in (0, 3), p.stdout + p.stderr
-        assert_clean_failure(qcowfs("check", "-U", "--repair", image), "cannot be used with --repair")
+
+
+def test_check_force_share_refuses_repair(image: Path):
+    assert_clean_failure(qcowfs("check", "-U", "--repair", image), "cannot be used with --repair")
 
 
 def test_umount_force_help():
