@@ -458,6 +458,34 @@ def test_busy_mount_detached_explicitly(tmp_path: Path, how: str):
     acknowledged_writes_survived(img, tmp_path, progress, slots)
 
 
+def test_umount_force_without_a_pid_file(tmp_path: Path):
+    """No pid file (removed, or written by another user): `qcowfs umount --force` still
+    detaches; the daemon then sees its session end, flushes and exits, image clean."""
+    from qcowfs import mounts
+
+    img = make_image(tmp_path / "disk.qcow2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup_mount(mnt):
+        sh(QCOWFS, "mount", img, mnt)
+        pids = daemon_pids(mnt)
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(3 * MiB)
+            f.write(b"\x3c" * 70000)
+        entry = mounts.find(mnt, mounts.FSTYPE)
+        assert entry is not None
+        for d in mounts.run_dirs():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(d, entry.dev.replace(":", "_") + ".pid"))
+        assert mounts.read_pid(entry.dev) is None
+        p = sh(QCOWFS, "umount", "--force", mnt, check=False)
+        assert p.returncode == 0, p.stderr
+        wait_gone(pids)
+        assert not is_mounted(mnt)
+    qemu_img_check(img)
+    sh("qemu-io", "-f", "qcow2", "-c", f"read -P 0x3c {3 * MiB} 70000", img)
+
+
 def test_umount_refuses_busy_mount_naming_the_holder(tmp_path: Path):
     img = make_image(tmp_path / "disk.qcow2")
     mnt = tmp_path / "mnt"
