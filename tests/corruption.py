@@ -162,6 +162,11 @@ def scenario(*args: Any, **kw: Any) -> Scenario:
 # --------------------------------------------------------------------------
 # locating structures (always from the image itself)
 
+def header(path: Path) -> Any:
+    """The parsed header (images.Header sets its fields dynamically, hence Any)."""
+    return Header(path)
+
+
 def u64(path: Path, off: int) -> int:
     return read_u64(path, off)
 
@@ -175,7 +180,7 @@ def poke_u32(path: Path, off: int, value: int) -> None:
 
 
 def reftable_entry_offset(path: Path, index: int = 0) -> int:
-    return Header(path).refcount_table_offset + 8 * index
+    return header(path).refcount_table_offset + 8 * index
 
 
 def refblock_offset(path: Path, index: int = 0) -> int:
@@ -184,7 +189,7 @@ def refblock_offset(path: Path, index: int = 0) -> int:
 
 def _refcount_location(path: Path, cluster: int) -> tuple[int, int, int]:
     """(byte offset, bit shift within the big-endian word, width in bits) of CLUSTER's refcount."""
-    h = Header(path)
+    h = header(path)
     bits = 1 << h.refcount_order
     per_block = h.cluster_size * 8 // bits
     block = refblock_offset(path, cluster // per_block)
@@ -218,15 +223,15 @@ def set_refcount(path: Path, cluster: int, value: int) -> None:
 
 
 def l2_table_offset(path: Path, guest: int) -> int:
-    return Header(path).l1_entry(guest) & OFFSET_MASK
+    return header(path).l1_entry(guest) & OFFSET_MASK
 
 
 def l2_entry_offset(path: Path, guest: int) -> int:
-    return Header(path).l2_entry_offset(guest)
+    return header(path).l2_entry_offset(guest)
 
 
 def cluster_of(path: Path, off: int) -> int:
-    return off // Header(path).cluster_size
+    return off // header(path).cluster_size
 
 
 @dataclass
@@ -241,7 +246,7 @@ class SnapshotEntryInfo:
 
 
 def snapshot_entries(path: Path) -> list[SnapshotEntryInfo]:
-    h = Header(path)
+    h = header(path)
     out: list[SnapshotEntryInfo] = []
     with open(path, "rb") as f:
         pos = h.snapshots_offset
@@ -261,14 +266,14 @@ def snapshot_entries(path: Path) -> list[SnapshotEntryInfo]:
 
 def bitmap_directory(path: Path) -> tuple[int, int]:
     """(offset, size) of the bitmap directory."""
-    h = Header(path)
+    h = header(path)
     _, _, data, _ = h.ext(EXT_BITMAPS)
     _nb, _res, size, off = struct.unpack_from(">IIQQ", h.raw, data)
     return off, size
 
 
 def cluster_range(path: Path, off: int, what: str) -> tuple[int, int, str]:
-    cs = Header(path).cluster_size
+    cs = header(path).cluster_size
     return off // cs * cs, cs, what
 
 
@@ -298,6 +303,9 @@ class Outcome:
     timed_out: bool = False
     close_error: str = ""
     log: str = ""
+    # What a read-only open left out (a damaged snapshot table...): issue 10
+    # wants such a mount to serve the active disk anyway, with a warning.
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.timed_out:
@@ -383,8 +391,8 @@ def _qemu_session(img: Path, ops: Sequence[Write | Read], writable: bool) -> tup
             buf += bytes.fromhex(m.group(1).replace(" ", ""))
             continue
         if _OK.match(line):
-            op = ops[len(results)] if len(results) < len(ops) else None
-            data = bytes(buf) if isinstance(op, Read) else None
+            current = ops[len(results)] if len(results) < len(ops) else None
+            data = bytes(buf) if isinstance(current, Read) else None
             results.append(OpResult(True, data))
             buf = bytearray()
             continue
@@ -516,6 +524,7 @@ def _qcowfs_session(path: Path, sc: Scenario) -> Outcome:
             o.opened, o.open_error = False, str(e)
             o.results = [OpResult(False, None, str(e)) for _ in sc.ops]
             return
+        o.warnings = list(image.warnings)
         try:
             prepare_error = ""
             if sc.writable:
@@ -679,7 +688,7 @@ def overlap_base(d: Path, snapshot: bool = False, bitmap: bool = False) -> Path:
 
 def metadata_target(img: Path, kind: str) -> int:
     """Host offset of one metadata structure of IMG."""
-    h = Header(img)
+    h = header(img)
     if kind == "header":
         return 0
     if kind == "l1":
@@ -720,7 +729,7 @@ def _data_into(kind: str) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = overlap_base(d, **_needs(kind))
         target = metadata_target(img, kind)
-        assert target % Header(img).cluster_size == 0
+        assert target % header(img).cluster_size == 0
         # COPIED set, so that the write goes in place instead of copying (as in 060)
         poke_u64(img, l2_entry_offset(img, 0), target | COPIED)
         return img
@@ -742,7 +751,7 @@ for _kind, _i9 in (("l1", ""), ("l2", ""), ("reftable", ""), ("refblock", "L2 en
 def _l2_into(kind: str) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = overlap_base(d, **_needs(kind))
-        poke_u64(img, Header(img).l1_entry_offset(0), metadata_target(img, kind) | COPIED)
+        poke_u64(img, header(img).l1_entry_offset(0), metadata_target(img, kind) | COPIED)
         return img
     return build
 
@@ -852,17 +861,17 @@ scenario("060-empty-refblock",
          "The first 8 bytes of the refcount block cleared: header, refcount table, refcount block "
          "and L1 table all look free to the allocator.",
          _empty_refblock(False), (Write(0, 64 * KiB),),
-         protect=lambda img: [header_range(img), cluster_range(img, Header(img).l1_table_offset, "L1"),
+         protect=lambda img: [header_range(img), cluster_range(img, header(img).l1_table_offset, "L1"),
                               cluster_range(img, refblock_offset(img), "refcount block"),
-                              cluster_range(img, Header(img).refcount_table_offset, "refcount table")],
+                              cluster_range(img, header(img).refcount_table_offset, "refcount table")],
          issue9="refcounts that call the header or an L2 table free")
 scenario("060-empty-refblock-with-l2",
          "As 060-empty-refblock, with an L2 table already allocated (060 'empty refcount block with "
          "compressed write', a plain write here): only a data cluster is allocated.",
          _empty_refblock(True), (Write(0, 64 * KiB),),
-         protect=lambda img: [header_range(img), cluster_range(img, Header(img).l1_table_offset, "L1"),
+         protect=lambda img: [header_range(img), cluster_range(img, header(img).l1_table_offset, "L1"),
                               cluster_range(img, refblock_offset(img), "refcount block"),
-                              cluster_range(img, Header(img).refcount_table_offset, "refcount table")])
+                              cluster_range(img, header(img).refcount_table_offset, "refcount table")])
 
 
 # ---- 060: unaligned entries ------------------------------------------------------
@@ -870,7 +879,7 @@ scenario("060-empty-refblock-with-l2",
 def _unaligned_l1(d: Path) -> Path:
     img = base(d, "64M", "write 0 64k")
     l2 = l2_table_offset(img, 0)
-    poke_u64(img, Header(img).l1_entry_offset(0), COPIED | (l2 + 0x2A00))
+    poke_u64(img, header(img).l1_entry_offset(0), COPIED | (l2 + 0x2A00))
     return img
 
 
@@ -974,7 +983,7 @@ scenario("060-dirty-unaligned-refblock",
 
 def _l1_garbage(d: Path) -> Path:
     img = base(d, "64M", "write 0 64k")
-    poke_u64(img, Header(img).l1_entry_offset(0), 0x2A2A2A2A)
+    poke_u64(img, header(img).l1_entry_offset(0), 0x2A2A2A2A)
     return img
 
 
@@ -1001,7 +1010,7 @@ def _ext_huge(backing_offset: int | None) -> Callable[[Path], None]:
     """The first header extension turned into an unknown one of 2 GiB; the backing file name
     at BACKING_OFFSET (None: inside that extension's length field, as in 080)."""
     def post(img: Path) -> None:
-        h = Header(img)
+        h = header(img)
         poke_u32(img, h.header_length, 0x12345678)
         poke_u32(img, h.header_length + 4, 0x7FFFFFFF)
         set_field(img, "backing_file_offset", h.header_length + 4 if backing_offset is None
@@ -1193,7 +1202,7 @@ def _dirty(cmds: Sequence[str]) -> Callable[[Path], Path]:
         img = base(d, "128M", lazy_refcounts="on")
         p = qio(img, *cmds, "abort", check=False)
         assert p.returncode != 0
-        assert Header(img).incompatible_features & INCOMPAT_DIRTY
+        assert header(img).incompatible_features & INCOMPAT_DIRTY
         return img
     return build
 
@@ -1214,7 +1223,7 @@ def _feature_bits(incompat: int = 0, compat: int = 0, autoclear: int = 0, drop_t
                   name_bit: int | None = None) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = base(d, "64M", "write -P 0x71 0 64k")
-        h = Header(img)
+        h = header(img)
         if drop_table or name_bit is not None:
             _, typepos, data, ln = h.ext(EXT_FEATURE_TABLE)
             if drop_table:
@@ -1451,7 +1460,7 @@ scenario("261-too-many-snapshots", "261: 131072 (all-zero, v2) snapshot entries,
 def _misaligned_snapshot_table(d: Path) -> Path:
     img = base(d, "64M", "write -P 0xa3 0 64k")
     qimg("snapshot", "-c", "s", img)
-    h = Header(img)
+    h = header(img)
     # the same table, 8 bytes further on, and the header pointing there
     table = read_range(img, h.snapshots_offset, 4096)
     patch(img, h.snapshots_offset + 8, table[:4088])
