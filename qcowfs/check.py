@@ -158,6 +158,9 @@ def run_check(path: str, repair: bool, as_json: bool) -> int:
 
     async def main() -> int:
         image = Image(path, OpenOptions(read_only=not repair, repair=repair))
+        if image.warnings:  # a part of the image it cannot read: no verdict
+            await image.close()
+            raise QcowError(image.warnings[0])
         try:
             result = check_image(image, progress)
             fixed = None

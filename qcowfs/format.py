@@ -497,10 +497,11 @@ def cluster_types(entries: "np.ndarray", external: bool) -> "np.ndarray":
 
 
 def extended_problem(entry: int, bitmap: int, external: bool) -> str | None:
-    """Why an extended L2 entry is invalid as a whole (qemu-img check counts
-    these as corruptions), or None."""
+    """Why an extended L2 entry's subclusters are INVALID (QEMU refuses to
+    read or write through them), or None. (A compressed cluster ignores its
+    bitmap; a non-zero one is only an error for check.)"""
     if entry & OFLAG_COMPRESSED:
-        return "compressed cluster has a non-zero subcluster bitmap" if bitmap else None
+        return None
     alloc, zero = bitmap & SC_ALL, bitmap >> 32
     if alloc & zero:
         return "a subcluster is marked both allocated and zero"

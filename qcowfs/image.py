@@ -31,12 +31,16 @@ from .metadata import Metadata
 from .overlap import Kind
 from .references import build_overlap_map
 from .refcount import Allocator, rebuild
+from .snapshots import snapshot_problem
 from .writer import Writer
 
 log = logging.getLogger("qcowfs")
 T = TypeVar("T")
 
 MAX_CHAIN_DEPTH = 64
+# QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
+MAX_SNAPSHOT_TABLE = 64 << 20
+MAX_SNAPSHOT_EXTRA = 1024
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
 
@@ -155,6 +159,12 @@ class Image:
         if h.incompatible_features & INCOMPAT_CORRUPT and not self.options.repair:
             raise QcowError(f"{self.path} is marked corrupt: mount it with --read-only, or repair "
                             "it with `qcowfs check --repair`")
+        for snap in self.snapshots:
+            problem = snapshot_problem(snap, h.version, self.geo.cluster_size, self.file.known_size)
+            if problem and not problem[1]:
+                # Its L2 tables cannot be protected from our writes (QEMU's
+                # inactive-L2 overlap check fails the same way).
+                raise CorruptionError(f"{problem[0]}: the image can only be opened read-only")
         lock_image(self.file.fd, self.path, writer=True)
         if self.data_file is not None:
             lock_image(self.data_file.fd, self.data_file.path, writer=True)
@@ -234,13 +244,20 @@ class Image:
             raise InvalidImageError(f"too many snapshots ({h.nb_snapshots})")
 
     def _read_snapshots(self, h: Header) -> list[SnapshotEntry]:
+        if h.snapshots_offset % self.geo.cluster_size:  # QEMU checks it even with no snapshots
+            raise InvalidImageError("snapshot table offset is invalid")
         if not h.nb_snapshots:
             return []
-        if (h.snapshots_offset % self.geo.cluster_size or h.snapshots_offset < self.geo.cluster_size
-                or h.snapshots_offset >= self.file.known_size):
+        if h.snapshots_offset < self.geo.cluster_size or h.snapshots_offset >= self.file.known_size:
             raise InvalidImageError("snapshot table offset is invalid")
-        raw = self.file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, 64 << 20))
-        return SnapshotEntry.parse_table(raw, h.nb_snapshots)
+        raw = self.file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, MAX_SNAPSHOT_TABLE))
+        entries = SnapshotEntry.parse_table(raw, h.nb_snapshots)
+        if sum(len(e.pack()) for e in entries) > MAX_SNAPSHOT_TABLE:
+            raise InvalidImageError("snapshot table is too big")
+        for e in entries:
+            if len(e.extra) > MAX_SNAPSHOT_EXTRA:
+                raise InvalidImageError(f"snapshot {e.id_str} has too much extra data")
+        return entries
 
     def _open_data_file(self, h: Header) -> HostFile:
         name = h.extension(EXT_DATA_FILE)
@@ -310,7 +327,12 @@ class Image:
             await self.mapper.read_into(self.active_l1, buf[:n], offset, self.backing)
 
     async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
-        return await self.mapper.read(l1, offset, length, self.backing)
+        try:
+            return await self.mapper.read(l1, offset, length, self.backing)
+        except CorruptionError as e:
+            if self.writer is not None:  # as QEMU: stop writing through it
+                await self.mark_corrupt(e)
+            raise
 
     def chain(self) -> list[tuple[str, str]]:
         """(path, format) of this image and every image below it."""

@@ -161,7 +161,13 @@ class Allocator:
         await self.change(first, delta, (offset + length - 1) // cs + 1 - first)
 
     def release_later(self, offset: int, length: int) -> None:
-        """Drop one reference to [offset, offset+length) once the drop is safe."""
+        """Drop one reference to [offset, offset+length) once the drop is safe.
+        The refcount blocks it will go through are checked now (no I/O), so a
+        bad refcount table fails this request, not a later flush."""
+        cs = self.geo.cluster_size
+        for r in range(offset // cs // self.rpb, (offset + length - 1) // cs // self.rpb + 1):
+            if not self._block_offset(r):
+                raise CorruptionError(f"cluster {offset // cs} is in use but has no refcount block")
         self.pending.append((offset, length))
 
     async def apply_pending(self) -> bool:

@@ -25,6 +25,7 @@ from .format import (BME_TABLE_OFFSET_MASK, EXT_BITMAPS, INCOMPAT_DATA_FILE, L1E
 from .hostfile import HostFile
 from .metadata import Metadata
 from .overlap import Kind
+from .snapshots import snapshot_problem
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,10 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
             return
         out.counts[first : last + 1] += times
 
+    for snap in meta.snapshots:
+        problem = snapshot_problem(snap, meta.header.version, cs, meta.file.known_size)
+        if problem:
+            corruption(f"ERROR {problem[0]}")
     aligned = {Kind.REFCOUNT_BLOCK: "refcount block", Kind.ACTIVE_L2: "L2 table",
                Kind.INACTIVE_L2: "L2 table"}
     for ref in walk(meta, refcount_structure=refcount_structure, progress=progress):
@@ -209,7 +214,9 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
             out.active_tables[ref.offset] = _interleave(ref)
         if ref.bitmaps is not None:
             for k, (w, b) in enumerate(zip(ref.words.tolist(), ref.bitmaps.tolist())):
-                why = extended_problem(w, b, external)
+                why = extended_problem(w, b, external) or (
+                    "compressed cluster has a non-zero subcluster bitmap"
+                    if w & OFLAG_COMPRESSED and b else None)
                 if why:
                     corruption(f"ERROR L2 table {ref.offset:#x} entry {k}: {why}")
         data = ref.data_clusters(external)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 
-from .format import SnapshotEntry
+from .format import MAX_L1_BYTES, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
 
 
 def usable_name(name: str) -> bool:
@@ -38,3 +38,18 @@ def snapshot_xattrs(entry: SnapshotEntry, disk_size: int) -> dict[str, bytes]:
         "user.qcow2.vm_state_size": str(entry.state_size).encode(),
         "user.qcow2.disk_size": str(disk_size).encode(),
     }
+
+
+def snapshot_problem(entry: SnapshotEntry, version: int, cluster_size: int,
+                     file_size: int) -> tuple[str, bool] | None:
+    """What is wrong with one snapshot entry, and whether its disk can still
+    be read; None when nothing is. QEMU opens such an image and fails only
+    the snapshot's own reads; qemu-img check counts each as a corruption."""
+    if entry.l1_size * 8 > MAX_L1_BYTES:
+        return f"snapshot {entry.id_str} L1 table is too large", False
+    if entry.l1_size and (entry.l1_table_offset % cluster_size or entry.l1_table_offset < cluster_size
+                          or entry.l1_table_offset + entry.l1_size * 8 > file_size):
+        return f"snapshot {entry.id_str} L1 table offset is invalid", False
+    if version >= 3 and len(entry.extra) < SNAPSHOT_MIN_EXTRA_V3:
+        return f"snapshot {entry.id_str} has too little extra data", True
+    return None

@@ -10,7 +10,8 @@ from .errors import CorruptionError, ReadOnlyError
 from .format import SnapshotEntry
 from .image import Image
 from .mapper import L1Table
-from .snapshots import snapshot_disk_size, snapshot_file_names, snapshot_xattrs, usable_name
+from .snapshots import (snapshot_disk_size, snapshot_file_names, snapshot_problem, snapshot_xattrs,
+                        usable_name)
 
 
 class FileView:
@@ -94,7 +95,10 @@ class DiskView(FileView):
         image = self.image
         size = image.header.size & ~511
         n = length if offset + length <= size else size - offset
-        return image.mapper.read_cached(image.active_l1, offset, n) if n > 0 else b""
+        try:
+            return image.mapper.read_cached(image.active_l1, offset, n) if n > 0 else b""
+        except CorruptionError:
+            return None  # read() meets it again, and reports it
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         n = self.clip(offset, length)
@@ -127,6 +131,8 @@ class SnapshotView(FileView):
         self.entry = entry
         self._size = snapshot_disk_size(entry, image.size)
         self.l1 = L1Table(image.file, entry.l1_table_offset, entry.l1_size)
+        self.problem = snapshot_problem(entry, image.header.version, image.geo.cluster_size,
+                                        image.file.known_size)
         self.unchanging = True
         self.mtime_ns = entry.date_sec * 10**9 + entry.date_nsec
 
@@ -145,8 +151,8 @@ class SnapshotView(FileView):
         n = self.clip(offset, length)
         if n <= 0:
             return b""
-        if self.entry.l1_table_offset % self.image.geo.cluster_size:
-            raise CorruptionError(f"snapshot {self.entry.id_str} has a misaligned L1 table")
+        if self.problem is not None and not self.problem[1]:
+            raise CorruptionError(self.problem[0])
         return await self.image.read(self.l1, offset, n)
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import trio
 
 from .cache import TableCache
+from .errors import CorruptionError
 from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     Geometry, SubclusterType, cluster_type, decode_compressed)
+                     Geometry, SubclusterType, cluster_type, decode_compressed, extended_problem)
 from .hostfile import HostFile
 from .mapper import Mapper, Source
 from .metadata import Metadata
@@ -98,11 +99,14 @@ class Writer:
         """IN_PLACE, REUSE (our cluster, entry must change) or ALLOCATE."""
         if self.geo.extended_l2:
             e, bitmap = int(table[k, 0]), int(table[k, 1])
+            if bitmap == SC_ALL and e & OFLAG_COPIED and not e & OFLAG_COMPRESSED:
+                return IN_PLACE
             t = cluster_type(e, True, self.external)
+            why = extended_problem(e, bitmap, self.external)
+            if why:  # never write through an entry QEMU would call corrupt
+                raise CorruptionError(f"extended L2 entry is invalid: {why}")
             if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED:
                 return ALLOCATE
-            if bitmap == SC_ALL:
-                return IN_PLACE
             return REUSE if t == SubclusterType.NORMAL else ALLOCATE
         e = int(table[k])
         t = cluster_type(e, False, self.external)
@@ -134,6 +138,8 @@ class Writer:
         l1e = await l1.get(index)
         old = self.mapper.l2_offset(l1e)
         if old and l1e & OFLAG_COPIED:
+            # Changed in place: it must be an active L2 table and nothing else.
+            self.meta.overlap.check(old, self.geo.cluster_size, "L2 table", ignore=Kind.ACTIVE_L2)
             return old
         cs = self.geo.cluster_size
         new = await self.alloc.allocate(1)

@@ -524,7 +524,7 @@ def _qcowfs_session(path: Path, sc: Scenario) -> Outcome:
             o.opened, o.open_error = False, str(e)
             o.results = [OpResult(False, None, str(e)) for _ in sc.ops]
             return
-        o.warnings = list(image.warnings)
+        o.warnings = list(getattr(image, "warnings", ()))
         try:
             prepare_error = ""
             if sc.writable:
