@@ -3,7 +3,7 @@ VENV := .venv
 PY   := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all install uninstall install-test demo test bench clean
+.PHONY: all install uninstall install-test demo test soak bench clean
 
 all: install
 
@@ -23,6 +23,11 @@ demo: install install-test
 
 test: install-test
 	$(PY) -m pytest -n 2 -q -p no:cacheprovider tests
+
+# The model-based test (tests/test_model.py) for SOAK_MINUTES minutes; not part of `make test`.
+SOAK_MINUTES ?= 30
+soak: install-test
+	SOAK_MINUTES=$(SOAK_MINUTES) scripts/soak.sh
 
 bench: install-test
 	$(PY) bench/run.py

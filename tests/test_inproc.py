@@ -132,10 +132,11 @@ async def test_resize_grows_l1_and_hides_backing(tmp_path: Path) -> None:
 
 
 async def test_v2_with_snapshots_refuses_resize(tmp_path: Path) -> None:
-    """QEMU refuses to grow a v2 image with internal snapshots: v2 snapshots do not record
-    their disk size, so afterwards every snapshot reads at the new size, backing-file data
-    showing through past its old end. qcowfs must refuse as well, and leave all unchanged."""
-    s = build(tmp_path, Layout(size=1 * MiB, compat="0.10", backing_size=2 * MiB, snapshots=1))
+    """QEMU refuses to grow a v2 image with internal snapshots (v2 snapshots do not record
+    their disk size). Grown anyway, QEMU can no longer revert to the snapshot: `qemu-img
+    snapshot -a` fails ("Can't resize a v2 image which has snapshots"). qcowfs must refuse
+    as well and leave the image as it was."""
+    s = build(tmp_path, Layout(size=1 * MiB, compat="0.10", prefill=True, snapshots=1))
     await s.open()
     try:
         await s.resize(2 * MiB)
@@ -143,6 +144,9 @@ async def test_v2_with_snapshots_refuses_resize(tmp_path: Path) -> None:
     finally:
         await s.abandon()
     s.judge()
+    name = s.snapshot_names[next(iter(s.snapshots))]
+    p = run("qemu-img", "snapshot", "-a", name, s.image)
+    assert p.returncode == 0, f"qemu-img snapshot -a {name}: {p.stderr}"
 
 
 async def test_concurrent_allocating_writes(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition
 from inproc import (GiB, KiB, MiB, BitmapSpec, Layout, Subject, TrioThread, build, make_data,
                     snapshot_fits)
 
-EXAMPLES = int(os.environ.get("QCOWFS_MODEL_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("QCOWFS_MODEL_EXAMPLES", "40"))
 STEPS = int(os.environ.get("QCOWFS_MODEL_STEPS", "16"))
 BUDGET = int(os.environ.get("QCOWFS_MODEL_BUDGET_MB", "16")) * MiB
 STATS = os.environ.get("QCOWFS_MODEL_STATS")

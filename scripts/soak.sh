@@ -1,0 +1,45 @@
+#!/bin/sh
+# make soak: the model-based test (tests/test_model.py) run again and again, each run with a
+# fresh random hypothesis seed, for SOAK_MINUTES minutes (default 30); stops at the first
+# failure and prints the seed that reproduces it. At the end: how many examples ran, on how
+# many distinct layouts and feature combinations.
+#   SOAK_MINUTES=N            how long (the last run started in time is finished: a run of
+#                             SOAK_EXAMPLES_PER_RUN examples takes one to two minutes)
+#   SOAK_EXAMPLES_PER_RUN=N   examples per pytest run (default 50)
+#   QCOWFS_MODEL_STEPS, QCOWFS_MODEL_BUDGET_MB   passed on to the test (see its docstring)
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+MINUTES=${SOAK_MINUTES:-30}
+PER_RUN=${SOAK_EXAMPLES_PER_RUN:-50}
+stats=$(mktemp /tmp/qcowfs-soak-XXXXXX.jsonl)
+trap 'rm -f "$stats"' EXIT
+start=$(date +%s)
+end=$((start + MINUTES * 60))
+runs=0
+status=0
+failed_seed=
+while [ "$(date +%s)" -lt "$end" ]; do
+    seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+    runs=$((runs + 1))
+    echo "soak: run $runs, --hypothesis-seed=$seed ($(( (end - $(date +%s) + 59) / 60 )) min left)"
+    if ! QCOWFS_MODEL_EXAMPLES=$PER_RUN QCOWFS_MODEL_STATS=$stats \
+            "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py --hypothesis-seed="$seed"; then
+        status=1
+        failed_seed=$seed
+        break
+    fi
+done
+"$PY" - "$stats" "$start" <<'PY'
+import json, sys, time
+runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+minutes = (time.time() - int(sys.argv[2])) / 60
+print(f"soak: {minutes:.1f} minutes, {len(runs)} examples, {len({r['layout'] for r in runs})} distinct layouts, "
+      f"{len({r['features'] for r in runs})} distinct feature combinations, "
+      f"{sum(r['sessions'] for r in runs)} sessions, {sum(r['written'] for r in runs) / 2**20:.0f} MiB written "
+      f"through qcowfs, {sum(r['failed'] for r in runs)} failed examples (shrinking included)")
+PY
+if [ "$status" -ne 0 ]; then
+    echo "soak: FAILED; reproduce with: QCOWFS_MODEL_EXAMPLES=$PER_RUN $PY -m pytest tests/test_model.py --hypothesis-seed=$failed_seed"
+fi
+exit $status
