@@ -54,7 +54,11 @@ def refcounts(image: Image, nclusters: int) -> np.ndarray:
         raw = image.file.read_sync(off, cs)
         if len(raw) < cs:
             continue
-        vals = refcount_array(raw, geo.refcount_order).astype(np.int64)
+        # 64-bit refcounts beyond int64 are still "more than referenced" (a leak).
+        vals = refcount_array(raw, geo.refcount_order)
+        if geo.refcount_order == 6:
+            vals = np.minimum(vals, np.uint64(1 << 62))
+        vals = vals.astype(np.int64)
         n = min(rpb, nclusters - r * rpb)
         out[r * rpb : r * rpb + n] = vals[:n]
     return out
@@ -151,13 +155,13 @@ def _report(path: str, r: CheckResult, as_json: bool, fixed: tuple[int, int] | N
     print(f"Image end offset: {r.image_end_offset}")
 
 
-def run_check(path: str, repair: bool, as_json: bool) -> int:
+def run_check(path: str, repair: bool, as_json: bool, force_share: bool = False) -> int:
     import trio
 
     progress = _progress_printer()
 
     async def main() -> int:
-        image = Image(path, OpenOptions(read_only=not repair, repair=repair))
+        image = Image(path, OpenOptions(read_only=not repair, repair=repair, force_share=force_share))
         if image.warnings:  # a part of the image it cannot read: no verdict
             await image.close()
             raise QcowError(image.warnings[0])

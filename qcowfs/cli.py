@@ -7,7 +7,6 @@ mount.fuse3 uses for `mount -t fuse.qcowfs`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import grp
 import json
@@ -316,23 +315,14 @@ def cmd_umount(mountpoint_arg: str, force: bool = False) -> int:
 
 # ---- info and check -------------------------------------------------------------
 
-def _read_only_options(force_share: bool) -> OpenOptions:
-    """OpenOptions for info/check; FORCE_SHARE (-U) takes no image lock, as
-    qemu-img -U, to inspect an image a VM or a mount holds."""
-    if not force_share:
-        return OpenOptions(read_only=True)
-    if "force_share" not in {f.name for f in dataclasses.fields(OpenOptions)}:
-        raise QcowError("-U (force share) is not available in this build")
-    shared: dict[str, bool] = {"read_only": True, "force_share": True}
-    return OpenOptions(**shared)
-
-
 def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
+    """FORCE_SHARE (-U) takes no image lock, as qemu-img -U: to inspect an
+    image a VM or a mount holds."""
     import trio
 
     from .info import describe, render
 
-    image = open_image(image_arg, _read_only_options(force_share))
+    image = open_image(image_arg, OpenOptions(read_only=True, force_share=force_share))
     try:
         d = describe(image)
     finally:
@@ -345,17 +335,9 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
 def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = False) -> int:
     from .check import run_check
 
-    if not force_share:
-        return run_check(os.path.abspath(image_arg), repair=repair, as_json=as_json)
-    if repair:
+    if force_share and repair:
         raise UsageError("-U (force share) cannot be used with --repair: a repair must own the image")
-    import inspect
-
-    _read_only_options(True)  # says so if -U is not available
-    if "force_share" not in inspect.signature(run_check).parameters:
-        raise QcowError("-U (force share) is not available for check in this build")
-    shared: dict[str, bool] = {"repair": False, "as_json": as_json, "force_share": True}
-    return run_check(os.path.abspath(image_arg), **shared)
+    return run_check(os.path.abspath(image_arg), repair=repair, as_json=as_json, force_share=force_share)
 
 
 # ---- argument parsing -------------------------------------------------------------

@@ -496,6 +496,13 @@ def cluster_types(entries: "np.ndarray", external: bool) -> "np.ndarray":
     return out
 
 
+def data_host_offsets(words: "np.ndarray") -> "np.ndarray":
+    """Host offsets of the standard (non-compressed) clusters the first words
+    of L2 entries point to (zero clusters with a preallocation included)."""
+    std = words[(words & np.uint64(OFLAG_COMPRESSED)) == 0] & np.uint64(L2E_OFFSET_MASK)
+    return std[std != 0]
+
+
 def extended_problem(entry: int, bitmap: int, external: bool) -> str | None:
     """Why an extended L2 entry's subclusters are INVALID (QEMU refuses to
     read or write through them), or None. (A compressed cluster ignores its

@@ -21,7 +21,7 @@ from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES
                      EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
-                     MAX_VIRTUAL_SIZE, QCOW_MAGIC, L2E_OFFSET_MASK, OFLAG_COMPRESSED, Geometry,
+                     MAX_VIRTUAL_SIZE, QCOW_MAGIC, Geometry, data_host_offsets,
                      Header, SnapshotEntry)
 from .hostfile import HostFile
 from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
@@ -109,6 +109,8 @@ class Image:
         self.read_only = options.read_only
         self.backing: Source | None = None
         self.data_file: HostFile | None = None
+        if options.force_share and not options.read_only:
+            raise QcowError("force-share (-U) is only for read-only opens")
         try:
             self.file = HostFile(path, writable=not options.read_only)
         except OSError as e:
@@ -308,9 +310,7 @@ class Image:
             raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
         table = np.frombuffer(raw, ">u8").astype(np.uint64)
         if self.allocator is not None and not self.external_data:
-            words = table[0::2] if self.geo.extended_l2 else table
-            std = words[(words & np.uint64(OFLAG_COMPRESSED)) == 0] & np.uint64(L2E_OFFSET_MASK)
-            self.allocator.note_references(std[std != 0])
+            self.allocator.note_references(data_host_offsets(table[0::2] if self.geo.extended_l2 else table))
         return table.reshape(-1, 2) if self.geo.extended_l2 else table
 
     def _write_l2(self, offset: int, data: bytes) -> None:

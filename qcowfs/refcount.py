@@ -355,7 +355,7 @@ async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int
                      external: bool) -> None:
     """Make every COPIED flag of the active tables agree with STORED."""
     bad_l1, bad_l2 = copied_errors(meta, stored, active_tables, external)
-    h, geo = meta.header, meta.geo
+    geo = meta.geo
     step = 2 if geo.extended_l2 else 1
     for off, ks in bad_l2.items():
         table = active_tables[off].copy()

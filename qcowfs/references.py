@@ -21,6 +21,7 @@ import numpy as np
 from .format import (BME_TABLE_OFFSET_MASK, EXT_BITMAPS, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, BitmapsExtension,
                      Header, SubclusterType, cluster_type, cluster_types, compressed_shift,
+                     data_host_offsets,
                      extended_problem)
 from .hostfile import HostFile
 from .metadata import Metadata
@@ -52,11 +53,7 @@ class L2Refs:
 
     def data_clusters(self, external: bool) -> np.ndarray:
         """Host offsets of the standard clusters (image file only)."""
-        if external:
-            return np.zeros(0, np.uint64)
-        std = self.words[(self.words & np.uint64(OFLAG_COMPRESSED)) == 0]
-        off = std & np.uint64(L2E_OFFSET_MASK)
-        return off[off != 0]
+        return np.zeros(0, np.uint64) if external else data_host_offsets(self.words)
 
     def compressed_ranges(self, cluster_bits: int) -> list[tuple[int, int]]:
         """(start, length) of the host bytes of each compressed cluster, rounded

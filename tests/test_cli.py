@@ -314,23 +314,6 @@ def test_lock_refusal_names_qcowfs_as_the_holder(tmp_path: Path, image: Path):
             force_unmount(b)
 
 
-def _force_share_available() -> bool:
-    import dataclasses
-
-    from qcowfs.image import OpenOptions
-
-    return "force_share" in {f.name for f in dataclasses.fields(OpenOptions)}
-
-
-def _check_force_share_available() -> bool:
-    import inspect
-
-    from qcowfs.check import run_check
-
-    return "force_share" in inspect.signature(run_check).parameters
-
-
-@pytest.mark.skipif(not _force_share_available(), reason="OpenOptions.force_share not there yet (image.py)")
 def test_info_force_share(tmp_path: Path, image: Path):
     with mounted(image, tmp_path / "a", read_only=False):
         assert_clean_failure(qcowfs("info", image), "in use")
@@ -341,8 +324,6 @@ def test_info_force_share(tmp_path: Path, image: Path):
         assert p.returncode == 0 and '"virtual-size": 16777216' in p.stdout, p.stderr
 
 
-@pytest.mark.skipif(not _force_share_available() or not _check_force_share_available(),
-                    reason="run_check(force_share=) not there yet (check.py)")
 def test_check_force_share(tmp_path: Path, image: Path):
     with mounted(image, tmp_path / "a", read_only=False):
         assert_clean_failure(qcowfs("check", image), "in use")
