@@ -40,7 +40,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
@@ -635,8 +635,8 @@ def build(directory: Path, layout: Layout) -> Subject:
     if layout.dirty:
         # killed with everything written and flushed, but never closed: the dirty bit stays
         args: list[object] = ["qemu-io", "-f", "qcow2"]
-        for c in cmds + ["flush", "sigraise 9"]:
-            args += ["-c", c]
+        for cmd in cmds + ["flush", "sigraise 9"]:
+            args += ["-c", cmd]
         p = run(*args, img)
         assert p.returncode in (-9, 137), f"qemu-io was not killed: {p.returncode} {p.stdout} {p.stderr}"
         assert info(img).get("dirty-flag"), "qemu-io killed after writing did not leave the dirty bit"
@@ -658,13 +658,6 @@ def build(directory: Path, layout: Layout) -> Subject:
         n = rng.randint(1, min(200 * KiB, layout.size))
         subject.qemu_write(rng.randrange(0, layout.size - n + 1), n, rng.randint(0, 255))
     return subject
-
-
-def fresh(directory: Path, layout: Layout) -> Subject:
-    """`build` into a directory that is emptied first (examples reuse one temp dir)."""
-    if directory.exists():
-        shutil.rmtree(directory)
-    return build(directory, layout)
 
 
 # --------------------------------------------------------------------------
@@ -708,5 +701,5 @@ def chunks(total: int, step: int = MiB) -> Iterable[tuple[int, int]]:
         yield off, min(step, total - off)
 
 
-__all__ = ["BitmapSpec", "Layout", "Model", "Subject", "TrioThread", "build", "chunks", "clip", "fresh",
-           "info", "make_data", "must", "qemu_io", "run", "replace", "snapshot_fits", "KiB", "MiB", "GiB"]
+__all__ = ["BitmapSpec", "Layout", "Model", "Subject", "TrioThread", "build", "chunks", "clip", "info",
+           "make_data", "must", "qemu_io", "run", "snapshot_fits", "KiB", "MiB", "GiB"]

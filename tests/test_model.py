@@ -73,15 +73,17 @@ def bitmap_specs(draw: st.DrawFn, cluster_size: int, names: list[str]) -> tuple[
 
 @st.composite
 def layouts(draw: st.DrawFn) -> Layout:
-    """Any buildable layout; one in three is one of the shapes of issue 9 (512-byte clusters,
-    a bitmap or none, a disk big enough that a write run grows the refcount table)."""
+    """Any buildable layout; half of them the shapes of issue 9 (512-byte clusters, a bitmap
+    or none, wide refcounts, a disk big enough that a write run grows the refcount table),
+    as the class of bug found there needs several steps to show: grow, then rewrite the
+    header (store bitmaps at close, resize)."""
     seed = draw(st.integers(0, 2**16))
-    profile = draw(st.sampled_from(("general", "general", "issue9")))
+    profile = draw(st.sampled_from(("general", "issue9")))
     if profile == "issue9":
-        bitmaps = draw(st.sampled_from(((), (BitmapSpec("bm0", True, 4 * KiB),),
-                                        (BitmapSpec("bm0", True, 512), BitmapSpec("off", False, 64 * KiB)))))
+        shape = draw(st.sampled_from(((), (BitmapSpec("bm0", True, 4 * KiB),),
+                                      (BitmapSpec("bm0", True, 512), BitmapSpec("off", False, 64 * KiB)))))
         return Layout(size=draw(st.integers(16, 64)) * MiB, cluster_size=512,
-                      refcount_bits=draw(st.sampled_from((16, 16, 32, 64))), bitmaps=bitmaps,
+                      refcount_bits=draw(st.sampled_from((16, 32, 64, 64))), bitmaps=shape,
                       prefill=draw(st.booleans()), snapshots=draw(st.integers(0, 1)), seed=seed)
 
     cluster_size = 1 << draw(st.sampled_from((9, 9, 9, 10, 11, 12, 12, 14, 15, 16, 16, 17, 19, 21)))
