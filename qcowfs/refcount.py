@@ -418,7 +418,8 @@ def _layout(counts: np.ndarray, rpb: int, per_cluster: int, own: list[int]) -> t
     full[: len(counts)] = counts
     full[own] = 1
     ranges = sorted(set((np.flatnonzero(full) // rpb).tolist()))
-    full = np.concatenate([full, np.zeros(ranges[-1] * rpb + rpb - len(full), np.int64)])
+    covered = ranges[-1] * rpb + rpb  # past the last range everything is 0
+    full = np.concatenate([full[:covered], np.zeros(max(0, covered - len(full)), np.int64)])
     return full, ranges, -(-(ranges[-1] + 1) // per_cluster)
 
 

@@ -379,3 +379,22 @@ def test_repair_does_not_grow_the_file_when_there_is_room(tmp_path: Path) -> Non
     assert img.stat().st_size <= theirs.stat().st_size
     assert_clean(img)
     assert_same(img, data)
+
+
+def test_repair_with_free_tail(tmp_path: Path) -> None:
+    """512-byte clusters: many refcount ranges, free clusters after the last
+    referenced one (the file extended by a crash, say), and a leak: the
+    rebuild places itself and covers exactly what is referenced."""
+    d = tmp_path / "img"
+    d.mkdir()
+    img = create(d / "disk.qcow2", 8 * MiB, cluster_size=512).resolve()
+    qio(img, "write -P 0x21 0 2M")
+    os.truncate(img, img.stat().st_size + MiB)
+    data = oracle(img, tmp_path / "data.raw")
+    rc = Refcounts(img)
+    host = data_clusters(img)[0][1]
+    rc.set(host, rc.get(host) + 1)
+    p = qcowfs_check(img, "--repair")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_clean(img)
+    assert_same(img, data)
