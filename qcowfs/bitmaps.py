@@ -24,7 +24,8 @@ from .hostfile import HostFile
 from .overlap import Kind
 
 if TYPE_CHECKING:
-    from .image import Image
+    from .metadata import Metadata
+    from .refcount import Allocator
 
 log = logging.getLogger("qcowfs")
 MAX_DIRECTORY_BYTES = 64 << 20
@@ -177,21 +178,21 @@ def _clear_tail(bm: Bitmap, buf: bytearray, offset: int) -> None:
         buf[last - offset] &= (1 << (bm.nbits % 8)) - 1
 
 
-async def start_tracking(image: "Image") -> None:
+async def start_tracking(meta: "Metadata", bitmaps: list[Bitmap]) -> None:
     """Load every usable auto bitmap into memory and mark it in_use in the image."""
-    tracked = [bm for bm in image.bitmaps if bm.problem is None and bm.entry.flags & BME_AUTO]
+    tracked = [bm for bm in bitmaps if bm.problem is None and bm.entry.flags & BME_AUTO]
     if not tracked:
         return
     for bm in tracked:
-        bm.bits = bytearray(await read_bitmap(bm, image.file, 0, bm.size))
-    await _write_flags(image, tracked, set_in_use=True)
+        bm.bits = bytearray(await read_bitmap(bm, meta.file, 0, bm.size))
+    await _write_flags(meta, bitmaps, tracked, set_in_use=True)
 
 
-async def _write_flags(image: "Image", bitmaps: list[Bitmap], set_in_use: bool) -> None:
+async def _write_flags(meta: "Metadata", everyone: list[Bitmap], bitmaps: list[Bitmap],
+                       set_in_use: bool) -> None:
     """Flip in_use of BITMAPS in the directory, in place (one 4-byte write each)."""
-    meta = image.meta
     ext = BitmapsExtension.parse(meta.header.extension(EXT_BITMAPS) or b"")
-    positions = dict(zip((id(b) for b in meta.bitmaps), flag_positions(meta.bitmaps)))
+    positions = dict(zip((id(b) for b in everyone), flag_positions(everyone)))
     for bm in bitmaps:
         bm.entry.flags = bm.entry.flags | BME_IN_USE if set_in_use else bm.entry.flags & ~BME_IN_USE
         meta.write(ext.directory_offset + positions[id(bm)], struct.pack(">I", bm.entry.flags),
@@ -199,19 +200,18 @@ async def _write_flags(image: "Image", bitmaps: list[Bitmap], set_in_use: bool) 
     await meta.file.sync()
 
 
-async def store_bitmaps(image: "Image", changed: bool) -> None:
+async def store_bitmaps(meta: "Metadata", alloc: "Allocator", bitmaps: list[Bitmap], changed: bool) -> None:
     """Write tracked bitmaps back and clear in_use: new clusters, then the header,
     then the old clusters are released (the caller's flush applies that)."""
-    tracked = [bm for bm in image.bitmaps if bm.tracked]
+    tracked = [bm for bm in bitmaps if bm.tracked]
     if not tracked:
         return
     if not changed:
-        await _write_flags(image, tracked, set_in_use=False)
+        await _write_flags(meta, bitmaps, tracked, set_in_use=False)
         for bm in tracked:
             bm.bits = None
         return
-    alloc, meta, cs = image.allocator, image.meta, image.geo.cluster_size
-    assert alloc is not None
+    cs = meta.geo.cluster_size
     zero = bytes(cs)
     for bm in tracked:
         assert bm.bits is not None
@@ -239,13 +239,13 @@ async def store_bitmaps(image: "Image", changed: bool) -> None:
         bm.entry.flags &= ~BME_IN_USE
         bm.bits = None
     old = BitmapsExtension.parse(meta.header.extension(EXT_BITMAPS) or b"")
-    directory = directory_bytes(meta.bitmaps)
+    directory = directory_bytes(bitmaps)
     dir_at = await alloc.allocate(-(-len(directory) // cs))
     meta.write(dir_at, directory, "bitmap directory")
     # New tables, data and directory (and their refcounts) before the header.
     await alloc.flush()
     await meta.file.sync()
-    ext = BitmapsExtension(len(meta.bitmaps), len(directory), dir_at)
+    ext = BitmapsExtension(len(bitmaps), len(directory), dir_at)
     await meta.set_extension(EXT_BITMAPS, ext.pack())
     meta.drop_structure(Kind.BITMAP_DIRECTORY, old.directory_offset, old.directory_size)
     meta.add_structure(Kind.BITMAP_DIRECTORY, dir_at, len(directory))

@@ -8,121 +8,29 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import grp
 import json
 import logging
 import logging.handlers
 import os
-import pwd
 import re
 import signal
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import NoReturn, Sequence
 
 from . import __version__, mounts
-from .errors import QcowError
-from .image import DEFAULT_L2_CACHE_BYTES, Image, OpenOptions
+from .errors import QcowError, UsageError
+from .image import Image, OpenOptions
+from .options import MountOptions
 
 log = logging.getLogger("qcowfs")
 SUBCOMMANDS = ("mount", "umount", "info", "check")
 # What the daemon logs to when there is no syslog (no /dev/log) and no -o log_file=.
 ROOT_LOG_FILE = "/var/log/qcowfs.log"
-# Options mount(8) and systemd pass along that mean nothing to us.
-GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "atime", "auto", "nofail", "_netdev",
-                   "defaults", "relatime", "strictatime", "lazytime", "user", "users", "owner",
-                   "diratime", "async", "sync"}
-DEFAULT_READ_AROUND = 256 << 10
-
-
-class UsageError(QcowError):
-    pass
-
-
 def die(msg: str, code: int = 1) -> NoReturn:
     print(f"qcowfs: {msg}", file=sys.stderr)
     sys.exit(code)
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    suffix = t[-1:] if t[-1:] in units and not t[-1:].isdigit() else ""
-    try:
-        value = int(float(t[: len(t) - len(suffix)]) * units[suffix])
-    except ValueError:
-        raise UsageError(f"invalid size '{text}'") from None
-    if value <= 0:
-        raise UsageError(f"invalid size '{text}'")
-    return value
-
-
-@dataclass
-class MountOptions:
-    read_only: bool = False
-    allow_other: bool = False
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-    umask: int = 0o022
-    l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
-    read_around: int = DEFAULT_READ_AROUND
-    page_cache: bool = False
-    noexec: bool = False
-    debug: bool = False
-    log_file: str | None = None
-
-    def apply(self, opts: str) -> None:
-        for opt in filter(None, opts.split(",")):
-            key, _, value = opt.partition("=")
-            if key == "ro":
-                self.read_only = True
-            elif key == "rw":
-                self.read_only = False
-            elif key == "allow_other":
-                self.allow_other = True
-            elif key in ("default_permissions", "fsname", "subtype"):
-                pass
-            elif key in ("uid", "gid"):
-                setattr(self, key, _owner_id(key, value))
-            elif key == "umask":
-                try:
-                    self.umask = int(value, 8)
-                except ValueError:
-                    raise UsageError(f"invalid value for option umask: '{value}'") from None
-            elif key in ("log_file", "log-file"):
-                if not value:
-                    raise UsageError("option log_file needs a path: -o log_file=PATH")
-                self.log_file = os.path.abspath(value)
-            elif key in ("l2_cache_size", "l2-cache-size"):
-                self.l2_cache_bytes = parse_size(value)
-            elif key == "read_around":
-                self.read_around = 0 if value.strip() in ("0", "off") else parse_size(value)
-                if self.read_around & (self.read_around - 1) or self.read_around % 4096:
-                    raise UsageError("read_around must be 0 or a power of two of at least 4K")
-            elif key in ("exec", "noexec"):
-                self.noexec = key == "noexec"
-            elif key == "page_cache":
-                self.page_cache = True
-            elif key == "debug":
-                self.debug = True
-            elif (key in GENERIC_OPTIONS or key.startswith("no") and key[2:] in GENERIC_OPTIONS
-                  or key.startswith("x-systemd.") or key.startswith("x-") or key == "noatime"):
-                pass
-            else:
-                raise UsageError(f"unknown mount option '{opt}'")
-
-
-def _owner_id(key: str, value: str) -> int:
-    """uid=/gid= as a number or a user/group name."""
-    if re.fullmatch(r"\d+", value):
-        return int(value)
-    try:
-        return pwd.getpwnam(value).pw_uid if key == "uid" else grp.getgrnam(value).gr_gid
-    except KeyError:
-        what = "user" if key == "uid" else "group"
-        raise UsageError(f"invalid value for option {key}: no {what} named '{value}'") from None
 
 
 # ---- mount --------------------------------------------------------------------

@@ -43,7 +43,7 @@ from .image import Image
 from .views import build_tree
 
 if TYPE_CHECKING:
-    from .cli import MountOptions
+    from .options import MountOptions
 
 log = logging.getLogger("qcowfs")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -50,3 +50,9 @@ class ResizeError(QcowError):
     """A resize the image cannot take (shrinking, bitmaps)."""
 
     errno = errno.EINVAL
+
+
+class UsageError(QcowError):
+    """The command line or a mount option is wrong."""
+
+    errno = errno.EINVAL

@@ -139,7 +139,9 @@ class Image:
         # directory): the active disk is still served, as qemu-img convert does.
         self.warnings: list[str] = []
         meta.snapshots = self._optional("snapshot table", "snapshots", lambda: self._read_snapshots(h))
-        meta.bitmaps = self._optional("bitmap directory", "bitmaps", lambda: load_bitmaps(h, self.file))
+        self.bitmaps: list[Bitmap] = self._optional("bitmap directory", "bitmaps",
+                                                    lambda: load_bitmaps(h, self.file))
+        meta.bitmap_directory = [bm.entry for bm in self.bitmaps]
         self._changed = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = self._open_data_file(h)
@@ -183,10 +185,6 @@ class Image:
     @property
     def snapshots(self) -> list[SnapshotEntry]:
         return self.meta.snapshots
-
-    @property
-    def bitmaps(self) -> list[Bitmap]:
-        return self.meta.bitmaps
 
     @property
     def active_l1(self) -> L1Table:
@@ -354,7 +352,7 @@ class Image:
             await self.meta.update(incompatible_features=self.header.incompatible_features & ~INCOMPAT_DIRTY)
         if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
             await self.meta.update(autoclear_features=self.header.autoclear_features & AUTOCLEAR_KNOWN)
-        await start_tracking(self)
+        await start_tracking(self.meta, self.bitmaps)
         for bm in self.bitmaps:
             if bm.problem is not None:
                 log.warning("bitmap '%s' is not used: %s", bm.name, bm.problem)
@@ -475,7 +473,8 @@ class Image:
             try:
                 await self.flush()
                 if not self.corrupt:
-                    await store_bitmaps(self, self._changed)
+                    assert self.allocator is not None  # a writer has one
+                    await store_bitmaps(self.meta, self.allocator, self.bitmaps, self._changed)
                     await self.flush()
             finally:
                 self.writer = None

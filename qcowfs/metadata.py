@@ -16,21 +16,18 @@ image's owner then marks the image corrupt and stops writing.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import QcowError
-from .format import Geometry, Header, SnapshotEntry
+from .format import BitmapDirEntry, Geometry, Header, SnapshotEntry
 from .hostfile import HostFile
 from .mapper import L1Table
 from .overlap import Kind, OverlapMap
 
-if TYPE_CHECKING:
-    from .bitmaps import Bitmap
-
 
 class Metadata:
-    """Header, table pointers, snapshot list, bitmap list and the overlap map
-    of one open image."""
+    """Header, table pointers, snapshot list, bitmap directory and the
+    overlap map of one open image."""
 
     def __init__(self, file: HostFile, header: Header, geo: Geometry) -> None:
         self.file = file
@@ -38,7 +35,9 @@ class Metadata:
         self._header = header
         self.overlap = OverlapMap(geo.cluster_bits)
         self.snapshots: list[SnapshotEntry] = []
-        self.bitmaps: list["Bitmap"] = []
+        # The bitmap directory as stored (the tracking state of each bitmap
+        # lives in bitmaps.Bitmap, which refers to these entries).
+        self.bitmap_directory: list[BitmapDirEntry] = []
         self.active_l1 = self._l1_for(header)
 
     @property

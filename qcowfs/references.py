@@ -138,14 +138,13 @@ def _bitmap_refs(meta: Metadata) -> Iterator[Ref]:
     ext = BitmapsExtension.parse(data)
     yield Ref(Kind.BITMAP_DIRECTORY, "bitmap directory", ext.directory_offset, ext.directory_size)
     cs = meta.geo.cluster_size
-    for bm in meta.bitmaps:
-        e = bm.entry
-        yield Ref(Kind.BITMAP_TABLE, f"bitmap '{bm.name}' table", e.bitmap_table_offset,
+    for e in meta.bitmap_directory:
+        yield Ref(Kind.BITMAP_TABLE, f"bitmap '{e.name}' table", e.bitmap_table_offset,
                   e.bitmap_table_size * 8)
         for entry in read_entries(meta.file, e.bitmap_table_offset, e.bitmap_table_size).tolist():
             off = entry & BME_TABLE_OFFSET_MASK
             if off:
-                yield Ref(None, f"bitmap '{bm.name}' data", off, cs)
+                yield Ref(None, f"bitmap '{e.name}' data", off, cs)
 
 
 def build_overlap_map(meta: Metadata) -> None:
