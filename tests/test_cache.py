@@ -465,3 +465,33 @@ async def test_failed_load_is_not_cached_and_waiter_retries(h):
     assert calls == [off(1), off(1)]
     assert c._loading == {}
     assert c.peek(off(1)) is tables[0]
+
+
+async def test_read_fast_path_keeps_hot_tables(tmp_path):
+    """Mapper.read_cached (the per-request hot path) marks the L2 table it
+    used as recently used: under read-mostly load the hottest table is never
+    the one evicted (it once read the cache's dict directly)."""
+    import subprocess
+
+    from qcowfs.image import Image, OpenOptions
+
+    img = tmp_path / "many-l2.qcow2"
+    # 4 KiB clusters: one L2 table covers 2 MiB; 12 tables, a cache of 4
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "24M"],
+                   check=True)
+    cmds = [f"write -P {i + 1} {i * 2}M 4k" for i in range(12)]
+    subprocess.run(["qemu-io", *sum((["-c", c] for c in cmds), []), str(img)], check=True, capture_output=True)
+    image = Image(str(img), OpenOptions(read_only=True, l2_cache_bytes=4 * 4096))
+    try:
+        hot = image.active_l1
+        assert await image.read(hot, 0, 4096) == b"\x01" * 4096   # loads table 0
+        for i in range(1, 12):
+            # a hit on the hot table through the fast path, then a miss elsewhere
+            for _ in range(3):
+                got = image.mapper.read_cached(hot, 0, 4096)
+                assert got is None or got == b"\x01" * 4096
+            assert await image.read(hot, i * 2 * 1024 * 1024, 4096) == bytes([i + 1]) * 4096
+        l2_of_hot = int(await hot.get(0)) & 0x00FFFFFFFFFFFE00
+        assert l2_of_hot in image.l2_cache, "the hottest L2 table was evicted"
+    finally:
+        await image.close()
