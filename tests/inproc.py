@@ -434,10 +434,9 @@ class Subject:
         self.bitmaps[name].bits[:] = False
 
     def resize_offline(self, new_size: int) -> None:
-        """`qemu-img resize` (grow); QEMU refuses it with persistent bitmaps, and on a v2 image
-        with snapshots (v2 snapshots do not record their disk size)."""
+        """`qemu-img resize` (grow), where QEMU does it (see offline_resize_refused)."""
         self._closed()
-        assert self.resize_refused() is None, self.resize_refused()
+        assert self.offline_resize_refused() is None, self.offline_resize_refused()
         must("qemu-img", "resize", "-q", "-f", "qcow2", self.image, new_size)
         self.model.resize(new_size)
 
@@ -507,6 +506,13 @@ class Subject:
             # new size, with backing-file data appearing in it past the old end
             return "a v2 image with internal snapshots (QEMU: Can't resize a v2 image which has snapshots)"
         return None
+
+    def offline_resize_refused(self) -> str | None:
+        """Why `qemu-img resize` cannot grow this image now (None: it can)."""
+        if not self.layout.v3 and self.layout.backing_size > self.model.size:
+            # the new area must hide the backing file's data, and v2 has no zero clusters
+            return "v2 over a larger backing file (QEMU: Failed to zero out new clusters)"
+        return self.resize_refused()
 
     async def resize(self, new_size: int) -> None:
         """Grow through qcowfs; where QEMU refuses, qcowfs must refuse too (ResizeError)."""

@@ -99,7 +99,7 @@ async def test_combination(tmp_path: Path, name: str) -> None:
     layout = COMBINATIONS[name]
     s = build(tmp_path, layout)
     await _session(s, seed=1)
-    if s.resize_refused() is None:
+    if s.offline_resize_refused() is None:
         s.resize_offline(s.model.size + 3 * layout.cluster_size + 512)
     s.qemu_write(s.model.size // 4, min(70 * KiB, s.model.size // 4), 0x3e)
     await _session(s, seed=2)

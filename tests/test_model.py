@@ -317,7 +317,7 @@ class ImageMachine(RuleBasedStateMachine):
     def bitmap_clear(self, data: st.DataObject) -> None:
         self.subject.bitmap_clear(data.draw(st.sampled_from(sorted(self.subject.bitmaps)), label="bitmap"))
 
-    @precondition(lambda self: self.is_closed() and self.subject.resize_refused() is None
+    @precondition(lambda self: self.is_closed() and self.subject.offline_resize_refused() is None
                   and self.subject.model.size < MAX_SIZE)
     @rule(data=st.data())
     @step
