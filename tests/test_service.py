@@ -126,34 +126,44 @@ def cleanup_mount(mnt: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def qcowfs_on_default_path() -> Iterator[None]:
-    """/usr/local/bin/qcowfs -> the venv's qcowfs, as `make install` installs it.
+    """/usr/local/bin/qcowfs -> this checkout's qcowfs, as `make install` installs it.
 
-    Created when missing and removed by the last test session that uses it
-    (a count under a lock: pytest-xdist workers share it).
+    Created when missing, or pointed here for the session when it points to
+    another checkout's qcowfs (a CI clone on a machine where `make demo` ran),
+    and put back as it was by the last test session that uses it (a count
+    under a lock: pytest-xdist workers share it).
     """
-    if USR_LOCAL_QCOWFS.exists() and not USR_LOCAL_QCOWFS.samefile(QCOWFS):
-        pytest.skip(f"{USR_LOCAL_QCOWFS} is another qcowfs ({os.path.realpath(USR_LOCAL_QCOWFS)})")
+    if USR_LOCAL_QCOWFS.exists() and not USR_LOCAL_QCOWFS.is_symlink():
+        pytest.fail(f"{USR_LOCAL_QCOWFS} is a file, not the symlink `make install` makes")
     lock = Path(tempfile.gettempdir()) / "qcowfs-tests-usr-local-bin.lock"
 
     def update(delta: int) -> None:
         with open(lock, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
-            fields = f.read().split()
-            users, created = (int(fields[0]), fields[1] == "1") if len(fields) == 2 else (0, False)
+            # line 1: users; line 2: what to put back ("-": remove it, "": nothing)
+            lines = f.read().split("\n")
+            users = int(lines[0]) if lines[0].strip().isdigit() else 0
+            restore = lines[1] if len(lines) > 1 else ""
             users = max(0, users + delta)
-            if delta > 0 and not os.path.lexists(USR_LOCAL_QCOWFS):
+            if delta > 0 and not (os.path.lexists(USR_LOCAL_QCOWFS) and USR_LOCAL_QCOWFS.exists()
+                                  and USR_LOCAL_QCOWFS.samefile(QCOWFS)):
+                if not restore:
+                    restore = os.readlink(USR_LOCAL_QCOWFS) if os.path.lexists(USR_LOCAL_QCOWFS) else "-"
+                if os.path.lexists(USR_LOCAL_QCOWFS):
+                    USR_LOCAL_QCOWFS.unlink()
                 # what `make install` does
                 sh(ROOT / "scripts" / "install.sh", "--system")
                 assert USR_LOCAL_QCOWFS.samefile(QCOWFS)
-                created = True
-            if users == 0 and created:
+            if users == 0 and restore:
                 if USR_LOCAL_QCOWFS.is_symlink() and os.readlink(USR_LOCAL_QCOWFS) == QCOWFS:
                     USR_LOCAL_QCOWFS.unlink()
-                created = False
+                    if restore != "-":
+                        os.symlink(restore, USR_LOCAL_QCOWFS)
+                restore = ""
             f.seek(0)
             f.truncate()
-            f.write(f"{users} {int(created)}\n")
+            f.write(f"{users}\n{restore}\n")
 
     update(+1)
     try:
