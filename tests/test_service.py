@@ -393,6 +393,15 @@ def acknowledged_writes_survived(img: Path, tmp_path: Path, progress: Path, slot
     return done
 
 
+def wait_for_log(fg: "Foreground", text: str) -> None:
+    """Until the foreground daemon has logged TEXT (it must stay alive meanwhile)."""
+    deadline = time.monotonic() + TIMEOUT
+    while text not in fg.stderr():
+        assert fg.proc.poll() is None, fg.stderr()
+        assert time.monotonic() < deadline, fg.stderr()
+        time.sleep(0.05)
+
+
 def test_sigterm_with_writes_in_flight_waits_for_release(tmp_path: Path):
     """SIGTERM while a writer keeps disk.raw open and writing: the daemon flushes, says
     what holds the mount, keeps serving (the writer never sees an error), and unmounts
@@ -406,11 +415,7 @@ def test_sigterm_with_writes_in_flight_waits_for_release(tmp_path: Path):
         try:
             time.sleep(0.5)
             fg.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + TIMEOUT
-            while "is busy" not in fg.stderr():
-                assert fg.proc.poll() is None, fg.stderr()
-                assert time.monotonic() < deadline, fg.stderr()
-                time.sleep(0.05)
+            wait_for_log(fg, "is busy")
             busy = [line for line in fg.stderr().splitlines() if "is busy" in line]
             assert len(busy) == 1 and f"pid {writer.pid} (python" in busy[0] and "disk.raw" in busy[0], busy
             before = len(progress.read_text().splitlines())
@@ -446,10 +451,7 @@ def test_busy_mount_detached_explicitly(tmp_path: Path, how: str):
         try:
             time.sleep(0.5)
             fg.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + TIMEOUT
-            while "is busy" not in fg.stderr():
-                assert fg.proc.poll() is None and time.monotonic() < deadline, fg.stderr()
-                time.sleep(0.05)
+            wait_for_log(fg, "is busy")
             assert fg.proc.poll() is None and is_mounted(mnt)
             if how == "second-SIGTERM":
                 fg.proc.send_signal(signal.SIGTERM)
