@@ -172,14 +172,12 @@ def run_check(path: str, repair: bool, as_json: bool, force_share: bool = False)
             if repair and (result.corruptions or result.leaks or dirty):
                 await image.rebuild_refcounts()
                 if dirty:
-                    await image.meta.update(
-                        incompatible_features=image.header.incompatible_features & ~INCOMPAT_DIRTY)
+                    await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_DIRTY)
                 before = result
                 result = check_image(image)
                 fixed = (before.leaks - result.leaks, before.corruptions - result.corruptions)
                 if not result.corruptions and image.header.incompatible_features & INCOMPAT_CORRUPT:
-                    await image.meta.update(
-                        incompatible_features=image.header.incompatible_features & ~INCOMPAT_CORRUPT)
+                    await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_CORRUPT)
             if progress:
                 print("\r", end="", file=sys.stderr)
             _report(path, result, as_json, fixed)

@@ -349,9 +349,9 @@ class Image:
         if self.header.incompatible_features & INCOMPAT_DIRTY:
             log.info("%s has the dirty bit set: rebuilding refcounts", self.path)
             await self.rebuild_refcounts()
-            await self.meta.update(incompatible_features=self.header.incompatible_features & ~INCOMPAT_DIRTY)
+            await self.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_DIRTY)
         if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
-            await self.meta.update(autoclear_features=self.header.autoclear_features & AUTOCLEAR_KNOWN)
+            await self.meta.update(autoclear_features=lambda bits: bits & AUTOCLEAR_KNOWN)
         await start_tracking(self.meta, self.bitmaps)
         for bm in self.bitmaps:
             if bm.problem is not None:
@@ -390,7 +390,7 @@ class Image:
         log.error("%s: corruption found while writing (%s): the image is marked corrupt and "
                   "the mount is read-only from now on", self.path, why)
         if self.header.version >= 3:
-            await self.meta.update(incompatible_features=self.header.incompatible_features | INCOMPAT_CORRUPT)
+            await self.meta.update(incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT)
 
     async def flush(self) -> None:
         """Data, refcount increases, fsync, L2 tables, fsync, refcount decreases."""

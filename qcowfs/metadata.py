@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import trio
+
 from .errors import QcowError
-from .format import BitmapDirEntry, Geometry, Header, SnapshotEntry
+from .format import BitmapDirEntry, Geometry, Header, HeaderExtension, SnapshotEntry
 from .hostfile import HostFile
 from .mapper import L1Table
 from .overlap import Kind, OverlapMap
@@ -39,6 +41,7 @@ class Metadata:
         # lives in bitmaps.Bitmap, which refers to these entries).
         self.bitmap_directory: list[BitmapDirEntry] = []
         self.active_l1 = self._l1_for(header)
+        self._update_lock = trio.Lock()
 
     @property
     def header(self) -> Header:
@@ -57,23 +60,32 @@ class Metadata:
         """Change header fields: the whole header is packed from memory, written
         in one pwrite and fsync'd; memory switches once that is done.
 
-        Callers put what the new values point to on disk (and fsync) first."""
-        fields.setdefault("extensions", list(self._header.extensions))
-        new = dataclasses.replace(self._header, **fields)
-        raw = new.pack()
-        if len(raw) > self.geo.cluster_size:
-            raise QcowError("the header no longer fits in the first cluster")
-        self.file.write_sync(raw, 0)
-        await self.file.sync()
-        old, self._header = self._header, new
-        if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
-            self.active_l1 = self._l1_for(new)
+        A value may be a function of the current one (feature bits:
+        `incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT`).
+        Callers put what the new values point to on disk (and fsync) first.
+        Updates are serialised: one built from memory while another waits for
+        its fsync would write the other's change back out."""
+        async with self._update_lock:
+            old = self._header
+            values = {k: v(getattr(old, k)) if callable(v) else v for k, v in fields.items()}
+            values.setdefault("extensions", list(old.extensions))
+            new = dataclasses.replace(old, **values)
+            raw = new.pack()
+            if len(raw) > self.geo.cluster_size:
+                raise QcowError("the header no longer fits in the first cluster")
+            self.file.write_sync(raw, 0)
+            await self.file.sync()
+            self._header = new
+            if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
+                self.active_l1 = self._l1_for(new)
 
     async def set_extension(self, ext_type: int, data: bytes | None) -> None:
         """Replace (None: drop) one header extension, through update()."""
-        h = dataclasses.replace(self._header, extensions=[dataclasses.replace(e) for e in self._header.extensions])
-        h.set_extension(ext_type, data)
-        await self.update(extensions=h.extensions)
+        def replaced(extensions: list[HeaderExtension]) -> list[HeaderExtension]:
+            h = dataclasses.replace(self._header, extensions=[dataclasses.replace(e) for e in extensions])
+            h.set_extension(ext_type, data)
+            return h.extensions
+        await self.update(extensions=replaced)
 
     # ---- writes of metadata and data ---------------------------------------------------
 
