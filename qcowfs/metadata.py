@@ -16,7 +16,8 @@ image's owner then marks the image corrupt and stops writing.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import trio
 
@@ -36,6 +37,9 @@ class Metadata:
         self.geo = geo
         self._header = header
         self.overlap = OverlapMap(geo.cluster_bits)
+        # check_data(host, length): guest data never lands on metadata (image
+        # file only). A partial, not a method: it runs on every data write.
+        self.check_data: Callable[[int, int], None] = functools.partial(self.overlap.check, what="guest data")
         self.snapshots: list[SnapshotEntry] = []
         # The bitmap directory as stored (the tracking state of each bitmap
         # lives in bitmaps.Bitmap, which refers to these entries).
@@ -95,10 +99,6 @@ class Metadata:
         that it lands on nothing live but its own kind (IGNORE)."""
         self.overlap.check(offset, len(data), what, ignore)
         self.file.write_sync(data, offset)
-
-    def check_data(self, host: int, length: int) -> None:
-        """Guest data never lands on metadata (image file only)."""
-        self.overlap.check(host, length, "guest data")
 
     def add_structure(self, kind: Kind, offset: int, length: int) -> None:
         self.overlap.add(offset, length, kind)

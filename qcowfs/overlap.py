@@ -109,8 +109,17 @@ class OverlapMap:
 
     def check(self, offset: int, length: int, what: str, ignore: int = 0) -> None:
         """Raise OverlapError if [offset, offset+length) holds metadata other
-        than the kinds in IGNORE (a structure is not checked against itself)."""
-        hit = self.kinds_at(offset, length) & ~ignore
+        than the kinds in IGNORE (a structure is not checked against itself).
+        (Written for the data write path: one dict lookup per cluster.)"""
+        kinds, cb = self._kinds, self.cluster_bits
+        first, last = offset >> cb, (offset + max(length, 1) - 1) >> cb
+        if first == last:
+            hit = kinds.get(first, 0) & ~ignore
+        else:
+            hit = 0
+            for c in range(first, last + 1):
+                hit |= kinds.get(c, 0)
+            hit &= ~ignore
         if hit:
             first = next(k for k in Kind if hit & k)
             raise OverlapError(f"{what} at {offset:#x} would overwrite {KIND_TEXT[first]}")

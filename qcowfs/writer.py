@@ -26,6 +26,7 @@ from .refcount import Allocator
 
 # What a write must do with one cluster.
 IN_PLACE, REUSE, ALLOCATE = range(3)
+_SPECIAL = OFLAG_COMPRESSED | OFLAG_ZERO
 
 
 class Writer:
@@ -85,7 +86,8 @@ class Writer:
     def _check_host(self, host: int, length: int) -> None:
         """A data run's host clusters are plausible and hold no metadata."""
         self.mapper.check_data(host)
-        self.mapper.check_data(host + length - self.geo.cluster_size)
+        if length > self.geo.cluster_size:
+            self.mapper.check_data(host + length - self.geo.cluster_size)
         if not self.external:
             self.meta.check_data(host, length)
 
@@ -109,6 +111,8 @@ class Writer:
                 return ALLOCATE
             return REUSE if t == SubclusterType.NORMAL else ALLOCATE
         e = int(table[k])
+        if e & OFLAG_COPIED and not e & _SPECIAL and e & L2E_OFFSET_MASK:
+            return IN_PLACE  # the common case, decided without a call
         t = cluster_type(e, False, self.external)
         if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED or t == SubclusterType.UNALLOCATED_PLAIN:
             return ALLOCATE
