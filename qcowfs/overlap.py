@@ -123,6 +123,3 @@ class OverlapMap:
         if hit:
             first = next(k for k in Kind if hit & k)
             raise OverlapError(f"{what} at {offset:#x} would overwrite {KIND_TEXT[first]}")
-
-    def __contains__(self, cluster: int) -> bool:
-        return cluster in self._kinds
