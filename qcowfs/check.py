@@ -18,7 +18,7 @@ from .errors import QcowError
 from .format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, refcount_array
 from .image import Image, OpenOptions
 from .references import count_references, read_entries, refcount_table
-from .refcount import copied_errors
+from .refcount import copied_errors, stored_refcount
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
 MAX_MESSAGES = 100
@@ -88,7 +88,7 @@ def check_image(image: Image, progress: Callable[[float], None] | None = None) -
     step = 2 if image.geo.extended_l2 else 1
 
     def rc(off: int) -> int:
-        return int(stored[off // cs]) if off // cs < len(stored) else 0
+        return stored_refcount(stored, off, cs)
 
     for i in bad_l1:
         e = int(l1[i])

@@ -258,15 +258,19 @@ class Header:
 
     def set_extension(self, ext_type: int, data: bytes | None) -> None:
         """Replace (or with None, drop) one header extension, keeping the order."""
-        for i, ext in enumerate(self.extensions):
-            if ext.type == ext_type:
-                if data is None:
-                    del self.extensions[i]
-                else:
-                    ext.data = data
-                return
-        if data is not None:
-            self.extensions.append(HeaderExtension(ext_type, data))
+        self.extensions = with_extension(self.extensions, ext_type, data)
+
+
+def with_extension(extensions: list[HeaderExtension], ext_type: int,
+                   data: bytes | None) -> list[HeaderExtension]:
+    """EXTENSIONS with the one of EXT_TYPE replaced in its place (appended if
+    new), or dropped for None: a new list, the old one is left as it was."""
+    if data is None:
+        return [HeaderExtension(e.type, e.data) for e in extensions if e.type != ext_type]
+    out = [HeaderExtension(e.type, data if e.type == ext_type else e.data) for e in extensions]
+    if all(e.type != ext_type for e in extensions):
+        out.append(HeaderExtension(ext_type, data))
+    return out
 
 
 def parse_extensions(buf: bytes, start: int) -> Iterator[HeaderExtension]:

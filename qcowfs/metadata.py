@@ -22,7 +22,7 @@ from typing import Any, Callable
 import trio
 
 from .errors import QcowError
-from .format import BitmapDirEntry, Geometry, Header, HeaderExtension, SnapshotEntry
+from .format import BitmapDirEntry, Geometry, Header, SnapshotEntry, with_extension
 from .hostfile import HostFile
 from .mapper import L1Table
 from .overlap import Kind, OverlapMap
@@ -85,11 +85,7 @@ class Metadata:
 
     async def set_extension(self, ext_type: int, data: bytes | None) -> None:
         """Replace (None: drop) one header extension, through update()."""
-        def replaced(extensions: list[HeaderExtension]) -> list[HeaderExtension]:
-            h = dataclasses.replace(self._header, extensions=[dataclasses.replace(e) for e in extensions])
-            h.set_extension(ext_type, data)
-            return h.extensions
-        await self.update(extensions=replaced)
+        await self.update(extensions=lambda extensions: with_extension(extensions, ext_type, data))
 
     # ---- writes of metadata and data ---------------------------------------------------
 

@@ -311,6 +311,12 @@ class Allocator:
 
 # ---- COPIED flags ---------------------------------------------------------------------
 
+def stored_refcount(stored: np.ndarray, offset: int, cluster_size: int) -> int:
+    """The refcount STORED gives the cluster at OFFSET (0 past its end)."""
+    c = offset // cluster_size
+    return int(stored[c]) if c < len(stored) else 0
+
+
 def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
                   external: bool) -> tuple[list[int], dict[int, list[int]]]:
     """Active L1 indexes and L2 entry indexes whose COPIED flag disagrees with
@@ -323,8 +329,7 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
         return bad_l1, bad_l2
 
     def rc(off: int) -> int:
-        c = off // cs
-        return int(stored[c]) if c < len(stored) else 0
+        return stored_refcount(stored, off, cs)
 
     # References past the end of the file are errors of their own (counted
     # once, as qemu-img does), not COPIED errors too.
