@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import AsyncIterator, Callable, TypeVar
 
 import numpy as np
 import trio
 
 from .cache import TableCache
-from .errors import (CorruptionError, InvalidImageError, QcowError, ResizeError,
+from .errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError,
                      UnsupportedFeatureError)
 from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_NAMES, CRYPT_NONE,
                      EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
@@ -31,6 +32,7 @@ from .metadata import Metadata
 from .overlap import Kind
 from .references import build_overlap_map
 from .refcount import Allocator, rebuild
+from . import snapshot_ops
 from .snapshots import snapshot_problem
 from .writer import Writer
 
@@ -143,6 +145,7 @@ class Image:
                                                     lambda: load_bitmaps(h, self.file))
         meta.bitmap_directory = [bm.entry for bm in self.bitmaps]
         self._changed = False
+        self._prepared = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = self._open_data_file(h)
         mapper_file = self.data_file or self.file
@@ -345,7 +348,10 @@ class Image:
 
     async def prepare_writes(self) -> None:
         """Before the first write: rebuild refcounts of a dirty image, drop
-        unknown autoclear bits (their meaning is lost once we write)."""
+        unknown autoclear bits (their meaning is lost once we write). Once."""
+        if self._prepared:
+            return
+        self._prepared = True
         if self.header.incompatible_features & INCOMPAT_DIRTY:
             log.info("%s has the dirty bit set: rebuilding refcounts", self.path)
             await self.rebuild_refcounts()
@@ -417,6 +423,39 @@ class Image:
                 await self.file.sync()
             if self.data_file is not None:
                 await self.data_file.sync()
+
+    # ---- metadata operations while the disk is in use ----------------------------------
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Allocator]:
+        """Hold the image for a metadata operation at one instant: writes in
+        flight are drained, new ones wait (the in-place fast path too), and
+        every cache is flushed. A corruption found on the way marks the
+        image corrupt, as a write's would."""
+        if self.writer is None or self.corrupt:
+            raise CorruptionError("the image is marked corrupt; changes are refused") if self.corrupt \
+                else ReadOnlyError("the image is open read-only")
+        await self.prepare_writes()
+        async with self.writer.lock:
+            self.writer.frozen = True
+            try:
+                await self.flush()
+                assert self.allocator is not None  # a writer has one
+                yield self.allocator
+            except CorruptionError as e:
+                await self.mark_corrupt(e)
+                raise
+            finally:
+                self.writer.frozen = False
+
+    async def create_snapshot(self, name: str) -> SnapshotEntry:
+        """Internal snapshot NAME of the disk as it is at this instant."""
+        async with self.exclusive() as alloc:
+            return await snapshot_ops.create(self.meta, alloc, self.l2_cache, name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        async with self.exclusive() as alloc:
+            await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
 
     async def resize(self, new_size: int) -> None:
         """Grow the virtual disk (shrinking is refused: it would destroy data)."""

@@ -60,9 +60,10 @@ class Metadata:
 
     # ---- the header -------------------------------------------------------------
 
-    async def update(self, **fields: Any) -> None:
+    async def update(self, snapshots: list[SnapshotEntry] | None = None, **fields: Any) -> None:
         """Change header fields: the whole header is packed from memory, written
-        in one pwrite and fsync'd; memory switches once that is done.
+        in one pwrite and fsync'd; memory switches once that is done
+        (SNAPSHOTS: the snapshot list the new header's table holds).
 
         A value may be a function of the current one (feature bits:
         `incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT`).
@@ -80,6 +81,8 @@ class Metadata:
             self.file.write_sync(raw, 0)
             await self.file.sync()
             self._header = new
+            if snapshots is not None:
+                self.snapshots = snapshots
             if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
                 self.active_l1 = self._l1_for(new)
 

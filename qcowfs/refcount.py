@@ -21,7 +21,7 @@ be checked without a full scan (`qcowfs check`).
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -308,6 +308,187 @@ class Allocator:
     async def flush(self) -> None:
         await self.cache.flush()
 
+    def adopt(self, table: list[int], blocks: dict[int, bytes], replaced: dict[int, int],
+              freed: np.ndarray, old_table: tuple[int, int]) -> None:
+        """Follow the refcount structure a Transaction committed: TABLE with the
+        new BLOCKS in place of REPLACED (range -> old offset); FREED clusters
+        lost their last reference."""
+        cs = self.geo.cluster_size
+        self.table = table
+        self.meta.drop_structure(Kind.REFCOUNT_TABLE, *old_table)
+        self.meta.add_structure(Kind.REFCOUNT_TABLE, self.meta.header.refcount_table_offset,
+                                self.meta.header.refcount_table_clusters * cs)
+        for off in replaced.values():
+            if off:
+                self.cache.discard(off)
+                self.meta.drop_structure(Kind.REFCOUNT_BLOCK, off, cs)
+        for off, raw in blocks.items():
+            self.cache.put_new(off, bytearray(raw), dirty=False)
+            self.meta.add_structure(Kind.REFCOUNT_BLOCK, off, cs)
+        for c in freed.tolist():
+            self._forget_reference(c)
+        if len(freed):
+            self.free_hint = min(self.free_hint, int(freed.min()))
+
+
+# ---- transactions -----------------------------------------------------------------------
+
+class Transaction:
+    """Refcount changes that take effect in the same header write as the
+    structures that need them (QEMU has no such thing; see snapshots.py).
+
+    A snapshot moves references between many tables at once: the refcount
+    of a shared cluster and the COPIED flag in the active L2 entry that
+    points to it must change together, or `qemu-img check` finds a COPIED
+    error between the two writes. So nothing the image uses is changed in
+    place: new structures are appended after the end of the file (nothing
+    references or counts a cluster there), every refcount block that
+    changes is written as a copy there too, with a new refcount table, and
+    one header update switches to all of it together with the caller's new
+    pointers. A crash before that write leaves the old image exactly as it
+    was (the file is only longer); after it, the new one is complete.
+    Clusters that lose their last reference are free from the commit on.
+
+    Use it with the writer stopped and every cache flushed (Image.exclusive)."""
+
+    def __init__(self, alloc: "Allocator") -> None:
+        if alloc.cache.dirty or alloc.pending:
+            raise QcowError("internal error: a refcount transaction needs flushed refcounts")
+        self.alloc = alloc
+        cs = alloc.geo.cluster_size
+        self.start = self.end = -(-alloc.file.known_size // cs)
+        self._clusters: list[np.ndarray] = []
+        self._deltas: list[np.ndarray] = []
+        self.freed: np.ndarray = np.zeros(0, np.int64)
+        self._old_size = alloc.file.known_size
+        self.committed = False
+
+    async def __aenter__(self) -> "Transaction":
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """A transaction that fails before its commit takes its clusters back
+        (they lie past the old end of the file): the image is as it was."""
+        if exc_type is not None and not self.committed:
+            self.alloc.file.truncate(self._old_size)
+
+    def allocate(self, nbytes: int) -> int:
+        """Host offset of new clusters for NBYTES (after the end of the file)."""
+        n = max(1, -(-nbytes // self.alloc.geo.cluster_size))
+        first = self.end
+        self.end += n
+        self.change_clusters(np.arange(first, first + n, dtype=np.int64), 1)
+        return first * self.alloc.geo.cluster_size
+
+    def change(self, offset: int, length: int, delta: int) -> None:
+        """DELTA to every cluster of [offset, offset+length)."""
+        cs = self.alloc.geo.cluster_size
+        self.change_clusters(np.arange(offset // cs, (offset + length - 1) // cs + 1, dtype=np.int64), delta)
+
+    def change_clusters(self, clusters: np.ndarray, delta: int) -> None:
+        """DELTA to each cluster index of CLUSTERS (repeats count again)."""
+        if len(clusters):
+            self._clusters.append(clusters.astype(np.int64))
+            self._deltas.append(np.full(len(clusters), delta, np.int64))
+
+    async def new_refcounts(self, clusters: np.ndarray) -> np.ndarray:
+        """What the refcounts of CLUSTERS (indexes) will be after the commit."""
+        alloc = self.alloc
+        clusters = clusters.astype(np.int64)
+        out = np.zeros(len(clusters), np.int64)
+        ranges = clusters // alloc.rpb
+        for r in np.unique(ranges).tolist():
+            off = alloc._block_offset(r)
+            if off:
+                sel = ranges == r
+                values = refcount_array(await alloc.cache.get(off), alloc.order)
+                out[sel] = values[clusters[sel] - r * alloc.rpb]
+        out[clusters >= self.start] = 0
+        cl, delta = self._summed()
+        if len(cl):
+            pos = np.minimum(np.searchsorted(cl, clusters), len(cl) - 1)
+            hit = cl[pos] == clusters
+            out[hit] += delta[pos[hit]]
+        return out
+
+    def changed_clusters(self) -> np.ndarray:
+        """The clusters (sorted indexes) whose refcount the transaction changes so far."""
+        return self._summed()[0]
+
+    def _summed(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._clusters:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        cl, inv = np.unique(np.concatenate(self._clusters), return_inverse=True)
+        delta = np.bincount(inv, weights=np.concatenate(self._deltas), minlength=len(cl)).astype(np.int64)
+        keep = delta != 0
+        return cl[keep], delta[keep]
+
+    async def commit(self, **fields: Any) -> None:
+        """Write the changed refcount blocks and a new table after the new
+        structures, then switch the header to them and to FIELDS at once."""
+        alloc, meta = self.alloc, self.alloc.meta
+        geo = alloc.geo
+        cs, rpb, order, per_cluster = geo.cluster_size, alloc.rpb, alloc.order, geo.cluster_size // 8
+        h = meta.header
+        old_table_at, old_tclusters = h.refcount_table_offset, h.refcount_table_clusters
+        self.change(old_table_at, old_tclusters * cs, -1)
+        cl, delta = self._summed()
+        ranges = set((cl // rpb).tolist()) | set(range(self.start // rpb, (self.end - 1) // rpb + 1))
+        nblocks, tclusters = 0, 0
+        while True:
+            # The blocks being replaced lose their reference; the new blocks
+            # and table (after the caller's clusters) gain one: both may
+            # touch further ranges.
+            replaced = {r: alloc._block_offset(r) for r in ranges}
+            ranges |= {off // cs // rpb for off in replaced.values() if off}
+            end = self.end + nblocks + tclusters
+            ranges |= set(range(self.start // rpb, (end - 1) // rpb + 1))
+            entries = max(len(alloc.table), max(ranges) + 1)
+            t = max(old_tclusters, -(-entries // per_cluster))
+            if (len(ranges), t) == (nblocks, tclusters) and set(replaced) == ranges:
+                break
+            nblocks, tclusters = len(ranges), t
+        blocks_at = self.end
+        table_at = self.end + nblocks
+        extra = [off // cs for off in replaced.values() if off]
+        cl_all = np.concatenate([cl, np.array(extra, np.int64),
+                                 np.arange(blocks_at, table_at + tclusters, dtype=np.int64)])
+        d_all = np.concatenate([delta, np.full(len(extra), -1, np.int64),
+                                np.ones(table_at + tclusters - blocks_at, np.int64)])
+        table = np.zeros(tclusters * per_cluster, np.uint64)
+        table[: len(alloc.table)] = alloc.table
+        new_blocks: dict[int, bytes] = {}
+        freed = []
+        for j, r in enumerate(sorted(ranges)):
+            old = replaced[r]
+            values = (refcount_array(await alloc.cache.get(old), order).astype(np.int64) if old
+                      else np.zeros(rpb, np.int64))
+            before = values.copy()
+            sel = (cl_all >= r * rpb) & (cl_all < (r + 1) * rpb)
+            np.add.at(values, cl_all[sel] - r * rpb, d_all[sel])
+            bad = np.flatnonzero((values < 0) | (values > alloc.max_refcount))
+            if len(bad):
+                c = r * rpb + int(bad[0])
+                if values[bad[0]] < 0:
+                    raise CorruptionError(f"refcount of cluster {c} would drop below zero")
+                raise NoSpaceError(f"refcount of cluster {c} would overflow {1 << order} bits")
+            fresh = r * rpb + np.flatnonzero(values != before)
+            if ((fresh >= self.start) & (values[fresh - r * rpb] != 1)).any():
+                raise CorruptionError("the refcounts count clusters past the end of the image file")
+            freed.append(r * rpb + np.flatnonzero((values == 0) & (before > 0)))
+            at = (blocks_at + j) * cs
+            new_blocks[at] = encode_refcount_block(values.astype(np.uint64), order, cs)
+            table[r] = at
+        for at, raw in new_blocks.items():
+            meta.write(at, raw, "refcount block copy")
+        meta.write(table_at * cs, table.astype(">u8").tobytes(), "new refcount table")
+        await meta.file.sync()
+        await meta.update(refcount_table_offset=table_at * cs, refcount_table_clusters=tclusters, **fields)
+        self.committed = True
+        # Live: the allocator follows the new structure.
+        self.freed = np.concatenate(freed) if freed else np.zeros(0, np.int64)
+        alloc.adopt([int(x) for x in table.tolist()], new_blocks, replaced, self.freed,
+                    (old_table_at, old_tclusters * cs))
 
 # ---- COPIED flags ---------------------------------------------------------------------
 

@@ -67,6 +67,17 @@ class L2Refs:
         return out
 
 
+    def clusters(self, cluster_bits: int, external: bool) -> np.ndarray:
+        """The host cluster index of every reference the table holds, once
+        per reference (a compressed cluster: each cluster it touches), as
+        count_references counts them."""
+        cs = 1 << cluster_bits
+        parts = [(self.data_clusters(external) >> np.uint64(cluster_bits)).astype(np.int64)]
+        for start, length in self.compressed_ranges(cluster_bits):
+            parts.append(np.arange(start // cs, (start + length - 1) // cs + 1, dtype=np.int64))
+        return np.concatenate(parts)
+
+
 def read_entries(file: HostFile, offset: int, count: int) -> np.ndarray:
     """COUNT big-endian 64-bit entries at OFFSET (missing ones read as 0)."""
     raw = file.read_sync(offset, count * 8)

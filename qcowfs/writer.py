@@ -44,6 +44,9 @@ class Writer:
         self.external = mapper.external_data
         self._backing = backing
         self.lock = trio.Lock()
+        # Set while a metadata operation holds the image (Image.exclusive):
+        # the fast path then waits for the lock like every other write.
+        self.frozen = False
         self._zero_cluster = bytes(geo.cluster_size)
         # Zero detection needs the v3 zero flag, and an external data file
         # must receive every byte (data_file_raw keeps it a valid raw image).
@@ -53,6 +56,8 @@ class Writer:
 
     def write_in_place(self, offset: int, data: bytes) -> bool:
         """Overwrite clusters we own, without awaiting; False if metadata must change."""
+        if self.frozen:
+            return False
         geo = self.geo
         span = geo.l2_span
         index = offset // span

@@ -47,7 +47,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import trio
 
-from qcowfs.errors import ResizeError
+from qcowfs.errors import QcowError, ResizeError
 from qcowfs.image import Image, OpenOptions
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -412,6 +412,32 @@ class Subject:
     def snapshot_delete(self, sid: str) -> None:
         self._closed()
         must("qemu-img", "snapshot", "-d", self.snapshot_names.pop(sid), self.image)  # -d takes names
+        self.snapshots.pop(sid).unlink()
+
+    async def live_snapshot_create(self) -> str | None:
+        """Snapshot through qcowfs in the open session; it must hold the model of now.
+        Where the refcounts cannot count another reference, the refusal is checked
+        (None): the image must be as it was."""
+        image = self._image()
+        self._snap_counter += 1
+        name = f"live{self._snap_counter}"
+        fits = snapshot_fits(self.layout.refcount_bits, len(image.snapshots) + 1, self.layout.compressed)
+        size = image.file.known_size
+        try:
+            entry = await image.create_snapshot(name)
+        except QcowError as e:
+            assert not fits, f"{self.layout.describe()}: live snapshot refused: {e}"
+            assert image.file.known_size == size and name not in [s.name for s in image.snapshots]
+            return None
+        expected = self.directory / f"snapshot-{entry.id_str}.raw"
+        # Converted as the judge converts the snapshot (the same holes for `compare -s`).
+        must("qemu-img", "convert", "-f", "raw", "-O", "raw", self.model.path, expected)
+        self.snapshots[entry.id_str] = expected
+        self.snapshot_names[entry.id_str] = name
+        return entry.id_str
+
+    async def live_snapshot_delete(self, sid: str) -> None:
+        await self._image().delete_snapshot(self.snapshot_names.pop(sid))
         self.snapshots.pop(sid).unlink()
 
     def bitmap_add(self, name: str, auto: bool, granularity: int) -> None:

@@ -277,6 +277,20 @@ class ImageMachine(RuleBasedStateMachine):
         self.trio.run(self.subject.close)
         self.subject.judge()
 
+    @precondition(lambda self: self.is_open())
+    @rule()
+    @step
+    def live_snapshot_create(self) -> None:
+        """A snapshot while the disk is in use (refused where the refcounts are too narrow)."""
+        self.trio.run(self.subject.live_snapshot_create)
+
+    @precondition(lambda self: self.is_open() and bool(self.subject.snapshots))
+    @rule(data=st.data())
+    @step
+    def live_snapshot_delete(self, data: st.DataObject) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="id")
+        self.trio.run(self.subject.live_snapshot_delete, sid)
+
     # ---- between sessions (QEMU changes the closed image) ---------------------------
 
     @precondition(lambda self: self.is_closed())
