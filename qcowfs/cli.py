@@ -17,7 +17,7 @@ import signal
 import stat
 import sys
 import time
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from . import __version__, mounts
 from .errors import QcowError, UsageError
@@ -25,7 +25,7 @@ from .image import Image, OpenOptions
 from .options import MountOptions
 
 log = logging.getLogger("qcowfs")
-SUBCOMMANDS = ("mount", "umount", "info", "check")
+SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint")
 # What the daemon logs to when there is no syslog (no /dev/log) and no -o log_file=.
 ROOT_LOG_FILE = "/var/log/qcowfs.log"
 def die(msg: str, code: int = 1) -> NoReturn:
@@ -248,6 +248,50 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
     return run_check(os.path.abspath(image_arg), repair=repair, as_json=as_json, force_share=force_share)
 
 
+# ---- snapshots, bitmaps, checkpoints -----------------------------------------------
+
+def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, Any]:
+    """Run REQUEST on TARGET: through the daemon if it is a qcowfs mount point,
+    else on the image file TARGET, opened here (for writing if WRITES)."""
+    from . import control
+
+    if control.mounted(target) is not None:
+        return control.request(target, **request)
+    if os.path.isdir(target):
+        raise UsageError(f"{target} is not a qcowfs mount point")
+    import trio
+
+    from .manage import Manager
+
+    image = open_image(target, OpenOptions(read_only=not writes))
+
+    async def run() -> dict[str, Any]:
+        try:
+            return await Manager(image).handle(request)
+        finally:
+            await image.close()
+    return trio.run(run)
+
+
+def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
+    from .info import render_snapshots
+
+    if as_json:
+        print(json.dumps(reply["snapshots"], indent=4))
+    elif reply["snapshots"]:
+        print("\n".join(render_snapshots(reply["snapshots"])))
+
+
+def cmd_snapshot(a: argparse.Namespace) -> int:
+    if a.action == "list":
+        _print_snapshots(cmd_manage(a.target, {"op": "snapshot-list"}, writes=False), a.json)
+        return 0
+    if a.name is None:
+        raise UsageError(f"snapshot {a.action} needs a NAME")
+    cmd_manage(a.target, {"op": f"snapshot-{a.action}", "name": a.name}, writes=True)
+    return 0
+
+
 # ---- argument parsing -------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: check an image that a VM or a mount holds (results may be "
                         "inconsistent while it is written)")
+
+    target = "an image file, or the mount point of a read-write mount (then the daemon does it " \
+             "at one instant while the disk stays in use)"
+    sn = sub.add_parser("snapshot", help="create, delete or list internal snapshots (qemu-img snapshot)",
+                        description=f"Internal snapshots of TARGET: {target}.")
+    sn.add_argument("action", choices=("create", "delete", "list"))
+    sn.add_argument("target", metavar="TARGET")
+    sn.add_argument("name", metavar="NAME", nargs="?")
+    sn.add_argument("--json", action="store_true", help="list: machine-readable (qemu-img info's keys)")
     return p
 
 
@@ -358,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_info(a.image, a.json, a.force_share)
         if a.command == "check":
             return cmd_check(a.image, a.repair, a.json, a.force_share)
+        if a.command == "snapshot":
+            return cmd_snapshot(a)
         build_parser().print_help()
         return 2
     except QcowError as e:

@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from . import mounts
+from . import control, mounts
 from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
-from .views import build_tree
+from .manage import Hooks, Manager
+from .views import DirNode, FileNode, SnapshotView, bitmap_nodes, build_tree, snapshot_nodes
 
 if TYPE_CHECKING:
     from .options import MountOptions
@@ -146,7 +147,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     for signum in (*STOP_SIGNALS, FORCE_SIGNAL):
         signal.signal(signum, lambda n, _frame: pending.append(n))
     try:
-        ops = Operations(build_tree(image, opts.page_cache), Access(opts.uid, opts.gid, opts.umask),
+        root = build_tree(image, opts.page_cache)
+        ops = Operations(root, Access(opts.uid, opts.gid, opts.umask),
                          debug=opts.debug, read_around=opts.read_around, space_of=image.path)
         _init_fuse(ops, mountpoint, fuse_options)
     except Exception as e:  # noqa: BLE001 - one line to the user, whatever it is
@@ -176,6 +178,10 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
                 pidfile = mounts.write_pidfile(sess.dev)
             except OSError as e:
                 log.warning("cannot write a pid file: %s", e)
+            sock = mounts.control_socket(sess.dev)
+            if sock is not None:
+                manager = Manager(image, _tree_hooks(root, ops, image))
+                nursery.start_soon(control.serve, sock, manager.handle)
             if ready.waiting:
                 _detach_stdio()
             ready.send("OK")
@@ -217,6 +223,22 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     if code == 0:
         log.info("%s: image closed cleanly, daemon exits", mountpoint)
     return code
+
+
+def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
+    """How commands on the control socket see and change the mounted tree."""
+    snaps, bitmaps = root.children["snapshots"], root.children["bitmaps"]
+    assert isinstance(snaps, DirNode) and isinstance(bitmaps, DirNode)
+
+    def snapshot_open(sid: str) -> bool:
+        return any(isinstance(n, FileNode) and isinstance(n.view, SnapshotView)
+                   and n.view.entry.id_str == sid and ops.is_open(n) for n in snaps.children.values())
+
+    def changed() -> None:
+        ops.set_children(snaps, snapshot_nodes(image, snaps.children))
+        ops.set_children(bitmaps, bitmap_nodes(image, bitmaps.children))
+
+    return Hooks(snapshot_open=snapshot_open, changed=changed)
 
 
 # glibc mallopt() parameters (malloc.h)

@@ -89,7 +89,7 @@ class Operations(pyfuse3.Operations):
         self._nodes: dict[int, DirNode | FileNode] = {}
         self._parents: dict[int, int] = {}
         self._inodes: dict[int, int] = {}  # id(node) -> inode
-        self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
+        self._next_inode = self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
         self._read_only = not any(isinstance(n, FileNode) and n.view.writable
                                   for n in self._nodes.values())
         self._open: dict[int, tuple[FileView, int]] = {}
@@ -113,6 +113,37 @@ class Operations(pyfuse3.Operations):
             for child in node.children.values():
                 nxt = self._add(child, nxt, inode)
         return nxt
+
+    # ---- the tree changing under the mount (snapshots and bitmaps made or dropped) ----
+
+    def is_open(self, node: FileNode) -> bool:
+        """Some handle is open on NODE's file."""
+        inode = self._inodes.get(id(node))
+        return any(i == inode for _, i in self._open.values())
+
+    def set_children(self, directory: DirNode, children: dict[str, DirNode | FileNode]) -> None:
+        """DIRECTORY's entries are now CHILDREN. Nodes that stay keep their
+        inodes; new ones get numbers never used before (the kernel may still
+        know the old ones); names that went away, or now name another file,
+        are dropped from the kernel's cache."""
+        parent = self._inodes[id(directory)]
+        gone = [name for name, node in directory.children.items() if children.get(name) is not node]
+        for name in gone:
+            self._forget(directory.children[name])
+        for node in children.values():
+            if id(node) not in self._inodes:
+                self._next_inode = self._add(node, self._next_inode, parent)
+        directory.children = children
+        for name in gone:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+
+    def _forget(self, node: DirNode | FileNode) -> None:
+        inode = self._inodes.pop(id(node))
+        self._nodes.pop(inode, None)
+        self._parents.pop(inode, None)
+        if isinstance(node, DirNode):
+            for child in node.children.values():
+                self._forget(child)
 
     def _node(self, inode: int) -> DirNode | FileNode:
         node = self._nodes.get(inode)

@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, EXT_BACKING_FORMAT, EXT_DATA_FILE,
-                     INCOMPAT_CORRUPT, INCOMPAT_DIRTY)
+                     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
 from .image import Image
 
 
@@ -47,13 +47,30 @@ def describe(image: Image) -> dict[str, Any]:
         if fmt is not None:
             out["backing-filename-format"] = fmt.decode("utf-8", "replace")
     if image.snapshots:
-        out["snapshots"] = [{
-            "id": s.id_str, "name": s.name, "vm-state-size": s.state_size,
-            "date-sec": s.date_sec, "date-nsec": s.date_nsec,
-            "vm-clock-sec": s.vm_clock_nsec // 10**9, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
-            **({"icount": s.icount} if s.icount is not None else {}),
-        } for s in image.snapshots]
+        out["snapshots"] = [snapshot_info(s) for s in image.snapshots]
     return out
+
+
+def snapshot_info(s: SnapshotEntry) -> dict[str, Any]:
+    """One snapshot as qemu-img info --output=json lists it."""
+    return {
+        "id": s.id_str, "name": s.name, "vm-state-size": s.state_size,
+        "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec // 10**9, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+        **({"icount": s.icount} if s.icount is not None else {}),
+    }
+
+
+def render_snapshots(snaps: list[dict[str, Any]]) -> list[str]:
+    """The "Snapshot list:" table of qemu-img info and qemu-img snapshot -l."""
+    import time
+    lines = ["Snapshot list:", f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10} {'DATE':<20}{'VM CLOCK':>16}"]
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
+        lines.append(f"{s['id']:<8}{s['name']:<24}{_human(s['vm-state-size']):>10} {date:<20}{clock:>16}")
+    return lines
 
 
 def _human(n: int) -> str:
@@ -65,7 +82,6 @@ def _human(n: int) -> str:
 
 
 def render(d: dict[str, Any]) -> str:
-    import time
     lines = [f"image: {d['filename']}", "file format: qcow2",
              f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
              f"disk size: {_human(d['actual-size'])}",
@@ -79,13 +95,7 @@ def render(d: dict[str, Any]) -> str:
             lines.append(f"backing chain [{i}]: {p}")
     snaps = d.get("snapshots", [])
     if snaps:
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10} {'DATE':<20}{'VM CLOCK':>16}")
-        for s in snaps:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-            secs = s["vm-clock-sec"]
-            clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
-            lines.append(f"{s['id']:<8}{s['name']:<24}{_human(s['vm-state-size']):>10} {date:<20}{clock:>16}")
+        lines += render_snapshots(snaps)
     data = d["format-specific"]["data"]
     lines.append("Format specific information:")
     for key in ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",

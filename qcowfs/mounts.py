@@ -143,6 +143,26 @@ def _pidfile_name(dev: str) -> str:
     return dev.replace(":", "_") + ".pid"
 
 
+def control_socket(dev: str) -> str | None:
+    """Where the daemon serving DEV listens for commands (None: no run directory)."""
+    d = run_dir()
+    return os.path.join(d, dev.replace(":", "_") + ".sock") if d else None
+
+
+def find_control_socket(dev: str) -> str | None:
+    """The control socket of a live daemon serving DEV, if there is one."""
+    if read_pid(dev) is None:
+        return None
+    for d in run_dirs():
+        path = os.path.join(d, dev.replace(":", "_") + ".sock")
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    return None
+
+
 def dev_of(st_dev: int) -> str:
     """st_dev as the mount table's "major:minor"."""
     return f"{os.major(st_dev)}:{os.minor(st_dev)}"

@@ -20,6 +20,7 @@ stopped, every cache flushed.
 """
 from __future__ import annotations
 
+import errno
 import struct
 import time
 from dataclasses import dataclass
@@ -46,15 +47,15 @@ NO_ICOUNT = (1 << 64) - 1
 class SnapshotError(QcowError):
     """A snapshot request that cannot be done (name taken, no such snapshot...)."""
 
-    errno = 22  # EINVAL
+    errno = errno.EINVAL
 
 
 class SnapshotExists(SnapshotError):
-    errno = 17  # EEXIST
+    errno = errno.EEXIST
 
 
 class NoSuchSnapshot(SnapshotError):
-    errno = 2  # ENOENT
+    errno = errno.ENOENT
 
 
 @dataclass

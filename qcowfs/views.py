@@ -187,9 +187,30 @@ def build_tree(image: Image, page_cache: bool = False) -> DirNode:
     root = DirNode("", mtime_ns=mtime)
     root.children["disk.raw"] = FileNode("disk.raw", DiskView(image, page_cache))
     snaps = root.children["snapshots"] = DirNode("snapshots", mtime_ns=mtime)
-    for name, entry in zip(snapshot_file_names(image.snapshots), image.snapshots):
-        snaps.children[name] = FileNode(name, SnapshotView(image, entry))
+    snaps.children = snapshot_nodes(image, {})
     bitmaps = root.children["bitmaps"] = DirNode("bitmaps", mtime_ns=mtime)
-    for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps):
-        bitmaps.children[name] = FileNode(name, BitmapView(image, bm))
+    bitmaps.children = bitmap_nodes(image, {})
     return root
+
+
+def snapshot_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
+    """The files of snapshots/ for the image's snapshot list now; a snapshot
+    that keeps its file name keeps its node (open files, the kernel's cache)."""
+    kept = {(n.view.entry.id_str, n.view.entry.l1_table_offset): n for n in old.values()
+            if isinstance(n, FileNode) and isinstance(n.view, SnapshotView)}
+    out: dict[str, DirNode | FileNode] = {}
+    for name, entry in zip(snapshot_file_names(image.snapshots), image.snapshots):
+        node = kept.get((entry.id_str, entry.l1_table_offset))
+        out[name] = node if node is not None and node.name == name else FileNode(name, SnapshotView(image, entry))
+    return out
+
+
+def bitmap_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
+    """The files of bitmaps/ for the image's bitmaps now (same rule as snapshots)."""
+    kept = {id(n.view.bitmap): n for n in old.values()
+            if isinstance(n, FileNode) and isinstance(n.view, BitmapView)}
+    out: dict[str, DirNode | FileNode] = {}
+    for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps):
+        node = kept.get(id(bm))
+        out[name] = node if node is not None and node.name == name else FileNode(name, BitmapView(image, bm))
+    return out

@@ -1,0 +1,71 @@
+"""Snapshot, bitmap and checkpoint commands on an open image.
+
+One dispatcher for both ways in: `qcowfs snapshot|bitmap|checkpoint IMAGE`
+opens the image itself and runs the request here; the same command on a
+MOUNTPOINT sends the request over the control socket, and the daemon runs
+it here against the image it serves (then tells the file tree what
+changed). So a command means the same whether the image is mounted or not.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from .errors import QcowError
+from .image import Image
+from .info import snapshot_info
+from .snapshot_ops import find as find_snapshot
+
+
+class BusyError(QcowError):
+    errno = errno.EBUSY
+
+
+@dataclass
+class Hooks:
+    """What the daemon adds: whether a file is open, and what to refresh."""
+
+    # snapshot_open(id_str): a snapshot's file is open (it must not be deleted)
+    snapshot_open: Callable[[str], bool] = lambda _sid: False
+    # changed(): the snapshot or bitmap list changed (rebuild those directories)
+    changed: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Manager:
+    image: Image
+    hooks: Hooks = field(default_factory=Hooks)
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = str(request.get("op", ""))
+        handler = OPS.get(op)
+        if handler is None:
+            raise QcowError(f"unknown request '{op}'")
+        args = {k: v for k, v in request.items() if k != "op"}
+        return await handler(self, **args)
+
+    # ---- snapshots -------------------------------------------------------------------
+
+    async def snapshot_list(self) -> dict[str, Any]:
+        return {"snapshots": [snapshot_info(s) for s in self.image.snapshots]}
+
+    async def snapshot_create(self, name: str) -> dict[str, Any]:
+        entry = await self.image.create_snapshot(str(name))
+        self.hooks.changed()
+        return {"snapshot": snapshot_info(entry)}
+
+    async def snapshot_delete(self, name: str) -> dict[str, Any]:
+        entry = self.image.snapshots[find_snapshot(self.image.meta, str(name))]
+        if self.hooks.snapshot_open(entry.id_str):
+            raise BusyError(f"snapshot '{entry.name}' is in use (its file is open): not deleted")
+        await self.image.delete_snapshot(str(name))
+        self.hooks.changed()
+        return {}
+
+
+OPS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
+    "snapshot-list": Manager.snapshot_list,
+    "snapshot-create": Manager.snapshot_create,
+    "snapshot-delete": Manager.snapshot_delete,
+}
