@@ -79,18 +79,24 @@ class Bitmap:
     def mark(self, offset: int, length: int) -> None:
         """Set the bits covering guest bytes [offset, offset + length)."""
         assert self.bits is not None
-        g = self.granularity
-        first, last = offset // g, min((offset + length - 1) // g, self.nbits - 1)
-        if last < first:
-            return
-        arr = np.frombuffer(self.bits, np.uint8)
-        b0, b1 = first >> 3, last >> 3
-        if b0 == b1:
-            arr[b0] |= ((0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))) & 0xFF
-            return
-        arr[b0] |= (0xFF << (first & 7)) & 0xFF
-        arr[b0 + 1 : b1] = 0xFF
-        arr[b1] |= 0xFF >> (7 - (last & 7))
+        mark_bits(self.bits, self.granularity, self.nbits, offset, length)
+
+
+def mark_bits(bits: bytearray, granularity: int, nbits: int, offset: int, length: int) -> None:
+    """Set the bits of BITS (NBITS bits of GRANULARITY bytes each) that cover
+    guest bytes [offset, offset + length)."""
+    g = granularity
+    first, last = offset // g, min((offset + length - 1) // g, nbits - 1)
+    if last < first:
+        return
+    arr = np.frombuffer(bits, np.uint8)
+    b0, b1 = first >> 3, last >> 3
+    if b0 == b1:
+        arr[b0] |= ((0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))) & 0xFF
+        return
+    arr[b0] |= (0xFF << (first & 7)) & 0xFF
+    arr[b0 + 1 : b1] = 0xFF
+    arr[b1] |= 0xFF >> (7 - (last & 7))
 
 
 def _validate(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any, NoReturn, Sequence
 from . import __version__, mounts
 from .errors import QcowError, UsageError
 from .image import Image, OpenOptions
-from .options import MountOptions
+from .options import MountOptions, parse_size
 
 log = logging.getLogger("qcowfs")
 SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint")
@@ -292,6 +292,38 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bitmap(a: argparse.Namespace) -> int:
+    if a.action == "list":
+        reply = cmd_manage(a.target, {"op": "bitmap-list"}, writes=False)
+        if a.json:
+            print(json.dumps(reply["bitmaps"], indent=4))
+        for b in [] if a.json else reply["bitmaps"]:
+            print(f"{b['name']}\tgranularity {b['granularity']}\tflags {','.join(b['flags']) or '-'}"
+                  + (f"\tunusable: {b['problem']}" if b.get("problem") else ""))
+        return 0
+    if a.name is None:
+        raise UsageError(f"bitmap {a.action} needs a NAME")
+    request: dict[str, Any] = {"op": f"bitmap-{a.action}", "name": a.name}
+    if a.action == "add":
+        request.update(granularity=parse_size(a.granularity) if a.granularity else None,
+                       enabled=not a.disable)
+    elif a.sources and a.action != "merge":
+        raise UsageError(f"bitmap {a.action} takes one NAME")
+    if a.action == "merge":
+        if not a.sources:
+            raise UsageError("bitmap merge needs NAME and at least one SOURCE bitmap to merge into it")
+        request["sources"] = a.sources
+    cmd_manage(a.target, request, writes=True)
+    return 0
+
+
+def cmd_checkpoint(a: argparse.Namespace) -> int:
+    reply = cmd_manage(a.target, {"op": "checkpoint", "name": a.name}, writes=True)
+    if a.json:
+        print(json.dumps(reply, indent=4))
+    return 0
+
+
 # ---- argument parsing -------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +377,28 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("target", metavar="TARGET")
     sn.add_argument("name", metavar="NAME", nargs="?")
     sn.add_argument("--json", action="store_true", help="list: machine-readable (qemu-img info's keys)")
+
+    bm = sub.add_parser("bitmap", help="add, remove, clear, enable, disable, merge or list "
+                                       "persistent dirty bitmaps (qemu-img bitmap)",
+                        description=f"Persistent dirty bitmaps of TARGET: {target}. An enabled "
+                                    "bitmap added to a mount tracks writes from that instant.")
+    bm.add_argument("action", choices=("add", "remove", "clear", "enable", "disable", "merge", "list"))
+    bm.add_argument("target", metavar="TARGET")
+    bm.add_argument("name", metavar="NAME", nargs="?")
+    bm.add_argument("sources", metavar="SOURCE", nargs="*", help="merge: bitmaps whose bits are added to NAME")
+    bm.add_argument("-g", "--granularity", metavar="SIZE",
+                    help="add: bytes per bit (default: the cluster size, clamped to 4K..64K, as QEMU)")
+    bm.add_argument("--disable", action="store_true", help="add: a disabled bitmap (does not track writes)")
+    bm.add_argument("--json", action="store_true", help="list: machine-readable")
+
+    cp = sub.add_parser("checkpoint", help="snapshot NAME + frozen copies B@NAME of every enabled "
+                                           "bitmap + a new bitmap NAME, in one commit",
+                        description=f"A backup checkpoint of TARGET ({target}): at one instant, "
+                                    "internal snapshot NAME, for every enabled bitmap B a disabled "
+                                    "copy B@NAME holding B's bits, and a new enabled bitmap NAME.")
+    cp.add_argument("target", metavar="TARGET")
+    cp.add_argument("name", metavar="NAME")
+    cp.add_argument("--json", action="store_true", help="print what was made")
     return p
 
 
@@ -413,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(a.image, a.repair, a.json, a.force_share)
         if a.command == "snapshot":
             return cmd_snapshot(a)
+        if a.command == "bitmap":
+            return cmd_bitmap(a)
+        if a.command == "checkpoint":
+            return cmd_checkpoint(a)
         build_parser().print_help()
         return 2
     except QcowError as e:

@@ -31,8 +31,8 @@ from .mapper import L1Table, Mapper, Source
 from .metadata import Metadata
 from .overlap import Kind
 from .references import build_overlap_map
-from .refcount import Allocator, rebuild
-from . import snapshot_ops
+from .refcount import Allocator, Transaction, rebuild
+from . import bitmap_ops, snapshot_ops
 from .snapshots import snapshot_problem
 from .writer import Writer
 
@@ -456,6 +456,34 @@ class Image:
     async def delete_snapshot(self, name: str) -> None:
         async with self.exclusive() as alloc:
             await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
+
+    async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+        """A new persistent bitmap; enabled, it tracks writes from this instant."""
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans = await bitmap_ops.plan_add(self.meta, self.bitmaps, name, granularity, enabled)
+            bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await txn.commit()
+
+    async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None) -> None:
+        """remove, clear, enable, disable, or merge SOURCES into bitmap NAME."""
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans, removed = await bitmap_ops.plan_change(self.meta, self.bitmaps, name, action, sources or [])
+            bitmap_ops.stage(self.meta, txn, plans, removed, self._adopt_bitmaps)
+            await txn.commit()
+
+    async def checkpoint(self, name: str) -> SnapshotEntry:
+        """In one commit at one instant: internal snapshot NAME, a frozen copy
+        B@NAME of every tracked bitmap B, and a new tracked bitmap NAME."""
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans = bitmap_ops.plan_checkpoint(self.meta, self.bitmaps, name)
+            entry = await snapshot_ops.stage_create(self.meta, self.l2_cache, txn, name)
+            bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await txn.commit()
+        return entry
+
+    def _adopt_bitmaps(self, bitmaps: list[Bitmap]) -> None:
+        self.bitmaps = bitmaps
+        self._changed = True  # tracked bits are stored at close
 
     async def resize(self, new_size: int) -> None:
         """Grow the virtual disk (shrinking is refused: it would destroy data)."""

@@ -64,8 +64,56 @@ class Manager:
         return {}
 
 
+    # ---- bitmaps ------------------------------------------------------------------------
+
+    async def bitmap_list(self) -> dict[str, Any]:
+        return {"bitmaps": [{"name": b.name, "granularity": b.granularity, "flags": b.flag_names,
+                             **({"problem": b.problem} if b.problem else {})} for b in self.image.bitmaps]}
+
+    async def bitmap_add(self, name: str, granularity: int | None = None, enabled: bool = True) -> dict[str, Any]:
+        await self.image.add_bitmap(str(name), int(granularity) if granularity else None, bool(enabled))
+        self.hooks.changed()
+        return {}
+
+    async def _bitmap(self, name: str, action: str, sources: list[str] | None = None) -> dict[str, Any]:
+        await self.image.change_bitmap(str(name), action, [str(s) for s in sources or []])
+        self.hooks.changed()
+        return {}
+
+    async def bitmap_remove(self, name: str) -> dict[str, Any]:
+        return await self._bitmap(name, "remove")
+
+    async def bitmap_clear(self, name: str) -> dict[str, Any]:
+        return await self._bitmap(name, "clear")
+
+    async def bitmap_enable(self, name: str) -> dict[str, Any]:
+        return await self._bitmap(name, "enable")
+
+    async def bitmap_disable(self, name: str) -> dict[str, Any]:
+        return await self._bitmap(name, "disable")
+
+    async def bitmap_merge(self, name: str, sources: list[str]) -> dict[str, Any]:
+        return await self._bitmap(name, "merge", sources)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    async def checkpoint(self, name: str) -> dict[str, Any]:
+        entry = await self.image.checkpoint(str(name))
+        self.hooks.changed()
+        return {"snapshot": snapshot_info(entry),
+                "bitmaps": [b.name for b in self.image.bitmaps]}
+
+
 OPS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "snapshot-list": Manager.snapshot_list,
     "snapshot-create": Manager.snapshot_create,
     "snapshot-delete": Manager.snapshot_delete,
+    "bitmap-list": Manager.bitmap_list,
+    "bitmap-add": Manager.bitmap_add,
+    "bitmap-remove": Manager.bitmap_remove,
+    "bitmap-clear": Manager.bitmap_clear,
+    "bitmap-enable": Manager.bitmap_enable,
+    "bitmap-disable": Manager.bitmap_disable,
+    "bitmap-merge": Manager.bitmap_merge,
+    "checkpoint": Manager.checkpoint,
 }

@@ -60,10 +60,11 @@ class Metadata:
 
     # ---- the header -------------------------------------------------------------
 
-    async def update(self, snapshots: list[SnapshotEntry] | None = None, **fields: Any) -> None:
+    async def update(self, snapshots: list[SnapshotEntry] | None = None,
+                     bitmap_directory: list[BitmapDirEntry] | None = None, **fields: Any) -> None:
         """Change header fields: the whole header is packed from memory, written
         in one pwrite and fsync'd; memory switches once that is done
-        (SNAPSHOTS: the snapshot list the new header's table holds).
+        (SNAPSHOTS, BITMAP_DIRECTORY: the lists the new header's tables hold).
 
         A value may be a function of the current one (feature bits:
         `incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT`).
@@ -83,6 +84,8 @@ class Metadata:
             self._header = new
             if snapshots is not None:
                 self.snapshots = snapshots
+            if bitmap_directory is not None:
+                self.bitmap_directory = bitmap_directory
             if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
                 self.active_l1 = self._l1_for(new)
 

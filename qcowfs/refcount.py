@@ -362,6 +362,21 @@ class Transaction:
         self.freed: np.ndarray = np.zeros(0, np.int64)
         self._old_size = alloc.file.known_size
         self.committed = False
+        # Header fields the commit writes, and what follows it in memory,
+        # as the parts of an operation (a snapshot, a bitmap change) staged them.
+        self.fields: dict[str, Any] = {}
+        self._after: list[Callable[[], None]] = []
+
+    def set(self, **fields: Any) -> None:
+        """Header fields (and Metadata.update's in-memory lists) for the commit."""
+        clash = set(fields) & set(self.fields)
+        if clash:
+            raise QcowError(f"internal error: two parts of one commit set {sorted(clash)}")
+        self.fields.update(fields)
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run FN once the commit is on disk (in-memory state follows the image)."""
+        self._after.append(fn)
 
     async def __aenter__(self) -> "Transaction":
         return self
@@ -423,9 +438,11 @@ class Transaction:
         keep = delta != 0
         return cl[keep], delta[keep]
 
-    async def commit(self, **fields: Any) -> None:
+    async def commit(self) -> None:
         """Write the changed refcount blocks and a new table after the new
-        structures, then switch the header to them and to FIELDS at once."""
+        structures, then switch the header to them and to the staged fields
+        at once; then what was staged to follow runs."""
+        fields = self.fields
         alloc, meta = self.alloc, self.alloc.meta
         geo = alloc.geo
         cs, rpb, order, per_cluster = geo.cluster_size, alloc.rpb, alloc.order, geo.cluster_size // 8
@@ -489,6 +506,8 @@ class Transaction:
         self.freed = np.concatenate(freed) if freed else np.zeros(0, np.int64)
         alloc.adopt([int(x) for x in table.tolist()], new_blocks, replaced, self.freed,
                     (old_table_at, old_tclusters * cs))
+        for fn in self._after:
+            fn()
 
 # ---- COPIED flags ---------------------------------------------------------------------
 

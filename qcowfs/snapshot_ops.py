@@ -130,19 +130,28 @@ def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[Snapsh
     return at
 
 
-async def create(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], name: str,
-                 vm_clock_nsec: int = 0) -> SnapshotEntry:
+async def create(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], name: str) -> SnapshotEntry:
     """Make internal snapshot NAME of the active disk as it is now."""
-    check_new_name(meta, name)
-    if alloc.max_refcount < 2:
-        raise SnapshotError(f"refcount_bits={1 << alloc.order} cannot count the second reference "
-                            "a snapshot takes to each cluster")
     async with Transaction(alloc) as txn:
-        return await _create(meta, l2_cache, txn, name, vm_clock_nsec)
+        entry = await stage_create(meta, l2_cache, txn, name)
+        await txn.commit()
+    return entry
 
 
-async def _create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction, name: str,
-                  vm_clock_nsec: int) -> SnapshotEntry:
+async def delete(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], index: int) -> None:
+    """Drop snapshot INDEX and free what only it held."""
+    async with Transaction(alloc) as txn:
+        await stage_delete(meta, l2_cache, txn, index)
+        await txn.commit()
+
+
+async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+                       name: str, vm_clock_nsec: int = 0) -> SnapshotEntry:
+    """The snapshot NAME as part of TXN (written when it commits)."""
+    check_new_name(meta, name)
+    if txn.alloc.max_refcount < 2:
+        raise SnapshotError(f"refcount_bits={1 << txn.alloc.order} cannot count the second "
+                            "reference a snapshot takes to each cluster")
     h, geo = meta.header, meta.geo
     cs, cb = geo.cluster_size, geo.cluster_bits
     l1 = await meta.active_l1.entries() if h.l1_size else np.zeros(0, np.uint64)
@@ -171,25 +180,24 @@ async def _create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transac
     entries = meta.snapshots + [entry]
     table_at = _write_snapshot_table(meta, txn, entries)
     old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
-    await txn.commit(l1_table_offset=l1_at, snapshots_offset=table_at, nb_snapshots=len(entries),
-                     snapshots=entries)
-    # The overlap map follows: the old active tables are the snapshot's now.
-    if h.l1_size:
-        meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
-        meta.add_structure(Kind.INACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
-        meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
-    _swap_tables(meta, l2_cache, replaced, new_tables, old_kind=Kind.INACTIVE_L2)
-    _swap_snapshot_table(meta, old_table, table_at, entries)
+    txn.set(l1_table_offset=l1_at, snapshots_offset=table_at, nb_snapshots=len(entries),
+            snapshots=entries)
+
+    def follow() -> None:
+        # The overlap map follows: the old active tables are the snapshot's now.
+        if h.l1_size:
+            meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+            meta.add_structure(Kind.INACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+            meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
+        _swap_tables(meta, l2_cache, replaced, new_tables, old_kind=Kind.INACTIVE_L2)
+        _swap_snapshot_table(meta, old_table, table_at, entries)
+    txn.then(follow)
     return entry
 
 
-async def delete(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], index: int) -> None:
-    """Drop snapshot INDEX and free what only it held."""
-    async with Transaction(alloc) as txn:
-        await _delete(meta, l2_cache, txn, index)
-
-
-async def _delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction, index: int) -> None:
+async def stage_delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+                       index: int) -> None:
+    """Dropping snapshot INDEX as part of TXN."""
     h, geo = meta.header, meta.geo
     cs, cb = geo.cluster_size, geo.cluster_bits
     snap = meta.snapshots[index]
@@ -213,21 +221,23 @@ async def _delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transac
         l1_at = txn.allocate(h.l1_size * 8)
         meta.write(l1_at, _encode(fixed.l1), "new L1 table")
         txn.change(h.l1_table_offset, h.l1_size * 8, -1)
-    await txn.commit(snapshots_offset=table_at, nb_snapshots=len(rest), snapshots=rest,
-                     l1_table_offset=l1_at)
-    if snap.l1_size:
-        meta.drop_structure(Kind.INACTIVE_L1, snap.l1_table_offset, snap.l1_size * 8)
-    for off in snap_l2:
-        meta.drop_structure(Kind.INACTIVE_L2, off, cs)
-    if l1_at != h.l1_table_offset:
-        meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
-        meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
-    _swap_tables(meta, l2_cache, fixed.replaced, fixed.new_tables, old_kind=None)
-    _swap_snapshot_table(meta, old_table, table_at, rest)
-    freed = set((txn.freed * cs).tolist())
-    for off in snap_l2 + list(fixed.replaced):
-        if off in freed:
-            l2_cache.discard(off)
+    txn.set(snapshots_offset=table_at, nb_snapshots=len(rest), snapshots=rest, l1_table_offset=l1_at)
+
+    def follow() -> None:
+        if snap.l1_size:
+            meta.drop_structure(Kind.INACTIVE_L1, snap.l1_table_offset, snap.l1_size * 8)
+        for off in snap_l2:
+            meta.drop_structure(Kind.INACTIVE_L2, off, cs)
+        if l1_at != h.l1_table_offset:
+            meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+            meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
+        _swap_tables(meta, l2_cache, fixed.replaced, fixed.new_tables, old_kind=None)
+        _swap_snapshot_table(meta, old_table, table_at, rest)
+        freed = set((txn.freed * cs).tolist())
+        for off in snap_l2 + list(fixed.replaced):
+            if off in freed:
+                l2_cache.discard(off)
+    txn.then(follow)
 
 
 async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> _Tables:
