@@ -122,6 +122,8 @@ def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bit
     """Write the tables PLANS store and the new directory as part of TXN; the
     tables of REMOVED bitmaps and replaced tables lose their reference. Once
     committed, every Bitmap follows and ADOPT gets the new list."""
+    if meta.header.version < 3 and plans:
+        raise BitmapError("persistent bitmaps need a version 3 image (compat=1.1), as in QEMU")
     cs = meta.geo.cluster_size
     new_tables: dict[int, tuple[list[int], int]] = {}
     for p in plans:

@@ -440,6 +440,64 @@ class Subject:
         await self._image().delete_snapshot(self.snapshot_names.pop(sid))
         self.snapshots.pop(sid).unlink()
 
+    # ---- bitmaps and checkpoints through qcowfs, in the open session ------------------
+
+    async def live_bitmap_add(self, name: str, auto: bool, granularity: int) -> None:
+        image = self._image()
+        if not self.layout.v3:  # QEMU: "Cannot store dirty bitmaps in qcow2 v2 files"
+            try:
+                await image.add_bitmap(name, granularity, auto)
+            except QcowError:
+                return
+            raise AssertionError("a bitmap was added to a v2 image")
+        await image.add_bitmap(name, granularity, auto)
+        self.bitmaps[name] = ExpectedBitmap(name, auto, granularity,
+                                            np.zeros(nbits(self.model.size, granularity), bool))
+
+    async def live_bitmap_change(self, name: str, action: str, source: str | None = None) -> None:
+        """remove, clear, enable, disable, merge (SOURCE into NAME) through qcowfs."""
+        await self._image().change_bitmap(name, action, [source] if source else None)
+        bm = self.bitmaps[name]
+        if action == "remove":
+            del self.bitmaps[name]
+        elif action == "clear":
+            bm.bits[:] = False
+        elif action in ("enable", "disable"):
+            bm.auto = action == "enable"
+        elif action == "merge":
+            assert source is not None
+            src = self.bitmaps[source]
+            for i in np.flatnonzero(src.bits).tolist():
+                g0 = i * src.granularity
+                g1 = min(self.model.size, g0 + src.granularity) - 1
+                bm.bits[g0 // bm.granularity : g1 // bm.granularity + 1] = True
+
+    async def live_checkpoint(self) -> None:
+        """`qcowfs checkpoint`: a snapshot of now, frozen copies of the enabled bitmaps, and a
+        new enabled bitmap, in one commit (refused where the refcounts are too narrow or on v2)."""
+        image = self._image()
+        self._snap_counter += 1
+        name = f"cp{self._snap_counter}"
+        fits = snapshot_fits(self.layout.refcount_bits, len(image.snapshots) + 1, self.layout.compressed)
+        size = image.file.known_size
+        try:
+            entry = await image.checkpoint(name)
+        except QcowError as e:
+            assert not fits or not self.layout.v3, f"{self.layout.describe()}: checkpoint refused: {e}"
+            assert image.file.known_size == size and name not in [s.name for s in image.snapshots]
+            return
+        assert self.layout.v3, "a checkpoint (with bitmaps) was made on a v2 image"
+        expected = self.directory / f"snapshot-{entry.id_str}.raw"
+        must("qemu-img", "convert", "-f", "raw", "-O", "raw", self.model.path, expected)
+        self.snapshots[entry.id_str] = expected
+        self.snapshot_names[entry.id_str] = name
+        enabled = [b for b in self.bitmaps.values() if b.auto]
+        for b in enabled:
+            self.bitmaps[f"{b.name}@{name}"] = ExpectedBitmap(f"{b.name}@{name}", False, b.granularity,
+                                                              b.bits.copy())
+        g = enabled[0].granularity if enabled else min(max(self.layout.cluster_size, 4 * KiB), 64 * KiB)
+        self.bitmaps[name] = ExpectedBitmap(name, True, g, np.zeros(nbits(self.model.size, g), bool))
+
     def bitmap_add(self, name: str, auto: bool, granularity: int) -> None:
         self._closed()
         args: list[object] = ["qemu-img", "bitmap", "--add", "-g", granularity]

@@ -196,3 +196,39 @@ async def test_the_judge_catches_differences(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="snapshot id"):
         s.judge()
     assert run("qemu-img", "check", s.image).returncode == 0
+
+
+# -- live snapshots, bitmap management, checkpoints (issue 11) ---------------------------
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+async def test_live_snapshots_bitmaps_checkpoints(tmp_path: Path, name: str) -> None:
+    """Within one session: a snapshot, writes (copy-on-write), a checkpoint, bitmap changes,
+    a second checkpoint, a snapshot deleted, more writes; QEMU then finds every snapshot equal
+    to the disk at its instant and every bitmap holding exactly the writes it must."""
+    layout = COMBINATIONS[name]
+    s = build(tmp_path, layout)
+    cs, size = layout.cluster_size, s.model.size
+    await s.open()
+    try:
+        await s.write(cs // 2, make_data("random", min(3 * cs, size - cs), 1))
+        first = await s.live_snapshot_create()
+        await s.write(0, make_data("random", min(2 * cs + 3, size), 2))       # COW of shared clusters
+        await s.live_checkpoint()
+        await s.live_bitmap_add("extra", True, 4 * KiB)
+        await s.write(size // 2, make_data("text", min(cs + 100, size // 2), 3))
+        if "extra" in s.bitmaps:
+            await s.live_bitmap_change("extra", "disable")
+            await s.write(size // 3, make_data("random", 5000, 4))
+            await s.live_bitmap_change("extra", "merge", next(iter(sorted(s.bitmaps))))
+            await s.live_bitmap_change("extra", "enable")
+        await s.live_checkpoint()
+        if first is not None:
+            await s.live_snapshot_delete(first)                            # frees what only it held
+        await s.write(size - 4097, make_data("random", 4097, 5))
+        for b in sorted(s.bitmaps)[:1]:
+            await s.live_bitmap_change(b, "clear")
+        await s.close()
+    finally:
+        await s.abandon()
+    s.judge()
+    await _session(s, seed=7)     # and the image stays good to write through

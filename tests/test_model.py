@@ -291,6 +291,31 @@ class ImageMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="id")
         self.trio.run(self.subject.live_snapshot_delete, sid)
 
+    @precondition(lambda self: self.is_open() and len(self.subject.bitmaps) < 4)
+    @rule(data=st.data())
+    @step
+    def live_bitmap_add(self, data: st.DataObject) -> None:
+        self.bitmap_names += 1
+        gran = data.draw(st.sampled_from(GRANULARITIES + (self.subject.layout.cluster_size,)), label="gran")
+        self.trio.run(self.subject.live_bitmap_add, f"live{self.bitmap_names}",
+                      data.draw(st.booleans(), label="auto"), gran)
+
+    @precondition(lambda self: self.is_open() and bool(self.subject.bitmaps))
+    @rule(data=st.data())
+    @step
+    def live_bitmap_change(self, data: st.DataObject) -> None:
+        names = sorted(self.subject.bitmaps)
+        name = data.draw(st.sampled_from(names), label="bitmap")
+        action = data.draw(st.sampled_from(("remove", "clear", "enable", "disable", "merge")), label="action")
+        source = data.draw(st.sampled_from(names), label="source") if action == "merge" else None
+        self.trio.run(self.subject.live_bitmap_change, name, action, source)
+
+    @precondition(lambda self: self.is_open() and len(self.subject.bitmaps) < 6)
+    @rule()
+    @step
+    def live_checkpoint(self) -> None:
+        self.trio.run(self.subject.live_checkpoint)
+
     # ---- between sessions (QEMU changes the closed image) ---------------------------
 
     @precondition(lambda self: self.is_closed())
