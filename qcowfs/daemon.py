@@ -41,7 +41,8 @@ from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
 from .manage import Hooks, Manager
-from .views import DirNode, FileNode, SnapshotView, bitmap_nodes, build_tree, snapshot_nodes
+from .views import (DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
+                    snapshot_map_nodes, snapshot_nodes)
 
 if TYPE_CHECKING:
     from .options import MountOptions
@@ -227,8 +228,10 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
 
 def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
     """How commands on the control socket see and change the mounted tree."""
-    snaps, bitmaps = root.children["snapshots"], root.children["bitmaps"]
-    assert isinstance(snaps, DirNode) and isinstance(bitmaps, DirNode)
+    snaps, bitmaps, maps = root.children["snapshots"], root.children["bitmaps"], root.children["maps"]
+    assert isinstance(snaps, DirNode) and isinstance(bitmaps, DirNode) and isinstance(maps, DirNode)
+    snap_maps, bitmap_maps = maps.children["snapshots"], maps.children["bitmaps"]
+    assert isinstance(snap_maps, DirNode) and isinstance(bitmap_maps, DirNode)
 
     def snapshot_open(sid: str) -> bool:
         return any(isinstance(n, FileNode) and isinstance(n.view, SnapshotView)
@@ -237,6 +240,8 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
     def changed() -> None:
         ops.set_children(snaps, snapshot_nodes(image, snaps.children))
         ops.set_children(bitmaps, bitmap_nodes(image, bitmaps.children))
+        ops.set_children(snap_maps, snapshot_map_nodes(image, snap_maps.children))
+        ops.set_children(bitmap_maps, bitmap_map_nodes(image, bitmap_maps.children))
 
     return Hooks(snapshot_open=snapshot_open, changed=changed)
 

@@ -327,10 +327,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             self._no_changes()
+        view = await node.view.open()
         fh = self._next_fh
         self._next_fh += 1
-        self._open[fh] = (node.view, inode)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.view.keep_cache, direct_io=node.view.direct_io)
+        self._open[fh] = (view, inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=view.keep_cache, direct_io=view.direct_io)
 
     def _view(self, fh: int) -> FileView:
         entry = self._open.get(fh)

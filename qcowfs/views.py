@@ -2,9 +2,13 @@
 its byte ranges go. The FUSE layer sees only this interface."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
 
+from . import extents
 from .bitmaps import Bitmap, read_bitmap
 from .errors import CorruptionError, ReadOnlyError
 from .format import SnapshotEntry
@@ -51,6 +55,10 @@ class FileView:
 
     async def fsync(self) -> None:
         pass
+
+    async def open(self) -> "FileView":
+        """The view one open file handle reads (most files: this one)."""
+        return self
 
     def clip(self, offset: int, length: int) -> int:
         """How many of LENGTH bytes at OFFSET lie inside the file."""
@@ -177,6 +185,66 @@ class BitmapView(FileView):
         return await read_bitmap(self.bitmap, self.image.file, offset, length)
 
 
+class Contents(FileView):
+    """Bytes fixed when the file was opened (one open's copy of a map)."""
+
+    keep_cache = False
+    direct_io = True
+
+    def __init__(self, data: bytes, mtime_ns: int) -> None:
+        self.data = data
+        self.mtime_ns = mtime_ns
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return self.data[offset : offset + length]
+
+
+class MapView(FileView):
+    """maps/...json: an extent map made when the file is opened, so that it
+    says how the disk or bitmap is at that instant. Its size is unknown until
+    then (0 in stat); reads go straight to us (direct I/O), to the end."""
+
+    keep_cache = False
+    direct_io = True
+
+    def __init__(self, image: Image, make: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
+        self.image = image
+        self.make = make
+        self.key: object = None  # what the map is of (the tree keeps a node while it stays)
+        self.mtime_ns = os.stat(image.path).st_mtime_ns
+
+    @property
+    def size(self) -> int:
+        return 0
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return b""
+
+    async def open(self) -> FileView:
+        return Contents(map_json(await self.make()), time.time_ns())
+
+
+def map_json(entries: list[dict[str, Any]]) -> bytes:
+    """A JSON array with one extent per line, as qemu-img map and nbdinfo print it."""
+    return ("[" + ",\n".join(json.dumps(e) for e in entries) + "]\n").encode()
+
+
+def _disk_map(image: Image, l1: L1Table | None, size: int) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+    async def make() -> list[dict[str, Any]]:
+        return [e.json() for e in await extents.allocation(image, 0, size, l1)]
+    return make
+
+
+def _dirty_map(image: Image, bm: Bitmap) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+    async def make() -> list[dict[str, Any]]:
+        return extents.dirty(await read_bitmap(bm, image.file, 0, bm.size), bm.granularity, bm.virtual_size)
+    return make
+
+
 def _bitmap_file_names(bitmaps: list[Bitmap]) -> list[str]:
     return [b.name if usable_name(b.name) else f"bitmap-{i}" for i, b in enumerate(bitmaps)]
 
@@ -190,7 +258,42 @@ def build_tree(image: Image, page_cache: bool = False) -> DirNode:
     snaps.children = snapshot_nodes(image, {})
     bitmaps = root.children["bitmaps"] = DirNode("bitmaps", mtime_ns=mtime)
     bitmaps.children = bitmap_nodes(image, {})
+    maps = root.children["maps"] = DirNode("maps", mtime_ns=mtime)
+    maps.children["disk.json"] = FileNode("disk.json", MapView(image, _disk_map(image, None, image.size)))
+    maps.children["snapshots"] = DirNode("snapshots", snapshot_map_nodes(image, {}), mtime)
+    maps.children["bitmaps"] = DirNode("bitmaps", bitmap_map_nodes(image, {}), mtime)
     return root
+
+
+def snapshot_map_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
+    """maps/snapshots/NAME.json for each snapshots/NAME.raw (kept like those)."""
+    kept = {(n.view.key): n for n in old.values() if isinstance(n, FileNode) and isinstance(n.view, MapView)}
+    out: dict[str, DirNode | FileNode] = {}
+    for name, entry in zip(snapshot_file_names(image.snapshots), image.snapshots):
+        key = (entry.id_str, entry.l1_table_offset)
+        json_name = name[: -len(".raw")] + ".json"
+        node = kept.get(key)
+        if node is None or node.name != json_name:
+            view = MapView(image, _disk_map(image, L1Table(image.file, entry.l1_table_offset, entry.l1_size),
+                                            snapshot_disk_size(entry, image.size)))
+            view.key = key
+            node = FileNode(json_name, view)
+        out[json_name] = node
+    return out
+
+
+def bitmap_map_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
+    """maps/bitmaps/NAME.json: the dirty extents of each bitmaps/NAME."""
+    kept = {n.view.key: n for n in old.values() if isinstance(n, FileNode) and isinstance(n.view, MapView)}
+    out: dict[str, DirNode | FileNode] = {}
+    for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps):
+        node = kept.get(id(bm))
+        if node is None or node.name != name + ".json":
+            view = MapView(image, _dirty_map(image, bm))
+            view.key = id(bm)
+            node = FileNode(name + ".json", view)
+        out[name + ".json"] = node
+    return out
 
 
 def snapshot_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:

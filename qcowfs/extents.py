@@ -1,0 +1,197 @@
+"""Extent maps: where a disk has data (qemu-img map) and what a bitmap marks dirty.
+
+`allocation` answers as `qemu-img map --output=json` does, entry for entry:
+QEMU's block status of each layer (qcow2_co_block_status), walked down the
+backing chain until a layer says data or zero (its depth), merged as
+qemu-img merges (same flags, contiguous host offsets). `dirty` answers as
+`nbdinfo --map=qemu:dirty-bitmap:NAME --json` over `qemu-nbd -B NAME` does.
+Both are what a backup tool needs from a plain file: which ranges to copy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .format import L2E_OFFSET_MASK, SubclusterType, cluster_types, subcluster_type
+from .mapper import L1Table, Mapper
+
+
+@dataclass
+class Extent:
+    """One entry of qemu-img map --output=json."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+
+    def json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
+                             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+    def follows(self, prev: "Extent") -> bool:
+        """PREV and this are one entry for qemu-img (its entry_mergeable)."""
+        return (prev.start + prev.length == self.start and prev.depth == self.depth
+                and prev.present == self.present and prev.zero == self.zero and prev.data == self.data
+                and (prev.offset is None) == (self.offset is None)
+                and (prev.offset is None or prev.offset + prev.length == self.offset))
+
+
+class Layer(Protocol):
+    """What allocation() needs of an image in the chain (Image provides it)."""
+
+    mapper: Mapper
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def active_l1(self) -> L1Table: ...
+
+    @property
+    def backing(self) -> object: ...
+
+
+def _add(out: list[Extent], e: Extent) -> None:
+    if out and e.follows(out[-1]):
+        out[-1].length += e.length
+    elif e.length > 0:
+        out.append(e)
+
+
+# How each (sub)cluster type answers block status: (present, zero, data, has offset).
+_STATUS = {
+    SubclusterType.NORMAL: (True, False, True, True),
+    SubclusterType.ZERO_PLAIN: (True, True, False, False),
+    SubclusterType.ZERO_ALLOC: (True, True, False, True),
+    SubclusterType.COMPRESSED: (True, False, True, False),
+}
+
+
+async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
+                     depth: int = 0) -> list[Extent]:
+    """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table)."""
+    out: list[Extent] = []
+    mapper = layer.mapper
+    geo = mapper.geo
+    l1 = l1 if l1 is not None else layer.active_l1
+    span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
+    pos = start
+    while pos < end:
+        index = pos // span
+        chunk_end = min(end, (index + 1) * span)
+        table = await mapper.l2_table(l1, index)
+        if table is None:
+            for e in await _below(layer, pos, chunk_end, depth):
+                _add(out, e)
+            pos = chunk_end
+            continue
+        base = index * span
+        first, last = (pos - base) >> cb, (chunk_end - 1 - base) >> cb
+        for a, b, t, host in _pieces(mapper, table, base, first, last):
+            a, b = max(a, pos), min(b, chunk_end)
+            if t in _STATUS:
+                present, zero, data, has_offset = _STATUS[t]
+                offset = host + ((a - base) & (cs - 1)) if has_offset else None
+                _add(out, Extent(a, b - a, depth, present, zero, data, offset))
+            else:
+                for e in await _below(layer, a, b, depth):
+                    _add(out, e)
+        pos = chunk_end
+    return out
+
+
+def _pieces(mapper: Mapper, table: np.ndarray, base: int, first: int,
+            last: int) -> list[tuple[int, int, SubclusterType, int]]:
+    """(guest start, guest end, type, host offset of the cluster) for the
+    clusters FIRST..LAST of TABLE: per cluster, or per subcluster (extended L2)."""
+    geo = mapper.geo
+    cb, cs = geo.cluster_bits, geo.cluster_size
+    out: list[tuple[int, int, SubclusterType, int]] = []
+    if not geo.extended_l2:
+        entries = table[first : last + 1]
+        types = cluster_types(entries, mapper.external_data)
+        hosts = (entries & np.uint64(L2E_OFFSET_MASK)).tolist()
+        for i, (t, h) in enumerate(zip(types.tolist(), hosts)):
+            c0 = base + ((first + i) << cb)
+            out.append((c0, c0 + cs, SubclusterType(t), h))
+        return out
+    sc = geo.subcluster_size
+    for k in range(first, last + 1):
+        w0, bitmap = int(table[k, 0]), int(table[k, 1])
+        c0 = base + (k << cb)
+        h = w0 & L2E_OFFSET_MASK
+        for s in range(cs // sc):
+            t = subcluster_type(w0, bitmap, s, True, mapper.external_data)
+            # a subcluster's host offset: the cluster's plus its place in it
+            out.append((c0 + s * sc, c0 + (s + 1) * sc, t, h))
+            if t == SubclusterType.COMPRESSED:
+                out[-1] = (c0, c0 + cs, t, h)
+                break
+    return out
+
+
+async def _below(layer: Layer, start: int, end: int, depth: int) -> list[Extent]:
+    """Block status where LAYER has nothing: its backing file's, else zeros."""
+    backing = layer.backing
+    size = getattr(backing, "size", 0) if backing is not None else 0
+    out: list[Extent] = []
+    if backing is not None and start < size:
+        stop = min(end, size)
+        if hasattr(backing, "mapper"):
+            out = await allocation(backing, start, stop, depth=depth + 1)  # type: ignore[arg-type]
+        else:
+            out = _raw_status(backing, start, stop, depth + 1)
+        start = stop
+    if start < end:
+        _add(out, Extent(start, end - start, depth, False, True, False))
+    return out
+
+
+def _raw_status(raw: object, start: int, end: int, depth: int) -> list[Extent]:
+    """A raw backing file: data where the host file has data, zeros in its holes."""
+    fd: int = raw.file.fd  # type: ignore[attr-defined]
+    out: list[Extent] = []
+    pos = start
+    while pos < end:
+        try:
+            data_at = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            data_at = end
+        if data_at > pos:
+            stop = min(end, data_at)
+            _add(out, Extent(pos, stop - pos, depth, True, True, False, pos))
+            pos = stop
+            continue
+        hole_at = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
+        _add(out, Extent(pos, hole_at - pos, depth, True, False, True, pos))
+        pos = hole_at
+    return out
+
+
+def dirty(bits: bytes, granularity: int, size: int) -> list[dict[str, Any]]:
+    """The extents of a bitmap's BITS as nbdinfo --map=qemu:dirty-bitmap:NAME --json."""
+    nbits = -(-size // granularity)
+    on = np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")[:nbits].astype(np.int8)
+    if len(on) < nbits:
+        on = np.concatenate([on, np.zeros(nbits - len(on), np.int8)])
+    edges = np.flatnonzero(np.diff(on)) + 1
+    starts = [0, *edges.tolist()]
+    out = []
+    for i, s in enumerate(starts):
+        e = starts[i + 1] if i + 1 < len(starts) else nbits
+        lo, hi = s * granularity, min(size, e * granularity)
+        if hi > lo:
+            d = bool(on[s]) if nbits else False
+            out.append({"offset": lo, "length": hi - lo, "type": int(d),
+                        "description": "dirty" if d else "clean"})
+    return out
