@@ -17,12 +17,14 @@ import signal
 import stat
 import sys
 import time
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from . import __version__, mounts
 from .errors import QcowError, UsageError
-from .image import Image, OpenOptions
 from .options import MountOptions, parse_size
+
+if TYPE_CHECKING:
+    from .image import Image, OpenOptions
 
 log = logging.getLogger("qcowfs")
 SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map")
@@ -70,6 +72,8 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     image_path = os.path.abspath(image_arg)
     mountpoint = os.path.abspath(mountpoint_arg)
     _check_mountpoint(image_path, mountpoint)
+    from .image import OpenOptions
+
     image = open_image(image_arg, OpenOptions(read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes))
     fuse_options = _fuse_options(image_path, opts)
     if foreground:
@@ -105,9 +109,12 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     die(msg.strip().splitlines()[-1])
 
 
-def open_image(image_arg: str, options: OpenOptions) -> Image:
+def open_image(image_arg: str, options: "OpenOptions") -> "Image":
     """Open IMAGE; errors about its contents name the file; what a read-only
-    open left out (a damaged snapshot table...) is one warning line each."""
+    open left out (a damaged snapshot table...) is one warning line each.
+    (The image code is imported here: commands that talk to a daemon start fast.)"""
+    from .image import Image
+
     try:
         image = Image(os.path.abspath(image_arg), options)
     except QcowError as e:
@@ -230,6 +237,8 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
 
     from .info import describe, render
 
+    from .image import OpenOptions
+
     image = open_image(image_arg, OpenOptions(read_only=True, force_share=force_share))
     try:
         d = describe(image)
@@ -262,6 +271,8 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, 
     import trio
 
     from .manage import Manager
+
+    from .image import OpenOptions
 
     image = open_image(target, OpenOptions(read_only=not writes))
 
@@ -378,6 +389,8 @@ def _map_from_image(image_arg: str, snapshot: str | None, bitmap: str | None) ->
     from .bitmaps import read_bitmap
     from .mapper import L1Table
     from .snapshots import snapshot_disk_size
+
+    from .image import OpenOptions
 
     image = open_image(image_arg, OpenOptions(read_only=True))
 

@@ -29,6 +29,7 @@ from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
 from .locking import lock_image
 from .mapper import L1Table, Mapper, Source
 from .metadata import Metadata
+from .options import DEFAULT_L2_CACHE_BYTES
 from .overlap import Kind
 from .references import build_overlap_map
 from .refcount import Allocator, Transaction, rebuild
@@ -43,7 +44,6 @@ MAX_CHAIN_DEPTH = 64
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
 MAX_SNAPSHOT_TABLE = 64 << 20
 MAX_SNAPSHOT_EXTRA = 1024
-DEFAULT_L2_CACHE_BYTES = 32 << 20
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
 
 

@@ -9,7 +9,9 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .image import DEFAULT_L2_CACHE_BYTES
+
+# The L2 cache of one mount (-o l2_cache_size=); Image's default too.
+DEFAULT_L2_CACHE_BYTES = 32 << 20
 
 # Options mount(8) and systemd pass along that mean nothing to us.
 GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "atime", "auto", "nofail", "_netdev",

@@ -359,6 +359,7 @@ class Transaction:
         self.start = self.end = -(-alloc.file.known_size // cs)
         self._clusters: list[np.ndarray] = []
         self._deltas: list[np.ndarray] = []
+        self._sum: tuple[np.ndarray, np.ndarray] | None = None
         self.freed: np.ndarray = np.zeros(0, np.int64)
         self._old_size = alloc.file.known_size
         self.committed = False
@@ -405,6 +406,7 @@ class Transaction:
         if len(clusters):
             self._clusters.append(clusters.astype(np.int64))
             self._deltas.append(np.full(len(clusters), delta, np.int64))
+            self._sum = None
 
     async def new_refcounts(self, clusters: np.ndarray) -> np.ndarray:
         """What the refcounts of CLUSTERS (indexes) will be after the commit."""
@@ -431,12 +433,15 @@ class Transaction:
         return self._summed()[0]
 
     def _summed(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._clusters:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        cl, inv = np.unique(np.concatenate(self._clusters), return_inverse=True)
-        delta = np.bincount(inv, weights=np.concatenate(self._deltas), minlength=len(cl)).astype(np.int64)
-        keep = delta != 0
-        return cl[keep], delta[keep]
+        """(clusters, net delta) of every change so far, sorted (kept until the next change)."""
+        if self._sum is None:
+            if not self._clusters:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            cl, inv = np.unique(np.concatenate(self._clusters), return_inverse=True)
+            delta = np.bincount(inv, weights=np.concatenate(self._deltas), minlength=len(cl)).astype(np.int64)
+            keep = delta != 0
+            self._sum = cl[keep], delta[keep]
+        return self._sum
 
     async def commit(self) -> None:
         """Write the changed refcount blocks and a new table after the new

@@ -254,6 +254,7 @@ async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     l2_offs = (l1[idx] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
     l2_rc = await txn.new_refcounts(l2_offs // cs)
     changed = txn.changed_clusters()
+    copies: list[tuple[int, int, np.ndarray]] = []
     for i, off, rc in zip(idx.tolist(), l2_offs.tolist(), l2_rc.tolist()):
         table = await l2_cache.get(off)
         w = _words(table)
@@ -274,6 +275,10 @@ async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
             copy[:, 0] = new_w
         else:
             copy[:] = new_w
+        copies.append((i, off, copy))
+    # (The copies change refcounts only now: the flags above come from the
+    # snapshot's own changes, which these do not touch.)
+    for i, off, copy in copies:
         txn.change(off, cs, -1)
         at = txn.allocate(cs)
         meta.write(at, _encode(copy), "L2 table copy")

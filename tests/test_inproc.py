@@ -8,6 +8,8 @@ test (test_model.py) mixes the same features at random.
 """
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,43 @@ async def test_live_snapshots_bitmaps_checkpoints(tmp_path: Path, name: str) -> 
         await s.abandon()
     s.judge()
     await _session(s, seed=7)     # and the image stays good to write through
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+async def test_maps_equal_qemu(tmp_path: Path, name: str) -> None:
+    """qcowfs' allocation map is qemu-img map's, entry for entry (backing chain, zero,
+    compressed, subclusters...), for the disk and for each snapshot's own view; each bitmap's
+    dirty map is what qemu-nbd -B + nbdinfo report."""
+    import json
+
+    from qcowfs import extents
+    from qcowfs.bitmaps import read_bitmap
+    from qcowfs.image import Image, OpenOptions
+
+    layout = COMBINATIONS[name]
+    s = build(tmp_path, layout)
+    await _session(s, seed=3)
+    if layout.v3:
+        s.qemu_write(s.model.size // 2, layout.cluster_size, 0)     # zero clusters, QEMU's way
+    image = Image(str(s.image), OpenOptions(read_only=True))
+    try:
+        ours = [e.json() for e in await extents.allocation(image, 0, image.size)]
+        bits = {b.name: (await read_bitmap(b, image.file, 0, b.size), b.granularity) for b in image.bitmaps}
+    finally:
+        await image.close()
+    theirs = json.loads(must("qemu-img", "map", "--output=json", s.image))
+    assert ours == theirs, f"{layout.describe()}\nours  {ours}\nqemu  {theirs}"
+    for bname, (raw, g) in bits.items():
+        sock = tmp_path / "nbd.sock"
+        nbd = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B", bname, str(s.image)])
+        try:
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            want = json.loads(must("nbdinfo", f"--map=qemu:dirty-bitmap:{bname}", "--json",
+                                   f"nbd+unix:///?socket={sock}"))
+        finally:
+            nbd.terminate()
+            nbd.wait()
+        assert extents.dirty(raw, g, s.model.size) == want, f"{layout.describe()}: bitmap {bname}"
