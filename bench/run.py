@@ -848,6 +848,8 @@ def parse_args(argv):
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip the data check of each read mount")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the random image")
+    ap.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time snapshot create/delete and dirty maps (bench/ops.py)")
     ap.add_argument("--json", type=Path, default=WORK / "results.json")
     cfg = ap.parse_args(argv)
     cfg.runs = cfg.runs or (1 if cfg.quick else 3)
@@ -909,6 +911,11 @@ def main(argv=None):
         log(f"image {qcow2.name}: {cfg.size // MIB} MiB, {cfg.runs} run(s) each, "
             f"random runs {cfg.runtime}s")
         results = measure(cfg, benches, contenders, raw, qcow2)
+        ops_text = None
+        if cfg.ops:
+            import ops  # bench/ops.py: snapshot and dirty-map timings against QEMU's tools
+            log("metadata operations (bench/ops.py) ...")
+            ops_text, ops_rows = ops.run_all(qcow2, cfg.runs)
     except KeyboardInterrupt:
         log("interrupted, cleaning up")
         return 130
@@ -932,7 +939,12 @@ def main(argv=None):
     if max(load_start, load_end) > 0.5 * (os.cpu_count() or 1):
         print(f"WARNING: other load on the machine (load average {load_start:.1f} at start, "
               f"{load_end:.1f} at end, {os.cpu_count()} CPUs): numbers are noisy")
+    if ops_text:
+        print()
+        print(ops_text)
     data = to_json(cfg, benches, contenders, results, versions, elapsed)
+    if ops_text:
+        data["operations"] = ops_rows
     data["host"]["loadavg_start"] = round(load_start, 2)
     data["host"]["loadavg_end"] = round(load_end, 2)
     cfg.json.parent.mkdir(parents=True, exist_ok=True)

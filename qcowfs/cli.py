@@ -10,7 +10,6 @@ import argparse
 import difflib
 import json
 import logging
-import logging.handlers
 import os
 import re
 import signal
@@ -152,6 +151,8 @@ def _file_handler(path: str) -> logging.Handler:
 def _syslog_handler() -> logging.Handler | None:
     """A handler for the local syslog socket, or None if there is none (no
     /dev/log, or nothing listens on it: containers, minimal hosts)."""
+    import logging.handlers  # (only a mount needs it: other commands start faster)
+
     try:
         if not stat.S_ISSOCK(os.stat("/dev/log").st_mode):
             return None
@@ -285,7 +286,7 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, 
 
 
 def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
-    from .info import render_snapshots
+    from .text import render_snapshots
 
     if as_json:
         print(json.dumps(reply["snapshots"], indent=4))

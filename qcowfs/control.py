@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Awaitable, Callable
-
-import trio
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from . import mounts
 from .errors import QcowError, UsageError
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("qcowfs")
 MAX_REQUEST = 1 << 16
@@ -37,7 +38,10 @@ class ControlError(QcowError):
 
 
 async def serve(path: str, handler: Handler) -> None:
-    """Answer requests on a unix socket at PATH until cancelled (then remove it)."""
+    """Answer requests on a unix socket at PATH until cancelled (then remove it).
+    (trio is imported here, not for the module: the client side starts fast.)"""
+    import trio
+
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -62,7 +66,9 @@ async def serve(path: str, handler: Handler) -> None:
             pass
 
 
-async def _answer(stream: trio.SocketStream, handler: Handler) -> None:
+async def _answer(stream: "trio.SocketStream", handler: Handler) -> None:
+    import trio
+
     async with stream:
         try:
             request = await _read_line(stream)
@@ -85,7 +91,7 @@ async def _answer(stream: trio.SocketStream, handler: Handler) -> None:
             pass
 
 
-async def _read_line(stream: trio.SocketStream) -> bytes:
+async def _read_line(stream: "trio.SocketStream") -> bytes:
     buf = b""
     while not buf.endswith(b"\n"):
         chunk = await stream.receive_some(MAX_REQUEST)

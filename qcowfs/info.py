@@ -7,6 +7,7 @@ from typing import Any
 from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, EXT_BACKING_FORMAT, EXT_DATA_FILE,
                      INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
 from .image import Image
+from .text import human_size, render_snapshots
 
 
 def describe(image: Image) -> dict[str, Any]:
@@ -61,30 +62,10 @@ def snapshot_info(s: SnapshotEntry) -> dict[str, Any]:
     }
 
 
-def render_snapshots(snaps: list[dict[str, Any]]) -> list[str]:
-    """The "Snapshot list:" table of qemu-img info and qemu-img snapshot -l."""
-    import time
-    lines = ["Snapshot list:", f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10} {'DATE':<20}{'VM CLOCK':>16}"]
-    for s in snaps:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-        secs = s["vm-clock-sec"]
-        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
-        lines.append(f"{s['id']:<8}{s['name']:<24}{_human(s['vm-state-size']):>10} {date:<20}{clock:>16}")
-    return lines
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def render(d: dict[str, Any]) -> str:
     lines = [f"image: {d['filename']}", "file format: qcow2",
-             f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
-             f"disk size: {_human(d['actual-size'])}",
+             f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
+             f"disk size: {human_size(d['actual-size'])}",
              f"cluster_size: {d['cluster-size']}"]
     if "backing-filename" in d:
         lines.append(f"backing file: {d['backing-filename']}"
