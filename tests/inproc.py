@@ -414,27 +414,34 @@ class Subject:
         must("qemu-img", "snapshot", "-d", self.snapshot_names.pop(sid), self.image)  # -d takes names
         self.snapshots.pop(sid).unlink()
 
-    async def live_snapshot_create(self) -> str | None:
-        """Snapshot through qcowfs in the open session; it must hold the model of now.
-        Where the refcounts cannot count another reference, the refusal is checked
-        (None): the image must be as it was."""
+    async def _live_snapshot(self, prefix: str, take: Callable[[Image, str], Awaitable[Any]],
+                             refusable: bool) -> str | None:
+        """Snapshot (TAKE) through qcowfs in the open session; it must hold the model of now.
+        Where it may be REFUSABLE (refcounts too narrow...), a refusal must leave the image as
+        it was (None)."""
         image = self._image()
         self._snap_counter += 1
-        name = f"live{self._snap_counter}"
-        fits = snapshot_fits(self.layout.refcount_bits, len(image.snapshots) + 1, self.layout.compressed)
+        name = f"{prefix}{self._snap_counter}"
         size = image.file.known_size
         try:
-            entry = await image.create_snapshot(name)
+            entry = await take(image, name)
         except QcowError as e:
-            assert not fits, f"{self.layout.describe()}: live snapshot refused: {e}"
+            assert refusable, f"{self.layout.describe()}: {name} refused: {e}"
             assert image.file.known_size == size and name not in [s.name for s in image.snapshots]
             return None
-        expected = self.directory / f"snapshot-{entry.id_str}.raw"
         # Converted as the judge converts the snapshot (the same holes for `compare -s`).
+        expected = self.directory / f"snapshot-{entry.id_str}.raw"
         must("qemu-img", "convert", "-f", "raw", "-O", "raw", self.model.path, expected)
         self.snapshots[entry.id_str] = expected
         self.snapshot_names[entry.id_str] = name
-        return entry.id_str
+        return str(entry.id_str)
+
+    def _snapshot_fits(self) -> bool:
+        return snapshot_fits(self.layout.refcount_bits, len(self._image().snapshots) + 1, self.layout.compressed)
+
+    async def live_snapshot_create(self) -> str | None:
+        """A snapshot through qcowfs (refused only where the refcounts are too narrow)."""
+        return await self._live_snapshot("live", Image.create_snapshot, not self._snapshot_fits())
 
     async def live_snapshot_delete(self, sid: str) -> None:
         await self._image().delete_snapshot(self.snapshot_names.pop(sid))
@@ -475,23 +482,12 @@ class Subject:
     async def live_checkpoint(self) -> None:
         """`qcowfs checkpoint`: a snapshot of now, frozen copies of the enabled bitmaps, and a
         new enabled bitmap, in one commit (refused where the refcounts are too narrow or on v2)."""
-        image = self._image()
-        self._snap_counter += 1
-        name = f"cp{self._snap_counter}"
-        fits = snapshot_fits(self.layout.refcount_bits, len(image.snapshots) + 1, self.layout.compressed)
-        size = image.file.known_size
-        try:
-            entry = await image.checkpoint(name)
-        except QcowError as e:
-            assert not fits or not self.layout.v3, f"{self.layout.describe()}: checkpoint refused: {e}"
-            assert image.file.known_size == size and name not in [s.name for s in image.snapshots]
+        enabled = [b for b in self.bitmaps.values() if b.auto]
+        sid = await self._live_snapshot("cp", Image.checkpoint, not self._snapshot_fits() or not self.layout.v3)
+        if sid is None:
             return
         assert self.layout.v3, "a checkpoint (with bitmaps) was made on a v2 image"
-        expected = self.directory / f"snapshot-{entry.id_str}.raw"
-        must("qemu-img", "convert", "-f", "raw", "-O", "raw", self.model.path, expected)
-        self.snapshots[entry.id_str] = expected
-        self.snapshot_names[entry.id_str] = name
-        enabled = [b for b in self.bitmaps.values() if b.auto]
+        name = self.snapshot_names[sid]
         for b in enabled:
             self.bitmaps[f"{b.name}@{name}"] = ExpectedBitmap(f"{b.name}@{name}", False, b.granularity,
                                                               b.bits.copy())
