@@ -390,3 +390,38 @@ def test_readme_backup_example(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     inc = sum((dest / f).stat().st_blocks * 512 for f in os.listdir(dest) if f.endswith(".inc"))
     assert inc < 8 * MiB, f"increments hold {inc} bytes: more than what changed"
+
+
+def test_qemu_applies_and_deletes_live_snapshots(tmp_path: Path) -> None:
+    """Snapshots made on a mount are QEMU's own: `qemu-img snapshot -a` reverts to them
+    (it recomputes what qcowfs left stale in inactive tables), `-d` deletes them, and the
+    image stays clean through qcowfs writes afterwards."""
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "32M")
+    qemu_io(img, "write -P 1 0 4M")
+    with mounted(img, tmp_path / "mnt", read_only=False) as mnt:
+        qcowfs("snapshot", "create", mnt, "s1")
+        s1 = (mnt / "disk.raw").read_bytes()
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(3 * 65536)
+            f.write(os.urandom(20 * 65536))
+        qcowfs("checkpoint", mnt, "c1")
+        c1 = (mnt / "disk.raw").read_bytes()
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(30 * 65536)
+            f.write(os.urandom(20 * 65536))
+        qcowfs("bitmap", "remove", mnt, "c1")       # QEMU refuses -a with active bitmaps
+    for name, want in (("s1", s1), ("c1", c1)):
+        qemu_img("snapshot", "-a", name, img)
+        check_clean(img)
+        to_raw(img, tmp_path / "now.raw")
+        assert (tmp_path / "now.raw").read_bytes() == want, f"qemu-img snapshot -a {name}"
+    qemu_img("snapshot", "-d", "s1", img)
+    check_clean(img)
+    with mounted(img, tmp_path / "mnt", read_only=False) as mnt:
+        assert (mnt / "disk.raw").read_bytes() == c1
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(3 * 65536)
+            f.write(os.urandom(20 * 65536))
+        qcowfs("snapshot", "delete", mnt, "c1")
+    check_clean(img)
