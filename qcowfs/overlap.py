@@ -97,6 +97,22 @@ class OverlapMap:
         for key in [key for key in self._extra if key[1] == kind]:
             del self._extra[key]
 
+    def __eq__(self, other: object) -> bool:
+        """The same structures in the same clusters (a map kept up to date
+        equals one built afresh from the image)."""
+        if not isinstance(other, OverlapMap):
+            return NotImplemented
+        return (self.cluster_bits, self._kinds, +self._extra) == (other.cluster_bits, other._kinds, +other._extra)
+
+    def differences(self, other: "OverlapMap") -> list[str]:
+        """What differs from OTHER, for a test's message."""
+        out = [f"cluster {c}: {self._kinds.get(c, 0)!r} / {other._kinds.get(c, 0)!r}"
+               for c in sorted(set(self._kinds) | set(other._kinds)) if self._kinds.get(c) != other._kinds.get(c)]
+        return out + [f"extra {k}: {self._extra.get(k)} / {other._extra.get(k)}"
+                      for k in sorted(set(self._extra) | set(other._extra)) if self._extra.get(k) != other._extra.get(k)]
+
+    __hash__ = None  # type: ignore[assignment]
+
     def kinds_at(self, offset: int, length: int) -> int:
         """The union of the kinds found in [offset, offset+length)."""
         kinds = self._kinds

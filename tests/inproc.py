@@ -49,6 +49,8 @@ import trio
 
 from qcowfs.errors import QcowError, ResizeError
 from qcowfs.image import Image, OpenOptions
+from qcowfs.metadata import Metadata
+from qcowfs.references import build_overlap_map
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 TIMEOUT = 300
@@ -434,6 +436,7 @@ class Subject:
         must("qemu-img", "convert", "-f", "raw", "-O", "raw", self.model.path, expected)
         self.snapshots[entry.id_str] = expected
         self.snapshot_names[entry.id_str] = name
+        self.overlap_consistent()
         return str(entry.id_str)
 
     def _snapshot_fits(self) -> bool:
@@ -446,6 +449,19 @@ class Subject:
     async def live_snapshot_delete(self, sid: str) -> None:
         await self._image().delete_snapshot(self.snapshot_names.pop(sid))
         self.snapshots.pop(sid).unlink()
+        self.overlap_consistent()
+
+    def overlap_consistent(self) -> None:
+        """The overlap map kept up to date through live metadata changes equals one
+        built afresh from what is on disk now (else a later write could land on metadata,
+        or be refused for no reason)."""
+        image = self._image()
+        fresh = Metadata(image.file, image.header, image.geo)
+        fresh.snapshots = list(image.snapshots)
+        fresh.bitmap_directory = list(image.meta.bitmap_directory)
+        build_overlap_map(fresh)
+        assert image.meta.overlap == fresh.overlap, \
+            f"{self.layout.describe()}: overlap map drifted: {image.meta.overlap.differences(fresh.overlap)[:8]}"
 
     # ---- bitmaps and checkpoints through qcowfs, in the open session ------------------
 
@@ -460,10 +476,12 @@ class Subject:
         await image.add_bitmap(name, granularity, auto)
         self.bitmaps[name] = ExpectedBitmap(name, auto, granularity,
                                             np.zeros(nbits(self.model.size, granularity), bool))
+        self.overlap_consistent()
 
     async def live_bitmap_change(self, name: str, action: str, source: str | None = None) -> None:
         """remove, clear, enable, disable, merge (SOURCE into NAME) through qcowfs."""
         await self._image().change_bitmap(name, action, [source] if source else None)
+        self.overlap_consistent()
         bm = self.bitmaps[name]
         if action == "remove":
             del self.bitmaps[name]
