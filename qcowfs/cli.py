@@ -275,7 +275,7 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, 
 
     from .image import OpenOptions
 
-    image = open_image(target, OpenOptions(read_only=not writes))
+    image = _open_unmounted(target, OpenOptions(read_only=not writes))
 
     async def run() -> dict[str, Any]:
         try:
@@ -283,6 +283,21 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, 
         finally:
             await image.close()
     return trio.run(run)
+
+
+def _open_unmounted(image_arg: str, options: "OpenOptions") -> "Image":
+    """open_image, saying where the image is mounted if a qcowfs mount holds it."""
+    from .errors import ImageLockedError
+
+    try:
+        return open_image(image_arg, options)
+    except ImageLockedError as e:
+        source = mounts.fsname(os.path.abspath(image_arg))
+        where = [m.mountpoint for m in mounts.mounts() if m.fstype == mounts.FSTYPE and m.source == source]
+        if where:
+            raise ImageLockedError(f"{image_arg} is mounted on {where[0]}: give the mount point "
+                                   f"instead (qcowfs ... {where[0]})") from None
+        raise e from None
 
 
 def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
@@ -349,7 +364,7 @@ def cmd_map(a: argparse.Namespace) -> int:
     elif os.path.isdir(a.target):
         raise UsageError(f"{a.target} is not a qcowfs mount point")
     else:
-        entries = _map_from_image(a.target, a.snapshot, a.bitmap)
+        entries = _map_from_image(a.target, a.snapshot, a.bitmap, a.force_share)
     if a.output == "json":
         sys.stdout.write(("[" + ",\n".join(json.dumps(e) for e in entries) + "]\n"))
     elif a.bitmap:
@@ -383,7 +398,8 @@ def _map_from_mount(mountpoint: str, snapshot: str | None, bitmap: str | None) -
     raise UsageError(f"{mountpoint} has no {what}")
 
 
-def _map_from_image(image_arg: str, snapshot: str | None, bitmap: str | None) -> list[dict[str, Any]]:
+def _map_from_image(image_arg: str, snapshot: str | None, bitmap: str | None,
+                    force_share: bool) -> list[dict[str, Any]]:
     import trio
 
     from . import bitmap_ops, extents, snapshot_ops
@@ -393,7 +409,7 @@ def _map_from_image(image_arg: str, snapshot: str | None, bitmap: str | None) ->
 
     from .image import OpenOptions
 
-    image = open_image(image_arg, OpenOptions(read_only=True))
+    image = _open_unmounted(image_arg, OpenOptions(read_only=True, force_share=force_share))
 
     async def run() -> list[dict[str, Any]]:
         try:
@@ -497,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--snapshot", metavar="NAME", help="map of an internal snapshot")
     mp.add_argument("--bitmap", metavar="NAME", help="dirty extents of a persistent bitmap")
     mp.add_argument("--output", choices=("human", "json"), default="human")
+    mp.add_argument("-U", "--force-share", action="store_true",
+                    help="take no lock: map an image that a VM holds (it may change meanwhile)")
     return p
 
 
