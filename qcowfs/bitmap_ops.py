@@ -117,7 +117,7 @@ def keep(bm: Bitmap) -> Plan:
     return Plan(bm, bm.entry.flags, tracked=bm.bits)
 
 
-def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bitmap],
+async def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bitmap],
           adopt: Callable[[list[Bitmap]], None]) -> None:
     """Write the tables PLANS store and the new directory as part of TXN; the
     tables of REMOVED bitmaps and replaced tables lose their reference. Once
@@ -128,7 +128,7 @@ def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bit
     new_tables: dict[int, tuple[list[int], int]] = {}
     for p in plans:
         if p.store is not None:
-            new_tables[id(p.bitmap)] = _write_table(meta, txn, p.bitmap, p.store)
+            new_tables[id(p.bitmap)] = await _write_table(meta, txn, p.bitmap, p.store)
     for bm in removed + [p.bitmap for p in plans if id(p.bitmap) in new_tables]:
         if bm.entry.bitmap_table_offset:
             _give_back(txn, bm, cs)
@@ -145,7 +145,7 @@ def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bit
     directory = b"".join(e.pack() for e in entries)
     ext: BitmapsExtension | None = None
     if entries:
-        at = txn.allocate(len(directory))
+        at = await txn.allocate(len(directory))
         meta.write(at, directory, "new bitmap directory")
         ext = BitmapsExtension(len(entries), len(directory), at)
     txn.set(extensions=with_extension(list(h.extensions), EXT_BITMAPS, ext.pack() if ext else None),
@@ -173,7 +173,7 @@ def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bit
     txn.then(follow)
 
 
-def _write_table(meta: Metadata, txn: Transaction, bm: Bitmap, bits: bytearray) -> tuple[list[int], int]:
+async def _write_table(meta: Metadata, txn: Transaction, bm: Bitmap, bits: bytearray) -> tuple[list[int], int]:
     """BITS as data clusters (all-zero ones left out) and a table, after the end of the file."""
     cs = meta.geo.cluster_size
     table = []
@@ -182,11 +182,11 @@ def _write_table(meta: Metadata, txn: Transaction, bm: Bitmap, bits: bytearray) 
         if not chunk.strip(b"\0"):
             table.append(0)
             continue
-        at = txn.allocate(cs)
+        at = await txn.allocate(cs)
         meta.write(at, chunk.ljust(cs, b"\0"), f"bitmap '{bm.name}' data")
         table.append(at)
     raw = struct.pack(f">{len(table)}Q", *table)
-    at = txn.allocate(max(1, len(raw)))
+    at = await txn.allocate(max(1, len(raw)))
     meta.write(at, raw.ljust(-(-max(1, len(raw)) // cs) * cs, b"\0"), f"bitmap '{bm.name}' table")
     return table, at
 

@@ -461,14 +461,14 @@ class Image:
         """A new persistent bitmap; enabled, it tracks writes from this instant."""
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             plans = await bitmap_ops.plan_add(self.meta, self.bitmaps, name, granularity, enabled)
-            bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
             await txn.commit()
 
     async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None) -> None:
         """remove, clear, enable, disable, or merge SOURCES into bitmap NAME."""
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             plans, removed = await bitmap_ops.plan_change(self.meta, self.bitmaps, name, action, sources or [])
-            bitmap_ops.stage(self.meta, txn, plans, removed, self._adopt_bitmaps)
+            await bitmap_ops.stage(self.meta, txn, plans, removed, self._adopt_bitmaps)
             await txn.commit()
 
     async def checkpoint(self, name: str) -> SnapshotEntry:
@@ -477,7 +477,7 @@ class Image:
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             plans = bitmap_ops.plan_checkpoint(self.meta, self.bitmaps, name)
             entry = await snapshot_ops.stage_create(self.meta, self.l2_cache, txn, name)
-            bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
             await txn.commit()
         return entry
 

@@ -194,12 +194,13 @@ class Allocator:
         self.free_hint = start + n
         return start * self.geo.cluster_size
 
-    async def _find_free(self, n: int, covered_only: bool = False) -> int:
-        """First run of N free clusters at or after the hint, a block at a time.
-        With COVERED_ONLY, only clusters that already have a refcount block."""
+    async def _find_free(self, n: int, covered_only: bool = False, start: int | None = None) -> int:
+        """First run of N free clusters at or after START (default: the hint), a
+        block at a time. With COVERED_ONLY, only clusters that already have a
+        refcount block (-1 if there are none)."""
         rpb = self.rpb
-        c = self.free_hint
-        if n <= 64 and not covered_only and self._free_at(c, n):
+        c = self.free_hint if start is None else start
+        if n <= 64 and not covered_only and start is None and self._free_at(c, n):
             return c  # usually: right after the last allocation
         run_start, run_len = c, 0
         while True:
@@ -360,6 +361,8 @@ class Transaction:
         self._clusters: list[np.ndarray] = []
         self._deltas: list[np.ndarray] = []
         self._sum: tuple[np.ndarray, np.ndarray] | None = None
+        self._taken: list[tuple[int, int]] = []  # cluster ranges allocate() handed out
+        self._search = 1
         self.freed: np.ndarray = np.zeros(0, np.int64)
         self._old_size = alloc.file.known_size
         self.committed = False
@@ -388,13 +391,50 @@ class Transaction:
         if exc_type is not None and not self.committed:
             self.alloc.file.truncate(self._old_size)
 
-    def allocate(self, nbytes: int) -> int:
-        """Host offset of new clusters for NBYTES (after the end of the file)."""
-        n = max(1, -(-nbytes // self.alloc.geo.cluster_size))
-        first = self.end
-        self.end += n
+    async def allocate(self, nbytes: int) -> int:
+        """Host offset of clusters for NBYTES that nothing uses: free ones (refcount
+        0, no metadata, not referenced by a table loaded) that this transaction did
+        not take yet, else after the end of the file. The old image never points
+        to them, so writing them before the commit is safe."""
+        alloc = self.alloc
+        n = max(1, -(-nbytes // alloc.geo.cluster_size))
+        first = await self._free_run(n)
+        if first < 0:
+            first = self.end
+            self.end += n
+        self._taken.append((first, first + n))
         self.change_clusters(np.arange(first, first + n, dtype=np.int64), 1)
-        return first * self.alloc.geo.cluster_size
+        return first * alloc.geo.cluster_size
+
+    async def _place(self, n: int) -> int:
+        """Where N clusters would go (free ones, else after the caller's), without taking them."""
+        search = self._search
+        try:
+            c = await self._free_run(n)
+        finally:
+            self._search = search
+        return c if c >= 0 else self.end
+
+    async def _free_run(self, n: int) -> int:
+        """A run of N free clusters inside the file (covered by refcount blocks) that
+        this transaction has not taken, or -1."""
+        alloc = self.alloc
+        while self._search < self.start:
+            c = await alloc._find_free(n, covered_only=True, start=self._search)
+            if c < 0 or c + n > self.start:
+                self._search = self.start
+                return -1
+            clash = [b for a, b in self._taken if a < c + n and c < b]
+            if clash:
+                self._search = max(clash)
+                continue
+            cs = alloc.geo.cluster_size
+            if alloc.meta.overlap.kinds_at(c * cs, n * cs) or alloc._referenced_in(c, n) >= 0:
+                self._search = c + 1  # the refcounts lie here: leave it to check
+                continue
+            self._search = c + n
+            return c
+        return -1
 
     def change(self, offset: int, length: int, delta: int) -> None:
         """DELTA to every cluster of [offset, offset+length)."""
@@ -456,22 +496,25 @@ class Transaction:
         self.change(old_table_at, old_tclusters * cs, -1)
         cl, delta = self._summed()
         ranges = set((cl // rpb).tolist()) | set(range(self.start // rpb, (self.end - 1) // rpb + 1))
-        nblocks, tclusters = 0, 0
-        while True:
+        nblocks, tclusters, blocks_at = 0, 0, self.end
+        for _ in range(64):
             # The blocks being replaced lose their reference; the new blocks
-            # and table (after the caller's clusters) gain one: both may
-            # touch further ranges.
+            # and table (in free clusters, else after the caller's) gain one:
+            # both may touch further ranges.
             replaced = {r: alloc._block_offset(r) for r in ranges}
             ranges |= {off // cs // rpb for off in replaced.values() if off}
-            end = self.end + nblocks + tclusters
+            end = max(self.end, blocks_at + nblocks + tclusters)
             ranges |= set(range(self.start // rpb, (end - 1) // rpb + 1))
+            ranges |= set(range(blocks_at // rpb, (blocks_at + max(1, nblocks + tclusters) - 1) // rpb + 1))
             entries = max(len(alloc.table), max(ranges) + 1)
             t = max(old_tclusters, -(-entries // per_cluster))
             if (len(ranges), t) == (nblocks, tclusters) and set(replaced) == ranges:
                 break
             nblocks, tclusters = len(ranges), t
-        blocks_at = self.end
-        table_at = self.end + nblocks
+            blocks_at = await self._place(nblocks + tclusters)
+        else:
+            raise QcowError("internal error: the new refcount structure found no stable place")
+        table_at = blocks_at + nblocks
         extra = [off // cs for off in replaced.values() if off]
         cl_all = np.concatenate([cl, np.array(extra, np.int64),
                                  np.arange(blocks_at, table_at + tclusters, dtype=np.int64)])
@@ -494,9 +537,11 @@ class Transaction:
                 if values[bad[0]] < 0:
                     raise CorruptionError(f"refcount of cluster {c} would drop below zero")
                 raise NoSpaceError(f"refcount of cluster {c} would overflow {1 << order} bits")
-            fresh = r * rpb + np.flatnonzero(values != before)
-            if ((fresh >= self.start) & (values[fresh - r * rpb] != 1)).any():
-                raise CorruptionError("the refcounts count clusters past the end of the image file")
+            mine = [(max(a, r * rpb), min(b, (r + 1) * rpb)) for a, b in self._taken + [(blocks_at, table_at + tclusters)]
+                    if a < (r + 1) * rpb and r * rpb < b]
+            if any((values[a - r * rpb : b - r * rpb] != 1).any() for a, b in mine):
+                raise CorruptionError("clusters the refcounts call free are counted (the refcounts "
+                                      "are wrong: run `qcowfs check --repair`)")
             freed.append(r * rpb + np.flatnonzero((values == 0) & (before > 0)))
             at = (blocks_at + j) * cs
             new_blocks[at] = encode_refcount_block(values.astype(np.uint64), order, cs)

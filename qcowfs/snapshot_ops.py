@@ -117,7 +117,7 @@ async def _l2_refs(l2_cache: TableCache[np.ndarray], offset: int, cluster_bits: 
     return table, L2Refs(offset, words, None, 1, True).clusters(cluster_bits, False)
 
 
-def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[SnapshotEntry]) -> int:
+async def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[SnapshotEntry]) -> int:
     """The new snapshot table after the end of the file (0 for none); the old loses its reference."""
     h = meta.header
     if h.nb_snapshots:
@@ -125,7 +125,7 @@ def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[Snapsh
     if not entries:
         return 0
     raw = _table_bytes(entries)
-    at = txn.allocate(len(raw))
+    at = await txn.allocate(len(raw))
     meta.write(at, raw, "new snapshot table")
     return at
 
@@ -165,20 +165,20 @@ async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
         copy = table.copy()
         w = _words(copy)
         w &= np.uint64(~OFLAG_COPIED & (1 << 64) - 1)
-        at = txn.allocate(cs)
+        at = await txn.allocate(cs)
         meta.write(at, _encode(copy), "L2 table copy")
         new_l1[i] = np.uint64(at | OFLAG_COPIED)
         new_tables[at], replaced[old] = copy, at
     l1_at = h.l1_table_offset
     if h.l1_size:
-        l1_at = txn.allocate(h.l1_size * 8)
+        l1_at = await txn.allocate(h.l1_size * 8)
         meta.write(l1_at, _encode(new_l1), "new L1 table")
     now = time.time_ns()
     entry = SnapshotEntry(h.l1_table_offset, h.l1_size, _new_id(meta.snapshots), name,
                           now // 10**9, now % 10**9, vm_clock_nsec, 0,
                           _EXTRA.pack(0, h.size, NO_ICOUNT), 0, h.size, NO_ICOUNT)
     entries = meta.snapshots + [entry]
-    table_at = _write_snapshot_table(meta, txn, entries)
+    table_at = await _write_snapshot_table(meta, txn, entries)
     old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
     txn.set(l1_table_offset=l1_at, snapshots_offset=table_at, nb_snapshots=len(entries),
             snapshots=entries)
@@ -211,14 +211,14 @@ async def stage_delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
             _, clusters = await _l2_refs(l2_cache, off, cb)
             txn.change_clusters(clusters, -1)
     rest = meta.snapshots[:index] + meta.snapshots[index + 1 :]
-    table_at = _write_snapshot_table(meta, txn, rest)
+    table_at = await _write_snapshot_table(meta, txn, rest)
     old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
     fixed = await _fix_copied(meta, l2_cache, txn)
     l1_at = h.l1_table_offset
     if h.l1_size and not np.array_equal(fixed.l1, await meta.active_l1.entries()):
         # New L2 tables or only new L1 COPIED flags: a new L1 table either
         # way, so that the header switches to it with everything else.
-        l1_at = txn.allocate(h.l1_size * 8)
+        l1_at = await txn.allocate(h.l1_size * 8)
         meta.write(l1_at, _encode(fixed.l1), "new L1 table")
         txn.change(h.l1_table_offset, h.l1_size * 8, -1)
     txn.set(snapshots_offset=table_at, nb_snapshots=len(rest), snapshots=rest, l1_table_offset=l1_at)
@@ -280,7 +280,7 @@ async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     # snapshot's own changes, which these do not touch.)
     for i, off, copy in copies:
         txn.change(off, cs, -1)
-        at = txn.allocate(cs)
+        at = await txn.allocate(cs)
         meta.write(at, _encode(copy), "L2 table copy")
         l1[i] = np.uint64(at | OFLAG_COPIED)
         out.replaced[off], out.new_tables[at] = at, copy
