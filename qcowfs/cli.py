@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from . import __version__, mounts
 from .errors import QcowError, UsageError
-from .options import MountOptions, parse_size
+from .options import FORCE_SHARE_WARNING, MountOptions, parse_size
 
 if TYPE_CHECKING:
     from .image import Image, OpenOptions
@@ -73,7 +73,10 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     _check_mountpoint(image_path, mountpoint)
     from .image import OpenOptions
 
-    image = open_image(image_arg, OpenOptions(read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes))
+    image = open_image(image_arg, OpenOptions(read_only=opts.image_read_only, l2_cache_bytes=opts.l2_cache_bytes,
+                                              force_share=opts.force_share))
+    if opts.force_share and not foreground:
+        print(f"qcowfs: warning: {image_arg}: {FORCE_SHARE_WARNING}", file=sys.stderr)
     fuse_options = _fuse_options(image_path, opts)
     if foreground:
         _setup_logging(opts, daemon=False)
@@ -528,7 +531,9 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
                    help="ro, rw, allow_other, uid=USER, gid=GROUP (names or numbers), umask=OCTAL, "
                         "l2_cache_size=SIZE (default 32M), read_around=SIZE (default 256K, 0 = off), "
                         "page_cache, log_file=PATH (daemon log; default syslog, else "
-                        f"{ROOT_LOG_FILE} for root), debug; mount(8)/systemd generic options are accepted")
+                        f"{ROOT_LOG_FILE} for root), debug, scratch (throwaway writes; scratch_dir=DIR, "
+                        "scratch_size=SIZE), force_share (read-only: an image another program "
+                        "writes); mount(8)/systemd generic options are accepted")
 
 
 def _helper_parser() -> argparse.ArgumentParser:
@@ -547,6 +552,7 @@ def _mount_from_args(a: argparse.Namespace) -> int:
         opts.read_only = True
     if a.debug:
         opts.debug = True
+    opts.check()
     return cmd_mount(a.image, a.mountpoint, opts, a.foreground)
 
 

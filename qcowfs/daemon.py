@@ -41,6 +41,7 @@ from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
 from .manage import Hooks, Manager
+from .scratch import Scratch, overlay_tree
 from .views import (DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
                     snapshot_map_nodes, snapshot_nodes)
 
@@ -147,10 +148,15 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     pending: list[int] = []
     for signum in (*STOP_SIGNALS, FORCE_SIGNAL):
         signal.signal(signum, lambda n, _frame: pending.append(n))
+    scratch: Scratch | None = None
     try:
         root = build_tree(image, opts.page_cache)
+        if opts.scratch:
+            scratch = Scratch(opts.scratch_dir, opts.scratch_size)
+            overlay_tree(root, scratch)
         ops = Operations(root, Access(opts.uid, opts.gid, opts.umask),
-                         debug=opts.debug, read_around=opts.read_around, space_of=image.path)
+                         debug=opts.debug, read_around=opts.read_around, space_of=image.path,
+                         space=scratch.space if scratch is not None else None)
         _init_fuse(ops, mountpoint, fuse_options)
     except Exception as e:  # noqa: BLE001 - one line to the user, whatever it is
         text = str(e) if isinstance(e, (RuntimeError, OSError, QcowError)) else f"{type(e).__name__}: {e}"
@@ -188,7 +194,9 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             ready.send("OK")
             sess.ready = True
             sd_notify("READY=1")
-            log.info("serving %s on %s%s", image.path, mountpoint, " (read-only)" if opts.read_only else "")
+            log.info("serving %s on %s%s", image.path, mountpoint,
+                     " (read-only)" if opts.read_only else
+                     f" (throwaway writes in {scratch.directory})" if scratch is not None else "")
         sd_notify("STOPPING=1")
         await _shutdown(image)
 

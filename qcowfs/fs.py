@@ -73,9 +73,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, root: DirNode, access: Access, debug: bool = False,
-                 read_around: int = 0, space_of: str | None = None) -> None:
+                 read_around: int = 0, space_of: str | None = None,
+                 space: Callable[[], tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.space_of = space_of  # statfs reports the space of the filesystem holding this
+        self.space = space  # or (total, free) bytes from this (a scratch mount's overlay)
         self.read_around = read_around
         self.pushing = 0  # read-around pushes inside the kernel right now
         # Windows pushed recently: a second miss in one of them is a read that
@@ -253,6 +255,12 @@ class Operations(pyfuse3.Operations):
         s.f_files = len(self._nodes)
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
+        if self.space is not None:
+            total, free = self.space()
+            s.f_bsize = s.f_frsize = 4096
+            s.f_blocks, s.f_bfree = total // 4096, free // 4096
+            s.f_bavail = s.f_bfree
+            return s
         if self.space_of is not None:
             host = await trio.to_thread.run_sync(os.statvfs, self.space_of)
             s.f_bsize, s.f_frsize = host.f_bsize, host.f_frsize

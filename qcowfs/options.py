@@ -18,6 +18,9 @@ GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "atime", "auto", "nofail", "_netde
                    "defaults", "relatime", "strictatime", "lazytime", "user", "users", "owner",
                    "diratime", "async", "sync"}
 DEFAULT_READ_AROUND = 256 << 10
+# What a force-shared mount says once at mount time (stderr and the log).
+FORCE_SHARE_WARNING = ("force_share: the image is opened whatever holds it; while another program "
+                       "writes it, what the mount shows may change or be inconsistent")
 
 
 def parse_size(text: str) -> int:
@@ -46,6 +49,12 @@ class MountOptions:
     noexec: bool = False
     debug: bool = False
     log_file: str | None = None
+    # -o scratch: image read-only, every file takes throwaway writes (scratch.py)
+    scratch: bool = False
+    scratch_dir: str | None = None
+    scratch_size: int | None = None
+    # -o force_share: QEMU's -U, read-only mounts only
+    force_share: bool = False
 
     def apply(self, opts: str) -> None:
         for opt in filter(None, opts.split(",")):
@@ -81,11 +90,42 @@ class MountOptions:
                 self.page_cache = True
             elif key == "debug":
                 self.debug = True
+            elif key == "scratch":
+                self.scratch = True
+            elif key == "scratch_dir":
+                if not value:
+                    raise UsageError("option scratch_dir needs a directory: -o scratch_dir=DIR")
+                self.scratch_dir = os.path.abspath(value)
+            elif key == "scratch_size":
+                try:
+                    self.scratch_size = parse_size(value)
+                except UsageError:
+                    raise UsageError(f"invalid value for option scratch_size: '{value}' "
+                                     "(a size such as 512M or 2G)") from None
+            elif key in ("force_share", "force-share"):
+                self.force_share = True
             elif (key in GENERIC_OPTIONS or key.startswith("no") and key[2:] in GENERIC_OPTIONS
                   or key.startswith("x-systemd.") or key.startswith("x-") or key == "noatime"):
                 pass
             else:
                 raise UsageError(f"unknown mount option '{opt}'")
+
+    @property
+    def image_read_only(self) -> bool:
+        """The image is opened read-only: ro, or scratch (whose writes stay
+        outside it)."""
+        return self.read_only or self.scratch
+
+    def check(self) -> None:
+        """Combinations that make no sense, once every option is in (one line each)."""
+        if self.scratch and self.read_only:
+            raise UsageError("-o scratch makes the files writable (writes are thrown away, the image "
+                             "is opened read-only anyway): it cannot be combined with ro/--read-only")
+        if (self.scratch_dir is not None or self.scratch_size is not None) and not self.scratch:
+            raise UsageError("scratch_dir= and scratch_size= need -o scratch")
+        if self.force_share and not self.image_read_only:
+            raise UsageError("-o force_share needs a read-only mount: add -o ro (or -o scratch for "
+                             "throwaway writes)")
 
 
 def _owner_id(key: str, value: str) -> int:
