@@ -45,6 +45,8 @@ from .scratch import Scratch, overlay_tree
 from .views import (DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
                     snapshot_map_nodes, snapshot_nodes)
 
+from .options import FORCE_SHARE_WARNING
+
 if TYPE_CHECKING:
     from .options import MountOptions
 
@@ -61,6 +63,8 @@ BUSY_POLL = 1.0
 QUICK_RETRIES = (0.02, 0.05, 0.1, 0.2)
 
 READAHEAD_KB = 1024
+# force_share: how old the table entries a read goes through may be, at most.
+REVALIDATE_EVERY = 0.1
 
 
 def _raise_readahead(dev: int) -> None:
@@ -149,6 +153,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     for signum in (*STOP_SIGNALS, FORCE_SIGNAL):
         signal.signal(signum, lambda n, _frame: pending.append(n))
     scratch: Scratch | None = None
+    if opts.force_share:
+        log.warning("%s: %s", image.path, FORCE_SHARE_WARNING)
     try:
         root = build_tree(image, opts.page_cache)
         if opts.scratch:
@@ -173,6 +179,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, sess, pending)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            if opts.force_share:
+                nursery.start_soon(_revalidate, image)
             if opts.read_around:
                 for _ in range(2):
                     nursery.start_soon(ops.push_worker)
@@ -252,6 +260,17 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
         ops.set_children(bitmap_maps, bitmap_map_nodes(image, bitmap_maps.children))
 
     return Hooks(snapshot_open=snapshot_open, changed=changed)
+
+
+async def _revalidate(image: Image) -> None:
+    """force_share: drop what was read of the image's tables every
+    REVALIDATE_EVERY seconds (the guarantee the README states)."""
+    while True:
+        await trio.sleep(REVALIDATE_EVERY)
+        try:
+            await image.revalidate()
+        except (QcowError, OSError) as e:
+            log.warning("%s: cannot re-read the image's header: %s", image.path, e)
 
 
 # glibc mallopt() parameters (malloc.h)

@@ -34,6 +34,11 @@ class HostFile:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def refresh_size(self) -> None:
+        """known_size from the file as it is now: for a file another program
+        grows while we read it (a force-shared image)."""
+        self.known_size = self.size()
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

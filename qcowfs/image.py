@@ -154,6 +154,13 @@ class Image:
             self._load_l2, self._encode_l2, self._write_l2)
         self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache)
         self.corrupt = False
+        # force_share: bumped whenever the tables read so far are dropped
+        # (revalidate); views holding their own L1 tables drop theirs then.
+        self.tables_epoch = 0
+        # force_share: why the active disk / the snapshots can no longer be
+        # read safely (the writer moved the structures they are read through).
+        self.disk_moved: str | None = None
+        self.snapshots_moved: str | None = None
         self.allocator: Allocator | None = None
         self.writer: Writer | None = None
         if self.read_only:
@@ -328,12 +335,59 @@ class Image:
             await self.mapper.read_into(self.active_l1, buf[:n], offset, self.backing)
 
     async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
+        if self.options.force_share:
+            return await self._read_shared(l1, offset, length)
         try:
             return await self.mapper.read(l1, offset, length, self.backing)
         except CorruptionError as e:
             if self.writer is not None:  # as QEMU: stop writing through it
                 await self.mark_corrupt(e)
             raise
+
+    # ---- force_share: an image another program writes -------------------------------
+
+    async def _read_shared(self, l1: L1Table, offset: int, length: int) -> bytearray:
+        """A read of a force-shared image: refused once the writer moved the
+        tables it goes through; a table that looks inconsistent (caught
+        mid-update, or pointing past the end we knew) is read afresh once."""
+        moved = self.disk_moved if l1 is self.active_l1 else self.snapshots_moved
+        if moved is not None:
+            raise CorruptionError(f"{moved}: remount to follow it")
+        try:
+            return await self.mapper.read(l1, offset, length, self.backing)
+        except CorruptionError:
+            await self.revalidate()
+            l1.forget()
+            return await self.mapper.read(l1, offset, length, self.backing)
+
+    async def revalidate(self) -> None:
+        """force_share: drop every table read so far (L2 tables, the active
+        L1's entries, decompressed clusters; snapshot views drop their L1s on
+        the epoch change), take the file's size as it is now, and re-read the
+        header: if the writer moved the active L1 table or resized the disk,
+        or changed the snapshot table, reads through the old ones are refused
+        from then on (their clusters may have been freed and reused)."""
+        self.file.refresh_size()
+        raw = await self.file.read(0, self.geo.cluster_size)
+        try:
+            h = Header.parse(raw)
+        except (QcowError, ValueError) as e:  # caught mid-write: try at the next round
+            log.debug("%s: header unreadable while revalidating: %s", self.path, e)
+            h = self.header
+        old = self.header
+        if self.disk_moved is None and (h.l1_table_offset, h.l1_size, h.size) != (
+                old.l1_table_offset, old.l1_size, old.size):
+            self.disk_moved = "the writer of the image moved its L1 table or resized the disk"
+            log.warning("%s: %s: disk.raw reads fail from now on (remount)", self.path, self.disk_moved)
+        if self.snapshots_moved is None and (h.snapshots_offset, h.nb_snapshots) != (
+                old.snapshots_offset, old.nb_snapshots):
+            self.snapshots_moved = "the writer of the image changed its snapshot table"
+            log.warning("%s: %s: snapshot reads fail from now on (remount)", self.path,
+                        self.snapshots_moved)
+        self.l2_cache.clear()
+        self.active_l1.forget()
+        self.mapper.forget()
+        self.tables_epoch += 1
 
     def chain(self) -> list[tuple[str, str]]:
         """(path, format) of this image and every image below it."""

@@ -29,7 +29,8 @@ ALL_PERMS = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE
 PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
 LOCK_BASE_PERM = 100
 LOCK_BASE_SHARED = 200
-FORCE_SHARE_HINT = "`qcowfs info -U` and `qcowfs check -U` can still inspect it"
+FORCE_SHARE_HINT = ("a read-only mount with `-o force_share`, `qcowfs info -U` and `qcowfs check -U` "
+                    "can still read it")
 
 # struct flock on Linux x86-64/aarch64: short type, short whence, off_t start, off_t len, pid_t pid.
 _FLOCK = struct.Struct("hhxxxxqqixxxx")

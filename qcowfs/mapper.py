@@ -92,6 +92,11 @@ class L1Table:
         self._write(self.offset + index * 8, value.to_bytes(8, "big"))
         self._chunks[index >> L1_CHUNK_BITS][index & ((1 << L1_CHUNK_BITS) - 1)] = value
 
+    def forget(self) -> None:
+        """Drop the loaded entries: the next lookups read the table again (an
+        image another program writes: force_share)."""
+        self._chunks = {}
+
     def chunk(self, index: int) -> np.ndarray | None:
         """The loaded chunk holding entry INDEX, or None (the read hot path)."""
         return self._chunks.get(index >> L1_CHUNK_BITS)
@@ -330,6 +335,10 @@ class Mapper:
                 cluster = await self.compressed_cluster(host)
                 o = guest & self._cluster_mask
                 dst[:] = cluster[o : o + length]
+
+    def forget(self) -> None:
+        """Drop decompressed clusters (force_share: their host clusters may be reused)."""
+        self._decompressed.clear()
 
     async def compressed_cluster(self, entry: int) -> bytes:
         cached = self._decompressed.get(entry)

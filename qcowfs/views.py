@@ -93,6 +93,7 @@ class DiskView(FileView):
         # loop device too), and written bytes are never cached twice.
         self.direct_io = self.writable and not page_cache
         self.mtime_ns = os.stat(image.path).st_mtime_ns
+        _uncached_if_shared(self, image)
 
     @property
     def size(self) -> int:
@@ -143,6 +144,8 @@ class SnapshotView(FileView):
                                         image.file.known_size)
         self.unchanging = True
         self.mtime_ns = entry.date_sec * 10**9 + entry.date_nsec
+        self._epoch = image.tables_epoch
+        _uncached_if_shared(self, image)
 
     @property
     def size(self) -> int:
@@ -151,17 +154,33 @@ class SnapshotView(FileView):
     def xattrs(self) -> dict[str, bytes]:
         return snapshot_xattrs(self.entry, self._size)
 
+    def _fresh_l1(self) -> None:
+        """Drop this snapshot's L1 entries when the image dropped its tables
+        (force_share: see Image.revalidate)."""
+        if self._epoch != self.image.tables_epoch:
+            self._epoch = self.image.tables_epoch
+            self.l1.forget()
+
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        self._fresh_l1()
         n = self.clip(offset, length)
         return self.image.mapper.read_cached(self.l1, offset, n) if n > 0 else b""
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
+        self._fresh_l1()
         n = self.clip(offset, length)
         if n <= 0:
             return b""
         if self.problem is not None and not self.problem[1]:
             raise CorruptionError(self.problem[0])
         return await self.image.read(self.l1, offset, n)
+
+
+def _uncached_if_shared(view: FileView, image: Image) -> None:
+    """A force-shared image changes under us: its files get no kernel page
+    cache (every read reaches us) and no read-around."""
+    if image.options.force_share:
+        view.keep_cache, view.direct_io, view.unchanging = False, True, False
 
 
 class BitmapView(FileView):
