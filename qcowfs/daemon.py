@@ -41,6 +41,7 @@ from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
 from .manage import Hooks, Manager
+from .partitions import add_partitions
 from .scratch import Scratch, overlay_tree
 from .views import (DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
                     snapshot_map_nodes, snapshot_nodes)
@@ -160,6 +161,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         if opts.scratch:
             scratch = Scratch(opts.scratch_dir, opts.scratch_size)
             overlay_tree(root, scratch)
+        add_partitions(root)
         ops = Operations(root, Access(opts.uid, opts.gid, opts.umask),
                          debug=opts.debug, read_around=opts.read_around, space_of=image.path,
                          space=scratch.space if scratch is not None else None)

@@ -187,6 +187,7 @@ class Operations(pyfuse3.Operations):
             return self._attr(parent_inode)
         if name == b"..":
             return self._attr(self._parents[parent_inode])
+        await self._refresh(node)
         child = node.children.get(os.fsdecode(name))
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -276,9 +277,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not isinstance(self._node(inode), DirNode):
+        node = self._node(inode)
+        if not isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self._refresh(node)
         return inode
+
+    async def _refresh(self, node: DirNode) -> None:
+        """A directory whose entries follow a changing source gets them afresh."""
+        if node.refresh is not None:
+            self.set_children(node, await node.refresh(node.children))
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

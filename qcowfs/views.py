@@ -70,6 +70,10 @@ class DirNode:
     name: str
     children: dict[str, "DirNode | FileNode"] = field(default_factory=dict)
     mtime_ns: int = 0
+    # Children that follow something changing (partition tables): the FUSE
+    # layer asks for them afresh (given the current ones) when the
+    # directory is listed or looked up in.
+    refresh: Callable[[dict[str, "DirNode | FileNode"]], Awaitable[dict[str, "DirNode | FileNode"]]] | None = None
 
 
 @dataclass

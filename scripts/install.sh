@@ -70,7 +70,7 @@ if [ "$status" = 1 ]; then
 fi
 
 RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev"
-TEST_PKGS="qemu-utils qemu-system-common libqcow-utils fio e2fsprogs util-linux attr systemd libnbd-bin"
+TEST_PKGS="qemu-utils qemu-system-common libqcow-utils fio e2fsprogs util-linux attr systemd libnbd-bin fdisk fuse2fs"
 
 want="$RUN_PKGS"
 if [ "$test_deps" = 1 ]; then want="$want $TEST_PKGS"; fi
