@@ -36,7 +36,7 @@ class Partition:
     number: int
     start: int
     length: int
-    attrs: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    attrs: dict[str, str] = field(default_factory=dict, hash=False)
 
     def key(self) -> tuple[int, int, int, tuple[tuple[str, str], ...]]:
         return self.number, self.start, self.length, tuple(sorted(self.attrs.items()))
