@@ -141,3 +141,29 @@ def test_force_share_with_scratch(tmp_path: Path) -> None:
             assert got[4096:4103] == b"overlay"
             assert got[:4096] == head[:4096] and got[4103:] == head[4103:]
             assert int(os.getxattr(m / "disk.raw", "user.qcow2.scratch_used")) == 4096
+
+
+def test_writer_resizing_stops_disk_reads(tmp_path: Path) -> None:
+    """A resize by the writer changes the header: disk.raw reads fail with EIO
+    from then on (its L1 table may have moved and been reused), snapshot reads
+    go on, and the mount stays up."""
+    img = make_image(tmp_path)
+    snap = to_raw(img, tmp_path / "snap", "1").read_bytes()
+    with qemu_writer(img) as w:
+        with mounted(img, tmp_path / "m", "-o", "ro,force_share") as m:
+            fd = os.open(m / "disk.raw", os.O_RDONLY)
+            try:
+                assert os.pread(fd, 4, 0) == b"\x33" * 4
+                send(w, "truncate 128M", "flush")
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        os.pread(fd, 4, 0)
+                    except OSError as e:
+                        assert e.errno == errno.EIO
+                        break
+                    assert time.monotonic() < deadline, "reads went on after the resize"
+                    time.sleep(0.05)
+            finally:
+                os.close(fd)
+            assert (m / "snapshots" / "s1.raw").read_bytes() == snap

@@ -265,3 +265,26 @@ def test_ext4_with_a_dirty_journal_in_a_snapshot(tmp_path: Path) -> None:
         assert int(os.getxattr(m / "snapshots" / "s1.raw", "user.qcow2.scratch_used")) > 0
         assert int(os.getxattr(m / "disk.raw", "user.qcow2.scratch_used")) == 0
     assert sha256(img) == before
+
+
+def test_partition_files_write_into_the_disk_overlay(tmp_path: Path) -> None:
+    """partitions/N of a scratch mount are windows of disk.raw's overlay."""
+    rawfile = tmp_path / "p.raw"
+    with open(rawfile, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["sfdisk", "-q", str(rawfile)], input="label: dos\n,4M,83\n,,83\n", text=True,
+                   check=True, capture_output=True)
+    img = tmp_path / "p.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", rawfile, img)
+    before = sha256(img)
+    with mount_scratch(img, tmp_path / "m") as m:
+        part = m / "partitions" / "2"
+        start = int(os.getxattr(part, "user.qcow2.partition.start"))
+        with open(part, "r+b") as f:
+            f.seek(5000)
+            f.write(b"through the partition")
+        with open(m / "disk.raw", "rb") as f:
+            f.seek(start + 5000)
+            assert f.read(21) == b"through the partition"
+        assert int(os.getxattr(m / "disk.raw", "user.qcow2.scratch_used")) == 4096
+    assert sha256(img) == before
