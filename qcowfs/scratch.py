@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from typing import Sequence
 
 import trio
@@ -89,7 +90,6 @@ def _unlinked_file(directory: str) -> int:
             raise QcowError(f"scratch_dir {directory} cannot hold the overlay: {e.strerror}") from None
     # A filesystem without O_TMPFILE: a fresh name, unlinked at once.
     try:
-        import tempfile
         fd, path = tempfile.mkstemp(prefix=".qcowfs-scratch-", dir=directory)
     except OSError as e:
         raise QcowError(f"scratch_dir {directory} cannot hold the overlay: {e.strerror}") from None
