@@ -41,7 +41,7 @@ from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
 from .manage import Hooks, Manager
-from .views import (DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
+from .views import (BitmapView, DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
                     snapshot_map_nodes, snapshot_nodes)
 
 if TYPE_CHECKING:
@@ -237,13 +237,17 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
         return any(isinstance(n, FileNode) and isinstance(n.view, SnapshotView)
                    and n.view.entry.id_str == sid and ops.is_open(n) for n in snaps.children.values())
 
+    def bitmap_open(name: str) -> bool:
+        return any(isinstance(n, FileNode) and isinstance(n.view, BitmapView) and n.view.bitmap.name == name
+                   and ops.is_open(n) for n in bitmaps.children.values())
+
     def changed() -> None:
         ops.set_children(snaps, snapshot_nodes(image, snaps.children))
         ops.set_children(bitmaps, bitmap_nodes(image, bitmaps.children))
         ops.set_children(snap_maps, snapshot_map_nodes(image, snap_maps.children))
         ops.set_children(bitmap_maps, bitmap_map_nodes(image, bitmap_maps.children))
 
-    return Hooks(snapshot_open=snapshot_open, changed=changed)
+    return Hooks(snapshot_open=snapshot_open, bitmap_open=bitmap_open, changed=changed)
 
 
 # glibc mallopt() parameters (malloc.h)

@@ -170,6 +170,8 @@ def test_snapshot_and_bitmap_commands_on_a_mount(tmp_path: Path) -> None:
         one_line_error(qcowfs("bitmap", "merge", mnt, "b0", "nope", check=False), "no bitmap")
         with open(mnt / "snapshots" / "s1.raw", "rb"):
             one_line_error(qcowfs("snapshot", "delete", mnt, "s1", check=False), "in use")
+        with open(mnt / "bitmaps" / "b0", "rb"):
+            one_line_error(qcowfs("bitmap", "remove", mnt, "b0", check=False), "in use")
         # the maps inside the mount are live
         dirty = json.loads((mnt / "maps" / "bitmaps" / "b0.json").read_bytes())
         assert [(e["offset"], e["length"]) for e in dirty if e["type"] == 1] == [(8 * MiB, 128 * 1024)]
