@@ -40,6 +40,7 @@ from . import mounts
 from .errors import QcowError
 from .fs import Access, Operations
 from .image import Image
+from .secret import lock_memory
 from .views import build_tree
 
 if TYPE_CHECKING:
@@ -190,6 +191,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     gc.collect()
     gc.freeze()
     _keep_big_buffers()
+    if image.encryption is not None:
+        lock_memory()  # the master key lives here until the exit
     code = 0
     try:
         trio.run(main)
