@@ -434,27 +434,6 @@ class LuksVolume:
                                   description=f"LUKS {spec.cipher_alg}-{spec.mode}-{spec.ivgen}")
         raise PassphraseError("no key slot matches this passphrase")
 
-    def describe(self) -> dict[str, object]:
-        """`qemu-img info`'s "encrypt" object (format-specific data)."""
-        h, spec = self.header, self.spec
-        slots: list[dict[str, object]] = []
-        for s in h.key_slots:
-            entry: dict[str, object] = {"active": s.enabled}
-            if s.enabled:
-                entry["iters"] = s.iterations
-            entry["key-offset"] = s.key_offset * LUKS_SECTOR_SIZE
-            if s.enabled:
-                entry["stripes"] = s.stripes
-            slots.append(entry)
-        out: dict[str, object] = {"ivgen-alg": spec.ivgen}
-        if spec.ivgen_hash is not None:
-            out["ivgen-hash-alg"] = spec.ivgen_hash
-        out.update({"hash-alg": spec.hash, "cipher-alg": spec.cipher_alg, "uuid": h.uuid, "format": "luks",
-                    "cipher-mode": spec.mode, "slots": slots,
-                    "payload-offset": h.payload_offset * LUKS_SECTOR_SIZE,
-                    "master-key-iters": h.mk_digest_iterations})
-        return out
-
 
 def legacy_aes_cipher(passphrase: bytes) -> DiskCipher:
     """QEMU's legacy qcow2 AES (crypto/block-qcow.c): the key is the first 16
