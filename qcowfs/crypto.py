@@ -141,13 +141,6 @@ class LuksHeader:
                    _cstr(hspec, "hash spec"), payload, key_bytes, digest, salt, iters,
                    uuid.split(b"\0", 1)[0].decode("ascii", "replace"), slots)
 
-    def pack(self) -> bytes:
-        out = _HEADER.pack(self.magic, self.version, self.cipher_name.encode(), self.cipher_mode.encode(),
-                           self.hash_spec.encode(), self.payload_offset, self.key_bytes, self.mk_digest,
-                           self.mk_digest_salt, self.mk_digest_iterations, self.uuid.encode())
-        return out + b"".join(_KEY_SLOT.pack(s.active, s.iterations, s.salt, s.key_offset, s.stripes)
-                              for s in self.key_slots)
-
 
 @dataclass(frozen=True)
 class CipherSpec:
@@ -440,5 +433,6 @@ def legacy_aes_cipher(passphrase: bytes) -> DiskCipher:
     bytes of the password, zero padded; AES-128-CBC, plain64 IVs, sectors by
     guest offset. There is no check value: a wrong password reads garbage."""
     key = passphrase_text(passphrase)[:QCOW_AES_KEY_LEN].ljust(QCOW_AES_KEY_LEN, b"\0")
+    # (no PBKDF2 here: the hash field is unused)
     spec = CipherSpec("aes-128", "cbc", "plain64", None, "sha256", QCOW_AES_KEY_LEN)
     return DiskCipher(SectorCipher(spec, key), physical=False, description="legacy AES-128-CBC")

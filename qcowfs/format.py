@@ -322,9 +322,6 @@ class CryptoHeaderExtension:
             raise InvalidImageError("full disk encryption header extension is too short")
         return cls(*_CRYPTO_EXT.unpack_from(data))
 
-    def pack(self) -> bytes:
-        return _CRYPTO_EXT.pack(self.offset, self.length)
-
 
 @dataclass
 class SnapshotEntry:

@@ -277,6 +277,26 @@ def test_wrong_and_missing_key(plain_luks: Path) -> None:
         trio.run(image.close)
 
 
+async def test_encrypted_backing_file(tmp_path: Path) -> None:
+    """An overlay over a LUKS backing file: the backing file opens with the
+    same passphrase, its data shows through unallocated clusters, and writes
+    to the overlay copy it up decrypted."""
+    base, model = build(tmp_path, 13)
+    top = tmp_path / "top.qcow2"
+    luks.must("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", base.name, "-F", "qcow2", top, SIZE)
+    image = open_image(top)
+    try:
+        await image.prepare_writes()
+        assert await read_all(image) == model.read_bytes()
+        await image.write(70000, b"y" * 100)
+        with open(model, "r+b") as m:
+            m.seek(70000)
+            m.write(b"y" * 100)
+        assert await read_all(image) == model.read_bytes()
+    finally:
+        await image.close()
+
+
 def test_xts_from_ecb_matches_the_library() -> None:
     """The AES-192-XTS fallback is the library's XTS for the sizes both have."""
     rng = random.Random(1)
@@ -330,6 +350,12 @@ def test_cli_key_errors_are_one_line(tmp_path: Path, plain_luks: Path) -> None:
         assert "give its passphrase" in one_line(qcowfs("mount", plain_luks, mnt, "--read-only"))
         assert "cannot read the key file" in one_line(
             qcowfs("mount", plain_luks, mnt, "-o", f"key_file={tmp_path / 'missing'}"))
+        hostile = tmp_path / "hostile.qcow2"
+        hostile.write_bytes(plain_luks.read_bytes())
+        patch(hostile, luks_area(hostile) + SLOT0 + 4, struct.pack(">I", 0xFFFFFFFF))
+        key = tmp_path / "key"
+        key.write_text(SECRET)
+        assert "PBKDF2 iterations" in one_line(qcowfs("mount", hostile, mnt, "-o", f"ro,key_file={key}"))
         assert "CREDENTIALS_DIRECTORY" in one_line(
             qcowfs("mount", plain_luks, mnt, "-o", "key_credential=disk",
                    env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}))
@@ -396,6 +422,12 @@ def test_mount_credential_write_and_compare(tmp_path: Path, mount) -> None:
                        text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
     try:
+        if os.geteuid() == 0:  # root may lock its memory: the master key stays out of swap
+            pid = int(subprocess.run(["pgrep", "-f", f"qcowfs mount {img} {mnt}"], capture_output=True,
+                                     text=True).stdout.split()[0])
+            status = Path(f"/proc/{pid}/status").read_text()
+            locked = int(next(x for x in status.splitlines() if x.startswith("VmLck:")).split()[1])
+            assert locked > 0, status
         rng = random.Random(3)
         with open(mnt / "disk.raw", "r+b", buffering=0) as f, open(model, "r+b") as m:
             for _ in range(30):
@@ -413,6 +445,37 @@ def test_mount_credential_write_and_compare(tmp_path: Path, mount) -> None:
         subprocess.run([QCOWFS, "umount", mnt], capture_output=True, timeout=120)
         force_unmount(mnt)
     judge(img, model)
+
+
+@needs_fuse
+def test_prompt_on_a_terminal(tmp_path: Path) -> None:
+    """No key given and stdin a terminal: asked without echo, then mounted."""
+    import pty
+    img, model = build(tmp_path / "img", 14)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        os.execv(QCOWFS, [QCOWFS, "mount", str(img), str(mnt), "--read-only"])
+    try:
+        seen = b""
+        while b"Passphrase for" not in seen:
+            seen += os.read(fd, 1024)
+        os.write(fd, SECRET.encode() + b"\n")
+        _, status = os.waitpid(pid, 0)
+        rest = b""
+        try:
+            while chunk := os.read(fd, 1024):
+                rest += chunk
+        except OSError:
+            pass
+        assert os.waitstatus_to_exitcode(status) == 0, seen + rest
+        assert SECRET.encode() not in seen + rest, "the passphrase was echoed"
+        assert (mnt / "disk.raw").read_bytes() == model.read_bytes()
+    finally:
+        os.close(fd)
+        qcowfs("umount", mnt)
+        force_unmount(mnt)
 
 
 @needs_fuse
