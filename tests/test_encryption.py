@@ -180,6 +180,29 @@ async def test_luks_snapshot_cow_and_extended_l2(tmp_path: Path) -> None:
     assert luks.to_raw(img, tmp_path / "snap.raw", snapshot_id="1").read_bytes() == before
 
 
+async def test_luks_write_into_compressed_cluster(tmp_path: Path) -> None:
+    """QEMU 7.2 stores compressed clusters of a LUKS image in clear; qcowfs reads
+    them as QEMU does, and a partial write makes an encrypted standard cluster
+    of them that QEMU reads back."""
+    img = luks.create(tmp_path / "disk.qcow2", MiB)
+    luks.qemu_io(img, "write -c -P 0x37 64k 64k", "write -c -P 0x38 192k 64k")
+    model = luks.to_raw(img, tmp_path / "model.raw")
+    image = open_image(img)
+    try:
+        await image.prepare_writes()
+        from qcowfs.mapper import COMPRESSED
+        runs = await image.mapper.map(image.active_l1, 0, MiB)
+        assert [r[1] for r in runs if r[0] == COMPRESSED] == [64 * KiB, 192 * KiB], runs
+        assert await read_all(image) == model.read_bytes()
+        await image.write(64 * KiB + 1000, b"\x99" * 3000)
+    finally:
+        await image.close()
+    with open(model, "r+b") as m:
+        m.seek(64 * KiB + 1000)
+        m.write(b"\x99" * 3000)
+    judge(img, model)
+
+
 async def test_luks_bitmaps_track(tmp_path: Path) -> None:
     """A persistent bitmap on an encrypted image is tracked as on a plain one."""
     img, model = build(tmp_path, 6)
