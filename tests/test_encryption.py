@@ -79,6 +79,14 @@ async def read_all(image: Image) -> bytes:
     return bytes(out)
 
 
+async def write_both(image: Image, model: Path, offset: int, data: bytes) -> None:
+    """Write through qcowfs and into the raw model alike."""
+    assert await image.write(offset, data) == len(data)
+    with open(model, "r+b") as m:
+        m.seek(offset)
+        m.write(data)
+
+
 async def random_writes(image: Image, model: Path, seed: int, n: int = 40) -> None:
     """Writes of every shape: unaligned and partial sectors, across clusters, over
     data (in place), into holes (allocation), whole zero clusters; each read back."""
@@ -194,12 +202,9 @@ async def test_luks_write_into_compressed_cluster(tmp_path: Path) -> None:
         runs = await image.mapper.map(image.active_l1, 0, MiB)
         assert [r[1] for r in runs if r[0] == COMPRESSED] == [64 * KiB, 192 * KiB], runs
         assert await read_all(image) == model.read_bytes()
-        await image.write(64 * KiB + 1000, b"\x99" * 3000)
+        await write_both(image, model, 64 * KiB + 1000, b"\x99" * 3000)
     finally:
         await image.close()
-    with open(model, "r+b") as m:
-        m.seek(64 * KiB + 1000)
-        m.write(b"\x99" * 3000)
     judge(img, model)
 
 
@@ -211,12 +216,9 @@ async def test_luks_bitmaps_track(tmp_path: Path) -> None:
     image = open_image(img)
     try:
         await image.prepare_writes()
-        await image.write(3 * MiB + 100, b"x" * 5000)
+        await write_both(image, model, 3 * MiB + 100, b"x" * 5000)
     finally:
         await image.close()
-    with open(model, "r+b") as m:
-        m.seek(3 * MiB + 100)
-        m.write(b"x" * 5000)
     judge(img, model)
     out = json.loads(luks.must("qemu-img", "info", "--output=json", img))
     [bm] = out["format-specific"]["data"]["bitmaps"]
@@ -339,10 +341,7 @@ async def test_encrypted_backing_file(tmp_path: Path) -> None:
     try:
         await image.prepare_writes()
         assert await read_all(image) == model.read_bytes()
-        await image.write(70000, b"y" * 100)
-        with open(model, "r+b") as m:
-            m.seek(70000)
-            m.write(b"y" * 100)
+        await write_both(image, model, 70000, b"y" * 100)
         assert await read_all(image) == model.read_bytes()
     finally:
         await image.close()
