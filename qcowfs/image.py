@@ -254,6 +254,8 @@ class Image:
         Legacy AES is read-only (QEMU's emulators no longer write it either)."""
         self.luks: LuksVolume | None = None
         self.cipher: DiskCipher | None = None
+        if h.crypt_method != CRYPT_LUKS and h.extension(EXT_CRYPTO) is not None:
+            raise InvalidImageError("the image has an encryption header extension but is not LUKS-encrypted")
         if h.crypt_method == CRYPT_NONE:
             return
         if h.crypt_method == CRYPT_AES:

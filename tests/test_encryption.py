@@ -311,6 +311,16 @@ def test_hostile_luks_header(tmp_path: Path, plain_luks: Path, case: str) -> Non
     assert img.read_bytes() == before
 
 
+def test_luks_header_extension_without_luks(tmp_path: Path, plain_luks: Path) -> None:
+    """crypt_method 0 with a full disk encryption extension: QEMU refuses it, so does qcowfs."""
+    img = tmp_path / "disk.qcow2"
+    img.write_bytes(plain_luks.read_bytes())
+    patch(img, 32, struct.pack(">I", 0))
+    with pytest.raises(InvalidImageError, match="not LUKS-encrypted"):
+        open_image(img)
+    assert luks.run("qemu-img", "info", img).returncode != 0
+
+
 def test_wrong_and_missing_key(plain_luks: Path) -> None:
     with pytest.raises(PassphraseError, match="^no key slot matches this passphrase$"):
         open_image(plain_luks, "wrong")
