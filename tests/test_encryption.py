@@ -470,8 +470,11 @@ needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /
 @needs_fuse
 def test_mount_credential_write_and_compare(tmp_path: Path, mount) -> None:
     """A writable mount with the key from a systemd credential: random writes
-    through disk.raw, then QEMU compares and checks with the same secret."""
+    through disk.raw (copy-on-write from a snapshot's clusters), the snapshot
+    unchanged in snapshots/, then QEMU compares and checks with the same secret."""
     img, model = build(tmp_path / "img", 11, cipher_alg="aes-128", cipher_mode="xts", ivgen_alg="essiv")
+    luks.must("qemu-img", "snapshot", *luks.secret_object(), "--image-opts", "-c", "s1", luks.image_opts(img))
+    before = model.read_bytes()
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "disk").write_text(SECRET)
@@ -501,6 +504,7 @@ def test_mount_credential_write_and_compare(tmp_path: Path, mount) -> None:
             f.seek(0)
             m.seek(0)
             assert f.read() == m.read()
+        assert (mnt / "snapshots" / "s1.raw").read_bytes() == before
     finally:
         subprocess.run([QCOWFS, "umount", mnt], capture_output=True, timeout=120)
         force_unmount(mnt)
