@@ -72,8 +72,11 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     mountpoint = os.path.abspath(mountpoint_arg)
     _check_mountpoint(image_path, mountpoint)
     from .image import OpenOptions
+    from .secret import passphrase_source
 
-    image = open_image(image_arg, OpenOptions(read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes))
+    image = open_image(image_arg, OpenOptions(
+        read_only=opts.read_only, l2_cache_bytes=opts.l2_cache_bytes,
+        passphrase=passphrase_source(image_arg, opts.key_file, opts.key_credential)))
     fuse_options = _fuse_options(image_path, opts)
     if foreground:
         _setup_logging(opts, daemon=False)
@@ -528,7 +531,9 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
                    help="ro, rw, allow_other, uid=USER, gid=GROUP (names or numbers), umask=OCTAL, "
                         "l2_cache_size=SIZE (default 32M), read_around=SIZE (default 256K, 0 = off), "
                         "page_cache, log_file=PATH (daemon log; default syslog, else "
-                        f"{ROOT_LOG_FILE} for root), debug; mount(8)/systemd generic options are accepted")
+                        f"{ROOT_LOG_FILE} for root), key_file=PATH or key_credential=NAME (passphrase "
+                        "of an encrypted image; else asked on a terminal), debug; mount(8)/systemd "
+                        "generic options are accepted")
 
 
 def _helper_parser() -> argparse.ArgumentParser:

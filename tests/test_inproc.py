@@ -92,6 +92,12 @@ COMBINATIONS = {
                                                     BitmapSpec("d", False, 2 * MiB))),
     "refcount8+backing+compressed": Layout(size=5 * MiB - 512, cluster_size=1 * KiB, refcount_bits=8,
                                            backing_size=3 * MiB, compressed=3),
+    # LUKS (issue 15): every QEMU tool of the judge runs with the secret
+    "luks+snapshot+bitmaps+backing": Layout(size=6 * MiB, cluster_size=4 * KiB, encrypted=True, prefill=True,
+                                            snapshots=1, backing_size=4 * MiB, compressed=2,
+                                            bitmaps=(BitmapSpec("a", True, 64 * KiB),)),
+    "luks+extended-l2+lazy-dirty": Layout(size=4 * MiB, cluster_size=64 * KiB, encrypted=True, prefill=True,
+                                          extended_l2=True, lazy_refcounts=True, dirty=True),
 }
 
 
