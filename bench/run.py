@@ -55,6 +55,7 @@ class Bench:
     time_based: bool = False
     prepare: str = ""  # write benches: "empty" | "copy"
     job: str = "fio"  # "fio" | "ext4_write" | "ext4_read"
+    encrypted: bool = False  # on the LUKS twin of the image (contenders that can_luks)
 
 
 BENCHES = [
@@ -74,7 +75,22 @@ BENCHES = [
           prepare="empty", job="ext4_write"),
     Bench("ext4_read", "ext4 on loop: read", "write", "MiB/s", [],
           prepare="empty", job="ext4_read"),
+    # The same image encrypted with LUKS (qemu-img's default aes-256-xts-plain64),
+    # qcowfs against qemu-storage-daemon given the same secret.
+    Bench("luks_seq_read", "LUKS seq read 1M", "read", "MiB/s",
+          ["--rw=read", "--bs=1M"], encrypted=True),
+    Bench("luks_rand_read_1", "LUKS rand read 4k", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, encrypted=True),
+    Bench("luks_seq_write", "LUKS seq write 1M", "write", "MiB/s",
+          ["--rw=write", "--bs=1M", "--end_fsync=1"], prepare="empty", encrypted=True),
+    Bench("luks_rand_write_1", "LUKS rand write 4k+fsync", "write", "IOPS",
+          ["--rw=randwrite", "--bs=4k", "--numjobs=1", "--end_fsync=1"],
+          time_based=True, prepare="copy", encrypted=True),
 ]
+
+# The passphrase of the LUKS images, given to every contender as a key file.
+LUKS_SECRET = "qcowfs-bench"
+
 
 # Aims: (bench key or "*read" for all read benches, peer) -> minimal ratio
 # qcowfs / peer. Only reported, never enforced.
@@ -263,6 +279,7 @@ class Contender:
     name = ""
     label = ""
     can_write = True
+    can_luks = False  # mounts LUKS-encrypted qcow2 (mount(..., key=KEY FILE))
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -273,7 +290,7 @@ class Contender:
         return ""
 
     @contextlib.contextmanager
-    def mount(self, qcow2, raw, writable):
+    def mount(self, qcow2, raw, writable, key=None):
         raise NotImplementedError
 
     def _dir(self):
@@ -285,6 +302,7 @@ class Contender:
 
 class Qcowfs(Contender):
     name = label = "qcowfs"
+    can_luks = True
 
     def exe(self):
         p = shutil.which("qcowfs") or str(Path(sys.executable).parent / "qcowfs")
@@ -298,10 +316,10 @@ class Qcowfs(Contender):
         return ""
 
     @contextlib.contextmanager
-    def mount(self, qcow2, raw, writable):
+    def mount(self, qcow2, raw, writable, key=None):
         mnt = self._dir()
         cmd = pin_prefix(self.cfg.daemon_cpus) + [self.exe(), "mount", qcow2, mnt] + (
-            [] if writable else ["--read-only"])
+            [] if writable else ["--read-only"]) + ([] if key is None else ["-o", f"key_file={key}"])
         _MOUNTS.add(mnt)
         pids = []
         try:
@@ -331,6 +349,7 @@ class Qcowfs(Contender):
 class Qsd(Contender):
     name = "qsd"
     label = "qemu-storage-daemon"
+    can_luks = True
 
     def version(self):
         with contextlib.suppress(Exception):
@@ -338,7 +357,7 @@ class Qsd(Contender):
         return ""
 
     @contextlib.contextmanager
-    def mount(self, qcow2, raw, writable):
+    def mount(self, qcow2, raw, writable, key=None):
         d = self._dir()
         mnt = d / "disk.raw"  # the FUSE export mounts on a regular file
         mnt.touch()
@@ -347,7 +366,9 @@ class Qsd(Contender):
             pidfile.unlink()
         cmd = pin_prefix(self.cfg.daemon_cpus) + ["qemu-storage-daemon",
                "--blockdev", f"driver=file,node-name=file,filename={qcow2}",
-               "--blockdev", "driver=qcow2,node-name=qcow2,file=file",
+               *([] if key is None else ["--object", f"secret,id=sec0,file={key}"]),
+               "--blockdev", "driver=qcow2,node-name=qcow2,file=file"
+               + ("" if key is None else ",encrypt.format=luks,encrypt.key-secret=sec0"),
                "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={mnt},"
                            f"writable={'on' if writable else 'off'}",
                "--daemonize", "--pidfile", pidfile]
@@ -384,7 +405,7 @@ class Qcowmount(Contender):
         return ""
 
     @contextlib.contextmanager
-    def mount(self, qcow2, raw, writable):
+    def mount(self, qcow2, raw, writable, key=None):
         mnt = self._dir()
         _MOUNTS.add(mnt)
         pids = []
@@ -410,7 +431,7 @@ class Passthrough(Contender):
         return ""
 
     @contextlib.contextmanager
-    def mount(self, qcow2, raw, writable):
+    def mount(self, qcow2, raw, writable, key=None):
         mnt = self._dir()
         cmd = pin_prefix(self.cfg.daemon_cpus) + [sys.executable, HERE / "passthrough.py", raw, mnt]
         if writable:
@@ -478,6 +499,34 @@ def build_images(size, rebuild):
     return raw, qcow2
 
 
+def luks_key():
+    key = WORK / "luks.key"
+    if not key.exists() or key.read_text() != LUKS_SECRET:
+        WORK.mkdir(parents=True, exist_ok=True)
+        key.write_text(LUKS_SECRET)
+    return key
+
+
+def luks_options(key):
+    """qemu-img arguments that make a LUKS qcow2 (PBKDF2 timed to 100 ms,
+    so that mounting is not what the rows measure)."""
+    return ["--object", f"secret,id=sec0,file={key}", "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100"]
+
+
+def build_luks_image(raw, qcow2):
+    """The LUKS twin of the random image (same guest data)."""
+    luks = qcow2.with_name(qcow2.stem + "-luks.qcow2")
+    if luks.exists() and luks.stat().st_mtime >= qcow2.stat().st_mtime:
+        return luks
+    log(f"building the LUKS twin {luks.name} ...")
+    tmp = luks.with_suffix(".qcow2.tmp")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *luks_options(luks_key()), raw, tmp],
+        timeout=1200)
+    tmp.rename(luks)
+    return luks
+
+
 def scratch_images(bench, size, raw, qcow2):
     """Fresh per-run images for a write bench: (scratch qcow2, scratch raw)."""
     sq = WORK / "scratch.qcow2"
@@ -486,7 +535,8 @@ def scratch_images(bench, size, raw, qcow2):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     if bench.prepare == "empty":
-        run(["qemu-img", "create", "-q", "-f", "qcow2", sq, str(size)])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", *(luks_options(luks_key()) if bench.encrypted else []),
+             sq, str(size)])
         with open(sr, "wb") as f:
             f.truncate(size)
     elif bench.prepare == "copy":
@@ -654,13 +704,16 @@ def peak_rss_mib(pids):
 
 
 def one_run(bench, cont, cfg, raw, qcow2):
+    key = None
+    if bench.encrypted:
+        qcow2, key = build_luks_image(raw, qcow2), luks_key()
     if bench.kind == "read":
         img_q, img_r = qcow2, raw
     else:
         img_q, img_r = scratch_images(bench, cfg.size, raw, qcow2)
     warm_target = img_r if isinstance(cont, Passthrough) else img_q
     try:
-        with cont.mount(img_q, img_r, writable=(bench.kind == "write")) as path:
+        with cont.mount(img_q, img_r, writable=(bench.kind == "write"), key=key) as path:
             if bench.kind == "read" and cfg.verify:
                 check_data(path, raw, cfg.size)
             fuse_tune(path, cfg.read_ahead_kb, cfg.max_background)
@@ -681,7 +734,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
 
 def measure(cfg, benches, contenders, raw, qcow2):
     results = {b.key: {c.name: Cell() for c in contenders
-                       if b.kind == "read" or c.can_write} for b in benches}
+                       if (b.kind == "read" or c.can_write) and (c.can_luks or not b.encrypted)}
+               for b in benches}
     for b in benches:
         for i in range(cfg.runs):
             for c in contenders:

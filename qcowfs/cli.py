@@ -72,9 +72,11 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     mountpoint = os.path.abspath(mountpoint_arg)
     _check_mountpoint(image_path, mountpoint)
     from .image import OpenOptions
+    from .secret import passphrase_source
 
-    image = open_image(image_arg, OpenOptions(read_only=opts.image_read_only, l2_cache_bytes=opts.l2_cache_bytes,
-                                              force_share=opts.force_share))
+    image = open_image(image_arg, OpenOptions(
+        read_only=opts.image_read_only, l2_cache_bytes=opts.l2_cache_bytes, force_share=opts.force_share,
+        passphrase=passphrase_source(image_arg, opts.key_file, opts.key_credential)))
     if opts.force_share and not foreground:
         print(f"qcowfs: warning: {image_arg}: {FORCE_SHARE_WARNING}", file=sys.stderr)
     fuse_options = _fuse_options(image_path, opts)
@@ -531,9 +533,10 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
                    help="ro, rw, allow_other, uid=USER, gid=GROUP (names or numbers), umask=OCTAL, "
                         "l2_cache_size=SIZE (default 32M), read_around=SIZE (default 256K, 0 = off), "
                         "page_cache, log_file=PATH (daemon log; default syslog, else "
-                        f"{ROOT_LOG_FILE} for root), debug, scratch (throwaway writes; scratch_dir=DIR, "
-                        "scratch_size=SIZE), force_share (read-only: an image another program "
-                        "writes); mount(8)/systemd generic options are accepted")
+                        f"{ROOT_LOG_FILE} for root), key_file=PATH or key_credential=NAME (passphrase "
+                        "of an encrypted image; else asked on a terminal), debug, scratch (throwaway "
+                        "writes; scratch_dir=DIR, scratch_size=SIZE), force_share (read-only: an image "
+                        "another program writes); mount(8)/systemd generic options are accepted")
 
 
 def _helper_parser() -> argparse.ArgumentParser:

@@ -56,3 +56,9 @@ class UsageError(QcowError):
     """The command line or a mount option is wrong."""
 
     errno = errno.EINVAL
+
+
+class PassphraseError(QcowError):
+    """An encrypted image's key is missing or wrong: nothing is opened."""
+
+    errno = errno.EACCES

@@ -101,7 +101,8 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
             a, b = max(a, pos), min(b, chunk_end)
             if t in _STATUS:
                 present, zero, data, has_offset = _STATUS[t]
-                offset = host + ((a - base) & (cs - 1)) if has_offset else None
+                # (QEMU gives no host offset for encrypted data: it is not the guest's bytes)
+                offset = host + ((a - base) & (cs - 1)) if has_offset and not mapper.encrypted else None
                 _add(out, Extent(a, b - a, depth, present, zero, data, offset))
             else:
                 for e in await _below(layer, a, b, depth):

@@ -107,6 +107,7 @@ _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 _HEADER_V3 = struct.Struct(">QQQII")
 _EXT_HEAD = struct.Struct(">II")
 _BITMAPS_EXT = struct.Struct(">IIQQ")
+_CRYPTO_EXT = struct.Struct(">QQ")
 _SNAPSHOT = struct.Struct(">QIHHIIQII")
 _BME = struct.Struct(">QIIBBHI")
 
@@ -305,6 +306,21 @@ class BitmapsExtension:
 
     def pack(self) -> bytes:
         return _BITMAPS_EXT.pack(self.nb_bitmaps, 0, self.directory_size, self.directory_offset)
+
+
+@dataclass(frozen=True)
+class CryptoHeaderExtension:
+    """The full disk encryption header pointer: where the LUKS header and its
+    key material lie in the image file (cluster aligned, counted as used)."""
+
+    offset: int
+    length: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> "CryptoHeaderExtension":
+        if len(data) < _CRYPTO_EXT.size:
+            raise InvalidImageError("full disk encryption header extension is too short")
+        return cls(*_CRYPTO_EXT.unpack_from(data))
 
 
 @dataclass

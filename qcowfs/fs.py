@@ -94,7 +94,8 @@ class Operations(pyfuse3.Operations):
         self._next_inode = self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
         self._read_only = not any(isinstance(n, FileNode) and n.view.writable
                                   for n in self._nodes.values())
-        self._open: dict[int, tuple[FileView, int]] = {}
+        # fh -> (view, inode, read-around: pushed pages would be used)
+        self._open: dict[int, tuple[FileView, int, bool]] = {}
         self._next_fh = 1
 
     @fuse_errors
@@ -121,7 +122,7 @@ class Operations(pyfuse3.Operations):
     def is_open(self, node: FileNode) -> bool:
         """Some handle is open on NODE's file."""
         inode = self._inodes.get(id(node))
-        return any(i == inode for _, i in self._open.values())
+        return any(entry[1] == inode for entry in self._open.values())
 
     def set_children(self, directory: DirNode, children: dict[str, DirNode | FileNode]) -> None:
         """DIRECTORY's entries are now CHILDREN. Nodes that stay keep their
@@ -346,7 +347,10 @@ class Operations(pyfuse3.Operations):
         view = await node.view.open()
         fh = self._next_fh
         self._next_fh += 1
-        self._open[fh] = (view, inode)
+        # O_DIRECT: the kernel keeps nothing of this handle's reads, so pages
+        # pushed around them would be wasted work (and evict others).
+        around = bool(self.read_around) and view.unchanging and not flags & os.O_DIRECT
+        self._open[fh] = (view, inode, around)
         return pyfuse3.FileInfo(fh=fh, keep_cache=view.keep_cache, direct_io=view.direct_io)
 
     def _view(self, fh: int) -> FileView:
@@ -364,7 +368,7 @@ class Operations(pyfuse3.Operations):
         data = view.read_cached(off, size)
         if data is None:
             data = await view.read(off, size)
-        if size <= READ_AROUND_TRIGGER and self.read_around and view.unchanging:
+        if size <= READ_AROUND_TRIGGER and entry[2]:
             self._read_around(entry[1], view, off)
         return data
 

@@ -18,8 +18,10 @@ import trio
 from .cache import TableCache
 from .errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError,
                      UnsupportedFeatureError)
-from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_NAMES, CRYPT_NONE,
-                     EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
+from .crypto import LUKS_HEADER_SIZE, DiskCipher, LuksVolume, legacy_aes_cipher
+from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS,
+                     CRYPT_NAMES, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
+                     FEATURE_TYPE_INCOMPAT, CryptoHeaderExtension,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      INCOMPAT_KNOWN, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
                      MAX_VIRTUAL_SIZE, QCOW_MAGIC, Geometry, data_host_offsets,
@@ -56,6 +58,10 @@ class OpenOptions:
     # QEMU's -U / force-share=on: a read-only open that ignores other
     # programs' write locks (what it shows may change under it).
     force_share: bool = False
+    # The passphrase of an encrypted image (and of encrypted backing files),
+    # asked only when one is opened. None: open the metadata only (info,
+    # check), guest data of an encrypted image can then not be read.
+    passphrase: Callable[[], bytes] | None = None
 
 
 class RawSource:
@@ -136,6 +142,7 @@ class Image:
         h = Header.parse(head)
         self.geo = Geometry.from_header(h)
         self._validate(h, self.file.known_size)
+        self._open_encryption(h)
         meta = self.meta = Metadata(self.file, h, self.geo)
         # What a read-only open left out (damaged snapshot table or bitmap
         # directory): the active disk is still served, as qemu-img convert does.
@@ -152,7 +159,8 @@ class Image:
         self.l2_cache: TableCache[np.ndarray] = TableCache(
             "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
             self._load_l2, self._encode_l2, self._write_l2)
-        self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache)
+        self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache,
+                             encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher)
         self.corrupt = False
         # force_share: bumped whenever the tables read so far are dropped
         # (revalidate); views holding their own L1 tables drop theirs then.
@@ -224,10 +232,8 @@ class Image:
 
     def _validate(self, h: Header, file_size: int) -> None:
         cs = self.geo.cluster_size
-        if h.crypt_method != CRYPT_NONE:
-            how = CRYPT_NAMES.get(h.crypt_method, f"an unknown method ({h.crypt_method})")
-            raise UnsupportedFeatureError(f"the image is encrypted with {how}, which qcowfs does not "
-                                          "support yet")
+        if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
+            raise UnsupportedFeatureError(f"the image is encrypted with an unknown method ({h.crypt_method})")
         unknown = h.incompatible_features & ~INCOMPAT_KNOWN
         if unknown:
             names = h.feature_names()
@@ -252,6 +258,40 @@ class Image:
         _check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
         if h.nb_snapshots > MAX_SNAPSHOTS:
             raise InvalidImageError(f"too many snapshots ({h.nb_snapshots})")
+
+    def _open_encryption(self, h: Header) -> None:
+        """The LUKS header (checked) and, given a passphrase, the data cipher.
+        Legacy AES is read-only (QEMU's emulators no longer write it either)."""
+        self.luks: LuksVolume | None = None
+        self.cipher: DiskCipher | None = None
+        if h.crypt_method != CRYPT_LUKS and h.extension(EXT_CRYPTO) is not None:
+            raise InvalidImageError("the image has an encryption header extension but is not LUKS-encrypted")
+        if h.crypt_method == CRYPT_NONE:
+            return
+        if h.crypt_method == CRYPT_AES:
+            if not self.read_only and not self.options.repair:
+                raise UnsupportedFeatureError("images encrypted with legacy AES can only be opened read-only "
+                                              "(mount with --read-only or -o ro)")
+            if self.options.passphrase is not None:
+                self.cipher = legacy_aes_cipher(self.options.passphrase())
+            return
+        raw = h.extension(EXT_CRYPTO)
+        if raw is None:
+            raise InvalidImageError("the image is LUKS-encrypted but has no encryption header extension")
+        fde = CryptoHeaderExtension.parse(raw)
+        cs = self.geo.cluster_size
+        if fde.offset % cs or fde.offset < cs or fde.length < LUKS_HEADER_SIZE:
+            raise InvalidImageError(f"the LUKS header at {fde.offset:#x} (+{fde.length}) is misplaced")
+        if fde.offset + fde.length > self.file.known_size:
+            raise InvalidImageError("the LUKS header lies past the end of the image file")
+        self.luks = LuksVolume.parse(self.file.read_sync(fde.offset, LUKS_HEADER_SIZE), fde.offset, fde.length)
+        if self.options.passphrase is not None:
+            self.cipher = self.luks.unlock(self.options.passphrase(), self.file.read_sync)
+
+    @property
+    def encryption(self) -> str | None:
+        """How the image is encrypted (CRYPT_NAMES), or None."""
+        return CRYPT_NAMES.get(self.header.crypt_method)
 
     def _read_snapshots(self, h: Header) -> list[SnapshotEntry]:
         if h.snapshots_offset % self.geo.cluster_size:  # QEMU checks it even with no snapshots
@@ -297,7 +337,8 @@ class Image:
             raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
         try:
             return Image(path, OpenOptions(read_only=True, l2_cache_bytes=self.options.l2_cache_bytes,
-                                           force_share=self.options.force_share), chain)
+                                           force_share=self.options.force_share,
+                                           passphrase=self.options.passphrase), chain)
         except QcowError as e:
             raise type(e)(f"backing file {path}: {e}") from None
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, EXT_BACKING_FORMAT, EXT_DATA_FILE,
-                     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
+from .crypto import LUKS_SECTOR_SIZE, LuksVolume
+from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, CRYPT_AES, CRYPT_NONE, EXT_BACKING_FORMAT,
+                     EXT_DATA_FILE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
 from .image import Image
 from .text import human_size, render_snapshots
 
@@ -18,6 +19,10 @@ def describe(image: Image) -> dict[str, Any]:
         "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
         "compression-type": COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
     }
+    if h.crypt_method == CRYPT_AES:
+        data["encrypt"] = {"format": "aes"}
+    elif image.luks is not None:
+        data["encrypt"] = luks_info(image.luks)
     if h.version >= 3:
         data["lazy-refcounts"] = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
         data["extended-l2"] = h.extended_l2
@@ -38,6 +43,8 @@ def describe(image: Image) -> dict[str, Any]:
         "dirty-flag": False,
         "format-specific": {"type": "qcow2", "data": data},
     }
+    if h.crypt_method != CRYPT_NONE:
+        out["encrypted"] = True
     out["backing-chain"] = [p for p, _ in image.chain()[1:]]
     if h.backing_file is not None:
         out["backing-filename"] = h.backing_file
@@ -62,11 +69,51 @@ def snapshot_info(s: SnapshotEntry) -> dict[str, Any]:
     }
 
 
+def luks_info(vol: LuksVolume) -> dict[str, Any]:
+    """`qemu-img info`'s "encrypt" object of a LUKS image, its keys in its order."""
+    h, spec = vol.header, vol.spec
+    slots: list[dict[str, Any]] = []
+    for s in h.key_slots:
+        slot: dict[str, Any] = {"active": s.enabled}
+        if s.enabled:
+            slot["iters"] = s.iterations
+        slot["key-offset"] = s.key_offset * LUKS_SECTOR_SIZE
+        if s.enabled:
+            slot["stripes"] = s.stripes
+        slots.append(slot)
+    out: dict[str, Any] = {"ivgen-alg": spec.ivgen, "hash-alg": spec.hash, "cipher-alg": spec.cipher_alg,
+                           "uuid": h.uuid}
+    if spec.ivgen_hash is not None:
+        out["ivgen-hash-alg"] = spec.ivgen_hash
+    out.update({"format": "luks", "cipher-mode": spec.mode, "slots": slots,
+                "payload-offset": h.payload_offset * LUKS_SECTOR_SIZE,
+                "master-key-iters": h.mk_digest_iterations})
+    return out
+
+
+def _render_value(lines: list[str], key: str, value: Any, indent: str) -> None:
+    """One key of format-specific data as qemu-img prints it: nested objects
+    indented, lists as [N] entries."""
+    name = key.replace("-", " ")
+    if isinstance(value, dict):
+        lines.append(f"{indent}{name}:")
+        for k, v in value.items():
+            _render_value(lines, k, v, indent + "    ")
+    elif isinstance(value, list):
+        lines.append(f"{indent}{name}:")
+        for i, item in enumerate(value):
+            _render_value(lines, f"[{i}]", item, indent + "    ")
+    else:
+        lines.append(f"{indent}{name}: {str(value).lower() if isinstance(value, bool) else value}")
+
+
 def render(d: dict[str, Any]) -> str:
     lines = [f"image: {d['filename']}", "file format: qcow2",
              f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
-             f"disk size: {human_size(d['actual-size'])}",
-             f"cluster_size: {d['cluster-size']}"]
+             f"disk size: {human_size(d['actual-size'])}"]
+    if d.get("encrypted"):
+        lines.append("encrypted: yes")
+    lines.append(f"cluster_size: {d['cluster-size']}")
     if "backing-filename" in d:
         lines.append(f"backing file: {d['backing-filename']}"
                      + (f" (actual path: {d['full-backing-filename']})" if "full-backing-filename" in d else ""))
@@ -79,11 +126,10 @@ def render(d: dict[str, Any]) -> str:
         lines += render_snapshots(snaps)
     data = d["format-specific"]["data"]
     lines.append("Format specific information:")
-    for key in ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",
+    for key in ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "encrypt", "corrupt",
                 "extended-l2", "data-file", "data-file-raw"):
         if key in data:
-            v = data[key]
-            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
+            _render_value(lines, key, data[key], "    ")
     if data.get("bitmaps"):
         lines.append("    bitmaps:")
         for b in data["bitmaps"]:

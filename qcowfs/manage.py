@@ -28,6 +28,8 @@ class Hooks:
 
     # snapshot_open(id_str): a snapshot's file is open (it must not be deleted)
     snapshot_open: Callable[[str], bool] = lambda _sid: False
+    # bitmap_open(name): a bitmap's file is open (it must not be removed)
+    bitmap_open: Callable[[str], bool] = lambda _name: False
     # changed(): the snapshot or bitmap list changed (rebuild those directories)
     changed: Callable[[], None] = lambda: None
 
@@ -81,6 +83,8 @@ class Manager:
         return {}
 
     async def bitmap_remove(self, name: str) -> dict[str, Any]:
+        if self.hooks.bitmap_open(str(name)):
+            raise BusyError(f"bitmap '{name}' is in use (its file is open): not removed")
         return await self._bitmap(name, "remove")
 
     async def bitmap_clear(self, name: str) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class MountOptions:
     noexec: bool = False
     debug: bool = False
     log_file: str | None = None
+    # An encrypted image's passphrase: a file, or a systemd credential (see secret.py).
+    key_file: str | None = None
+    key_credential: str | None = None
     # -o scratch: image read-only, every file takes throwaway writes (scratch.py)
     scratch: bool = False
     scratch_dir: str | None = None
@@ -78,6 +81,14 @@ class MountOptions:
                 if not value:
                     raise UsageError("option log_file needs a path: -o log_file=PATH")
                 self.log_file = os.path.abspath(value)
+            elif key in ("key_file", "key-file"):
+                if not value:
+                    raise UsageError("option key_file needs a path: -o key_file=PATH")
+                self.key_file = os.path.abspath(value)
+            elif key in ("key_credential", "key-credential"):
+                if not value:
+                    raise UsageError("option key_credential needs a name: -o key_credential=NAME")
+                self.key_credential = value
             elif key in ("l2_cache_size", "l2-cache-size"):
                 self.l2_cache_bytes = parse_size(value)
             elif key == "read_around":

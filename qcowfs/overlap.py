@@ -29,6 +29,7 @@ class Kind(enum.IntFlag):
     INACTIVE_L2 = 1 << 7
     BITMAP_DIRECTORY = 1 << 8
     BITMAP_TABLE = 1 << 9
+    CRYPTO_HEADER = 1 << 10   # the LUKS header and key material (QEMU counts it, never frees it)
 
 
 KIND_TEXT = {
@@ -42,6 +43,7 @@ KIND_TEXT = {
     Kind.INACTIVE_L2: "a snapshot's L2 table",
     Kind.BITMAP_DIRECTORY: "the bitmap directory",
     Kind.BITMAP_TABLE: "a bitmap table",
+    Kind.CRYPTO_HEADER: "the LUKS header",
 }
 
 

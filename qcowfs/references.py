@@ -18,9 +18,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .format import (BME_TABLE_OFFSET_MASK, EXT_BITMAPS, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
+from .format import (BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, BitmapsExtension,
-                     Header, SubclusterType, cluster_type, cluster_types, compressed_shift,
+                     CryptoHeaderExtension, Header, SubclusterType, cluster_type, cluster_types,
+                     compressed_shift,
                      data_host_offsets,
                      extended_problem)
 from .hostfile import HostFile
@@ -96,6 +97,12 @@ def walk(meta: Metadata, *, refcount_structure: bool = True, l2_contents: bool =
     h, geo, file = meta.header, meta.geo, meta.file
     cs = geo.cluster_size
     yield Ref(Kind.MAIN_HEADER, "header", 0, cs)
+    crypto = h.extension(EXT_CRYPTO)
+    if crypto is not None and h.crypt_method == CRYPT_LUKS:
+        # The LUKS header and key slots: referenced like metadata, so that
+        # check counts them and a repair never frees them (as QEMU's check).
+        fde = CryptoHeaderExtension.parse(crypto)
+        yield Ref(Kind.CRYPTO_HEADER, "LUKS header", fde.offset, fde.length)
     yield Ref(Kind.ACTIVE_L1, "active L1 table", h.l1_table_offset, h.l1_size * 8)
     if refcount_structure:
         yield Ref(Kind.REFCOUNT_TABLE, "refcount table", h.refcount_table_offset,

@@ -85,8 +85,30 @@ class Writer:
             return False
         # Never write through an entry that fails a check (raises CorruptionError).
         self._check_host(host, (last - first + 1) << cb)
-        self.data_file.write_sync(data, host + (offset & (geo.cluster_size - 1)))
+        self._put(data, host + (offset & (geo.cluster_size - 1)), offset)
         return True
+
+    def _put(self, data: bytes | memoryview, host: int, guest: int) -> None:
+        """Write guest DATA over an allocated cluster at HOST. Encrypted: the
+        partial sectors at either end are decrypted and merged first (a
+        synchronous read, so no other task sees the sector half written)."""
+        if not self.mapper.encrypted:
+            self.data_file.write_sync(data, host)
+            return
+        cipher = self.mapper.cipher
+        ss = cipher.sector_size
+        end = host + len(data)
+        lo, hi = host - host % ss, -(-end // ss) * ss
+        plain = bytearray(hi - lo)
+        partial = {lo} if lo != host else set()
+        if hi != end:
+            partial.add(hi - ss)
+        for sector in partial:
+            old = memoryview(bytearray(self.data_file.read_sync(sector, ss).ljust(ss, b"\0")))
+            cipher.decrypt_into(old, sector, guest - host + sector)
+            plain[sector - lo : sector - lo + ss] = old
+        plain[host - lo : end - lo] = data
+        self.data_file.write_sync(cipher.encrypt(plain, lo, guest - (host - lo)), lo)
 
     def _check_host(self, host: int, length: int) -> None:
         """A data run's host clusters are plausible and hold no metadata."""
@@ -186,7 +208,7 @@ class Writer:
             elif state == IN_PLACE:
                 host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
                 self._check_host(host, cs)
-                self.data_file.write_sync(piece, host + (g0 - c0))
+                self._put(piece, host + (g0 - c0), g0)
                 k += 1
             else:
                 # A run of clusters that all need a new (or rewritten) cluster.
@@ -231,7 +253,12 @@ class Writer:
             host = await self.alloc.allocate(n)
         if reuse:  # (new clusters were checked when allocated)
             self._check_host(host, n * cs)
-        self.data_file.writev_sync(parts, host)
+        if self.mapper.encrypted:
+            # Whole clusters, encrypted where they now lie: old contents are
+            # plaintext (read through the mapper), never copied ciphertext.
+            self.data_file.write_sync(self.mapper.cipher.encrypt(b"".join(parts), host, c0), host)
+        else:
+            self.data_file.writev_sync(parts, host)
         for j in range(n):
             self._set_data(table, k + j, host + (j << cb))
             if not reuse:

@@ -47,6 +47,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import trio
 
+import luks
 from qcowfs.errors import QcowError, ResizeError
 from qcowfs.image import Image, OpenOptions
 from qcowfs.metadata import Metadata
@@ -82,12 +83,21 @@ def must(*args: object) -> str:
     return p.stdout
 
 
-def qemu_io(image: Path, *cmds: str) -> None:
+def naming(image: Path, encrypted: bool = False, fmt: bool = True) -> tuple[list[object], list[object]]:
+    """How a QEMU tool is told about IMAGE: (options, the image argument). An
+    encrypted image needs the secret and --image-opts (which excludes -f)."""
+    if encrypted:
+        return [*luks.secret_object(), "--image-opts"], [luks.image_opts(image)]
+    return (["-f", "qcow2"] if fmt else []), [image]
+
+
+def qemu_io(image: Path, *cmds: str, encrypted: bool = False) -> None:
     """qemu-io reports some I/O errors on stdout and still exits 0: treat both as failure."""
-    args: list[object] = ["qemu-io", "-f", "qcow2"]
+    pre, target = naming(image, encrypted)
+    args: list[object] = ["qemu-io", *pre]
     for c in cmds:
         args += ["-c", c]
-    p = run(*args, image)
+    p = run(*args, *target)
     if p.returncode != 0 or "failed" in p.stdout or "error" in p.stdout.lower():
         raise RuntimeError(f"qemu-io {list(cmds)} on {image} exited {p.returncode}:\n{clip(p.stdout + p.stderr)}")
 
@@ -96,11 +106,12 @@ def info(image: Path) -> dict[str, Any]:
     return json.loads(must("qemu-img", "info", "--output=json", image))
 
 
-def to_raw(image: Path, dest: Path, snapshot_id: str | None = None) -> Path:
-    args: list[object] = ["qemu-img", "convert", "-O", "raw"]
+def to_raw(image: Path, dest: Path, snapshot_id: str | None = None, encrypted: bool = False) -> Path:
+    pre, target = naming(image, encrypted, fmt=False)
+    args: list[object] = ["qemu-img", "convert", *pre, "-O", "raw"]
     if snapshot_id is not None:
         args += ["-l", f"snapshot.id={snapshot_id}"]
-    must(*args, image, dest)
+    must(*args, *target, dest)
     return dest
 
 
@@ -152,6 +163,7 @@ class Layout:
     compressed: int = 0                 # compressed clusters written with `qemu-io write -c`
     snapshots: int = 0                  # internal snapshots taken at build time
     bitmaps: tuple[BitmapSpec, ...] = ()
+    encrypted: bool = False             # LUKS (qemu-img's default cipher), the secret of tests/luks.py
     seed: int = 0
 
     @property
@@ -183,7 +195,7 @@ class Layout:
         """One line a failure report can rebuild the image from."""
         parts = [f"size={self.size}", f"cluster={self.cluster_size}", f"refcount_bits={self.refcount_bits}",
                  f"compat={self.compat}"]
-        for name in ("extended_l2", "lazy_refcounts", "dirty", "prefill"):
+        for name in ("extended_l2", "lazy_refcounts", "dirty", "prefill", "encrypted"):
             if getattr(self, name):
                 parts.append(name)
         if self.compression_type != "zlib":
@@ -202,7 +214,7 @@ class Layout:
     def features(self) -> str:
         """The combination of features, without sizes and seed (counted by `make soak`)."""
         f = [f"c{self.cluster_size}", f"r{self.refcount_bits}", "v3" if self.v3 else "v2"]
-        f += [n for n in ("extended_l2", "lazy_refcounts", "dirty", "prefill") if getattr(self, n)]
+        f += [n for n in ("extended_l2", "lazy_refcounts", "dirty", "prefill", "encrypted") if getattr(self, n)]
         if self.compression_type != "zlib":
             f.append(self.compression_type)
         if self.backing_size:
@@ -271,14 +283,15 @@ def nbits(size: int, granularity: int) -> int:
     return -(-size // granularity)
 
 
-def dirty_bits(image: Path, name: str, granularity: int, size: int) -> np.ndarray:
+def dirty_bits(image: Path, name: str, granularity: int, size: int, encrypted: bool = False) -> np.ndarray:
     """The bits of bitmap NAME as QEMU sees them (see the module docstring)."""
     bits = np.zeros(nbits(size, granularity), bool)
     # unix socket paths are limited to 108 bytes: not under pytest's long tmp_path
     d = tempfile.mkdtemp(prefix="qnbd", dir="/tmp")
     sock, pidfile = os.path.join(d, "s"), os.path.join(d, "pid")
     try:
-        must("qemu-nbd", "--fork", "-r", "-f", "qcow2", "-B", name, "-k", sock, "--pid-file", pidfile, image)
+        pre, target = naming(image, encrypted)
+        must("qemu-nbd", "--fork", "-r", *pre, "-B", name, "-k", sock, "--pid-file", pidfile, *target)
         out = must("qemu-img", "map", "--output=json", "--image-opts",
                    f"driver=nbd,server.type=unix,server.path={sock},"
                    f"x-dirty-bitmap=qemu:dirty-bitmap:{name.replace(',', ',,')}")
@@ -349,8 +362,12 @@ def describe_bits(bits: np.ndarray, granularity: int, limit: int = 8) -> str:
 # --------------------------------------------------------------------------
 # building
 
-def _create(path: Path, size: int, backing: Path | None = None, **opts: object) -> None:
+def _create(path: Path, size: int, backing: Path | None = None, encrypted: bool = False,
+            **opts: object) -> None:
     args: list[object] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if encrypted:
+        args += luks.secret_object()
+        opts.update({"encrypt.format": "luks", "encrypt.key-secret": "sec0", "encrypt.iter-time": 10})
     if opts:
         args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
     if backing is not None:
@@ -393,6 +410,12 @@ class Subject:
 
     # ---- offline changes (qemu-img / qemu-io while the image is closed) -------
 
+    def _pre(self, fmt: bool = True) -> list[object]:
+        return naming(self.image, self.layout.encrypted, fmt)[0]
+
+    def _target(self) -> list[object]:
+        return naming(self.image, self.layout.encrypted)[1]
+
     def _closed(self) -> None:
         assert self.open_image is None, "QEMU tools must not touch an image qcowfs has open"
 
@@ -401,10 +424,10 @@ class Subject:
         self._closed()
         self._snap_counter += 1
         name = f"snap{self._snap_counter}"
-        must("qemu-img", "snapshot", "-c", name, self.image)
+        must("qemu-img", "snapshot", *self._pre(False), "-c", name, *self._target())
         sid = next(s["id"] for s in info(self.image).get("snapshots", []) if s["name"] == name)
         expected = self.directory / f"snapshot-{sid}.raw"
-        to_raw(self.image, expected, sid)
+        to_raw(self.image, expected, sid, self.layout.encrypted)
         p = run("qemu-img", "compare", "-f", "raw", "-F", "raw", expected, self.model.path)
         assert p.returncode == 0, f"snapshot {name} (id {sid}) is not the model at creation:\n{p.stdout}{p.stderr}"
         self.snapshots[sid] = expected
@@ -413,7 +436,8 @@ class Subject:
 
     def snapshot_delete(self, sid: str) -> None:
         self._closed()
-        must("qemu-img", "snapshot", "-d", self.snapshot_names.pop(sid), self.image)  # -d takes names
+        must("qemu-img", "snapshot", *self._pre(False), "-d", self.snapshot_names.pop(sid),  # -d takes names
+             *self._target())
         self.snapshots.pop(sid).unlink()
 
     async def _live_snapshot(self, prefix: str, take: Callable[[Image, str], Awaitable[Any]],
@@ -517,34 +541,34 @@ class Subject:
         args: list[object] = ["qemu-img", "bitmap", "--add", "-g", granularity]
         if not auto:
             args.append("--disable")
-        must(*args, self.image, name)
+        must(*args, *self._pre(False), *self._target(), name)
         self.bitmaps[name] = ExpectedBitmap(name, auto, granularity,
                                             np.zeros(nbits(self.model.size, granularity), bool))
 
     def bitmap_remove(self, name: str) -> None:
         self._closed()
-        must("qemu-img", "bitmap", "--remove", self.image, name)
+        must("qemu-img", "bitmap", *self._pre(False), "--remove", *self._target(), name)
         del self.bitmaps[name]
 
     def bitmap_clear(self, name: str) -> None:
         self._closed()
-        must("qemu-img", "bitmap", "--clear", self.image, name)
+        must("qemu-img", "bitmap", *self._pre(False), "--clear", *self._target(), name)
         self.bitmaps[name].bits[:] = False
 
     def resize_offline(self, new_size: int) -> None:
         """`qemu-img resize` (grow), where QEMU does it (see offline_resize_refused)."""
         self._closed()
         assert self.offline_resize_refused() is None, self.offline_resize_refused()
-        must("qemu-img", "resize", "-q", "-f", "qcow2", self.image, new_size)
+        must("qemu-img", "resize", "-q", *self._pre(), *self._target(), new_size)
         self.model.resize(new_size)
 
     def qemu_write(self, offset: int, length: int, byte: int) -> None:
         """A write by QEMU between sessions (it marks auto bitmaps like any write)."""
         self._closed()
         if byte == 0:
-            qemu_io(self.image, f"write -z {offset} {length}")
+            qemu_io(self.image, f"write -z {offset} {length}", encrypted=self.layout.encrypted)
         else:
-            qemu_io(self.image, f"write -P 0x{byte:02x} {offset} {length}")
+            qemu_io(self.image, f"write -P 0x{byte:02x} {offset} {length}", encrypted=self.layout.encrypted)
         self.model.write(offset, bytes([byte]) * length)
         for bm in self.bitmaps.values():
             bm.mark(offset, length)
@@ -553,7 +577,8 @@ class Subject:
 
     async def open(self) -> Image:
         self._closed()
-        image = Image(str(self.image), OpenOptions(read_only=False))
+        image = Image(str(self.image), OpenOptions(
+            read_only=False, passphrase=luks.passphrase() if self.layout.encrypted else None))
         try:
             await image.prepare_writes()
         except BaseException:
@@ -650,7 +675,7 @@ class Subject:
         """What must hold after every session: the whole oracle, QEMU's view."""
         self._closed()
         where = f"{self.layout.describe()}\nimage {self.image}"
-        p = run("qemu-img", "check", self.image)
+        p = run("qemu-img", "check", *self._pre(False), *self._target())
         assert p.returncode == 0, f"qemu-img check exited {p.returncode}\n{where}\n{clip(p.stdout + p.stderr)}"
 
         inf = info(self.image)
@@ -660,14 +685,17 @@ class Subject:
         data = inf["format-specific"]["data"]
         assert not data.get("corrupt"), f"image marked corrupt\n{where}"
 
-        p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.model.path)
+        if self.layout.encrypted:
+            p = luks.compare(self.image, self.model.path)
+        else:
+            p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.model.path)
         assert p.returncode == 0, f"qemu-img compare with the model exited {p.returncode}\n{where}\n" \
                                   f"{clip(p.stdout + p.stderr)}"
 
         ids = sorted(s["id"] for s in inf.get("snapshots", []))
         assert ids == sorted(self.snapshots), f"snapshots {ids}, expected {sorted(self.snapshots)}\n{where}"
         for sid, expected in self.snapshots.items():
-            now = to_raw(self.image, self.directory / "snapshot-now.raw", sid)
+            now = to_raw(self.image, self.directory / "snapshot-now.raw", sid, self.layout.encrypted)
             try:
                 # `convert -l` shows a snapshot at the disk's current size, past the snapshot's
                 # own size reading through to the backing file (QEMU does that on images it grew
@@ -686,7 +714,7 @@ class Subject:
             assert "in-use" not in flags, f"bitmap {name} left in use: {flags}\n{where}"
             assert ("auto" in flags) == bm.auto, f"bitmap {name} flags {flags}, auto={bm.auto}\n{where}"
             assert listed[name]["granularity"] == bm.granularity
-            got = dirty_bits(self.image, name, bm.granularity, self.model.size)
+            got = dirty_bits(self.image, name, bm.granularity, self.model.size, self.layout.encrypted)
             missing, extra = bm.bits & ~got, got & ~bm.bits
             assert not missing.any(), (f"bitmap {name} ({'auto' if bm.auto else 'disabled'}) misses written "
                                        f"ranges: {describe_bits(missing, bm.granularity)}\n{where}")
@@ -719,7 +747,7 @@ def build(directory: Path, layout: Layout) -> Subject:
         opts["extended_l2"] = "on"
     if layout.lazy_refcounts:
         opts["lazy_refcounts"] = "on"
-    _create(img, layout.size, backing, **opts)
+    _create(img, layout.size, backing, layout.encrypted, **opts)
 
     cmds: list[str] = []
     taken: set[int] = set()
@@ -738,17 +766,18 @@ def build(directory: Path, layout: Layout) -> Subject:
         cmds += _scatter(rng, src, layout.size, 8, 256 * KiB)
     if layout.dirty:
         # killed with everything written and flushed, but never closed: the dirty bit stays
-        args: list[object] = ["qemu-io", "-f", "qcow2"]
+        pre, target = naming(img, layout.encrypted)
+        args: list[object] = ["qemu-io", *pre]
         for cmd in cmds + ["flush", "sigraise 9"]:
             args += ["-c", cmd]
-        p = run(*args, img)
+        p = run(*args, *target)
         assert p.returncode in (-9, 137), f"qemu-io was not killed: {p.returncode} {p.stdout} {p.stderr}"
         assert info(img).get("dirty-flag"), "qemu-io killed after writing did not leave the dirty bit"
     elif cmds:
-        qemu_io(img, *cmds)
+        qemu_io(img, *cmds, encrypted=layout.encrypted)
 
     # the model starts as QEMU's view of what was built (after a kill: what survived it)
-    model = Model(to_raw(img, directory / "model.raw"))
+    model = Model(to_raw(img, directory / "model.raw", encrypted=layout.encrypted))
     subject = Subject(directory, img, layout, model)
     for i in range(layout.snapshots):
         subject.snapshot_create()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import luks
 from conftest import QCOWFS
 from images import KiB, MiB, create, oracle, qimg, qio
 from test_write import (assert_clean, assert_same, in_proc_mounts, lazy_unmount, mirror_writes, qcheck,
@@ -75,19 +76,43 @@ def daemon_pid(img: Path, mnt: Path) -> int:
     return pids[0]
 
 
-def make_image(d: Path) -> Path:
-    """32 MiB, 4k clusters, some data shared with a snapshot (COW), some compressed."""
+def make_image(d: Path, encrypted: bool = False) -> Path:
+    """32 MiB, 4k clusters, some data shared with a snapshot (COW), some compressed;
+    ENCRYPTED: LUKS, with the secret of tests/luks.py."""
     d.mkdir(parents=True, exist_ok=True)
+    fill = ("write -P 0x5a 0 4M", "write -c -P 0x3c 8M 256k", "write -P 0x6b 20M 1M")
+    if encrypted:
+        img = luks.create(d / "disk.qcow2", 32 * MiB, cluster_size=4096)
+        luks.qemu_io(img, *fill)
+        luks.must("qemu-img", "snapshot", *luks.secret_object(), "--image-opts", "-c", "before",
+                  luks.image_opts(img))
+        luks.qemu_io(img, "write -P 0x7c 1M 64k")
+        return img.resolve()
     img = create(d / "disk.qcow2", 32 * MiB, cluster_size=4096)
-    qio(img, "write -P 0x5a 0 4M", "write -c -P 0x3c 8M 256k", "write -P 0x6b 20M 1M")
+    qio(img, *fill)
     qimg("snapshot", "-c", "before", img)
     qio(img, "write -P 0x7c 1M 64k")
     return img.resolve()
 
 
-def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float) -> tuple[list[str], float]:
+def view(img: Path, dest: Path, snapshot_id: str | None = None, encrypted: bool = False) -> Path:
+    """QEMU's view of the image as raw (with the secret for an encrypted one)."""
+    if encrypted:
+        return luks.to_raw(img, dest, snapshot_id)
+    return oracle(img, dest, snapshot_id=snapshot_id)
+
+
+def check(img: Path, encrypted: bool = False) -> tuple[int, dict]:
+    if not encrypted:
+        return qcheck(img)
+    p = luks.run("qemu-img", "check", "--output=json", *luks.secret_object(), "--image-opts", luks.image_opts(img))
+    return p.returncode, {"report": p.stdout, "_stderr": p.stderr}
+
+
+def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float,
+               extra: tuple[str, ...] = ()) -> tuple[list[str], float]:
     """Mount, run the writer child, SIGKILL the daemon after KILL_AFTER s; returns the child's lines."""
-    with qcowfs_mount(img, mnt) as m:
+    with qcowfs_mount(img, mnt, *extra) as m:
         pid = daemon_pid(img, mnt)
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(m / "disk.raw"), str(init), str(seed), str(SLOT),
                                   str(32 * MiB // SLOT), str(random.Random(seed).randint(3, 12))],
@@ -111,7 +136,7 @@ def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float) -
     return out.splitlines(), kill_after
 
 
-def verify(img: Path, init: Path, lines: list[str], tmp: Path) -> tuple[int, int]:
+def verify(img: Path, init: Path, lines: list[str], tmp: Path, encrypted: bool = False) -> tuple[int, int]:
     """Check acknowledged and untouched slots against QEMU's view; returns (#acked, #untouched) checked."""
     last_w: dict[int, int] = {}
     last_a: dict[int, tuple[int, str]] = {}
@@ -121,7 +146,7 @@ def verify(img: Path, init: Path, lines: list[str], tmp: Path) -> tuple[int, int
             last_w[int(parts[1])] = i
         elif parts[0] == "A":
             last_a[int(parts[1])] = (i, parts[2])
-    now = oracle(img, tmp / "now.raw")
+    now = view(img, tmp / "now.raw", encrypted=encrypted)
     errors = []
     acked = untouched = 0
     with open(now, "rb") as fn, open(init, "rb") as fi:
@@ -142,27 +167,35 @@ def verify(img: Path, init: Path, lines: list[str], tmp: Path) -> tuple[int, int
     return acked, untouched
 
 
-@pytest.mark.parametrize("bitmap", [False, True], ids=["plain", "auto-bitmap"])
-def test_crash_loop(tmp_path: Path, bitmap: bool) -> None:
-    """4 KiB clusters, an internal snapshot (COW under the kill), compressed
-    clusters, and with BITMAP an auto bitmap tracked while writing."""
-    img = make_image(tmp_path / "img")
-    if bitmap:
+@pytest.mark.parametrize("bitmap,encrypted", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "auto-bitmap", "luks+auto-bitmap"])
+def test_crash_loop(tmp_path: Path, bitmap: bool, encrypted: bool) -> None:
+    """4 KiB clusters, an internal snapshot (COW under the kill: decrypt and
+    encrypt again on a LUKS image), compressed clusters, and with BITMAP an
+    auto bitmap tracked while writing."""
+    img = make_image(tmp_path / "img", encrypted)
+    extra: tuple[str, ...] = ()
+    if encrypted:
+        key = tmp_path / "key"
+        key.write_text(luks.SECRET)
+        extra = ("-o", f"key_file={key}")
+        luks.must("qemu-img", "bitmap", *luks.secret_object(), "--image-opts", "--add", luks.image_opts(img), "b0")
+    elif bitmap:
         qimg("bitmap", "--add", img, "b0")
-    snap = {sid: sha_file(oracle(img, tmp_path / f"snap{sid}.raw", snapshot_id=sid)) for sid in snapshot_ids(img)}
+    snap = {sid: sha_file(view(img, tmp_path / f"snap{sid}.raw", sid, encrypted)) for sid in snapshot_ids(img)}
     rng = random.Random(20240601)
     total_acked = 0
     history = []
     for it in range(5):
-        init = oracle(img, tmp_path / "init.raw")
+        init = view(img, tmp_path / "init.raw", encrypted=encrypted)
         kill_after = rng.uniform(0.4, 2.0)
-        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after)
+        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after, extra=extra)
         nw = sum(1 for x in lines if x.startswith("W"))
         history.append(f"iteration {it}: killed after {kill_after:.2f}s, {nw} writes")
         assert nw > 0, history
-        rc, rep = qcheck(img)
+        rc, rep = check(img, encrypted)
         assert rc in (0, 3), f"{history}: qemu-img check exit {rc} after a crash: {rep}"
-        acked, _ = verify(img, init, lines, tmp_path)
+        acked, _ = verify(img, init, lines, tmp_path, encrypted)
         total_acked += acked
         history[-1] += f", check exit {rc}, {acked} acknowledged slots verified"
         if bitmap:
@@ -171,7 +204,7 @@ def test_crash_loop(tmp_path: Path, bitmap: bool) -> None:
     print("\n".join(history))
     assert total_acked > 0, f"no fsync was acknowledged before any kill: {history}"
     for sid, want in snap.items():
-        assert sha_file(oracle(img, tmp_path / f"snap{sid}-after.raw", snapshot_id=sid)) == want, \
+        assert sha_file(view(img, tmp_path / f"snap{sid}-after.raw", sid, encrypted)) == want, \
             f"snapshot {sid} changed"
 
 

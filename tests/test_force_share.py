@@ -24,13 +24,16 @@ from qcowfs import mounts
 @contextlib.contextmanager
 def qemu_writer(img: Path) -> Iterator[subprocess.Popen]:
     """qemu-io holding IMG open for writing (commands on its stdin)."""
+    out = open(img.parent / "qemu-io.log", "w")  # what it said, if it dies
     w = subprocess.Popen(["qemu-io", "-f", "qcow2", "--discard=unmap", str(img)], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+                         stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # it holds its locks once qemu-img info without -U fails
-            if subprocess.run(["qemu-img", "info", str(img)], capture_output=True).returncode:
-                break
+        # It holds its locks once it prompts for commands (asking qemu-img
+        # instead would race its open for the locks).
+        while "qemu-io>" not in (img.parent / "qemu-io.log").read_text():
+            assert w.poll() is None, (img.parent / "qemu-io.log").read_text()
+            assert time.monotonic() < deadline, "qemu-io did not start"
             time.sleep(0.05)
         yield w
     finally:
@@ -42,9 +45,11 @@ def qemu_writer(img: Path) -> Iterator[subprocess.Popen]:
         except subprocess.TimeoutExpired:
             w.kill()
             w.wait()
+        out.close()
 
 
 def send(w: subprocess.Popen, *cmds: str) -> None:
+    assert w.poll() is None, f"qemu-io exited ({w.returncode}): see qemu-io.log"
     w.stdin.write("".join(c + "\n" for c in cmds))  # type: ignore[union-attr]
     w.stdin.flush()  # type: ignore[union-attr]
 

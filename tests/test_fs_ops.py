@@ -1,8 +1,10 @@
 """Plain filesystem calls on a mount: access(2), chdir, listing, statfs."""
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import mounted, qemu_img, qemu_io
@@ -115,3 +117,39 @@ def test_writable_disk_is_direct_io_unless_page_cache(tmp_path: Path) -> None:
                 assert os.pread(fd, 4, 0) == b"\x42" * 4
             finally:
                 os.close(fd)
+
+
+def _resident_pages(path: Path) -> int:
+    out = subprocess.run(["fincore", "--raw", "--noheadings", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_no_read_around_for_o_direct(tmp_path: Path) -> None:
+    """Small O_DIRECT reads of a read-only file push nothing into the page cache (the kernel
+    would never use those pages); the same reads buffered do (read-around)."""
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64M", str(img)], check=True, capture_output=True)
+    offsets = [i * (1 << 20) + 4096 for i in range(0, 64, 4)]
+    with mounted(img, tmp_path / "mnt") as mnt:
+        disk = mnt / "disk.raw"
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for off in offsets:
+                assert os.preadv(fd, [buf], off) == 4096 and buf[:1] == b"\x5a"
+        finally:
+            os.close(fd)
+        time.sleep(0.3)
+        direct = _resident_pages(disk)
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            for off in offsets:
+                os.pread(fd, 4096, off)
+        finally:
+            os.close(fd)
+        time.sleep(0.3)
+        buffered = _resident_pages(disk)
+    assert direct == 0, f"{direct} pages pushed for O_DIRECT reads"
+    assert buffered > len(offsets) * 8, f"only {buffered} pages cached after buffered reads: no read-around?"

@@ -204,7 +204,9 @@ OPEN_CASES: dict[str, Callable[[Path], Path]] = {
 
 
 def qcowfs(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+    # stdin is never a terminal here: an encrypted image must not prompt
+    return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
 
 
 def one_line_failure(p: subprocess.CompletedProcess, what: str) -> str:

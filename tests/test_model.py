@@ -3,7 +3,8 @@
 Every example builds one image with qemu-img / qemu-io from a drawn `Layout`
 (cluster size 512 B - 2 MiB, refcount width 1-64, v2/v3, extended L2, lazy
 refcounts (possibly left dirty), zlib/zstd, a qcow2 backing file with data,
-compressed clusters, internal snapshots, auto and disabled persistent bitmaps),
+compressed clusters, internal snapshots, auto and disabled persistent bitmaps,
+LUKS encryption),
 then runs sessions on it in-process: writes of 1 byte to several MiB (unaligned,
 all-zero, and sequential runs long enough to grow the refcount table), disk
 growth (which grows the L1 table), flushes, concurrent writes, read-backs. Between
@@ -113,7 +114,7 @@ def layouts(draw: st.DrawFn) -> Layout:
                   compat="1.1" if v3 else "0.10", extended_l2=extended_l2, lazy_refcounts=lazy,
                   dirty=dirty, compression_type=compression, backing_size=backing_size,
                   backing_cluster_size=backing_cs, prefill=draw(st.booleans()), compressed=compressed,
-                  snapshots=snapshots, bitmaps=bitmaps, seed=seed)
+                  snapshots=snapshots, bitmaps=bitmaps, encrypted=draw(st.integers(0, 5)) == 0, seed=seed)
 
 
 # --------------------------------------------------------------------------
