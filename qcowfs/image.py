@@ -409,7 +409,9 @@ class Image:
         or changed the snapshot table, reads through the old ones are refused
         from then on (their clusters may have been freed and reused)."""
         self.file.refresh_size()
-        raw = await self.file.read(0, self.geo.cluster_size)
+        # (The fields compared live in the first bytes; 64K holds any usual
+        # extension area without reading a whole 2M cluster ten times a second.)
+        raw = await self.file.read(0, min(self.geo.cluster_size, 65536))
         try:
             h = Header.parse(raw)
         except (QcowError, ValueError) as e:  # caught mid-write: try at the next round
