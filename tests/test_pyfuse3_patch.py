@@ -1,0 +1,113 @@
+"""Our pyfuse3 patch (patches/pyfuse3-fallocate-lseek.patch) on its own: the
+installed pyfuse3 is the patched build, and a tiny filesystem (tests/tinyfs.py)
+mounted for real gets fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE), or the
+kernel's fallbacks when it does not define them (the ENOSYS defaults)."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import ROOT, force_unmount, is_mounted
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (os.posix_fallocate only does mode 0)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@contextlib.contextmanager
+def tinyfs(mnt: Path, kind: str) -> Iterator[Path]:
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "tinyfs.py"), str(mnt), kind],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "tinyfs did not mount"
+            time.sleep(0.05)
+        yield mnt / "f"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        force_unmount(mnt)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_installed_pyfuse3_is_the_patched_build() -> None:
+    import pyfuse3
+
+    p = subprocess.run(["sh", str(ROOT / "scripts" / "build-pyfuse3.sh"), "--check", str(Path(sys.prefix))],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek")
+
+
+async def test_defaults_raise_enosys() -> None:
+    import pyfuse3
+
+    ops = pyfuse3.Operations()
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.fallocate(1, 0, 0, 1)
+    assert e.value.errno == errno.ENOSYS
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lseek(1, 0, os.SEEK_DATA)
+    assert e.value.errno == errno.ENOSYS
+
+
+def test_fallocate_and_lseek_reach_the_filesystem(tmp_path: Path) -> None:
+    with tinyfs(tmp_path / "mnt", "sparse") as f:
+        fd = os.open(f, os.O_RDWR)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 64 << 10
+            assert os.lseek(fd, 70 << 10, os.SEEK_DATA) == 70 << 10
+            assert os.lseek(fd, 70 << 10, os.SEEK_HOLE) == 128 << 10
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+            for off in (128 << 10, 1 << 20, 5 << 20):
+                with pytest.raises(OSError) as e:
+                    os.lseek(fd, off, os.SEEK_DATA)
+                assert e.value.errno == errno.ENXIO
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
+            os.posix_fallocate(fd, 0, 512)
+            with pytest.raises(OSError) as e:
+                fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, 4096)
+            assert e.value.errno == errno.EOPNOTSUPP
+        finally:
+            os.close(fd)
+        assert os.getxattr(f, "user.calls").decode().split("\n") == [
+            f"{FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE},4096,8192", "0,0,512"]
+
+
+def test_without_the_methods_the_kernel_falls_back(tmp_path: Path) -> None:
+    with tinyfs(tmp_path / "mnt", "plain") as f:
+        fd = os.open(f, os.O_RDWR)
+        try:
+            # Generic lseek: everything is data, the hole is at the end.
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 1 << 20
+            for _ in range(2):  # the second call is answered by the kernel alone
+                with pytest.raises(OSError) as e:
+                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+                assert e.value.errno == errno.EOPNOTSUPP
+        finally:
+            os.close(fd)
