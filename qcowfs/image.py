@@ -5,6 +5,7 @@ bad image refuses the mount with one clear line instead of failing later.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ import numpy as np
 import trio
 
 from .cache import TableCache
-from .errors import (CorruptionError, InvalidImageError, QcowError, ResizeError,
+from .errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError,
                      UnsupportedFeatureError)
 from .format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPRESSION_NAMES, CRYPT_NAMES, CRYPT_NONE,
                      EXT_BACKING_FORMAT, EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT,
@@ -76,6 +77,16 @@ class RawSource:
 
     async def close(self) -> None:
         self.file.close()
+
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """Data and holes as the host filesystem keeps them (SEEK_DATA/SEEK_HOLE)."""
+        try:
+            found = os.lseek(self.file.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return end  # nothing more (or past the end of the file)
+        return min(found, end)
 
     def chain(self) -> list[tuple[str, str]]:
         return [(self.path, "raw")]
@@ -332,6 +343,24 @@ class Image:
                 await self.mark_corrupt(e)
             raise
 
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """The active disk as a Source: its data and holes (see Mapper.seek)."""
+        stop = min(end, self.size)
+        if offset >= stop:
+            return end if data else offset
+        found = await self.mapper.seek(self.active_l1, offset, stop, data, self.backing)
+        return end if found == stop and data else found
+
+    async def find(self, l1: L1Table, offset: int, size: int, data: bool) -> int:
+        """lseek(SEEK_DATA / SEEK_HOLE) of a disk of SIZE bytes through L1:
+        the first data (DATA) or hole at or after OFFSET, SIZE if none."""
+        try:
+            return await self.mapper.seek(l1, offset, size, data, self.backing)
+        except CorruptionError as e:
+            if self.writer is not None:
+                await self.mark_corrupt(e)
+            raise
+
     def chain(self) -> list[tuple[str, str]]:
         """(path, format) of this image and every image below it."""
         out = [(self.path, "qcow2")]
@@ -374,6 +403,24 @@ class Image:
             raise
         self.written(offset, len(data))
         return len(data)
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """Make [offset, offset+length) of the disk read as zeros, without data
+        clusters where the format allows: UNMAP (discard, PUNCH_HOLE) frees
+        the host clusters, else (ZERO_RANGE) owned ones stay preallocated.
+        Dirty bitmaps count it as written. See Writer.zero."""
+        if self.writer is None or self.corrupt:
+            raise CorruptionError("the image is marked corrupt; writes are refused") if self.corrupt \
+                else ReadOnlyError("the image is open read-only")
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return
+        try:
+            await self.writer.zero(offset, length, unmap, self.size)
+        except CorruptionError as e:
+            await self.mark_corrupt(e)
+            raise
+        self.written(offset, length)
 
     def written(self, offset: int, length: int) -> None:
         """Live dirty tracking: bits are set before the write is acknowledged."""

@@ -478,6 +478,16 @@ class Subject:
         for bm in self.bitmaps.values():
             bm.mark(offset, len(data))
 
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """fallocate PUNCH_HOLE (UNMAP) or ZERO_RANGE through qcowfs: reads
+        zeros after, and bitmaps count it as written (clipped to the disk)."""
+        await self._image().zero(offset, length, unmap)
+        length = min(length, self.model.size - offset)
+        if length > 0:
+            self.model.write(offset, bytes(length))
+            for bm in self.bitmaps.values():
+                bm.mark(offset, length)
+
     async def write_concurrently(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Disjoint writes in flight at once, as FUSE sends them (allocation must serialise)."""
         spans = sorted((o, o + len(d)) for o, d in writes)
