@@ -5,7 +5,6 @@ kernel's fallbacks when it does not define them (the ENOSYS defaults)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import subprocess
@@ -17,19 +16,7 @@ from typing import Iterator
 import pytest
 
 from conftest import ROOT, force_unmount, is_mounted
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with any mode (os.posix_fallocate only does mode 0)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+from qcowfs.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 
 @contextlib.contextmanager
