@@ -139,7 +139,7 @@ class Operations(pyfuse3.Operations):
             a.st_mode = stat.S_IFREG | (perm & ~self.ownership.umask)
             a.st_nlink = 1
             a.st_size = view.size
-            a.st_blocks = (view.size + 511) // 512
+            a.st_blocks = (view.allocated + 511) // 512
             mtime = view.mtime_ns
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
         return a

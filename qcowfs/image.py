@@ -309,6 +309,13 @@ class Image:
         """The virtual size as QEMU presents it: whole 512-byte sectors."""
         return self.header.size & ~511
 
+    def host_usage(self) -> int:
+        """Host bytes the image (and its data file) occupy: the st_blocks of
+        its disk files, so that du and cp's sparse-file test (st_blocks
+        below st_size: then cp seeks for holes) see a sparse disk."""
+        files = [self.file] + ([self.data_file] if self.data_file is not None else [])
+        return sum(os.fstat(f.fd).st_blocks * 512 for f in files)
+
     @property
     def data_file_raw(self) -> bool:
         return bool(self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)

@@ -36,6 +36,11 @@ class FileView:
     def xattrs(self) -> dict[str, bytes]:
         return {}
 
+    @property
+    def allocated(self) -> int:
+        """Bytes the file occupies (st_blocks * 512): all of it by default."""
+        return self.size
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         raise NotImplementedError
 
@@ -103,6 +108,10 @@ class DiskView(FileView):
     def size(self) -> int:
         return self.image.size
 
+    @property
+    def allocated(self) -> int:
+        return min(self.size, self.image.host_usage())
+
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
         # clip() inlined: this runs once per FUSE read.
         image = self.image
@@ -169,6 +178,10 @@ class SnapshotView(FileView):
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def allocated(self) -> int:
+        return min(self._size, self.image.host_usage())
 
     def xattrs(self) -> dict[str, bytes]:
         return snapshot_xattrs(self.entry, self._size)
