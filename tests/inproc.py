@@ -488,6 +488,25 @@ class Subject:
             for bm in self.bitmaps.values():
                 bm.mark(offset, length)
 
+    async def check_seek(self, offset: int) -> None:
+        """SEEK_DATA and SEEK_HOLE from OFFSET through qcowfs agree with the model: the
+        bytes from OFFSET to the next data (or the end) are zeros, and a hole found
+        starts a range of zeros (holes are never made up)."""
+        image, size = self._image(), self.model.size
+        data = await image.find(image.active_l1, offset, size, True)
+        hole = await image.find(image.active_l1, offset, size, False)
+        assert offset <= data <= size and offset <= hole <= size, (offset, data, hole, size)
+        assert min(data, hole) == offset or data == hole == size, (offset, data, hole)
+        step = 1 << 20
+        for pos in range(offset, data, step):
+            chunk = self.model.read(pos, min(step, data - pos))
+            assert chunk.count(0) == len(chunk), f"SEEK_DATA from {offset} skipped data near {pos}"
+        if hole < size:
+            n = min(size - hole, self.layout.cluster_size)
+            end = await image.find(image.active_l1, hole, size, True)
+            chunk = self.model.read(hole, min(n, end - hole))
+            assert chunk.count(0) == len(chunk), f"SEEK_HOLE from {offset} gave {hole}, which holds data"
+
     async def write_concurrently(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Disjoint writes in flight at once, as FUSE sends them (allocation must serialise)."""
         spans = sorted((o, o + len(d)) for o, d in writes)

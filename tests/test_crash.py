@@ -27,8 +27,11 @@ from test_write import (assert_clean, assert_same, in_proc_mounts, lazy_unmount,
 SLOT = 256 * KiB
 
 CHILD = r"""
-import hashlib, os, random, sys
+import ctypes, hashlib, os, random, sys
 disk, init, seed, slot, nslots, every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+discards = float(sys.argv[7])  # share of requests that are fallocate PUNCH_HOLE / ZERO_RANGE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 rng = random.Random(seed)
 fd = os.open(disk, os.O_RDWR)
 initf = open(init, "rb")
@@ -43,11 +46,15 @@ while True:
     b = get(s)
     ln = rng.choice([1, rng.randint(1, 4096), rng.randint(4096, 65536), rng.randint(65536, slot)])
     off = rng.randrange(0, slot - ln + 1)
-    data = rng.randbytes(ln) if rng.random() < 0.85 else bytes(ln)
+    discard = rng.random() < discards
+    data = rng.randbytes(ln) if rng.random() < 0.85 and not discard else bytes(ln)
     print(f"W {s}", flush=True)
     try:
+        if discard:  # PUNCH_HOLE|KEEP_SIZE (3) or ZERO_RANGE|KEEP_SIZE (0x11)
+            if libc.fallocate(fd, rng.choice((3, 0x11)), s * slot + off, ln):
+                raise OSError(ctypes.get_errno(), "fallocate")
         view, pos = memoryview(data), s * slot + off
-        while view:
+        while view and not discard:
             k = os.pwrite(fd, view, pos)
             view, pos = view[k:], pos + k
     except OSError as e:
@@ -85,12 +92,15 @@ def make_image(d: Path) -> Path:
     return img.resolve()
 
 
-def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float) -> tuple[list[str], float]:
-    """Mount, run the writer child, SIGKILL the daemon after KILL_AFTER s; returns the child's lines."""
+def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float,
+               discards: float = 0.0) -> tuple[list[str], float]:
+    """Mount, run the writer child (DISCARDS: the share of its requests that are
+    fallocate discards / zero-ranges), SIGKILL the daemon after KILL_AFTER s;
+    returns the child's lines."""
     with qcowfs_mount(img, mnt) as m:
         pid = daemon_pid(img, mnt)
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(m / "disk.raw"), str(init), str(seed), str(SLOT),
-                                  str(32 * MiB // SLOT), str(random.Random(seed).randint(3, 12))],
+                                  str(32 * MiB // SLOT), str(random.Random(seed).randint(3, 12)), str(discards)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(kill_after)
@@ -145,7 +155,8 @@ def verify(img: Path, init: Path, lines: list[str], tmp: Path) -> tuple[int, int
 @pytest.mark.parametrize("bitmap", [False, True], ids=["plain", "auto-bitmap"])
 def test_crash_loop(tmp_path: Path, bitmap: bool) -> None:
     """4 KiB clusters, an internal snapshot (COW under the kill), compressed
-    clusters, and with BITMAP an auto bitmap tracked while writing."""
+    clusters, and with BITMAP an auto bitmap tracked while writing; a fifth
+    of the requests are discards (PUNCH_HOLE) or ZERO_RANGEs."""
     img = make_image(tmp_path / "img")
     if bitmap:
         qimg("bitmap", "--add", img, "b0")
@@ -156,7 +167,8 @@ def test_crash_loop(tmp_path: Path, bitmap: bool) -> None:
     for it in range(5):
         init = oracle(img, tmp_path / "init.raw")
         kill_after = rng.uniform(0.4, 2.0)
-        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after)
+        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after,
+                              discards=0.2)
         nw = sum(1 for x in lines if x.startswith("W"))
         history.append(f"iteration {it}: killed after {kill_after:.2f}s, {nw} writes")
         assert nw > 0, history
