@@ -359,6 +359,14 @@ class Writer:
         geo = self.geo
         e, bitmap = old
         t = cluster_type(e, geo.extended_l2, self.external)
+        # Never drop a reference an entry that fails a check holds (it may
+        # point into metadata): CorruptionError, before anything changed.
+        why = extended_problem(e, bitmap, self.external) if geo.extended_l2 else None
+        if why:
+            raise CorruptionError(f"extended L2 entry is invalid: {why}")
+        host = e & L2E_OFFSET_MASK
+        if host and t in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC):
+            self._check_host(host, geo.cluster_size)
         below = self._below(c0, c0 + geo.cluster_size)
         whole = g1 - g0 == geo.cluster_size
         # ZERO_RANGE keeps a cluster this image alone owns, as preallocated zeros.

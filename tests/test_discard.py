@@ -166,3 +166,28 @@ async def test_external_data_file(tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     must("qemu-img", "convert", "-O", "raw", img, out)
     assert out.read_bytes() == want
+
+
+async def test_discard_through_an_entry_pointing_into_metadata_is_refused(tmp_path: Path) -> None:
+    """An L2 entry that points at a refcount block: a discard must not drop a
+    reference to it (that would free metadata): EIO, the image marked corrupt."""
+    from corruption import cluster_of, l2_entry_offset, poke_u64, refblock_offset, refcount
+    from qcowfs.errors import CorruptionError
+    from qcowfs.image import Image, OpenOptions
+
+    img = tmp_path / "c.qcow2"
+    must("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
+    must("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", img)
+    block = refblock_offset(img)
+    poke_u64(img, l2_entry_offset(img, 64 * KiB), block | (1 << 63))
+    before = refcount(img, cluster_of(img, block))
+    image = Image(str(img), OpenOptions(read_only=False))
+    try:
+        await image.prepare_writes()
+        with pytest.raises(CorruptionError):
+            await image.zero(0, 1 * MiB, unmap=True)
+        assert image.corrupt
+    finally:
+        await image.close()
+    assert refcount(img, cluster_of(img, block)) == before
+    assert json.loads(must("qemu-img", "info", "--output=json", img))["format-specific"]["data"]["corrupt"]
