@@ -17,14 +17,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from conftest import force_unmount, is_mounted, mounted, qemu_img, qemu_io, run
+from conftest import fuse_server, mounted, qemu_img, qemu_io, run
 from qcowfs.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -36,27 +35,12 @@ FALLOC_FL_COLLAPSE_RANGE = 0x08
 def qsd_export(image: Path, export: Path, fmt: str = "qcow2") -> Iterator[Path]:
     """IMAGE exported writable by qemu-storage-daemon on the regular file EXPORT."""
     export.touch()
-    proc = subprocess.Popen(
-        ["qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=file,filename={image},discard=unmap",
-         "--blockdev", f"driver={fmt},node-name=fmt,file=file,discard=unmap",
-         "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={export},writable=on"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(export):
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not export"
-            time.sleep(0.05)
+    with fuse_server(["qemu-storage-daemon",
+                      "--blockdev", f"driver=file,node-name=file,filename={image},discard=unmap",
+                      "--blockdev", f"driver={fmt},node-name=fmt,file=file,discard=unmap",
+                      "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={export},writable=on"],
+                     export):
         yield export
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        force_unmount(export)
 
 
 def call(fn: Callable[[], int | None]) -> int | str:

@@ -9,36 +9,20 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import ROOT, force_unmount, is_mounted
+from conftest import ROOT, fuse_server
 from qcowfs.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 
 @contextlib.contextmanager
 def tinyfs(mnt: Path, kind: str) -> Iterator[Path]:
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "tinyfs.py"), str(mnt), kind],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(mnt):
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "tinyfs did not mount"
-            time.sleep(0.05)
+    with fuse_server([sys.executable, str(ROOT / "tests" / "tinyfs.py"), str(mnt), kind], mnt):
         yield mnt / "f"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        force_unmount(mnt)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_installed_pyfuse3_is_the_patched_build() -> None:
