@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import loop_device, mounted, run, verify_tree
-from images import KiB, MiB, GiB, qimg, qio, sh
+from images import MiB, GiB, qimg, qio, sh
 from test_write_ext4 import fs_mounted, make_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for losetup/mount")
