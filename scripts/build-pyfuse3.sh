@@ -49,7 +49,10 @@ if [ "$check" = 1 ]; then exit 1; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "install.sh: building pyfuse3 $want (release sdist + patches/$(basename "$PATCH"))" >&2
-"$PY" -m pip download -q --no-binary :all: --no-deps -d "$work" "pyfuse3==$PYFUSE3_VERSION"
+# A current pip (a new venv has Debian's); only pyfuse3 itself as source: its
+# build tools (Cython, setuptools) come as wheels, not compiled here.
+"$PY" -m pip install -q --upgrade pip
+"$PY" -m pip download -q --no-binary pyfuse3 --no-deps -d "$work" "pyfuse3==$PYFUSE3_VERSION"
 sdist=$work/pyfuse3-$PYFUSE3_VERSION.tar.gz
 echo "$PYFUSE3_SHA256  $sdist" | sha256sum -c --quiet -
 tar -xzf "$sdist" -C "$work"
