@@ -149,8 +149,8 @@ class DiskView(FileView):
 
     async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """Inside the disk every cluster can already be written, so there is
-        nothing to do (as QEMU, which preallocates nothing here); past the
-        end the disk grows as truncate does."""
+        nothing to reserve: success, no change (QEMU's FUSE export answers
+        EOPNOTSUPP instead); past the end the disk grows as truncate does."""
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
         if not keep_size and offset + length > self.size:
