@@ -191,10 +191,21 @@ class Allocator:
         self.pending.append((offset, length))
 
     async def apply_pending(self) -> bool:
-        """Apply deferred decreases (the caller made the dropped references durable)."""
-        pending, self.pending = self.pending, []
+        """Apply deferred decreases (the caller made the dropped references durable).
+        Ranges that continue each other at a cluster boundary go as one change
+        (a discard of a GiB is then a few refcount updates and host punches, not
+        one per cluster); ranges that share a cluster (compressed clusters)
+        stay apart, as each holds its own reference."""
+        pending, self.pending = sorted(self.pending), []
+        cs = self.geo.cluster_size
+        merged: list[list[int]] = []
         for offset, length in pending:
-            await self.change_range(offset, length, -1)
+            if merged and offset == merged[-1][1] and offset % cs == 0:
+                merged[-1][1] = offset + length
+            else:
+                merged.append([offset, offset + length])
+        for start, end in merged:
+            await self.change_range(start, end - start, -1)
         return bool(pending)
 
     # ---- allocation ------------------------------------------------------------------
