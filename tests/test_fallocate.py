@@ -208,3 +208,23 @@ def test_lseek_on_snapshots_and_a_huge_sparse_disk(tmp_path: Path) -> None:
                 os.lseek(fd, (15 << 40) + 64 * KiB, os.SEEK_DATA)
             assert e.value.errno == errno.ENXIO
         assert time.monotonic() - t0 < 5
+
+
+def test_discard_and_zero_range_mark_dirty_bitmaps(tmp_path: Path) -> None:
+    """A discarded or zeroed range changed the disk: an auto bitmap counts it
+    as written, live in bitmaps/NAME and stored at unmount (QEMU's view)."""
+    img = _plain(tmp_path)
+    qemu_img("bitmap", "--add", "-g", "64k", img, "b0")
+    with mounted(img, tmp_path / "mnt", read_only=False) as mnt:
+        fd = os.open(mnt / "disk.raw", os.O_RDWR)
+        try:
+            fallocate(fd, PUNCH, 1 * MiB, 128 * KiB)                            # granules 16, 17
+            fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 40 * MiB + 1, 10)  # granule 640
+        finally:
+            os.close(fd)
+        bits = (mnt / "bitmaps" / "b0").read_bytes()
+    dirty = {i for i in range(len(bits) * 8) if bits[i >> 3] >> (i & 7) & 1}
+    assert dirty == {16, 17, 640}, sorted(dirty)
+    info = json.loads(qemu_img("info", "--output=json", img))
+    flags = info["format-specific"]["data"]["bitmaps"][0]["flags"]
+    assert "in-use" not in flags, flags
