@@ -123,3 +123,19 @@ def test_cp_sparse_of_a_100g_disk_takes_seconds(tmp_path: Path) -> None:
     assert got.stat().st_blocks * 512 < 64 * MiB  # sparse: holes stayed holes
     p = run("qemu-img", "compare", "-f", "raw", "-F", "raw", got, want, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_ext4_mounted_with_discard_frees_at_once(tmp_path: Path) -> None:
+    """`mount -o discard`: ext4 discards freed blocks as files are deleted."""
+    img = tmp_path / "od.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "128M")
+    with mounted(img, tmp_path / "q", read_only=False) as q:
+        with loop_device(q / "disk.raw", read_only=False) as dev:
+            sh("mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", dev)
+            with fs_mounted(dev, tmp_path / "fs", "-o", "discard") as fs:
+                (fs / "big").write_bytes(os.urandom(32 * MiB))
+                sh("sync", "-f", str(fs))
+                (fs / "big").unlink()
+                sh("sync", "-f", str(fs))
+    check_clean(img)
+    assert data_bytes(img) < 16 * MiB, data_bytes(img)
