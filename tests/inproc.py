@@ -31,6 +31,7 @@ touched since, while the bitmap was auto; a disabled bitmap must not change.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -42,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import trio
@@ -465,6 +466,16 @@ class Subject:
         self.open_image = image
         self.sessions += 1
         return image
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Image]:
+        """open() ... close(); after a failure abandon(), so the first error shows."""
+        image = await self.open()
+        try:
+            yield image
+            await self.close()
+        finally:
+            await self.abandon()
 
     def _image(self) -> Image:
         assert self.open_image is not None, "no open session"

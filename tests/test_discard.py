@@ -40,8 +40,7 @@ def allocated_clusters(image: Path) -> int:
 async def _discard_session(s: Subject, seed: int) -> None:
     cs, size = s.layout.cluster_size, s.model.size
     sc = cs // 32 if s.layout.extended_l2 else cs
-    await s.open()
-    try:
+    async with s.session():
         for i, off in enumerate(range(0, size, size // 7)):
             await s.write(off, make_data("random", min(3 * cs + 777, size - off), seed + i))
         await s.flush()
@@ -54,9 +53,6 @@ async def _discard_session(s: Subject, seed: int) -> None:
         await s.zero(size - 3 * cs - 512, 4 * cs, unmap=True)      # runs past the end: clipped
         await s.write(cs // 2, make_data("text", cs, seed))        # writes into discarded clusters
         await s.read_back(0, size)
-        await s.close()
-    finally:
-        await s.abandon()
     s.judge()
 
 
@@ -70,19 +66,11 @@ async def test_discard_and_zero(tmp_path: Path, name: str) -> None:
 
 async def test_discard_frees_clusters_and_map_shows_holes(tmp_path: Path) -> None:
     s = build(tmp_path, Layout(size=32 * MiB))
-    await s.open()
-    try:
+    async with s.session():
         await s.write(0, make_data("random", 16 * MiB, 1))
-        await s.close()
-    finally:
-        await s.abandon()
     before = allocated_clusters(s.image)
-    await s.open()
-    try:
+    async with s.session():
         await s.zero(1 * MiB, 14 * MiB, unmap=True)
-        await s.close()
-    finally:
-        await s.abandon()
     s.judge()
     after = allocated_clusters(s.image)
     assert before - after == 14 * MiB // (64 * KiB), (before, after)
@@ -98,13 +86,9 @@ async def test_discard_of_a_snapshot_shared_cluster_drops_one_reference(tmp_path
     s.qemu_write(0, 2 * MiB, 0x5a)
     s.snapshot_create()
     before = os.stat(s.image).st_blocks * 512
-    await s.open()
-    try:
+    async with s.session():
         await s.zero(0, 2 * MiB, unmap=True)
         await s.read_back(0, 4 * MiB)
-        await s.close()
-    finally:
-        await s.abandon()
     s.judge()  # the snapshot still reads its 0x5a, refcounts are exact
     # no data cluster was freed (so none punched): the snapshot holds them
     assert os.stat(s.image).st_blocks * 512 >= before - 64 * KiB, (before, os.stat(s.image).st_blocks * 512)
@@ -113,14 +97,10 @@ async def test_discard_of_a_snapshot_shared_cluster_drops_one_reference(tmp_path
 
 async def test_zero_range_on_v3_keeps_the_host_cluster(tmp_path: Path) -> None:
     s = build(tmp_path, Layout(size=4 * MiB))
-    await s.open()
-    try:
+    async with s.session():
         await s.write(0, make_data("random", 1 * MiB, 1))
         await s.flush()
         await s.zero(0, 1 * MiB, unmap=False)
-        await s.close()
-    finally:
-        await s.abandon()
     s.judge()
     runs = json.loads(must("qemu-img", "map", "--output=json", s.image))
     first = runs[0]
