@@ -171,3 +171,27 @@ async def test_discard_through_an_entry_pointing_into_metadata_is_refused(tmp_pa
         await image.close()
     assert refcount(img, cluster_of(img, block)) == before
     assert json.loads(must("qemu-img", "info", "--output=json", img))["format-specific"]["data"]["corrupt"]
+
+
+async def test_discards_and_writes_in_flight_at_once(tmp_path: Path) -> None:
+    """As a loop device sends them: discards and writes of disjoint ranges
+    (some sharing a cluster) at the same time, over a backing file."""
+    import random
+
+    import trio
+
+    s = build(tmp_path, Layout(size=8 * MiB, cluster_size=16 * KiB, backing_size=8 * MiB, prefill=True,
+                               snapshots=1))
+    rng = random.Random(11)
+    async with s.session():
+        for round_ in range(4):
+            cuts = sorted(rng.sample(range(1, 8 * MiB // 512), 15))
+            spans = [(a * 512, b * 512) for a, b in zip([0] + cuts, cuts + [8 * MiB // 512])]
+            async with trio.open_nursery() as nursery:
+                for i, (a, b) in enumerate(spans):
+                    if i % 3 == 0:
+                        nursery.start_soon(s.write, a, make_data("random", b - a, round_ * 100 + i))
+                    else:
+                        nursery.start_soon(s.zero, a, b - a, i % 3 == 1)
+            await s.read_back(0, 8 * MiB)
+    s.judge()
