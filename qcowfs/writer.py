@@ -17,7 +17,8 @@ import trio
 from .cache import TableCache
 from .errors import CorruptionError
 from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     Geometry, SubclusterType, cluster_type, decode_compressed, extended_problem)
+                     Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
+                     extended_problem)
 from .hostfile import HostFile
 from .mapper import UNALLOC, ZERO, Mapper, Source
 from .metadata import Metadata
@@ -325,7 +326,7 @@ class Writer:
         geo = self.geo
         cb, cs, ext = geo.cluster_bits, geo.cluster_size, geo.extended_l2
         changed = False
-        for k in range((start - base) >> cb, ((end - 1 - base) >> cb) + 1):
+        for k in self._may_change(table, base, (start - base) >> cb, (end - 1 - base) >> cb, unmap):
             c0 = base + (k << cb)
             g0, g1 = max(start, c0), min(end, c0 + cs)
             old = self._entry(table, k)
@@ -351,6 +352,30 @@ class Writer:
             if (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED:
                 self._release(*old)
         return changed
+
+    def _may_change(self, table: np.ndarray, base: int, first: int, last: int, unmap: bool) -> list[int]:
+        """Indexes in [first, last] of the entries _zeroed_entry may change,
+        found with numpy: the entries that read zeros already and stay as
+        they are (unallocated with nothing below, zero clusters) are left
+        out at once, so trimming free space that L2 tables cover costs
+        little per cluster (fstrim trims all free space every time)."""
+        geo = self.geo
+        backing = self._backing()
+        c0 = np.uint64(base) + (np.arange(first, last + 1, dtype=np.uint64) << np.uint64(geo.cluster_bits))
+        below = c0 < np.uint64(backing.size) if backing is not None else np.zeros(len(c0), bool)
+        if geo.extended_l2:
+            w0, bitmap = table[first : last + 1, 0], table[first : last + 1, 1]
+            unalloc = (w0 & np.uint64(L2E_OFFSET_MASK | OFLAG_COMPRESSED)) == 0
+            if self.external:
+                unalloc &= (w0 & np.uint64(OFLAG_COPIED)) == 0
+            stays = unalloc & ~below & ((bitmap & np.uint64(SC_ALL)) == 0)
+        else:
+            types = cluster_types(table[first : last + 1], self.external)
+            stays = (((types == SubclusterType.UNALLOCATED_PLAIN) & ~below)
+                     | (types == SubclusterType.ZERO_PLAIN))
+            if not unmap:
+                stays |= types == SubclusterType.ZERO_ALLOC
+        return (np.flatnonzero(~stays) + first).tolist()
 
     def _zeroed_entry(self, old: tuple[int, int], c0: int, g0: int, g1: int,
                       unmap: bool) -> tuple[int, int] | None:
