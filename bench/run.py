@@ -49,13 +49,14 @@ GIB = 1 << 30
 class Bench:
     key: str
     title: str
-    kind: str  # "read" | "write"
+    kind: str  # "read" | "write" | "sparse" (its own 100 GiB image, read-only)
     unit: str  # "MiB/s" | "IOPS"
     fio: list
     time_based: bool = False
     prepare: str = ""  # write benches: "empty" | "copy"
-    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read"
+    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read" | "ext4_trim" | "cp_sparse"
     encrypted: bool = False  # on the LUKS twin of the image (contenders that can_luks)
+    only: tuple = ()  # the contenders that take part (empty: all that can)
 
 
 BENCHES = [
@@ -86,6 +87,14 @@ BENCHES = [
     Bench("luks_rand_write_1", "LUKS rand write 4k+fsync", "write", "IOPS",
           ["--rw=randwrite", "--bs=4k", "--numjobs=1", "--end_fsync=1"],
           time_based=True, prepare="copy", encrypted=True),
+    # fallocate PUNCH_HOLE through the loop device: MiB of deleted files
+    # trimmed per second (peers without fallocate cannot take part).
+    Bench("ext4_trim", "ext4 on loop: fstrim", "write", "MiB/s", [],
+          prepare="empty", job="ext4_trim", only=("qcowfs", "qsd")),
+    # SEEK_DATA/SEEK_HOLE: a 100 GiB disk holding 1 GiB, copied sparse;
+    # GiB of disk (not of data) per second.
+    Bench("cp_sparse", "cp --sparse 100G (1G)", "sparse", "GiB/s", [],
+          job="cp_sparse", only=("qcowfs", "qsd")),
 ]
 
 # The passphrase of the LUKS images, given to every contender as a key file.
@@ -643,6 +652,16 @@ def ext4_job(bench, disk, image_file, image_size):
             run(["sh", "-c", f"tar cf - -C '{tree}' . | cat > /dev/null"], timeout=300)  # source warm
             t0 = time.monotonic()
             copy_in()
+        elif bench.job == "ext4_trim":
+            copy_in()
+            run(["mount", dev, fs])
+            run(["rm", "-rf", fs / "tree"], timeout=300)
+            run(["sync", "-f", fs], timeout=300)
+            t0 = time.monotonic()
+            run(["fstrim", fs], timeout=900)
+            seconds = time.monotonic() - t0
+            run(["umount", fs], timeout=300)
+            return {"value": nbytes / MIB / seconds, "seconds": seconds, "tree_mib": nbytes / MIB}
         else:
             copy_in()
             drop_caches()
@@ -661,6 +680,46 @@ def ext4_job(bench, disk, image_file, image_size):
                 break
             time.sleep(0.1)
     return {"value": nbytes / MIB / seconds, "seconds": seconds, "tree_mib": nbytes / MIB}
+
+
+SPARSE_SIZE, SPARSE_DATA = 100 * GIB, 1 * GIB
+
+
+def sparse_image():
+    """A 100 GiB qcow2 holding 1 GiB of data in 16 pieces spread over the
+    disk, made once (cp_sparse)."""
+    img = WORK / "sparse-100g.qcow2"
+    done = WORK / "sparse-100g.done"
+    if not done.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(SPARSE_SIZE)])
+        piece = SPARSE_DATA // 16
+        cmds = []
+        for i in range(16):
+            cmds += ["-c", f"write -P 0x{i + 0x21:02x} {i * (SPARSE_SIZE // 16)} {piece}"]
+        run(["qemu-io", "-f", "qcow2", *cmds, img], timeout=600)
+        done.touch()
+    return img
+
+
+def cp_sparse_job(disk, image_file):
+    """cp --sparse=always of the whole disk (it seeks over the holes)."""
+    out = WORK / "sparse-copy.raw"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    drop_caches()
+    warm(image_file)
+    try:
+        t0 = time.monotonic()
+        run(["cp", "--sparse=always", disk, out], timeout=1800)
+        seconds = time.monotonic() - t0
+        st = os.stat(out)
+        if st.st_size != SPARSE_SIZE or st.st_blocks * 512 < SPARSE_DATA:
+            raise ContenderError(f"cp --sparse copied {st.st_size} bytes, {st.st_blocks * 512} allocated")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            out.unlink()
+    return {"value": SPARSE_SIZE / GIB / seconds, "seconds": seconds}
 
 
 def check_data(path, raw, size):
@@ -709,6 +768,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
         qcow2, key = build_luks_image(raw, qcow2), luks_key()
     if bench.kind == "read":
         img_q, img_r = qcow2, raw
+    elif bench.kind == "sparse":
+        img_q = img_r = sparse_image()
     else:
         img_q, img_r = scratch_images(bench, cfg.size, raw, qcow2)
     warm_target = img_r if isinstance(cont, Passthrough) else img_q
@@ -721,6 +782,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
                 drop_caches()
                 warm(warm_target)
                 r = fio(bench, path, cfg.size, cfg.runtime, cfg.fio_cpus)
+            elif bench.job == "cp_sparse":
+                r = cp_sparse_job(path, warm_target)
             else:
                 r = ext4_job(bench, path, warm_target, cfg.size)
             r["peak_rss_mib"] = peak_rss_mib(cont.pids)
@@ -734,7 +797,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
 
 def measure(cfg, benches, contenders, raw, qcow2):
     results = {b.key: {c.name: Cell() for c in contenders
-                       if (b.kind == "read" or c.can_write) and (c.can_luks or not b.encrypted)}
+                       if (b.kind != "write" or c.can_write) and (c.can_luks or not b.encrypted)
+                       and (not b.only or c.name in b.only)}
                for b in benches}
     for b in benches:
         for i in range(cfg.runs):

@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import QcowError
+from .hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .views import DirNode, FileNode, FileView
 
 log = logging.getLogger("qcowfs")
@@ -172,7 +173,7 @@ class Operations(pyfuse3.Operations):
             a.st_mode = stat.S_IFREG | (perm & ~self.ownership.umask)
             a.st_nlink = 1
             a.st_size = view.size
-            a.st_blocks = (view.size + 511) // 512
+            a.st_blocks = (view.allocated + 511) // 512
             mtime = view.mtime_ns
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
         return a
@@ -416,6 +417,39 @@ class Operations(pyfuse3.Operations):
         if n <= 0:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         return await view.write(off, buf[:n] if n < len(buf) else buf)
+
+    @fuse_errors
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) (a loop device's discard and write-zeroes arrive so):
+        PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE make the range read as zeros,
+        mode 0 allocates; ZERO_RANGE and mode 0 past the end grow the file
+        unless KEEP_SIZE. Nothing else is supported."""
+        view = self._view(fh)
+        keep = bool(mode & FALLOC_FL_KEEP_SIZE)
+        what = mode & ~FALLOC_FL_KEEP_SIZE
+        if what == FALLOC_FL_PUNCH_HOLE and keep:
+            await view.zero(off, length, unmap=True)
+        elif what == FALLOC_FL_ZERO_RANGE:
+            await view.allocate(off, length, keep)
+            await view.zero(off, length, unmap=False)
+        elif what == 0:
+            await view.allocate(off, length, keep)
+        else:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    @fuse_errors
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE, from the view (the kernel does the rest)."""
+        view = self._view(fh)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        size = view.size
+        if off >= size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        found = min(await view.seek(off, whence == os.SEEK_DATA), size)
+        if found >= size and whence == os.SEEK_DATA:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return found
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

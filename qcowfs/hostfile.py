@@ -8,6 +8,7 @@ always runs in a thread.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Sequence
@@ -16,6 +17,19 @@ import trio
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _THREADS = trio.CapacityLimiter(16)
+# fallocate(2) modes (linux/falloc.h); os has only posix_fallocate (mode 0).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any MODE; OSError on failure."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 class HostFile:
@@ -106,6 +120,21 @@ class HostFile:
         total = sum(len(p) for p in parts)
         rest = memoryview(b"".join(parts))[n:] if n < total else memoryview(b"")
         self.write_sync(rest, offset + n)
+
+    def zero_range(self, offset: int, length: int, punch: bool) -> bool:
+        """Make host bytes read as zeros without writing them: PUNCH frees
+        the space (PUNCH_HOLE), else it stays allocated (ZERO_RANGE); the
+        file size is kept. False if the host filesystem cannot (then nothing
+        changed). Synchronous: callers use it where no other task may touch
+        the range in between (no await)."""
+        mode = FALLOC_FL_KEEP_SIZE | (FALLOC_FL_PUNCH_HOLE if punch else FALLOC_FL_ZERO_RANGE)
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise
+        return True
 
     async def sync(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_THREADS)

@@ -5,6 +5,7 @@ bad image refuses the mount with one clear line instead of failing later.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -84,6 +85,16 @@ class RawSource:
 
     async def close(self) -> None:
         self.file.close()
+
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """Data and holes as the host filesystem keeps them (SEEK_DATA/SEEK_HOLE)."""
+        try:
+            found = os.lseek(self.file.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return end  # nothing more (or past the end of the file)
+        return min(found, end)
 
     def chain(self) -> list[tuple[str, str]]:
         return [(self.path, "raw")]
@@ -349,6 +360,13 @@ class Image:
         """The virtual size as QEMU presents it: whole 512-byte sectors."""
         return self.header.size & ~511
 
+    def host_usage(self) -> int:
+        """Host bytes the image (and its data file) occupy: the st_blocks of
+        its disk files, so that du and cp's sparse-file test (st_blocks
+        below st_size: then cp seeks for holes) see a sparse disk."""
+        files = [self.file] + ([self.data_file] if self.data_file is not None else [])
+        return sum(os.fstat(f.fd).st_blocks * 512 for f in files)
+
     @property
     def data_file_raw(self) -> bool:
         return bool(self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
@@ -432,6 +450,24 @@ class Image:
         self.mapper.forget()
         self.tables_epoch += 1
 
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """The active disk as a Source: its data and holes (see Mapper.seek)."""
+        stop = min(end, self.size)
+        if offset >= stop:
+            return end if data else offset
+        found = await self.mapper.seek(self.active_l1, offset, stop, data, self.backing)
+        return end if found == stop and data else found
+
+    async def find(self, l1: L1Table, offset: int, size: int, data: bool) -> int:
+        """lseek(SEEK_DATA / SEEK_HOLE) of a disk of SIZE bytes through L1:
+        the first data (DATA) or hole at or after OFFSET, SIZE if none."""
+        try:
+            return await self.mapper.seek(l1, offset, size, data, self.backing)
+        except CorruptionError as e:
+            if self.writer is not None:
+                await self.mark_corrupt(e)
+            raise
+
     def chain(self) -> list[tuple[str, str]]:
         """(path, format) of this image and every image below it."""
         out = [(self.path, "qcow2")]
@@ -477,6 +513,24 @@ class Image:
             raise
         self.written(offset, len(data))
         return len(data)
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """Make [offset, offset+length) of the disk read as zeros, without data
+        clusters where the format allows: UNMAP (discard, PUNCH_HOLE) frees
+        the host clusters, else (ZERO_RANGE) owned ones stay preallocated.
+        Dirty bitmaps count it as written. See Writer.zero."""
+        if self.writer is None or self.corrupt:
+            raise CorruptionError("the image is marked corrupt; writes are refused") if self.corrupt \
+                else ReadOnlyError("the image is open read-only")
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return
+        try:
+            await self.writer.zero(offset, length, unmap, self.size)
+        except CorruptionError as e:
+            await self.mark_corrupt(e)
+            raise
+        self.written(offset, length)
 
     def written(self, offset: int, length: int) -> None:
         """Live dirty tracking: bits are set before the write is acknowledged."""

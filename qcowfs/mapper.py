@@ -45,6 +45,10 @@ class Source(Protocol):
     async def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill BUF (pre-zeroed) from OFFSET; bytes past the source's end stay zero."""
 
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """The first offset in [offset, end) that is data (DATA) or a hole (not
+        DATA), else END. Past the source's end everything is a hole."""
+
 
 class L1Table:
     """An L1 table, read lazily in chunks so a huge sparse disk costs little.
@@ -97,6 +101,23 @@ class L1Table:
         """Drop the loaded entries: the next lookups read the table again (an
         image another program writes: force_share)."""
         self._chunks = {}
+
+    async def next_allocated(self, index: int, stop: int) -> int:
+        """The first index in [index, stop) with an L2 table, else STOP: a
+        whole chunk of entries at a time, so a huge sparse disk is skipped
+        by L1 entry, never cluster by cluster."""
+        stop = min(stop, self.size)
+        while index < stop:
+            c = index >> L1_CHUNK_BITS
+            chunk = self._chunks.get(c)
+            if chunk is None:
+                chunk = await self._load(c)
+            lo = index & L1_CHUNK_MASK
+            hit = np.flatnonzero(chunk[lo : lo + stop - index] & np.uint64(L1E_OFFSET_MASK))
+            if len(hit):
+                return index + int(hit[0])
+            index = (c + 1) << L1_CHUNK_BITS
+        return stop
 
     def chunk(self, index: int) -> np.ndarray | None:
         """The loaded chunk holding entry INDEX, or None (the read hot path)."""
@@ -385,3 +406,47 @@ class Mapper:
         if len(self._decompressed) > 64:
             self._decompressed.popitem(last=False)
         return cluster
+
+    # ---- holes and data (lseek SEEK_DATA / SEEK_HOLE) -----------------------------
+
+    async def seek(self, l1: L1Table, offset: int, end: int, data: bool, backing: Source | None) -> int:
+        """The first guest offset in [offset, end) that is data (DATA) or a
+        hole (not DATA), else END, as QEMU's block status answers it: data
+        is a data or compressed cluster here, or data in the backing chain
+        under an unallocated one; zero clusters (preallocated or not) and
+        unallocated clusters with no backing data are holes. Empty L1
+        ranges are skipped by L1 entry."""
+        span = self.geo.l2_span
+        pos = offset
+        while pos < end:
+            index = pos // span
+            first = await l1.next_allocated(index, -(-end // span))
+            if first > index:  # no L2 table for [pos, stop): unallocated
+                stop = min(end, first * span)
+                found = await self._seek_unallocated(pos, stop, data, backing)
+                if found < stop:
+                    return found
+                pos = stop
+                continue
+            chunk_end = min(end, (index + 1) * span)
+            for kind, guest, length, _host in await self.map(l1, pos, chunk_end - pos):
+                if kind == UNALLOC:
+                    found = await self._seek_unallocated(guest, guest + length, data, backing)
+                    if found < guest + length:
+                        return found
+                elif (kind in (DATA, COMPRESSED)) == data:
+                    return guest
+            pos = chunk_end
+        return end
+
+    @staticmethod
+    async def _seek_unallocated(start: int, end: int, data: bool, backing: Source | None) -> int:
+        """seek() over unallocated clusters: what the backing chain holds there."""
+        if backing is None or start >= backing.size:
+            return end if data else start
+        below = min(end, backing.size)
+        found = await backing.seek(start, below, data)
+        if found < below:
+            return found
+        return end if data else below  # past the backing file's end: a hole
+

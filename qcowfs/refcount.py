@@ -140,6 +140,7 @@ class Allocator:
                 off = await self._new_block(rt_index)
             async with self.cache.pinned(off) as block:
                 base = rt_index * rpb
+                freed: list[int] = []
                 for c in range(cluster, stop):
                     value = refcount_get(block, c - base, order) + delta
                     if value < 0:
@@ -150,10 +151,29 @@ class Allocator:
                     refcount_set(block, c - base, order, value)
                     if value == 0:
                         self._forget_reference(c)
+                        freed.append(c)
                         if c < self.free_hint:
                             self.free_hint = c
                 self.cache.mark_dirty(off)
+                self._punch(freed)
             cluster = stop
+
+    def _punch(self, clusters: list[int]) -> None:
+        """Give the host space of clusters that just became free back to the
+        host filesystem (as QEMU's discard passes down), so the image file's
+        disk usage drops at once. Done before any await: a free cluster can
+        be handed out again only after that, so no new data is ever punched.
+        Nothing references these clusters any more (their last reference was
+        dropped on disk first), so a crash loses nothing."""
+        cs = self.geo.cluster_size
+        run_start = run_end = -1
+        for c in clusters + [-2]:
+            if c == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0 and not self.file.zero_range(run_start * cs, (run_end - run_start) * cs, True):
+                return  # the host filesystem cannot punch holes: keep the space
+            run_start, run_end = c, c + 1
 
     async def change_range(self, offset: int, length: int, delta: int) -> None:
         cs = self.geo.cluster_size
@@ -171,10 +191,21 @@ class Allocator:
         self.pending.append((offset, length))
 
     async def apply_pending(self) -> bool:
-        """Apply deferred decreases (the caller made the dropped references durable)."""
-        pending, self.pending = self.pending, []
+        """Apply deferred decreases (the caller made the dropped references durable).
+        Ranges that continue each other at a cluster boundary go as one change
+        (a discard of a GiB is then a few refcount updates and host punches, not
+        one per cluster); ranges that share a cluster (compressed clusters)
+        stay apart, as each holds its own reference."""
+        pending, self.pending = sorted(self.pending), []
+        cs = self.geo.cluster_size
+        merged: list[list[int]] = []
         for offset, length in pending:
-            await self.change_range(offset, length, -1)
+            if merged and offset == merged[-1][1] and offset % cs == 0:
+                merged[-1][1] = offset + length
+            else:
+                merged.append([offset, offset + length])
+        for start, end in merged:
+            await self.change_range(start, end - start, -1)
         return bool(pending)
 
     # ---- allocation ------------------------------------------------------------------

@@ -40,6 +40,11 @@ class FileView:
     def xattrs(self) -> dict[str, bytes]:
         return {}
 
+    @property
+    def allocated(self) -> int:
+        """Bytes the file occupies (st_blocks * 512): all of it by default."""
+        return self.size
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         raise NotImplementedError
 
@@ -59,6 +64,19 @@ class FileView:
     async def open(self) -> "FileView":
         """The view one open file handle reads (most files: this one)."""
         return self
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """Make a range read as zeros (fallocate PUNCH_HOLE: UNMAP, ZERO_RANGE)."""
+        raise ReadOnlyError("file is read-only")
+
+    async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        """fallocate mode 0 / KEEP_SIZE: grow to OFFSET+LENGTH unless KEEP_SIZE."""
+        raise ReadOnlyError("file is read-only")
+
+    async def seek(self, offset: int, data: bool) -> int:
+        """The first data (DATA) or hole at or after OFFSET, SIZE if none
+        (OFFSET < SIZE). By default the whole file is data."""
+        return offset if data else self.size
 
     def clip(self, offset: int, length: int) -> int:
         """How many of LENGTH bytes at OFFSET lie inside the file."""
@@ -103,6 +121,10 @@ class DiskView(FileView):
     def size(self) -> int:
         return self.image.size
 
+    @property
+    def allocated(self) -> int:
+        return min(self.size, self.image.host_usage())
+
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
         # clip() inlined: this runs once per FUSE read.
         image = self.image
@@ -133,6 +155,23 @@ class DiskView(FileView):
         if self.writable:
             await self.image.flush()
 
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        if not self.writable:
+            raise ReadOnlyError("the image is mounted read-only")
+        await self.image.zero(offset, length, unmap)
+
+    async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        """Inside the disk every cluster can already be written, so there is
+        nothing to reserve: success, no change (QEMU's FUSE export answers
+        EOPNOTSUPP instead); past the end the disk grows as truncate does."""
+        if not self.writable:
+            raise ReadOnlyError("the image is mounted read-only")
+        if not keep_size and offset + length > self.size:
+            await self.image.resize(offset + length)
+
+    async def seek(self, offset: int, data: bool) -> int:
+        return await self.image.find(self.image.active_l1, offset, self.size, data)
+
 
 class SnapshotView(FileView):
     """snapshots/NAME.raw: a snapshot's disk through its own L1 table, read-only.
@@ -154,6 +193,10 @@ class SnapshotView(FileView):
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def allocated(self) -> int:
+        return min(self._size, self.image.host_usage())
 
     def xattrs(self) -> dict[str, bytes]:
         return snapshot_xattrs(self.entry, self._size)
@@ -178,6 +221,11 @@ class SnapshotView(FileView):
         if self.problem is not None and not self.problem[1]:
             raise CorruptionError(self.problem[0])
         return await self.image.read(self.l1, offset, n)
+
+    async def seek(self, offset: int, data: bool) -> int:
+        if self.problem is not None and not self.problem[1]:
+            raise CorruptionError(self.problem[0])
+        return await self.image.find(self.l1, offset, self._size, data)
 
 
 def _uncached_if_shared(view: FileView, image: Image) -> None:

@@ -17,9 +17,10 @@ import trio
 from .cache import TableCache
 from .errors import CorruptionError
 from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     Geometry, SubclusterType, cluster_type, decode_compressed, extended_problem)
+                     Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
+                     extended_problem)
 from .hostfile import HostFile
-from .mapper import Mapper, Source
+from .mapper import UNALLOC, ZERO, Mapper, Source
 from .metadata import Metadata
 from .overlap import Kind
 from .refcount import Allocator
@@ -266,6 +267,192 @@ class Writer:
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
         await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
+
+    # ---- zeroing and discard (fallocate PUNCH_HOLE / ZERO_RANGE) --------------------
+
+    async def zero(self, offset: int, length: int, unmap: bool, disk_size: int) -> None:
+        """Make guest bytes [offset, offset+length) read as zeros, changing L2
+        entries instead of writing data wherever the format can say "zeros"
+        (QEMU's qcow2_cluster_discard / qcow2_subcluster_zeroize).
+
+        UNMAP (discard, PUNCH_HOLE) also drops the host clusters: a cluster
+        becomes unallocated when nothing below it shows through (no backing
+        data there), else a zero cluster. Without UNMAP (ZERO_RANGE) a
+        cluster this image alone owns keeps its host cluster as a
+        preallocated zero cluster, so later writes need no allocation.
+        Dropping a reference is a refcount decrement (Allocator.release_later):
+        a cluster a snapshot shares stays allocated for it. Pieces an L2
+        entry cannot express (unaligned to a (sub)cluster, inside a
+        compressed cluster, or v2 with a backing file below) are written as
+        zeros. The last cluster of a disk whose size is not cluster-aligned
+        counts as whole when the range reaches DISK_SIZE."""
+        end = offset + length
+        unit = self.geo.subcluster_size
+        lo = -(-offset // unit) * unit
+        hi = end if end == disk_size else end - end % unit
+        if hi > disk_size:
+            hi = disk_size
+        if lo >= hi:
+            await self._write_zeros(offset, end)
+            return
+        hi_aligned = -(-hi // unit) * unit  # the partial last unit at the end of the disk
+        await self._write_zeros(offset, lo)
+        await self._write_zeros(hi, end)
+        async with self.lock:
+            fallback = await self._zero_aligned(lo, hi_aligned, unmap)
+        for g0, g1 in fallback:
+            await self._write_zeros(g0, min(g1, disk_size))
+
+    async def _write_zeros(self, start: int, end: int) -> None:
+        """Zeros written as data where [start, end) does not read as zeros
+        already, a MiB at a time (the format cannot say "zero" there). A
+        trim of an already trimmed range thus allocates nothing."""
+        if start >= end:
+            return
+        step = 1 << 20
+        for kind, guest, length, _host in await self.mapper.map(self.meta.active_l1, start, end - start):
+            if kind == ZERO or (kind == UNALLOC and not self._below(guest, guest + length)):
+                continue
+            for pos in range(guest, guest + length, step):
+                await self.write(pos, bytes(min(step, guest + length - pos)))
+
+    async def _zero_aligned(self, start: int, end: int, unmap: bool) -> list[tuple[int, int]]:
+        """zero() of a (sub)cluster-aligned range, L2 table by L2 table (the
+        writer lock held); the ranges that must be written as data instead."""
+        span = self.geo.l2_span
+        fallback: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            index = pos // span
+            chunk_end = min(end, (index + 1) * span)
+            base = index * span
+            table = await self.mapper.l2_table(self.meta.active_l1, index)
+            if table is None and not self._below(pos, chunk_end):
+                pos = chunk_end  # unallocated with nothing below: already zeros
+                continue
+            if table is None:
+                shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
+                table = np.zeros(shape, np.uint64)
+            # Decide on the current table first: a table that needs no change
+            # is neither allocated nor copied away from a snapshot.
+            if self._zero_entries(table, base, pos, chunk_end, unmap, apply=False, fallback=fallback):
+                table_off = await self._writable_l2(index)
+                async with self.l2_cache.pinned(table_off) as writable:
+                    # (the same decisions: a copy holds the same entries)
+                    self._zero_entries(writable, base, pos, chunk_end, unmap, apply=True, fallback=[])
+                    self.l2_cache.mark_dirty(table_off)
+            pos = chunk_end
+        return fallback
+
+    def _below(self, start: int, end: int) -> bool:
+        """Whether the backing chain may show through guest bytes [start, end)."""
+        backing = self._backing()
+        return backing is not None and start < backing.size
+
+    def _zero_entries(self, table: np.ndarray, base: int, start: int, end: int, unmap: bool,
+                      apply: bool, fallback: list[tuple[int, int]]) -> bool:
+        """Make the entries for [start, end) of the L2 table at guest BASE say
+        "zeros" (APPLY) or only tell whether any would change. Synchronous,
+        so no other task sees half of it. Ranges only data can zero go to
+        FALLBACK."""
+        geo = self.geo
+        cb, cs, ext = geo.cluster_bits, geo.cluster_size, geo.extended_l2
+        changed = False
+        for k in self._may_change(table, base, (start - base) >> cb, (end - 1 - base) >> cb, unmap):
+            c0 = base + (k << cb)
+            g0, g1 = max(start, c0), min(end, c0 + cs)
+            old = self._entry(table, k)
+            new = self._zeroed_entry(old, c0, g0, g1, unmap)
+            if new is None:
+                fallback.append((g0, g1))
+                continue
+            if new == old:
+                continue
+            changed = True
+            if not apply:
+                continue
+            if self.external:
+                # Guest offset == host offset: the data file itself must read
+                # zeros (data_file_raw keeps it a valid raw image); punching
+                # also gives its space back.
+                if not self.data_file.zero_range(g0, g1 - g0, unmap):
+                    self.data_file.write_sync(bytes(g1 - g0), g0)
+            if ext:
+                table[k, 0], table[k, 1] = new
+            else:
+                table[k] = new[0]
+            if (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED:
+                self._release(*old)
+        return changed
+
+    def _may_change(self, table: np.ndarray, base: int, first: int, last: int, unmap: bool) -> list[int]:
+        """Indexes in [first, last] of the entries _zeroed_entry may change,
+        found with numpy: the entries that read zeros already and stay as
+        they are (unallocated with nothing below, zero clusters) are left
+        out at once, so trimming free space that L2 tables cover costs
+        little per cluster (fstrim trims all free space every time)."""
+        geo = self.geo
+        backing = self._backing()
+        c0 = np.uint64(base) + (np.arange(first, last + 1, dtype=np.uint64) << np.uint64(geo.cluster_bits))
+        below = c0 < np.uint64(backing.size) if backing is not None else np.zeros(len(c0), bool)
+        if geo.extended_l2:
+            w0, bitmap = table[first : last + 1, 0], table[first : last + 1, 1]
+            unalloc = (w0 & np.uint64(L2E_OFFSET_MASK | OFLAG_COMPRESSED)) == 0
+            if self.external:
+                unalloc &= (w0 & np.uint64(OFLAG_COPIED)) == 0
+            stays = unalloc & ~below & ((bitmap & np.uint64(SC_ALL)) == 0)
+        else:
+            types = cluster_types(table[first : last + 1], self.external)
+            stays = (((types == SubclusterType.UNALLOCATED_PLAIN) & ~below)
+                     | (types == SubclusterType.ZERO_PLAIN))
+            if not unmap:
+                stays |= types == SubclusterType.ZERO_ALLOC
+        return (np.flatnonzero(~stays) + first).tolist()
+
+    def _zeroed_entry(self, old: tuple[int, int], c0: int, g0: int, g1: int,
+                      unmap: bool) -> tuple[int, int] | None:
+        """The (entry, bitmap) that makes guest [g0, g1) of the cluster at C0
+        read as zeros: OLD if it already does, None if only data can."""
+        geo = self.geo
+        e, bitmap = old
+        t = cluster_type(e, geo.extended_l2, self.external)
+        # Never drop a reference an entry that fails a check holds (it may
+        # point into metadata): CorruptionError, before anything changed.
+        why = extended_problem(e, bitmap, self.external) if geo.extended_l2 else None
+        if why:
+            raise CorruptionError(f"extended L2 entry is invalid: {why}")
+        host = e & L2E_OFFSET_MASK
+        if host and t in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC):
+            self._check_host(host, geo.cluster_size)
+        below = self._below(c0, c0 + geo.cluster_size)
+        whole = g1 - g0 == geo.cluster_size
+        # ZERO_RANGE keeps a cluster this image alone owns, as preallocated zeros.
+        keep = not unmap and t == SubclusterType.NORMAL and bool(e & OFLAG_COPIED)
+        if t == SubclusterType.UNALLOCATED_PLAIN and not below:
+            return old  # nothing below: reads zeros already
+        if not geo.extended_l2:
+            if t == SubclusterType.ZERO_PLAIN or (t == SubclusterType.ZERO_ALLOC and not (unmap and whole)):
+                return old
+            if not whole:
+                return None
+            if keep and geo.zero_flag:
+                return (e | OFLAG_ZERO, 0)
+            if not below:
+                return (0, 0)
+            return (OFLAG_ZERO, 0) if geo.zero_flag else None
+        zero_all = SC_ALL << 32
+        if t == SubclusterType.COMPRESSED:
+            return ((0, zero_all) if below else (0, 0)) if whole else None
+        sc = geo.subcluster_size
+        first, last = (g0 - c0) // sc, (g1 - 1 - c0) // sc
+        mask = ((1 << (last - first + 1)) - 1) << first
+        alloc, zero = bitmap & SC_ALL, bitmap >> 32
+        if t == SubclusterType.NORMAL and (keep or not whole):
+            # The host cluster stays (owned, or other subclusters use it).
+            return (e, (alloc & ~mask) | ((zero | mask) << 32))
+        if t == SubclusterType.NORMAL:  # the whole cluster is dropped
+            return (0, zero_all) if below else (0, 0)
+        return (e, (zero | mask) << 32)  # unallocated, with backing data below
 
     # ---- L2 entries ----------------------------------------------------------------
 

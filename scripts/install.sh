@@ -69,7 +69,7 @@ if [ "$status" = 1 ]; then
     exit 0
 fi
 
-RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev"
+RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc patch python3 python3-venv python3-dev"
 TEST_PKGS="qemu-utils qemu-system-common libqcow-utils fio e2fsprogs util-linux attr systemd libnbd-bin fdisk fuse2fs"
 
 want="$RUN_PKGS"
@@ -102,6 +102,9 @@ if [ ! -x .venv/bin/python ]; then
     rm -rf .venv
     "$PY" -m venv .venv
 fi
+# pyfuse3 with our fallocate/lseek patch first (see scripts/build-pyfuse3.sh),
+# so that pip finds the pinned pyfuse3 already installed and keeps it.
+sh scripts/build-pyfuse3.sh .venv
 # Up to date: the stamp of this kind of install (or of the test install,
 # which includes it) is newer than pyproject.toml.
 fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }

@@ -92,6 +92,28 @@ def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True) -> Iter
 
 
 @contextlib.contextmanager
+def fuse_server(args: list[str], mountpoint: Path) -> Iterator[subprocess.Popen]:
+    """Run a FUSE server in the foreground (ARGS) until MOUNTPOINT is mounted;
+    afterwards stop it (SIGTERM, then SIGKILL) and never leave the mount behind."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mountpoint):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, f"{args[0]} did not mount {mountpoint}"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
 def loop_device(path: Path, read_only: bool = True, direct_io: bool = False) -> Iterator[str]:
     """Attach PATH to a loop device, always detach afterwards."""
     args = ["losetup", "--find", "--show"]

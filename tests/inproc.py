@@ -31,6 +31,7 @@ touched since, while the bitmap was auto; a disabled bitmap must not change.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -42,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import trio
@@ -589,6 +590,16 @@ class Subject:
         self.sessions += 1
         return image
 
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Image]:
+        """open() ... close(); after a failure abandon(), so the first error shows."""
+        image = await self.open()
+        try:
+            yield image
+            await self.close()
+        finally:
+            await self.abandon()
+
     def _image(self) -> Image:
         assert self.open_image is not None, "no open session"
         return self.open_image
@@ -600,6 +611,35 @@ class Subject:
         self.written += len(data)
         for bm in self.bitmaps.values():
             bm.mark(offset, len(data))
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """fallocate PUNCH_HOLE (UNMAP) or ZERO_RANGE through qcowfs: reads
+        zeros after, and bitmaps count it as written (clipped to the disk)."""
+        await self._image().zero(offset, length, unmap)
+        length = min(length, self.model.size - offset)
+        if length > 0:
+            self.model.write(offset, bytes(length))
+            for bm in self.bitmaps.values():
+                bm.mark(offset, length)
+
+    async def check_seek(self, offset: int) -> None:
+        """SEEK_DATA and SEEK_HOLE from OFFSET through qcowfs agree with the model: the
+        bytes from OFFSET to the next data (or the end) are zeros, and a hole found
+        starts a range of zeros (holes are never made up)."""
+        image, size = self._image(), self.model.size
+        data = await image.find(image.active_l1, offset, size, True)
+        hole = await image.find(image.active_l1, offset, size, False)
+        assert offset <= data <= size and offset <= hole <= size, (offset, data, hole, size)
+        assert min(data, hole) == offset or data == hole == size, (offset, data, hole)
+        step = 1 << 20
+        for pos in range(offset, data, step):
+            chunk = self.model.read(pos, min(step, data - pos))
+            assert chunk.count(0) == len(chunk), f"SEEK_DATA from {offset} skipped data near {pos}"
+        if hole < size:
+            n = min(size - hole, self.layout.cluster_size)
+            end = await image.find(image.active_l1, hole, size, True)
+            chunk = self.model.read(hole, min(n, end - hole))
+            assert chunk.count(0) == len(chunk), f"SEEK_HOLE from {offset} gave {hole}, which holds data"
 
     async def write_concurrently(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Disjoint writes in flight at once, as FUSE sends them (allocation must serialise)."""

@@ -28,8 +28,11 @@ from test_write import (assert_clean, assert_same, in_proc_mounts, lazy_unmount,
 SLOT = 256 * KiB
 
 CHILD = r"""
-import hashlib, os, random, sys
+import ctypes, hashlib, os, random, sys
 disk, init, seed, slot, nslots, every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+discards = float(sys.argv[7])  # share of requests that are fallocate PUNCH_HOLE / ZERO_RANGE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 rng = random.Random(seed)
 fd = os.open(disk, os.O_RDWR)
 initf = open(init, "rb")
@@ -44,11 +47,15 @@ while True:
     b = get(s)
     ln = rng.choice([1, rng.randint(1, 4096), rng.randint(4096, 65536), rng.randint(65536, slot)])
     off = rng.randrange(0, slot - ln + 1)
-    data = rng.randbytes(ln) if rng.random() < 0.85 else bytes(ln)
+    discard = rng.random() < discards
+    data = rng.randbytes(ln) if rng.random() < 0.85 and not discard else bytes(ln)
     print(f"W {s}", flush=True)
     try:
+        if discard:  # PUNCH_HOLE|KEEP_SIZE (3) or ZERO_RANGE|KEEP_SIZE (0x11)
+            if libc.fallocate(fd, rng.choice((3, 0x11)), s * slot + off, ln):
+                raise OSError(ctypes.get_errno(), "fallocate")
         view, pos = memoryview(data), s * slot + off
-        while view:
+        while view and not discard:
             k = os.pwrite(fd, view, pos)
             view, pos = view[k:], pos + k
     except OSError as e:
@@ -110,12 +117,14 @@ def check(img: Path, encrypted: bool = False) -> tuple[int, dict]:
 
 
 def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float,
-               extra: tuple[str, ...] = ()) -> tuple[list[str], float]:
-    """Mount, run the writer child, SIGKILL the daemon after KILL_AFTER s; returns the child's lines."""
+               extra: tuple[str, ...] = (), discards: float = 0.0) -> tuple[list[str], float]:
+    """Mount, run the writer child (DISCARDS: the share of its requests that are
+    fallocate discards / zero-ranges), SIGKILL the daemon after KILL_AFTER s;
+    returns the child's lines."""
     with qcowfs_mount(img, mnt, *extra) as m:
         pid = daemon_pid(img, mnt)
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(m / "disk.raw"), str(init), str(seed), str(SLOT),
-                                  str(32 * MiB // SLOT), str(random.Random(seed).randint(3, 12))],
+                                  str(32 * MiB // SLOT), str(random.Random(seed).randint(3, 12)), str(discards)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(kill_after)
@@ -172,7 +181,8 @@ def verify(img: Path, init: Path, lines: list[str], tmp: Path, encrypted: bool =
 def test_crash_loop(tmp_path: Path, bitmap: bool, encrypted: bool) -> None:
     """4 KiB clusters, an internal snapshot (COW under the kill: decrypt and
     encrypt again on a LUKS image), compressed clusters, and with BITMAP an
-    auto bitmap tracked while writing."""
+    auto bitmap tracked while writing; a fifth of the requests are discards
+    (PUNCH_HOLE) or ZERO_RANGEs."""
     img = make_image(tmp_path / "img", encrypted)
     extra: tuple[str, ...] = ()
     if encrypted:
@@ -189,7 +199,8 @@ def test_crash_loop(tmp_path: Path, bitmap: bool, encrypted: bool) -> None:
     for it in range(5):
         init = view(img, tmp_path / "init.raw", encrypted=encrypted)
         kill_after = rng.uniform(0.4, 2.0)
-        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after, extra=extra)
+        lines, _ = crash_once(img, tmp_path / f"mnt{it}", init, seed=1000 + it, kill_after=kill_after, extra=extra,
+                              discards=0.2)
         nw = sum(1 for x in lines if x.startswith("W"))
         history.append(f"iteration {it}: killed after {kill_after:.2f}s, {nw} writes")
         assert nw > 0, history

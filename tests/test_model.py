@@ -6,8 +6,9 @@ refcounts (possibly left dirty), zlib/zstd, a qcow2 backing file with data,
 compressed clusters, internal snapshots, auto and disabled persistent bitmaps,
 LUKS encryption),
 then runs sessions on it in-process: writes of 1 byte to several MiB (unaligned,
-all-zero, and sequential runs long enough to grow the refcount table), disk
-growth (which grows the L1 table), flushes, concurrent writes, read-backs. Between
+all-zero, and sequential runs long enough to grow the refcount table), discards
+and zero-range (fallocate), SEEK_DATA/SEEK_HOLE checks, disk growth (which grows
+the L1 table), flushes, concurrent writes, read-backs. Between
 sessions, while the image is closed, QEMU changes it: snapshot create/delete,
 bitmap add/remove/clear, resize, writes. After every session the whole oracle of
 tests/inproc.py must hold: `qemu-img check` exit 0, `qemu-img compare` identical
@@ -235,6 +236,25 @@ class ImageMachine(RuleBasedStateMachine):
             off = i * slot + data.draw(st.integers(0, slot - length))
             writes.append((off, make_data(data.draw(st.sampled_from(KINDS)), length, i)))
         self.trio.run(self.subject.write_concurrently, writes)
+
+    @precondition(lambda self: self.is_open())
+    @rule(data=st.data())
+    @step
+    def discard(self, data: st.DataObject) -> None:
+        """fallocate PUNCH_HOLE (unmap) or ZERO_RANGE: reads zeros after, freed clusters
+        reach refcount 0 (check finds no leak), shared ones stay for the snapshots."""
+        offset, length = self.draw_range(data, 8 * MiB)
+        unmap = data.draw(st.booleans(), label="unmap")
+        self.trio.run(self.subject.zero, offset, length, unmap)
+
+    @precondition(lambda self: self.is_open())
+    @rule(data=st.data())
+    @step
+    def seek(self, data: st.DataObject) -> None:
+        """SEEK_DATA / SEEK_HOLE answers are consistent with what reads show: a hole reads
+        zeros up to the next data."""
+        offset, _ = self.draw_range(data, 1)
+        self.trio.run(self.subject.check_seek, offset)
 
     @precondition(lambda self: self.is_open())
     @rule(data=st.data())

@@ -1,0 +1,84 @@
+"""Our pyfuse3 patch (patches/pyfuse3-fallocate-lseek.patch) on its own: the
+installed pyfuse3 is the patched build, and a tiny filesystem (tests/tinyfs.py)
+mounted for real gets fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE), or the
+kernel's fallbacks when it does not define them (the ENOSYS defaults)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import ROOT, fuse_server
+from qcowfs.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+
+
+@contextlib.contextmanager
+def tinyfs(mnt: Path, kind: str) -> Iterator[Path]:
+    mnt.mkdir()
+    with fuse_server([sys.executable, str(ROOT / "tests" / "tinyfs.py"), str(mnt), kind], mnt):
+        yield mnt / "f"
+
+
+def test_installed_pyfuse3_is_the_patched_build() -> None:
+    import pyfuse3
+
+    p = subprocess.run(["sh", str(ROOT / "scripts" / "build-pyfuse3.sh"), "--check", str(Path(sys.prefix))],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek")
+
+
+async def test_defaults_raise_enosys() -> None:
+    import pyfuse3
+
+    ops = pyfuse3.Operations()
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.fallocate(1, 0, 0, 1)
+    assert e.value.errno == errno.ENOSYS
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lseek(1, 0, os.SEEK_DATA)
+    assert e.value.errno == errno.ENOSYS
+
+
+def test_fallocate_and_lseek_reach_the_filesystem(tmp_path: Path) -> None:
+    with tinyfs(tmp_path / "mnt", "sparse") as f:
+        fd = os.open(f, os.O_RDWR)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 64 << 10
+            assert os.lseek(fd, 70 << 10, os.SEEK_DATA) == 70 << 10
+            assert os.lseek(fd, 70 << 10, os.SEEK_HOLE) == 128 << 10
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+            for off in (128 << 10, 1 << 20, 5 << 20):
+                with pytest.raises(OSError) as e:
+                    os.lseek(fd, off, os.SEEK_DATA)
+                assert e.value.errno == errno.ENXIO
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
+            os.posix_fallocate(fd, 0, 512)
+            with pytest.raises(OSError) as e:
+                fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, 4096)
+            assert e.value.errno == errno.EOPNOTSUPP
+        finally:
+            os.close(fd)
+        assert os.getxattr(f, "user.calls").decode().split("\n") == [
+            f"{FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE},4096,8192", "0,0,512"]
+
+
+def test_without_the_methods_the_kernel_falls_back(tmp_path: Path) -> None:
+    with tinyfs(tmp_path / "mnt", "plain") as f:
+        fd = os.open(f, os.O_RDWR)
+        try:
+            # Generic lseek: everything is data, the hole is at the end.
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 1 << 20
+            for _ in range(2):  # the second call is answered by the kernel alone
+                with pytest.raises(OSError) as e:
+                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+                assert e.value.errno == errno.EOPNOTSUPP
+        finally:
+            os.close(fd)
