@@ -91,9 +91,12 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
         chunk_end = min(end, (index + 1) * span)
         table = await mapper.l2_table(l1, index)
         if table is None:
-            for e in await _below(layer, pos, chunk_end, depth):
+            # No L2 table here nor, maybe, for many entries on: skipped by L1 entry
+            # (as lseek does), not cluster by cluster.
+            stop = min(end, await l1.next_allocated(index, -(-end // span)) * span)
+            for e in await _below(layer, pos, max(stop, chunk_end), depth):
                 _add(out, e)
-            pos = chunk_end
+            pos = max(stop, chunk_end)
             continue
         base = index * span
         first, last = (pos - base) >> cb, (chunk_end - 1 - base) >> cb
