@@ -11,7 +11,6 @@ when it stops tracking (disable, unmount).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import struct
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bitmaps import Bitmap, mark_bits, read_bitmap
-from .errors import QcowError
+from .errors import NotFoundError, RequestError
 from .format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARITY_BITS,
                      BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS, BME_TABLE_OFFSET_MASK,
                      BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
@@ -27,22 +26,10 @@ from .format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARIT
 from .metadata import Metadata
 from .overlap import Kind
 from .refcount import Transaction
-from .snapshots import usable_name
+from .snapshots import check_new_name as check_name
 
 # QEMU's QCOW2_MAX_BITMAPS.
 MAX_BITMAPS = 65535
-
-
-class BitmapError(QcowError):
-    errno = errno.EINVAL
-
-
-class BitmapExists(BitmapError):
-    errno = errno.EEXIST
-
-
-class NoSuchBitmap(BitmapError):
-    errno = errno.ENOENT
 
 
 def default_granularity(cluster_size: int) -> int:
@@ -53,32 +40,26 @@ def default_granularity(cluster_size: int) -> int:
 def check_granularity(granularity: int) -> int:
     if granularity <= 0 or granularity & (granularity - 1) or \
             not BME_MIN_GRANULARITY_BITS <= granularity.bit_length() - 1 <= BME_MAX_GRANULARITY_BITS:
-        raise BitmapError(f"granularity {granularity} is not a power of two from "
+        raise RequestError(f"granularity {granularity} is not a power of two from "
                           f"{1 << BME_MIN_GRANULARITY_BITS} to {1 << BME_MAX_GRANULARITY_BITS}")
     return granularity
 
 
 def check_new_name(bitmaps: list[Bitmap], name: str) -> None:
-    if not usable_name(name) or len(name.encode()) > BME_MAX_NAME_SIZE:
-        raise BitmapError(f"'{name}' cannot be a bitmap name (it must be usable as a file name: "
-                          f"not empty, no '/', at most {BME_MAX_NAME_SIZE} bytes)")
-    if any(b.name == name for b in bitmaps):
-        raise BitmapExists(f"a bitmap named '{name}' exists already")
-    if len(bitmaps) >= MAX_BITMAPS:
-        raise BitmapError(f"the image has {MAX_BITMAPS} bitmaps, the most QEMU allows")
+    check_name("bitmap", name, [b.name for b in bitmaps], BME_MAX_NAME_SIZE, MAX_BITMAPS)
 
 
 def find(bitmaps: list[Bitmap], name: str) -> Bitmap:
     for b in bitmaps:
         if b.name == name:
             return b
-    raise NoSuchBitmap(f"no bitmap '{name}'")
+    raise NotFoundError(f"no bitmap '{name}'")
 
 
 def usable(bm: Bitmap) -> Bitmap:
     """BM, if its contents can be trusted (changing an inconsistent one would hide that)."""
     if bm.problem is not None and not bm.tracked:
-        raise BitmapError(f"bitmap '{bm.name}' cannot be used: {bm.problem} "
+        raise RequestError(f"bitmap '{bm.name}' cannot be used: {bm.problem} "
                           "(remove it, or `qcowfs check --repair`)")
     return bm
 
@@ -123,7 +104,7 @@ async def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: li
     tables of REMOVED bitmaps and replaced tables lose their reference. Once
     committed, every Bitmap follows and ADOPT gets the new list."""
     if meta.header.version < 3 and plans:
-        raise BitmapError("persistent bitmaps need a version 3 image (compat=1.1), as in QEMU")
+        raise RequestError("persistent bitmaps need a version 3 image (compat=1.1), as in QEMU")
     cs = meta.geo.cluster_size
     new_tables: dict[int, tuple[list[int], int]] = {}
     for p in plans:
@@ -236,7 +217,7 @@ async def plan_change(meta: Metadata, bitmaps: list[Bitmap], name: str, action: 
              if target.bits is not None else Plan(target, target.entry.flags & ~BME_AUTO))
     elif action == "merge":
         if not sources:
-            raise BitmapError("merge needs at least one source bitmap")
+            raise RequestError("merge needs at least one source bitmap")
         bits = await current_bits(meta, target)
         for s in sources:
             src = usable(find(bitmaps, s))
@@ -244,7 +225,7 @@ async def plan_change(meta: Metadata, bitmaps: list[Bitmap], name: str, action: 
         p = (Plan(target, target.entry.flags, tracked=bits) if target.tracked
              else Plan(target, target.entry.flags, store=bits))
     else:
-        raise BitmapError(f"unknown bitmap action '{action}'")
+        raise RequestError(f"unknown bitmap action '{action}'")
     plans.insert(index, p)
     return plans, []
 

@@ -408,9 +408,6 @@ def _map_from_image(image_arg: str, snapshot: str | None, bitmap: str | None,
     import trio
 
     from . import bitmap_ops, extents, snapshot_ops
-    from .bitmaps import read_bitmap
-    from .mapper import L1Table
-    from .snapshots import snapshot_disk_size
 
     from .image import OpenOptions
 
@@ -419,15 +416,9 @@ def _map_from_image(image_arg: str, snapshot: str | None, bitmap: str | None,
     async def run() -> list[dict[str, Any]]:
         try:
             if bitmap is not None:
-                bm = bitmap_ops.usable(bitmap_ops.find(image.bitmaps, bitmap))
-                bits = await read_bitmap(bm, image.file, 0, bm.size)
-                return extents.dirty(bits, bm.granularity, bm.virtual_size)
-            if snapshot is not None:
-                s = image.snapshots[snapshot_ops.find(image.meta, snapshot)]
-                l1 = L1Table(image.file, s.l1_table_offset, s.l1_size)
-                size = snapshot_disk_size(s, image.size)
-                return [e.json() for e in await extents.allocation(image, 0, size, l1)]
-            return [e.json() for e in await extents.allocation(image, 0, image.size)]
+                return await extents.dirty_map(image.file, bitmap_ops.usable(bitmap_ops.find(image.bitmaps, bitmap)))
+            entry = image.snapshots[snapshot_ops.find(image.meta, snapshot)] if snapshot is not None else None
+            return await extents.disk_map(image, entry)
         finally:
             await image.close()
     return trio.run(run)

@@ -62,3 +62,28 @@ class PassphraseError(QcowError):
     """An encrypted image's key is missing or wrong: nothing is opened."""
 
     errno = errno.EACCES
+
+
+class RequestError(QcowError):
+    """A snapshot or bitmap command that cannot be done as asked (a bad name,
+    a granularity out of range, a refcount width too narrow)."""
+
+    errno = errno.EINVAL
+
+
+class NameTakenError(RequestError):
+    """A snapshot or bitmap of that name exists already."""
+
+    errno = errno.EEXIST
+
+
+class NotFoundError(RequestError):
+    """No snapshot or bitmap of that name."""
+
+    errno = errno.ENOENT
+
+
+class InUseError(RequestError):
+    """The snapshot or bitmap's file is open: it is not dropped."""
+
+    errno = errno.EBUSY

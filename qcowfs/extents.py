@@ -15,8 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .format import L2E_OFFSET_MASK, SubclusterType, cluster_types, subcluster_type
+from .bitmaps import Bitmap, read_bitmap
+from .format import L2E_OFFSET_MASK, SnapshotEntry, SubclusterType, cluster_types, subcluster_type
+from .hostfile import HostFile
 from .mapper import L1Table, Mapper
+from .snapshots import snapshot_disk_size
 
 
 @dataclass
@@ -59,6 +62,20 @@ class Layer(Protocol):
 
     @property
     def backing(self) -> object: ...
+
+
+async def disk_map(layer: Layer, snapshot: SnapshotEntry | None = None) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json` of the active disk, or of SNAPSHOT's own
+    view (its L1 table, its size): what `qcowfs map` and maps/*.json show."""
+    if snapshot is None:
+        return [e.json() for e in await allocation(layer, 0, layer.size)]
+    l1 = L1Table(layer.mapper.file, snapshot.l1_table_offset, snapshot.l1_size)
+    return [e.json() for e in await allocation(layer, 0, snapshot_disk_size(snapshot, layer.size), l1)]
+
+
+async def dirty_map(file: HostFile, bm: Bitmap) -> list[dict[str, Any]]:
+    """The dirty extents of BM as they are now (a tracked bitmap's from memory)."""
+    return dirty(await read_bitmap(bm, file, 0, bm.size), bm.granularity, bm.virtual_size)
 
 
 def _add(out: list[Extent], e: Extent) -> None:

@@ -8,18 +8,13 @@ changed). So a command means the same whether the image is mounted or not.
 """
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .errors import QcowError
+from .errors import InUseError, QcowError
 from .image import Image
 from .info import snapshot_info
 from .snapshot_ops import find as find_snapshot
-
-
-class BusyError(QcowError):
-    errno = errno.EBUSY
 
 
 @dataclass
@@ -60,7 +55,7 @@ class Manager:
     async def snapshot_delete(self, name: str) -> dict[str, Any]:
         entry = self.image.snapshots[find_snapshot(self.image.meta, str(name))]
         if self.hooks.snapshot_open(entry.id_str):
-            raise BusyError(f"snapshot '{entry.name}' is in use (its file is open): not deleted")
+            raise InUseError(f"snapshot '{entry.name}' is in use (its file is open): not deleted")
         await self.image.delete_snapshot(str(name))
         self.hooks.changed()
         return {}
@@ -84,7 +79,7 @@ class Manager:
 
     async def bitmap_remove(self, name: str) -> dict[str, Any]:
         if self.hooks.bitmap_open(str(name)):
-            raise BusyError(f"bitmap '{name}' is in use (its file is open): not removed")
+            raise InUseError(f"bitmap '{name}' is in use (its file is open): not removed")
         return await self._bitmap(name, "remove")
 
     async def bitmap_clear(self, name: str) -> dict[str, Any]:

@@ -20,7 +20,6 @@ stopped, every cache flushed.
 """
 from __future__ import annotations
 
-import errno
 import struct
 import time
 from dataclasses import dataclass
@@ -28,34 +27,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import TableCache
-from .errors import QcowError, UnsupportedFeatureError
+from .errors import NotFoundError, RequestError, UnsupportedFeatureError
 from .format import (INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry)
 from .metadata import Metadata
 from .overlap import Kind
 from .references import L2Refs, read_entries
 from .refcount import Allocator, Transaction
-from .snapshots import usable_name
+from .snapshots import check_new_name as check_name
 
 # QEMU's limit on a snapshot's id and name strings (uint16 lengths in the entry).
 MAX_NAME_BYTES = 1024
 # Extra data as QEMU writes it: vm_state_size_large, disk_size, icount (-1: none).
 _EXTRA = struct.Struct(">QQQ")
 NO_ICOUNT = (1 << 64) - 1
-
-
-class SnapshotError(QcowError):
-    """A snapshot request that cannot be done (name taken, no such snapshot...)."""
-
-    errno = errno.EINVAL
-
-
-class SnapshotExists(SnapshotError):
-    errno = errno.EEXIST
-
-
-class NoSuchSnapshot(SnapshotError):
-    errno = errno.ENOENT
 
 
 @dataclass
@@ -69,13 +54,7 @@ class _Tables:
 
 def check_new_name(meta: Metadata, name: str) -> None:
     """A name a new snapshot may take: usable as a file name, not in use."""
-    if not usable_name(name) or len(name.encode()) > MAX_NAME_BYTES:
-        raise SnapshotError(f"'{name}' cannot be a snapshot name (it must be usable as a file "
-                            f"name: not empty, no '/', at most {MAX_NAME_BYTES} bytes)")
-    if any(s.name == name for s in meta.snapshots):
-        raise SnapshotExists(f"a snapshot named '{name}' exists already")
-    if len(meta.snapshots) >= MAX_SNAPSHOTS:
-        raise SnapshotError(f"the image has {MAX_SNAPSHOTS} snapshots, the most qcow2 allows")
+    check_name("snapshot", name, [s.name for s in meta.snapshots], MAX_NAME_BYTES, MAX_SNAPSHOTS)
     if meta.header.incompatible_features & INCOMPAT_DATA_FILE:
         raise UnsupportedFeatureError("an image with an external data file cannot have internal "
                                       "snapshots (as in QEMU)")
@@ -89,7 +68,7 @@ def find(meta: Metadata, name: str) -> int:
     for i, s in enumerate(meta.snapshots):
         if s.id_str == name:
             return i
-    raise NoSuchSnapshot(f"no snapshot '{name}'")
+    raise NotFoundError(f"no snapshot '{name}'")
 
 
 def _new_id(entries: list[SnapshotEntry]) -> str:
@@ -150,7 +129,7 @@ async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
     """The snapshot NAME as part of TXN (written when it commits)."""
     check_new_name(meta, name)
     if txn.alloc.max_refcount < 2:
-        raise SnapshotError(f"refcount_bits={1 << txn.alloc.order} cannot count the second "
+        raise RequestError(f"refcount_bits={1 << txn.alloc.order} cannot count the second "
                             "reference a snapshot takes to each cluster")
     h, geo = meta.header, meta.geo
     cs, cb = geo.cluster_size, geo.cluster_bits

@@ -4,11 +4,25 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 
+from .errors import NameTakenError, RequestError
 from .format import MAX_L1_BYTES, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
 
 
 def usable_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
+def check_new_name(what: str, name: str, names: list[str], max_bytes: int, max_count: int) -> None:
+    """NAME may name a new WHAT ("snapshot", "bitmap") beside NAMES: usable as
+    a file name (its file is NAME.raw or NAME), at most MAX_BYTES, unique, and
+    the image holds fewer than MAX_COUNT of them."""
+    if not usable_name(name) or len(name.encode()) > max_bytes:
+        raise RequestError(f"'{name}' cannot be a {what} name (it must be usable as a file name: "
+                           f"not empty, no '/', at most {max_bytes} bytes)")
+    if name in names:
+        raise NameTakenError(f"a {what} named '{name}' exists already")
+    if len(names) >= max_count:
+        raise RequestError(f"the image has {max_count} {what}s, the most qcow2 allows")
 
 
 def snapshot_file_names(entries: list[SnapshotEntry]) -> list[str]:

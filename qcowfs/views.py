@@ -2,6 +2,7 @@
 its byte ranges go. The FUSE layer sees only this interface."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -32,6 +33,9 @@ class FileView:
     # then pushing them into the kernel's cache ahead of reads is safe.
     unchanging: bool = False
     mtime_ns: int = 0
+    # What the file is of (a snapshot, a bitmap): a directory rebuilt after a
+    # change keeps the node of a file whose name and key stay.
+    key: object = None
 
     @property
     def size(self) -> int:
@@ -285,7 +289,6 @@ class MapView(FileView):
     def __init__(self, image: Image, make: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
         self.image = image
         self.make = make
-        self.key: object = None  # what the map is of (the tree keeps a node while it stays)
         self.mtime_ns = os.stat(image.path).st_mtime_ns
 
     @property
@@ -304,18 +307,6 @@ def map_json(entries: list[dict[str, Any]]) -> bytes:
     return ("[" + ",\n".join(json.dumps(e) for e in entries) + "]\n").encode()
 
 
-def _disk_map(image: Image, l1: L1Table | None, size: int) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-    async def make() -> list[dict[str, Any]]:
-        return [e.json() for e in await extents.allocation(image, 0, size, l1)]
-    return make
-
-
-def _dirty_map(image: Image, bm: Bitmap) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-    async def make() -> list[dict[str, Any]]:
-        return extents.dirty(await read_bitmap(bm, image.file, 0, bm.size), bm.granularity, bm.virtual_size)
-    return make
-
-
 def _bitmap_file_names(bitmaps: list[Bitmap]) -> list[str]:
     return [b.name if usable_name(b.name) else f"bitmap-{i}" for i, b in enumerate(bitmaps)]
 
@@ -330,61 +321,57 @@ def build_tree(image: Image, page_cache: bool = False) -> DirNode:
     bitmaps = root.children["bitmaps"] = DirNode("bitmaps", mtime_ns=mtime)
     bitmaps.children = bitmap_nodes(image, {})
     maps = root.children["maps"] = DirNode("maps", mtime_ns=mtime)
-    maps.children["disk.json"] = FileNode("disk.json", MapView(image, _disk_map(image, None, image.size)))
+    maps.children["disk.json"] = FileNode("disk.json", MapView(image, lambda: extents.disk_map(image)))
     maps.children["snapshots"] = DirNode("snapshots", snapshot_map_nodes(image, {}), mtime)
     maps.children["bitmaps"] = DirNode("bitmaps", bitmap_map_nodes(image, {}), mtime)
     return root
 
 
-def snapshot_map_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
-    """maps/snapshots/NAME.json for each snapshots/NAME.raw (kept like those)."""
-    kept = {(n.view.key): n for n in old.values() if isinstance(n, FileNode) and isinstance(n.view, MapView)}
-    out: dict[str, DirNode | FileNode] = {}
-    for name, entry in zip(snapshot_file_names(image.snapshots), image.snapshots):
-        key = (entry.id_str, entry.l1_table_offset)
-        json_name = name[: -len(".raw")] + ".json"
-        node = kept.get(key)
-        if node is None or node.name != json_name:
-            view = MapView(image, _disk_map(image, L1Table(image.file, entry.l1_table_offset, entry.l1_size),
-                                            snapshot_disk_size(entry, image.size)))
-            view.key = key
-            node = FileNode(json_name, view)
-        out[json_name] = node
+Nodes = dict[str, "DirNode | FileNode"]
+
+
+def _files(old: Nodes, wanted: list[tuple[str, object, Callable[[], FileView]]]) -> Nodes:
+    """A directory's files as WANTED lists them (name, what the file is of,
+    how to make its view). A file that keeps its name and what it is of
+    keeps its node (open files, the inode the kernel caches)."""
+    kept = {k: n for k, n in old.items() if isinstance(n, FileNode)}
+    out: Nodes = {}
+    for name, key, make in wanted:
+        node = kept.get(name)
+        out[name] = node if isinstance(node, FileNode) and node.view.key == key else FileNode(name, _keyed(make(), key))
     return out
 
 
-def bitmap_map_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
+def _keyed(view: FileView, key: object) -> FileView:
+    view.key = key
+    return view
+
+
+def _snapshot_key(entry: SnapshotEntry) -> object:
+    return (entry.id_str, entry.l1_table_offset)
+
+
+def snapshot_nodes(image: Image, old: Nodes) -> Nodes:
+    """The files of snapshots/ for the image's snapshot list now."""
+    return _files(old, [(name, _snapshot_key(e), functools.partial(SnapshotView, image, e))
+                        for name, e in zip(snapshot_file_names(image.snapshots), image.snapshots)])
+
+
+def bitmap_nodes(image: Image, old: Nodes) -> Nodes:
+    """The files of bitmaps/ for the image's bitmaps now."""
+    return _files(old, [(name, id(bm), functools.partial(BitmapView, image, bm))
+                        for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps)])
+
+
+def snapshot_map_nodes(image: Image, old: Nodes) -> Nodes:
+    """maps/snapshots/NAME.json for each snapshots/NAME.raw."""
+    return _files(old, [(name[: -len(".raw")] + ".json", _snapshot_key(e),
+                         functools.partial(MapView, image, functools.partial(extents.disk_map, image, e)))
+                        for name, e in zip(snapshot_file_names(image.snapshots), image.snapshots)])
+
+
+def bitmap_map_nodes(image: Image, old: Nodes) -> Nodes:
     """maps/bitmaps/NAME.json: the dirty extents of each bitmaps/NAME."""
-    kept = {n.view.key: n for n in old.values() if isinstance(n, FileNode) and isinstance(n.view, MapView)}
-    out: dict[str, DirNode | FileNode] = {}
-    for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps):
-        node = kept.get(id(bm))
-        if node is None or node.name != name + ".json":
-            view = MapView(image, _dirty_map(image, bm))
-            view.key = id(bm)
-            node = FileNode(name + ".json", view)
-        out[name + ".json"] = node
-    return out
-
-
-def snapshot_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
-    """The files of snapshots/ for the image's snapshot list now; a snapshot
-    that keeps its file name keeps its node (open files, the kernel's cache)."""
-    kept = {(n.view.entry.id_str, n.view.entry.l1_table_offset): n for n in old.values()
-            if isinstance(n, FileNode) and isinstance(n.view, SnapshotView)}
-    out: dict[str, DirNode | FileNode] = {}
-    for name, entry in zip(snapshot_file_names(image.snapshots), image.snapshots):
-        node = kept.get((entry.id_str, entry.l1_table_offset))
-        out[name] = node if node is not None and node.name == name else FileNode(name, SnapshotView(image, entry))
-    return out
-
-
-def bitmap_nodes(image: Image, old: dict[str, DirNode | FileNode]) -> dict[str, DirNode | FileNode]:
-    """The files of bitmaps/ for the image's bitmaps now (same rule as snapshots)."""
-    kept = {id(n.view.bitmap): n for n in old.values()
-            if isinstance(n, FileNode) and isinstance(n.view, BitmapView)}
-    out: dict[str, DirNode | FileNode] = {}
-    for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps):
-        node = kept.get(id(bm))
-        out[name] = node if node is not None and node.name == name else FileNode(name, BitmapView(image, bm))
-    return out
+    return _files(old, [(name + ".json", id(bm),
+                         functools.partial(MapView, image, functools.partial(extents.dirty_map, image.file, bm)))
+                        for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps)])
