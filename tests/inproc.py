@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import trio
@@ -284,23 +284,16 @@ def nbits(size: int, granularity: int) -> int:
     return -(-size // granularity)
 
 
-def dirty_bits(image: Path, name: str, granularity: int, size: int, encrypted: bool = False) -> np.ndarray:
-    """The bits of bitmap NAME as QEMU sees them (see the module docstring)."""
-    bits = np.zeros(nbits(size, granularity), bool)
+@contextlib.contextmanager
+def nbd_export(image: Path, name: str, encrypted: bool = False) -> Iterator[str]:
+    """`qemu-nbd -B NAME` of IMAGE on a unix socket (its path), for one client."""
     # unix socket paths are limited to 108 bytes: not under pytest's long tmp_path
     d = tempfile.mkdtemp(prefix="qnbd", dir="/tmp")
     sock, pidfile = os.path.join(d, "s"), os.path.join(d, "pid")
     try:
         pre, target = naming(image, encrypted)
         must("qemu-nbd", "--fork", "-r", *pre, "-B", name, "-k", sock, "--pid-file", pidfile, *target)
-        out = must("qemu-img", "map", "--output=json", "--image-opts",
-                   f"driver=nbd,server.type=unix,server.path={sock},"
-                   f"x-dirty-bitmap=qemu:dirty-bitmap:{name.replace(',', ',,')}")
-        for e in json.loads(out):
-            if not e["data"]:
-                start, end = e["start"], e["start"] + e["length"]
-                bits[start // granularity : (end - 1) // granularity + 1] = True
-        return bits
+        yield sock
     finally:
         try:
             pid = int(Path(pidfile).read_text())
@@ -311,6 +304,28 @@ def dirty_bits(image: Path, name: str, granularity: int, size: int, encrypted: b
             # image (and its lock): the next session must not start before that
             _wait_gone(pid, 10) or (_kill(pid) and _wait_gone(pid, 10))
         shutil.rmtree(d, ignore_errors=True)
+
+
+def nbd_dirty_map(image: Path, name: str, encrypted: bool = False) -> list[dict[str, Any]]:
+    """QEMU's extent list of bitmap NAME (qemu-nbd -B + nbdinfo --map=qemu:dirty-bitmap:NAME
+    --json): what `qcowfs map --bitmap` must equal."""
+    with nbd_export(image, name, encrypted) as sock:
+        return list(json.loads(must("nbdinfo", f"--map=qemu:dirty-bitmap:{name}", "--json",
+                                    f"nbd+unix:///?socket={sock}")))
+
+
+def dirty_bits(image: Path, name: str, granularity: int, size: int, encrypted: bool = False) -> np.ndarray:
+    """The bits of bitmap NAME as QEMU sees them (see the module docstring)."""
+    bits = np.zeros(nbits(size, granularity), bool)
+    with nbd_export(image, name, encrypted) as sock:
+        out = must("qemu-img", "map", "--output=json", "--image-opts",
+                   f"driver=nbd,server.type=unix,server.path={sock},"
+                   f"x-dirty-bitmap=qemu:dirty-bitmap:{name.replace(',', ',,')}")
+    for e in json.loads(out):
+        if not e["data"]:
+            start, end = e["start"], e["start"] + e["length"]
+            bits[start // granularity : (end - 1) // granularity + 1] = True
+    return bits
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS, ROOT, files_equal, force_unmount, mounted, qemu_img, qemu_io, run, to_raw
+from inproc import nbd_dirty_map
 from qcowfs import mounts
 
 MiB = 1 << 20
@@ -61,23 +62,6 @@ def bitmap_flags(image: Path) -> dict[str, list[str]]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def nbd_dirty(image: Path, bitmap: str, tmp: Path) -> list[dict[str, object]]:
-    """QEMU's view of a bitmap: qemu-nbd -B + nbdinfo --map=qemu:dirty-bitmap."""
-    sock = tmp / "nbd.sock"
-    nbd = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B", bitmap, str(image)])
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.02)
-        return json.loads(run("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", "--json",
-                              f"nbd+unix:///?socket={sock}").stdout)
-    finally:
-        nbd.terminate()
-        nbd.wait()
-        sock.unlink(missing_ok=True)
 
 
 def block(b: int, r: int) -> bytes:
@@ -192,7 +176,7 @@ def test_snapshot_and_bitmap_commands_on_a_mount(tmp_path: Path) -> None:
     check_clean(img)
     assert alloc == json.loads(qemu_img("map", "--output=json", img))
     assert bitmap_flags(img) == {"b0": [], "b1": ["auto"]}
-    got = nbd_dirty(img, "b1", tmp_path)
+    got = nbd_dirty_map(img, "b1")
     assert [(e["offset"], e["length"]) for e in got if e["type"] == 1] == \
         [(8 * MiB, 128 * 1024), (20 * MiB, 8192)]
     assert snapshot_names(img) == []
@@ -240,7 +224,7 @@ def test_offline_commands_match_qemu(tmp_path: Path) -> None:
     qcowfs("checkpoint", img, "cp")
     assert snapshot_names(img) == ["a", "cp"]
     assert bitmap_flags(img) == {"bm": ["auto"], "off": [], "bm@cp": [], "cp": ["auto"]}
-    got = nbd_dirty(img, "bm@cp", tmp_path)
+    got = nbd_dirty_map(img, "bm@cp")
     assert [(e["offset"], e["length"]) for e in got if e["type"] == 1] == [(10 * MiB, 128 * 1024)]
     assert json.loads(qcowfs("map", img, "--bitmap", "bm@cp", "--output=json").stdout) == got
     assert json.loads(qcowfs("map", img, "--output=json").stdout) == \
@@ -251,7 +235,7 @@ def test_offline_commands_match_qemu(tmp_path: Path) -> None:
     check_clean(img)
     assert snapshot_names(img) == ["cp"]
     assert sorted(bitmap_flags(img)) == ["bm", "bm@cp", "cp"]
-    assert [e for e in nbd_dirty(img, "bm", tmp_path) if e["type"] == 1] == []
+    assert [e for e in nbd_dirty_map(img, "bm") if e["type"] == 1] == []
     to_raw(img, tmp_path / "cp.raw", "2")
     to_raw(img, tmp_path / "now.raw")
     assert files_equal(tmp_path / "cp.raw", tmp_path / "now.raw")
