@@ -9,7 +9,6 @@ import errno
 import logging
 import os
 import stat
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, Awaitable, Callable, NoReturn, TypeVar
@@ -19,18 +18,19 @@ import trio
 
 from .errors import QcowError
 from .hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .readaround import ReadAround
 from .views import DirNode, FileNode, FileView
 
 log = logging.getLogger("qcowfs")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 ATTR_TIMEOUT = 300.0
-# Read-around: a small read that had to reach us (a random access) makes us
-# push the aligned window around it into the kernel's page cache, as the
-# kernel itself does for mmap faults. Only for files that cannot change.
+# Read-around: a small read that had to reach us (a random access) may make
+# us push the aligned window around it into the kernel's page cache, as the
+# kernel itself does for mmap faults (readaround.py decides when it pays).
+# Only for files that cannot change.
 READ_AROUND_TRIGGER = 16 << 10
 XATTR_PREFIX = b"user.qcow2."
-READ_AROUND_QUEUE = 256
-READ_AROUND_RECENT = 2 * READ_AROUND_QUEUE
+READ_AROUND_QUEUE = 32
 _PUSH_THREADS = trio.CapacityLimiter(2)
 
 
@@ -80,11 +80,8 @@ class Operations(pyfuse3.Operations):
         self.space_of = space_of  # statfs reports the space of the filesystem holding this
         self.space = space  # or (total, free) bytes from this (a scratch mount's overlay)
         self.read_around = read_around
+        self.around = ReadAround(read_around) if read_around else None
         self.pushing = 0  # read-around pushes inside the kernel right now
-        # Windows pushed recently: a second miss in one of them is a read that
-        # raced its push. Older ones may be pushed again (the kernel may have
-        # dropped them since).
-        self._pushed: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._push_send, self._push_recv = trio.open_memory_channel[tuple[int, FileView, int]](
             READ_AROUND_QUEUE)
         self.ownership = access
@@ -374,17 +371,14 @@ class Operations(pyfuse3.Operations):
         return data
 
     def _read_around(self, inode: int, view: FileView, off: int) -> None:
-        start = off - off % self.read_around
-        key = (inode, start)
-        if key in self._pushed:
+        assert self.around is not None
+        start = self.around.miss(inode, off)
+        if start is None:
             return
         try:
             self._push_send.send_nowait((inode, view, start))
-        except trio.WouldBlock:
-            return  # busy: this window can be pushed another time
-        self._pushed[key] = None
-        if len(self._pushed) > READ_AROUND_RECENT:
-            self._pushed.popitem(last=False)
+        except trio.WouldBlock:  # busy: this window can be pushed another time
+            self.around.done(inode, start, stored=False)
 
     def _push(self, inode: int, start: int, data: bytes) -> None:
         self.pushing += 1  # (the GIL makes these updates atomic)
@@ -397,7 +391,9 @@ class Operations(pyfuse3.Operations):
         """Push read-around windows into the kernel's page cache. notify_store
         waits for page locks that in-flight reads hold until we reply to them,
         so it runs in a thread, never on the loop."""
+        assert self.around is not None
         async for inode, view, start in self._push_recv:
+            stored = False
             try:
                 data = view.read_cached(start, self.read_around)
                 if data is None:
@@ -407,8 +403,11 @@ class Operations(pyfuse3.Operations):
                         data = bytes(data)
                     await trio.to_thread.run_sync(self._push, inode, start, data,
                                                   limiter=_PUSH_THREADS, abandon_on_cancel=True)
+                    stored = True
             except Exception as e:  # noqa: BLE001 - a push is only an optimisation
                 log.debug("read-around at %d failed: %s", start, e)
+            finally:
+                self.around.done(inode, start, stored)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

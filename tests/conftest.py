@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -73,13 +73,15 @@ def force_unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True) -> Iterator[Path]:
-    """Mount IMAGE on MNT with qcowfs (daemonized), always unmount afterwards."""
+def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True,
+            preexec_fn: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Mount IMAGE on MNT with qcowfs (daemonized), always unmount afterwards.
+    PREEXEC_FN runs in the mount command before it starts (the daemon is its child)."""
     mnt.mkdir(parents=True, exist_ok=True)
     args = [QCOWFS, "mount", str(image), str(mnt), *extra]
     if read_only:
         args.append("--read-only")
-    p = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60, preexec_fn=preexec_fn)
     if p.returncode != 0:
         force_unmount(mnt)
         raise AssertionError(f"qcowfs mount failed ({p.returncode}): {p.stderr.strip()}")
@@ -89,6 +91,15 @@ def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True) -> Iter
         if is_mounted(mnt):
             subprocess.run([QCOWFS, "umount", str(mnt)], capture_output=True, timeout=120)
         force_unmount(mnt)
+
+
+def daemon_pid(mnt: Path) -> int:
+    """The qcowfs daemon serving MNT, as `qcowfs umount` finds it (its pid file)."""
+    m = mounts.find(mnt, mounts.FSTYPE)
+    assert m is not None, f"{mnt} is not a qcowfs mount"
+    pid = mounts.read_pid(m.dev)
+    assert pid is not None, f"no pid file for the daemon of {mnt}"
+    return pid
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QCOWFS, ROOT, files_equal, force_unmount, mounted, qemu_img, qemu_io, run, to_raw
+from conftest import QCOWFS, ROOT, daemon_pid, files_equal, force_unmount, mounted, qemu_img, qemu_io, run, to_raw
 from inproc import nbd_dirty_map
 from qcowfs import mounts
 
@@ -274,14 +274,6 @@ def test_fio_verify_through_snapshots_and_checkpoints(tmp_path: Path) -> None:
 
 # ---- SIGKILL in the middle of an operation ------------------------------------------------------
 
-def _daemon_pid(mnt: Path) -> int:
-    m = mounts.find(mnt, mounts.FSTYPE)
-    assert m is not None
-    pid = mounts.read_pid(m.dev)
-    assert pid is not None
-    return pid
-
-
 def test_sigkill_during_snapshot_bitmap_and_checkpoint_commands(tmp_path: Path) -> None:
     """Kill -9 the daemon at a random moment of create, delete and checkpoint, many times over
     an image with many small L2 tables: QEMU finds no corruption (leaks allowed), and the
@@ -300,7 +292,7 @@ def test_sigkill_during_snapshot_bitmap_and_checkpoint_commands(tmp_path: Path) 
                 f.write(os.urandom(rng.randrange(1, 300000)))
                 f.flush()
                 os.fsync(f.fileno())
-            pid = _daemon_pid(mnt)
+            pid = daemon_pid(mnt)
             name = f"k{i}"
             args = {"create": ("snapshot", "create", mnt, name), "checkpoint": ("checkpoint", mnt, name),
                     "delete": ("snapshot", "delete", mnt, before[-1] if before else "")}[op]
