@@ -31,10 +31,9 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import InvalidImageError, PassphraseError, UnsupportedFeatureError
 
@@ -222,8 +221,14 @@ class SectorCipher:
     IV of its sector number."""
 
     def __init__(self, spec: CipherSpec, key: bytes) -> None:
+        # Imported here: it costs a mount of a plain image some 50 ms of start-up.
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         self.spec = spec
-        self._mode = spec.mode
+        self._new = Cipher
+        # The modes with a per-sector IV are built per sector (the IV is part of the mode).
+        self._iv_mode: Callable[[bytes], Any] | None = {
+            "cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(spec.mode)
         self._alg = algorithms.AES(key) if not (spec.mode == "xts" and len(key) == 48) else None
         self._xts_ecb = XtsFromEcb(key) if self._alg is None else None
         self._ecb = Cipher(self._alg, modes.ECB()) if spec.mode == "ecb" and self._alg else None
@@ -252,12 +257,12 @@ class SectorCipher:
         ivs = self.ivs(sector, count)
         if self._xts_ecb is not None:
             return self._xts_ecb.run(data, ivs, encrypt)
-        alg, mode = self._alg, _IV_MODES[self._mode]
-        assert alg is not None
+        alg, mode, new = self._alg, self._iv_mode, self._new
+        assert alg is not None and mode is not None
         view = memoryview(data)
         out = bytearray(n)
         for i, iv in enumerate(ivs):
-            c = Cipher(alg, mode(iv))
+            c = new(alg, mode(iv))
             ctx = c.encryptor() if encrypt else c.decryptor()
             pos = i * LUKS_SECTOR_SIZE
             out[pos : pos + LUKS_SECTOR_SIZE] = ctx.update(view[pos : pos + LUKS_SECTOR_SIZE])
@@ -270,11 +275,6 @@ class SectorCipher:
         return self._run(data, sector, False)
 
 
-# The modes with a per-sector IV, built per sector (the IV is part of the mode).
-_IV_MODES: dict[str, Callable[[bytes], modes.CBC | modes.XTS | modes.CTR]] = {
-    "cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}
-
-
 class XtsFromEcb:
     """AES in XTS mode (IEEE 1619) from AES-ECB, for AES-192, which OpenSSL's
     XTS lacks (used for nothing else; a test pins it to the library's XTS):
@@ -284,6 +284,8 @@ class XtsFromEcb:
     BLOCKS = LUKS_SECTOR_SIZE // 16
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         half = len(key) // 2
         self._k1 = Cipher(algorithms.AES(key[:half]), modes.ECB())
         self._k2 = Cipher(algorithms.AES(key[half:]), modes.ECB())
