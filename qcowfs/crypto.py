@@ -42,6 +42,10 @@ from .errors import InvalidImageError, PassphraseError, UnsupportedFeatureError
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_VERSION = 1
 LUKS_SECTOR_SIZE = 512
+# From this many sectors on, XTS runs as one AES-ECB call over all of them
+# (XtsFromEcb) instead of a cipher context per sector, which costs some 6 µs
+# each: 2.7x the speed at 1 MiB, slower below a few dozen sectors.
+XTS_FROM_ECB_SECTORS = 64
 LUKS_CIPHER_NAME_LEN = 32
 LUKS_CIPHER_MODE_LEN = 32
 LUKS_HASH_SPEC_LEN = 32
@@ -230,7 +234,7 @@ class SectorCipher:
         self._iv_mode: Callable[[bytes], Any] | None = {
             "cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(spec.mode)
         self._alg = algorithms.AES(key) if not (spec.mode == "xts" and len(key) == 48) else None
-        self._xts_ecb = XtsFromEcb(key) if self._alg is None else None
+        self._xts_ecb = XtsFromEcb(key) if spec.mode == "xts" else None
         self._ecb = Cipher(self._alg, modes.ECB()) if spec.mode == "ecb" and self._alg else None
         self._essiv = (Cipher(algorithms.AES(_essiv_key(key, spec.ivgen_hash or "")), modes.ECB())
                        if spec.ivgen == "essiv" else None)
@@ -255,7 +259,7 @@ class SectorCipher:
             return ctx.update(data)
         count = n // LUKS_SECTOR_SIZE
         ivs = self.ivs(sector, count)
-        if self._xts_ecb is not None:
+        if self._xts_ecb is not None and (self._alg is None or count >= XTS_FROM_ECB_SECTORS):
             return self._xts_ecb.run(data, ivs, encrypt)
         alg, mode, new = self._alg, self._iv_mode, self._new
         assert alg is not None and mode is not None
@@ -276,8 +280,9 @@ class SectorCipher:
 
 
 class XtsFromEcb:
-    """AES in XTS mode (IEEE 1619) from AES-ECB, for AES-192, which OpenSSL's
-    XTS lacks (used for nothing else; a test pins it to the library's XTS):
+    """AES in XTS mode (IEEE 1619) from AES-ECB: for AES-192, which OpenSSL's
+    XTS lacks, and for runs of many sectors, where one ECB call beats a
+    cipher context per sector (a test pins it to the library's XTS):
     for each sector T = E_K2(IV), and block j is E_K1(P xor T_j) xor T_j with
     T_j = T * alpha^j in GF(2^128). 512-byte sectors need no ciphertext stealing."""
 
@@ -300,7 +305,7 @@ class XtsFromEcb:
             carry = t[:, 1] >> sixty_three
             t[:, 1] = (t[:, 1] << one) | (t[:, 0] >> sixty_three)
             t[:, 0] = (t[:, 0] << one) ^ (carry * np.uint64(0x87))
-        x = np.frombuffer(bytes(data), "<u8").reshape(count, self.BLOCKS, 2) ^ tweaks
+        x = np.frombuffer(data, "<u8").reshape(count, self.BLOCKS, 2) ^ tweaks
         ctx = self._k1.encryptor() if encrypt else self._k1.decryptor()
         y = np.frombuffer(ctx.update(x.tobytes()), "<u8").reshape(count, self.BLOCKS, 2) ^ tweaks
         return y.tobytes()
