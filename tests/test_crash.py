@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import luks
-from conftest import QCOWFS
+from conftest import QCOWFS, daemon_pid
 from images import KiB, MiB, create, oracle, qimg, qio
 from test_write import (assert_clean, assert_same, in_proc_mounts, lazy_unmount, mirror_writes, qcheck,
                         qcowfs_mount, sha_file, snapshot_ids)
@@ -75,14 +74,6 @@ while True:
 """
 
 
-def daemon_pid(img: Path, mnt: Path) -> int:
-    pat = rf"qcowfs mount {re.escape(str(img))} {re.escape(str(mnt))}( |$)"
-    p = subprocess.run(["pgrep", "-f", pat], capture_output=True, text=True)
-    pids = [int(x) for x in p.stdout.split()]
-    assert len(pids) == 1, f"expected one daemon for {img} on {mnt}, found {pids}"
-    return pids[0]
-
-
 def make_image(d: Path, encrypted: bool = False) -> Path:
     """32 MiB, 4k clusters, some data shared with a snapshot (COW), some compressed;
     ENCRYPTED: LUKS, with the secret of tests/luks.py."""
@@ -122,7 +113,7 @@ def crash_once(img: Path, mnt: Path, init: Path, seed: int, kill_after: float,
     fallocate discards / zero-ranges), SIGKILL the daemon after KILL_AFTER s;
     returns the child's lines."""
     with qcowfs_mount(img, mnt, *extra) as m:
-        pid = daemon_pid(img, mnt)
+        pid = daemon_pid(mnt)
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(m / "disk.raw"), str(init), str(seed), str(SLOT),
                                   str(32 * MiB // SLOT), str(random.Random(seed).randint(3, 12)), str(discards)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -237,7 +228,7 @@ def test_kill_while_storing_bitmaps_at_unmount(tmp_path: Path) -> None:
     for it in range(4):
         mnt = tmp_path / f"mnt{it}"
         with qcowfs_mount(img, mnt) as m:
-            pid = daemon_pid(img, mnt)
+            pid = daemon_pid(mnt)
             with open(m / "disk.raw", "r+b") as f:
                 for _ in range(40):
                     f.seek(rng.randrange(0, 16 * MiB - 65536))
