@@ -142,6 +142,8 @@ class Operations(pyfuse3.Operations):
         inode = self._inodes.pop(id(node))
         self._nodes.pop(inode, None)
         self._parents.pop(inode, None)
+        if self.around is not None:
+            self.around.forget(inode)
         if isinstance(node, DirNode):
             for child in node.children.values():
                 self._forget(child)

@@ -97,6 +97,10 @@ class ReadAround:
             self.pushes -= 1
             self._pushed[key][index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
+    def forget(self, key: int) -> None:
+        """File KEY is gone (a deleted snapshot): drop what was pushed of it."""
+        self._pushed.pop(key, None)
+
     def _decay(self) -> None:
         now = self._clock()
         if now - self._decayed >= DECAY_SECONDS:

@@ -57,6 +57,16 @@ def test_a_push_that_failed_or_was_not_queued_counts_as_never_pushed() -> None:
     assert ra.miss(1, 100) == 0 and ra.re_misses == 0 and ra.pushes == 1
 
 
+def test_a_forgotten_file_starts_afresh() -> None:
+    ra = ReadAround(WINDOW, Clock())
+    _push(ra, 5, 0)
+    _push(ra, 5, 0)
+    assert ra.re_misses == 1
+    ra.forget(5)
+    _push(ra, 5, 0)
+    assert ra.re_misses == 1 and ra.fresh == 2
+
+
 def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
     """A reader at random over 1024 windows with room for 64 of them: misses
     soon land in windows pushed before, pushes stop within a few hundred
