@@ -388,7 +388,7 @@ def _create(path: Path, size: int, backing: Path | None = None, encrypted: bool 
         args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
     if backing is not None:
         args += ["-b", backing.name, "-F", "qcow2"]
-    must(*args, path, size)
+    (luks.create_encrypted if encrypted else must)(*args, path, size)
 
 
 def _scatter(rng: random.Random, src: Path, size: int, n: int, max_len: int) -> list[str]:

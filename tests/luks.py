@@ -48,17 +48,24 @@ def create(path: Path, size: int, *, fmt: str = "luks", cipher_alg: str = "aes-2
         o.update({"encrypt.cipher-alg": cipher_alg, "encrypt.cipher-mode": cipher_mode,
                   "encrypt.ivgen-alg": ivgen_alg, "encrypt.hash-alg": hash_alg, "encrypt.iter-time": 10})
     o.update(opts)
-    args = ["qemu-img", "create", "-q", "-f", "qcow2", *secret_object(secret),
-            "-o", ",".join(f"{k}={v}" for k, v in o.items()), path, size]
-    # qemu-img times PBKDF2 with the thread's CPU time; on a busy machine a run
-    # can measure 0 ms and it gives up ("Unable to get accurate CPU usage").
+    create_encrypted("qemu-img", "create", "-q", "-f", "qcow2", *secret_object(secret),
+                     "-o", ",".join(f"{k}={v}" for k, v in o.items()), path, size)
+    return path
+
+
+def create_encrypted(*args: object) -> None:
+    """Run ARGS, a `qemu-img create` (or convert) of an encrypted image. qemu-img
+    times PBKDF2 with the thread's CPU time, which the kernel samples per tick:
+    on a busy machine a run can measure 0 ms and qemu-img gives up with "Unable
+    to get accurate CPU usage". That is qemu-img's flake, not a property of the
+    image, so try again."""
     for _ in range(20):
         p = run(*args)
         if p.returncode == 0:
-            return path
+            return
         if "accurate CPU usage" not in p.stderr:
             break
-    raise RuntimeError(f"qemu-img could not create {path}: {p.stderr}")
+    raise RuntimeError(f"{' '.join(map(str, args))} exited {p.returncode}: {p.stderr}")
 
 
 def qemu_io(image: Path, *cmds: str, secret: str = SECRET) -> None:

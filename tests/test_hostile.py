@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 
+import luks
 from conftest import QCOWFS, files_equal, force_unmount, is_mounted, to_raw
 from images import (EXT_FEATURE_TABLE, KiB, MiB, TiB, Header, create, file_state,
                     oracle, patch, qimg, qio, read_u64, set_field, set_incompatible, sh)
@@ -78,18 +79,9 @@ def unknown_incompatible_unnamed(d: Path) -> Path:
 def encrypted_luks(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     img = d / "disk.qcow2"
-    # qemu-img times PBKDF2 with the thread's CPU time, which the kernel samples
-    # per tick: on a busy machine a run can measure 0 ms and qemu-img gives up
-    # with "Unable to get accurate CPU usage". That is qemu-img's flake, not a
-    # property of the image, so try again.
-    args = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
-            "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200", img, "1M"]
-    for _ in range(20):
-        p = sh(*args, check=False)
-        if p.returncode == 0:
-            return img
-        assert "accurate CPU usage" in p.stderr, p.stderr
-    raise AssertionError("qemu-img could not create a LUKS image: " + p.stderr)
+    luks.create_encrypted("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
+                          "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200", img, "1M")
+    return img
 
 
 def encrypted_aes_header(d: Path) -> Path:
