@@ -380,7 +380,7 @@ class Operations(pyfuse3.Operations):
         try:
             self._push_send.send_nowait((inode, view, start))
         except trio.WouldBlock:  # busy: this window can be pushed another time
-            self.around.done(inode, start, stored=False)
+            self.around.cancel(inode, start)
 
     def _push(self, inode: int, start: int, data: bytes) -> None:
         self.pushing += 1  # (the GIL makes these updates atomic)
@@ -395,7 +395,6 @@ class Operations(pyfuse3.Operations):
         so it runs in a thread, never on the loop."""
         assert self.around is not None
         async for inode, view, start in self._push_recv:
-            stored = False
             try:
                 data = view.read_cached(start, self.read_around)
                 if data is None:
@@ -405,11 +404,10 @@ class Operations(pyfuse3.Operations):
                         data = bytes(data)
                     await trio.to_thread.run_sync(self._push, inode, start, data,
                                                   limiter=_PUSH_THREADS, abandon_on_cancel=True)
-                    stored = True
             except Exception as e:  # noqa: BLE001 - a push is only an optimisation
                 log.debug("read-around at %d failed: %s", start, e)
             finally:
-                self.around.done(inode, start, stored)
+                self.around.done(inode, start)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

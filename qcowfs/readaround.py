@@ -45,7 +45,8 @@ DECAY_SECONDS = 1.0
 class ReadAround:
     """The push decisions for one mount, for windows of WINDOW bytes (a power
     of two). `miss` says which window to push around a small read that
-    reached us; `done` that its push finished (or failed)."""
+    reached us; `done` that its push finished (or failed), `cancel` that it
+    was never queued."""
 
     def __init__(self, window: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
@@ -87,15 +88,18 @@ class ReadAround:
         self.pushes += 1
         return index << self._shift
 
-    def done(self, key: int, start: int, stored: bool = True) -> None:
-        """The push of KEY's window at START is over: its pages are in the
-        cache, or (not STORED: the push failed or was never queued) a later
-        miss there is a fresh one."""
+    def done(self, key: int, start: int) -> None:
+        """The push of KEY's window at START is over. Whether the kernel
+        took the pages or not (a push fails when memory is short), a later
+        miss there counts as a re-miss: either way the cache does not hold it."""
+        self._in_flight.discard((key, start >> self._shift))
+
+    def cancel(self, key: int, start: int) -> None:
+        """The push `miss` asked for was never queued: a later miss there is fresh."""
         index = start >> self._shift
         self._in_flight.discard((key, index))
-        if not stored:
-            self.pushes -= 1
-            self._pushed[key][index >> 3] &= ~(1 << (index & 7)) & 0xFF
+        self.pushes -= 1
+        self._pushed[key][index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
     def forget(self, key: int) -> None:
         """File KEY is gone (a deleted snapshot): drop what was pushed of it."""

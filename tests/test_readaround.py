@@ -49,12 +49,14 @@ def test_fresh_misses_push_their_window_once_in_flight() -> None:
     assert ra.score == 0 and not ra.thrashing
 
 
-def test_a_push_that_failed_or_was_not_queued_counts_as_never_pushed() -> None:
+def test_a_push_never_queued_counts_as_never_pushed_one_that_failed_as_pushed() -> None:
     ra = ReadAround(WINDOW, Clock())
     start = ra.miss(1, 0)
     assert start == 0
-    ra.done(1, start, stored=False)
+    ra.cancel(1, start)
     assert ra.miss(1, 100) == 0 and ra.re_misses == 0 and ra.pushes == 1
+    ra.done(1, 0)  # failed or not, the kernel does not hold it now: a re-miss
+    assert ra.miss(1, 100) == 0 and ra.re_misses == 1
 
 
 def test_a_forgotten_file_starts_afresh() -> None:
