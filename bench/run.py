@@ -1146,6 +1146,9 @@ def measure(cfg, benches, contenders, raw, qcow2):
                        and (not b.only or c.name in b.only)}
                for b in benches}
     for b in benches:
+        for n, cell in results[b.key].items():
+            if cell.na:
+                log(f"  {b.title:<22} {n:<12} n/a ({cell.error})")
         for i in range(min(cfg.runs, b.runs or cfg.runs)):
             for c in contenders:
                 cell = results[b.key].get(c.name)
@@ -1244,6 +1247,12 @@ def report(cfg, benches, contenders, results):
                     "!" if cell.error else "")
             cells.append(f"{s:>{w}}")
         lines.append((f"{b.title:<22} {b.unit:<5} " + " ".join(cells)).rstrip())
+    why = {}  # reason -> the rows it makes n/a, per contender
+    for b in benches:
+        for n, cell in results[b.key].items():
+            if cell.na:
+                why.setdefault((n, cell.error), []).append(b.key)
+    lines += [f"n/a: {n} on {', '.join(keys)}: {reason}" for (n, reason), keys in why.items()]
     peers = [p for p in PEERS if p in names] if "qcowfs" in names else []
     if not peers:
         return "\n".join(lines)
