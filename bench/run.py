@@ -793,8 +793,6 @@ def build_ext4_image():
 def bench_images(bench, size, raw, qcow2):
     """(qcow2, raw twin) a read-only bench mounts (the passthrough serves
     the raw twin; check_data compares against it)."""
-    if bench.encrypted:
-        return build_luks_image(raw, qcow2), raw
     if bench.image == "random":
         return qcow2, raw
     if bench.image.startswith("compressed-"):
@@ -1089,7 +1087,9 @@ def probe_direct(path):
 
 
 def one_run(bench, cont, cfg, raw, qcow2):
-    key = luks_key() if bench.encrypted else None
+    key = None
+    if bench.encrypted:  # the LUKS twin stands for the random image (also for "copy")
+        qcow2, key = build_luks_image(raw, qcow2), luks_key()
     if bench.kind == "write":
         img_q, img_r = scratch_images(bench, cfg.size, raw, qcow2)
     else:
