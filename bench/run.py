@@ -357,8 +357,7 @@ def cgroup_limit(image_size):
 @contextlib.contextmanager
 def memory_cgroup(limit):
     """A memory cgroup of its own (cgroup v2 `memory.max`, else v1
-    `memory.limit_in_bytes`), removed on the way out. Yields the command
-    prefix that starts a process in it (its children stay in it)."""
+    `memory.limit_in_bytes`), removed on the way out. Yields its directory."""
     root = Path("/sys/fs/cgroup")
     if (root / "cgroup.controllers").exists():
         parent, limit_file = root, "memory.max"
@@ -372,9 +371,22 @@ def memory_cgroup(limit):
     _CGROUPS.add(cg)
     try:
         (cg / limit_file).write_text(f"{limit}\n")
-        yield ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cg]
+        yield cg
     finally:
         remove_cgroup(cg)
+
+
+def in_cgroup(cg):
+    """Command prefix that starts a process in cgroup CG (its children stay in it)."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cg]
+
+
+def cgroup_peak_mib(cg):
+    """The most memory the cgroup held (page cache included), MiB."""
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):  # v1, v2
+        with contextlib.suppress(OSError, ValueError):
+            return int((cg / name).read_text()) / MIB
+    return None
 
 
 def remove_cgroup(cg):
@@ -1098,7 +1110,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
     try:
         with contextlib.ExitStack() as stack:
             if bench.cgroup:
-                cont.wrap = stack.enter_context(memory_cgroup(cgroup_limit(cfg.size)))
+                cg = stack.enter_context(memory_cgroup(cgroup_limit(cfg.size)))
+                cont.wrap = in_cgroup(cg)
                 stack.callback(setattr, cont, "wrap", [])
             if bench.job == "first_file":
                 drop_caches()  # cold, from the mount command on
@@ -1130,6 +1143,9 @@ def one_run(bench, cont, cfg, raw, qcow2):
             else:
                 r = ext4_job(bench, path, warm_target, cfg.size)
             r["peak_rss_mib"] = peak_rss_mib(cont.pids)
+            if bench.cgroup:
+                r["cgroup_limit_mib"] = cgroup_limit(cfg.size) / MIB
+                r["cgroup_peak_mib"] = cgroup_peak_mib(cg)
             return r
     finally:
         if bench.kind == "write":
