@@ -1194,6 +1194,8 @@ def measure(cfg, benches, contenders, raw, qcow2):
 def fmt(v, unit):
     if v is None:
         return "-"
+    if unit == "s":
+        return f"{v:.3f}"
     return f"{v:.0f}" if unit == "IOPS" or v >= 100 else f"{v:.1f}"
 
 
@@ -1220,11 +1222,11 @@ def aim_verdicts(benches, results):
         row = results[b.key]
         if "qcowfs" not in row:
             continue
-        for metric, rs in (("", ratios(b, row)), (" cpu/GiB", cpu_ratios(row))):
+        for metric, rs, lower in (("", ratios(b, row), b.lower_is_better),
+                                  (" cpu/GiB", cpu_ratios(row), True)):
             for peer, r in rs.items():
                 if r["aim"] is not None:
                     ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-                    lower = b.lower_is_better or metric
                     out.append((f"{b.key}{metric} vs {peer} {ratio} "
                                 f"(aim {'<=' if lower else '>='}{r['aim']:.1f})", r["met"]))
     return out
