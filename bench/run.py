@@ -40,7 +40,7 @@ GIB = 1 << 30
 # Benchmarks. To add one: append a Bench. `kind` decides how it mounts and
 # which contenders take part ("read": `image` mounted read-only; "write": a
 # fresh scratch image per run, mounted read-write; "sparse", "start": their
-# own image, read-only). `image` names the image of a read row (IMAGES).
+# own image, read-only). `image` names the image they mount (bench_images).
 # `prepare` names how the scratch image is made ("empty" or "copy").
 # `job` is what runs on the mounted disk: fio with `fio`, or the users' real
 # job, ext4 on a loop device over disk.raw ("ext4_write": copy a tree of
@@ -60,10 +60,10 @@ class Bench:
     fio: list
     time_based: bool = False
     prepare: str = ""  # write benches: "empty" | "copy"
-    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read" | "ext4_trim" | "cp_sparse"
+    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read" | "ext4_trim" | "cp_sparse" | "first_file"
     encrypted: bool = False  # on the LUKS twin of the image (contenders that can_luks)
     only: tuple = ()  # the contenders that take part (empty: all that can)
-    image: str = "random"  # read rows: which image (IMAGES)
+    image: str = "random"  # what a read-only row mounts (bench_images)
     direct: bool = False  # fio --direct=1 on the disk file (O_DIRECT opens)
     loop: bool = False  # fio --direct=1 on `losetup --direct-io=on --read-only` over the disk file
     cgroup: bool = False  # daemon and fio in a memory cgroup of cgroup_limit(image size)
