@@ -68,7 +68,6 @@ class Bench:
     loop: bool = False  # fio --direct=1 on `losetup --direct-io=on --read-only` over the disk file
     cgroup: bool = False  # daemon and fio in a memory cgroup of cgroup_limit(image size)
     lower_is_better: bool = False  # a time, not a speed (ratios and aims are maxima)
-    runs: int = 0  # at most this many runs (0: --runs)
 
     def classes(self):
         """What AIMS may name this bench by, most specific first."""
@@ -1165,7 +1164,7 @@ def measure(cfg, benches, contenders, raw, qcow2):
         for n, cell in results[b.key].items():
             if cell.na:
                 log(f"  {b.title:<22} {n:<12} n/a ({cell.error})")
-        for i in range(min(cfg.runs, b.runs or cfg.runs)):
+        for i in range(cfg.runs):
             for c in contenders:
                 cell = results[b.key].get(c.name)
                 if cell is None or cell.error or cell.na:
