@@ -1206,8 +1206,10 @@ def ratios(bench, row):
             for peer in PEERS if peer in row}
 
 
-def cpu_ratios(row):
-    """qcowfs / peer of the daemon CPU seconds per GiB, with CPU_AIMS."""
+def cpu_ratios(bench, row):
+    """qcowfs / peer of the daemon CPU seconds per GiB, with CPU_AIMS (fio rows)."""
+    if bench.job != "fio":
+        return {}
     q = row.get("qcowfs")
     qv = q.cpu if q else None
     return {peer: compare(qv, row[peer].cpu, CPU_AIMS.get(peer), True)
@@ -1222,7 +1224,7 @@ def aim_verdicts(benches, results):
         if "qcowfs" not in row:
             continue
         for metric, rs, lower in (("", ratios(b, row), b.lower_is_better),
-                                  (" cpu/GiB", cpu_ratios(row), True)):
+                                  (" cpu/GiB", cpu_ratios(b, row), True)):
             for peer, r in rs.items():
                 if r["aim"] is not None:
                     ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
@@ -1323,7 +1325,7 @@ def cpu_report(benches, names, results):
         if b.job != "fio" or all(v is None for v in cpu.values()):
             continue
         cells = " ".join(f"{'' if cpu[n] is None else f'{cpu[n]:.2f}':>{w}}" for n in names)
-        r = cpu_ratios(row).get("qsd")
+        r = cpu_ratios(b, row).get("qsd")
         rs = ""
         if r is not None:
             rs = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
@@ -1358,7 +1360,7 @@ def to_json(cfg, benches, contenders, results, versions, elapsed):
                             "error": c.error or None}
                         for n, c in row.items()},
             "ratios": ratios(b, row) if "qcowfs" in row else {},
-            "cpu_ratios": cpu_ratios(row) if "qcowfs" in row else {},
+            "cpu_ratios": cpu_ratios(b, row) if "qcowfs" in row else {},
         }
     verdicts = aim_verdicts(benches, results)
     out["aims"] = {"met": [w for w, m in verdicts if m],
