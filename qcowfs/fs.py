@@ -82,8 +82,9 @@ class Operations(pyfuse3.Operations):
         self.read_around = read_around
         self.around = ReadAround(read_around) if read_around else None
         self.pushing = 0  # read-around pushes inside the kernel right now
-        self._push_send, self._push_recv = trio.open_memory_channel[tuple[int, FileView, int]](
-            READ_AROUND_QUEUE)
+        # (inode, view, window start, the span of it to push)
+        self._push_send, self._push_recv = trio.open_memory_channel[
+            tuple[int, FileView, int, tuple[int, int]]](READ_AROUND_QUEUE)
         self.ownership = access
         self.debug = debug
         self._nodes: dict[int, DirNode | FileNode] = {}
@@ -373,12 +374,18 @@ class Operations(pyfuse3.Operations):
         return data
 
     def _read_around(self, inode: int, view: FileView, off: int) -> None:
+        """Maybe push the window around a small read at OFF: the part of it
+        that is cheap to read (the view says), when the policy says it pays."""
         assert self.around is not None
+        window = off - off % self.read_around
+        span = view.around(off, window, window + self.read_around)
+        if span is None:
+            return
         start = self.around.miss(inode, off)
         if start is None:
             return
         try:
-            self._push_send.send_nowait((inode, view, start))
+            self._push_send.send_nowait((inode, view, start, span))
         except trio.WouldBlock:  # busy: this window can be pushed another time
             self.around.cancel(inode, start)
 
@@ -394,15 +401,15 @@ class Operations(pyfuse3.Operations):
         waits for page locks that in-flight reads hold until we reply to them,
         so it runs in a thread, never on the loop."""
         assert self.around is not None
-        async for inode, view, start in self._push_recv:
+        async for inode, view, start, (lo, hi) in self._push_recv:
             try:
-                data = view.read_cached(start, self.read_around)
+                data = view.read_cached(lo, hi - lo)
                 if data is None:
-                    data = await view.read(start, self.read_around)
+                    data = await view.read(lo, hi - lo)
                 if data:
                     if not isinstance(data, bytes):
                         data = bytes(data)
-                    await trio.to_thread.run_sync(self._push, inode, start, data,
+                    await trio.to_thread.run_sync(self._push, inode, lo, data,
                                                   limiter=_PUSH_THREADS, abandon_on_cancel=True)
             except Exception as e:  # noqa: BLE001 - a push is only an optimisation
                 log.debug("read-around at %d failed: %s", start, e)

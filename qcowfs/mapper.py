@@ -345,6 +345,36 @@ class Mapper:
             self.check_data(last_host)
         return self.data_file.read_cached(host + (offset & self._cluster_mask), length)
 
+    def data_span(self, l1: L1Table, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        """The guest range around OFFSET, within [LO, HI) and OFFSET's L2
+        table, that this image holds as plain data clusters, known from
+        cached tables alone: what is cheap to read ahead (one pread). None
+        when OFFSET's own cluster is not plain data (compressed, from the
+        backing chain, zero, encrypted), which a window would cost several
+        times the read it is pushed around."""
+        sb = self._span_bits
+        index = offset >> sb
+        if self.geo.extended_l2 or self.encrypted or index >= l1.size:
+            return None
+        chunk = l1.chunk(index)
+        if chunk is None:
+            return None
+        table = self.l2_cache.peek(int(chunk[index & L1_CHUNK_MASK]) & L1E_OFFSET_MASK)
+        if table is None:
+            return None
+        cb, special, base = self.geo.cluster_bits, self._special, index << sb
+        k = (offset - base) >> cb
+        e = int(table[k])
+        if e & special or not e & L2E_OFFSET_MASK:
+            return None
+        first, last = k, k
+        stop_lo, stop_hi = (max(lo, base) - base) >> cb, (min(hi, base + (1 << sb)) - 1 - base) >> cb
+        while first > stop_lo and (e := int(table[first - 1])) & L2E_OFFSET_MASK and not e & special:
+            first -= 1
+        while last < stop_hi and (e := int(table[last + 1])) & L2E_OFFSET_MASK and not e & special:
+            last += 1
+        return max(lo, base + (first << cb)), min(hi, base + ((last + 1) << cb))
+
     async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:
         buf = bytearray(length)
         await self.read_into(l1, memoryview(buf), offset, backing)

@@ -56,6 +56,12 @@ class FileView:
         """Serve a read without awaiting, when possible (None: use read())."""
         return None
 
+    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        """The part of [LO, HI) around OFFSET worth pushing into the page
+        cache after a small read at OFFSET (None: nothing). Views of a qcow2
+        disk say which part is cheap to read; by default all of it."""
+        return lo, hi
+
     async def write(self, offset: int, data: bytes) -> int:
         raise ReadOnlyError("file is read-only")
 
@@ -128,6 +134,9 @@ class DiskView(FileView):
     @property
     def allocated(self) -> int:
         return min(self.size, self.image.host_usage())
+
+    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        return self.image.mapper.data_span(self.image.active_l1, offset, lo, min(hi, self.size))
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
         # clip() inlined: this runs once per FUSE read.
@@ -211,6 +220,10 @@ class SnapshotView(FileView):
         if self._epoch != self.image.tables_epoch:
             self._epoch = self.image.tables_epoch
             self.l1.forget()
+
+    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        self._fresh_l1()
+        return self.image.mapper.data_span(self.l1, offset, lo, min(hi, self._size))
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
         self._fresh_l1()
