@@ -59,6 +59,11 @@ class FileView:
     async def write(self, offset: int, data: bytes) -> int:
         raise ReadOnlyError("file is read-only")
 
+    def write_now(self, offset: int, data: bytes) -> int | None:
+        """Serve a write that lies inside the file without awaiting, when
+        possible: bytes written, or None (use write())."""
+        return None
+
     async def truncate(self, size: int) -> None:
         raise ReadOnlyError("file is read-only")
 
@@ -149,6 +154,13 @@ class DiskView(FileView):
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
         return await self.image.write(offset, data)
+
+    def write_now(self, offset: int, data: bytes) -> int | None:
+        # clip() inlined, as in read_cached: this runs once per FUSE write.
+        image = self.image
+        if not self.writable or offset + len(data) > image.header.size & ~511:
+            return None
+        return image.write_now(offset, data)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:

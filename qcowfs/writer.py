@@ -62,7 +62,8 @@ class Writer:
         geo = self.geo
         span = geo.l2_span
         index = offset // span
-        if (offset + len(data) - 1) // span != index:
+        end = offset + len(data)
+        if (end - 1) // span != index:
             return False
         l1e = self.meta.active_l1.cached(index)
         if not l1e:
@@ -70,19 +71,16 @@ class Writer:
         table = self.l2_cache.peek(l1e & L2E_OFFSET_MASK)
         if table is None:
             return False
-        cb = geo.cluster_bits
+        cb, ext = geo.cluster_bits, geo.extended_l2
         first = (offset - index * span) >> cb
-        last = (offset + len(data) - 1 - index * span) >> cb
-        host = -1
+        last = (end - 1 - index * span) >> cb
+        host = int(table[first, 0] if ext else table[first]) & L2E_OFFSET_MASK
         for k in range(first, last + 1):
             if self._state(table, k) != IN_PLACE:
                 return False
-            h = int(table[k, 0] if geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
-            if host >= 0 and h != host + ((k - first) << cb):
+            if k > first and int(table[k, 0] if ext else table[k]) & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return False
-            if host < 0:
-                host = h
-        if self.detect_zeroes and len(data) >= geo.cluster_size and self._has_zero_cluster(offset, data):
+        if self.detect_zeroes and end - offset >= geo.cluster_size and self._has_zero_cluster(offset, data):
             return False  # (the allocating path turns it into a zero entry)
         # Never write through an entry that fails a check (raises CorruptionError).
         self._check_host(host, (last - first + 1) << cb)
