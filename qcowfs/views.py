@@ -156,11 +156,9 @@ class DiskView(FileView):
         return await self.image.write(offset, data)
 
     def write_now(self, offset: int, data: bytes) -> int | None:
-        # clip() inlined, as in read_cached: this runs once per FUSE write.
-        image = self.image
-        if not self.writable or offset + len(data) > image.header.size & ~511:
-            return None
-        return image.write_now(offset, data)
+        if not self.writable or offset + len(data) > self.image.size:
+            return None  # (write() refuses it, or clips it to the disk)
+        return self.image.write_now(offset, data)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:

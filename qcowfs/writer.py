@@ -256,8 +256,11 @@ class Writer:
         rows = table[first : last + 1]
         if not rows.any():
             return len(rows)
-        used = (rows.any(axis=1) if self.geo.extended_l2 else rows).nonzero()[0]
-        return int(used[0])
+        return int(np.flatnonzero(self._used(rows))[0])
+
+    def _used(self, rows: np.ndarray) -> np.ndarray:
+        """Per L2 entry of ROWS: whether any of its bits is set."""
+        return np.asarray(rows.any(axis=1) if self.geo.extended_l2 else rows != 0)
 
     async def _fill_run(self, table: np.ndarray, k: int, n: int, base: int, start: int,
                         data: memoryview, reuse: bool) -> None:
@@ -295,7 +298,7 @@ class Writer:
             self.data_file.writev_sync(parts, host)
         self._set_data(table, k, n, host)
         if not reuse and old.any():
-            for j in (old.any(axis=1) if self.geo.extended_l2 else old).nonzero()[0].tolist():
+            for j in np.flatnonzero(self._used(old)).tolist():
                 self._release(*self._entry(old, j))
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
