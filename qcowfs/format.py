@@ -608,6 +608,34 @@ class Geometry:
         return -(-virtual_size // self.l2_span)
 
 
+def refcount_values(block: bytes | bytearray, order: int, lo: int, hi: int) -> "np.ndarray":
+    """Entries [lo, hi) of a refcount block as integers, a copy: int64, or
+    Python ints for 64-bit refcounts (int64 cannot hold them all). One numpy
+    pass instead of one refcount_get per cluster: a 1 MiB write allocates
+    16 clusters of 64 KiB at once."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        raw = np.frombuffer(block, f">u{width}", count=hi - lo, offset=lo * width)
+        return np.array(raw.tolist(), dtype=object) if order == 6 else raw.astype(np.int64)
+    bits = 1 << order
+    per_byte = 8 // bits
+    first, end = lo // per_byte, -(-hi // per_byte)
+    raw = np.frombuffer(block, np.uint8, count=end - first, offset=first)
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.int64)
+    return values[lo - first * per_byte : hi - first * per_byte]
+
+
+def refcount_store(block: bytearray, order: int, lo: int, values: "np.ndarray") -> None:
+    """Write VALUES (each fitting the width) as entries from LO of a refcount block."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        block[lo * width : (lo + len(values)) * width] = values.astype(f">u{width}").tobytes()
+        return
+    for i, value in enumerate(values.tolist()):
+        refcount_set(block, lo + i, order, value)
+
+
 def refcount_array(block: bytes | bytearray, order: int) -> "np.ndarray":
     """All entries of a refcount block as an integer array (for free-space search)."""
     if order >= 3:

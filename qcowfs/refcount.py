@@ -28,7 +28,8 @@ import numpy as np
 from .cache import TableCache
 from .errors import CorruptionError, NoSpaceError, QcowError
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-                     encode_refcount_block, refcount_array, refcount_get, refcount_set)
+                     encode_refcount_block, refcount_array, refcount_get, refcount_set,
+                     refcount_store, refcount_values)
 from .metadata import Metadata
 from .overlap import Kind
 from .references import count_references, read_entries, refcount_table
@@ -139,24 +140,29 @@ class Allocator:
                     raise CorruptionError(f"refcount of cluster {cluster} would drop below zero")
                 off = await self._new_block(rt_index)
             async with self.cache.pinned(off) as block:
-                base = rt_index * rpb
-                freed: list[int] = []
-                for c in range(cluster, stop):
-                    value = refcount_get(block, c - base, order) + delta
-                    if value < 0:
-                        raise CorruptionError(f"refcount of cluster {c} would drop below zero")
-                    if value > self.max_refcount:
-                        raise NoSpaceError(f"refcount of cluster {c} would overflow "
-                                           f"{1 << order} bits")
-                    refcount_set(block, c - base, order, value)
-                    if value == 0:
-                        self._forget_reference(c)
-                        freed.append(c)
-                        if c < self.free_hint:
-                            self.free_hint = c
+                lo = cluster - rt_index * rpb
+                values = refcount_values(block, order, lo, lo + stop - cluster) + delta
+                self._check_counts(values, cluster)
+                refcount_store(block, order, lo, values)
+                freed = ((values == 0).nonzero()[0] + cluster).tolist() if delta < 0 else []
+                for c in freed:
+                    self._forget_reference(c)
+                if freed and freed[0] < self.free_hint:
+                    self.free_hint = freed[0]
                 self.cache.mark_dirty(off)
                 self._punch(freed)
             cluster = stop
+
+    def _check_counts(self, values: np.ndarray, cluster: int) -> None:
+        """New refcounts VALUES of the clusters from CLUSTER must fit: checked
+        before any changes, so a refused change leaves the block as it was."""
+        bad = (values < 0) | (values > self.max_refcount)
+        if not bad.any():
+            return
+        first = int(bad.nonzero()[0][0])
+        if values[first] < 0:
+            raise CorruptionError(f"refcount of cluster {cluster + first} would drop below zero")
+        raise NoSpaceError(f"refcount of cluster {cluster + first} would overflow {1 << self.order} bits")
 
     def _punch(self, clusters: list[int]) -> None:
         """Give the host space of clusters that just became free back to the
@@ -258,13 +264,18 @@ class Allocator:
             c = (r + 1) * rpb
 
     def _free_at(self, c: int, n: int) -> bool:
-        """Whether clusters [c, c+n) are known free without I/O (cached blocks)."""
-        for k in range(c, c + n):
-            off = self._block_offset(k // self.rpb)
+        """Whether clusters [c, c+n) are known free without I/O (cached blocks),
+        a refcount block at a time."""
+        rpb, end = self.rpb, c + n
+        while c < end:
+            r = c // rpb
+            stop = min(end, (r + 1) * rpb)
+            off = self._block_offset(r)
             if off:
                 block = self.cache.peek(off)
-                if block is None or refcount_get(block, k % self.rpb, self.order):
+                if block is None or refcount_values(block, self.order, c - r * rpb, stop - r * rpb).any():
                     return False
+            c = stop
         return True
 
     async def _new_block(self, rt_index: int) -> int:

@@ -62,7 +62,8 @@ class Writer:
         geo = self.geo
         span = geo.l2_span
         index = offset // span
-        if (offset + len(data) - 1) // span != index:
+        end = offset + len(data)
+        if (end - 1) // span != index:
             return False
         l1e = self.meta.active_l1.cached(index)
         if not l1e:
@@ -70,20 +71,17 @@ class Writer:
         table = self.l2_cache.peek(l1e & L2E_OFFSET_MASK)
         if table is None:
             return False
-        cb = geo.cluster_bits
+        cb, ext = geo.cluster_bits, geo.extended_l2
         first = (offset - index * span) >> cb
-        last = (offset + len(data) - 1 - index * span) >> cb
-        host = -1
+        last = (end - 1 - index * span) >> cb
+        host = int(table[first, 0] if ext else table[first]) & L2E_OFFSET_MASK
         for k in range(first, last + 1):
             if self._state(table, k) != IN_PLACE:
                 return False
-            h = int(table[k, 0] if geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
-            if host >= 0 and h != host + ((k - first) << cb):
+            if k > first and int(table[k, 0] if ext else table[k]) & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return False
-            if host < 0:
-                host = h
-        if self.detect_zeroes and len(data) >= geo.cluster_size and self._has_zero_cluster(offset, data):
-            return False
+        if self.detect_zeroes and end - offset >= geo.cluster_size and self._has_zero_cluster(offset, data):
+            return False  # (the allocating path turns it into a zero entry)
         # Never write through an entry that fails a check (raises CorruptionError).
         self._check_host(host, (last - first + 1) << cb)
         self._put(data, host + (offset & (geo.cluster_size - 1)), offset)
@@ -121,9 +119,14 @@ class Writer:
 
     def _has_zero_cluster(self, offset: int, data: bytes) -> bool:
         cs = self.geo.cluster_size
-        start = -offset % cs
         view = memoryview(data)
-        return any(view[p : p + cs] == self._zero_cluster for p in range(start, len(data) - cs + 1, cs))
+        return any(self._zero_cluster_at(view, p) for p in range(-offset % cs, len(data) - cs + 1, cs))
+
+    def _zero_cluster_at(self, data: memoryview, lo: int) -> bool:
+        """Whether DATA holds a whole cluster of zeros from LO. The first byte
+        decides for almost all data (a memoryview compares byte by byte)."""
+        hi = lo + self.geo.cluster_size
+        return lo >= 0 and hi <= len(data) and not data[lo] and data[lo:hi] == self._zero_cluster
 
     def _state(self, table: np.ndarray, k: int) -> int:
         """IN_PLACE, REUSE (our cluster, entry must change) or ALLOCATE."""
@@ -152,7 +155,8 @@ class Writer:
     # ---- the allocating path ---------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
-        async with self.lock:
+        await self._lock()
+        try:
             span = self.geo.l2_span
             pos, end = offset, offset + len(data)
             view = memoryview(data)
@@ -163,6 +167,18 @@ class Writer:
                 async with self.l2_cache.pinned(table_off) as table:
                     await self._write_table(table_off, table, index * span, pos, view[pos - offset : chunk_end - offset])
                 pos = chunk_end
+        finally:
+            self.lock.release()
+
+    async def _lock(self) -> None:
+        """Take the metadata lock; when it is free, without the scheduler
+        pass trio.Lock.acquire makes even then (a sequential writer allocates
+        on every request). A free trio.Lock has no waiters (release hands it
+        to the first), so this is as fair as acquire()."""
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
 
     async def _writable_l2(self, index: int) -> int:
         """The L2 table for INDEX, allocated or copied so that we own it."""
@@ -202,7 +218,7 @@ class Writer:
             g0, g1 = max(start, c0), min(end, c0 + cs)
             piece = data[g0 - start : g1 - start]
             state = self._state(table, k)
-            if g1 - g0 == cs and self.detect_zeroes and piece == self._zero_cluster:
+            if self.detect_zeroes and g1 - g0 == cs and self._zero_cluster_at(piece, 0):
                 self._set_zero(table, k)
                 self.l2_cache.mark_dirty(table_off)
                 k += 1
@@ -212,19 +228,39 @@ class Writer:
                 self._put(piece, host + (g0 - c0), g0)
                 k += 1
             else:
-                # A run of clusters that all need a new (or rewritten) cluster.
-                n = 1
-                while (k + n <= last and self._state(table, k + n) == ALLOCATE and state == ALLOCATE
-                       and not self._zero_piece(data, start, base + ((k + n) << cb))):
-                    n += 1
+                n = self._run_length(table, k, last, base, start, data) if state == ALLOCATE else 1
                 await self._fill_run(table, k, n, base, start, data, reuse=state == REUSE)
                 self.l2_cache.mark_dirty(table_off)
                 k += n
 
-    def _zero_piece(self, data: memoryview, start: int, c0: int) -> bool:
-        cs = self.geo.cluster_size
-        lo, hi = c0 - start, c0 - start + cs
-        return self.detect_zeroes and lo >= 0 and hi <= len(data) and data[lo:hi] == self._zero_cluster
+    def _run_length(self, table: np.ndarray, k: int, last: int, base: int, start: int,
+                    data: memoryview) -> int:
+        """How many clusters from K (which needs a new cluster) up to LAST one
+        allocation takes: those that need a new cluster too, up to the first
+        whole cluster of zeros (that becomes a zero entry instead). Entries
+        never allocated, the common case (an empty image), are found in one
+        numpy pass, not one _state call each."""
+        n = 1 + self._unallocated(table, k + 1, last)
+        while k + n <= last and self._state(table, k + n) == ALLOCATE:
+            n += 1
+        if self.detect_zeroes:
+            cb = self.geo.cluster_bits
+            for j in range(k + 1, k + n):
+                if self._zero_cluster_at(data, base + (j << cb) - start):
+                    return j - k
+        return n
+
+    def _unallocated(self, table: np.ndarray, first: int, last: int) -> int:
+        """How many entries from FIRST (to LAST) are all zeros: unallocated,
+        with nothing of their own (such an entry is always ALLOCATE)."""
+        rows = table[first : last + 1]
+        if not rows.any():
+            return len(rows)
+        return int(np.flatnonzero(self._used(rows))[0])
+
+    def _used(self, rows: np.ndarray) -> np.ndarray:
+        """Per L2 entry of ROWS: whether any of its bits is set."""
+        return np.asarray(rows.any(axis=1) if self.geo.extended_l2 else rows != 0)
 
     async def _fill_run(self, table: np.ndarray, k: int, n: int, base: int, start: int,
                         data: memoryview, reuse: bool) -> None:
@@ -245,11 +281,11 @@ class Writer:
             tail = bytearray(run_end - hi)
             await self._old_contents(memoryview(tail), hi)
             parts.append(tail)
-        old_entries = [self._entry(table, k + j) for j in range(n)]
+        old = table[k : k + n].copy()
         if self.external:
             host = c0  # guest offset == host offset in an external data file
-        elif reuse:
-            host = old_entries[0][0] & L2E_OFFSET_MASK
+        elif reuse:  # (one cluster)
+            host = self._entry(old, 0)[0] & L2E_OFFSET_MASK
         else:
             host = await self.alloc.allocate(n)
         if reuse:  # (new clusters were checked when allocated)
@@ -260,10 +296,10 @@ class Writer:
             self.data_file.write_sync(self.mapper.cipher.encrypt(b"".join(parts), host, c0), host)
         else:
             self.data_file.writev_sync(parts, host)
-        for j in range(n):
-            self._set_data(table, k + j, host + (j << cb))
-            if not reuse:
-                self._release(*old_entries[j])
+        self._set_data(table, k, n, host)
+        if not reuse and old.any():
+            for j in np.flatnonzero(self._used(old)).tolist():
+                self._release(*self._entry(old, j))
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
         await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
@@ -461,12 +497,14 @@ class Writer:
             return int(table[k, 0]), int(table[k, 1])
         return int(table[k]), 0
 
-    def _set_data(self, table: np.ndarray, k: int, host: int) -> None:
+    def _set_data(self, table: np.ndarray, k: int, n: int, host: int) -> None:
+        """Point entries K..K+N-1 at the N host clusters from HOST, which we own."""
+        hosts = (np.arange(n, dtype=np.uint64) << np.uint64(self.geo.cluster_bits)) + np.uint64(host | OFLAG_COPIED)
         if self.geo.extended_l2:
-            table[k, 0] = host | OFLAG_COPIED
-            table[k, 1] = SC_ALL
+            table[k : k + n, 0] = hosts
+            table[k : k + n, 1] = SC_ALL
         else:
-            table[k] = host | OFLAG_COPIED
+            table[k : k + n] = hosts
 
     def _set_zero(self, table: np.ndarray, k: int) -> None:
         old = self._entry(table, k)
