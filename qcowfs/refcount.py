@@ -543,8 +543,12 @@ class Transaction:
             # The blocks being replaced lose their reference; the new blocks
             # and table (in free clusters, else after the caller's) gain one:
             # both may touch further ranges.
-            replaced = {r: alloc._block_offset(r) for r in ranges}
-            ranges |= {off // cs // rpb for off in replaced.values() if off}
+            while True:  # the old blocks lie in ranges of their own: follow them all
+                replaced = {r: alloc._block_offset(r) for r in ranges}
+                more = {off // cs // rpb for off in replaced.values() if off} - ranges
+                if not more:
+                    break
+                ranges |= more
             end = max(self.end, blocks_at + nblocks + tclusters)
             ranges |= set(range(self.start // rpb, (end - 1) // rpb + 1))
             ranges |= set(range(blocks_at // rpb, (blocks_at + max(1, nblocks + tclusters) - 1) // rpb + 1))

@@ -52,6 +52,24 @@ async def test_issue9_resize_after_refcount_table_growth(tmp_path: Path) -> None
     s.judge()
 
 
+async def test_refcount_commit_follows_old_blocks_from_range_to_range(tmp_path: Path) -> None:
+    """512-byte clusters, 16-bit refcounts: a live bitmap, 24 MiB written (refcount blocks
+    end up each in the range of another), then the bitmap removed. Its commit replaces
+    blocks whose old places lie in further ranges, a chain dozens long; it used to follow
+    one link per placement round and give up ("found no stable place") after 64 (the
+    model test's example, shrunk)."""
+    s = build(tmp_path, Layout(size=54 * MiB, cluster_size=512, refcount_bits=16))
+    await s.open()
+    try:
+        await s.live_bitmap_add("live1", False, 512)
+        await s.write(44187, make_data("random", 24 * MiB, seed=1))
+        await s.live_bitmap_change("live1", "remove")
+        await s.close()
+    finally:
+        await s.abandon()
+    s.judge()
+
+
 # -- quick combinations -------------------------------------------------------------------
 
 async def _session(s: Subject, seed: int) -> None:
