@@ -79,7 +79,6 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.space_of = space_of  # statfs reports the space of the filesystem holding this
         self.space = space  # or (total, free) bytes from this (a scratch mount's overlay)
-        self.read_around = read_around
         self.around = ReadAround(read_around) if read_around else None
         self.pushing = 0  # read-around pushes inside the kernel right now
         # (inode, view, window start, the span of it to push)
@@ -350,7 +349,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         # O_DIRECT: the kernel keeps nothing of this handle's reads, so pages
         # pushed around them would be wasted work (and evict others).
-        around = bool(self.read_around) and view.unchanging and not flags & os.O_DIRECT
+        around = self.around is not None and view.unchanging and not flags & os.O_DIRECT
         self._open[fh] = (view, inode, around)
         return pyfuse3.FileInfo(fh=fh, keep_cache=view.keep_cache, direct_io=view.direct_io)
 
@@ -377,8 +376,9 @@ class Operations(pyfuse3.Operations):
         """Maybe push the window around a small read at OFF: the part of it
         that is cheap to read (the view says), when the policy says it pays."""
         assert self.around is not None
-        window = off - off % self.read_around
-        span = view.around(off, window, window + self.read_around)
+        size = self.around.window
+        window = off - off % size
+        span = view.around(off, window, window + size)
         if span is None:
             return
         start = self.around.miss(inode, off)
@@ -419,9 +419,6 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         view = self._view(fh)
-        done = view.write_now(off, buf)
-        if done is not None:
-            return done
         n = view.clip(off, len(buf))
         if n <= 0:
             raise pyfuse3.FUSEError(errno.ENOSPC)

@@ -501,20 +501,6 @@ class Image:
         await rebuild(self.meta, self.external_data, progress)
         self.reload_refcounts()
 
-    def write_now(self, offset: int, data: bytes) -> int | None:
-        """write() when it needs no await (Writer.write_in_place): bytes
-        written, or None. A corruption found on the way is left for write()
-        to meet again and report (it marks the image corrupt)."""
-        if self.writer is None or self.corrupt:
-            return None
-        try:
-            if not self.writer.write_in_place(offset, data):
-                return None
-        except CorruptionError:
-            return None
-        self.written(offset, len(data))
-        return len(data)
-
     async def write(self, offset: int, data: bytes) -> int:
         if self.writer is None or self.corrupt:
             raise CorruptionError("the image is marked corrupt; writes are refused") if self.corrupt \

@@ -311,6 +311,11 @@ class Mapper:
 
     # ---- reading ------------------------------------------------------------
 
+    def cached_table(self, l1: L1Table, index: int) -> np.ndarray | None:
+        """L2 table INDEX of L1 if its entry and the table are cached (no I/O), else None."""
+        entry = l1.cached(index)
+        return self.l2_cache.peek(entry & L1E_OFFSET_MASK) if entry else None
+
     def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
         """The hot path: a range that is one host-contiguous data run, with its
         tables cached and its bytes in the host page cache, read without a
@@ -320,10 +325,7 @@ class Mapper:
         index = offset >> sb
         if (offset + length - 1) >> sb != index or self.geo.extended_l2 or self.encrypted:
             return None
-        chunk = l1.chunk(index)
-        if chunk is None or index >= l1.size:
-            return None
-        table = self.l2_cache.peek(int(chunk[index & L1_CHUNK_MASK]) & L1E_OFFSET_MASK)
+        table = self.cached_table(l1, index)
         if table is None:
             return None
         cb = self.geo.cluster_bits
@@ -354,12 +356,9 @@ class Mapper:
         times the read it is pushed around."""
         sb = self._span_bits
         index = offset >> sb
-        if self.geo.extended_l2 or self.encrypted or index >= l1.size:
+        if self.geo.extended_l2 or self.encrypted:
             return None
-        chunk = l1.chunk(index)
-        if chunk is None:
-            return None
-        table = self.l2_cache.peek(int(chunk[index & L1_CHUNK_MASK]) & L1E_OFFSET_MASK)
+        table = self.cached_table(l1, index)
         if table is None:
             return None
         cb, special, base = self.geo.cluster_bits, self._special, index << sb

@@ -65,11 +65,6 @@ class FileView:
     async def write(self, offset: int, data: bytes) -> int:
         raise ReadOnlyError("file is read-only")
 
-    def write_now(self, offset: int, data: bytes) -> int | None:
-        """Serve a write that lies inside the file without awaiting, when
-        possible: bytes written, or None (use write())."""
-        return None
-
     async def truncate(self, size: int) -> None:
         raise ReadOnlyError("file is read-only")
 
@@ -163,11 +158,6 @@ class DiskView(FileView):
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
         return await self.image.write(offset, data)
-
-    def write_now(self, offset: int, data: bytes) -> int | None:
-        if not self.writable or offset + len(data) > self.image.size:
-            return None  # (write() refuses it, or clips it to the disk)
-        return self.image.write_now(offset, data)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:

@@ -65,10 +65,7 @@ class Writer:
         end = offset + len(data)
         if (end - 1) // span != index:
             return False
-        l1e = self.meta.active_l1.cached(index)
-        if not l1e:
-            return False
-        table = self.l2_cache.peek(l1e & L2E_OFFSET_MASK)
+        table = self.mapper.cached_table(self.meta.active_l1, index)
         if table is None:
             return False
         cb, ext = geo.cluster_bits, geo.extended_l2

@@ -581,9 +581,8 @@ async def _read(view: Any, offset: int, length: int) -> bytes | bytearray:
 
 
 async def _write(view: Any, offset: int, data: bytes) -> None:
-    """A write as the FUSE layer does it: the no-await fast path first, then the general one."""
-    if view.write_now(offset, data) is None:
-        await view.write(offset, data)
+    """A write as the FUSE layer does it."""
+    await view.write(offset, data)
 
 
 def run_qcowfs(img: Path, sc: Scenario) -> Outcome:

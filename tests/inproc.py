@@ -620,11 +620,8 @@ class Subject:
         return self.open_image
 
     async def write(self, offset: int, data: bytes) -> None:
-        """A write as the FUSE layer does it: the no-await fast path first, then the general one."""
-        image = self._image()
-        n = image.write_now(offset, data)
-        if n is None:
-            n = await image.write(offset, data)
+        """A write as the FUSE layer does it (Image.write: the in-place fast path first)."""
+        n = await self._image().write(offset, data)
         assert n == len(data), f"write of {len(data)} bytes at {offset} returned {n}"
         self.model.write(offset, data)
         self.written += len(data)
