@@ -615,14 +615,11 @@ def refcount_values(block: bytes | bytearray, order: int, lo: int, hi: int) -> "
     16 clusters of 64 KiB at once."""
     if order >= 3:
         width = 1 << (order - 3)
-        raw = np.frombuffer(block, f">u{width}", count=hi - lo, offset=lo * width)
+        raw = refcount_array(block[lo * width : hi * width], order)
         return np.array(raw.tolist(), dtype=object) if order == 6 else raw.astype(np.int64)
-    bits = 1 << order
-    per_byte = 8 // bits
-    first, end = lo // per_byte, -(-hi // per_byte)
-    raw = np.frombuffer(block, np.uint8, count=end - first, offset=first)
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.int64)
+    per_byte = 8 >> order
+    first = lo // per_byte
+    values = refcount_array(block[first : -(-hi // per_byte)], order).astype(np.int64)
     return values[lo - first * per_byte : hi - first * per_byte]
 
 
