@@ -161,10 +161,13 @@ AIMS = {
     ("seq_write", "qsd"): 1.2,
     ("rand_write_1", "qsd"): 1.0,
     ("first_file", "qsd"): 4.0,
+    # The default against read_around=0 where pushes cannot pay.
+    ("*direct", "qcowfs-ra0"): 1.0,
+    ("cgroup_read_1", "qcowfs-ra0"): 1.0,
 }
 CPU_AIMS = {"qsd": 1.0}
 
-PEERS = ["qsd", "qcowmount", "passthrough"]  # ratio columns, in order
+PEERS = ["qsd", "qcowmount", "passthrough", "qcowfs-ra0"]  # ratio columns, in order
 
 
 def aim_for(bench, peer):
@@ -449,6 +452,7 @@ class Contender:
     can_write = True
     can_luks = False  # mounts LUKS-encrypted qcow2 (mount(..., key=KEY FILE))
     unsupported = {}  # Bench.image -> why this contender cannot read it (n/a)
+    benches = ()  # the benches it takes part in (empty: all it can)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -478,6 +482,7 @@ class Contender:
 class Qcowfs(Contender):
     name = label = "qcowfs"
     can_luks = True
+    options: list = []  # -o of the mount command
 
     def exe(self):
         p = shutil.which("qcowfs") or str(Path(sys.executable).parent / "qcowfs")
@@ -493,8 +498,9 @@ class Qcowfs(Contender):
     @contextlib.contextmanager
     def mount(self, qcow2, raw, writable, key=None):
         mnt = self._dir()
+        options = self.options + ([] if key is None else [f"key_file={key}"])
         cmd = self.prefix() + [self.exe(), "mount", qcow2, mnt] + (
-            [] if writable else ["--read-only"]) + ([] if key is None else ["-o", f"key_file={key}"])
+            [] if writable else ["--read-only"]) + (["-o", ",".join(options)] if options else [])
         _MOUNTS.add(mnt)
         pids = []
         try:
@@ -521,6 +527,16 @@ class Qcowfs(Contender):
                     run([self.exe(), "umount", mnt], timeout=120, check=False)
             force_unmount(mnt)
             stop_pids(pids or pids_mentioning(mnt))
+
+
+class QcowfsNoReadAround(Qcowfs):
+    """qcowfs without read-around: the floor the default must not fall
+    below where pushes cannot pay (issue 13), and what read-around gains
+    where they do."""
+    name = "qcowfs-ra0"
+    label = "qcowfs -o read_around=0"
+    options = ["read_around=0"]
+    benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1")
 
 
 class Qsd(Contender):
@@ -652,7 +668,7 @@ class Passthrough(Contender):
             force_unmount(mnt)
 
 
-CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough]
+CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, QcowfsNoReadAround]
 
 
 # --------------------------------------------------------------------------
@@ -1158,7 +1174,8 @@ def measure(cfg, benches, contenders, raw, qcow2):
                                 if b.image in c.unsupported else Cell())
                        for c in contenders
                        if (b.kind != "write" or c.can_write) and (c.can_luks or not b.encrypted)
-                       and (not b.only or c.name in b.only)}
+                       and (not b.only or c.name in b.only)
+                       and (not c.benches or b.key in c.benches)}
                for b in benches}
     for b in benches:
         for n, cell in results[b.key].items():

@@ -5,41 +5,117 @@ Pushing the aligned window around it (FUSE notify_store) turns the next
 reads near it into page-cache hits, which is what makes a small image read
 at random fast once it has been read a little. But a push costs the daemon
 the whole window (64 times a 4 KiB read at the default 256 KiB), and it pays
-only if the page cache keeps the pages until they are read. When the reader
-may use less page cache than it reads at random (a memory cgroup, an image
-larger than memory) the pushed pages evict each other unread, and every
-push is work thrown away.
+only if the page cache keeps the pages until they are read. A push does not
+raise the share of reads the cache can serve (that is the cache's size over
+what the reader reads); it only fills the cache sooner. So it pays when
+what the reader reads fits the cache, and is work thrown away when it does
+not: the pushed pages evict each other (and the reader's own) unread.
 
-So, as the kernel's own mmap read-around does (filemap.c's mmap_miss, which
-stops read-around once faults outnumber page-cache hits), we watch the one
-thing a FUSE daemon can see of the page cache: which reads still reach us.
-Every pushed window is remembered (a bit per window and file). A miss in a
-window pushed before is a *re-miss*: the cache dropped the push unread, or
-it raced a push. A miss in a window never pushed is a *fresh* miss. `score`
-goes up RE_MISS_WEIGHT for a re-miss and down 1 for a fresh miss; at
-`THRASHING` pushes stop, and they start again once the score is down to
-half of it. The score also halves every `DECAY_SECONDS`, so a stopped
-read-around probes with a few pushes a second and comes back when the
-reader turns to what the cache can hold (those pushes stay, their windows
-stop missing, and fresh misses bring the score down). Windows queued or in
-flight are not counted: a read racing its own push is no evidence.
+Two checks, each against something the daemon can see:
+
+* **Room.** The pages a push stores are charged to the daemon's memory
+  cgroup, so what the pushes can keep is bounded by that cgroup's limit (and
+  by the memory the machine has free). `room()` reads both, every
+  `EPOCH_SECONDS`. Within an epoch, the windows the small reads missed in
+  are counted (all files together); once they are more than half the room
+  holds, the reader's working set cannot stay cached, and pushes stop until
+  the next epoch. That decides a reader of an image larger than its memory
+  cgroup within a few hundred misses, instead of after thousands of pushes.
+
+* **Thrashing**, for pressure the room does not show (other processes, a
+  reclaim daemon). As the kernel's own mmap read-around does (filemap.c's
+  mmap_miss), we watch which reads still reach us. A miss in a window whose
+  push landed less than `RECENT_SECONDS` ago is a *re-miss*: the cache
+  turned over in less time than that, so pushes are being dropped unread
+  (the kernel's workingset code calls it a short refault distance). A miss
+  anywhere else is *fresh*, including one in a window pushed long ago: a
+  cache that held it for seconds and then let it go (or a reader that
+  dropped the file's cache itself, as fio does at the start of each pass) is
+  worth pushing again. `score` goes up RE_MISS_WEIGHT for a re-miss and down
+  1 for a fresh one; at `THRASHING` pushes stop, and they start again once
+  the score is down to half of it. While pushes are stopped every miss is
+  fresh by construction, so only time brings the score down: it halves
+  every `DECAY_SECONDS`, and a stopped read-around probes with a few pushes
+  a second; a probe lost again at once is seen at once, as the windows
+  pushed before the stop count until they are RECENT_SECONDS old.
+
+A miss less than `RACE_SECONDS` after its window's push landed (or while the
+push is queued or in flight) is a read that raced the push, the kernel sent
+it before the pages were there: no evidence, and nothing to push.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 # The score at which pushes stop (filemap.c's MMAP_LOTSAMISS is 100 faults;
 # our windows are bigger than pages).
 THRASHING = 64
 # A re-miss weighs this many fresh misses: the score climbs once more than
-# one miss in 8 lands in a window pushed before. That happens as soon as the
-# cache is full and drops pushed windows unread; in a cache that holds what
-# is pushed, re-misses are only reads that raced a push of long ago.
+# one miss in 8 lands in a window pushed less than RECENT_SECONDS ago.
 RE_MISS_WEIGHT = 7
 # The score halves this often: while thrashing, a few probe pushes a second
 # (until about (THRASHING / 2) / RE_MISS_WEIGHT of them missed again).
 DECAY_SECONDS = 1.0
+# A window lost sooner than this after its push was dropped by a cache
+# turning over faster than the reader comes back: thrashing.
+RECENT_SECONDS = 2.0
+# A miss this soon after its window's push landed was sent before it landed.
+RACE_SECONDS = 0.1
+# How often the room is read again and the working set counted afresh.
+EPOCH_SECONDS = 10.0
+_KEY_SHIFT = 40  # window indexes below 2**40
+
+
+def page_cache_room() -> int:
+    """The bytes of page cache the daemon's pushes could hold: the machine's
+    available memory, and no more than the limit of any memory cgroup the
+    daemon is in (v2 memory.max, v1 memory.limit_in_bytes, the cgroup's and
+    its parents')."""
+    room = _meminfo_available()
+    for limit in _cgroup_limits():
+        room = min(room, limit)
+    return room
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _cgroup_limits() -> list[int]:
+    """The memory limits on the path of the daemon's memory cgroup."""
+    limits = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return limits
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            root, knob = Path("/sys/fs/cgroup"), "memory.max"
+        elif "memory" in controllers.split(","):
+            root, knob = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        d = root / path.lstrip("/")
+        while True:
+            try:
+                text = (d / knob).read_text().strip()
+            except OSError:
+                text = "max"
+            if text.isdigit():
+                limits.append(int(text))
+            if d == root or root not in d.parents:
+                break
+            d = d.parent
+    return limits
 
 
 class ReadAround:
@@ -48,66 +124,96 @@ class ReadAround:
     reached us; `done` that its push finished (or failed), `cancel` that it
     was never queued."""
 
-    def __init__(self, window: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window: int, clock: Callable[[], float] = time.monotonic,
+                 room: Callable[[], int] = page_cache_room) -> None:
         self.window = window
         self._shift = window.bit_length() - 1
         self._clock = clock
-        self._pushed: dict[int, bytearray] = {}  # file key -> a bit per window pushed (size / window / 8 bytes at most)
-        self._in_flight: set[tuple[int, int]] = set()
+        self._room = room
+        # A window is named by one int, its file key above _KEY_SHIFT bits
+        # of window index (ints take less memory than tuples, and a big
+        # host's room holds tens of thousands of windows).
+        self._in_flight: set[int] = set()
+        # window -> when its push landed, oldest first;
+        # entries older than RECENT_SECONDS are dropped.
+        self._landed: dict[int, float] = {}
         self.score = 0
         self.thrashing = False  # from a score of THRASHING until it is down to half
         self._decayed = clock()
+        # The working set of this epoch: windows missed in, until it outgrows the room.
+        self._epoch = self._decayed
+        self._seen: set[int] = set()
+        self.room_windows = self._room() // 2 >> self._shift
+        self.over_room = False
         # What happened, for logs and tests.
         self.pushes = self.fresh = self.re_misses = 0
 
     def miss(self, key: int, offset: int) -> int | None:
         """A small read of file KEY at OFFSET missed the page cache: the
         start of the window to push now, or None."""
-        index = offset >> self._shift
-        if (key, index) in self._in_flight:
+        w = key << _KEY_SHIFT | offset >> self._shift
+        if w in self._in_flight:
             return None
-        self._decay()
-        if self.score <= THRASHING // 2:
-            self.thrashing = False
-        bits = self._pushed.setdefault(key, bytearray())
-        byte, bit = index >> 3, 1 << (index & 7)
-        if byte < len(bits) and bits[byte] & bit:
+        now = self._clock()
+        self._tick(now)
+        landed = self._landed.get(w)
+        if landed is not None and now - landed < RACE_SECONDS:
+            return None
+        if landed is not None:
             self.re_misses += 1
             self.score = min(self.score + RE_MISS_WEIGHT, THRASHING)
         else:
             self.fresh += 1
-            self.score = max(self.score - 1, 0)
+            if not self.thrashing:  # (while stopped, every miss is fresh: no evidence)
+                self.score = max(self.score - 1, 0)
         if self.score >= THRASHING:
             self.thrashing = True
-        if self.thrashing:
+        elif self.score <= THRASHING // 2:
+            self.thrashing = False
+        if not self.over_room:
+            self._seen.add(w)
+            if len(self._seen) > self.room_windows:
+                self.over_room = True
+                self._seen.clear()
+        if self.thrashing or self.over_room:
             return None
-        if byte >= len(bits):
-            bits.extend(bytes(byte + 1 - len(bits)))
-        bits[byte] |= bit
-        self._in_flight.add((key, index))
+        self._in_flight.add(w)
         self.pushes += 1
-        return index << self._shift
+        return offset >> self._shift << self._shift
 
     def done(self, key: int, start: int) -> None:
         """The push of KEY's window at START is over. Whether the kernel
-        took the pages or not (a push fails when memory is short), a later
-        miss there counts as a re-miss: either way the cache does not hold it."""
-        self._in_flight.discard((key, start >> self._shift))
+        took the pages or not (a push fails when memory is short), a miss
+        there soon after counts as a re-miss: either way the cache does not
+        hold it."""
+        w = key << _KEY_SHIFT | start >> self._shift
+        self._in_flight.discard(w)
+        self._landed.pop(w, None)
+        self._landed[w] = self._clock()
 
     def cancel(self, key: int, start: int) -> None:
         """The push `miss` asked for was never queued: a later miss there is fresh."""
-        index = start >> self._shift
-        self._in_flight.discard((key, index))
+        self._in_flight.discard(key << _KEY_SHIFT | start >> self._shift)
         self.pushes -= 1
-        self._pushed[key][index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
     def forget(self, key: int) -> None:
         """File KEY is gone (a deleted snapshot): drop what was pushed of it."""
-        self._pushed.pop(key, None)
+        for w in [w for w in self._landed if w >> _KEY_SHIFT == key]:
+            del self._landed[w]
+        self._seen = {w for w in self._seen if w >> _KEY_SHIFT != key}
 
-    def _decay(self) -> None:
-        now = self._clock()
+    def _tick(self, now: float) -> None:
         if now - self._decayed >= DECAY_SECONDS:
             periods = int((now - self._decayed) / DECAY_SECONDS)
             self.score >>= min(periods, 16)
             self._decayed += periods * DECAY_SECONDS
+        if now - self._epoch >= EPOCH_SECONDS:
+            self._epoch = now
+            self._seen.clear()
+            self.over_room = False
+            self.room_windows = self._room() // 2 >> self._shift
+        while self._landed:
+            w, landed = next(iter(self._landed.items()))
+            if now - landed < RECENT_SECONDS:
+                break
+            del self._landed[w]

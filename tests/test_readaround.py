@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 from conftest import daemon_pid, mounted, qemu_img, qemu_io
 
-from qcowfs.readaround import DECAY_SECONDS, THRASHING, ReadAround
+from qcowfs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_SECONDS, THRASHING,
+                               ReadAround, page_cache_room)
 
 KiB, MiB = 1 << 10, 1 << 20
 WINDOW = 256 * KiB
@@ -38,8 +39,16 @@ def _push(ra: ReadAround, key: int, off: int) -> int | None:
     return start
 
 
+def _room(windows: int) -> Callable[[], int]:
+    """A room() for pushes of WINDOWS windows (the policy uses half the room)."""
+    return lambda: 2 * windows * WINDOW
+
+
+PLENTY = _room(1 << 30)
+
+
 def test_fresh_misses_push_their_window_once_in_flight() -> None:
-    ra = ReadAround(WINDOW, Clock())
+    ra = ReadAround(WINDOW, Clock(), PLENTY)
     assert ra.miss(1, WINDOW + 5000) == WINDOW
     assert ra.miss(1, WINDOW + 9000) is None, "a window queued is pushed again"
     assert ra.miss(2, WINDOW + 9000) == WINDOW, "files are apart"
@@ -49,36 +58,48 @@ def test_fresh_misses_push_their_window_once_in_flight() -> None:
     assert ra.score == 0 and not ra.thrashing
 
 
-def test_a_push_never_queued_counts_as_never_pushed_one_that_failed_as_pushed() -> None:
-    ra = ReadAround(WINDOW, Clock())
+def test_a_miss_soon_after_a_push_raced_it_later_is_a_loss_much_later_is_fresh() -> None:
+    clock = Clock()
+    ra = ReadAround(WINDOW, clock, PLENTY)
     start = ra.miss(1, 0)
     assert start == 0
-    ra.cancel(1, start)
+    ra.cancel(1, start)  # never queued: a later miss there is fresh
     assert ra.miss(1, 100) == 0 and ra.re_misses == 0 and ra.pushes == 1
-    ra.done(1, 0)  # failed or not, the kernel does not hold it now: a re-miss
-    assert ra.miss(1, 100) == 0 and ra.re_misses == 1
+    ra.done(1, 0)  # failed or not, the kernel does not hold it now
+    clock.now += RACE_SECONDS / 2
+    assert ra.miss(1, 100) is None and ra.re_misses == 0, "sent before the push landed"
+    clock.now += RACE_SECONDS
+    assert _push(ra, 1, 100) == 0 and ra.re_misses == 1, "lost soon after its push"
+    clock.now += RECENT_SECONDS
+    assert _push(ra, 1, 100) == 0 and ra.re_misses == 1 and ra.fresh == 3, \
+        "a window the cache held for long and let go is pushed again, no evidence"
+    assert ra.miss(1, 100) is None and ra.re_misses == 1
 
 
 def test_a_forgotten_file_starts_afresh() -> None:
-    ra = ReadAround(WINDOW, Clock())
+    clock = Clock()
+    ra = ReadAround(WINDOW, clock, PLENTY)
     _push(ra, 5, 0)
+    clock.now += 0.5
     _push(ra, 5, 0)
     assert ra.re_misses == 1
     ra.forget(5)
+    clock.now += 0.5
     _push(ra, 5, 0)
     assert ra.re_misses == 1 and ra.fresh == 2
 
 
 def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
-    """A reader at random over 1024 windows with room for 64 of them: misses
-    soon land in windows pushed before, pushes stop within a few hundred
-    misses, and the decay lets a few probes through a second, not more."""
+    """A reader at random over 1024 windows with room for 64 of them (a
+    pressure the room does not show): misses soon land in windows pushed
+    moments before, pushes stop within a few hundred misses, and the decay
+    lets a few probes through a second, not more."""
     clock = Clock()
-    ra = ReadAround(WINDOW, clock)
+    ra = ReadAround(WINDOW, clock, PLENTY)
     rng = random.Random(1)
     cache: list[int] = []  # the windows the page cache holds, oldest first
     pushes_before = None
-    for n in range(20000):
+    for n in range(30000):
         clock.now = n * 0.0001  # 10k reads a second
         w = rng.randrange(1024)
         if w in cache:
@@ -87,30 +108,74 @@ def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
         if start is not None:
             cache.append(w)
             del cache[:-64]
-        if n == 2000:
+        if n == 5000:
             assert ra.thrashing, (ra.score, ra.pushes, ra.re_misses)
             pushes_before = ra.pushes
-    assert pushes_before is not None and pushes_before < 600, pushes_before
+    assert pushes_before is not None and pushes_before < 1000, pushes_before
     probes = ra.pushes - pushes_before
-    seconds = 18000 * 0.0001
+    seconds = 25000 * 0.0001
     assert probes <= 2 * (seconds / DECAY_SECONDS + 1) * THRASHING // 2, probes
 
 
 def test_read_around_comes_back_when_the_reader_fits_again() -> None:
     clock = Clock()
-    ra = ReadAround(WINDOW, clock)
-    for i in range(200):  # thrash on windows 0..9
-        _push(ra, 1, (i % 10) * WINDOW)
-    assert ra.thrashing
-    # The reader moves to a new region: fresh misses, pushes start again.
-    got = [_push(ra, 1, (1000 + i) * WINDOW) for i in range(THRASHING)]
-    assert got[-1] == (1000 + THRASHING - 1) * WINDOW and not ra.thrashing
-    # And without fresh misses, time alone lets probes through.
-    for i in range(200):
-        _push(ra, 1, (i % 10) * WINDOW)
+    ra = ReadAround(WINDOW, clock, PLENTY)
+    for i in range(100):  # windows 0..19, each lost a moment after its push
+        clock.now += RACE_SECONDS / 10
+        _push(ra, 1, (i % 20) * WINDOW)
     assert ra.thrashing and ra.miss(1, 0) is None
+    # Stopped, misses anywhere are no evidence: only time lets probes through.
+    for i in range(1000):
+        assert ra.miss(1, (1000 + i) * WINDOW) is None
     clock.now += DECAY_SECONDS
-    assert ra.miss(1, 3 * WINDOW) == 3 * WINDOW
+    assert _push(ra, 1, 3 * WINDOW + 1) == 3 * WINDOW
+    # The reader has moved to what the cache holds: its pushes stay.
+    got = [_push(ra, 1, (5000 + i) * WINDOW) for i in range(1000)]
+    assert all(g is not None for g in got) and not ra.thrashing and ra.score == 0
+
+
+def test_a_cache_dropped_whole_after_a_while_is_pushed_again() -> None:
+    """fio drops a file's page cache at the start of each pass over it: every
+    window was pushed before, but seconds before; the next pass is pushed
+    again at once, as the first was, not taken for thrashing."""
+    clock = Clock()
+    ra = ReadAround(WINDOW, clock, PLENTY)
+    rng = random.Random(2)
+    for _ in range(3):  # passes of 4 s over 256 windows, cache dropped between them
+        cache: set[int] = set()
+        pushed = 0
+        for n in range(40000):
+            clock.now += 0.0001
+            w = rng.randrange(256)
+            if w not in cache and _push(ra, 1, w * WINDOW + rng.randrange(WINDOW)) is not None:
+                cache.add(w)
+                pushed += 1
+        assert len(cache) == 256 and pushed == 256 and not ra.thrashing, (pushed, ra.score)
+    assert ra.re_misses == 0
+
+
+def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> None:
+    """A reader at random over more windows than half the room holds: the
+    pushes stop after that many, though the cache (here) kept them all, and
+    the next epoch reads the room again."""
+    clock = Clock()
+    rooms = [_room(100)(), _room(5000)()]
+    ra = ReadAround(WINDOW, clock, lambda: rooms.pop(0))
+    assert ra.room_windows == 100
+    got = [_push(ra, 1, i * WINDOW) for i in range(1000)]
+    assert sum(g is not None for g in got) == 100 and ra.over_room and not ra.thrashing
+    clock.now += EPOCH_SECONDS
+    got = [_push(ra, 1, (2000 + i) * WINDOW) for i in range(1000)]
+    assert all(g is not None for g in got) and ra.room_windows == 5000
+
+
+def test_the_room_is_the_daemons_memory_cgroup_limit() -> None:
+    with memory_cgroup(64 * MiB) as join:
+        out = subprocess.run(
+            [sys.executable, "-c", "from qcowfs.readaround import page_cache_room; print(page_cache_room())"],
+            check=True, capture_output=True, text=True, preexec_fn=join).stdout
+    assert int(out) == 64 * MiB
+    assert page_cache_room() > 64 * MiB  # (this runner is in no such cgroup)
 
 
 # ---- a mount in a memory cgroup ------------------------------------------------------------
