@@ -17,9 +17,9 @@ Two checks, each against something the daemon can see:
   cgroup, so what the pushes can keep is bounded by that cgroup's limit (and
   by the memory the machine has free). `room()` reads both, every
   `EPOCH_SECONDS`. Within an epoch, the windows the small reads missed in
-  are counted (all files together); once they are more than half the room
-  holds, the reader's working set cannot stay cached, and pushes stop until
-  the next epoch. That decides a reader of an image larger than its memory
+  are counted (all files together); once they are more than a quarter of
+  the room holds (`ROOM_SHARE`), the reader's working set cannot stay
+  cached beside everything else, and pushes stop until the next epoch. That decides a reader of an image larger than its memory
   cgroup within a few hundred misses, instead of after thousands of pushes.
 
 * **Thrashing**, for pressure the room does not show (other processes, a
@@ -63,8 +63,12 @@ DECAY_SECONDS = 1.0
 RECENT_SECONDS = 2.0
 # A miss this soon after its window's push landed was sent before it landed.
 RACE_SECONDS = 0.1
-# How often the room is read again and the working set counted afresh.
-EPOCH_SECONDS = 10.0
+# How often the room is read again and the working set counted afresh: a
+# reader larger than the room costs ROOM_SHARE of it in pushes each epoch.
+EPOCH_SECONDS = 30.0
+# The share of the room the pushed windows may fill: the rest is the
+# reader's own pages, the daemon's, everything else in the cgroup.
+ROOM_SHARE = 4
 _KEY_SHIFT = 40  # window indexes below 2**40
 
 
@@ -143,7 +147,7 @@ class ReadAround:
         # The working set of this epoch: windows missed in, until it outgrows the room.
         self._epoch = self._decayed
         self._seen: set[int] = set()
-        self.room_windows = self._room() // 2 >> self._shift
+        self.room_windows = self._room() // ROOM_SHARE >> self._shift
         self.over_room = False
         # What happened, for logs and tests.
         self.pushes = self.fresh = self.re_misses = 0
@@ -211,7 +215,7 @@ class ReadAround:
             self._epoch = now
             self._seen.clear()
             self.over_room = False
-            self.room_windows = self._room() // 2 >> self._shift
+            self.room_windows = self._room() // ROOM_SHARE >> self._shift
         while self._landed:
             w, landed = next(iter(self._landed.items()))
             if now - landed < RECENT_SECONDS:

@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 
 from conftest import daemon_pid, mounted, qemu_img, qemu_io
 
-from qcowfs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_SECONDS, THRASHING,
-                               ReadAround, page_cache_room)
+from qcowfs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_SECONDS, ROOM_SHARE,
+                               THRASHING, ReadAround, page_cache_room)
 
 KiB, MiB = 1 << 10, 1 << 20
 WINDOW = 256 * KiB
@@ -40,8 +40,8 @@ def _push(ra: ReadAround, key: int, off: int) -> int | None:
 
 
 def _room(windows: int) -> Callable[[], int]:
-    """A room() for pushes of WINDOWS windows (the policy uses half the room)."""
-    return lambda: 2 * windows * WINDOW
+    """A room() for pushes of WINDOWS windows (the policy uses a share of the room)."""
+    return lambda: ROOM_SHARE * windows * WINDOW
 
 
 PLENTY = _room(1 << 30)
