@@ -376,13 +376,12 @@ class Operations(pyfuse3.Operations):
         """Maybe push the window around a small read at OFF: the part of it
         that is cheap to read (the view says), when the policy says it pays."""
         assert self.around is not None
-        size = self.around.window
-        window = off - off % size
-        span = view.around(off, window, window + size)
-        if span is None:
-            return
-        start = self.around.miss(inode, off)
+        start = self.around.miss(inode, off)  # (first: cheaper than the view's mapping)
         if start is None:
+            return
+        span = view.around(off, start, start + self.around.window)
+        if span is None:
+            self.around.cancel(inode, start)
             return
         try:
             self._push_send.send_nowait((inode, view, start, span))

@@ -17,10 +17,13 @@ Two checks, each against something the daemon can see:
   cgroup, so what the pushes can keep is bounded by that cgroup's limit (and
   by the memory the machine has free). `room()` reads both, every
   `EPOCH_SECONDS`. Within an epoch, the windows the small reads missed in
-  are counted (all files together); once they are more than a quarter of
-  the room holds (`ROOM_SHARE`), the reader's working set cannot stay
-  cached beside everything else, and pushes stop until the next epoch. That decides a reader of an image larger than its memory
-  cgroup within a few hundred misses, instead of after thousands of pushes.
+  are counted (all files together); once they are more than an eighth of
+  the room (`ROOM_SHARE`), the reader's working set will not stay cached
+  beside everything else, and pushes stop until the next epoch. That
+  decides a reader of an image larger than its memory cgroup within a few
+  hundred misses, for a few MiB of pushes, instead of after thousands of
+  pushes; the share is small because until the cache is full, pushes that
+  will be thrown away look the same as pushes that will be read.
 
 * **Thrashing**, for pressure the room does not show (other processes, a
   reclaim daemon). As the kernel's own mmap read-around does (filemap.c's
@@ -64,11 +67,11 @@ RECENT_SECONDS = 2.0
 # A miss this soon after its window's push landed was sent before it landed.
 RACE_SECONDS = 0.1
 # How often the room is read again and the working set counted afresh: a
-# reader larger than the room costs ROOM_SHARE of it in pushes each epoch.
+# reader larger than the room costs 1/ROOM_SHARE of it in pushes each epoch.
 EPOCH_SECONDS = 30.0
 # The share of the room the pushed windows may fill: the rest is the
 # reader's own pages, the daemon's, everything else in the cgroup.
-ROOM_SHARE = 4
+ROOM_SHARE = 8
 _KEY_SHIFT = 40  # window indexes below 2**40
 
 
