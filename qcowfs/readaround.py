@@ -24,6 +24,12 @@ Two checks, each against something the daemon can see:
   hundred misses, for a few MiB of pushes, instead of after thousands of
   pushes; the share is small because until the cache is full, pushes that
   will be thrown away look the same as pushes that will be read.
+  Before the first push of an epoch a probe tells most such readers at
+  once, for no push at all: K misses land in about K^2 / 2N windows missed
+  before when the reader spans N windows (the birthday paradox). With
+  K = 4 sqrt(R) for a room of R windows, a reader that fits (N <= R) shows
+  8 such repeats or more, one spanning 32 rooms 0.25; under PROBE_REPEATS
+  the epoch pushes nothing. Readers in between are left to the count.
 
 * **Thrashing**, for pressure the room does not show (other processes, a
   reclaim daemon). As the kernel's own mmap read-around does (filemap.c's
@@ -48,6 +54,7 @@ it before the pages were there: no evidence, and nothing to push.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,6 +79,11 @@ EPOCH_SECONDS = 30.0
 # The share of the room the pushed windows may fill: the rest is the
 # reader's own pages, the daemon's, everything else in the cgroup.
 ROOM_SHARE = 8
+# The probe at the start of an epoch: PROBE_FACTOR * sqrt(room windows)
+# misses, none pushed; fewer than PROBE_REPEATS of them in a window missed
+# before means the reader spans far more windows than the room.
+PROBE_FACTOR = 4
+PROBE_REPEATS = 4
 _KEY_SHIFT = 40  # window indexes below 2**40
 
 
@@ -148,10 +160,8 @@ class ReadAround:
         self.thrashing = False  # from a score of THRASHING until it is down to half
         self._decayed = clock()
         # The working set of this epoch: windows missed in, until it outgrows the room.
-        self._epoch = self._decayed
         self._seen: set[int] = set()
-        self.room_windows = self._room() // ROOM_SHARE >> self._shift
-        self.over_room = False
+        self._new_epoch(self._decayed)
         # What happened, for logs and tests.
         self.pushes = self.fresh = self.re_misses = 0
 
@@ -178,10 +188,17 @@ class ReadAround:
         elif self.score <= THRASHING // 2:
             self.thrashing = False
         if not self.over_room:
+            repeat = w in self._seen
             self._seen.add(w)
             if len(self._seen) > self.room_windows:
                 self.over_room = True
                 self._seen.clear()
+            if self.probe_left:
+                self.probe_left -= 1
+                self._repeats += repeat
+                if not self.probe_left and self._repeats < PROBE_REPEATS:
+                    self.over_room = True
+                return None
         if self.thrashing or self.over_room:
             return None
         self._in_flight.add(w)
@@ -209,16 +226,22 @@ class ReadAround:
             del self._landed[w]
         self._seen = {w for w in self._seen if w >> _KEY_SHIFT != key}
 
+    def _new_epoch(self, now: float) -> None:
+        """Read the room again, count the working set afresh, probe first."""
+        self._epoch = now
+        self._seen.clear()
+        self.over_room = False
+        self.room_windows = self._room() // ROOM_SHARE >> self._shift
+        self.probe_left = PROBE_FACTOR * math.isqrt(self.room_windows)
+        self._repeats = 0
+
     def _tick(self, now: float) -> None:
         if now - self._decayed >= DECAY_SECONDS:
             periods = int((now - self._decayed) / DECAY_SECONDS)
             self.score >>= min(periods, 16)
             self._decayed += periods * DECAY_SECONDS
         if now - self._epoch >= EPOCH_SECONDS:
-            self._epoch = now
-            self._seen.clear()
-            self.over_room = False
-            self.room_windows = self._room() // ROOM_SHARE >> self._shift
+            self._new_epoch(now)
         while self._landed:
             w, landed = next(iter(self._landed.items()))
             if now - landed < RECENT_SECONDS:

@@ -102,6 +102,13 @@ def daemon_pid(mnt: Path) -> int:
     return pid
 
 
+def resident_pages(path: Path) -> int:
+    """How many pages of PATH the kernel's page cache holds (fincore)."""
+    out = subprocess.run(["fincore", "--raw", "--noheadings", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
 @contextlib.contextmanager
 def fuse_server(args: list[str], mountpoint: Path) -> Iterator[subprocess.Popen]:
     """Run a FUSE server in the foreground (ARGS) until MOUNTPOINT is mounted;

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import mounted, qemu_img, qemu_io
+from conftest import mounted, qemu_img, qemu_io, resident_pages
 
 
 def _image(tmp_path: Path) -> Path:
@@ -119,12 +119,6 @@ def test_writable_disk_is_direct_io_unless_page_cache(tmp_path: Path) -> None:
                 os.close(fd)
 
 
-def _resident_pages(path: Path) -> int:
-    out = subprocess.run(["fincore", "--raw", "--noheadings", "--output", "PAGES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
-
-
 def test_no_read_around_for_o_direct(tmp_path: Path) -> None:
     """Small O_DIRECT reads of a read-only file push nothing into the page cache (the kernel
     would never use those pages); the same reads buffered do (read-around)."""
@@ -142,7 +136,7 @@ def test_no_read_around_for_o_direct(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         time.sleep(0.3)
-        direct = _resident_pages(disk)
+        direct = resident_pages(disk)
         fd = os.open(disk, os.O_RDONLY)
         try:
             for off in offsets:
@@ -150,6 +144,6 @@ def test_no_read_around_for_o_direct(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         time.sleep(0.3)
-        buffered = _resident_pages(disk)
+        buffered = resident_pages(disk)
     assert direct == 0, f"{direct} pages pushed for O_DIRECT reads"
     assert buffered > len(offsets) * 8, f"only {buffered} pages cached after buffered reads: no read-around?"

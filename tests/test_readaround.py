@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from conftest import daemon_pid, mounted, qemu_img, qemu_io
+from conftest import daemon_pid, mounted, qemu_img, qemu_io, resident_pages
 
 from qcowfs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_SECONDS, ROOM_SHARE,
                                THRASHING, ReadAround, page_cache_room)
@@ -44,11 +44,20 @@ def _room(windows: int) -> Callable[[], int]:
     return lambda: ROOM_SHARE * windows * WINDOW
 
 
-PLENTY = _room(1 << 30)
+PLENTY = _room(4096)
+
+
+def _after_probe(ra: ReadAround) -> ReadAround:
+    """RA past the probe of its epoch, told of a reader that fits (misses
+    in one window of file 0, over and over)."""
+    while ra.probe_left:
+        assert ra.miss(0, 0) is None, "the probe pushes nothing"
+    assert not ra.over_room
+    return ra
 
 
 def test_fresh_misses_push_their_window_once_in_flight() -> None:
-    ra = ReadAround(WINDOW, Clock(), PLENTY)
+    ra = _after_probe(ReadAround(WINDOW, Clock(), PLENTY))
     assert ra.miss(1, WINDOW + 5000) == WINDOW
     assert ra.miss(1, WINDOW + 9000) is None, "a window queued is pushed again"
     assert ra.miss(2, WINDOW + 9000) == WINDOW, "files are apart"
@@ -60,7 +69,8 @@ def test_fresh_misses_push_their_window_once_in_flight() -> None:
 
 def test_a_miss_soon_after_a_push_raced_it_later_is_a_loss_much_later_is_fresh() -> None:
     clock = Clock()
-    ra = ReadAround(WINDOW, clock, PLENTY)
+    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
+    fresh = ra.fresh
     start = ra.miss(1, 0)
     assert start == 0
     ra.cancel(1, start)  # never queued: a later miss there is fresh
@@ -71,14 +81,15 @@ def test_a_miss_soon_after_a_push_raced_it_later_is_a_loss_much_later_is_fresh()
     clock.now += RACE_SECONDS
     assert _push(ra, 1, 100) == 0 and ra.re_misses == 1, "lost soon after its push"
     clock.now += RECENT_SECONDS
-    assert _push(ra, 1, 100) == 0 and ra.re_misses == 1 and ra.fresh == 3, \
+    assert _push(ra, 1, 100) == 0 and ra.re_misses == 1 and ra.fresh == fresh + 3, \
         "a window the cache held for long and let go is pushed again, no evidence"
     assert ra.miss(1, 100) is None and ra.re_misses == 1
 
 
 def test_a_forgotten_file_starts_afresh() -> None:
     clock = Clock()
-    ra = ReadAround(WINDOW, clock, PLENTY)
+    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
+    fresh = ra.fresh
     _push(ra, 5, 0)
     clock.now += 0.5
     _push(ra, 5, 0)
@@ -86,7 +97,7 @@ def test_a_forgotten_file_starts_afresh() -> None:
     ra.forget(5)
     clock.now += 0.5
     _push(ra, 5, 0)
-    assert ra.re_misses == 1 and ra.fresh == 2
+    assert ra.re_misses == 1 and ra.fresh == fresh + 2
 
 
 def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
@@ -95,7 +106,7 @@ def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
     moments before, pushes stop within a few hundred misses, and the decay
     lets a few probes through a second, not more."""
     clock = Clock()
-    ra = ReadAround(WINDOW, clock, PLENTY)
+    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
     rng = random.Random(1)
     cache: list[int] = []  # the windows the page cache holds, oldest first
     pushes_before = None
@@ -119,7 +130,7 @@ def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
 
 def test_read_around_comes_back_when_the_reader_fits_again() -> None:
     clock = Clock()
-    ra = ReadAround(WINDOW, clock, PLENTY)
+    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
     for i in range(100):  # windows 0..19, each lost a moment after its push
         clock.now += RACE_SECONDS / 10
         _push(ra, 1, (i % 20) * WINDOW)
@@ -139,7 +150,7 @@ def test_a_cache_dropped_whole_after_a_while_is_pushed_again() -> None:
     window was pushed before, but seconds before; the next pass is pushed
     again at once, as the first was, not taken for thrashing."""
     clock = Clock()
-    ra = ReadAround(WINDOW, clock, PLENTY)
+    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
     rng = random.Random(2)
     for _ in range(3):  # passes of 4 s over 256 windows, cache dropped between them
         cache: set[int] = set()
@@ -154,17 +165,34 @@ def test_a_cache_dropped_whole_after_a_while_is_pushed_again() -> None:
     assert ra.re_misses == 0
 
 
+def test_the_probe_pushes_nothing_for_a_reader_spanning_far_more_than_the_room() -> None:
+    clock = Clock()
+    ra = ReadAround(WINDOW, clock, _room(100))
+    rng = random.Random(5)
+    got = [_push(ra, 1, rng.randrange(4096) * WINDOW) for _ in range(1000)]
+    assert ra.over_room and not any(got), "pushed for a reader of 40 rooms"
+    # The next epoch reads the room again: now the reader fits (and the probe says so).
+    ra = ReadAround(WINDOW, clock, _room(8192))
+    got = [_push(ra, 1, rng.randrange(4096) * WINDOW) for _ in range(3000)]
+    assert not ra.over_room and sum(g is not None for g in got) > 1000
+
+
 def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> None:
-    """A reader at random over more windows than half the room holds: the
+    """A reader that passed the probe (its first misses repeat windows) but
+    goes on to miss in more windows than a share of the room holds: the
     pushes stop after that many, though the cache (here) kept them all, and
     the next epoch reads the room again."""
     clock = Clock()
     rooms = [_room(100)(), _room(5000)()]
     ra = ReadAround(WINDOW, clock, lambda: rooms.pop(0))
     assert ra.room_windows == 100
-    got = [_push(ra, 1, i * WINDOW) for i in range(1000)]
-    assert sum(g is not None for g in got) == 100 and ra.over_room and not ra.thrashing
+    while ra.probe_left:
+        ra.miss(1, ra.probe_left % 8 * WINDOW)
+    got = [_push(ra, 1, (8 + i) * WINDOW) for i in range(1000)]
+    assert sum(g is not None for g in got) == 100 - 8 and ra.over_room and not ra.thrashing
     clock.now += EPOCH_SECONDS
+    assert ra.miss(0, 0) is None and ra.probe_left, "the first miss of an epoch starts its probe"
+    _after_probe(ra)
     got = [_push(ra, 1, (2000 + i) * WINDOW) for i in range(1000)]
     assert all(g is not None for g in got) and ra.room_windows == 5000
 
@@ -227,7 +255,7 @@ def _bytes_read(pid: int) -> int:
 
 def test_no_window_pushes_when_the_cache_cannot_keep_them(tmp_path: Path) -> None:
     """256 MiB of disk read at random by a reader whose cgroup (shared with
-    the daemon, which itself uses some 40 MiB) holds 96 MiB: after the first pushes the daemon
+    the daemon, which itself uses some 40 MiB) holds 96 MiB: the daemon
     reads about what is asked for, not 64 times as much (read_around=0 is
     the floor, a push per miss the ceiling)."""
     img = tmp_path / "big.qcow2"
@@ -241,6 +269,51 @@ def test_no_window_pushes_when_the_cache_cannot_keep_them(tmp_path: Path) -> Non
         subprocess.run([sys.executable, "-c", READER, str(mnt / "disk.raw"), str(reads)],
                        check=True, timeout=300, preexec_fn=join)
         per_read = (_bytes_read(pid) - before) / reads
-    # A push per miss reads 256 KiB; the first pushes (before the re-misses
-    # show) are bounded by the 1024 windows of the disk: 12 KiB a read.
-    assert per_read < 32 * KiB, f"the daemon read {per_read / KiB:.0f} KiB per 4 KiB read"
+    # The pushes stop once the misses span an eighth of the cgroup's 96 MiB:
+    # 12 MiB of pushes, 0.6 KiB a read on top of the 4 KiB read.
+    assert per_read < 6 * KiB, f"the daemon read {per_read / KiB:.1f} KiB per 4 KiB read"
+
+
+DROPPER = """
+import os, random, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+rng = random.Random(4)
+for p in range(2):
+    for _ in range(int(sys.argv[2])):
+        os.pread(fd, 4096, rng.randrange(size // 4096) * 4096)
+    print(flush=True)  # (the test reads what the cache holds)
+    sys.stdin.readline()
+    if p == 0:
+        time.sleep(float(sys.argv[3]))
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+"""
+
+
+def test_a_reader_that_drops_the_cache_after_a_while_is_pushed_to_again(tmp_path: Path) -> None:
+    """fio drops a file's page cache at the start of every pass over it. The
+    windows pushed in the first pass then miss again, but long after their
+    push: the second pass is pushed to as the first was (the cache ends up
+    holding the disk), not taken for thrashing (it would hold little more
+    than the pages read)."""
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "64M")
+    qemu_io(img, "write -P 0x3c 0 64M")
+    pages, reads = 64 * MiB // 4096, 3000  # 3000 reads: 17 MiB of the 64 without pushes
+    with mounted(img, tmp_path / "mnt") as mnt:
+        disk = mnt / "disk.raw"
+        reader = subprocess.Popen([sys.executable, "-c", DROPPER, str(disk), str(reads),
+                                   str(RECENT_SECONDS + 0.5)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            held = []
+            for _ in range(2):
+                assert reader.stdout is not None and reader.stdin is not None
+                reader.stdout.readline()
+                held.append(resident_pages(disk))
+                reader.stdin.write("\n")
+                reader.stdin.flush()
+            assert reader.wait(timeout=60) == 0
+        finally:
+            reader.kill()
+    assert all(h > pages * 3 // 4 for h in held), f"pages held after each pass: {held} of {pages}"
