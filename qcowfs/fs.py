@@ -376,7 +376,7 @@ class Operations(pyfuse3.Operations):
         """Maybe push the window around a small read at OFF: the part of it
         that is cheap to read (the view says), when the policy says it pays."""
         assert self.around is not None
-        start = self.around.miss(inode, off)  # (first: cheaper than the view's mapping)
+        start = self.around.miss(inode, off, view.size)  # (first: cheaper than the view's mapping)
         if start is None:
             return
         span = view.around(off, start, start + self.around.window)

@@ -29,7 +29,9 @@ Two checks, each against something the daemon can see:
   before when the reader spans N windows (the birthday paradox). With
   K = 4 sqrt(R) for a room of R windows, a reader that fits (N <= R) shows
   8 such repeats or more, one spanning 32 rooms 0.25; under PROBE_REPEATS
-  the epoch pushes nothing. Readers in between are left to the count.
+  the epoch pushes nothing. Readers in between are left to the count. A
+  file no larger than the room share fits whatever its reader does: its
+  misses are pushed at once and take no part in the probe.
 
 * **Thrashing**, for pressure the room does not show (other processes, a
   reclaim daemon). As the kernel's own mmap read-around does (filemap.c's
@@ -165,9 +167,9 @@ class ReadAround:
         # What happened, for logs and tests.
         self.pushes = self.fresh = self.re_misses = 0
 
-    def miss(self, key: int, offset: int) -> int | None:
-        """A small read of file KEY at OFFSET missed the page cache: the
-        start of the window to push now, or None."""
+    def miss(self, key: int, offset: int, size: int | None = None) -> int | None:
+        """A small read of file KEY (of SIZE bytes, if known) at OFFSET
+        missed the page cache: the start of the window to push now, or None."""
         w = key << _KEY_SHIFT | offset >> self._shift
         if w in self._in_flight:
             return None
@@ -193,7 +195,7 @@ class ReadAround:
             if len(self._seen) > self.room_windows:
                 self.over_room = True
                 self._seen.clear()
-            if self.probe_left:
+            if self.probe_left and (size is None or size >> self._shift > self.room_windows):
                 self.probe_left -= 1
                 self._repeats += repeat
                 if not self.probe_left and self._repeats < PROBE_REPEATS:

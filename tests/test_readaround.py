@@ -177,6 +177,14 @@ def test_the_probe_pushes_nothing_for_a_reader_spanning_far_more_than_the_room()
     assert not ra.over_room and sum(g is not None for g in got) > 1000
 
 
+def test_a_file_that_fits_the_room_is_pushed_to_at_once_and_takes_no_part_in_the_probe() -> None:
+    ra = ReadAround(WINDOW, Clock(), _room(100))
+    probe = ra.probe_left
+    assert ra.miss(1, 5 * WINDOW, 100 * WINDOW) == 5 * WINDOW
+    assert ra.probe_left == probe
+    assert ra.miss(2, 5 * WINDOW, 101 * WINDOW) is None and ra.probe_left == probe - 1
+
+
 def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> None:
     """A reader that passed the probe (its first misses repeat windows) but
     goes on to miss in more windows than a share of the room holds: the
