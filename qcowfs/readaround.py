@@ -112,7 +112,7 @@ def _meminfo_available() -> int:
 
 def _cgroup_limits() -> list[int]:
     """The memory limits on the path of the daemon's memory cgroup."""
-    limits = []
+    limits: list[int] = []
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -161,8 +161,13 @@ class ReadAround:
         self.score = 0
         self.thrashing = False  # from a score of THRASHING until it is down to half
         self._decayed = clock()
-        # The working set of this epoch: windows missed in, until it outgrows the room.
+        # The working set of this epoch: windows missed in, until it outgrows
+        # the room; the probe that starts it (_new_epoch sets them all).
         self._seen: set[int] = set()
+        self._epoch = self._decayed
+        self.room_windows = 0
+        self.over_room = False
+        self.probe_left = self._repeats = 0
         self._new_epoch(self._decayed)
         # What happened, for logs and tests.
         self.pushes = self.fresh = self.re_misses = 0

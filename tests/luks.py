@@ -54,8 +54,8 @@ def create(path: Path, size: int, *, fmt: str = "luks", cipher_alg: str = "aes-2
 
 
 def create_encrypted(*args: object) -> None:
-    """Run ARGS, a `qemu-img create` (or convert) of an encrypted image. qemu-img
-    times PBKDF2 with the thread's CPU time, which the kernel samples per tick:
+    """Run ARGS, a `qemu-img create` (or convert, or amend of a key slot) of an
+    encrypted image. qemu-img times PBKDF2 with the thread's CPU time, which the kernel samples per tick:
     on a busy machine a run can measure 0 ms and qemu-img gives up with "Unable
     to get accurate CPU usage". That is qemu-img's flake, not a property of the
     image, so try again."""

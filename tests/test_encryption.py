@@ -235,7 +235,7 @@ async def test_luks_bitmaps_track(tmp_path: Path) -> None:
 async def test_luks_several_key_slots(tmp_path: Path) -> None:
     """A second passphrase in slot 3 (qemu-img amend) unlocks; the first still does."""
     img, model = build(tmp_path, 7, cipher_alg="aes-128", cipher_mode="cbc", ivgen_alg="essiv")
-    luks.must("qemu-img", "amend", *luks.secret_object(), *luks.secret_object("second one", "sec1"),
+    luks.create_encrypted("qemu-img", "amend", *luks.secret_object(), *luks.secret_object("second one", "sec1"),
               "-o", "encrypt.keyslot=3,encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
               "--image-opts", luks.image_opts(img))
     for secret in (SECRET, "second one"):
@@ -437,7 +437,7 @@ def test_key_file_is_read_as_qemu_reads_it(tmp_path: Path) -> None:
     img = tmp_path / "disk.qcow2"
     must_args = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=sec0,file={key}",
                  "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M"]
-    luks.must(*must_args)
+    luks.create_encrypted(*must_args)
     from qcowfs.secret import passphrase_source
     Image(str(img), OpenOptions(passphrase=passphrase_source(str(img), str(key), None))).file.close()
     with pytest.raises(PassphraseError):
