@@ -219,10 +219,15 @@ def run(cmd, timeout=120, check=True):
     p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        err = (p.stderr.strip() or p.stdout.strip()).splitlines()
-        raise ContenderError(f"{Path(str(cmd[0])).name} exited {p.returncode}: "
-                             + (err[-1] if err else "(no output)"))
+        raise command_error(cmd, p)
     return p
+
+
+def command_error(cmd, p):
+    """The ContenderError of command CMD that ended as P: its last line of output."""
+    err = (p.stderr.strip() or p.stdout.strip()).splitlines()
+    return ContenderError(f"{Path(str(cmd[0])).name} exited {p.returncode}: "
+                          + (err[-1] if err else "(no output)"))
 
 
 def mounted(path):
@@ -710,6 +715,20 @@ def luks_key():
     return key
 
 
+def run_luks(cmd, timeout=120):
+    """run() of a qemu-img command that makes a LUKS image. qemu-img times
+    PBKDF2 with the thread's CPU time, sampled per tick: on a busy machine it
+    can measure 0 ms and give up ("Unable to get accurate CPU usage"), a
+    flake of qemu-img and not of any contender, so try again."""
+    for _ in range(10):
+        p = run(cmd, timeout=timeout, check=False)
+        if p.returncode == 0:
+            return p
+        if "accurate CPU usage" not in p.stderr:
+            break
+    raise command_error(cmd, p)
+
+
 def luks_options(key):
     """qemu-img arguments that make a LUKS qcow2 (PBKDF2 timed to 100 ms,
     so that mounting is not what the rows measure)."""
@@ -724,8 +743,8 @@ def build_luks_image(raw, qcow2):
         return luks
     log(f"building the LUKS twin {luks.name} ...")
     tmp = luks.with_suffix(".qcow2.tmp")
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *luks_options(luks_key()), raw, tmp],
-        timeout=1200)
+    run_luks(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *luks_options(luks_key()), raw, tmp],
+             timeout=1200)
     tmp.rename(luks)
     return luks
 
@@ -842,8 +861,8 @@ def scratch_images(bench, size, raw, qcow2):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     if bench.prepare == "empty":
-        run(["qemu-img", "create", "-q", "-f", "qcow2", *(luks_options(luks_key()) if bench.encrypted else []),
-             sq, str(size)])
+        run_luks(["qemu-img", "create", "-q", "-f", "qcow2",
+                  *(luks_options(luks_key()) if bench.encrypted else []), sq, str(size)])
         with open(sr, "wb") as f:
             f.truncate(size)
     elif bench.prepare == "copy":
