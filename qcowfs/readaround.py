@@ -35,20 +35,25 @@ Two checks, each against something the daemon can see:
 
 * **Thrashing**, for pressure the room does not show (other processes, a
   reclaim daemon). As the kernel's own mmap read-around does (filemap.c's
-  mmap_miss), we watch which reads still reach us. A miss in a window whose
-  push landed less than `RECENT_SECONDS` ago is a *re-miss*: the cache
-  turned over in less time than that, so pushes are being dropped unread
-  (the kernel's workingset code calls it a short refault distance). A miss
-  anywhere else is *fresh*, including one in a window pushed long ago: a
-  cache that held it for seconds and then let it go (or a reader that
-  dropped the file's cache itself, as fio does at the start of each pass) is
-  worth pushing again. `score` goes up RE_MISS_WEIGHT for a re-miss and down
-  1 for a fresh one; at `THRASHING` pushes stop, and they start again once
-  the score is down to half of it. While pushes are stopped every miss is
-  fresh by construction, so only time brings the score down: it halves
-  every `DECAY_SECONDS`, and a stopped read-around probes with a few pushes
-  a second; a probe lost again at once is seen at once, as the windows
-  pushed before the stop count until they are RECENT_SECONDS old.
+  mmap_miss), we watch which reads still reach us. A miss in one of the
+  last `RECENT_PUSHES` windows pushed is a *re-miss*: the cache could not
+  keep even that much of what we pushed (the kernel's workingset code calls
+  it a short refault distance, counted here in pushes). A miss anywhere
+  else is *fresh*, including one in a window pushed longer ago: the cache
+  held it while others came, and then let it go, or the reader dropped the
+  file's cache itself, as fio does at the start of every pass. That is
+  worth pushing again; and since a drop loses the newest windows too, but
+  only RECENT_PUSHES of the many that miss afterwards are recent, a drop
+  does not look like thrashing unless the file is small. `score` goes up
+  RE_MISS_WEIGHT for a re-miss and down 1 for a fresh one; at `THRASHING`
+  pushes stop, and they start again once the score is down to half of it.
+  While pushes are stopped every miss is fresh by construction, so only
+  time brings the score down: it halves every `DECAY_SECONDS`, and a
+  stopped read-around probes with a few pushes a second. (Age in seconds
+  would not do: fio at 200k IOPS drops its file's cache every 1.3 s.)
+  Moderate pressure the room does not show, a cache that keeps more than
+  RECENT_PUSHES windows but less than the reader needs, is not caught:
+  pushes go on there as they did before this policy.
 
 A miss less than `RACE_SECONDS` after its window's push landed (or while the
 push is queued or in flight) is a read that raced the push, the kernel sent
@@ -65,16 +70,17 @@ from typing import Callable
 # our windows are bigger than pages).
 THRASHING = 64
 # A re-miss weighs this many fresh misses: the score climbs once more than
-# one miss in 8 lands in a window pushed less than RECENT_SECONDS ago.
-RE_MISS_WEIGHT = 7
+# one miss in 4 lands in one of the last RECENT_PUSHES windows pushed.
+RE_MISS_WEIGHT = 3
 # The score halves this often: while thrashing, a few probe pushes a second
 # (until about (THRASHING / 2) / RE_MISS_WEIGHT of them missed again).
 DECAY_SECONDS = 1.0
-# A window lost sooner than this after its push was dropped by a cache
-# turning over faster than the reader comes back: thrashing.
-RECENT_SECONDS = 2.0
-# A miss this soon after its window's push landed was sent before it landed.
-RACE_SECONDS = 0.1
+# A window lost before this many later pushes landed (8 MiB at the default
+# window) was dropped by a cache that cannot keep what we push: thrashing.
+RECENT_PUSHES = 32
+# A miss this soon after its window's push landed was sent before it landed
+# (it waited behind the push in the daemon's queue).
+RACE_SECONDS = 0.01
 # How often the room is read again and the working set counted afresh: a
 # reader larger than the room costs 1/ROOM_SHARE of it in pushes each epoch.
 EPOCH_SECONDS = 30.0
@@ -155,8 +161,7 @@ class ReadAround:
         # of window index (ints take less memory than tuples, and a big
         # host's room holds tens of thousands of windows).
         self._in_flight: set[int] = set()
-        # window -> when its push landed, oldest first;
-        # entries older than RECENT_SECONDS are dropped.
+        # The last RECENT_PUSHES windows pushed -> when each landed, oldest first.
         self._landed: dict[int, float] = {}
         self.score = 0
         self.thrashing = False  # from a score of THRASHING until it is down to half
@@ -180,6 +185,8 @@ class ReadAround:
             return None
         now = self._clock()
         self._tick(now)
+        if self.score <= THRASHING // 2:
+            self.thrashing = False
         landed = self._landed.get(w)
         if landed is not None and now - landed < RACE_SECONDS:
             return None
@@ -192,8 +199,6 @@ class ReadAround:
                 self.score = max(self.score - 1, 0)
         if self.score >= THRASHING:
             self.thrashing = True
-        elif self.score <= THRASHING // 2:
-            self.thrashing = False
         if not self.over_room:
             repeat = w in self._seen
             self._seen.add(w)
@@ -221,6 +226,8 @@ class ReadAround:
         self._in_flight.discard(w)
         self._landed.pop(w, None)
         self._landed[w] = self._clock()
+        if len(self._landed) > RECENT_PUSHES:
+            del self._landed[next(iter(self._landed))]
 
     def cancel(self, key: int, start: int) -> None:
         """The push `miss` asked for was never queued: a later miss there is fresh."""
@@ -249,8 +256,3 @@ class ReadAround:
             self._decayed += periods * DECAY_SECONDS
         if now - self._epoch >= EPOCH_SECONDS:
             self._new_epoch(now)
-        while self._landed:
-            w, landed = next(iter(self._landed.items()))
-            if now - landed < RECENT_SECONDS:
-                break
-            del self._landed[w]
