@@ -487,7 +487,7 @@ class Contender:
 class Qcowfs(Contender):
     name = label = "qcowfs"
     can_luks = True
-    options: list = []  # -o of the mount command
+    options: tuple = ()  # -o of the mount command
 
     def exe(self):
         p = shutil.which("qcowfs") or str(Path(sys.executable).parent / "qcowfs")
@@ -503,7 +503,7 @@ class Qcowfs(Contender):
     @contextlib.contextmanager
     def mount(self, qcow2, raw, writable, key=None):
         mnt = self._dir()
-        options = self.options + ([] if key is None else [f"key_file={key}"])
+        options = [*self.options, *([] if key is None else [f"key_file={key}"])]
         cmd = self.prefix() + [self.exe(), "mount", qcow2, mnt] + (
             [] if writable else ["--read-only"]) + (["-o", ",".join(options)] if options else [])
         _MOUNTS.add(mnt)
@@ -540,7 +540,7 @@ class QcowfsNoReadAround(Qcowfs):
     where they do."""
     name = "qcowfs-ra0"
     label = "qcowfs -o read_around=0"
-    options = ["read_around=0"]
+    options = ("read_around=0",)
     benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1")
 
 

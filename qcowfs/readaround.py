@@ -169,12 +169,13 @@ class ReadAround:
         # The working set of this epoch: windows missed in, until it outgrows
         # the room; the probe that starts it (_new_epoch sets them all).
         self._seen: set[int] = set()
-        self._epoch = self._decayed
-        self.room_windows = 0
-        self.over_room = False
-        self.probe_left = self._repeats = 0
+        self._epoch: float
+        self.room_windows: int
+        self.over_room: bool
+        self.probe_left: int
+        self._repeats: int
         self._new_epoch(self._decayed)
-        # What happened, for logs and tests.
+        # What happened (the tests read it).
         self.pushes = self.fresh = self.re_misses = 0
 
     def miss(self, key: int, offset: int, size: int | None = None) -> int | None:
@@ -185,8 +186,6 @@ class ReadAround:
             return None
         now = self._clock()
         self._tick(now)
-        if self.score <= THRASHING // 2:
-            self.thrashing = False
         landed = self._landed.get(w)
         if landed is not None and now - landed < RACE_SECONDS:
             return None
@@ -250,9 +249,13 @@ class ReadAround:
         self._repeats = 0
 
     def _tick(self, now: float) -> None:
+        """What time alone changes: the decay (the only thing that lowers the
+        score while thrashing, so it alone ends it) and the epoch."""
         if now - self._decayed >= DECAY_SECONDS:
             periods = int((now - self._decayed) / DECAY_SECONDS)
             self.score >>= min(periods, 16)
             self._decayed += periods * DECAY_SECONDS
+            if self.score <= THRASHING // 2:
+                self.thrashing = False
         if now - self._epoch >= EPOCH_SECONDS:
             self._new_epoch(now)
