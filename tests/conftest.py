@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from qcowfs import mounts
+from qcowfs.host import mounts
 
 ROOT = Path(__file__).resolve().parent.parent
 QCOWFS = str(Path(sys.executable).parent / "qcowfs")

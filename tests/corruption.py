@@ -457,9 +457,9 @@ def run_qemu(img: Path, sc: Scenario, scratch: Path) -> Outcome:
 # import is reported by the child, scenario by scenario.
 with contextlib.suppress(Exception):
     import trio  # noqa: F401
-    import qcowfs.check  # noqa: F401
-    import qcowfs.image  # noqa: F401
-    import qcowfs.views  # noqa: F401
+    import qcowfs.engine.check  # noqa: F401
+    import qcowfs.engine.image  # noqa: F401
+    import qcowfs.fs.views  # noqa: F401
 
 # Address space a child may add to what it inherits: an absurd table size in an image must
 # end as a MemoryError in the child, not as gigabytes taken from a shared machine.
@@ -512,8 +512,8 @@ def _qcowfs_session(path: Path, sc: Scenario) -> Outcome:
     import trio
 
     from qcowfs.errors import QcowError
-    from qcowfs.image import Image, OpenOptions
-    from qcowfs import views
+    from qcowfs.engine.image import Image, OpenOptions
+    from qcowfs.fs import views
 
     o = Outcome()
 
@@ -607,7 +607,7 @@ class CheckRun:
 def qcowfs_check(img: Path) -> CheckRun:
     """`qcowfs check --json IMG`, in a forked child (in-process code, killable)."""
     def fn() -> tuple[int, str, str]:
-        from qcowfs.check import run_check
+        from qcowfs.engine.check import run_check
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = run_check(str(img), False, True)

@@ -1,6 +1,6 @@
 """The in-process test tier: images built by QEMU, written by qcowfs' Image, judged by QEMU.
 
-No FUSE, no root, no daemon: the tests open `qcowfs.image.Image` directly, drive
+No FUSE, no root, no daemon: the tests open `qcowfs.engine.image.Image` directly, drive
 writes, resize, flush and close on it, and then ask QEMU's own tools whether the
 image is still what it must be. qemu-img / qemu-io / qemu-nbd are only the
 oracle and the image builders here; qcowfs never calls them.
@@ -50,9 +50,9 @@ import trio
 
 import luks
 from qcowfs.errors import QcowError, ResizeError
-from qcowfs.image import Image, OpenOptions
-from qcowfs.metadata import Metadata
-from qcowfs.references import build_overlap_map
+from qcowfs.engine.image import Image, OpenOptions
+from qcowfs.engine.metadata import Metadata
+from qcowfs.engine.references import build_overlap_map
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 TIMEOUT = 300

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import QCOWFS, ROOT, daemon_pid, files_equal, force_unmount, mounted, qemu_img, qemu_io, run, to_raw
 from inproc import nbd_dirty_map
-from qcowfs import mounts
+from qcowfs.host import mounts
 
 MiB = 1 << 20
 BLOCK = 4096

@@ -1,4 +1,4 @@
-"""Unit tests of qcowfs.cache.TableCache on a real temporary file.
+"""Unit tests of qcowfs.engine.cache.TableCache on a real temporary file.
 
 Tables here are small bytearrays at offsets that are multiples of TS; the
 loader reads them from the file (after a checkpoint, so loads really await)
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from qcowfs.cache import TableCache
-from qcowfs.hostfile import HostFile
+from qcowfs.engine.cache import TableCache
+from qcowfs.host.hostfile import HostFile
 
 TS = 64          # table size in bytes
 NTABLES = 32
@@ -473,7 +473,7 @@ async def test_read_fast_path_keeps_hot_tables(tmp_path):
     the one evicted (it once read the cache's dict directly)."""
     import subprocess
 
-    from qcowfs.image import Image, OpenOptions
+    from qcowfs.engine.image import Image, OpenOptions
 
     img = tmp_path / "many-l2.qcow2"
     # 4 KiB clusters: one L2 table covers 2 MiB; 12 tables, a cache of 4

@@ -110,7 +110,7 @@ async def test_zero_range_on_v3_keeps_the_host_cluster(tmp_path: Path) -> None:
 
 async def test_read_only_image_refuses(tmp_path: Path) -> None:
     from qcowfs.errors import ReadOnlyError
-    from qcowfs.image import Image, OpenOptions
+    from qcowfs.engine.image import Image, OpenOptions
 
     s = build(tmp_path, Layout(size=1 * MiB))
     image = Image(str(s.image), OpenOptions(read_only=True))
@@ -124,7 +124,7 @@ async def test_read_only_image_refuses(tmp_path: Path) -> None:
 async def test_external_data_file(tmp_path: Path) -> None:
     """Guest offset == host offset: the data file itself reads zeros after a
     discard (data_file_raw keeps it a valid raw image) and its space is freed."""
-    from qcowfs.image import Image, OpenOptions
+    from qcowfs.engine.image import Image, OpenOptions
 
     img, data = tmp_path / "x.qcow2", tmp_path / "x.data"
     must("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw=on", img, "8M")
@@ -153,7 +153,7 @@ async def test_discard_through_an_entry_pointing_into_metadata_is_refused(tmp_pa
     reference to it (that would free metadata): EIO, the image marked corrupt."""
     from corruption import cluster_of, l2_entry_offset, poke_u64, refblock_offset, refcount
     from qcowfs.errors import CorruptionError
-    from qcowfs.image import Image, OpenOptions
+    from qcowfs.engine.image import Image, OpenOptions
 
     img = tmp_path / "c.qcow2"
     must("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")

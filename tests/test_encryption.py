@@ -20,10 +20,10 @@ import pytest
 import luks
 from conftest import QCOWFS, force_unmount, is_mounted, loop_device
 from luks import KiB, MiB, SECRET
-from qcowfs import crypto
+from qcowfs.format import crypto
 from qcowfs.errors import InvalidImageError, PassphraseError, QcowError, UnsupportedFeatureError
 from qcowfs.format import EXT_CRYPTO, CryptoHeaderExtension, Header
-from qcowfs.image import Image, OpenOptions
+from qcowfs.engine.image import Image, OpenOptions
 
 SIZE = 4 * MiB
 
@@ -176,7 +176,7 @@ async def test_luks_snapshot_cow_and_extended_l2(tmp_path: Path) -> None:
         await image.prepare_writes()
         await random_writes(image, model, seed=9, n=30)
         snap = image.snapshots[0]
-        from qcowfs.mapper import L1Table
+        from qcowfs.engine.mapper import L1Table
         l1 = L1Table(image.file, snap.l1_table_offset, snap.l1_size)
         got = bytearray()
         for off in range(0, SIZE, MiB):
@@ -198,7 +198,7 @@ async def test_luks_write_into_compressed_cluster(tmp_path: Path) -> None:
     image = open_image(img)
     try:
         await image.prepare_writes()
-        from qcowfs.mapper import COMPRESSED
+        from qcowfs.engine.mapper import COMPRESSED
         runs = await image.mapper.map(image.active_l1, 0, MiB)
         assert [r[1] for r in runs if r[0] == COMPRESSED] == [64 * KiB, 192 * KiB], runs
         assert await read_all(image) == model.read_bytes()
@@ -225,7 +225,7 @@ async def test_luks_bitmaps_track(tmp_path: Path) -> None:
     assert bm["name"] == "b0" and "in-use" not in bm["flags"] and "auto" in bm["flags"]
     image = open_image(img, read_only=True)
     try:
-        from qcowfs.bitmaps import read_bitmap
+        from qcowfs.engine.bitmaps import read_bitmap
         data = await read_bitmap(image.bitmaps[0], image.file, 0, image.bitmaps[0].size)
     finally:
         await image.close()
@@ -438,7 +438,7 @@ def test_key_file_is_read_as_qemu_reads_it(tmp_path: Path) -> None:
     must_args = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=sec0,file={key}",
                  "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M"]
     luks.create_encrypted(*must_args)
-    from qcowfs.secret import passphrase_source
+    from qcowfs.host.secret import passphrase_source
     Image(str(img), OpenOptions(passphrase=passphrase_source(str(img), str(key), None))).file.close()
     with pytest.raises(PassphraseError):
         open_image(img, "with newline")

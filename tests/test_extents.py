@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcowfs.extents import dirty
+from qcowfs.engine.extents import dirty
 
 
 def naive(bits: bytes, g: int, size: int) -> list[dict[str, object]]:

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import fuse_server, mounted, qemu_img, qemu_io, run
-from qcowfs.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from qcowfs.host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 KiB, MiB = 1 << 10, 1 << 20
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from conftest import QCOWFS, force_unmount, mounted, to_raw
 from images import MiB, create, qio, sh
-from qcowfs import mounts
+from qcowfs.host import mounts
 
 
 @contextlib.contextmanager

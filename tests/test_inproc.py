@@ -338,9 +338,9 @@ async def test_maps_equal_qemu(tmp_path: Path, name: str) -> None:
     dirty map is what qemu-nbd -B + nbdinfo report."""
     import json
 
-    from qcowfs import extents
-    from qcowfs.bitmaps import read_bitmap
-    from qcowfs.image import Image, OpenOptions
+    from qcowfs.engine import extents
+    from qcowfs.engine.bitmaps import read_bitmap
+    from qcowfs.engine.image import Image, OpenOptions
 
     layout = COMBINATIONS[name]
     s = build(tmp_path, layout)

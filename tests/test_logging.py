@@ -31,18 +31,18 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare -
 # raises): the reason must be in the log.
 FAIL_AT_CLOSE = r"""
 import sys
-import qcowfs.image
-from qcowfs.cli import main
+import qcowfs.engine.image
+from qcowfs.cli.main import main
 from qcowfs.errors import QcowError
 
-real_close = qcowfs.image.Image.close
+real_close = qcowfs.engine.image.Image.close
 
 async def close(self):
     await real_close(self)
     raise QcowError("injected: the image could not be closed")
 
 if sys.argv[1] == "fail":
-    qcowfs.image.Image.close = close
+    qcowfs.engine.image.Image.close = close
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -10,8 +10,8 @@ import trio
 
 from qcowfs.errors import CorruptionError
 from qcowfs.format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT
-from qcowfs.image import Image, OpenOptions
-from qcowfs.overlap import Kind
+from qcowfs.engine.image import Image, OpenOptions
+from qcowfs.engine.overlap import Kind
 
 
 def make(tmp_path: Path, *opts: str) -> Path:

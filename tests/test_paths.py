@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS, force_unmount, is_mounted
-from qcowfs import mounts
+from qcowfs.host import mounts
 
 MiB = 1 << 20
 TIMEOUT = 60
@@ -124,13 +124,13 @@ def test_umount_through_a_symlinked_parent(tmp_path: Path):
 
 FAIL_BEFORE_READY = r"""
 import sys
-import qcowfs.daemon
-from qcowfs.cli import main
+import qcowfs.service.daemon
+from qcowfs.cli.main import main
 
 def broken(*args, **kw):
     raise ValueError("injected: something nobody expected")
 
-qcowfs.daemon.build_tree = broken
+qcowfs.service.daemon.build_tree = broken
 sys.exit(main(sys.argv[1:]))
 """
 

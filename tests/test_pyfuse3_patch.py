@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from conftest import ROOT, fuse_server
-from qcowfs.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from qcowfs.host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from conftest import daemon_pid, mounted, qemu_img, qemu_io, resident_pages
 
-from qcowfs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_PUSHES, ROOM_SHARE,
+from qcowfs.fs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_PUSHES, ROOM_SHARE,
                                THRASHING, ReadAround, page_cache_room)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -211,7 +211,7 @@ def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> N
 def test_the_room_is_the_daemons_memory_cgroup_limit() -> None:
     with memory_cgroup(64 * MiB) as join:
         out = subprocess.run(
-            [sys.executable, "-c", "from qcowfs.readaround import page_cache_room; print(page_cache_room())"],
+            [sys.executable, "-c", "from qcowfs.fs.readaround import page_cache_room; print(page_cache_room())"],
             check=True, capture_output=True, text=True, preexec_fn=join).stdout
     assert int(out) == 64 * MiB
     assert page_cache_room() > 64 * MiB  # (this runner is in no such cgroup)

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import QCOWFS, force_unmount, loop_device, mounted, run, to_raw
 from images import KiB, MiB, create, qio, sh
-from qcowfs import mounts
+from qcowfs.host import mounts
 
 
 def sha256(path: Path) -> str:

@@ -473,7 +473,7 @@ def test_busy_mount_detached_explicitly(tmp_path: Path, how: str):
 def test_umount_force_without_a_pid_file(tmp_path: Path):
     """No pid file (removed, or written by another user): `qcowfs umount --force` still
     detaches; the daemon then sees its session end, flushes and exits, image clean."""
-    from qcowfs import mounts
+    from qcowfs.host import mounts
 
     img = make_image(tmp_path / "disk.qcow2")
     mnt = tmp_path / "mnt"
@@ -598,14 +598,14 @@ def test_daemon_side_failure_reported_by_parent(tmp_path: Path, fg: bool):
 
 FAIL_AFTER_MOUNT = r"""
 import sys
-import qcowfs.image
-from qcowfs.cli import main
+import qcowfs.engine.image
+from qcowfs.cli.main import main
 from qcowfs.errors import QcowError
 
 async def fail(self):
     raise QcowError("injected failure while preparing the image for writes")
 
-qcowfs.image.Image.prepare_writes = fail
+qcowfs.engine.image.Image.prepare_writes = fail
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from conftest import QCOWFS, force_unmount, is_mounted, loop_device, verify_tree
-from qcowfs import mounts
+from qcowfs.host import mounts
 from test_service import cleanup_mount, daemon_pids, foreground, qemu_img_check, sh
 
 TIMEOUT = 60

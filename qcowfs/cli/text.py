@@ -1,0 +1,74 @@
+"""Human-readable output shared by `qcowfs info` and the snapshot commands.
+
+No qcow2 code is imported here, so a command that only prints what a
+daemon answered starts fast."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def human_size(n: int) -> str:
+    """N bytes as qemu-img prints sizes (1 KiB = 1024 B, three digits)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render_snapshots(snaps: list[dict[str, Any]]) -> list[str]:
+    """The "Snapshot list:" table of qemu-img info and qemu-img snapshot -l."""
+    lines = ["Snapshot list:", f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10} {'DATE':<20}{'VM CLOCK':>16}"]
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
+        lines.append(f"{s['id']:<8}{s['name']:<24}{human_size(s['vm-state-size']):>10} {date:<20}{clock:>16}")
+    return lines
+
+
+def _render_value(lines: list[str], key: str, value: Any, indent: str) -> None:
+    """One key of format-specific data as qemu-img prints it: nested objects
+    indented, lists as [N] entries."""
+    name = key.replace("-", " ")
+    if isinstance(value, dict):
+        lines.append(f"{indent}{name}:")
+        for k, v in value.items():
+            _render_value(lines, k, v, indent + "    ")
+    elif isinstance(value, list):
+        lines.append(f"{indent}{name}:")
+        for i, item in enumerate(value):
+            _render_value(lines, f"[{i}]", item, indent + "    ")
+    else:
+        lines.append(f"{indent}{name}: {str(value).lower() if isinstance(value, bool) else value}")
+
+
+def render_info(d: dict[str, Any]) -> str:
+    lines = [f"image: {d['filename']}", "file format: qcow2",
+             f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
+             f"disk size: {human_size(d['actual-size'])}"]
+    if d.get("encrypted"):
+        lines.append("encrypted: yes")
+    lines.append(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        lines.append(f"backing file: {d['backing-filename']}"
+                     + (f" (actual path: {d['full-backing-filename']})" if "full-backing-filename" in d else ""))
+        if "backing-filename-format" in d:
+            lines.append(f"backing file format: {d['backing-filename-format']}")
+        for i, p in enumerate(d.get("backing-chain", [])[1:], 2):
+            lines.append(f"backing chain [{i}]: {p}")
+    snaps = d.get("snapshots", [])
+    if snaps:
+        lines += render_snapshots(snaps)
+    data = d["format-specific"]["data"]
+    lines.append("Format specific information:")
+    for key in ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "encrypt", "corrupt",
+                "extended-l2", "data-file", "data-file-raw"):
+        if key in data:
+            _render_value(lines, key, data[key], "    ")
+    if data.get("bitmaps"):
+        lines.append("    bitmaps:")
+        for b in data["bitmaps"]:
+            lines.append(f"        [{b['name']}] granularity: {b['granularity']}, flags: {', '.join(b['flags']) or '-'}")
+    return "\n".join(lines)

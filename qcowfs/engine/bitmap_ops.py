@@ -1,0 +1,259 @@
+"""Bitmap management (QEMU's `qemu-img bitmap`, block-dirty-bitmap-*), live or offline.
+
+Each operation computes the bitmap list as it will be, stores what must be
+stored (new tables after the end of the file), writes a new directory and
+switches the header's bitmaps extension to it, all in one refcount
+Transaction: a crash leaves the old directory or the new one, never a mix.
+A bitmap that tracks writes (auto, image open for writing) is held in
+memory and flagged in_use on disk, as at mount time; its bits are stored
+when it stops tracking (disable, unmount).
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bitmaps import Bitmap, mark_bits, read_bitmap
+from ..errors import NotFoundError, RequestError
+from ..format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARITY_BITS,
+                     BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS, BME_TABLE_OFFSET_MASK,
+                     BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
+                     with_extension)
+from .metadata import Metadata
+from .overlap import Kind
+from .refcount import Transaction
+from .snapshots import check_new_name as check_name
+
+# QEMU's QCOW2_MAX_BITMAPS.
+MAX_BITMAPS = 65535
+
+
+def default_granularity(cluster_size: int) -> int:
+    """QEMU's default: the cluster size, clamped to 4 KiB..64 KiB."""
+    return min(max(cluster_size, 4096), 65536)
+
+
+def check_granularity(granularity: int) -> int:
+    if granularity <= 0 or granularity & (granularity - 1) or \
+            not BME_MIN_GRANULARITY_BITS <= granularity.bit_length() - 1 <= BME_MAX_GRANULARITY_BITS:
+        raise RequestError(f"granularity {granularity} is not a power of two from "
+                          f"{1 << BME_MIN_GRANULARITY_BITS} to {1 << BME_MAX_GRANULARITY_BITS}")
+    return granularity
+
+
+def check_new_name(bitmaps: list[Bitmap], name: str) -> None:
+    check_name("bitmap", name, [b.name for b in bitmaps], BME_MAX_NAME_SIZE, MAX_BITMAPS)
+
+
+def find(bitmaps: list[Bitmap], name: str) -> Bitmap:
+    for b in bitmaps:
+        if b.name == name:
+            return b
+    raise NotFoundError(f"no bitmap '{name}'")
+
+
+def usable(bm: Bitmap) -> Bitmap:
+    """BM, if its contents can be trusted (changing an inconsistent one would hide that)."""
+    if bm.problem is not None and not bm.tracked:
+        raise RequestError(f"bitmap '{bm.name}' cannot be used: {bm.problem} "
+                          "(remove it, or `qcowfs check --repair`)")
+    return bm
+
+
+async def current_bits(meta: Metadata, bm: Bitmap) -> bytearray:
+    """The bitmap's bits as of now (live ones from memory)."""
+    if bm.bits is not None:
+        return bytearray(bm.bits)
+    return bytearray(await read_bitmap(usable(bm), meta.file, 0, bm.size))
+
+
+# ---- one change of the directory ---------------------------------------------------------
+
+@dataclass
+class Plan:
+    """A bitmap as the new directory will hold it."""
+
+    bitmap: Bitmap
+    flags: int
+    # Bits to store now as its table (None: its table stays as it is).
+    store: bytearray | None = None
+    # Bits it tracks in memory after the commit (None: it does not track).
+    tracked: bytearray | None = None
+
+
+def new_bitmap(meta: Metadata, name: str, granularity: int) -> Bitmap:
+    geo, size = meta.geo, meta.header.size
+    entry = BitmapDirEntry(0, 0, 0, BME_TYPE_DIRTY_TRACKING, granularity.bit_length() - 1, name)
+    bm = Bitmap(entry, size, geo.cluster_size)
+    entry.bitmap_table_size = -(-bm.size // geo.cluster_size)
+    return bm
+
+
+def keep(bm: Bitmap) -> Plan:
+    """BM as it is (tracking on if it tracks)."""
+    return Plan(bm, bm.entry.flags, tracked=bm.bits)
+
+
+async def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: list[Bitmap],
+          adopt: Callable[[list[Bitmap]], None]) -> None:
+    """Write the tables PLANS store and the new directory as part of TXN; the
+    tables of REMOVED bitmaps and replaced tables lose their reference. Once
+    committed, every Bitmap follows and ADOPT gets the new list."""
+    if meta.header.version < 3 and plans:
+        raise RequestError("persistent bitmaps need a version 3 image (compat=1.1), as in QEMU")
+    cs = meta.geo.cluster_size
+    new_tables: dict[int, tuple[list[int], int]] = {}
+    for p in plans:
+        if p.store is not None:
+            new_tables[id(p.bitmap)] = await _write_table(meta, txn, p.bitmap, p.store)
+    for bm in removed + [p.bitmap for p in plans if id(p.bitmap) in new_tables]:
+        if bm.entry.bitmap_table_offset:
+            _give_back(txn, bm, cs)
+    entries = []
+    for p in plans:
+        e = dataclasses.replace(p.bitmap.entry, flags=p.flags)
+        if id(p.bitmap) in new_tables:
+            e.bitmap_table_offset = new_tables[id(p.bitmap)][1]
+        entries.append(e)
+    h = meta.header
+    old = BitmapsExtension.parse(h.extension(EXT_BITMAPS) or b"") if h.extension(EXT_BITMAPS) else None
+    if old is not None and old.directory_size:
+        txn.change(old.directory_offset, old.directory_size, -1)
+    directory = b"".join(e.pack() for e in entries)
+    ext: BitmapsExtension | None = None
+    if entries:
+        at = await txn.allocate(len(directory))
+        meta.write(at, directory, "new bitmap directory")
+        ext = BitmapsExtension(len(entries), len(directory), at)
+    txn.set(extensions=with_extension(list(h.extensions), EXT_BITMAPS, ext.pack() if ext else None),
+            autoclear_features=(h.autoclear_features | AUTOCLEAR_BITMAPS) if entries
+            else h.autoclear_features & ~AUTOCLEAR_BITMAPS,
+            bitmap_directory=entries)
+
+    def follow() -> None:
+        if old is not None and old.directory_size:
+            meta.drop_structure(Kind.BITMAP_DIRECTORY, old.directory_offset, old.directory_size)
+        if ext is not None:
+            meta.add_structure(Kind.BITMAP_DIRECTORY, ext.directory_offset, ext.directory_size)
+        for bm in removed:
+            _drop_table(meta, bm)
+        for p, e in zip(plans, entries):
+            bm = p.bitmap
+            if id(bm) in new_tables:
+                _drop_table(meta, bm)
+                bm.table = new_tables[id(bm)][0]
+                meta.add_structure(Kind.BITMAP_TABLE, e.bitmap_table_offset, e.bitmap_table_size * 8)
+                bm.problem = None
+            bm.entry = e
+            bm.bits = p.tracked
+        adopt([p.bitmap for p in plans])
+    txn.then(follow)
+
+
+async def _write_table(meta: Metadata, txn: Transaction, bm: Bitmap, bits: bytearray) -> tuple[list[int], int]:
+    """BITS as data clusters (all-zero ones left out) and a table, after the end of the file."""
+    cs = meta.geo.cluster_size
+    table = []
+    for i in range(bm.entry.bitmap_table_size):
+        chunk = bytes(bits[i * cs : (i + 1) * cs])
+        if not chunk.strip(b"\0"):
+            table.append(0)
+            continue
+        at = await txn.allocate(cs)
+        meta.write(at, chunk.ljust(cs, b"\0"), f"bitmap '{bm.name}' data")
+        table.append(at)
+    raw = struct.pack(f">{len(table)}Q", *table)
+    at = await txn.allocate(max(1, len(raw)))
+    meta.write(at, raw.ljust(-(-max(1, len(raw)) // cs) * cs, b"\0"), f"bitmap '{bm.name}' table")
+    return table, at
+
+
+def _give_back(txn: Transaction, bm: Bitmap, cs: int) -> None:
+    for entry in bm.table:
+        if entry & BME_TABLE_OFFSET_MASK:
+            txn.change(entry & BME_TABLE_OFFSET_MASK, cs, -1)
+    txn.change(bm.entry.bitmap_table_offset, max(1, bm.entry.bitmap_table_size * 8), -1)
+
+
+def _drop_table(meta: Metadata, bm: Bitmap) -> None:
+    if bm.entry.bitmap_table_offset:
+        meta.drop_structure(Kind.BITMAP_TABLE, bm.entry.bitmap_table_offset, bm.entry.bitmap_table_size * 8)
+
+
+# ---- the operations -------------------------------------------------------------------------
+
+async def plan_add(meta: Metadata, bitmaps: list[Bitmap], name: str, granularity: int | None,
+                   enabled: bool) -> list[Plan]:
+    check_new_name(bitmaps, name)
+    g = check_granularity(granularity or default_granularity(meta.geo.cluster_size))
+    bm = new_bitmap(meta, name, g)
+    zero = bytearray(bm.size)
+    plan = (Plan(bm, BME_AUTO | BME_IN_USE, store=zero, tracked=bytearray(bm.size)) if enabled
+            else Plan(bm, 0, store=zero))
+    return [keep(b) for b in bitmaps] + [plan]
+
+
+async def plan_change(meta: Metadata, bitmaps: list[Bitmap], name: str, action: str,
+                      sources: Sequence[str] = ()) -> tuple[list[Plan], list[Bitmap]]:
+    """Plans for remove, clear, enable, disable and merge of bitmap NAME."""
+    target = find(bitmaps, name)
+    plans = [keep(b) for b in bitmaps if b is not target]
+    index = bitmaps.index(target)
+    if action == "remove":
+        return plans, [target]
+    usable(target)
+    if action == "clear":
+        p = (Plan(target, target.entry.flags, tracked=bytearray(target.size)) if target.tracked
+             else Plan(target, target.entry.flags, store=bytearray(target.size)))
+    elif action == "enable":
+        p = (keep(target) if target.tracked
+             else Plan(target, target.entry.flags | BME_AUTO | BME_IN_USE, tracked=await current_bits(meta, target)))
+    elif action == "disable":
+        p = (Plan(target, target.entry.flags & ~(BME_AUTO | BME_IN_USE), store=bytearray(target.bits))
+             if target.bits is not None else Plan(target, target.entry.flags & ~BME_AUTO))
+    elif action == "merge":
+        if not sources:
+            raise RequestError("merge needs at least one source bitmap")
+        bits = await current_bits(meta, target)
+        for s in sources:
+            src = usable(find(bitmaps, s))
+            _merge_into(bits, target, await current_bits(meta, src), src)
+        p = (Plan(target, target.entry.flags, tracked=bits) if target.tracked
+             else Plan(target, target.entry.flags, store=bits))
+    else:
+        raise RequestError(f"unknown bitmap action '{action}'")
+    plans.insert(index, p)
+    return plans, []
+
+
+def _merge_into(bits: bytearray, target: Bitmap, src_bits: bytearray, src: Bitmap) -> None:
+    """Set in BITS every granule of TARGET that a set bit of SRC covers (granularities may differ)."""
+    on = np.unpackbits(np.frombuffer(bytes(src_bits), np.uint8), bitorder="little")[: src.nbits]
+    edges = np.diff(np.concatenate(([0], on.astype(np.int8), [0])))
+    g = src.granularity
+    for start, end in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+        mark_bits(bits, target.granularity, target.nbits, start * g, (end - start) * g)
+
+
+def plan_checkpoint(meta: Metadata, bitmaps: list[Bitmap], name: str) -> list[Plan]:
+    """The bitmaps after checkpoint NAME: every tracked bitmap B gains a frozen
+    copy B@NAME of its bits now, and a new tracked bitmap NAME starts empty
+    (with the granularity of the first tracked bitmap, else the default)."""
+    tracked = [b for b in bitmaps if b.tracked and b.entry.flags & BME_AUTO]
+    names = [f"{b.name}@{name}" for b in tracked] + [name]
+    taken = list(bitmaps)
+    for n in names:
+        check_new_name(taken, n)
+        taken.append(new_bitmap(meta, n, 512))
+    plans = [keep(b) for b in bitmaps]
+    for b, n in zip(tracked, names):
+        assert b.bits is not None
+        plans.append(Plan(new_bitmap(meta, n, b.granularity), 0, store=bytearray(b.bits)))
+    g = tracked[0].granularity if tracked else default_granularity(meta.geo.cluster_size)
+    new = new_bitmap(meta, name, g)
+    plans.append(Plan(new, BME_AUTO | BME_IN_USE, store=bytearray(new.size), tracked=bytearray(new.size)))
+    return plans

@@ -1,0 +1,155 @@
+"""qemu-img check: count every reference (references.py), compare with the
+refcounts, check COPIED flags; repair by rebuilding the refcount structure
+from the counts (refcount/rebuild.py).
+
+Return codes follow qemu-img check: 0 clean, 1 check failed, 2 corruptions,
+3 leaks only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import QcowError
+from ..format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, refcount_array
+from .image import Image
+from .references import count_references, read_entries, refcount_table
+from .refcount import copied_errors, stored_refcount
+
+EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
+MAX_MESSAGES = 100
+
+
+@dataclass
+class CheckResult:
+    """What `qemu-img check --output=json` reports, and its messages (stderr)."""
+
+    corruptions: int = 0
+    leaks: int = 0
+    # Errors that kept the check from finishing (qemu-img's check-errors).
+    check_errors: int = 0
+    messages: list[str] = field(default_factory=list)
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    image_end_offset: int = 0
+    unsaid: int = 0
+
+    # After a repair: (leaks fixed, corruptions fixed); None without one.
+    fixed: tuple[int, int] | None = None
+
+    @property
+    def returncode(self) -> int:
+        """qemu-img check's exit code: 1 check failed, 2 corruptions, 3 leaks only, 0 clean."""
+        if self.check_errors:
+            return EXIT_FAILED
+        if self.corruptions:
+            return EXIT_CORRUPT
+        return EXIT_LEAKS if self.leaks else EXIT_CLEAN
+
+    def json(self, filename: str) -> dict[str, object]:
+        """The object `qemu-img check --output=json` prints."""
+        d: dict[str, object] = {
+            "image-end-offset": self.image_end_offset, "total-clusters": self.total_clusters,
+            "check-errors": self.check_errors, "leaks": self.leaks, "corruptions": self.corruptions,
+            "filename": filename, "format": "qcow2", "allocated-clusters": self.allocated_clusters,
+            "fragmented-clusters": self.fragmented_clusters, "compressed-clusters": self.compressed_clusters}
+        if self.fixed is not None:
+            d["leaks-fixed"], d["corruptions-fixed"] = self.fixed
+        return d
+
+    def say(self, msg: str) -> None:
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(msg)
+        else:
+            self.unsaid += 1
+
+
+def refcounts(image: Image, nclusters: int) -> np.ndarray:
+    """The stored refcount of clusters 0..nclusters-1."""
+    geo = image.geo
+    rpb, cs = geo.refcounts_per_block, geo.cluster_size
+    out = np.zeros(nclusters, np.int64)
+    for r, off in enumerate(refcount_table(image.file, image.header)):
+        if not off or r * rpb >= nclusters or off % cs:
+            continue
+        raw = image.file.read_sync(off, cs)
+        if len(raw) < cs:
+            continue
+        # 64-bit refcounts beyond int64 are still "more than referenced" (a leak).
+        vals = refcount_array(raw, geo.refcount_order)
+        if geo.refcount_order == 6:
+            vals = np.minimum(vals, np.uint64(1 << 62))
+        vals = vals.astype(np.int64)
+        n = min(rpb, nclusters - r * rpb)
+        out[r * rpb : r * rpb + n] = vals[:n]
+    return out
+
+
+def check_image(image: Image, progress: Callable[[float], None] | None = None) -> CheckResult:
+    """Count every reference and compare with the stored refcounts and flags."""
+    result = CheckResult()
+
+    def corruption(msg: str) -> None:
+        result.corruptions += 1
+        result.say(msg)
+
+    counted = count_references(image.meta, corruption, progress=progress)
+    cs = image.geo.cluster_size
+    n = max(len(counted.counts), -(-image.file.known_size // cs))
+    stored = refcounts(image, n)
+    want = np.zeros(n, np.int64)
+    want[: len(counted.counts)] = counted.counts
+    for c in np.flatnonzero(stored < want).tolist():
+        corruption(f"ERROR cluster {c} refcount={stored[c]} reference={want[c]}")
+    for c in np.flatnonzero(stored > want).tolist():
+        result.leaks += 1
+        result.say(f"Leaked cluster {c} refcount={stored[c]} reference={want[c]}")
+    bad_l1, bad_l2 = copied_errors(image.meta, stored, counted.active_tables, image.external_data)
+    l1 = read_entries(image.file, image.header.l1_table_offset, image.header.l1_size)
+    step = 2 if image.geo.extended_l2 else 1
+
+    def rc(off: int) -> int:
+        return stored_refcount(stored, off, cs)
+
+    for i in bad_l1:
+        e = int(l1[i])
+        corruption(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} "
+                   f"refcount={rc(e & L1E_OFFSET_MASK)}")
+    for off, ks in bad_l2.items():
+        for k in ks:
+            e = int(counted.active_tables[off][k * step])
+            corruption(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc(e & L2E_OFFSET_MASK)}")
+    # As qemu-img: the highest cluster that is referenced or has a refcount.
+    nz = np.flatnonzero((stored > 0) | (want > 0))
+    result.image_end_offset = int((nz[-1] + 1) * cs) if len(nz) else cs
+    result.total_clusters = -(-image.size // cs)
+    result.allocated_clusters = counted.allocated_clusters
+    result.fragmented_clusters = counted.fragmented_clusters
+    result.compressed_clusters = counted.compressed_clusters
+    return result
+
+
+async def check(image: Image, repair: bool = False,
+                progress: Callable[[float], None] | None = None) -> CheckResult:
+    """Check IMAGE; with REPAIR (an image opened for repair) rebuild its
+    refcounts when anything is wrong or it is dirty, check again, and clear
+    the corrupt bit once no corruption is left."""
+    if image.warnings:  # a part of the image it cannot read: no verdict
+        raise QcowError(image.warnings[0])
+    result = check_image(image, progress)
+    dirty = bool(image.header.incompatible_features & INCOMPAT_DIRTY)
+    if not repair or not (result.corruptions or result.leaks or dirty):
+        return result
+    await image.rebuild_refcounts()
+    if dirty:
+        await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_DIRTY)
+    before = result
+    result = check_image(image)
+    result.fixed = (before.leaks - result.leaks, before.corruptions - result.corruptions)
+    if not result.corruptions and image.header.incompatible_features & INCOMPAT_CORRUPT:
+        await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_CORRUPT)
+    return result

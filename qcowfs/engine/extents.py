@@ -1,0 +1,227 @@
+"""Extent maps: where a disk has data (qemu-img map) and what a bitmap marks dirty.
+
+`allocation` answers as `qemu-img map --output=json` does, entry for entry:
+QEMU's block status of each layer (qcow2_co_block_status), walked down the
+backing chain until a layer says data or zero (its depth), merged as
+qemu-img merges (same flags, contiguous host offsets). `dirty` answers as
+`nbdinfo --map=qemu:dirty-bitmap:NAME --json` over `qemu-nbd -B NAME` does.
+Both are what a backup tool needs from a plain file: which ranges to copy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .bitmaps import Bitmap, read_bitmap
+from ..format import L2E_OFFSET_MASK, SnapshotEntry, SubclusterType, cluster_types, subcluster_type
+from ..host.hostfile import HostFile
+from .mapper import L1Table, Mapper
+from .snapshots import snapshot_disk_size
+
+
+@dataclass
+class Extent:
+    """One entry of qemu-img map --output=json."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+
+    def json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
+                             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+    def follows(self, prev: "Extent") -> bool:
+        """PREV and this are one entry for qemu-img (its entry_mergeable)."""
+        return (prev.start + prev.length == self.start and prev.depth == self.depth
+                and prev.present == self.present and prev.zero == self.zero and prev.data == self.data
+                and (prev.offset is None) == (self.offset is None)
+                and (prev.offset is None or prev.offset + prev.length == self.offset))
+
+
+class Layer(Protocol):
+    """What allocation() needs of an image in the chain (Image provides it)."""
+
+    mapper: Mapper
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def active_l1(self) -> L1Table: ...
+
+    @property
+    def backing(self) -> object: ...
+
+
+async def disk_map(layer: Layer, snapshot: SnapshotEntry | None = None) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json` of the active disk, or of SNAPSHOT's own
+    view (its L1 table, its size): what `qcowfs map` and maps/*.json show."""
+    if snapshot is None:
+        return [e.json() for e in await allocation(layer, 0, layer.size)]
+    l1 = L1Table(layer.mapper.file, snapshot.l1_table_offset, snapshot.l1_size)
+    return [e.json() for e in await allocation(layer, 0, snapshot_disk_size(snapshot, layer.size), l1)]
+
+
+async def dirty_map(file: HostFile, bm: Bitmap) -> list[dict[str, Any]]:
+    """The dirty extents of BM as they are now (a tracked bitmap's from memory)."""
+    return dirty(await read_bitmap(bm, file, 0, bm.size), bm.granularity, bm.virtual_size)
+
+
+def _add(out: list[Extent], e: Extent) -> None:
+    if out and e.follows(out[-1]):
+        out[-1].length += e.length
+    elif e.length > 0:
+        out.append(e)
+
+
+# How each (sub)cluster type answers block status: (present, zero, data, has offset).
+_STATUS = {
+    SubclusterType.NORMAL: (True, False, True, True),
+    SubclusterType.ZERO_PLAIN: (True, True, False, False),
+    SubclusterType.ZERO_ALLOC: (True, True, False, True),
+    SubclusterType.COMPRESSED: (True, False, True, False),
+}
+
+
+async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
+                     depth: int = 0) -> list[Extent]:
+    """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table)."""
+    out: list[Extent] = []
+    mapper = layer.mapper
+    geo = mapper.geo
+    l1 = l1 if l1 is not None else layer.active_l1
+    span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
+    pos = start
+    while pos < end:
+        index = pos // span
+        chunk_end = min(end, (index + 1) * span)
+        table = await mapper.l2_table(l1, index)
+        if table is None:
+            # No L2 table here nor, maybe, for many entries on: skipped by L1 entry
+            # (as lseek does), not cluster by cluster.
+            stop = min(end, await l1.next_allocated(index, -(-end // span)) * span)
+            for e in await _below(layer, pos, max(stop, chunk_end), depth):
+                _add(out, e)
+            pos = max(stop, chunk_end)
+            continue
+        base = index * span
+        first, last = (pos - base) >> cb, (chunk_end - 1 - base) >> cb
+        for a, b, t, host in _pieces(mapper, table, base, first, last):
+            a, b = max(a, pos), min(b, chunk_end)
+            if t in _STATUS:
+                present, zero, data, has_offset = _STATUS[t]
+                # (QEMU gives no host offset for encrypted data: it is not the guest's bytes)
+                offset = host + ((a - base) & (cs - 1)) if has_offset and not mapper.encrypted else None
+                _add(out, Extent(a, b - a, depth, present, zero, data, offset))
+            else:
+                for e in await _below(layer, a, b, depth):
+                    _add(out, e)
+        pos = chunk_end
+    return out
+
+
+def _pieces(mapper: Mapper, table: np.ndarray, base: int, first: int,
+            last: int) -> list[tuple[int, int, SubclusterType, int]]:
+    """(guest start, guest end, type, host offset of the cluster) for the
+    clusters FIRST..LAST of TABLE: per cluster, or per subcluster (extended L2)."""
+    geo = mapper.geo
+    cb, cs = geo.cluster_bits, geo.cluster_size
+    out: list[tuple[int, int, SubclusterType, int]] = []
+    if not geo.extended_l2:
+        entries = table[first : last + 1]
+        types = cluster_types(entries, mapper.external_data)
+        hosts = (entries & np.uint64(L2E_OFFSET_MASK)).tolist()
+        for i, (t, h) in enumerate(zip(types.tolist(), hosts)):
+            c0 = base + ((first + i) << cb)
+            out.append((c0, c0 + cs, SubclusterType(t), h))
+        return out
+    sc = geo.subcluster_size
+    for k in range(first, last + 1):
+        w0, bitmap = int(table[k, 0]), int(table[k, 1])
+        c0 = base + (k << cb)
+        h = w0 & L2E_OFFSET_MASK
+        for s in range(cs // sc):
+            t = subcluster_type(w0, bitmap, s, True, mapper.external_data)
+            # a subcluster's host offset: the cluster's plus its place in it
+            out.append((c0 + s * sc, c0 + (s + 1) * sc, t, h))
+            if t == SubclusterType.COMPRESSED:
+                out[-1] = (c0, c0 + cs, t, h)
+                break
+    return out
+
+
+async def _below(layer: Layer, start: int, end: int, depth: int) -> list[Extent]:
+    """Block status where LAYER has nothing: its backing file's, else zeros."""
+    backing = layer.backing
+    size = getattr(backing, "size", 0) if backing is not None else 0
+    out: list[Extent] = []
+    if backing is not None and start < size:
+        stop = min(end, size)
+        if hasattr(backing, "mapper"):
+            out = await allocation(backing, start, stop, depth=depth + 1)  # type: ignore[arg-type]
+        else:
+            out = _raw_status(backing, start, stop, depth + 1)
+        start = stop
+    if start < end:
+        _add(out, Extent(start, end - start, depth, False, True, False))
+    return out
+
+
+def _raw_status(raw: object, start: int, end: int, depth: int) -> list[Extent]:
+    """A raw backing file: data where the host file has data, zeros in its holes."""
+    fd: int = raw.file.fd  # type: ignore[attr-defined]
+    out: list[Extent] = []
+    pos = start
+    while pos < end:
+        try:
+            data_at = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            data_at = end
+        if data_at > pos:
+            stop = min(end, data_at)
+            _add(out, Extent(pos, stop - pos, depth, True, True, False, pos))
+            pos = stop
+            continue
+        hole_at = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
+        _add(out, Extent(pos, hole_at - pos, depth, True, False, True, pos))
+        pos = hole_at
+    return out
+
+
+def dirty(bits: bytes, granularity: int, size: int) -> list[dict[str, Any]]:
+    """The extents of a bitmap's BITS as nbdinfo --map=qemu:dirty-bitmap:NAME --json.
+    (Costs what the set bits cost: a sparse bitmap of a huge disk is quick.)"""
+    nbits = -(-size // granularity)
+    raw = np.frombuffer(bits, np.uint8)[: -(-nbits // 8)]
+    nz = np.flatnonzero(raw)
+    on = np.unpackbits(raw[nz], bitorder="little").reshape(-1, 8)
+    pos = (nz[:, None] * 8 + np.arange(8))[on.astype(bool)]
+    pos = pos[pos < nbits]
+    out: list[dict[str, Any]] = []
+
+    def add(lo_bit: int, hi_bit: int, is_dirty: bool) -> None:
+        lo, hi = lo_bit * granularity, min(size, hi_bit * granularity)
+        if hi > lo:
+            out.append({"offset": lo, "length": hi - lo, "type": int(is_dirty),
+                        "description": "dirty" if is_dirty else "clean"})
+    brk = np.flatnonzero(np.diff(pos) != 1) + 1
+    starts = [int(x) for x in pos[np.concatenate(([0], brk))]] if len(pos) else []
+    ends = [int(x) + 1 for x in pos[np.concatenate((brk - 1, [len(pos) - 1]))]] if len(pos) else []
+    prev = 0
+    for lo, hi in zip(starts, ends):
+        add(prev, lo, False)
+        add(lo, hi, True)
+        prev = hi
+    add(prev, nbits, False)
+    return out

@@ -1,0 +1,533 @@
+"""An open image: the state of one qcow2 file (QEMU's BDRVQcow2State) and the
+entry points every reader and writer goes through.
+
+Opening is `opening.py`; reads are `mapper.py`, writes `writer.py`, refcounts
+`refcount/`, snapshots `snapshot_ops.py`, bitmaps `bitmaps.py`/`bitmap_ops.py`.
+This class ties them together and is the one place where two rules are
+enforced for every entry point:
+
+- *not writable*: `_check_writable` raises ReadOnlyError (EROFS) on an image
+  opened read-only and CorruptionError (EIO) on one marked corrupt;
+- *corruption*: a CorruptionError met by any entry point of a writable image
+  goes to `signal_corruption` (QEMU's qcow2_signal_corruption): the corrupt
+  bit is set and nothing is written through the image again.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import numpy as np
+import trio
+
+from ..errors import CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError
+from ..format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
+                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_L1_BYTES, Geometry, Header, SnapshotEntry,
+                      data_host_offsets)
+from ..host.hostfile import HostFile
+from ..host.locking import lock_image
+from . import bitmap_ops, snapshot_ops
+from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
+from .cache import TableCache
+from .mapper import L1Table, Mapper, Source
+from .metadata import Metadata
+from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
+                      read_snapshot_table, validate_header)
+from .overlap import Kind
+from .references import build_overlap_map
+from .refcount import Allocator, Transaction, rebuild
+from .snapshots import snapshot_problem
+from .writer import Writer
+
+log = logging.getLogger("qcowfs")
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def signals_corruption(method: F) -> F:
+    """Decorate an entry point of Image: a CorruptionError it meets reaches
+    `signal_corruption` (on a writable image) before it propagates. The one
+    path from a detected corruption to the corrupt bit."""
+    @functools.wraps(method)
+    async def guarded(self: "Image", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except CorruptionError as e:
+            await self.signal_corruption(e)
+            raise
+    return guarded  # type: ignore[return-value]
+
+
+class Image:
+    """An open qcow2 image: its header, tables, caches and backing chain."""
+
+    def __init__(self, path: str, options: OpenOptions, chain: tuple[tuple[int, int], ...] = ()) -> None:
+        self.path = path
+        self.options = options
+        self.read_only = options.read_only
+        self.backing: Source | None = None
+        self.data_file: HostFile | None = None
+        if options.force_share and not options.read_only:
+            raise QcowError("force-share (-U) is only for read-only opens")
+        try:
+            self.file = HostFile(path, writable=not options.read_only)
+        except OSError as e:
+            raise QcowError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            self._open(chain)
+        except BaseException:
+            self._close_files()
+            raise
+
+    # ---- open ---------------------------------------------------------------
+
+    def _open(self, chain: tuple[tuple[int, int], ...]) -> None:
+        st = os.fstat(self.file.fd)
+        ident = (st.st_dev, st.st_ino)
+        if ident in chain:
+            raise InvalidImageError(f"backing chain loops back to {self.path}")
+        if len(chain) >= MAX_CHAIN_DEPTH:
+            raise InvalidImageError(f"backing chain is deeper than {MAX_CHAIN_DEPTH}")
+        h = Header.parse(self.file.read_sync(0, 1 << 21))
+        self.geo = Geometry.from_header(h)
+        validate_header(h, self.geo, self.file.known_size)
+        self.luks, self.cipher = open_encryption(h, self.geo, self.file, self.options)
+        meta = self.meta = Metadata(self.file, h, self.geo)
+        # What a read-only open left out (damaged snapshot table or bitmap
+        # directory): the active disk is still served, as qemu-img convert does.
+        self.warnings: list[str] = []
+        meta.snapshots = self._optional("snapshot table", "snapshots",
+                                        lambda: read_snapshot_table(h, self.geo, self.file))
+        self.bitmaps: list[Bitmap] = self._optional("bitmap directory", "bitmaps",
+                                                    lambda: load_bitmaps(h, self.file))
+        meta.bitmap_directory = [bm.entry for bm in self.bitmaps]
+        self._changed = False
+        self._prepared = False
+        if h.incompatible_features & INCOMPAT_DATA_FILE:
+            self.data_file = open_data_file(self.path, h, writable=not self.read_only)
+        mapper_file = self.data_file or self.file
+        self.l2_cache: TableCache[np.ndarray] = TableCache(
+            "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
+            self._load_l2, self._encode_l2, self._write_l2)
+        self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache,
+                             encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher)
+        self.corrupt = False
+        # force_share: bumped whenever the tables read so far are dropped
+        # (revalidate); views holding their own L1 tables drop theirs then.
+        self.tables_epoch = 0
+        # force_share: why the active disk / the snapshots can no longer be
+        # read safely (the writer moved the structures they are read through).
+        self.disk_moved: str | None = None
+        self.snapshots_moved: str | None = None
+        self.allocator: Allocator | None = None
+        self.writer: Writer | None = None
+        if self.read_only:
+            lock_image(self.file.fd, self.path, writer=False, force_share=self.options.force_share)
+        else:
+            self._open_writable(h)
+        self.backing = open_backing(self.path, h, self.options, chain + (ident,), Image)
+
+    def _open_writable(self, h: Header) -> None:
+        if h.incompatible_features & INCOMPAT_CORRUPT and not self.options.repair:
+            raise QcowError(f"{self.path} is marked corrupt: mount it with --read-only, or repair "
+                            "it with `qcowfs check --repair`")
+        for snap in self.snapshots:
+            problem = snapshot_problem(snap, h.version, self.geo.cluster_size, self.file.known_size)
+            if problem and not problem[1]:
+                # Its L2 tables cannot be protected from our writes (QEMU's
+                # inactive-L2 overlap check fails the same way).
+                raise CorruptionError(f"{problem[0]}: the image can only be opened read-only")
+        lock_image(self.file.fd, self.path, writer=True)
+        if self.data_file is not None:
+            lock_image(self.data_file.fd, self.data_file.path, writer=True)
+        build_overlap_map(self.meta)
+        alloc = self.reload_refcounts()
+        self.writer = Writer(self.geo, self.mapper, self.meta, alloc, lambda: self.backing)
+        self._flush_lock = trio.Lock()
+
+    @property
+    def header(self) -> Header:
+        """The current header (owned by self.meta; read only)."""
+        return self.meta.header
+
+    @property
+    def snapshots(self) -> list[SnapshotEntry]:
+        return self.meta.snapshots
+
+    @property
+    def active_l1(self) -> L1Table:
+        return self.meta.active_l1
+
+    @property
+    def external_data(self) -> bool:
+        return self.data_file is not None
+
+    def reload_refcounts(self) -> Allocator:
+        """(Re)read the refcount table named by the header, with empty caches."""
+        alloc = self.allocator = Allocator(self.meta)
+        self.l2_cache.clear()
+        self.l2_cache.depends_on = alloc.cache
+        if self.writer is not None:
+            self.writer.alloc = alloc
+        return alloc
+
+    def _optional(self, what: str, shown: str, read: Callable[[], list[T]]) -> list[T]:
+        try:
+            return read()
+        except InvalidImageError as e:
+            if not self.read_only:
+                raise
+            self.warnings.append(f"the {what} is damaged ({e}): {shown} are not shown")
+            return []
+
+    @property
+    def encryption(self) -> str | None:
+        """How the image is encrypted (CRYPT_NAMES), or None."""
+        return CRYPT_NAMES.get(self.header.crypt_method)
+
+    # ---- reading ------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The virtual size as QEMU presents it: whole 512-byte sectors."""
+        return self.header.size & ~511
+
+    def host_usage(self) -> int:
+        """Host bytes the image (and its data file) occupy: the st_blocks of
+        its disk files, so that du and cp's sparse-file test (st_blocks
+        below st_size: then cp seeks for holes) see a sparse disk."""
+        files = [self.file] + ([self.data_file] if self.data_file is not None else [])
+        return sum(os.fstat(f.fd).st_blocks * 512 for f in files)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+
+    async def _load_l2(self, offset: int) -> np.ndarray:
+        raw = await self.file.read(offset, self.geo.cluster_size)
+        if len(raw) < self.geo.cluster_size:
+            raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
+        table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        if self.allocator is not None and not self.external_data:
+            self.allocator.note_references(data_host_offsets(table[0::2] if self.geo.extended_l2 else table))
+        return table.reshape(-1, 2) if self.geo.extended_l2 else table
+
+    def _write_l2(self, offset: int, data: bytes) -> None:
+        self.meta.write(offset, data, "L2 table", ignore=Kind.ACTIVE_L2)
+
+    @staticmethod
+    def _encode_l2(table: np.ndarray) -> bytes:
+        return table.astype(">u8").tobytes()
+
+    async def read_into(self, buf: memoryview, offset: int) -> None:
+        """The active disk as a Source (used when this image is a backing file)."""
+        n = min(len(buf), self.size - offset)
+        if n > 0:
+            await self.mapper.read_into(self.active_l1, buf[:n], offset, self.backing)
+
+    @signals_corruption
+    async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
+        """LENGTH bytes of the disk L1 maps (the active one or a snapshot's) at OFFSET."""
+        if self.options.force_share:
+            return await self._read_shared(l1, offset, length)
+        return await self.mapper.read(l1, offset, length, self.backing)
+
+    # ---- force_share: an image another program writes -------------------------------
+
+    async def _read_shared(self, l1: L1Table, offset: int, length: int) -> bytearray:
+        """A read of a force-shared image: refused once the writer moved the
+        tables it goes through; a table that looks inconsistent (caught
+        mid-update, or pointing past the end we knew) is read afresh once."""
+        moved = self.disk_moved if l1 is self.active_l1 else self.snapshots_moved
+        if moved is not None:
+            raise CorruptionError(f"{moved}: remount to follow it")
+        try:
+            return await self.mapper.read(l1, offset, length, self.backing)
+        except CorruptionError:
+            await self.revalidate()
+            l1.forget()
+            return await self.mapper.read(l1, offset, length, self.backing)
+
+    async def revalidate(self) -> None:
+        """force_share: drop every table read so far (L2 tables, the active
+        L1's entries, decompressed clusters; snapshot views drop their L1s on
+        the epoch change), take the file's size as it is now, and re-read the
+        header: if the writer moved the active L1 table or resized the disk,
+        or changed the snapshot table, reads through the old ones are refused
+        from then on (their clusters may have been freed and reused)."""
+        self.file.refresh_size()
+        # (The fields compared live in the first bytes; 64K holds any usual
+        # extension area without reading a whole 2M cluster ten times a second.)
+        raw = await self.file.read(0, min(self.geo.cluster_size, 65536))
+        try:
+            h = Header.parse(raw)
+        except (QcowError, ValueError) as e:  # caught mid-write: try at the next round
+            log.debug("%s: header unreadable while revalidating: %s", self.path, e)
+            h = self.header
+        old = self.header
+        if self.disk_moved is None and (h.l1_table_offset, h.l1_size, h.size) != (
+                old.l1_table_offset, old.l1_size, old.size):
+            self.disk_moved = "the writer of the image moved its L1 table or resized the disk"
+            log.warning("%s: %s: disk.raw reads fail from now on (remount)", self.path, self.disk_moved)
+        if self.snapshots_moved is None and (h.snapshots_offset, h.nb_snapshots) != (
+                old.snapshots_offset, old.nb_snapshots):
+            self.snapshots_moved = "the writer of the image changed its snapshot table"
+            log.warning("%s: %s: snapshot reads fail from now on (remount)", self.path,
+                        self.snapshots_moved)
+        self.l2_cache.clear()
+        self.active_l1.forget()
+        self.mapper.forget()
+        self.tables_epoch += 1
+
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """The active disk as a Source: its data and holes (see Mapper.seek)."""
+        stop = min(end, self.size)
+        if offset >= stop:
+            return end if data else offset
+        found = await self.mapper.seek(self.active_l1, offset, stop, data, self.backing)
+        return end if found == stop and data else found
+
+    @signals_corruption
+    async def find(self, l1: L1Table, offset: int, size: int, data: bool) -> int:
+        """lseek(SEEK_DATA / SEEK_HOLE) of a disk of SIZE bytes through L1:
+        the first data (DATA) or hole at or after OFFSET, SIZE if none."""
+        return await self.mapper.seek(l1, offset, size, data, self.backing)
+
+    def chain(self) -> list[tuple[str, str]]:
+        """(path, format) of this image and every image below it."""
+        out = [(self.path, "qcow2")]
+        if self.backing is not None:
+            out += self.backing.chain()  # type: ignore[attr-defined]
+        return out
+
+    # ---- close --------------------------------------------------------------
+
+    # ---- writing --------------------------------------------------------------
+
+    def _check_writable(self) -> Writer:
+        """The one guard of every change: ReadOnlyError (EROFS) on an image
+        opened read-only, CorruptionError (EIO) once it is marked corrupt."""
+        if self.corrupt:
+            raise CorruptionError("the image is marked corrupt; changes are refused")
+        if self.writer is None:
+            raise ReadOnlyError("the image is open read-only")
+        return self.writer
+
+    async def prepare_writes(self) -> None:
+        """Before the first change: rebuild refcounts of a dirty image, drop
+        unknown autoclear bits (their meaning is lost once we write), mark
+        tracked bitmaps in use. Once; every change calls it first, so none
+        can skip it (`qcowfs.open(..., "r+")` calls it at open)."""
+        if self._prepared:
+            return
+        self._check_writable()
+        self._prepared = True
+        if self.header.incompatible_features & INCOMPAT_DIRTY:
+            log.info("%s has the dirty bit set: rebuilding refcounts", self.path)
+            await self.rebuild_refcounts()
+            await self.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_DIRTY)
+        if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
+            await self.meta.update(autoclear_features=lambda bits: bits & AUTOCLEAR_KNOWN)
+        await start_tracking(self.meta, self.bitmaps)
+        for bm in self.bitmaps:
+            if bm.problem is not None:
+                log.warning("bitmap '%s' is not used: %s", bm.name, bm.problem)
+
+    async def rebuild_refcounts(self, progress: Callable[[float], None] | None = None) -> None:
+        """A new refcount structure from the references (dirty image, repair)."""
+        await rebuild(self.meta, self.external_data, progress)
+        self.reload_refcounts()
+
+    @signals_corruption
+    async def write(self, offset: int, data: bytes) -> int:
+        """Write DATA at guest OFFSET of the active disk (inside the disk)."""
+        writer = self._check_writable()
+        if not self._prepared:
+            await self.prepare_writes()
+        if not writer.write_in_place(offset, data):
+            await writer.write(offset, data)
+        self.written(offset, len(data))
+        return len(data)
+
+    @signals_corruption
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """Make [offset, offset+length) of the disk read as zeros, without data
+        clusters where the format allows: UNMAP (discard, PUNCH_HOLE) frees
+        the host clusters, else (ZERO_RANGE) owned ones stay preallocated.
+        Dirty bitmaps count it as written. See Writer.zero."""
+        writer = self._check_writable()
+        await self.prepare_writes()
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return
+        await writer.zero(offset, length, unmap, self.size)
+        self.written(offset, length)
+
+    def written(self, offset: int, length: int) -> None:
+        """Live dirty tracking: bits are set before the write is acknowledged."""
+        self._changed = True
+        for bm in self.bitmaps:
+            if bm.bits is not None:
+                bm.mark(offset, length)
+
+    async def signal_corruption(self, why: Exception) -> None:
+        """Stop writing through metadata that failed a check, and say so in the
+        image (QEMU's qcow2_signal_corruption). A read-only image is left as
+        it is: the error fails the request, nothing more."""
+        if self.corrupt or self.writer is None:
+            return
+        self.corrupt = True
+        log.error("%s: corruption found while writing (%s): the image is marked corrupt and "
+                  "the mount is read-only from now on", self.path, why)
+        if self.header.version >= 3:
+            await self.meta.update(incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT)
+
+    @signals_corruption
+    async def flush(self) -> None:
+        """Data, refcount increases, fsync, L2 tables, fsync, refcount decreases.
+        (Nothing on a read-only image, nor on one marked corrupt.)"""
+        if self.allocator is None or self.corrupt:
+            return
+        async with self._flush_lock:
+            alloc = self.allocator
+            assert alloc is not None
+            pending, alloc.pending = alloc.pending, []
+            await self.l2_cache.flush()
+            await alloc.flush()
+            await self.file.sync()
+            if pending:
+                alloc.pending[:0] = pending
+                await alloc.apply_pending()
+                await alloc.flush()
+                await self.file.sync()
+            if self.data_file is not None:
+                await self.data_file.sync()
+
+    # ---- metadata operations while the disk is in use ----------------------------------
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Allocator]:
+        """Hold the image for a metadata operation at one instant: writes in
+        flight are drained, new ones wait (the in-place fast path too), and
+        every cache is flushed. A corruption found on the way marks the
+        image corrupt, as a write's would."""
+        writer = self._check_writable()
+        await self.prepare_writes()
+        async with writer.lock:
+            writer.frozen = True
+            try:
+                await self.flush()
+                assert self.allocator is not None  # a writer has one
+                yield self.allocator
+            except CorruptionError as e:
+                await self.signal_corruption(e)
+                raise
+            finally:
+                writer.frozen = False
+
+    async def create_snapshot(self, name: str) -> SnapshotEntry:
+        """Internal snapshot NAME of the disk as it is at this instant."""
+        async with self.exclusive() as alloc:
+            return await snapshot_ops.create(self.meta, alloc, self.l2_cache, name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        async with self.exclusive() as alloc:
+            await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
+
+    async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+        """A new persistent bitmap; enabled, it tracks writes from this instant."""
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans = await bitmap_ops.plan_add(self.meta, self.bitmaps, name, granularity, enabled)
+            await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await txn.commit()
+
+    async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None) -> None:
+        """remove, clear, enable, disable, or merge SOURCES into bitmap NAME."""
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans, removed = await bitmap_ops.plan_change(self.meta, self.bitmaps, name, action, sources or [])
+            await bitmap_ops.stage(self.meta, txn, plans, removed, self._adopt_bitmaps)
+            await txn.commit()
+
+    async def checkpoint(self, name: str) -> SnapshotEntry:
+        """In one commit at one instant: internal snapshot NAME, a frozen copy
+        B@NAME of every tracked bitmap B, and a new tracked bitmap NAME."""
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans = bitmap_ops.plan_checkpoint(self.meta, self.bitmaps, name)
+            entry = await snapshot_ops.stage_create(self.meta, self.l2_cache, txn, name)
+            await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await txn.commit()
+        return entry
+
+    def _adopt_bitmaps(self, bitmaps: list[Bitmap]) -> None:
+        self.bitmaps = bitmaps
+        self._changed = True  # tracked bits are stored at close
+
+    @signals_corruption
+    async def resize(self, new_size: int) -> None:
+        """Grow the virtual disk (shrinking is refused: it would destroy data)."""
+        writer = self._check_writable()
+        await self.prepare_writes()
+        if new_size < self.size:
+            raise ResizeError("shrinking the disk is not supported")
+        if self.bitmaps:
+            raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
+        if self.snapshots and self.header.version < 3:
+            raise ResizeError("a version 2 image with snapshots cannot be resized (as in QEMU)")
+        old_size = self.size
+        async with writer.lock:
+            needed = self.geo.l1_entries_needed(new_size)
+            if needed > self.header.l1_size:
+                if needed * 8 > MAX_L1_BYTES:
+                    raise ResizeError(f"virtual size {new_size} is too large")
+                await self._grow_l1(needed, new_size)
+            else:
+                await self.meta.update(size=new_size)
+        # The new area reads zeros, even where a larger backing file has data.
+        shadowed = min(new_size, self.backing.size if self.backing is not None else 0)
+        for pos in range(old_size, shadowed, 1 << 20):
+            await writer.write(pos, bytes(min(1 << 20, shadowed - pos)))
+
+    async def _grow_l1(self, entries: int, new_size: int) -> None:
+        """A larger active L1 table in new clusters; the header switches to it
+        (and to the new size) in one write; then the old one is freed."""
+        assert self.allocator is not None
+        h, cs = self.header, self.geo.cluster_size
+        table = np.zeros(entries, np.uint64)
+        table[: h.l1_size] = await self.active_l1.entries()
+        nclusters = -(-entries * 8 // cs)
+        offset = await self.allocator.allocate(nclusters)
+        self.meta.write(offset, table.astype(">u8").tobytes(), "new L1 table")
+        await self.allocator.flush()
+        await self.file.sync()
+        old = (h.l1_table_offset, h.l1_size)
+        await self.meta.update(l1_table_offset=offset, l1_size=entries, size=new_size)
+        self.meta.drop_structure(Kind.ACTIVE_L1, old[0], old[1] * 8)
+        self.meta.add_structure(Kind.ACTIVE_L1, offset, entries * 8)
+        if old[1]:
+            self.allocator.release_later(old[0], -(-old[1] * 8 // cs) * cs)
+
+    async def close(self) -> None:
+        log.debug("%s: %d reads from the page cache, %d in a worker thread; L2 cache %d hits, "
+                  "%d misses", self.path, self.file.cached_reads, self.file.thread_reads,
+                  self.l2_cache.hits, self.l2_cache.misses)
+        if self.writer is not None:
+            try:
+                await self.flush()
+                if not self.corrupt:
+                    assert self.allocator is not None  # a writer has one
+                    await store_bitmaps(self.meta, self.allocator, self.bitmaps, self._changed)
+                    await self.flush()
+            finally:
+                self.writer = None
+        if self.backing is not None:
+            await self.backing.close()  # type: ignore[attr-defined]
+            self.backing = None
+        self._close_files()
+
+    def _close_files(self) -> None:
+        if self.data_file is not None:
+            self.data_file.close()
+        self.file.close()

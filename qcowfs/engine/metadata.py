@@ -1,0 +1,115 @@
+"""The one owner of on-disk metadata state (QEMU's BDRVQcow2State).
+
+Every header field and every pointer to a metadata structure (active L1
+table, refcount table, snapshot table, bitmap directory) lives here once.
+Other modules read it; a change goes through `update`, which builds the
+whole header from memory and writes it (QEMU's qcow2_update_header), so a
+later header write can never put back a stale pointer. (It once did:
+refcount-table growth wrote its pointer by offset, and storing bitmaps at
+unmount wrote the old one back over it.)
+
+Every metadata write goes through `write`, which first asks the overlap map
+whether the target holds another live structure; guest data writes ask
+`check_data`. Either refusal is an OverlapError (a CorruptionError): the
+image's owner then marks the image corrupt and stops writing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import trio
+
+from ..errors import QcowError
+from ..format import BitmapDirEntry, Geometry, Header, SnapshotEntry, with_extension
+from ..host.hostfile import HostFile
+from .mapper import L1Table
+from .overlap import Kind, OverlapMap
+
+
+class Metadata:
+    """Header, table pointers, snapshot list, bitmap directory and the
+    overlap map of one open image."""
+
+    def __init__(self, file: HostFile, header: Header, geo: Geometry) -> None:
+        self.file = file
+        self.geo = geo
+        self._header = header
+        self.overlap = OverlapMap(geo.cluster_bits)
+        # check_data(host, length): guest data never lands on metadata (image
+        # file only). A partial, not a method: it runs on every data write.
+        self.check_data: Callable[[int, int], None] = functools.partial(self.overlap.check, what="guest data")
+        self.snapshots: list[SnapshotEntry] = []
+        # The bitmap directory as stored (the tracking state of each bitmap
+        # lives in bitmaps.Bitmap, which refers to these entries).
+        self.bitmap_directory: list[BitmapDirEntry] = []
+        self.active_l1 = self._l1_for(header)
+        self._update_lock = trio.Lock()
+
+    @property
+    def header(self) -> Header:
+        """The current header (read it; change it only through update())."""
+        return self._header
+
+    def _l1_for(self, h: Header) -> L1Table:
+        return L1Table(self.file, h.l1_table_offset, h.l1_size, self._write_l1_entry)
+
+    def _write_l1_entry(self, offset: int, data: bytes) -> None:
+        self.write(offset, data, "active L1 entry", ignore=Kind.ACTIVE_L1)
+
+    # ---- the header -------------------------------------------------------------
+
+    async def update(self, snapshots: list[SnapshotEntry] | None = None,
+                     bitmap_directory: list[BitmapDirEntry] | None = None, **fields: Any) -> None:
+        """Change header fields: the whole header is packed from memory, written
+        in one pwrite and fsync'd; memory switches once that is done
+        (SNAPSHOTS, BITMAP_DIRECTORY: the lists the new header's tables hold).
+
+        A value may be a function of the current one (feature bits:
+        `incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT`).
+        Callers put what the new values point to on disk (and fsync) first.
+        Updates are serialised: one built from memory while another waits for
+        its fsync would write the other's change back out."""
+        async with self._update_lock:
+            old = self._header
+            values = {k: v(getattr(old, k)) if callable(v) else v for k, v in fields.items()}
+            values.setdefault("extensions", list(old.extensions))
+            new = dataclasses.replace(old, **values)
+            raw = new.pack()
+            if len(raw) > self.geo.cluster_size:
+                raise QcowError("the header no longer fits in the first cluster")
+            self.file.write_sync(raw, 0)
+            await self.file.sync()
+            self._header = new
+            if snapshots is not None:
+                self.snapshots = snapshots
+            if bitmap_directory is not None:
+                self.bitmap_directory = bitmap_directory
+            if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
+                self.active_l1 = self._l1_for(new)
+
+    async def set_extension(self, ext_type: int, data: bytes | None) -> None:
+        """Replace (None: drop) one header extension, through update()."""
+        await self.update(extensions=lambda extensions: with_extension(extensions, ext_type, data))
+
+    # ---- writes of metadata and data ---------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, what: str,
+              ignore: int = 0) -> None:
+        """Write a metadata structure (or part of one) at OFFSET, after checking
+        that it lands on nothing live but its own kind (IGNORE)."""
+        self.overlap.check(offset, len(data), what, ignore)
+        self.file.write_sync(data, offset)
+
+    def add_structure(self, kind: Kind, offset: int, length: int) -> None:
+        self.overlap.add(offset, length, kind)
+
+    def drop_structure(self, kind: Kind, offset: int, length: int) -> None:
+        self.overlap.remove(offset, length, kind)
+
+    def replace_structures(self, kind: Kind, ranges: list[tuple[int, int]]) -> None:
+        """All structures of KIND are now RANGES (after a rebuild)."""
+        self.overlap.remove_kind(kind)
+        for offset, length in ranges:
+            self.overlap.add(offset, length, kind)

@@ -1,0 +1,219 @@
+"""Opening an image: header validation, encryption, the snapshot table, the
+external data file and the backing chain (QEMU's qcow2_do_open).
+
+Everything that can be checked before serving a request is checked here, so a
+bad image refuses to open with one clear line instead of failing later.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import InvalidImageError, QcowError, UnsupportedFeatureError
+from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO,
+                      EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN,
+                      MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC,
+                      CryptoHeaderExtension, Geometry, Header, SnapshotEntry)
+from ..format.crypto import LUKS_HEADER_SIZE, DiskCipher, LuksVolume, legacy_aes_cipher
+from ..host.hostfile import HostFile
+from ..host.locking import lock_image
+from . import DEFAULT_L2_CACHE_BYTES
+from .mapper import Source
+
+MAX_CHAIN_DEPTH = 64
+# QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
+MAX_SNAPSHOT_TABLE = 64 << 20
+MAX_SNAPSHOT_EXTRA = 1024
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
+
+
+@dataclass
+
+
+class OpenOptions:
+    """How an image is opened (the engine's side of `qcowfs.open`'s arguments)."""
+
+    read_only: bool = True
+    l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+    # `qcowfs check --repair`: open a corrupt image for writing, to fix it.
+    repair: bool = False
+    # QEMU's -U / force-share=on: a read-only open that ignores other
+    # programs' write locks (what it shows may change under it).
+    force_share: bool = False
+    # The passphrase of an encrypted image (and of encrypted backing files),
+    # asked only when one is opened. None: open the metadata only (info,
+    # check), guest data of an encrypted image can then not be read.
+    passphrase: Callable[[], bytes] | None = None
+
+
+class RawSource:
+    """A raw backing file: reads past its end are zeros."""
+
+    def __init__(self, path: str, force_share: bool = False) -> None:
+        self.path = path
+        self.file = HostFile(path)
+        self.size = self.file.known_size
+        try:
+            lock_image(self.file.fd, path, writer=False, force_share=force_share)
+        except QcowError:
+            self.file.close()
+            raise
+
+    async def read_into(self, buf: memoryview, offset: int) -> None:
+        n = min(len(buf), self.size - offset)
+        if n > 0:
+            await self.file.read_into(buf[:n], offset)
+
+    async def close(self) -> None:
+        self.file.close()
+
+    async def seek(self, offset: int, end: int, data: bool) -> int:
+        """Data and holes as the host filesystem keeps them (SEEK_DATA/SEEK_HOLE)."""
+        try:
+            found = os.lseek(self.file.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return end  # nothing more (or past the end of the file)
+        return min(found, end)
+
+    def chain(self) -> list[tuple[str, str]]:
+        return [(self.path, "raw")]
+
+
+def check_table(name: str, offset: int, length: int, cluster_size: int, file_size: int) -> None:
+    if offset % cluster_size:
+        raise InvalidImageError(f"{name} offset {offset:#x} is not cluster aligned")
+    if offset < cluster_size:
+        raise InvalidImageError(f"{name} overlaps the image header")
+    if offset + length > file_size:
+        raise InvalidImageError(f"{name} lies past the end of the image file")
+
+
+def resolve_backing(image_path: str, name: str) -> str:
+    if name.startswith("json:"):
+        raise UnsupportedFeatureError("backing file given as a json: specification is not supported")
+    if _PROTOCOL.match(name):
+        raise UnsupportedFeatureError(f"backing file '{name}' uses a protocol; only local files are supported")
+    if not name:
+        raise InvalidImageError("backing file name is empty")
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+def validate_header(h: Header, geo: Geometry, file_size: int) -> None:
+    """Refuse a header whose fields QEMU would refuse (or that we cannot serve)."""
+    cs = geo.cluster_size
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
+        raise UnsupportedFeatureError(f"the image is encrypted with an unknown method ({h.crypt_method})")
+    unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        names = h.feature_names()
+        feats = ", ".join(names.get((FEATURE_TYPE_INCOMPAT, b), f"unknown feature bit {b}")
+                          for b in range(64) if unknown >> b & 1)
+        raise UnsupportedFeatureError(f"image uses unsupported incompatible feature(s): {feats}")
+    if h.compression_type not in COMPRESSION_NAMES:
+        raise UnsupportedFeatureError(f"unknown compression type {h.compression_type}")
+    if h.compression_type and not h.incompatible_features & INCOMPAT_COMPRESSION:
+        raise InvalidImageError("compression type is set without its incompatible feature bit")
+    if h.size > MAX_VIRTUAL_SIZE:
+        raise InvalidImageError(f"virtual size {h.size} is too large")
+    if h.l1_size * 8 > MAX_L1_BYTES:
+        raise InvalidImageError(f"L1 table is too large ({h.l1_size} entries)")
+    if h.l1_size < geo.l1_entries_needed(h.size):
+        raise InvalidImageError("L1 table is too small for the virtual size")
+    if h.l1_size:
+        check_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+    rt_bytes = h.refcount_table_clusters * cs
+    if rt_bytes > MAX_REFTABLE_BYTES or not h.refcount_table_clusters:
+        raise InvalidImageError(f"invalid refcount table size ({h.refcount_table_clusters} clusters)")
+    check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise InvalidImageError(f"too many snapshots ({h.nb_snapshots})")
+
+
+def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptions
+                    ) -> tuple[LuksVolume | None, DiskCipher | None]:
+    """The LUKS header (checked) and, given a passphrase, the data cipher.
+    Legacy AES is read-only (QEMU's emulators no longer write it either)."""
+    if h.crypt_method != CRYPT_LUKS and h.extension(EXT_CRYPTO) is not None:
+        raise InvalidImageError("the image has an encryption header extension but is not LUKS-encrypted")
+    if h.crypt_method == CRYPT_NONE:
+        return None, None
+    if h.crypt_method == CRYPT_AES:
+        if not options.read_only and not options.repair:
+            raise UnsupportedFeatureError("images encrypted with legacy AES can only be opened read-only "
+                                          "(mount with --read-only or -o ro)")
+        return None, legacy_aes_cipher(options.passphrase()) if options.passphrase is not None else None
+    raw = h.extension(EXT_CRYPTO)
+    if raw is None:
+        raise InvalidImageError("the image is LUKS-encrypted but has no encryption header extension")
+    fde = CryptoHeaderExtension.parse(raw)
+    cs = geo.cluster_size
+    if fde.offset % cs or fde.offset < cs or fde.length < LUKS_HEADER_SIZE:
+        raise InvalidImageError(f"the LUKS header at {fde.offset:#x} (+{fde.length}) is misplaced")
+    if fde.offset + fde.length > file.known_size:
+        raise InvalidImageError("the LUKS header lies past the end of the image file")
+    luks = LuksVolume.parse(file.read_sync(fde.offset, LUKS_HEADER_SIZE), fde.offset, fde.length)
+    if options.passphrase is None:
+        return luks, None
+    return luks, luks.unlock(options.passphrase(), file.read_sync)
+
+
+def read_snapshot_table(h: Header, geo: Geometry, file: HostFile) -> list[SnapshotEntry]:
+    """The snapshot table, within QEMU's limits."""
+    if h.snapshots_offset % geo.cluster_size:  # QEMU checks it even with no snapshots
+        raise InvalidImageError("snapshot table offset is invalid")
+    if not h.nb_snapshots:
+        return []
+    if h.snapshots_offset < geo.cluster_size or h.snapshots_offset >= file.known_size:
+        raise InvalidImageError("snapshot table offset is invalid")
+    raw = file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, MAX_SNAPSHOT_TABLE))
+    entries = SnapshotEntry.parse_table(raw, h.nb_snapshots)
+    if sum(len(e.pack()) for e in entries) > MAX_SNAPSHOT_TABLE:
+        raise InvalidImageError("snapshot table is too big")
+    for e in entries:
+        if len(e.extra) > MAX_SNAPSHOT_EXTRA:
+            raise InvalidImageError(f"snapshot {e.id_str} has too much extra data")
+    return entries
+
+
+def open_data_file(image_path: str, h: Header, writable: bool) -> HostFile:
+    """The external data file the header names, resolved as a backing file is."""
+    name = h.extension(EXT_DATA_FILE)
+    if not name:
+        raise InvalidImageError("image needs an external data file but does not name it")
+    path = resolve_backing(image_path, name.decode("utf-8", "replace"))
+    try:
+        return HostFile(path, writable=writable)
+    except OSError as e:
+        raise QcowError(f"cannot open external data file {path}: {e.strerror}") from None
+
+
+def open_backing(image_path: str, h: Header, options: OpenOptions, chain: tuple[tuple[int, int], ...],
+                 open_qcow2: Callable[[str, OpenOptions, tuple[tuple[int, int], ...]], Source]) -> Source | None:
+    """The backing file the header names (raw, or qcow2 through OPEN_QCOW2),
+    read-only, with reader locks; CHAIN: the (dev, ino) of the images above."""
+    if h.backing_file is None:
+        return None
+    path = resolve_backing(image_path, h.backing_file)
+    fmt_ext = h.extension(EXT_BACKING_FORMAT)
+    fmt = fmt_ext.decode("utf-8", "replace") if fmt_ext is not None else None
+    try:
+        if fmt is None:
+            with open(path, "rb") as f:
+                fmt = "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+        if fmt == "raw":
+            return RawSource(path, options.force_share)
+    except OSError as e:
+        raise QcowError(f"cannot open backing file {path}: {e.strerror}") from None
+    if fmt != "qcow2":
+        raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
+    try:
+        return open_qcow2(path, OpenOptions(read_only=True, l2_cache_bytes=options.l2_cache_bytes,
+                                       force_share=options.force_share,
+                                       passphrase=options.passphrase), chain)
+    except QcowError as e:
+        raise type(e)(f"backing file {path}: {e}") from None

@@ -1,0 +1,371 @@
+"""The allocator: refcount table and blocks, cluster allocation, table growth.
+
+Increases go into the refcount block cache at once and reach the disk before
+any L2 table that points to the new clusters (the L2 cache depends on this
+one). Decreases wait in `pending` until the references they drop are on disk
+(see `Image.flush`), so a crash can leak a cluster but never free one that
+is still referenced.
+
+The refcount table's pointer belongs to the metadata owner (Metadata): this
+module reads it there and changes it through Metadata.update.
+
+A cluster the refcounts call free is checked before it is handed out: it
+must hold no live metadata (the overlap map) and no L2 table loaded this
+session may reference it (a bitmap of referenced host clusters, filled as
+tables are loaded). A hit means the refcounts lie: CorruptionError, and the
+image is marked corrupt instead of losing data. References from tables never
+loaded (snapshots' data, parts of the disk not touched this session) cannot
+be checked without a full scan (`qcowfs check`).
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..cache import TableCache
+from ...errors import CorruptionError, NoSpaceError
+from ...format import (refcount_array, refcount_get, refcount_set, refcount_store, refcount_values)
+from ..metadata import Metadata
+from ..overlap import Kind
+from ..references import refcount_table
+
+DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
+# Above this many host clusters the referenced-cluster bitmap is not kept
+# (it would take more than 128 MiB).
+MAX_TRACKED_CLUSTERS = 1 << 30
+
+
+class Allocator:
+    """Refcount bookkeeping and free-cluster search for one writable image."""
+
+    def __init__(self, meta: Metadata) -> None:
+        geo = self.geo = meta.geo
+        self.meta = meta
+        self.file = meta.file
+        self.order = geo.refcount_order
+        self.max_refcount = (1 << (1 << self.order)) - 1
+        self.rpb = geo.refcounts_per_block
+        self.table: list[int] = refcount_table(meta.file, meta.header)
+        self.cache: TableCache[bytearray] = TableCache(
+            "refcount", meta.file, DEFAULT_REFCOUNT_CACHE_BYTES // geo.cluster_size,
+            self._load_block, bytes, self._write_block)
+        self.pending: list[tuple[int, int]] = []   # (host offset, bytes) to release later
+        self.free_hint = 0
+        self._referenced = np.zeros(0, np.uint8)
+        self._track_refs = -(-meta.file.known_size // geo.cluster_size) <= MAX_TRACKED_CLUSTERS
+
+    def _write_block(self, offset: int, data: bytes) -> None:
+        self.meta.write(offset, data, "refcount block", ignore=Kind.REFCOUNT_BLOCK)
+
+    async def _load_block(self, offset: int) -> bytearray:
+        raw = await self.file.read(offset, self.geo.cluster_size)
+        if len(raw) < self.geo.cluster_size:
+            raise CorruptionError(f"refcount block at {offset:#x} runs past the end of the file")
+        return bytearray(raw)
+
+    def block_offset(self, rt_index: int) -> int:
+        """The host offset of refcount block RT_INDEX (0: none yet), validated."""
+        off = self.table[rt_index] if rt_index < len(self.table) else 0
+        if off and (off % self.geo.cluster_size or off >= self.file.known_size):
+            raise CorruptionError(f"refcount table entry {rt_index} points to an invalid offset {off:#x}")
+        return off
+
+    # ---- reading refcounts -----------------------------------------------------
+
+    async def get(self, cluster: int) -> int:
+        off = self.block_offset(cluster // self.rpb)
+        if not off:
+            return 0
+        block = self.cache.peek(off) or await self.cache.get(off)
+        return refcount_get(block, cluster % self.rpb, self.order)
+
+    # ---- changing refcounts ------------------------------------------------------
+
+    # ---- host clusters known to be referenced ----------------------------------------
+
+    def note_references(self, host_offsets: np.ndarray) -> None:
+        """Remember host clusters an L2 table just loaded points to."""
+        if not self._track_refs or not len(host_offsets):
+            return
+        c = (host_offsets >> np.uint64(self.geo.cluster_bits)).astype(np.int64)
+        need = (int(c.max()) >> 3) + 1
+        if need > len(self._referenced):
+            if need > MAX_TRACKED_CLUSTERS >> 3:
+                self._track_refs = False
+                return
+            grown = np.zeros(max(need, 2 * len(self._referenced)), np.uint8)
+            grown[: len(self._referenced)] = self._referenced
+            self._referenced = grown
+        np.bitwise_or.at(self._referenced, c >> 3, (np.uint8(1) << (c & 7).astype(np.uint8)))
+
+    def referenced_in(self, start: int, n: int) -> int:
+        """The first cluster of [start, start+n) known referenced, or -1."""
+        ref = self._referenced
+        lo, hi = start >> 3, min(len(ref), ((start + n - 1) >> 3) + 1)
+        if lo >= hi or not ref[lo:hi].any():
+            return -1
+        bits = np.unpackbits(ref[lo:hi], bitorder="little")
+        hit = np.flatnonzero(bits[start - lo * 8 : start - lo * 8 + n])
+        return start + int(hit[0]) if len(hit) else -1
+
+    def _forget_reference(self, c: int) -> None:
+        if c >> 3 < len(self._referenced):
+            self._referenced[c >> 3] &= ~np.uint8(1 << (c & 7))
+
+    def _verify_free(self, start: int, n: int) -> None:
+        """Refuse to hand out clusters the refcounts call free but that are in use."""
+        cs = self.geo.cluster_size
+        kinds = self.meta.overlap.kinds_at(start * cs, n * cs)
+        if kinds:
+            self.meta.overlap.check(start * cs, n * cs, "a cluster with refcount 0")
+        c = self.referenced_in(start, n)
+        if c >= 0:
+            raise CorruptionError(f"cluster {c} has refcount 0 but an L2 table references it")
+
+    async def change(self, cluster: int, delta: int, count: int = 1) -> None:
+        """Add DELTA to the refcounts of COUNT clusters from CLUSTER, now
+        (one block lookup per refcount block, not per cluster)."""
+        rpb, order = self.rpb, self.order
+        end = cluster + count
+        while cluster < end:
+            rt_index = cluster // rpb
+            stop = min(end, (rt_index + 1) * rpb)
+            off = self.block_offset(rt_index)
+            if not off:
+                if delta < 0:
+                    raise CorruptionError(f"refcount of cluster {cluster} would drop below zero")
+                off = await self._new_block(rt_index)
+            async with self.cache.pinned(off) as block:
+                lo = cluster - rt_index * rpb
+                values = refcount_values(block, order, lo, lo + stop - cluster) + delta
+                self._check_counts(values, cluster)
+                refcount_store(block, order, lo, values)
+                freed = ((values == 0).nonzero()[0] + cluster).tolist() if delta < 0 else []
+                for c in freed:
+                    self._forget_reference(c)
+                if freed and freed[0] < self.free_hint:
+                    self.free_hint = freed[0]
+                self.cache.mark_dirty(off)
+                self._punch(freed)
+            cluster = stop
+
+    def _check_counts(self, values: np.ndarray, cluster: int) -> None:
+        """New refcounts VALUES of the clusters from CLUSTER must fit: checked
+        before any changes, so a refused change leaves the block as it was."""
+        bad = (values < 0) | (values > self.max_refcount)
+        if not bad.any():
+            return
+        first = int(bad.nonzero()[0][0])
+        if values[first] < 0:
+            raise CorruptionError(f"refcount of cluster {cluster + first} would drop below zero")
+        raise NoSpaceError(f"refcount of cluster {cluster + first} would overflow {1 << self.order} bits")
+
+    def _punch(self, clusters: list[int]) -> None:
+        """Give the host space of clusters that just became free back to the
+        host filesystem (as QEMU's discard passes down), so the image file's
+        disk usage drops at once. Done before any await: a free cluster can
+        be handed out again only after that, so no new data is ever punched.
+        Nothing references these clusters any more (their last reference was
+        dropped on disk first), so a crash loses nothing."""
+        cs = self.geo.cluster_size
+        run_start = run_end = -1
+        for c in clusters + [-2]:
+            if c == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0 and not self.file.zero_range(run_start * cs, (run_end - run_start) * cs, True):
+                return  # the host filesystem cannot punch holes: keep the space
+            run_start, run_end = c, c + 1
+
+    async def change_range(self, offset: int, length: int, delta: int) -> None:
+        cs = self.geo.cluster_size
+        first = offset // cs
+        await self.change(first, delta, (offset + length - 1) // cs + 1 - first)
+
+    def release_later(self, offset: int, length: int) -> None:
+        """Drop one reference to [offset, offset+length) once the drop is safe.
+        The refcount blocks it will go through are checked now (no I/O), so a
+        bad refcount table fails this request, not a later flush."""
+        cs = self.geo.cluster_size
+        for r in range(offset // cs // self.rpb, (offset + length - 1) // cs // self.rpb + 1):
+            if not self.block_offset(r):
+                raise CorruptionError(f"cluster {offset // cs} is in use but has no refcount block")
+        self.pending.append((offset, length))
+
+    async def apply_pending(self) -> bool:
+        """Apply deferred decreases (the caller made the dropped references durable).
+        Ranges that continue each other at a cluster boundary go as one change
+        (a discard of a GiB is then a few refcount updates and host punches, not
+        one per cluster); ranges that share a cluster (compressed clusters)
+        stay apart, as each holds its own reference."""
+        pending, self.pending = sorted(self.pending), []
+        cs = self.geo.cluster_size
+        merged: list[list[int]] = []
+        for offset, length in pending:
+            if merged and offset == merged[-1][1] and offset % cs == 0:
+                merged[-1][1] = offset + length
+            else:
+                merged.append([offset, offset + length])
+        for start, end in merged:
+            await self.change_range(start, end - start, -1)
+        return bool(pending)
+
+    # ---- allocation ------------------------------------------------------------------
+
+    async def allocate(self, n: int) -> int:
+        """Find N contiguous free clusters, take one reference each; host offset."""
+        while True:
+            start = await self.find_free(n)
+            missing = [r for r in range(start // self.rpb, (start + n - 1) // self.rpb + 1)
+                       if not self.block_offset(r)]
+            if not missing:
+                break
+            for r in missing:
+                await self._new_block(r)
+        self._verify_free(start, n)
+        await self.change(start, 1, n)
+        self.free_hint = start + n
+        return start * self.geo.cluster_size
+
+    async def find_free(self, n: int, covered_only: bool = False, start: int | None = None) -> int:
+        """First run of N free clusters at or after START (default: the hint), a
+        block at a time. With COVERED_ONLY, only clusters that already have a
+        refcount block (-1 if there are none)."""
+        rpb = self.rpb
+        c = self.free_hint if start is None else start
+        if n <= 64 and not covered_only and start is None and self._free_at(c, n):
+            return c  # usually: right after the last allocation
+        run_start, run_len = c, 0
+        while True:
+            r, lo = divmod(c, rpb)
+            off = self.block_offset(r)
+            if not off:
+                if covered_only and r >= len(self.table):
+                    return -1
+                segments: list[tuple[int, int]] = [] if covered_only else [(lo, rpb)]
+            else:
+                block = self.cache.peek(off) or await self.cache.get(off)
+                free = np.concatenate(([False], refcount_array(block, self.order)[lo:] == 0, [False]))
+                edges = np.diff(free.astype(np.int8))
+                segments = list(zip((np.flatnonzero(edges == 1) + lo).tolist(),
+                                    (np.flatnonzero(edges == -1) + lo).tolist()))
+            for s, e in segments:
+                g = r * rpb + s
+                if run_len and g == run_start + run_len:
+                    run_len += e - s
+                else:
+                    run_start, run_len = g, e - s
+                if run_len >= n:
+                    return run_start
+            c = (r + 1) * rpb
+
+    def _free_at(self, c: int, n: int) -> bool:
+        """Whether clusters [c, c+n) are known free without I/O (cached blocks),
+        a refcount block at a time."""
+        rpb, end = self.rpb, c + n
+        while c < end:
+            r = c // rpb
+            stop = min(end, (r + 1) * rpb)
+            off = self.block_offset(r)
+            if off:
+                block = self.cache.peek(off)
+                if block is None or refcount_values(block, self.order, c - r * rpb, stop - r * rpb).any():
+                    return False
+            c = stop
+        return True
+
+    async def _new_block(self, rt_index: int) -> int:
+        """Create the refcount block for RT_INDEX, in a cluster some block already
+        counts, or else as the first cluster of its own range (counting itself)."""
+        if rt_index >= len(self.table):
+            await self._grow_table(rt_index + 1)
+            off = self.block_offset(rt_index)
+            if off:
+                return off
+        cs = self.geo.cluster_size
+        block = bytearray(cs)
+        place = await self.find_free(1, covered_only=True)
+        if place >= 0:
+            self._verify_free(place, 1)
+            await self.change(place, 1)
+            await self.cache.flush()
+        else:
+            place = rt_index * self.rpb
+            self._verify_free(place, 1)
+            refcount_set(block, 0, self.order, 1)
+        offset = place * cs
+        # The block (and its own refcount) must be on disk before the table
+        # entry that points to it.
+        self.meta.write(offset, block, "new refcount block")
+        await self.file.sync()
+        self.meta.write(self.meta.header.refcount_table_offset + rt_index * 8, struct.pack(">Q", offset),
+                        "refcount table entry", ignore=Kind.REFCOUNT_TABLE)
+        self.table[rt_index] = offset
+        self.meta.add_structure(Kind.REFCOUNT_BLOCK, offset, cs)
+        self.cache.put_new(offset, block, dirty=False)
+        return offset
+
+    async def _grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a larger one placed after the end of the
+        file, with new blocks for the ranges it lands in, counting itself."""
+        cs, rpb, per_cluster = self.geo.cluster_size, self.rpb, self.geo.cluster_size // 8
+        area = -(-self.file.known_size // cs)
+        nblocks, tclusters = 0, 1
+        while True:
+            end = area + nblocks + tclusters
+            new_ranges = [r for r in range(area // rpb, (end - 1) // rpb + 1)
+                          if r >= len(self.table) or not self.table[r]]
+            entries = max(min_entries, -(-end // rpb), 2 * len(self.table))
+            t = -(-entries // per_cluster)
+            if (len(new_ranges), t) == (nblocks, tclusters):
+                break
+            nblocks, tclusters = len(new_ranges), t
+        table_at = area + nblocks
+        new_table = self.table + [0] * (tclusters * per_cluster - len(self.table))
+        for j, r in enumerate(new_ranges):
+            block = bytearray(cs)
+            for c in range(max(r * rpb, area), min((r + 1) * rpb, end)):
+                refcount_set(block, c - r * rpb, self.order, 1)
+            self.meta.write((area + j) * cs, block, "new refcount block")
+            new_table[r] = (area + j) * cs
+        for c in range(area, end):
+            if c // rpb < len(self.table) and self.table[c // rpb]:
+                await self.change(c, 1)
+        await self.cache.flush()
+        self.meta.write(table_at * cs, np.array(new_table, dtype=">u8").tobytes(), "new refcount table")
+        await self.file.sync()
+        h = self.meta.header
+        old = (h.refcount_table_offset, h.refcount_table_clusters * cs)
+        await self.meta.update(refcount_table_offset=table_at * cs, refcount_table_clusters=tclusters)
+        self.table = new_table
+        self.meta.drop_structure(Kind.REFCOUNT_TABLE, *old)
+        self.meta.add_structure(Kind.REFCOUNT_TABLE, table_at * cs, tclusters * cs)
+        for j in range(len(new_ranges)):
+            self.meta.add_structure(Kind.REFCOUNT_BLOCK, (area + j) * cs, cs)
+        self.release_later(*old)
+
+    async def flush(self) -> None:
+        await self.cache.flush()
+
+    def adopt(self, table: list[int], blocks: dict[int, bytes], replaced: dict[int, int],
+              freed: np.ndarray, old_table: tuple[int, int]) -> None:
+        """Follow the refcount structure a Transaction committed: TABLE with the
+        new BLOCKS in place of REPLACED (range -> old offset); FREED clusters
+        lost their last reference."""
+        cs = self.geo.cluster_size
+        self.table = table
+        self.meta.drop_structure(Kind.REFCOUNT_TABLE, *old_table)
+        self.meta.add_structure(Kind.REFCOUNT_TABLE, self.meta.header.refcount_table_offset,
+                                self.meta.header.refcount_table_clusters * cs)
+        for off in replaced.values():
+            if off:
+                self.cache.discard(off)
+                self.meta.drop_structure(Kind.REFCOUNT_BLOCK, off, cs)
+        for off, raw in blocks.items():
+            self.cache.put_new(off, bytearray(raw), dirty=False)
+            self.meta.add_structure(Kind.REFCOUNT_BLOCK, off, cs)
+        for c in freed.tolist():
+            self._forget_reference(c)
+        if len(freed):
+            self.free_hint = min(self.free_hint, int(freed.min()))

@@ -1,0 +1,82 @@
+"""COPIED flags: found wrong (check) and made exact (rebuild, repair).
+
+The spec trusts OFLAG_COPIED only in the active tables: it is set exactly
+when the refcount of the cluster the entry points to is 1."""
+from __future__ import annotations
+
+import numpy as np
+
+from ...format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
+from ..metadata import Metadata
+from ..overlap import Kind
+from ..references import read_entries
+
+
+def stored_refcount(stored: np.ndarray, offset: int, cluster_size: int) -> int:
+    """The refcount STORED gives the cluster at OFFSET (0 past its end)."""
+    c = offset // cluster_size
+    return int(stored[c]) if c < len(stored) else 0
+
+
+def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
+                  external: bool) -> tuple[list[int], dict[int, list[int]]]:
+    """Active L1 indexes and L2 entry indexes whose COPIED flag disagrees with
+    the refcounts STORED (COPIED is set iff the refcount is exactly 1)."""
+    h, geo = meta.header, meta.geo
+    cs = geo.cluster_size
+    bad_l1: list[int] = []
+    bad_l2: dict[int, list[int]] = {}
+    if not h.l1_size:
+        return bad_l1, bad_l2
+
+    def rc(off: int) -> int:
+        return stored_refcount(stored, off, cs)
+
+    # References past the end of the file are errors of their own (counted
+    # once, as qemu-img does), not COPIED errors too.
+    end = meta.file.known_size
+    for i, e in enumerate(read_entries(meta.file, h.l1_table_offset, h.l1_size).tolist()):
+        off = e & L1E_OFFSET_MASK
+        if off and off < end and (rc(off) == 1) != bool(e & OFLAG_COPIED):
+            bad_l1.append(i)
+    step = 2 if geo.extended_l2 else 1
+    for off, table in active_tables.items():
+        wrong = []
+        for k, e in enumerate(table[::step].tolist()):
+            if e & OFLAG_COMPRESSED:
+                if e & OFLAG_COPIED:
+                    wrong.append(k)
+                continue
+            host = e & L2E_OFFSET_MASK
+            if not host or external or host >= end:
+                continue
+            if (rc(host) == 1) != bool(e & OFLAG_COPIED):
+                wrong.append(k)
+        if wrong:
+            bad_l2[off] = wrong
+    return bad_l1, bad_l2
+
+
+async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
+                     external: bool) -> None:
+    """Make every COPIED flag of the active tables agree with STORED."""
+    bad_l1, bad_l2 = copied_errors(meta, stored, active_tables, external)
+    geo = meta.geo
+    step = 2 if geo.extended_l2 else 1
+    for off, ks in bad_l2.items():
+        table = active_tables[off].copy()
+        for k in ks:
+            e = int(table[k * step])
+            host = e & L2E_OFFSET_MASK
+            want = not e & OFLAG_COMPRESSED and stored[host // geo.cluster_size] == 1
+            table[k * step] = (e | OFLAG_COPIED) if want else (e & ~OFLAG_COPIED)
+        meta.write(off, table.astype(">u8").tobytes(), "L2 table", ignore=Kind.ACTIVE_L2)
+    if bad_l2:
+        await meta.file.sync()
+    l1 = meta.active_l1
+    for i in bad_l1:
+        e = await l1.get(i)
+        c = (e & L1E_OFFSET_MASK) // geo.cluster_size
+        await l1.set(i, (e | OFLAG_COPIED) if stored[c] == 1 else (e & ~OFLAG_COPIED))
+    if bad_l1:
+        await meta.file.sync()

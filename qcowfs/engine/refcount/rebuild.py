@@ -1,0 +1,114 @@
+"""Rebuild: a whole new refcount structure computed from the references
+(a dirty image with lazy refcounts, `qcowfs check --repair`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ...errors import QcowError
+from ...format import encode_refcount_block
+from ..metadata import Metadata
+from ..overlap import Kind
+from ..references import count_references, refcount_table
+from .copied import fix_copied
+
+
+async def rebuild(meta: Metadata, external: bool,
+                  progress: Callable[[float], None] | None = None) -> None:
+    """Replace the refcount structure by one computed from the references,
+    then make every COPIED flag exact. Crash-safe: the new blocks and table
+    go where nothing lives (free clusters, else after the end of the file)
+    and the header switches to them only once they are on disk; until then
+    the old structure stands as it was.
+    (Inconsistent references are counted as they are; `qcowfs check` reports them.)"""
+    counted = count_references(meta, lambda _msg: None, refcount_structure=False, progress=progress)
+    counts = counted.counts
+    geo, cs = meta.geo, meta.geo.cluster_size
+    rpb, per_cluster = geo.refcounts_per_block, cs // 8
+    if counts.max(initial=0) > (1 << (1 << geo.refcount_order)) - 1:
+        raise QcowError("a cluster has more references than the refcount width can count")
+    placed = _place_in_free_space(meta, counts) or _place_after_end(meta, counts)
+    full, ranges, block_at, table_at, tclusters = placed
+    table = np.zeros(tclusters * per_cluster, np.uint64)
+    for r, at in zip(ranges, block_at):
+        meta.write(at, encode_refcount_block(full[r * rpb : (r + 1) * rpb], geo.refcount_order, cs),
+                   "new refcount block")
+        table[r] = at
+    meta.write(table_at, table.astype(">u8").tobytes(), "new refcount table")
+    await meta.file.sync()
+    await meta.update(refcount_table_offset=table_at, refcount_table_clusters=tclusters)
+    meta.replace_structures(Kind.REFCOUNT_TABLE, [(table_at, tclusters * cs)])
+    meta.replace_structures(Kind.REFCOUNT_BLOCK, [(int(o), cs) for o in table[table != 0].tolist()])
+    await fix_copied(meta, full, counted.active_tables, external)
+
+
+# (refcounts, covered ranges, block offsets, table offset, table clusters)
+Placement = tuple[np.ndarray, list[int], list[int], int, int]
+
+
+def _layout(counts: np.ndarray, rpb: int, per_cluster: int, own: list[int]) -> tuple[np.ndarray, list[int], int]:
+    """Refcounts with the new structure's own clusters OWN counted, the
+    ranges that then need a block, and the table size in clusters."""
+    full = np.zeros(max(len(counts), max(own, default=0) + 1), np.int64)
+    full[: len(counts)] = counts
+    full[own] = 1
+    ranges = sorted(set((np.flatnonzero(full) // rpb).tolist()))
+    covered = ranges[-1] * rpb + rpb  # past the last range everything is 0
+    full = np.concatenate([full[:covered], np.zeros(max(0, covered - len(full)), np.int64)])
+    return full, ranges, -(-(ranges[-1] + 1) // per_cluster)
+
+
+def _place_in_free_space(meta: Metadata, counts: np.ndarray) -> Placement | None:
+    """Put the new structure in clusters nothing references and the old
+    refcount structure does not use (it must stay valid until the header
+    switches), as QEMU's repair does: the file does not grow. None if the
+    free space is too small or too scattered."""
+    geo, h = meta.geo, meta.header
+    cs, rpb, per_cluster = geo.cluster_size, geo.refcounts_per_block, geo.cluster_size // 8
+    nfile = -(-meta.file.known_size // cs)
+    busy = np.zeros(nfile, bool)
+    busy[0] = True
+    busy[: min(nfile, len(counts))] |= counts[:nfile] > 0
+    t0 = h.refcount_table_offset // cs
+    busy[t0 : t0 + h.refcount_table_clusters] = True
+    for off in refcount_table(meta.file, h):
+        if off and off // cs < nfile:
+            busy[off // cs] = True
+    free = np.flatnonzero(~busy)
+    nblocks, tclusters = len(set((np.flatnonzero(counts) // rpb).tolist())), 1
+    for _ in range(8):
+        table_c = _first_run(~busy, tclusters)
+        if table_c < 0:
+            return None
+        blocks = [int(c) for c in free if not table_c <= c < table_c + tclusters][:nblocks]
+        if len(blocks) < nblocks:
+            return None
+        own = blocks + list(range(table_c, table_c + tclusters))
+        full, ranges, t = _layout(counts, rpb, per_cluster, own)
+        if (len(ranges), t) == (nblocks, tclusters):
+            return full, ranges, [c * cs for c in blocks], table_c * cs, tclusters
+        nblocks, tclusters = len(ranges), t
+    return None
+
+
+def _first_run(free: np.ndarray, n: int) -> int:
+    """Start of the first run of N True values, or -1."""
+    edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    fits = np.flatnonzero(ends - starts >= n)
+    return int(starts[fits[0]]) if len(fits) else -1
+
+
+def _place_after_end(meta: Metadata, counts: np.ndarray) -> Placement:
+    """The new blocks and table right after everything else, counting themselves."""
+    geo = meta.geo
+    cs, rpb, per_cluster = geo.cluster_size, geo.refcounts_per_block, geo.cluster_size // 8
+    area = max(len(counts), -(-meta.file.known_size // cs))
+    nblocks, tclusters = len(set((np.flatnonzero(counts) // rpb).tolist())) + 1, 1
+    while True:
+        own = list(range(area, area + nblocks + tclusters))
+        full, ranges, t = _layout(counts, rpb, per_cluster, own)
+        if (len(ranges), t) == (nblocks, tclusters):
+            return full, ranges, [(area + j) * cs for j in range(nblocks)], (area + nblocks) * cs, tclusters
+        nblocks, tclusters = len(ranges), t

@@ -1,0 +1,277 @@
+"""Every reference an image holds, from one walker.
+
+`walk` yields each structure the header leads to (header, L1 tables, L2
+tables, refcount table and blocks, snapshot table, bitmap directory and
+tables and data) as a Ref, and each L2 table's contents once as an L2Refs
+batch (with how many L1 entries point to it). Check counts them, refcount
+rebuild turns the counts into refcounts, the overlap map is built from the
+metadata among them: one reading of the format for all three.
+
+Reads are blocking (open time, offline check): nothing is served meanwhile.
+"""
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..format import (BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
+                     L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, BitmapsExtension,
+                     CryptoHeaderExtension, Header, SubclusterType, cluster_type, cluster_types,
+                     compressed_shift,
+                     data_host_offsets,
+                     extended_problem)
+from ..host.hostfile import HostFile
+from .metadata import Metadata
+from .overlap import Kind
+from .snapshots import snapshot_problem
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One structure: KIND (None for guest data) at [offset, offset+length)."""
+
+    kind: Kind | None
+    what: str
+    offset: int
+    length: int
+    times: int = 1
+
+
+@dataclass
+class L2Refs:
+    """The contents of one L2 table, referenced TIMES times (ACTIVE: by the
+    active L1 among them)."""
+
+    offset: int
+    words: np.ndarray          # first word of every entry
+    bitmaps: np.ndarray | None  # second word (extended L2), else None
+    times: int
+    active: bool
+
+    def data_clusters(self, external: bool) -> np.ndarray:
+        """Host offsets of the standard clusters (image file only)."""
+        return np.zeros(0, np.uint64) if external else data_host_offsets(self.words)
+
+    def compressed_ranges(self, cluster_bits: int) -> list[tuple[int, int]]:
+        """(start, length) of the host bytes of each compressed cluster, rounded
+        out to sectors as QEMU counts them."""
+        x = compressed_shift(cluster_bits)
+        out = []
+        for e in self.words[(self.words & np.uint64(OFLAG_COMPRESSED)) != 0].tolist():
+            host = e & ((1 << x) - 1)
+            sectors = (e >> x) & ((1 << (62 - x)) - 1)
+            out.append((host & ~511, (sectors + 1) * 512))
+        return out
+
+
+    def clusters(self, cluster_bits: int, external: bool) -> np.ndarray:
+        """The host cluster index of every reference the table holds, once
+        per reference (a compressed cluster: each cluster it touches), as
+        count_references counts them."""
+        cs = 1 << cluster_bits
+        parts = [(self.data_clusters(external) >> np.uint64(cluster_bits)).astype(np.int64)]
+        for start, length in self.compressed_ranges(cluster_bits):
+            parts.append(np.arange(start // cs, (start + length - 1) // cs + 1, dtype=np.int64))
+        return np.concatenate(parts)
+
+
+def read_entries(file: HostFile, offset: int, count: int) -> np.ndarray:
+    """COUNT big-endian 64-bit entries at OFFSET (missing ones read as 0)."""
+    raw = file.read_sync(offset, count * 8)
+    return np.frombuffer(raw.ljust(count * 8, b"\0"), ">u8").astype(np.uint64)
+
+
+def refcount_table(file: HostFile, h: Header) -> list[int]:
+    """Block offsets of the refcount table the header names."""
+    raw = file.read_sync(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
+    return [e & REFT_OFFSET_MASK for e in struct.unpack(f">{len(raw) // 8}Q", raw)]
+
+
+def walk(meta: Metadata, *, refcount_structure: bool = True, l2_contents: bool = True,
+         progress: Callable[[float], None] | None = None) -> Iterator[Ref | L2Refs]:
+    """Every reference of the image (see the module docstring)."""
+    h, geo, file = meta.header, meta.geo, meta.file
+    cs = geo.cluster_size
+    yield Ref(Kind.MAIN_HEADER, "header", 0, cs)
+    crypto = h.extension(EXT_CRYPTO)
+    if crypto is not None and h.crypt_method == CRYPT_LUKS:
+        # The LUKS header and key slots: referenced like metadata, so that
+        # check counts them and a repair never frees them (as QEMU's check).
+        fde = CryptoHeaderExtension.parse(crypto)
+        yield Ref(Kind.CRYPTO_HEADER, "LUKS header", fde.offset, fde.length)
+    yield Ref(Kind.ACTIVE_L1, "active L1 table", h.l1_table_offset, h.l1_size * 8)
+    if refcount_structure:
+        yield Ref(Kind.REFCOUNT_TABLE, "refcount table", h.refcount_table_offset,
+                  h.refcount_table_clusters * cs)
+        for off in refcount_table(file, h):
+            if off:
+                yield Ref(Kind.REFCOUNT_BLOCK, "refcount block", off, cs)
+    if h.nb_snapshots:
+        yield Ref(Kind.SNAPSHOT_TABLE, "snapshot table", h.snapshots_offset,
+                  sum(len(s.pack()) for s in meta.snapshots))
+    l1s = [(h.l1_table_offset, h.l1_size, True)]
+    for s in meta.snapshots:
+        yield Ref(Kind.INACTIVE_L1, f"snapshot {s.id_str} L1 table", s.l1_table_offset, s.l1_size * 8)
+        l1s.append((s.l1_table_offset, s.l1_size, False))
+    yield from _bitmap_refs(meta)
+    l2_refs: Counter[int] = Counter()
+    active: set[int] = set()
+    for offset, size, is_active in l1s:
+        if not size or offset % cs or offset + size * 8 > file.known_size:
+            continue  # check reports it; readers refuse it
+        offs = read_entries(file, offset, size) & np.uint64(L1E_OFFSET_MASK)
+        for off in offs[offs != 0].tolist():
+            l2_refs[off] += 1
+            if is_active:
+                active.add(off)
+    for n, (off, times) in enumerate(sorted(l2_refs.items())):
+        if progress:
+            progress(n / max(1, len(l2_refs)))
+        if off in active:
+            yield Ref(Kind.ACTIVE_L2, "L2 table", off, cs, 1)
+            if times > 1:
+                yield Ref(Kind.INACTIVE_L2, "L2 table", off, cs, times - 1)
+        else:
+            yield Ref(Kind.INACTIVE_L2, "L2 table", off, cs, times)
+        if not l2_contents or off % cs:
+            continue
+        raw = file.read_sync(off, cs)
+        if len(raw) < cs:
+            continue
+        table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        if geo.extended_l2:
+            yield L2Refs(off, table[0::2], table[1::2], times, off in active)
+        else:
+            yield L2Refs(off, table, None, times, off in active)
+
+
+def _bitmap_refs(meta: Metadata) -> Iterator[Ref]:
+    data = meta.header.extension(EXT_BITMAPS)
+    if data is None:
+        return
+    ext = BitmapsExtension.parse(data)
+    yield Ref(Kind.BITMAP_DIRECTORY, "bitmap directory", ext.directory_offset, ext.directory_size)
+    cs = meta.geo.cluster_size
+    for e in meta.bitmap_directory:
+        yield Ref(Kind.BITMAP_TABLE, f"bitmap '{e.name}' table", e.bitmap_table_offset,
+                  e.bitmap_table_size * 8)
+        for entry in read_entries(meta.file, e.bitmap_table_offset, e.bitmap_table_size).tolist():
+            off = entry & BME_TABLE_OFFSET_MASK
+            if off:
+                yield Ref(None, f"bitmap '{e.name}' data", off, cs)
+
+
+def build_overlap_map(meta: Metadata) -> None:
+    """Register every metadata structure of the image in its overlap map
+    (a writable open; the L2 tables' contents are not read)."""
+    end = meta.file.known_size
+    for ref in walk(meta, l2_contents=False):
+        if isinstance(ref, Ref) and ref.kind is not None and 0 < ref.length and ref.offset < end:
+            for _ in range(ref.times):
+                meta.add_structure(ref.kind, ref.offset, min(ref.length, end - ref.offset))
+
+
+# ---- counting -------------------------------------------------------------------
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class Counted:
+    """How many times each host cluster is referenced, and what check needs
+    besides: the active L2 tables (COPIED flags) and allocation statistics."""
+
+    counts: np.ndarray
+    active_tables: dict[int, np.ndarray]
+    # Of the active disk, as qemu-img check counts them (snapshots excluded).
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+
+
+def count_references(meta: Metadata, corruption: Report, *, refcount_structure: bool = True,
+                     progress: Callable[[float], None] | None = None) -> Counted:
+    """Count every reference (without the refcount table and blocks when
+    REFCOUNT_STRUCTURE is false, as a rebuild wants); CORRUPTION(message) is
+    called once for each inconsistency found on the way."""
+    geo, cs = meta.geo, meta.geo.cluster_size
+    external = bool(meta.header.incompatible_features & INCOMPAT_DATA_FILE)
+    out = Counted(np.zeros(max(1, -(-meta.file.known_size // cs)), np.int64), {})
+
+    def add(offset: int, length: int, what: str, times: int = 1) -> None:
+        if length <= 0:
+            return
+        first, last = offset // cs, (offset + length - 1) // cs
+        if last >= len(out.counts):
+            corruption(f"ERROR {what} at {offset:#x} lies past the end of the image file")
+            return
+        out.counts[first : last + 1] += times
+
+    for snap in meta.snapshots:
+        problem = snapshot_problem(snap, meta.header.version, cs, meta.file.known_size)
+        if problem:
+            corruption(f"ERROR {problem[0]}")
+    aligned = {Kind.REFCOUNT_BLOCK: "refcount block", Kind.ACTIVE_L2: "L2 table",
+               Kind.INACTIVE_L2: "L2 table"}
+    for ref in walk(meta, refcount_structure=refcount_structure, progress=progress):
+        if isinstance(ref, Ref):
+            if ref.kind in aligned and ref.offset % cs:
+                corruption(f"ERROR {aligned[ref.kind]} offset {ref.offset:#x} is not cluster aligned")
+                continue
+            add(ref.offset, ref.length, ref.what, ref.times)
+            continue
+        if ref.active:
+            out.active_tables[ref.offset] = _interleave(ref)
+        if ref.bitmaps is not None:
+            for k, (w, b) in enumerate(zip(ref.words.tolist(), ref.bitmaps.tolist())):
+                why = extended_problem(w, b, external) or (
+                    "compressed cluster has a non-zero subcluster bitmap"
+                    if w & OFLAG_COMPRESSED and b else None)
+                if why:
+                    corruption(f"ERROR L2 table {ref.offset:#x} entry {k}: {why}")
+        data = ref.data_clusters(external)
+        bad = data % np.uint64(cs) != 0
+        if bad.any():
+            for off in data[bad].tolist():
+                corruption(f"ERROR data cluster offset {off:#x} is not cluster aligned")
+            data = data[~bad]
+        idx = (data // np.uint64(cs)).astype(np.int64)
+        past = idx >= len(out.counts)
+        for off in data[past].tolist():
+            corruption(f"ERROR data cluster at {off:#x} lies past the end of the image file")
+        np.add.at(out.counts, idx[~past], ref.times)
+        for start, length in ref.compressed_ranges(geo.cluster_bits):
+            add(start, length, "compressed cluster", ref.times)
+        if ref.active:
+            _fragmentation(out, ref, geo.extended_l2, external, cs)
+    return out
+
+
+def _fragmentation(out: Counted, ref: L2Refs, extended: bool, external: bool, cs: int) -> None:
+    """qemu-img check's statistics of one active L2 table: allocated clusters
+    (data, preallocated zero, compressed), and fragmented ones (compressed, or
+    not right after the previous allocated cluster of the same table)."""
+    words = ref.words
+    if extended:
+        types = np.array([cluster_type(e, True, external) for e in words.tolist()], np.int8)
+    else:
+        types = cluster_types(words, external)
+    comp = int((types == SubclusterType.COMPRESSED).sum())
+    alloc = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
+    offs = (words[alloc] & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+    out.compressed_clusters += comp
+    out.allocated_clusters += comp + len(offs)
+    out.fragmented_clusters += comp + int((np.diff(offs) != cs).sum())
+
+
+def _interleave(ref: L2Refs) -> np.ndarray:
+    """The table as stored (both words of extended entries)."""
+    if ref.bitmaps is None:
+        return ref.words
+    table = np.empty(len(ref.words) * 2, np.uint64)
+    table[0::2], table[1::2] = ref.words, ref.bitmaps
+    return table

@@ -1,0 +1,287 @@
+"""Creating and deleting internal snapshots (QEMU's qcow2-snapshot.c), live or offline.
+
+QEMU's way shares the active L2 tables with the new snapshot and clears
+their COPIED flags in place, and on delete sets them again: between those
+writes and the refcount writes, `qemu-img check` on a crashed image finds
+COPIED errors. Here every change goes through one refcount Transaction:
+
+- create: the current active L1 table and its L2 tables become the
+  snapshot's, unchanged (the spec trusts COPIED only in tables reachable
+  from the active L1). The active disk gets copies of every L2 table with
+  COPIED cleared, in a new L1 table; every data cluster gains a reference.
+- delete: the snapshot's L1, L2 tables and data lose a reference; active
+  L2 tables whose clusters drop to one reference are copied with COPIED
+  set (and the L1 table with them).
+
+New structures go after the end of the file; the header switches to the
+new L1 table, snapshot table and refcount structure in one write.
+Callers hold the image exclusively (Image.exclusive): writes drained and
+stopped, every cache flushed.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import TableCache
+from ..errors import NotFoundError, RequestError, UnsupportedFeatureError
+from ..format import (INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+                     OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry)
+from .metadata import Metadata
+from .overlap import Kind
+from .references import L2Refs, read_entries
+from .refcount import Allocator, Transaction
+from .snapshots import check_new_name as check_name
+
+# QEMU's limit on a snapshot's id and name strings (uint16 lengths in the entry).
+MAX_NAME_BYTES = 1024
+# Extra data as QEMU writes it: vm_state_size_large, disk_size, icount (-1: none).
+_EXTRA = struct.Struct(">QQQ")
+NO_ICOUNT = (1 << 64) - 1
+
+
+@dataclass
+class _Tables:
+    """What a snapshot operation did to the active tables."""
+
+    l1: np.ndarray               # the new active L1 entries
+    replaced: dict[int, int]     # old L2 offset -> new L2 offset
+    new_tables: dict[int, np.ndarray]
+
+
+def check_new_name(meta: Metadata, name: str) -> None:
+    """A name a new snapshot may take: usable as a file name, not in use."""
+    check_name("snapshot", name, [s.name for s in meta.snapshots], MAX_NAME_BYTES, MAX_SNAPSHOTS)
+    if meta.header.incompatible_features & INCOMPAT_DATA_FILE:
+        raise UnsupportedFeatureError("an image with an external data file cannot have internal "
+                                      "snapshots (as in QEMU)")
+
+
+def find(meta: Metadata, name: str) -> int:
+    """Index of the snapshot called NAME (or with that id, as qemu-img takes it)."""
+    for i, s in enumerate(meta.snapshots):
+        if s.name == name:
+            return i
+    for i, s in enumerate(meta.snapshots):
+        if s.id_str == name:
+            return i
+    raise NotFoundError(f"no snapshot '{name}'")
+
+
+def _new_id(entries: list[SnapshotEntry]) -> str:
+    """One more than the largest numeric id (QEMU's find_new_snapshot_id)."""
+    ids = [int(s.id_str) for s in entries if s.id_str.isdigit()]
+    return str(max(ids, default=0) + 1)
+
+
+def _words(table: np.ndarray) -> np.ndarray:
+    return table[:, 0] if table.ndim == 2 else table
+
+
+def _encode(table: np.ndarray) -> bytes:
+    return table.astype(">u8").tobytes()
+
+
+def _table_bytes(entries: list[SnapshotEntry]) -> bytes:
+    return b"".join(e.pack() for e in entries)
+
+
+async def _l2_refs(l2_cache: TableCache[np.ndarray], offset: int, cluster_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """An L2 table and the clusters it references."""
+    table = await l2_cache.get(offset)
+    words = _words(table)
+    return table, L2Refs(offset, words, None, 1, True).clusters(cluster_bits, False)
+
+
+async def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[SnapshotEntry]) -> int:
+    """The new snapshot table after the end of the file (0 for none); the old loses its reference."""
+    h = meta.header
+    if h.nb_snapshots:
+        txn.change(h.snapshots_offset, len(_table_bytes(meta.snapshots)), -1)
+    if not entries:
+        return 0
+    raw = _table_bytes(entries)
+    at = await txn.allocate(len(raw))
+    meta.write(at, raw, "new snapshot table")
+    return at
+
+
+async def create(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], name: str) -> SnapshotEntry:
+    """Make internal snapshot NAME of the active disk as it is now."""
+    async with Transaction(alloc) as txn:
+        entry = await stage_create(meta, l2_cache, txn, name)
+        await txn.commit()
+    return entry
+
+
+async def delete(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], index: int) -> None:
+    """Drop snapshot INDEX and free what only it held."""
+    async with Transaction(alloc) as txn:
+        await stage_delete(meta, l2_cache, txn, index)
+        await txn.commit()
+
+
+async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+                       name: str, vm_clock_nsec: int = 0) -> SnapshotEntry:
+    """The snapshot NAME as part of TXN (written when it commits)."""
+    check_new_name(meta, name)
+    if txn.alloc.max_refcount < 2:
+        raise RequestError(f"refcount_bits={1 << txn.alloc.order} cannot count the second "
+                            "reference a snapshot takes to each cluster")
+    h, geo = meta.header, meta.geo
+    cs, cb = geo.cluster_size, geo.cluster_bits
+    l1 = await meta.active_l1.entries() if h.l1_size else np.zeros(0, np.uint64)
+    new_l1 = l1.copy()
+    new_tables: dict[int, np.ndarray] = {}
+    replaced: dict[int, int] = {}
+    for i in np.flatnonzero(l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
+        old = int(l1[i]) & L1E_OFFSET_MASK
+        table, clusters = await _l2_refs(l2_cache, old, cb)
+        txn.change_clusters(clusters, 1)
+        copy = table.copy()
+        w = _words(copy)
+        w &= np.uint64(~OFLAG_COPIED & (1 << 64) - 1)
+        at = await txn.allocate(cs)
+        meta.write(at, _encode(copy), "L2 table copy")
+        new_l1[i] = np.uint64(at | OFLAG_COPIED)
+        new_tables[at], replaced[old] = copy, at
+    l1_at = h.l1_table_offset
+    if h.l1_size:
+        l1_at = await txn.allocate(h.l1_size * 8)
+        meta.write(l1_at, _encode(new_l1), "new L1 table")
+    now = time.time_ns()
+    entry = SnapshotEntry(h.l1_table_offset, h.l1_size, _new_id(meta.snapshots), name,
+                          now // 10**9, now % 10**9, vm_clock_nsec, 0,
+                          _EXTRA.pack(0, h.size, NO_ICOUNT), 0, h.size, NO_ICOUNT)
+    entries = meta.snapshots + [entry]
+    table_at = await _write_snapshot_table(meta, txn, entries)
+    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
+    txn.set(l1_table_offset=l1_at, snapshots_offset=table_at, nb_snapshots=len(entries),
+            snapshots=entries)
+
+    def follow() -> None:
+        # The overlap map follows: the old active tables are the snapshot's now.
+        if h.l1_size:
+            meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+            meta.add_structure(Kind.INACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+            meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
+        _swap_tables(meta, l2_cache, replaced, new_tables, old_kind=Kind.INACTIVE_L2)
+        _swap_snapshot_table(meta, old_table, table_at, entries)
+    txn.then(follow)
+    return entry
+
+
+async def stage_delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+                       index: int) -> None:
+    """Dropping snapshot INDEX as part of TXN."""
+    h, geo = meta.header, meta.geo
+    cs, cb = geo.cluster_size, geo.cluster_bits
+    snap = meta.snapshots[index]
+    snap_l2: list[int] = []
+    if snap.l1_size:
+        txn.change(snap.l1_table_offset, snap.l1_size * 8, -1)
+        entries = read_entries(meta.file, snap.l1_table_offset, snap.l1_size) & np.uint64(L1E_OFFSET_MASK)
+        for off in entries[entries != 0].tolist():
+            snap_l2.append(off)
+            txn.change(off, cs, -1)
+            _, clusters = await _l2_refs(l2_cache, off, cb)
+            txn.change_clusters(clusters, -1)
+    rest = meta.snapshots[:index] + meta.snapshots[index + 1 :]
+    table_at = await _write_snapshot_table(meta, txn, rest)
+    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
+    fixed = await _fix_copied(meta, l2_cache, txn)
+    l1_at = h.l1_table_offset
+    if h.l1_size and not np.array_equal(fixed.l1, await meta.active_l1.entries()):
+        # New L2 tables or only new L1 COPIED flags: a new L1 table either
+        # way, so that the header switches to it with everything else.
+        l1_at = await txn.allocate(h.l1_size * 8)
+        meta.write(l1_at, _encode(fixed.l1), "new L1 table")
+        txn.change(h.l1_table_offset, h.l1_size * 8, -1)
+    txn.set(snapshots_offset=table_at, nb_snapshots=len(rest), snapshots=rest, l1_table_offset=l1_at)
+
+    def follow() -> None:
+        if snap.l1_size:
+            meta.drop_structure(Kind.INACTIVE_L1, snap.l1_table_offset, snap.l1_size * 8)
+        for off in snap_l2:
+            meta.drop_structure(Kind.INACTIVE_L2, off, cs)
+        if l1_at != h.l1_table_offset:
+            meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+            meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
+        _swap_tables(meta, l2_cache, fixed.replaced, fixed.new_tables, old_kind=None)
+        _swap_snapshot_table(meta, old_table, table_at, rest)
+        freed = set((txn.freed * cs).tolist())
+        for off in snap_l2 + list(fixed.replaced):
+            if off in freed:
+                l2_cache.discard(off)
+    txn.then(follow)
+
+
+async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> _Tables:
+    """Active tables whose COPIED flags the refcounts after TXN contradict,
+    as copies (each replaced table loses its reference, its copy gains one;
+    the data they point to keeps its count)."""
+    h, cs = meta.header, meta.geo.cluster_size
+    l1 = await meta.active_l1.entries() if h.l1_size else np.zeros(0, np.uint64)
+    l1 = l1.copy()
+    out = _Tables(l1, {}, {})
+    idx = np.flatnonzero(l1 & np.uint64(L1E_OFFSET_MASK))
+    if not len(idx):
+        return out
+    l2_offs = (l1[idx] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+    l2_rc = await txn.new_refcounts(l2_offs // cs)
+    changed = txn.changed_clusters()
+    copies: list[tuple[int, int, np.ndarray]] = []
+    for i, off, rc in zip(idx.tolist(), l2_offs.tolist(), l2_rc.tolist()):
+        table = await l2_cache.get(off)
+        w = _words(table)
+        std = (w & np.uint64(OFLAG_COMPRESSED)) == 0
+        host = (w & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+        ks = np.flatnonzero(std & (host != 0) & np.isin(host // cs, changed))
+        new_w = w.copy()
+        if len(ks):
+            rcs = await txn.new_refcounts(host[ks] // cs)
+            copied = np.where(rcs == 1, np.uint64(OFLAG_COPIED), np.uint64(0))
+            new_w[ks] = (w[ks] & np.uint64(~OFLAG_COPIED & (1 << 64) - 1)) | copied
+        if np.array_equal(new_w, w):
+            want = off | (OFLAG_COPIED if rc == 1 else 0)
+            l1[i] = np.uint64(want | (int(l1[i]) & ~(L1E_OFFSET_MASK | OFLAG_COPIED)))
+            continue
+        copy = table.copy()
+        if copy.ndim == 2:
+            copy[:, 0] = new_w
+        else:
+            copy[:] = new_w
+        copies.append((i, off, copy))
+    # (The copies change refcounts only now: the flags above come from the
+    # snapshot's own changes, which these do not touch.)
+    for i, off, copy in copies:
+        txn.change(off, cs, -1)
+        at = await txn.allocate(cs)
+        meta.write(at, _encode(copy), "L2 table copy")
+        l1[i] = np.uint64(at | OFLAG_COPIED)
+        out.replaced[off], out.new_tables[at] = at, copy
+    return out
+
+
+def _swap_tables(meta: Metadata, l2_cache: TableCache[np.ndarray], replaced: dict[int, int],
+                 new_tables: dict[int, np.ndarray], old_kind: Kind | None) -> None:
+    """Replaced active L2 tables leave the active set (to OLD_KIND); their
+    copies join it, and the cache holds them as written."""
+    cs = meta.geo.cluster_size
+    for old, new in replaced.items():
+        meta.drop_structure(Kind.ACTIVE_L2, old, cs)
+        if old_kind is not None:
+            meta.add_structure(old_kind, old, cs)
+        meta.add_structure(Kind.ACTIVE_L2, new, cs)
+        l2_cache.put_new(new, new_tables[new], dirty=False)
+
+
+def _swap_snapshot_table(meta: Metadata, old: tuple[int, int], new_at: int,
+                         entries: list[SnapshotEntry]) -> None:
+    if old[1]:
+        meta.drop_structure(Kind.SNAPSHOT_TABLE, *old)
+    if entries:
+        meta.add_structure(Kind.SNAPSHOT_TABLE, new_at, len(_table_bytes(entries)))

@@ -1,0 +1,69 @@
+"""Internal snapshots: file names, sizes and metadata of each snapshot's view."""
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+from ..errors import NameTakenError, RequestError
+from ..format import MAX_L1_BYTES, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
+
+
+def usable_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
+def check_new_name(what: str, name: str, names: list[str], max_bytes: int, max_count: int) -> None:
+    """NAME may name a new WHAT ("snapshot", "bitmap") beside NAMES: usable as
+    a file name (its file is NAME.raw or NAME), at most MAX_BYTES, unique, and
+    the image holds fewer than MAX_COUNT of them."""
+    if not usable_name(name) or len(name.encode()) > max_bytes:
+        raise RequestError(f"'{name}' cannot be a {what} name (it must be usable as a file name: "
+                           f"not empty, no '/', at most {max_bytes} bytes)")
+    if name in names:
+        raise NameTakenError(f"a {what} named '{name}' exists already")
+    if len(names) >= max_count:
+        raise RequestError(f"the image has {max_count} {what}s, the most qcow2 allows")
+
+
+def snapshot_file_names(entries: list[SnapshotEntry]) -> list[str]:
+    """NAME.raw when the name is unique and usable as a file name, else id-ID.raw
+    (also when NAME.raw would take the id-ID.raw name of another snapshot)."""
+    counts = Counter(e.name for e in entries)
+    by_id = [f"id-{e.id_str}.raw" for e in entries]
+    taken = set(by_id)
+    return [f"{e.name}.raw" if counts[e.name] == 1 and usable_name(e.name)
+            and (f"{e.name}.raw" not in taken or f"{e.name}.raw" == i) else i
+            for e, i in zip(entries, by_id)]
+
+
+def snapshot_disk_size(entry: SnapshotEntry, header_size: int) -> int:
+    """The snapshot's own virtual size; v2 entries without it use the header's."""
+    size = entry.disk_size if entry.disk_size is not None else header_size
+    return size & ~511  # QEMU counts whole sectors
+
+
+def snapshot_xattrs(entry: SnapshotEntry, disk_size: int) -> dict[str, bytes]:
+    date = dt.datetime.fromtimestamp(entry.date_sec + entry.date_nsec / 1e9, dt.timezone.utc)
+    return {
+        "user.qcow2.id": entry.id_str.encode(),
+        "user.qcow2.name": entry.name.encode(),
+        "user.qcow2.date": date.isoformat().encode(),
+        "user.qcow2.vm_clock_ns": str(entry.vm_clock_nsec).encode(),
+        "user.qcow2.vm_state_size": str(entry.state_size).encode(),
+        "user.qcow2.disk_size": str(disk_size).encode(),
+    }
+
+
+def snapshot_problem(entry: SnapshotEntry, version: int, cluster_size: int,
+                     file_size: int) -> tuple[str, bool] | None:
+    """What is wrong with one snapshot entry, and whether its disk can still
+    be read; None when nothing is. QEMU opens such an image and fails only
+    the snapshot's own reads; qemu-img check counts each as a corruption."""
+    if entry.l1_size * 8 > MAX_L1_BYTES:
+        return f"snapshot {entry.id_str} L1 table is too large", False
+    if entry.l1_size and (entry.l1_table_offset % cluster_size or entry.l1_table_offset < cluster_size
+                          or entry.l1_table_offset + entry.l1_size * 8 > file_size):
+        return f"snapshot {entry.id_str} L1 table offset is invalid", False
+    if version >= 3 and len(entry.extra) < SNAPSHOT_MIN_EXTRA_V3:
+        return f"snapshot {entry.id_str} has too little extra data", True
+    return None

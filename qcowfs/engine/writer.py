@@ -1,0 +1,524 @@
+"""Guest writes: in-place overwrites, cluster allocation, copy-on-write, zeroing.
+
+The common case, overwriting clusters this image alone owns (COPIED), is one
+pwrite with no await and no lock. Everything that changes metadata runs under
+one lock, cluster run by cluster run: new clusters are filled completely
+(old contents from the backing chain, a compressed cluster, a shared cluster
+or zeros, merged with the new bytes) in one pwrite before the L2 entry that
+points to them changes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import trio
+
+from .cache import TableCache
+from ..errors import CorruptionError
+from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
+                     Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
+                     extended_problem)
+from ..host.hostfile import HostFile
+from .mapper import UNALLOC, ZERO, Mapper, Source
+from .metadata import Metadata
+from .overlap import Kind
+from .refcount import Allocator
+
+# What a write must do with one cluster.
+IN_PLACE, REUSE, ALLOCATE = range(3)
+_SPECIAL = OFLAG_COMPRESSED | OFLAG_ZERO
+
+
+class Writer:
+    """Writes guest ranges through the active L1 table of one writable image."""
+
+    def __init__(self, geo: Geometry, mapper: Mapper, meta: Metadata, allocator: Allocator,
+                 backing: Callable[[], Source | None]) -> None:
+        self.geo = geo
+        self.mapper = mapper
+        self.meta = meta
+        self.alloc = allocator
+        self.l2_cache: TableCache[np.ndarray] = mapper.l2_cache
+        self.file: HostFile = mapper.file
+        self.data_file: HostFile = mapper.data_file
+        self.external = mapper.external_data
+        self._backing = backing
+        self.lock = trio.Lock()
+        # Set while a metadata operation holds the image (Image.exclusive):
+        # the fast path then waits for the lock like every other write.
+        self.frozen = False
+        self._zero_cluster = bytes(geo.cluster_size)
+        # Zero detection needs the v3 zero flag, and an external data file
+        # must receive every byte (data_file_raw keeps it a valid raw image).
+        self.detect_zeroes = geo.zero_flag and not self.external
+
+    # ---- the fast path -----------------------------------------------------------
+
+    def write_in_place(self, offset: int, data: bytes) -> bool:
+        """Overwrite clusters we own, without awaiting; False if metadata must change."""
+        if self.frozen:
+            return False
+        geo = self.geo
+        span = geo.l2_span
+        index = offset // span
+        end = offset + len(data)
+        if (end - 1) // span != index:
+            return False
+        table = self.mapper.cached_table(self.meta.active_l1, index)
+        if table is None:
+            return False
+        cb, ext = geo.cluster_bits, geo.extended_l2
+        first = (offset - index * span) >> cb
+        last = (end - 1 - index * span) >> cb
+        host = int(table[first, 0] if ext else table[first]) & L2E_OFFSET_MASK
+        for k in range(first, last + 1):
+            if self._state(table, k) != IN_PLACE:
+                return False
+            if k > first and int(table[k, 0] if ext else table[k]) & L2E_OFFSET_MASK != host + ((k - first) << cb):
+                return False
+        if self.detect_zeroes and end - offset >= geo.cluster_size and self._has_zero_cluster(offset, data):
+            return False  # (the allocating path turns it into a zero entry)
+        # Never write through an entry that fails a check (raises CorruptionError).
+        self._check_host(host, (last - first + 1) << cb)
+        self._put(data, host + (offset & (geo.cluster_size - 1)), offset)
+        return True
+
+    def _put(self, data: bytes | memoryview, host: int, guest: int) -> None:
+        """Write guest DATA over an allocated cluster at HOST. Encrypted: the
+        partial sectors at either end are decrypted and merged first (a
+        synchronous read, so no other task sees the sector half written)."""
+        if not self.mapper.encrypted:
+            self.data_file.write_sync(data, host)
+            return
+        cipher = self.mapper.cipher
+        ss = cipher.sector_size
+        end = host + len(data)
+        lo, hi = host - host % ss, -(-end // ss) * ss
+        plain = bytearray(hi - lo)
+        partial = {lo} if lo != host else set()
+        if hi != end:
+            partial.add(hi - ss)
+        for sector in partial:
+            old = memoryview(bytearray(self.data_file.read_sync(sector, ss).ljust(ss, b"\0")))
+            cipher.decrypt_into(old, sector, guest - host + sector)
+            plain[sector - lo : sector - lo + ss] = old
+        plain[host - lo : end - lo] = data
+        self.data_file.write_sync(cipher.encrypt(plain, lo, guest - (host - lo)), lo)
+
+    def _check_host(self, host: int, length: int) -> None:
+        """A data run's host clusters are plausible and hold no metadata."""
+        self.mapper.check_data(host)
+        if length > self.geo.cluster_size:
+            self.mapper.check_data(host + length - self.geo.cluster_size)
+        if not self.external:
+            self.meta.check_data(host, length)
+
+    def _has_zero_cluster(self, offset: int, data: bytes) -> bool:
+        cs = self.geo.cluster_size
+        view = memoryview(data)
+        return any(self._zero_cluster_at(view, p) for p in range(-offset % cs, len(data) - cs + 1, cs))
+
+    def _zero_cluster_at(self, data: memoryview, lo: int) -> bool:
+        """Whether DATA holds a whole cluster of zeros from LO. The first byte
+        decides for almost all data (a memoryview compares byte by byte)."""
+        hi = lo + self.geo.cluster_size
+        return lo >= 0 and hi <= len(data) and not data[lo] and data[lo:hi] == self._zero_cluster
+
+    def _state(self, table: np.ndarray, k: int) -> int:
+        """IN_PLACE, REUSE (our cluster, entry must change) or ALLOCATE."""
+        if self.geo.extended_l2:
+            e, bitmap = int(table[k, 0]), int(table[k, 1])
+            if bitmap == SC_ALL and e & OFLAG_COPIED and not e & OFLAG_COMPRESSED:
+                return IN_PLACE
+            t = cluster_type(e, True, self.external)
+            why = extended_problem(e, bitmap, self.external)
+            if why:  # never write through an entry QEMU would call corrupt
+                raise CorruptionError(f"extended L2 entry is invalid: {why}")
+            if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED:
+                return ALLOCATE
+            return REUSE if t == SubclusterType.NORMAL else ALLOCATE
+        e = int(table[k])
+        if e & OFLAG_COPIED and not e & _SPECIAL and e & L2E_OFFSET_MASK:
+            return IN_PLACE  # the common case, decided without a call
+        t = cluster_type(e, False, self.external)
+        if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED or t == SubclusterType.UNALLOCATED_PLAIN:
+            return ALLOCATE
+        if t == SubclusterType.NORMAL:
+            return IN_PLACE
+        self.mapper.check_zero(t, e & L2E_OFFSET_MASK)
+        return REUSE if t == SubclusterType.ZERO_ALLOC or self.external else ALLOCATE
+
+    # ---- the allocating path ---------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self._lock()
+        try:
+            span = self.geo.l2_span
+            pos, end = offset, offset + len(data)
+            view = memoryview(data)
+            while pos < end:
+                index = pos // span
+                chunk_end = min(end, (index + 1) * span)
+                table_off = await self._writable_l2(index)
+                async with self.l2_cache.pinned(table_off) as table:
+                    await self._write_table(table_off, table, index * span, pos, view[pos - offset : chunk_end - offset])
+                pos = chunk_end
+        finally:
+            self.lock.release()
+
+    async def _lock(self) -> None:
+        """Take the metadata lock; when it is free, without the scheduler
+        pass trio.Lock.acquire makes even then (a sequential writer allocates
+        on every request). A free trio.Lock has no waiters (release hands it
+        to the first), so this is as fair as acquire()."""
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def _writable_l2(self, index: int) -> int:
+        """The L2 table for INDEX, allocated or copied so that we own it."""
+        l1 = self.meta.active_l1
+        l1e = await l1.get(index)
+        old = self.mapper.l2_offset(l1e)
+        if old and l1e & OFLAG_COPIED:
+            # Changed in place: it must be an active L2 table and nothing else.
+            self.meta.overlap.check(old, self.geo.cluster_size, "L2 table", ignore=Kind.ACTIVE_L2)
+            return old
+        cs = self.geo.cluster_size
+        new = await self.alloc.allocate(1)
+        if old:
+            table = (await self.l2_cache.get(old)).copy()
+        else:
+            shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
+            table = np.zeros(shape, np.uint64)
+        self.meta.add_structure(Kind.ACTIVE_L2, new, cs)
+        self.l2_cache.put_new(new, table)
+        # The new table and its refcount must be on disk before L1 points to it.
+        await self.l2_cache.flush()
+        await self.file.sync()
+        await l1.set(index, new | OFLAG_COPIED)
+        if old:
+            self.meta.drop_structure(Kind.ACTIVE_L2, old, cs)
+            self.alloc.release_later(old, cs)
+        return new
+
+    async def _write_table(self, table_off: int, table: np.ndarray, base: int, start: int,
+                           data: memoryview) -> None:
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
+        end = start + len(data)
+        k = (start - base) >> cb
+        last = (end - 1 - base) >> cb
+        while k <= last:
+            c0 = base + (k << cb)
+            g0, g1 = max(start, c0), min(end, c0 + cs)
+            piece = data[g0 - start : g1 - start]
+            state = self._state(table, k)
+            if self.detect_zeroes and g1 - g0 == cs and self._zero_cluster_at(piece, 0):
+                self._set_zero(table, k)
+                self.l2_cache.mark_dirty(table_off)
+                k += 1
+            elif state == IN_PLACE:
+                host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
+                self._check_host(host, cs)
+                self._put(piece, host + (g0 - c0), g0)
+                k += 1
+            else:
+                n = self._run_length(table, k, last, base, start, data) if state == ALLOCATE else 1
+                await self._fill_run(table, k, n, base, start, data, reuse=state == REUSE)
+                self.l2_cache.mark_dirty(table_off)
+                k += n
+
+    def _run_length(self, table: np.ndarray, k: int, last: int, base: int, start: int,
+                    data: memoryview) -> int:
+        """How many clusters from K (which needs a new cluster) up to LAST one
+        allocation takes: those that need a new cluster too, up to the first
+        whole cluster of zeros (that becomes a zero entry instead). Entries
+        never allocated, the common case (an empty image), are found in one
+        numpy pass, not one _state call each."""
+        n = 1 + self._unallocated(table, k + 1, last)
+        while k + n <= last and self._state(table, k + n) == ALLOCATE:
+            n += 1
+        if self.detect_zeroes:
+            cb = self.geo.cluster_bits
+            for j in range(k + 1, k + n):
+                if self._zero_cluster_at(data, base + (j << cb) - start):
+                    return j - k
+        return n
+
+    def _unallocated(self, table: np.ndarray, first: int, last: int) -> int:
+        """How many entries from FIRST (to LAST) are all zeros: unallocated,
+        with nothing of their own (such an entry is always ALLOCATE)."""
+        rows = table[first : last + 1]
+        if not rows.any():
+            return len(rows)
+        return int(np.flatnonzero(self._used(rows))[0])
+
+    def _used(self, rows: np.ndarray) -> np.ndarray:
+        """Per L2 entry of ROWS: whether any of its bits is set."""
+        return np.asarray(rows.any(axis=1) if self.geo.extended_l2 else rows != 0)
+
+    async def _fill_run(self, table: np.ndarray, k: int, n: int, base: int, start: int,
+                        data: memoryview, reuse: bool) -> None:
+        """Write N whole clusters (old contents + new bytes), then point L2 at them."""
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
+        c0 = base + (k << cb)
+        end = start + len(data)
+        run_end = c0 + n * cs
+        lo, hi = max(start, c0), min(end, run_end)
+        # Old contents only where the new bytes do not cover the run; the
+        # pieces go out in one pwritev, the new bytes never copied.
+        parts: list[bytearray | memoryview] = [data[lo - start : hi - start]]
+        if lo > c0:
+            head = bytearray(lo - c0)
+            await self._old_contents(memoryview(head), c0)
+            parts.insert(0, head)
+        if hi < run_end:
+            tail = bytearray(run_end - hi)
+            await self._old_contents(memoryview(tail), hi)
+            parts.append(tail)
+        old = table[k : k + n].copy()
+        if self.external:
+            host = c0  # guest offset == host offset in an external data file
+        elif reuse:  # (one cluster)
+            host = self._entry(old, 0)[0] & L2E_OFFSET_MASK
+        else:
+            host = await self.alloc.allocate(n)
+        if reuse:  # (new clusters were checked when allocated)
+            self._check_host(host, n * cs)
+        if self.mapper.encrypted:
+            # Whole clusters, encrypted where they now lie: old contents are
+            # plaintext (read through the mapper), never copied ciphertext.
+            self.data_file.write_sync(self.mapper.cipher.encrypt(b"".join(parts), host, c0), host)
+        else:
+            self.data_file.writev_sync(parts, host)
+        self._set_data(table, k, n, host)
+        if not reuse and old.any():
+            for j in np.flatnonzero(self._used(old)).tolist():
+                self._release(*self._entry(old, j))
+
+    async def _old_contents(self, buf: memoryview, guest: int) -> None:
+        await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
+
+    # ---- zeroing and discard (fallocate PUNCH_HOLE / ZERO_RANGE) --------------------
+
+    async def zero(self, offset: int, length: int, unmap: bool, disk_size: int) -> None:
+        """Make guest bytes [offset, offset+length) read as zeros, changing L2
+        entries instead of writing data wherever the format can say "zeros"
+        (QEMU's qcow2_cluster_discard / qcow2_subcluster_zeroize).
+
+        UNMAP (discard, PUNCH_HOLE) also drops the host clusters: a cluster
+        becomes unallocated when nothing below it shows through (no backing
+        data there), else a zero cluster. Without UNMAP (ZERO_RANGE) a
+        cluster this image alone owns keeps its host cluster as a
+        preallocated zero cluster, so later writes need no allocation.
+        Dropping a reference is a refcount decrement (Allocator.release_later):
+        a cluster a snapshot shares stays allocated for it. Pieces an L2
+        entry cannot express (unaligned to a (sub)cluster, inside a
+        compressed cluster, or v2 with a backing file below) are written as
+        zeros. The last cluster of a disk whose size is not cluster-aligned
+        counts as whole when the range reaches DISK_SIZE."""
+        end = offset + length
+        unit = self.geo.subcluster_size
+        lo = -(-offset // unit) * unit
+        hi = end if end == disk_size else end - end % unit
+        if hi > disk_size:
+            hi = disk_size
+        if lo >= hi:
+            await self._write_zeros(offset, end)
+            return
+        hi_aligned = -(-hi // unit) * unit  # the partial last unit at the end of the disk
+        await self._write_zeros(offset, lo)
+        await self._write_zeros(hi, end)
+        async with self.lock:
+            fallback = await self._zero_aligned(lo, hi_aligned, unmap)
+        for g0, g1 in fallback:
+            await self._write_zeros(g0, min(g1, disk_size))
+
+    async def _write_zeros(self, start: int, end: int) -> None:
+        """Zeros written as data where [start, end) does not read as zeros
+        already, a MiB at a time (the format cannot say "zero" there). A
+        trim of an already trimmed range thus allocates nothing."""
+        if start >= end:
+            return
+        step = 1 << 20
+        for kind, guest, length, _host in await self.mapper.map(self.meta.active_l1, start, end - start):
+            if kind == ZERO or (kind == UNALLOC and not self._below(guest, guest + length)):
+                continue
+            for pos in range(guest, guest + length, step):
+                await self.write(pos, bytes(min(step, guest + length - pos)))
+
+    async def _zero_aligned(self, start: int, end: int, unmap: bool) -> list[tuple[int, int]]:
+        """zero() of a (sub)cluster-aligned range, L2 table by L2 table (the
+        writer lock held); the ranges that must be written as data instead."""
+        span = self.geo.l2_span
+        fallback: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            index = pos // span
+            chunk_end = min(end, (index + 1) * span)
+            base = index * span
+            table = await self.mapper.l2_table(self.meta.active_l1, index)
+            if table is None and not self._below(pos, chunk_end):
+                pos = chunk_end  # unallocated with nothing below: already zeros
+                continue
+            if table is None:
+                shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
+                table = np.zeros(shape, np.uint64)
+            # Decide on the current table first: a table that needs no change
+            # is neither allocated nor copied away from a snapshot.
+            if self._zero_entries(table, base, pos, chunk_end, unmap, apply=False, fallback=fallback):
+                table_off = await self._writable_l2(index)
+                async with self.l2_cache.pinned(table_off) as writable:
+                    # (the same decisions: a copy holds the same entries)
+                    self._zero_entries(writable, base, pos, chunk_end, unmap, apply=True, fallback=[])
+                    self.l2_cache.mark_dirty(table_off)
+            pos = chunk_end
+        return fallback
+
+    def _below(self, start: int, end: int) -> bool:
+        """Whether the backing chain may show through guest bytes [start, end)."""
+        backing = self._backing()
+        return backing is not None and start < backing.size
+
+    def _zero_entries(self, table: np.ndarray, base: int, start: int, end: int, unmap: bool,
+                      apply: bool, fallback: list[tuple[int, int]]) -> bool:
+        """Make the entries for [start, end) of the L2 table at guest BASE say
+        "zeros" (APPLY) or only tell whether any would change. Synchronous,
+        so no other task sees half of it. Ranges only data can zero go to
+        FALLBACK."""
+        geo = self.geo
+        cb, cs, ext = geo.cluster_bits, geo.cluster_size, geo.extended_l2
+        changed = False
+        for k in self._may_change(table, base, (start - base) >> cb, (end - 1 - base) >> cb, unmap):
+            c0 = base + (k << cb)
+            g0, g1 = max(start, c0), min(end, c0 + cs)
+            old = self._entry(table, k)
+            new = self._zeroed_entry(old, c0, g0, g1, unmap)
+            if new is None:
+                fallback.append((g0, g1))
+                continue
+            if new == old:
+                continue
+            changed = True
+            if not apply:
+                continue
+            if self.external:
+                # Guest offset == host offset: the data file itself must read
+                # zeros (data_file_raw keeps it a valid raw image); punching
+                # also gives its space back.
+                if not self.data_file.zero_range(g0, g1 - g0, unmap):
+                    self.data_file.write_sync(bytes(g1 - g0), g0)
+            if ext:
+                table[k, 0], table[k, 1] = new
+            else:
+                table[k] = new[0]
+            if (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED:
+                self._release(*old)
+        return changed
+
+    def _may_change(self, table: np.ndarray, base: int, first: int, last: int, unmap: bool) -> list[int]:
+        """Indexes in [first, last] of the entries _zeroed_entry may change,
+        found with numpy: the entries that read zeros already and stay as
+        they are (unallocated with nothing below, zero clusters) are left
+        out at once, so trimming free space that L2 tables cover costs
+        little per cluster (fstrim trims all free space every time)."""
+        geo = self.geo
+        backing = self._backing()
+        c0 = np.uint64(base) + (np.arange(first, last + 1, dtype=np.uint64) << np.uint64(geo.cluster_bits))
+        below = c0 < np.uint64(backing.size) if backing is not None else np.zeros(len(c0), bool)
+        if geo.extended_l2:
+            w0, bitmap = table[first : last + 1, 0], table[first : last + 1, 1]
+            unalloc = (w0 & np.uint64(L2E_OFFSET_MASK | OFLAG_COMPRESSED)) == 0
+            if self.external:
+                unalloc &= (w0 & np.uint64(OFLAG_COPIED)) == 0
+            stays = unalloc & ~below & ((bitmap & np.uint64(SC_ALL)) == 0)
+        else:
+            types = cluster_types(table[first : last + 1], self.external)
+            stays = (((types == SubclusterType.UNALLOCATED_PLAIN) & ~below)
+                     | (types == SubclusterType.ZERO_PLAIN))
+            if not unmap:
+                stays |= types == SubclusterType.ZERO_ALLOC
+        return (np.flatnonzero(~stays) + first).tolist()
+
+    def _zeroed_entry(self, old: tuple[int, int], c0: int, g0: int, g1: int,
+                      unmap: bool) -> tuple[int, int] | None:
+        """The (entry, bitmap) that makes guest [g0, g1) of the cluster at C0
+        read as zeros: OLD if it already does, None if only data can."""
+        geo = self.geo
+        e, bitmap = old
+        t = cluster_type(e, geo.extended_l2, self.external)
+        # Never drop a reference an entry that fails a check holds (it may
+        # point into metadata): CorruptionError, before anything changed.
+        why = extended_problem(e, bitmap, self.external) if geo.extended_l2 else None
+        if why:
+            raise CorruptionError(f"extended L2 entry is invalid: {why}")
+        host = e & L2E_OFFSET_MASK
+        if host and t in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC):
+            self._check_host(host, geo.cluster_size)
+        below = self._below(c0, c0 + geo.cluster_size)
+        whole = g1 - g0 == geo.cluster_size
+        # ZERO_RANGE keeps a cluster this image alone owns, as preallocated zeros.
+        keep = not unmap and t == SubclusterType.NORMAL and bool(e & OFLAG_COPIED)
+        if t == SubclusterType.UNALLOCATED_PLAIN and not below:
+            return old  # nothing below: reads zeros already
+        if not geo.extended_l2:
+            if t == SubclusterType.ZERO_PLAIN or (t == SubclusterType.ZERO_ALLOC and not (unmap and whole)):
+                return old
+            if not whole:
+                return None
+            if keep and geo.zero_flag:
+                return (e | OFLAG_ZERO, 0)
+            if not below:
+                return (0, 0)
+            return (OFLAG_ZERO, 0) if geo.zero_flag else None
+        zero_all = SC_ALL << 32
+        if t == SubclusterType.COMPRESSED:
+            return ((0, zero_all) if below else (0, 0)) if whole else None
+        sc = geo.subcluster_size
+        first, last = (g0 - c0) // sc, (g1 - 1 - c0) // sc
+        mask = ((1 << (last - first + 1)) - 1) << first
+        alloc, zero = bitmap & SC_ALL, bitmap >> 32
+        if t == SubclusterType.NORMAL and (keep or not whole):
+            # The host cluster stays (owned, or other subclusters use it).
+            return (e, (alloc & ~mask) | ((zero | mask) << 32))
+        if t == SubclusterType.NORMAL:  # the whole cluster is dropped
+            return (0, zero_all) if below else (0, 0)
+        return (e, (zero | mask) << 32)  # unallocated, with backing data below
+
+    # ---- L2 entries ----------------------------------------------------------------
+
+    def _entry(self, table: np.ndarray, k: int) -> tuple[int, int]:
+        if self.geo.extended_l2:
+            return int(table[k, 0]), int(table[k, 1])
+        return int(table[k]), 0
+
+    def _set_data(self, table: np.ndarray, k: int, n: int, host: int) -> None:
+        """Point entries K..K+N-1 at the N host clusters from HOST, which we own."""
+        hosts = (np.arange(n, dtype=np.uint64) << np.uint64(self.geo.cluster_bits)) + np.uint64(host | OFLAG_COPIED)
+        if self.geo.extended_l2:
+            table[k : k + n, 0] = hosts
+            table[k : k + n, 1] = SC_ALL
+        else:
+            table[k : k + n] = hosts
+
+    def _set_zero(self, table: np.ndarray, k: int) -> None:
+        old = self._entry(table, k)
+        if self.geo.extended_l2:
+            table[k, 0] = 0
+            table[k, 1] = SC_ALL << 32
+        else:
+            table[k] = OFLAG_ZERO
+        self._release(*old)
+
+    def _release(self, entry: int, bitmap: int) -> None:
+        """Drop the reference an old L2 entry held (once it is off the disk)."""
+        if self.external:
+            return
+        if entry & OFLAG_COMPRESSED:
+            d = decode_compressed(entry, self.geo.cluster_bits)
+            start = d.host_offset & ~511
+            self.alloc.release_later(start, d.host_offset + d.length - start)
+        elif entry & L2E_OFFSET_MASK:
+            self.alloc.release_later(entry & L2E_OFFSET_MASK, self.geo.cluster_size)

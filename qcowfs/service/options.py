@@ -1,0 +1,149 @@
+"""Mount options: what `-o a,b,c` (and mount(8), fstab, systemd) may say,
+parsed into one MountOptions for the CLI and the daemon."""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+from dataclasses import dataclass, field
+
+from ..engine import DEFAULT_L2_CACHE_BYTES
+from ..errors import UsageError
+
+
+# Options mount(8) and systemd pass along that mean nothing to us.
+GENERIC_OPTIONS = {"rw", "ro", "dev", "suid", "atime", "auto", "nofail", "_netdev",
+                   "defaults", "relatime", "strictatime", "lazytime", "user", "users", "owner",
+                   "diratime", "async", "sync"}
+DEFAULT_READ_AROUND = 256 << 10
+# What a force-shared mount says once at mount time (stderr and the log).
+FORCE_SHARE_WARNING = ("force_share: the image is opened whatever holds it; while another program "
+                       "writes it, what the mount shows may change or be inconsistent")
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = t[-1:] if t[-1:] in units and not t[-1:].isdigit() else ""
+    try:
+        value = int(float(t[: len(t) - len(suffix)]) * units[suffix])
+    except ValueError:
+        raise UsageError(f"invalid size '{text}'") from None
+    if value <= 0:
+        raise UsageError(f"invalid size '{text}'")
+    return value
+
+
+@dataclass
+class MountOptions:
+    read_only: bool = False
+    allow_other: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    umask: int = 0o022
+    l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+    read_around: int = DEFAULT_READ_AROUND
+    page_cache: bool = False
+    noexec: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    # An encrypted image's passphrase: a file, or a systemd credential (see secret.py).
+    key_file: str | None = None
+    key_credential: str | None = None
+    # -o scratch: image read-only, every file takes throwaway writes (scratch.py)
+    scratch: bool = False
+    scratch_dir: str | None = None
+    scratch_size: int | None = None
+    # -o force_share: QEMU's -U, read-only mounts only
+    force_share: bool = False
+
+    def apply(self, opts: str) -> None:
+        for opt in filter(None, opts.split(",")):
+            key, _, value = opt.partition("=")
+            if key == "ro":
+                self.read_only = True
+            elif key == "rw":
+                self.read_only = False
+            elif key == "allow_other":
+                self.allow_other = True
+            elif key in ("default_permissions", "fsname", "subtype"):
+                pass
+            elif key in ("uid", "gid"):
+                setattr(self, key, _owner_id(key, value))
+            elif key == "umask":
+                try:
+                    self.umask = int(value, 8)
+                except ValueError:
+                    raise UsageError(f"invalid value for option umask: '{value}'") from None
+            elif key in ("log_file", "log-file"):
+                if not value:
+                    raise UsageError("option log_file needs a path: -o log_file=PATH")
+                self.log_file = os.path.abspath(value)
+            elif key in ("key_file", "key-file"):
+                if not value:
+                    raise UsageError("option key_file needs a path: -o key_file=PATH")
+                self.key_file = os.path.abspath(value)
+            elif key in ("key_credential", "key-credential"):
+                if not value:
+                    raise UsageError("option key_credential needs a name: -o key_credential=NAME")
+                self.key_credential = value
+            elif key in ("l2_cache_size", "l2-cache-size"):
+                self.l2_cache_bytes = parse_size(value)
+            elif key == "read_around":
+                self.read_around = 0 if value.strip() in ("0", "off") else parse_size(value)
+                if self.read_around & (self.read_around - 1) or self.read_around % 4096:
+                    raise UsageError("read_around must be 0 or a power of two of at least 4K")
+            elif key in ("exec", "noexec"):
+                self.noexec = key == "noexec"
+            elif key == "page_cache":
+                self.page_cache = True
+            elif key == "debug":
+                self.debug = True
+            elif key == "scratch":
+                self.scratch = True
+            elif key == "scratch_dir":
+                if not value:
+                    raise UsageError("option scratch_dir needs a directory: -o scratch_dir=DIR")
+                self.scratch_dir = os.path.abspath(value)
+            elif key == "scratch_size":
+                try:
+                    self.scratch_size = parse_size(value)
+                except UsageError:
+                    raise UsageError(f"invalid value for option scratch_size: '{value}' "
+                                     "(a size such as 512M or 2G)") from None
+            elif key in ("force_share", "force-share"):
+                self.force_share = True
+            elif (key in GENERIC_OPTIONS or key.startswith("no") and key[2:] in GENERIC_OPTIONS
+                  or key.startswith("x-systemd.") or key.startswith("x-") or key == "noatime"):
+                pass
+            else:
+                raise UsageError(f"unknown mount option '{opt}'")
+
+    @property
+    def image_read_only(self) -> bool:
+        """The image is opened read-only: ro, or scratch (whose writes stay
+        outside it)."""
+        return self.read_only or self.scratch
+
+    def check(self) -> None:
+        """Combinations that make no sense, once every option is in (one line each)."""
+        if self.scratch and self.read_only:
+            raise UsageError("-o scratch makes the files writable (writes are thrown away, the image "
+                             "is opened read-only anyway): it cannot be combined with ro/--read-only")
+        if (self.scratch_dir is not None or self.scratch_size is not None) and not self.scratch:
+            raise UsageError("scratch_dir= and scratch_size= need -o scratch")
+        if self.force_share and not self.image_read_only:
+            raise UsageError("-o force_share needs a read-only mount: add -o ro (or -o scratch for "
+                             "throwaway writes)")
+
+
+def _owner_id(key: str, value: str) -> int:
+    """uid=/gid= as a number or a user/group name."""
+    if re.fullmatch(r"\d+", value):
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid if key == "uid" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        what = "user" if key == "uid" else "group"
+        raise UsageError(f"invalid value for option {key}: no {what} named '{value}'") from None
