@@ -352,6 +352,19 @@ class Image:
         self.written(offset, len(data))
         return len(data)
 
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """write()'s fast path without awaiting: an overwrite of clusters this
+        image alone owns (Writer.write_in_place). False: call write()."""
+        if self.corrupt or self.writer is None or not self._prepared:
+            return False
+        try:
+            if not self.writer.write_in_place(offset, data):
+                return False
+        except CorruptionError:
+            return False  # write() meets it again, and signals it
+        self.written(offset, len(data))
+        return True
+
     @signals_corruption
     async def zero(self, offset: int, length: int, unmap: bool) -> None:
         """Make [offset, offset+length) of the disk read as zeros, without data

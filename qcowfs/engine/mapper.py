@@ -316,10 +316,10 @@ class Mapper:
         entry = l1.cached(index)
         return self.l2_cache.peek(entry & L1E_OFFSET_MASK) if entry else None
 
-    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
-        """The hot path: a range that is one host-contiguous data run, with its
-        tables cached and its bytes in the host page cache, read without a
-        single await. None means: take the general path. (Written flat, with
+    def cached_host(self, l1: L1Table, offset: int, length: int) -> int | None:
+        """The hot path's lookup: the host offset of guest [offset, offset+length)
+        if that range is one host-contiguous run of plain data clusters whose
+        tables are cached (no await, no I/O), else None. (Written flat, with
         precomputed values: it runs once per FUSE read.)"""
         sb = self._span_bits
         index = offset >> sb
@@ -345,7 +345,19 @@ class Mapper:
                 host <= self._cluster_mask or last_host >= self.file.known_size)):
             self.check_data(host)  # raises with the precise reason
             self.check_data(last_host)
-        return self.data_file.read_cached(host + (offset & self._cluster_mask), length)
+        return host + (offset & self._cluster_mask)
+
+    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
+        """A range that is one host-contiguous data run, with its tables cached
+        and its bytes in the host page cache, read without a single await.
+        None means: take the general path."""
+        host = self.cached_host(l1, offset, length)
+        return None if host is None else self.data_file.read_cached(host, length)
+
+    def read_cached_into(self, l1: L1Table, buf: memoryview, offset: int) -> bool:
+        """read_cached into BUF (no copy): False means take the general path."""
+        host = self.cached_host(l1, offset, len(buf))
+        return host is not None and self.data_file.read_nowait(buf, host) == len(buf)
 
     def data_span(self, l1: L1Table, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
         """The guest range around OFFSET, within [LO, HI) and OFFSET's L2

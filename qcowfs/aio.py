@@ -1,0 +1,493 @@
+"""The public API for trio programs: qcow2 images as coroutines.
+
+    import trio, qcowfs.aio
+
+    async def main():
+        async with qcowfs.aio.open("disk.qcow2", "r+") as image:
+            await image.disk.write(0, b"hello")
+            print(await image.disk.read(0, 5), image.snapshots)
+
+    trio.run(main)
+
+Everything here is also in `qcowfs` itself, synchronous (`qcowfs.open`): a
+plain script needs to know nothing of trio. The mount is a client of this
+module (its files are `Disk` objects), and so are the control socket and
+the command line: what they can do, a program can.
+
+Errors are `qcowfs.QcowError` and its family, each with a message a user
+understands and the errno the mount answers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable, Generator, Literal
+
+from .engine import bitmap_ops, extents, snapshot_ops
+from .engine.bitmaps import read_bitmap
+from .engine.check import check as _check
+from .engine.image import Image as _EngineImage
+from .engine.info import describe
+from .engine.mapper import L1Table
+from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
+from .engine.snapshots import snapshot_disk_size, snapshot_problem
+from .errors import CorruptionError, NoSpaceError, ReadOnlyError, ResizeError, UsageError
+from .format import SnapshotEntry
+from .host.secret import read_key_file
+from .records import Bitmap, CheckResult, Checkpoint, Snapshot
+
+__all__ = ["open", "Image", "Disk"]
+
+Mode = Literal["r", "r+"]
+Passphrase = str | bytes | Callable[[], bytes] | None
+
+
+def _passphrase_source(passphrase: Passphrase, key_file: str | os.PathLike[str] | None
+                       ) -> Callable[[], bytes] | None:
+    """What the engine calls when (and only when) it opens an encrypted image."""
+    if passphrase is not None and key_file is not None:
+        raise UsageError("give either passphrase or key_file, not both")
+    if key_file is not None:
+        path = os.fspath(key_file)
+        return lambda: read_key_file(path)
+    if isinstance(passphrase, str):
+        data = passphrase.encode()
+        return lambda: data
+    if isinstance(passphrase, bytes):
+        raw = passphrase
+        return lambda: raw
+    return passphrase
+
+
+class Disk:
+    """A virtual disk of an open image, by byte offset: the active disk
+    (`Image.disk`, writable in mode "r+") or an internal snapshot's
+    (`Image.snapshot(name)`, read-only).
+
+    Reads past the end are short (empty at or after it); writes are cut at
+    the end, and a write that starts there fails with NoSpaceError (ENOSPC),
+    as a block device does."""
+
+    def __init__(self, image: "Image", entry: SnapshotEntry | None = None) -> None:
+        self._image = image
+        self._engine = image._engine
+        self._entry = entry
+        if entry is None:
+            self._l1: L1Table | None = None
+            self._problem: tuple[str, bool] | None = None
+        else:
+            self._l1 = L1Table(self._engine.file, entry.l1_table_offset, entry.l1_size)
+            self._problem = snapshot_problem(entry, self._engine.header.version, self._engine.geo.cluster_size,
+                                             self._engine.file.known_size)
+            self._epoch = self._engine.tables_epoch
+
+    # ---- what it is ---------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The virtual size in bytes (whole 512-byte sectors, as QEMU shows it)."""
+        if self._entry is None:
+            return self._engine.size
+        return snapshot_disk_size(self._entry, self._engine.size)
+
+    @property
+    def writable(self) -> bool:
+        """The active disk of an image opened "r+" (snapshots never are)."""
+        return self._entry is None and not self._engine.read_only
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The snapshot this disk shows, or None for the active disk."""
+        return Snapshot.from_entry(self._entry) if self._entry is not None else None
+
+    @property
+    def allocated(self) -> int:
+        """Host bytes the image occupies, at most the disk's size (what a
+        file's st_blocks * 512 says: du and cp's sparse test see it)."""
+        return min(self.size, self._engine.host_usage())
+
+    def _table(self) -> L1Table:
+        """The L1 table reads go through; a snapshot's is read afresh when a
+        force-shared image dropped its tables (see Image.revalidate)."""
+        if self._l1 is None:
+            return self._engine.active_l1
+        if self._epoch != self._engine.tables_epoch:
+            self._epoch = self._engine.tables_epoch
+            self._l1.forget()
+        return self._l1
+
+    def _readable(self) -> None:
+        if self._problem is not None and not self._problem[1]:
+            raise CorruptionError(self._problem[0])
+
+    def _clip(self, offset: int, length: int) -> int:
+        if offset < 0 or length < 0:
+            raise UsageError("offset and length must not be negative")
+        return max(0, min(length, self.size - offset))
+
+    # ---- reading ------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        """LENGTH bytes at OFFSET (fewer at the end of the disk)."""
+        n = self._clip(offset, length)
+        if n <= 0:
+            return bytearray()
+        self._readable()
+        return await self._engine.read(self._table(), offset, n)
+
+    async def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Fill BUF from OFFSET; bytes read (fewer at the end of the disk)."""
+        view = memoryview(buf).cast("B")
+        n = self._clip(offset, len(view))
+        if n <= 0:
+            return 0
+        if self.readinto_nowait(view[:n], offset):
+            return n
+        view[:n] = await self.read(offset, n)
+        return n
+
+    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+        """The bytes at OFFSET without awaiting, when their tables are cached and
+        they lie in one host-contiguous run in the host page cache; else None
+        (then call read). A server's hot path: no await, one pread."""
+        n = self._clip(offset, length)
+        if n <= 0:
+            return bytearray()
+        try:
+            return self._engine.mapper.read_cached(self._table(), offset, n)
+        except CorruptionError:
+            return None  # read() meets it again, and reports it
+
+    def readinto_nowait(self, buf: memoryview, offset: int) -> bool:
+        """read_nowait into BUF (the whole of it, inside the disk); False: use readinto."""
+        if self._image._force_share or offset + len(buf) > self.size:
+            return False
+        try:
+            return self._engine.mapper.read_cached_into(self._table(), buf, offset)
+        except CorruptionError:
+            return False
+
+    def cheap_span(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        """The part of [LO, HI) around OFFSET that this image holds as plain
+        data clusters, known from cached tables alone: what is cheap to read
+        ahead in one pread (None: OFFSET's own cluster is not plain data)."""
+        return self._engine.mapper.data_span(self._table(), offset, lo, min(hi, self.size))
+
+    async def find(self, offset: int, data: bool) -> int:
+        """lseek(SEEK_DATA) (DATA) or lseek(SEEK_HOLE): the first data or hole
+        at or after OFFSET (inside the disk), the size if there is none.
+        Holes are what QEMU's block status calls them (zero clusters,
+        unallocated clusters with nothing below)."""
+        self._readable()
+        return await self._engine.find(self._table(), offset, self.size, data)
+
+    # ---- writing ------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        if self._entry is not None:
+            raise ReadOnlyError("a snapshot's disk is read-only")
+        if self._engine.read_only:
+            raise ReadOnlyError("the image is open read-only (open it with mode \"r+\")")
+
+    def _write_length(self, offset: int, length: int) -> int:
+        self._writer()
+        if offset < 0:
+            raise UsageError("offset must not be negative")
+        if length and offset >= self.size:
+            raise NoSpaceError(f"no space past the end of the disk ({self.size} bytes)")
+        return min(length, self.size - offset)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write DATA at OFFSET: bytes written (cut at the end of the disk).
+        Durable once flush() returns."""
+        n = self._write_length(offset, len(data))
+        if n <= 0:
+            return 0
+        return await self._engine.write(offset, bytes(data[:n]) if n < len(data) else data)
+
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """The write's hot path, without awaiting: an overwrite of clusters this
+        image alone owns (one pwrite). None: call write()."""
+        n = self._write_length(offset, len(data))
+        if n <= 0:
+            return 0
+        return n if self._engine.write_nowait(offset, data[:n] if n < len(data) else data) else None
+
+    async def zero(self, offset: int, length: int, unmap: bool = True) -> None:
+        """Make [offset, offset+length) read as zeros without writing data where
+        the format can say so: UNMAP (discard, fallocate PUNCH_HOLE) frees the
+        host clusters, else (ZERO_RANGE) clusters the image owns stay
+        allocated, so later writes need none. Bitmaps count it as written."""
+        self._writer()
+        await self._engine.zero(offset, length, unmap)
+
+    async def truncate(self, size: int) -> int:
+        """Grow the disk to SIZE bytes (shrinking is refused: ResizeError); the
+        new size."""
+        self._writer()
+        if size < self.size:
+            raise ResizeError("shrinking the disk is not supported")
+        if size > self.size:
+            await self._engine.resize(size)
+        return self.size
+
+    async def flush(self) -> None:
+        """Everything written so far durable in the image (fsync)."""
+        if self.writable:
+            await self._engine.flush()
+
+
+class Image:
+    """An open qcow2 image. Open it with `qcowfs.aio.open` (which also does
+    what must precede the first change in mode "r+": dirty-bit repair,
+    lazy-refcount rebuild, marking tracked bitmaps in use). Constructing
+    it directly opens the file without a trio loop (the mount does so
+    before it forks); changes then do that preparation themselves.
+
+    MODE is "r" (read-only: reader locks, nothing is ever written) or "r+"
+    (read-write: QEMU's writer locks). PASSPHRASE (str, bytes, or a function
+    returning bytes) or KEY_FILE (every byte of the file, as QEMU's
+    `secret,file=`) unlocks a LUKS image; without either an encrypted image
+    opens for info, check and maps, and reading its data raises
+    PassphraseError. FORCE_SHARE opens, read-only, an image another program
+    holds (qemu-img's -U): what it shows may change meanwhile."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
+                 key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
+                 l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, repair: bool = False) -> None:
+        if mode not in ("r", "r+"):
+            raise UsageError(f"mode must be \"r\" or \"r+\", not {mode!r}")
+        if force_share and mode != "r":
+            raise UsageError("force_share needs a read-only open (mode \"r\")")
+        self.path = os.path.abspath(os.fspath(path))
+        self._force_share = force_share
+        self._engine = _EngineImage(self.path, OpenOptions(
+            read_only=mode == "r", l2_cache_bytes=l2_cache_size, force_share=force_share, repair=repair,
+            passphrase=_passphrase_source(passphrase, key_file)))
+        self._disk = Disk(self)
+        self._closed = False
+
+    async def prepare(self) -> None:
+        """What must precede the first change of an image opened "r+" (open()
+        does it; every change does it first too). Nothing in mode "r"."""
+        if not self._engine.read_only:
+            await self._engine.prepare_writes()
+
+    async def __aenter__(self) -> "Image":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Flush everything, store tracked bitmaps, release locks and files."""
+        if not self._closed:
+            self._closed = True
+            await self._engine.close()
+
+    # ---- what it is ---------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self._engine.read_only
+
+    @property
+    def force_share(self) -> bool:
+        return self._force_share
+
+    @property
+    def virtual_size(self) -> int:
+        """The disk's size in bytes (whole 512-byte sectors)."""
+        return self._engine.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._engine.geo.cluster_size
+
+    @property
+    def encryption(self) -> str | None:
+        """"LUKS", "AES (legacy qcow2 encryption)", or None."""
+        return self._engine.encryption
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a read-only open left out, one line each (a damaged snapshot
+        table or bitmap directory: the disk is still served)."""
+        return list(self._engine.warnings)
+
+    @property
+    def corrupt(self) -> bool:
+        """Whether the image was marked corrupt while open (no more changes)."""
+        return self._engine.corrupt
+
+    @property
+    def disk(self) -> Disk:
+        """The active virtual disk."""
+        return self._disk
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots, in table order."""
+        return [Snapshot.from_entry(e) for e in self._engine.snapshots]
+
+    @property
+    def bitmaps(self) -> list[Bitmap]:
+        """The persistent dirty bitmaps, in directory order."""
+        return [Bitmap(b.name, b.granularity, tuple(b.flag_names), b.problem) for b in self._engine.bitmaps]
+
+    def snapshot(self, name: str) -> Disk:
+        """The read-only disk of snapshot NAME (a name, or an id)."""
+        return Disk(self, self._engine.snapshots[snapshot_ops.find(self._engine.meta, name)])
+
+    def snapshot_disks(self) -> list[Disk]:
+        """The disk of every snapshot, in table order (names need not be unique)."""
+        return [Disk(self, e) for e in self._engine.snapshots]
+
+    # ---- what qemu-img shows -------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        """What `qemu-img info --output=json` prints, with its keys."""
+        return describe(self._engine)
+
+    async def check(self, repair: bool = False) -> CheckResult:
+        """`qemu-img check` (with REPAIR, `-r all`: needs mode "r+"). See also
+        `qcowfs.aio.check`, which can open an image marked corrupt to repair it."""
+        if repair and self._engine.read_only:
+            raise ReadOnlyError("a repair needs the image opened with mode \"r+\"")
+        r = await _check(self._engine, repair=repair)
+        return CheckResult(corruptions=r.corruptions, leaks=r.leaks, check_errors=r.check_errors,
+                           returncode=r.returncode, total_clusters=r.total_clusters,
+                           allocated_clusters=r.allocated_clusters, fragmented_clusters=r.fragmented_clusters,
+                           compressed_clusters=r.compressed_clusters, image_end_offset=r.image_end_offset,
+                           fixed=r.fixed, messages=tuple(r.messages), unsaid=r.unsaid,
+                           json=r.json(self.path))
+
+    async def map(self, snapshot: str | None = None) -> list[dict[str, Any]]:
+        """The allocation map as `qemu-img map --output=json` (of a snapshot's
+        disk with SNAPSHOT), backing chain included."""
+        entry = self._engine.snapshots[snapshot_ops.find(self._engine.meta, snapshot)] if snapshot else None
+        return await extents.disk_map(self._engine, entry)
+
+    async def dirty_extents(self, name: str) -> list[dict[str, Any]]:
+        """Bitmap NAME's extents as `nbdinfo --map=qemu:dirty-bitmap:NAME --json`."""
+        return await extents.dirty_map(self._engine.file, self._usable_bitmap(name))
+
+    async def bitmap_bits(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bitmap NAME's bits, bytes [offset, offset+length) (bit i of byte j:
+        granule 8*j+i), as they are now (live while tracked)."""
+        bm = self._usable_bitmap(name)
+        return await read_bitmap(bm, self._engine.file, offset, bm.size if length is None else length)
+
+    def _usable_bitmap(self, name: str) -> Any:
+        return bitmap_ops.usable(bitmap_ops.find(self._engine.bitmaps, name))
+
+    def host_usage(self) -> int:
+        """Host bytes the image file (and its external data file) occupy."""
+        return self._engine.host_usage()
+
+    # ---- changes ("r+") -------------------------------------------------------------
+
+    async def create_snapshot(self, name: str) -> Snapshot:
+        """Internal snapshot NAME of the disk as it is at this instant."""
+        return Snapshot.from_entry(await self._engine.create_snapshot(name))
+
+    async def delete_snapshot(self, name: str) -> None:
+        """Delete snapshot NAME (a name or an id); its clusters are freed."""
+        await self._engine.delete_snapshot(name)
+
+    async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+        """A new persistent bitmap (QEMU's default granularity: the cluster
+        size clamped to 4K..64K); ENABLED, it tracks writes from now on."""
+        await self._engine.add_bitmap(name, granularity, enabled)
+
+    async def remove_bitmap(self, name: str) -> None:
+        await self._engine.change_bitmap(name, "remove")
+
+    async def clear_bitmap(self, name: str) -> None:
+        await self._engine.change_bitmap(name, "clear")
+
+    async def enable_bitmap(self, name: str) -> None:
+        await self._engine.change_bitmap(name, "enable")
+
+    async def disable_bitmap(self, name: str) -> None:
+        await self._engine.change_bitmap(name, "disable")
+
+    async def merge_bitmaps(self, dest: str, *sources: str) -> None:
+        """Add the bits of every SOURCE bitmap (any granularity) to DEST."""
+        if not sources:
+            raise UsageError("merge_bitmaps needs at least one source bitmap")
+        await self._engine.change_bitmap(dest, "merge", list(sources))
+
+    async def checkpoint(self, name: str) -> Checkpoint:
+        """In one commit at one instant: snapshot NAME, a frozen copy B@NAME of
+        every enabled bitmap B, and a new enabled bitmap NAME."""
+        entry = await self._engine.checkpoint(name)
+        return Checkpoint(Snapshot.from_entry(entry), tuple(b.name for b in self._engine.bitmaps))
+
+    async def resize(self, size: int) -> None:
+        """Grow the virtual disk to SIZE bytes (the new area reads zeros)."""
+        await self._disk.truncate(size)
+
+    async def flush(self) -> None:
+        """Everything written so far durable in the image."""
+        await self._engine.flush()
+
+    async def revalidate(self) -> None:
+        """force_share: drop every table read so far and re-read the header (a
+        server calls it periodically; see the README's force_share section)."""
+        await self._engine.revalidate()
+
+    @property
+    def tables_epoch(self) -> int:
+        """force_share: bumped each time revalidate() dropped the tables."""
+        return self._engine.tables_epoch
+
+
+class _Opening:
+    """What open() returns: awaitable (`image = await open(...)`) and an async
+    context manager (`async with open(...) as image:`)."""
+
+    def __init__(self, make: Callable[[], Awaitable[Image]]) -> None:
+        self._make = make
+        self._image: Image | None = None
+
+    def __await__(self) -> Generator[Any, None, Image]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> Image:
+        self._image = await self._make()
+        return self._image
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._image is not None
+        await self._image.close()
+
+
+def open(path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
+         key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
+         l2_cache_size: int = DEFAULT_L2_CACHE_BYTES) -> _Opening:
+    """Open a qcow2 image: `async with qcowfs.aio.open(path, "r+") as image:`
+    (or `image = await qcowfs.aio.open(...)`, then `await image.close()`).
+    See `Image` for the arguments."""
+    async def make() -> Image:
+        image = Image(path, mode, passphrase=passphrase, key_file=key_file, force_share=force_share,
+                      l2_cache_size=l2_cache_size)
+        try:
+            await image.prepare()
+        except BaseException:
+            await image.close()
+            raise
+        return image
+    return _Opening(make)
+
+
+async def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
+    """`qemu-img check [-r all]` of the image at PATH. A repair opens the image
+    for writing even if it is marked corrupt (that is what a repair is for)
+    and clears the mark once no corruption is left."""
+    if repair and force_share:
+        raise UsageError("force_share cannot be used with a repair: a repair must own the image")
+    image = Image(path, "r+" if repair else "r", force_share=force_share, repair=repair)
+    try:
+        return await image.check(repair)
+    finally:
+        await image.close()

@@ -1,0 +1,375 @@
+"""The public API, synchronous: `qcowfs.open` and what it returns.
+
+Each call runs the coroutine of `qcowfs.aio` on one trio loop that lives in a
+background thread (the *portal*, started at the first call and shared by
+every image of the process), so a plain script needs to know nothing of
+trio. Why a thread and not `trio.run` per call: a trio.run costs about
+330 us, a call through the portal about 60 us, and the common reads and
+writes need neither (below). It is the one worker thread of the library.
+
+The hot paths never reach the portal: a read of plain data clusters whose
+tables are cached and whose bytes are in the host page cache is one pread
+on the caller's thread (`Disk.readinto_nowait`), and so is an overwrite of
+clusters the image alone owns (`Disk.write_nowait`).
+
+An Image (and its Disks) may be used from several threads: calls are
+serialised by a lock per image.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+from . import aio
+from .engine.opening import DEFAULT_L2_CACHE_BYTES
+from .errors import UsageError
+from .records import Bitmap, CheckResult, Checkpoint, Snapshot
+
+__all__ = ["open", "check", "Image", "Disk"]
+T = TypeVar("T")
+
+
+class _Portal:
+    """One trio loop in a daemon thread, for every synchronous call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._token: Any = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """After fork the loop's thread is gone: the child starts its own."""
+        self._lock = threading.Lock()
+        self._token = None
+
+    def _start(self) -> Any:
+        import trio
+
+        with self._lock:
+            if self._token is None:
+                ready = threading.Event()
+                box: list[Any] = []
+
+                async def loop() -> None:
+                    box.append(trio.lowlevel.current_trio_token())
+                    ready.set()
+                    await trio.sleep_forever()
+                threading.Thread(target=trio.run, args=(loop,), name="qcowfs-portal", daemon=True).start()
+                ready.wait()
+                self._token = box[0]
+            return self._token
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        import trio
+
+        token = self._start()
+
+        async def shielded() -> T:
+            # A change, once started, runs to its end (as a FUSE request does).
+            with trio.CancelScope(shield=True):
+                return await fn(*args)
+        return trio.from_thread.run(shielded, trio_token=token)
+
+
+_portal = _Portal()
+
+
+class Disk(io.RawIOBase):
+    """A virtual disk as a seekable binary file: `Image.disk` (read-write in
+    mode "r+") or `Image.snapshot(name)` (read-only).
+
+    read/readinto/write/seek/tell as any raw file; `truncate(size)` grows
+    the disk (shrinking raises ResizeError); `flush()` makes every write
+    durable (fsync); `seek(pos, os.SEEK_DATA)` / `os.SEEK_HOLE` find data and
+    holes as lseek(2) does (OSError ENXIO past the end). Reads stop at the
+    end of the disk; a write there raises NoSpaceError (ENOSPC).
+    `pread`/`pwrite` do the same at an offset, without moving the position."""
+
+    def __init__(self, image: "Image", disk: aio.Disk) -> None:
+        super().__init__()
+        self._image = image
+        self._disk = disk
+        self._pos = 0
+
+    # ---- io.RawIOBase ----------------------------------------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self._disk.writable
+
+    def seekable(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        """The virtual size in bytes."""
+        return self._disk.size
+
+    @property
+    def snapshot_info(self) -> Snapshot | None:
+        """The snapshot this disk shows (None: the active disk)."""
+        return self._disk.snapshot
+
+    def readinto(self, buf: Any) -> int:
+        n = self.preadinto(buf, self._pos)
+        self._pos += n
+        return n
+
+    def preadinto(self, buf: Any, offset: int) -> int:
+        """Fill BUF from OFFSET without moving the position: bytes read."""
+        self._check_open()
+        view = memoryview(buf).cast("B")
+        with self._image._lock:
+            if self._disk.readinto_nowait(view, offset):
+                return len(view)
+            return self._image._run(self._disk.readinto, view, offset)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """LENGTH bytes at OFFSET (fewer at the end), without moving the position."""
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        n = self.preadinto(buf, offset) if buf else 0
+        return bytes(buf[:n])
+
+    def readall(self) -> bytes:
+        data = self.pread(self._pos, self.size - self._pos)
+        self._pos += len(data)
+        return data
+
+    def write(self, data: Any) -> int:
+        n = self.pwrite(data, self._pos)
+        self._pos += n
+        return n
+
+    def pwrite(self, data: Any, offset: int) -> int:
+        """Write DATA at OFFSET without moving the position: bytes written."""
+        self._check_open()
+        with self._image._lock:
+            done = self._disk.write_nowait(offset, data)
+            if done is not None:
+                return done
+            return self._image._run(self._disk.write, offset, bytes(data))
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self._check_open()
+        if whence == os.SEEK_SET:
+            new = pos
+        elif whence == os.SEEK_CUR:
+            new = self._pos + pos
+        elif whence == os.SEEK_END:
+            new = self.size + pos
+        elif whence in (getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)):
+            data = whence == getattr(os, "SEEK_DATA", 3)
+            if pos < 0 or pos >= self.size:
+                raise OSError(6, "No such device or address")  # ENXIO, as lseek
+            with self._image._lock:
+                new = self._image._run(self._disk.find, pos, data)
+            if data and new >= self.size:
+                raise OSError(6, "No such device or address")
+        else:
+            raise ValueError(f"invalid whence ({whence})")
+        if new < 0:
+            raise OSError(22, "Invalid argument")
+        self._pos = new
+        return new
+
+    def tell(self) -> int:
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        """Grow the disk to SIZE (default: the position); shrinking raises ResizeError."""
+        self._check_open()
+        with self._image._lock:
+            return self._image._run(self._disk.truncate, self._pos if size is None else size)
+
+    def flush(self) -> None:
+        """fsync: everything written through this image is durable."""
+        if self.closed or self._image.closed:
+            return
+        if self._disk.writable:
+            with self._image._lock:
+                self._image._run(self._disk.flush)
+
+    def _check_open(self) -> None:
+        if self.closed or self._image.closed:
+            raise ValueError("I/O operation on a closed disk")
+
+
+class Image:
+    """An open qcow2 image: what `qcowfs.open` returns (a context manager).
+    The synchronous face of `qcowfs.aio.Image`: same names, same records,
+    same errors."""
+
+    def __init__(self, image: aio.Image) -> None:
+        self._aio = image
+        self._lock = threading.RLock()
+        self.closed = False
+        self._disk: Disk | None = None
+
+    def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self.closed:
+            raise ValueError("I/O operation on a closed image")
+        return _portal.run(fn, *args)
+
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        with self._lock:
+            return self._run(fn, *args)
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "r" if self.read_only else "r+"
+        return f"<qcowfs.Image {self.path!r} mode={mode!r}{' closed' if self.closed else ''}>"
+
+    def close(self) -> None:
+        """Flush everything, store tracked bitmaps, release locks and files."""
+        with self._lock:
+            if not self.closed:
+                try:
+                    _portal.run(self._aio.close)
+                finally:
+                    self.closed = True
+
+    # ---- what it is ---------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._aio.path
+
+    @property
+    def read_only(self) -> bool:
+        return self._aio.read_only
+
+    @property
+    def virtual_size(self) -> int:
+        """The disk's size in bytes (whole 512-byte sectors)."""
+        return self._aio.virtual_size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._aio.cluster_size
+
+    @property
+    def encryption(self) -> str | None:
+        return self._aio.encryption
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a read-only open left out (a damaged snapshot table...), one line each."""
+        return self._aio.warnings
+
+    @property
+    def disk(self) -> Disk:
+        """The active disk as a seekable raw file (one object per image)."""
+        if self._disk is None:
+            self._disk = Disk(self, self._aio.disk)
+        return self._disk
+
+    def snapshot(self, name: str) -> Disk:
+        """Snapshot NAME's disk (a name or an id), read-only, as a raw file."""
+        return Disk(self, self._aio.snapshot(name))
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return self._aio.snapshots
+
+    @property
+    def bitmaps(self) -> list[Bitmap]:
+        return self._aio.bitmaps
+
+    def info(self) -> dict[str, Any]:
+        """What `qemu-img info --output=json` prints."""
+        return self._call(self._aio.info)
+
+    def check(self, repair: bool = False) -> CheckResult:
+        """`qemu-img check` (REPAIR: `-r all`, mode "r+")."""
+        return self._call(self._aio.check, repair)
+
+    def map(self, snapshot: str | None = None) -> list[dict[str, Any]]:
+        """`qemu-img map --output=json` (of snapshot SNAPSHOT's disk)."""
+        return self._call(self._aio.map, snapshot)
+
+    def dirty_extents(self, name: str) -> list[dict[str, Any]]:
+        """`nbdinfo --map=qemu:dirty-bitmap:NAME --json` of bitmap NAME."""
+        return self._call(self._aio.dirty_extents, name)
+
+    def bitmap_bits(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bitmap NAME's bits (bit i of byte j: granule 8*j+i)."""
+        return self._call(self._aio.bitmap_bits, name, offset, length)
+
+    # ---- changes (mode "r+") --------------------------------------------------------
+
+    def create_snapshot(self, name: str) -> Snapshot:
+        return self._call(self._aio.create_snapshot, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        self._call(self._aio.delete_snapshot, name)
+
+    def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+        self._call(self._aio.add_bitmap, name, granularity, enabled)
+
+    def remove_bitmap(self, name: str) -> None:
+        self._call(self._aio.remove_bitmap, name)
+
+    def clear_bitmap(self, name: str) -> None:
+        self._call(self._aio.clear_bitmap, name)
+
+    def enable_bitmap(self, name: str) -> None:
+        self._call(self._aio.enable_bitmap, name)
+
+    def disable_bitmap(self, name: str) -> None:
+        self._call(self._aio.disable_bitmap, name)
+
+    def merge_bitmaps(self, dest: str, *sources: str) -> None:
+        self._call(self._aio.merge_bitmaps, dest, *sources)
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        return self._call(self._aio.checkpoint, name)
+
+    def resize(self, size: int) -> None:
+        self._call(self._aio.resize, size)
+
+    def flush(self) -> None:
+        self._call(self._aio.flush)
+
+
+def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.Passphrase = None,
+         key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
+         l2_cache_size: int = DEFAULT_L2_CACHE_BYTES) -> Image:
+    """Open the qcow2 image at PATH; use it as a context manager:
+
+        with qcowfs.open("disk.qcow2", "r+") as image:
+            image.disk.seek(1 << 20)
+            image.disk.write(b"hello")
+            image.create_snapshot("after-hello")
+
+    MODE "r" reads (reader locks: QEMU cannot write the image meanwhile);
+    "r+" also writes, and before returning does what a writable mount does
+    before its first write (dirty-bit repair, lazy-refcount rebuild,
+    tracked bitmaps marked in use). PASSPHRASE or KEY_FILE unlocks a LUKS
+    image; FORCE_SHARE reads an image another program holds (qemu-img -U).
+    Errors: `qcowfs.QcowError` and its family, one readable line each."""
+    if not isinstance(mode, str):
+        raise UsageError("mode must be \"r\" or \"r+\"")
+    image = aio.Image(path, mode, passphrase=passphrase, key_file=key_file, force_share=force_share,
+                      l2_cache_size=l2_cache_size)
+    wrapped = Image(image)
+    try:
+        wrapped._call(image.prepare)
+    except BaseException:
+        wrapped.close()
+        raise
+    return wrapped
+
+
+def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
+    """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
+    return _portal.run(functools.partial(aio.check, path, repair, force_share=force_share))
