@@ -348,12 +348,12 @@ class Image:
         """What `qemu-img info --output=json` prints, with its keys."""
         return describe(self._engine)
 
-    async def check(self, repair: bool = False) -> CheckResult:
+    async def check(self, repair: bool = False, progress: Callable[[float], None] | None = None) -> CheckResult:
         """`qemu-img check` (with REPAIR, `-r all`: needs mode "r+"). See also
         `qcowfs.aio.check`, which can open an image marked corrupt to repair it."""
         if repair and self._engine.read_only:
             raise ReadOnlyError("a repair needs the image opened with mode \"r+\"")
-        r = await _check(self._engine, repair=repair)
+        r = await _check(self._engine, repair=repair, progress=progress)
         return CheckResult(corruptions=r.corruptions, leaks=r.leaks, check_errors=r.check_errors,
                            returncode=r.returncode, total_clusters=r.total_clusters,
                            allocated_clusters=r.allocated_clusters, fragmented_clusters=r.fragmented_clusters,
@@ -361,10 +361,13 @@ class Image:
                            fixed=r.fixed, messages=tuple(r.messages), unsaid=r.unsaid,
                            json=r.json(self.path))
 
-    async def map(self, snapshot: str | None = None) -> list[dict[str, Any]]:
+    async def map(self, snapshot: "str | Disk | None" = None) -> list[dict[str, Any]]:
         """The allocation map as `qemu-img map --output=json` (of a snapshot's
-        disk with SNAPSHOT), backing chain included."""
-        entry = self._engine.snapshots[snapshot_ops.find(self._engine.meta, snapshot)] if snapshot else None
+        disk with SNAPSHOT: a name, an id, or its Disk), backing chain included."""
+        if isinstance(snapshot, Disk):
+            entry = snapshot._entry
+        else:
+            entry = self._engine.snapshots[snapshot_ops.find(self._engine.meta, snapshot)] if snapshot else None
         return await extents.disk_map(self._engine, entry)
 
     async def dirty_extents(self, name: str) -> list[dict[str, Any]]:
@@ -374,7 +377,7 @@ class Image:
     async def bitmap_bits(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bitmap NAME's bits, bytes [offset, offset+length) (bit i of byte j:
         granule 8*j+i), as they are now (live while tracked)."""
-        bm = self._usable_bitmap(name)
+        bm = bitmap_ops.find(self._engine.bitmaps, name)  # (an inconsistent one: CorruptionError)
         return await read_bitmap(bm, self._engine.file, offset, bm.size if length is None else length)
 
     def _usable_bitmap(self, name: str) -> Any:
@@ -480,7 +483,8 @@ def open(path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphra
     return _Opening(make)
 
 
-async def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
+async def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False,
+                progress: Callable[[float], None] | None = None) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH. A repair opens the image
     for writing even if it is marked corrupt (that is what a repair is for)
     and clears the mark once no corruption is left."""
@@ -488,6 +492,6 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
         raise UsageError("force_share cannot be used with a repair: a repair must own the image")
     image = Image(path, "r+" if repair else "r", force_share=force_share, repair=repair)
     try:
-        return await image.check(repair)
+        return await image.check(repair, progress)
     finally:
         await image.close()

@@ -457,8 +457,8 @@ def run_qemu(img: Path, sc: Scenario, scratch: Path) -> Outcome:
 # import is reported by the child, scenario by scenario.
 with contextlib.suppress(Exception):
     import trio  # noqa: F401
-    import qcowfs.engine.check  # noqa: F401
-    import qcowfs.engine.image  # noqa: F401
+    import qcowfs.aio  # noqa: F401
+    import qcowfs.cli.commands  # noqa: F401
     import qcowfs.fs.views  # noqa: F401
 
 # Address space a child may add to what it inherits: an absurd table size in an image must
@@ -511,15 +511,15 @@ def in_child(fn: Callable[[], Any], timeout: float = QCOWFS_TIMEOUT) -> tuple[st
 def _qcowfs_session(path: Path, sc: Scenario) -> Outcome:
     import trio
 
+    from qcowfs.aio import Image
     from qcowfs.errors import QcowError
-    from qcowfs.engine.image import Image, OpenOptions
     from qcowfs.fs import views
 
     o = Outcome()
 
     async def session() -> None:
         try:
-            image = Image(str(path), OpenOptions(read_only=not sc.writable))
+            image = Image(str(path), "r+" if sc.writable else "r")
         except QcowError as e:
             o.opened, o.open_error = False, str(e)
             o.results = [OpResult(False, None, str(e)) for _ in sc.ops]
@@ -529,11 +529,11 @@ def _qcowfs_session(path: Path, sc: Scenario) -> Outcome:
             prepare_error = ""
             if sc.writable:
                 try:
-                    await image.prepare_writes()
+                    await image.prepare()
                 except QcowError as e:
                     prepare_error = f"prepare_writes: {e}"
             disk = views.DiskView(image)
-            snaps = {s.id_str: s for s in image.snapshots}
+            snaps = {d.snapshot.id: d for d in image.snapshot_disks() if d.snapshot is not None}
             for op in sc.ops:
                 if prepare_error:
                     o.results.append(OpResult(False, None, prepare_error))
@@ -545,11 +545,11 @@ def _qcowfs_session(path: Path, sc: Scenario) -> Outcome:
                     elif isinstance(op, Read):
                         o.results.append(OpResult(True, bytes(await _read(disk, op.offset, op.length))))
                     else:
-                        entry = snaps.get(op.snapshot_id)
-                        if entry is None:
+                        snap = snaps.get(op.snapshot_id)
+                        if snap is None:
                             o.results.append(OpResult(False, None, f"no snapshot {op.snapshot_id}"))
                             continue
-                        view = views.SnapshotView(image, entry)
+                        view = views.SnapshotView(image, snap)
                         o.results.append(OpResult(True, bytes(await _read(view, op.offset, op.length))))
                 except QcowError as e:
                     o.results.append(OpResult(False, None, f"{type(e).__name__}: {e}"))
@@ -607,10 +607,10 @@ class CheckRun:
 def qcowfs_check(img: Path) -> CheckRun:
     """`qcowfs check --json IMG`, in a forked child (in-process code, killable)."""
     def fn() -> tuple[int, str, str]:
-        from qcowfs.engine.check import run_check
+        from qcowfs.cli.commands import cmd_check
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = run_check(str(img), False, True)
+            rc = cmd_check(str(img), False, True)
         return rc, out.getvalue(), err.getvalue()
 
     status, value = in_child(fn)

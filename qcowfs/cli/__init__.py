@@ -1,0 +1,4 @@
+"""The `qcowfs` command (`qcowfs.cli.main`)."""
+from .main import main
+
+__all__ = ["main"]

@@ -72,3 +72,31 @@ def render_info(d: dict[str, Any]) -> str:
         for b in data["bitmaps"]:
             lines.append(f"        [{b['name']}] granularity: {b['granularity']}, flags: {', '.join(b['flags']) or '-'}")
     return "\n".join(lines)
+
+
+def render_check(r: Any) -> tuple[list[str], list[str]]:
+    """`qemu-img check`'s human output of a CheckResult: (stdout lines,
+    stderr lines). Like qemu-img, what is wrong goes to stderr."""
+    err = list(r.messages)
+    if r.unsaid:
+        err.append(f"({r.unsaid} more messages like these are not shown)")
+    out: list[str] = []
+    if r.fixed is not None and any(r.fixed):
+        out.append(f"The following inconsistencies were found and repaired:\n\n"
+                   f"    {r.fixed[0]} leaked clusters\n    {r.fixed[1]} corruptions\n")
+    if r.corruptions:
+        out.append(f"\n{r.corruptions} errors were found on the image.\n"
+                   "Data may be corrupted, or further writes to the image may corrupt it.")
+    if r.leaks:
+        out.append(f"\n{r.leaks} leaked clusters were found on the image.\n"
+                   "This means waste of disk space, but no harm to data.")
+    if not r.corruptions and not r.leaks:
+        out.append("No errors were found on the image.")
+    if r.total_clusters:
+        alloc = max(1, r.allocated_clusters)
+        out.append(f"{r.allocated_clusters}/{r.total_clusters} = "
+                   f"{100 * r.allocated_clusters / r.total_clusters:.2f}% allocated, "
+                   f"{100 * r.fragmented_clusters / alloc:.2f}% fragmented, "
+                   f"{100 * r.compressed_clusters / alloc:.2f}% compressed clusters")
+    out.append(f"Image end offset: {r.image_end_offset}")
+    return out, err

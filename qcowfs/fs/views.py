@@ -1,22 +1,24 @@
 """The files a mount shows: what each one is, its size and rights, and where
-its byte ranges go. The FUSE layer sees only this interface."""
+its byte ranges go. The FUSE layer sees only this interface.
+
+The mount is a client of the public API: disk.raw and snapshots/NAME.raw are
+`qcowfs.aio.Disk` objects, bitmaps and maps come from `qcowfs.aio.Image`.
+"""
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..engine import extents
-from ..engine.bitmaps import Bitmap, read_bitmap
-from ..errors import CorruptionError, ReadOnlyError
-from ..format import SnapshotEntry
-from ..engine.image import Image
-from ..engine.mapper import L1Table
-from ..engine.snapshots import (snapshot_disk_size, snapshot_file_names, snapshot_problem, snapshot_xattrs,
-                        usable_name)
+from ..aio import Disk, Image
+from ..engine.snapshots import usable_name
+from ..errors import ReadOnlyError
+from ..records import Bitmap, Snapshot
 
 
 class FileView:
@@ -114,9 +116,9 @@ class DiskView(FileView):
     """disk.raw: the active virtual disk."""
 
     def __init__(self, image: Image, page_cache: bool = False) -> None:
-        self.image = image
-        self.writable = not image.read_only
-        self.unchanging = image.read_only
+        self.disk: Disk = image.disk
+        self.writable = self.disk.writable
+        self.unchanging = not self.writable
         # Writable: no kernel page cache unless asked for (shared mmap needs
         # it). Buffered FUSE writes cost a second round trip each (the kernel
         # asks for security.capability before every write, as pyfuse3 cannot
@@ -129,49 +131,38 @@ class DiskView(FileView):
 
     @property
     def size(self) -> int:
-        return self.image.size
+        return self.disk.size
 
     @property
     def allocated(self) -> int:
-        return min(self.size, self.image.host_usage())
+        return self.disk.allocated
 
     def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        return self.image.mapper.data_span(self.image.active_l1, offset, lo, min(hi, self.size))
+        return self.disk.cheap_span(offset, lo, hi)
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
-        # clip() inlined: this runs once per FUSE read.
-        image = self.image
-        size = image.header.size & ~511
-        n = length if offset + length <= size else size - offset
-        try:
-            return image.mapper.read_cached(image.active_l1, offset, n) if n > 0 else b""
-        except CorruptionError:
-            return None  # read() meets it again, and reports it
+        return self.disk.read_nowait(offset, length)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        n = self.clip(offset, length)
-        if n <= 0:
-            return b""
-        return await self.image.read(self.image.active_l1, offset, n)
+        return await self.disk.read(offset, length)
 
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
-        return await self.image.write(offset, data)
+        return await self.disk.write(offset, data)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
-        await self.image.resize(size)
+        await self.disk.truncate(size)
 
     async def fsync(self) -> None:
-        if self.writable:
-            await self.image.flush()
+        await self.disk.flush()
 
     async def zero(self, offset: int, length: int, unmap: bool) -> None:
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
-        await self.image.zero(offset, length, unmap)
+        await self.disk.zero(offset, length, unmap)
 
     async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """Inside the disk every cluster can already be written, so there is
@@ -180,10 +171,10 @@ class DiskView(FileView):
         if not self.writable:
             raise ReadOnlyError("the image is mounted read-only")
         if not keep_size and offset + length > self.size:
-            await self.image.resize(offset + length)
+            await self.disk.truncate(offset + length)
 
     async def seek(self, offset: int, data: bool) -> int:
-        return await self.image.find(self.image.active_l1, offset, self.size, data)
+        return await self.disk.find(offset, data)
 
 
 class SnapshotView(FileView):
@@ -191,64 +182,67 @@ class SnapshotView(FileView):
 
     Copy-on-write of the write path keeps it unchanged, so the kernel may cache it."""
 
-    def __init__(self, image: Image, entry: SnapshotEntry) -> None:
-        self.image = image
-        self.entry = entry
-        self._size = snapshot_disk_size(entry, image.size)
-        self.l1 = L1Table(image.file, entry.l1_table_offset, entry.l1_size)
-        self.problem = snapshot_problem(entry, image.header.version, image.geo.cluster_size,
-                                        image.file.known_size)
+    def __init__(self, image: Image, disk: Disk) -> None:
+        self.disk = disk
+        snapshot = disk.snapshot
+        assert snapshot is not None
+        self.snapshot: Snapshot = snapshot
         self.unchanging = True
-        self.mtime_ns = entry.date_sec * 10**9 + entry.date_nsec
-        self._epoch = image.tables_epoch
+        self.mtime_ns = snapshot.date_sec * 10**9 + snapshot.date_nsec
         _uncached_if_shared(self, image)
 
     @property
     def size(self) -> int:
-        return self._size
+        return self.disk.size
 
     @property
     def allocated(self) -> int:
-        return min(self._size, self.image.host_usage())
+        return self.disk.allocated
 
     def xattrs(self) -> dict[str, bytes]:
-        return snapshot_xattrs(self.entry, self._size)
-
-    def _fresh_l1(self) -> None:
-        """Drop this snapshot's L1 entries when the image dropped its tables
-        (force_share: see Image.revalidate)."""
-        if self._epoch != self.image.tables_epoch:
-            self._epoch = self.image.tables_epoch
-            self.l1.forget()
+        return snapshot_xattrs(self.snapshot, self.size)
 
     def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        self._fresh_l1()
-        return self.image.mapper.data_span(self.l1, offset, lo, min(hi, self._size))
+        return self.disk.cheap_span(offset, lo, hi)
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
-        self._fresh_l1()
-        n = self.clip(offset, length)
-        return self.image.mapper.read_cached(self.l1, offset, n) if n > 0 else b""
+        return self.disk.read_nowait(offset, length)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        self._fresh_l1()
-        n = self.clip(offset, length)
-        if n <= 0:
-            return b""
-        if self.problem is not None and not self.problem[1]:
-            raise CorruptionError(self.problem[0])
-        return await self.image.read(self.l1, offset, n)
+        return await self.disk.read(offset, length)
 
     async def seek(self, offset: int, data: bool) -> int:
-        if self.problem is not None and not self.problem[1]:
-            raise CorruptionError(self.problem[0])
-        return await self.image.find(self.l1, offset, self._size, data)
+        return await self.disk.find(offset, data)
+
+
+def snapshot_xattrs(snapshot: Snapshot, disk_size: int) -> dict[str, bytes]:
+    """user.qcow2.* of a snapshot's file."""
+    date = dt.datetime.fromtimestamp(snapshot.date_sec + snapshot.date_nsec / 1e9, dt.timezone.utc)
+    return {
+        "user.qcow2.id": snapshot.id.encode(),
+        "user.qcow2.name": snapshot.name.encode(),
+        "user.qcow2.date": date.isoformat().encode(),
+        "user.qcow2.vm_clock_ns": str(snapshot.vm_clock_sec * 10**9 + snapshot.vm_clock_nsec).encode(),
+        "user.qcow2.vm_state_size": str(snapshot.vm_state_size).encode(),
+        "user.qcow2.disk_size": str(disk_size).encode(),
+    }
+
+
+def snapshot_file_names(snapshots: list[Snapshot]) -> list[str]:
+    """NAME.raw when the name is unique and usable as a file name, else id-ID.raw
+    (also when NAME.raw would take the id-ID.raw name of another snapshot)."""
+    counts = Counter(s.name for s in snapshots)
+    by_id = [f"id-{s.id}.raw" for s in snapshots]
+    taken = set(by_id)
+    return [f"{s.name}.raw" if counts[s.name] == 1 and usable_name(s.name)
+            and (f"{s.name}.raw" not in taken or f"{s.name}.raw" == i) else i
+            for s, i in zip(snapshots, by_id)]
 
 
 def _uncached_if_shared(view: FileView, image: Image) -> None:
     """A force-shared image changes under us: its files get no kernel page
     cache (every read reaches us) and no read-around."""
-    if image.options.force_share:
+    if image.force_share:
         view.keep_cache, view.direct_io, view.unchanging = False, True, False
 
 
@@ -264,13 +258,16 @@ class BitmapView(FileView):
 
     @property
     def size(self) -> int:
-        return self.bitmap.size
+        """Bytes in the bitmap file: ceil(ceil(virtual_size / g) / 8)."""
+        return -(-(-(-self.image.virtual_size // self.bitmap.granularity)) // 8)
 
     def xattrs(self) -> dict[str, bytes]:
-        return self.bitmap.xattrs()
+        return {"user.qcow2.granularity": str(self.bitmap.granularity).encode(),
+                "user.qcow2.flags": ",".join(self.bitmap.flags).encode(),
+                "user.qcow2.type": b"dirty-tracking"}
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await read_bitmap(self.bitmap, self.image.file, offset, length)
+        return await self.image.bitmap_bits(self.bitmap.name, offset, length)
 
 
 class Contents(FileView):
@@ -334,7 +331,7 @@ def build_tree(image: Image, page_cache: bool = False) -> DirNode:
     bitmaps = root.children["bitmaps"] = DirNode("bitmaps", mtime_ns=mtime)
     bitmaps.children = bitmap_nodes(image, {})
     maps = root.children["maps"] = DirNode("maps", mtime_ns=mtime)
-    maps.children["disk.json"] = FileNode("disk.json", MapView(image, lambda: extents.disk_map(image)))
+    maps.children["disk.json"] = FileNode("disk.json", MapView(image, image.map))
     maps.children["snapshots"] = DirNode("snapshots", snapshot_map_nodes(image, {}), mtime)
     maps.children["bitmaps"] = DirNode("bitmaps", bitmap_map_nodes(image, {}), mtime)
     return root
@@ -360,31 +357,38 @@ def _keyed(view: FileView, key: object) -> FileView:
     return view
 
 
-def _snapshot_key(entry: SnapshotEntry) -> object:
-    return (entry.id_str, entry.l1_table_offset)
+def _snapshot_key(snapshot: Snapshot) -> object:
+    return (snapshot.id, snapshot.name, snapshot.date_sec, snapshot.date_nsec)
+
+
+def _snapshots(image: Image) -> list[tuple[str, Disk, Snapshot]]:
+    """(file name, disk, record) of every snapshot."""
+    disks = image.snapshot_disks()
+    records = [d.snapshot for d in disks]
+    return [(name, d, s) for name, d, s in zip(snapshot_file_names(records), disks, records)]  # type: ignore
 
 
 def snapshot_nodes(image: Image, old: Nodes) -> Nodes:
     """The files of snapshots/ for the image's snapshot list now."""
-    return _files(old, [(name, _snapshot_key(e), functools.partial(SnapshotView, image, e))
-                        for name, e in zip(snapshot_file_names(image.snapshots), image.snapshots)])
+    return _files(old, [(name, _snapshot_key(s), functools.partial(SnapshotView, image, d))
+                        for name, d, s in _snapshots(image)])
 
 
 def bitmap_nodes(image: Image, old: Nodes) -> Nodes:
     """The files of bitmaps/ for the image's bitmaps now."""
-    return _files(old, [(name, id(bm), functools.partial(BitmapView, image, bm))
+    return _files(old, [(name, bm, functools.partial(BitmapView, image, bm))
                         for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps)])
 
 
 def snapshot_map_nodes(image: Image, old: Nodes) -> Nodes:
     """maps/snapshots/NAME.json for each snapshots/NAME.raw."""
-    return _files(old, [(name[: -len(".raw")] + ".json", _snapshot_key(e),
-                         functools.partial(MapView, image, functools.partial(extents.disk_map, image, e)))
-                        for name, e in zip(snapshot_file_names(image.snapshots), image.snapshots)])
+    return _files(old, [(name[: -len(".raw")] + ".json", _snapshot_key(s),
+                         functools.partial(MapView, image, functools.partial(image.map, d)))
+                        for name, d, s in _snapshots(image)])
 
 
 def bitmap_map_nodes(image: Image, old: Nodes) -> Nodes:
     """maps/bitmaps/NAME.json: the dirty extents of each bitmaps/NAME."""
-    return _files(old, [(name + ".json", id(bm),
-                         functools.partial(MapView, image, functools.partial(extents.dirty_map, image.file, bm)))
+    return _files(old, [(name + ".json", bm,
+                         functools.partial(MapView, image, functools.partial(image.dirty_extents, bm.name)))
                         for name, bm in zip(_bitmap_file_names(image.bitmaps), image.bitmaps)])

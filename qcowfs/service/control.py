@@ -71,19 +71,20 @@ async def _answer(stream: "trio.SocketStream", handler: Handler) -> None:
 
     async with stream:
         try:
-            request = await _read_line(stream)
+            try:
+                request = json.loads(await _read_line(stream))
+            except ValueError as e:  # not JSON, or too long: nothing ran
+                raise UsageError(f"bad request: {e}") from None
             # A metadata change runs to its end even if the mount stops meanwhile.
             with trio.CancelScope(shield=True):
-                reply = await handler(json.loads(request))
+                reply = await handler(request)
             reply.setdefault("ok", True)
         except QcowError as e:
             reply = {"error": str(e), "errno": e.errno}
-        except (ValueError, TypeError, KeyError) as e:
-            reply = {"error": f"bad request: {e}", "errno": errno.EINVAL}
         except trio.BrokenResourceError:
             return
         except Exception as e:  # noqa: BLE001 - the daemon keeps serving
-            log.error("control request failed: %s: %s", type(e).__name__, e)
+            log.exception("control request failed: %s: %s", type(e).__name__, e)
             reply = {"error": f"internal error: {type(e).__name__}: {e}", "errno": errno.EIO}
         try:
             await stream.send_all(json.dumps(reply).encode() + b"\n")

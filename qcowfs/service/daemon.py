@@ -40,7 +40,7 @@ from . import control
 from ..host import mounts
 from ..errors import QcowError
 from ..fs.operations import Access, Operations
-from ..engine.image import Image
+from ..aio import Image
 from .manage import Hooks, Manager
 from ..fs.partitions import add_partitions
 from ..fs.scratch import Scratch, overlay_tree
@@ -182,8 +182,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
 
     async def main() -> None:
         nonlocal pidfile
-        if not image.read_only:
-            await image.prepare_writes()
+        await image.prepare()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, sess, pending)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
@@ -261,7 +260,7 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
 
     def snapshot_open(sid: str) -> bool:
         return any(isinstance(n, FileNode) and isinstance(n.view, SnapshotView)
-                   and n.view.entry.id_str == sid and ops.is_open(n) for n in snaps.children.values())
+                   and n.view.snapshot.id == sid and ops.is_open(n) for n in snaps.children.values())
 
     def bitmap_open(name: str) -> bool:
         return any(isinstance(n, FileNode) and isinstance(n.view, BitmapView) and n.view.bitmap.name == name

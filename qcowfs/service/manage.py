@@ -8,13 +8,12 @@ changed). So a command means the same whether the image is mounted or not.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..errors import InUseError, QcowError
-from ..engine.image import Image
-from ..engine.info import snapshot_info
-from ..engine.snapshot_ops import find as find_snapshot
+from ..aio import Image
+from ..errors import InUseError, RequestError
 
 
 @dataclass
@@ -35,27 +34,37 @@ class Manager:
     hooks: Hooks = field(default_factory=Hooks)
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one request ({"op": ..., args}); a request that does not fit its
+        operation is a RequestError before anything runs (so a TypeError from
+        inside an operation is a bug, reported as one, never "bad request")."""
+        if not isinstance(request, dict):
+            raise RequestError("bad request: not a JSON object")
         op = str(request.get("op", ""))
         handler = OPS.get(op)
         if handler is None:
-            raise QcowError(f"unknown request '{op}'")
+            raise RequestError(f"unknown request '{op}'")
         args = {k: v for k, v in request.items() if k != "op"}
+        try:
+            inspect.signature(handler).bind(self, **args)
+        except TypeError as e:
+            raise RequestError(f"bad request '{op}': {e}") from None
         return await handler(self, **args)
 
     # ---- snapshots -------------------------------------------------------------------
 
     async def snapshot_list(self) -> dict[str, Any]:
-        return {"snapshots": [snapshot_info(s) for s in self.image.snapshots]}
+        return {"snapshots": [s.json() for s in self.image.snapshots]}
 
     async def snapshot_create(self, name: str) -> dict[str, Any]:
-        entry = await self.image.create_snapshot(str(name))
+        snapshot = await self.image.create_snapshot(str(name))
         self.hooks.changed()
-        return {"snapshot": snapshot_info(entry)}
+        return {"snapshot": snapshot.json()}
 
     async def snapshot_delete(self, name: str) -> dict[str, Any]:
-        entry = self.image.snapshots[find_snapshot(self.image.meta, str(name))]
-        if self.hooks.snapshot_open(entry.id_str):
-            raise InUseError(f"snapshot '{entry.name}' is in use (its file is open): not deleted")
+        snapshot = self.image.snapshot(str(name)).snapshot
+        assert snapshot is not None
+        if self.hooks.snapshot_open(snapshot.id):
+            raise InUseError(f"snapshot '{snapshot.name}' is in use (its file is open): not deleted")
         await self.image.delete_snapshot(str(name))
         self.hooks.changed()
         return {}
@@ -64,43 +73,43 @@ class Manager:
     # ---- bitmaps ------------------------------------------------------------------------
 
     async def bitmap_list(self) -> dict[str, Any]:
-        return {"bitmaps": [{"name": b.name, "granularity": b.granularity, "flags": b.flag_names,
-                             **({"problem": b.problem} if b.problem else {})} for b in self.image.bitmaps]}
+        return {"bitmaps": [b.json() | ({"problem": b.problem} if b.problem else {}) for b in self.image.bitmaps]}
 
     async def bitmap_add(self, name: str, granularity: int | None = None, enabled: bool = True) -> dict[str, Any]:
         await self.image.add_bitmap(str(name), int(granularity) if granularity else None, bool(enabled))
         self.hooks.changed()
         return {}
 
-    async def _bitmap(self, name: str, action: str, sources: list[str] | None = None) -> dict[str, Any]:
-        await self.image.change_bitmap(str(name), action, [str(s) for s in sources or []])
+    async def _changed(self, change: Awaitable[None]) -> dict[str, Any]:
+        await change
         self.hooks.changed()
         return {}
 
     async def bitmap_remove(self, name: str) -> dict[str, Any]:
         if self.hooks.bitmap_open(str(name)):
             raise InUseError(f"bitmap '{name}' is in use (its file is open): not removed")
-        return await self._bitmap(name, "remove")
+        return await self._changed(self.image.remove_bitmap(str(name)))
 
     async def bitmap_clear(self, name: str) -> dict[str, Any]:
-        return await self._bitmap(name, "clear")
+        return await self._changed(self.image.clear_bitmap(str(name)))
 
     async def bitmap_enable(self, name: str) -> dict[str, Any]:
-        return await self._bitmap(name, "enable")
+        return await self._changed(self.image.enable_bitmap(str(name)))
 
     async def bitmap_disable(self, name: str) -> dict[str, Any]:
-        return await self._bitmap(name, "disable")
+        return await self._changed(self.image.disable_bitmap(str(name)))
 
     async def bitmap_merge(self, name: str, sources: list[str]) -> dict[str, Any]:
-        return await self._bitmap(name, "merge", sources)
+        if not isinstance(sources, list):
+            raise RequestError("bad request 'bitmap-merge': sources must be a list")
+        return await self._changed(self.image.merge_bitmaps(str(name), *[str(s) for s in sources]))
 
     # ---- checkpoints -----------------------------------------------------------------------
 
     async def checkpoint(self, name: str) -> dict[str, Any]:
-        entry = await self.image.checkpoint(str(name))
+        made = await self.image.checkpoint(str(name))
         self.hooks.changed()
-        return {"snapshot": snapshot_info(entry),
-                "bitmaps": [b.name for b in self.image.bitmaps]}
+        return {"snapshot": made.snapshot.json(), "bitmaps": list(made.bitmaps)}
 
 
 OPS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
