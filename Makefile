@@ -3,7 +3,7 @@ VENV := .venv
 PY   := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all install uninstall install-test demo test soak bench clean
+.PHONY: all install uninstall install-test demo test soak bench docs clean
 
 all: install
 
@@ -32,5 +32,9 @@ soak: install-test
 bench: install-test
 	$(PY) bench/run.py
 
+# The API reference, from the docstrings (pdoc): docs/api/index.html.
+docs: install-test
+	$(PY) -m pdoc --docformat markdown -o docs/api qcowfs
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo bench/work
+	rm -rf $(VENV) build *.egg-info demo bench/work docs/api

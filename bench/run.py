@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """qcowfs benchmark: qcowfs against qemu-storage-daemon, qcowmount and a bare
-pyfuse3 passthrough, on the same qcow2 image, with fio.
+pyfuse3 passthrough, on the same qcow2 image, with fio; and qcowfs's Python API
+against dissect.hypervisor and pyqcow (libqcow), each reading the same images.
 
     bench/run.py [--quick] [--no-writes] [--runs N] [--only NAME,...] ...
 
@@ -18,6 +19,7 @@ import mmap
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -31,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from qcowfs import mounts  # noqa: E402  (the one mount-table parser)
+from qcowfs.host import mounts  # noqa: E402  (the one mount-table parser)
 WORK = HERE / "work"
 MIB = 1 << 20
 GIB = 1 << 30
@@ -49,6 +51,11 @@ GIB = 1 << 30
 # How fio reaches the disk: `direct` (O_DIRECT opens of the disk file),
 # `loop` (a direct-I/O loop device over it), `cgroup` (daemon and fio in a
 # memory cgroup far smaller than the image).
+# job "api": the library rows, no fio and no mount for the libraries: a
+# process of its own (api_child) reads the whole disk or writes it, in 1 MiB
+# requests, through a library (Library contenders: qcowfs.open(...).disk,
+# dissect.hypervisor, pyqcow) or through a mount's disk file (the mount peer
+# of the write row). Their subject, the numerator of the ratios, is qcowfs-api.
 
 
 @dataclass
@@ -68,10 +75,13 @@ class Bench:
     loop: bool = False  # fio --direct=1 on `losetup --direct-io=on --read-only` over the disk file
     cgroup: bool = False  # daemon and fio in a memory cgroup of cgroup_limit(image size)
     lower_is_better: bool = False  # a time, not a speed (ratios and aims are maxima)
+    cold: bool = False  # api rows: image files evicted from the host page cache, not read once
+    subject: str = "qcowfs"  # the contender whose ratios to the others are reported
 
     def classes(self):
         """What AIMS may name this bench by, most specific first."""
-        return [self.key] + (["*direct"] if self.direct else []) + ["*" + self.kind]
+        return ([self.key] + (["*api"] if self.job == "api" else [])
+                + (["*direct"] if self.direct else []) + ["*" + self.kind])
 
 
 BENCHES = [
@@ -144,6 +154,22 @@ BENCHES = [
           job="first_file", image="ext4", lower_is_better=True),
 ]
 
+# The library rows (`--bench api`): the whole disk read in 1 MiB requests
+# through qcowfs.open(IMG).disk, dissect.hypervisor's QCow2 stream and pyqcow,
+# with the image files in the host page cache and evicted; and 1 MiB writes
+# through the API against the same writes through a read-write mount.
+LIBRARIES = ("qcowfs-api", "dissect", "pyqcow")
+for _image, _name in (("random", ""), ("compressed-zlib", "zlib "),
+                      ("compressed-zstd", "zstd "), ("chain", "chain ")):
+    for _cold in (False, True):
+        BENCHES.append(Bench(
+            f"api_{_name.strip() + '_' if _name else ''}read{'_cold' if _cold else ''}",
+            f"api {_name}read 1M{' cold' if _cold else ''}", "read", "MiB/s", [], job="api",
+            only=LIBRARIES, image=_image, cold=_cold, subject="qcowfs-api"))
+BENCHES.append(Bench("api_write", "api seq write 1M", "write", "MiB/s", [], prepare="empty",
+                     job="api", only=("qcowfs-api", "qcowfs"), subject="qcowfs-api"))
+API_GROUP = "api"  # what --bench calls all the rows of job "api"
+
 # The passphrase of the LUKS images, given to every contender as a key file.
 LUKS_SECRET = "qcowfs-bench"
 
@@ -164,10 +190,16 @@ AIMS = {
     # The default against read_around=0 where pushes cannot pay.
     ("*direct", "qcowfs-ra0"): 1.0,
     ("cgroup_read_1", "qcowfs-ra0"): 1.0,
+    # The library rows (subject qcowfs-api): at least 2x the faster of the
+    # two other readers (so 2x each), writes at least as fast as through a mount.
+    ("*api", "dissect"): 2.0,
+    ("*api", "pyqcow"): 2.0,
+    ("api_write", "qcowfs"): 1.0,
 }
 CPU_AIMS = {"qsd": 1.0}
 
-PEERS = ["qsd", "qcowmount", "passthrough", "qcowfs-ra0"]  # ratio columns, in order
+# Ratio columns, in order (those of a table's contenders, its subject left out).
+PEERS = ["qsd", "qcowmount", "passthrough", "qcowfs-ra0", "dissect", "pyqcow", "qcowfs"]
 
 
 def aim_for(bench, peer):

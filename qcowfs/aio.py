@@ -403,15 +403,19 @@ class Image:
         await self._engine.add_bitmap(name, granularity, enabled)
 
     async def remove_bitmap(self, name: str) -> None:
+        """Remove bitmap NAME (its clusters are freed)."""
         await self._engine.change_bitmap(name, "remove")
 
     async def clear_bitmap(self, name: str) -> None:
+        """Clear every bit of bitmap NAME."""
         await self._engine.change_bitmap(name, "clear")
 
     async def enable_bitmap(self, name: str) -> None:
+        """Make bitmap NAME track writes (QEMU's "auto" flag)."""
         await self._engine.change_bitmap(name, "enable")
 
     async def disable_bitmap(self, name: str) -> None:
+        """Stop bitmap NAME tracking writes; its bits are kept."""
         await self._engine.change_bitmap(name, "disable")
 
     async def merge_bitmaps(self, dest: str, *sources: str) -> None:

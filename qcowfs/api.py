@@ -97,12 +97,15 @@ class Disk(io.RawIOBase):
     # ---- io.RawIOBase ----------------------------------------------------------------
 
     def readable(self) -> bool:
+        """Always True: every disk can be read."""
         return True
 
     def writable(self) -> bool:
+        """True for the active disk of an image opened "r+"."""
         return self._disk.writable
 
     def seekable(self) -> bool:
+        """Always True."""
         return True
 
     @property
@@ -116,6 +119,7 @@ class Disk(io.RawIOBase):
         return self._disk.snapshot
 
     def readinto(self, buf: Any) -> int:
+        """Read into BUF from the position (fewer bytes at the end of the disk)."""
         n = self.preadinto(buf, self._pos)
         self._pos += n
         return n
@@ -136,11 +140,13 @@ class Disk(io.RawIOBase):
         return bytes(buf[:n])
 
     def readall(self) -> bytes:
+        """Everything from the position to the end of the disk."""
         data = self.pread(self._pos, self.size - self._pos)
         self._pos += len(data)
         return data
 
     def write(self, data: Any) -> int:
+        """Write DATA at the position: bytes written (cut at the end of the disk)."""
         n = self.pwrite(data, self._pos)
         self._pos += n
         return n
@@ -155,6 +161,7 @@ class Disk(io.RawIOBase):
             return self._image._run(self._disk.write, offset, bytes(data))
 
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        """Move the position (SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE)."""
         self._check_open()
         if whence == os.SEEK_SET:
             new = pos
@@ -178,6 +185,7 @@ class Disk(io.RawIOBase):
         return new
 
     def tell(self) -> int:
+        """The position."""
         return self._pos
 
     def truncate(self, size: int | None = None) -> int:
@@ -339,6 +347,16 @@ class Image:
 
     def flush(self) -> None:
         self._call(self._aio.flush)
+
+
+def _share_docs(sync: type, twin: type) -> None:
+    """The synchronous methods say what their coroutine twins say (one text)."""
+    for name, member in vars(sync).items():
+        if callable(member) and not (member.__doc__ or "").strip() and hasattr(twin, name):
+            member.__doc__ = getattr(twin, name).__doc__
+
+
+_share_docs(Image, aio.Image)
 
 
 def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.Passphrase = None,

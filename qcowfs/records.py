@@ -32,6 +32,7 @@ class Snapshot:
 
     @classmethod
     def from_entry(cls, entry: Any) -> "Snapshot":
+        """The record of a snapshot table entry (qcowfs.format.SnapshotEntry)."""
         d = snapshot_info(entry)
         return cls(id=d["id"], name=d["name"], vm_state_size=d["vm-state-size"],
                    date_sec=d["date-sec"], date_nsec=d["date-nsec"],
