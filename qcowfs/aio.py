@@ -444,6 +444,12 @@ class Image:
         await self._engine.revalidate()
 
     @property
+    def engine(self) -> _EngineImage:
+        """The engine's image behind this one (qcowfs.engine.image.Image): for
+        tests and tools that check the engine's own state. Not a stable API."""
+        return self._engine
+
+    @property
     def tables_epoch(self) -> int:
         """force_share: bumped each time revalidate() dropped the tables."""
         return self._engine.tables_epoch

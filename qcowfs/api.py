@@ -70,7 +70,8 @@ class _Portal:
         async def shielded() -> T:
             # A change, once started, runs to its end (as a FUSE request does).
             with trio.CancelScope(shield=True):
-                return await fn(*args)
+                result = await fn(*args)
+            return result
         return trio.from_thread.run(shielded, trio_token=token)
 
 

@@ -1,4 +1,2 @@
 """The `qcowfs` command (`qcowfs.cli.main`)."""
-from .main import main
-
-__all__ = ["main"]
+from .main import main as main

@@ -342,7 +342,7 @@ class Image:
         self.reload_refcounts()
 
     @signals_corruption
-    async def write(self, offset: int, data: bytes) -> int:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write DATA at guest OFFSET of the active disk (inside the disk)."""
         writer = self._check_writable()
         if not self._prepared:

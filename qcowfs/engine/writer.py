@@ -55,7 +55,7 @@ class Writer:
 
     # ---- the fast path -----------------------------------------------------------
 
-    def write_in_place(self, offset: int, data: bytes) -> bool:
+    def write_in_place(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Overwrite clusters we own, without awaiting; False if metadata must change."""
         if self.frozen:
             return False
@@ -84,7 +84,7 @@ class Writer:
         self._put(data, host + (offset & (geo.cluster_size - 1)), offset)
         return True
 
-    def _put(self, data: bytes | memoryview, host: int, guest: int) -> None:
+    def _put(self, data: bytes | bytearray | memoryview, host: int, guest: int) -> None:
         """Write guest DATA over an allocated cluster at HOST. Encrypted: the
         partial sectors at either end are decrypted and merged first (a
         synchronous read, so no other task sees the sector half written)."""
@@ -114,7 +114,7 @@ class Writer:
         if not self.external:
             self.meta.check_data(host, length)
 
-    def _has_zero_cluster(self, offset: int, data: bytes) -> bool:
+    def _has_zero_cluster(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         cs = self.geo.cluster_size
         view = memoryview(data)
         return any(self._zero_cluster_at(view, p) for p in range(-offset % cs, len(data) - cs + 1, cs))
@@ -151,7 +151,7 @@ class Writer:
 
     # ---- the allocating path ---------------------------------------------------
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self._lock()
         try:
             span = self.geo.l2_span

@@ -7,9 +7,8 @@
 - `copied`: COPIED flags checked and made exact (`copied_errors`, `fix_copied`);
 - `rebuild`: a new refcount structure from the references (`rebuild`).
 """
-from .allocator import Allocator
-from .copied import copied_errors, fix_copied, stored_refcount
-from .rebuild import rebuild
-from .transaction import Transaction
-
-__all__ = ["Allocator", "Transaction", "copied_errors", "fix_copied", "stored_refcount", "rebuild"]
+from .allocator import Allocator as Allocator
+from .copied import copied_errors as copied_errors, fix_copied as fix_copied
+from .copied import stored_refcount as stored_refcount
+from .rebuild import rebuild as rebuild
+from .transaction import Transaction as Transaction
