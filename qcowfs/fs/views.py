@@ -112,7 +112,33 @@ class FileNode:
     view: FileView
 
 
-class DiskView(FileView):
+class DiskFileView(FileView):
+    """A file whose bytes are a virtual disk (qcowfs.aio.Disk): reads, data and holes."""
+
+    disk: Disk
+
+    @property
+    def size(self) -> int:
+        return self.disk.size
+
+    @property
+    def allocated(self) -> int:
+        return self.disk.allocated
+
+    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        return self.disk.cheap_span(offset, lo, hi)
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        return self.disk.read_nowait(offset, length)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return await self.disk.read(offset, length)
+
+    async def seek(self, offset: int, data: bool) -> int:
+        return await self.disk.find(offset, data)
+
+
+class DiskView(DiskFileView):
     """disk.raw: the active virtual disk."""
 
     def __init__(self, image: Image, page_cache: bool = False) -> None:
@@ -129,55 +155,30 @@ class DiskView(FileView):
         self.mtime_ns = os.stat(image.path).st_mtime_ns
         _uncached_if_shared(self, image)
 
-    @property
-    def size(self) -> int:
-        return self.disk.size
-
-    @property
-    def allocated(self) -> int:
-        return self.disk.allocated
-
-    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        return self.disk.cheap_span(offset, lo, hi)
-
-    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
-        return self.disk.read_nowait(offset, length)
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self.disk.read(offset, length)
-
+    # Changes go to the Disk, whose one guard refuses them on a read-only
+    # image (ReadOnlyError: EROFS).
     async def write(self, offset: int, data: bytes) -> int:
-        if not self.writable:
-            raise ReadOnlyError("the image is mounted read-only")
         return await self.disk.write(offset, data)
 
     async def truncate(self, size: int) -> None:
-        if not self.writable:
-            raise ReadOnlyError("the image is mounted read-only")
         await self.disk.truncate(size)
 
     async def fsync(self) -> None:
         await self.disk.flush()
 
     async def zero(self, offset: int, length: int, unmap: bool) -> None:
-        if not self.writable:
-            raise ReadOnlyError("the image is mounted read-only")
         await self.disk.zero(offset, length, unmap)
 
     async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """Inside the disk every cluster can already be written, so there is
         nothing to reserve: success, no change (QEMU's FUSE export answers
         EOPNOTSUPP instead); past the end the disk grows as truncate does."""
-        if not self.writable:
-            raise ReadOnlyError("the image is mounted read-only")
-        if not keep_size and offset + length > self.size:
-            await self.disk.truncate(offset + length)
-
-    async def seek(self, offset: int, data: bool) -> int:
-        return await self.disk.find(offset, data)
+        grown = offset + length if not keep_size else 0
+        await self.disk.truncate(max(self.size, grown))  # (the guard: EROFS on a read-only image)
 
 
-class SnapshotView(FileView):
+
+class SnapshotView(DiskFileView):
     """snapshots/NAME.raw: a snapshot's disk through its own L1 table, read-only.
 
     Copy-on-write of the write path keeps it unchanged, so the kernel may cache it."""
@@ -191,28 +192,8 @@ class SnapshotView(FileView):
         self.mtime_ns = snapshot.date_sec * 10**9 + snapshot.date_nsec
         _uncached_if_shared(self, image)
 
-    @property
-    def size(self) -> int:
-        return self.disk.size
-
-    @property
-    def allocated(self) -> int:
-        return self.disk.allocated
-
     def xattrs(self) -> dict[str, bytes]:
         return snapshot_xattrs(self.snapshot, self.size)
-
-    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        return self.disk.cheap_span(offset, lo, hi)
-
-    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
-        return self.disk.read_nowait(offset, length)
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self.disk.read(offset, length)
-
-    async def seek(self, offset: int, data: bool) -> int:
-        return await self.disk.find(offset, data)
 
 
 def snapshot_xattrs(snapshot: Snapshot, disk_size: int) -> dict[str, bytes]:
