@@ -161,6 +161,14 @@ class Disk(io.RawIOBase):
                 return done
             return self._image._run(self._disk.write, offset, bytes(data))
 
+    def zero(self, offset: int, length: int, unmap: bool = True) -> None:
+        """Make [offset, offset+length) read as zeros without writing data where
+        the format can say so (UNMAP: discard, the host clusters are freed;
+        else they stay allocated). fallocate's PUNCH_HOLE and ZERO_RANGE."""
+        self._check_open()
+        with self._image._lock:
+            self._image._run(self._disk.zero, offset, length, unmap)
+
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         """Move the position (SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE)."""
         self._check_open()
@@ -277,8 +285,9 @@ class Image:
 
     @property
     def disk(self) -> Disk:
-        """The active disk as a seekable raw file (one object per image)."""
-        if self._disk is None:
+        """The active disk as a seekable raw file (one object per image, with one
+        position; a new one once it was closed, e.g. by a `with image.disk:`)."""
+        if self._disk is None or self._disk.closed:
             self._disk = Disk(self, self._aio.disk)
         return self._disk
 

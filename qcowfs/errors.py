@@ -13,6 +13,14 @@ class QcowError(Exception):
 
     errno: int = errno.EIO
 
+    @classmethod
+    def from_os(cls, what: str, e: OSError) -> "QcowError":
+        """WHAT failed because of E (a host file's error), keeping E's errno:
+        `cannot open disk.qcow2: No such file or directory` is ENOENT."""
+        err = cls(f"{what}: {e.strerror or e}")
+        err.errno = e.errno or errno.EIO
+        return err
+
 
 class InvalidImageError(QcowError):
     """The header or a structure named by it is malformed: refuse to open."""

@@ -13,9 +13,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import QcowError
-from ..format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, refcount_array
+from ..format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK
 from .image import Image
-from .references import count_references, read_entries, refcount_table
+from .references import count_references, read_entries, stored_refcounts
 from .refcount import copied_errors, stored_refcount
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
@@ -70,23 +70,7 @@ class CheckResult:
 
 def refcounts(image: Image, nclusters: int) -> np.ndarray:
     """The stored refcount of clusters 0..nclusters-1."""
-    geo = image.geo
-    rpb, cs = geo.refcounts_per_block, geo.cluster_size
-    out = np.zeros(nclusters, np.int64)
-    for r, off in enumerate(refcount_table(image.file, image.header)):
-        if not off or r * rpb >= nclusters or off % cs:
-            continue
-        raw = image.file.read_sync(off, cs)
-        if len(raw) < cs:
-            continue
-        # 64-bit refcounts beyond int64 are still "more than referenced" (a leak).
-        vals = refcount_array(raw, geo.refcount_order)
-        if geo.refcount_order == 6:
-            vals = np.minimum(vals, np.uint64(1 << 62))
-        vals = vals.astype(np.int64)
-        n = min(rpb, nclusters - r * rpb)
-        out[r * rpb : r * rpb + n] = vals[:n]
-    return out
+    return stored_refcounts(image.file, image.header, image.geo, nclusters)
 
 
 def check_image(image: Image, progress: Callable[[float], None] | None = None) -> CheckResult:

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from .bitmaps import Bitmap, read_bitmap
-from ..format import L2E_OFFSET_MASK, SnapshotEntry, SubclusterType, cluster_types, subcluster_type
+from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, cluster_types, subcluster_type
 from ..host.hostfile import HostFile
 from .mapper import L1Table, Mapper
+from .references import stored_refcounts
 from .snapshots import snapshot_disk_size
 
 
@@ -53,6 +54,10 @@ class Layer(Protocol):
     """What allocation() needs of an image in the chain (Image provides it)."""
 
     mapper: Mapper
+    file: HostFile
+
+    @property
+    def header(self) -> Header: ...
 
     @property
     def size(self) -> int: ...
@@ -94,11 +99,44 @@ _STATUS = {
 }
 
 
+def metadata_preallocated(layer: Layer) -> bool:
+    """QEMU's qcow2_detect_metadata_preallocation: an image whose refcounts
+    count clearly more clusters than its file occupies on the host
+    (preallocation=metadata leaves the data clusters as holes). QEMU then
+    asks the host file about each data run, and holes there map as zeros."""
+    cs = layer.mapper.geo.cluster_size
+    real_clusters = os.fstat(layer.file.fd).st_blocks * 512 // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    counts = stored_refcounts(layer.file, layer.header, layer.mapper.geo, -(-layer.file.known_size // cs))
+    return int(np.count_nonzero(counts)) >= threshold
+
+
+def _host_holes(fd: int, host: int, length: int) -> list[tuple[int, int, bool]]:
+    """(offset into the run, length, is a hole) of host bytes [host, host+length):
+    what the host file's block status adds to a data run (past its end: a hole)."""
+    out: list[tuple[int, int, bool]] = []
+    pos, end = host, host + length
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data from POS on (or past the end of the file)
+            data = end
+        if data > pos:
+            out.append((pos - host, min(data, end) - pos, True))
+            pos = min(data, end)
+            continue
+        hole = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
+        out.append((pos - host, hole - pos, False))
+        pos = hole
+    return out
+
+
 async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
                      depth: int = 0) -> list[Extent]:
     """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table)."""
     out: list[Extent] = []
     mapper = layer.mapper
+    prealloc: bool | None = None  # (asked once, at the first data run)
     geo = mapper.geo
     l1 = l1 if l1 is not None else layer.active_l1
     span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
@@ -119,11 +157,27 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
         first, last = (pos - base) >> cb, (chunk_end - 1 - base) >> cb
         for a, b, t, host in _pieces(mapper, table, base, first, last):
             a, b = max(a, pos), min(b, chunk_end)
+            # (QEMU gives no host offset for encrypted data: it is not the guest's bytes)
+            offset = host + ((a - base) & (cs - 1)) if not mapper.encrypted else None
+            if t == SubclusterType.NORMAL and offset is not None:
+                if prealloc is None:
+                    prealloc = metadata_preallocated(layer)
+                if prealloc:
+                    for rel, n, hole in _host_holes(mapper.data_file.fd, offset, b - a):
+                        _add(out, Extent(a + rel, n, depth, True, hole, True, offset + rel))
+                    continue
             if t in _STATUS:
                 present, zero, data, has_offset = _STATUS[t]
-                # (QEMU gives no host offset for encrypted data: it is not the guest's bytes)
-                offset = host + ((a - base) & (cs - 1)) if has_offset and not mapper.encrypted else None
-                _add(out, Extent(a, b - a, depth, present, zero, data, offset))
+                _add(out, Extent(a, b - a, depth, present, zero, data, offset if has_offset else None))
+            elif t == SubclusterType.UNALLOCATED_ALLOC:
+                # A subcluster of an allocated cluster: QEMU gives its host offset
+                # where nothing below shows through (no backing file, or past its end).
+                below = min(b, max(a, _backing_size(layer)))
+                for e in await _below(layer, a, below, depth):
+                    _add(out, e)
+                if below < b:
+                    _add(out, Extent(below, b - below, depth, False, True, False,
+                                     None if offset is None else offset + below - a))
             else:
                 for e in await _below(layer, a, b, depth):
                     _add(out, e)
@@ -161,10 +215,17 @@ def _pieces(mapper: Mapper, table: np.ndarray, base: int, first: int,
     return out
 
 
+def _backing_size(layer: Layer) -> int:
+    backing = layer.backing
+    return int(getattr(backing, "size", 0)) if backing is not None else 0
+
+
 async def _below(layer: Layer, start: int, end: int, depth: int) -> list[Extent]:
     """Block status where LAYER has nothing: its backing file's, else zeros."""
+    if start >= end:
+        return []
     backing = layer.backing
-    size = getattr(backing, "size", 0) if backing is not None else 0
+    size = _backing_size(layer)
     out: list[Extent] = []
     if backing is not None and start < size:
         stop = min(end, size)

@@ -75,9 +75,12 @@ class Image:
         try:
             self.file = HostFile(path, writable=not options.read_only)
         except OSError as e:
-            raise QcowError(f"cannot open {path}: {e.strerror}") from None
+            raise QcowError.from_os(f"cannot open {path}", e) from None
         try:
             self._open(chain)
+        except OSError as e:  # (a directory, an unreadable file...)
+            self._close_files()
+            raise QcowError.from_os(f"cannot read {path}", e) from None
         except BaseException:
             self._close_files()
             raise
@@ -486,7 +489,7 @@ class Image:
         if new_size < self.size:
             raise ResizeError("shrinking the disk is not supported")
         if self.bitmaps:
-            raise ResizeError("an image with persistent bitmaps cannot be resized (as in QEMU)")
+            raise ResizeError("an image with persistent bitmaps cannot be resized by qcowfs yet (remove the bitmaps first)")
         if self.snapshots and self.header.version < 3:
             raise ResizeError("a version 2 image with snapshots cannot be resized (as in QEMU)")
         old_size = self.size

@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from ..format.crypto import LUKS_SECTOR_SIZE, LuksVolume
-from ..format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, CRYPT_AES, CRYPT_NONE, EXT_BACKING_FORMAT,
+from ..format import (NO_ICOUNT, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, CRYPT_AES, CRYPT_NONE, EXT_BACKING_FORMAT,
                      EXT_DATA_FILE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
 from .image import Image
 
@@ -36,10 +36,10 @@ def describe(image: Image) -> dict[str, Any]:
     out: dict[str, Any] = {
         "filename": image.path,
         "format": "qcow2",
-        "virtual-size": h.size,
+        "virtual-size": image.size,
         "actual-size": os.stat(image.path).st_blocks * 512,
         "cluster-size": h.cluster_size,
-        "dirty-flag": False,
+        "dirty-flag": bool(h.incompatible_features & INCOMPAT_DIRTY),
         "format-specific": {"type": "qcow2", "data": data},
     }
     if h.crypt_method != CRYPT_NONE:
@@ -64,7 +64,8 @@ def snapshot_info(s: SnapshotEntry) -> dict[str, Any]:
         "id": s.id_str, "name": s.name, "vm-state-size": s.state_size,
         "date-sec": s.date_sec, "date-nsec": s.date_nsec,
         "vm-clock-sec": s.vm_clock_nsec // 10**9, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
-        **({"icount": s.icount} if s.icount is not None else {}),
+        # (-1: none recorded; qemu-img leaves the key out then)
+        **({"icount": s.icount} if s.icount is not None and s.icount != NO_ICOUNT else {}),
     }
 
 

@@ -55,7 +55,8 @@ class RawSource:
     def __init__(self, path: str, force_share: bool = False) -> None:
         self.path = path
         self.file = HostFile(path)
-        self.size = self.file.known_size
+        # In whole sectors, as QEMU sizes a raw file (the tail reads zeros).
+        self.size = -(-self.file.known_size // 512) * 512
         try:
             lock_image(self.file.fd, path, writer=False, force_share=force_share)
         except QcowError:
@@ -71,13 +72,17 @@ class RawSource:
         self.file.close()
 
     async def seek(self, offset: int, end: int, data: bool) -> int:
-        """Data and holes as the host filesystem keeps them (SEEK_DATA/SEEK_HOLE)."""
+        """Data and holes as the host filesystem keeps them (SEEK_DATA/SEEK_HOLE);
+        the sector tail past the file's end is a hole."""
+        real = self.file.known_size
+        if offset >= real:
+            return end if data else offset
         try:
             found = os.lseek(self.file.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
         except OSError as e:
             if e.errno != errno.ENXIO:
                 raise
-            return end  # nothing more (or past the end of the file)
+            return end  # no data after OFFSET
         return min(found, end)
 
     def chain(self) -> list[tuple[str, str]]:

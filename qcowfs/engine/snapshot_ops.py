@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import TableCache
 from ..errors import NotFoundError, RequestError, UnsupportedFeatureError
-from ..format import (INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..format import (NO_ICOUNT, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry)
 from .metadata import Metadata
 from .overlap import Kind
@@ -40,7 +40,6 @@ from .snapshots import check_new_name as check_name
 MAX_NAME_BYTES = 1024
 # Extra data as QEMU writes it: vm_state_size_large, disk_size, icount (-1: none).
 _EXTRA = struct.Struct(">QQQ")
-NO_ICOUNT = (1 << 64) - 1
 
 
 @dataclass

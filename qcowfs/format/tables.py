@@ -11,6 +11,8 @@ from .header import pad8
 # Snapshots.
 SNAPSHOT_HEADER_SIZE = 40
 SNAPSHOT_MIN_EXTRA_V3 = 16
+# A snapshot's icount when none was recorded (QEMU writes -1; qemu-img info leaves it out).
+NO_ICOUNT = (1 << 64) - 1
 
 # Bitmaps.
 BME_IN_USE = 1 << 0
