@@ -489,7 +489,8 @@ class Image:
         if new_size < self.size:
             raise ResizeError("shrinking the disk is not supported")
         if self.bitmaps:
-            raise ResizeError("an image with persistent bitmaps cannot be resized by qcowfs yet (remove the bitmaps first)")
+            raise ResizeError("an image with persistent bitmaps cannot be resized by qcowfs yet "
+                              "(remove the bitmaps first)")
         if self.snapshots and self.header.version < 3:
             raise ResizeError("a version 2 image with snapshots cannot be resized (as in QEMU)")
         old_size = self.size
