@@ -67,7 +67,7 @@ class Bench:
     fio: list
     time_based: bool = False
     prepare: str = ""  # write benches: "empty" | "copy"
-    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read" | "ext4_trim" | "cp_sparse" | "first_file"
+    job: str = "fio"  # "fio" | "ext4_write" | "ext4_read" | "ext4_trim" | "cp_sparse" | "first_file" | "api"
     encrypted: bool = False  # on the LUKS twin of the image (contenders that can_luks)
     only: tuple = ()  # the contenders that take part (empty: all that can)
     image: str = "random"  # what a read-only row mounts (bench_images)
@@ -82,6 +82,16 @@ class Bench:
         """What AIMS may name this bench by, most specific first."""
         return ([self.key] + (["*api"] if self.job == "api" else [])
                 + (["*direct"] if self.direct else []) + ["*" + self.kind])
+
+
+LIBRARIES = ("qcowfs-api", "dissect", "pyqcow")  # the readers of the library rows
+API_GROUP = "api"  # what --bench calls all the rows of job "api"
+
+
+def api_read(key, title, image, cold=False):
+    """A library row: the whole disk of IMAGE read in 1 MiB requests by each library."""
+    return Bench(key, title, "read", "MiB/s", [], job="api", only=LIBRARIES, image=image,
+                 cold=cold, subject="qcowfs-api")
 
 
 BENCHES = [
@@ -152,23 +162,21 @@ BENCHES = [
     # ext4 on the disk (mount, losetup, mount the ext4, read its largest file).
     Bench("first_file", "time to first file", "start", "s", [],
           job="first_file", image="ext4", lower_is_better=True),
+    # The library rows (--bench api): qcowfs.open(IMG).disk against
+    # dissect.hypervisor's QCow2 stream and pyqcow, with the image files in the
+    # host page cache (as every row above) and evicted from it ("cold").
+    api_read("api_read", "api read 1M", "random"),
+    api_read("api_read_cold", "api read 1M cold", "random", cold=True),
+    api_read("api_zlib_read", "api zlib read 1M", "compressed-zlib"),
+    api_read("api_zlib_read_cold", "api zlib read 1M cold", "compressed-zlib", cold=True),
+    api_read("api_zstd_read", "api zstd read 1M", "compressed-zstd"),
+    api_read("api_zstd_read_cold", "api zstd read 1M cold", "compressed-zstd", cold=True),
+    api_read("api_chain_read", "api chain read 1M", "chain"),
+    api_read("api_chain_read_cold", "api chain read 1M cold", "chain", cold=True),
+    # Writes into a fresh empty image through the API and through a mount.
+    Bench("api_write", "api seq write 1M", "write", "MiB/s", [], prepare="empty",
+          job="api", only=("qcowfs-api", "qcowfs"), subject="qcowfs-api"),
 ]
-
-# The library rows (`--bench api`): the whole disk read in 1 MiB requests
-# through qcowfs.open(IMG).disk, dissect.hypervisor's QCow2 stream and pyqcow,
-# with the image files in the host page cache and evicted; and 1 MiB writes
-# through the API against the same writes through a read-write mount.
-LIBRARIES = ("qcowfs-api", "dissect", "pyqcow")
-for _image, _name in (("random", ""), ("compressed-zlib", "zlib "),
-                      ("compressed-zstd", "zstd "), ("chain", "chain ")):
-    for _cold in (False, True):
-        BENCHES.append(Bench(
-            f"api_{_name.strip() + '_' if _name else ''}read{'_cold' if _cold else ''}",
-            f"api {_name}read 1M{' cold' if _cold else ''}", "read", "MiB/s", [], job="api",
-            only=LIBRARIES, image=_image, cold=_cold, subject="qcowfs-api"))
-BENCHES.append(Bench("api_write", "api seq write 1M", "write", "MiB/s", [], prepare="empty",
-                     job="api", only=("qcowfs-api", "qcowfs"), subject="qcowfs-api"))
-API_GROUP = "api"  # what --bench calls all the rows of job "api"
 
 # The passphrase of the LUKS images, given to every contender as a key file.
 LUKS_SECRET = "qcowfs-bench"
@@ -480,7 +488,8 @@ def fuse_tune(file_path, read_ahead_kb=None, max_background=None):
 # --------------------------------------------------------------------------
 # Contenders. mount(qcow2, raw, writable) is a context manager yielding the
 # path of the file that shows the virtual disk. `raw` is the raw twin of the
-# image (only the passthrough uses it).
+# image (only the passthrough uses it). Library contenders (the api rows)
+# mount nothing: open_disk(), in the process api_child() runs, opens the image.
 
 
 class Contender:
@@ -490,6 +499,7 @@ class Contender:
     can_luks = False  # mounts LUKS-encrypted qcow2 (mount(..., key=KEY FILE))
     unsupported = {}  # Bench.image -> why this contender cannot read it (n/a)
     benches = ()  # the benches it takes part in (empty: all it can)
+    library = False  # a Python library reading the image in a process of its own (api rows only)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -705,7 +715,100 @@ class Passthrough(Contender):
             force_unmount(mnt)
 
 
-CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, QcowfsNoReadAround]
+class Library(Contender):
+    """A qcow2 library, in a fresh interpreter per run (api_child): no mount,
+    no daemon; the process that reads is the one measured."""
+    library = True
+    can_write = False
+    distribution = ""  # a peer's PyPI name (its version shown; not installed: n/a)
+    readinto = False  # reads into one preallocated buffer (else read(n) -> bytes)
+
+    def version(self):
+        import importlib.metadata
+
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return f"{self.distribution} {importlib.metadata.version(self.distribution)}"
+        return "not installed"
+
+    @staticmethod
+    def open_disk(layers, writable):
+        """Context manager, in the measuring process: (file with read(n) or
+        readinto(buf), write(b), seek(off); the disk's size; what makes the
+        writes durable) of the disk of layers[0], whose backing chain is
+        layers[1:] (top down). ImportError or Unavailable: n/a."""
+        raise NotImplementedError
+
+
+class QcowfsApi(Library):
+    name = "qcowfs-api"
+    label = "qcowfs.open(IMG).disk"
+    can_write = True
+    readinto = True
+    version = Qcowfs.version
+
+    @staticmethod
+    @contextlib.contextmanager
+    def open_disk(layers, writable):
+        import qcowfs  # it follows the backing chain itself
+
+        with qcowfs.open(layers[0], "r+" if writable else "r") as image:
+            yield image.disk, image.disk.size, image.disk.flush
+
+
+class Dissect(Library):
+    name = "dissect"
+    label = "dissect.hypervisor QCow2(fh).open()"
+    distribution = "dissect.hypervisor"  # [full] for zstd (backports.zstd on Python < 3.14)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def open_disk(layers, writable):
+        from dissect.hypervisor.disk import qcow2
+
+        with contextlib.ExitStack() as stack:
+            # Each layer given the stream of the one below: it looks for a
+            # backing file by name only next to the image, not at an absolute path.
+            stream = None
+            for path in reversed(layers):
+                try:
+                    stream = qcow2.QCow2(stack.enter_context(open(path, "rb")),
+                                         backing_file=stream).open()
+                except RuntimeError as e:  # "zstandard module not available"
+                    raise Unavailable(f"dissect.hypervisor without backports.zstd: {e}")
+            # its readinto() is read() and a copy: read() is its fast path
+            yield stream, stream.size, None
+
+
+class Pyqcow(Library):
+    name = "pyqcow"
+    label = "pyqcow (libqcow-python)"
+    distribution = "libqcow-python"
+    unsupported = {  # libqcow-python 20260703, both checked by hand
+        "compressed-zstd": "libqcow refuses zstd images (incompatible feature 0x8)",
+        "compressed-zlib": "libqcow-python 20260703 reads zeros for about half of the "
+                           "zlib clusters (wrong data; qcowmount 20201213 reads them right)",
+    }
+
+    @staticmethod
+    @contextlib.contextmanager
+    def open_disk(layers, writable):
+        import pyqcow
+
+        files = []
+        try:
+            for path in layers:  # the chain through set_parent (it opens no backing file)
+                files.append(pyqcow.file())
+                files[-1].open(str(path))
+            for upper, lower in zip(files, files[1:]):
+                upper.set_parent(lower)
+            yield files[0], files[0].get_media_size(), None
+        finally:
+            for f in files:
+                with contextlib.suppress(Exception):
+                    f.close()
+
+
+CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, QcowfsNoReadAround, QcowfsApi, Dissect, Pyqcow]
 
 
 # --------------------------------------------------------------------------
@@ -1100,9 +1203,15 @@ def check_data(path, raw, size):
     if st.st_size != size:
         raise ContenderError(f"size {st.st_size} != {size}")
     with open(path, "rb", buffering=0) as a, open(raw, "rb", buffering=0) as b:
-        for off in (0, (size // 2 + 12345) & ~4095):
-            if os.pread(a.fileno(), MIB, off) != os.pread(b.fileno(), MIB, off):
-                raise ContenderError(f"data mismatch at offset {off}")
+        check_chunks(lambda off: os.pread(a.fileno(), MIB, off),
+                     lambda off: os.pread(b.fileno(), MIB, off), size)
+
+
+def check_chunks(read_at, want_at, size):
+    """Two 1 MiB chunks: read_at(offset) must equal want_at(offset) (bytes)."""
+    for off in (0, (size // 2 + 12345) & ~4095):
+        if read_at(off) != want_at(off):
+            raise ContenderError(f"data mismatch at offset {off}")
 
 
 @dataclass
@@ -1174,6 +1283,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
         img_q, img_r = bench_images(bench, cfg.size, raw, qcow2)
     warm_target = img_r if isinstance(cont, Passthrough) else img_q
     try:
+        if bench.job == "api":
+            return api_run(bench, cont, cfg, img_q, img_r)
         with contextlib.ExitStack() as stack:
             if bench.cgroup:
                 cg = stack.enter_context(memory_cgroup(cgroup_limit(cfg.size)))
@@ -1220,13 +1331,137 @@ def one_run(bench, cont, cfg, raw, qcow2):
                     p.unlink()
 
 
+def backing_chain(qcow2):
+    """The image files of QCOW2's disk, top down (qemu-img info --backing-chain)."""
+    out = run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", qcow2]).stdout
+    return [Path(layer["filename"]) for layer in json.loads(out)]
+
+
+def evict(paths):
+    """Drop the files from the host page cache (posix_fadvise DONTNEED, after a sync)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def open_disk_file(layers, writable):
+    """Library.open_disk() of a mount's disk file (layers[0]): unbuffered file
+    I/O; fsync makes the writes durable."""
+    with open(layers[0], "r+b" if writable else "rb", buffering=0) as f:
+        yield f, os.fstat(f.fileno()).st_size, lambda: os.fsync(f.fileno())
+
+
+API_CHILD = "--api-child"  # bench/run.py --api-child JSON: one run of an api row
+
+
+def api_run(bench, cont, cfg, img_q, img_r):
+    """One run of an api row: every file of the image read once (warm) or
+    evicted from the host page cache (cold; write rows: a fresh image, as
+    is), then api_child in a fresh interpreter on the image (a library) or
+    on the disk file of a read-write mount (the mount peer of the write row)."""
+    write = bench.kind == "write"
+    layers = backing_chain(img_q)
+    if bench.cold:
+        evict(layers)
+    elif not write:
+        for layer in layers:
+            warm(layer)
+    spec = {"who": cont.name, "layers": [str(p) for p in layers], "raw": str(img_r), "write": write}
+    if cont.library:
+        return api_process(spec, cont.prefix())
+    with cont.mount(img_q, img_r, writable=write) as path:
+        cpu0 = cpu_seconds(cont.pids)
+        r = api_process(dict(spec, who="file", layers=[str(path)]), pin_prefix(cfg.fio_cpus))
+        r["daemon_cpu_s"] = cpu_seconds(cont.pids) - cpu0
+        r["cpu_s_per_gib"] = (r["cpu_s"] + r["daemon_cpu_s"]) / (r["mib"] / 1024)
+        r["peak_rss_mib"] = peak_rss_mib(cont.pids)  # the daemon's, as in the fio rows
+        return r
+
+
+def api_process(spec, prefix):
+    """api_child(SPEC) in a process of its own: its result, or Unavailable / ContenderError."""
+    cmd = [*prefix, sys.executable, Path(__file__).resolve(), API_CHILD, json.dumps(spec)]
+    p = run(cmd, timeout=1800, check=False)
+    try:
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise command_error(cmd, p)
+    if "na" in r:
+        raise Unavailable(r["na"])
+    if "error" in r:
+        raise ContenderError(r["error"])
+    return r
+
+
+def api_child(spec):
+    """One run of an api row, in a fresh interpreter: open the disk (with
+    library spec["who"], or "file": a mount's disk file), read it whole in
+    1 MiB requests (into one buffer where the library can) or write it whole
+    with a random 1 MiB block and make that durable (timed: from the open
+    disk to the last byte, durable), check two chunks (against spec["raw"],
+    or the block written), print the result as JSON (n/a when the library
+    is missing or cannot read the image)."""
+    lib = {c.name: c for c in CONTENDERS}.get(spec["who"])
+    write = spec["write"]
+    block = memoryview(os.urandom(MIB))
+    buf = memoryview(bytearray(MIB))
+    into = lib.readinto if lib else True
+    try:
+        t0 = time.perf_counter()
+        with (lib.open_disk if lib else open_disk_file)(spec["layers"], write) as (f, size, sync):
+            t1 = time.perf_counter()
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            pos = 0
+            while pos < size:
+                n = min(MIB, size - pos)
+                got = (f.write(block[:n]) if write else f.readinto(buf[:n]) if into
+                       else len(f.read(n)))
+                if got != n:
+                    raise ContenderError(f"{'wrote' if write else 'read'} {got} of {n} bytes at {pos}")
+                pos += n
+            if write:
+                sync()
+            seconds = time.perf_counter() - t1
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+
+            def read_at(off):
+                f.seek(off)
+                return f.read(MIB)
+            with open(spec["raw"], "rb", buffering=0) as raw:
+                check_chunks(read_at, (lambda off: bytes(block[off % MIB:]) + bytes(block[:off % MIB]))
+                             if write else (lambda off: os.pread(raw.fileno(), MIB, off)), size)
+    except ImportError as e:
+        if not (lib and lib.distribution):  # qcowfs itself: a failure
+            raise
+        print(json.dumps({"na": f"{lib.distribution} not installed ({e}; "
+                                "scripts/install.sh --test installs it)"}))
+        return 0
+    except Unavailable as e:
+        print(json.dumps({"na": str(e)}))
+        return 0
+    except ContenderError as e:
+        print(json.dumps({"error": str(e)}))
+        return 0
+    cpu_s = sum(getattr(cpu1, k) - getattr(cpu0, k) for k in ("ru_utime", "ru_stime"))
+    print(json.dumps({"value": size / MIB / seconds, "seconds": seconds, "open_s": t1 - t0,
+                      "mib": size / MIB, "cpu_s": cpu_s, "cpu_s_per_gib": cpu_s / (size / GIB),
+                      "peak_rss_mib": peak_rss_mib([os.getpid()])}))
+    return 0
+
+
 def measure(cfg, benches, contenders, raw, qcow2):
     results = {b.key: {c.name: (Cell(na=True, error=c.unsupported[b.image])
                                 if b.image in c.unsupported else Cell())
                        for c in contenders
                        if (b.kind != "write" or c.can_write) and (c.can_luks or not b.encrypted)
                        and (not b.only or c.name in b.only)
-                       and (not c.benches or b.key in c.benches)}
+                       and (not c.benches or b.key in c.benches)
+                       and (b.job == "api" or not c.library)}
                for b in benches}
     for b in benches:
         for n, cell in results[b.key].items():
@@ -1267,21 +1502,21 @@ def fmt(v, unit):
 
 
 def ratios(bench, row):
-    """qcowfs / peer of the bench's value, with its aims."""
-    q = row.get("qcowfs")
+    """subject (qcowfs) / peer of the bench's value, with its aims."""
+    q = row.get(bench.subject)
     qv = q.median if q else None
     return {peer: compare(qv, row[peer].median, aim_for(bench, peer), bench.lower_is_better)
-            for peer in PEERS if peer in row}
+            for peer in PEERS if peer in row and peer != bench.subject}
 
 
 def cpu_ratios(bench, row):
     """qcowfs / peer of the daemon CPU seconds per GiB, with CPU_AIMS (fio rows)."""
     if bench.job != "fio":
         return {}
-    q = row.get("qcowfs")
+    q = row.get(bench.subject)
     qv = q.cpu if q else None
     return {peer: compare(qv, row[peer].cpu, CPU_AIMS.get(peer), True)
-            for peer in PEERS if peer in row}
+            for peer in PEERS if peer in row and peer != bench.subject}
 
 
 def aim_verdicts(benches, results):
@@ -1289,7 +1524,7 @@ def aim_verdicts(benches, results):
     out = []
     for b in benches:
         row = results[b.key]
-        if "qcowfs" not in row:
+        if b.subject not in row:
             continue
         for metric, rs, lower in (("", ratios(b, row), b.lower_is_better),
                                   (" cpu/GiB", cpu_ratios(b, row), True)):
@@ -1312,7 +1547,11 @@ def aims_summary(verdicts):
 
 
 def report(cfg, benches, contenders, results):
-    names = [c.name for c in contenders]
+    """The tables of BENCHES (one group: the same subject), with the
+    contenders that take part in them."""
+    subject = benches[0].subject
+    names = sorted((c.name for c in contenders if any(c.name in results[b.key] for b in benches)),
+                   key=lambda n: n != subject)  # the subject first
     w = 11
     head = f"{'benchmark':<22} {'unit':<5} " + " ".join(f"{n:>{w}}" for n in names)
     lines = [head, "-" * len(head)]
@@ -1340,11 +1579,11 @@ def report(cfg, benches, contenders, results):
             if cell.na:
                 why.setdefault((n, cell.error), []).append(b.key)
     lines += [f"n/a: {n} on {', '.join(keys)}: {reason}" for (n, reason), keys in why.items()]
-    peers = [p for p in PEERS if p in names] if "qcowfs" in names else []
+    peers = [p for p in PEERS if p in names and p != subject] if subject in names else []
     if not peers:
         return "\n".join(lines)
     cw = 26
-    head = f"{'qcowfs / peer':<28} " + " ".join(f"{p:<{cw}}" for p in peers).rstrip()
+    head = f"{subject + ' / peer':<28} " + " ".join(f"{p:<{cw}}" for p in peers).rstrip()
     lines += ["", head, "-" * len(head.rstrip())]
     for b in benches:
         rs = ratios(b, results[b.key])
@@ -1359,22 +1598,23 @@ def report(cfg, benches, contenders, results):
                     s = f"{s:<6} {aim_text(r, b.lower_is_better)}"
             parts.append(f"{s:<{cw}}")
         lines.append((f"{b.title:<28} " + " ".join(parts)).rstrip())
-    return "\n".join(lines + [""] + memory_report(benches, names, peers, results)
-                     + [""] + cpu_report(benches, names, results)
+    cpu = cpu_report(benches, names, results)
+    return "\n".join(lines + [""] + memory_report(benches, names, subject, peers, results)
+                     + ([""] + cpu if len(cpu) > 2 else [])
                      + ["", aims_summary(aim_verdicts(benches, results))])
 
 
-def memory_report(benches, names, peers, results):
-    """Peak RSS of each daemon (max over runs) and qcowfs / peer (lower is better)."""
+def memory_report(benches, names, subject, peers, results):
+    """Peak RSS of each daemon (max over runs) and subject / peer (lower is better)."""
     w = 11
     head = f"{'peak RSS (MiB)':<28} " + " ".join(f"{n:>{w}}" for n in names)
-    head += "   qcowfs / " + ", ".join(peers) + " (lower is better)"
+    head += f"   {subject} / " + ", ".join(peers) + " (lower is better)"
     lines = [head, "-" * len(head)]
     for b in benches:
         row = results[b.key]
         rss = {n: row[n].peak_rss if n in row else None for n in names}
         cells = " ".join(f"{'' if rss[n] is None else f'{rss[n]:.0f}':>{w}}" for n in names)
-        q = rss.get("qcowfs")
+        q = rss.get(subject)
         rs = ", ".join("-" if not (q and rss.get(p)) else f"{q / rss[p]:.2f}x" for p in peers)
         lines.append(f"{b.title:<28} {cells}   {rs}")
     return lines
@@ -1427,8 +1667,8 @@ def to_json(cfg, benches, contenders, results, versions, elapsed):
                             "status": "n/a" if c.na else ("failed" if c.error else "ok"),
                             "error": c.error or None}
                         for n, c in row.items()},
-            "ratios": ratios(b, row) if "qcowfs" in row else {},
-            "cpu_ratios": cpu_ratios(b, row) if "qcowfs" in row else {},
+            "ratios": ratios(b, row) if b.subject in row else {},
+            "cpu_ratios": cpu_ratios(b, row) if b.subject in row else {},
         }
     verdicts = aim_verdicts(benches, results)
     out["aims"] = {"met": [w for w, m in verdicts if m],
@@ -1452,8 +1692,11 @@ def parse_args(argv):
     ap.add_argument("--size-mib", type=int, help="image size (default 1024, quick 256)")
     ap.add_argument("--only", help="comma-separated contenders: "
                     + ",".join(c.name for c in CONTENDERS))
-    ap.add_argument("--bench", help="comma-separated benchmarks: "
+    ap.add_argument("--bench", help="comma-separated benchmarks (api: all the library rows): "
                     + ",".join(b.key for b in BENCHES))
+    ap.add_argument("--api", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the library rows, qcowfs.open() against dissect and pyqcow "
+                    "(default: on)")
     ap.add_argument("--read-ahead-kb", type=int,
                     help="set the FUSE bdi read_ahead_kb of every mount (tuning experiments)")
     ap.add_argument("--max-background", type=int,
@@ -1501,13 +1744,14 @@ def main(argv=None):
         if bad:
             sys.exit(f"unknown contender(s): {','.join(sorted(bad))}")
         contenders = [c for c in contenders if c.name in want]
-    benches = [b for b in BENCHES if cfg.writes or b.kind != "write"]
+    benches = [b for b in BENCHES
+               if (cfg.writes or b.kind != "write") and (cfg.api or b.job != "api")]
     if cfg.bench:
         want = cfg.bench.split(",")
-        bad = set(want) - {b.key for b in BENCHES}
+        bad = set(want) - {b.key for b in BENCHES} - {API_GROUP}
         if bad:
             sys.exit(f"unknown benchmark(s): {','.join(sorted(bad))}")
-        benches = [b for b in benches if b.key in want]
+        benches = [b for b in benches if b.key in want or (API_GROUP in want and b.job == "api")]
     missing = [t for t in ("fio", "taskset", "qemu-img", "qemu-io", "qemu-storage-daemon", "qcowmount",
                          "fusermount3", "losetup", "mkfs.ext4", "cmp")
                if shutil.which(t) is None]
@@ -1545,10 +1789,21 @@ def main(argv=None):
     elapsed = time.monotonic() - t0
     sys.stderr.flush()
     print(flush=True)
-    print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
-          f"median of {cfg.runs}, warm host cache, cold FUSE page cache, "
-          f"daemons on CPU {cfg.daemon_cpus or 'any'}, fio on CPU {cfg.fio_cpus or 'any'}")
-    print(report(cfg, benches, contenders, results))
+    mount_rows = [b for b in benches if b.job != "api"]
+    api_rows = [b for b in benches if b.job == "api"]
+    if mount_rows:
+        print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
+              f"median of {cfg.runs}, warm host cache, cold FUSE page cache, "
+              f"daemons on CPU {cfg.daemon_cpus or 'any'}, fio on CPU {cfg.fio_cpus or 'any'}")
+        print(report(cfg, mount_rows, contenders, results))
+    if api_rows:
+        print(("\n" if mount_rows else "")
+              + f"qcowfs library API: the whole {cfg.size // MIB} MiB disk in 1 MiB requests, "
+              f"one fresh process per run, median of {cfg.runs}; qcowfs-api = qcowfs.open(IMG).disk, "
+              "dissect = dissect.hypervisor QCow2 stream, pyqcow = libqcow-python, "
+              "qcowfs = the writes through a read-write mount's disk.raw (+fsync); "
+              "host cache warm, or cold (posix_fadvise DONTNEED)")
+        print(report(cfg, api_rows, contenders, results))
     print("(higher is better, except rows in s; 'n/a': not available; '!': some runs failed; "
           "'~': runs differ by >30%, see results.json; "
           f"qsd = qemu-storage-daemon FUSE export; total {elapsed:.0f}s)")
@@ -1576,4 +1831,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [API_CHILD]:
+        sys.exit(api_child(json.loads(sys.argv[2])))
     sys.exit(main())
