@@ -26,7 +26,7 @@ import trio
 from ..errors import CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
                       INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_L1_BYTES, Geometry, Header, SnapshotEntry,
-                      data_host_offsets)
+                      compressed_host_offsets, data_host_offsets)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import bitmap_ops, snapshot_ops
@@ -215,7 +215,9 @@ class Image:
             raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
         table = np.frombuffer(raw, ">u8").astype(np.uint64)
         if self.allocator is not None and not self.external_data:
-            self.allocator.note_references(data_host_offsets(table[0::2] if self.geo.extended_l2 else table))
+            words = table[0::2] if self.geo.extended_l2 else table
+            self.allocator.note_references(data_host_offsets(words))
+            self.allocator.note_references(compressed_host_offsets(words, self.geo.cluster_bits))
         return table.reshape(-1, 2) if self.geo.extended_l2 else table
 
     def _write_l2(self, offset: int, data: bytes) -> None:
@@ -398,8 +400,32 @@ class Image:
         self.corrupt = True
         log.error("%s: corruption found while writing (%s): the image is marked corrupt and "
                   "the mount is read-only from now on", self.path, why)
+        await self._keep_acknowledged()
         if self.header.version >= 3:
             await self.meta.update(incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT)
+
+    async def _keep_acknowledged(self) -> None:
+        """Before the image is marked corrupt, what writes acknowledged so far
+        changed is made durable: their data is in place already, their L2
+        entries and refcount increases wait in the caches (each was checked
+        when it was made). A write acknowledged and not yet fsync'd must not
+        be lost because a later one met damage: QEMU would find it after a
+        flush, so it must find it after this. Refcount decreases are dropped
+        (at worst a leak, never a reference to a free cluster). Whatever
+        cannot be written now is logged; the corrupt bit still follows."""
+        alloc = self.allocator
+        if alloc is None:
+            return
+        alloc.forget_pending()
+        try:
+            async with self._flush_lock:
+                await self.l2_cache.flush()
+                await alloc.flush()
+                await self.file.sync()
+                if self.data_file is not None:
+                    await self.data_file.sync()
+        except (QcowError, OSError) as e:
+            log.error("%s: what was written before could not all be flushed: %s", self.path, e)
 
     @signals_corruption
     async def flush(self) -> None:

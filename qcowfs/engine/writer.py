@@ -187,6 +187,8 @@ class Writer:
             self.meta.overlap.check(old, self.geo.cluster_size, "L2 table", ignore=Kind.ACTIVE_L2)
             return old
         cs = self.geo.cluster_size
+        if old:
+            await self.alloc.verify_release([(old, cs)])
         new = await self.alloc.allocate(1)
         if old:
             table = (await self.l2_cache.get(old)).copy()
@@ -216,6 +218,7 @@ class Writer:
             piece = data[g0 - start : g1 - start]
             state = self._state(table, k)
             if self.detect_zeroes and g1 - g0 == cs and self._zero_cluster_at(piece, 0):
+                await self.alloc.verify_release(self._released([self._entry(table, k)]))
                 self._set_zero(table, k)
                 self.l2_cache.mark_dirty(table_off)
                 k += 1
@@ -279,6 +282,9 @@ class Writer:
             await self._old_contents(memoryview(tail), hi)
             parts.append(tail)
         old = table[k : k + n].copy()
+        if not reuse and old.any():
+            await self.alloc.verify_release(self._released(
+                [self._entry(old, j) for j in np.flatnonzero(self._used(old)).tolist()]))
         if self.external:
             host = c0  # guest offset == host offset in an external data file
         elif reuse:  # (one cluster)
@@ -368,7 +374,10 @@ class Writer:
                 table = np.zeros(shape, np.uint64)
             # Decide on the current table first: a table that needs no change
             # is neither allocated nor copied away from a snapshot.
-            if self._zero_entries(table, base, pos, chunk_end, unmap, apply=False, fallback=fallback):
+            dropped: list[tuple[int, int]] = []
+            if self._zero_entries(table, base, pos, chunk_end, unmap, apply=False, fallback=fallback,
+                                  dropped=dropped):
+                await self.alloc.verify_release(self._released(dropped))
                 table_off = await self._writable_l2(index)
                 async with self.l2_cache.pinned(table_off) as writable:
                     # (the same decisions: a copy holds the same entries)
@@ -383,7 +392,8 @@ class Writer:
         return backing is not None and start < backing.size
 
     def _zero_entries(self, table: np.ndarray, base: int, start: int, end: int, unmap: bool,
-                      apply: bool, fallback: list[tuple[int, int]]) -> bool:
+                      apply: bool, fallback: list[tuple[int, int]],
+                      dropped: list[tuple[int, int]] | None = None) -> bool:
         """Make the entries for [start, end) of the L2 table at guest BASE say
         "zeros" (APPLY) or only tell whether any would change. Synchronous,
         so no other task sees half of it. Ranges only data can zero go to
@@ -402,6 +412,9 @@ class Writer:
             if new == old:
                 continue
             changed = True
+            releases = (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED
+            if dropped is not None and releases:
+                dropped.append(old)
             if not apply:
                 continue
             if self.external:
@@ -414,7 +427,7 @@ class Writer:
                 table[k, 0], table[k, 1] = new
             else:
                 table[k] = new[0]
-            if (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED:
+            if releases:
                 self._release(*old)
         return changed
 
@@ -512,13 +525,23 @@ class Writer:
             table[k] = OFLAG_ZERO
         self._release(*old)
 
+    def _released(self, entries: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The host ranges ((offset, bytes)) whose reference dropping old L2
+        ENTRIES ((entry, bitmap)) releases: a data cluster, or the sectors a
+        compressed cluster occupies; none in an external data file."""
+        if self.external:
+            return []
+        out = []
+        for entry, _bitmap in entries:
+            if entry & OFLAG_COMPRESSED:
+                d = decode_compressed(entry, self.geo.cluster_bits)
+                start = d.host_offset & ~511
+                out.append((start, d.host_offset + d.length - start))
+            elif entry & L2E_OFFSET_MASK:
+                out.append((entry & L2E_OFFSET_MASK, self.geo.cluster_size))
+        return out
+
     def _release(self, entry: int, bitmap: int) -> None:
         """Drop the reference an old L2 entry held (once it is off the disk)."""
-        if self.external:
-            return
-        if entry & OFLAG_COMPRESSED:
-            d = decode_compressed(entry, self.geo.cluster_bits)
-            start = d.host_offset & ~511
-            self.alloc.release_later(start, d.host_offset + d.length - start)
-        elif entry & L2E_OFFSET_MASK:
-            self.alloc.release_later(entry & L2E_OFFSET_MASK, self.geo.cluster_size)
+        for offset, length in self._released([(entry, bitmap)]):
+            self.alloc.release_later(offset, length)

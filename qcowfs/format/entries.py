@@ -122,6 +122,25 @@ def data_host_offsets(words: "np.ndarray") -> "np.ndarray":
     return std[std != 0]
 
 
+def compressed_host_offsets(words: "np.ndarray", cluster_bits: int) -> "np.ndarray":
+    """Host offsets of every cluster the compressed descriptors among the first
+    words of L2 entries reach into (a descriptor spans at most three clusters:
+    its sector count is below two clusters' worth). What the descriptor
+    claims counts, even where it is damaged and reaches past the end of the
+    file: a cluster it claims must not be handed out as free."""
+    comp = words[(words & np.uint64(OFLAG_COMPRESSED)) != 0]
+    if not len(comp):
+        return np.zeros(0, np.uint64)
+    x = compressed_shift(cluster_bits)
+    offset = comp & np.uint64((1 << x) - 1)
+    sectors = (comp >> np.uint64(x)) & np.uint64((1 << (62 - x)) - 1)
+    start = offset & ~np.uint64(511)
+    last = (start + (sectors + np.uint64(1)) * np.uint64(512) - np.uint64(1)) >> np.uint64(cluster_bits)
+    first = start >> np.uint64(cluster_bits)
+    spans = [first + np.uint64(k) for k in range(3)]
+    return np.concatenate([c[c <= last] for c in spans]) << np.uint64(cluster_bits)
+
+
 def extended_problem(entry: int, bitmap: int, external: bool) -> str | None:
     """Why an extended L2 entry's subclusters are INVALID (QEMU refuses to
     read or write through them), or None. (A compressed cluster ignores its

@@ -51,6 +51,8 @@ class Allocator:
             "refcount", meta.file, DEFAULT_REFCOUNT_CACHE_BYTES // geo.cluster_size,
             self._load_block, bytes, self._write_block)
         self.pending: list[tuple[int, int]] = []   # (host offset, bytes) to release later
+        # Per cluster, how many of the pending decreases fall on it (up to 65535).
+        self._pending_counts = np.zeros(0, np.uint16)
         self.free_hint = 0
         self._referenced = np.zeros(0, np.uint8)
         self._track_refs = -(-meta.file.known_size // geo.cluster_size) <= MAX_TRACKED_CLUSTERS
@@ -192,6 +194,46 @@ class Allocator:
             if not self.block_offset(r):
                 raise CorruptionError(f"cluster {offset // cs} is in use but has no refcount block")
         self.pending.append((offset, length))
+        first, last = offset // cs, (offset + length - 1) // cs
+        if last >= len(self._pending_counts):
+            grown = np.zeros(max(last + 1, 2 * len(self._pending_counts)), np.uint16)
+            grown[: len(self._pending_counts)] = self._pending_counts
+            self._pending_counts = grown
+        counts = self._pending_counts[first : last + 1]
+        counts[counts < np.iinfo(np.uint16).max] += 1
+
+    async def verify_release(self, ranges: list[tuple[int, int]]) -> None:
+        """Refuse now, before anything changes, dropping one reference to each
+        of RANGES ((host offset, bytes)) where a refcount would go below zero
+        once the drops already pending are counted: the refcounts are
+        damaged there. The write that wanted the drop then fails before it
+        is acknowledged, instead of its fsync failing later (when the drop
+        is applied), and no cluster still in use is freed."""
+        cs, rpb = self.geo.cluster_size, self.rpb
+        for offset, length in ranges:
+            c, end = offset // cs, (offset + length - 1) // cs + 1
+            while c < end:
+                r = c // rpb
+                stop = min(end, (r + 1) * rpb)
+                off = self.block_offset(r)
+                if not off:
+                    raise CorruptionError(f"cluster {c} is in use but has no refcount block")
+                block = self.cache.peek(off) or await self.cache.get(off)
+                values = refcount_values(block, self.order, c - r * rpb, stop - r * rpb)
+                pending = self._pending_counts[c:stop]
+                need = np.ones(stop - c, np.int64)
+                need[: len(pending)] += pending
+                short = np.flatnonzero(np.asarray(values) < need)
+                if len(short):
+                    bad = c + int(short[0])
+                    raise CorruptionError(f"cluster {bad} is in use but its refcount is "
+                                          f"{int(values[short[0]])} (the refcounts are damaged)")
+                c = stop
+
+    def forget_pending(self) -> None:
+        """Drop every pending decrease (the image is marked corrupt: a leak, never a loss)."""
+        self.pending = []
+        self._pending_counts = np.zeros(0, np.uint16)
 
     async def apply_pending(self) -> bool:
         """Apply deferred decreases (the caller made the dropped references durable).
@@ -201,6 +243,8 @@ class Allocator:
         stay apart, as each holds its own reference."""
         pending, self.pending = sorted(self.pending), []
         cs = self.geo.cluster_size
+        for offset, length in pending:
+            self._pending_counts[offset // cs : (offset + length - 1) // cs + 1] = 0
         merged: list[list[int]] = []
         for offset, length in pending:
             if merged and offset == merged[-1][1] and offset % cs == 0:
