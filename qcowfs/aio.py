@@ -30,7 +30,7 @@ from .engine.info import describe
 from .engine.mapper import L1Table
 from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
 from .engine.snapshots import snapshot_disk_size, snapshot_problem
-from .errors import CorruptionError, NoSpaceError, ReadOnlyError, ResizeError, UsageError
+from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
 from .host.secret import read_key_file
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
@@ -116,6 +116,8 @@ class Disk:
         return self._l1
 
     def _readable(self) -> None:
+        if self._engine.backing_error is not None:
+            raise QcowError(self._engine.backing_error)
         if self._problem is not None and not self._problem[1]:
             raise CorruptionError(self._problem[0])
 
@@ -249,11 +251,14 @@ class Image:
     `secret,file=`) unlocks a LUKS image; without either an encrypted image
     opens for info, check and maps, and reading its data raises
     PassphraseError. FORCE_SHARE opens, read-only, an image another program
-    holds (qemu-img's -U): what it shows may change meanwhile."""
+    holds (qemu-img's -U): what it shows may change meanwhile. REQUIRE_BACKING
+    false opens, read-only, an image whose backing file cannot be opened (to
+    describe it, as qemu-img info does); its disks then refuse every read."""
 
     def __init__(self, path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
                  key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
-                 l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, repair: bool = False) -> None:
+                 l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, repair: bool = False,
+                 require_backing: bool = True) -> None:
         if mode not in ("r", "r+"):
             raise UsageError(f"mode must be \"r\" or \"r+\", not {mode!r}")
         if force_share and mode != "r":
@@ -262,7 +267,7 @@ class Image:
         self._force_share = force_share
         self._engine = _EngineImage(self.path, OpenOptions(
             read_only=mode == "r", l2_cache_bytes=l2_cache_size, force_share=force_share, repair=repair,
-            passphrase=_passphrase_source(passphrase, key_file)))
+            passphrase=_passphrase_source(passphrase, key_file), backing_required=require_backing))
         self._disk = Disk(self)
         self._closed = False
 

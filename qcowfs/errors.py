@@ -26,6 +26,12 @@ class InvalidImageError(QcowError):
     """The header or a structure named by it is malformed: refuse to open."""
 
 
+class TruncatedError(InvalidImageError):
+    """A structure the header names lies past the end of the image file (a
+    truncated file): a read-only open salvages what is left, as QEMU reads
+    zeros past the end; a writable one refuses."""
+
+
 class UnsupportedFeatureError(QcowError):
     """The image uses something qcowfs does not implement."""
 

@@ -155,7 +155,6 @@ HEADER_CASES: dict[str, Callable[[Path], Path]] = {
     "empty-file": truncated(0),
     "half-header": truncated(52),
     "header-only": truncated(112),
-    "first-cluster-only": truncated(64 * KiB),
     "bad-magic": with_header("magic", 0x514649FC),
     "version-1": with_header("version", 1),
     "version-4": with_header("version", 4),
@@ -167,10 +166,8 @@ HEADER_CASES: dict[str, Callable[[Path], Path]] = {
     "l1-size-too-small": with_header("l1_size", 0),
     "l1-size-absurd": with_header("l1_size", 0xFFFFFFFF),
     "l1-offset-misaligned": with_header("l1_table_offset", 3 * 64 * KiB + 8),
-    "l1-offset-past-eof": with_header("l1_table_offset", TiB),
     "l1-offset-in-header-cluster": with_header("l1_table_offset", 0),
     "refcount-table-misaligned": with_header("refcount_table_offset", 64 * KiB + 512),
-    "refcount-table-past-eof": with_header("refcount_table_offset", TiB),
     "refcount-order-7": with_header("refcount_order", 7),
     "header-length-too-small": with_header("header_length", 50),
     "header-length-past-cluster": with_header("header_length", 70000),
@@ -433,11 +430,9 @@ def damage_extl2_alloc_and_zero(img: Path) -> None:
 
 
 TABLE_CASES = {
-    "l2-entry-past-eof": (None, False, damage_l2_past_eof),
     "l2-entry-misaligned": (None, False, damage_l2_misaligned),
     "l1-entry-misaligned": (None, False, damage_l1_misaligned),
     "l1-entry-into-header": (None, False, damage_l1_into_header),
-    "l1-entry-past-eof": (None, False, damage_l1_past_eof),
     "compressed-garbage-zlib": ("zlib", False, damage_compressed_garbage),
     "compressed-garbage-zstd": ("zstd", False, damage_compressed_garbage),
     "compressed-short-zlib": ("zlib", False, damage_compressed_short),
@@ -482,3 +477,92 @@ def test_damaged_table_reads_eio(case: str, tmp_path: Path, mount) -> None:
     sh(QCOWFS, "umount", mnt, timeout=TIMEOUT)
     assert not is_mounted(mnt)
     assert file_state(d) == before, "image changed by a read-only mount"
+
+
+# --------------------------------------------------------------------------
+# truncated images: salvaged read-only as QEMU reads them (zeros past the end
+# of the file), refused for writing, described by info, counted by check
+
+def cut_inside_data(d: Path) -> Path:
+    """20 MiB written at 0 and at 30 MiB, the file cut at two thirds: data
+    clusters (and maybe tables) now lie past the end."""
+    d.mkdir(parents=True, exist_ok=True)
+    img = create(d / "disk.qcow2", 64 * MiB)
+    qio(img, "write -P 0x11 0 20M", "write -P 0x22 30M 20M")
+    os.truncate(img, img.stat().st_size * 2 // 3)
+    return img
+
+
+def cut_before_tables(d: Path) -> Path:
+    """A snapshot taken after the data moved the L1 and refcount tables and the
+    snapshot table to the end of the file; the file is then cut before them."""
+    d.mkdir(parents=True, exist_ok=True)
+    img = create(d / "disk.qcow2", 64 * MiB)
+    qio(img, "write -P 0x11 0 20M", "write -P 0x22 30M 20M")
+    sh(QCOWFS, "snapshot", "create", img, "s1")
+    os.truncate(img, 40 * MiB)
+    return img
+
+
+SALVAGE_CASES: dict[str, Callable[[Path], Path]] = {
+    "first-cluster-only": truncated(64 * KiB),
+    "l1-offset-past-eof": with_header("l1_table_offset", TiB),
+    "refcount-table-past-eof": with_header("refcount_table_offset", TiB),
+    "cut-inside-data": cut_inside_data,
+    "cut-before-tables": cut_before_tables,
+}
+
+
+def qemu_check_rc(img: Path) -> int:
+    return subprocess.run(["qemu-img", "check", "-f", "qcow2", img], capture_output=True,
+                          timeout=TIMEOUT).returncode
+
+
+@pytest.mark.parametrize("case", sorted(SALVAGE_CASES))
+def test_truncated_image_salvaged(case: str, tmp_path: Path, mount) -> None:
+    """Where qemu-img info answers and qemu-img convert reads, qcowfs info
+    answers, a read-only mount serves every byte QEMU reads (never a short
+    read), a writable mount is refused with one line, and qcowfs check exits
+    as qemu-img check does. Nothing changes the file."""
+    img = SALVAGE_CASES[case](tmp_path / "img")
+    before = file_state(tmp_path / "img")
+    assert subprocess.run(["qemu-img", "info", img], capture_output=True).returncode == 0
+    want = oracle(img, tmp_path / "qemu.raw").read_bytes()
+    p = qcowfs("info", img)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    assert all(line.startswith("qcowfs: warning: ") for line in p.stderr.splitlines()), p.stderr
+    if case != "cut-inside-data":  # (only data is cut there: nothing to see until it is read)
+        assert p.stderr.strip(), "no warning names the damage"
+    if case != "cut-inside-data":  # (its tables are whole: QEMU writes to it, and so may qcowfs)
+        line = one_line_failure(attempt_mount_rw(img, tmp_path / "rw"), "writable qcowfs mount")
+        assert "read-only" in line, line
+    mnt = mount(img)
+    with open(mnt / "disk.raw", "rb") as f:
+        got = f.read()
+    assert len(got) == len(want), f"disk.raw read {len(got)} bytes of {len(want)} (a short read)"
+    assert got == want, "disk.raw differs from what qemu-img convert reads"
+    sh(QCOWFS, "umount", mnt, timeout=TIMEOUT)
+    rc = qcowfs("check", img).returncode
+    assert rc == qemu_check_rc(img), f"qcowfs check exits {rc}, qemu-img check {qemu_check_rc(img)}"
+    assert file_state(tmp_path / "img") == before, "the image changed"
+
+
+TABLE_SALVAGE: dict[str, Callable[[Path], None]] = {
+    "l2-entry-past-eof": damage_l2_past_eof,
+    "l1-entry-past-eof": damage_l1_past_eof,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_SALVAGE))
+def test_table_past_eof_reads_as_qemu(case: str, tmp_path: Path, mount) -> None:
+    """An L1 or L2 entry pointing past the end of the file: QEMU reads zeros
+    there (and the rest as usual); a read-only mount serves the same bytes."""
+    d = tmp_path / "img"
+    img = table_image(d)
+    TABLE_SALVAGE[case](img)
+    want = oracle(img, tmp_path / "qemu.raw").read_bytes()
+    mnt = mount(img)
+    with open(mnt / "disk.raw", "rb") as f:
+        assert f.read() == want
+    sh(QCOWFS, "umount", mnt, timeout=TIMEOUT)

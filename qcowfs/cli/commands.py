@@ -76,7 +76,7 @@ def _run(image: "Image", work: Callable[["Image"], Any]) -> Any:
 def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
     """FORCE_SHARE (-U) takes no image lock, as qemu-img -U: to inspect an
     image a VM or a mount holds."""
-    d = _run(open_image(image_arg, force_share=force_share), lambda image: image.info())
+    d = _run(open_image(image_arg, force_share=force_share, require_backing=False), lambda image: image.info())
     d["filename"] = image_arg
     print(json.dumps(d, indent=4) if as_json else render_info(d))
     return 0

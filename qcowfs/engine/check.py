@@ -122,8 +122,8 @@ async def check(image: Image, repair: bool = False,
     """Check IMAGE; with REPAIR (an image opened for repair) rebuild its
     refcounts when anything is wrong or it is dirty, check again, and clear
     the corrupt bit once no corruption is left."""
-    if image.warnings:  # a part of the image it cannot read: no verdict
-        raise QcowError(image.warnings[0])
+    if image.left_out:  # a part of the image it cannot read: no verdict
+        raise QcowError(image.left_out[0])
     result = check_image(image, progress)
     dirty = bool(image.header.incompatible_features & INCOMPAT_DIRTY)
     if not repair or not (result.corruptions or result.leaks or dirty):

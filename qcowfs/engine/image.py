@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import numpy as np
 import trio
 
-from ..errors import CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError
+from ..errors import CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError, TruncatedError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
                       INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_L1_BYTES, Geometry, Header, SnapshotEntry,
                       compressed_host_offsets, data_host_offsets)
@@ -69,6 +69,8 @@ class Image:
         self.options = options
         self.read_only = options.read_only
         self.backing: Source | None = None
+        # Why the backing file is not open (OpenOptions.backing_required off), or None.
+        self.backing_error: str | None = None
         self.data_file: HostFile | None = None
         if options.force_share and not options.read_only:
             raise QcowError("force-share (-U) is only for read-only opens")
@@ -96,12 +98,17 @@ class Image:
             raise InvalidImageError(f"backing chain is deeper than {MAX_CHAIN_DEPTH}")
         h = Header.parse(self.file.read_sync(0, 1 << 21))
         self.geo = Geometry.from_header(h)
-        validate_header(h, self.geo, self.file.known_size)
+        truncated = validate_header(h, self.geo, self.file.known_size)
+        if truncated and not self.read_only:
+            raise InvalidImageError(f"{truncated[0]} (open it read-only to read what is left)")
         self.luks, self.cipher = open_encryption(h, self.geo, self.file, self.options)
-        meta = self.meta = Metadata(self.file, h, self.geo)
+        meta = self.meta = Metadata(self.file, h, self.geo, salvage=self.read_only)
         # What a read-only open left out (damaged snapshot table or bitmap
         # directory): the active disk is still served, as qemu-img convert does.
-        self.warnings: list[str] = []
+        self.left_out: list[str] = []
+        # What a read-only open of a truncated file reads as zeros.
+        self.salvaged = [f"{t}: what lies past the end reads as zeros, as QEMU reads it"
+                         for t in truncated]
         meta.snapshots = self._optional("snapshot table", "snapshots",
                                         lambda: read_snapshot_table(h, self.geo, self.file))
         self.bitmaps: list[Bitmap] = self._optional("bitmap directory", "bitmaps",
@@ -116,7 +123,8 @@ class Image:
             "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
             self._load_l2, self._encode_l2, self._write_l2)
         self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache,
-                             encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher)
+                             encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher,
+                             salvage=self.read_only)
         self.corrupt = False
         # force_share: bumped whenever the tables read so far are dropped
         # (revalidate); views holding their own L1 tables drop theirs then.
@@ -131,7 +139,13 @@ class Image:
             lock_image(self.file.fd, self.path, writer=False, force_share=self.options.force_share)
         else:
             self._open_writable(h)
-        self.backing = open_backing(self.path, h, self.options, chain + (ident,), Image)
+        try:
+            self.backing = open_backing(self.path, h, self.options, chain + (ident,), Image)
+        except QcowError as e:
+            if self.options.backing_required or not self.read_only:
+                raise
+            self.backing_error = str(e)
+            self.left_out.append(f"{e}: the disk is described without it")
 
     def _open_writable(self, h: Header) -> None:
         if h.incompatible_features & INCOMPAT_CORRUPT and not self.options.repair:
@@ -150,6 +164,11 @@ class Image:
         alloc = self.reload_refcounts()
         self.writer = Writer(self.geo, self.mapper, self.meta, alloc, lambda: self.backing)
         self._flush_lock = trio.Lock()
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line for each thing a read-only open left out or salvaged."""
+        return self.left_out + self.salvaged
 
     @property
     def header(self) -> Header:
@@ -180,10 +199,15 @@ class Image:
     def _optional(self, what: str, shown: str, read: Callable[[], list[T]]) -> list[T]:
         try:
             return read()
+        except TruncatedError as e:
+            if not self.read_only:
+                raise
+            self.salvaged.append(f"{e}: {shown} are not shown")
+            return []
         except InvalidImageError as e:
             if not self.read_only:
                 raise
-            self.warnings.append(f"the {what} is damaged ({e}): {shown} are not shown")
+            self.left_out.append(f"the {what} is damaged ({e}): {shown} are not shown")
             return []
 
     @property
@@ -212,7 +236,9 @@ class Image:
     async def _load_l2(self, offset: int) -> np.ndarray:
         raw = await self.file.read(offset, self.geo.cluster_size)
         if len(raw) < self.geo.cluster_size:
-            raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
+            if not self.read_only:
+                raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
+            raw = raw.ljust(self.geo.cluster_size, b"\0")  # (salvage: zeros, as QEMU reads them)
         table = np.frombuffer(raw, ">u8").astype(np.uint64)
         if self.allocator is not None and not self.external_data:
             words = table[0::2] if self.geo.extended_l2 else table

@@ -7,6 +7,7 @@ classified entry by entry; longer ones with numpy over the L2 slice.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable, Protocol
 
@@ -20,6 +21,8 @@ from ..format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_
                      Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
                      extended_problem, subcluster_type)
 from ..host.hostfile import HostFile
+
+log = logging.getLogger("qcowfs")
 
 # Run kinds.
 UNALLOC, ZERO, DATA, COMPRESSED, MIXED = range(5)
@@ -43,7 +46,7 @@ class Source(Protocol):
     def size(self) -> int: ...
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        """Fill BUF (pre-zeroed) from OFFSET; bytes past the source's end stay zero."""
+        """Fill all of BUF from OFFSET; bytes past the source's end read as zeros."""
 
     async def seek(self, offset: int, end: int, data: bool) -> int:
         """The first offset in [offset, end) that is data (DATA) or a hole (not
@@ -57,8 +60,10 @@ class L1Table:
     checked write for the active table; snapshot tables have none."""
 
     def __init__(self, file: HostFile, offset: int, size: int,
-                 write: Callable[[int, bytes], None] | None = None) -> None:
+                 write: Callable[[int, bytes], None] | None = None, pad: bool = False) -> None:
         self.file = file
+        # PAD: entries past the end of the file read as 0 (a salvage), else an error.
+        self.pad = pad
         self.offset = offset
         self.size = size
         self._write = write
@@ -84,7 +89,9 @@ class L1Table:
         n = min(1 << L1_CHUNK_BITS, self.size - start)
         raw = await self.file.read(self.offset + start * 8, n * 8)
         if len(raw) < n * 8:
-            raise CorruptionError("L1 table runs past the end of the image file")
+            if not self.pad:
+                raise CorruptionError("L1 table runs past the end of the image file")
+            raw = raw.ljust(n * 8, b"\0")
         chunk = np.frombuffer(raw, ">u8").astype(np.uint64)
         self._chunks[c] = chunk
         return chunk
@@ -133,6 +140,16 @@ class L1Table:
         return np.concatenate([self._chunks[c] for c in sorted(self._chunks)])
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Write zeros over BUF (a MiB of them at a time, from one shared buffer)."""
+    for pos in range(0, len(buf), len(_ZEROS)):
+        n = min(len(_ZEROS), len(buf) - pos)
+        buf[pos : pos + n] = _ZEROS[:n]
+
+
 def _append(runs: list[Run], kind: int, guest: int, length: int, host: int) -> None:
     """Add a run, merging it into the previous one when it continues it."""
     if runs:
@@ -148,13 +165,17 @@ class Mapper:
 
     def __init__(self, geo: Geometry, file: HostFile, data_file: HostFile,
                  l2_cache: TableCache[np.ndarray], encrypted: bool = False,
-                 cipher: DiskCipher | None = None) -> None:
+                 cipher: DiskCipher | None = None, salvage: bool = False) -> None:
         self.geo = geo
         # Data clusters of an encrypted image are ciphertext (compressed ones
         # are not: QEMU stores them in clear); CIPHER is None when the image
         # was opened without its passphrase (info, check).
         self.encrypted = encrypted
         self._cipher = cipher
+        # A read-only open salvages a truncated file as QEMU reads it: L2 tables
+        # and data clusters past the end of the file read as zeros.
+        self.salvage = salvage
+        self._warned_past_end = False
         self.file = file
         self.data_file = data_file
         self.external_data = data_file is not file
@@ -169,12 +190,25 @@ class Mapper:
     # ---- L2 tables ----------------------------------------------------------
 
     def l2_offset(self, l1_entry: int) -> int:
-        """The L2 table's host offset from an L1 entry, validated (0: none)."""
+        """The L2 table's host offset from an L1 entry, validated (0: none).
+        Past the end of the file: an error, or (salvage) no table, as QEMU
+        reads zeros there."""
         off = l1_entry & L1E_OFFSET_MASK
-        if off and (off & self._cluster_mask or off < self.geo.cluster_size
-                    or off >= self.file.known_size):
+        if off and (off & self._cluster_mask or off < self.geo.cluster_size):
+            raise CorruptionError(f"L1 entry points to an invalid L2 table offset {off:#x}")
+        if off >= self.file.known_size:
+            if self.salvage:
+                self._past_end(off)
+                return 0
             raise CorruptionError(f"L1 entry points to an invalid L2 table offset {off:#x}")
         return off
+
+    def _past_end(self, host: int) -> None:
+        """Say once that metadata or data lies past the end of the image file."""
+        if not self._warned_past_end:
+            self._warned_past_end = True
+            log.warning("the image file ends before what it maps (at %#x and maybe more): that reads "
+                        "as zeros, as QEMU reads it (is the file truncated?)", host)
 
     async def l2_table(self, l1: L1Table, index: int) -> np.ndarray | None:
         off = self.l2_offset(await l1.get(index))
@@ -230,7 +264,7 @@ class Mapper:
         if t != SubclusterType.NORMAL:
             self.check_zero(t, off)
             return ZERO, 0
-        self.check_data(off)
+        self.check_mapped(off)
         return DATA, off
 
     def check_zero(self, t: SubclusterType, off: int) -> None:
@@ -241,11 +275,19 @@ class Mapper:
         if t == SubclusterType.ZERO_ALLOC and off & self._cluster_mask:
             raise CorruptionError(f"preallocated zero cluster at an unaligned offset {off:#x}")
 
-    def check_data(self, off: int) -> None:
-        """Raise CorruptionError unless OFF is a plausible data cluster offset."""
+    def check_mapped(self, off: int) -> None:
+        """Raise CorruptionError unless OFF may be read as a data cluster: aligned,
+        not the header (past the end of the file it reads as zeros, as QEMU's)."""
         if off & self._cluster_mask:
             raise CorruptionError(f"L2 entry points to an unaligned cluster offset {off:#x}")
-        if not self.external_data and (off < self.geo.cluster_size or off >= self.file.known_size):
+        if not self.external_data and off < self.geo.cluster_size:
+            raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
+
+    def check_data(self, off: int) -> None:
+        """Raise CorruptionError unless OFF is a data cluster that may be
+        written or read in one pread: check_mapped, and inside the file."""
+        self.check_mapped(off)
+        if not self.external_data and off >= self.file.known_size:
             raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
 
     def _classify_ext(self, w0: int, bitmap: int) -> tuple[int, int]:
@@ -259,7 +301,7 @@ class Mapper:
         off = w0 & L2E_OFFSET_MASK
         alloc, zero = bitmap & SC_ALL, bitmap >> 32
         if t == SubclusterType.NORMAL:
-            self.check_data(off)
+            self.check_mapped(off)
         if alloc == SC_ALL:
             return DATA, off
         if zero == SC_ALL:
@@ -295,7 +337,7 @@ class Mapper:
         if data.any():
             bad = data & ((off & np.uint64(self._cluster_mask)) != 0)
             if not self.external_data:
-                bad |= data & ((off < np.uint64(cs)) | (off >= np.uint64(self.file.known_size)))
+                bad |= data & (off < np.uint64(cs))
             if bad.any():
                 raise CorruptionError(f"L2 entry points to an invalid cluster offset {int(off[bad][0]):#x}")
         brk = np.flatnonzero((kind[1:] != kind[:-1]) | (kind[1:] == COMPRESSED)
@@ -392,17 +434,22 @@ class Mapper:
         return buf
 
     async def read_into(self, l1: L1Table, buf: memoryview, offset: int, backing: Source | None) -> None:
-        """Fill BUF (pre-zeroed) with the guest range at OFFSET."""
+        """Fill all of BUF with the guest range at OFFSET (BUF need not be zeroed:
+        zero clusters and holes are written as zeros)."""
         for kind, guest, length, host in await self.map(l1, offset, len(buf)):
             dst = buf[guest - offset : guest - offset + length]
             if kind == DATA:
                 if self.encrypted:
                     await self._read_decrypted(dst, host, guest)
                 else:
-                    await self.data_file.read_into(dst, host)
-            elif kind == UNALLOC:
-                if backing is not None:
-                    await backing.read_into(dst, guest)
+                    got = await self.data_file.read_into(dst, host)
+                    if got < length:  # past the end of the file: zeros, as QEMU reads them
+                        self._past_end(host + got)
+                        zero_fill(dst[got:])
+            elif kind == UNALLOC and backing is not None:
+                await backing.read_into(dst, guest)
+            elif kind in (UNALLOC, ZERO):
+                zero_fill(dst)
             elif kind == COMPRESSED:
                 cluster = await self.compressed_cluster(host)
                 o = guest & self._cluster_mask

@@ -32,8 +32,11 @@ class Metadata:
     """Header, table pointers, snapshot list, bitmap directory and the
     overlap map of one open image."""
 
-    def __init__(self, file: HostFile, header: Header, geo: Geometry) -> None:
+    def __init__(self, file: HostFile, header: Header, geo: Geometry, salvage: bool = False) -> None:
         self.file = file
+        # A read-only open of a truncated file: its active L1 table reads zeros
+        # past the end of the file, as QEMU reads it.
+        self.salvage = salvage
         self.geo = geo
         self._header = header
         self.overlap = OverlapMap(geo.cluster_bits)
@@ -53,7 +56,7 @@ class Metadata:
         return self._header
 
     def _l1_for(self, h: Header) -> L1Table:
-        return L1Table(self.file, h.l1_table_offset, h.l1_size, self._write_l1_entry)
+        return L1Table(self.file, h.l1_table_offset, h.l1_size, self._write_l1_entry, pad=self.salvage)
 
     def _write_l1_entry(self, offset: int, data: bytes) -> None:
         self.write(offset, data, "active L1 entry", ignore=Kind.ACTIVE_L1)

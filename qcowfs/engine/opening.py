@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import InvalidImageError, QcowError, UnsupportedFeatureError
+from ..errors import InvalidImageError, QcowError, TruncatedError, UnsupportedFeatureError
 from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO,
                       EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN,
                       MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC,
@@ -27,6 +27,8 @@ MAX_CHAIN_DEPTH = 64
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
 MAX_SNAPSHOT_TABLE = 64 << 20
 MAX_SNAPSHOT_EXTRA = 1024
+# The largest offset a host file can have (off_t): tables past it are refused.
+MAX_FILE_OFFSET = (1 << 63) - 1
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
 
 
@@ -47,6 +49,9 @@ class OpenOptions:
     # asked only when one is opened. None: open the metadata only (info,
     # check), guest data of an encrypted image can then not be read.
     passphrase: Callable[[], bytes] | None = None
+    # False (info): a backing file that cannot be opened is a warning, and the
+    # image opens alone (qemu-img info shows an image whose backing file is gone).
+    backing_required: bool = True
 
 
 class RawSource:
@@ -89,13 +94,17 @@ class RawSource:
         return [(self.path, "raw")]
 
 
-def check_table(name: str, offset: int, length: int, cluster_size: int, file_size: int) -> None:
+def check_table(name: str, offset: int, length: int, cluster_size: int, file_size: int) -> list[str]:
+    """Refuse a misplaced table; a table past the end of the file: one line to return."""
     if offset % cluster_size:
         raise InvalidImageError(f"{name} offset {offset:#x} is not cluster aligned")
     if offset < cluster_size:
         raise InvalidImageError(f"{name} overlaps the image header")
+    if offset + length > MAX_FILE_OFFSET:  # (QEMU: "offset invalid")
+        raise InvalidImageError(f"{name} offset {offset:#x} is invalid")
     if offset + length > file_size:
-        raise InvalidImageError(f"{name} lies past the end of the image file")
+        return [f"{name} lies past the end of the image file"]
+    return []
 
 
 def resolve_backing(image_path: str, name: str) -> str:
@@ -108,8 +117,12 @@ def resolve_backing(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(image_path), name)
 
 
-def validate_header(h: Header, geo: Geometry, file_size: int) -> None:
-    """Refuse a header whose fields QEMU would refuse (or that we cannot serve)."""
+def validate_header(h: Header, geo: Geometry, file_size: int) -> list[str]:
+    """Refuse a header whose fields QEMU would refuse (or that we cannot serve).
+    What it names past the end of the file is not refused here but returned,
+    one line each: QEMU reads zeros there, so a read-only open can salvage
+    what is left (a truncated image), where a writable one must refuse."""
+    truncated: list[str] = []
     cs = geo.cluster_size
     if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
         raise UnsupportedFeatureError(f"the image is encrypted with an unknown method ({h.crypt_method})")
@@ -130,13 +143,14 @@ def validate_header(h: Header, geo: Geometry, file_size: int) -> None:
     if h.l1_size < geo.l1_entries_needed(h.size):
         raise InvalidImageError("L1 table is too small for the virtual size")
     if h.l1_size:
-        check_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+        truncated += check_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
     rt_bytes = h.refcount_table_clusters * cs
     if rt_bytes > MAX_REFTABLE_BYTES or not h.refcount_table_clusters:
         raise InvalidImageError(f"invalid refcount table size ({h.refcount_table_clusters} clusters)")
-    check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
+    truncated += check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise InvalidImageError(f"too many snapshots ({h.nb_snapshots})")
+    return truncated
 
 
 def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptions
@@ -173,8 +187,10 @@ def read_snapshot_table(h: Header, geo: Geometry, file: HostFile) -> list[Snapsh
         raise InvalidImageError("snapshot table offset is invalid")
     if not h.nb_snapshots:
         return []
-    if h.snapshots_offset < geo.cluster_size or h.snapshots_offset >= file.known_size:
+    if h.snapshots_offset < geo.cluster_size:
         raise InvalidImageError("snapshot table offset is invalid")
+    if h.snapshots_offset >= file.known_size:
+        raise TruncatedError("the snapshot table lies past the end of the image file")
     raw = file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, MAX_SNAPSHOT_TABLE))
     entries = SnapshotEntry.parse_table(raw, h.nb_snapshots)
     if sum(len(e.pack()) for e in entries) > MAX_SNAPSHOT_TABLE:

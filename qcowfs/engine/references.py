@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..format import (Geometry, refcount_array, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
+from ..format import (SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, refcount_array, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, BitmapsExtension,
                      CryptoHeaderExtension, Header, SubclusterType, cluster_type, cluster_types,
                      compressed_shift,
@@ -132,8 +132,10 @@ def walk(meta: Metadata, *, refcount_structure: bool = True, l2_contents: bool =
             if off:
                 yield Ref(Kind.REFCOUNT_BLOCK, "refcount block", off, cs)
     if h.nb_snapshots:
+        # (A table that could not be read, past the end of the file, counts
+        # at least its first entry's header: check reports it.)
         yield Ref(Kind.SNAPSHOT_TABLE, "snapshot table", h.snapshots_offset,
-                  sum(len(s.pack()) for s in meta.snapshots))
+                  sum(len(s.pack()) for s in meta.snapshots) or SNAPSHOT_HEADER_SIZE)
     l1s = [(h.l1_table_offset, h.l1_size, True)]
     for s in meta.snapshots:
         yield Ref(Kind.INACTIVE_L1, f"snapshot {s.id_str} L1 table", s.l1_table_offset, s.l1_size * 8)
@@ -236,6 +238,7 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
         problem = snapshot_problem(snap, meta.header.version, cs, meta.file.known_size)
         if problem:
             corruption(f"ERROR {problem[0]}")
+    _reserved_bits(meta, corruption, refcount_structure)
     aligned = {Kind.REFCOUNT_BLOCK: "refcount block", Kind.ACTIVE_L2: "L2 table",
                Kind.INACTIVE_L2: "L2 table"}
     for ref in walk(meta, refcount_structure=refcount_structure, progress=progress):
@@ -247,6 +250,10 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
             continue
         if ref.active:
             out.active_tables[ref.offset] = _interleave(ref)
+        std = ref.words[(ref.words & np.uint64(OFLAG_COMPRESSED)) == 0]
+        for e in std[(std & np.uint64(L2E_STD_RESERVED_MASK)) != 0].tolist():
+            for _ in range(ref.times):  # (QEMU checks a table once per L1 entry naming it)
+                corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
         if ref.bitmaps is not None:
             for k, (w, b) in enumerate(zip(ref.words.tolist(), ref.bitmaps.tolist())):
                 why = extended_problem(w, b, external) or (
@@ -270,6 +277,24 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
         if ref.active:
             _fragmentation(out, ref, geo.extended_l2, external, cs)
     return out
+
+
+def _reserved_bits(meta: Metadata, corruption: Report, refcount_structure: bool) -> None:
+    """Entries of the L1 tables (active and each snapshot's) and of the
+    refcount table with reserved bits set: each a corruption, as qemu-img
+    check counts them."""
+    h, file, cs = meta.header, meta.file, meta.geo.cluster_size
+    l1s = [(h.l1_table_offset, h.l1_size)] + [(s.l1_table_offset, s.l1_size) for s in meta.snapshots]
+    for offset, size in l1s:
+        if not size or offset % cs or offset + size * 8 > file.known_size:
+            continue  # (reported as a misplaced table)
+        entries = read_entries(file, offset, size)
+        for e in entries[(entries & np.uint64(L1E_RESERVED_MASK)) != 0].tolist():
+            corruption(f"ERROR found L1 entry with reserved bits set: {e:x}")
+    if refcount_structure:
+        raw = read_entries(file, h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+        for i in np.flatnonzero(raw & np.uint64(REFT_RESERVED_MASK)).tolist():
+            corruption(f"ERROR refcount table entry {i} has reserved bits set")
 
 
 def _fragmentation(out: Counted, ref: L2Refs, extended: bool, external: bool, cs: int) -> None:

@@ -535,6 +535,12 @@ class Writer:
         for entry, _bitmap in entries:
             if entry & OFLAG_COMPRESSED:
                 d = decode_compressed(entry, self.geo.cluster_bits)
+                if d.length > self.geo.cluster_size + 512:
+                    # QEMU never stores a cluster compressed unless it shrinks:
+                    # more sectors than that is a damaged descriptor (qemu-iotests
+                    # 214), and dropping them would free clusters others use.
+                    raise CorruptionError(f"compressed cluster descriptor {entry:#x} claims {d.length} "
+                                          "bytes, more than a cluster: the L2 entry is damaged")
                 start = d.host_offset & ~511
                 out.append((start, d.host_offset + d.length - start))
             elif entry & L2E_OFFSET_MASK:

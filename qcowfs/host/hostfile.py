@@ -17,6 +17,8 @@ import trio
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _THREADS = trio.CapacityLimiter(16)
+# The largest offset of a host file (off_t).
+_MAX_OFFSET = (1 << 63) - 1
 # fallocate(2) modes (linux/falloc.h); os has only posix_fallocate (mode 0).
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -59,7 +61,10 @@ class HostFile:
             self.fd = -1
 
     def read_sync(self, offset: int, length: int) -> bytes:
-        """Blocking read for open-time parsing (before any request is served)."""
+        """Blocking read for open-time parsing (before any request is served).
+        An offset no file can reach reads nothing, as past the end of the file."""
+        if offset + length > _MAX_OFFSET:
+            return b"" if offset > _MAX_OFFSET else os.pread(self.fd, _MAX_OFFSET - offset, offset)
         return os.pread(self.fd, length, offset)
 
     def read_nowait(self, buf: bytearray | memoryview, offset: int) -> int:

@@ -1,0 +1,164 @@
+"""Writes to damaged images never make them worse (issue 23's rule), on the two
+reproductions that once broke it and their classes: compressed descriptors
+whose size or offset is out of range (qemu-iotests 214), and every invalid
+extended-L2 subcluster combination (qemu-iotests 271).
+
+A session of pattern writes, each followed by a flush (fsync), runs through
+qcowfs' public API on one copy of the damaged image and through QEMU on
+another. Then, judged by QEMU:
+
+- `qemu-img check` of qcowfs' copy counts no more corruptions than before or
+  than QEMU's own session left on its copy;
+- every 64 KiB chunk QEMU read before, QEMU still reads;
+- what it reads is the old content with the acknowledged writes over it (a
+  write is acknowledged when it and the flush after it returned); a write
+  that failed may have landed or not, in its own range only.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import trio
+
+import qcowfs.aio
+from corruption import (EXT_CASES, _ext_l2, base, guest_bytes, l2_entry_offset, patch, qemu_check,
+                        severity)
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 64 * KiB
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[Path], Path]
+    size: int
+    writes: tuple[tuple[int, int, int], ...]  # (guest offset, length, byte)
+
+
+def _compressed(poke: Callable[[Path], None]) -> Callable[[Path], Path]:
+    def build(d: Path) -> Path:
+        img = base(d, "8M", "write -c -P 0x11 0 2M", "write -c -P 0x11 2M 2M", "write -P 0x33 6M 64k",
+                   cluster_size=2 * MiB)
+        poke(img)
+        return img
+    return build
+
+
+def _sectors(count: int, which: tuple[int, ...] = (0, 2 * MiB)) -> Callable[[Path], None]:
+    """The sector-count field of compressed descriptors: 2 MiB clusters put it
+    in bits 49-61 (the top two bytes hold 0x40 | its high bits)."""
+    def poke(img: Path) -> None:
+        for guest in which:
+            off = l2_entry_offset(img, guest)
+            entry = struct.unpack(">Q", img.read_bytes()[off:off + 8])[0]
+            x = 62 - (21 - 8)
+            entry = (entry & ~(((1 << (62 - x)) - 1) << x)) | (count << x)
+            patch(img, off, struct.pack(">Q", entry))
+    return poke
+
+
+def _offset_past_eof(img: Path) -> None:
+    off = l2_entry_offset(img, 0)
+    entry = struct.unpack(">Q", img.read_bytes()[off:off + 8])[0]
+    x = 62 - (21 - 8)
+    entry = (entry & ~((1 << x) - 1)) | (1 << 40)  # 1 TiB: past the end of the file
+    patch(img, off, struct.pack(">Q", entry))
+
+
+COMPRESSED_WRITES = ((0, 64 * KiB, 0x22), (3 * MiB, 64 * KiB, 0x44), (5 * MiB, 64 * KiB, 0x55),
+                     (6 * MiB, 4 * KiB, 0x66))
+CASES: dict[str, Case] = {
+    "214-both-descriptors-max-sectors": Case(_compressed(_sectors(8191)), 8 * MiB, COMPRESSED_WRITES),
+    "214-one-descriptor-max-sectors": Case(_compressed(_sectors(8191, (0,))), 8 * MiB, COMPRESSED_WRITES),
+    "214-descriptor-offset-past-eof": Case(_compressed(_offset_past_eof), 8 * MiB, COMPRESSED_WRITES),
+}
+# Every invalid extended-L2 combination of qemu-iotests 271, written around and over it.
+for _name, _what, _cmds, _poke, _len, _i9 in EXT_CASES:
+    CASES[f"271-{_name}"] = Case(_ext_l2(_cmds, _poke), 1 * MiB,
+                                 ((512 * KiB, 4 * KiB, 0x77), (2 * KiB, 2 * KiB, 0x22), (64 * KiB, 8 * KiB, 0x33),
+                                  (0, 64 * KiB, 0x44), (900 * KiB, 4 * KiB, 0x55)))
+
+
+def chunks(img: Path, size: int) -> list[bytes | None]:
+    """Each 64 KiB chunk of the disk as QEMU reads it (None: QEMU cannot)."""
+    return [guest_bytes(img, off, min(CHUNK, size - off)) for off in range(0, size, CHUNK)]
+
+
+def qemu_session(img: Path, writes: tuple[tuple[int, int, int], ...]) -> None:
+    """The same writes by QEMU (overlap checks on), each with a flush."""
+    for off, n, byte in writes:
+        subprocess.run(["qemu-io", "--image-opts", "-c", f"write -P {byte:#x} {off} {n}", "-c", "flush",
+                        f"driver=qcow2,file.filename={img},overlap-check=all"],
+                       capture_output=True, timeout=60, cwd=img.parent)
+
+
+async def qcowfs_session(img: Path, writes: tuple[tuple[int, int, int], ...]) -> list[bool]:
+    """The writes through the API; which were acknowledged (write and flush returned)."""
+    acked: list[bool] = []
+    try:
+        image = await qcowfs.aio.open(img, "r+")
+    except qcowfs.QcowError:
+        return [False] * len(writes)
+    try:
+        for off, n, byte in writes:
+            try:
+                await image.disk.write(off, bytes([byte]) * n)
+                await image.disk.flush()
+                acked.append(True)
+            except qcowfs.QcowError as e:
+                assert "\n" not in str(e), repr(e)
+                acked.append(False)
+    finally:
+        try:
+            await image.close()
+        except qcowfs.QcowError:
+            pass
+    return acked
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_never_worse_than_it_was(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    orig = case.build(tmp_path / "img")
+    theirs, ours = tmp_path / "qemu.qcow2", tmp_path / "qcowfs.qcow2"
+    shutil.copy(orig, theirs)
+    shutil.copy(orig, ours)
+    before = chunks(orig, case.size)
+    rc0, check0, _ = qemu_check(orig)
+    qemu_session(theirs, case.writes)
+    acked = trio.run(qcowfs_session, ours, case.writes)
+    rc_q, check_q, _ = qemu_check(theirs)
+    rc_f, check_f, out_f = qemu_check(ours)
+    assert severity(rc_f) <= max(severity(rc0), severity(rc_q)), (rc_f, rc_q, rc0, out_f)
+    if rc_f == 2:
+        worst = max(check0.get("corruptions", 0), check_q.get("corruptions", 0))
+        assert check_f.get("corruptions", 0) <= worst, (check_f, check_q, check0)
+    after = chunks(ours, case.size)
+    for i, (old, new) in enumerate(zip(before, after)):
+        lo = i * CHUNK
+        if old is None:
+            continue
+        assert new is not None, f"QEMU read chunk {lo:#x} before and cannot after qcowfs"
+        want, maybe = bytearray(old), bytearray(old)
+        for (off, n, byte), ok in zip(case.writes, acked):
+            a, b = max(off, lo), min(off + n, lo + len(old))
+            if a >= b:
+                continue
+            if ok:
+                want[a - lo : b - lo] = bytes([byte]) * (b - a)
+            maybe[a - lo : b - lo] = bytes([byte]) * (b - a)
+        if new != want:
+            # a failed write may have landed in its own range: old or new there, nothing else
+            failed = [(off, n, byte) for (off, n, byte), ok in zip(case.writes, acked) if not ok]
+            for j in range(len(new)):
+                if new[j] in (want[j], maybe[j]) and (new[j] == want[j] or any(
+                        off <= lo + j < off + n and new[j] == byte for off, n, byte in failed)):
+                    continue
+                raise AssertionError(f"chunk {lo:#x}: byte +{j:#x} reads {new[j]:#04x}, neither the old "
+                                     f"{old[j]:#04x} nor an acknowledged write (acknowledged: {acked})")
