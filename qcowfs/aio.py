@@ -144,7 +144,8 @@ class Disk:
             return 0
         if self.readinto_nowait(view[:n], offset):
             return n
-        view[:n] = await self.read(offset, n)
+        self._readable()
+        await self._engine.read_disk_into(self._table(), view[:n], offset)
         return n
 
     def read_nowait(self, offset: int, length: int) -> bytearray | None:

@@ -10,7 +10,12 @@ writes need neither (below). It is the one worker thread of the library.
 The hot paths never reach the portal: a read of plain data clusters whose
 tables are cached and whose bytes are in the host page cache is one pread
 on the caller's thread (`Disk.readinto_nowait`), and so is an overwrite of
-clusters the image alone owns (`Disk.write_nowait`).
+clusters the image alone owns (`Disk.write_nowait`). Every other read of an
+image opened "r" runs on the caller's thread too, as a coroutine driven to
+its end without a loop: with host reads blocking (`HostFile.BLOCKING`) the
+engine's read path never suspends (it takes no lock and flushes nothing on
+an image it does not write). Should it ever suspend, the call is abandoned
+and made again through the portal (a read changes nothing but caches).
 
 An Image (and its Disks) may be used from several threads: calls are
 serialised by a lock per image.
@@ -21,10 +26,11 @@ import functools
 import io
 import os
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from . import aio
 from .engine.opening import DEFAULT_L2_CACHE_BYTES
+from .host.hostfile import BLOCKING
 from .errors import UsageError
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
@@ -76,6 +82,24 @@ class _Portal:
 
 
 _portal = _Portal()
+
+
+class _Suspended(Exception):
+    """A coroutine run without a loop wanted to suspend (see run_now)."""
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run CORO to its end on this thread with blocking host reads and no
+    trio loop; _Suspended (CORO closed) if it would have to wait for one."""
+    token = BLOCKING.set(True)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    finally:
+        BLOCKING.reset(token)
+    coro.close()
+    raise _Suspended
 
 
 class Disk(io.RawIOBase):
@@ -132,6 +156,11 @@ class Disk(io.RawIOBase):
         with self._image._lock:
             if self._disk.readinto_nowait(view, offset):
                 return len(view)
+            if self._image.read_only and not self._image.force_share:
+                try:
+                    return run_now(self._disk.readinto(view, offset))
+                except _Suspended:
+                    pass
             return self._image._run(self._disk.readinto, view, offset)
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -264,6 +293,10 @@ class Image:
     @property
     def read_only(self) -> bool:
         return self._aio.read_only
+
+    @property
+    def force_share(self) -> bool:
+        return self._aio.force_share
 
     @property
     def virtual_size(self) -> int:

@@ -32,7 +32,7 @@ from ..host.locking import lock_image
 from . import bitmap_ops, snapshot_ops
 from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
-from .mapper import L1Table, Mapper, Source
+from .mapper import L1Table, Mapper, Source, zero_fill
 from .metadata import Metadata
 from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
                       read_snapshot_table, validate_header)
@@ -255,20 +255,28 @@ class Image:
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
         """The active disk as a Source (used when this image is a backing file)."""
-        n = min(len(buf), self.size - offset)
+        n = max(0, min(len(buf), self.size - offset))
         if n > 0:
             await self.mapper.read_into(self.active_l1, buf[:n], offset, self.backing)
+        zero_fill(buf[n:])
 
-    @signals_corruption
     async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
         """LENGTH bytes of the disk L1 maps (the active one or a snapshot's) at OFFSET."""
+        buf = bytearray(length)
+        await self.read_disk_into(l1, memoryview(buf), offset)
+        return buf
+
+    @signals_corruption
+    async def read_disk_into(self, l1: L1Table, buf: memoryview, offset: int) -> None:
+        """Fill BUF with the disk L1 maps (the active one or a snapshot's) from OFFSET."""
         if self.options.force_share:
-            return await self._read_shared(l1, offset, length)
-        return await self.mapper.read(l1, offset, length, self.backing)
+            await self._read_shared(l1, buf, offset)
+        else:
+            await self.mapper.read_into(l1, buf, offset, self.backing)
 
     # ---- force_share: an image another program writes -------------------------------
 
-    async def _read_shared(self, l1: L1Table, offset: int, length: int) -> bytearray:
+    async def _read_shared(self, l1: L1Table, buf: memoryview, offset: int) -> None:
         """A read of a force-shared image: refused once the writer moved the
         tables it goes through; a table that looks inconsistent (caught
         mid-update, or pointing past the end we knew) is read afresh once."""
@@ -276,11 +284,11 @@ class Image:
         if moved is not None:
             raise CorruptionError(f"{moved}: remount to follow it")
         try:
-            return await self.mapper.read(l1, offset, length, self.backing)
+            await self.mapper.read_into(l1, buf, offset, self.backing)
         except CorruptionError:
             await self.revalidate()
             l1.forget()
-            return await self.mapper.read(l1, offset, length, self.backing)
+            await self.mapper.read_into(l1, buf, offset, self.backing)
 
     async def revalidate(self) -> None:
         """force_share: drop every table read so far (L2 tables, the active

@@ -21,7 +21,7 @@ from ..format.crypto import LUKS_HEADER_SIZE, DiskCipher, LuksVolume, legacy_aes
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import DEFAULT_L2_CACHE_BYTES
-from .mapper import Source
+from .mapper import Source, zero_fill
 
 MAX_CHAIN_DEPTH = 64
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
@@ -69,9 +69,9 @@ class RawSource:
             raise
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        n = min(len(buf), self.size - offset)
-        if n > 0:
-            await self.file.read_into(buf[:n], offset)
+        n = max(0, min(len(buf), self.size - offset))
+        got = await self.file.read_into(buf[:n], offset) if n > 0 else 0
+        zero_fill(buf[got:])
 
     async def close(self) -> None:
         self.file.close()

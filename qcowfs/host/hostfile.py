@@ -9,6 +9,7 @@ always runs in a thread.
 from __future__ import annotations
 
 import ctypes
+import contextvars
 import errno
 import os
 from collections.abc import Sequence
@@ -17,6 +18,11 @@ import trio
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _THREADS = trio.CapacityLimiter(16)
+# Set (on a thread, for a call) by a caller that owns no trio loop and may
+# block: reads then block on the caller's thread instead of going to a
+# worker, so a read of a read-only image never suspends (qcowfs.api runs it
+# without its portal thread).
+BLOCKING: contextvars.ContextVar[bool] = contextvars.ContextVar("qcowfs_blocking_reads", default=False)
 # The largest offset of a host file (off_t).
 _MAX_OFFSET = (1 << 63) - 1
 # fallocate(2) modes (linux/falloc.h); os has only posix_fallocate (mode 0).
@@ -89,12 +95,24 @@ class HostFile:
         return buf if self.read_nowait(buf, offset) == length else None
 
     async def read_into(self, buf: memoryview, offset: int) -> int:
-        """Fill BUF from OFFSET; returns bytes read (short only at end of file)."""
+        """Fill BUF from OFFSET; returns bytes read (short only at end of file).
+        With BLOCKING set, one blocking read on this thread, no await at all."""
+        if BLOCKING.get():
+            return self._read_blocking(buf, offset)
         done, want = self.read_nowait(buf, offset), len(buf)
         while done < want:
             self.thread_reads += 1
             n = await trio.to_thread.run_sync(os.preadv, self.fd, [buf[done:]], offset + done,
                                               limiter=_THREADS)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def _read_blocking(self, buf: memoryview, offset: int) -> int:
+        done, want = 0, len(buf)
+        while done < want:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
             if n == 0:
                 break
             done += n
