@@ -7,6 +7,7 @@ from typing import Any
 from ..format.crypto import LUKS_SECTOR_SIZE, LuksVolume
 from ..format import (NO_ICOUNT, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, CRYPT_AES, CRYPT_NONE, EXT_BACKING_FORMAT,
                      EXT_DATA_FILE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
+from ..errors import QcowError
 from .image import Image
 from .opening import resolve_backing
 
@@ -52,7 +53,10 @@ def describe(image: Image) -> dict[str, Any]:
         if len(chain) > 1:
             out["full-backing-filename"] = chain[1][0]
         else:  # (not opened: info of an image whose backing file is missing)
-            out["full-backing-filename"] = resolve_backing(image.path, h.backing_file)
+            try:
+                out["full-backing-filename"] = resolve_backing(image.path, h.backing_file)
+            except QcowError:
+                pass  # (a json: or protocol name: nothing to resolve)
         fmt = h.extension(EXT_BACKING_FORMAT)
         if fmt is not None:
             out["backing-filename-format"] = fmt.decode("utf-8", "replace")
