@@ -26,6 +26,7 @@ from typing import Callable
 import pytest
 import trio
 
+import qcowfs
 import qcowfs.aio
 from corruption import (EXT_CASES, _ext_l2, base, guest_bytes, l2_entry_offset, patch, qemu_check,
                         severity)
@@ -162,3 +163,32 @@ def test_never_worse_than_it_was(name: str, tmp_path: Path) -> None:
                     continue
                 raise AssertionError(f"chunk {lo:#x}: byte +{j:#x} reads {new[j]:#04x}, neither the old "
                                      f"{old[j]:#04x} nor an acknowledged write (acknowledged: {acked})")
+
+
+def test_damaged_bitmap_entry_refuses_writes(tmp_path: Path) -> None:
+    """A bitmap directory entry QEMU refuses to open the image for (its
+    directory offset pointed at the L1 table: type, name and sizes are then
+    whatever the L1 table holds): a writable open is refused with one line and
+    changes nothing; a read-only one still serves the disk as before."""
+    img = base(tmp_path / "img", "16M", "write -P 0x5a 0 1M")
+    subprocess.run(["qemu-img", "bitmap", "--add", img, "bm"], check=True)
+    raw = bytearray(img.read_bytes())
+    l1 = struct.unpack(">Q", raw[40:48])[0]
+    pos = struct.unpack(">I", raw[100:104])[0]
+    while True:
+        ext, length = struct.unpack(">II", raw[pos:pos + 8])
+        assert ext, "no bitmaps extension"
+        if ext == 0x23852875:
+            raw[pos + 8 + 16 : pos + 8 + 24] = struct.pack(">Q", l1)
+            break
+        pos += 8 + (length + 7) // 8 * 8
+    img.write_bytes(bytes(raw))
+    assert subprocess.run(["qemu-img", "info", img], capture_output=True).returncode != 0
+    before = img.read_bytes()
+    with pytest.raises(qcowfs.CorruptionError, match="read-only") as e:
+        qcowfs.aio.Image(img, "r+")
+    assert "\n" not in str(e.value)
+    assert img.read_bytes() == before
+    with qcowfs.open(img) as image:
+        assert image.disk.pread(0, 1 << 20) == b"\x5a" * (1 << 20)
+    assert img.read_bytes() == before

@@ -41,6 +41,9 @@ class Bitmap:
     problem: str | None = None
     # The whole bitmap in memory while it is tracked (read-write mounts).
     bits: bytearray | None = None
+    # Its directory entry breaks a constraint QEMU checks at open (QEMU then
+    # refuses the image: "doesn't satisfy the constraints"); in use is not that.
+    damaged: bool = False
 
     @property
     def name(self) -> str:
@@ -138,7 +141,9 @@ def load_bitmaps(header: Header, file: HostFile) -> list[Bitmap]:
         bm = Bitmap(e, header.size, cs)
         bm.problem = (None if consistent_ext else "the bitmaps extension is inconsistent "
                       "(autoclear bit clear: the image was written by a program that ignores bitmaps)")
-        bm.problem = bm.problem or _validate(bm, cs, file.known_size)
+        if bm.problem is None:
+            bm.problem = _validate(bm, cs, file.known_size)
+            bm.damaged = bm.problem is not None and not e.flags & BME_IN_USE
         if bm.problem is None:
             rawt = file.read_sync(e.bitmap_table_offset, e.bitmap_table_size * 8)
             bm.table = list(struct.unpack(f">{e.bitmap_table_size}Q", rawt))

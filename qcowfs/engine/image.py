@@ -157,6 +157,12 @@ class Image:
                 # Its L2 tables cannot be protected from our writes (QEMU's
                 # inactive-L2 overlap check fails the same way).
                 raise CorruptionError(f"{problem[0]}: the image can only be opened read-only")
+        for bm in self.bitmaps:
+            if bm.damaged:
+                # QEMU refuses to open such an image at all ("doesn't satisfy the
+                # constraints"); writing to it could only make that worse.
+                raise CorruptionError(f"bitmap '{bm.name}' is damaged ({bm.problem}): the image can "
+                                      "only be opened read-only")
         lock_image(self.file.fd, self.path, writer=True)
         if self.data_file is not None:
             lock_image(self.data_file.fd, self.data_file.path, writer=True)
