@@ -3,7 +3,7 @@ VENV := .venv
 PY   := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all install uninstall install-test demo test soak bench docs clean
+.PHONY: all install uninstall install-test demo test soak soak-hostile-write bench docs clean
 
 all: install
 
@@ -24,10 +24,17 @@ demo: install install-test
 test: install-test
 	$(PY) -m pytest -n 2 -q -p no:cacheprovider tests
 
-# The model-based test (tests/test_model.py) for SOAK_MINUTES minutes; not part of `make test`.
+# The model-based test (tests/test_model.py) for SOAK_MINUTES minutes, then HOSTILE_WRITE_CASES
+# cases of the writable hostile-image suite (tests/hostile_write.py); not part of `make test`.
 SOAK_MINUTES ?= 30
+HOSTILE_WRITE_CASES ?= 3000
 soak: install-test
-	SOAK_MINUTES=$(SOAK_MINUTES) scripts/soak.sh
+	SOAK_MINUTES=$(SOAK_MINUTES) HOSTILE_WRITE_CASES=$(HOSTILE_WRITE_CASES) scripts/soak.sh
+
+# The writable hostile-image suite alone: HOSTILE_WRITE_CASES cases from seed HOSTILE_WRITE_START.
+HOSTILE_WRITE_START ?= 0
+soak-hostile-write: install-test
+	$(PY) tests/hostile_write.py --cases $(HOSTILE_WRITE_CASES) --start $(HOSTILE_WRITE_START) --jobs 2
 
 bench: install-test
 	$(PY) bench/run.py

@@ -7,6 +7,11 @@
 #                             SOAK_EXAMPLES_PER_RUN examples takes one to two minutes)
 #   SOAK_EXAMPLES_PER_RUN=N   examples per pytest run (default 50)
 #   QCOWFS_MODEL_STEPS, QCOWFS_MODEL_BUDGET_MB   passed on to the test (see its docstring)
+# Then the writable hostile-image suite (tests/hostile_write.py, issue 23): HOSTILE_WRITE_CASES
+# damaged images written to by qcowfs and by QEMU, judged "never worse than it was"; every
+# violation is printed with the seed that reproduces it (python tests/hostile_write.py --seed N).
+#   HOSTILE_WRITE_CASES=N     how many (default 3000, about 7 minutes on 2 cores; 0: skip)
+#   HOSTILE_WRITE_JOBS=N      in parallel (default 2)
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -41,5 +46,14 @@ print(f"soak: {minutes:.1f} minutes, {len(runs)} examples, {len({r['layout'] for
 PY
 if [ "$status" -ne 0 ]; then
     echo "soak: FAILED; reproduce with: QCOWFS_MODEL_EXAMPLES=$PER_RUN $PY -m pytest tests/test_model.py --hypothesis-seed=$failed_seed"
+fi
+HW_CASES=${HOSTILE_WRITE_CASES:-3000}
+if [ "$HW_CASES" -gt 0 ]; then
+    hw_start=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+    echo "soak: hostile-write, $HW_CASES cases from seed $hw_start"
+    if ! "$PY" tests/hostile_write.py --cases "$HW_CASES" --start "$hw_start" --jobs "${HOSTILE_WRITE_JOBS:-2}"; then
+        status=1
+        echo "soak: hostile-write FAILED (each violation above names its seed: $PY tests/hostile_write.py --seed N)"
+    fi
 fi
 exit $status

@@ -39,11 +39,20 @@ and internal snapshots and the backing file keep their content.
 
 Outcomes: refused (open or prepare raised a QcowError), clean (every operation
 succeeded), corrupt (qcowfs marked the image corrupt), errors (some operations
-failed, no corrupt mark), violation (any rule broken).
+failed, no corrupt mark), violation (any rule broken). Each violation has a
+class (unreadable-after, acked-lost, untouched-changed, failed-write-garbage,
+acked-unreadable, acked-unopenable, unopenable-after, check-worse, check-fails,
+magic-lost, snapshot-changed, backing-changed, crash, hang, bad-message,
+ro-changed-file, ro-read-differs, flush-first-sign: the first error was a
+flush, after writes that went astray), and says whether QEMU's own session on
+copy A breaks the same rule ("QEMU too"): the issue asks qcowfs never to make
+an image worse, whatever QEMU does, so both fail.
 
 Run `python tests/hostile_write.py --seed N` to reproduce one case (verbose,
-`--keep DIR` keeps the images); `--cases N` / `--minutes M` (`--jobs J`,
-`--start S`) run many and print the outcome counts and every violation.
+`--keep DIR` keeps the damaged image); `--cases N` / `--minutes M` / `--seeds
+A,B,...` (`--jobs J`, `--start S`, `--stats FILE`) run many and print the
+outcome counts and every violation class with a seed that shows it. A seed
+names the same case only for the same version of this file (and of QEMU).
 """
 from __future__ import annotations
 
@@ -1770,8 +1779,10 @@ def run_case(seed: int, cache: BaseCache, work: Path) -> Result:
                 k = next(i for i in range(min(len(after), len(content_before)))
                          if after[i] != content_before[i]) if len(after) == len(content_before) else -1
                 why = f"first difference at {k:#x}" if k >= 0 else "its size changed"
+            qemu_too = qemu_snapshot(a_img, ident, d) != content_before
             p(Problem("snapshot-changed", f"internal snapshot {ident} reads differently after qcowfs's "
-                      f"session ({why})"))
+                      f"session ({why})" + (" [QEMU's own session on a copy changes it too]" if qemu_too
+                                            else " [QEMU's session on a copy keeps it]"), qemu_too))
     if lay.backing and _sha(d / "base.qcow2") != base_sha:
         p(Problem("backing-changed", "the backing file was modified"))
 
@@ -1844,7 +1855,8 @@ def _worker_case(seed: int, work: str) -> dict[str, Any]:
                 "mutation": "?", "qemu": "?", "seconds": 0}
 
 
-def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats: Path | None) -> int:
+def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats: Path | None,
+         seed_list: Sequence[int] | None = None) -> int:
     top = Path(tempfile.mkdtemp(prefix="qcowfs-hostile-write-"))
     cache_dir = top / "bases"
     cache = BaseCache(cache_dir)
@@ -1858,7 +1870,7 @@ def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats:
     shown: collections.Counter[tuple[Any, ...]] = collections.Counter()
     done = 0
     t0 = time.monotonic()
-    seeds = iter(range(start, start + cases) if cases else _count(start))
+    seeds = iter(seed_list if seed_list else range(start, start + cases) if cases else _count(start))
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
                                                 initargs=(str(cache_dir),)) as ex:
@@ -1928,6 +1940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, help="run this many cases (seeds START, START+1, ...)")
     ap.add_argument("--minutes", type=float, help="run cases until this much time has passed")
     ap.add_argument("--start", type=int, default=0, help="first seed (default 0)")
+    ap.add_argument("--seeds", help="run these seeds (comma-separated), as --cases does")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--stats", type=Path, help="append one JSON line per case to this file")
     args = ap.parse_args(argv)
@@ -1944,9 +1957,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(r.report())
             print(f"outcome: {r.outcome} ({r.seconds:.1f}s)")
             return 1 if r.problems else 0
-    if not args.cases and not args.minutes:
-        ap.error("give --seed, --cases or --minutes")
-    return soak(args.start, args.cases, args.minutes, args.jobs, args.stats)
+    seed_list = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+    if not args.cases and not args.minutes and not seed_list:
+        ap.error("give --seed, --seeds, --cases or --minutes")
+    return soak(args.start, args.cases, args.minutes, args.jobs, args.stats, seed_list)
 
 
 def _keep_case(seed: int, cache: BaseCache, dest: Path) -> None:

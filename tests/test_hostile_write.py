@@ -12,6 +12,12 @@ command that reproduces it.
 The seeds are fixed (0 .. HOSTILE_WRITE_CASES-1, from HOSTILE_WRITE_SEED0): the
 mutation family is the seed modulo the number of families, so every family is
 covered. `make soak` runs thousands (`python tests/hostile_write.py --cases N`).
+
+What QEMU's own session on a copy breaks the same way ("QEMU too": two L2
+entries both claiming one cluster as their own, refcounts of another width)
+is damage only a full scan could see before writing; the issue's rule is
+"never worse than QEMU leaves it", so such a violation alone does not fail
+the test (the soak counts them apart). Every other one does.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import pytest
 
 import hostile_write
 
-CASES = int(os.environ.get("HOSTILE_WRITE_CASES", "60"))
+CASES = int(os.environ.get("HOSTILE_WRITE_CASES", "100"))
 SEED0 = int(os.environ.get("HOSTILE_WRITE_SEED0", "0"))
 
 
@@ -35,5 +41,5 @@ def base_cache(tmp_path_factory: pytest.TempPathFactory) -> hostile_write.BaseCa
 @pytest.mark.parametrize("seed", range(SEED0, SEED0 + CASES))
 def test_never_worse_than_it_was(seed: int, base_cache: hostile_write.BaseCache, tmp_path: Path) -> None:
     result = hostile_write.run_case(seed, base_cache, tmp_path)
-    if result.problems:
+    if any(not p.qemu_too for p in result.problems):
         pytest.fail(result.report(), pytrace=False)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import CorruptionError, InvalidImageError
-from ..format import (AUTOCLEAR_BITMAPS, BITMAP_FLAG_NAMES, BME_AUTO, BME_EXTRA_DATA_COMPATIBLE,
+from ..format import (BME_TABLE_RESERVED_MASK, AUTOCLEAR_BITMAPS, BITMAP_FLAG_NAMES, BME_AUTO, BME_EXTRA_DATA_COMPATIBLE,
                      BME_IN_USE, BME_MAX_GRANULARITY_BITS, BME_MIN_GRANULARITY_BITS,
                      BME_RESERVED_FLAGS, BME_TABLE_ALL_ONES, BME_TABLE_OFFSET_MASK,
                      BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
@@ -122,6 +122,23 @@ def _validate(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
     return None
 
 
+def _table_entry_problem(entry: int, cluster_size: int) -> str | None:
+    """What QEMU's check_table_entry refuses in a bitmap table entry, or None."""
+    if entry & BME_TABLE_RESERVED_MASK:
+        return "reserved bits set"
+    offset = entry & BME_TABLE_OFFSET_MASK
+    if offset and entry & BME_TABLE_ALL_ONES:
+        return "a data cluster and the all-ones flag"
+    if offset % cluster_size:
+        return "a misaligned data cluster"
+    return None
+
+
+def data_clusters(bm: Bitmap) -> list[int]:
+    """Host offsets of BM's data clusters (as its table says)."""
+    return [t & BME_TABLE_OFFSET_MASK for t in bm.table if t & BME_TABLE_OFFSET_MASK]
+
+
 def load_bitmaps(header: Header, file: HostFile) -> list[Bitmap]:
     """Parse the bitmaps extension (blocking: done at open time)."""
     data = header.extension(EXT_BITMAPS)
@@ -147,6 +164,10 @@ def load_bitmaps(header: Header, file: HostFile) -> list[Bitmap]:
         if bm.problem is None:
             rawt = file.read_sync(e.bitmap_table_offset, e.bitmap_table_size * 8)
             bm.table = list(struct.unpack(f">{e.bitmap_table_size}Q", rawt))
+            bad = next((i for i, t in enumerate(bm.table) if _table_entry_problem(t, cs)), None)
+            if bad is not None:
+                bm.problem = f"bitmap table entry {bad} is invalid ({_table_entry_problem(bm.table[bad], cs)})"
+                bm.damaged = True
         bitmaps.append(bm)
     return bitmaps
 

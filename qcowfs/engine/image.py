@@ -30,7 +30,7 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRY
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import bitmap_ops, snapshot_ops
-from .bitmaps import Bitmap, load_bitmaps, start_tracking, store_bitmaps
+from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
 from .mapper import L1Table, Mapper, Source, zero_fill
 from .metadata import Metadata
@@ -126,6 +126,9 @@ class Image:
                              encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher,
                              salvage=self.read_only)
         self.corrupt = False
+        # Why what acknowledged writes changed could not be flushed when the
+        # image was marked corrupt (None: it was, or it never was marked).
+        self._unflushed: str | None = None
         # force_share: bumped whenever the tables read so far are dropped
         # (revalidate); views holding their own L1 tables drop theirs then.
         self.tables_epoch = 0
@@ -167,6 +170,13 @@ class Image:
         if self.data_file is not None:
             lock_image(self.data_file.fd, self.data_file.path, writer=True)
         build_overlap_map(self.meta)
+        cs = self.geo.cluster_size
+        for bm in self.bitmaps:
+            hit = next((off for off in data_clusters(bm) if self.meta.overlap.kinds_at(off, cs)), None)
+            if hit is not None:
+                # (Storing it at close would free "its" clusters: they are metadata.)
+                raise CorruptionError(f"bitmap '{bm.name}' has a data cluster at {hit:#x} on metadata: the "
+                                      "image can only be opened read-only")
         alloc = self.reload_refcounts()
         self.writer = Writer(self.geo, self.mapper, self.meta, alloc, lambda: self.backing)
         self._flush_lock = trio.Lock()
@@ -466,11 +476,15 @@ class Image:
                     await self.data_file.sync()
         except (QcowError, OSError) as e:
             log.error("%s: what was written before could not all be flushed: %s", self.path, e)
+            self._unflushed = str(e)  # (every later flush fails: no fsync may say it is there)
 
     @signals_corruption
     async def flush(self) -> None:
         """Data, refcount increases, fsync, L2 tables, fsync, refcount decreases.
         (Nothing on a read-only image, nor on one marked corrupt.)"""
+        if self.corrupt and self._unflushed is not None:
+            raise CorruptionError(f"the image is marked corrupt, and what was written before could not "
+                                  f"all be flushed ({self._unflushed})")
         if self.allocator is None or self.corrupt:
             return
         async with self._flush_lock:
@@ -596,19 +610,21 @@ class Image:
         log.debug("%s: %d reads from the page cache, %d in a worker thread; L2 cache %d hits, "
                   "%d misses", self.path, self.file.cached_reads, self.file.thread_reads,
                   self.l2_cache.hits, self.l2_cache.misses)
-        if self.writer is not None:
-            try:
-                await self.flush()
-                if not self.corrupt:
-                    assert self.allocator is not None  # a writer has one
-                    await store_bitmaps(self.meta, self.allocator, self.bitmaps, self._changed)
+        try:
+            if self.writer is not None:
+                try:
                     await self.flush()
-            finally:
-                self.writer = None
-        if self.backing is not None:
-            await self.backing.close()  # type: ignore[attr-defined]
-            self.backing = None
-        self._close_files()
+                    if not self.corrupt:
+                        assert self.allocator is not None  # a writer has one
+                        await store_bitmaps(self.meta, self.allocator, self.bitmaps, self._changed)
+                        await self.flush()
+                finally:
+                    self.writer = None
+        finally:
+            if self.backing is not None:
+                await self.backing.close()  # type: ignore[attr-defined]
+                self.backing = None
+            self._close_files()
 
     def _close_files(self) -> None:
         if self.data_file is not None:

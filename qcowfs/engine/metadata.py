@@ -108,6 +108,11 @@ class Metadata:
     def add_structure(self, kind: Kind, offset: int, length: int) -> None:
         self.overlap.add(offset, length, kind)
 
+    def add_structure_past_end(self, kind: Kind, offset: int, length: int) -> None:
+        """A structure a damaged image places past the end of its file: nothing
+        may be written there even once the file has grown that far."""
+        self.overlap.add_far(offset, length, kind)
+
     def drop_structure(self, kind: Kind, offset: int, length: int) -> None:
         self.overlap.remove(offset, length, kind)
 

@@ -27,6 +27,10 @@ MAX_CHAIN_DEPTH = 64
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
 MAX_SNAPSHOT_TABLE = 64 << 20
 MAX_SNAPSHOT_EXTRA = 1024
+# The header bytes that hold the compression type (QEMU refuses the feature bit without them).
+COMPRESSION_TYPE_END = 105
+# Extended L2 entries need subclusters of at least 512 bytes.
+MIN_EXTENDED_L2_CLUSTER_BITS = 14
 # The largest offset a host file can have (off_t): tables past it are refused.
 MAX_FILE_OFFSET = (1 << 63) - 1
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
@@ -114,6 +118,8 @@ def resolve_backing(image_path: str, name: str) -> str:
         raise UnsupportedFeatureError(f"backing file '{name}' uses a protocol; only local files are supported")
     if not name:
         raise InvalidImageError("backing file name is empty")
+    if "\0" in name:
+        raise InvalidImageError("backing file name contains a NUL byte")
     return os.path.join(os.path.dirname(image_path), name)
 
 
@@ -136,6 +142,11 @@ def validate_header(h: Header, geo: Geometry, file_size: int) -> list[str]:
         raise UnsupportedFeatureError(f"unknown compression type {h.compression_type}")
     if h.compression_type and not h.incompatible_features & INCOMPAT_COMPRESSION:
         raise InvalidImageError("compression type is set without its incompatible feature bit")
+    if h.incompatible_features & INCOMPAT_COMPRESSION and h.header_length < COMPRESSION_TYPE_END:
+        raise InvalidImageError("the compression type feature bit is set, but the header has no "
+                                "compression type field")
+    if h.extended_l2 and geo.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
+        raise InvalidImageError("extended L2 entries need clusters of at least 16 KiB")
     if h.size > MAX_VIRTUAL_SIZE:
         raise InvalidImageError(f"virtual size {h.size} is too large")
     if h.l1_size * 8 > MAX_L1_BYTES:

@@ -62,6 +62,22 @@ class OverlapMap:
         self.cluster_bits = cluster_bits
         self._kinds: dict[int, int] = {}
         self._extra: Counter[tuple[int, int]] = Counter()
+        # Structures a damaged header or table places past the end of the file,
+        # as (start, end, kind) byte ranges: never a cluster each (they may be
+        # huge), but the file may grow into them, and nothing may land there.
+        self._far: list[tuple[int, int, int]] = []
+
+    def add_far(self, offset: int, length: int, kind: Kind) -> None:
+        """A structure (or its part) past the end of the file: see _far."""
+        self._far.append((offset, offset + max(length, 1), int(kind)))
+
+    def _far_kinds(self, offset: int, length: int) -> int:
+        end = offset + max(length, 1)
+        out = 0
+        for s, e, k in self._far:
+            if offset < e and s < end:
+                out |= k
+        return out
 
     def _clusters(self, offset: int, length: int) -> range:
         cb = self.cluster_bits
@@ -98,13 +114,15 @@ class OverlapMap:
                 del self._kinds[c]
         for key in [key for key in self._extra if key[1] == kind]:
             del self._extra[key]
+        self._far = [f for f in self._far if not f[2] & kind]
 
     def __eq__(self, other: object) -> bool:
         """The same structures in the same clusters (a map kept up to date
         equals one built afresh from the image)."""
         if not isinstance(other, OverlapMap):
             return NotImplemented
-        return (self.cluster_bits, self._kinds, +self._extra) == (other.cluster_bits, other._kinds, +other._extra)
+        return ((self.cluster_bits, self._kinds, +self._extra, sorted(self._far))
+                == (other.cluster_bits, other._kinds, +other._extra, sorted(other._far)))
 
     def differences(self, other: "OverlapMap") -> list[str]:
         """What differs from OTHER, for a test's message."""
@@ -118,9 +136,9 @@ class OverlapMap:
     def kinds_at(self, offset: int, length: int) -> int:
         """The union of the kinds found in [offset, offset+length)."""
         kinds = self._kinds
+        out = self._far_kinds(offset, length) if self._far else 0
         if not kinds:
-            return 0
-        out = 0
+            return out
         for c in self._clusters(offset, length):
             out |= kinds.get(c, 0)
         return out
@@ -138,6 +156,8 @@ class OverlapMap:
             for c in range(first, last + 1):
                 hit |= kinds.get(c, 0)
             hit &= ~ignore
+        if self._far:
+            hit |= self._far_kinds(offset, length) & ~ignore
         if hit:
             first = next(k for k in Kind if hit & k)
             raise OverlapError(f"{what} at {offset:#x} would overwrite {KIND_TEXT[first]}")

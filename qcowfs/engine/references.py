@@ -193,9 +193,14 @@ def build_overlap_map(meta: Metadata) -> None:
     (a writable open; the L2 tables' contents are not read)."""
     end = meta.file.known_size
     for ref in walk(meta, l2_contents=False):
-        if isinstance(ref, Ref) and ref.kind is not None and 0 < ref.length and ref.offset < end:
+        if not isinstance(ref, Ref) or ref.kind is None or ref.length <= 0:
+            continue
+        if ref.offset < end:
             for _ in range(ref.times):
                 meta.add_structure(ref.kind, ref.offset, min(ref.length, end - ref.offset))
+        if ref.offset + ref.length > end:  # (damage: the file may grow into it)
+            start = max(ref.offset, end)
+            meta.add_structure_past_end(ref.kind, start, ref.offset + ref.length - start)
 
 
 # ---- counting -------------------------------------------------------------------

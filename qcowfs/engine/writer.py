@@ -438,6 +438,10 @@ class Writer:
         out at once, so trimming free space that L2 tables cover costs
         little per cluster (fstrim trims all free space every time)."""
         geo = self.geo
+        if not geo.zero_flag and not geo.extended_l2:
+            rows = table[first : last + 1]
+            if ((rows & np.uint64(OFLAG_ZERO)) & ~(rows >> np.uint64(62)) & np.uint64(1)).any():
+                raise CorruptionError("L2 entry has the zero flag in a version 2 image")
         backing = self._backing()
         c0 = np.uint64(base) + (np.arange(first, last + 1, dtype=np.uint64) << np.uint64(geo.cluster_bits))
         below = c0 < np.uint64(backing.size) if backing is not None else np.zeros(len(c0), bool)
@@ -542,6 +546,9 @@ class Writer:
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} claims {d.length} "
                                           "bytes, more than a cluster: the L2 entry is damaged")
                 start = d.host_offset & ~511
+                if start < self.geo.cluster_size or self.meta.overlap.kinds_at(start, d.host_offset + d.length - start):
+                    raise CorruptionError(f"compressed cluster descriptor {entry:#x} points into metadata: "
+                                          "the L2 entry is damaged")
                 out.append((start, d.host_offset + d.length - start))
             elif entry & L2E_OFFSET_MASK:
                 out.append((entry & L2E_OFFSET_MASK, self.geo.cluster_size))

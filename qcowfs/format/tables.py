@@ -23,6 +23,8 @@ BME_TYPE_DIRTY_TRACKING = 1
 BME_HEADER_SIZE = 24
 BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ALL_ONES = 1 << 0
+# Reserved bits of a bitmap table entry (QEMU's BME_TABLE_ENTRY_RESERVED_MASK).
+BME_TABLE_RESERVED_MASK = 0xFF000000000001FE
 BME_MIN_GRANULARITY_BITS = 9
 BME_MAX_GRANULARITY_BITS = 31
 BME_MAX_NAME_SIZE = 1023
@@ -69,6 +71,8 @@ class SnapshotEntry:
             ident = bytes(buf[pos : pos + id_len]).decode("utf-8", "replace")
             pos += id_len
             name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
+            if max(len(ident.encode()), len(name.encode())) > 0xFFFF:
+                raise InvalidImageError("snapshot table entry has an id or name that is not UTF-8 text")
             pos = pad8(end)
             e = cls(l1_off, l1_size, ident, name, dsec, dnsec, clock, vmss, extra)
             if extra_len >= 8:

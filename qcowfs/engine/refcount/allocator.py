@@ -61,6 +61,12 @@ class Allocator:
         self.meta.write(offset, data, "refcount block", ignore=Kind.REFCOUNT_BLOCK)
 
     async def _load_block(self, offset: int) -> bytearray:
+        other = self.meta.overlap.kinds_at(offset, self.geo.cluster_size) & ~Kind.REFCOUNT_BLOCK
+        if other:
+            # (A refcount table entry pointing at an L1 or L2 table: its "counts"
+            # would be read from, and written over, that table.)
+            raise CorruptionError(f"refcount block at {offset:#x} overlaps other metadata: the refcount "
+                                  "table is damaged")
         raw = await self.file.read(offset, self.geo.cluster_size)
         if len(raw) < self.geo.cluster_size:
             raise CorruptionError(f"refcount block at {offset:#x} runs past the end of the file")
@@ -171,6 +177,8 @@ class Allocator:
         Nothing references these clusters any more (their last reference was
         dropped on disk first), so a crash loses nothing."""
         cs = self.geo.cluster_size
+        # Never metadata, whatever the refcounts say (they may be damaged).
+        clusters = [c for c in clusters if not self.meta.overlap.kinds_at(c * cs, cs)]
         run_start = run_end = -1
         for c in clusters + [-2]:
             if c == run_end:
