@@ -259,7 +259,7 @@ class Image:
         if self.allocator is not None and not self.external_data:
             words = table[0::2] if self.geo.extended_l2 else table
             self.allocator.note_references(data_host_offsets(words))
-            self.allocator.note_references(compressed_host_offsets(words, self.geo.cluster_bits))
+            self.allocator.note_references(compressed_host_offsets(words, self.geo.cluster_bits), data=False)
         return table.reshape(-1, 2) if self.geo.extended_l2 else table
 
     def _write_l2(self, offset: int, data: bytes) -> None:

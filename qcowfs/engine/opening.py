@@ -142,6 +142,8 @@ def validate_header(h: Header, geo: Geometry, file_size: int) -> list[str]:
         raise UnsupportedFeatureError(f"unknown compression type {h.compression_type}")
     if h.compression_type and not h.incompatible_features & INCOMPAT_COMPRESSION:
         raise InvalidImageError("compression type is set without its incompatible feature bit")
+    if not h.compression_type and h.incompatible_features & INCOMPAT_COMPRESSION:
+        raise InvalidImageError("the compression type feature bit is set for zlib, which must not have it")
     if h.incompatible_features & INCOMPAT_COMPRESSION and h.header_length < COMPRESSION_TYPE_END:
         raise InvalidImageError("the compression type feature bit is set, but the header has no "
                                 "compression type field")

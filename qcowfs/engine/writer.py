@@ -157,6 +157,8 @@ class Writer:
             span = self.geo.l2_span
             pos, end = offset, offset + len(data)
             view = memoryview(data)
+            if (end - 1) >> self.geo.cluster_bits != offset >> self.geo.cluster_bits:
+                await self._check_targets(offset, end)
             while pos < end:
                 index = pos // span
                 chunk_end = min(end, (index + 1) * span)
@@ -166,6 +168,26 @@ class Writer:
                 pos = chunk_end
         finally:
             self.lock.release()
+
+    async def _check_targets(self, offset: int, end: int) -> None:
+        """Every cluster of a write over several is checked before any changes:
+        one that fails (an entry on metadata, an invalid one) then fails the
+        write before its other clusters are allocated and written (their
+        refcounts would change what the bad entry shows, as QEMU's
+        overlap check refuses the whole request first)."""
+        span, cb, cs = self.geo.l2_span, self.geo.cluster_bits, self.geo.cluster_size
+        pos = offset
+        while pos < end:
+            index = pos // span
+            chunk_end = min(end, (index + 1) * span)
+            table = await self.mapper.l2_table(self.meta.active_l1, index)
+            if table is not None:
+                base = index * span
+                for k in range((pos - base) >> cb, ((chunk_end - 1 - base) >> cb) + 1):
+                    if self._state(table, k) != ALLOCATE:
+                        host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
+                        self._check_host(host, cs)
+            pos = chunk_end
 
     async def _lock(self) -> None:
         """Take the metadata lock; when it is free, without the scheduler
@@ -188,7 +210,7 @@ class Writer:
             return old
         cs = self.geo.cluster_size
         if old:
-            await self.alloc.verify_release([(old, cs)])
+            await self.alloc.verify_release([(old, cs, True)])
         new = await self.alloc.allocate(1)
         if old:
             table = (await self.l2_cache.get(old)).copy()
@@ -529,10 +551,11 @@ class Writer:
             table[k] = OFLAG_ZERO
         self._release(*old)
 
-    def _released(self, entries: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The host ranges ((offset, bytes)) whose reference dropping old L2
-        ENTRIES ((entry, bitmap)) releases: a data cluster, or the sectors a
-        compressed cluster occupies; none in an external data file."""
+    def _released(self, entries: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+        """The host ranges ((offset, bytes, punch)) whose reference dropping old
+        L2 ENTRIES ((entry, bitmap)) releases: a data cluster, or the sectors a
+        compressed cluster occupies (not punched: see release_later); none in
+        an external data file."""
         if self.external:
             return []
         out = []
@@ -546,15 +569,20 @@ class Writer:
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} claims {d.length} "
                                           "bytes, more than a cluster: the L2 entry is damaged")
                 start = d.host_offset & ~511
-                if start < self.geo.cluster_size or self.meta.overlap.kinds_at(start, d.host_offset + d.length - start):
+                cs, cb = self.geo.cluster_size, self.geo.cluster_bits
+                first, last = start >> cb, (d.host_offset + d.length - 1) >> cb
+                if self.alloc.data_referenced_in(first, last - first + 1) >= 0:
+                    raise CorruptionError(f"compressed cluster descriptor {entry:#x} claims a data cluster "
+                                          "another L2 entry uses: the L2 entry is damaged")
+                if start < cs or self.meta.overlap.kinds_at(start, d.host_offset + d.length - start):
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} points into metadata: "
                                           "the L2 entry is damaged")
-                out.append((start, d.host_offset + d.length - start))
+                out.append((start, d.host_offset + d.length - start, False))
             elif entry & L2E_OFFSET_MASK:
-                out.append((entry & L2E_OFFSET_MASK, self.geo.cluster_size))
+                out.append((entry & L2E_OFFSET_MASK, self.geo.cluster_size, True))
         return out
 
     def _release(self, entry: int, bitmap: int) -> None:
         """Drop the reference an old L2 entry held (once it is off the disk)."""
-        for offset, length in self._released([(entry, bitmap)]):
-            self.alloc.release_later(offset, length)
+        for offset, length, punch in self._released([(entry, bitmap)]):
+            self.alloc.release_later(offset, length, punch)

@@ -36,6 +36,35 @@ DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
 MAX_TRACKED_CLUSTERS = 1 << 30
 
 
+class ClusterBits:
+    """A set of host cluster indexes, as a bitmap that grows as needed."""
+
+    def __init__(self) -> None:
+        self.bits = np.zeros(0, np.uint8)
+
+    def add(self, clusters: np.ndarray) -> None:
+        need = (int(clusters.max()) >> 3) + 1
+        if need > len(self.bits):
+            grown = np.zeros(max(need, 2 * len(self.bits)), np.uint8)
+            grown[: len(self.bits)] = self.bits
+            self.bits = grown
+        np.bitwise_or.at(self.bits, clusters >> 3, (np.uint8(1) << (clusters & 7).astype(np.uint8)))
+
+    def first_in(self, start: int, n: int) -> int:
+        """The first cluster of [start, start+n) in the set, or -1."""
+        ref = self.bits
+        lo, hi = start >> 3, min(len(ref), ((start + n - 1) >> 3) + 1)
+        if lo >= hi or not ref[lo:hi].any():
+            return -1
+        bits = np.unpackbits(ref[lo:hi], bitorder="little")
+        hit = np.flatnonzero(bits[start - lo * 8 : start - lo * 8 + n])
+        return start + int(hit[0]) if len(hit) else -1
+
+    def discard(self, c: int) -> None:
+        if c >> 3 < len(self.bits):
+            self.bits[c >> 3] &= ~np.uint8(1 << (c & 7))
+
+
 class Allocator:
     """Refcount bookkeeping and free-cluster search for one writable image."""
 
@@ -50,11 +79,16 @@ class Allocator:
         self.cache: TableCache[bytearray] = TableCache(
             "refcount", meta.file, DEFAULT_REFCOUNT_CACHE_BYTES // geo.cluster_size,
             self._load_block, bytes, self._write_block)
-        self.pending: list[tuple[int, int]] = []   # (host offset, bytes) to release later
+        # (host offset, bytes, punch) to release later; PUNCH: give the host space
+        # back if the refcount reaches 0 (see release_later).
+        self.pending: list[tuple[int, int, bool]] = []
         # Per cluster, how many of the pending decreases fall on it (up to 65535).
         self._pending_counts = np.zeros(0, np.uint16)
         self.free_hint = 0
-        self._referenced = np.zeros(0, np.uint8)
+        # Host clusters the L2 tables loaded so far reference (all of them), and
+        # those they use as standard data clusters.
+        self._referenced = ClusterBits()
+        self._data_refs = ClusterBits()
         self._track_refs = -(-meta.file.known_size // geo.cluster_size) <= MAX_TRACKED_CLUSTERS
 
     def _write_block(self, offset: int, data: bytes) -> None:
@@ -92,34 +126,32 @@ class Allocator:
 
     # ---- host clusters known to be referenced ----------------------------------------
 
-    def note_references(self, host_offsets: np.ndarray) -> None:
-        """Remember host clusters an L2 table just loaded points to."""
+    def note_references(self, host_offsets: np.ndarray, data: bool = True) -> None:
+        """Remember host clusters an L2 table just loaded points to: DATA, as
+        standard data clusters, or (not DATA) as clusters compressed data claims."""
         if not self._track_refs or not len(host_offsets):
             return
         c = (host_offsets >> np.uint64(self.geo.cluster_bits)).astype(np.int64)
-        need = (int(c.max()) >> 3) + 1
-        if need > len(self._referenced):
-            if need > MAX_TRACKED_CLUSTERS >> 3:
-                self._track_refs = False
-                return
-            grown = np.zeros(max(need, 2 * len(self._referenced)), np.uint8)
-            grown[: len(self._referenced)] = self._referenced
-            self._referenced = grown
-        np.bitwise_or.at(self._referenced, c >> 3, (np.uint8(1) << (c & 7).astype(np.uint8)))
+        if int(c.max()) >= MAX_TRACKED_CLUSTERS:
+            self._track_refs = False
+            self._referenced, self._data_refs = ClusterBits(), ClusterBits()
+            return
+        self._referenced.add(c)
+        if data:
+            self._data_refs.add(c)
 
     def referenced_in(self, start: int, n: int) -> int:
         """The first cluster of [start, start+n) known referenced, or -1."""
-        ref = self._referenced
-        lo, hi = start >> 3, min(len(ref), ((start + n - 1) >> 3) + 1)
-        if lo >= hi or not ref[lo:hi].any():
-            return -1
-        bits = np.unpackbits(ref[lo:hi], bitorder="little")
-        hit = np.flatnonzero(bits[start - lo * 8 : start - lo * 8 + n])
-        return start + int(hit[0]) if len(hit) else -1
+        return self._referenced.first_in(start, n)
+
+    def data_referenced_in(self, start: int, n: int) -> int:
+        """The first cluster of [start, start+n) a loaded L2 table uses as a
+        standard data cluster, or -1 (compressed data never lies there)."""
+        return self._data_refs.first_in(start, n)
 
     def _forget_reference(self, c: int) -> None:
-        if c >> 3 < len(self._referenced):
-            self._referenced[c >> 3] &= ~np.uint8(1 << (c & 7))
+        self._referenced.discard(c)
+        self._data_refs.discard(c)
 
     def _verify_free(self, start: int, n: int) -> None:
         """Refuse to hand out clusters the refcounts call free but that are in use."""
@@ -131,7 +163,7 @@ class Allocator:
         if c >= 0:
             raise CorruptionError(f"cluster {c} has refcount 0 but an L2 table references it")
 
-    async def change(self, cluster: int, delta: int, count: int = 1) -> None:
+    async def change(self, cluster: int, delta: int, count: int = 1, punch: bool = True) -> None:
         """Add DELTA to the refcounts of COUNT clusters from CLUSTER, now
         (one block lookup per refcount block, not per cluster)."""
         rpb, order = self.rpb, self.order
@@ -155,7 +187,8 @@ class Allocator:
                 if freed and freed[0] < self.free_hint:
                     self.free_hint = freed[0]
                 self.cache.mark_dirty(off)
-                self._punch(freed)
+                if punch:
+                    self._punch(freed)
             cluster = stop
 
     def _check_counts(self, values: np.ndarray, cluster: int) -> None:
@@ -188,20 +221,23 @@ class Allocator:
                 return  # the host filesystem cannot punch holes: keep the space
             run_start, run_end = c, c + 1
 
-    async def change_range(self, offset: int, length: int, delta: int) -> None:
+    async def change_range(self, offset: int, length: int, delta: int, punch: bool = True) -> None:
         cs = self.geo.cluster_size
         first = offset // cs
-        await self.change(first, delta, (offset + length - 1) // cs + 1 - first)
+        await self.change(first, delta, (offset + length - 1) // cs + 1 - first, punch)
 
-    def release_later(self, offset: int, length: int) -> None:
+    def release_later(self, offset: int, length: int, punch: bool = True) -> None:
         """Drop one reference to [offset, offset+length) once the drop is safe.
         The refcount blocks it will go through are checked now (no I/O), so a
-        bad refcount table fails this request, not a later flush."""
+        bad refcount table fails this request, not a later flush. Without
+        PUNCH a cluster this frees keeps its bytes on the host (the sectors of
+        a compressed cluster: a damaged descriptor may claim clusters that
+        another entry, in a table not loaded, still uses; QEMU leaves them too)."""
         cs = self.geo.cluster_size
         for r in range(offset // cs // self.rpb, (offset + length - 1) // cs // self.rpb + 1):
             if not self.block_offset(r):
                 raise CorruptionError(f"cluster {offset // cs} is in use but has no refcount block")
-        self.pending.append((offset, length))
+        self.pending.append((offset, length, punch))
         first, last = offset // cs, (offset + length - 1) // cs
         if last >= len(self._pending_counts):
             grown = np.zeros(max(last + 1, 2 * len(self._pending_counts)), np.uint16)
@@ -210,7 +246,7 @@ class Allocator:
         counts = self._pending_counts[first : last + 1]
         counts[counts < np.iinfo(np.uint16).max] += 1
 
-    async def verify_release(self, ranges: list[tuple[int, int]]) -> None:
+    async def verify_release(self, ranges: list[tuple[int, int, bool]]) -> None:
         """Refuse now, before anything changes, dropping one reference to each
         of RANGES ((host offset, bytes)) where a refcount would go below zero
         once the drops already pending are counted: the refcounts are
@@ -218,7 +254,7 @@ class Allocator:
         is acknowledged, instead of its fsync failing later (when the drop
         is applied), and no cluster still in use is freed."""
         cs, rpb = self.geo.cluster_size, self.rpb
-        for offset, length in ranges:
+        for offset, length, _punch in ranges:
             c, end = offset // cs, (offset + length - 1) // cs + 1
             while c < end:
                 r = c // rpb
@@ -251,16 +287,16 @@ class Allocator:
         stay apart, as each holds its own reference."""
         pending, self.pending = sorted(self.pending), []
         cs = self.geo.cluster_size
-        for offset, length in pending:
+        for offset, length, _punch in pending:
             self._pending_counts[offset // cs : (offset + length - 1) // cs + 1] = 0
-        merged: list[list[int]] = []
-        for offset, length in pending:
-            if merged and offset == merged[-1][1] and offset % cs == 0:
-                merged[-1][1] = offset + length
+        merged: list[tuple[int, int, bool]] = []
+        for offset, length, punch in pending:
+            if merged and offset == merged[-1][1] and offset % cs == 0 and punch == merged[-1][2]:
+                merged[-1] = (merged[-1][0], offset + length, punch)
             else:
-                merged.append([offset, offset + length])
-        for start, end in merged:
-            await self.change_range(start, end - start, -1)
+                merged.append((offset, offset + length, punch))
+        for start, end, punch in merged:
+            await self.change_range(start, end - start, -1, punch)
         return bool(pending)
 
     # ---- allocation ------------------------------------------------------------------
