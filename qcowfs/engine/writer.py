@@ -541,6 +541,8 @@ class Writer:
             table[k : k + n, 1] = SC_ALL
         else:
             table[k : k + n] = hosts
+        if not self.external:  # (what a damaged compressed descriptor must not claim later)
+            self.alloc.note_references(hosts & np.uint64(L2E_OFFSET_MASK), data=True)
 
     def _set_zero(self, table: np.ndarray, k: int) -> None:
         old = self._entry(table, k)
