@@ -103,15 +103,29 @@ def mark_bits(bits: bytearray, granularity: int, nbits: int, offset: int, length
 
 
 def _validate(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
+    """What makes BM unusable, or None: first what QEMU refuses the image for
+    (see Bitmap.damaged), then being in use."""
     e = bm.entry
+    broken = _broken(bm, cluster_size, file_size)
+    if broken is not None:
+        return broken
     if e.flags & BME_IN_USE:
         return "in use (not saved cleanly: QEMU does not trust it either)"
+    return None
+
+
+def _broken(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
+    """A constraint of the directory entry broken (QEMU refuses the image), or None."""
+    e = bm.entry
     if e.type != BME_TYPE_DIRTY_TRACKING:
         return f"unknown bitmap type {e.type}"
     if not BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= BME_MAX_GRANULARITY_BITS:
         return f"invalid granularity 2^{e.granularity_bits}"
     if e.flags & BME_RESERVED_FLAGS:
         return "unknown flags"
+    if e.flags & BME_EXTRA_DATA_COMPATIBLE:
+        # (QEMU knows only in-use and auto, and refuses the image otherwise.)
+        return "the extra-data-compatible flag, which QEMU refuses"
     if e.extra and not e.flags & BME_EXTRA_DATA_COMPATIBLE:
         return "extra data qcowfs does not understand"
     need = -(-bm.size // cluster_size)
@@ -160,7 +174,7 @@ def load_bitmaps(header: Header, file: HostFile) -> list[Bitmap]:
                       "(autoclear bit clear: the image was written by a program that ignores bitmaps)")
         if bm.problem is None:
             bm.problem = _validate(bm, cs, file.known_size)
-            bm.damaged = bm.problem is not None and not e.flags & BME_IN_USE
+            bm.damaged = _broken(bm, cs, file.known_size) is not None
         if bm.problem is None:
             rawt = file.read_sync(e.bitmap_table_offset, e.bitmap_table_size * 8)
             bm.table = list(struct.unpack(f">{e.bitmap_table_size}Q", rawt))
