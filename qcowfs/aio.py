@@ -360,12 +360,7 @@ class Image:
         if repair and self._engine.read_only:
             raise ReadOnlyError("a repair needs the image opened with mode \"r+\"")
         r = await _check(self._engine, repair=repair, progress=progress)
-        return CheckResult(corruptions=r.corruptions, leaks=r.leaks, check_errors=r.check_errors,
-                           returncode=r.returncode, total_clusters=r.total_clusters,
-                           allocated_clusters=r.allocated_clusters, fragmented_clusters=r.fragmented_clusters,
-                           compressed_clusters=r.compressed_clusters, image_end_offset=r.image_end_offset,
-                           fixed=r.fixed, messages=tuple(r.messages), unsaid=r.unsaid,
-                           json=r.json(self.path))
+        return CheckResult.of(r, self.path)
 
     async def map(self, snapshot: "str | Disk | None" = None) -> list[dict[str, Any]]:
         """The allocation map as `qemu-img map --output=json` (of a snapshot's

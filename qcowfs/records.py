@@ -6,7 +6,7 @@ after the image is closed and compare and print as data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .engine.check import EXIT_CLEAN, EXIT_CORRUPT, EXIT_FAILED, EXIT_LEAKS
@@ -102,3 +102,11 @@ class CheckResult:
     unsaid: int = field(default=0, repr=False)
     # The `qemu-img check --output=json` object.
     json: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, result: Any, filename: str) -> "CheckResult":
+        """The record of the engine's check result (engine.check.CheckResult)
+        of the image at FILENAME: the same fields, frozen."""
+        values = {f.name: getattr(result, f.name) for f in fields(cls) if f.name != "json"}
+        values["messages"] = tuple(values["messages"])
+        return cls(**values, json=result.json(filename))
