@@ -28,10 +28,12 @@ import trio
 
 import qcowfs
 import qcowfs.aio
+from images import Header, read_u64
 from corruption import (EXT_CASES, _ext_l2, base, guest_bytes, l2_entry_offset, patch, qemu_check,
                         severity)
 
 KiB, MiB = 1 << 10, 1 << 20
+OFLAG_COPIED = 1 << 63
 CHUNK = 64 * KiB
 
 
@@ -72,12 +74,38 @@ def _offset_past_eof(img: Path) -> None:
     patch(img, off, struct.pack(">Q", entry))
 
 
+def _shared_l2_entry(d: Path) -> Path:
+    """Guest 1M's L2 entry flipped onto guest 0's cluster, without COPIED (it
+    claims a second reference the refcount of 1 does not have): a write there
+    copies the cluster away and must not free (or punch) guest 0's data."""
+    img = base(d, "4M", "write -P 0x11 0 64k", "write -P 0x12 1M 64k")
+    owner = read_u64(img, l2_entry_offset(img, 0))
+    patch(img, l2_entry_offset(img, 1 * MiB), struct.pack(">Q", owner & ~OFLAG_COPIED))
+    return img
+
+
+def _shared_l2_table(d: Path) -> Path:
+    """L1 entry 2 (4 KiB clusters: 2 MiB per L2 table) flipped onto entry 0's
+    L2 table without COPIED: a write under it copies the table away and must
+    not free the table L1 entry 0 still uses."""
+    img = base(d, "8M", "write -P 0x11 0 64k", "write -P 0x12 4M 64k", cluster_size=4 * KiB)
+    h = Header(img)
+    patch(img, h.l1_entry_offset(4 * MiB), struct.pack(">Q", h.l1_entry(0) & ~OFLAG_COPIED))
+    return img
+
+
 COMPRESSED_WRITES = ((0, 64 * KiB, 0x22), (3 * MiB, 64 * KiB, 0x44), (5 * MiB, 64 * KiB, 0x55),
                      (6 * MiB, 4 * KiB, 0x66))
 CASES: dict[str, Case] = {
     "214-both-descriptors-max-sectors": Case(_compressed(_sectors(8191)), 8 * MiB, COMPRESSED_WRITES),
     "214-one-descriptor-max-sectors": Case(_compressed(_sectors(8191, (0,))), 8 * MiB, COMPRESSED_WRITES),
     "214-descriptor-offset-past-eof": Case(_compressed(_offset_past_eof), 8 * MiB, COMPRESSED_WRITES),
+    "l2-entry-shares-a-cluster-without-copied": Case(_shared_l2_entry, 4 * MiB,
+                                                     ((1 * MiB, 4 * KiB, 0x44), (2 * MiB, 64 * KiB, 0x55),
+                                                      (0, 4 * KiB, 0x22))),
+    "l1-entry-shares-an-l2-table-without-copied": Case(_shared_l2_table, 8 * MiB,
+                                                       ((4 * MiB, 4 * KiB, 0x44), (6 * MiB, 64 * KiB, 0x55),
+                                                        (0, 4 * KiB, 0x22))),
 }
 # Every invalid extended-L2 combination of qemu-iotests 271, written around and over it.
 for _name, _what, _cmds, _poke, _len, _i9 in EXT_CASES:

@@ -23,7 +23,7 @@ from ..host.hostfile import HostFile
 from .mapper import UNALLOC, ZERO, Mapper, Source
 from .metadata import Metadata
 from .overlap import Kind
-from .refcount import Allocator
+from .refcount import Allocator, Release
 
 # What a write must do with one cluster.
 IN_PLACE, REUSE, ALLOCATE = range(3)
@@ -210,7 +210,7 @@ class Writer:
             return old
         cs = self.geo.cluster_size
         if old:
-            await self.alloc.verify_release([(old, cs, True)])
+            await self.alloc.verify_release([Release(old, cs, shared=True)])
         new = await self.alloc.allocate(1)
         if old:
             table = (await self.l2_cache.get(old)).copy()
@@ -553,14 +553,14 @@ class Writer:
             table[k] = OFLAG_ZERO
         self._release(*old)
 
-    def _released(self, entries: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
-        """The host ranges ((offset, bytes, punch)) whose reference dropping old
-        L2 ENTRIES ((entry, bitmap)) releases: a data cluster, or the sectors a
+    def _released(self, entries: list[tuple[int, int]]) -> list[Release]:
+        """The references dropping old L2 ENTRIES ((entry, bitmap)) releases:
+        a data cluster (shared when the entry lacks COPIED), or the sectors a
         compressed cluster occupies (not punched: see release_later); none in
         an external data file."""
         if self.external:
             return []
-        out = []
+        out: list[Release] = []
         for entry, _bitmap in entries:
             if entry & OFLAG_COMPRESSED:
                 d = decode_compressed(entry, self.geo.cluster_bits)
@@ -579,12 +579,13 @@ class Writer:
                 if start < cs or self.meta.overlap.kinds_at(start, d.host_offset + d.length - start):
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} points into metadata: "
                                           "the L2 entry is damaged")
-                out.append((start, d.host_offset + d.length - start, False))
+                out.append(Release(start, d.host_offset + d.length - start, punch=False))
             elif entry & L2E_OFFSET_MASK:
-                out.append((entry & L2E_OFFSET_MASK, self.geo.cluster_size, True))
+                out.append(Release(entry & L2E_OFFSET_MASK, self.geo.cluster_size,
+                                   shared=not entry & OFLAG_COPIED))
         return out
 
     def _release(self, entry: int, bitmap: int) -> None:
         """Drop the reference an old L2 entry held (once it is off the disk)."""
-        for offset, length, punch in self._released([(entry, bitmap)]):
-            self.alloc.release_later(offset, length, punch)
+        for rel in self._released([(entry, bitmap)]):
+            self.alloc.release_later(rel.offset, rel.length, rel.punch)

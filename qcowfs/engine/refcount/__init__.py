@@ -7,7 +7,7 @@
 - `copied`: COPIED flags checked and made exact (`copied_errors`, `fix_copied`);
 - `rebuild`: a new refcount structure from the references (`rebuild`).
 """
-from .allocator import Allocator as Allocator
+from .allocator import Allocator as Allocator, Release as Release
 from .copied import copied_errors as copied_errors, fix_copied as fix_copied
 from .copied import stored_refcount as stored_refcount
 from .rebuild import rebuild as rebuild

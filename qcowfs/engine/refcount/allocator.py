@@ -20,6 +20,7 @@ be checked without a full scan (`qcowfs check`).
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +35,19 @@ DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
 # Above this many host clusters the referenced-cluster bitmap is not kept
 # (it would take more than 128 MiB).
 MAX_TRACKED_CLUSTERS = 1 << 30
+
+
+class Release(NamedTuple):
+    """One reference a write is about to drop: host bytes [offset,
+    offset+length). PUNCH: free host space too if the refcount reaches 0.
+    SHARED: the entry dropping it lacks COPIED, so it says other references
+    exist; the refcount must then stay above 0 after the drop (QEMU's check
+    counts refcount 1 without COPIED as corruption, and freeing the cluster
+    would hand out data another entry still reads)."""
+    offset: int
+    length: int
+    punch: bool = True
+    shared: bool = False
 
 
 class ClusterBits:
@@ -246,16 +260,16 @@ class Allocator:
         counts = self._pending_counts[first : last + 1]
         counts[counts < np.iinfo(np.uint16).max] += 1
 
-    async def verify_release(self, ranges: list[tuple[int, int, bool]]) -> None:
-        """Refuse now, before anything changes, dropping one reference to each
-        of RANGES ((host offset, bytes)) where a refcount would go below zero
-        once the drops already pending are counted: the refcounts are
-        damaged there. The write that wanted the drop then fails before it
-        is acknowledged, instead of its fsync failing later (when the drop
+    async def verify_release(self, releases: list[Release]) -> None:
+        """Refuse now, before anything changes, the drops of RELEASES where a
+        refcount would go below zero (below one for a SHARED release) once
+        the drops already pending are counted: the refcounts or the entry
+        are damaged there. The write that wanted the drop then fails before
+        it is acknowledged, instead of its fsync failing later (when the drop
         is applied), and no cluster still in use is freed."""
         cs, rpb = self.geo.cluster_size, self.rpb
-        for offset, length, _punch in ranges:
-            c, end = offset // cs, (offset + length - 1) // cs + 1
+        for rel in releases:
+            c, end = rel.offset // cs, (rel.offset + rel.length - 1) // cs + 1
             while c < end:
                 r = c // rpb
                 stop = min(end, (r + 1) * rpb)
@@ -265,13 +279,17 @@ class Allocator:
                 block = self.cache.peek(off) or await self.cache.get(off)
                 values = refcount_values(block, self.order, c - r * rpb, stop - r * rpb)
                 pending = self._pending_counts[c:stop]
-                need = np.ones(stop - c, np.int64)
+                need = np.full(stop - c, 2 if rel.shared else 1, np.int64)
                 need[: len(pending)] += pending
                 short = np.flatnonzero(np.asarray(values) < need)
                 if len(short):
                     bad = c + int(short[0])
+                    value = int(values[short[0]])
+                    if rel.shared and value >= need[short[0]] - 1:
+                        raise CorruptionError(f"cluster {bad} has refcount {value} but an entry without "
+                                              "COPIED says it is shared (the refcounts are damaged)")
                     raise CorruptionError(f"cluster {bad} is in use but its refcount is "
-                                          f"{int(values[short[0]])} (the refcounts are damaged)")
+                                          f"{value} (the refcounts are damaged)")
                 c = stop
 
     def forget_pending(self) -> None:
