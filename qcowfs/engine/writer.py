@@ -170,8 +170,9 @@ class Writer:
             self.lock.release()
 
     async def _check_targets(self, offset: int, end: int) -> None:
-        """Every cluster of a write over several is checked before any changes:
-        one that fails (an entry on metadata, an invalid one) then fails the
+        """Every cluster of a write over several, and every L2 table it changes
+        in place, is checked before any changes: one that fails (a table or
+        an entry on metadata, an invalid one) then fails the
         write before its other clusters are allocated and written (their
         refcounts would change what the bad entry shows, as QEMU's
         overlap check refuses the whole request first)."""
@@ -180,7 +181,11 @@ class Writer:
         while pos < end:
             index = pos // span
             chunk_end = min(end, (index + 1) * span)
-            table = await self.mapper.l2_table(self.meta.active_l1, index)
+            l1e = await self.meta.active_l1.get(index)
+            table_off = self.mapper.l2_offset(l1e)
+            if table_off and l1e & OFLAG_COPIED:
+                self._check_in_place_l2(table_off)
+            table = await self.l2_cache.get(table_off) if table_off else None
             if table is not None:
                 base = index * span
                 for k in range((pos - base) >> cb, ((chunk_end - 1 - base) >> cb) + 1):
@@ -199,14 +204,17 @@ class Writer:
         except trio.WouldBlock:
             await self.lock.acquire()
 
+    def _check_in_place_l2(self, table_off: int) -> None:
+        """An L2 table changed in place must be an active L2 table and nothing else."""
+        self.meta.overlap.check(table_off, self.geo.cluster_size, "L2 table", ignore=Kind.ACTIVE_L2)
+
     async def _writable_l2(self, index: int) -> int:
         """The L2 table for INDEX, allocated or copied so that we own it."""
         l1 = self.meta.active_l1
         l1e = await l1.get(index)
         old = self.mapper.l2_offset(l1e)
         if old and l1e & OFLAG_COPIED:
-            # Changed in place: it must be an active L2 table and nothing else.
-            self.meta.overlap.check(old, self.geo.cluster_size, "L2 table", ignore=Kind.ACTIVE_L2)
+            self._check_in_place_l2(old)
             return old
         cs = self.geo.cluster_size
         if old:

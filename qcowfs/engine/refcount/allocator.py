@@ -263,13 +263,16 @@ class Allocator:
     async def verify_release(self, releases: list[Release]) -> None:
         """Refuse now, before anything changes, the drops of RELEASES where a
         refcount would go below zero (below one for a SHARED release) once
-        the drops already pending are counted: the refcounts or the entry
+        the drops already pending and those earlier in RELEASES are counted: the refcounts or the entry
         are damaged there. The write that wanted the drop then fails before
         it is acknowledged, instead of its fsync failing later (when the drop
         is applied), and no cluster still in use is freed."""
         cs, rpb = self.geo.cluster_size, self.rpb
+        earlier: dict[int, int] = {}  # drops of RELEASES already counted (compressed clusters share)
         for rel in releases:
             c, end = rel.offset // cs, (rel.offset + rel.length - 1) // cs + 1
+            for k in range(c, end):
+                earlier[k] = earlier.get(k, 0) + 1
             while c < end:
                 r = c // rpb
                 stop = min(end, (r + 1) * rpb)
@@ -281,6 +284,7 @@ class Allocator:
                 pending = self._pending_counts[c:stop]
                 need = np.full(stop - c, 2 if rel.shared else 1, np.int64)
                 need[: len(pending)] += pending
+                need += [earlier[k] - 1 for k in range(c, stop)]
                 short = np.flatnonzero(np.asarray(values) < need)
                 if len(short):
                     bad = c + int(short[0])
