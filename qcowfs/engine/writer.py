@@ -294,24 +294,26 @@ class Writer:
 
     async def _fill_run(self, table: np.ndarray, k: int, n: int, base: int, start: int,
                         data: memoryview, reuse: bool) -> None:
-        """Write N whole clusters (old contents + new bytes), then point L2 at them."""
+        """Write N clusters (old contents + new bytes), then point L2 at them.
+        Whole clusters, except with extended L2: there only the subclusters
+        QEMU writes (see _written), the others keep what they were."""
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         c0 = base + (k << cb)
         end = start + len(data)
-        run_end = c0 + n * cs
-        lo, hi = max(start, c0), min(end, run_end)
+        lo, hi = max(start, c0), min(end, c0 + n * cs)
+        old = table[k : k + n].copy()
+        run_lo, run_hi = self._written(old, c0, n, lo, hi, reuse)
         # Old contents only where the new bytes do not cover the run; the
         # pieces go out in one pwritev, the new bytes never copied.
         parts: list[bytearray | memoryview] = [data[lo - start : hi - start]]
-        if lo > c0:
-            head = bytearray(lo - c0)
-            await self._old_contents(memoryview(head), c0)
+        if lo > run_lo:
+            head = bytearray(lo - run_lo)
+            await self._old_contents(memoryview(head), run_lo)
             parts.insert(0, head)
-        if hi < run_end:
-            tail = bytearray(run_end - hi)
+        if hi < run_hi:
+            tail = bytearray(run_hi - hi)
             await self._old_contents(memoryview(tail), hi)
             parts.append(tail)
-        old = table[k : k + n].copy()
         if not reuse and old.any():
             await self.alloc.verify_release(self._released(
                 [self._entry(old, j) for j in np.flatnonzero(self._used(old)).tolist()]))
@@ -323,16 +325,64 @@ class Writer:
             host = await self.alloc.allocate(n)
         if reuse:  # (new clusters were checked when allocated)
             self._check_host(host, n * cs)
+        at = host + (run_lo - c0)
         if self.mapper.encrypted:
-            # Whole clusters, encrypted where they now lie: old contents are
-            # plaintext (read through the mapper), never copied ciphertext.
-            self.data_file.write_sync(self.mapper.cipher.encrypt(b"".join(parts), host, c0), host)
+            # Encrypted where they now lie: old contents are plaintext (read
+            # through the mapper), never copied ciphertext.
+            self.data_file.write_sync(self.mapper.cipher.encrypt(b"".join(parts), at, run_lo), at)
         else:
-            self.data_file.writev_sync(parts, host)
-        self._set_data(table, k, n, host)
+            self.data_file.writev_sync(parts, at)
+        self._set_data(table, k, n, host, self._bitmaps(old, c0, run_lo, run_hi))
         if not reuse and old.any():
             for j in np.flatnonzero(self._used(old)).tolist():
                 self._release(*self._entry(old, j))
+
+    def _written(self, old: np.ndarray, c0: int, n: int, lo: int, hi: int, reuse: bool) -> tuple[int, int]:
+        """The guest range [run_lo, run_hi) a write of [LO, HI) to the N
+        clusters from C0 (old entries OLD) puts on the host. Whole clusters,
+        but with extended L2 as QEMU's calculate_l2_meta: the written
+        subclusters only, in a cluster we keep (REUSE); in new clusters, in
+        the first and the last one from the written subcluster (or the first
+        allocated one, if lower) to the written one (or the last allocated
+        one, if higher): allocated subclusters move along, unallocated and
+        zero ones outside stay so (reading from the backing file or as zeros)."""
+        cs = self.geo.cluster_size
+        if not self.geo.extended_l2:
+            return c0, c0 + n * cs
+        last = c0 + (n - 1) * cs
+        first_lo, _ = self._subcluster_span(old[0], lo - c0, min(hi - c0, cs), reuse)
+        _, last_hi = self._subcluster_span(old[n - 1], max(lo - last, 0), hi - last, reuse)
+        return c0 + first_lo, last + last_hi
+
+    def _subcluster_span(self, entry: np.ndarray, a: int, b: int, keep: bool) -> tuple[int, int]:
+        """Within one extended-L2 cluster: the subcluster-aligned byte range
+        that covers [A, B) and, unless the cluster is KEPT, every subcluster
+        ENTRY has allocated (all of it for a compressed cluster)."""
+        sc, cs = self.geo.subcluster_size, self.geo.cluster_size
+        if int(entry[0]) & OFLAG_COMPRESSED:
+            return 0, cs
+        first, last = a // sc, (b - 1) // sc
+        alloc = int(entry[1]) & SC_ALL
+        if alloc and not keep:
+            first = min(first, (alloc & -alloc).bit_length() - 1)
+            last = max(last, alloc.bit_length() - 1)
+        return first * sc, (last + 1) * sc
+
+    def _bitmaps(self, old: np.ndarray, c0: int, run_lo: int, run_hi: int) -> np.ndarray | None:
+        """Extended L2: the new bitmaps of the clusters from C0 once guest
+        [run_lo, run_hi) is written there: those subclusters allocated and
+        not zero, the others as they were (none: standard L2 entries)."""
+        if not self.geo.extended_l2:
+            return None
+        cs, sc = self.geo.cluster_size, self.geo.subcluster_size
+        out = np.empty(len(old), np.uint64)
+        for j in range(len(old)):
+            cj = c0 + j * cs
+            a, b = max(run_lo, cj) - cj, min(run_hi, cj + cs) - cj
+            written = ((1 << (b // sc)) - 1) ^ ((1 << (a // sc)) - 1)
+            bitmap = 0 if int(old[j, 0]) & OFLAG_COMPRESSED else int(old[j, 1])
+            out[j] = ((bitmap & SC_ALL) | written) | (((bitmap >> 32) & ~written) << 32)
+        return out
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
         await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
@@ -541,12 +591,14 @@ class Writer:
             return int(table[k, 0]), int(table[k, 1])
         return int(table[k]), 0
 
-    def _set_data(self, table: np.ndarray, k: int, n: int, host: int) -> None:
-        """Point entries K..K+N-1 at the N host clusters from HOST, which we own."""
+    def _set_data(self, table: np.ndarray, k: int, n: int, host: int,
+                  bitmaps: np.ndarray | None = None) -> None:
+        """Point entries K..K+N-1 at the N host clusters from HOST, which we
+        own (extended L2: with BITMAPS, or every subcluster allocated)."""
         hosts = (np.arange(n, dtype=np.uint64) << np.uint64(self.geo.cluster_bits)) + np.uint64(host | OFLAG_COPIED)
         if self.geo.extended_l2:
             table[k : k + n, 0] = hosts
-            table[k : k + n, 1] = SC_ALL
+            table[k : k + n, 1] = SC_ALL if bitmaps is None else bitmaps
         else:
             table[k : k + n] = hosts
         if not self.external:  # (what a damaged compressed descriptor must not claim later)
