@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import qcowfs
-from images import KiB, MiB, Header, create, qimg, qio, read_u64
+from images import KiB, Header, create, qimg, qio, read_u64
 
 # (guest offset, length, byte) sessions; 64 KiB clusters, 2 KiB subclusters.
 SESSIONS = {
