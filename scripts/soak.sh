@@ -12,6 +12,8 @@
 # violation is printed with the seed that reproduces it (python tests/hostile_write.py --seed N).
 #   HOSTILE_WRITE_CASES=N     how many (default 3000, about 7 minutes on 2 cores; 0: skip)
 #   HOSTILE_WRITE_JOBS=N      in parallel (default 2)
+#   HOSTILE_WRITE_MOUNT_CASES=N  more cases with qcowfs's session through a real writable FUSE
+#                             mount (default 300; 0: skip)
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -54,6 +56,16 @@ if [ "$HW_CASES" -gt 0 ]; then
     if ! "$PY" tests/hostile_write.py --cases "$HW_CASES" --start "$hw_start" --jobs "${HOSTILE_WRITE_JOBS:-2}"; then
         status=1
         echo "soak: hostile-write FAILED (each violation above names its seed: $PY tests/hostile_write.py --seed N)"
+    fi
+fi
+HWM_CASES=${HOSTILE_WRITE_MOUNT_CASES:-300}
+if [ "$HWM_CASES" -gt 0 ]; then
+    hw_start=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+    echo "soak: hostile-write through FUSE mounts, $HWM_CASES cases from seed $hw_start"
+    if ! "$PY" tests/hostile_write.py --mount --cases "$HWM_CASES" --start "$hw_start" \
+            --jobs "${HOSTILE_WRITE_JOBS:-2}"; then
+        status=1
+        echo "soak: hostile-write (mount) FAILED (reproduce: $PY tests/hostile_write.py --mount --seed N)"
     fi
 fi
 exit $status

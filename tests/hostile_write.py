@@ -1384,6 +1384,72 @@ def _qcowfs_write_session(path: str, ops: Sequence[Op]) -> dict[str, Any]:
     return out
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE = 0x01, 0x10
+_libc = None
+
+
+def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    global _libc
+    import ctypes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _mount_write_session(path: Path, ops: Sequence[Op]) -> dict[str, Any]:
+    """The same session through a real writable FUSE mount (`qcowfs mount`):
+    pwrite, fallocate(ZERO_RANGE) and fsync on disk.raw, then `qcowfs umount`.
+    A refused mount is a refused open; a traceback in the daemon's log a crash."""
+    out: dict[str, Any] = {"opened": False, "open_error": "", "results": [], "corrupt": False,
+                           "close_error": "", "crash": "", "warnings": []}
+    mnt = path.parent / "mnt"
+    mnt.mkdir(exist_ok=True)
+    log = path.parent / "daemon.log"
+    qcowfs_bin = str(Path(sys.executable).parent / "qcowfs")
+    p = subprocess.run([qcowfs_bin, "mount", "-o", f"log_file={log}", str(path), str(mnt)],
+                       capture_output=True, text=True, timeout=QCOWFS_TIMEOUT + 20)
+    if p.returncode != 0:
+        out["open_error"] = p.stderr.strip()
+        if "Traceback" in p.stderr:
+            out["crash"] = p.stderr
+        return out
+    try:
+        out["opened"] = True
+        fd = os.open(mnt / "disk.raw", os.O_RDWR)
+        try:
+            for op in ops:
+                try:
+                    if op == FLUSH:
+                        os.fsync(fd)
+                    elif op.zero:  # type: ignore[union-attr]
+                        _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                   op.offset, op.length)  # type: ignore[union-attr]
+                    else:
+                        n = os.pwrite(fd, bytes([op.pattern]) * op.length, op.offset)  # type: ignore[union-attr]
+                        if n != op.length:  # type: ignore[union-attr]
+                            out["results"].append(f"err: short write ({n} bytes)")
+                            continue
+                    out["results"].append("ok")
+                except OSError as e:
+                    out["results"].append(f"err: OSError: {e}")
+        finally:
+            os.close(fd)
+    finally:
+        u = subprocess.run([qcowfs_bin, "umount", str(mnt)], capture_output=True, text=True,
+                           timeout=QCOWFS_TIMEOUT + 20)
+        if u.returncode != 0:
+            out["close_error"] = u.stderr.strip()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        text = log.read_text(errors="replace") if log.exists() else ""
+        out["log"] = text
+        if "Traceback" in text:
+            out["crash"] = text[text.index("Traceback"):]
+    return out
+
+
 def _qcowfs_read_session(path: str, chunks: Sequence[int]) -> dict[str, Any]:
     """In a child: open "r", read every chunk, close."""
     import trio
@@ -1607,6 +1673,7 @@ class Result:
     qemu: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    mount: bool = False  # qcowfs's session went through a real FUSE mount
 
     @property
     def violations(self) -> list[Problem]:
@@ -1642,7 +1709,8 @@ class Result:
         lines += [f"  note: {n}" for n in self.notes]
         if f.get("crash"):
             lines.append("  qcowfs traceback:\n" + f["crash"])
-        lines.append(f"  reproduce: python tests/hostile_write.py --seed {self.seed}")
+        lines.append(f"  reproduce: python tests/hostile_write.py {'--mount ' if self.mount else ''}"
+                     f"--seed {self.seed}")
         return "\n".join(lines)
 
     def summary_dict(self) -> dict[str, Any]:
@@ -1674,12 +1742,13 @@ def _outcome(run: dict[str, Any], corrupt_bit: bool) -> str:
     return "clean"
 
 
-def run_case(seed: int, cache: BaseCache, work: Path) -> Result:
+def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False) -> Result:
+    """One seed; MOUNT: qcowfs's session through a real writable FUSE mount, not in-process."""
     t0 = time.monotonic()
     case = make_case(seed, cache)
     m = cache.get(case.layout)
     lay = m.layout
-    res = Result(seed, case.layout, case.mutation, case.ops)
+    res = Result(seed, case.layout, case.mutation, case.ops, mount=mount)
     p = res.problems.append
     work.mkdir(parents=True, exist_ok=True)
     d = work / f"case{seed}"
@@ -1709,7 +1778,8 @@ def run_case(seed: int, cache: BaseCache, work: Path) -> Result:
     qemu = qemu_session(a_img, case.ops)
     res.qemu = qemu
     check_a = qemu_check(a_img)
-    f = run_child(lambda: _qcowfs_write_session(str(b_img), case.ops))
+    f = _mount_write_session(b_img, case.ops) if mount else \
+        run_child(lambda: _qcowfs_write_session(str(b_img), case.ops))
     res.qcowfs = f
     _, bits_b = header_bits(b_img)
     _, bits_0 = header_bits(orig)
@@ -1840,15 +1910,19 @@ def new_check_messages(after: Path, before: Path) -> str:
 _CACHE: BaseCache | None = None
 
 
-def _worker_init(cache_dir: str) -> None:
-    global _CACHE
+_MOUNT = False
+
+
+def _worker_init(cache_dir: str, mount: bool) -> None:
+    global _CACHE, _MOUNT
     _CACHE = BaseCache(Path(cache_dir))
+    _MOUNT = mount
 
 
 def _worker_case(seed: int, work: str) -> dict[str, Any]:
     assert _CACHE is not None
     try:
-        return run_case(seed, _CACHE, Path(work)).summary_dict()
+        return run_case(seed, _CACHE, Path(work), _MOUNT).summary_dict()
     except Exception:
         return {"seed": seed, "outcome": "harness-error", "classes": ["harness-error"],
                 "report": f"seed {seed}: the harness failed:\n{traceback.format_exc()}", "layout": "?",
@@ -1856,7 +1930,7 @@ def _worker_case(seed: int, work: str) -> dict[str, Any]:
 
 
 def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats: Path | None,
-         seed_list: Sequence[int] | None = None) -> int:
+         seed_list: Sequence[int] | None = None, mount: bool = False) -> int:
     top = Path(tempfile.mkdtemp(prefix="qcowfs-hostile-write-"))
     cache_dir = top / "bases"
     cache = BaseCache(cache_dir)
@@ -1873,7 +1947,7 @@ def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats:
     seeds = iter(seed_list if seed_list else range(start, start + cases) if cases else _count(start))
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(str(cache_dir),)) as ex:
+                                                initargs=(str(cache_dir), mount)) as ex:
         running: set[concurrent.futures.Future[dict[str, Any]]] = set()
 
         def submit() -> bool:
@@ -1943,6 +2017,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", help="run these seeds (comma-separated), as --cases does")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--stats", type=Path, help="append one JSON line per case to this file")
+    ap.add_argument("--mount", action="store_true",
+                    help="write through a real writable FUSE mount (qcowfs mount), not in-process")
     args = ap.parse_args(argv)
     if args.seed is not None:
         with tempfile.TemporaryDirectory(prefix="qcowfs-hw-") as tmp:
@@ -1953,14 +2029,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(tmp) / "work"
             if args.keep:
                 _keep_case(args.seed, cache, args.keep)
-            r = run_case(args.seed, cache, work)
+            r = run_case(args.seed, cache, work, args.mount)
             print(r.report())
             print(f"outcome: {r.outcome} ({r.seconds:.1f}s)")
             return 1 if r.problems else 0
     seed_list = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
     if not args.cases and not args.minutes and not seed_list:
         ap.error("give --seed, --seeds, --cases or --minutes")
-    return soak(args.start, args.cases, args.minutes, args.jobs, args.stats, seed_list)
+    return soak(args.start, args.cases, args.minutes, args.jobs, args.stats, seed_list, args.mount)
 
 
 def _keep_case(seed: int, cache: BaseCache, dest: Path) -> None:

@@ -12,6 +12,8 @@ command that reproduces it.
 The seeds are fixed (0 .. HOSTILE_WRITE_CASES-1, from HOSTILE_WRITE_SEED0): the
 mutation family is the seed modulo the number of families, so every family is
 covered. `make soak` runs thousands (`python tests/hostile_write.py --cases N`).
+A further HOSTILE_WRITE_MOUNT_CASES seeds (default 16) run qcowfs's session
+through a real writable FUSE mount (`--mount`); the soak runs hundreds.
 
 What QEMU's own session on a copy breaks the same way ("QEMU too": two L2
 entries both claiming one cluster as their own, refcounts of another width)
@@ -41,5 +43,18 @@ def base_cache(tmp_path_factory: pytest.TempPathFactory) -> hostile_write.BaseCa
 @pytest.mark.parametrize("seed", range(SEED0, SEED0 + CASES))
 def test_never_worse_than_it_was(seed: int, base_cache: hostile_write.BaseCache, tmp_path: Path) -> None:
     result = hostile_write.run_case(seed, base_cache, tmp_path)
+    if any(not p.qemu_too for p in result.problems):
+        pytest.fail(result.report(), pytrace=False)
+
+
+MOUNT_CASES = int(os.environ.get("HOSTILE_WRITE_MOUNT_CASES", "16"))
+
+
+@pytest.mark.parametrize("seed", range(SEED0 + 50_000, SEED0 + 50_000 + MOUNT_CASES))
+def test_never_worse_through_a_mount(seed: int, base_cache: hostile_write.BaseCache, tmp_path: Path) -> None:
+    """The same judge, with qcowfs's session through a real writable FUSE mount
+    (`qcowfs mount`, pwrite / fallocate / fsync on disk.raw, `qcowfs umount`):
+    what the kernel splits, caches and retries is in the path too."""
+    result = hostile_write.run_case(seed, base_cache, tmp_path, mount=True)
     if any(not p.qemu_too for p in result.problems):
         pytest.fail(result.report(), pytrace=False)
