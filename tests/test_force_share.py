@@ -25,7 +25,8 @@ from qcowfs.host import mounts
 def qemu_writer(img: Path) -> Iterator[subprocess.Popen]:
     """qemu-io holding IMG open for writing (commands on its stdin)."""
     out = open(img.parent / "qemu-io.log", "w")  # what it said, if it dies
-    w = subprocess.Popen(["qemu-io", "-f", "qcow2", "--discard=unmap", str(img)], stdin=subprocess.PIPE,
+    # (line-buffered, so that the log shows each answer as it comes)
+    w = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "qcow2", "--discard=unmap", str(img)], stdin=subprocess.PIPE,
                          stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 10
@@ -114,7 +115,17 @@ def test_live_writer(tmp_path: Path) -> None:
                         touched_errors += 1
                     time.sleep(0.01)
                 # What the writer flushed shows within the revalidation interval.
-                send(w, "write -P 0xa5 40M 64k", "flush", "flush")
+                # (timed from when qemu-io has done it: the read after the
+                # flushes answers once every command before it ran; qemu-io
+                # takes one line per wake-up of its stdin, so lines that
+                # arrived together wait for the next: more flushes nudge it)
+                send(w, "write -P 0xa5 40M 64k", "flush", "read -P 0xa5 40M 64k")
+                log, done = img.parent / "qemu-io.log", "read 65536/65536 bytes at offset 41943040"
+                busy = time.monotonic() + 120
+                while done not in log.read_text():
+                    assert time.monotonic() < busy, "qemu-io did not finish its writes"
+                    send(w, "flush")
+                    time.sleep(0.1)
                 deadline = time.monotonic() + 10
                 while os.pread(fd, 4, 40 * MiB) != b"\xa5" * 4:
                     assert time.monotonic() < deadline, "a flushed write never showed"
