@@ -42,7 +42,9 @@ def open_image(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
         msg = str(e)
         if image_arg not in msg and os.path.abspath(image_arg) not in msg:
             msg = f"{image_arg}: {msg}"
-        raise type(e)(msg) from None
+        err = type(e)(msg)
+        err.errno = e.errno  # (an open's errno is the host file's: EACCES, ENOENT...)
+        raise err from None
     for warning in image.warnings:
         print(f"qcowfs: warning: {image_arg}: {warning}", file=sys.stderr)
     return image

@@ -6,6 +6,7 @@ line, and the daemon (service/daemon.py) serves that image's disks.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -92,10 +93,13 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     try:
         image = open_image(image_arg, mode, l2_cache_size=opts.l2_cache_bytes, force_share=opts.force_share,
                            passphrase=passphrase_source(image_arg, opts.key_file, opts.key_credential))
-    except PermissionError as e:
-        if mode == "r+" and os.access(image_arg, os.R_OK):
-            raise UsageError(f"{image_arg}: {e.strerror}: you may not write the image; open it read-only "
-                             "with -r (or -o ro), or with -o scratch for throwaway writes") from None
+    except (QcowError, OSError) as e:
+        # (not a wrong passphrase, also EACCES: the image file itself)
+        if (mode == "r+" and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                and os.access(image_arg, os.R_OK) and not os.access(image_arg, os.W_OK)):
+            why = "is on a read-only filesystem" if e.errno == errno.EROFS else "cannot be written by you"
+            raise UsageError(f"{image_arg} {why}: open it read-only with -r (or -o ro), or with "
+                             "-o scratch for throwaway writes") from None
         raise
     if not foreground:  # (a foreground daemon logs these to stderr itself)
         from ..fs.operations import STOCK_PYFUSE3_WARNING, pyfuse3_patched
