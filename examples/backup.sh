@@ -45,7 +45,7 @@ incremental)
     [ $# -eq 3 ] || usage
     mnt=$1 dir=$2 name=$3
     # Increments are numbered 1, 2, 3... after the full copy 0.
-    prev=$(cat "$dir/last") n=$(($(ls "$dir" | grep -c '\.inc$') + 1))
+    prev=$(cat "$dir/last") n=$(($(ls "$dir" | grep -c '\.inc$' || true) + 1))
     qcowfs checkpoint "$mnt" "$name"
     cp "$mnt/maps/bitmaps/$prev@$name.json" "$dir/$n-$name.extents"
     truncate -s "$(stat -c %s "$mnt/snapshots/$name.raw")" "$dir/$n-$name.inc"
