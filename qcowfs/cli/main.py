@@ -36,20 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`qcowfs IMAGE MOUNTPOINT -o OPTS` (no subcommand) mounts too: that is how "
                "`mount -t fuse.qcowfs` and /etc/fstab call it.")
     p.add_argument("--version", action="version", version=f"qcowfs {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                           description="`qcowfs COMMAND --help` describes each one")
 
     m = sub.add_parser("mount", help="mount an image (returns once the mount is ready)",
                        description="Mount IMAGE on MOUNTPOINT. Returns once the mount is ready; "
                                    "the daemon keeps serving until unmounted.",
                        epilog=mount_options_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("image", metavar="IMAGE")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("image", metavar="IMAGE", help="the qcow2 image file")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     _mount_args(m)
 
     u = sub.add_parser("umount", help="unmount, flushing everything, and wait for the daemon",
                        description="Unmount MOUNTPOINT; returns once the daemon has flushed "
                                    "everything to the image and exited.")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="where a qcowfs mount is")
     u.add_argument("--force", action="store_true",
                    help="detach even if files are open or a loop device uses disk.raw "
                         "(the daemon flushes first; whatever still uses the mount gets errors)")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show the image's format, sizes, features, backing chain, "
                                    "snapshots and bitmaps. IMAGE may be the mount point of a qcowfs "
                                    "mount: then the daemon describes the image it serves, as it is now.")
-    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img's keys)")
     i.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: inspect an image that a VM or a mount holds")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "be the mount point of a qcowfs mount: then the daemon checks the "
                                    "image it serves (writes wait meanwhile; --repair needs an unmounted "
                                    "image).")
-    c.add_argument("image", metavar="IMAGE")
+    c.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     c.add_argument("--repair", action="store_true", help="fix leaks, refcounts and COPIED flags")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("-U", "--force-share", action="store_true",
