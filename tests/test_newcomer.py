@@ -11,7 +11,6 @@ the word about a stock pyfuse3; what the README says of disk.raw's mode.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
