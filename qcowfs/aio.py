@@ -448,7 +448,7 @@ class Image:
 
     async def revalidate(self) -> None:
         """force_share: drop every table read so far and re-read the header (a
-        server calls it periodically; see the README's force_share section)."""
+        server calls it periodically; see docs/mounting.md, images in use)."""
         await self._engine.revalidate()
 
     @property

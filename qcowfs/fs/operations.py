@@ -39,7 +39,7 @@ _PUSH_THREADS = trio.CapacityLimiter(2)
 STOCK_PYFUSE3_WARNING = (
     "pyfuse3 is the stock build, without qcowfs's fallocate/lseek patch: discard (fstrim, "
     "blkdiscard), fallocate and SEEK_HOLE/SEEK_DATA do not reach the mount (`make install` "
-    "builds the patched pyfuse3; see the README's Install section)")
+    "builds the patched pyfuse3; see docs/install.md)")
 
 
 def pyfuse3_patched() -> bool:

@@ -279,7 +279,7 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
 
 async def _revalidate(image: Image) -> None:
     """force_share: drop what was read of the image's tables every
-    REVALIDATE_EVERY seconds (the guarantee the README states)."""
+    REVALIDATE_EVERY seconds (the guarantee docs/mounting.md states)."""
     while True:
         await trio.sleep(REVALIDATE_EVERY)
         try:
