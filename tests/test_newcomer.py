@@ -317,12 +317,18 @@ def test_snapshot_list_json_has_no_icount(tmp_path: Path) -> None:
 
 # ---- 7. a run directory of another user ---------------------------------------------------------
 
-def test_run_dir_of_another_user_is_refused_at_mount(pubdir: Path) -> None:
+def strangers_mount(pubdir: Path) -> tuple[Path, Path]:
+    """Root's image (0644: readable, not writable by others) and a mount point of the stranger's."""
     img = image(pubdir / "r.qcow2", "16M")
     img.chmod(0o644)
     mnt = pubdir / "m"
     mnt.mkdir()
     os.chown(mnt, STRANGER, STRANGER)
+    return img, mnt
+
+
+def test_run_dir_of_another_user_is_refused_at_mount(pubdir: Path) -> None:
+    img, mnt = strangers_mount(pubdir)
     run_dir = Path(f"/tmp/qcowfs-{STRANGER}")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o755)  # root's: a user's fallback run directory someone else made
@@ -348,11 +354,7 @@ def test_users_umount_of_roots_mount_says_whose_it_is(pubdir: Path) -> None:
 
 
 def test_writable_mount_of_an_unwritable_image_says_read_only(pubdir: Path) -> None:
-    img = image(pubdir / "w.qcow2", "16M")
-    img.chmod(0o644)
-    mnt = pubdir / "m"
-    mnt.mkdir()
-    os.chown(mnt, STRANGER, STRANGER)
+    img, mnt = strangers_mount(pubdir)
     try:
         p = subprocess.run([*AS_STRANGER, QCOWFS, "mount", str(img), str(mnt)], capture_output=True, text=True,
                            timeout=60, env={**os.environ, "XDG_RUNTIME_DIR": ""})
