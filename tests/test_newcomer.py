@@ -28,9 +28,16 @@ from conftest import QCOWFS, ROOT, force_unmount, is_mounted, loop_device, mount
 from qcowfs.host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 MiB = 1 << 20
-# A user id no account has, so that no other test's run directory is in the way.
-STRANGER = 47474
-AS_STRANGER = ["setpriv", f"--reuid={STRANGER}", f"--regid={STRANGER}", "--clear-groups", "--"]
+# User ids no account has, so that no other test's run directory is in the way
+# (the second: for the test that makes the first one's run directory root's).
+STRANGER, SQUATTED = 47474, 47475
+
+
+def as_user(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+
+
+AS_STRANGER = as_user(STRANGER)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, other users)")
 
@@ -58,7 +65,8 @@ def pubdir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(f"/tmp/qcowfs-{STRANGER}", ignore_errors=True)
+        for uid in (STRANGER, SQUATTED):
+            shutil.rmtree(f"/tmp/qcowfs-{uid}", ignore_errors=True)
 
 
 def image(path: Path, size: str = "64M", *writes: str) -> Path:
@@ -317,24 +325,24 @@ def test_snapshot_list_json_has_no_icount(tmp_path: Path) -> None:
 
 # ---- 7. a run directory of another user ---------------------------------------------------------
 
-def strangers_mount(pubdir: Path) -> tuple[Path, Path]:
-    """Root's image (0644: readable, not writable by others) and a mount point of the stranger's."""
+def strangers_mount(pubdir: Path, uid: int = STRANGER) -> tuple[Path, Path]:
+    """Root's image (0644: readable, not writable by others) and a mount point of UID's."""
     img = image(pubdir / "r.qcow2", "16M")
     img.chmod(0o644)
     mnt = pubdir / "m"
     mnt.mkdir()
-    os.chown(mnt, STRANGER, STRANGER)
+    os.chown(mnt, uid, uid)
     return img, mnt
 
 
 def test_run_dir_of_another_user_is_refused_at_mount(pubdir: Path) -> None:
-    img, mnt = strangers_mount(pubdir)
-    run_dir = Path(f"/tmp/qcowfs-{STRANGER}")
+    img, mnt = strangers_mount(pubdir, SQUATTED)
+    run_dir = Path(f"/tmp/qcowfs-{SQUATTED}")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o755)  # root's: a user's fallback run directory someone else made
     try:
         env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
-        p = subprocess.run([*AS_STRANGER, QCOWFS, "mount", "-r", str(img), str(mnt)], capture_output=True,
+        p = subprocess.run([*as_user(SQUATTED), QCOWFS, "mount", "-r", str(img), str(mnt)], capture_output=True,
                            text=True, timeout=60, env=env)
         one_line(p, f"{run_dir} belongs to root", "XDG_RUNTIME_DIR")
         assert not is_mounted(mnt)
