@@ -404,6 +404,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_stock_pyfuse3_is_said_once_at_mount(tmp_path: Path) -> None:
+    """Once on the mount's stderr (and in its log), and by `qcowfs --version`; nothing
+    with the patched build."""
+    version = subprocess.run([sys.executable, "-c", STOCK_PYFUSE3, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout.splitlines()
+    assert len(version) == 2 and "pyfuse3 is the stock build" in version[1], version
+    assert len(qcowfs("--version").stdout.splitlines()) == 1
     img = image(tmp_path / "k.qcow2", "16M")
     mnt = tmp_path / "m"
     mnt.mkdir()

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "snapshots/NAME.raw (internal snapshots) and bitmaps/NAME (dirty bitmaps).",
         epilog="`qcowfs IMAGE MOUNTPOINT -o OPTS` (no subcommand) mounts too: that is how "
                "`mount -t fuse.qcowfs` and /etc/fstab call it.")
-    p.add_argument("--version", action="version", version=f"qcowfs {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version (and a word on pyfuse3 when "
+                                                                "mounts cannot have everything) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
                            description="`qcowfs COMMAND --help` describes each one")
 
@@ -124,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
     return p
+
+
+class _Version(argparse.Action):
+    """`qcowfs --version`: the version, then one line when pyfuse3 is missing
+    (no mounts) or the stock build (no discard, fallocate, SEEK_HOLE through
+    mounts). pyfuse3 is imported only here, not for every command."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"qcowfs {__version__}")
+        try:
+            from ..fs.operations import STOCK_PYFUSE3_WARNING, pyfuse3_patched
+        except ImportError:
+            print("pyfuse3 is not installed: qcowfs mount cannot work (the library and the other "
+                  "commands do); `make install` installs it")
+        else:
+            if not pyfuse3_patched():
+                print(STOCK_PYFUSE3_WARNING)
+        parser.exit()
 
 
 def _mount_args(m: argparse.ArgumentParser) -> None:

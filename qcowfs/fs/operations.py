@@ -38,7 +38,7 @@ _PUSH_THREADS = trio.CapacityLimiter(2)
 # it registers neither FUSE_FALLOCATE nor FUSE_LSEEK, so the kernel never asks us.
 STOCK_PYFUSE3_WARNING = (
     "pyfuse3 is the stock build, without qcowfs's fallocate/lseek patch: discard (fstrim, "
-    "blkdiscard), fallocate and SEEK_HOLE/SEEK_DATA do not reach the mount (`make install` "
+    "blkdiscard), fallocate and SEEK_HOLE/SEEK_DATA do not reach mounts (`make install` "
     "builds the patched pyfuse3; see docs/install.md)")
 
 
