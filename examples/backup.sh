@@ -27,17 +27,25 @@ with open(src, "rb") as s, open(dest, "r+b") as d, open(extents) as m:
 PY
 }
 
-cmd=$1; shift
+usage() {
+    echo "usage: backup.sh full|incremental MOUNTPOINT DIR NAME | restore DIR OUT" >&2; exit 2
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
 case $cmd in
 full)
+    [ $# -eq 3 ] || usage
     mnt=$1 dir=$2 name=$3
     mkdir -p "$dir"
     qcowfs checkpoint "$mnt" "$name"
     cp --sparse=always "$mnt/snapshots/$name.raw" "$dir/0-$name.full"
     echo "$name" > "$dir/last" ;;
 incremental)
+    [ $# -eq 3 ] || usage
     mnt=$1 dir=$2 name=$3
-    prev=$(cat "$dir/last") n=$(ls "$dir" | grep -c '^[0-9]')
+    # Increments are numbered 1, 2, 3... after the full copy 0.
+    prev=$(cat "$dir/last") n=$(($(ls "$dir" | grep -c '\.inc$' || true) + 1))
     qcowfs checkpoint "$mnt" "$name"
     cp "$mnt/maps/bitmaps/$prev@$name.json" "$dir/$n-$name.extents"
     truncate -s "$(stat -c %s "$mnt/snapshots/$name.raw")" "$dir/$n-$name.inc"
@@ -48,11 +56,16 @@ incremental)
     qcowfs bitmap remove "$mnt" "$prev@$name"
     echo "$name" > "$dir/last" ;;
 restore)
+    [ $# -eq 2 ] || usage
     dir=$1 out=$2
-    cp --sparse=always "$dir"/0-*.full "$out"
+    # Built beside OUT and renamed at the end: a failed restore leaves no OUT.
+    # (--no-preserve=mode: the copy is ours to write, not the snapshot's 0444.)
+    trap 'rm -f "$out.partial"' EXIT
+    cp --sparse=always --no-preserve=mode "$dir"/0-*.full "$out.partial"
     for inc in $(ls "$dir" | grep '\.inc$' | sort -n); do
-        copy_extents "$dir/$inc" "$dir/${inc%.inc}.extents" "$out"
-    done ;;
+        copy_extents "$dir/$inc" "$dir/${inc%.inc}.extents" "$out.partial"
+    done
+    mv "$out.partial" "$out" ;;
 *)
-    echo "usage: backup.sh full|incremental MOUNTPOINT DIR NAME | restore DIR OUT" >&2; exit 2 ;;
+    usage ;;
 esac

@@ -359,7 +359,14 @@ class Image:
         `qcowfs.aio.check`, which can open an image marked corrupt to repair it."""
         if repair and self._engine.read_only:
             raise ReadOnlyError("a repair needs the image opened with mode \"r+\"")
-        r = await _check(self._engine, repair=repair, progress=progress)
+        if repair or self.read_only or self.corrupt:
+            r = await _check(self._engine, repair=repair, progress=progress)
+        else:
+            # Open for writing (a mount's image, written meanwhile): the caches
+            # hold changes the file does not have yet, so the check runs at one
+            # instant with every cache flushed, writes waiting until it is done.
+            async with self._engine.exclusive():
+                r = await _check(self._engine, progress=progress)
         return CheckResult.of(r, self.path)
 
     async def map(self, snapshot: "str | Disk | None" = None) -> list[dict[str, Any]]:
@@ -441,7 +448,7 @@ class Image:
 
     async def revalidate(self) -> None:
         """force_share: drop every table read so far and re-read the header (a
-        server calls it periodically; see the README's force_share section)."""
+        server calls it periodically; see docs/mounting.md, images in use)."""
         await self._engine.revalidate()
 
     @property

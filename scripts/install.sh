@@ -7,9 +7,12 @@
 #                                 /usr/local), a symlink to .venv/bin/qcowfs: `qcowfs` by
 #                                 name for every user, and what mount(8) needs for
 #                                 `mount -t fuse.qcowfs` (mount.fuse3 runs `qcowfs` from
-#                                 the default PATH, which has /usr/local/bin)
+#                                 the default PATH, which has /usr/local/bin); the manual
+#                                 page DIR/share/man/man1/qcowfs.1 (`man qcowfs`) and the
+#                                 bash completion DIR/share/bash-completion/completions/qcowfs
+#                                 (with man-db and bash-completion, installed if missing)
 #   scripts/install.sh --uninstall [--prefix DIR]
-#                                 remove that entry point (if it is ours)
+#                                 remove what --system installed (if it is ours)
 #   scripts/install.sh --venv-status
 #                                 say whether .venv is current or would be rebuilt; change nothing
 # Idempotent: packages already present are not fetched again, a venv that is
@@ -37,12 +40,22 @@ while [ $# -gt 0 ]; do
     shift
 done
 entry="$prefix/bin/qcowfs"
+# The manual page and the completion: copies of man/qcowfs.1 and completion/qcowfs.bash
+# (made from the parser by scripts/generate.py; `make man`).
+manpage="$prefix/share/man/man1/qcowfs.1"
+completion="$prefix/share/bash-completion/completions/qcowfs"
 
 if [ "$uninstall" = 1 ]; then
     if [ -L "$entry" ] && [ "$(readlink "$entry")" = "$REPO/.venv/bin/qcowfs" ]; then
         rm -f "$entry"
         echo "removed $entry"
     fi
+    for f in "$manpage:man/qcowfs.1" "$completion:completion/qcowfs.bash"; do
+        if [ -f "${f%%:*}" ] && cmp -s "${f%%:*}" "${f#*:}"; then
+            rm -f "${f%%:*}"
+            echo "removed ${f%%:*}"
+        fi
+    done
     exit 0
 fi
 
@@ -72,8 +85,12 @@ fi
 RUN_PKGS="fuse3 libfuse3-dev pkg-config gcc patch python3 python3-venv python3-dev"
 TEST_PKGS="qemu-utils qemu-system-common libqcow-utils fio e2fsprogs util-linux attr systemd libnbd-bin fdisk fuse2fs"
 
+# `man qcowfs` and completion by TAB need these (minimal Debian images lack them).
+SYSTEM_PKGS="man-db bash-completion"
+
 want="$RUN_PKGS"
 if [ "$test_deps" = 1 ]; then want="$want $TEST_PKGS"; fi
+if [ "$system" = 1 ]; then want="$want $SYSTEM_PKGS"; fi
 
 missing=""
 for p in $want; do
@@ -132,4 +149,10 @@ if [ "$system" = 1 ]; then
         exit 1
     fi
     echo "installed $entry -> $REPO/.venv/bin/qcowfs"
+    if ! install -D -m 0644 man/qcowfs.1 "$manpage" ||
+       ! install -D -m 0644 completion/qcowfs.bash "$completion"; then
+        echo "install.sh: cannot write $manpage or $completion (run as root)" >&2
+        exit 1
+    fi
+    echo "installed $manpage (man qcowfs) and $completion"
 fi

@@ -2,7 +2,7 @@
 qemu-storage-daemon's FUSE export of a copy of the same image (it implements
 both) and `qemu-img map`.
 
-Where they differ, on purpose (README, "Discard and holes"):
+Where they differ, on purpose (docs/mounting.md, "Discard, zeroing and holes"):
 - a PUNCH_HOLE that covers part of a cluster: QEMU's discard leaves that part
   as it was (fallocate(2) promises zeros); qcowfs writes zeros there;
 - mode 0 (or KEEP_SIZE alone) inside the disk: QEMU answers EOPNOTSUPP,

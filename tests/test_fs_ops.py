@@ -94,7 +94,7 @@ def test_corruption_found_while_writing_marks_image_and_stops_writes(tmp_path: P
 
 
 def test_writable_disk_is_direct_io_unless_page_cache(tmp_path: Path) -> None:
-    """The README's trade: a writable disk.raw bypasses the kernel page cache,
+    """docs/speed.md's trade: a writable disk.raw bypasses the kernel page cache,
     so shared mmap is refused (ENODEV); -o page_cache and read-only mounts
     allow it."""
     import errno

@@ -1,6 +1,6 @@
 """The package's layering holds: each module imports only its own layer and
 those below it, no module-level import cycles, and the layers above the
-public API reach the engine only through it (README, "Layout of the code")."""
+public API reach the engine only through it (docs/design.md, "Layout of the code")."""
 from __future__ import annotations
 
 import ast

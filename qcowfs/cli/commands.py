@@ -22,6 +22,7 @@ from .text import render_check, render_info, render_snapshots
 
 if TYPE_CHECKING:
     from ..aio import Image
+    from ..records import CheckResult
 
 
 def die(msg: str, code: int = 1) -> NoReturn:
@@ -41,7 +42,9 @@ def open_image(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
         msg = str(e)
         if image_arg not in msg and os.path.abspath(image_arg) not in msg:
             msg = f"{image_arg}: {msg}"
-        raise type(e)(msg) from None
+        err = type(e)(msg)
+        err.errno = e.errno  # (an open's errno is the host file's: EACCES, ENOENT...)
+        raise err from None
     for warning in image.warnings:
         print(f"qcowfs: warning: {image_arg}: {warning}", file=sys.stderr)
     return image
@@ -73,11 +76,29 @@ def _run(image: "Image", work: Callable[["Image"], Any]) -> Any:
 
 # ---- info and check -------------------------------------------------------------
 
+def _live(target: str) -> bool:
+    """TARGET is a qcowfs mount point (then the daemon serving it answers);
+    a directory that is none is an error here, a file is an image."""
+    from ..service import control
+
+    if control.mounted(target) is not None:
+        return True
+    if os.path.isdir(target):
+        raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
+    return False
+
+
 def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
     """FORCE_SHARE (-U) takes no image lock, as qemu-img -U: to inspect an
-    image a VM or a mount holds."""
-    d = _run(open_image(image_arg, force_share=force_share, require_backing=False), lambda image: image.info())
-    d["filename"] = image_arg
+    image a VM or a mount holds. On a mount point: the served image, now."""
+    if _live(image_arg):
+        from ..service import control
+
+        d = control.request(image_arg, "info")["info"]
+    else:
+        d = _run(open_image(image_arg, force_share=force_share, require_backing=False),
+                 lambda image: image.info())
+        d["filename"] = image_arg
     print(json.dumps(d, indent=4) if as_json else render_info(d))
     return 0
 
@@ -97,18 +118,28 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
 
     if force_share and repair:
         raise UsageError("-U (force share) cannot be used with --repair: a repair must own the image")
-    progress = _progress_printer()
-    import trio
+    if _live(image_arg):
+        if repair:
+            raise UsageError(f"--repair needs the image to itself: unmount {image_arg} first "
+                             "(qcowfs umount), then repair the image file")
+        from ..service import control
 
-    try:
-        result = trio.run(lambda: aio.check(image_arg, repair, force_share=force_share, progress=progress))
-    except (QcowError, OSError) as e:
-        print(f"qcowfs: check failed: {e}", file=sys.stderr)
-        return 1
-    if progress:
-        print("\r", end="", file=sys.stderr)
+        result = _check_result(control.request(image_arg, "check")["check"])
+        filename = result.json.get("filename", image_arg)
+    else:
+        progress = _progress_printer()
+        import trio
+
+        try:
+            result = trio.run(lambda: aio.check(image_arg, repair, force_share=force_share, progress=progress))
+        except (QcowError, OSError) as e:
+            print(f"qcowfs: check failed: {e}", file=sys.stderr)
+            return 1
+        if progress:
+            print("\r", end="", file=sys.stderr)
+        filename = os.path.abspath(image_arg)
     if as_json:
-        print(json.dumps(result.json | {"filename": os.path.abspath(image_arg)}, indent=4))
+        print(json.dumps(result.json | {"filename": filename}, indent=4))
     else:
         out, err = render_check(result)
         for line in err:
@@ -117,11 +148,20 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
     return result.returncode
 
 
+def _check_result(reply: dict[str, Any]) -> "CheckResult":
+    """The daemon's check (its fields as JSON) as the record again."""
+    from ..records import CheckResult
+
+    return CheckResult(**reply | {"messages": tuple(reply["messages"]),
+                                  "fixed": tuple(reply["fixed"]) if reply["fixed"] is not None else None})
+
+
 # ---- snapshots, bitmaps, checkpoints -----------------------------------------------
 
-def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, Any]:
+def cmd_manage(target: str, request: dict[str, Any], writes: bool, force_share: bool = False) -> dict[str, Any]:
     """Run REQUEST on TARGET: through the daemon if it is a qcowfs mount point,
-    else on the image file TARGET, opened here (for writing if WRITES)."""
+    else on the image file TARGET, opened here (for writing if WRITES;
+    without a lock if FORCE_SHARE)."""
     from ..service import control
 
     if control.mounted(target) is not None:
@@ -130,7 +170,16 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, 
         raise UsageError(f"{target} is not a qcowfs mount point")
     from ..service.manage import Manager
 
-    return _run(_open_unmounted(target, "r+" if writes else "r"), lambda image: Manager(image).handle(request))
+    image = _open_unmounted(target, "r+" if writes else "r", force_share=force_share)
+    return _run(image, lambda image: Manager(image).handle(request))
+
+
+def _list_only_force_share(a: argparse.Namespace) -> bool:
+    """-U is for list only (as qemu-img's: a change needs the lock)."""
+    if a.force_share and a.action != "list":
+        raise UsageError(f"-U (force share) is only for {a.command} list: {a.command} {a.action} "
+                         "changes the image, which needs its lock")
+    return bool(a.force_share)
 
 
 def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
@@ -142,8 +191,10 @@ def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
 
 def cmd_snapshot(a: argparse.Namespace) -> int:
     if a.action == "list":
-        _print_snapshots(cmd_manage(a.target, {"op": "snapshot-list"}, writes=False), a.json)
+        reply = cmd_manage(a.target, {"op": "snapshot-list"}, writes=False, force_share=_list_only_force_share(a))
+        _print_snapshots(reply, a.json)
         return 0
+    _list_only_force_share(a)
     if a.name is None:
         raise UsageError(f"snapshot {a.action} needs a NAME")
     cmd_manage(a.target, {"op": f"snapshot-{a.action}", "name": a.name}, writes=True)
@@ -152,13 +203,14 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
 
 def cmd_bitmap(a: argparse.Namespace) -> int:
     if a.action == "list":
-        reply = cmd_manage(a.target, {"op": "bitmap-list"}, writes=False)
+        reply = cmd_manage(a.target, {"op": "bitmap-list"}, writes=False, force_share=_list_only_force_share(a))
         if a.json:
             print(json.dumps(reply["bitmaps"], indent=4))
         for b in [] if a.json else reply["bitmaps"]:
             print(f"{b['name']}\tgranularity {b['granularity']}\tflags {','.join(b['flags']) or '-'}"
                   + (f"\tunusable: {b['problem']}" if b.get("problem") else ""))
         return 0
+    _list_only_force_share(a)
     if a.name is None:
         raise UsageError(f"bitmap {a.action} needs a NAME")
     request: dict[str, Any] = {"op": f"bitmap-{a.action}", "name": a.name}

@@ -14,13 +14,14 @@ import os
 import re
 import signal
 import sys
+import textwrap
 from typing import NoReturn, Sequence
 
 from .. import __version__
 from ..errors import QcowError
-from ..service.options import MountOptions
+from ..service.options import MOUNT_OPTIONS, MountOptions
 from .commands import cmd_bitmap, cmd_check, cmd_checkpoint, cmd_info, cmd_map, cmd_snapshot, die
-from .mount import ROOT_LOG_FILE, cmd_mount, cmd_umount
+from .mount import cmd_mount, cmd_umount
 
 SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map")
 
@@ -34,36 +35,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "snapshots/NAME.raw (internal snapshots) and bitmaps/NAME (dirty bitmaps).",
         epilog="`qcowfs IMAGE MOUNTPOINT -o OPTS` (no subcommand) mounts too: that is how "
                "`mount -t fuse.qcowfs` and /etc/fstab call it.")
-    p.add_argument("--version", action="version", version=f"qcowfs {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version (and a word on pyfuse3 when "
+                                                                "mounts cannot have everything) and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                           description="`qcowfs COMMAND --help` describes each one")
 
     m = sub.add_parser("mount", help="mount an image (returns once the mount is ready)",
                        description="Mount IMAGE on MOUNTPOINT. Returns once the mount is ready; "
-                                   "the daemon keeps serving until unmounted.")
-    m.add_argument("image", metavar="IMAGE")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+                                   "the daemon keeps serving until unmounted.",
+                       epilog=mount_options_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("image", metavar="IMAGE", help="the qcow2 image file")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     _mount_args(m)
 
     u = sub.add_parser("umount", help="unmount, flushing everything, and wait for the daemon",
                        description="Unmount MOUNTPOINT; returns once the daemon has flushed "
                                    "everything to the image and exited.")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="where a qcowfs mount is")
     u.add_argument("--force", action="store_true",
                    help="detach even if files are open or a loop device uses disk.raw "
                         "(the daemon flushes first; whatever still uses the mount gets errors)")
 
     i = sub.add_parser("info", help="show what qemu-img info shows",
                        description="Show the image's format, sizes, features, backing chain, "
-                                   "snapshots and bitmaps.")
-    i.add_argument("image", metavar="IMAGE")
+                                   "snapshots and bitmaps. IMAGE may be the mount point of a qcowfs "
+                                   "mount: then the daemon describes the image it serves, as it is now.")
+    i.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img's keys)")
     i.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: inspect an image that a VM or a mount holds")
 
     c = sub.add_parser("check", help="check refcounts and flags like qemu-img check",
                        description="Check the image's metadata. Exit codes as qemu-img check: "
-                                   "0 clean, 1 check failed, 2 corruptions, 3 leaks only.")
-    c.add_argument("image", metavar="IMAGE")
+                                   "0 clean, 1 check failed, 2 corruptions, 3 leaks only. IMAGE may "
+                                   "be the mount point of a qcowfs mount: then the daemon checks the "
+                                   "image it serves (writes wait meanwhile; --repair needs an unmounted "
+                                   "image).")
+    c.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     c.add_argument("--repair", action="store_true", help="fix leaks, refcounts and COPIED flags")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("-U", "--force-share", action="store_true",
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("target", metavar="TARGET")
     sn.add_argument("name", metavar="NAME", nargs="?")
     sn.add_argument("--json", action="store_true", help="list: machine-readable (qemu-img info's keys)")
+    sn.add_argument("-U", "--force-share", action="store_true",
+                    help="list: take no lock (an image that a VM holds)")
 
     bm = sub.add_parser("bitmap", help="add, remove, clear, enable, disable, merge or list "
                                        "persistent dirty bitmaps (qemu-img bitmap)",
@@ -91,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add: bytes per bit (default: the cluster size, clamped to 4K..64K, as QEMU)")
     bm.add_argument("--disable", action="store_true", help="add: a disabled bitmap (does not track writes)")
     bm.add_argument("--json", action="store_true", help="list: machine-readable")
+    bm.add_argument("-U", "--force-share", action="store_true",
+                    help="list: take no lock (an image that a VM holds)")
 
     cp = sub.add_parser("checkpoint", help="snapshot NAME + frozen copies B@NAME of every enabled "
                                            "bitmap + a new bitmap NAME, in one commit",
@@ -115,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Version(argparse.Action):
+    """`qcowfs --version`: the version, then one line when pyfuse3 is missing
+    (no mounts) or the stock build (no discard, fallocate, SEEK_HOLE through
+    mounts). pyfuse3 is imported only here, not for every command."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"qcowfs {__version__}")
+        try:
+            from ..fs.operations import STOCK_PYFUSE3_WARNING, pyfuse3_patched
+        except ImportError:
+            print("pyfuse3 is not installed: qcowfs mount cannot work (the library and the other "
+                  "commands do); `make install` installs it")
+        else:
+            if not pyfuse3_patched():
+                print(STOCK_PYFUSE3_WARNING)
+        parser.exit()
+
+
 def _mount_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("-r", "--read-only", action="store_true",
                    help="serve everything read-only; the image is never written")
@@ -122,13 +153,29 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
                    help="stay attached (for systemd and debugging); logs go to stderr")
     m.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="ro, rw, allow_other, uid=USER, gid=GROUP (names or numbers), umask=OCTAL, "
-                        "l2_cache_size=SIZE (default 32M), read_around=SIZE (default 256K, 0 = off), "
-                        "page_cache, log_file=PATH (daemon log; default syslog, else "
-                        f"{ROOT_LOG_FILE} for root), key_file=PATH or key_credential=NAME (passphrase "
-                        "of an encrypted image; else asked on a terminal), debug, scratch (throwaway "
-                        "writes; scratch_dir=DIR, scratch_size=SIZE), force_share (read-only: an image "
-                        "another program writes); mount(8)/systemd generic options are accepted")
+                   help="mount options, comma-separated (may be repeated): "
+                        + ", ".join(o.name + (f"={o.value}" if o.value else "") for o in MOUNT_OPTIONS)
+                        + " (each is described below); mount(8)/systemd generic options "
+                          "(defaults, nofail, x-systemd.*...) are accepted and ignored")
+
+
+def mount_options_text() -> str:
+    """The mount options, one per line with what it does (mount --help's
+    epilog; qcowfs(1) has the same from MOUNT_OPTIONS)."""
+    lines = ["mount options (-o):"]
+    for o in MOUNT_OPTIONS:
+        name = o.name + (f"={o.value}" if o.value else "")
+        lines += textwrap.wrap(o.help, 78, initial_indent=f"  {name:<22}", subsequent_indent=" " * 24)
+    return "\n".join(lines) + "\n"
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each COMMAND of PARSER (build_parser()'s), by name: for
+    usage errors of one command, the man page and the shell completion."""
+    for action in parser._actions:  # (argparse offers no public way to them)
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _helper_parser() -> argparse.ArgumentParser:
@@ -176,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _looks_like_command(argv[0]):
                 _unknown_command(argv[0])
             return _mount_from_args(_helper_parser().parse_args(argv))
-        a = build_parser().parse_args(argv)
+        parser = build_parser()
+        a, extra = parser.parse_known_args(argv)
+        if extra:  # what the command's parser did not take: its usage, not the top-level one
+            command_parsers(parser).get(a.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
         if a.command == "mount":
             return _mount_from_args(a)
         if a.command == "umount":

@@ -6,6 +6,7 @@ line, and the daemon (service/daemon.py) serves that image's disks.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -16,12 +17,10 @@ from typing import Any
 
 from ..errors import QcowError, UsageError
 from ..host import mounts
-from ..service.options import FORCE_SHARE_WARNING, MountOptions
+from ..service.options import FORCE_SHARE_WARNING, ROOT_LOG_FILE, MountOptions
 from .commands import die, open_image
 
 log = logging.getLogger("qcowfs")
-# What the daemon logs to when there is no syslog (no /dev/log) and no -o log_file=.
-ROOT_LOG_FILE = "/var/log/qcowfs.log"
 
 
 # ---- mount --------------------------------------------------------------------
@@ -39,6 +38,20 @@ def _check_mountpoint(image_path: str, mountpoint: str) -> None:
     for m in mounts.mounts():
         if m.mountpoint == where and m.fstype.startswith("fuse") and m.source == source:
             raise UsageError(f"{image_path} is already mounted on {mountpoint}")
+    on = mounts.find(where, mounts.FSTYPE)
+    if on is not None:  # (mount(8) refuses to stack too: one mount per mount point)
+        raise UsageError(f"{mountpoint} is already a qcowfs mount (of {mounts.fsname_decode(on.source)}): "
+                         f"unmount it first (qcowfs umount {mountpoint})")
+
+
+def _check_run_dir() -> None:
+    """The daemon needs a private run directory for its pid file and control
+    socket (umount waits by the one, snapshot/bitmap/info of the mount point
+    talk through the other): refused here, before anything is mounted."""
+    problem = mounts.run_dir_problem()
+    if problem is not None:
+        raise UsageError(f"no private run directory for the mount's daemon ({problem}): remove it, "
+                         "or set XDG_RUNTIME_DIR to a directory of yours")
 
 
 def _fuse_options(image_path: str, opts: MountOptions) -> set[str]:
@@ -73,13 +86,28 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     image_path = os.path.abspath(image_arg)
     mountpoint = os.path.abspath(mountpoint_arg)
     _check_mountpoint(image_path, mountpoint)
+    _check_run_dir()
     from ..host.secret import passphrase_source
 
-    image = open_image(image_arg, "r" if opts.image_read_only else "r+", l2_cache_size=opts.l2_cache_bytes,
-                       force_share=opts.force_share,
-                       passphrase=passphrase_source(image_arg, opts.key_file, opts.key_credential))
-    if opts.force_share and not foreground:
-        print(f"qcowfs: warning: {image_arg}: {FORCE_SHARE_WARNING}", file=sys.stderr)
+    mode = "r" if opts.image_read_only else "r+"
+    try:
+        image = open_image(image_arg, mode, l2_cache_size=opts.l2_cache_bytes, force_share=opts.force_share,
+                           passphrase=passphrase_source(image_arg, opts.key_file, opts.key_credential))
+    except (QcowError, OSError) as e:
+        # (not a wrong passphrase, also EACCES: the image file itself)
+        if (mode == "r+" and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                and os.access(image_arg, os.R_OK) and not os.access(image_arg, os.W_OK)):
+            why = "is on a read-only filesystem" if e.errno == errno.EROFS else "cannot be written by you"
+            raise UsageError(f"{image_arg} {why}: open it read-only with -r (or -o ro), or with "
+                             "-o scratch for throwaway writes") from None
+        raise
+    if not foreground:  # (a foreground daemon logs these to stderr itself)
+        from ..fs.operations import STOCK_PYFUSE3_WARNING, pyfuse3_patched
+
+        if opts.force_share:
+            print(f"qcowfs: warning: {image_arg}: {FORCE_SHARE_WARNING}", file=sys.stderr)
+        if not pyfuse3_patched():
+            print(f"qcowfs: warning: {STOCK_PYFUSE3_WARNING}", file=sys.stderr)
     fuse_options = _fuse_options(image_path, opts)
     if foreground:
         _setup_logging(opts, daemon=False)
@@ -196,6 +224,10 @@ def cmd_umount(mountpoint_arg: str, force: bool = False) -> int:
     entry = mounts.find(mountpoint, mounts.FSTYPE)
     if entry is None:
         raise UsageError(f"{mountpoint} is not a qcowfs mount")
+    owner = mounts.fuse_owner(entry)
+    if os.geteuid() != 0 and owner is not None and owner != os.geteuid():
+        raise UsageError(f"{mountpoint} was mounted by {mounts.user_name(owner)}: only that user "
+                         "or root can unmount it")
     pid = mounts.read_pid(entry.dev)
     if force:
         if pid is not None:

@@ -34,6 +34,21 @@ READ_AROUND_QUEUE = 32
 _PUSH_THREADS = trio.CapacityLimiter(2)
 
 
+# What a mount says once when pyfuse3 is the stock build (a plain `pip install`):
+# it registers neither FUSE_FALLOCATE nor FUSE_LSEEK, so the kernel never asks us.
+STOCK_PYFUSE3_WARNING = (
+    "pyfuse3 is the stock build, without qcowfs's fallocate/lseek patch: discard (fstrim, "
+    "blkdiscard), fallocate and SEEK_HOLE/SEEK_DATA do not reach mounts (`make install` "
+    "builds the patched pyfuse3; see docs/install.md)")
+
+
+def pyfuse3_patched() -> bool:
+    """The running pyfuse3 has patches/pyfuse3-fallocate-lseek.patch: its
+    compiled handlers for both requests exist (what scripts/build-pyfuse3.sh
+    --check looks at, the version label aside)."""
+    return hasattr(pyfuse3, "fuse_fallocate_async") and hasattr(pyfuse3, "fuse_lseek_async")
+
+
 @dataclass
 class Access:
     """Ownership and mode bits the mount reports (uid=, gid=, umask=)."""

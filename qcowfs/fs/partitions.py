@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..errors import ReadOnlyError
+from ..errors import NoSpaceError, ReadOnlyError
 from .views import DirNode, FileNode, FileView
 
 SECTOR = 512
@@ -161,6 +161,26 @@ class PartitionView(FileView):
 
     async def fsync(self) -> None:
         await self.disk.fsync()
+
+    # Discard, zeroing and holes as through the disk file (mkfs and fstrim
+    # through a loop device on the partition send fallocate; cp and tar seek).
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        n = self.clip(offset, length)
+        if n > 0:
+            await self.disk.zero(self.part.start + offset, n, unmap)
+
+    async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        """Inside the partition as the disk file does (its rights decide);
+        past its end it cannot grow."""
+        if not keep_size and offset + length > self.size:
+            raise NoSpaceError("a partition's size is set by the partition table: it cannot grow")
+        n = self.clip(offset, length)
+        await self.disk.allocate(self.part.start + offset, max(n, 0), keep_size=True)
+
+    async def seek(self, offset: int, data: bool) -> int:
+        found = await self.disk.seek(self.part.start + offset, data)
+        return min(found - self.part.start, self.size)
 
 
 def _partition_lister(disk: FileView) -> Callable[[Children], Awaitable[Children]]:

@@ -10,10 +10,13 @@ the file to slots of the scratch file. Slots are handed out in order and
 never freed (the mount only grows its overlay), so the space used is the
 number of slots times BLOCK, and `scratch_size` bounds it: a write that
 would need more slots than are left fails whole with ENOSPC before any of
-it is stored.
+it is stored. A discard or zeroing (fallocate: mkfs, fstrim through a loop
+device) marks whole blocks as zeros without a slot, and hands the slots
+they had back (punched in the scratch file) for later writes.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import tempfile
@@ -28,6 +31,8 @@ from .views import DirNode, FileNode, FileView
 # The overlay's granularity: a filesystem block, so that an ext4 or XFS on
 # the file (journal replay, fsck) costs no more overlay than it writes.
 BLOCK = 4096
+# An overlay block that reads as zeros (discarded or zeroed): no slot.
+ZERO = -1
 
 
 def default_dir() -> str:
@@ -49,11 +54,12 @@ class Scratch:
         finally:
             os.close(fd)
         self._slots = 0
+        self._free: list[int] = []  # slots handed back (punched), used again first
 
     @property
     def used(self) -> int:
         """Bytes of the scratch file holding written blocks (all files)."""
-        return self._slots * BLOCK
+        return (self._slots - len(self._free)) * BLOCK
 
     def space(self) -> tuple[int, int]:
         """(total, free) bytes the overlays have: scratch_size, else what is
@@ -64,15 +70,24 @@ class Scratch:
         free = st.f_bavail * st.f_frsize
         return self.used + free, free
 
-    def allocate(self, count: int) -> int:
-        """COUNT consecutive new slots (the first one's number), or
+    def allocate(self, count: int) -> list[int]:
+        """COUNT slots (handed-back ones first, then new consecutive ones), or
         NoSpaceError when they would pass scratch_size."""
-        if self.limit is not None and (self._slots + count) * BLOCK > self.limit:
+        new = max(0, count - len(self._free))
+        if self.limit is not None and (self._slots + new) * BLOCK > self.limit:
             raise NoSpaceError(f"the scratch overlay is full ({self.used} of {self.limit} bytes used; "
                                "-o scratch_size= sets the limit)")
+        reused = [self._free.pop() for _ in range(count - new)]
         first = self._slots
-        self._slots += count
-        return first
+        self._slots += new
+        return reused + list(range(first, first + new))
+
+    def release(self, slots: list[int]) -> None:
+        """SLOTS hold nothing any more: their space is punched out of the
+        scratch file (where the filesystem can) and they are used again."""
+        for slot in slots:
+            self.file.zero_range(slot * BLOCK, BLOCK, punch=True)
+        self._free += slots
 
     def close(self) -> None:
         self.file.close()
@@ -118,7 +133,8 @@ class Overlay(FileView):
         self.base = base
         self.scratch = scratch
         self.mtime_ns = base.mtime_ns
-        self._slots: dict[int, int] = {}  # block number -> slot in the scratch file
+        self._slots: dict[int, int] = {}  # block number -> slot in the scratch file, or ZERO
+        self._sorted: list[int] | None = None  # the block numbers in order (for seeks), when known
         self._lock = trio.Lock()
 
     @property
@@ -128,7 +144,7 @@ class Overlay(FileView):
     @property
     def used(self) -> int:
         """Bytes of this file in the overlay."""
-        return len(self._slots) * BLOCK
+        return sum(1 for s in self._slots.values() if s != ZERO) * BLOCK
 
     def xattrs(self) -> dict[str, bytes]:
         total, _ = self.scratch.space()
@@ -166,7 +182,10 @@ class Overlay(FileView):
             if slot is None:
                 continue
             lo, hi = max(offset, b * BLOCK), min(offset + n, (b + 1) * BLOCK)
-            await self.scratch.file.read_into(view[lo - offset : hi - offset], slot * BLOCK + lo - b * BLOCK)
+            if slot == ZERO:
+                view[lo - offset : hi - offset] = bytes(hi - lo)
+            else:
+                await self.scratch.file.read_into(view[lo - offset : hi - offset], slot * BLOCK + lo - b * BLOCK)
         return buf
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -175,16 +194,15 @@ class Overlay(FileView):
             raise NoSpaceError("write past the end of the file")
         async with self._lock:
             first, last = offset // BLOCK, (offset + n - 1) // BLOCK
-            new = [b for b in range(first, last + 1) if b not in self._slots]
+            new = [b for b in range(first, last + 1) if self._slots.get(b, ZERO) == ZERO]
             # Bytes of new blocks that this write does not cover come from
-            # the base (read before any slot is taken: a failed read costs
-            # nothing).
+            # the base, or are zeros for a zeroed block (read before any slot
+            # is taken: a failed read costs nothing).
             edges: dict[int, bytes] = {}
             for b in {first, last} & set(new):
                 if b * BLOCK < offset or (b + 1) * BLOCK > offset + n:
-                    edges[b] = await self._block_of_base(b)
-            slot = self.scratch.allocate(len(new)) if new else 0
-            fresh = dict(zip(new, range(slot, slot + len(new))))
+                    edges[b] = bytes(BLOCK) if b in self._slots else await self._block_of_base(b)
+            fresh = dict(zip(new, self.scratch.allocate(len(new)))) if new else {}
             src = memoryview(data)[:n]
             parts: list[tuple[int, Sequence[bytes | memoryview]]] = []
             for b in range(first, last + 1):
@@ -198,10 +216,81 @@ class Overlay(FileView):
                     s = fresh.get(b, self._slots.get(b))
                     assert s is not None
                     parts.append((s * BLOCK + lo - b * BLOCK, [piece]))
-            for at, pieces in _merged(parts):
+            for at, pieces in _merged(sorted(parts, key=lambda part: part[0])):
                 self.scratch.file.writev_sync(pieces, at)
+            if any(b not in self._slots for b in fresh):
+                self._sorted = None
             self._slots.update(fresh)
         return n
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        """Discard or zero a range (fallocate PUNCH_HOLE, ZERO_RANGE; both
+        the same here): partial blocks at its ends are written with zeros,
+        whole blocks become ZERO where the base has data (elsewhere the base
+        reads as zeros already) and give their slots back."""
+        n = self.clip(offset, length)
+        if n <= 0:
+            return
+        end = offset + n
+        lo, hi = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK
+        if lo >= hi:
+            await self.write(offset, bytes(n))
+            return
+        if offset < lo:
+            await self.write(offset, bytes(lo - offset))
+        if hi < end:
+            await self.write(hi, bytes(end - hi))
+        async with self._lock:
+            # Where the base has data (asked first: the changes below then
+            # happen without an await, so no read sees half of them).
+            data: list[tuple[int, int]] = []
+            pos = lo
+            while pos < hi:
+                start = await self.base.seek(pos, True)
+                if start >= hi:
+                    break
+                stop = min(await self.base.seek(start, False), hi)
+                data.append((start // BLOCK, -(-stop // BLOCK)))
+                pos = stop
+            first, last = lo // BLOCK, hi // BLOCK
+            mine = (range(first, last) if last - first < len(self._slots)
+                    else [b for b in self._slots if first <= b < last])
+            freed = [self._slots.pop(b) for b in mine if b in self._slots]
+            for b0, b1 in data:
+                self._slots.update(dict.fromkeys(range(b0, b1), ZERO))
+            self._sorted = None
+            self.scratch.release([s for s in freed if s != ZERO])
+
+    async def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        """Every block can be written already: nothing to reserve; the file
+        cannot grow (its size is the image's)."""
+        if not keep_size and offset + length > self.size:
+            raise NoSpaceError("the files of a scratch mount keep their size (the image is read-only)")
+
+    async def seek(self, offset: int, data: bool) -> int:
+        """The overlay's blocks (written: data, ZERO: hole) over the base's
+        data and holes."""
+        if not self._slots:
+            return await self.base.seek(offset, data)
+        if self._sorted is None:
+            self._sorted = sorted(self._slots)
+        blocks, size = self._sorted, self.size
+        pos = offset
+        while pos < size:
+            b = pos // BLOCK
+            slot = self._slots.get(b)
+            if slot is not None:
+                if (slot != ZERO) == data:
+                    return pos
+                pos = (b + 1) * BLOCK
+                continue
+            i = bisect.bisect_right(blocks, b)
+            limit = min(blocks[i] * BLOCK, size) if i < len(blocks) else size
+            found = await self.base.seek(pos, data)
+            if found < limit:
+                return found
+            pos = limit
+        return size
 
     async def _block_of_base(self, b: int) -> bytes:
         data = await self.base.read(b * BLOCK, BLOCK)

@@ -78,6 +78,14 @@ def find(mountpoint: str | os.PathLike[str], fstype: str | None = None) -> Mount
     return found
 
 
+def fuse_owner(m: Mount) -> int | None:
+    """The user who made the FUSE mount M (its user_id= option), if shown."""
+    for opt in m.super_options.split(","):
+        if opt.startswith("user_id=") and opt[8:].isdigit():
+            return int(opt[8:])
+    return None
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     """True if something is mounted on PATH, live or dead (a FUSE mount whose
     daemon is gone still is in the table, and mountpoint(1) fails on it)."""
@@ -109,13 +117,46 @@ def fsname_decode(name: str) -> str:
 def _private_dir(path: str) -> bool:
     """PATH is a directory of ours that nobody else can write into (a pid file
     read from a directory another user controls could name any process)."""
+    return _unusable(path) is None
+
+
+def _unusable(path: str) -> str | None:
+    """Why PATH cannot be our run directory (created if missing), or None."""
     try:
         os.makedirs(path, mode=0o755, exist_ok=True)
         st = os.lstat(path)
-    except OSError:
-        return False
-    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
-            and not st.st_mode & 0o022 and os.access(path, os.W_OK))
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to {user_name(st.st_uid)}, not to {user_name(os.geteuid())}"
+    if st.st_mode & 0o022:
+        return f"{path} can be written by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def user_name(uid: int) -> str:
+    """A user as messages name one: NAME (uid N), or uid N without a name."""
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def run_dir_problem() -> str | None:
+    """Why this user has no run directory (each candidate's reason), or None
+    when run_dir() finds one. A mount refuses to start without one: its
+    daemon could write no pid file nor control socket, and umount, snapshot,
+    bitmap... of the mount point would not find it."""
+    if run_dir() is not None:
+        return None
+    reasons = [_unusable(d) or d for d in run_dirs() if os.geteuid() == 0 or d != "/run/qcowfs"]
+    return "; ".join(reasons)
 
 
 def run_dirs() -> list[str]:

@@ -39,7 +39,7 @@ import trio
 from . import control
 from ..host import mounts
 from ..errors import QcowError
-from ..fs.operations import Access, Operations
+from ..fs.operations import STOCK_PYFUSE3_WARNING, Access, Operations, pyfuse3_patched
 from ..aio import Image
 from .manage import Hooks, Manager
 from ..fs.partitions import add_partitions
@@ -162,6 +162,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     scratch: Scratch | None = None
     if opts.force_share:
         log.warning("%s: %s", image.path, FORCE_SHARE_WARNING)
+    if not pyfuse3_patched():
+        log.warning("%s", STOCK_PYFUSE3_WARNING)
     try:
         root = build_tree(image, opts.page_cache)
         if opts.scratch:
@@ -277,7 +279,7 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
 
 async def _revalidate(image: Image) -> None:
     """force_share: drop what was read of the image's tables every
-    REVALIDATE_EVERY seconds (the guarantee the README states)."""
+    REVALIDATE_EVERY seconds (the guarantee docs/mounting.md states)."""
     while True:
         await trio.sleep(REVALIDATE_EVERY)
         try:

@@ -9,7 +9,7 @@ changed). So a command means the same whether the image is mounted or not.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Awaitable, Callable
 
 from ..aio import Image
@@ -49,6 +49,17 @@ class Manager:
         except TypeError as e:
             raise RequestError(f"bad request '{op}': {e}") from None
         return await handler(self, **args)
+
+    # ---- what qemu-img info and check show --------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        return {"info": await self.image.info()}
+
+    async def check(self) -> dict[str, Any]:
+        """A check of the image as it is now (never a repair: that needs the
+        image to itself, unmounted)."""
+        result = await self.image.check()
+        return {"check": {f.name: getattr(result, f.name) for f in fields(result)}}
 
     # ---- snapshots -------------------------------------------------------------------
 
@@ -113,6 +124,8 @@ class Manager:
 
 
 OPS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
+    "info": Manager.info,
+    "check": Manager.check,
     "snapshot-list": Manager.snapshot_list,
     "snapshot-create": Manager.snapshot_create,
     "snapshot-delete": Manager.snapshot_delete,

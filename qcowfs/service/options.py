@@ -22,6 +22,50 @@ FORCE_SHARE_WARNING = ("force_share: the image is opened whatever holds it; whil
                        "writes it, what the mount shows may change or be inconsistent")
 
 
+# What a root daemon logs to when there is no syslog (no /dev/log) and no -o log_file=.
+ROOT_LOG_FILE = "/var/log/qcowfs.log"
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One mount option as the help, the man page and shell completion show it."""
+
+    name: str
+    value: str | None  # the value's placeholder (NAME=VALUE), None for a flag
+    help: str
+
+
+# Every option MountOptions.apply accepts (besides the generic ones), in the
+# order the help lists them: one table for `qcowfs mount --help`, qcowfs(1)
+# and the bash completion (tests/test_manpage.py checks each one applies).
+MOUNT_OPTIONS = (
+    OptionDoc("ro", None, "read-only: the image is never written (as --read-only)"),
+    OptionDoc("rw", None, "read-write (the default)"),
+    OptionDoc("allow_other", None, "let other users in (the file modes decide; needs user_allow_other "
+                                   "in /etc/fuse.conf for a user's mount)"),
+    OptionDoc("uid", "USER", "owner of the files (a name or a number; default: the mounting user)"),
+    OptionDoc("gid", "GROUP", "group of the files (a name or a number)"),
+    OptionDoc("umask", "OCTAL", "mode bits taken away from the files (default 022)"),
+    OptionDoc("l2_cache_size", "SIZE", "memory for cached L2 tables (default 32M)"),
+    OptionDoc("read_around", "SIZE", "window pushed into the page cache around small reads of files "
+                                     "that cannot change (default 256K, 0 = off)"),
+    OptionDoc("page_cache", None, "let the kernel cache a writable disk.raw (needed for shared mmap)"),
+    OptionDoc("log_file", "PATH", f"the daemon's log (default: syslog, else {ROOT_LOG_FILE} for root, "
+                                  "~/.local/state/qcowfs/qcowfs.log for others)"),
+    OptionDoc("key_file", "PATH", "file holding the passphrase of an encrypted image"),
+    OptionDoc("key_credential", "NAME", "systemd credential holding the passphrase (LoadCredential=)"),
+    OptionDoc("debug", None, "log every FUSE request (as --debug)"),
+    OptionDoc("scratch", None, "throwaway writes: the image is opened read-only, every file takes "
+                               "writes kept in a temporary overlay, gone at unmount"),
+    OptionDoc("scratch_dir", "DIR", "where the scratch overlay lives (default $TMPDIR, else /tmp)"),
+    OptionDoc("scratch_size", "SIZE", "most space the scratch overlay may use"),
+    OptionDoc("force_share", None, "read-only mounts: open an image another program holds or writes "
+                                   "(QEMU's -U)"),
+    OptionDoc("exec", None, "allow running programs from the mount"),
+    OptionDoc("noexec", None, "do not allow running programs from the mount"),
+)
+
+
 def parse_size(text: str) -> int:
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
