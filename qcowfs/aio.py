@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Awaitable, Callable, Generator, Literal
 
-from .engine import bitmap_ops, extents, snapshot_ops
+from .engine import bitmap_ops, convert as _convert, create as _create, extents, snapshot_ops
 from .engine.bitmaps import read_bitmap
 from .engine.check import check as _check
 from .engine.image import Image as _EngineImage
@@ -35,9 +35,12 @@ from .format import SnapshotEntry
 from .host.secret import read_key_file
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
-__all__ = ["open", "Image", "Disk"]
+__all__ = ["open", "create", "convert", "Image", "Disk"]
 
 Mode = Literal["r", "r+"]
+# create's options in qemu-img's names, with the kind of value each takes
+# ("size", "int", "bool", "str"): what the command line converts -o text to.
+CREATE_OPTIONS: dict[str, str] = dict(_create.OPTION_KINDS)
 Passphrase = str | bytes | Callable[[], bytes] | None
 
 
@@ -506,3 +509,41 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
         return await image.check(repair, progress)
     finally:
         await image.close()
+
+
+def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
+                key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+    """`qemu-img create -f qcow2` (see `create`), on the caller's thread."""
+    target = os.fspath(path)
+    backing, fmt = options.get("backing_file"), options.get("backing_fmt")
+    if size is None and backing is not None:
+        if unsafe:
+            raise UsageError("image creation needs a size parameter (with unsafe, the backing file is not read)")
+        if fmt is not None:
+            size = _create.backing_size(target, backing, fmt)
+    opts = _create.create_options(size, **options)
+    if backing is not None and not unsafe:
+        _create.backing_size(target, backing, opts.backing_fmt or "raw")  # (it must open)
+    _create.create(target, opts, _passphrase_source(passphrase, key_file))
+
+
+async def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
+                 key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+    """Create a qcow2 image at PATH of SIZE bytes, as `qemu-img create -f
+    qcow2 -o OPTIONS PATH SIZE`: OPTIONS are qemu-img's option names with
+    "." and "-" written "_" (cluster_size, compat ("0.10" or "1.1"),
+    refcount_bits, lazy_refcounts, extended_l2, compression_type ("zlib",
+    "zstd"), preallocation ("off", "metadata", "falloc", "full"),
+    data_file, data_file_raw, backing_file, backing_fmt ("qcow2", "raw"),
+    encrypt_format ("luks"), encrypt_cipher_alg, encrypt_cipher_mode,
+    encrypt_ivgen_alg, encrypt_ivgen_hash_alg, encrypt_hash_alg,
+    encrypt_iter_time (ms)). Values are Python values or qemu-img's text
+    ("on"/"off" for booleans; sizes are numbers). Without SIZE the backing
+    file's size is taken. PASSPHRASE or KEY_FILE: the LUKS passphrase.
+    UNSAFE (qemu-img -u): the backing file is not opened. An existing file
+    at PATH is replaced (refused while another program holds it); on any
+    failure PATH is left absent or as it was."""
+    import trio
+
+    await trio.to_thread.run_sync(lambda: create_sync(path, size, passphrase=passphrase, key_file=key_file,
+                                                      unsafe=unsafe, **options))

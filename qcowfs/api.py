@@ -34,7 +34,7 @@ from .host.hostfile import BLOCKING
 from .errors import UsageError
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
-__all__ = ["open", "check", "Image", "Disk"]
+__all__ = ["open", "check", "create", "convert", "Image", "Disk"]
 T = TypeVar("T")
 
 
@@ -434,3 +434,12 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
     return _portal.run(functools.partial(aio.check, path, repair, force_share=force_share))
+
+
+def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: aio.Passphrase = None,
+           key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+    """Create a qcow2 image, as `qemu-img create -f qcow2` (see `qcowfs.aio.create`):
+
+        qcowfs.create("disk.qcow2", 10 << 30, cluster_size=1 << 16, lazy_refcounts=True)
+        qcowfs.create("overlay.qcow2", backing_file="disk.qcow2", backing_fmt="qcow2")"""
+    aio.create_sync(path, size, passphrase=passphrase, key_file=key_file, unsafe=unsafe, **options)
