@@ -310,4 +310,23 @@ def cmd_create(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    raise UsageError("not yet")
+    """qemu-img convert: everything checked before anything is written."""
+    import trio
+
+    from .. import aio
+
+    kw = create_keywords(parse_qemu_options(a.options))
+    if a.output_format == "raw" and (kw or a.compress or a.backing):
+        raise UsageError("-o, -c and -B need -O qcow2")
+    sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
+    progress = _progress_printer() if a.progress else None
+    source_key = _key_source(a.key_file, a.src)
+    target_key = _key_source(a.target_key_file, a.dst) if kw.get("encrypt_format") else None
+    trio.run(lambda: aio.convert(
+        a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
+        snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
+        force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
+        **kw))
+    if progress:
+        print("", file=sys.stderr)
+    return 0

@@ -18,7 +18,6 @@ here with the same reason, before anything is touched.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 import uuid
@@ -39,6 +38,7 @@ from ..format.crypto import (HASHES, LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KE
                              CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,
                              pbkdf2)
 from ..host.locking import lock_image
+from .opening import resolve_backing
 
 # QEMU writes a 112-byte v3 header (compression_type at byte 104, padded).
 V3_HEADER_LENGTH = 112
@@ -393,12 +393,11 @@ def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, exte
     clusters = np.arange(first, first + n, dtype=np.uint64)
     hosts = clusters * np.uint64(cs) + np.uint64(0 if external else first_host)
     words = (hosts & np.uint64(L2E_OFFSET_MASK)) | np.uint64(OFLAG_COPIED)
+    table: np.ndarray = np.zeros((geo.l2_entries, 2) if geo.extended_l2 else geo.l2_entries, np.uint64)
     if geo.extended_l2:
-        table = np.zeros((geo.l2_entries, 2), np.uint64)
         table[:n, 0] = words
         table[:n, 1] = SC_ALL
     else:
-        table = np.zeros(geo.l2_entries, np.uint64)
         table[:n] = words
     return table.astype(">u8").tobytes()
 
@@ -455,8 +454,6 @@ def write_image(fd: int, o: CreateOptions, crypto: bytes) -> None:
 def backing_size(image_path: str, backing: str, fmt: str) -> int:
     """The virtual size of BACKING (relative to IMAGE_PATH's directory), read
     without a lock as qemu-img create reads it (force-share)."""
-    from .opening import resolve_backing
-
     path = resolve_backing(image_path, backing)
     try:
         with open(path, "rb") as f:
@@ -467,29 +464,54 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
         raise QcowError(f"could not open backing file {backing}: {e.strerror}") from None
 
 
-def _temp_name(path: str) -> str:
-    d, base = os.path.split(path)
+def temp_name(path: str) -> str:
+    """A new hidden name next to PATH: a rename from it replaces PATH atomically."""
+    d, base = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def hold_target(path: str) -> int:
+    """The existing file at PATH opened and writer-locked (-1 if there is
+    none): an image another program holds is refused, as qemu-img refuses
+    to overwrite it. Close the fd after the rename."""
+    if not os.path.lexists(path):
+        return -1
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise QcowError(f"cannot replace {path}: {e.strerror}") from None
+    try:
+        lock_image(fd, path, writer=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rename the finished, fsync'd TMP over PATH and make the rename durable."""
+    os.rename(tmp, path)
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def create_file(path: str, fill: Callable[[int], None]) -> None:
     """Make PATH as FILL(fd) writes it into a new file: under a temporary
     name in the same directory, fsync'd, renamed over PATH (whose writer
-    lock is taken first: an image another program uses is refused, as
-    qemu-img refuses it). On any failure PATH is absent or as it was."""
+    lock is taken first). On any failure PATH is absent or as it was."""
     path = os.path.abspath(path)
-    old = -1
-    if os.path.lexists(path):
-        try:
-            old = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise QcowError(f"cannot replace {path}: {e.strerror}") from None
-        try:
-            lock_image(old, path, writer=True)
-        except BaseException:
-            os.close(old)
-            raise
-    tmp = _temp_name(path)
+    old = hold_target(path)
+    tmp = temp_name(path)
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -499,17 +521,9 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
     try:
         fill(fd)
         os.fsync(fd)
-        os.rename(tmp, path)
-        dirfd = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        publish(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        remove_quietly(tmp)
         raise
     finally:
         os.close(fd)
@@ -546,8 +560,5 @@ def create(path: str, o: CreateOptions, passphrase: Callable[[], bytes] | None =
         create_file(path, fill)
     except BaseException:
         if made_data and data_path is not None:
-            try:
-                os.unlink(data_path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(data_path)
         raise

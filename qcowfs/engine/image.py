@@ -407,6 +407,16 @@ class Image:
         self.written(offset, len(data))
         return len(data)
 
+    @signals_corruption
+    async def write_compressed(self, offset: int, blobs: list[bytes]) -> None:
+        """Store whole clusters from cluster-aligned OFFSET as compressed
+        clusters (BLOBS: each one compressed; see Writer.write_compressed)."""
+        writer = self._check_writable()
+        if not self._prepared:
+            await self.prepare_writes()
+        await writer.write_compressed(offset, blobs)
+        self.written(offset, min(len(blobs) * self.geo.cluster_size, self.size - offset))
+
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """write()'s fast path without awaiting: an overwrite of clusters this
         image alone owns (Writer.write_in_place). False: call write()."""
