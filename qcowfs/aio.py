@@ -605,6 +605,29 @@ class _QcowTarget:
         self.compression_type = image.engine.geo.compression_type
 
 
+class _QcowSource:
+    """A qcow2 image's disk (or a snapshot's) as convert's source: its data
+    ranges from the allocation map (backing chain included)."""
+
+    def __init__(self, image: Image, snapshot: str | None) -> None:
+        self._image = image
+        self._disk = image.snapshot(snapshot) if snapshot is not None else image.disk
+        self._snapshot = snapshot
+        self.size = self._disk.size
+        self.readinto = self._disk.readinto
+
+    async def data_ranges(self) -> list[tuple[int, int]]:
+        extents = await self._image.map(self._snapshot)
+        out: list[tuple[int, int]] = []
+        for e in extents:
+            if e["data"]:
+                if out and out[-1][1] == e["start"]:
+                    out[-1] = (out[-1][0], e["start"] + e["length"])
+                else:
+                    out.append((e["start"], e["start"] + e["length"]))
+        return out
+
+
 def _probe(path: str) -> str:
     """qcow2 if PATH starts with the qcow2 magic, else raw (qemu-img's probe
     among the formats qcowfs knows)."""
@@ -684,7 +707,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if fmt == "qcow2":
             image = Image(src_path, "r", passphrase=passphrase, key_file=key_file, force_share=force_share)
             closers.append(image.close)
-            source = image.snapshot(_snapshot_name(snapshot)) if snapshot is not None else image.disk
+            source = _QcowSource(image, _snapshot_name(snapshot) if snapshot is not None else None)
         else:
             source = _convert.RawDisk(src_path, force_share)
             closers.append(source.close)
@@ -706,7 +729,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                 if backing_fmt == "qcow2":
                     base = Image(_create.resolve_backing(dst_path, backing_file), "r", force_share=True)
                     closers.append(base.close)
-                    plan.backing = base.disk
+                    plan.backing = _QcowSource(base, None)
                 else:
                     raw = _convert.RawDisk(_create.resolve_backing(dst_path, backing_file), force_share=True)
                     closers.append(raw.close)

@@ -36,7 +36,8 @@ class SourceDisk(Protocol):
     @property
     def size(self) -> int: ...
     async def readinto(self, buf: bytearray | memoryview, offset: int) -> int: ...
-    async def find(self, offset: int, data: bool) -> int: ...
+    async def data_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) of every range that may hold data, in order."""
 
 
 class TargetDisk(Protocol):
@@ -64,8 +65,17 @@ class RawDisk:
         await self._src.read_into(memoryview(buf)[:n], offset)
         return n
 
-    async def find(self, offset: int, data: bool) -> int:
-        return await self._src.seek(offset, self.size, data)
+    async def data_ranges(self) -> list[tuple[int, int]]:
+        out = []
+        pos = 0
+        while pos < self.size:
+            start = await self._src.seek(pos, self.size, True)
+            if start >= self.size:
+                break
+            end = await self._src.seek(start, self.size, False)
+            out.append((start, end))
+            pos = max(end, start + 1)
+        return out
 
     async def close(self) -> None:
         await self._src.close()
@@ -123,16 +133,12 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     """Copy SRC's data into the empty DST (see the module's docstring)."""
     buf = bytearray(CHUNK)
     other = bytearray(CHUNK) if plan.backing is not None else None
-    done = 0
-    pos = 0
+    below = await plan.backing.data_ranges() if plan.backing is not None else []
     size = plan.size
-    while pos < size:
-        start = await src.find(pos, True)
-        if start >= size:
-            await _hole(plan, dst, pos, size)
-            break
-        end = min(await src.find(start, False), size)
-        await _hole(plan, dst, pos, start)
+    pos = 0
+    for start, end in await src.data_ranges() + [(size, size)]:
+        end = min(end, size)
+        await _hole(dst, below, pos, min(start, size))
         # Chunks aligned to the chunk size (so to every cluster size).
         c = start
         while c < end:
@@ -141,27 +147,20 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             await src.readinto(view, c)
             await _chunk(plan, dst, c, view, other)
             c += n
-            done += n
             if plan.progress is not None:
                 plan.progress(min(1.0, c / size))
-        pos = max(end, start + 1)
+        pos = max(pos, end)
     if plan.progress is not None:
         plan.progress(1.0)
 
 
-async def _hole(plan: CopyPlan, dst: TargetDisk, start: int, end: int) -> None:
-    """Source range [start, end) reads zeros: nothing to write, unless a -B
-    backing file shows data there (then the target must say zeros)."""
-    if plan.backing is None or start >= end:
-        return
-    pos = start
-    while pos < end:
-        d = await plan.backing.find(pos, True)
-        if d >= end:
-            return
-        h = min(end, await plan.backing.find(d, False))
-        await dst.zero(d, h - d, unmap=False)
-        pos = h
+async def _hole(dst: TargetDisk, below: list[tuple[int, int]], start: int, end: int) -> None:
+    """Source range [start, end) reads zeros: nothing to write, except where
+    a -B backing file shows data (BELOW): there the target must say zeros."""
+    for d, h in below:
+        lo, hi = max(d, start), min(h, end)
+        if lo < hi:
+            await dst.zero(lo, hi - lo, unmap=False)
 
 
 async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, view: memoryview,

@@ -31,7 +31,7 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
                       EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-                      OFLAG_COPIED, SC_ALL, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension,
+                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension,
                       encode_refcount_block)
 from ..format.crypto import (HASHES, LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_MAGIC,
                              LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
@@ -395,8 +395,9 @@ def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, exte
     words = (hosts & np.uint64(L2E_OFFSET_MASK)) | np.uint64(OFLAG_COPIED)
     table: np.ndarray = np.zeros((geo.l2_entries, 2) if geo.extended_l2 else geo.l2_entries, np.uint64)
     if geo.extended_l2:
+        # (QEMU preallocates the host clusters only: every subcluster stays
+        # unallocated, reading from the backing file or zeros)
         table[:n, 0] = words
-        table[:n, 1] = SC_ALL
     else:
         table[:n] = words
     return table.astype(">u8").tobytes()
@@ -459,7 +460,7 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
         with open(path, "rb") as f:
             if fmt == "raw":
                 return -(-os.fstat(f.fileno()).st_size // 512) * 512
-            return Header.parse(f.read(V3_HEADER_LENGTH)).size
+            return Header.parse(f.read(1 << MAX_CLUSTER_BITS)).size
     except OSError as e:
         raise QcowError(f"could not open backing file {backing}: {e.strerror}") from None
 
