@@ -734,7 +734,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                     raw = _convert.RawDisk(_create.resolve_backing(dst_path, backing_file), force_share=True)
                     closers.append(raw.close)
                     plan.backing = raw
-            if opts.cluster_size and plan.granularity:
+            plan.align = opts.cluster_size
+            if plan.granularity:
                 plan.granularity = opts.cluster_size
             await _convert.copy(source, _QcowTarget(out), plan)
             closers.remove(out.close)

@@ -109,6 +109,7 @@ class CopyPlan:
     compress: bool = False
     backing: SourceDisk | None = None   # -B: write only what differs from it
     progress: Callable[[float], None] | None = None
+    align: int = 512          # data ranges widened to this (a qcow2 target's cluster size)
 
 
 def _zero_blocks(view: memoryview, unit: int) -> np.ndarray:
@@ -136,7 +137,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     below = await plan.backing.data_ranges() if plan.backing is not None else []
     size = plan.size
     pos = 0
-    for start, end in await src.data_ranges() + [(size, size)]:
+    for start, end in _aligned(await src.data_ranges(), plan.align) + [(size, size)]:
         end = min(end, size)
         await _hole(dst, below, pos, min(start, size))
         # Chunks aligned to the chunk size (so to every cluster size).
@@ -152,6 +153,19 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
         pos = max(pos, end)
     if plan.progress is not None:
         plan.progress(1.0)
+
+
+def _aligned(ranges: list[tuple[int, int]], unit: int) -> list[tuple[int, int]]:
+    """RANGES widened to whole UNITs (a range of a subcluster, or of a raw
+    file's 4 KiB block, becomes its cluster), overlapping ones merged."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        start, end = start // unit * unit, -(-end // unit) * unit
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 async def _hole(dst: TargetDisk, below: list[tuple[int, int]], start: int, end: int) -> None:
