@@ -42,6 +42,9 @@ Mode = Literal["r", "r+"]
 # create's options in qemu-img's names, with the kind of value each takes
 # ("size", "int", "bool", "str"): what the command line converts -o text to.
 CREATE_OPTIONS: dict[str, str] = dict(_create.OPTION_KINDS)
+# qemu-img's -t: every mode but "unsafe" flushes (qcowfs always writes through
+# the host page cache, so "none", "directsync" and "writethrough" mean "writeback").
+CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 Passphrase = str | bytes | Callable[[], bytes] | None
 
 
@@ -238,6 +241,9 @@ class Disk:
 
         from .format.compression import compress_cluster
 
+        if self._engine.encryption is not None or self._engine.external_data:
+            raise UsageError("compress cannot be used with an encrypted image or an external data file "
+                             "(QEMU cannot store compressed clusters there either)")
         cs, ctype = self._engine.geo.cluster_size, self._engine.geo.compression_type
         view = memoryview(data)
         lo, hi = -(-offset // cs) * cs, (offset + len(data)) // cs * cs
@@ -300,24 +306,29 @@ class Image:
     COMPRESS (mode "r+", QEMU's compress filter): every whole cluster the
     disk's writes cover is stored compressed (zlib or zstd, the image's
     compression_type) where it shrinks; a later write into a compressed
-    cluster turns it back into a standard one."""
+    cluster turns it back into a standard one. CACHE "unsafe" (QEMU's
+    cache=unsafe) skips every flush: for a new image nothing else uses yet
+    (what convert writes); a crash of the host may then tear it."""
 
     def __init__(self, path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
                  key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
                  l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, repair: bool = False,
-                 require_backing: bool = True, compress: bool = False) -> None:
+                 require_backing: bool = True, compress: bool = False, cache: str = "writeback") -> None:
         if mode not in ("r", "r+"):
             raise UsageError(f"mode must be \"r\" or \"r+\", not {mode!r}")
         if force_share and mode != "r":
             raise UsageError("force_share needs a read-only open (mode \"r\")")
         self.path = os.path.abspath(os.fspath(path))
         self._force_share = force_share
+        if cache not in CACHE_MODES:
+            raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
         if compress and mode != "r+":
             raise UsageError("compress needs a writable open (mode \"r+\")")
         self._compress = compress
         self._engine = _EngineImage(self.path, OpenOptions(
             read_only=mode == "r", l2_cache_bytes=l2_cache_size, force_share=force_share, repair=repair,
-            passphrase=_passphrase_source(passphrase, key_file), backing_required=require_backing))
+            passphrase=_passphrase_source(passphrase, key_file), backing_required=require_backing,
+            unsafe_cache=cache == "unsafe"))
         self._disk = Disk(self)
         self._closed = False
 
@@ -654,7 +665,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   force_share: bool = False, passphrase: Passphrase = None,
                   key_file: str | os.PathLike[str] | None = None, target_passphrase: Passphrase = None,
                   target_key_file: str | os.PathLike[str] | None = None,
-                  progress: Callable[[float], None] | None = None, **options: Any) -> None:
+                  progress: Callable[[float], None] | None = None, cache: str = "unsafe",
+                  **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -668,7 +680,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     BACKING_FILE (-B): DST gets this backing file (BACKING_FMT, default
     probed) and holds only what differs from it. FORCE_SHARE: read SRC
     whatever holds it (qemu-img -U). PROGRESS(fraction) is called as the
-    copy goes. DST appears complete or not at all: it is written under a
+    copy goes. CACHE (qemu-img -t): "unsafe" (the default, as qemu-img's)
+    never flushes; any other mode makes DST durable (fsync) before it
+    appears under its name. DST appears complete or not at all: it is written under a
     temporary name next to it and renamed at the end (removed on failure;
     a killed process leaves a hidden .DST.qcowfs-* file behind)."""
     import functools
@@ -682,6 +696,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError(f"source format '{src_format}' is not supported (qcow2 or raw)")
     if out_format == "raw" and (compress or options or backing_file is not None):
         raise UsageError("-c, -o and -B need a qcow2 target (-O qcow2)")
+    if cache not in CACHE_MODES:
+        raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if sparse_size < 0 or sparse_size % 512:
         raise UsageError("the sparse size (-S) must be a multiple of 512")
     if not os.path.exists(src_path):
@@ -692,6 +708,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         backing_fmt = _probe(_create.resolve_backing(dst_path, backing_file))
     if compress and (options.get("encrypt_format") or options.get("data_file")):
         raise UsageError("compressed clusters cannot be written with encryption or an external data file")
+    backing_file = options.pop("backing_file", backing_file)
+    backing_fmt = options.pop("backing_fmt", backing_fmt)
     fmt = src_format or _probe(src_path)
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")
@@ -722,7 +740,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if opts is not None:
             await trio.to_thread.run_sync(lambda: _create.create(tmp, opts, target_key))
             made = True
-            out = Image(tmp, "r+", passphrase=target_key)
+            out = Image(tmp, "r+", passphrase=target_key, cache=cache)
             closers.insert(0, out.close)
             await out.prepare()
             if backing_file is not None:
@@ -744,12 +762,12 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             os.close(fd)
             made = True
-            target = _convert.RawTarget(tmp, size)
+            target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe")
             closers.insert(0, target.finish)
             await _convert.copy(source, target, plan)
             closers.remove(target.finish)
             await target.finish()
-        _create.publish(tmp, dst_path)
+        _create.publish(tmp, dst_path, durable=cache != "unsafe")
         made = False
     finally:
         for close in closers:

@@ -305,6 +305,10 @@ def cmd_create(a: argparse.Namespace) -> int:
     if a.backing_format is not None:
         kw["backing_fmt"] = a.backing_format
     size = parse_size(a.size) if a.size is not None and a.size != "0" else (0 if a.size == "0" else None)
+    if "size" in kw:
+        if size is not None:
+            raise UsageError("give the size either as SIZE or as -o size=..., not both")
+        size = kw.pop("size")
     qcowfs.create(a.image, size, passphrase=_key_source(a.key_file, a.image), unsafe=a.unsafe, **kw)
     return 0
 
@@ -316,6 +320,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .. import aio
 
     kw = create_keywords(parse_qemu_options(a.options))
+    if "size" in kw:
+        raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
     if a.output_format == "raw" and (kw or a.compress or a.backing):
         raise UsageError("-o, -c and -B need -O qcow2")
     sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
@@ -326,7 +332,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
         snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
         force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
-        **kw))
+        cache=a.cache, **kw))
     if progress:
         print("", file=sys.stderr)
     return 0

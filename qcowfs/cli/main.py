@@ -160,6 +160,9 @@ def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     cv.add_argument("-S", dest="sparse", metavar="SIZE", default="4k",
                     help="zeros of at least SIZE stay holes (default 4k; 0: write every byte)")
     cv.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
+    cv.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
+                    help="unsafe (default, as qemu-img: no flush) or writeback (DST durable before it "
+                         "appears; also none, writethrough, directsync)")
     cv.add_argument("-U", "--force-share", action="store_true",
                     help="read SRC whatever holds it (as qemu-img -U)")
     cv.add_argument("--key-file", metavar="FILE", help="passphrase of an encrypted SRC (else asked)")

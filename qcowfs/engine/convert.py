@@ -85,8 +85,9 @@ class RawTarget:
     """A new raw file as the target: sized first (all holes), then only the
     data is written."""
 
-    def __init__(self, fd_path: str, size: int) -> None:
+    def __init__(self, fd_path: str, size: int, flushes: bool = True) -> None:
         self.file = HostFile(fd_path, writable=True)
+        self.file.flushes = flushes
         self.file.truncate(size)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:

@@ -489,9 +489,12 @@ def hold_target(path: str) -> int:
     return fd
 
 
-def publish(tmp: str, path: str) -> None:
-    """Rename the finished, fsync'd TMP over PATH and make the rename durable."""
+def publish(tmp: str, path: str, durable: bool = True) -> None:
+    """Rename the finished, fsync'd TMP over PATH and make the rename durable
+    (not DURABLE: cache=unsafe, the rename alone)."""
     os.rename(tmp, path)
+    if not durable:
+        return
     dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dirfd)

@@ -76,6 +76,7 @@ class Image:
             raise QcowError("force-share (-U) is only for read-only opens")
         try:
             self.file = HostFile(path, writable=not options.read_only)
+            self.file.flushes = not options.unsafe_cache
         except OSError as e:
             raise QcowError.from_os(f"cannot open {path}", e) from None
         try:
@@ -118,6 +119,7 @@ class Image:
         self._prepared = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = open_data_file(self.path, h, writable=not self.read_only)
+            self.data_file.flushes = self.file.flushes
         mapper_file = self.data_file or self.file
         self.l2_cache: TableCache[np.ndarray] = TableCache(
             "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
