@@ -124,9 +124,9 @@ def test_raw_source_keeps_holes(tmp_path: Path):
             f.write(rnd.randbytes(4096 * rnd.randint(1, 40)))
         f.seek(40 << 20)
         f.write(bytes(1 << 20))  # written zeros: allocated on the host, still a hole in the copy
-    for target in ("qcow2", "raw"):
+    for target, cache in (("qcow2", "unsafe"), ("raw", "writeback")):
         out = tmp_path / f"out.{target}"
-        p = qcowfs("convert", "-f", "raw", "-O", target, raw, out)
+        p = qcowfs("convert", "-f", "raw", "-O", target, "-t", cache, raw, out)
         assert p.returncode == 0, p.stderr
         cmp = run(["qemu-img", "compare", "-f", "raw", "-F", target, raw, out])
         assert cmp.returncode == 0, cmp.stdout
@@ -198,6 +198,7 @@ REFUSED = [
     (["-O", "qcow2", "-S", "1000"], "multiple of 512"),
     (["-O", "qcow2", "-l", "nosuch"], "snapshot"),
     (["-O", "qcow2", "-c", "-o", "encrypt.format=luks"], "compress"),
+    (["-O", "qcow2", "-t", "sometimes"], "cache mode"),
 ]
 
 
