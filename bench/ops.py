@@ -183,6 +183,14 @@ def run_all(image: Path, runs: int) -> tuple[str, dict[str, dict[str, float]]]:
     return report(rows), rows
 
 
+def run_makers(runs: int) -> tuple[str, dict[str, dict[str, float]]]:
+    """create and convert alone (bench/run.py --bench makers)."""
+    (HERE / "work").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
+        rows = image_maker_times(Path(d), runs)
+    return report(rows), rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image", type=Path, default=HERE / "work" / "random-1024M.qcow2",
@@ -191,9 +199,7 @@ def main() -> int:
     p.add_argument("--makers", action="store_true", help="only create and convert (issue 22)")
     a = p.parse_args()
     if a.makers:
-        (HERE / "work").mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
-            print(report(image_maker_times(Path(d), a.runs)))
+        print(run_makers(a.runs)[0])
         return 0
     if not a.image.exists():
         (HERE / "work").mkdir(exist_ok=True)
