@@ -8,7 +8,11 @@
   snapshot -c|-d` on the unmounted image (what a user does without qcowfs);
 - the dirty-extent list of a bitmap on a 1 TiB sparse image: `qcowfs map
   --bitmap` (offline, and from a mount's maps/bitmaps/NAME.json), against
-  `qemu-nbd -B NAME` + `nbdinfo --map=qemu:dirty-bitmap:NAME --json`.
+  `qemu-nbd -B NAME` + `nbdinfo --map=qemu:dirty-bitmap:NAME --json`;
+- making images (issue 22): `qcowfs create` against `qemu-img create`, and
+  `qcowfs convert -O qcow2`, `-O raw` and `-O qcow2 -c` of a 1 GiB image of
+  mixed data and zeros against `qemu-img convert` with the same arguments
+  (every copy checked equal with `qemu-img compare`).
 
 Times are wall-clock medians, whole commands included (process start too);
 the ratio is the peer's time over qcowfs's: above 1.0, qcowfs is faster.
@@ -113,6 +117,53 @@ def dirty_map_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
                                        "qemu-nbd+nbdinfo": statistics.median(theirs)}}
 
 
+def mixed_image(work: Path) -> Path:
+    """1 GiB qcow2: per 4 MiB, 1 MiB of random bytes, 1 MiB of text-like
+    (compressible) bytes, 512 KiB of zeros written as data, the rest never written."""
+    import random
+
+    img = work / "mixed-1G.qcow2"
+    raw = work / "mixed-1G.raw"
+    rnd = random.Random(22)
+    words = b" ".join(rnd.choice([b"qcow2", b"cluster", b"refcount", b"table", b"zero", b"data"])
+                      for _ in range(300000))
+    with open(raw, "wb") as f:
+        f.truncate(GIB)
+        for base in range(0, GIB, 4 << 20):
+            f.seek(base)
+            f.write(rnd.randbytes(1 << 20))
+            f.write(words[: 1 << 20])
+            f.write(bytes(512 << 10))
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
+    raw.unlink()
+    return img
+
+
+def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Median wall seconds (process start included) of create and convert, qcowfs and qemu-img."""
+    src = mixed_image(work)
+    cases = {"create 1G": (["create", "-f", "qcow2"], ["create"], ["1G"]),
+             "convert -O qcow2 1G": (["convert", "-O", "qcow2"], ["convert", "-O", "qcow2"], []),
+             "convert -O raw 1G": (["convert", "-O", "raw"], ["convert", "-O", "raw"], []),
+             "convert -c 1G": (["convert", "-c", "-O", "qcow2"], ["convert", "-c", "-O", "qcow2"], [])}
+    rows: dict[str, dict[str, float]] = {}
+    for name, (theirs, ours, tail) in cases.items():
+        t_q, t_o = [], []
+        for _ in range(runs):
+            for args, times, out in ((["qemu-img", *theirs], t_q, work / "q.img"),
+                                     ([QCOWFS, *ours], t_o, work / "o.img")):
+                out.unlink(missing_ok=True)
+                sh("sync")
+                times.append(timed(*args, *([src] if not tail else []), out, *tail))
+            if not tail:
+                fmt = "raw" if "raw" in ours else "qcow2"
+                sh("qemu-img", "compare", "-F", fmt, src, work / "o.img")
+        rows[name] = {"qcowfs": statistics.median(t_o), "qemu-img": statistics.median(t_q)}
+    for f in (src, work / "q.img", work / "o.img"):
+        f.unlink(missing_ok=True)
+    return rows
+
+
 def report(rows: dict[str, dict[str, float]]) -> str:
     lines = [f"{'operation':<26} {'qcowfs':>10} {'peer':>10}  {'peer/qcowfs':<12} peer",
              "-" * 78]
@@ -127,7 +178,16 @@ def report(rows: dict[str, dict[str, float]]) -> str:
 
 def run_all(image: Path, runs: int) -> tuple[str, dict[str, dict[str, float]]]:
     with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
-        rows = {**snapshot_times(image, Path(d), runs), **dirty_map_times(Path(d), runs)}
+        rows = {**snapshot_times(image, Path(d), runs), **dirty_map_times(Path(d), runs),
+                **image_maker_times(Path(d), runs)}
+    return report(rows), rows
+
+
+def run_makers(runs: int) -> tuple[str, dict[str, dict[str, float]]]:
+    """create and convert alone (bench/run.py --bench makers)."""
+    (HERE / "work").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
+        rows = image_maker_times(Path(d), runs)
     return report(rows), rows
 
 
@@ -136,7 +196,11 @@ def main() -> int:
     p.add_argument("--image", type=Path, default=HERE / "work" / "random-1024M.qcow2",
                    help="a fully allocated qcow2 (bench/run.py builds bench/work/random-1024M.qcow2)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--makers", action="store_true", help="only create and convert (issue 22)")
     a = p.parse_args()
+    if a.makers:
+        print(run_makers(a.runs)[0])
+        return 0
     if not a.image.exists():
         (HERE / "work").mkdir(exist_ok=True)
         sh("qemu-img", "create", "-q", "-f", "qcow2", a.image, "1G")

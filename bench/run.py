@@ -86,6 +86,7 @@ class Bench:
 
 LIBRARIES = ("qcowfs-api", "dissect", "pyqcow")  # the readers of the library rows
 API_GROUP = "api"  # what --bench calls all the rows of job "api"
+MAKERS_GROUP = "makers"  # --bench makers: create and convert against qemu-img (bench/ops.py)
 
 
 def api_read(key, title, image, cold=False):
@@ -1692,7 +1693,8 @@ def parse_args(argv):
     ap.add_argument("--size-mib", type=int, help="image size (default 1024, quick 256)")
     ap.add_argument("--only", help="comma-separated contenders: "
                     + ",".join(c.name for c in CONTENDERS))
-    ap.add_argument("--bench", help="comma-separated benchmarks (api: all the library rows): "
+    ap.add_argument("--bench", help="comma-separated benchmarks (api: all the library rows; makers: "
+                    "create and convert against qemu-img, with their own 1 GiB image): "
                     + ",".join(b.key for b in BENCHES))
     ap.add_argument("--api", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the library rows, qcowfs.open() against dissect and pyqcow "
@@ -1748,7 +1750,7 @@ def main(argv=None):
                if (cfg.writes or b.kind != "write") and (cfg.api or b.job != "api")]
     if cfg.bench:
         want = cfg.bench.split(",")
-        bad = set(want) - {b.key for b in BENCHES} - {API_GROUP}
+        bad = set(want) - {b.key for b in BENCHES} - {API_GROUP, MAKERS_GROUP}
         if bad:
             sys.exit(f"unknown benchmark(s): {','.join(sorted(bad))}")
         benches = [b for b in benches if b.key in want or (API_GROUP in want and b.job == "api")]
@@ -1773,10 +1775,11 @@ def main(argv=None):
             f"random runs {cfg.runtime}s")
         results = measure(cfg, benches, contenders, raw, qcow2)
         ops_text = None
-        if cfg.ops:
-            import ops  # bench/ops.py: snapshot and dirty-map timings against QEMU's tools
+        makers_only = bool(cfg.bench) and cfg.bench.split(",") == [MAKERS_GROUP]
+        if cfg.ops or makers_only:
+            import ops  # bench/ops.py: snapshot, dirty-map, create and convert timings against QEMU's tools
             log("metadata operations (bench/ops.py) ...")
-            ops_text, ops_rows = ops.run_all(qcow2, cfg.runs)
+            ops_text, ops_rows = ops.run_makers(cfg.runs) if makers_only else ops.run_all(qcow2, cfg.runs)
     except KeyboardInterrupt:
         log("interrupted, cleaning up")
         return 130

@@ -20,9 +20,10 @@ understands and the errno the mount answers.
 from __future__ import annotations
 
 import os
+from builtins import open as builtins_open
 from typing import Any, Awaitable, Callable, Generator, Literal
 
-from .engine import bitmap_ops, extents, snapshot_ops
+from .engine import bitmap_ops, convert as _convert, create as _create, extents, snapshot_ops
 from .engine.bitmaps import read_bitmap
 from .engine.check import check as _check
 from .engine.image import Image as _EngineImage
@@ -35,9 +36,15 @@ from .format import SnapshotEntry
 from .host.secret import read_key_file
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
-__all__ = ["open", "Image", "Disk"]
+__all__ = ["open", "create", "convert", "Image", "Disk"]
 
 Mode = Literal["r", "r+"]
+# create's options in qemu-img's names, with the kind of value each takes
+# ("size", "int", "bool", "str"): what the command line converts -o text to.
+CREATE_OPTIONS: dict[str, str] = dict(_create.OPTION_KINDS)
+# qemu-img's -t: every mode but "unsafe" flushes (qcowfs always writes through
+# the host page cache, so "none", "directsync" and "writethrough" mean "writeback").
+CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 Passphrase = str | bytes | Callable[[], bytes] | None
 
 
@@ -205,6 +212,8 @@ class Disk:
         n = self._write_length(offset, len(data))
         if n <= 0:
             return 0
+        if self._image._compress:
+            return await self._write_compressing(offset, bytes(data[:n]) if n < len(data) else data)
         return await self._engine.write(offset, bytes(data[:n]) if n < len(data) else data)
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
@@ -213,7 +222,46 @@ class Disk:
         n = self._write_length(offset, len(data))
         if n <= 0:
             return 0
+        if self._image._compress:
+            return None
         return n if self._engine.write_nowait(offset, data[:n] if n < len(data) else data) else None
+
+    async def write_compressed(self, offset: int, blobs: list[bytes]) -> None:
+        """Store whole clusters from cluster-aligned OFFSET as compressed
+        clusters: BLOBS[i] is cluster i compressed with the image's codec
+        (qcowfs.format.compression.compress_cluster), shorter than a cluster."""
+        self._write_length(offset, 1)
+        await self._engine.write_compressed(offset, blobs)
+
+    async def _write_compressing(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """write() of an image opened with compress=True (QEMU's compress
+        filter): the whole clusters of DATA are stored compressed (in worker
+        threads) where they shrink, the partial ones at either end plainly."""
+        import trio
+
+        from .format.compression import compress_cluster
+
+        if self._engine.encryption is not None or self._engine.external_data:
+            raise UsageError("compress cannot be used with an encrypted image or an external data file "
+                             "(QEMU cannot store compressed clusters there either)")
+        cs, ctype = self._engine.geo.cluster_size, self._engine.geo.compression_type
+        view = memoryview(data)
+        lo, hi = -(-offset // cs) * cs, (offset + len(data)) // cs * cs
+        if lo >= hi:
+            return await self._engine.write(offset, data)
+        if lo > offset:
+            await self._engine.write(offset, view[: lo - offset])
+        blobs = await trio.to_thread.run_sync(
+            lambda: [compress_cluster(view[p - offset : p - offset + cs], ctype) for p in range(lo, hi, cs)])
+        for i, blob in enumerate(blobs):
+            p = lo + i * cs
+            if blob is None:
+                await self._engine.write(p, view[p - offset : p - offset + cs])
+            else:
+                await self._engine.write_compressed(p, [blob])
+        if hi < offset + len(data):
+            await self._engine.write(hi, view[hi - offset :])
+        return len(data)
 
     async def zero(self, offset: int, length: int, unmap: bool = True) -> None:
         """Make [offset, offset+length) read as zeros without writing data where
@@ -254,21 +302,33 @@ class Image:
     PassphraseError. FORCE_SHARE opens, read-only, an image another program
     holds (qemu-img's -U): what it shows may change meanwhile. REQUIRE_BACKING
     false opens, read-only, an image whose backing file cannot be opened (to
-    describe it, as qemu-img info does); its disks then refuse every read."""
+    describe it, as qemu-img info does); its disks then refuse every read.
+    COMPRESS (mode "r+", QEMU's compress filter): every whole cluster the
+    disk's writes cover is stored compressed (zlib or zstd, the image's
+    compression_type) where it shrinks; a later write into a compressed
+    cluster turns it back into a standard one. CACHE "unsafe" (QEMU's
+    cache=unsafe) skips every flush: for a new image nothing else uses yet
+    (what convert writes); a crash of the host may then tear it."""
 
     def __init__(self, path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
                  key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
                  l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, repair: bool = False,
-                 require_backing: bool = True) -> None:
+                 require_backing: bool = True, compress: bool = False, cache: str = "writeback") -> None:
         if mode not in ("r", "r+"):
             raise UsageError(f"mode must be \"r\" or \"r+\", not {mode!r}")
         if force_share and mode != "r":
             raise UsageError("force_share needs a read-only open (mode \"r\")")
         self.path = os.path.abspath(os.fspath(path))
         self._force_share = force_share
+        if cache not in CACHE_MODES:
+            raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        if compress and mode != "r+":
+            raise UsageError("compress needs a writable open (mode \"r+\")")
+        self._compress = compress
         self._engine = _EngineImage(self.path, OpenOptions(
             read_only=mode == "r", l2_cache_bytes=l2_cache_size, force_share=force_share, repair=repair,
-            passphrase=_passphrase_source(passphrase, key_file), backing_required=require_backing))
+            passphrase=_passphrase_source(passphrase, key_file), backing_required=require_backing,
+            unsafe_cache=cache == "unsafe"))
         self._disk = Disk(self)
         self._closed = False
 
@@ -485,13 +545,13 @@ class _Opening:
 
 def open(path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
          key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
-         l2_cache_size: int = DEFAULT_L2_CACHE_BYTES) -> _Opening:
+         l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, compress: bool = False) -> _Opening:
     """Open a qcow2 image: `async with qcowfs.aio.open(path, "r+") as image:`
     (or `image = await qcowfs.aio.open(...)`, then `await image.close()`).
     See `Image` for the arguments."""
     async def make() -> Image:
         image = Image(path, mode, passphrase=passphrase, key_file=key_file, force_share=force_share,
-                      l2_cache_size=l2_cache_size)
+                      l2_cache_size=l2_cache_size, compress=compress)
         try:
             await image.prepare()
         except BaseException:
@@ -513,3 +573,217 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
         return await image.check(repair, progress)
     finally:
         await image.close()
+
+
+def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
+                key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+    """`qemu-img create -f qcow2` (see `create`), on the caller's thread."""
+    target = os.fspath(path)
+    backing, fmt = options.get("backing_file"), options.get("backing_fmt")
+    if size is None and backing is not None:
+        if unsafe:
+            raise UsageError("image creation needs a size parameter (with unsafe, the backing file is not read)")
+        if fmt is not None:
+            size = _create.backing_size(target, backing, fmt)
+    opts = _create.create_options(size, **options)
+    if backing is not None and not unsafe:
+        _create.backing_size(target, backing, opts.backing_fmt or "raw")  # (it must open)
+    _create.create(target, opts, _passphrase_source(passphrase, key_file))
+
+
+async def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
+                 key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+    """Create a qcow2 image at PATH of SIZE bytes, as `qemu-img create -f
+    qcow2 -o OPTIONS PATH SIZE`: OPTIONS are qemu-img's option names with
+    "." and "-" written "_" (cluster_size, compat ("0.10" or "1.1"),
+    refcount_bits, lazy_refcounts, extended_l2, compression_type ("zlib",
+    "zstd"), preallocation ("off", "metadata", "falloc", "full"),
+    data_file, data_file_raw, backing_file, backing_fmt ("qcow2", "raw"),
+    encrypt_format ("luks"), encrypt_cipher_alg, encrypt_cipher_mode,
+    encrypt_ivgen_alg, encrypt_ivgen_hash_alg, encrypt_hash_alg,
+    encrypt_iter_time (ms)). Values are Python values or qemu-img's text
+    ("on"/"off" for booleans; sizes are numbers). Without SIZE the backing
+    file's size is taken. PASSPHRASE or KEY_FILE: the LUKS passphrase.
+    UNSAFE (qemu-img -u): the backing file is not opened. An existing file
+    at PATH is replaced (refused while another program holds it); on any
+    failure PATH is left absent or as it was."""
+    import trio
+
+    await trio.to_thread.run_sync(lambda: create_sync(path, size, passphrase=passphrase, key_file=key_file,
+                                                      unsafe=unsafe, **options))
+
+
+class _QcowTarget:
+    """A new qcow2 image's disk as convert's target (engine.convert.CompressedTarget)."""
+
+    def __init__(self, image: Image) -> None:
+        disk = image.disk
+        self.write, self.zero, self.write_compressed = disk.write, disk.zero, disk.write_compressed
+        self.cluster_size = image.cluster_size
+        self.compression_type = image.engine.geo.compression_type
+
+
+class _QcowSource:
+    """A qcow2 image's disk (or a snapshot's) as convert's source: its data
+    ranges from the allocation map (backing chain included)."""
+
+    def __init__(self, image: Image, snapshot: str | None) -> None:
+        self._image = image
+        self._disk = image.snapshot(snapshot) if snapshot is not None else image.disk
+        self._snapshot = snapshot
+        self.size = self._disk.size
+        self.readinto = self._disk.readinto
+
+    async def data_ranges(self) -> list[tuple[int, int]]:
+        extents = await self._image.map(self._snapshot)
+        out: list[tuple[int, int]] = []
+        for e in extents:
+            if e["data"]:
+                if out and out[-1][1] == e["start"]:
+                    out[-1] = (out[-1][0], e["start"] + e["length"])
+                else:
+                    out.append((e["start"], e["start"] + e["length"]))
+        return out
+
+
+def _probe(path: str) -> str:
+    """qcow2 if PATH starts with the qcow2 magic, else raw (qemu-img's probe
+    among the formats qcowfs knows)."""
+    from .format import QCOW_MAGIC
+
+    try:
+        with builtins_open(path, "rb") as f:
+            return "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+    except OSError as e:
+        raise QcowError(f"could not open {path}: {e.strerror}") from None
+
+
+def _snapshot_name(spec: str) -> str:
+    """-l's forms: NAME or ID, snapshot.name=NAME, snapshot.id=ID."""
+    for prefix in ("snapshot.name=", "snapshot.id="):
+        if spec.startswith(prefix):
+            return spec[len(prefix):]
+    return spec
+
+
+async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str | None = None,
+                  out_format: str = "qcow2", compress: bool = False, snapshot: str | None = None,
+                  backing_file: str | None = None, backing_fmt: str | None = None, sparse_size: int = 4096,
+                  force_share: bool = False, passphrase: Passphrase = None,
+                  key_file: str | os.PathLike[str] | None = None, target_passphrase: Passphrase = None,
+                  target_key_file: str | os.PathLike[str] | None = None,
+                  progress: Callable[[float], None] | None = None, cache: str = "unsafe",
+                  **options: Any) -> None:
+    """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
+    SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
+    disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
+    one) or raw (SRC_FORMAT; default: probed); OUT_FORMAT "qcow2" (the
+    default here; the command line's default is raw, as qemu-img's) or "raw".
+    Ranges SRC holds no data in, and blocks of zeros (SPARSE_SIZE bytes for
+    a raw DST, a cluster for a qcow2 one; 0: write every byte), stay
+    unallocated. OPTIONS: create options of a qcow2 DST (see `create`;
+    TARGET_PASSPHRASE / TARGET_KEY_FILE for encrypt_format="luks").
+    COMPRESS: compressed clusters (zlib or zstd, per compression_type).
+    BACKING_FILE (-B): DST gets this backing file (BACKING_FMT, default
+    probed) and holds only what differs from it. FORCE_SHARE: read SRC
+    whatever holds it (qemu-img -U). PROGRESS(fraction) is called as the
+    copy goes. CACHE (qemu-img -t): "unsafe" (the default, as qemu-img's)
+    never flushes; any other mode makes DST durable (fsync) before it
+    appears under its name. DST appears complete or not at all: it is written under a
+    temporary name next to it and renamed at the end (removed on failure;
+    a killed process leaves a hidden .DST.qcowfs-* file behind)."""
+    import functools
+
+    import trio
+
+    src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    if out_format not in ("qcow2", "raw"):
+        raise UsageError(f"output format '{out_format}' is not supported (qcow2 or raw)")
+    if src_format not in (None, "qcow2", "raw"):
+        raise UsageError(f"source format '{src_format}' is not supported (qcow2 or raw)")
+    if out_format == "raw" and (compress or options or backing_file is not None):
+        raise UsageError("-c, -o and -B need a qcow2 target (-O qcow2)")
+    if cache not in CACHE_MODES:
+        raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    if sparse_size < 0 or sparse_size % 512:
+        raise UsageError("the sparse size (-S) must be a multiple of 512")
+    if not os.path.exists(src_path):
+        raise QcowError(f"could not open {src}: No such file or directory")
+    if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
+        raise UsageError("the source and the destination are the same file")
+    if backing_file is not None and backing_fmt is None:
+        backing_fmt = _probe(_create.resolve_backing(dst_path, backing_file))
+    if compress and (options.get("encrypt_format") or options.get("data_file")):
+        raise UsageError("compressed clusters cannot be written with encryption or an external data file")
+    backing_file = options.pop("backing_file", backing_file)
+    backing_fmt = options.pop("backing_fmt", backing_fmt)
+    fmt = src_format or _probe(src_path)
+    if snapshot is not None and fmt != "qcow2":
+        raise UsageError("-l (snapshot) needs a qcow2 source")
+    target_key = _passphrase_source(target_passphrase, target_key_file)
+    if target_key is not None:
+        target_key = functools.cache(target_key)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    tmp = _create.temp_name(dst_path)
+    made = False
+    held = -1
+    try:
+        source: Any
+        if fmt == "qcow2":
+            image = Image(src_path, "r", passphrase=passphrase, key_file=key_file, force_share=force_share)
+            closers.append(image.close)
+            source = _QcowSource(image, _snapshot_name(snapshot) if snapshot is not None else None)
+        else:
+            source = _convert.RawDisk(src_path, force_share)
+            closers.append(source.close)
+        size = source.size
+        opts = None
+        if out_format == "qcow2":
+            opts = _create.create_options(size, backing_file=backing_file, backing_fmt=backing_fmt, **options)
+            if opts.encrypt is not None and target_key is None:
+                raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
+        held = _create.hold_target(dst_path)
+        plan = _convert.CopyPlan(size, sparse_size, compress, None, progress)
+        if opts is not None:
+            await trio.to_thread.run_sync(lambda: _create.create(tmp, opts, target_key))
+            made = True
+            out = Image(tmp, "r+", passphrase=target_key, cache=cache)
+            closers.insert(0, out.close)
+            await out.prepare()
+            if backing_file is not None:
+                if backing_fmt == "qcow2":
+                    base = Image(_create.resolve_backing(dst_path, backing_file), "r", force_share=True)
+                    closers.append(base.close)
+                    plan.backing = _QcowSource(base, None)
+                else:
+                    raw = _convert.RawDisk(_create.resolve_backing(dst_path, backing_file), force_share=True)
+                    closers.append(raw.close)
+                    plan.backing = raw
+            plan.align = opts.cluster_size
+            if plan.granularity:
+                plan.granularity = opts.cluster_size
+            await _convert.copy(source, _QcowTarget(out), plan)
+            closers.remove(out.close)
+            await out.close()
+        else:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+            made = True
+            target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe")
+            closers.insert(0, target.finish)
+            await _convert.copy(source, target, plan)
+            closers.remove(target.finish)
+            await target.finish()
+        _create.publish(tmp, dst_path, durable=cache != "unsafe")
+        made = False
+    finally:
+        for close in closers:
+            with trio.CancelScope(shield=True):
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+        if made:
+            _create.remove_quietly(tmp)
+        if held >= 0:
+            os.close(held)

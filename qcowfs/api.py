@@ -34,7 +34,7 @@ from .host.hostfile import BLOCKING
 from .errors import UsageError
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
-__all__ = ["open", "check", "Image", "Disk"]
+__all__ = ["open", "check", "create", "convert", "Image", "Disk"]
 T = TypeVar("T")
 
 
@@ -404,7 +404,7 @@ _share_docs(Image, aio.Image)
 
 def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.Passphrase = None,
          key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
-         l2_cache_size: int = DEFAULT_L2_CACHE_BYTES) -> Image:
+         l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, compress: bool = False) -> Image:
     """Open the qcow2 image at PATH; use it as a context manager:
 
         with qcowfs.open("disk.qcow2", "r+") as image:
@@ -416,12 +416,13 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
     "r+" also writes, and before returning does what a writable mount does
     before its first write (dirty-bit repair, lazy-refcount rebuild,
     tracked bitmaps marked in use). PASSPHRASE or KEY_FILE unlocks a LUKS
-    image; FORCE_SHARE reads an image another program holds (qemu-img -U).
+    image; FORCE_SHARE reads an image another program holds (qemu-img -U);
+    COMPRESS (mode "r+") stores the whole clusters writes cover compressed.
     Errors: `qcowfs.QcowError` and its family, one readable line each."""
     if not isinstance(mode, str):
         raise UsageError("mode must be \"r\" or \"r+\"")
     image = aio.Image(path, mode, passphrase=passphrase, key_file=key_file, force_share=force_share,
-                      l2_cache_size=l2_cache_size)
+                      l2_cache_size=l2_cache_size, compress=compress)
     wrapped = Image(image)
     try:
         wrapped._call(image.prepare)
@@ -434,3 +435,21 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
     return _portal.run(functools.partial(aio.check, path, repair, force_share=force_share))
+
+
+def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: aio.Passphrase = None,
+           key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+    """Create a qcow2 image, as `qemu-img create -f qcow2` (see `qcowfs.aio.create`):
+
+        qcowfs.create("disk.qcow2", 10 << 30, cluster_size=1 << 16, lazy_refcounts=True)
+        qcowfs.create("overlay.qcow2", backing_file="disk.qcow2", backing_fmt="qcow2")"""
+    aio.create_sync(path, size, passphrase=passphrase, key_file=key_file, unsafe=unsafe, **options)
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any) -> None:
+    """Copy the disk of SRC into the new image DST, as `qemu-img convert`
+    (see `qcowfs.aio.convert` for the options):
+
+        qcowfs.convert("vm.qcow2", "small.qcow2", compress=True, compression_type="zstd")
+        qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
+    _portal.run(functools.partial(aio.convert, src, dst, **options))

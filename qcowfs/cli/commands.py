@@ -1,5 +1,5 @@
 """The commands on an image file or a mount point: info, check, snapshot,
-bitmap, checkpoint, map.
+bitmap, checkpoint, map; and the offline image makers create and convert.
 
 On an image file they are clients of the public API (`qcowfs.open`,
 `qcowfs.aio`); on a mount point they ask the daemon over the control socket,
@@ -283,3 +283,108 @@ def _map_from_mount(mountpoint: str, snapshot: str | None, bitmap: str | None) -
             continue
     what = f"bitmap '{bitmap}'" if bitmap is not None else f"snapshot '{snapshot}'"
     raise UsageError(f"{mountpoint} has no {what}")
+
+
+# ---- create and convert ------------------------------------------------------------
+
+def parse_qemu_options(texts: list[str]) -> dict[str, str]:
+    """-o OPTIONS as qemu-img reads them: NAME=VALUE pairs split at commas,
+    ",," a literal comma; several -o add up (a later value wins)."""
+    out: dict[str, str] = {}
+    for text in texts:
+        parts, cur, i = [], "", 0
+        while i < len(text):
+            if text[i] == ",":
+                if text[i + 1 : i + 2] == ",":
+                    cur += ","
+                    i += 2
+                    continue
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += text[i]
+            i += 1
+        parts.append(cur)
+        for part in parts:
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise UsageError(f"invalid option '{part}' (expected NAME=VALUE)")
+            out[name] = value
+    return out
+
+
+def create_keywords(options: dict[str, str]) -> dict[str, Any]:
+    """qemu-img -o options as the library's keyword arguments: sizes with
+    their suffixes as numbers, the rest as text the library checks."""
+    from ..aio import CREATE_OPTIONS
+
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "encrypt.key-secret":
+            raise UsageError("encrypt.key-secret: qcowfs takes the passphrase from --key-file or a prompt")
+        if name not in CREATE_OPTIONS:
+            raise UsageError(f"invalid parameter '{name}' for qcow2 (known: {', '.join(CREATE_OPTIONS)})")
+        out[name.replace(".", "_").replace("-", "_")] = (parse_size(value) if CREATE_OPTIONS[name] == "size"
+                                                          else value)
+    return out
+
+
+def _key_source(key_file: str | None, what: str) -> Callable[[], bytes]:
+    """The passphrase of WHAT: the key file, else a prompt on a terminal."""
+    from ..host.secret import prompt, read_key_file
+
+    def get() -> bytes:
+        if key_file is not None:
+            return read_key_file(key_file)
+        if sys.stdin is not None and sys.stdin.isatty():
+            return prompt(what)
+        raise UsageError(f"{what} is encrypted: give its passphrase with --key-file FILE, or run "
+                         "from a terminal to be asked")
+    return get
+
+
+def cmd_create(a: argparse.Namespace) -> int:
+    """qemu-img create -f qcow2."""
+    import qcowfs
+
+    if a.format != "qcow2":
+        raise UsageError(f"qcowfs creates qcow2 images only, not '{a.format}'")
+    kw = create_keywords(parse_qemu_options(a.options))
+    if a.backing is not None:
+        kw["backing_file"] = a.backing
+    if a.backing_format is not None:
+        kw["backing_fmt"] = a.backing_format
+    size = parse_size(a.size) if a.size is not None and a.size != "0" else (0 if a.size == "0" else None)
+    if "size" in kw:
+        if size is not None:
+            raise UsageError("give the size either as SIZE or as -o size=..., not both")
+        size = kw.pop("size")
+    qcowfs.create(a.image, size, passphrase=_key_source(a.key_file, a.image), unsafe=a.unsafe, **kw)
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    """qemu-img convert: everything checked before anything is written."""
+    import trio
+
+    from .. import aio
+
+    kw = create_keywords(parse_qemu_options(a.options))
+    if "size" in kw:
+        raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
+    if a.output_format == "raw" and (kw or a.compress or a.backing):
+        raise UsageError("-o, -c and -B need -O qcow2")
+    sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
+    progress = _progress_printer() if a.progress else None
+    source_key = _key_source(a.key_file, a.src)
+    target_key = _key_source(a.target_key_file, a.dst) if kw.get("encrypt_format") else None
+    trio.run(lambda: aio.convert(
+        a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
+        snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
+        force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
+        cache=a.cache, **kw))
+    if progress:
+        print("", file=sys.stderr)
+    return 0

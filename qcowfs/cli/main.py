@@ -20,10 +20,12 @@ from typing import NoReturn, Sequence
 from .. import __version__
 from ..errors import QcowError
 from ..service.options import MOUNT_OPTIONS, MountOptions
-from .commands import cmd_bitmap, cmd_check, cmd_checkpoint, cmd_info, cmd_map, cmd_snapshot, die
+from .commands import (cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create, cmd_info, cmd_map,
+                       cmd_snapshot, die)
 from .mount import cmd_mount, cmd_umount
 
-SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map")
+SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map", "create",
+               "convert")
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--output", choices=("human", "json"), default="human")
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
+    _image_maker_args(sub)
     return p
 
 
@@ -144,6 +147,58 @@ class _Version(argparse.Action):
             if not pyfuse3_patched():
                 print(STOCK_PYFUSE3_WARNING)
         parser.exit()
+
+
+def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """create and convert: qemu-img's arguments and option names."""
+    cr = sub.add_parser("create", help="create a qcow2 image (qemu-img create)",
+                        description="Create the qcow2 image IMAGE of SIZE bytes (K, M, G, T suffixes), or "
+                                    "of its backing file's size. Options as qemu-img create -o: "
+                                    "cluster_size, compat (0.10, 1.1), refcount_bits, lazy_refcounts, "
+                                    "extended_l2, compression_type (zlib, zstd), preallocation (off, "
+                                    "metadata, falloc, full), data_file, data_file_raw, encrypt.format=luks, "
+                                    "encrypt.cipher-alg, encrypt.cipher-mode, encrypt.ivgen-alg, "
+                                    "encrypt.ivgen-hash-alg, encrypt.hash-alg, encrypt.iter-time.")
+    cr.add_argument("image", metavar="IMAGE")
+    cr.add_argument("size", metavar="SIZE", nargs="?")
+    cr.add_argument("-f", dest="format", default="qcow2", metavar="FMT", help="qcow2 (the only one)")
+    cr.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="NAME=VALUE[,...] as qemu-img's")
+    cr.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to IMAGE's directory)")
+    cr.add_argument("-F", dest="backing_format", metavar="FMT", help="backing file format: qcow2 or raw")
+    cr.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file (SIZE needed)")
+    cr.add_argument("--key-file", metavar="FILE",
+                    help="LUKS passphrase (every byte of FILE; else asked on a terminal)")
+
+    cv = sub.add_parser("convert", help="copy an image into a new qcow2 or raw image (qemu-img convert)",
+                        description="Copy the disk of SRC (qcow2 or raw) into the new image DST, leaving "
+                                    "zero and unallocated ranges unallocated. DST appears complete or "
+                                    "not at all.")
+    cv.add_argument("src", metavar="SRC")
+    cv.add_argument("dst", metavar="DST")
+    cv.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="SRC's format (default: probed)")
+    cv.add_argument("-O", dest="output_format", choices=("qcow2", "raw"), default="raw",
+                    help="DST's format (default raw, as qemu-img)")
+    cv.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="create options of a qcow2 DST (as qcowfs create -o)")
+    cv.add_argument("-c", dest="compress", action="store_true",
+                    help="compressed clusters (zlib, or zstd with -o compression_type=zstd)")
+    cv.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                    help="copy an internal snapshot (NAME, ID, snapshot.name=NAME or snapshot.id=ID)")
+    cv.add_argument("-B", dest="backing", metavar="BACKING",
+                    help="DST gets this backing file and holds only what differs from it")
+    cv.add_argument("-F", dest="backing_format", metavar="FMT", help="format of -B's file (qcow2 or raw)")
+    cv.add_argument("-S", dest="sparse", metavar="SIZE", default="4k",
+                    help="zeros of at least SIZE stay holes (default 4k; 0: write every byte)")
+    cv.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
+    cv.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
+                    help="unsafe (default, as qemu-img: no flush) or writeback (DST durable before it "
+                         "appears; also none, writethrough, directsync)")
+    cv.add_argument("-U", "--force-share", action="store_true",
+                    help="read SRC whatever holds it (as qemu-img -U)")
+    cv.add_argument("--key-file", metavar="FILE", help="passphrase of an encrypted SRC (else asked)")
+    cv.add_argument("--target-key-file", metavar="FILE",
+                    help="passphrase of DST with -o encrypt.format=luks (else asked)")
 
 
 def _mount_args(m: argparse.ArgumentParser) -> None:
@@ -243,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_checkpoint(a)
         if a.command == "map":
             return cmd_map(a)
+        if a.command == "create":
+            return cmd_create(a)
+        if a.command == "convert":
+            return cmd_convert(a)
         build_parser().print_help()
         return 2
     except QcowError as e:

@@ -132,11 +132,15 @@ def _host_holes(fd: int, host: int, length: int) -> list[tuple[int, int, bool]]:
 
 
 async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
-                     depth: int = 0) -> list[Extent]:
-    """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table)."""
+                     depth: int = 0, prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
+    """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table).
+    PREALLOC_OF: metadata_preallocated per layer (id), asked once per map
+    (it reads every refcount block, and the holes of an overlay ask the
+    layers below again and again)."""
     out: list[Extent] = []
     mapper = layer.mapper
-    prealloc: bool | None = None  # (asked once, at the first data run)
+    prealloc_of = {} if prealloc_of is None else prealloc_of
+    prealloc: bool | None = prealloc_of.get(id(layer))  # (asked at the first data run)
     geo = mapper.geo
     l1 = l1 if l1 is not None else layer.active_l1
     span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
@@ -149,7 +153,7 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
             # No L2 table here nor, maybe, for many entries on: skipped by L1 entry
             # (as lseek does), not cluster by cluster.
             stop = min(end, await l1.next_allocated(index, -(-end // span)) * span)
-            for e in await _below(layer, pos, max(stop, chunk_end), depth):
+            for e in await _below(layer, pos, max(stop, chunk_end), depth, prealloc_of):
                 _add(out, e)
             pos = max(stop, chunk_end)
             continue
@@ -161,7 +165,7 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
             offset = host + ((a - base) & (cs - 1)) if not mapper.encrypted else None
             if t == SubclusterType.NORMAL and offset is not None:
                 if prealloc is None:
-                    prealloc = metadata_preallocated(layer)
+                    prealloc = prealloc_of[id(layer)] = metadata_preallocated(layer)
                 if prealloc:
                     for rel, n, hole in _host_holes(mapper.data_file.fd, offset, b - a):
                         _add(out, Extent(a + rel, n, depth, True, hole, True, offset + rel))
@@ -173,13 +177,13 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
                 # A subcluster of an allocated cluster: QEMU gives its host offset
                 # where nothing below shows through (no backing file, or past its end).
                 below = min(b, max(a, _backing_size(layer)))
-                for e in await _below(layer, a, below, depth):
+                for e in await _below(layer, a, below, depth, prealloc_of):
                     _add(out, e)
                 if below < b:
                     _add(out, Extent(below, b - below, depth, False, True, False,
                                      None if offset is None else offset + below - a))
             else:
-                for e in await _below(layer, a, b, depth):
+                for e in await _below(layer, a, b, depth, prealloc_of):
                     _add(out, e)
         pos = chunk_end
     return out
@@ -220,7 +224,8 @@ def _backing_size(layer: Layer) -> int:
     return int(getattr(backing, "size", 0)) if backing is not None else 0
 
 
-async def _below(layer: Layer, start: int, end: int, depth: int) -> list[Extent]:
+async def _below(layer: Layer, start: int, end: int, depth: int,
+                 prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
     """Block status where LAYER has nothing: its backing file's, else zeros."""
     if start >= end:
         return []
@@ -230,7 +235,8 @@ async def _below(layer: Layer, start: int, end: int, depth: int) -> list[Extent]
     if backing is not None and start < size:
         stop = min(end, size)
         if hasattr(backing, "mapper"):
-            out = await allocation(backing, start, stop, depth=depth + 1)  # type: ignore[arg-type]
+            out = await allocation(backing, start, stop, depth=depth + 1,  # type: ignore[arg-type]
+                                   prealloc_of=prealloc_of)
         else:
             out = _raw_status(backing, start, stop, depth + 1)
         start = stop

@@ -76,6 +76,7 @@ class Image:
             raise QcowError("force-share (-U) is only for read-only opens")
         try:
             self.file = HostFile(path, writable=not options.read_only)
+            self.file.flushes = not options.unsafe_cache
         except OSError as e:
             raise QcowError.from_os(f"cannot open {path}", e) from None
         try:
@@ -118,6 +119,7 @@ class Image:
         self._prepared = False
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             self.data_file = open_data_file(self.path, h, writable=not self.read_only)
+            self.data_file.flushes = self.file.flushes
         mapper_file = self.data_file or self.file
         self.l2_cache: TableCache[np.ndarray] = TableCache(
             "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
@@ -406,6 +408,16 @@ class Image:
             await writer.write(offset, data)
         self.written(offset, len(data))
         return len(data)
+
+    @signals_corruption
+    async def write_compressed(self, offset: int, blobs: list[bytes]) -> None:
+        """Store whole clusters from cluster-aligned OFFSET as compressed
+        clusters (BLOBS: each one compressed; see Writer.write_compressed)."""
+        writer = self._check_writable()
+        if not self._prepared:
+            await self.prepare_writes()
+        await writer.write_compressed(offset, blobs)
+        self.written(offset, min(len(blobs) * self.geo.cluster_size, self.size - offset))
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """write()'s fast path without awaiting: an overwrite of clusters this

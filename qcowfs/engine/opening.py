@@ -56,6 +56,10 @@ class OpenOptions:
     # False (info): a backing file that cannot be opened is a warning, and the
     # image opens alone (qemu-img info shows an image whose backing file is gone).
     backing_required: bool = True
+    # QEMU's cache=unsafe: flushes of the image (and its data file) are
+    # skipped. For a new image nothing else uses yet (qemu-img convert's
+    # default): a crash of the host may tear it; a killed process does not.
+    unsafe_cache: bool = False
 
 
 class RawSource:

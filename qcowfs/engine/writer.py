@@ -15,10 +15,10 @@ import numpy as np
 import trio
 
 from .cache import TableCache
-from ..errors import CorruptionError
+from ..errors import CorruptionError, UnsupportedFeatureError
 from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
                      Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
-                     extended_problem)
+                     encode_compressed, extended_problem)
 from ..host.hostfile import HostFile
 from .mapper import UNALLOC, ZERO, Mapper, Source
 from .metadata import Metadata
@@ -386,6 +386,85 @@ class Writer:
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
         await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
+
+    # ---- compressed clusters (qemu-img convert -c, QEMU's compress filter) ----------
+
+    async def write_compressed(self, offset: int, blobs: list[bytes]) -> None:
+        """Store the len(BLOBS) whole clusters from cluster-aligned guest
+        OFFSET as compressed clusters: BLOBS[i] is cluster i compressed with
+        the image's codec, shorter than a cluster. They are packed byte
+        after byte into host clusters allocated for them (QEMU's
+        qcow2_alloc_bytes), each counted once per compressed cluster that
+        touches it; then the L2 entries change, old clusters are released.
+        A later write into one of them allocates a standard cluster
+        (_state: a compressed cluster is ALLOCATE)."""
+        if self.external or self.mapper.encrypted:
+            raise UnsupportedFeatureError("compressed clusters are not supported with an external data "
+                                          "file or encryption (as in QEMU)")
+        cs, cb, span = self.geo.cluster_size, self.geo.cluster_bits, self.geo.l2_span
+        if offset % cs or any(len(b) >= cs for b in blobs):
+            raise ValueError("compressed writes are whole clusters that shrink")
+        if not blobs:
+            return
+        await self._lock()
+        try:
+            places, counts = self._pack_compressed([len(b) for b in blobs])
+            n = len(counts)
+            host = await self.alloc.allocate(n)
+            self.meta.check_data(host, n * cs)  # (new clusters: past the end of the file, maybe)
+            for j in np.flatnonzero(counts > 1).tolist():
+                await self.alloc.change((host >> cb) + j, int(counts[j]) - 1)
+            buf = bytearray(n * cs)
+            for pos, blob in zip(places, blobs):
+                buf[pos : pos + len(blob)] = blob
+            self.file.write_sync(buf, host)
+            self.alloc.note_references(np.arange(host, host + n * cs, cs, dtype=np.uint64), data=False)
+            i = 0
+            while i < len(blobs):
+                guest = offset + (i << cb)
+                index = guest // span
+                k = (guest - index * span) >> cb
+                m = min(len(blobs) - i, self.geo.l2_entries - k)
+                table_off = await self._writable_l2(index)
+                async with self.l2_cache.pinned(table_off) as table:
+                    old = [self._entry(table, k + j) for j in range(m)]
+                    await self.alloc.verify_release(self._released(old))
+                    for j in range(m):
+                        entry = encode_compressed(host + places[i + j], len(blobs[i + j]), cb)
+                        if self.geo.extended_l2:
+                            table[k + j, 0], table[k + j, 1] = entry, 0
+                        else:
+                            table[k + j] = entry
+                    self.l2_cache.mark_dirty(table_off)
+                    for e in old:
+                        self._release(*e)
+                i += m
+        finally:
+            self.lock.release()
+
+    def _pack_compressed(self, lengths: list[int]) -> tuple[list[int], np.ndarray]:
+        """Offsets (from the first allocated cluster) of compressed clusters
+        of LENGTHS packed end to end, and how many of them touch each host
+        cluster; a host cluster whose refcount would overflow (1- or 2-bit
+        refcounts) is not shared: the next one starts a new cluster."""
+        cs = self.geo.cluster_size
+        limit = self.alloc.max_refcount
+        counts: list[int] = []
+        places: list[int] = []
+        pos = 0
+        for length in lengths:
+            first = pos // cs
+            if first < len(counts) and counts[first] >= limit:
+                pos = (first + 1) * cs
+                first += 1
+            last = (pos + length - 1) // cs
+            while len(counts) <= last:
+                counts.append(0)
+            for c in range(first, last + 1):
+                counts[c] += 1
+            places.append(pos)
+            pos += length
+        return places, np.array(counts, np.int64)
 
     # ---- zeroing and discard (fallocate PUNCH_HOLE / ZERO_RANGE) --------------------
 

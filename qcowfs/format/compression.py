@@ -1,6 +1,7 @@
 """Compressed clusters: zlib (raw deflate) and zstd, decoded to exactly one cluster."""
 from __future__ import annotations
 
+import threading
 import zlib
 
 import zstandard
@@ -29,3 +30,30 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
         raise CorruptionError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
     return out
 
+
+
+# QEMU's deflate settings (block/qcow2-threads.c): raw deflate, a 4 KiB window.
+ZLIB_WBITS = -12
+# Compressors are not thread-safe: one per thread and codec.
+_LOCAL = threading.local()
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_LOCAL, "zstd", None)
+    if c is None:
+        c = _LOCAL.zstd = zstandard.ZstdCompressor()
+    return c
+
+
+def compress_cluster(data: bytes | bytearray | memoryview, compression_type: int) -> bytes | None:
+    """One cluster compressed as QEMU stores it, or None when it does not
+    shrink below a cluster (QEMU then writes it uncompressed). Runs in any
+    thread: zlib and zstd release the GIL while they work."""
+    if compression_type == COMPRESSION_ZLIB:
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, ZLIB_WBITS)
+        out = c.compress(data) + c.flush()
+    elif compression_type == COMPRESSION_ZSTD:
+        out = _zstd_compressor().compress(data)
+    else:
+        raise UnsupportedFeatureError(f"unknown compression type {compression_type}")
+    return out if len(out) < len(data) else None

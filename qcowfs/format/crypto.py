@@ -144,6 +144,16 @@ class LuksHeader:
                    _cstr(hspec, "hash spec"), payload, key_bytes, digest, salt, iters,
                    uuid.split(b"\0", 1)[0].decode("ascii", "replace"), slots)
 
+    def pack(self) -> bytes:
+        """The 592 bytes of the header (the inverse of parse)."""
+        out = bytearray(_HEADER.pack(self.magic, self.version, self.cipher_name.encode(),
+                                     self.cipher_mode.encode(), self.hash_spec.encode(), self.payload_offset,
+                                     self.key_bytes, self.mk_digest, self.mk_digest_salt,
+                                     self.mk_digest_iterations, self.uuid.encode()))
+        for s in self.key_slots:
+            out += _KEY_SLOT.pack(s.active, s.iterations, s.salt, s.key_offset, s.stripes)
+        return bytes(out)
+
 
 @dataclass(frozen=True)
 class CipherSpec:
@@ -206,6 +216,20 @@ def af_merge(material: bytes, key_bytes: int, stripes: int, hash_name: str) -> b
     for i in range(stripes - 1):
         d = np.frombuffer(_diffuse((d ^ stripe[i]).tobytes(), hash_name), np.uint8)
     return (d ^ stripe[stripes - 1]).tobytes()
+
+
+def af_split(key: bytes, stripes: int, hash_name: str, random: bytes) -> bytes:
+    """The inverse of af_merge: RANDOM gives the first STRIPES-1 stripes
+    (len(key) * (stripes - 1) bytes, from a CSPRNG), the last one is chosen
+    so that the merge yields KEY."""
+    n = len(key)
+    if len(random) != n * (stripes - 1):
+        raise ValueError("af_split needs key length * (stripes - 1) random bytes")
+    d = np.zeros(n, np.uint8)
+    stripe = np.frombuffer(random, np.uint8).reshape(stripes - 1, n)
+    for i in range(stripes - 1):
+        d = np.frombuffer(_diffuse((d ^ stripe[i]).tobytes(), hash_name), np.uint8)
+    return random + (d ^ np.frombuffer(key, np.uint8)).tobytes()
 
 
 # ---- IV generators (QEMU's crypto/ivgen-*.c) ----------------------------------------

@@ -1,0 +1,568 @@
+"""Creating an image (qemu-img create -f qcow2): the first cluster, refcount
+table and blocks, the L1 table, a LUKS header, and the preallocated L2
+tables and data clusters of a new qcow2 file, laid out and written in one
+pass.
+
+A new image has no history, so nothing here goes through the allocator:
+every structure's place is known before the first byte is written (header,
+refcount table, refcount blocks, L1 table, LUKS area, L2 tables, data
+clusters, in that order, as QEMU lays out the first four), and so is every
+refcount (1 for each used cluster). The file is written under a temporary
+name in the target's directory, fsync'd and renamed over the target: a
+crash or an error leaves the target absent (or as it was), never half made.
+
+Option names and rules are qemu-img's (block/qcow2.c qcow2_co_create,
+crypto/block-luks.c): an option combination qemu-img refuses is refused
+here with the same reason, before anything is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import QcowError, UsageError
+from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+                      CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
+                      EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
+                      INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension,
+                      encode_refcount_block)
+from ..format.crypto import (HASHES, LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_MAGIC,
+                             LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
+                             CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,
+                             pbkdf2)
+from ..host.locking import lock_image
+from .opening import resolve_backing
+
+# QEMU writes a 112-byte v3 header (compression_type at byte 104, padded).
+V3_HEADER_LENGTH = 112
+DEFAULT_CLUSTER_SIZE = 1 << 16
+# crypto/block-luks.c: key material starts 4 KiB into the header, each
+# slot's material is rounded up to 4 KiB; PBKDF2 counts are timed to
+# iter-time milliseconds but never below these.
+LUKS_KEY_SLOT_OFFSET = 4096
+LUKS_KEY_SLOT_ALIGN = 4096
+LUKS_MIN_SLOT_ITERS = 1000
+LUKS_MIN_MASTER_KEY_ITERS = 1000
+LUKS_DEFAULT_ITER_TIME_MS = 2000
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+# Zeros written per pwrite by preallocation=full.
+FULL_PREALLOC_CHUNK = 8 << 20
+
+# Every option, with the kind of value it takes: the command line turns
+# qemu-img's text into these (sizes with suffixes, on/off), the library
+# takes Python values. Keys are qemu-img's names; the library's keyword
+# arguments are the same with "." and "-" written "_".
+OPTION_KINDS: dict[str, str] = {
+    "size": "size", "cluster_size": "size", "compat": "str", "refcount_bits": "int",
+    "lazy_refcounts": "bool", "extended_l2": "bool", "compression_type": "str", "preallocation": "str",
+    "data_file": "str", "data_file_raw": "bool", "backing_file": "str", "backing_fmt": "str",
+    "encrypt.format": "str", "encrypt.cipher-alg": "str", "encrypt.cipher-mode": "str",
+    "encrypt.ivgen-alg": "str", "encrypt.ivgen-hash-alg": "str", "encrypt.hash-alg": "str",
+    "encrypt.iter-time": "int",
+}
+
+
+def keyword(name: str) -> str:
+    """The library's keyword for qemu-img option NAME (encrypt.cipher-alg -> encrypt_cipher_alg)."""
+    return name.replace(".", "_").replace("-", "_")
+
+
+KEYWORDS = {keyword(name): name for name in OPTION_KINDS}
+
+
+@dataclass(frozen=True)
+class EncryptOptions:
+    """LUKS settings, in qemu-img's names and defaults (aes-256-xts-plain64, sha256)."""
+
+    cipher_alg: str = "aes-256"
+    cipher_mode: str = "xts"
+    ivgen_alg: str = "plain64"
+    ivgen_hash_alg: str | None = None
+    hash_alg: str = "sha256"
+    iter_time: int = LUKS_DEFAULT_ITER_TIME_MS
+
+    @property
+    def key_bytes(self) -> int:
+        single = int(self.cipher_alg.split("-")[1]) // 8
+        return 2 * single if self.cipher_mode == "xts" else single
+
+    @property
+    def mode_string(self) -> str:
+        """The LUKS header's cipher mode, e.g. "xts-plain64" or "cbc-essiv:sha256"."""
+        ivgen = f"{self.ivgen_alg}:{self.ivgen_hash_alg}" if self.ivgen_alg == "essiv" else self.ivgen_alg
+        return f"{self.cipher_mode}-{ivgen}"
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """A new image, checked: what `qemu-img create -f qcow2 -o ...` takes."""
+
+    size: int
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+    compat: str = "1.1"
+    refcount_bits: int = 16
+    lazy_refcounts: bool = False
+    extended_l2: bool = False
+    compression_type: str = "zlib"
+    preallocation: str = "off"
+    data_file: str | None = None
+    data_file_raw: bool = False
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    encrypt: EncryptOptions | None = None
+
+    @property
+    def version(self) -> int:
+        return 2 if self.compat == "0.10" else 3
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.cluster_size.bit_length() - 1, self.extended_l2, self.version >= 3,
+                        COMPRESSION_ZSTD if self.compression_type == "zstd" else COMPRESSION_ZLIB,
+                        self.refcount_bits.bit_length() - 1)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise UsageError(f"parameter '{name}' expects 'on' or 'off', not '{value}'")
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            return int(str(value))
+        except ValueError:
+            raise UsageError(f"parameter '{name}' expects a number, not '{value}'") from None
+    return value
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
+def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
+    """CreateOptions from keyword arguments (library names, see KEYWORDS),
+    checked as qemu-img checks them. SIZE None: the caller takes it from the
+    backing file (size_from_backing)."""
+    unknown = sorted(set(kwargs) - set(KEYWORDS))
+    if unknown:
+        raise UsageError(f"invalid parameter '{KEYWORDS.get(unknown[0], unknown[0])}' for qcow2 "
+                         f"(known: {', '.join(OPTION_KINDS)})")
+    v = {k: val for k, val in kwargs.items() if val is not None}
+    enc: dict[str, Any] = {k[len("encrypt_"):]: v.pop(k) for k in list(v) if k.startswith("encrypt_")}
+    for k in ("lazy_refcounts", "extended_l2", "data_file_raw"):
+        if k in v:
+            v[k] = _bool(k, v[k])
+    for k in ("refcount_bits", "cluster_size"):
+        if k in v:
+            v[k] = _int(k, v[k])
+    if size is None:
+        raise UsageError("image creation needs a size (or a backing file to take it from)")
+    size = _int("size", size)
+    if size < 0 or size > MAX_VIRTUAL_SIZE:
+        raise UsageError(f"invalid image size {size}")
+    size = -(-size // 512) * 512  # qemu-img rounds up to whole sectors
+    opts = CreateOptions(size=size, **v)
+    fmt = enc.pop("format", None)
+    if fmt is not None and fmt != "luks":
+        raise UsageError(f"encryption format '{fmt}' is not supported (only 'luks'; QEMU no longer creates 'aes')")
+    if enc and fmt is None:
+        raise UsageError("encrypt.* options need encrypt.format=luks")
+    if fmt is not None:
+        if "iter_time" in enc:
+            enc["iter_time"] = _int("encrypt.iter-time", enc["iter_time"])
+        opts = dataclasses.replace(opts, encrypt=EncryptOptions(**enc))
+    _check(opts)
+    return opts
+
+
+def _check(o: CreateOptions) -> None:
+    """qemu-img's refusals (qcow2_co_create, qcrypto_block_luks_create)."""
+    cs = o.cluster_size
+    if not _power_of_two(cs) or not 1 << MIN_CLUSTER_BITS <= cs <= 1 << MAX_CLUSTER_BITS:
+        raise UsageError("cluster size must be a power of two between 512 and 2048k")
+    if o.compat not in ("0.10", "1.1", "v2", "v3"):
+        raise UsageError(f"invalid compat '{o.compat}' (0.10 or 1.1)")
+    if o.compat in ("v2", "v3"):
+        object.__setattr__(o, "compat", "0.10" if o.compat == "v2" else "1.1")
+    if not _power_of_two(o.refcount_bits) or o.refcount_bits > 64:
+        raise UsageError("refcount width must be a power of two and may not exceed 64 bits")
+    if o.compression_type not in ("zlib", "zstd"):
+        raise UsageError(f"invalid compression type '{o.compression_type}' (zlib or zstd)")
+    if o.preallocation not in PREALLOCATION_MODES:
+        raise UsageError(f"invalid preallocation mode '{o.preallocation}' ({', '.join(PREALLOCATION_MODES)})")
+    if o.version < 3:
+        if o.lazy_refcounts:
+            raise UsageError("lazy refcounts only supported with compatibility level 1.1 and above")
+        if o.refcount_bits != 16:
+            raise UsageError("different refcount widths than 16 bits require compatibility level 1.1 or above")
+        if o.data_file:
+            raise UsageError("data-file requires compat=1.1")
+        if o.extended_l2:
+            raise UsageError("extended L2 entries are only supported with compatibility level 1.1 and above")
+        if o.compression_type != "zlib":
+            raise UsageError("non-zlib compression type is only supported with compatibility level 1.1 and above")
+    if o.extended_l2 and cs < 16384:
+        raise UsageError("extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+    if o.data_file_raw and not o.data_file:
+        raise UsageError("data-file-raw requires data-file")
+    if o.backing_file is not None:
+        if o.data_file_raw:
+            raise UsageError("backing file and data-file-raw cannot be used at the same time")
+        if o.preallocation != "off" and not o.extended_l2:
+            raise UsageError("backing file and preallocation can only be used at the same time if "
+                             "extended_l2 is on")
+        if o.backing_fmt is None:
+            raise UsageError("backing file specified without backing format (give -F qcow2 or -F raw)")
+        if o.backing_fmt not in ("qcow2", "raw"):
+            raise UsageError(f"backing format '{o.backing_fmt}' is not supported (qcow2 or raw)")
+    elif o.backing_fmt is not None:
+        raise UsageError("a backing format needs a backing file")
+    e = o.encrypt
+    if e is not None:
+        if e.cipher_alg not in ("aes-128", "aes-192", "aes-256"):
+            raise UsageError(f"cipher '{e.cipher_alg}' is not supported (aes-128, aes-192, aes-256)")
+        if e.cipher_mode not in ("xts", "cbc", "ecb", "ctr"):
+            raise UsageError(f"cipher mode '{e.cipher_mode}' is not supported (xts, cbc, ecb, ctr)")
+        if e.ivgen_alg not in ("plain", "plain64", "essiv"):
+            raise UsageError(f"IV generator '{e.ivgen_alg}' is not supported (plain, plain64, essiv)")
+        for what, h in (("hash", e.hash_alg), ("IV hash", e.ivgen_hash_alg)):
+            if h is not None and h not in HASHES:
+                raise UsageError(f"{what} '{h}' is not supported ({', '.join(HASHES)})")
+        if e.ivgen_alg == "essiv" and e.ivgen_hash_alg is None:
+            object.__setattr__(e, "ivgen_hash_alg", "sha256")
+        if e.ivgen_alg != "essiv" and e.ivgen_hash_alg is not None:
+            raise UsageError("encrypt.ivgen-hash-alg is only for encrypt.ivgen-alg=essiv")
+        if e.iter_time < 1:
+            raise UsageError("encrypt.iter-time must be at least 1 (milliseconds)")
+
+
+# ---- LUKS --------------------------------------------------------------------------
+
+def _iterations_per_second(hash_name: str) -> int:
+    """PBKDF2 rate of this machine, as qcrypto_pbkdf2_count_iters measures it."""
+    n = 1 << 14
+    while True:
+        t0 = time.perf_counter()
+        pbkdf2(hash_name, b"qcowfs", bytes(LUKS_SALT_LEN), n, LUKS_DIGEST_LEN)
+        dt = time.perf_counter() - t0
+        if dt >= 0.05 or n >= 1 << 24:
+            return max(1, int(n / max(dt, 1e-6)))
+        n *= 4
+
+
+def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
+    """The LUKS header and its key material (QEMU's qcrypto_block_luks_create):
+    a random master key in slot 0, PBKDF2 counts timed to iter-time."""
+    secret = passphrase_text(passphrase)
+    key_bytes = enc.key_bytes
+    split_len = key_bytes * LUKS_STRIPES
+    split_sectors = -(-split_len // LUKS_KEY_SLOT_ALIGN) * LUKS_KEY_SLOT_ALIGN // LUKS_SECTOR_SIZE
+    header_sectors = LUKS_KEY_SLOT_OFFSET // LUKS_SECTOR_SIZE
+    payload = header_sectors + LUKS_NUM_KEY_SLOTS * split_sectors
+    per_second = _iterations_per_second(enc.hash_alg)
+    iters = per_second * enc.iter_time // 1000
+    master = os.urandom(key_bytes)
+    mk_salt, slot_salt = os.urandom(LUKS_SALT_LEN), os.urandom(LUKS_SALT_LEN)
+    mk_iters = max(iters // 8, LUKS_MIN_MASTER_KEY_ITERS)
+    slot_iters = max(iters, LUKS_MIN_SLOT_ITERS)
+    digest = pbkdf2(enc.hash_alg, master, mk_salt, mk_iters, LUKS_DIGEST_LEN)
+    slots = tuple(LuksKeySlot(LUKS_KEY_ENABLED if i == 0 else LUKS_KEY_DISABLED,
+                              slot_iters if i == 0 else 0, slot_salt if i == 0 else bytes(LUKS_SALT_LEN),
+                              header_sectors + i * split_sectors, LUKS_STRIPES)
+                  for i in range(LUKS_NUM_KEY_SLOTS))
+    header = LuksHeader(LUKS_MAGIC, LUKS_VERSION, "aes", enc.mode_string, enc.hash_alg, payload, key_bytes,
+                        digest, mk_salt, mk_iters, str(uuid.uuid4()), slots)
+    spec = CipherSpec.of(header)  # (the checks a reader makes, on what we made)
+    slot_key = pbkdf2(enc.hash_alg, secret, slot_salt, slot_iters, key_bytes)
+    split = af_split(master, LUKS_STRIPES, enc.hash_alg, os.urandom(key_bytes * (LUKS_STRIPES - 1)))
+    split += bytes(-len(split) % LUKS_SECTOR_SIZE)
+    material = SectorCipher(spec, slot_key).encrypt(split, 0)
+    area = bytearray(payload * LUKS_SECTOR_SIZE)
+    area[: len(header.pack())] = header.pack()
+    start = header_sectors * LUKS_SECTOR_SIZE
+    area[start : start + len(material)] = material
+    return bytes(area)
+
+
+# ---- layout and writing ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each structure of a new image lies, in clusters."""
+
+    reftable: int
+    reftable_clusters: int
+    refblocks: int
+    nblocks: int
+    l1: int
+    l1_entries: int
+    crypto: int
+    crypto_clusters: int
+    l2: int
+    nl2: int
+    data: int
+    ndata: int
+
+    @property
+    def clusters(self) -> int:
+        return self.data + self.ndata
+
+
+def plan(o: CreateOptions, crypto_bytes: int) -> Layout:
+    """The layout of a new image: the refcount structures sized to count
+    themselves and everything else."""
+    geo = o.geometry
+    cs = geo.cluster_size
+    l1_entries = geo.l1_entries_needed(o.size)
+    l1_clusters = -(-l1_entries * 8 // cs)
+    crypto_clusters = -(-crypto_bytes // cs)
+    prealloc = o.preallocation != "off" or o.data_file_raw
+    nl2 = l1_entries if prealloc else 0
+    ndata = -(-o.size // cs) if prealloc and not o.data_file else 0
+    body = l1_clusters + crypto_clusters + nl2 + ndata
+    t, b = 1, 1
+    while True:
+        total = 1 + t + b + body
+        b2 = -(-total // geo.refcounts_per_block)
+        t2 = max(1, -(-b2 * 8 // cs))
+        if (t2, b2) == (t, b):
+            break
+        t, b = max(t, t2), max(b, b2)
+    l1 = 1 + t + b
+    crypto = l1 + l1_clusters
+    l2 = crypto + crypto_clusters
+    return Layout(1, t, 1 + t, b, l1, l1_entries, crypto, crypto_clusters, l2, nl2, l2 + nl2, ndata)
+
+
+def build_header(o: CreateOptions, lay: Layout, crypto_bytes: int) -> Header:
+    """The header of the new image, its extensions in QEMU's order."""
+    geo = o.geometry
+    cs = geo.cluster_size
+    exts: list[HeaderExtension] = []
+    if o.backing_fmt is not None:
+        exts.append(HeaderExtension(EXT_BACKING_FORMAT, o.backing_fmt.encode()))
+    if o.data_file:
+        exts.append(HeaderExtension(EXT_DATA_FILE, o.data_file.encode()))
+    if o.encrypt is not None:
+        exts.append(HeaderExtension(EXT_CRYPTO, (lay.crypto * cs).to_bytes(8, "big")
+                                    + crypto_bytes.to_bytes(8, "big")))
+    incompat = ((INCOMPAT_DATA_FILE if o.data_file else 0) | (INCOMPAT_EXTL2 if o.extended_l2 else 0)
+                | (INCOMPAT_COMPRESSION if o.compression_type == "zstd" else 0))
+    h = Header(version=o.version, backing_file_offset=0, backing_file_size=0, cluster_bits=geo.cluster_bits,
+               size=o.size, crypt_method=CRYPT_LUKS if o.encrypt else CRYPT_NONE, l1_size=lay.l1_entries,
+               l1_table_offset=lay.l1 * cs, refcount_table_offset=lay.reftable * cs,
+               refcount_table_clusters=lay.reftable_clusters, nb_snapshots=0, snapshots_offset=0,
+               incompatible_features=incompat,
+               compatible_features=COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0,
+               autoclear_features=AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
+               refcount_order=geo.refcount_order,
+               header_length=V3_HEADER_LENGTH if o.version >= 3 else V2_HEADER_LENGTH,
+               compression_type=geo.compression_type, extensions=exts, backing_file=o.backing_file)
+    if len(h.pack()) > cs:
+        raise UsageError("the backing file name and header extensions do not fit in one cluster "
+                         f"of {cs} bytes")
+    if o.version >= 3:
+        # QEMU's feature name table, left out where the cluster has no room for it.
+        table = b"".join(bytes([t, bit]) + name.encode().ljust(46, b"\0")
+                         for (t, bit), name in FEATURE_NAMES_BUILTIN.items())
+        with_table = dataclasses.replace(h, extensions=exts + [HeaderExtension(EXT_FEATURE_TABLE, table)])
+        if len(with_table.pack()) <= cs:
+            h = with_table
+    return h
+
+
+def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, external: bool) -> bytes:
+    """Preallocated L2 table INDEX: every cluster of the disk it covers
+    points at its data cluster (guest offset == host offset in a data file)."""
+    cs = geo.cluster_size
+    first = index * geo.l2_entries
+    n = min(geo.l2_entries, -(-o.size // cs) - first)
+    clusters = np.arange(first, first + n, dtype=np.uint64)
+    hosts = clusters * np.uint64(cs) + np.uint64(0 if external else first_host)
+    words = (hosts & np.uint64(L2E_OFFSET_MASK)) | np.uint64(OFLAG_COPIED)
+    table: np.ndarray = np.zeros((geo.l2_entries, 2) if geo.extended_l2 else geo.l2_entries, np.uint64)
+    if geo.extended_l2:
+        # (QEMU preallocates the host clusters only: every subcluster stays
+        # unallocated, reading from the backing file or zeros)
+        table[:n, 0] = words
+    else:
+        table[:n] = words
+    return table.astype(">u8").tobytes()
+
+
+def _preallocate_data(fd: int, offset: int, length: int, mode: str) -> None:
+    """falloc: reserve the host space; full: write the zeros (metadata: nothing)."""
+    if length <= 0 or mode in ("off", "metadata"):
+        return
+    if mode == "falloc":
+        os.posix_fallocate(fd, offset, length)
+        return
+    zeros = bytes(min(FULL_PREALLOC_CHUNK, length))
+    pos = offset
+    while pos < offset + length:
+        n = min(len(zeros), offset + length - pos)
+        os.pwrite(fd, zeros[:n] if n < len(zeros) else zeros, pos)
+        pos += n
+
+
+def write_image(fd: int, o: CreateOptions, crypto: bytes) -> None:
+    """Write the whole new image to the empty file FD."""
+    geo = o.geometry
+    cs = geo.cluster_size
+    lay = plan(o, len(crypto))
+    header = build_header(o, lay, len(crypto))
+    used = 1 + lay.reftable_clusters + lay.nblocks + (lay.clusters - lay.l1)
+    counts = np.ones(used, np.uint64)
+    rpb = geo.refcounts_per_block
+    table = np.zeros(lay.reftable_clusters * cs // 8, np.uint64)
+    for j in range(lay.nblocks):
+        os.pwrite(fd, encode_refcount_block(counts[j * rpb : (j + 1) * rpb], geo.refcount_order, cs),
+                  (lay.refblocks + j) * cs)
+        table[j] = (lay.refblocks + j) * cs
+    os.pwrite(fd, table.astype(">u8").tobytes(), lay.reftable * cs)
+    if crypto:
+        os.pwrite(fd, crypto + bytes(lay.crypto_clusters * cs - len(crypto)), lay.crypto * cs)
+    l1 = np.zeros(lay.l1_entries, np.uint64)
+    external = bool(o.data_file)
+    for i in range(lay.nl2):
+        os.pwrite(fd, _l2_table(o, geo, lay.data * cs, i, external), (lay.l2 + i) * cs)
+        l1[i] = ((lay.l2 + i) * cs) | OFLAG_COPIED
+    os.pwrite(fd, l1.astype(">u8").tobytes(), lay.l1 * cs)
+    end = max(lay.l1 * cs + lay.l1_entries * 8, lay.l2 * cs)
+    if lay.ndata:
+        end = lay.clusters * cs
+        os.ftruncate(fd, end)
+        _preallocate_data(fd, lay.data * cs, o.size, o.preallocation)
+    if os.fstat(fd).st_size < end:
+        os.ftruncate(fd, end)
+    # The header last: until it is there, the file is no image at all.
+    os.pwrite(fd, header.pack(), 0)
+
+
+def backing_size(image_path: str, backing: str, fmt: str) -> int:
+    """The virtual size of BACKING (relative to IMAGE_PATH's directory), read
+    without a lock as qemu-img create reads it (force-share)."""
+    path = resolve_backing(image_path, backing)
+    try:
+        with open(path, "rb") as f:
+            if fmt == "raw":
+                return -(-os.fstat(f.fileno()).st_size // 512) * 512
+            return Header.parse(f.read(1 << MAX_CLUSTER_BITS)).size
+    except OSError as e:
+        raise QcowError(f"could not open backing file {backing}: {e.strerror}") from None
+
+
+def temp_name(path: str) -> str:
+    """A new hidden name next to PATH: a rename from it replaces PATH atomically."""
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def hold_target(path: str) -> int:
+    """The existing file at PATH opened and writer-locked (-1 if there is
+    none): an image another program holds is refused, as qemu-img refuses
+    to overwrite it. Close the fd after the rename."""
+    if not os.path.lexists(path):
+        return -1
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise QcowError(f"cannot replace {path}: {e.strerror}") from None
+    try:
+        lock_image(fd, path, writer=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def publish(tmp: str, path: str, durable: bool = True) -> None:
+    """Rename the finished, fsync'd TMP over PATH and make the rename durable
+    (not DURABLE: cache=unsafe, the rename alone)."""
+    os.rename(tmp, path)
+    if not durable:
+        return
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def create_file(path: str, fill: Callable[[int], None]) -> None:
+    """Make PATH as FILL(fd) writes it into a new file: under a temporary
+    name in the same directory, fsync'd, renamed over PATH (whose writer
+    lock is taken first). On any failure PATH is absent or as it was."""
+    path = os.path.abspath(path)
+    old = hold_target(path)
+    tmp = temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if old >= 0:
+            os.close(old)
+        raise QcowError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        fill(fd)
+        os.fsync(fd)
+        publish(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    finally:
+        os.close(fd)
+        if old >= 0:
+            os.close(old)
+
+
+def create(path: str, o: CreateOptions, passphrase: Callable[[], bytes] | None = None) -> None:
+    """qemu-img create -f qcow2 PATH with options O. PASSPHRASE is asked
+    for (once) when O encrypts."""
+    crypto = b""
+    if o.encrypt is not None:
+        if passphrase is None:
+            raise UsageError("an encrypted image needs a passphrase (passphrase= or key_file=)")
+        crypto = luks_area(o.encrypt, passphrase())
+    data_path = None
+    if o.data_file:
+        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), o.data_file)
+    made_data = data_path is not None and not os.path.lexists(data_path)
+
+    def fill(fd: int) -> None:
+        if data_path is not None:
+            dfd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                lock_image(dfd, data_path, writer=True)
+                os.ftruncate(dfd, 0)
+                os.ftruncate(dfd, o.size)
+                _preallocate_data(dfd, 0, o.size, o.preallocation)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        write_image(fd, o, crypto)
+    try:
+        create_file(path, fill)
+    except BaseException:
+        if made_data and data_path is not None:
+            remove_quietly(data_path)
+        raise

@@ -1,0 +1,304 @@
+"""`qcowfs convert` / `qcowfs.convert` against qemu-img as the oracle: from
+several read-matrix layouts (and encrypted and raw sources) to qcow2 (plain,
+compressed zlib and zstd, -B) and raw, each result equal in `qemu-img
+compare`, clean in `qemu-img check`, as sparse as `qemu-img convert`'s;
+refusals before anything is touched; a kill -9 loop (DST absent, or
+complete and clean, never a mix)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import images, luks
+
+REPO = Path(__file__).resolve().parent.parent
+QCOWFS = str(Path(sys.executable).parent / "qcowfs")
+KEY = luks.SECRET
+
+
+def run(args: list, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def qcowfs(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run([QCOWFS, *args], cwd)
+
+
+def data_bytes(image: Path, fmt: str) -> int:
+    """Bytes qemu-img map calls data (allocated, not zero)."""
+    p = run(["qemu-img", "map", "-f", fmt, "--output=json", image])
+    assert p.returncode == 0, p.stderr
+    return sum(e["length"] for e in json.loads(p.stdout) if e["data"] and not e["zero"])
+
+
+def compressed_clusters(image: Path) -> int:
+    p = run(["qemu-img", "check", "--output=json", image])
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(p.stdout).get("compressed-clusters", 0)
+
+
+def assert_clean(image: Path) -> None:
+    p = run(["qemu-img", "check", image])
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+SOURCES = ["v3-c64k", "v2-c4k", "v3-c512", "convert-c-zlib-c64k", "qemu-io-c-zstd", "extl2-c64k",
+           "extl2-c16k-backing", "backing-chain4", "refcount1", "zero-over-backing", "datafile-raw"]
+TARGETS = {
+    "qcow2": ["-O", "qcow2"],
+    "qcow2-c-zlib": ["-O", "qcow2", "-c"],
+    "qcow2-c-zstd": ["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+    "qcow2-4k-extl2-off": ["-O", "qcow2", "-o", "cluster_size=4k,compat=0.10"],
+    "raw": ["-O", "raw"],
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("sources")
+    return {name: images.build(name, base / name) for name in SOURCES}
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("source", SOURCES)
+def test_convert_matrix(sources: dict[str, Path], tmp_path: Path, source: str, target: str):
+    src = sources[source]
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    args = TARGETS[target]
+    p = qcowfs("convert", *args, src, ours)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    out_fmt = args[1]
+    cmp = run(["qemu-img", "compare", "-f", "qcow2", "-F", out_fmt, src, ours], cwd=src.parent)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    q = run(["qemu-img", "convert", *args, src, theirs], cwd=src.parent)
+    assert q.returncode == 0, q.stderr
+    if out_fmt == "qcow2":
+        assert_clean(ours)
+        if "-c" in args:
+            assert compressed_clusters(ours) > 0
+        else:
+            # as sparse as qemu-img's copy: the same bytes allocated as data
+            assert data_bytes(ours, "qcow2") == data_bytes(theirs, "qcow2")
+    else:
+        assert ours.stat().st_size == theirs.stat().st_size
+        assert ours.stat().st_blocks <= theirs.stat().st_blocks + 8
+    # QEMU writes the result, overwriting (compressed) clusters: still clean
+    if out_fmt == "qcow2":
+        w = run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 100k", ours])
+        assert w.returncode == 0 and "fail" not in w.stdout, w.stdout + w.stderr
+        assert_clean(ours)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_snapshot_source(tmp_path: Path):
+    src = images.build("snapshots", tmp_path / "src")
+    snaps = json.loads(run(["qemu-img", "info", "--output=json", src]).stdout)["snapshots"]
+    for s in snaps[:2]:
+        for spec in (s["name"], f"snapshot.id={s['id']}"):
+            out = tmp_path / "out.qcow2"
+            p = qcowfs("convert", "-O", "qcow2", "-l", spec, src, out)
+            assert p.returncode == 0, p.stderr
+            ref = tmp_path / "ref.raw"
+            run(["qemu-img", "convert", "-O", "raw", "-l", f"snapshot.id={s['id']}", src, ref])
+            cmp = run(["qemu-img", "compare", "-F", "raw", out, ref])
+            assert cmp.returncode == 0, cmp.stdout
+            assert_clean(out)
+            out.unlink()
+
+
+def test_raw_source_keeps_holes(tmp_path: Path):
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 << 20)
+        rnd = random.Random(5)
+        for off in (0, 5 << 20, 33 << 20, (64 << 20) - 4096):
+            f.seek(off)
+            f.write(rnd.randbytes(4096 * rnd.randint(1, 40)))
+        f.seek(40 << 20)
+        f.write(bytes(1 << 20))  # written zeros: allocated on the host, still a hole in the copy
+    for target, cache in (("qcow2", "unsafe"), ("raw", "writeback")):
+        out = tmp_path / f"out.{target}"
+        p = qcowfs("convert", "-f", "raw", "-O", target, "-t", cache, raw, out)
+        assert p.returncode == 0, p.stderr
+        cmp = run(["qemu-img", "compare", "-f", "raw", "-F", target, raw, out])
+        assert cmp.returncode == 0, cmp.stdout
+        ref = tmp_path / f"ref.{target}"
+        run(["qemu-img", "convert", "-f", "raw", "-O", target, raw, ref])
+        assert data_bytes(out, target) <= data_bytes(ref, target)
+    p = qcowfs("convert", "-f", "raw", "-O", "raw", "-S", "0", raw, tmp_path / "full.raw")
+    assert p.returncode == 0
+    assert files_equal(raw, tmp_path / "full.raw")
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    return a.read_bytes() == b.read_bytes()
+
+
+def test_encrypted_source_and_target(tmp_path: Path):
+    src = luks.create(tmp_path / "enc.qcow2", 16 << 20)
+    luks.qemu_io(src, "write -P 0x3c 0 1M", "write -P 0x4d 7M 64k")
+    key = tmp_path / "key"
+    key.write_text(KEY)
+    out = tmp_path / "plain.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "--key-file", key, src, out)
+    assert p.returncode == 0, p.stderr
+    ref = luks.to_raw(src, tmp_path / "ref.raw")
+    assert run(["qemu-img", "compare", "-F", "raw", out, ref]).returncode == 0
+    enc = tmp_path / "again.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.iter-time=10",
+               "--target-key-file", key, out, enc)
+    assert p.returncode == 0, p.stderr
+    assert luks.compare(enc, ref).returncode == 0
+    assert luks.check(enc).returncode == 0
+    # A wrong passphrase: refused, nothing left behind
+    key.write_text("wrong")
+    p = qcowfs("convert", "-O", "qcow2", "--key-file", key, src, tmp_path / "never.qcow2")
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert not (tmp_path / "never.qcow2").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_backing_option_writes_only_differences(tmp_path: Path):
+    base = images.create(tmp_path / "base.qcow2", 16 << 20)
+    images.qio(base, "write -P 0x11 0 4M", "write -P 0x22 8M 2M")
+    src = tmp_path / "src.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", base, src])
+    images.qio(src, "write -P 0x33 1M 64k", "write -z 8M 1M", "write -P 0x44 14M 64k")
+    out = tmp_path / "out.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", src, out)
+    assert p.returncode == 0, p.stderr
+    assert run(["qemu-img", "compare", out, src]).returncode == 0
+    assert_clean(out)
+    info = json.loads(run(["qemu-img", "info", "--output=json", out]).stdout)
+    assert info["backing-filename"] == "base.qcow2"
+    top = [e for e in json.loads(run(["qemu-img", "map", "--output=json", out]).stdout) if e["depth"] == 0
+           and e["present"]]
+    written = sum(e["length"] for e in top)
+    assert written == 64 * 1024 + (1 << 20) + 64 * 1024, top
+    c = tmp_path / "c.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "-c", "-B", "base.qcow2", src, c)
+    assert p.returncode == 0, p.stderr
+    assert run(["qemu-img", "compare", c, src]).returncode == 0
+    assert_clean(c)
+
+
+REFUSED = [
+    (["-O", "raw", "-c"], "need"),
+    (["-O", "vmdk"], "invalid choice"),
+    (["-O", "qcow2", "-o", "cluster_size=1000"], "cluster size"),
+    (["-O", "qcow2", "-o", "nope=1"], "invalid parameter"),
+    (["-O", "qcow2", "-S", "1000"], "multiple of 512"),
+    (["-O", "qcow2", "-l", "nosuch"], "snapshot"),
+    (["-O", "qcow2", "-c", "-o", "encrypt.format=luks"], "compress"),
+    (["-O", "qcow2", "-t", "sometimes"], "cache mode"),
+]
+
+
+@pytest.mark.parametrize("args,why", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_bad_arguments_touch_nothing(tmp_path: Path, args: list[str], why: str):
+    src = images.create(tmp_path / "src.qcow2", 4 << 20)
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(b"precious")
+    p = qcowfs("convert", *args, src, dst)
+    assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr
+    assert why in p.stderr.lower() or why in p.stderr, p.stderr
+    assert dst.read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path)) == ["dst.img", "src.qcow2"]
+
+
+def test_missing_and_same_file(tmp_path: Path):
+    src = images.create(tmp_path / "src.qcow2", 4 << 20)
+    p = qcowfs("convert", "-O", "qcow2", tmp_path / "missing.qcow2", tmp_path / "x.qcow2")
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
+    p = qcowfs("convert", "-O", "qcow2", src, src)
+    assert p.returncode == 1 and "same" in p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src.qcow2"]
+
+
+def test_source_held_by_a_writer(tmp_path: Path):
+    import qcowfs as lib
+
+    src = images.create(tmp_path / "src.qcow2", 4 << 20)
+    images.qio(src, "write -P 0x5e 0 64k")
+    with lib.open(src, "r+"):
+        p = qcowfs("convert", "-O", "qcow2", src, tmp_path / "out.qcow2")
+        assert p.returncode == 1 and "in use" in p.stderr, p.stderr
+        assert not (tmp_path / "out.qcow2").exists()
+        p = qcowfs("convert", "-U", "-O", "qcow2", src, tmp_path / "out.qcow2")
+        assert p.returncode == 0, p.stderr
+    # and a destination another program holds is not replaced
+    dst = tmp_path / "out.qcow2"
+    before = dst.read_bytes()
+    with lib.open(dst, "r+"):
+        p = qcowfs("convert", "-O", "qcow2", src, dst)
+        assert p.returncode == 1 and "in use" in p.stderr, p.stderr
+    assert dst.read_bytes() == before
+
+
+def test_library_convert_and_compress_option(tmp_path: Path):
+    import trio
+
+    import qcowfs
+    import qcowfs.aio
+
+    src = images.create(tmp_path / "src.qcow2", 8 << 20)
+    images.qio(src, "write -P 0x61 0 2M", "write -P 0x62 5M 100k")
+    seen: list[float] = []
+    qcowfs.convert(src, tmp_path / "a.qcow2", compress=True, compression_type="zstd", progress=seen.append)
+    assert seen and seen[-1] == 1.0
+    trio.run(lambda: qcowfs.aio.convert(src, tmp_path / "b.raw", out_format="raw"))
+    for out, fmt in ((tmp_path / "a.qcow2", "qcow2"), (tmp_path / "b.raw", "raw")):
+        assert run(["qemu-img", "compare", "-F", fmt, src, out]).returncode == 0
+    assert compressed_clusters(tmp_path / "a.qcow2") >= 32
+    # Image.disk with compress=True (QEMU's compress filter), then plain overwrites
+    img = qcowfs.create(tmp_path / "c.qcow2", 4 << 20) or tmp_path / "c.qcow2"
+    pattern = b"compressible " * 50000
+    with qcowfs.open(img, "r+", compress=True) as image:
+        image.disk.seek(1000)
+        image.disk.write(pattern)
+    assert compressed_clusters(img) >= 8
+    with qcowfs.open(img, "r+") as image:
+        image.disk.pwrite(b"\xee" * 5000, 70000)
+    assert_clean(img)
+    expected = bytearray(4 << 20)
+    expected[1000 : 1000 + len(pattern)] = pattern
+    expected[70000:75000] = b"\xee" * 5000
+    ref = tmp_path / "expected.raw"
+    ref.write_bytes(expected)
+    assert run(["qemu-img", "compare", "-F", "raw", img, ref]).returncode == 0
+
+
+def test_kill_loop_leaves_nothing_or_everything(tmp_path: Path):
+    """kill -9 at random moments of a convert: DST is absent, or complete
+    (equal to the source) and clean; never a partial image."""
+    src = images.create(tmp_path / "src.qcow2", 64 << 20)
+    rnd = random.Random(7)
+    cmds = [f"write -P {rnd.randint(1, 255)} {i << 20} {rnd.choice([64, 512, 1024])}k" for i in range(0, 64, 2)]
+    images.qio(src, *cmds)
+    dst = tmp_path / "dst.qcow2"
+    outcomes = set()
+    for i in range(6):
+        if dst.exists():
+            dst.unlink()
+        proc = subprocess.Popen([QCOWFS, "convert", "-O", "qcow2", "-c", src, dst],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.15 + 0.25 * i)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if dst.exists():
+            outcomes.add("complete")
+            assert run(["qemu-img", "compare", src, dst]).returncode == 0
+            assert_clean(dst)
+        else:
+            outcomes.add("absent")
+        for leftover in tmp_path.glob(".dst.qcow2.qcowfs-*"):
+            leftover.unlink()
+    assert "absent" in outcomes

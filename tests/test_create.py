@@ -1,0 +1,268 @@
+"""`qcowfs create` / `qcowfs.create` against `qemu-img create` as the oracle:
+for every option, the image qcowfs makes shows what qemu-img's shows in
+`qemu-img info` (the fields that do not depend on time, randomness or the
+host), is clean in `qemu-img check`, and QEMU writes and reads it back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import luks
+
+REPO = Path(__file__).resolve().parent.parent
+QCOWFS = [str(Path(sys.executable).parent / "qcowfs")]
+KEY = "create-test-passphrase"
+
+
+def run(args: list, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def qcowfs(cwd: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    return run([*QCOWFS, *args], cwd)
+
+
+def info(image: Path, encrypted: bool = False) -> dict:
+    """qemu-img info's fields that two creations with the same options share."""
+    p = run(["qemu-img", "info", "--output=json", image.name], image.parent)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    for k in ("filename", "actual-size", "children"):
+        d.pop(k, None)
+    enc = d.get("format-specific", {}).get("data", {}).get("encrypt")
+    if enc:
+        enc.pop("uuid")
+        enc.pop("master-key-iters")
+        for slot in enc["slots"]:
+            slot.pop("iters", None)
+    return d
+
+
+def check(image: Path, encrypted: bool = False) -> None:
+    if encrypted:
+        p = luks.check(image, KEY)
+    else:
+        p = run(["qemu-img", "check", image.name], image.parent)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def qemu_writes(image: Path, encrypted: bool = False) -> None:
+    """QEMU writes the new image and reads back what it wrote."""
+    cmds = ["write -P 0xa5 0 128k", "write -P 0x5a 1M 4k", "read -P 0xa5 0 128k", "read -P 0x5a 1M 4k",
+            "read -P 0 2M 64k"]
+    if encrypted:
+        luks.qemu_io(image, *cmds, secret=KEY)
+        return
+    args: list = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    p = run([*args, image.name], image.parent)
+    assert p.returncode == 0 and "fail" not in p.stdout and "error" not in p.stdout.lower(), p.stdout + p.stderr
+
+
+def map_shape(image: Path, keys: tuple[str, ...] = ("present", "zero", "data", "depth")) -> list:
+    """qemu-img map without host offsets, extents of the same kind merged
+    (where data lies differs, what is allocated must not)."""
+    p = run(["qemu-img", "map", "--output=json", image.name], image.parent)
+    assert p.returncode == 0, p.stderr
+    out: list[list] = []
+    for e in json.loads(p.stdout):
+        kind = [e[k] for k in keys]
+        if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1][1] += e["length"]
+        else:
+            out.append([e["start"], e["length"], kind])
+    return out
+
+
+CASES = [
+    ("", "1G"),
+    ("cluster_size=512", "64M"),
+    ("cluster_size=4k", "1G"),
+    ("cluster_size=2M", "1G"),
+    ("compat=0.10", "1G"),
+    ("compat=0.10,cluster_size=4k", "100M"),
+    ("compat=1.1,refcount_bits=1", "1G"),
+    ("refcount_bits=2,cluster_size=4k", "64M"),
+    ("refcount_bits=8", "1G"),
+    ("refcount_bits=64", "1G"),
+    ("lazy_refcounts=on", "1G"),
+    ("extended_l2=on", "1G"),
+    ("extended_l2=on,cluster_size=16k", "1G"),
+    ("compression_type=zstd", "1G"),
+    ("compression_type=zlib,cluster_size=128k", "5G"),
+    ("preallocation=off", "1000"),
+    ("preallocation=metadata", "16M"),
+    ("preallocation=metadata,cluster_size=4k", "16M"),
+    ("preallocation=falloc", "16M"),
+    ("preallocation=full", "16M"),
+    ("preallocation=metadata,extended_l2=on", "16M"),
+    ("data_file=data.raw", "64M"),
+    ("data_file=data.raw,data_file_raw=on", "64M"),
+    ("data_file=data.raw,preallocation=falloc", "16M"),
+    ("encrypt.format=luks,encrypt.iter-time=10", "1G"),
+    ("encrypt.format=luks,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+     "encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1,encrypt.iter-time=10", "64M"),
+    ("encrypt.format=luks,encrypt.cipher-alg=aes-192,encrypt.cipher-mode=xts,encrypt.ivgen-alg=plain,"
+     "encrypt.hash-alg=sha512,encrypt.iter-time=10", "64M"),
+    ("encrypt.format=luks,encrypt.iter-time=10,compat=0.10", "64M"),
+]
+
+
+@pytest.mark.parametrize("opts,size", CASES, ids=[c[0] or "defaults" for c in CASES])
+def test_create_matches_qemu_img(tmp_path: Path, opts: str, size: str):
+    encrypted = "encrypt.format" in opts
+    theirs_dir, ours_dir = tmp_path / "qemu", tmp_path / "qcowfs"
+    theirs_dir.mkdir()
+    ours_dir.mkdir()
+    (ours_dir / "key").write_text(KEY)
+    if encrypted:
+        luks.create_encrypted("qemu-img", "create", "-q", "-f", "qcow2", *luks.secret_object(KEY),
+                              "-o", f"{opts},encrypt.key-secret=sec0", theirs_dir / "disk.qcow2", size)
+    else:
+        p = run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "disk.qcow2", size] if opts else
+                ["qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", size], theirs_dir)
+        assert p.returncode == 0, p.stderr
+    args = ["create", *(["-o", opts] if opts else []), "disk.qcow2", size]
+    if encrypted:
+        args[1:1] = ["--key-file", "key"]
+    p = qcowfs(ours_dir, *args)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    ours, theirs = ours_dir / "disk.qcow2", theirs_dir / "disk.qcow2"
+    assert info(ours) == info(theirs)
+    check(ours, encrypted)
+    if "preallocation" in opts or "data_file_raw" in opts:
+        # (with a data file, "zero" is what the host says of the data file's blocks)
+        keys = ("present", "data", "depth") if "data_file" in opts else ("present", "zero", "data", "depth")
+        assert map_shape(ours, keys) == map_shape(theirs, keys)
+    if "data_file" in opts:
+        assert (ours_dir / "data.raw").stat().st_size == (theirs_dir / "data.raw").stat().st_size
+    if "falloc" in opts or "full" in opts:
+        target = "data.raw" if "data_file" in opts else "disk.qcow2"
+        assert (ours_dir / target).stat().st_blocks * 512 >= 16 << 20
+    assert not [f for f in os.listdir(ours_dir) if f.startswith(".")]
+    if info(ours)["virtual-size"] >= 4 << 20:
+        qemu_writes(ours, encrypted)
+        check(ours, encrypted)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_backing_size_from_the_backing_file(tmp_path: Path, fmt: str):
+    base = tmp_path / f"base.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, base, "10M"], check=True)
+    subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 0x42 0 1M", base], check=True, capture_output=True)
+    (tmp_path / "theirs").mkdir()
+    p = run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"../{base.name}", "-F", fmt, "ov.qcow2"],
+            tmp_path / "theirs")
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "ours").mkdir()
+    p = qcowfs(tmp_path / "ours", "create", "-b", f"../{base.name}", "-F", fmt, "ov.qcow2")
+    assert p.returncode == 0, p.stderr
+    ours = tmp_path / "ours" / "ov.qcow2"
+    assert info(ours) == info(tmp_path / "theirs" / "ov.qcow2")
+    assert info(ours)["virtual-size"] == 10 << 20
+    check(ours)
+    cmp = run(["qemu-img", "compare", "-F", fmt, ours.name, f"../{base.name}"], ours.parent)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    qemu_writes(ours)
+    check(ours)
+
+
+def test_unsafe_backing_is_not_opened(tmp_path: Path):
+    p = qcowfs(tmp_path, "create", "-u", "-b", "missing.qcow2", "-F", "qcow2", "ov.qcow2", "1G")
+    assert p.returncode == 0, p.stderr
+    q = run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", "q.qcow2",
+             "1G"], tmp_path)
+    assert q.returncode == 0
+    assert info(tmp_path / "ov.qcow2") == info(tmp_path / "q.qcow2")
+
+
+REFUSED = [
+    (["-o", "compat=0.10,lazy_refcounts=on"], "1G"),
+    (["-o", "compat=0.10,extended_l2=on"], "1G"),
+    (["-o", "compat=0.10,compression_type=zstd"], "1G"),
+    (["-o", "compat=0.10,refcount_bits=8"], "1G"),
+    (["-o", "extended_l2=on,cluster_size=4k"], "1G"),
+    (["-o", "cluster_size=3000"], "1G"),
+    (["-o", "cluster_size=4M"], "1G"),
+    (["-o", "refcount_bits=3"], "1G"),
+    (["-o", "refcount_bits=128"], "1G"),
+    (["-o", "data_file_raw=on"], "1G"),
+    (["-o", "preallocation=sometimes"], "1G"),
+    (["-o", "compression_type=lz4"], "1G"),
+    (["-o", "no_such_option=1"], "1G"),
+    (["-b", "base.qcow2"], "1G"),
+    (["-b", "base.qcow2", "-F", "qcow2", "-o", "preallocation=metadata"], "1G"),
+    (["-u", "-b", "base.qcow2", "-F", "qcow2"], None),
+    (["-b", "missing.qcow2", "-F", "qcow2"], None),
+    ([], None),
+]
+
+
+@pytest.mark.parametrize("args,size", REFUSED, ids=[" ".join(a[0]) or "no-size" for a in REFUSED])
+def test_refused_where_qemu_img_refuses(tmp_path: Path, args: list[str], size: str | None):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1G"], check=True)
+    tail = [size] if size else []
+    q = run(["qemu-img", "create", "-q", "-f", "qcow2", *args, "theirs.qcow2", *tail], tmp_path)
+    assert q.returncode != 0, "qemu-img accepts it"
+    p = qcowfs(tmp_path, "create", *args, "ours.qcow2", *tail)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["base.qcow2"]
+
+
+def test_an_image_in_use_is_not_replaced(tmp_path: Path):
+    import qcowfs
+
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"], check=True)
+    before = img.read_bytes()
+    with qcowfs.open(img, "r+"):
+        p = qcowfs_cli(tmp_path, "create", "disk.qcow2", "1G")
+        assert p.returncode == 1 and "in use" in p.stderr, p.stderr
+    assert img.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["disk.qcow2"]
+    # Not in use: replaced, as qemu-img create replaces it.
+    p = qcowfs_cli(tmp_path, "create", "disk.qcow2", "1G")
+    assert p.returncode == 0, p.stderr
+    assert info(img)["virtual-size"] == 1 << 30
+
+
+qcowfs_cli = qcowfs
+
+
+def test_library_create(tmp_path: Path):
+    """qcowfs.create with Python values; qcowfs.aio.create the same as a coroutine."""
+    import trio
+
+    import qcowfs
+    import qcowfs.aio
+
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qcowfs.create(a, 1 << 30, cluster_size=4096, lazy_refcounts=True, extended_l2=False,
+                  compression_type="zstd")
+    trio.run(lambda: qcowfs.aio.create(b, 1 << 30, cluster_size=4096, lazy_refcounts="on",
+                                       compression_type="zstd"))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "cluster_size=4k,lazy_refcounts=on,compression_type=zstd", tmp_path / "c.qcow2", "1G"],
+                   check=True)
+    assert info(a) == info(b) == info(tmp_path / "c.qcow2")
+    with qcowfs.open(a, "r+") as image:
+        image.disk.write(b"x" * 10000)
+    check(a)
+    enc = tmp_path / "enc.qcow2"
+    qcowfs.create(enc, 64 << 20, passphrase=KEY, encrypt_format="luks", encrypt_iter_time=10)
+    with qcowfs.open(enc, "r+", passphrase=KEY) as image:
+        image.disk.write(b"secret data" * 100)
+    check(enc, encrypted=True)
+    with pytest.raises(qcowfs.UsageError):
+        qcowfs.create(tmp_path / "bad.qcow2", 1 << 20, cluster_size=1000)
+    with pytest.raises(qcowfs.UsageError):
+        qcowfs.create(tmp_path / "bad.qcow2", 1 << 20, encrypt_format="luks")  # no passphrase
+    assert not (tmp_path / "bad.qcow2").exists()
