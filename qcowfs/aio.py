@@ -398,6 +398,13 @@ class Image:
         """Delete snapshot NAME (a name or an id); its clusters are freed."""
         await self._engine.delete_snapshot(name)
 
+    async def apply_snapshot(self, name: str) -> None:
+        """Revert the disk to snapshot NAME (a name or an id), as `qemu-img
+        snapshot -a`: the disk takes the snapshot's content and size; the
+        snapshot stays. Refused while the image has persistent bitmaps (as in
+        QEMU). Atomic: a crash leaves the old disk or the snapshot's."""
+        await self._engine.apply_snapshot(name)
+
     async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         """A new persistent bitmap (QEMU's default granularity: the cluster
         size clamped to 4K..64K); ENABLED, it tracks writes from now on."""

@@ -364,6 +364,9 @@ class Image:
     def delete_snapshot(self, name: str) -> None:
         self._call(self._aio.delete_snapshot, name)
 
+    def apply_snapshot(self, name: str) -> None:
+        self._call(self._aio.apply_snapshot, name)
+
     def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         self._call(self._aio.add_bitmap, name, granularity, enabled)
 

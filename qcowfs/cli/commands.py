@@ -60,13 +60,16 @@ def _open_unmounted(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
         raise e from None
 
 
-def _run(image: "Image", work: Callable[["Image"], Any]) -> Any:
-    """Run the coroutine WORK(image) on a trio loop of this command, then close IMAGE."""
+def _run(image: "Image", work: Callable[["Image"], Any], prepare: bool = True) -> Any:
+    """Run the coroutine WORK(image) on a trio loop of this command, then close
+    IMAGE. PREPARE false: WORK checks its arguments before the image's
+    preparation for writing (every change does that preparation itself)."""
     import trio
 
     async def main() -> Any:
         async with image:
-            await image.prepare()
+            if prepare:
+                await image.prepare()
             return await work(image)
     return trio.run(main)
 
@@ -130,7 +133,8 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool) -> dict[str, 
         raise UsageError(f"{target} is not a qcowfs mount point")
     from ..service.manage import Manager
 
-    return _run(_open_unmounted(target, "r+" if writes else "r"), lambda image: Manager(image).handle(request))
+    return _run(_open_unmounted(target, "r+" if writes else "r"), lambda image: Manager(image).handle(request),
+                prepare=False)
 
 
 def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:

@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     target = "an image file, or the mount point of a read-write mount (then the daemon does it " \
              "at one instant while the disk stays in use)"
-    sn = sub.add_parser("snapshot", help="create, delete or list internal snapshots (qemu-img snapshot)",
+    sn = sub.add_parser("snapshot", help="create, delete, apply or list internal snapshots (qemu-img snapshot)",
                         description=f"Internal snapshots of TARGET: {target}.")
-    sn.add_argument("action", choices=("create", "delete", "list"))
+    sn.add_argument("action", choices=("create", "delete", "apply", "list"),
+                    help="apply: revert the disk to snapshot NAME (qemu-img snapshot -a; on a mount "
+                         "point only while disk.raw is not open)")
     sn.add_argument("target", metavar="TARGET")
     sn.add_argument("name", metavar="NAME", nargs="?")
     sn.add_argument("--json", action="store_true", help="list: machine-readable (qemu-img info's keys)")

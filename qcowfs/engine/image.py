@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import numpy as np
 import trio
 
-from ..errors import CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError, TruncatedError
+from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, ResizeError,
+                      TruncatedError)
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
                       INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_L1_BYTES, Geometry, Header, SnapshotEntry,
                       compressed_host_offsets, data_host_offsets)
@@ -532,6 +533,19 @@ class Image:
     async def delete_snapshot(self, name: str) -> None:
         async with self.exclusive() as alloc:
             await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
+
+    async def apply_snapshot(self, name: str) -> None:
+        """The active disk becomes snapshot NAME's (its content and its size),
+        as `qemu-img snapshot -a`. Refused, as QEMU refuses it, while the image
+        has persistent bitmaps (they would no longer describe the disk)."""
+        self._check_writable()
+        index = snapshot_ops.find(self.meta, name)
+        if self.bitmaps:
+            raise RequestError("the image has persistent bitmaps: a snapshot cannot be applied while "
+                               "it has any (as in QEMU; remove them first)")
+        async with self.exclusive() as alloc:
+            await snapshot_ops.apply(self.meta, alloc, self.l2_cache, index)
+            self.mapper.forget()
 
     async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         """A new persistent bitmap; enabled, it tracks writes from this instant."""
