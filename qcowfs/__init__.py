@@ -35,18 +35,18 @@ from .errors import (CorruptionError, ImageLockedError, InUseError, InvalidImage
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "check", "Image", "Disk", "Snapshot", "Bitmap", "Checkpoint", "CheckResult", "aio",
+    "open", "check", "commit", "rebase", "Image", "Disk", "Snapshot", "Bitmap", "Checkpoint", "CheckResult", "aio",
     "QcowError", "InvalidImageError", "UnsupportedFeatureError", "CorruptionError", "ReadOnlyError",
     "ImageLockedError", "NoSpaceError", "ResizeError", "UsageError", "PassphraseError", "RequestError",
     "NameTakenError", "NotFoundError", "InUseError", "__version__",
 ]
 
-_LAZY = {"open": "api", "check": "api", "Image": "api", "Disk": "api",
+_LAZY = {"open": "api", "check": "api", "commit": "api", "rebase": "api", "Image": "api", "Disk": "api",
          "Snapshot": "records", "Bitmap": "records", "Checkpoint": "records", "CheckResult": "records"}
 
 if TYPE_CHECKING:
     from . import aio
-    from .api import Disk, Image, check, open
+    from .api import Disk, Image, check, commit, open, rebase
     from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Awaitable, Callable, Generator, Literal
 
-from .engine import bitmap_ops, extents, snapshot_ops
+from .engine import bitmap_ops, chain_ops, extents, snapshot_ops
 from .engine.bitmaps import read_bitmap
 from .engine.check import check as _check
 from .engine.image import Image as _EngineImage
@@ -438,9 +438,18 @@ class Image:
         entry = await self._engine.checkpoint(name)
         return Checkpoint(Snapshot.from_entry(entry), tuple(b.name for b in self._engine.bitmaps))
 
-    async def resize(self, size: int) -> None:
-        """Grow the virtual disk to SIZE bytes (the new area reads zeros)."""
-        await self._disk.truncate(size)
+    async def resize(self, size: int, shrink: bool = False) -> None:
+        """Resize the virtual disk to SIZE bytes, as `qemu-img resize`: a grow
+        adds an area that reads zeros; a shrink needs SHRINK (what lies past
+        the new end is dropped and its clusters freed). Persistent bitmaps
+        follow the new size. Refused (ResizeError) where qemu-img refuses:
+        a size not a multiple of 512 or not positive, a version 2 image with
+        internal snapshots, an inconsistent bitmap. Atomic: a crash leaves
+        the old size and content or the new."""
+        if size < self._engine.size and not shrink:
+            raise ResizeError(f"{size} is smaller than the disk ({self._engine.size}): shrinking drops "
+                              "what lies past the new end; pass shrink=True (--shrink) to do it")
+        await self._engine.resize(size)
 
     async def flush(self) -> None:
         """Everything written so far durable in the image."""
@@ -513,3 +522,25 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
         return await image.check(repair, progress)
     finally:
         await image.close()
+
+
+async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+                 drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+    """`qemu-img commit [-b BASE] [-d] OVERLAY`: write what OVERLAY (and the
+    images between it and BASE) hold into BASE (default: OVERLAY's backing
+    file; qcow2 or raw), then empty OVERLAY unless DROP. With BASE, OVERLAY
+    is not emptied (as qemu-img: -b implies -d; the images between are then
+    outdated). OVERLAY's content never changes on the way; a crash leaves
+    BASE partly written (as QEMU's commit does), clean in `qemu-img check`."""
+    await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress)
+
+
+async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
+                 unsafe: bool = False, progress: Callable[[float], None] | None = None) -> None:
+    """`qemu-img rebase [-u] -b BACKING [-F FMT] IMAGE`: make BACKING (a path
+    stored as given, relative to IMAGE's directory; "" for none) IMAGE's
+    backing file. Safe mode first copies into IMAGE what its old backing
+    chain shows and BACKING does not, so its content stays the same;
+    UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
+    probed when absent) is recorded in the image."""
+    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress)

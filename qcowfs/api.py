@@ -34,7 +34,7 @@ from .host.hostfile import BLOCKING
 from .errors import UsageError
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
-__all__ = ["open", "check", "Image", "Disk"]
+__all__ = ["open", "check", "commit", "rebase", "Image", "Disk"]
 T = TypeVar("T")
 
 
@@ -388,8 +388,8 @@ class Image:
     def checkpoint(self, name: str) -> Checkpoint:
         return self._call(self._aio.checkpoint, name)
 
-    def resize(self, size: int) -> None:
-        self._call(self._aio.resize, size)
+    def resize(self, size: int, shrink: bool = False) -> None:
+        self._call(self._aio.resize, size, shrink)
 
     def flush(self) -> None:
         self._call(self._aio.flush)
@@ -437,3 +437,16 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
     return _portal.run(functools.partial(aio.check, path, repair, force_share=force_share))
+
+
+def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+           drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+    """`qemu-img commit` (see `qcowfs.aio.commit`)."""
+    _portal.run(functools.partial(aio.commit, overlay, base, drop=drop, progress=progress))
+
+
+def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
+           unsafe: bool = False, progress: Callable[[float], None] | None = None) -> None:
+    """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
+    _portal.run(functools.partial(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe,
+                                  progress=progress))

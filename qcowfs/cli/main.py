@@ -20,9 +20,11 @@ from .. import __version__
 from ..errors import QcowError
 from ..service.options import MountOptions
 from .commands import cmd_bitmap, cmd_check, cmd_checkpoint, cmd_info, cmd_map, cmd_snapshot, die
+from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, lifecycle_parsers
 from .mount import ROOT_LOG_FILE, cmd_mount, cmd_umount
 
-SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map")
+SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map",
+               "commit", "rebase", "resize")
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--output", choices=("human", "json"), default="human")
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
+    lifecycle_parsers(sub)
     return p
 
 
@@ -178,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _looks_like_command(argv[0]):
                 _unknown_command(argv[0])
             return _mount_from_args(_helper_parser().parse_args(argv))
+        if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
+            argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
         a = build_parser().parse_args(argv)
         if a.command == "mount":
             return _mount_from_args(a)
@@ -195,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_checkpoint(a)
         if a.command == "map":
             return cmd_map(a)
+        if a.command == "commit":
+            return cmd_commit(a)
+        if a.command == "rebase":
+            return cmd_rebase(a)
+        if a.command == "resize":
+            return cmd_resize(a)
         build_parser().print_help()
         return 2
     except QcowError as e:

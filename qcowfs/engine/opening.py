@@ -56,6 +56,10 @@ class OpenOptions:
     # False (info): a backing file that cannot be opened is a warning, and the
     # image opens alone (qemu-img info shows an image whose backing file is gone).
     backing_required: bool = True
+    # False (commit, rebase -u): the backing file is not opened at all; the
+    # image alone (its unallocated clusters read zeros). For tools that work
+    # on one layer of a chain while holding other layers themselves.
+    open_backing: bool = True
 
 
 class RawSource:

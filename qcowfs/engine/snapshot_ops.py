@@ -293,7 +293,7 @@ async def apply(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarra
         await txn.commit()
 
 
-async def _drop_active(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> list[int]:
+async def drop_active(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> list[int]:
     """The active L1 table, its L2 tables and their data each lose the
     reference the active disk holds (as a snapshot delete drops its own);
     the offsets of those L2 tables."""
@@ -337,7 +337,7 @@ async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     snap_l1 = np.zeros(new_l1_size, np.uint64)
     if snap.l1_size:
         snap_l1[: snap.l1_size] = read_entries(meta.file, snap.l1_table_offset, snap.l1_size)
-    old_tables = await _drop_active(meta, l2_cache, txn)
+    old_tables = await drop_active(meta, l2_cache, txn)
     sources: list[tuple[int, np.ndarray]] = []
     for i in np.flatnonzero(snap_l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
         off = int(snap_l1[i]) & L1E_OFFSET_MASK
@@ -381,3 +381,28 @@ async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
             if off in freed:
                 l2_cache.discard(off)
     txn.then(follow)
+
+
+async def empty(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray]) -> None:
+    """The active disk without a single cluster (it reads the backing file
+    again): a new L1 table of zeros, the old tables and data lose the
+    active disk's reference, in one commit."""
+    h, cs = meta.header, meta.geo.cluster_size
+    async with Transaction(alloc) as txn:
+        old_tables = await drop_active(meta, l2_cache, txn)
+        l1_at = await txn.allocate(h.l1_size * 8) if h.l1_size else 0
+        if h.l1_size:
+            meta.write(l1_at, bytes(h.l1_size * 8), "new L1 table")
+        txn.set(l1_table_offset=l1_at)
+
+        def follow() -> None:
+            if h.l1_size:
+                meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+                meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
+            freed = set((txn.freed * cs).tolist())
+            for off in old_tables:
+                meta.drop_structure(Kind.ACTIVE_L2, off, cs)
+                if off in freed:
+                    l2_cache.discard(off)
+        txn.then(follow)
+        await txn.commit()
