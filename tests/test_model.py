@@ -312,6 +312,14 @@ class ImageMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="id")
         self.trio.run(self.subject.live_snapshot_delete, sid)
 
+    @precondition(lambda self: self.is_open() and bool(self.subject.snapshots))
+    @rule(data=st.data())
+    @step
+    def live_snapshot_apply(self, data: st.DataObject) -> None:
+        """Revert the disk to a snapshot (qemu-img snapshot -a), in the open session."""
+        sid = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="id")
+        self.trio.run(self.subject.live_snapshot_apply, sid)
+
     @precondition(lambda self: self.is_open() and len(self.subject.bitmaps) < 4)
     @rule(data=st.data())
     @step

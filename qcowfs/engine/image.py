@@ -603,25 +603,27 @@ class Image:
         """Grow or shrink the virtual disk to NEW_SIZE (see resize.py: one
         commit; what lies past a smaller end is dropped and its clusters
         freed; persistent bitmaps follow). The area a grow adds reads zeros,
-        even where a larger backing file (or an earlier shrink's tail) has data."""
+        even where a larger backing file or the tail of the last cluster (an
+        earlier shrink's, a smaller snapshot's) has data: that tail is
+        zeroed first (past the end, nobody sees it), the rest in the commit."""
         writer = self._check_writable()
-        check_resize(self.meta, self.bitmaps, new_size)
+        backing_size = self.backing.size if self.backing is not None else 0
+        check_resize(self.meta, self.bitmaps, new_size, backing_size)
         if new_size == self.header.size:
             return
         old_size = self.size
+        await self.prepare_writes()
+        tail_end = min(new_size, -(-old_size // self.geo.cluster_size) * self.geo.cluster_size)
+        if tail_end > old_size:
+            await writer.zero(old_size, tail_end - old_size, False, tail_end)
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
-            await stage_resize(self.meta, self.l2_cache, txn, self.bitmaps, new_size, self._adopt_bitmaps)
+            await stage_resize(self.meta, self.l2_cache, txn, self.bitmaps, new_size, backing_size,
+                               self._adopt_bitmaps)
             await txn.commit()
         self.mapper.forget()
         if self.data_file is not None and self.data_file_raw:
             await trio.to_thread.run_sync(os.ftruncate, self.data_file.fd, new_size)
             self.data_file.refresh_size()
-        if new_size > old_size:
-            cs = self.geo.cluster_size
-            backing_size = self.backing.size if self.backing is not None else 0
-            shadowed = min(self.size, max(backing_size, -(-old_size // cs) * cs))
-            if shadowed > old_size:
-                await writer.zero(old_size, shadowed - old_size, False, self.size)
 
     async def close(self) -> None:
         log.debug("%s: %d reads from the page cache, %d in a worker thread; L2 cache %d hits, "

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ResizeError
-from ..format import INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED
+from ..format import INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, OFLAG_ZERO, SC_ALL
 from .bitmap_ops import Plan, current_bits, stage as stage_bitmaps
 from .bitmaps import Bitmap
 from .cache import TableCache
@@ -33,9 +33,13 @@ from .refcount import Transaction
 SECTOR = 512
 
 
-def check_resize(meta: Metadata, bitmaps: list[Bitmap], new_size: int) -> None:
-    """What qemu-img refuses, before anything is touched."""
+def check_resize(meta: Metadata, bitmaps: list[Bitmap], new_size: int, backing_size: int) -> None:
+    """What qemu-img refuses, before anything is touched (BACKING_SIZE: the
+    backing file's size, 0 without one)."""
     h, geo = meta.header, meta.geo
+    if h.version < 3 and new_size > h.size and backing_size > h.size:
+        raise ResizeError("a version 2 image cannot grow over a larger backing file: it has no zero "
+                          "clusters to hide the backing file's data in the new area (as in QEMU)")
     if new_size <= 0:
         raise ResizeError("the new size must be positive")
     if new_size % SECTOR:
@@ -55,8 +59,13 @@ def _words(table: np.ndarray) -> np.ndarray:
 
 
 async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
-                       bitmaps: list[Bitmap], new_size: int, adopt: Callable[[list[Bitmap]], None]) -> None:
-    """The resize as part of TXN; once it commits, ADOPT gets the resized bitmaps."""
+                       bitmaps: list[Bitmap], new_size: int, backing_size: int,
+                       adopt: Callable[[list[Bitmap]], None]) -> None:
+    """The resize as part of TXN; once it commits, ADOPT gets the resized bitmaps.
+    A grow over a backing file larger than the old disk marks the whole
+    clusters of the new area that it would show through as zero clusters
+    in the same commit (the partial cluster at the old end is the caller's,
+    written before: it lies past the end until the commit)."""
     h, geo = meta.header, meta.geo
     cs, cb = geo.cluster_size, geo.cluster_bits
     external = bool(h.incompatible_features & INCOMPAT_DATA_FILE)
@@ -93,8 +102,35 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
             meta.write(at, copy.astype(">u8").tobytes(), "L2 table copy")
             new_l1[i] = np.uint64(at | OFLAG_COPIED)
             replaced[off], new_tables[at] = at, copy
+    if not shrink and h.version >= 3:
+        first = -(-h.size // cs)                                   # whole new clusters only
+        last = -(-min(new_size, backing_size) // cs)
+        per_table = geo.l2_entries
+        for i in range(first // per_table, -(-last // per_table)):
+            if first >= last:
+                break
+            k0, k1 = max(first, i * per_table) - i * per_table, min(last, (i + 1) * per_table) - i * per_table
+            off = int(new_l1[i]) & L1E_OFFSET_MASK
+            if off:
+                table = await l2_cache.get(off)
+                copy = table.copy()
+                txn.change(off, cs, -1)
+                txn.change_clusters(L2Refs(off, _words(table[k0:k1]), None, 1, True).clusters(cb, external), -1)
+            else:
+                copy = np.zeros((per_table, 2) if geo.extended_l2 else per_table, np.uint64)
+            if geo.extended_l2:
+                copy[k0:k1, 0] = 0
+                copy[k0:k1, 1] = np.uint64(SC_ALL << 32)
+            else:
+                copy[k0:k1] = np.uint64(OFLAG_ZERO)
+            at = await txn.allocate(cs)
+            meta.write(at, copy.astype(">u8").tobytes(), "L2 table of zero clusters")
+            new_l1[i] = np.uint64(at | OFLAG_COPIED)
+            if off:
+                replaced[off] = at
+            new_tables[at] = copy
     new_l1_at = h.l1_table_offset
-    if l1_size != h.l1_size or replaced or dropped:
+    if l1_size != h.l1_size or replaced or dropped or new_tables:
         new_l1_at = await txn.allocate(max(1, l1_size * 8)) if l1_size else 0
         if l1_size:
             meta.write(new_l1_at, new_l1.astype(">u8").tobytes(), "new L1 table")
