@@ -536,11 +536,13 @@ async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] |
 
 
 async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
-                 unsafe: bool = False, progress: Callable[[float], None] | None = None) -> None:
+                 unsafe: bool = False, progress: Callable[[float], None] | None = None,
+                 force_share: bool = False) -> None:
     """`qemu-img rebase [-u] -b BACKING [-F FMT] IMAGE`: make BACKING (a path
     stored as given, relative to IMAGE's directory; "" for none) IMAGE's
     backing file. Safe mode first copies into IMAGE what its old backing
     chain shows and BACKING does not, so its content stays the same;
     UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
-    probed when absent) is recorded in the image."""
-    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress)
+    probed when absent) is recorded in the image. FORCE_SHARE (qemu-img's
+    -U) opens the new backing file without locks."""
+    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share)

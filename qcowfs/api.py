@@ -446,7 +446,8 @@ def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None 
 
 
 def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
-           unsafe: bool = False, progress: Callable[[float], None] | None = None) -> None:
+           unsafe: bool = False, progress: Callable[[float], None] | None = None,
+           force_share: bool = False) -> None:
     """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
     _portal.run(functools.partial(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe,
-                                  progress=progress))
+                                  progress=progress, force_share=force_share))

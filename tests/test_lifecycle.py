@@ -215,8 +215,11 @@ def test_apply_on_a_mount_point(tmp_path: Path) -> None:
             assert f.read(16384)[4096:4100] == b"\x02" * 4
             p = qcowfs("snapshot", "apply", mnt, "s")
             assert p.returncode == 1 and p.stderr.count("\n") == 1 and "open" in p.stderr
+        os.truncate(disk, 6 * MiB)  # the disk grows; apply brings back the snapshot's size
+        assert disk.stat().st_size == 6 * MiB
         p = qcowfs("snapshot", "apply", mnt, "s")
         assert p.returncode == 0, p.stderr
+        assert disk.stat().st_size == 4 * MiB
         with open(disk, "rb") as f:
             assert f.read(16384) == b"\x01" * 16384
         with open(mnt / "snapshots" / "s.raw", "rb") as f:
@@ -498,6 +501,29 @@ def test_rebase_library_and_refusals(tmp_path: Path) -> None:
     q = twins(tmp_path, "old.qcow2", "new.raw", "img.qcow2")
     sh("qemu-img", "rebase", "-b", "new.raw", "-F", "raw", "img.qcow2", cwd=q)
     lib.rebase(tmp_path / "img.qcow2", "new.raw", backing_format="raw")
+    compare(tmp_path / "img.qcow2", q / "img.qcow2")
+    clean(tmp_path / "img.qcow2")
+
+
+def test_rebase_force_share_as_qemu(tmp_path: Path) -> None:
+    """-U: the new backing file, which another program holds, is opened without locks."""
+    rebase_images(tmp_path)
+    q = twins(tmp_path, "old.qcow2", "new.qcow2", "img.qcow2")
+    for d in (tmp_path, q):
+        held = Held(d / "new.qcow2")
+        try:
+            args = ["-b", "new.qcow2", "-F", "qcow2", "img.qcow2"]
+            if d == q:
+                assert sh("qemu-img", "rebase", *args, cwd=d, check=False).returncode != 0
+                sh("qemu-img", "rebase", "-U", *args, cwd=d)
+            else:
+                before = digest(d / "img.qcow2")
+                p = qcowfs("rebase", *args, cwd=d)
+                assert p.returncode == 1 and digest(d / "img.qcow2") == before, p.stderr
+                p = qcowfs("rebase", "-U", *args, cwd=d)
+                assert p.returncode == 0, p.stderr
+        finally:
+            held.close()
     compare(tmp_path / "img.qcow2", q / "img.qcow2")
     clean(tmp_path / "img.qcow2")
 

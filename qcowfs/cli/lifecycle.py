@@ -52,6 +52,8 @@ def lifecycle_parsers(sub: Any) -> None:
                    help="the new backing file (stored as given: relative to IMAGE's directory); \"\" for none")
     b.add_argument("-F", dest="backing_fmt", metavar="FMT", choices=("qcow2", "raw"), help="format of NEW")
     b.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    b.add_argument("-U", "--force-share", action="store_true",
+                   help="open NEW without locks (as qemu-img -U)")
     b.add_argument("image", metavar="IMAGE")
 
 
@@ -100,5 +102,6 @@ def cmd_commit(a: argparse.Namespace) -> int:
 def cmd_rebase(a: argparse.Namespace) -> int:
     from .. import api
 
-    api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=_progress(a.progress))
+    api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=_progress(a.progress),
+               force_share=a.force_share)
     return 0

@@ -218,15 +218,17 @@ async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress:
         progress(1.0)
 
 
-def _open_source(path: str, fmt: str) -> Source:
+def _open_source(path: str, fmt: str, force_share: bool) -> Source:
     if fmt == "raw":
-        return RawSource(path)
-    return Image(path, OpenOptions(read_only=True))
+        return RawSource(path, force_share)
+    return Image(path, OpenOptions(read_only=True, force_share=force_share))
 
 
 async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe: bool = False,
-                 progress: Progress = None) -> None:
-    """qemu-img rebase [-u] -b BACKING [-F FMT] PATH (BACKING "": no backing file)."""
+                 progress: Progress = None, force_share: bool = False) -> None:
+    """qemu-img rebase [-u] [-U] -b BACKING [-F FMT] PATH (BACKING "": no
+    backing file; FORCE_SHARE: the new backing file opened without locks,
+    as qemu-img 7.2 opens it: the old one is opened with the image, locked)."""
     if backing_fmt is not None and backing_fmt not in ("qcow2", "raw"):
         raise UnsupportedFeatureError(f"backing file format '{backing_fmt}' is not supported")
     image = Image(path, OpenOptions(read_only=False, open_backing=not unsafe))
@@ -244,7 +246,7 @@ async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe
         if not unsafe:
             if new_path is not None:
                 assert fmt is not None
-                new = _open_source(new_path, fmt)
+                new = _open_source(new_path, fmt, force_share)
             await _copy_differences(image, new, progress)
         await image.set_backing(backing or None, fmt if backing else None)
     finally:
