@@ -437,6 +437,42 @@ class Subject:
     def _closed(self) -> None:
         assert self.open_image is None, "QEMU tools must not touch an image qcowfs has open"
 
+    # ---- qcowfs commit and rebase between sessions: the disk must read the same ------------
+
+    def backing_path(self) -> Path:
+        """The backing file the image names now (base.qcow2 until a rebase moved it)."""
+        name = info(self.image).get("backing-filename")
+        assert name, "the image has no backing file"
+        return self.directory / name
+
+    async def commit_offline(self) -> None:
+        """`qcowfs commit`: the image's clusters into its backing file, the image emptied.
+        Its disk (the model), its bitmaps and the base's health must not change; then QEMU
+        judges it all. (Not with snapshots: they read through the changed base, as in QEMU.)"""
+        self._closed()
+        base = self.backing_path()
+        await qcowfs.aio.commit(self.image)
+        if base.suffix == ".qcow2":
+            p = run("qemu-img", "check", base)
+            assert p.returncode == 0, f"{self.layout.describe()}: base after commit:\n{p.stdout}{p.stderr}"
+        self.judge()
+
+    async def rebase_offline(self, offset: int, length: int, byte: int) -> None:
+        """`qcowfs rebase` (safe) onto a raw copy of the backing file that differs at
+        [offset, +length): the disk must read the same, through the new backing file.
+        With snapshots (they read through the backing file, as in QEMU) or bitmaps (the
+        copy-in counts as writes, in other ranges than QEMU's) the copy is left the same:
+        then only the pointer moves."""
+        self._closed()
+        self._snap_counter += 1
+        new = self.directory / f"base-{self._snap_counter}.raw"
+        must("qemu-img", "convert", "-O", "raw", self.backing_path(), new)
+        if not self.snapshots and not self.bitmaps:
+            must("qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset} {length}", new)
+        await qcowfs.aio.rebase(self.image, new.name, backing_format="raw")
+        assert info(self.image).get("backing-filename") == new.name
+        self.judge()
+
     def snapshot_create(self) -> str:
         """`qemu-img snapshot -c`; its content must stay the model's content of now."""
         self._closed()

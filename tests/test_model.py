@@ -360,6 +360,25 @@ class ImageMachine(RuleBasedStateMachine):
     def snapshot_create(self) -> None:
         self.subject.snapshot_create()
 
+    @precondition(lambda self: self.is_closed() and bool(self.subject.layout.backing_size)
+                  and not self.subject.layout.encrypted and not self.subject.snapshots)
+    @rule()
+    @step
+    def commit(self) -> None:
+        """qcowfs commit into the backing file: the disk reads the same (QEMU judges)."""
+        self.trio.run(self.subject.commit_offline)
+
+    @precondition(lambda self: self.is_closed() and bool(self.subject.layout.backing_size)
+                  and not self.subject.layout.encrypted)
+    @rule(data=st.data())
+    @step
+    def rebase(self, data: st.DataObject) -> None:
+        """qcowfs rebase onto a changed copy of the backing file: the disk reads the same."""
+        size = self.subject.layout.backing_size
+        offset = data.draw(st.integers(0, size - 1), label="offset")
+        length = data.draw(st.integers(1, min(size - offset, 256 * 1024)), label="length")
+        self.trio.run(self.subject.rebase_offline, offset, length, data.draw(st.integers(1, 255), label="byte"))
+
     @precondition(lambda self: self.is_closed() and bool(self.subject.snapshots))
     @rule(data=st.data())
     @step
