@@ -8,9 +8,12 @@ LUKS encryption),
 then runs sessions on it in-process: writes of 1 byte to several MiB (unaligned,
 all-zero, and sequential runs long enough to grow the refcount table), discards
 and zero-range (fallocate), SEEK_DATA/SEEK_HOLE checks, disk growth (which grows
-the L1 table), flushes, concurrent writes, read-backs. Between
+the L1 table), flushes, concurrent writes, read-backs, snapshot apply (the disk
+becomes the snapshot's; refused while the image has bitmaps, as QEMU). Between
 sessions, while the image is closed, QEMU changes it: snapshot create/delete,
-bitmap add/remove/clear, resize, writes. After every session the whole oracle of
+bitmap add/remove/clear, resize, writes; and qcowfs commits the image into its
+backing file or rebases it onto a (changed) copy of it, after which the disk must
+read the same. After every session the whole oracle of
 tests/inproc.py must hold: `qemu-img check` exit 0, `qemu-img compare` identical
 to the raw model, every snapshot unchanged, every bitmap exactly as expected.
 

@@ -4,11 +4,12 @@ public API; every argument is checked before the image is touched."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any, Callable
 
-from ..errors import UsageError
+from ..errors import ImageLockedError, UsageError
 
 # qemu-img's size suffixes (powers of 1024); no suffix: bytes.
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
@@ -74,7 +75,16 @@ def cmd_resize(a: argparse.Namespace) -> int:
     text = a.size.strip()
     sign = text[0] if text[:1] in "+-" else ""
     amount = parse_qemu_size(text[1:] if sign else text)
-    image = _open_unmounted(a.image, "r+")
+    if os.path.isdir(a.image):
+        raise UsageError(f"{a.image} is a directory: resize takes an image file (on a mount, "
+                         "truncate MOUNTPOINT/disk.raw grows the disk)")
+    try:
+        image = _open_unmounted(a.image, "r+")
+    except ImageLockedError as e:
+        if "is mounted on" not in str(e):
+            raise
+        raise ImageLockedError(f"{str(e).split(':')[0]}: unmount it first, or grow the mounted disk "
+                               "with truncate on its disk.raw") from None
 
     async def main() -> None:
         async with image:
