@@ -770,6 +770,7 @@ class Subject:
         await image.resize(new_size)
         assert image.virtual_size == new_size, (image.virtual_size, new_size)
         self.model.resize(new_size)
+        self.overlap_consistent()
 
     async def flush(self) -> None:
         await self._image().flush()

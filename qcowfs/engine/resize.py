@@ -141,8 +141,9 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
         plans = []
         for bm in bitmaps:
             bits = await current_bits(meta, bm)
+            # (Its entry stays the old one until the commit: the old table is given back
+            # by it; the new table's size comes from the bits stored.)
             nb = dataclasses.replace(bm, virtual_size=new_size, bits=None)
-            nb.entry = dataclasses.replace(bm.entry, bitmap_table_size=-(-nb.size // cs))
             new_bits = bytearray(nb.size)
             new_bits[: min(len(bits), nb.size)] = bits[: nb.size]
             if nb.nbits % 8:  # bits past the end of the disk are zero
