@@ -636,3 +636,22 @@ def test_kill_commit(tmp_path: Path) -> None:
         clean(work / "base.qcow2", leaks_ok=True)
         assert _raw(work / "top.qcow2", tmp_path / "now.out") == want, f"round {i}"
     assert killed
+
+
+def test_overlap_map_forgets_the_part_past_the_end_with_its_structure() -> None:
+    """A snapshot table QEMU wrote ends inside its last cluster, at the end of the file, and
+    qcowfs counts it padded to 8 bytes: those bytes are a structure 'past the end'. Once the
+    table is replaced they must go with it, or the freed cluster is refused to every later
+    allocation ("a cluster with refcount 0 would overwrite the snapshot table": found by
+    the model test with the apply/commit/rebase rules, checkpoints after a QEMU snapshot)."""
+    from qcowfs.engine.overlap import Kind, OverlapError, OverlapMap
+
+    m = OverlapMap(9)
+    m.add(0xE5000, 0x8E, Kind.SNAPSHOT_TABLE)
+    m.add_far(0xE508E, 2, Kind.SNAPSHOT_TABLE)
+    m.add_far(0x900000, 512, Kind.INACTIVE_L2)  # another structure's far part stays
+    with pytest.raises(OverlapError):
+        m.check(0xE5000, 512, "data")
+    m.remove(0xE5000, 0x90, Kind.SNAPSHOT_TABLE)
+    m.check(0xE5000, 512, "data")
+    assert m.kinds_at(0x900000, 512) == Kind.INACTIVE_L2
