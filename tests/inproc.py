@@ -276,6 +276,14 @@ class ExpectedBitmap:
     granularity: int
     bits: np.ndarray
 
+    def resize(self, size: int) -> None:
+        """The disk is SIZE now: bits past the end go, new ones are clear (as QEMU
+        resizes its bitmaps, and qcowfs its stored ones)."""
+        n = nbits(size, self.granularity)
+        grown = np.zeros(n, bool)
+        grown[: min(n, len(self.bits))] = self.bits[:n]
+        self.bits = grown
+
     def mark(self, offset: int, length: int) -> None:
         if self.auto and length > 0:
             g = self.granularity
@@ -633,12 +641,18 @@ class Subject:
         must("qemu-img", "bitmap", *self._pre(False), "--clear", *self._target(), name)
         self.bitmaps[name].bits[:] = False
 
+    def resized(self, new_size: int) -> None:
+        """What must hold once the disk is NEW_SIZE: the model, and every bitmap's bits."""
+        self.model.resize(new_size)
+        for bm in self.bitmaps.values():
+            bm.resize(new_size)
+
     def resize_offline(self, new_size: int) -> None:
         """`qemu-img resize` (grow), where QEMU does it (see offline_resize_refused)."""
         self._closed()
         assert self.offline_resize_refused() is None, self.offline_resize_refused()
         must("qemu-img", "resize", "-q", *self._pre(), *self._target(), new_size)
-        self.model.resize(new_size)
+        self.resized(new_size)
 
     def qemu_write(self, offset: int, length: int, byte: int) -> None:
         """A write by QEMU between sessions (it marks auto bitmaps like any write)."""
@@ -745,19 +759,12 @@ class Subject:
         return None
 
     def offline_resize_refused(self) -> str | None:
-        """Why `qemu-img resize` cannot grow this image now (None: it can); also
-        "not modelled" for an image with bitmaps (see resize)."""
-        if self.bitmaps:
-            return "the model does not follow bitmaps across a resize"
+        """Why `qemu-img resize` cannot grow this image now (None: it can)."""
         return self.resize_refused()
 
     async def resize(self, new_size: int) -> None:
         """Grow through qcowfs; where QEMU refuses, qcowfs must refuse too (ResizeError).
-        Not with bitmaps: QEMU 7.2 resizes them too, and the expected bits here do not
-        follow a size change (tests/test_lifecycle.py compares resized bitmaps with
-        qemu-img resize's)."""
-        if self.bitmaps:
-            return
+        Bitmaps follow the new size (as QEMU 7.2 resizes them)."""
         image = self._image()
         why = self.resize_refused()
         if why is not None:
@@ -769,7 +776,7 @@ class Subject:
             raise AssertionError(f"{self.layout.describe()}: resize to {new_size} was not refused: {why}")
         await image.resize(new_size)
         assert image.virtual_size == new_size, (image.virtual_size, new_size)
-        self.model.resize(new_size)
+        self.resized(new_size)
         self.overlap_consistent()
 
     async def flush(self) -> None:
