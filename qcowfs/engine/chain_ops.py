@@ -151,7 +151,7 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
         while base is not None and not _same(below[0], base):
             if below[1] != "qcow2":
                 raise RequestError(f"'{base}' is not in the backing chain of {path}")
-            layer = Image(below[0], OpenOptions(read_only=True, open_backing=False), )
+            layer = Image(below[0], OpenOptions(read_only=True, open_backing=False))
             opened.append(layer)
             nxt = _backing_of(layer)
             if nxt is None:
