@@ -6,6 +6,9 @@
 - snapshot create / delete on a fully allocated image: `qcowfs snapshot
   create|delete MOUNTPOINT` while mounted read-write, against `qemu-img
   snapshot -c|-d` on the unmounted image (what a user does without qcowfs);
+- snapshot apply on a fully allocated image with a snapshot and a
+  diverged disk: `qcowfs snapshot apply IMAGE` against `qemu-img snapshot
+  -a` (both offline; the aim is within 2x of qemu-img, start-up included);
 - the dirty-extent list of a bitmap on a 1 TiB sparse image: `qcowfs map
   --bitmap` (offline, and from a mount's maps/bitmaps/NAME.json), against
   `qemu-nbd -B NAME` + `nbdinfo --map=qemu:dirty-bitmap:NAME --json`;
@@ -70,6 +73,34 @@ def snapshot_times(image: Path, work: Path, runs: int) -> dict[str, dict[str, fl
     med = {k: statistics.median(v) for k, v in out.items()}
     return {"snapshot create": {"qcowfs": med["qcowfs create"], "qemu-img": med["qemu-img create"]},
             "snapshot delete": {"qcowfs": med["qcowfs delete"], "qemu-img": med["qemu-img delete"]}}
+
+
+def apply_times(image: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Median seconds of `snapshot apply` and `qemu-img snapshot -a`, each on
+    its own copy of IMAGE with snapshot s taken and 64 MiB rewritten since."""
+    base = work / "apply-base.qcow2"
+    shutil.copyfile(image, base)
+    sh("qemu-img", "snapshot", "-c", "s", base)
+    sh("qemu-io", "-c", "write -P 0x33 0 64M", base)
+    ours, theirs = [], []
+    for _ in range(runs):
+        for who, times in (("qemu-img", theirs), ("qcowfs", ours)):
+            copy = work / f"apply-{who}.qcow2"
+            shutil.copyfile(base, copy)
+            sh("sync")
+            if who == "qcowfs":
+                times.append(timed(QCOWFS, "snapshot", "apply", copy, "s"))
+            else:
+                times.append(timed("qemu-img", "snapshot", "-a", "s", copy))
+            sh("qemu-img", "check", copy)
+    sh("qemu-img", "compare", work / "apply-qcowfs.qcow2", work / "apply-qemu-img.qcow2")
+    for f in ("apply-base", "apply-qcowfs", "apply-qemu-img"):
+        (work / f"{f}.qcow2").unlink()
+    return {"snapshot apply": {"qcowfs": statistics.median(ours), "qemu-img": statistics.median(theirs)}}
+
+
+# The least peer/qcowfs ratio each row aims at (1.0 unless named here).
+AIMS = {"snapshot apply": 0.5}
 
 
 def dirty_map_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
@@ -170,7 +201,7 @@ def report(rows: dict[str, dict[str, float]]) -> str:
     for name, r in rows.items():
         peer = next(k for k in r if k != "qcowfs")
         ratio = r[peer] / r["qcowfs"] if r["qcowfs"] else float("inf")
-        verdict = "met" if ratio >= 1.0 else "NOT met"
+        verdict = "met" if ratio >= AIMS.get(name, 1.0) else "NOT met"
         lines.append(f"{name:<26} {r['qcowfs'] * 1000:>8.0f}ms {r[peer] * 1000:>8.0f}ms  "
                      f"{ratio:>5.2f}x {verdict:<7} {peer}")
     return "\n".join(lines)
@@ -178,8 +209,8 @@ def report(rows: dict[str, dict[str, float]]) -> str:
 
 def run_all(image: Path, runs: int) -> tuple[str, dict[str, dict[str, float]]]:
     with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
-        rows = {**snapshot_times(image, Path(d), runs), **dirty_map_times(Path(d), runs),
-                **image_maker_times(Path(d), runs)}
+        rows = {**snapshot_times(image, Path(d), runs), **apply_times(image, Path(d), runs),
+                **dirty_map_times(Path(d), runs), **image_maker_times(Path(d), runs)}
     return report(rows), rows
 
 

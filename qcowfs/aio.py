@@ -23,7 +23,7 @@ import os
 from builtins import open as builtins_open
 from typing import Any, Awaitable, Callable, Generator, Literal
 
-from .engine import bitmap_ops, convert as _convert, create as _create, extents, snapshot_ops
+from .engine import bitmap_ops, chain_ops, convert as _convert, create as _create, extents, snapshot_ops
 from .engine.bitmaps import read_bitmap
 from .engine.check import check as _check
 from .engine.image import Image as _EngineImage
@@ -465,6 +465,13 @@ class Image:
         """Delete snapshot NAME (a name or an id); its clusters are freed."""
         await self._engine.delete_snapshot(name)
 
+    async def apply_snapshot(self, name: str) -> None:
+        """Revert the disk to snapshot NAME (a name or an id), as `qemu-img
+        snapshot -a`: the disk takes the snapshot's content and size; the
+        snapshot stays. Refused while the image has persistent bitmaps (as in
+        QEMU). Atomic: a crash leaves the old disk or the snapshot's."""
+        await self._engine.apply_snapshot(name)
+
     async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         """A new persistent bitmap (QEMU's default granularity: the cluster
         size clamped to 4K..64K); ENABLED, it tracks writes from now on."""
@@ -498,9 +505,18 @@ class Image:
         entry = await self._engine.checkpoint(name)
         return Checkpoint(Snapshot.from_entry(entry), tuple(b.name for b in self._engine.bitmaps))
 
-    async def resize(self, size: int) -> None:
-        """Grow the virtual disk to SIZE bytes (the new area reads zeros)."""
-        await self._disk.truncate(size)
+    async def resize(self, size: int, shrink: bool = False) -> None:
+        """Resize the virtual disk to SIZE bytes, as `qemu-img resize`: a grow
+        adds an area that reads zeros; a shrink needs SHRINK (what lies past
+        the new end is dropped and its clusters freed). Persistent bitmaps
+        follow the new size. Refused (ResizeError) where qemu-img refuses:
+        a size not a multiple of 512 or not positive, a version 2 image with
+        internal snapshots, an inconsistent bitmap. Atomic: a crash leaves
+        the old size and content or the new."""
+        if size < self._engine.size and not shrink:
+            raise ResizeError(f"{size} is smaller than the disk ({self._engine.size}): shrinking drops "
+                              "what lies past the new end; pass shrink=True (--shrink) to do it")
+        await self._engine.resize(size)
 
     async def flush(self) -> None:
         """Everything written so far durable in the image."""
@@ -787,3 +803,27 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             _create.remove_quietly(tmp)
         if held >= 0:
             os.close(held)
+
+
+async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+                 drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+    """`qemu-img commit [-b BASE] [-d] OVERLAY`: write what OVERLAY (and the
+    images between it and BASE) hold into BASE (default: OVERLAY's backing
+    file; qcow2 or raw), then empty OVERLAY unless DROP. With BASE, OVERLAY
+    is not emptied (as qemu-img: -b implies -d; the images between are then
+    outdated). OVERLAY's content never changes on the way; a crash leaves
+    BASE partly written (as QEMU's commit does), clean in `qemu-img check`."""
+    await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress)
+
+
+async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
+                 unsafe: bool = False, progress: Callable[[float], None] | None = None,
+                 force_share: bool = False) -> None:
+    """`qemu-img rebase [-u] -b BACKING [-F FMT] IMAGE`: make BACKING (a path
+    stored as given, relative to IMAGE's directory; "" for none) IMAGE's
+    backing file. Safe mode first copies into IMAGE what its old backing
+    chain shows and BACKING does not, so its content stays the same;
+    UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
+    probed when absent) is recorded in the image. FORCE_SHARE (qemu-img's
+    -U) opens the new backing file without locks."""
+    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share)

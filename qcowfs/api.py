@@ -34,7 +34,7 @@ from .host.hostfile import BLOCKING
 from .errors import UsageError
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
-__all__ = ["open", "check", "create", "convert", "Image", "Disk"]
+__all__ = ["open", "check", "create", "convert", "commit", "rebase", "Image", "Disk"]
 T = TypeVar("T")
 
 
@@ -364,6 +364,9 @@ class Image:
     def delete_snapshot(self, name: str) -> None:
         self._call(self._aio.delete_snapshot, name)
 
+    def apply_snapshot(self, name: str) -> None:
+        self._call(self._aio.apply_snapshot, name)
+
     def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         self._call(self._aio.add_bitmap, name, granularity, enabled)
 
@@ -385,8 +388,8 @@ class Image:
     def checkpoint(self, name: str) -> Checkpoint:
         return self._call(self._aio.checkpoint, name)
 
-    def resize(self, size: int) -> None:
-        self._call(self._aio.resize, size)
+    def resize(self, size: int, shrink: bool = False) -> None:
+        self._call(self._aio.resize, size, shrink)
 
     def flush(self) -> None:
         self._call(self._aio.flush)
@@ -453,3 +456,15 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
         qcowfs.convert("vm.qcow2", "small.qcow2", compress=True, compression_type="zstd")
         qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
     _portal.run(functools.partial(aio.convert, src, dst, **options))
+def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+           drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+    """`qemu-img commit` (see `qcowfs.aio.commit`)."""
+    _portal.run(functools.partial(aio.commit, overlay, base, drop=drop, progress=progress))
+
+
+def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
+           unsafe: bool = False, progress: Callable[[float], None] | None = None,
+           force_share: bool = False) -> None:
+    """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
+    _portal.run(functools.partial(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe,
+                                  progress=progress, force_share=force_share))

@@ -276,6 +276,14 @@ class ExpectedBitmap:
     granularity: int
     bits: np.ndarray
 
+    def resize(self, size: int) -> None:
+        """The disk is SIZE now: bits past the end go, new ones are clear (as QEMU
+        resizes its bitmaps, and qcowfs its stored ones)."""
+        n = nbits(size, self.granularity)
+        grown = np.zeros(n, bool)
+        grown[: min(n, len(self.bits))] = self.bits[:n]
+        self.bits = grown
+
     def mark(self, offset: int, length: int) -> None:
         if self.auto and length > 0:
             g = self.granularity
@@ -437,6 +445,42 @@ class Subject:
     def _closed(self) -> None:
         assert self.open_image is None, "QEMU tools must not touch an image qcowfs has open"
 
+    # ---- qcowfs commit and rebase between sessions: the disk must read the same ------------
+
+    def backing_path(self) -> Path:
+        """The backing file the image names now (base.qcow2 until a rebase moved it)."""
+        name = info(self.image).get("backing-filename")
+        assert name, "the image has no backing file"
+        return self.directory / name
+
+    async def commit_offline(self) -> None:
+        """`qcowfs commit`: the image's clusters into its backing file, the image emptied.
+        Its disk (the model), its bitmaps and the base's health must not change; then QEMU
+        judges it all. (Not with snapshots: they read through the changed base, as in QEMU.)"""
+        self._closed()
+        base = self.backing_path()
+        await qcowfs.aio.commit(self.image)
+        if base.suffix == ".qcow2":
+            p = run("qemu-img", "check", base)
+            assert p.returncode == 0, f"{self.layout.describe()}: base after commit:\n{p.stdout}{p.stderr}"
+        self.judge()
+
+    async def rebase_offline(self, offset: int, length: int, byte: int) -> None:
+        """`qcowfs rebase` (safe) onto a raw copy of the backing file that differs at
+        [offset, +length): the disk must read the same, through the new backing file.
+        With snapshots (they read through the backing file, as in QEMU) or bitmaps (the
+        copy-in counts as writes, in other ranges than QEMU's) the copy is left the same:
+        then only the pointer moves."""
+        self._closed()
+        self._snap_counter += 1
+        new = self.directory / f"base-{self._snap_counter}.raw"
+        must("qemu-img", "convert", "-O", "raw", self.backing_path(), new)
+        if not self.snapshots and not self.bitmaps:
+            must("qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset} {length}", new)
+        await qcowfs.aio.rebase(self.image, new.name, backing_format="raw")
+        assert info(self.image).get("backing-filename") == new.name
+        self.judge()
+
     def snapshot_create(self) -> str:
         """`qemu-img snapshot -c`; its content must stay the model's content of now."""
         self._closed()
@@ -492,6 +536,24 @@ class Subject:
     async def live_snapshot_delete(self, sid: str) -> None:
         await self._image().delete_snapshot(self.snapshot_names.pop(sid))
         self.snapshots.pop(sid).unlink()
+        self.overlap_consistent()
+
+    async def live_snapshot_apply(self, sid: str) -> None:
+        """Revert to snapshot SID through qcowfs: the model becomes the snapshot's content
+        and size. Refused, with nothing changed, while the image has bitmaps (as QEMU 7.2)."""
+        image = self._image()
+        if image.bitmaps:
+            size = os.path.getsize(self.image)
+            try:
+                await image.apply_snapshot(sid)
+            except QcowError:
+                assert os.path.getsize(self.image) == size
+                return
+            raise AssertionError(f"{self.layout.describe()}: a snapshot was applied over bitmaps")
+        await image.apply_snapshot(sid)
+        shutil.copyfile(self.snapshots[sid], self.model.path)
+        self.model.size = os.path.getsize(self.model.path)
+        assert image.virtual_size == self.model.size, (image.virtual_size, self.model.size)
         self.overlap_consistent()
 
     def overlap_consistent(self) -> None:
@@ -579,12 +641,18 @@ class Subject:
         must("qemu-img", "bitmap", *self._pre(False), "--clear", *self._target(), name)
         self.bitmaps[name].bits[:] = False
 
+    def resized(self, new_size: int) -> None:
+        """What must hold once the disk is NEW_SIZE: the model, and every bitmap's bits."""
+        self.model.resize(new_size)
+        for bm in self.bitmaps.values():
+            bm.resize(new_size)
+
     def resize_offline(self, new_size: int) -> None:
         """`qemu-img resize` (grow), where QEMU does it (see offline_resize_refused)."""
         self._closed()
         assert self.offline_resize_refused() is None, self.offline_resize_refused()
         must("qemu-img", "resize", "-q", *self._pre(), *self._target(), new_size)
-        self.model.resize(new_size)
+        self.resized(new_size)
 
     def qemu_write(self, offset: int, length: int, byte: int) -> None:
         """A write by QEMU between sessions (it marks auto bitmaps like any write)."""
@@ -681,8 +749,9 @@ class Subject:
 
     def resize_refused(self) -> str | None:
         """Why QEMU refuses to grow this image now (None: it grows it)."""
-        if self.bitmaps:
-            return "the image has persistent bitmaps"
+        if not self.layout.v3 and self.layout.backing_size > self.model.size:
+            # the new area must hide the backing file's data, and v2 has no zero clusters
+            return "v2 over a larger backing file (QEMU: Failed to zero out new clusters)"
         if not self.layout.v3 and self.snapshots:
             # v2 snapshot entries have no disk size: QEMU would show every snapshot at the
             # new size, with backing-file data appearing in it past the old end
@@ -691,13 +760,11 @@ class Subject:
 
     def offline_resize_refused(self) -> str | None:
         """Why `qemu-img resize` cannot grow this image now (None: it can)."""
-        if not self.layout.v3 and self.layout.backing_size > self.model.size:
-            # the new area must hide the backing file's data, and v2 has no zero clusters
-            return "v2 over a larger backing file (QEMU: Failed to zero out new clusters)"
         return self.resize_refused()
 
     async def resize(self, new_size: int) -> None:
-        """Grow through qcowfs; where QEMU refuses, qcowfs must refuse too (ResizeError)."""
+        """Grow through qcowfs; where QEMU refuses, qcowfs must refuse too (ResizeError).
+        Bitmaps follow the new size (as QEMU 7.2 resizes them)."""
         image = self._image()
         why = self.resize_refused()
         if why is not None:
@@ -709,7 +776,8 @@ class Subject:
             raise AssertionError(f"{self.layout.describe()}: resize to {new_size} was not refused: {why}")
         await image.resize(new_size)
         assert image.virtual_size == new_size, (image.virtual_size, new_size)
-        self.model.resize(new_size)
+        self.resized(new_size)
+        self.overlap_consistent()
 
     async def flush(self) -> None:
         await self._image().flush()

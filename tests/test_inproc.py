@@ -136,7 +136,7 @@ async def test_combination(tmp_path: Path, name: str) -> None:
         await s.open()
         try:
             await _write_all(s, min(s.model.size, 6 * MiB), step=256 * KiB)
-            await s.resize(s.model.size + 2 * MiB)   # refused (and checked so) with bitmaps
+            await s.resize(s.model.size + 2 * MiB)   # bitmaps follow the new size
             await s.close()
         finally:
             await s.abandon()

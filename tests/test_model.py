@@ -8,9 +8,12 @@ LUKS encryption),
 then runs sessions on it in-process: writes of 1 byte to several MiB (unaligned,
 all-zero, and sequential runs long enough to grow the refcount table), discards
 and zero-range (fallocate), SEEK_DATA/SEEK_HOLE checks, disk growth (which grows
-the L1 table), flushes, concurrent writes, read-backs. Between
+the L1 table), flushes, concurrent writes, read-backs, snapshot apply (the disk
+becomes the snapshot's; refused while the image has bitmaps, as QEMU). Between
 sessions, while the image is closed, QEMU changes it: snapshot create/delete,
-bitmap add/remove/clear, resize, writes. After every session the whole oracle of
+bitmap add/remove/clear, resize, writes; and qcowfs commits the image into its
+backing file or rebases it onto a (changed) copy of it, after which the disk must
+read the same. After every session the whole oracle of
 tests/inproc.py must hold: `qemu-img check` exit 0, `qemu-img compare` identical
 to the raw model, every snapshot unchanged, every bitmap exactly as expected.
 
@@ -312,6 +315,14 @@ class ImageMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="id")
         self.trio.run(self.subject.live_snapshot_delete, sid)
 
+    @precondition(lambda self: self.is_open() and bool(self.subject.snapshots))
+    @rule(data=st.data())
+    @step
+    def live_snapshot_apply(self, data: st.DataObject) -> None:
+        """Revert the disk to a snapshot (qemu-img snapshot -a), in the open session."""
+        sid = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="id")
+        self.trio.run(self.subject.live_snapshot_apply, sid)
+
     @precondition(lambda self: self.is_open() and len(self.subject.bitmaps) < 4)
     @rule(data=st.data())
     @step
@@ -351,6 +362,25 @@ class ImageMachine(RuleBasedStateMachine):
     @step
     def snapshot_create(self) -> None:
         self.subject.snapshot_create()
+
+    @precondition(lambda self: self.is_closed() and bool(self.subject.layout.backing_size)
+                  and not self.subject.layout.encrypted and not self.subject.snapshots)
+    @rule()
+    @step
+    def commit(self) -> None:
+        """qcowfs commit into the backing file: the disk reads the same (QEMU judges)."""
+        self.trio.run(self.subject.commit_offline)
+
+    @precondition(lambda self: self.is_closed() and bool(self.subject.layout.backing_size)
+                  and not self.subject.layout.encrypted)
+    @rule(data=st.data())
+    @step
+    def rebase(self, data: st.DataObject) -> None:
+        """qcowfs rebase onto a changed copy of the backing file: the disk reads the same."""
+        size = self.subject.layout.backing_size
+        offset = data.draw(st.integers(0, size - 1), label="offset")
+        length = data.draw(st.integers(1, min(size - offset, 256 * 1024)), label="length")
+        self.trio.run(self.subject.rebase_offline, offset, length, data.draw(st.integers(1, 255), label="byte"))
 
     @precondition(lambda self: self.is_closed() and bool(self.subject.snapshots))
     @rule(data=st.data())

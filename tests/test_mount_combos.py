@@ -69,7 +69,7 @@ def test_combination_through_a_mount(name: str, tmp_path: Path) -> None:
             if session == 0 and subject.resize_refused() is None:
                 new = subject.model.size + 8 * MiB
                 os.truncate(mnt / "disk.raw", new)
-                subject.model.resize(new)
+                subject.resized(new)
                 write_session(subject, mnt, rng, 2 * MiB)
             assert os.stat(mnt / "disk.raw").st_size == subject.model.size
         subject.judge()

@@ -63,13 +63,16 @@ def _open_unmounted(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
         raise e from None
 
 
-def _run(image: "Image", work: Callable[["Image"], Any]) -> Any:
-    """Run the coroutine WORK(image) on a trio loop of this command, then close IMAGE."""
+def _run(image: "Image", work: Callable[["Image"], Any], prepare: bool = True) -> Any:
+    """Run the coroutine WORK(image) on a trio loop of this command, then close
+    IMAGE. PREPARE false: WORK checks its arguments before the image's
+    preparation for writing (every change does that preparation itself)."""
     import trio
 
     async def main() -> Any:
         async with image:
-            await image.prepare()
+            if prepare:
+                await image.prepare()
             return await work(image)
     return trio.run(main)
 
@@ -171,7 +174,7 @@ def cmd_manage(target: str, request: dict[str, Any], writes: bool, force_share: 
     from ..service.manage import Manager
 
     image = _open_unmounted(target, "r+" if writes else "r", force_share=force_share)
-    return _run(image, lambda image: Manager(image).handle(request))
+    return _run(image, lambda image: Manager(image).handle(request), prepare=False)
 
 
 def _list_only_force_share(a: argparse.Namespace) -> bool:

@@ -22,10 +22,11 @@ from ..errors import QcowError
 from ..service.options import MOUNT_OPTIONS, MountOptions
 from .commands import (cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create, cmd_info, cmd_map,
                        cmd_snapshot, die)
+from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, lifecycle_parsers
 from .mount import cmd_mount, cmd_umount
 
 SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map", "create",
-               "convert")
+               "convert", "commit", "rebase", "resize")
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -82,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     target = "an image file, or the mount point of a read-write mount (then the daemon does it " \
              "at one instant while the disk stays in use)"
-    sn = sub.add_parser("snapshot", help="create, delete or list internal snapshots (qemu-img snapshot)",
+    sn = sub.add_parser("snapshot", help="create, delete, apply or list internal snapshots (qemu-img snapshot)",
                         description=f"Internal snapshots of TARGET: {target}.")
-    sn.add_argument("action", choices=("create", "delete", "list"))
+    sn.add_argument("action", choices=("create", "delete", "apply", "list"),
+                    help="apply: revert the disk to snapshot NAME (qemu-img snapshot -a; on a mount "
+                         "point only while disk.raw is not open)")
     sn.add_argument("target", metavar="TARGET")
     sn.add_argument("name", metavar="NAME", nargs="?")
     sn.add_argument("--json", action="store_true", help="list: machine-readable (qemu-img info's keys)")
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
     _image_maker_args(sub)
+    lifecycle_parsers(sub)
     return p
 
 
@@ -278,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _looks_like_command(argv[0]):
                 _unknown_command(argv[0])
             return _mount_from_args(_helper_parser().parse_args(argv))
+        if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
+            argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
         parser = build_parser()
         a, extra = parser.parse_known_args(argv)
         if extra:  # what the command's parser did not take: its usage, not the top-level one
@@ -302,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_create(a)
         if a.command == "convert":
             return cmd_convert(a)
+        if a.command == "commit":
+            return cmd_commit(a)
+        if a.command == "rebase":
+            return cmd_rebase(a)
+        if a.command == "resize":
+            return cmd_resize(a)
         build_parser().print_help()
         return 2
     except QcowError as e:

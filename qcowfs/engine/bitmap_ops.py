@@ -118,6 +118,7 @@ async def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: li
         e = dataclasses.replace(p.bitmap.entry, flags=p.flags)
         if id(p.bitmap) in new_tables:
             e.bitmap_table_offset = new_tables[id(p.bitmap)][1]
+            e.bitmap_table_size = len(new_tables[id(p.bitmap)][0])
         entries.append(e)
     h = meta.header
     old = BitmapsExtension.parse(h.extension(EXT_BITMAPS) or b"") if h.extension(EXT_BITMAPS) else None
@@ -155,10 +156,12 @@ async def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: li
 
 
 async def _write_table(meta: Metadata, txn: Transaction, bm: Bitmap, bits: bytearray) -> tuple[list[int], int]:
-    """BITS as data clusters (all-zero ones left out) and a table, after the end of the file."""
+    """BITS as data clusters (all-zero ones left out) and a table, after the end of the file.
+    (As many entries as BITS needs: a resize stores bits of another length than the
+    entry's old table, which it still gives back.)"""
     cs = meta.geo.cluster_size
     table = []
-    for i in range(bm.entry.bitmap_table_size):
+    for i in range(-(-len(bits) // cs)):
         chunk = bytes(bits[i * cs : (i + 1) * cs])
         if not chunk.strip(b"\0"):
             table.append(0)

@@ -23,9 +23,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import numpy as np
 import trio
 
-from ..errors import CorruptionError, InvalidImageError, QcowError, ReadOnlyError, ResizeError, TruncatedError
-from ..format import (AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
-                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_L1_BYTES, Geometry, Header, SnapshotEntry,
+from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError)
+from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
+                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, Geometry, Header, SnapshotEntry,
                       compressed_host_offsets, data_host_offsets)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
@@ -38,6 +38,7 @@ from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file
                       read_snapshot_table, validate_header)
 from .overlap import Kind
 from .references import build_overlap_map
+from .resize import check_resize, stage_resize
 from .refcount import Allocator, Transaction, rebuild
 from .snapshots import snapshot_problem
 from .writer import Writer
@@ -144,6 +145,8 @@ class Image:
             lock_image(self.file.fd, self.path, writer=False, force_share=self.options.force_share)
         else:
             self._open_writable(h)
+        if not self.options.open_backing:
+            return
         try:
             self.backing = open_backing(self.path, h, self.options, chain + (ident,), Image)
         except QcowError as e:
@@ -545,6 +548,40 @@ class Image:
         async with self.exclusive() as alloc:
             await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
 
+    async def apply_snapshot(self, name: str) -> None:
+        """The active disk becomes snapshot NAME's (its content and its size),
+        as `qemu-img snapshot -a`. Refused, as QEMU refuses it, while the image
+        has persistent bitmaps (they would no longer describe the disk)."""
+        self._check_writable()
+        index = snapshot_ops.find(self.meta, name)
+        if self.bitmaps:
+            raise RequestError("the image has persistent bitmaps: a snapshot cannot be applied while "
+                               "it has any (as in QEMU; remove them first)")
+        async with self.exclusive() as alloc:
+            await snapshot_ops.apply(self.meta, alloc, self.l2_cache, index)
+            self.mapper.forget()
+
+    async def make_empty(self) -> None:
+        """Drop every cluster of the active disk (QEMU's bdrv_make_empty, as
+        after qemu-img commit): it reads its backing file everywhere again.
+        One commit: a new empty L1 table, the old tables and data lose the
+        active disk's reference."""
+        async with self.exclusive() as alloc:
+            await snapshot_ops.empty(self.meta, alloc, self.l2_cache)
+            self.mapper.forget()
+
+    async def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Point the image at backing file NAME of format FMT (None: no backing
+        file), in one header write after everything written so far is
+        durable (qemu-img rebase's last step). The backing file opened now
+        is not changed: callers close the image after this."""
+        self._check_writable()
+        await self.prepare_writes()
+        await self.flush()
+        ext = fmt.encode() if name is not None and fmt is not None else None
+        await self.meta.update(backing_file=name, backing_file_offset=0, backing_file_size=0,
+                               extensions=lambda exts: with_extension(exts, EXT_BACKING_FORMAT, ext))
+
     async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         """A new persistent bitmap; enabled, it tracks writes from this instant."""
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
@@ -575,48 +612,30 @@ class Image:
 
     @signals_corruption
     async def resize(self, new_size: int) -> None:
-        """Grow the virtual disk (shrinking is refused: it would destroy data)."""
+        """Grow or shrink the virtual disk to NEW_SIZE (see resize.py: one
+        commit; what lies past a smaller end is dropped and its clusters
+        freed; persistent bitmaps follow). The area a grow adds reads zeros,
+        even where a larger backing file or the tail of the last cluster (an
+        earlier shrink's, a smaller snapshot's) has data: that tail is
+        zeroed first (past the end, nobody sees it), the rest in the commit."""
         writer = self._check_writable()
-        await self.prepare_writes()
-        if new_size < self.size:
-            raise ResizeError("shrinking the disk is not supported")
-        if self.bitmaps:
-            raise ResizeError("an image with persistent bitmaps cannot be resized by qcowfs yet "
-                              "(remove the bitmaps first)")
-        if self.snapshots and self.header.version < 3:
-            raise ResizeError("a version 2 image with snapshots cannot be resized (as in QEMU)")
+        backing_size = self.backing.size if self.backing is not None else 0
+        check_resize(self.meta, self.bitmaps, new_size, backing_size)
+        if new_size == self.header.size:
+            return
         old_size = self.size
-        async with writer.lock:
-            needed = self.geo.l1_entries_needed(new_size)
-            if needed > self.header.l1_size:
-                if needed * 8 > MAX_L1_BYTES:
-                    raise ResizeError(f"virtual size {new_size} is too large")
-                await self._grow_l1(needed, new_size)
-            else:
-                await self.meta.update(size=new_size)
-        # The new area reads zeros, even where a larger backing file has data.
-        shadowed = min(new_size, self.backing.size if self.backing is not None else 0)
-        for pos in range(old_size, shadowed, 1 << 20):
-            await writer.write(pos, bytes(min(1 << 20, shadowed - pos)))
-
-    async def _grow_l1(self, entries: int, new_size: int) -> None:
-        """A larger active L1 table in new clusters; the header switches to it
-        (and to the new size) in one write; then the old one is freed."""
-        assert self.allocator is not None
-        h, cs = self.header, self.geo.cluster_size
-        table = np.zeros(entries, np.uint64)
-        table[: h.l1_size] = await self.active_l1.entries()
-        nclusters = -(-entries * 8 // cs)
-        offset = await self.allocator.allocate(nclusters)
-        self.meta.write(offset, table.astype(">u8").tobytes(), "new L1 table")
-        await self.allocator.flush()
-        await self.file.sync()
-        old = (h.l1_table_offset, h.l1_size)
-        await self.meta.update(l1_table_offset=offset, l1_size=entries, size=new_size)
-        self.meta.drop_structure(Kind.ACTIVE_L1, old[0], old[1] * 8)
-        self.meta.add_structure(Kind.ACTIVE_L1, offset, entries * 8)
-        if old[1]:
-            self.allocator.release_later(old[0], -(-old[1] * 8 // cs) * cs)
+        await self.prepare_writes()
+        tail_end = min(new_size, -(-old_size // self.geo.cluster_size) * self.geo.cluster_size)
+        if tail_end > old_size:
+            await writer.zero(old_size, tail_end - old_size, False, tail_end)
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            await stage_resize(self.meta, self.l2_cache, txn, self.bitmaps, new_size, backing_size,
+                               self._adopt_bitmaps)
+            await txn.commit()
+        self.mapper.forget()
+        if self.data_file is not None and self.data_file_raw:
+            await trio.to_thread.run_sync(os.ftruncate, self.data_file.fd, new_size)
+            self.data_file.refresh_size()
 
     async def close(self) -> None:
         log.debug("%s: %d reads from the page cache, %d in a worker thread; L2 cache %d hits, "

@@ -60,6 +60,10 @@ class OpenOptions:
     # skipped. For a new image nothing else uses yet (qemu-img convert's
     # default): a crash of the host may tear it; a killed process does not.
     unsafe_cache: bool = False
+    # False (commit, rebase -u): the backing file is not opened at all; the
+    # image alone (its unallocated clusters read zeros). For tools that work
+    # on one layer of a chain while holding other layers themselves.
+    open_backing: bool = True
 
 
 class RawSource:

@@ -92,6 +92,11 @@ class OverlapMap:
                 self._kinds[c] = have | kind
 
     def remove(self, offset: int, length: int, kind: Kind) -> None:
+        if self._far:
+            # The part of the structure past the end of the file (add_far) goes with it.
+            cs = 1 << self.cluster_bits
+            lo, hi = offset & ~(cs - 1), -(-(offset + max(length, 1)) // cs) * cs
+            self._far = [f for f in self._far if not (f[2] & kind and f[0] < hi and lo < f[1])]
         for c in self._clusters(offset, length):
             if self._extra.get((c, kind)):
                 self._extra[(c, kind)] -= 1

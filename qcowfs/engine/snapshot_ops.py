@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import TableCache
-from ..errors import NotFoundError, RequestError, UnsupportedFeatureError
-from ..format import (NO_ICOUNT, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..errors import CorruptionError, NotFoundError, RequestError, UnsupportedFeatureError
+from ..format import (NO_ICOUNT, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry)
 from .metadata import Metadata
 from .overlap import Kind
 from .references import L2Refs, read_entries
 from .refcount import Allocator, Transaction
-from .snapshots import check_new_name as check_name
+from .snapshots import check_new_name as check_name, snapshot_disk_size, snapshot_problem
 
 # QEMU's limit on a snapshot's id and name strings (uint16 lengths in the entry).
 MAX_NAME_BYTES = 1024
@@ -284,3 +284,125 @@ def _swap_snapshot_table(meta: Metadata, old: tuple[int, int], new_at: int,
         meta.drop_structure(Kind.SNAPSHOT_TABLE, *old)
     if entries:
         meta.add_structure(Kind.SNAPSHOT_TABLE, new_at, len(_table_bytes(entries)))
+
+
+async def apply(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], index: int) -> None:
+    """Make the active disk snapshot INDEX's content (qemu-img snapshot -a)."""
+    async with Transaction(alloc) as txn:
+        await stage_apply(meta, l2_cache, txn, index)
+        await txn.commit()
+
+
+async def drop_active(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> list[int]:
+    """The active L1 table, its L2 tables and their data each lose the
+    reference the active disk holds (as a snapshot delete drops its own);
+    the offsets of those L2 tables."""
+    h, cs, cb = meta.header, meta.geo.cluster_size, meta.geo.cluster_bits
+    tables: list[int] = []
+    if not h.l1_size:
+        return tables
+    txn.change(h.l1_table_offset, h.l1_size * 8, -1)
+    l1 = await meta.active_l1.entries() & np.uint64(L1E_OFFSET_MASK)
+    for off in l1[l1 != 0].tolist():
+        tables.append(off)
+        txn.change(off, cs, -1)
+        _, clusters = await _l2_refs(l2_cache, off, cb)
+        txn.change_clusters(clusters, -1)
+    return tables
+
+
+async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+                      index: int) -> None:
+    """Reverting the active disk to snapshot INDEX as part of TXN.
+
+    QEMU (qcow2_snapshot_goto) overwrites the active L1 table in place with
+    the snapshot's and shares its L2 tables, fixing COPIED flags afterwards
+    in place; a crash between those writes leaves COPIED errors or a mix of
+    both disks. Here, as for create, the active disk gets its own copies of
+    the snapshot's L2 tables (COPIED computed from the refcounts after the
+    commit) in a new L1 table sized for the snapshot's disk, and the header
+    switches to it, the snapshot's disk size and the new refcounts at once:
+    a crash leaves the old disk or the new, never a mix. The old active
+    tables and data lose the active disk's reference."""
+    h, geo = meta.header, meta.geo
+    cs, cb = geo.cluster_size, geo.cluster_bits
+    snap = meta.snapshots[index]
+    problem = snapshot_problem(snap, h.version, cs, meta.file.known_size)
+    if problem is not None and not problem[1]:
+        raise CorruptionError(f"{problem[0]}: it cannot be applied")
+    size = snapshot_disk_size(snap, h.size)
+    new_l1_size = max(snap.l1_size, geo.l1_entries_needed(size))
+    if new_l1_size * 8 > MAX_L1_BYTES:
+        raise RequestError(f"snapshot {snap.id_str}'s L1 table is too large")
+    snap_l1 = np.zeros(new_l1_size, np.uint64)
+    if snap.l1_size:
+        snap_l1[: snap.l1_size] = read_entries(meta.file, snap.l1_table_offset, snap.l1_size)
+    old_tables = await drop_active(meta, l2_cache, txn)
+    sources: list[tuple[int, np.ndarray]] = []
+    for i in np.flatnonzero(snap_l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
+        off = int(snap_l1[i]) & L1E_OFFSET_MASK
+        table, clusters = await _l2_refs(l2_cache, off, cb)
+        txn.change_clusters(clusters, 1)
+        sources.append((i, table))
+    new_l1 = np.zeros(new_l1_size, np.uint64)
+    new_tables: dict[int, np.ndarray] = {}
+    for i, table in sources:
+        copy = table.copy()
+        w = _words(copy)
+        std = (w & np.uint64(OFLAG_COMPRESSED)) == 0
+        host = (w & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+        ks = np.flatnonzero(std & (host != 0))
+        w &= np.uint64(~OFLAG_COPIED & (1 << 64) - 1)
+        if len(ks):
+            rcs = await txn.new_refcounts(host[ks] // cs)
+            w[ks[rcs == 1]] |= np.uint64(OFLAG_COPIED)
+        at = await txn.allocate(cs)
+        meta.write(at, _encode(copy), "L2 table copy")
+        new_l1[i] = np.uint64(at | OFLAG_COPIED)
+        new_tables[at] = copy
+    l1_at = await txn.allocate(new_l1_size * 8) if new_l1_size else 0
+    if new_l1_size:
+        meta.write(l1_at, _encode(new_l1), "new L1 table")
+    old_l1 = (h.l1_table_offset, h.l1_size * 8)
+    txn.set(l1_table_offset=l1_at, l1_size=new_l1_size, size=size)
+
+    def follow() -> None:
+        if old_l1[1]:
+            meta.drop_structure(Kind.ACTIVE_L1, *old_l1)
+        if new_l1_size:
+            meta.add_structure(Kind.ACTIVE_L1, l1_at, new_l1_size * 8)
+        for off in old_tables:
+            meta.drop_structure(Kind.ACTIVE_L2, off, cs)
+        for at, table in new_tables.items():
+            meta.add_structure(Kind.ACTIVE_L2, at, cs)
+            l2_cache.put_new(at, table, dirty=False)
+        freed = set((txn.freed * cs).tolist())
+        for off in old_tables:
+            if off in freed:
+                l2_cache.discard(off)
+    txn.then(follow)
+
+
+async def empty(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray]) -> None:
+    """The active disk without a single cluster (it reads the backing file
+    again): a new L1 table of zeros, the old tables and data lose the
+    active disk's reference, in one commit."""
+    h, cs = meta.header, meta.geo.cluster_size
+    async with Transaction(alloc) as txn:
+        old_tables = await drop_active(meta, l2_cache, txn)
+        l1_at = await txn.allocate(h.l1_size * 8) if h.l1_size else 0
+        if h.l1_size:
+            meta.write(l1_at, bytes(h.l1_size * 8), "new L1 table")
+        txn.set(l1_table_offset=l1_at)
+
+        def follow() -> None:
+            if h.l1_size:
+                meta.drop_structure(Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8)
+                meta.add_structure(Kind.ACTIVE_L1, l1_at, h.l1_size * 8)
+            freed = set((txn.freed * cs).tolist())
+            for off in old_tables:
+                meta.drop_structure(Kind.ACTIVE_L2, off, cs)
+                if off in freed:
+                    l2_cache.discard(off)
+        txn.then(follow)
+        await txn.commit()

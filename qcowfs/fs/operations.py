@@ -137,6 +137,21 @@ class Operations(pyfuse3.Operations):
         inode = self._inodes.get(id(node))
         return any(entry[1] == inode for entry in self._open.values())
 
+    async def drop_cached(self, node: FileNode) -> None:
+        """Forget every cached byte and attribute of NODE's file (its content
+        changed under it: a snapshot was applied): the kernel's page cache
+        and attributes, and what read-around remembers. In a thread, as
+        pyfuse3 asks: the kernel may wait for requests this loop answers."""
+        inode = self._inodes.get(id(node))
+        if inode is None:
+            return
+        if self.around is not None:
+            self.around.forget(inode)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+        except OSError as e:  # (ENOENT: the kernel never looked it up)
+            log.debug("invalidating inode %d: %s", inode, e)
+
     def set_children(self, directory: DirNode, children: dict[str, DirNode | FileNode]) -> None:
         """DIRECTORY's entries are now CHILDREN. Nodes that stay keep their
         inodes; new ones get numbers never used before (the kernel may still

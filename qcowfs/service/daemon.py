@@ -274,7 +274,23 @@ def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
         ops.set_children(snap_maps, snapshot_map_nodes(image, snap_maps.children))
         ops.set_children(bitmap_maps, bitmap_map_nodes(image, bitmap_maps.children))
 
-    return Hooks(snapshot_open=snapshot_open, bitmap_open=bitmap_open, changed=changed)
+    def disk_files() -> list[FileNode]:
+        """disk.raw and the files that show parts of it (partitions/N, maps/disk.json)."""
+        out = [root.children["disk.raw"], maps.children["disk.json"]]
+        parts = root.children.get("partitions")
+        if isinstance(parts, DirNode):
+            out += parts.children.values()
+        return [n for n in out if isinstance(n, FileNode)]
+
+    def disk_open() -> bool:
+        return any(ops.is_open(n) for n in disk_files())
+
+    async def disk_changed() -> None:
+        for node in disk_files():
+            await ops.drop_cached(node)
+
+    return Hooks(snapshot_open=snapshot_open, bitmap_open=bitmap_open, changed=changed,
+                 disk_open=disk_open, disk_changed=disk_changed)
 
 
 async def _revalidate(image: Image) -> None:

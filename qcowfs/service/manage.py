@@ -16,6 +16,10 @@ from ..aio import Image
 from ..errors import InUseError, RequestError
 
 
+async def _nothing() -> None:
+    return None
+
+
 @dataclass
 class Hooks:
     """What the daemon adds: whether a file is open, and what to refresh."""
@@ -26,6 +30,10 @@ class Hooks:
     bitmap_open: Callable[[str], bool] = lambda _name: False
     # changed(): the snapshot or bitmap list changed (rebuild those directories)
     changed: Callable[[], None] = lambda: None
+    # disk_open(): disk.raw (or a file showing part of it) is open
+    disk_open: Callable[[], bool] = lambda: False
+    # disk_changed(): the disk's content changed under its files (drop what is cached)
+    disk_changed: Callable[[], Awaitable[None]] = _nothing
 
 
 @dataclass
@@ -80,6 +88,15 @@ class Manager:
         self.hooks.changed()
         return {}
 
+    async def snapshot_apply(self, name: str) -> dict[str, Any]:
+        """Revert the disk to snapshot NAME. Refused while disk.raw is open: a
+        program reading or writing it would see another disk under it."""
+        if self.hooks.disk_open():
+            raise InUseError("disk.raw (or a partition of it) is open: close it before applying a snapshot")
+        await self.image.apply_snapshot(str(name))
+        await self.hooks.disk_changed()
+        self.hooks.changed()
+        return {}
 
     # ---- bitmaps ------------------------------------------------------------------------
 
@@ -129,6 +146,7 @@ OPS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "snapshot-list": Manager.snapshot_list,
     "snapshot-create": Manager.snapshot_create,
     "snapshot-delete": Manager.snapshot_delete,
+    "snapshot-apply": Manager.snapshot_apply,
     "bitmap-list": Manager.bitmap_list,
     "bitmap-add": Manager.bitmap_add,
     "bitmap-remove": Manager.bitmap_remove,

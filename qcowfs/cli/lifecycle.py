@@ -1,0 +1,117 @@
+"""The commands that change an image's size or its place in a backing chain:
+resize, commit, rebase (qemu-img's names and options). Clients of the
+public API; every argument is checked before the image is touched."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Callable
+
+from ..errors import ImageLockedError, UsageError
+
+# qemu-img's size suffixes (powers of 1024); no suffix: bytes.
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_qemu_size(text: str) -> int:
+    """A size as qemu-img reads one: a number, optionally fractional, with
+    an optional K/M/G/T/P/E suffix."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmgtpe]?)", text.strip().lower())
+    if m is None:
+        raise UsageError(f"invalid size '{text}' (a number with an optional suffix k, M, G, T, P or E)")
+    value = float(m.group(1)) * _UNITS[m.group(2)] if "." in m.group(1) else int(m.group(1)) * _UNITS[m.group(2)]
+    return int(value)
+
+
+def lifecycle_parsers(sub: Any) -> None:
+    r = sub.add_parser("resize", help="grow or shrink the virtual disk (qemu-img resize)",
+                       description="Set the virtual disk of IMAGE to SIZE, or change it by +SIZE / -SIZE "
+                                   "(suffixes k, M, G, T, P, E). A grown area reads zeros. Shrinking drops "
+                                   "what lies past the new end and needs --shrink.")
+    r.add_argument("--shrink", action="store_true", help="allow a smaller size (data past the new end is lost)")
+    r.add_argument("image", metavar="IMAGE")
+    r.add_argument("size", metavar="[+|-]SIZE")
+
+    c = sub.add_parser("commit", help="write an overlay's data into its backing file (qemu-img commit)",
+                       description="Write what OVERLAY holds into its backing file (or into BASE further "
+                                   "down the chain, qcow2 or raw), then empty OVERLAY (not with -d or -b).")
+    c.add_argument("-b", dest="base", metavar="BASE",
+                   help="commit into BASE, an image of OVERLAY's backing chain (implies -d, as qemu-img)")
+    c.add_argument("-d", dest="drop", action="store_true", help="do not empty OVERLAY afterwards")
+    c.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    c.add_argument("overlay", metavar="OVERLAY")
+
+    b = sub.add_parser("rebase", help="change the backing file of an image (qemu-img rebase)",
+                       description="Make NEW the backing file of IMAGE. Safe mode first copies into IMAGE "
+                                   "what differs between the old and the new backing file, so the disk "
+                                   "stays the same; -u only changes the pointer. -b \"\" removes the "
+                                   "backing file (the image holds everything afterwards).")
+    b.add_argument("-u", dest="unsafe", action="store_true", help="unsafe: only change the backing file name")
+    b.add_argument("-b", dest="backing", metavar="NEW", required=True,
+                   help="the new backing file (stored as given: relative to IMAGE's directory); \"\" for none")
+    b.add_argument("-F", dest="backing_fmt", metavar="FMT", choices=("qcow2", "raw"), help="format of NEW")
+    b.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    b.add_argument("-U", "--force-share", action="store_true",
+                   help="open NEW without locks (as qemu-img -U)")
+    b.add_argument("image", metavar="IMAGE")
+
+
+def _progress(wanted: bool) -> Callable[[float], None] | None:
+    if not wanted or not sys.stderr.isatty():
+        return None
+
+    def show(frac: float) -> None:
+        print(f"\r    ({frac * 100:6.2f}/100%)", end="\n" if frac >= 1 else "", file=sys.stderr, flush=True)
+    return show
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    import trio
+
+    from .commands import _open_unmounted
+
+    text = a.size.strip()
+    sign = text[0] if text[:1] in "+-" else ""
+    amount = parse_qemu_size(text[1:] if sign else text)
+    if os.path.isdir(a.image):
+        raise UsageError(f"{a.image} is a directory: resize takes an image file (on a mount, "
+                         "truncate MOUNTPOINT/disk.raw grows the disk)")
+    try:
+        image = _open_unmounted(a.image, "r+")
+    except ImageLockedError as e:
+        if "is mounted on" not in str(e):
+            raise
+        raise ImageLockedError(f"{str(e).split(':')[0]}: unmount it first, or grow the mounted disk "
+                               "with truncate on its disk.raw") from None
+
+    async def main() -> None:
+        async with image:
+            current = image.virtual_size
+            size = current + amount if sign == "+" else current - amount if sign == "-" else amount
+            if size <= 0:
+                raise UsageError("the new size must be positive")
+            if size < current and not a.shrink:
+                raise UsageError(f"{size} is smaller than the disk ({current}): use --shrink to shrink it "
+                                 "(what lies past the new end is lost)")
+            await image.resize(size, shrink=a.shrink)
+    trio.run(main)
+    print("Image resized.")
+    return 0
+
+
+def cmd_commit(a: argparse.Namespace) -> int:
+    from .. import api
+
+    api.commit(a.overlay, a.base, drop=a.drop, progress=_progress(a.progress))
+    print("Image committed.")
+    return 0
+
+
+def cmd_rebase(a: argparse.Namespace) -> int:
+    from .. import api
+
+    api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=_progress(a.progress),
+               force_share=a.force_share)
+    return 0

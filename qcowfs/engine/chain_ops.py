@@ -1,0 +1,297 @@
+"""Operations on a backing chain: commit (qemu-img commit) and rebase
+(qemu-img rebase), each on engine Images and raw files it opens itself.
+
+Commit opens every image above BASE alone (without its backing file: the
+clusters each holds are what it contributes) and BASE for writing with its
+own chain below; each image takes the locks QEMU's qemu-img commit takes
+(writer on the top when it is emptied and on BASE, reader on the images
+between). What the images above BASE hold (data and zeros, the topmost
+layer winning) is written into BASE; then the top is emptied in one commit
+(unless `drop`). The top's content never changes meanwhile: BASE changes
+only where an image above it holds the data that is read.
+
+Rebase (safe mode) writes into IMAGE, where it holds nothing itself, what
+its old backing chain shows and the new one does not; then one header
+write switches the backing pointer. Until that write the image reads as
+before (it only gains what it already showed); after it, the same content
+through the new backing file. Unsafe mode (`-u`) is the header write alone.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from ..errors import QcowError, RequestError, UnsupportedFeatureError
+from ..format import EXT_BACKING_FORMAT, QCOW_MAGIC
+from ..host.hostfile import HostFile
+from ..host.locking import lock_image
+from .extents import allocation
+from .image import Image
+from .mapper import Source
+from .opening import OpenOptions, RawSource, resolve_backing
+
+CHUNK = 4 << 20
+Progress = Callable[[float], None] | None
+Ranges = list[tuple[int, int]]
+
+
+def _probe(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+    except OSError as e:
+        raise QcowError.from_os(f"cannot open {path}", e) from None
+
+
+def _backing_of(image: Image) -> tuple[str, str] | None:
+    """(path, format) of IMAGE's backing file, as its header names it."""
+    h = image.header
+    if h.backing_file is None:
+        return None
+    path = resolve_backing(image.path, h.backing_file)
+    ext = h.extension(EXT_BACKING_FORMAT)
+    fmt = ext.decode("utf-8", "replace") if ext is not None else _probe(path)
+    if fmt not in ("qcow2", "raw"):
+        raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
+    return path, fmt
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def subtract(ranges: Ranges, covered: Ranges) -> Ranges:
+    """The parts of RANGES (start, end) outside COVERED (both sorted, disjoint)."""
+    out: Ranges = []
+    j = 0
+    for start, end in ranges:
+        pos = start
+        while j < len(covered) and covered[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < end and k < len(covered) and covered[k][0] < end:
+            c0, c1 = covered[k]
+            if c0 > pos:
+                out.append((pos, c0))
+            pos = max(pos, c1)
+            k += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
+
+
+def union(a: Ranges, b: Ranges) -> Ranges:
+    out: Ranges = []
+    for start, end in sorted(a + b):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+class RawTarget:
+    """A raw base file opened for writing, with QEMU's writer locks."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = HostFile(path, writable=True)
+        try:
+            lock_image(self.file.fd, path, writer=True)
+        except QcowError:
+            self.file.close()
+            raise
+        self.size = -(-self.file.known_size // 512) * 512
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.file.write_sync(data, offset)
+
+    async def zero(self, offset: int, length: int) -> None:
+        pos = offset
+        while pos < offset + length:
+            n = min(CHUNK, offset + length - pos)
+            self.file.write_sync(bytes(n), pos)
+            pos += n
+
+    async def grow(self, size: int) -> None:
+        os.ftruncate(self.file.fd, size)
+        self.file.refresh_size()
+        self.size = size
+
+    async def close(self) -> None:
+        os.fsync(self.file.fd)
+        self.file.close()
+
+
+async def _layer_ranges(layer: Image) -> tuple[Ranges, Ranges]:
+    """(data, zero) ranges LAYER itself holds (opened without its backing file)."""
+    data: Ranges = []
+    zero: Ranges = []
+    for e in await allocation(layer, 0, layer.size):
+        if e.present and e.depth == 0:
+            (zero if e.zero else data).append((e.start, e.start + e.length))
+    return data, zero
+
+
+async def commit(path: str, base: str | None = None, drop: bool = False, progress: Progress = None) -> None:
+    """qemu-img commit [-b BASE] [-d] PATH. With BASE the top is not emptied
+    (as qemu-img: -b implies -d, the images between are outdated)."""
+    empty_top = not drop and base is None
+    opened: list[Image] = []
+    target: Image | RawTarget | None = None
+    try:
+        top = Image(path, OpenOptions(read_only=not empty_top, open_backing=False))
+        opened.append(top)
+        below = _backing_of(top)
+        if below is None:
+            raise RequestError(f"{path} has no backing file: there is nothing to commit into")
+        while base is not None and not _same(below[0], base):
+            if below[1] != "qcow2":
+                raise RequestError(f"'{base}' is not in the backing chain of {path}")
+            layer = Image(below[0], OpenOptions(read_only=True, open_backing=False))
+            opened.append(layer)
+            nxt = _backing_of(layer)
+            if nxt is None:
+                raise RequestError(f"'{base}' is not in the backing chain of {path}")
+            below = nxt
+        base_path, base_fmt = below
+        target = (Image(base_path, OpenOptions(read_only=False)) if base_fmt == "qcow2"
+                  else RawTarget(base_path))
+        if isinstance(target, Image):
+            await target.prepare_writes()
+        await _copy_down(opened, target, progress)
+        if isinstance(target, Image):
+            await target.flush()
+        if empty_top:
+            await top.make_empty()
+    finally:
+        errors: list[BaseException] = []
+        for img in [*opened, *([target] if target is not None else [])]:
+            try:
+                await img.close()
+            except (QcowError, OSError) as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress: Progress) -> None:
+    """What LAYERS (topmost first) hold, written into TARGET."""
+    size = layers[0].size
+    target_size = target.size
+    if target_size < size:
+        if isinstance(target, Image):
+            await target.resize(size)
+        else:
+            await target.grow(size)
+    plan: list[tuple[Image, int, int, bool]] = []
+    covered: Ranges = []
+    for layer in layers:
+        data, zero = await _layer_ranges(layer)
+        for ranges, is_zero in ((data, False), (zero, True)):
+            for start, end in subtract([(s, min(e, size)) for s, e in ranges if s < size], covered):
+                plan.append((layer, start, end, is_zero))
+        covered = union(covered, union(data, zero))
+    total = sum(end - start for _, start, end, _ in plan) or 1
+    done = 0
+    for layer, start, end, is_zero in sorted(plan, key=lambda p: p[1]):
+        if is_zero:
+            if isinstance(target, Image):
+                await target.zero(start, end - start, unmap=False)
+            else:
+                await target.zero(start, end - start)
+            done += end - start
+        else:
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                buf = await layer.read(layer.active_l1, pos, n)
+                await target.write(pos, buf)
+                pos += n
+                done += n
+                if progress:
+                    progress(done / total)
+    if progress:
+        progress(1.0)
+
+
+def _open_source(path: str, fmt: str, force_share: bool) -> Source:
+    if fmt == "raw":
+        return RawSource(path, force_share)
+    return Image(path, OpenOptions(read_only=True, force_share=force_share))
+
+
+async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe: bool = False,
+                 progress: Progress = None, force_share: bool = False) -> None:
+    """qemu-img rebase [-u] [-U] -b BACKING [-F FMT] PATH (BACKING "": no
+    backing file; FORCE_SHARE: the new backing file opened without locks,
+    as qemu-img 7.2 opens it: the old one is opened with the image, locked)."""
+    if backing_fmt is not None and backing_fmt not in ("qcow2", "raw"):
+        raise UnsupportedFeatureError(f"backing file format '{backing_fmt}' is not supported")
+    image = Image(path, OpenOptions(read_only=False, open_backing=not unsafe))
+    new: Source | None = None
+    try:
+        new_path = resolve_backing(image.path, backing) if backing else None
+        fmt = backing_fmt
+        if new_path is not None:
+            if fmt is None:
+                if unsafe and not os.path.exists(new_path):
+                    raise RequestError(f"cannot open {new_path} to find its format: give it with -F")
+                fmt = _probe(new_path)
+            if _same(new_path, image.path):
+                raise RequestError(f"{path} cannot be its own backing file")
+        if not unsafe:
+            if new_path is not None:
+                assert fmt is not None
+                new = _open_source(new_path, fmt, force_share)
+            await _copy_differences(image, new, progress)
+        await image.set_backing(backing or None, fmt if backing else None)
+    finally:
+        try:
+            if new is not None:
+                await new.close()  # type: ignore[attr-defined]
+        finally:
+            await image.close()
+
+
+async def _copy_differences(image: Image, new: Source | None, progress: Progress) -> None:
+    """Where IMAGE holds nothing itself and its old backing chain differs
+    from NEW (None: zeros), what the old one shows, written into IMAGE."""
+    old = image.backing
+    size = image.size
+    held: Ranges = []
+    for e in await allocation(image, 0, size):
+        if e.present and e.depth == 0:
+            held.append((e.start, e.start + e.length))
+    held = union(held, [])
+    free = subtract([(0, size)], held)
+    total = sum(e - s for s, e in free) or 1
+    done = 0
+    piece = max(image.geo.cluster_size, 64 << 10)
+    for start, end in free:
+        pos = start
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            a = bytearray(n)
+            b = bytearray(n)
+            if old is not None:
+                await old.read_into(memoryview(a), pos)
+            if new is not None:
+                await new.read_into(memoryview(b), pos)
+            if a != b:
+                for off in range(0, n, piece):
+                    pa, pb = a[off : off + piece], b[off : off + piece]
+                    if pa != pb:
+                        if not pa.strip(b"\0"):
+                            await image.zero(pos + off, len(pa), unmap=False)
+                        else:
+                            await image.write(pos + off, pa)
+            pos += n
+            done += n
+            if progress:
+                progress(done / total)
+    if progress:
+        progress(1.0)

@@ -1,0 +1,657 @@
+"""snapshot apply, resize, commit and rebase against qemu-img on copies of the same images.
+
+Every case runs the qemu-img command on one copy and the qcowfs command on another, then
+asks QEMU: `qemu-img compare` (every image of the chain), `qemu-img check` (clean),
+`qemu-img snapshot -l` / `info` (snapshots, sizes, bitmaps, backing file), and qemu-io must
+still write to the result. Refusals are asked of qemu-img too, and a refused command must
+leave the image byte for byte as it was. A bounded kill -9 loop per command checks that a
+crash leaves a clean image (leaks allowed) with the old content or the new.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QCOWFS, mounted
+from images import KiB, MiB, create, info, qimg, qio, sh
+
+
+def qcowfs(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def compare(a: Path, b: Path) -> None:
+    p = sh("qemu-img", "compare", a, b, check=False)
+    assert p.returncode == 0, f"{a} and {b} differ: {p.stdout}{p.stderr}"
+
+
+def clean(img: Path, leaks_ok: bool = False) -> None:
+    p = sh("qemu-img", "check", img, check=False)
+    assert p.returncode in ((0, 3) if leaks_ok else (0,)), f"qemu-img check {img}: {p.returncode}\n{p.stdout}{p.stderr}"
+
+
+def snapshot_list(img: Path) -> list[tuple[str, str, int]]:
+    return [(s["id"], s["name"], s["vm-state-size"]) for s in info(img).get("snapshots", [])]
+
+
+def bitmaps_of(img: Path) -> list[dict]:
+    return info(img).get("format-specific", {}).get("data", {}).get("bitmaps", [])
+
+
+def twins(tmp: Path, *names: str) -> Path:
+    """A copy of TMP's files NAMES in TMP/q (where qemu-img works)."""
+    q = tmp / "q"
+    q.mkdir(exist_ok=True)
+    for n in names:
+        shutil.copy2(tmp / n, q / n)
+    return q
+
+
+def still_writable(img: Path) -> None:
+    size = info(img)["virtual-size"]
+    qio(img, f"write -P 0x5a 0 {min(size, 64 * KiB)}", *([f"write -P 0x5b 100k 8k"] if size >= 108 * KiB else []))
+    clean(img)
+
+
+# --------------------------------------------------------------------------
+# images with several snapshots
+
+def snapshots_image(d: Path, **opts: object) -> Path:
+    """Three snapshots between writes (data, zeros, discard), a resize in between."""
+    img = create(d / "a.qcow2", 8 * MiB, **opts)
+    v2 = opts.get("compat") == "0.10"
+    qio(img, "write -P 1 0 1M", "write -P 2 3M 300k", "write -P 3 7M 1M")
+    qimg("snapshot", "-c", "one", img)
+    qio(img, "write -P 4 512k 1M", "discard 3M 64k" if not v2 else "write -P 9 3M 64k",
+        "write -z 7M 64k")
+    qimg("snapshot", "-c", "two", img)
+    if not v2:
+        qimg("resize", img, "12M")
+    qio(img, "write -P 5 0 3M", "write -P 6 8M 1M" if not v2 else "write -P 6 6M 1M")
+    qimg("snapshot", "-c", "three", img)
+    qio(img, "write -P 7 100k 2M")
+    return img
+
+
+LAYOUTS = {
+    "v3-64k": {},
+    "v3-512": {"cluster_size": 512},
+    "v3-16k-extl2": {"cluster_size": 16384, "extended_l2": "on"},
+    "v2-4k": {"compat": "0.10", "cluster_size": 4096},
+    "refcount64": {"refcount_bits": 64},
+    "zstd-2M": {"cluster_size": 2 * MiB, "compression_type": "zstd"},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("snap", ["one", "two", "3"])
+def test_apply_matches_qemu(tmp_path: Path, layout: str, snap: str) -> None:
+    img = snapshots_image(tmp_path, **LAYOUTS[layout])
+    q = twins(tmp_path, "a.qcow2") / "a.qcow2"
+    qimg("snapshot", "-a", snap, q)
+    p = qcowfs("snapshot", "apply", img, snap)
+    assert p.returncode == 0, p.stderr
+    compare(img, q)
+    clean(img)
+    assert info(img)["virtual-size"] == info(q)["virtual-size"]
+    assert snapshot_list(img) == snapshot_list(q)
+    for s in ("1", "2", "3"):  # every snapshot is still what it was
+        a, b = tmp_path / f"ours{s}.raw", tmp_path / f"q{s}.raw"
+        qimg("convert", "-O", "raw", "-l", f"snapshot.id={s}", img, a)
+        qimg("convert", "-O", "raw", "-l", f"snapshot.id={s}", q, b)
+        assert digest(a) == digest(b)
+    still_writable(img)
+    # and applying again on top of the result
+    qimg("snapshot", "-a", "one", q)
+    assert qcowfs("snapshot", "apply", img, "one").returncode == 0
+    compare(img, q)
+    clean(img)
+
+
+def test_apply_compressed_and_library(tmp_path: Path) -> None:
+    import qcowfs as lib
+
+    src = create(tmp_path / "src.qcow2", 4 * MiB)
+    qio(src, "write -P 1 0 2M", "write -P 2 3M 64k")
+    img = tmp_path / "a.qcow2"
+    qimg("convert", "-c", "-O", "qcow2", src, img)
+    qimg("snapshot", "-c", "packed", img)
+    qio(img, "write -P 3 0 3M")
+    q = twins(tmp_path, "a.qcow2") / "a.qcow2"
+    qimg("snapshot", "-a", "packed", q)
+    with lib.open(img, "r+") as image:
+        image.apply_snapshot("packed")
+        assert image.disk.pread(0, 4) == b"\x01" * 4
+        image.disk.pwrite(b"\x09" * 4096, 0)  # COW out of the shared cluster
+        image.apply_snapshot("1")
+    compare(img, q)
+    clean(img)
+
+
+def test_apply_refusals_leave_the_image_as_it_was(tmp_path: Path) -> None:
+    img = snapshots_image(tmp_path)
+    before = digest(img)
+    p = qcowfs("snapshot", "apply", img, "nothing")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "nothing" in p.stderr
+    assert digest(img) == before
+    qimg("bitmap", "--add", img, "b0")
+    qimg("bitmap", "--disable", img, "b0")
+    before = digest(img)
+    q = twins(tmp_path, "a.qcow2") / "a.qcow2"
+    assert sh("qemu-img", "snapshot", "-a", "one", q, check=False).returncode != 0  # QEMU refuses too
+    p = qcowfs("snapshot", "apply", img, "one")
+    assert p.returncode == 1 and "bitmap" in p.stderr and "Traceback" not in p.stderr
+    assert digest(img) == before
+
+
+class Held:
+    """qemu-io holding IMAGE open for writing (QEMU's locks) until closed."""
+
+    def __init__(self, image: Path) -> None:
+        self.p = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            if sh("qemu-img", "info", image, check=False).returncode != 0:
+                return
+            time.sleep(0.05)
+        raise AssertionError("qemu-io never locked the image")
+
+    def close(self) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+
+
+def test_every_command_refuses_a_held_image(tmp_path: Path) -> None:
+    base = create(tmp_path / "base.qcow2", 4 * MiB)
+    img = create(tmp_path / "a.qcow2", 4 * MiB, backing="base.qcow2", backing_fmt="qcow2", cwd=tmp_path)
+    qio(img, "write -P 1 0 64k")
+    qimg("snapshot", "-c", "s", img)
+    before = digest(img), digest(base)
+    held = Held(img)
+    try:
+        for args in (("snapshot", "apply", img, "s"), ("resize", img, "8M"), ("commit", img),
+                     ("rebase", "-b", "", img), ("rebase", "-u", "-b", "", img)):
+            p = qcowfs(*args)
+            assert p.returncode == 1 and p.stderr.count("\n") == 1, (args, p.stderr)
+            assert "lock" in p.stderr.lower() or "use" in p.stderr.lower(), p.stderr
+    finally:
+        held.close()
+    held = Held(base)  # the base of a commit: QEMU's writer holds it
+    try:
+        assert qcowfs("commit", img).returncode == 1
+    finally:
+        held.close()
+    assert (digest(img), digest(base)) == before
+
+
+def test_apply_on_a_mount_point(tmp_path: Path) -> None:
+    img = create(tmp_path / "a.qcow2", 4 * MiB)
+    qio(img, "write -P 1 0 4M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(img, mnt, read_only=False):
+        disk = mnt / "disk.raw"
+        assert qcowfs("snapshot", "create", mnt, "s").returncode == 0
+        with open(disk, "r+b") as f:
+            f.seek(4096)
+            f.write(b"\x02" * 8192)
+            f.flush()
+            os.fsync(f.fileno())
+            # read it so the kernel (and read-around) caches the new content
+            f.seek(0)
+            assert f.read(16384)[4096:4100] == b"\x02" * 4
+            p = qcowfs("snapshot", "apply", mnt, "s")
+            assert p.returncode == 1 and p.stderr.count("\n") == 1 and "open" in p.stderr
+        os.truncate(disk, 6 * MiB)  # the disk grows; apply brings back the snapshot's size
+        assert disk.stat().st_size == 6 * MiB
+        p = qcowfs("snapshot", "apply", mnt, "s")
+        assert p.returncode == 0, p.stderr
+        assert disk.stat().st_size == 4 * MiB
+        with open(disk, "rb") as f:
+            assert f.read(16384) == b"\x01" * 16384
+        with open(mnt / "snapshots" / "s.raw", "rb") as f:
+            assert f.read(16384) == b"\x01" * 16384
+    clean(img)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"\x01" * 4 * MiB)
+    sh("qemu-img", "compare", "-F", "raw", img, ref)
+
+
+# --------------------------------------------------------------------------
+# resize
+
+RESIZES = {
+    "grow": ["+3M"],
+    "grow-far": ["1G"],
+    "shrink-partial": ["--shrink", "5000k"],
+    "shrink-odd": ["--shrink", "1536"],
+    "shrink-grow": ["--shrink", "-7M", "+7M"],  # the dropped tail must read zeros again
+}
+
+
+def resize_image(d: Path, kind: str) -> Path:
+    if kind == "snapshots":
+        return snapshots_image(d)
+    if kind == "small-extl2":
+        img = create(d / "a.qcow2", 8 * MiB, cluster_size=16384, extended_l2="on")
+    else:
+        img = create(d / "a.qcow2", 8 * MiB, cluster_size=512 if kind in ("512", "bitmaps-512") else 65536)
+    qio(img, "write -P 1 0 1M", "write -P 2 4M 1234k", "write -z 6M 64k", "write -P 3 7M 1M")
+    if kind.startswith("bitmaps"):
+        # (with 512-byte clusters the bitmap tables span clusters and change length)
+        qimg("bitmap", "--add", "-g", "512" if kind == "bitmaps-512" else "65536", img, "b0")
+        qimg("bitmap", "--add", "-g", "4096", img, "b1")
+        qimg("bitmap", "--disable", img, "b1")
+        qio(img, "write -P 4 100k 10k", "write -P 4 7M 64k")
+    return img
+
+
+def run_resize(img: Path, steps: list[str], ours: bool) -> None:
+    shrink = "--shrink" in steps
+    for size in [s for s in steps if s != "--shrink"]:
+        if ours:
+            p = qcowfs("resize", *(["--shrink"] if shrink else []), img, size)
+            assert p.returncode == 0, p.stderr
+        else:
+            args = ["resize", *(["--shrink"] if shrink else []), str(img)]
+            sh("qemu-img", *args, "--", size) if size.startswith("-") else sh("qemu-img", *args, size)
+
+
+@pytest.mark.parametrize("kind", ["64k", "512", "small-extl2", "snapshots", "bitmaps", "bitmaps-512"])
+@pytest.mark.parametrize("steps", sorted(RESIZES))
+def test_resize_matches_qemu(tmp_path: Path, kind: str, steps: str) -> None:
+    img = resize_image(tmp_path, kind)
+    q = twins(tmp_path, "a.qcow2") / "a.qcow2"
+    run_resize(q, RESIZES[steps], ours=False)
+    run_resize(img, RESIZES[steps], ours=True)
+    assert info(img)["virtual-size"] == info(q)["virtual-size"]
+    compare(img, q)
+    clean(img)
+    assert snapshot_list(img) == snapshot_list(q)
+    assert bitmaps_of(img) == bitmaps_of(q)
+    for bm in bitmaps_of(img):  # the bits themselves, as qcowfs reads both
+        a = qcowfs("map", "--bitmap", bm["name"], "--output=json", img)
+        b = qcowfs("map", "--bitmap", bm["name"], "--output=json", q)
+        assert a.returncode == 0 and a.stdout == b.stdout, (a.stderr, b.stderr)
+    still_writable(img)
+
+
+def test_resize_over_a_larger_backing_file(tmp_path: Path) -> None:
+    base = create(tmp_path / "base.qcow2", 16 * MiB)
+    qio(base, "write -P 7 0 16M")
+    img = create(tmp_path / "a.qcow2", 4 * MiB, backing="base.qcow2", backing_fmt="qcow2", cwd=tmp_path)
+    qio(img, "write -P 1 0 64k")
+    q = twins(tmp_path, "a.qcow2", "base.qcow2") / "a.qcow2"
+    qimg("resize", q, "12M")
+    assert qcowfs("resize", img, "12M").returncode == 0
+    compare(img, q)
+    clean(img)
+
+
+def test_resize_tail_of_an_earlier_shrink_reads_zeros(tmp_path: Path) -> None:
+    """A shrink to the middle of a cluster keeps that cluster; growing again must not show
+    what lay past the old end (QEMU 7.2 shows it: a deliberate difference, see README)."""
+    img = create(tmp_path / "a.qcow2", 8 * MiB)
+    qio(img, "write -P 1 0 8M")
+    assert qcowfs("resize", "--shrink", img, "5000k").returncode == 0
+    assert qcowfs("resize", img, "8M").returncode == 0
+    want = tmp_path / "want.raw"
+    want.write_bytes(b"\x01" * 5000 * KiB + bytes(8 * MiB - 5000 * KiB))
+    sh("qemu-img", "compare", "-F", "raw", img, want)
+    clean(img)
+    q = tmp_path / "q.qcow2"  # what QEMU does with the same image
+    img2 = create(tmp_path / "b.qcow2", 8 * MiB)
+    qio(img2, "write -P 1 0 8M")
+    shutil.copy2(img2, q)
+    sh("qemu-img", "resize", "--shrink", q, "5000k")
+    sh("qemu-img", "resize", q, "8M")
+    assert sh("qemu-img", "compare", "-F", "raw", q, want, check=False).returncode == 1
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("extl2", [False, True])
+def test_resize_over_larger_backing_matches_qemu(tmp_path: Path, fmt: str, extl2: bool) -> None:
+    if fmt == "raw":
+        sh("qemu-img", "create", "-q", "-f", "raw", tmp_path / "base", "40M")
+    else:
+        create(tmp_path / "base", 40 * MiB)
+    qio(tmp_path / "base", "write -P 7 0 40M", fmt=fmt)
+    opts = {"cluster_size": 16384, "extended_l2": "on"} if extl2 else {}
+    img = create(tmp_path / "a.qcow2", 3 * MiB + 1536, backing="base", backing_fmt=fmt, cwd=tmp_path, **opts)
+    qio(img, "write -P 1 0 64k", "write -P 2 3M 1k")
+    q = twins(tmp_path, "a.qcow2", "base") / "a.qcow2"
+    for size in ("20M", "+30M"):
+        sh("qemu-img", "resize", q, size)
+        assert qcowfs("resize", img, size).returncode == 0
+        compare(img, q)
+        clean(img)
+    still_writable(img)
+
+
+def _refusal_cases(d: Path) -> list[tuple[Path, list[str]]]:
+    v2 = create(d / "v2.qcow2", 4 * MiB, compat="0.10")
+    qimg("snapshot", "-c", "s", v2)
+    plain = create(d / "plain.qcow2", 4 * MiB)
+    inuse = create(d / "inuse.qcow2", 4 * MiB)
+    qimg("bitmap", "--add", inuse, "b0")
+    p = subprocess.Popen(["qemu-io", "-c", "write 0 64k", "-c", "sleep 100000", str(inuse)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert "in-use" in json.dumps(bitmaps_of(inuse))
+    big = create(d / "big.qcow2", 16 * MiB, compat="0.10")
+    v2b = create(d / "v2b.qcow2", 4 * MiB, backing="big.qcow2", backing_fmt="qcow2", cwd=d, compat="0.10")
+    return [(v2b, ["8M"]), (v2, ["8M"]), (v2, ["--shrink", "2M"]), (plain, ["2M"]), (plain, ["1000001"]),
+            (plain, ["--shrink", "0"]), (plain, ["--shrink", "-4M"]), (plain, ["3P"]), (inuse, ["8M"]),
+            (inuse, ["--shrink", "2M"])]
+
+
+def test_resize_refused_where_qemu_refuses(tmp_path: Path) -> None:
+    for img, args in _refusal_cases(tmp_path):
+        q = tmp_path / ("q-" + img.name)
+        shutil.copy2(img, q)
+        *flags, size = args
+        qemu = sh("qemu-img", "resize", *flags, q, "--", size, check=False)
+        before = digest(img)
+        p = qcowfs("resize", *flags, img, size)
+        assert qemu.returncode != 0, (img.name, args)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, (img.name, args, p.stderr)
+        assert digest(img) == before, (img.name, args)
+
+
+def test_resize_library(tmp_path: Path) -> None:
+    import qcowfs as lib
+
+    img = resize_image(tmp_path, "64k")
+    q = twins(tmp_path, "a.qcow2") / "a.qcow2"
+    sh("qemu-img", "resize", "--shrink", q, "5M")
+    with lib.open(img, "r+") as image:
+        with pytest.raises(lib.ResizeError):
+            image.resize(5 * MiB)
+        image.resize(5 * MiB, shrink=True)
+        assert image.virtual_size == 5 * MiB
+    compare(img, q)
+    clean(img)
+
+
+# --------------------------------------------------------------------------
+# commit
+
+def chain(d: Path, base_fmt: str, cluster: int = 65536) -> None:
+    """base (raw or qcow2) <- mid.qcow2 <- top.qcow2, each with its own data and zeros."""
+    if base_fmt == "raw":
+        sh("qemu-img", "create", "-q", "-f", "raw", d / "base", "8M")
+    else:
+        create(d / "base", 8 * MiB, cluster_size=cluster)
+    qio(d / "base", "write -P 1 0 6M", fmt=base_fmt)
+    create(d / "mid.qcow2", 8 * MiB, backing="base", backing_fmt=base_fmt, cwd=d, cluster_size=cluster)
+    qio(d / "mid.qcow2", "write -P 2 1M 2M", "write -z 4M 64k", "write -P 3 6M 1M")
+    create(d / "top.qcow2", 10 * MiB, backing="mid.qcow2", backing_fmt="qcow2", cwd=d, cluster_size=cluster)
+    qio(d / "top.qcow2", "write -P 4 2M 1536k", "write -z 0 64k", "write -P 5 9M 1M", "write -P 6 5M 3k")
+
+
+COMMITS = {"default": [], "drop": ["-d"], "base": ["-b", "base"]}
+
+
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("mode", sorted(COMMITS))
+def test_commit_matches_qemu(tmp_path: Path, base_fmt: str, mode: str) -> None:
+    chain(tmp_path, base_fmt)
+    q = twins(tmp_path, "base", "mid.qcow2", "top.qcow2")
+    sh("qemu-img", "commit", *COMMITS[mode], "top.qcow2", cwd=q)
+    p = qcowfs("commit", *COMMITS[mode], "top.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for name in ("top.qcow2", "mid.qcow2"):
+        compare(tmp_path / name, q / name)
+        clean(tmp_path / name)
+    if base_fmt == "raw":
+        assert digest(tmp_path / "base") == digest(q / "base")
+    else:
+        compare(tmp_path / "base", q / "base")
+        clean(tmp_path / "base")
+    assert info(tmp_path / "top.qcow2").get("backing-filename") == info(q / "top.qcow2").get("backing-filename")
+    still_writable(tmp_path / "top.qcow2")
+
+
+def test_commit_small_clusters_and_library(tmp_path: Path) -> None:
+    import qcowfs as lib
+
+    chain(tmp_path, "qcow2", cluster=512)
+    q = twins(tmp_path, "base", "mid.qcow2", "top.qcow2")
+    sh("qemu-img", "commit", "top.qcow2", cwd=q)
+    lib.commit(tmp_path / "top.qcow2")
+    for name in ("top.qcow2", "mid.qcow2", "base"):
+        compare(tmp_path / name, q / name)
+        clean(tmp_path / name)
+
+
+def test_commit_refusals(tmp_path: Path) -> None:
+    lone = create(tmp_path / "lone.qcow2", 1 * MiB)
+    before = digest(lone)
+    p = qcowfs("commit", lone)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and digest(lone) == before
+    chain(tmp_path, "qcow2")
+    files = {n: digest(tmp_path / n) for n in ("base", "mid.qcow2", "top.qcow2")}
+    p = qcowfs("commit", "-b", lone, tmp_path / "top.qcow2")
+    assert p.returncode == 1 and "not in the backing chain" in p.stderr
+    assert {n: digest(tmp_path / n) for n in files} == files
+
+
+# --------------------------------------------------------------------------
+# rebase
+
+def rebase_images(d: Path, cluster: int = 4096) -> None:
+    create(d / "old.qcow2", 8 * MiB, cluster_size=cluster)
+    qio(d / "old.qcow2", "write -P 1 0 3M", "write -P 7 5M 1M")
+    sh("qemu-img", "create", "-q", "-f", "raw", d / "new.raw", "6M")
+    qio(d / "new.raw", "write -P 1 0 1M", "write -P 9 2M 1M", "write -P 8 4M 64k", fmt="raw")
+    create(d / "new.qcow2", 8 * MiB, cluster_size=cluster)
+    qio(d / "new.qcow2", "write -P 1 0 2M", "write -P 7 5M 512k")
+    create(d / "img.qcow2", 8 * MiB, backing="old.qcow2", backing_fmt="qcow2", cwd=d, cluster_size=cluster)
+    qio(d / "img.qcow2", "write -P 3 1M 1M", "write -z 5M 64k")
+
+
+REBASES = {
+    "safe-raw": ["-b", "new.raw", "-F", "raw"],
+    "safe-qcow2": ["-b", "new.qcow2", "-F", "qcow2"],
+    "flatten": ["-b", ""],
+    "unsafe": ["-u", "-b", "new.qcow2", "-F", "qcow2"],
+}
+
+
+@pytest.mark.parametrize("cluster", [512, 65536])
+@pytest.mark.parametrize("mode", sorted(REBASES))
+def test_rebase_matches_qemu(tmp_path: Path, mode: str, cluster: int) -> None:
+    rebase_images(tmp_path, cluster)
+    q = twins(tmp_path, "old.qcow2", "new.raw", "new.qcow2", "img.qcow2")
+    sh("qemu-img", "rebase", *REBASES[mode], "img.qcow2", cwd=q)
+    p = qcowfs("rebase", *REBASES[mode], "img.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    compare(tmp_path / "img.qcow2", q / "img.qcow2")
+    clean(tmp_path / "img.qcow2")
+    ours, theirs = info(tmp_path / "img.qcow2"), info(q / "img.qcow2")
+    for key in ("backing-filename", "backing-filename-format", "virtual-size"):
+        assert ours.get(key) == theirs.get(key), key
+    still_writable(tmp_path / "img.qcow2")
+
+
+def test_rebase_library_and_refusals(tmp_path: Path) -> None:
+    import qcowfs as lib
+
+    rebase_images(tmp_path)
+    before = digest(tmp_path / "img.qcow2")
+    p = qcowfs("rebase", "-b", "missing.qcow2", "-F", "qcow2", tmp_path / "img.qcow2")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    p = qcowfs("rebase", "-b", "img.qcow2", "-F", "qcow2", "img.qcow2", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert digest(tmp_path / "img.qcow2") == before
+    q = twins(tmp_path, "old.qcow2", "new.raw", "img.qcow2")
+    sh("qemu-img", "rebase", "-b", "new.raw", "-F", "raw", "img.qcow2", cwd=q)
+    lib.rebase(tmp_path / "img.qcow2", "new.raw", backing_format="raw")
+    compare(tmp_path / "img.qcow2", q / "img.qcow2")
+    clean(tmp_path / "img.qcow2")
+
+
+def test_rebase_force_share_as_qemu(tmp_path: Path) -> None:
+    """-U: the new backing file, which another program holds, is opened without locks."""
+    rebase_images(tmp_path)
+    q = twins(tmp_path, "old.qcow2", "new.qcow2", "img.qcow2")
+    for d in (tmp_path, q):
+        held = Held(d / "new.qcow2")
+        try:
+            args = ["-b", "new.qcow2", "-F", "qcow2", "img.qcow2"]
+            if d == q:
+                assert sh("qemu-img", "rebase", *args, cwd=d, check=False).returncode != 0
+                sh("qemu-img", "rebase", "-U", *args, cwd=d)
+            else:
+                before = digest(d / "img.qcow2")
+                p = qcowfs("rebase", *args, cwd=d)
+                assert p.returncode == 1 and digest(d / "img.qcow2") == before, p.stderr
+                p = qcowfs("rebase", "-U", *args, cwd=d)
+                assert p.returncode == 0, p.stderr
+        finally:
+            held.close()
+    compare(tmp_path / "img.qcow2", q / "img.qcow2")
+    clean(tmp_path / "img.qcow2")
+
+
+# --------------------------------------------------------------------------
+# kill -9 at any moment: a clean image (leaks allowed) with the old content or the new
+
+def _raw(img: Path, out: Path) -> str:
+    sh("qemu-img", "convert", "-U", "-O", "raw", img, out)
+    return digest(out)
+
+
+def _kill_loop(tmp: Path, make, command: list[str], image: str, rounds: int = 6) -> None:
+    """Run COMMAND (in TMP) ROUNDS times on fresh copies, killed after growing delays."""
+    work = tmp / "w"
+    make(tmp)
+    names = [p.name for p in tmp.iterdir() if p.is_file()]
+    old = _raw(tmp / image, tmp / "old.out")
+    shutil.copytree(tmp, work, ignore=shutil.ignore_patterns("w", "*.out"))
+    assert qcowfs(*command, cwd=work).returncode == 0
+    new = _raw(work / image, tmp / "new.out")
+    assert old != new
+    killed = 0
+    for i in range(rounds):
+        shutil.rmtree(work)
+        work.mkdir()
+        for n in names:
+            shutil.copy2(tmp / n, work / n)
+        p = subprocess.Popen([QCOWFS, *command], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.15 + 0.12 * i)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed += 1
+        p.wait()
+        for n in names:
+            if n.endswith(".qcow2"):
+                clean(work / n, leaks_ok=True)
+        assert _raw(work / image, tmp / "now.out") in (old, new), f"round {i}: a mix of old and new"
+    assert killed, "the command always ended before the kill: nothing was tested"
+
+
+def _big_snapshots(d: Path) -> None:
+    img = create(d / "a.qcow2", 256 * MiB, cluster_size=4096)
+    qio(img, "write -P 1 0 96M")
+    qimg("snapshot", "-c", "s", img)
+    qio(img, "write -P 2 0 90M")
+
+
+def _big_chain(d: Path) -> None:
+    create(d / "base.qcow2", 256 * MiB, cluster_size=4096)
+    qio(d / "base.qcow2", "write -P 1 0 64M")
+    create(d / "top.qcow2", 256 * MiB, backing="base.qcow2", backing_fmt="qcow2", cwd=d, cluster_size=4096)
+    qio(d / "top.qcow2", "write -P 2 32M 96M")
+    create(d / "new.qcow2", 256 * MiB, cluster_size=4096)
+
+
+def test_kill_apply(tmp_path: Path) -> None:
+    _kill_loop(tmp_path, _big_snapshots, ["snapshot", "apply", "a.qcow2", "s"], "a.qcow2")
+
+
+def test_kill_resize(tmp_path: Path) -> None:
+    _kill_loop(tmp_path, _big_snapshots, ["resize", "--shrink", "a.qcow2", "1M"], "a.qcow2")
+
+
+def test_kill_rebase(tmp_path: Path) -> None:
+    """The content stays the same throughout (old and new backing differ)."""
+    tmp = tmp_path
+    _big_chain(tmp)
+    want = _raw(tmp / "top.qcow2", tmp / "want.out")
+    names = ["base.qcow2", "top.qcow2", "new.qcow2"]
+    work = tmp / "w"
+    killed = 0
+    for i in range(5):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        for n in names:
+            shutil.copy2(tmp / n, work / n)
+        p = subprocess.Popen([QCOWFS, "rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"], cwd=work,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.2 + 0.3 * i)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed += 1
+        p.wait()
+        clean(work / "top.qcow2", leaks_ok=True)
+        assert _raw(work / "top.qcow2", tmp / "now.out") == want, f"round {i}"
+    assert killed
+
+
+def test_kill_commit(tmp_path: Path) -> None:
+    """The top's content never changes; the base stays clean."""
+    _big_chain(tmp_path)
+    want = _raw(tmp_path / "top.qcow2", tmp_path / "want.out")
+    work = tmp_path / "w"
+    killed = 0
+    for i in range(5):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        for n in ("base.qcow2", "top.qcow2"):
+            shutil.copy2(tmp_path / n, work / n)
+        p = subprocess.Popen([QCOWFS, "commit", "top.qcow2"], cwd=work, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(0.2 + 0.3 * i)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed += 1
+        p.wait()
+        clean(work / "top.qcow2", leaks_ok=True)
+        clean(work / "base.qcow2", leaks_ok=True)
+        assert _raw(work / "top.qcow2", tmp_path / "now.out") == want, f"round {i}"
+    assert killed
+
+
+def test_overlap_map_forgets_the_part_past_the_end_with_its_structure() -> None:
+    """A snapshot table QEMU wrote ends inside its last cluster, at the end of the file, and
+    qcowfs counts it padded to 8 bytes: those bytes are a structure 'past the end'. Once the
+    table is replaced they must go with it, or the freed cluster is refused to every later
+    allocation ("a cluster with refcount 0 would overwrite the snapshot table": found by
+    the model test with the apply/commit/rebase rules, checkpoints after a QEMU snapshot)."""
+    from qcowfs.engine.overlap import Kind, OverlapError, OverlapMap
+
+    m = OverlapMap(9)
+    m.add(0xE5000, 0x8E, Kind.SNAPSHOT_TABLE)
+    m.add_far(0xE508E, 2, Kind.SNAPSHOT_TABLE)
+    m.add_far(0x900000, 512, Kind.INACTIVE_L2)  # another structure's far part stays
+    with pytest.raises(OverlapError):
+        m.check(0xE5000, 512, "data")
+    m.remove(0xE5000, 0x90, Kind.SNAPSHOT_TABLE)
+    m.check(0xE5000, 512, "data")
+    assert m.kinds_at(0x900000, 512) == Kind.INACTIVE_L2
