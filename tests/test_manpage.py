@@ -56,6 +56,9 @@ def test_every_command_has_its_help_and_usage(command: str) -> None:
     assert p.returncode == 0 and p.stdout.startswith(f"usage: qcowfs {command} "), p.stdout[:200]
     args = [str(a.choices[0]) if a.choices else "x" for a in COMMANDS[command]._actions
             if not a.option_strings and a.nargs not in ("?", "*")]
+    for a in COMMANDS[command]._actions:  # (options a command requires, as rebase's -b)
+        if a.option_strings and a.required:
+            args += [a.option_strings[0], "x"]
     p = qcowfs(command, *args, "--no-such-option")
     assert p.returncode == 2, p
     assert p.stderr.startswith(f"usage: qcowfs {command} "), p.stderr
@@ -190,6 +193,6 @@ def test_bash_completion(tmp_path: Path) -> None:
     # images and mount points (other tests running meanwhile may have qcowfs mounts too)
     assert {"a.qcow2", "sub", str(mnt)} <= set(got[7].split())
     assert all(w.startswith("/") for w in set(got[7].split()) - {"a.qcow2", "sub"})
-    assert got[8].split() == ["create", "delete", "list"]
+    assert got[8].split() == ["create", "delete", "apply", "list"]
     assert got[9].split() == ["human", "json"]
     assert got[10] == "json"
