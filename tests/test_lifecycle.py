@@ -161,10 +161,12 @@ class Held:
 
     def __init__(self, image: Path) -> None:
         self.p = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(1200):  # (a minute: qemu-io starts slowly on a loaded machine)
             if sh("qemu-img", "info", image, check=False).returncode != 0:
                 return
+            if self.p.poll() is not None:
+                raise AssertionError(f"qemu-io exited: {self.p.stderr.read()!r}")  # type: ignore[union-attr]
             time.sleep(0.05)
         raise AssertionError("qemu-io never locked the image")
 
