@@ -162,13 +162,22 @@ class Held:
     def __init__(self, image: Path) -> None:
         self.p = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(1200):  # (a minute: qemu-io starts slowly on a loaded machine)
-            if sh("qemu-img", "info", image, check=False).returncode != 0:
-                return
+        deadline = time.monotonic() + 60  # (a loaded machine starts qemu-io slowly)
+        while time.monotonic() < deadline:
             if self.p.poll() is not None:
-                raise AssertionError(f"qemu-io exited: {self.p.stderr.read()!r}")  # type: ignore[union-attr]
+                raise AssertionError(f"qemu-io exited: {self.p.stderr.read() if self.p.stderr else ''}")
+            if self._locked(image):
+                return
             time.sleep(0.05)
         raise AssertionError("qemu-io never locked the image")
+
+    @staticmethod
+    def _locked(image: Path) -> bool:
+        """Some process holds OFD locks on IMAGE (/proc/locks: asking qemu-img would take a
+        lock of its own, and could make qemu-io's open fail)."""
+        ino = os.stat(image).st_ino
+        with open("/proc/locks") as f:
+            return any(line.split()[5].endswith(f":{ino}") for line in f if "OFDLCK" in line)
 
     def close(self) -> None:
         assert self.p.stdin is not None
