@@ -21,7 +21,7 @@ import luks
 from conftest import QCOWFS, force_unmount, is_mounted, loop_device
 from luks import KiB, MiB, SECRET
 from qcowfs.format import crypto
-from qcowfs.errors import InvalidImageError, PassphraseError, QcowError, UnsupportedFeatureError
+from qcowfs.errors import InvalidImageError, PassphraseError, UnsupportedFeatureError
 from qcowfs.format import EXT_CRYPTO, CryptoHeaderExtension, Header
 from qcowfs.engine.image import Image, OpenOptions
 

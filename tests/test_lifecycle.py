@@ -61,7 +61,7 @@ def twins(tmp: Path, *names: str) -> Path:
 
 def still_writable(img: Path) -> None:
     size = info(img)["virtual-size"]
-    qio(img, f"write -P 0x5a 0 {min(size, 64 * KiB)}", *([f"write -P 0x5b 100k 8k"] if size >= 108 * KiB else []))
+    qio(img, f"write -P 0x5a 0 {min(size, 64 * KiB)}", *(["write -P 0x5b 100k 8k"] if size >= 108 * KiB else []))
     clean(img)
 
 
@@ -364,7 +364,7 @@ def _refusal_cases(d: Path) -> list[tuple[Path, list[str]]]:
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert "in-use" in json.dumps(bitmaps_of(inuse))
-    big = create(d / "big.qcow2", 16 * MiB, compat="0.10")
+    create(d / "big.qcow2", 16 * MiB, compat="0.10")
     v2b = create(d / "v2b.qcow2", 4 * MiB, backing="big.qcow2", backing_fmt="qcow2", cwd=d, compat="0.10")
     return [(v2b, ["8M"]), (v2, ["8M"]), (v2, ["--shrink", "2M"]), (plain, ["2M"]), (plain, ["1000001"]),
             (plain, ["--shrink", "0"]), (plain, ["--shrink", "-4M"]), (plain, ["3P"]), (inuse, ["8M"]),

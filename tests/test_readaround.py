@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from conftest import daemon_pid, mounted, qemu_img, qemu_io, resident_pages
 
 from qcowfs.fs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_PUSHES, ROOM_SHARE,
-                               THRASHING, ReadAround, page_cache_room)
+                               ReadAround, page_cache_room)
 
 KiB, MiB = 1 << 10, 1 << 20
 WINDOW = 256 * KiB
