@@ -19,7 +19,7 @@ through the new backing file. Unsafe mode (`-u`) is the header write alone.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import QcowError, RequestError, UnsupportedFeatureError
 from ..format import EXT_BACKING_FORMAT, QCOW_MAGIC
@@ -32,6 +32,34 @@ from .opening import OpenOptions, RawSource, resolve_backing
 
 CHUNK = 4 << 20
 Progress = Callable[[float], None] | None
+
+
+class _Meter:
+    """Walks ranges in pieces of at most CHUNK bytes, reporting to PROGRESS
+    the fraction of TOTAL bytes done (commit and rebase alike)."""
+
+    def __init__(self, total: int, progress: Progress) -> None:
+        self.total, self.done, self.progress = total or 1, 0, progress
+
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each piece of [START, END); counted done once taken."""
+        pos = start
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            yield pos, n
+            pos += n
+            self.advance(n)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(self.done / self.total)
+
+    def finish(self) -> None:
+        if self.progress:
+            self.progress(1.0)
+
+
 Ranges = list[tuple[int, int]]
 
 
@@ -195,27 +223,18 @@ async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress:
             for start, end in subtract([(s, min(e, size)) for s, e in ranges if s < size], covered):
                 plan.append((layer, start, end, is_zero))
         covered = union(covered, union(data, zero))
-    total = sum(end - start for _, start, end, _ in plan) or 1
-    done = 0
+    meter = _Meter(sum(end - start for _, start, end, _ in plan), progress)
     for layer, start, end, is_zero in sorted(plan, key=lambda p: p[1]):
         if is_zero:
             if isinstance(target, Image):
                 await target.zero(start, end - start, unmap=False)
             else:
                 await target.zero(start, end - start)
-            done += end - start
+            meter.advance(end - start)
         else:
-            pos = start
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                buf = await layer.read(layer.active_l1, pos, n)
-                await target.write(pos, buf)
-                pos += n
-                done += n
-                if progress:
-                    progress(done / total)
-    if progress:
-        progress(1.0)
+            for pos, n in meter.pieces(start, end):
+                await target.write(pos, await layer.read(layer.active_l1, pos, n))
+    meter.finish()
 
 
 def _open_source(path: str, fmt: str, force_share: bool) -> Source:
@@ -268,13 +287,10 @@ async def _copy_differences(image: Image, new: Source | None, progress: Progress
             held.append((e.start, e.start + e.length))
     held = union(held, [])
     free = subtract([(0, size)], held)
-    total = sum(e - s for s, e in free) or 1
-    done = 0
+    meter = _Meter(sum(e - s for s, e in free), progress)
     piece = max(image.geo.cluster_size, 64 << 10)
     for start, end in free:
-        pos = start
-        while pos < end:
-            n = min(CHUNK, end - pos)
+        for pos, n in meter.pieces(start, end):
             a = bytearray(n)
             b = bytearray(n)
             if old is not None:
@@ -289,9 +305,4 @@ async def _copy_differences(image: Image, new: Source | None, progress: Progress
                             await image.zero(pos + off, len(pa), unmap=False)
                         else:
                             await image.write(pos + off, pa)
-            pos += n
-            done += n
-            if progress:
-                progress(done / total)
-    if progress:
-        progress(1.0)
+    meter.finish()
