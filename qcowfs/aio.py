@@ -23,11 +23,11 @@ import os
 from builtins import open as builtins_open
 from typing import Any, Awaitable, Callable, Generator, Literal
 
-from .engine.bitmaps import read_bitmap
+from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_bitmap
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
 from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
-from .engine.snapshots import snapshot_disk_size, snapshot_problem
+from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
 from .host.secret import read_key_file
@@ -412,8 +412,7 @@ class Image:
 
     def snapshot(self, name: str) -> Disk:
         """The read-only disk of snapshot NAME (a name, or an id)."""
-        from .engine import snapshot_ops
-        return Disk(self, self._engine.snapshots[snapshot_ops.find(self._engine.meta, name)])
+        return Disk(self, self._engine.snapshots[find_snapshot(self._engine.snapshots, name)])
 
     def snapshot_disks(self) -> list[Disk]:
         """The disk of every snapshot, in table order (names need not be unique)."""
@@ -445,11 +444,11 @@ class Image:
     async def map(self, snapshot: "str | Disk | None" = None) -> list[dict[str, Any]]:
         """The allocation map as `qemu-img map --output=json` (of a snapshot's
         disk with SNAPSHOT: a name, an id, or its Disk), backing chain included."""
-        from .engine import extents, snapshot_ops
+        from .engine import extents
         if isinstance(snapshot, Disk):
             entry = snapshot._entry
         else:
-            entry = self._engine.snapshots[snapshot_ops.find(self._engine.meta, snapshot)] if snapshot else None
+            entry = self._engine.snapshots[find_snapshot(self._engine.snapshots, snapshot)] if snapshot else None
         return await extents.disk_map(self._engine, entry)
 
     async def dirty_extents(self, name: str) -> list[dict[str, Any]]:
@@ -460,13 +459,11 @@ class Image:
     async def bitmap_bits(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bitmap NAME's bits, bytes [offset, offset+length) (bit i of byte j:
         granule 8*j+i), as they are now (live while tracked)."""
-        from .engine import bitmap_ops
-        bm = bitmap_ops.find(self._engine.bitmaps, name)  # (an inconsistent one: CorruptionError)
+        bm = find_bitmap(self._engine.bitmaps, name)  # (an inconsistent one: CorruptionError)
         return await read_bitmap(bm, self._engine.file, offset, bm.size if length is None else length)
 
     def _usable_bitmap(self, name: str) -> Any:
-        from .engine import bitmap_ops
-        return bitmap_ops.usable(bitmap_ops.find(self._engine.bitmaps, name))
+        return usable_bitmap(find_bitmap(self._engine.bitmaps, name))
 
     def host_usage(self) -> int:
         """Host bytes the image file (and its external data file) occupy."""

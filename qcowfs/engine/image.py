@@ -36,7 +36,7 @@ from .metadata import Metadata
 from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
                       read_snapshot_table, validate_header)
 from .overlap import Kind
-from .snapshots import snapshot_problem
+from .snapshots import find_snapshot, snapshot_problem
 
 if TYPE_CHECKING:
     from .refcount import Allocator
@@ -556,7 +556,7 @@ class Image:
     async def delete_snapshot(self, name: str) -> None:
         from . import snapshot_ops
         async with self.exclusive() as alloc:
-            await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
+            await snapshot_ops.delete(self.meta, alloc, self.l2_cache, find_snapshot(self.meta.snapshots, name))
 
     async def apply_snapshot(self, name: str) -> None:
         """The active disk becomes snapshot NAME's (its content and its size),
@@ -564,7 +564,7 @@ class Image:
         has persistent bitmaps (they would no longer describe the disk)."""
         from . import snapshot_ops
         self._check_writable()
-        index = snapshot_ops.find(self.meta, name)
+        index = find_snapshot(self.meta.snapshots, name)
         if self.bitmaps:
             raise RequestError("the image has persistent bitmaps: a snapshot cannot be applied while "
                                "it has any (as in QEMU; remove them first)")

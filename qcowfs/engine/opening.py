@@ -179,11 +179,11 @@ def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptio
                     ) -> tuple[LuksVolume | None, DiskCipher | None]:
     """The LUKS header (checked) and, given a passphrase, the data cipher.
     Legacy AES is read-only (QEMU's emulators no longer write it either)."""
-    from ..format.crypto import LUKS_HEADER_SIZE, LuksVolume, legacy_aes_cipher  # (encrypted images only)
     if h.crypt_method != CRYPT_LUKS and h.extension(EXT_CRYPTO) is not None:
         raise InvalidImageError("the image has an encryption header extension but is not LUKS-encrypted")
     if h.crypt_method == CRYPT_NONE:
         return None, None
+    from ..format.crypto import LUKS_HEADER_SIZE, LuksVolume, legacy_aes_cipher  # (encrypted images only)
     if h.crypt_method == CRYPT_AES:
         if not options.read_only and not options.repair:
             raise UnsupportedFeatureError("images encrypted with legacy AES can only be opened read-only "
