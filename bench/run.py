@@ -1625,8 +1625,9 @@ def memory_report(benches, names, subject, peers, results):
 
 def import_floor_mib(modules):
     """Peak RSS in MiB of a fresh interpreter of the venv that imported MODULES."""
+    # (VmHWM, not ru_maxrss: that one keeps the parent's peak across fork and exec)
     code = (f"import {modules}\n" if modules else "") + \
-        "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout) / 1024
 
