@@ -312,8 +312,11 @@ def _count_tables(out: Counted, refs: list[L2Refs], corruption: Report, geo: Geo
         used = host != 0
         np.add.at(out.counts, (host[used] >> np.uint64(geo.cluster_bits)).astype(np.int64),
                   times[row[used]] if times.max() > 1 else 1)
-        active = np.array([refs[i].active for i in simple], bool)[row]
-        _fragmentation(out, e[active], cluster_types(e[active], external), row[active], cs)
+        active = np.array([refs[i].active for i in simple], bool)
+        if not active.all():
+            active = active[row]
+            e, row = e[active], row[active]
+        _fragmentation(out, e, cluster_types(e, external), row, cs)
         for i, ok in zip(simple, fast.tolist()):
             counted[i] = ok
     for ref, ok in zip(refs, counted):
@@ -383,10 +386,11 @@ def _fragmentation(out: Counted, words: np.ndarray, types: np.ndarray, table: np
     comp = int((types == SubclusterType.COMPRESSED).sum())
     alloc = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
     offs = (words[alloc] & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
-    same_table = np.diff(table[alloc]) == 0
+    jumps = np.flatnonzero(np.diff(offs) != cs)  # (few: look up their tables only)
+    tables = table[alloc]
     out.compressed_clusters += comp
     out.allocated_clusters += comp + len(offs)
-    out.fragmented_clusters += comp + int(((np.diff(offs) != cs) & same_table).sum())
+    out.fragmented_clusters += comp + int((tables[jumps] == tables[jumps + 1]).sum())
 
 
 def _interleave(ref: L2Refs) -> np.ndarray:
