@@ -19,7 +19,12 @@
 - making images (issue 22): `qcowfs create` against `qemu-img create`, and
   `qcowfs convert -O qcow2`, `-O raw` and `-O qcow2 -c` of a 1 GiB image of
   mixed data and zeros against `qemu-img convert` with the same arguments
-  (every copy checked equal with `qemu-img compare`).
+  (every copy checked equal with `qemu-img compare`);
+- check (issue 24): `qcowfs check IMAGE` against `qemu-img check IMAGE` on a
+  2 GiB image with 4 KiB clusters, fully written, and on a 100 GiB sparse
+  image with 64 KiB clusters holding 1 GiB in 256 pieces spread over the
+  disk (both made once under bench/work); wall and CPU time of the whole
+  command, and the check alone in a warm process (start-up left out).
 
 Times are wall-clock medians, whole commands included (process start too);
 the ratio is the peer's time over qcowfs's: above 1.0, qcowfs is faster.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -101,6 +107,61 @@ def apply_times(image: Path, work: Path, runs: int) -> dict[str, dict[str, float
     for f in ("apply-base", "apply-qcowfs", "apply-qemu-img"):
         (work / f"{f}.qcow2").unlink()
     return {"snapshot apply": {"qcowfs": statistics.median(ours), "qemu-img": statistics.median(theirs)}}
+
+
+def check_images() -> dict[str, Path]:
+    """The two images `check` is timed on, made once under bench/work."""
+    work = HERE / "work"
+    work.mkdir(exist_ok=True)
+    full, sparse = work / "check-2G-4k.qcow2", work / "check-100G-sparse.qcow2"
+    if not (work / "check-2G-4k.done").exists():
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", full, "2G")
+        sh("qemu-io", "-c", "write -P 1 0 1G", "-c", "write -P 2 1G 1G", full)  # (at most 2G-512 a request)
+        (work / "check-2G-4k.done").touch()
+    if not (work / "check-100G-sparse.done").exists():
+        sh("qemu-img", "create", "-q", "-f", "qcow2", sparse, "100G")
+        cmds = []
+        for k in range(256):  # 4 MiB every 400 MiB: 200 of the 200 L2 tables hold some
+            cmds += ["-c", f"write -P {k % 250 + 1} {k * (100 * GIB // 256) + k * 65536} 4M"]
+        sh("qemu-io", *cmds, sparse)
+        (work / "check-100G-sparse.done").touch()
+    return {"2G/4K": full, "100G sparse": sparse}
+
+
+# A warm Python process timing the check alone: what the command costs
+# besides starting Python and importing qcowfs.
+IN_PROCESS = """
+import sys, time, trio
+from qcowfs import aio
+trio.run(aio.check, sys.argv[1])
+t = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    trio.run(aio.check, sys.argv[1])
+print((time.perf_counter() - t) / int(sys.argv[2]))
+"""
+
+
+def check_times(runs: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds (process start included) of `qcowfs check`
+    and `qemu-img check`, alternating, on each of check_images(); and the
+    check alone in a warm process against the whole qemu-img command."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, img in check_images().items():
+        wall: dict[str, list[float]] = {"qcowfs": [], "qemu-img": []}
+        cpu: dict[str, list[float]] = {"qcowfs": [], "qemu-img": []}
+        for _ in range(runs):
+            for who, cmd in (("qemu-img", ["qemu-img", "check", img]), ("qcowfs", [QCOWFS, "check", img])):
+                before = os.times()
+                wall[who].append(timed(*cmd))
+                after = os.times()
+                cpu[who].append(after.children_user + after.children_system
+                                - before.children_user - before.children_system)
+        alone = float(sh(sys.executable, "-c", IN_PROCESS, img, max(3, runs)).stdout)
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        rows[f"check {name}"] = med
+        rows[f"check {name} cpu"] = {k: statistics.median(v) for k, v in cpu.items()}
+        rows[f"check {name} alone"] = {"qcowfs": alone, "qemu-img": med["qemu-img"]}
+    return rows
 
 
 # The least peer/qcowfs ratio each row aims at (1.0 unless named here; None:
@@ -257,7 +318,7 @@ def run_all(image: Path, runs: int) -> tuple[str, dict[str, dict[str, float]]]:
     with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
         rows = {**snapshot_times(image, Path(d), runs), **apply_times(image, Path(d), runs),
                 **oneshot_times(image, Path(d), runs), **dirty_map_times(Path(d), runs),
-                **image_maker_times(Path(d), runs)}
+                **image_maker_times(Path(d), runs), **check_times(runs)}
     return report(rows), rows
 
 
@@ -276,7 +337,11 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--makers", action="store_true", help="only create and convert (issue 22)")
     p.add_argument("--oneshot", action="store_true", help="only the one-shot commands and their floors")
+    p.add_argument("--check", action="store_true", help="only check (issue 24)")
     a = p.parse_args()
+    if a.check:
+        print(report(check_times(a.runs)))
+        return 0
     if a.makers:
         print(run_makers(a.runs)[0])
         return 0
