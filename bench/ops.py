@@ -25,6 +25,11 @@
   image with 64 KiB clusters holding 1 GiB in 256 pieces spread over the
   disk (both made once under bench/work); wall and CPU time of the whole
   command, and the check alone in a warm process (start-up left out).
+- opening a LUKS image made with qemu-img's defaults (PBKDF2 timed to 2 s
+  per key slot), with the right and with a wrong passphrase: a fresh
+  `python -c` that opens it with `qcowfs.open(key_file=)` and reads its
+  first sector, against `qemu-io --object secret,file= --image-opts ...
+  -c 'read 0 512'`.
 
 Times are wall-clock medians, whole commands included (process start too);
 the ratio is the peer's time over qcowfs's: above 1.0, qcowfs is faster.
@@ -301,6 +306,57 @@ def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
     return rows
 
 
+# The qcowfs side of the LUKS open rows: what a script does to read an
+# encrypted image, interpreter start included (as qemu-io's start is).
+LUKS_OPEN_SCRIPT = """import sys, qcowfs
+try:
+    with qcowfs.open(sys.argv[1], key_file=sys.argv[2]) as image:
+        image.disk.read(512)
+except qcowfs.PassphraseError:
+    sys.exit(1)
+"""
+
+
+def luks_image(work: Path, key: Path) -> Path:
+    """A LUKS qcow2 made by `qemu-img create` with its defaults (aes-256-xts-plain64,
+    sha256, iter-time 2000 ms). qemu-img times PBKDF2 with the thread's CPU
+    time, sampled per tick: on a busy machine a run can measure nothing and
+    give up ("Unable to get accurate CPU usage"), so it is tried again."""
+    img = work / "luks-defaults.qcow2"
+    for attempt in range(5):
+        p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={key}",
+                            "-o", "encrypt.format=luks,encrypt.key-secret=s", str(img), "64M"],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode == 0:
+            return img
+    raise SystemExit(f"qemu-img create of a LUKS image failed: {p.stderr.strip()}")
+
+
+def luks_open_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Median wall seconds of opening a LUKS image and reading one sector,
+    right and wrong passphrase, qcowfs (library, fresh process) and qemu-io."""
+    key, wrong = work / "luks.key", work / "wrong.key"
+    key.write_text("qcowfs-bench-luks")
+    wrong.write_text("not-the-passphrase")
+    img = luks_image(work, key)
+    opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s"
+    rows: dict[str, dict[str, float]] = {}
+    for name, k, ok in (("LUKS open, right key", key, True), ("LUKS open, wrong key", wrong, False)):
+        t_q, t_o = [], []
+        for _ in range(runs):
+            for args, times in ((["qemu-io", "--object", f"secret,id=s,file={k}", "--image-opts", opts,
+                                  "-c", "read 0 512"], t_q),
+                                ([sys.executable, "-c", LUKS_OPEN_SCRIPT, img, k], t_o)):
+                t = time.monotonic()
+                p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600)
+                times.append(time.monotonic() - t)
+                if (p.returncode == 0) != ok:
+                    raise SystemExit(f"{args[0]} exited {p.returncode} opening the LUKS image: {p.stderr.strip()}")
+        rows[name] = {"qcowfs": statistics.median(t_o), "qemu-io": statistics.median(t_q)}
+    img.unlink()
+    return rows
+
+
 def report(rows: dict[str, dict[str, float]]) -> str:
     lines = [f"{'operation':<26} {'qcowfs':>10} {'peer':>10}  {'peer/qcowfs':<12} peer",
              "-" * 78]
@@ -318,7 +374,7 @@ def run_all(image: Path, runs: int) -> tuple[str, dict[str, dict[str, float]]]:
     with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
         rows = {**snapshot_times(image, Path(d), runs), **apply_times(image, Path(d), runs),
                 **oneshot_times(image, Path(d), runs), **dirty_map_times(Path(d), runs),
-                **image_maker_times(Path(d), runs), **check_times(runs)}
+                **image_maker_times(Path(d), runs), **check_times(runs), **luks_open_times(Path(d), runs)}
     return report(rows), rows
 
 
@@ -338,12 +394,18 @@ def main() -> int:
     p.add_argument("--makers", action="store_true", help="only create and convert (issue 22)")
     p.add_argument("--oneshot", action="store_true", help="only the one-shot commands and their floors")
     p.add_argument("--check", action="store_true", help="only check (issue 24)")
+    p.add_argument("--luks", action="store_true", help="only the LUKS open rows (issue 24)")
     a = p.parse_args()
     if a.check:
         print(report(check_times(a.runs)))
         return 0
     if a.makers:
         print(run_makers(a.runs)[0])
+        return 0
+    if a.luks:
+        (HERE / "work").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=HERE / "work") as d:
+            print(report(luks_open_times(Path(d), a.runs)))
         return 0
     if not a.image.exists():
         (HERE / "work").mkdir(exist_ok=True)

@@ -584,7 +584,7 @@ class QcowfsNoReadAround(Qcowfs):
     name = "qcowfs-ra0"
     label = "qcowfs -o read_around=0"
     options = ("read_around=0",)
-    benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1")
+    benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1", "luks_rand_read_1")
 
 
 class Qsd(Contender):

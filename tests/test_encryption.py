@@ -249,6 +249,45 @@ async def test_luks_several_key_slots(tmp_path: Path) -> None:
         open_image(img, "third", read_only=True)
 
 
+async def test_reads_without_await_decrypt(tmp_path: Path) -> None:
+    """The hot path (tables cached, ciphertext in the page cache, no await)
+    decrypts whole sectors, LUKS by host sector and legacy AES by guest
+    sector, into a new buffer and in place; a range that is not whole sectors
+    and an image opened without its passphrase take the general path."""
+    for fmt, secret in (("luks", SECRET), ("aes", "legacy pw 0123456789")):
+        img, model = build(tmp_path / fmt, 21, fmt=fmt, secret=secret)
+        want = model.read_bytes()
+        image = open_image(img, secret, read_only=True)
+        try:
+            assert await read_all(image) == want  # (tables cached, file in the page cache)
+            l1, rng, hits = image.active_l1, random.Random(5), 0
+            for _ in range(300):
+                off = rng.randrange(0, SIZE // 512) * 512
+                n = min(rng.choice([512, 4096, 8192, 3 * 4096]), SIZE - off)
+                got = image.mapper.read_cached(l1, off, n)
+                if got is not None:
+                    hits += 1
+                    assert got == want[off : off + n], (fmt, off, n)
+                    into = memoryview(bytearray(n))
+                    assert image.mapper.read_cached_into(l1, into, off)
+                    assert into == want[off : off + n]
+            assert hits > 30, hits
+            assert all(image.mapper.read_cached(l1, off, 100) is None for off in range(1, SIZE, 64 * KiB))
+        finally:
+            await image.close()
+        if fmt == "aes":
+            continue  # (legacy AES has no header: the general path decrypts with the key given)
+        locked = open_image(img, None, read_only=True)
+        try:
+            first = await locked.find(locked.active_l1, 0, SIZE, True)  # (loads the tables)
+            assert first < SIZE and locked.mapper.cached_host(locked.active_l1, first, 4096) is not None
+            assert locked.mapper.read_cached(locked.active_l1, first, 4096) is None
+            with pytest.raises(PassphraseError, match="opened without its passphrase"):
+                await locked.read(locked.active_l1, first, 4096)
+        finally:
+            await locked.close()
+
+
 async def test_legacy_aes_reads_and_refuses_writes(tmp_path: Path) -> None:
     img, model = build(tmp_path, 8, fmt="aes", secret="legacy pw 0123456789")
     image = open_image(img, "legacy pw 0123456789", read_only=True)
@@ -358,23 +397,27 @@ async def test_encrypted_backing_file(tmp_path: Path) -> None:
 
 
 def test_xts_from_ecb_matches_the_library() -> None:
-    """XTS from ECB (AES-192, and long runs) is the library's XTS for the sizes both have."""
+    """XTS from ECB (AES-192, and runs of sectors) is the library's XTS,
+    one sector per cipher context, for the key sizes both have: every count
+    around the threshold, and tweaks whose high bits carry (sector numbers
+    near 2^64, where the top of T is set for some sectors whatever the key)."""
+    assert crypto.XTS_FROM_ECB_SECTORS > 1  # (one sector takes the library's XTS)
     rng = random.Random(1)
     for key_len in (32, 64):
         key = rng.randbytes(key_len)
         spec = crypto.CipherSpec(f"aes-{key_len * 4}", "xts", "plain64", None, "sha256", key_len)
         lib = crypto.SectorCipher(spec, key)
         ours = crypto.XtsFromEcb(key)
-        data = rng.randbytes(8 * 512)
-        ivs = lib.ivs(12345, 8)
-        assert ours.run(data, ivs, True) == lib.encrypt(data, 12345)
-        assert ours.run(lib.encrypt(data, 12345), ivs, False) == data
-        # Long runs take the ECB path: the same bytes as the library, 8 sectors at a time.
-        count = 2 * crypto.XTS_FROM_ECB_SECTORS + 3
-        data = rng.randbytes(count * 512)
-        by_library = b"".join(lib.encrypt(data[i * 512:(i + 8) * 512], 777 + i) for i in range(0, count, 8))
-        assert lib.encrypt(data, 777) == by_library
-        assert lib.decrypt(by_library, 777) == data
+        for count in (*range(1, crypto.XTS_FROM_ECB_SECTORS + 3), 97):
+            for first in (12345, (1 << 64) - count, rng.getrandbits(63)):
+                data = rng.randbytes(count * 512)
+                by_library = b"".join(lib.encrypt(data[i * 512:(i + 1) * 512], first + i) for i in range(count))
+                ivs = lib.ivs(first, count)
+                assert ours.run(data, ivs, True) == by_library
+                assert ours.run(by_library, ivs, False) == data
+                # SectorCipher picks either way by count: the same bytes.
+                assert lib.encrypt(data, first) == by_library
+                assert lib.decrypt(by_library, first) == data
 
 
 def test_af_merge_inverts_a_split() -> None:
@@ -389,6 +432,33 @@ def test_af_merge_inverts_a_split() -> None:
         d = crypto._diffuse(bytes(a ^ b for a, b in zip(d, s)), "sha1")
     out += bytes(a ^ b for a, b in zip(d, key))
     assert crypto.af_merge(out, 32, stripes, "sha1") == key
+
+
+def test_af_split_and_merge_every_hash_and_key_size() -> None:
+    """af_merge undoes af_split for every hash QEMU's LUKS takes and every AES
+    key size, pieces of a diffusion shorter than the digest included (a 24-byte
+    key with sha1: 20 + 4 bytes), and 4000 stripes as in every slot."""
+    rng = random.Random(3)
+    for hash_name in crypto.HASHES:
+        for key_len in (16, 24, 32, 48, 64):
+            key = rng.randbytes(key_len)
+            stripes = crypto.LUKS_STRIPES if (hash_name, key_len) == ("sha256", 64) else 9
+            split = crypto.af_split(key, stripes, hash_name, rng.randbytes(key_len * (stripes - 1)))
+            assert len(split) == key_len * stripes
+            assert crypto.af_merge(split, key_len, stripes, hash_name) == key
+            assert crypto.af_merge(split[:-1] + bytes([split[-1] ^ 1]), key_len, stripes, hash_name) != key
+
+
+def test_pbkdf2_matches_hashlib_for_every_hash() -> None:
+    """PBKDF2 (from `cryptography`, hashlib where it lacks the hash) gives
+    hashlib's bytes for every LUKS hash, output lengths of one and of
+    several digests; and RFC 6070's first vector."""
+    import hashlib
+    assert crypto.pbkdf2("sha1", b"password", b"salt", 2, 20).hex() == "ea6c014dc72d6f8ccd1ed92ace1d41f0d8de8957"
+    for hash_name, lib_name in crypto.HASHES.items():
+        for length in (crypto.LUKS_DIGEST_LEN, 64):
+            want = hashlib.pbkdf2_hmac(lib_name, b"pass\xc3\xa9", b"s" * 32, 1000, length)
+            assert crypto.pbkdf2(hash_name, b"pass\xc3\xa9", b"s" * 32, 1000, length) == want
 
 
 # ---- the command line: key sources, one-line errors, info, check ----------------------------
