@@ -708,8 +708,6 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     appears under its name. DST appears complete or not at all: it is written under a
     temporary name next to it and renamed at the end (removed on failure;
     a killed process leaves a hidden .DST.qcowfs-* file behind)."""
-    import functools
-
     import trio
 
     src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -736,9 +734,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     fmt = src_format or _probe(src_path)
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")
-    target_key = _passphrase_source(target_passphrase, target_key_file)
-    if target_key is not None:
-        target_key = functools.cache(target_key)
+    target_key = _key_once(target_passphrase, target_key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
     tmp = _create.temp_name(dst_path)
     made = False
@@ -806,24 +802,38 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
 
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
-                 drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+                 drop: bool = False, progress: Callable[[float], None] | None = None,
+                 passphrase: Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img commit [-b BASE] [-d] OVERLAY`: write what OVERLAY (and the
     images between it and BASE) hold into BASE (default: OVERLAY's backing
     file; qcow2 or raw), then empty OVERLAY unless DROP. With BASE, OVERLAY
     is not emptied (as qemu-img: -b implies -d; the images between are then
     outdated). OVERLAY's content never changes on the way; a crash leaves
-    BASE partly written (as QEMU's commit does), clean in `qemu-img check`."""
-    await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress)
+    BASE partly written (as QEMU's commit does), clean in `qemu-img check`.
+    PASSPHRASE / KEY_FILE: of the encrypted images of the chain (one for all)."""
+    await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress,
+                           _key_once(passphrase, key_file))
 
 
 async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
                  unsafe: bool = False, progress: Callable[[float], None] | None = None,
-                 force_share: bool = False) -> None:
+                 force_share: bool = False, passphrase: Passphrase = None,
+                 key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img rebase [-u] -b BACKING [-F FMT] IMAGE`: make BACKING (a path
     stored as given, relative to IMAGE's directory; "" for none) IMAGE's
     backing file. Safe mode first copies into IMAGE what its old backing
     chain shows and BACKING does not, so its content stays the same;
     UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
     probed when absent) is recorded in the image. FORCE_SHARE (qemu-img's
-    -U) opens the new backing file without locks."""
-    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share)
+    -U) opens the new backing file without locks. PASSPHRASE / KEY_FILE: of
+    the encrypted images (the image, its old and new backing chains)."""
+    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share,
+                           _key_once(passphrase, key_file))
+
+
+def _key_once(passphrase: Passphrase, key_file: str | os.PathLike[str] | None) -> Callable[[], bytes] | None:
+    """One passphrase for every image a command opens, asked (or read) at most once."""
+    import functools
+
+    key = _passphrase_source(passphrase, key_file)
+    return functools.cache(key) if key is not None else None
