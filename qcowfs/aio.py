@@ -689,7 +689,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   key_file: str | os.PathLike[str] | None = None, target_passphrase: Passphrase = None,
                   target_key_file: str | os.PathLike[str] | None = None,
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
-                  **options: Any) -> None:
+                  compress_threads: int | None = None, **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -699,7 +699,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     a raw DST, a cluster for a qcow2 one; 0: write every byte), stay
     unallocated. OPTIONS: create options of a qcow2 DST (see `create`;
     TARGET_PASSPHRASE / TARGET_KEY_FILE for encrypt_format="luks").
-    COMPRESS: compressed clusters (zlib or zstd, per compression_type).
+    COMPRESS: compressed clusters (zlib or zstd, per compression_type),
+    made by COMPRESS_THREADS worker threads (default: one per core, up to 4;
+    the image is the same for any number).
     BACKING_FILE (-B): DST gets this backing file (BACKING_FMT, default
     probed) and holds only what differs from it. FORCE_SHARE: read SRC
     whatever holds it (qemu-img -U). PROGRESS(fraction) is called as the
@@ -721,6 +723,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if sparse_size < 0 or sparse_size % 512:
         raise UsageError("the sparse size (-S) must be a multiple of 512")
+    if compress_threads is not None and compress_threads < 1:
+        raise UsageError("compress_threads must be at least 1")
     if not os.path.exists(src_path):
         raise QcowError(f"could not open {src}: No such file or directory")
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
@@ -756,6 +760,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
         held = _create.hold_target(dst_path)
         plan = _convert.CopyPlan(size, sparse_size, compress, None, progress)
+        if compress_threads is not None:
+            plan.threads = compress_threads
         if opts is not None:
             await trio.to_thread.run_sync(lambda: _create.create(tmp, opts, target_key))
             made = True
