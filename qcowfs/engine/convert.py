@@ -34,8 +34,9 @@ from .opening import RawSource
 CHUNK = 4 << 20
 COMPRESS_THREADS = 4
 # Chunks whose clusters are being compressed while the loop reads on: enough
-# that the workers never wait for a read or a write (measured: 1 left the
-# cores idle between chunks), few enough to keep memory at a few chunks.
+# that the workers do not wait for the loop's reads and writes (with none
+# queued, as before, the cores idled while each chunk was read and written),
+# few enough to keep memory at a few chunks.
 IN_FLIGHT = 3
 
 
@@ -299,9 +300,9 @@ class Compressor:
     """The pool of worker threads that compress clusters (-c), and the queue
     of chunks whose clusters they work on, written in order of submission.
 
-    A thread per core pays: zlib and zstd release the GIL, so with 2 cores
-    -c took 0.55x of the single-thread time (measured in bench/ops.py's
-    mixed image)."""
+    zlib and zstd release the GIL, so the workers use every core; 4 of them,
+    as QEMU's qcow2 (MAX_COMPRESS_THREADS), also give qcowfs the same share
+    of a loaded machine as qemu-img."""
 
     def __init__(self, dst: CompressedTarget, threads: int) -> None:
         self._dst = dst
