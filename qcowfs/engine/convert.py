@@ -8,8 +8,8 @@ only there; every range the source calls a hole stays unallocated in the
 target, and so does every block of zeros the data holds (at the target's
 granularity: a cluster of a qcow2 target, the -S size of a raw one).
 
-Compression (-c) runs in one pool of worker threads (`Compressor`), one
-job per cluster (zlib and zstd release the GIL, so the cores work
+Compression (-c) runs in one pool of worker threads (`Compressor`), a
+job per few clusters (zlib and zstd release the GIL, so the cores work
 together), with up to IN_FLIGHT chunks queued: while the workers compress,
 the loop reads the next chunks, and the compressed clusters of the oldest
 chunk are written, in order, by the engine's writer in one batch per run
@@ -38,6 +38,8 @@ COMPRESS_THREADS = 4
 # queued, as before, the cores idled while each chunk was read and written),
 # few enough to keep memory at a few chunks.
 IN_FLIGHT = 3
+# Bytes of clusters one compression job takes (whole clusters, at least one).
+JOB_BYTES = 512 << 10
 
 
 class SourceDisk(Protocol):
@@ -308,20 +310,27 @@ class Compressor:
         self._dst = dst
         self._cs, self._ctype = dst.cluster_size, dst.compression_type
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="qcowfs-compress")
-        self._queue: deque[tuple[int, memoryview, list[int], list[Future[bytes | None]]]] = deque()
+        self._queue: deque[tuple[int, memoryview, list[int], list[Future[list[bytes | None]]]]] = deque()
 
-    def _one(self, piece: memoryview) -> bytes | None:
-        if len(piece) < self._cs:   # the last cluster of a disk that ends inside one
-            piece = memoryview(bytes(piece) + bytes(self._cs - len(piece)))
-        return compress_cluster(piece, self._ctype)
+    def _job(self, view: memoryview, clusters: list[int]) -> list[bytes | None]:
+        """CLUSTERS of VIEW compressed (in a worker thread)."""
+        cs, out = self._cs, []
+        for i in clusters:
+            piece = view[i * cs : (i + 1) * cs]
+            if len(piece) < cs:   # the last cluster of a disk that ends inside one
+                piece = memoryview(bytes(piece) + bytes(cs - len(piece)))
+            out.append(compress_cluster(piece, self._ctype))
+        return out
 
     async def submit(self, offset: int, view: memoryview, keep: np.ndarray) -> None:
-        """Queue the clusters of KEEP of the chunk VIEW at OFFSET; write out
-        the oldest chunks beyond IN_FLIGHT. VIEW must stay unchanged until
-        its chunk is written (the caller rotates IN_FLIGHT + 1 buffers)."""
-        cs = self._cs
+        """Queue the clusters of KEEP of the chunk VIEW at OFFSET, in jobs of
+        JOB_BYTES (a job per cluster took the GIL back after every one of
+        them, each time a wait on a loaded machine); write out the oldest
+        chunks beyond IN_FLIGHT. VIEW must stay unchanged until its chunk is
+        written (the caller rotates buffers)."""
         wanted = np.flatnonzero(keep).tolist()
-        jobs = [self._pool.submit(self._one, view[i * cs : (i + 1) * cs]) for i in wanted]
+        per = max(1, JOB_BYTES // self._cs)
+        jobs = [self._pool.submit(self._job, view, wanted[j : j + per]) for j in range(0, len(wanted), per)]
         self._queue.append((offset, view, wanted, jobs))
         await self.drain(IN_FLIGHT)
 
@@ -331,7 +340,7 @@ class Compressor:
             offset, view, wanted, jobs = self._queue.popleft()
             if not all(j.done() for j in jobs):
                 await trio.to_thread.run_sync(wait, jobs)
-            await self._write(offset, view, wanted, [j.result() for j in jobs])
+            await self._write(offset, view, wanted, [b for j in jobs for b in j.result()])
 
     async def _write(self, offset: int, view: memoryview, wanted: list[int], blobs: list[bytes | None]) -> None:
         """One batch per run of consecutive clusters that shrink; the ones
