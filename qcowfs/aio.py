@@ -649,7 +649,6 @@ class _QcowSource:
         self._snapshot = snapshot
         self.size = self._disk.size
         self.readinto = self._disk.readinto
-        self.readinto_nowait = self._disk.readinto_nowait
 
     async def data_ranges(self) -> list[tuple[int, int]]:
         extents = await self._image.map(self._snapshot)

@@ -46,10 +46,6 @@ class SourceDisk(Protocol):
     @property
     def size(self) -> int: ...
     async def readinto(self, buf: bytearray | memoryview, offset: int) -> int: ...
-    def readinto_nowait(self, buf: memoryview, offset: int) -> bool:
-        """All of BUF from the host page cache without blocking on the disk
-        and without touching anything but this source's own state (it runs
-        in the read-ahead thread); False: nothing done, use readinto."""
     async def data_ranges(self) -> list[tuple[int, int]]:
         """[start, end) of every range that may hold data, in order."""
 
@@ -78,10 +74,6 @@ class RawDisk:
         n = max(0, min(len(buf), self.size - offset))
         await self._src.read_into(memoryview(buf)[:n], offset)
         return n
-
-    def readinto_nowait(self, buf: memoryview, offset: int) -> bool:
-        file = self._src.file
-        return offset + len(buf) <= file.known_size and file.read_nowait(buf, offset) == len(buf)
 
     async def data_ranges(self) -> list[tuple[int, int]]:
         out = []
@@ -153,15 +145,12 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     """Copy SRC's data into the empty DST (see the module's docstring)."""
     compressor = Compressor(dst, plan.threads) if plan.compress else None  # type: ignore[arg-type]
-    # A buffer per chunk queued for compression, the one being written and
-    # the one being read ahead.
-    buffers = [bytearray(CHUNK) for _ in range(IN_FLIGHT + 2 if compressor else 2)]
+    # A buffer per chunk queued for compression, and the one being read.
+    buffers = [bytearray(CHUNK) for _ in range(IN_FLIGHT + 1 if compressor else 1)]
     other = bytearray(CHUNK) if plan.backing is not None else None
     below = await plan.backing.data_ranges() if plan.backing is not None else []
     size = plan.size
     steps = _steps(_aligned(await src.data_ranges(), plan.align), size)
-    chunks = [(c, n) for c, n in steps if n > 0]
-    reader = ReadAhead(src)
     pos = turn = 0
     try:
         for c, n in steps:
@@ -169,11 +158,8 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
                 await _hole(dst, below, pos, c)
                 continue
             view = memoryview(buffers[turn % len(buffers)])[:n]
-            await reader.read(view, c)
             turn += 1
-            if turn < len(chunks):
-                c2, n2 = chunks[turn]
-                reader.start(memoryview(buffers[turn % len(buffers)])[:n2], c2)
+            await src.readinto(view, c)
             keep = await _chunk(plan, dst, c, view, other)
             if compressor is not None:
                 await compressor.submit(c, view, keep)
@@ -185,7 +171,6 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
         if compressor is not None:
             await compressor.drain(0)
     finally:
-        reader.close()
         if compressor is not None:
             compressor.close()
     if plan.progress is not None:
@@ -211,37 +196,6 @@ def _steps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
             c += n
         pos = end
     return out
-
-
-class ReadAhead:
-    """Reads the next chunk of the source in one worker thread while the
-    loop writes the current one (qemu-img overlaps its reads and writes the
-    same way, in its thread pool): the copy then takes about as long as its
-    writes instead of its reads plus its writes. Only what the source has in
-    the host page cache, in one host run, is read ahead (readinto_nowait);
-    the rest is read in the loop as before. While a read is ahead nothing
-    else touches the source."""
-
-    def __init__(self, src: SourceDisk) -> None:
-        self._src = src
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qcowfs-read")
-        self._ahead: tuple[memoryview, int, Future[bool]] | None = None
-
-    def start(self, view: memoryview, offset: int) -> None:
-        self._ahead = (view, offset, self._pool.submit(self._src.readinto_nowait, view, offset))
-
-    async def read(self, view: memoryview, offset: int) -> None:
-        """VIEW filled from OFFSET: by the read ahead if it was this one and
-        worked (a page-cache read: waiting for it never blocks on the disk)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            done = ahead[2].result()
-            if done and ahead[0] is view and ahead[1] == offset:
-                return
-        await self._src.readinto(view, offset)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _aligned(ranges: list[tuple[int, int]], unit: int) -> list[tuple[int, int]]:
