@@ -704,7 +704,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   key_file: str | os.PathLike[str] | None = None, target_passphrase: Passphrase = None,
                   target_key_file: str | os.PathLike[str] | None = None,
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
-                  **options: Any) -> None:
+                  compress_threads: int | None = None, **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -714,7 +714,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     a raw DST, a cluster for a qcow2 one; 0: write every byte), stay
     unallocated. OPTIONS: create options of a qcow2 DST (see `create`;
     TARGET_PASSPHRASE / TARGET_KEY_FILE for encrypt_format="luks").
-    COMPRESS: compressed clusters (zlib or zstd, per compression_type).
+    COMPRESS: compressed clusters (zlib or zstd, per compression_type),
+    made by COMPRESS_THREADS worker threads (default: one per core, up to 4;
+    the image is the same for any number).
     BACKING_FILE (-B): DST gets this backing file (BACKING_FMT, default
     probed) and holds only what differs from it. FORCE_SHARE: read SRC
     whatever holds it (qemu-img -U). PROGRESS(fraction) is called as the
@@ -724,8 +726,6 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     temporary name next to it and renamed at the end (removed on failure;
     a killed process leaves a hidden .DST.qcowfs-* file behind)."""
     from .engine import convert as _convert, create as _create
-    import functools
-
     import trio
 
     src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -739,6 +739,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if sparse_size < 0 or sparse_size % 512:
         raise UsageError("the sparse size (-S) must be a multiple of 512")
+    if compress_threads is not None and compress_threads < 1:
+        raise UsageError("compress_threads must be at least 1")
     if not os.path.exists(src_path):
         raise QcowError(f"could not open {src}: No such file or directory")
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
@@ -752,9 +754,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     fmt = src_format or _probe(src_path)
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")
-    target_key = _passphrase_source(target_passphrase, target_key_file)
-    if target_key is not None:
-        target_key = functools.cache(target_key)
+    target_key = _key_once(target_passphrase, target_key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
     tmp = _create.temp_name(dst_path)
     made = False
@@ -776,6 +776,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
         held = _create.hold_target(dst_path)
         plan = _convert.CopyPlan(size, sparse_size, compress, None, progress)
+        if compress_threads is not None:
+            plan.threads = compress_threads
         if opts is not None:
             await trio.to_thread.run_sync(lambda: _create.create(tmp, opts, target_key))
             made = True
@@ -822,26 +824,40 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
 
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
-                 drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+                 drop: bool = False, progress: Callable[[float], None] | None = None,
+                 passphrase: Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img commit [-b BASE] [-d] OVERLAY`: write what OVERLAY (and the
     images between it and BASE) hold into BASE (default: OVERLAY's backing
     file; qcow2 or raw), then empty OVERLAY unless DROP. With BASE, OVERLAY
     is not emptied (as qemu-img: -b implies -d; the images between are then
     outdated). OVERLAY's content never changes on the way; a crash leaves
-    BASE partly written (as QEMU's commit does), clean in `qemu-img check`."""
+    BASE partly written (as QEMU's commit does), clean in `qemu-img check`.
+    PASSPHRASE / KEY_FILE: of the encrypted images of the chain (one for all)."""
     from .engine import chain_ops
-    await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress)
+    await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress,
+                           _key_once(passphrase, key_file))
 
 
 async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
                  unsafe: bool = False, progress: Callable[[float], None] | None = None,
-                 force_share: bool = False) -> None:
+                 force_share: bool = False, passphrase: Passphrase = None,
+                 key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img rebase [-u] -b BACKING [-F FMT] IMAGE`: make BACKING (a path
     stored as given, relative to IMAGE's directory; "" for none) IMAGE's
     backing file. Safe mode first copies into IMAGE what its old backing
     chain shows and BACKING does not, so its content stays the same;
     UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
     probed when absent) is recorded in the image. FORCE_SHARE (qemu-img's
-    -U) opens the new backing file without locks."""
+    -U) opens the new backing file without locks. PASSPHRASE / KEY_FILE: of
+    the encrypted images (the image, its old and new backing chains)."""
     from .engine import chain_ops
-    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share)
+    await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share,
+                           _key_once(passphrase, key_file))
+
+
+def _key_once(passphrase: Passphrase, key_file: str | os.PathLike[str] | None) -> Callable[[], bytes] | None:
+    """One passphrase for every image a command opens, asked (or read) at most once."""
+    import functools
+
+    key = _passphrase_source(passphrase, key_file)
+    return functools.cache(key) if key is not None else None

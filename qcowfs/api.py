@@ -457,14 +457,18 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
         qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
     _portal.run(functools.partial(aio.convert, src, dst, **options))
 def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
-           drop: bool = False, progress: Callable[[float], None] | None = None) -> None:
+           drop: bool = False, progress: Callable[[float], None] | None = None,
+           passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img commit` (see `qcowfs.aio.commit`)."""
-    _portal.run(functools.partial(aio.commit, overlay, base, drop=drop, progress=progress))
+    _portal.run(functools.partial(aio.commit, overlay, base, drop=drop, progress=progress,
+                                  passphrase=passphrase, key_file=key_file))
 
 
 def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
            unsafe: bool = False, progress: Callable[[float], None] | None = None,
-           force_share: bool = False) -> None:
+           force_share: bool = False, passphrase: aio.Passphrase = None,
+           key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
     _portal.run(functools.partial(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe,
-                                  progress=progress, force_share=force_share))
+                                  progress=progress, force_share=force_share, passphrase=passphrase,
+                                  key_file=key_file))

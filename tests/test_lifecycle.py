@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import luks
 from conftest import QCOWFS, mounted
 from images import KiB, MiB, create, info, qimg, qio, sh
 
@@ -538,6 +539,149 @@ def test_rebase_force_share_as_qemu(tmp_path: Path) -> None:
             held.close()
     compare(tmp_path / "img.qcow2", q / "img.qcow2")
     clean(tmp_path / "img.qcow2")
+
+
+# --------------------------------------------------------------------------
+# encrypted chains: the passphrase as every command takes it (--key-file, else a prompt)
+
+def _luks_opts(image: Path, depth: int) -> str:
+    """qemu's --image-opts of IMAGE with the secret for it and DEPTH backing files below."""
+    opts = luks.image_opts(image)
+    for k in range(1, depth + 1):
+        opts += "," + "backing." * k + "encrypt.key-secret=sec0"
+    return opts
+
+
+def _luks_raw(image: Path, depth: int, out: Path) -> str:
+    """The disk of IMAGE (with DEPTH encrypted backing files) as qemu-img reads it."""
+    luks.must("qemu-img", "convert", *luks.secret_object(), "--image-opts", _luks_opts(image, depth),
+              "-O", "raw", out)
+    return digest(out)
+
+
+def _luks_clean(image: Path, depth: int) -> None:
+    p = luks.run("qemu-img", "check", *luks.secret_object(), "--image-opts", _luks_opts(image, depth))
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _luks_chain(d: Path) -> None:
+    """base <- top (both LUKS, one passphrase), and new (LUKS) to rebase onto."""
+    luks.create(d / "base.qcow2", 8 * MiB)
+    luks.qemu_io(d / "base.qcow2", "write -P 1 0 3M", "write -P 7 5M 1M")
+    luks.create(d / "top.qcow2", 8 * MiB, backing_file="base.qcow2", backing_fmt="qcow2")
+    p = luks.run("qemu-io", *luks.secret_object(), "--image-opts", "-c", "write -P 3 1M 1M",
+                 "-c", "write -z 5M 64k", _luks_opts(d / "top.qcow2", 1))
+    assert p.returncode == 0 and "error" not in p.stdout.lower(), p.stdout + p.stderr
+    luks.create(d / "new.qcow2", 8 * MiB)
+    luks.qemu_io(d / "new.qcow2", "write -P 1 0 2M", "write -P 9 6M 1M")
+    (d / "key").write_text(luks.SECRET)
+
+
+def test_commit_encrypted_chain_matches_qemu(tmp_path: Path) -> None:
+    _luks_chain(tmp_path)
+    q = twins(tmp_path, "base.qcow2", "top.qcow2")
+    luks.must("qemu-img", "commit", *luks.secret_object(), "--image-opts", _luks_opts(q / "top.qcow2", 1))
+    files = {n: digest(tmp_path / n) for n in ("base.qcow2", "top.qcow2")}
+    p = qcowfs("commit", "top.qcow2", cwd=tmp_path)   # no key file, no terminal: refused, nothing changed
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--key-file" in p.stderr, p.stderr
+    assert {n: digest(tmp_path / n) for n in files} == files
+    p = qcowfs("commit", "--key-file", "key", "top.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for name, depth in (("base.qcow2", 0), ("top.qcow2", 1)):
+        assert _luks_raw(tmp_path / name, depth, tmp_path / "a.out") == _luks_raw(q / name, depth, tmp_path / "b.out")
+        _luks_clean(tmp_path / name, depth)
+
+
+def test_rebase_encrypted_chain_keeps_the_content(tmp_path: Path) -> None:
+    """Safe rebase of an encrypted image from one encrypted backing file onto
+    another: qemu-img reads the same disk before and after, through the new chain.
+    (qemu-img rebase itself cannot give a secret to the new backing file.)"""
+    import qcowfs as lib
+
+    _luks_chain(tmp_path)
+    before = _luks_raw(tmp_path / "top.qcow2", 1, tmp_path / "before.out")
+    p = qcowfs("rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--key-file" in p.stderr, p.stderr
+    p = qcowfs("rebase", "--key-file", "key", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert info(tmp_path / "top.qcow2")["backing-filename"] == "new.qcow2"
+    assert _luks_raw(tmp_path / "top.qcow2", 1, tmp_path / "after.out") == before
+    _luks_clean(tmp_path / "top.qcow2", 1)
+    lib.rebase(tmp_path / "top.qcow2", "", passphrase=luks.SECRET)   # flatten, through the library
+    assert "backing-filename" not in info(tmp_path / "top.qcow2")
+    assert _luks_raw(tmp_path / "top.qcow2", 0, tmp_path / "after.out") == before
+    _luks_clean(tmp_path / "top.qcow2", 0)
+
+
+# --------------------------------------------------------------------------
+# -p: progress on a terminal, nothing when stderr is not one
+
+def on_terminal(args: list[str], cwd: Path, answer: bytes | None = None) -> tuple[int, str]:
+    """Run qcowfs ARGS with a pseudo-terminal as its controlling terminal and
+    stdin/stdout/stderr; ANSWER is typed when a passphrase is asked."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen([QCOWFS, *args], cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                         preexec_fn=own_terminal)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:   # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+            if answer is not None and b"Passphrase for" in out:
+                os.write(master, answer + b"\n")
+                answer = None
+    finally:
+        os.close(master)
+    return p.wait(timeout=300), out.decode(errors="replace")
+
+
+PROGRESS = {
+    "convert": (["convert", "-p", "-O", "qcow2", "top.qcow2", "out.qcow2"], None),
+    "commit": (["commit", "-p", "top.qcow2"], "Image committed."),
+    "rebase": (["rebase", "-p", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"], None),
+}
+
+
+@pytest.mark.parametrize("command", sorted(PROGRESS))
+def test_progress_only_on_a_terminal(tmp_path: Path, command: str) -> None:
+    args, said = PROGRESS[command]
+    for d in (tmp_path / "tty", tmp_path / "pipe"):
+        d.mkdir()
+        _big_chain(d)
+    code, out = on_terminal(args, tmp_path / "tty")
+    assert code == 0, out
+    assert "(100.00/100%)" in out and "\r" in out, out
+    assert out.rstrip("\r\n").endswith(said or "%)"), out   # the last line is not overwritten
+    p = qcowfs(*args, cwd=tmp_path / "pipe")
+    assert p.returncode == 0 and "%" not in p.stderr + p.stdout and "\r" not in p.stderr, p.stderr
+    assert p.stdout.strip() == (said or "")
+    compare(tmp_path / "tty" / "top.qcow2", tmp_path / "pipe" / "top.qcow2")
+
+
+def test_commit_asks_the_passphrase_on_a_terminal(tmp_path: Path) -> None:
+    _luks_chain(tmp_path)
+    q = twins(tmp_path, "base.qcow2", "top.qcow2")
+    luks.must("qemu-img", "commit", *luks.secret_object(), "--image-opts", _luks_opts(q / "top.qcow2", 1))
+    code, out = on_terminal(["commit", "top.qcow2"], tmp_path, answer=luks.SECRET.encode())
+    assert code == 0 and "Passphrase for" in out and luks.SECRET not in out, out
+    assert out.count("Passphrase for") == 1, out   # asked once for the whole chain
+    assert _luks_raw(tmp_path / "base.qcow2", 0, tmp_path / "a.out") == _luks_raw(q / "base.qcow2", 0,
+                                                                                  tmp_path / "b.out")
 
 
 # --------------------------------------------------------------------------

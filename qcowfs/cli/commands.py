@@ -10,10 +10,11 @@ daemon starts without loading the engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
 from ..errors import ImageLockedError, QcowError, UsageError
 from ..host import mounts
@@ -106,13 +107,25 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
     return 0
 
 
-def _progress_printer() -> Callable[[float], None] | None:
-    if not sys.stderr.isatty():
-        return None
+@contextlib.contextmanager
+def progress_printer(wanted: bool = True, end: str = "\n") -> Iterator[Callable[[float], None] | None]:
+    """qemu-img's -p: the fraction done, redrawn in place on stderr, and END
+    after it once the command is over; nothing at all when stderr is not a
+    terminal (a log or a pipe gets no carriage returns), as qemu-img."""
+    if not wanted or not sys.stderr.isatty():
+        yield None
+        return
+    shown = False
 
     def show(frac: float) -> None:
+        nonlocal shown
+        shown = True
         print(f"\r    ({frac * 100:6.2f}/100%)", end="", file=sys.stderr, flush=True)
-    return show
+    try:
+        yield show
+    finally:
+        if shown:
+            print(end, end="", file=sys.stderr, flush=True)
 
 
 def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = False) -> int:
@@ -130,16 +143,14 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
         result = _check_result(control.request(image_arg, "check")["check"])
         filename = result.json.get("filename", image_arg)
     else:
-        progress = _progress_printer()
         import trio
 
         try:
-            result = trio.run(lambda: aio.check(image_arg, repair, force_share=force_share, progress=progress))
+            with progress_printer(end="\r") as progress:
+                result = trio.run(lambda: aio.check(image_arg, repair, force_share=force_share, progress=progress))
         except (QcowError, OSError) as e:
             print(f"qcowfs: check failed: {e}", file=sys.stderr)
             return 1
-        if progress:
-            print("\r", end="", file=sys.stderr)
         filename = os.path.abspath(image_arg)
     if as_json:
         print(json.dumps(result.json | {"filename": filename}, indent=4))
@@ -334,7 +345,7 @@ def create_keywords(options: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _key_source(key_file: str | None, what: str) -> Callable[[], bytes]:
+def key_source(key_file: str | None, what: str) -> Callable[[], bytes]:
     """The passphrase of WHAT: the key file, else a prompt on a terminal."""
     from ..host.secret import prompt, read_key_file
 
@@ -364,7 +375,7 @@ def cmd_create(a: argparse.Namespace) -> int:
         if size is not None:
             raise UsageError("give the size either as SIZE or as -o size=..., not both")
         size = kw.pop("size")
-    qcowfs.create(a.image, size, passphrase=_key_source(a.key_file, a.image), unsafe=a.unsafe, **kw)
+    qcowfs.create(a.image, size, passphrase=key_source(a.key_file, a.image), unsafe=a.unsafe, **kw)
     return 0
 
 
@@ -380,14 +391,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.output_format == "raw" and (kw or a.compress or a.backing):
         raise UsageError("-o, -c and -B need -O qcow2")
     sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
-    progress = _progress_printer() if a.progress else None
-    source_key = _key_source(a.key_file, a.src)
-    target_key = _key_source(a.target_key_file, a.dst) if kw.get("encrypt_format") else None
-    trio.run(lambda: aio.convert(
-        a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
-        snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
-        force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
-        cache=a.cache, **kw))
-    if progress:
-        print("", file=sys.stderr)
+    source_key = key_source(a.key_file, a.src)
+    target_key = key_source(a.target_key_file, a.dst) if kw.get("encrypt_format") else None
+    with progress_printer(a.progress) as progress:
+        trio.run(lambda: aio.convert(
+            a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
+            snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
+            force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
+            cache=a.cache, **kw))
     return 0

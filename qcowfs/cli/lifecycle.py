@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ImageLockedError, UsageError
 
@@ -41,6 +40,8 @@ def lifecycle_parsers(sub: Any) -> None:
                    help="commit into BASE, an image of OVERLAY's backing chain (implies -d, as qemu-img)")
     c.add_argument("-d", dest="drop", action="store_true", help="do not empty OVERLAY afterwards")
     c.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    c.add_argument("--key-file", metavar="FILE",
+                   help="passphrase of encrypted images of the chain (every byte of FILE; else asked on a terminal)")
     c.add_argument("overlay", metavar="OVERLAY")
 
     b = sub.add_parser("rebase", help="change the backing file of an image (qemu-img rebase)",
@@ -55,16 +56,9 @@ def lifecycle_parsers(sub: Any) -> None:
     b.add_argument("-p", dest="progress", action="store_true", help="show progress")
     b.add_argument("-U", "--force-share", action="store_true",
                    help="open NEW without locks (as qemu-img -U)")
+    b.add_argument("--key-file", metavar="FILE",
+                   help="passphrase of encrypted images (every byte of FILE; else asked on a terminal)")
     b.add_argument("image", metavar="IMAGE")
-
-
-def _progress(wanted: bool) -> Callable[[float], None] | None:
-    if not wanted or not sys.stderr.isatty():
-        return None
-
-    def show(frac: float) -> None:
-        print(f"\r    ({frac * 100:6.2f}/100%)", end="\n" if frac >= 1 else "", file=sys.stderr, flush=True)
-    return show
 
 
 def cmd_resize(a: argparse.Namespace) -> int:
@@ -103,15 +97,20 @@ def cmd_resize(a: argparse.Namespace) -> int:
 
 def cmd_commit(a: argparse.Namespace) -> int:
     from .. import api
+    from .commands import key_source, progress_printer
 
-    api.commit(a.overlay, a.base, drop=a.drop, progress=_progress(a.progress))
+    with progress_printer(a.progress) as progress:
+        api.commit(a.overlay, a.base, drop=a.drop, progress=progress,
+                   passphrase=key_source(a.key_file, a.overlay))
     print("Image committed.")
     return 0
 
 
 def cmd_rebase(a: argparse.Namespace) -> int:
     from .. import api
+    from .commands import key_source, progress_printer
 
-    api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=_progress(a.progress),
-               force_share=a.force_share)
+    with progress_printer(a.progress) as progress:
+        api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=progress,
+                   force_share=a.force_share, passphrase=key_source(a.key_file, a.image))
     return 0

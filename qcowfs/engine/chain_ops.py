@@ -32,6 +32,9 @@ from .opening import OpenOptions, RawSource, resolve_backing
 
 CHUNK = 4 << 20
 Progress = Callable[[float], None] | None
+# The passphrase of encrypted images of the chain (OpenOptions.passphrase):
+# called only when one is opened, the same for every image, as QEMU's one secret.
+Key = Callable[[], bytes] | None
 
 
 class _Meter:
@@ -164,14 +167,16 @@ async def _layer_ranges(layer: Image) -> tuple[Ranges, Ranges]:
     return data, zero
 
 
-async def commit(path: str, base: str | None = None, drop: bool = False, progress: Progress = None) -> None:
+async def commit(path: str, base: str | None = None, drop: bool = False, progress: Progress = None,
+                 passphrase: Key = None) -> None:
     """qemu-img commit [-b BASE] [-d] PATH. With BASE the top is not emptied
-    (as qemu-img: -b implies -d, the images between are outdated)."""
+    (as qemu-img: -b implies -d, the images between are outdated).
+    PASSPHRASE: of the encrypted images of the chain."""
     empty_top = not drop and base is None
     opened: list[Image] = []
     target: Image | RawTarget | None = None
     try:
-        top = Image(path, OpenOptions(read_only=not empty_top, open_backing=False))
+        top = Image(path, OpenOptions(read_only=not empty_top, open_backing=False, passphrase=passphrase))
         opened.append(top)
         below = _backing_of(top)
         if below is None:
@@ -179,14 +184,14 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
         while base is not None and not _same(below[0], base):
             if below[1] != "qcow2":
                 raise RequestError(f"'{base}' is not in the backing chain of {path}")
-            layer = Image(below[0], OpenOptions(read_only=True, open_backing=False))
+            layer = Image(below[0], OpenOptions(read_only=True, open_backing=False, passphrase=passphrase))
             opened.append(layer)
             nxt = _backing_of(layer)
             if nxt is None:
                 raise RequestError(f"'{base}' is not in the backing chain of {path}")
             below = nxt
         base_path, base_fmt = below
-        target = (Image(base_path, OpenOptions(read_only=False)) if base_fmt == "qcow2"
+        target = (Image(base_path, OpenOptions(read_only=False, passphrase=passphrase)) if base_fmt == "qcow2"
                   else RawTarget(base_path))
         if isinstance(target, Image):
             await target.prepare_writes()
@@ -237,20 +242,21 @@ async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress:
     meter.finish()
 
 
-def _open_source(path: str, fmt: str, force_share: bool) -> Source:
+def _open_source(path: str, fmt: str, force_share: bool, passphrase: Key) -> Source:
     if fmt == "raw":
         return RawSource(path, force_share)
-    return Image(path, OpenOptions(read_only=True, force_share=force_share))
+    return Image(path, OpenOptions(read_only=True, force_share=force_share, passphrase=passphrase))
 
 
 async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe: bool = False,
-                 progress: Progress = None, force_share: bool = False) -> None:
+                 progress: Progress = None, force_share: bool = False, passphrase: Key = None) -> None:
     """qemu-img rebase [-u] [-U] -b BACKING [-F FMT] PATH (BACKING "": no
     backing file; FORCE_SHARE: the new backing file opened without locks,
-    as qemu-img 7.2 opens it: the old one is opened with the image, locked)."""
+    as qemu-img 7.2 opens it: the old one is opened with the image, locked).
+    PASSPHRASE: of the encrypted images (the image, the old and new chains)."""
     if backing_fmt is not None and backing_fmt not in ("qcow2", "raw"):
         raise UnsupportedFeatureError(f"backing file format '{backing_fmt}' is not supported")
-    image = Image(path, OpenOptions(read_only=False, open_backing=not unsafe))
+    image = Image(path, OpenOptions(read_only=False, open_backing=not unsafe, passphrase=passphrase))
     new: Source | None = None
     try:
         new_path = resolve_backing(image.path, backing) if backing else None
@@ -265,7 +271,7 @@ async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe
         if not unsafe:
             if new_path is not None:
                 assert fmt is not None
-                new = _open_source(new_path, fmt, force_share)
+                new = _open_source(new_path, fmt, force_share, passphrase)
             await _copy_differences(image, new, progress)
         await image.set_backing(backing or None, fmt if backing else None)
     finally:

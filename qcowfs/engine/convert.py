@@ -8,14 +8,17 @@ only there; every range the source calls a hole stays unallocated in the
 target, and so does every block of zeros the data holds (at the target's
 granularity: a cluster of a qcow2 target, the -S size of a raw one).
 
-Compression (-c) runs in worker threads, a share of each chunk's clusters
-each (zlib and zstd release the GIL, so the cores work together); the
-compressed clusters are then written by the engine's writer in one batch
-per chunk (Writer.write_compressed).
+Compression (-c) runs in one pool of worker threads (`Compressor`), a
+job per few clusters (zlib and zstd release the GIL, so the cores work
+together), with up to IN_FLIGHT chunks queued: while the workers compress,
+the loop reads the next chunks, and the compressed clusters of the oldest
+chunk are written, in order, by the engine's writer in one batch per run
+(Writer.write_compressed). The output is the same for any number of threads.
 """
 from __future__ import annotations
 
-import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -29,7 +32,14 @@ from .opening import RawSource
 # Bytes read and written per step: large enough that per-call costs vanish,
 # small enough to show progress and keep memory low.
 CHUNK = 4 << 20
-COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+COMPRESS_THREADS = 4
+# Chunks whose clusters are being compressed while the loop reads on: enough
+# that the workers do not wait for the loop's reads and writes (with none
+# queued, as before, the cores idled while each chunk was read and written),
+# few enough to keep memory at a few chunks.
+IN_FLIGHT = 3
+# Bytes of clusters one compression job takes (whole clusters, at least one).
+JOB_BYTES = 512 << 10
 
 
 class SourceDisk(Protocol):
@@ -111,6 +121,7 @@ class CopyPlan:
     backing: SourceDisk | None = None   # -B: write only what differs from it
     progress: Callable[[float], None] | None = None
     align: int = 512          # data ranges widened to this (a qcow2 target's cluster size)
+    threads: int = COMPRESS_THREADS   # compression workers (-c)
 
 
 def _zero_blocks(view: memoryview, unit: int) -> np.ndarray:
@@ -120,7 +131,7 @@ def _zero_blocks(view: memoryview, unit: int) -> np.ndarray:
     arr = np.frombuffer(view[:whole], np.uint64 if unit % 8 == 0 else np.uint8)
     out = np.asarray(~arr.reshape(n // unit, -1).any(axis=1) if whole else np.zeros(0, bool), bool)
     if whole < n:
-        out = np.append(out, not any(view[whole:]))
+        out = np.append(out, view[whole:] == bytes(n - whole))  # (any() steps per byte)
     return np.asarray(out, bool)
 
 
@@ -133,27 +144,58 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     """Copy SRC's data into the empty DST (see the module's docstring)."""
-    buf = bytearray(CHUNK)
+    compressor = Compressor(dst, plan.threads) if plan.compress else None  # type: ignore[arg-type]
+    # A buffer per chunk queued for compression, and the one being read.
+    buffers = [bytearray(CHUNK) for _ in range(IN_FLIGHT + 1 if compressor else 1)]
     other = bytearray(CHUNK) if plan.backing is not None else None
     below = await plan.backing.data_ranges() if plan.backing is not None else []
     size = plan.size
+    steps = _steps(_aligned(await src.data_ranges(), plan.align), size)
+    pos = turn = 0
+    try:
+        for c, n in steps:
+            if n < 0:   # a hole of the source before C
+                await _hole(dst, below, pos, c)
+                continue
+            view = memoryview(buffers[turn % len(buffers)])[:n]
+            turn += 1
+            await src.readinto(view, c)
+            keep = await _chunk(plan, dst, c, view, other)
+            if compressor is not None:
+                await compressor.submit(c, view, keep)
+            pos = c + n
+            if plan.progress is not None:
+                plan.progress(min(1.0, pos / size))
+        if pos < size:
+            await _hole(dst, below, pos, size)
+        if compressor is not None:
+            await compressor.drain(0)
+    finally:
+        if compressor is not None:
+            compressor.close()
+    if plan.progress is not None:
+        plan.progress(1.0)
+
+
+def _steps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The copy's steps over the data RANGES of a disk of SIZE: (offset, n)
+    for a chunk of data, (start, -1) for the hole that ends at START. Chunks
+    are aligned to the chunk size (so to every cluster size)."""
+    out: list[tuple[int, int]] = []
     pos = 0
-    for start, end in _aligned(await src.data_ranges(), plan.align) + [(size, size)]:
-        end = min(end, size)
-        await _hole(dst, below, pos, min(start, size))
-        # Chunks aligned to the chunk size (so to every cluster size).
+    for start, end in ranges:
+        start, end = min(start, size), min(end, size)
+        if start >= end:
+            continue
+        if start > pos:
+            out.append((start, -1))
         c = start
         while c < end:
             n = min(end, (c // CHUNK + 1) * CHUNK) - c
-            view = memoryview(buf)[:n]
-            await src.readinto(view, c)
-            await _chunk(plan, dst, c, view, other)
+            out.append((c, n))
             c += n
-            if plan.progress is not None:
-                plan.progress(min(1.0, c / size))
-        pos = max(pos, end)
-    if plan.progress is not None:
-        plan.progress(1.0)
+        pos = end
+    return out
 
 
 def _aligned(ranges: list[tuple[int, int]], unit: int) -> list[tuple[int, int]]:
@@ -179,9 +221,10 @@ async def _hole(dst: TargetDisk, below: list[tuple[int, int]], start: int, end: 
 
 
 async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, view: memoryview,
-                 other: bytearray | None) -> None:
+                 other: bytearray | None) -> np.ndarray:
     """Write one chunk of source data: its non-zero blocks (or, with -B,
-    its blocks that differ from the backing file)."""
+    its blocks that differ from the backing file). With compression, only
+    the zeros: the clusters to compress are returned (per cluster)."""
     unit = plan.granularity or len(view)
     if plan.compress:
         unit = dst.cluster_size  # type: ignore[attr-defined]
@@ -203,45 +246,76 @@ async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, view: memoryview,
     else:
         keep = np.ones(-(-len(view) // unit), bool)
     if plan.compress:
-        await _compressed(dst, offset, view, keep)  # type: ignore[arg-type]
-        return
+        return keep
     for a, b in _runs(keep):
         await dst.write(offset + a * unit, view[a * unit : min(len(view), b * unit)])
+    return keep
 
 
-async def _compressed(dst: CompressedTarget, offset: int, view: memoryview, keep: np.ndarray) -> None:
-    """The clusters of KEEP compressed in worker threads, then written as one
-    batch per run of clusters; the ones that do not shrink written plainly."""
-    cs, ctype = dst.cluster_size, dst.compression_type
-    wanted = np.flatnonzero(keep).tolist()
-    blobs: dict[int, bytes | None] = {}
+class Compressor:
+    """The pool of worker threads that compress clusters (-c), and the queue
+    of chunks whose clusters they work on, written in order of submission.
 
-    def work(part: list[int]) -> None:
-        for i in part:
+    zlib and zstd release the GIL, so the workers use every core; 4 of them,
+    as QEMU's qcow2 (MAX_COMPRESS_THREADS), also give qcowfs the same share
+    of a loaded machine as qemu-img."""
+
+    def __init__(self, dst: CompressedTarget, threads: int) -> None:
+        self._dst = dst
+        self._cs, self._ctype = dst.cluster_size, dst.compression_type
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="qcowfs-compress")
+        self._queue: deque[tuple[int, memoryview, list[int], list[Future[list[bytes | None]]]]] = deque()
+
+    def _job(self, view: memoryview, clusters: list[int]) -> list[bytes | None]:
+        """CLUSTERS of VIEW compressed (in a worker thread)."""
+        cs, out = self._cs, []
+        for i in clusters:
             piece = view[i * cs : (i + 1) * cs]
-            if len(piece) < cs:
+            if len(piece) < cs:   # the last cluster of a disk that ends inside one
                 piece = memoryview(bytes(piece) + bytes(cs - len(piece)))
-            blobs[i] = compress_cluster(piece, ctype)
+            out.append(compress_cluster(piece, self._ctype))
+        return out
 
-    threads = min(COMPRESS_THREADS, len(wanted))
-    if threads <= 1:
-        await trio.to_thread.run_sync(work, wanted)
-    else:
-        async with trio.open_nursery() as nursery:
-            for t in range(threads):
-                nursery.start_soon(trio.to_thread.run_sync, work, wanted[t::threads])
-    run: list[bytes] = []
-    run_start = -1
-    for i in wanted + [-1]:
-        blob = blobs.get(i)
-        if run and (i != run_start + len(run) or blob is None):
-            await dst.write_compressed(offset + run_start * cs, run)
-            run = []
-        if i < 0:
-            break
-        if blob is None:
-            await dst.write(offset + i * cs, view[i * cs : (i + 1) * cs])
-            continue
-        if not run:
-            run_start = i
-        run.append(blob)
+    async def submit(self, offset: int, view: memoryview, keep: np.ndarray) -> None:
+        """Queue the clusters of KEEP of the chunk VIEW at OFFSET, in jobs of
+        JOB_BYTES (a job per cluster took the GIL back after every one of
+        them, each time a wait on a loaded machine); write out the oldest
+        chunks beyond IN_FLIGHT. VIEW must stay unchanged until its chunk is
+        written (the caller rotates buffers)."""
+        wanted = np.flatnonzero(keep).tolist()
+        per = max(1, JOB_BYTES // self._cs)
+        jobs = [self._pool.submit(self._job, view, wanted[j : j + per]) for j in range(0, len(wanted), per)]
+        self._queue.append((offset, view, wanted, jobs))
+        await self.drain(IN_FLIGHT)
+
+    async def drain(self, left: int) -> None:
+        """Write the oldest chunks until LEFT remain queued."""
+        while len(self._queue) > left:
+            offset, view, wanted, jobs = self._queue.popleft()
+            if not all(j.done() for j in jobs):
+                await trio.to_thread.run_sync(wait, jobs)
+            await self._write(offset, view, wanted, [b for j in jobs for b in j.result()])
+
+    async def _write(self, offset: int, view: memoryview, wanted: list[int], blobs: list[bytes | None]) -> None:
+        """One batch per run of consecutive clusters that shrink; the ones
+        that do not are written plainly (as QEMU does)."""
+        dst, cs = self._dst, self._cs
+        run: list[bytes] = []
+        run_start = -1
+        for i, blob in zip(wanted + [-1], blobs + [None]):
+            if run and (i != run_start + len(run) or blob is None):
+                await dst.write_compressed(offset + run_start * cs, run)
+                run = []
+            if i < 0:
+                break
+            if blob is None:
+                await dst.write(offset + i * cs, view[i * cs : (i + 1) * cs])
+                continue
+            if not run:
+                run_start = i
+            run.append(blob)
+
+    def close(self) -> None:
+        """Stop the workers (queued jobs of a failed copy are dropped)."""
+        self._queue.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -191,18 +191,25 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
 
 def _pieces(mapper: Mapper, table: np.ndarray, base: int, first: int,
             last: int) -> list[tuple[int, int, SubclusterType, int]]:
-    """(guest start, guest end, type, host offset of the cluster) for the
-    clusters FIRST..LAST of TABLE: per cluster, or per subcluster (extended L2)."""
+    """(guest start, guest end, type, host offset of the first cluster) for
+    the clusters FIRST..LAST of TABLE: per subcluster with extended L2, else
+    per run of clusters that qemu-img shows as one entry anyway (same type;
+    for the types with a host offset, host-contiguous), found in one numpy
+    pass: a Python step per cluster made a 1 GiB image's map cost 0.1 s."""
     geo = mapper.geo
     cb, cs = geo.cluster_bits, geo.cluster_size
     out: list[tuple[int, int, SubclusterType, int]] = []
     if not geo.extended_l2:
         entries = table[first : last + 1]
-        types = cluster_types(entries, mapper.external_data)
-        hosts = (entries & np.uint64(L2E_OFFSET_MASK)).tolist()
-        for i, (t, h) in enumerate(zip(types.tolist(), hosts)):
-            c0 = base + ((first + i) << cb)
-            out.append((c0, c0 + cs, SubclusterType(t), h))
+        types = np.asarray(cluster_types(entries, mapper.external_data))
+        hosts = entries & np.uint64(L2E_OFFSET_MASK)
+        with_offset = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
+        cut = (types[1:] != types[:-1]) | (with_offset[1:] & (hosts[1:] != hosts[:-1] + np.uint64(cs)))
+        starts = [0, *(np.flatnonzero(cut) + 1).tolist()]
+        ends = starts[1:] + [len(entries)]
+        for i, j in zip(starts, ends):
+            out.append((base + ((first + i) << cb), base + ((first + j) << cb), SubclusterType(int(types[i])),
+                        int(hosts[i])))
         return out
     sc = geo.subcluster_size
     for k in range(first, last + 1):
