@@ -248,9 +248,13 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     gc.freeze()
     _keep_big_buffers()
     if processes > 1:
-        sess.workers.fork(processes - 1, functools.partial(_serve_worker, ops, read_around, ready,
-                                                           image.encryption is not None),
-                          ignore=(*STOP_SIGNALS, FORCE_SIGNAL))
+        try:
+            sess.workers.fork(processes - 1, functools.partial(_serve_worker, ops, read_around, ready,
+                                                               image.encryption is not None),
+                              ignore=(*STOP_SIGNALS, FORCE_SIGNAL))
+        except OSError as e:  # (fork: EAGAIN, ENOMEM) the mount is up: serve it with fewer
+            log.warning("%s: cannot start another serving process (%s): %d serve the mount",
+                        mountpoint, e, 1 + len(sess.workers.procs))
     if image.encryption is not None:
         lock_memory()  # the master key lives here until the exit
     code = 0
