@@ -91,6 +91,14 @@ def test_each_worker_serves_and_all_read_what_qemu_reads(image: tuple[Path, Path
         for n in (1, 2):
             assert read_direct(mnt / "partitions" / str(n)) == partition(raw, n)
             assert read_direct(mnt / "snapshot-partitions" / "s1" / str(n)) == partition(snap, n)
+        # One open handle, asked by whichever process takes each request.
+        fd = os.open(mnt / "disk.raw", os.O_RDONLY)
+        try:
+            for _ in range(100):
+                assert os.lseek(fd, 0, os.SEEK_HOLE) == 12 * MiB
+                assert os.lseek(fd, 12 * MiB, os.SEEK_DATA) == 13 * MiB
+        finally:
+            os.close(fd)
         subprocess.run([QCOWFS, "umount", str(mnt)], check=True, timeout=120)
         for pid in (daemon, *workers):
             assert not mounts.alive(pid)

@@ -114,6 +114,7 @@ class Operations(pyfuse3.Operations):
         # Other processes serve the same connection (share()): the tree is
         # fixed and a file handle says what was opened.
         self._shared = False
+        self._unlisted: dict[int, int] = {}  # id(directory) -> errno of its listing at share()
         self.reads = 0  # read requests this process answered
 
     @fuse_errors
@@ -180,11 +181,18 @@ class Operations(pyfuse3.Operations):
         is listed now, once, so that every process numbers every file alike.
         A file handle says what was opened (inode, O_DIRECT) instead of being
         an entry of one process's table, so that any process can serve any
-        handle. Only for trees that cannot change (a read-only mount)."""
+        handle. Only for trees that cannot change (a read-only mount). A
+        directory whose listing fails (a damaged table under a partition
+        table) answers that error from then on, in every process."""
         assert self._read_only
 
         async def fill(node: DirNode) -> None:
-            await self._refresh(node)
+            try:
+                await self._refresh(node)
+            except (QcowError, OSError) as e:
+                log.warning("%s: cannot list it: %s", node.name, e)
+                self._unlisted[id(node)] = e.errno or errno.EIO
+                return
             for child in list(node.children.values()):
                 if isinstance(child, DirNode):
                     await fill(child)
@@ -343,7 +351,10 @@ class Operations(pyfuse3.Operations):
     async def _refresh(self, node: DirNode) -> None:
         """A directory whose entries follow a changing source gets them afresh
         (not in a fixed tree: see share())."""
-        if node.refresh is not None and not self._shared:
+        if self._shared:
+            if id(node) in self._unlisted:
+                raise pyfuse3.FUSEError(self._unlisted[id(node)])
+        elif node.refresh is not None:
             self.set_children(node, await node.refresh(node.children))
 
     @fuse_errors
