@@ -151,6 +151,9 @@ BENCHES = [
           ["--rw=read", "--bs=1M"], image="compressed-zlib"),
     Bench("zlib_rand_read", "zlib rand read 4k", "read", "IOPS",
           ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, image="compressed-zlib"),
+    Bench("zlib_rand_read_4", "zlib rand read 4k, 4 jobs", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=4", "--group_reporting"], time_based=True,
+          image="compressed-zlib"),
     Bench("zstd_seq_read", "zstd seq read 1M", "read", "MiB/s",
           ["--rw=read", "--bs=1M"], image="compressed-zstd"),
     Bench("zstd_rand_read", "zstd rand read 4k", "read", "IOPS",
@@ -199,6 +202,9 @@ AIMS = {
     # The default against read_around=0 where pushes cannot pay.
     ("*direct", "qcowfs-ra0"): 1.0,
     ("cgroup_read_1", "qcowfs-ra0"): 1.0,
+    # The default number of serving processes against one (issue 24).
+    ("direct_read_4", "qcowfs-w1"): 1.0,
+    ("zlib_rand_read_4", "qcowfs-w1"): 1.0,
     # The library rows (subject qcowfs-api): at least 2x the faster of the
     # two other readers (so 2x each), writes at least as fast as through a mount.
     ("*api", "dissect"): 2.0,
@@ -208,7 +214,8 @@ AIMS = {
 CPU_AIMS = {"qsd": 1.0}
 
 # Ratio columns, in order (those of a table's contenders, its subject left out).
-PEERS = ["qsd", "qcowmount", "passthrough", "qcowfs-ra0", "dissect", "pyqcow", "qcowfs"]
+PEERS = ["qsd", "qcowmount", "passthrough", "qcowfs-ra0", "qcowfs-w1", "qcowfs-w2", "qcowfs-w4", "dissect",
+         "pyqcow", "qcowfs"]
 
 
 def aim_for(bench, peer):
@@ -587,6 +594,25 @@ class QcowfsNoReadAround(Qcowfs):
     benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1", "luks_rand_read_1")
 
 
+class QcowfsWorkers(Qcowfs):
+    """qcowfs served by a fixed number of processes (-o workers=N): how the
+    rows that one process's CPU bounds scale with them (the default is one
+    per CPU)."""
+    benches = ("direct_read_4", "zlib_rand_read_4")
+
+
+class QcowfsOneWorker(QcowfsWorkers):
+    name, label, options = "qcowfs-w1", "qcowfs -o workers=1", ("workers=1",)
+
+
+class QcowfsTwoWorkers(QcowfsWorkers):
+    name, label, options = "qcowfs-w2", "qcowfs -o workers=2", ("workers=2",)
+
+
+class QcowfsFourWorkers(QcowfsWorkers):
+    name, label, options = "qcowfs-w4", "qcowfs -o workers=4", ("workers=4",)
+
+
 class Qsd(Contender):
     name = "qsd"
     label = "qemu-storage-daemon"
@@ -809,7 +835,8 @@ class Pyqcow(Library):
                     f.close()
 
 
-CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, QcowfsNoReadAround, QcowfsApi, Dissect, Pyqcow]
+CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, QcowfsNoReadAround, QcowfsOneWorker, QcowfsTwoWorkers,
+              QcowfsFourWorkers, QcowfsApi, Dissect, Pyqcow]
 
 
 # --------------------------------------------------------------------------

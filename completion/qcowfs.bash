@@ -4,7 +4,7 @@
 
 _qcowfs_commands='mount umount info check snapshot bitmap checkpoint map create convert resize commit rebase'
 _qcowfs_top_options='-h --help --version'
-_qcowfs_mount_options='ro rw allow_other uid= gid= umask= l2_cache_size= read_around= page_cache log_file= key_file= key_credential= debug scratch scratch_dir= scratch_size= force_share exec noexec'
+_qcowfs_mount_options='ro rw allow_other uid= gid= umask= l2_cache_size= read_around= page_cache log_file= key_file= key_credential= debug scratch scratch_dir= scratch_size= force_share workers= exec noexec'
 
 # _qcowfs_spec COMMAND: its options, the options that take a value (OPT=KIND), its positionals' kinds
 _qcowfs_spec() {

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build pyfuse3 with our fallocate/lseek patch into a venv (called by install.sh).
+# Build pyfuse3 with our patch into a venv (called by install.sh).
 #   scripts/build-pyfuse3.sh VENV          build and install unless already there
 #   scripts/build-pyfuse3.sh --check VENV  exit 0 if VENV has this patched build
 #
@@ -7,7 +7,8 @@
 # answers fallocate(2) with EOPNOTSUPP (a loop device over disk.raw then
 # passes no discard on) and SEEK_DATA/SEEK_HOLE as if the whole file were
 # data. patches/pyfuse3-fallocate-lseek.patch adds both operations in
-# pyfuse3's own style (written to be offered upstream).
+# pyfuse3's own style (written to be offered upstream), and share_session(),
+# which lets several processes serve one read-only mount (its header says how).
 #
 # The release sdist ships Cython's generated C; it is deleted so that Cython
 # regenerates it from the patched .pyx/.pxi (otherwise the patch would not
@@ -38,7 +39,7 @@ from importlib.metadata import version
 import pyfuse3
 ok = (version("pyfuse3") == sys.argv[1] and hasattr(pyfuse3.Operations, "lseek")
       and hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_lseek_async")
-      and hasattr(pyfuse3, "fuse_fallocate_async"))
+      and hasattr(pyfuse3, "fuse_fallocate_async") and hasattr(pyfuse3, "share_session"))
 sys.exit(0 if ok else 1)
 EOF
 }

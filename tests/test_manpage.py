@@ -74,7 +74,7 @@ def test_mount_help_lists_every_mount_option() -> None:
 # ---- the mount option table is every option there is -------------------------------------------
 
 SAMPLES = {"USER": "0", "GROUP": "0", "OCTAL": "027", "SIZE": "256K", "PATH": "/tmp/x", "NAME": "cred",
-           "DIR": "/tmp"}
+           "DIR": "/tmp", "N": "2"}
 
 
 def test_mount_option_table_is_what_apply_accepts() -> None:

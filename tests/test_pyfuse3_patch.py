@@ -82,3 +82,33 @@ def test_without_the_methods_the_kernel_falls_back(tmp_path: Path) -> None:
                 assert e.value.errno == errno.EOPNOTSUPP
         finally:
             os.close(fd)
+
+
+def test_share_session_lets_processes_serve_one_mount(tmp_path: Path) -> None:
+    """share_session(), then fork: every process answers requests of the one
+    mount (user.pid says which answered), and an unmount ends them all."""
+    import concurrent.futures
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with fuse_server([sys.executable, str(ROOT / "tests" / "tinyfs.py"), str(mnt), "shared", "3"], mnt) as proc:
+        assert proc.stdout is not None
+        others = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(others) == 2
+
+        def ask(_: int) -> int:
+            return int(os.getxattr(mnt / "f", "user.pid"))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answered = set(pool.map(ask, range(3000)))
+        assert answered == {proc.pid, *others}
+        fd = os.open(mnt / "f", os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 128 << 10, 0) == bytes(64 << 10) + b"\x5a" * (64 << 10)
+        finally:
+            os.close(fd)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert proc.wait(30) == 0  # (it waits for the others first)
+        for pid in others:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)

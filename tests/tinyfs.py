@@ -2,16 +2,21 @@
 
     python tinyfs.py MOUNTPOINT plain     fallocate and lseek not defined (ENOSYS defaults)
     python tinyfs.py MOUNTPOINT sparse    a 1 MiB file "f" with data in [64K, 128K) only
+    python tinyfs.py MOUNTPOINT shared N  "plain", served by N processes (share_session)
 
 With `sparse`, fallocate(PUNCH_HOLE|KEEP_SIZE) and fallocate(0) are recorded
 in the xattr user.calls of "f" (as "mode,offset,length" lines), other modes
-give EOPNOTSUPP; lseek answers from the one data extent. Runs in the
-foreground until unmounted.
+give EOPNOTSUPP; lseek answers from the one data extent. The xattr
+user.pid of "f" is the pid of the process that answered. Runs in the
+foreground until unmounted (with `shared`, the first process waits for the
+others to end and prints their pids first).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import signal
 import stat
 import sys
 
@@ -61,6 +66,8 @@ class PlainFs(pyfuse3.Operations):
         return bytes(out)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == b"user.pid":
+            return str(os.getpid()).encode()
         if name != b"user.calls":
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return "\n".join(self.calls).encode()
@@ -85,13 +92,29 @@ class SparseFs(PlainFs):
         return DATA[1] if inside else off
 
 
+PR_SET_PDEATHSIG = 1
+
+
 def main() -> None:
     mountpoint, kind = sys.argv[1], sys.argv[2]
     fs = SparseFs() if kind == "sparse" else PlainFs()
     pyfuse3.init(fs, mountpoint, {"fsname=tinyfs"})
+    others = []
+    if kind == "shared":
+        pyfuse3.share_session()
+        for _ in range(int(sys.argv[3]) - 1):
+            pid = os.fork()
+            if pid == 0:
+                ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                trio.run(pyfuse3.main)
+                os._exit(0)
+            others.append(pid)
+        print(" ".join(map(str, others)), flush=True)
     try:
         trio.run(pyfuse3.main)
     finally:
+        for pid in others:
+            os.waitpid(pid, 0)
         pyfuse3.close()
 
 

@@ -37,16 +37,17 @@ _PUSH_THREADS = trio.CapacityLimiter(2)
 # What a mount says once when pyfuse3 is the stock build (a plain `pip install`):
 # it registers neither FUSE_FALLOCATE nor FUSE_LSEEK, so the kernel never asks us.
 STOCK_PYFUSE3_WARNING = (
-    "pyfuse3 is the stock build, without qcowfs's fallocate/lseek patch: discard (fstrim, "
-    "blkdiscard), fallocate and SEEK_HOLE/SEEK_DATA do not reach mounts (`make install` "
-    "builds the patched pyfuse3; see docs/install.md)")
+    "pyfuse3 is the stock build, without qcowfs's patch: discard (fstrim, blkdiscard), "
+    "fallocate and SEEK_HOLE/SEEK_DATA do not reach mounts, and one process serves each "
+    "mount (`make install` builds the patched pyfuse3; see docs/install.md)")
 
 
 def pyfuse3_patched() -> bool:
     """The running pyfuse3 has patches/pyfuse3-fallocate-lseek.patch: its
-    compiled handlers for both requests exist (what scripts/build-pyfuse3.sh
-    --check looks at, the version label aside)."""
-    return hasattr(pyfuse3, "fuse_fallocate_async") and hasattr(pyfuse3, "fuse_lseek_async")
+    compiled handlers for both requests and share_session exist (what
+    scripts/build-pyfuse3.sh --check looks at, the version label aside)."""
+    return (hasattr(pyfuse3, "fuse_fallocate_async") and hasattr(pyfuse3, "fuse_lseek_async")
+            and hasattr(pyfuse3, "share_session"))
 
 
 @dataclass
@@ -110,6 +111,11 @@ class Operations(pyfuse3.Operations):
         # fh -> (view, inode, read-around: pushed pages would be used)
         self._open: dict[int, tuple[FileView, int, bool]] = {}
         self._next_fh = 1
+        # Other processes serve the same connection (share()): the tree is
+        # fixed and a file handle says what was opened.
+        self._shared = False
+        self._unlisted: dict[int, int] = {}  # id(directory) -> errno of its listing at share()
+        self.reads = 0  # read requests this process answered
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -167,6 +173,34 @@ class Operations(pyfuse3.Operations):
         directory.children = children
         for name in gone:
             pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+
+    async def share(self) -> None:
+        """Get ready for other processes to serve the same FUSE connection
+        (service/workers.py), forked after this. The tree becomes fixed: every
+        directory that follows a changing source (the partition directories)
+        is listed now, once, so that every process numbers every file alike.
+        A file handle says what was opened (inode, O_DIRECT) instead of being
+        an entry of one process's table, so that any process can serve any
+        handle. Only for trees that cannot change (a read-only mount). A
+        directory whose listing fails (a damaged table under a partition
+        table) answers that error from then on, in every process."""
+        assert self._read_only
+
+        async def fill(node: DirNode) -> None:
+            try:
+                await self._refresh(node)
+            except (QcowError, OSError) as e:
+                log.warning("%s: cannot list it: %s", node.name, e)
+                self._unlisted[id(node)] = e.errno or errno.EIO
+                return
+            for child in list(node.children.values()):
+                if isinstance(child, DirNode):
+                    await fill(child)
+
+        root = self._nodes[pyfuse3.ROOT_INODE]
+        assert isinstance(root, DirNode)
+        await fill(root)
+        self._shared = True
 
     def _forget(self, node: DirNode | FileNode) -> None:
         inode = self._inodes.pop(id(node))
@@ -315,8 +349,12 @@ class Operations(pyfuse3.Operations):
         return inode
 
     async def _refresh(self, node: DirNode) -> None:
-        """A directory whose entries follow a changing source gets them afresh."""
-        if node.refresh is not None:
+        """A directory whose entries follow a changing source gets them afresh
+        (not in a fixed tree: see share())."""
+        if self._shared:
+            if id(node) in self._unlisted:
+                raise pyfuse3.FUSEError(self._unlisted[id(node)])
+        elif node.refresh is not None:
             self.set_children(node, await node.refresh(node.children))
 
     @fuse_errors
@@ -374,26 +412,46 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             self._no_changes()
-        view = await node.view.open()
-        fh = self._next_fh
-        self._next_fh += 1
-        # O_DIRECT: the kernel keeps nothing of this handle's reads, so pages
-        # pushed around them would be wasted work (and evict others).
-        around = self.around is not None and view.unchanging and not flags & os.O_DIRECT
-        self._open[fh] = (view, inode, around)
+        direct = bool(flags & os.O_DIRECT)
+        if self._shared:
+            fh = inode << 1 | direct
+        else:
+            fh = self._next_fh
+            self._next_fh += 1
+        entry = self._open[fh] = await self._handle(node, inode, direct)
+        view = entry[0]
         return pyfuse3.FileInfo(fh=fh, keep_cache=view.keep_cache, direct_io=view.direct_io)
 
-    def _view(self, fh: int) -> FileView:
+    async def _handle(self, node: FileNode, inode: int, direct: bool) -> tuple[FileView, int, bool]:
+        """What a handle of NODE's file reads: its view (a map's contents are
+        made now), its inode, and whether read-around pays for it."""
+        view = await node.view.open()
+        # O_DIRECT: the kernel keeps nothing of this handle's reads, so pages
+        # pushed around them would be wasted work (and evict others).
+        return view, inode, self.around is not None and view.unchanging and not direct
+
+    async def _entry(self, fh: int) -> tuple[FileView, int, bool]:
+        """The open handle FH. With other processes serving the connection it
+        may have been opened (or released) by another: then it is opened here
+        again, from what it says (the tree and the image cannot change, so
+        this open reads the same bytes)."""
         entry = self._open.get(fh)
         if entry is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return entry[0]
+            node = self._nodes.get(fh >> 1)
+            if not self._shared or not isinstance(node, FileNode):
+                raise pyfuse3.FUSEError(errno.EBADF)
+            entry = self._open[fh] = await self._handle(node, fh >> 1, bool(fh & 1))
+        return entry
+
+    async def _view(self, fh: int) -> FileView:
+        return (await self._entry(fh))[0]
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+        self.reads += 1
         entry = self._open.get(fh)
         if entry is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            entry = await self._entry(fh)
         view = entry[0]
         data = view.read_cached(off, size)
         if data is None:
@@ -447,7 +505,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        view = self._view(fh)
+        view = await self._view(fh)
         n = view.clip(off, len(buf))
         if n <= 0:
             raise pyfuse3.FUSEError(errno.ENOSPC)
@@ -459,7 +517,7 @@ class Operations(pyfuse3.Operations):
         PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE make the range read as zeros,
         mode 0 allocates; ZERO_RANGE and mode 0 past the end grow the file
         unless KEEP_SIZE. Nothing else is supported."""
-        view = self._view(fh)
+        view = await self._view(fh)
         keep = bool(mode & FALLOC_FL_KEEP_SIZE)
         what = mode & ~FALLOC_FL_KEEP_SIZE
         if what == FALLOC_FL_PUNCH_HOLE and keep:
@@ -475,7 +533,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE, from the view (the kernel does the rest)."""
-        view = self._view(fh)
+        view = await self._view(fh)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         size = view.size
@@ -488,7 +546,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._view(fh).fsync()
+        await (await self._view(fh)).fsync()
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

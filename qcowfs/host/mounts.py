@@ -209,6 +209,22 @@ def dev_of(st_dev: int) -> str:
     return f"{os.major(st_dev)}:{os.minor(st_dev)}"
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def abort_connection(dev: str) -> bool:
+    """Abort the FUSE connection of the mount whose device is DEV (fusectl's
+    abort file; its number is the device's minor): every request waiting for
+    an answer ends with an error. False where fusectl is not mounted (or the
+    connection is gone)."""
+    try:
+        with open(os.path.join(FUSECTL, dev.split(":")[1], "abort"), "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
 def write_pidfile(dev: str, pid: int | None = None) -> str | None:
     """Record the daemon serving the mount whose device is DEV; the path, or
     None when there is no run directory."""

@@ -17,11 +17,16 @@ ends and the mount is detached, and whatever still uses it gets errors.
 
 Whichever way the session ends, every cache is flushed and the image closed
 before the process exits.
+
+A read-only mount is served by several processes (-o workers=N): this one
+and N-1 forked workers (service/workers.py says how they share the FUSE
+connection and end). Signals, the control socket and the unmount stay here.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import gc
 import logging
 import os
@@ -42,6 +47,7 @@ from ..errors import QcowError
 from ..fs.operations import STOCK_PYFUSE3_WARNING, Access, Operations, pyfuse3_patched
 from ..aio import Image
 from .manage import Hooks, Manager
+from .workers import Worker, Workers
 from ..fs.partitions import add_partitions
 from ..fs.scratch import Scratch, overlay_tree
 from ..fs.views import (BitmapView, DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
@@ -125,6 +131,12 @@ class Readiness:
         finally:
             os.close(fd)
 
+    def close(self) -> None:
+        """Report nothing (a forked worker: the daemon reports)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def fail(self, msg: str) -> None:
         """Report MSG to the parent, or log it when no parent waits."""
         if self.waiting:
@@ -136,9 +148,10 @@ class Readiness:
 class Session:
     """What the signal handling and the shutdown share."""
 
-    def __init__(self, image: Image, mountpoint: str) -> None:
+    def __init__(self, image: Image, mountpoint: str, workers: Workers) -> None:
         self.image = image
         self.mountpoint = mountpoint
+        self.workers = workers  # the other processes serving the mount (read-only mounts)
         self.dev: str | None = None  # "major:minor" of our mount, once known
         self.detach = False  # end with a lazy detach (forced, or after an error)
         self.ready = False
@@ -160,6 +173,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     for signum in (*STOP_SIGNALS, FORCE_SIGNAL):
         signal.signal(signum, lambda n, _frame: pending.append(n))
     scratch: Scratch | None = None
+    processes = opts.serving_processes if pyfuse3_patched() else 1
+    mounted = False
     if opts.force_share:
         log.warning("%s: %s", image.path, FORCE_SHARE_WARNING)
     if not pyfuse3_patched():
@@ -174,12 +189,18 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
                          debug=opts.debug, read_around=read_around, space_of=image.path,
                          space=scratch.space if scratch is not None else None)
         _init_fuse(ops, mountpoint, fuse_options)
+        mounted = True
+        if processes > 1:
+            trio.run(ops.share)
+            pyfuse3.share_session()
     except Exception as e:  # noqa: BLE001 - one line to the user, whatever it is
         text = str(e) if isinstance(e, (RuntimeError, OSError, QcowError)) else f"{type(e).__name__}: {e}"
         ready.fail(f"cannot mount on {mountpoint}: {text}")
+        if mounted:
+            pyfuse3.close(unmount=True)
         trio.run(image.close)
         return 1
-    sess = Session(image, mountpoint)
+    sess = Session(image, mountpoint, Workers())
     pidfile: str | None = None
 
     async def main() -> None:
@@ -188,6 +209,8 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, sess, pending)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            if sess.workers.procs:
+                nursery.start_soon(sess.workers.watch, functools.partial(_worker_died, sess))
             if opts.force_share:
                 nursery.start_soon(_revalidate, image)
             if read_around:
@@ -211,9 +234,11 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
             ready.send("OK")
             sess.ready = True
             sd_notify("READY=1")
-            log.info("serving %s on %s%s", image.path, mountpoint,
+            log.info("serving %s on %s%s%s", image.path, mountpoint,
                      " (read-only)" if opts.read_only else
-                     f" (throwaway writes in {scratch.directory})" if scratch is not None else "")
+                     f" (throwaway writes in {scratch.directory})" if scratch is not None else "",
+                     f", {processes} processes (workers: pids "
+                     f"{' '.join(str(w.pid) for w in sess.workers.procs)})" if sess.workers.procs else "")
         sd_notify("STOPPING=1")
         await _shutdown(image)
 
@@ -222,6 +247,14 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     gc.collect()
     gc.freeze()
     _keep_big_buffers()
+    if processes > 1:
+        try:
+            sess.workers.fork(processes - 1, functools.partial(_serve_worker, ops, read_around, ready,
+                                                               image.encryption is not None),
+                              ignore=(*STOP_SIGNALS, FORCE_SIGNAL))
+        except OSError as e:  # (fork: EAGAIN, ENOMEM) the mount is up: serve it with fewer
+            log.warning("%s: cannot start another serving process (%s): %d serve the mount",
+                        mountpoint, e, 1 + len(sess.workers.procs))
     if image.encryption is not None:
         lock_memory()  # the master key lives here until the exit
     code = 0
@@ -232,6 +265,13 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     except BaseException as e:  # noqa: BLE001 - the exit must stay clean
         code = _failed(sess, ready, f"daemon failed: {type(e).__name__}: {e}")
     finally:
+        if sess.workers.procs:
+            if sess.detach:
+                sess.workers.kill()
+            sess.workers.reap()
+            log.info("%s: this process served %d reads", mountpoint, ops.reads)
+            if sess.workers.lost is not None:
+                code = 1
         if pidfile:
             try:
                 os.unlink(pidfile)
@@ -251,6 +291,45 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     if code == 0:
         log.info("%s: image closed cleanly, daemon exits", mountpoint)
     return code
+
+
+def _serve_worker(ops: Operations, read_around: int, ready: Readiness, encrypted: bool, index: int) -> int:
+    """The life of worker INDEX (service/workers.py), forked once the FUSE
+    connection is shared: serve requests until the connection ends; the exit
+    code (0: it ended)."""
+    if ready.waiting:  # (the daemon reports readiness; a daemon has no stdio)
+        ready.close()
+        _detach_stdio()
+    if encrypted:
+        lock_memory()  # (mlockall is not inherited)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            if read_around:
+                for _ in range(2):
+                    nursery.start_soon(ops.push_worker)
+
+    try:
+        trio.run(main)
+    except BaseException as e:  # noqa: BLE001 - the daemon hears of it by the exit code
+        log.error("worker %d failed: %s: %s", index, type(e).__name__, e)
+        return 1
+    log.info("worker %d served %d reads", index, ops.reads)
+    return 0
+
+
+def _worker_died(sess: Session, worker: Worker, how: str) -> None:
+    """A worker died with the connection alive: the requests it had read will
+    never be answered, so end the connection (service/workers.py says why)."""
+    log.error("worker %d (pid %d) %s while serving %s: the requests it had read would never be "
+              "answered; ending the FUSE connection (readers get errors) and detaching the mount",
+              worker.index, worker.pid, how, sess.mountpoint)
+    if sess.dev is not None:
+        mounts.abort_connection(sess.dev)
+    sess.workers.kill()
+    sess.detach = True
+    pyfuse3.terminate()
 
 
 def _tree_hooks(root: DirNode, ops: Operations, image: Image) -> Hooks:
@@ -447,6 +526,7 @@ async def _force(sess: Session, why: str) -> None:
     log.warning("%s: flushed; detaching %s%s", why, sess.mountpoint,
                 f" although it is still in use ({'; '.join(held_by)})" if held_by else "")
     sess.detach = True
+    sess.workers.kill()
     pyfuse3.terminate()
 
 

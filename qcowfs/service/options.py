@@ -22,6 +22,17 @@ FORCE_SHARE_WARNING = ("force_share: the image is opened whatever holds it; whil
                        "writes it, what the mount shows may change or be inconsistent")
 
 
+# -o workers= at most (more processes than CPUs only wake each other up).
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """Processes serving a read-only mount unless -o workers= says: one per CPU
+    this process may run on (docs/speed.md: the O_DIRECT and compressed rows
+    scale with them; more than the CPUs only adds wake-ups)."""
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+
+
 # What a root daemon logs to when there is no syslog (no /dev/log) and no -o log_file=.
 ROOT_LOG_FILE = "/var/log/qcowfs.log"
 
@@ -61,6 +72,8 @@ MOUNT_OPTIONS = (
     OptionDoc("scratch_size", "SIZE", "most space the scratch overlay may use"),
     OptionDoc("force_share", None, "read-only mounts: open an image another program holds or writes "
                                    "(QEMU's -U)"),
+    OptionDoc("workers", "N", "processes serving a read-only mount together (default: one per CPU; "
+                              "writable mounts have one)"),
     OptionDoc("exec", None, "allow running programs from the mount"),
     OptionDoc("noexec", None, "do not allow running programs from the mount"),
 )
@@ -101,6 +114,8 @@ class MountOptions:
     scratch_size: int | None = None
     # -o force_share: QEMU's -U, read-only mounts only
     force_share: bool = False
+    # -o workers=N: processes serving a read-only mount (None: the default, see serving_processes)
+    workers: int | None = None
 
     def apply(self, opts: str) -> None:
         for opt in filter(None, opts.split(",")):
@@ -158,6 +173,11 @@ class MountOptions:
                                      "(a size such as 512M or 2G)") from None
             elif key in ("force_share", "force-share"):
                 self.force_share = True
+            elif key == "workers":
+                if not re.fullmatch(r"\d+", value) or not 1 <= int(value) <= MAX_WORKERS:
+                    raise UsageError(f"invalid value for option workers: '{value}' (a number of "
+                                     f"processes, 1 to {MAX_WORKERS})")
+                self.workers = int(value)
             elif (key in GENERIC_OPTIONS or key.startswith("no") and key[2:] in GENERIC_OPTIONS
                   or key.startswith("x-systemd.") or key.startswith("x-") or key == "noatime"):
                 pass
@@ -170,6 +190,16 @@ class MountOptions:
         outside it)."""
         return self.read_only or self.scratch
 
+    @property
+    def serving_processes(self) -> int:
+        """How many processes serve the mount: -o workers=N, else one per CPU
+        on a read-only mount and one on any other (a writable image has one
+        owner; a force-shared image changes under the mount, and processes
+        would each see it at other moments)."""
+        if self.workers is not None:
+            return self.workers
+        return default_workers() if self.read_only and not self.force_share else 1
+
     def check(self) -> None:
         """Combinations that make no sense, once every option is in (one line each)."""
         if self.scratch and self.read_only:
@@ -177,6 +207,10 @@ class MountOptions:
                              "is opened read-only anyway): it cannot be combined with ro/--read-only")
         if (self.scratch_dir is not None or self.scratch_size is not None) and not self.scratch:
             raise UsageError("scratch_dir= and scratch_size= need -o scratch")
+        if (self.workers or 1) > 1 and (not self.read_only or self.force_share):
+            raise UsageError("-o workers=N (more than one) needs a read-only mount without force_share: "
+                             "a writable image has one owner, and a force-shared one changes under the "
+                             "mount (add -o ro, or leave workers= out)")
         if self.force_share and not self.image_read_only:
             raise UsageError("-o force_share needs a read-only mount: add -o ro (or -o scratch for "
                              "throwaway writes)")
