@@ -1266,15 +1266,24 @@ class Cell:
 
 
 def peak_rss_mib(pids):
-    """Peak resident memory (VmHWM) of the serving processes, summed, in MiB."""
-    total_kb = 0
+    """Peak resident memory of the serving processes, in MiB: the largest one's
+    peak (VmHWM), plus what each of the others holds privately (smaps_rollup's
+    Private_Clean + Private_Dirty). Processes forked from one daemon (a
+    read-only qcowfs mount's workers) share its pages copy-on-write: summing
+    their RSS would count those pages once per process."""
+    peaks, private = [], []
     for pid in pids:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, StopIteration):
             with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        total_kb += int(line.split()[1])
-    return total_kb / 1024 if total_kb else None
+                peaks.append(int(next(line for line in f if line.startswith("VmHWM:")).split()[1]))
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                private.append(sum(int(line.split()[1]) for line in f if line.startswith("Private_")))
+    if not peaks:
+        return None
+    first = peaks.index(max(peaks))
+    others = sum(p for i, p in enumerate(private) if i != first) if len(private) == len(peaks) else \
+        sum(peaks) - peaks[first]
+    return (peaks[first] + others) / 1024
 
 
 def cpu_seconds(pids):
