@@ -1337,6 +1337,17 @@ def cpu_seconds(pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def bytes_read(pids):
+    """rchar (bytes read by read-like calls, /proc/PID/io) of the serving processes, summed."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("rchar:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def probe_direct(path):
     """Unavailable unless PATH opens with O_DIRECT and reads 4 KiB so."""
     buf = mmap.mmap(-1, 4096)  # page aligned
@@ -1388,18 +1399,27 @@ def one_run(bench, cont, cfg, raw, qcow2):
                     set_cgroup_limit(cg, limit)
                 drop_caches()
                 warm(warm_target)
-                ramp, size = 0, cfg.size
-                if bench.cgroup == "during":  # fio counts from the limit on
+                ramp, size, at_limit = 0, cfg.size, {}
+                if bench.cgroup == "during":  # fio (and the bytes read) count from the limit on
+
+                    def limit_now():
+                        set_cgroup_limit(cg, limit)
+                        at_limit["read"], at_limit["cpu"] = bytes_read(cont.pids), cpu_seconds(cont.pids)
+
                     ramp = cfg.runtime
-                    timer = threading.Timer(ramp, set_cgroup_limit, (cg, limit))
+                    timer = threading.Timer(ramp, limit_now)
                     timer.start()
                     stack.callback(timer.cancel)
                 if bench.cgroup == "stream":
                     size = min(size, STREAM_SPAN)
                     stack.enter_context(streamer(cg))
-                cpu0 = cpu_seconds(cont.pids)
+                cpu0, read0 = cpu_seconds(cont.pids), bytes_read(cont.pids)
                 r = fio(bench, target, size, cfg.runtime, cont.wrap + pin_prefix(cfg.fio_cpus), ramp)
-                r["daemon_cpu_s"] = cpu_seconds(cont.pids) - cpu0
+                r["daemon_cpu_s"] = cpu_seconds(cont.pids) - at_limit.get("cpu", cpu0)
+                # Bytes the daemon read per byte fio read: read-around's cost.
+                read0 = at_limit.get("read", read0)
+                r["daemon_read_ratio"] = ((bytes_read(cont.pids) - read0) / (r["io_mib"] * MIB)
+                                          if r["io_mib"] else None)
                 r["cpu_s_per_gib"] = (r["daemon_cpu_s"] / (r["io_mib"] / 1024)
                                       if r["io_mib"] else None)
             elif bench.job == "cp_sparse":
