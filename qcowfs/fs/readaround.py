@@ -185,9 +185,10 @@ class ReadAround:
         self._in_flight: set[int] = set()
         # The last RECENT_PUSHES windows pushed -> when each landed, oldest first.
         self._landed: dict[int, float] = {}
-        # The outcome experiment: window -> [since, misses in it, trial?],
-        # oldest first. Per group (controls, trials): samples followed now,
-        # sample-seconds and misses this round, samples started this round.
+        # The outcome experiment: window -> [since, misses in it, trial?,
+        # followed from (this round)], oldest first. Per group (controls,
+        # trials): samples followed now, sample-seconds (of samples done) and
+        # misses this round, samples started this round.
         self.paying = True  # what the last round said (the first assumes so)
         self._confirmed = True  # and the round before, pushing
         self._samples: dict[int, list] = {}
@@ -196,7 +197,6 @@ class ReadAround:
         self._events = [0, 0]
         self._started = [0, 0]
         self._births = 0
-        self._followed = clock()  # when _exposure was last brought up to date
         self._backoff = BACKOFF_MIN
         self._next_round = 0.0
         # The working set of this epoch: windows missed in, until it outgrows
@@ -204,6 +204,7 @@ class ReadAround:
         self._seen: set[int] = set()
         self._epoch: float
         self._room_read: float
+        self._due: float  # when _tick has something to do
         self.room_windows: int
         self.over_room: bool
         self.probe_left: int
@@ -219,7 +220,10 @@ class ReadAround:
         if w in self._in_flight:
             return None
         now = self._clock()
-        self._tick(now)
+        if now >= self._due:
+            self._tick(now)
+        if self.over_room:
+            return None
         landed = self._landed.get(w)
         if landed is not None and now - landed < RACE_SECONDS:
             return None
@@ -230,22 +234,20 @@ class ReadAround:
             self._events[trial] += 1
             self.refaults += trial
             if not trial and sample[1] >= SAMPLE_CAP:
-                self._finish(w)
+                self._finish(w, now)
             self._maybe_decide(now)
         else:
             self.fresh += 1
-        if not self.over_room:
-            repeat = w in self._seen
-            self._seen.add(w)
-            if len(self._seen) > self.room_windows:
+        repeat = w in self._seen
+        self._seen.add(w)
+        if len(self._seen) > self.room_windows:
+            self._stop_for_room()
+            return None
+        if self.probe_left and (size is None or size >> self._shift > self.room_windows):
+            self.probe_left -= 1
+            self._repeats += repeat
+            if not self.probe_left and self._repeats < PROBE_REPEATS:
                 self._stop_for_room()
-            elif self.probe_left and (size is None or size >> self._shift > self.room_windows):
-                self.probe_left -= 1
-                self._repeats += repeat
-                if not self.probe_left and self._repeats < PROBE_REPEATS:
-                    self._stop_for_room()
-                return None
-        if self.over_room:
             return None
         if sample is not None:
             return self._push(w, offset) if sample[2] else None
@@ -273,15 +275,16 @@ class ReadAround:
         self.pushes -= 1
         sample = self._samples.get(w)
         if sample is not None and sample[2] and not sample[1]:
-            self._finish(w)
+            self._finish(w, self._clock())
             self._started[1] -= 1
 
     def forget(self, key: int) -> None:
         """File KEY is gone (a deleted snapshot): drop what was pushed of it."""
         for w in [w for w in self._landed if w >> _KEY_SHIFT == key]:
             del self._landed[w]
+        now = self._clock()
         for w in [w for w in self._samples if w >> _KEY_SHIFT == key]:
-            self._finish(w)
+            self._finish(w, now)
         self._seen = {w for w in self._seen if w >> _KEY_SHIFT != key}
 
     def _push(self, w: int, offset: int) -> int:
@@ -304,20 +307,27 @@ class ReadAround:
             return None
         self._started[trial] += 1
         self._live[trial] += 1
-        self._samples[w] = [now, 0, trial]
+        self._samples[w] = [now, 0, trial, now]
+        self._due = min(self._due, now + SAMPLE_SECONDS)
         return trial
 
-    def _finish(self, w: int) -> None:
-        """Sample W is no longer followed."""
-        self._live[self._samples.pop(w)[2]] -= 1
+    def _finish(self, w: int, now: float) -> None:
+        """Sample W is no longer followed: its time counts."""
+        _, _, trial, since = self._samples.pop(w)
+        self._live[trial] -= 1
+        self._exposure[trial] += now - since
 
     def _maybe_decide(self, now: float) -> None:
         """Once EVIDENCE misses landed in samples (or a round's samples are
         all done), say whether pushes pay, and start the next round."""
-        (ec, et), (xc, xt) = self._events, self._exposure
-        if xc <= 0 or xt <= 0:
-            return
+        ec, et = self._events
         if ec + et < EVIDENCE and (self.paying or any(self._live) or min(self._started) < SAMPLES):
+            return
+        for sample in self._samples.values():  # (the time of those still followed, so far)
+            self._exposure[sample[2]] += now - sample[3]
+            sample[3] = now
+        xc, xt = self._exposure
+        if xc <= 0 or xt <= 0:
             return
         control, trial = ec / xc * HORIZON, et / xt * HORIZON  # misses per window over HORIZON
         pays = 1 + control > (1 + PUSH_COST) * (1 + trial)
@@ -354,6 +364,7 @@ class ReadAround:
     def _new_epoch(self, now: float) -> None:
         """Read the room again, count the working set afresh, probe first."""
         self._epoch = self._room_read = now
+        self._due = now + ROOM_SECONDS
         self._seen.clear()
         self.over_room = False
         self.room_windows = self._room() // ROOM_SHARE >> self._shift
@@ -361,17 +372,14 @@ class ReadAround:
         self._repeats = 0
 
     def _tick(self, now: float) -> None:
-        """What time alone changes: the samples' time followed, samples
-        followed long enough, the room read again (a new epoch if it grew
-        more than twice), the epoch."""
-        elapsed, self._followed = now - self._followed, now
-        self._exposure[0] += self._live[0] * elapsed
-        self._exposure[1] += self._live[1] * elapsed
+        """What time alone changes (when it is due): samples followed long
+        enough, the room read again (a new epoch if it grew more than twice),
+        the epoch."""
         while self._samples:
             w, sample = next(iter(self._samples.items()))
             if now - sample[0] < SAMPLE_SECONDS:
                 break
-            self._finish(w)
+            self._finish(w, now)
         self._maybe_decide(now)
         if now - self._epoch >= EPOCH_SECONDS:
             self._new_epoch(now)
@@ -380,7 +388,10 @@ class ReadAround:
             windows = self._room() // ROOM_SHARE >> self._shift
             if windows > 2 * self.room_windows:
                 self._new_epoch(now)
-                return
-            self.room_windows = windows
-            if not self.over_room and len(self._seen) > windows:
-                self._stop_for_room()
+            else:
+                self.room_windows = windows
+                if not self.over_room and len(self._seen) > windows:
+                    self._stop_for_room()
+        self._due = self._room_read + ROOM_SECONDS
+        if self._samples:
+            self._due = min(self._due, next(iter(self._samples.values()))[0] + SAMPLE_SECONDS)
