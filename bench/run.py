@@ -426,7 +426,7 @@ def cgroup_limit(image_size):
 STREAM_SPAN = 96 * MIB
 STREAM_LIMIT = 1024 * MIB
 STREAM_FILE = 8192 * MIB
-STREAM_MIB_S = 512
+STREAM_MIB_S = 256
 STREAMER = """
 import os, sys, time
 path, rate = sys.argv[1], float(sys.argv[2])
