@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from conftest import daemon_pid, mounted, qemu_img, qemu_io, resident_pages
 
-from qcowfs.fs.readaround import (BACKOFF_MAX, EPOCH_SECONDS, RACE_SECONDS, ROOM_SECONDS, ROOM_SHARE,
+from qcowfs.fs.readaround import (BACKOFF_MAX, EPOCH_SECONDS, RACE_SECONDS, ROOM_PUSHES, ROOM_SECONDS, ROOM_SHARE,
                                SAMPLE_EVERY, ReadAround, page_cache_room)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -201,6 +201,11 @@ def test_a_limit_set_after_the_mount_stops_pushes_within_a_second() -> None:
     assert ra.miss(0, 0) is None and not ra.over_room and ra.probe_left
     _after_probe(ra)
     assert _push(ra, 1, 700 * WINDOW) == 700 * WINDOW
+    # A reader fast enough to push ROOM_PUSHES windows before ROOM_SECONDS
+    # pass: the room is read again after that many pushes.
+    rooms[0] = _room(100)()
+    got = [_push(ra, 1, (1000 + i) * WINDOW) for i in range(2 * ROOM_PUSHES)]
+    assert ra.over_room and sum(g is not None for g in got) <= ROOM_PUSHES
 
 
 def test_the_probe_pushes_nothing_for_a_reader_spanning_far_more_than_the_room() -> None:
@@ -229,13 +234,14 @@ def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> N
     pushes stop after that many, though the cache (here) kept them all, and
     the next epoch reads the room again."""
     clock = Clock()
-    rooms = [_room(100)(), _room(5000)()]
-    ra = ReadAround(WINDOW, clock, lambda: rooms.pop(0))
+    room = [_room(100)()]
+    ra = ReadAround(WINDOW, clock, lambda: room[0])
     assert ra.room_windows == 100
     while ra.probe_left:
         ra.miss(1, ra.probe_left % 8 * WINDOW)
     got = [_push(ra, 1, (8 + i) * WINDOW) for i in range(1000)]
     assert 100 - 8 - 100 // SAMPLE_EVERY <= sum(g is not None for g in got) <= 100 - 8 and ra.over_room
+    room[0] = _room(5000)()
     clock.now += EPOCH_SECONDS
     assert ra.miss(0, 0) is None and ra.probe_left, "the first miss of an epoch starts its probe"
     _after_probe(ra)

@@ -57,9 +57,9 @@ Two checks, each against something the daemon can see:
   trials are all that is pushed.
 
 The room is read again every ROOM_SECONDS (a few small files, about 0.4 ms
-on the loop), so a limit set or lowered while mounted stops the pushes within
-a quarter of a second (at 20k misses a second, that is still 5000 pushes:
-the bench's limit-during-fio row); the working
+on the loop) and after every ROOM_PUSHES pushes, so a limit set or lowered
+while mounted stops the pushes within a quarter of a second and at most
+64 MiB of pushes (the bench's limit-during-fio row); the working
 set is counted afresh every EPOCH_SECONDS.
 
 A miss less than `RACE_SECONDS` after its window's push landed (or while the
@@ -102,8 +102,10 @@ BACKOFF_MAX = 32.0
 RACE_SECONDS = 0.01
 # The landing times kept for that check.
 RECENT_PUSHES = 32
-# How often the room is read again (0.2% of a core at 0.4 ms a reading).
+# How often the room is read again (0.2% of a core at 0.4 ms a reading),
+# and after how many pushes (64 MiB at the default window) at the latest.
 ROOM_SECONDS = 0.25
+ROOM_PUSHES = 256
 # How often the working set is counted afresh: a reader larger than the
 # room costs 1/ROOM_SHARE of it in pushes each epoch.
 EPOCH_SECONDS = 30.0
@@ -292,6 +294,8 @@ class ReadAround:
     def _push(self, w: int, offset: int) -> int:
         self._in_flight.add(w)
         self.pushes += 1
+        if not self.pushes % ROOM_PUSHES:  # a fast reader: the room again at the next miss
+            self._room_read = self._due = -ROOM_SECONDS
         return offset >> self._shift << self._shift
 
     def _sample(self, w: int, now: float) -> bool | None:
