@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,9 @@ GIB = 1 << 30
 # "first_file": time from the mount command to the end of reading a file).
 # How fio reaches the disk: `direct` (O_DIRECT opens of the disk file),
 # `loop` (a direct-I/O loop device over it), `cgroup` (daemon and fio in a
-# memory cgroup far smaller than the image).
+# memory cgroup far smaller than the image: its limit set before the mount,
+# after it, or in the middle of fio; or a cgroup that holds the part of the
+# disk fio reads, shared with a process streaming a large file).
 # job "api": the library rows, no fio and no mount for the libraries: a
 # process of its own (api_child) reads the whole disk or writes it, in 1 MiB
 # requests, through a library (Library contenders: qcowfs.open(...).disk,
@@ -73,7 +76,11 @@ class Bench:
     image: str = "random"  # what a read-only row mounts (bench_images)
     direct: bool = False  # fio --direct=1 on the disk file (O_DIRECT opens)
     loop: bool = False  # fio --direct=1 on `losetup --direct-io=on --read-only` over the disk file
-    cgroup: bool = False  # daemon and fio in a memory cgroup of cgroup_limit(image size)
+    # Daemon and fio in a memory cgroup: "before" (limited to cgroup_limit(image
+    # size) before the mount), "after" (limited after the mount, before fio),
+    # "during" (limited in the middle of fio, which counts from then on),
+    # "stream" (see STREAM_*).
+    cgroup: str = ""
     lower_is_better: bool = False  # a time, not a speed (ratios and aims are maxima)
     cold: bool = False  # api rows: image files evicted from the host page cache, not read once
     subject: str = "qcowfs"  # the contender whose ratios to the others are reported
@@ -140,7 +147,13 @@ BENCHES = [
           time_based=True, direct=True),
     # Buffered reads by a reader allowed far less page cache than the image.
     Bench("cgroup_read_1", "cgroup rand 4k, 1 job", "read", "IOPS",
-          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, cgroup=True),
+          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, cgroup="before"),
+    Bench("cgroup_after_read_1", "cgroup set after mount", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, cgroup="after"),
+    Bench("cgroup_during_read_1", "cgroup set during fio", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, cgroup="during"),
+    Bench("cgroup_stream_read_1", "cgroup + streaming cat", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, cgroup="stream"),
     # A loop device with --direct-io=on over the disk file.
     Bench("loop_seq_read", "loop dio: seq read 1M", "read", "MiB/s",
           ["--rw=read", "--bs=1M"], loop=True),
@@ -205,6 +218,9 @@ AIMS = {
     # The default number of serving processes against one (issue 24).
     ("direct_read_4", "qcowfs-w1"): 1.0,
     ("zlib_rand_read_4", "qcowfs-w1"): 1.0,
+    ("cgroup_after_read_1", "qcowfs-ra0"): 1.0,
+    ("cgroup_during_read_1", "qcowfs-ra0"): 1.0,
+    ("cgroup_stream_read_1", "qcowfs-ra0"): 1.0,
     # The library rows (subject qcowfs-api): at least 2x the faster of the
     # two other readers (so 2x each), writes at least as fast as through a mount.
     ("*api", "dissect"): 2.0,
@@ -409,26 +425,82 @@ def cgroup_limit(image_size):
     return max(image_size // 4, 128 * MIB)
 
 
+# The streaming row: fio reads only the first STREAM_SPAN of the disk, in a
+# cgroup of STREAM_LIMIT: room enough for that span and for read-around to
+# fill it (an eighth of the room is read-around's share), were it not for a
+# process in the same cgroup reading a sparse file of STREAM_FILE through the
+# page cache from start to end, over and over, at STREAM_MIB_S.
+STREAM_SPAN = 96 * MIB
+STREAM_LIMIT = 1024 * MIB
+STREAM_FILE = 8192 * MIB
+STREAM_MIB_S = 256
+STREAMER = """
+import os, sys, time
+path, rate = sys.argv[1], float(sys.argv[2])
+buf = bytearray(1 << 20)
+t0, n = time.monotonic(), 0
+while True:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            n += 1
+            ahead = n / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+"""
+
+
+def cgroup_limit_of(bench, image_size):
+    """The limit of BENCH's cgroup (the streaming row's, or cgroup_limit)."""
+    return STREAM_LIMIT if bench.cgroup == "stream" else cgroup_limit(image_size)
+
+
 @contextlib.contextmanager
 def memory_cgroup(limit):
     """A memory cgroup of its own (cgroup v2 `memory.max`, else v1
-    `memory.limit_in_bytes`), removed on the way out. Yields its directory."""
+    `memory.limit_in_bytes`) of LIMIT bytes (None: no limit yet), removed on
+    the way out. Yields its directory."""
     root = Path("/sys/fs/cgroup")
     if (root / "cgroup.controllers").exists():
-        parent, limit_file = root, "memory.max"
+        parent = root
         ctl = root / "cgroup.subtree_control"
         if "memory" not in ctl.read_text().split():
             ctl.write_text("+memory\n")
     else:
-        parent, limit_file = root / "memory", "memory.limit_in_bytes"
+        parent = root / "memory"
     cg = parent / f"qcowfs-bench-{os.getpid()}"
     cg.mkdir()
     _CGROUPS.add(cg)
     try:
-        (cg / limit_file).write_text(f"{limit}\n")
+        if limit is not None:
+            set_cgroup_limit(cg, limit)
         yield cg
     finally:
         remove_cgroup(cg)
+
+
+def set_cgroup_limit(cg, limit):
+    """Limit cgroup CG to LIMIT bytes (the kernel reclaims down to it at once)."""
+    v2 = (cg / "memory.max").exists()
+    (cg / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(f"{limit}\n")
+
+
+@contextlib.contextmanager
+def streamer(cg):
+    """A process in cgroup CG streaming a sparse file larger than the cgroup
+    (made once, no disk blocks: its pages are zeros the page cache makes)."""
+    path = WORK / f"stream-{STREAM_FILE // MIB}M.sparse"
+    if not path.exists():
+        with open(path, "wb") as f:
+            f.truncate(STREAM_FILE)
+    p = subprocess.Popen(in_cgroup(cg) + [sys.executable, "-c", STREAMER, str(path), str(STREAM_MIB_S)],
+                         stdin=subprocess.DEVNULL)
+    _PIDS.add(p.pid)
+    try:
+        yield
+    finally:
+        p.kill()
+        p.wait()
+        _PIDS.discard(p.pid)
 
 
 def in_cgroup(cg):
@@ -591,7 +663,8 @@ class QcowfsNoReadAround(Qcowfs):
     name = "qcowfs-ra0"
     label = "qcowfs -o read_around=0"
     options = ("read_around=0",)
-    benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1", "luks_rand_read_1")
+    benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1",
+               "cgroup_after_read_1", "cgroup_during_read_1", "cgroup_stream_read_1", "luks_rand_read_1")
 
 
 class QcowfsWorkers(Qcowfs):
@@ -1040,7 +1113,8 @@ def scratch_images(bench, size, raw, qcow2):
 # Running
 
 
-def fio(bench, path, size, runtime, prefix=()):
+def fio(bench, path, size, runtime, prefix=(), ramp=0):
+    """Run BENCH's fio job on PATH; RAMP seconds first that do not count."""
     name = bench.key
     cmd = [*prefix, "fio", f"--name={name}", f"--filename={path}", "--ioengine=psync",
            f"--size={size}", "--fallocate=none", "--output-format=json", *bench.fio]
@@ -1048,7 +1122,9 @@ def fio(bench, path, size, runtime, prefix=()):
         cmd.append("--direct=1")
     if bench.time_based:
         cmd += [f"--runtime={runtime}", "--time_based"]
-    timeout = 600 if not bench.time_based else runtime + 300
+    if ramp:
+        cmd.append(f"--ramp_time={ramp}")
+    timeout = 600 if not bench.time_based else ramp + runtime + 300
     # --thread: jobs are threads of one process, so stopping fio stops them
     # all (fio's forked jobs call setsid() and would outlive a killed parent).
     cmd.append("--thread")
@@ -1297,6 +1373,17 @@ def cpu_seconds(pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def bytes_read(pids):
+    """rchar (bytes read by read-like calls, /proc/PID/io) of the serving processes, summed."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("rchar:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def probe_direct(path):
     """Unavailable unless PATH opens with O_DIRECT and reads 4 KiB so."""
     buf = mmap.mmap(-1, 4096)  # page aligned
@@ -1324,7 +1411,8 @@ def one_run(bench, cont, cfg, raw, qcow2):
             return api_run(bench, cont, cfg, img_q, img_r)
         with contextlib.ExitStack() as stack:
             if bench.cgroup:
-                cg = stack.enter_context(memory_cgroup(cgroup_limit(cfg.size)))
+                limit = cgroup_limit_of(bench, cfg.size)
+                cg = stack.enter_context(memory_cgroup(limit if bench.cgroup in ("before", "stream") else None))
                 cont.wrap = in_cgroup(cg)
                 stack.callback(setattr, cont, "wrap", [])
             if bench.job == "first_file":
@@ -1343,11 +1431,31 @@ def one_run(bench, cont, cfg, raw, qcow2):
                     dio = Path(f"/sys/block/{Path(target).name}/loop/dio").read_text().strip()
                     if dio != "1":
                         raise Unavailable("the loop device fell back to buffered I/O (dio=0)")
+                if bench.cgroup == "after":
+                    set_cgroup_limit(cg, limit)
                 drop_caches()
                 warm(warm_target)
-                cpu0 = cpu_seconds(cont.pids)
-                r = fio(bench, target, cfg.size, cfg.runtime, cont.wrap + pin_prefix(cfg.fio_cpus))
-                r["daemon_cpu_s"] = cpu_seconds(cont.pids) - cpu0
+                ramp, size, at_limit = 0, cfg.size, {}
+                if bench.cgroup == "during":  # fio (and the bytes read) count from the limit on
+
+                    def limit_now():
+                        set_cgroup_limit(cg, limit)
+                        at_limit["read"], at_limit["cpu"] = bytes_read(cont.pids), cpu_seconds(cont.pids)
+
+                    ramp = cfg.runtime
+                    timer = threading.Timer(ramp, limit_now)
+                    timer.start()
+                    stack.callback(timer.cancel)
+                if bench.cgroup == "stream":
+                    size = min(size, STREAM_SPAN)
+                    stack.enter_context(streamer(cg))
+                cpu0, read0 = cpu_seconds(cont.pids), bytes_read(cont.pids)
+                r = fio(bench, target, size, cfg.runtime, cont.wrap + pin_prefix(cfg.fio_cpus), ramp)
+                r["daemon_cpu_s"] = cpu_seconds(cont.pids) - at_limit.get("cpu", cpu0)
+                # Bytes the daemon read per byte fio read: read-around's cost.
+                read0 = at_limit.get("read", read0)
+                r["daemon_read_ratio"] = ((bytes_read(cont.pids) - read0) / (r["io_mib"] * MIB)
+                                          if r["io_mib"] else None)
                 r["cpu_s_per_gib"] = (r["daemon_cpu_s"] / (r["io_mib"] / 1024)
                                       if r["io_mib"] else None)
             elif bench.job == "cp_sparse":
@@ -1358,7 +1466,7 @@ def one_run(bench, cont, cfg, raw, qcow2):
                 r = ext4_job(bench, path, warm_target, cfg.size)
             r["peak_rss_mib"] = peak_rss_mib(cont.pids)
             if bench.cgroup:
-                r["cgroup_limit_mib"] = cgroup_limit(cfg.size) / MIB
+                r["cgroup_limit_mib"] = limit / MIB
                 r["cgroup_peak_mib"] = cgroup_peak_mib(cg)
             return r
     finally:

@@ -1,10 +1,11 @@
 """Read-around: the windows pushed into the page cache around small reads,
 and when they stop (qcowfs/readaround.py).
 
-The policy alone, driven with a clock of its own; then a real mount whose
-daemon and reader share a memory cgroup far smaller than the disk, where
-pushed windows cannot stay and the daemon must stop reading whole windows
-for 4 KiB reads."""
+The policy alone, driven with a clock of its own (and, for what the room
+does not show, a model of a page cache that drops its oldest pages); then
+real mounts whose daemon and reader share a memory cgroup far smaller than
+the disk, set before the mount or after it, where pushed windows cannot
+stay and the daemon must stop reading whole windows for 4 KiB reads."""
 from __future__ import annotations
 
 import contextlib
@@ -12,13 +13,14 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from conftest import daemon_pid, mounted, qemu_img, qemu_io, resident_pages
 
-from qcowfs.fs.readaround import (DECAY_SECONDS, EPOCH_SECONDS, RACE_SECONDS, RECENT_PUSHES, ROOM_SHARE,
-                               ReadAround, page_cache_room)
+from qcowfs.fs.readaround import (BACKOFF_MAX, EPOCH_SECONDS, RACE_SECONDS, ROOM_PUSHES, ROOM_SECONDS, ROOM_SHARE,
+                               SAMPLE_EVERY, ReadAround, page_cache_room)
 
 KiB, MiB = 1 << 10, 1 << 20
 WINDOW = 256 * KiB
@@ -39,12 +41,12 @@ def _push(ra: ReadAround, key: int, off: int, size: int | None = None) -> int | 
     return start
 
 
-def _room(windows: int) -> Callable[[], int]:
+def _room(windows: int, window: int = WINDOW) -> Callable[[], int]:
     """A room() for pushes of WINDOWS windows (the policy uses a share of the room)."""
-    return lambda: ROOM_SHARE * windows * WINDOW
+    return lambda: ROOM_SHARE * windows * window
 
 
-PLENTY = _room(4096)
+PLENTY = _room(1 << 20)
 
 
 def _after_probe(ra: ReadAround) -> ReadAround:
@@ -62,110 +64,148 @@ def test_fresh_misses_push_their_window_once_in_flight() -> None:
     assert ra.miss(1, WINDOW + 9000) is None, "a window queued is pushed again"
     assert ra.miss(2, WINDOW + 9000) == WINDOW, "files are apart"
     ra.done(1, WINDOW)
-    for i in range(1000):  # a cache that keeps every push: only fresh misses
-        assert _push(ra, 1, (10 + i) * WINDOW) == (10 + i) * WINDOW
-    assert ra.score == 0 and not ra.thrashing
+    got = [_push(ra, 1, (10 + i) * WINDOW) for i in range(1000)]
+    controls = [i for i, g in enumerate(got) if g is None]
+    assert all(g == (10 + i) * WINDOW for i, g in enumerate(got) if g is not None)
+    # One window in 2 * SAMPLE_EVERY is a control: not pushed, to see what pushes save.
+    assert len(controls) == len(got) // (2 * SAMPLE_EVERY), controls
+    assert ra.paying
 
 
-def test_a_miss_soon_after_a_push_raced_it_later_is_a_loss_much_later_is_fresh() -> None:
+def test_a_miss_soon_after_a_push_raced_it_later_is_pushed_again() -> None:
     clock = Clock()
     ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
-    fresh = ra.fresh
     start = ra.miss(1, 0)
     assert start == 0
-    ra.cancel(1, start)  # never queued: a later miss there is fresh
-    assert ra.miss(1, 100) == 0 and ra.re_misses == 0 and ra.pushes == 1
-    ra.done(1, 0)  # failed or not, the kernel does not hold it now
+    ra.cancel(1, start)  # never queued
+    assert ra.miss(1, 100) == 0 and ra.pushes == 1
+    ra.done(1, 0)
     clock.now += RACE_SECONDS / 2
-    assert ra.miss(1, 100) is None and ra.re_misses == 0, "sent before the push landed"
+    assert ra.miss(1, 100) is None, "sent before the push landed"
     clock.now += RACE_SECONDS
-    assert _push(ra, 1, 100) == 0 and ra.re_misses == 1, "lost soon after its push"
-    clock.now += RACE_SECONDS
-    for i in range(RECENT_PUSHES):
-        _push(ra, 1, (10 + i) * WINDOW)
-    clock.now += RACE_SECONDS
-    assert _push(ra, 1, 100) == 0 and ra.re_misses == 1 and ra.fresh == fresh + 3 + RECENT_PUSHES, \
-        "a window the cache held while others came and let go is pushed again, no evidence"
-    assert ra.miss(1, 100) is None and ra.re_misses == 1
+    assert _push(ra, 1, 100) == 0, "lost after its push: pushed again while pushes pay"
 
 
 def test_a_forgotten_file_starts_afresh() -> None:
-    clock = Clock()
-    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
-    fresh = ra.fresh
-    _push(ra, 5, 0)
-    clock.now += 0.5
-    _push(ra, 5, 0)
-    assert ra.re_misses == 1
+    ra = _after_probe(ReadAround(WINDOW, Clock(), PLENTY))
+    for i in range(4 * SAMPLE_EVERY):
+        _push(ra, 5, i * WINDOW)
+    assert ra._samples  # (white box: file 5's windows are followed)
     ra.forget(5)
-    clock.now += 0.5
-    _push(ra, 5, 0)
-    assert ra.re_misses == 1 and ra.fresh == fresh + 2
+    assert not ra._samples
 
 
-def test_pushes_stop_when_the_cache_drops_them_and_probe_again() -> None:
-    """A reader at random over 64 windows in a cache with room for 16 of
-    them (a pressure the room does not show): misses soon land in windows
-    among the last pushed, pushes stop within a few hundred misses, and the
-    decay lets a few probes through a second: under one miss in ten."""
+PAGE = 4096
+
+
+class Cache:
+    """A model of the page cache over one file of WINDOWS windows of
+    RA.window bytes: it holds CAPACITY pages and drops the oldest first. A
+    reader reads pages at random; a page not held is a miss, told to RA,
+    and the page (or the window RA pushes) is added."""
+
+    def __init__(self, ra: ReadAround, clock: Clock, windows: int, capacity: int, seed: int) -> None:
+        self.ra, self.clock, self.windows, self.capacity = ra, clock, windows, capacity
+        self.per_window = ra.window // PAGE
+        self.pages: dict[int, None] = {}
+        self.rng = random.Random(seed)
+        self.misses = 0
+
+    def _add(self, page: int) -> None:
+        self.pages.pop(page, None)
+        self.pages[page] = None
+        while len(self.pages) > self.capacity:
+            del self.pages[next(iter(self.pages))]
+
+    def read(self, seconds: float, rate: float) -> None:
+        for _ in range(int(seconds * rate)):
+            self.clock.now += 1 / rate
+            page = self.rng.randrange(self.windows * self.per_window)
+            if page in self.pages:
+                continue
+            self.misses += 1
+            start = _push(self.ra, 1, page * PAGE, self.windows * self.ra.window)
+            if start is None:
+                self._add(page)
+            else:
+                first = start // PAGE
+                for p in range(first, first + self.per_window):
+                    self._add(p)
+
+
+SMALL = 32 * KiB  # windows of 8 pages keep the model quick
+
+
+def test_pushes_stop_when_the_cache_loses_them_before_the_reader_comes_back() -> None:
+    """Pressure the room does not show: the cache keeps a quarter of what
+    the reader reads at random (128 windows of 512, so a pushed window lives
+    through 128 later pushes). The trials miss about as often as the
+    controls: pushes stop within a few seconds. The rounds that ask again
+    see a trial among few pushes kept longer, and say yes; the round that
+    pushes says no, and the back-off doubles: over a minute, under one push
+    for twenty misses."""
     clock = Clock()
-    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
-    rng = random.Random(1)
-    cache: list[int] = []  # the windows the page cache holds, oldest first
-    pushes_before = misses_before = None
-    for n in range(30000):
-        clock.now = n * 0.0005  # 2k reads a second
-        if n == 5000:
-            assert ra.thrashing, (ra.score, ra.pushes, ra.re_misses)
-            pushes_before, misses_before = ra.pushes, ra.fresh + ra.re_misses
-        w = rng.randrange(64)
-        if w in cache:
-            continue  # a page-cache hit never reaches the daemon
-        start = _push(ra, 7, w * WINDOW + rng.randrange(WINDOW), 64 * WINDOW)
-        if start is not None:
-            cache.append(w)
-            del cache[:-16]
-    assert pushes_before is not None and pushes_before < 1000, pushes_before
-    assert misses_before is not None
-    probes, misses = ra.pushes - pushes_before, ra.fresh + ra.re_misses - misses_before
-    assert probes < misses / 10, (probes, misses)
+    ra = _after_probe(ReadAround(SMALL, clock, _room(1 << 20, SMALL)))
+    cache = Cache(ra, clock, 512, 128 * SMALL // PAGE, seed=1)
+    cache.read(3, 5000)
+    assert not ra.paying and ra.rounds >= 1, (ra.rounds, ra.pushes, ra.refaults)
+    pushes, misses = ra.pushes, cache.misses
+    cache.read(60, 5000)
+    assert ra.pushes - pushes < (cache.misses - misses) / 20, (ra.pushes - pushes, cache.misses - misses)
 
 
-def test_read_around_comes_back_when_the_reader_fits_again() -> None:
+def test_pushes_go_on_where_the_cache_holds_them_and_the_reader_drops_it_each_pass() -> None:
+    """fio drops a file's page cache at the start of each pass over it: the
+    trials miss once then, as every window does, and the controls many
+    times: the pushes go on, and every pass ends with the file cached."""
     clock = Clock()
-    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
-    for i in range(100):  # windows 0..19, each lost a moment after its push
-        clock.now += RACE_SECONDS / 10
-        _push(ra, 1, (i % 20) * WINDOW)
-    assert ra.thrashing and ra.miss(1, 0) is None
-    # Stopped, misses anywhere are no evidence: only time lets probes through.
-    for i in range(1000):
-        assert ra.miss(1, (1000 + i) * WINDOW) is None
-    clock.now += DECAY_SECONDS
-    assert _push(ra, 1, 3 * WINDOW + 1) == 3 * WINDOW
-    # The reader has moved to what the cache holds: its pushes stay.
-    got = [_push(ra, 1, (5000 + i) * WINDOW) for i in range(1000)]
-    assert all(g is not None for g in got) and not ra.thrashing and ra.score == 0
+    ra = _after_probe(ReadAround(SMALL, clock, _room(1 << 20, SMALL)))
+    cache = Cache(ra, clock, 256, 1 << 20, seed=2)
+    for _ in range(6):
+        cache.pages.clear()
+        cache.read(1.5, 20000)
+        assert ra.paying and len(cache.pages) > 0.95 * 256 * SMALL // PAGE, (ra.rounds, len(cache.pages))
+    assert ra.rounds >= 1
 
 
-def test_a_cache_dropped_whole_after_a_while_is_pushed_again() -> None:
-    """fio drops a file's page cache at the start of each pass over it: every
-    window was pushed before, most of them many pushes before; the next pass
-    is pushed again at once, as the first was, not taken for thrashing."""
+def test_read_around_comes_back_when_the_cache_holds_the_reader_again() -> None:
     clock = Clock()
-    ra = _after_probe(ReadAround(WINDOW, clock, PLENTY))
-    rng = random.Random(2)
-    for _ in range(3):  # passes of 4 s over 256 windows, cache dropped between them
-        cache: set[int] = set()
-        pushed = 0
-        for n in range(40000):
-            clock.now += 0.0001
-            w = rng.randrange(256)
-            if w not in cache and _push(ra, 1, w * WINDOW + rng.randrange(WINDOW)) is not None:
-                cache.add(w)
-                pushed += 1
-        assert len(cache) == 256 and pushed == 256 and not ra.thrashing, (pushed, ra.score)
-    assert ra.re_misses <= 3 * RECENT_PUSHES, "only the newest windows lost count"
+    ra = _after_probe(ReadAround(SMALL, clock, _room(1 << 20, SMALL)))
+    cache = Cache(ra, clock, 512, 64 * SMALL // PAGE, seed=3)
+    cache.read(10, 5000)
+    assert not ra.paying
+    cache.capacity = 1 << 20  # the pressure is gone: passes of a second, cache dropped before each
+    for _ in range(int(BACKOFF_MAX) + 2):
+        cache.pages.clear()
+        cache.read(1, 5000)
+        if ra.paying:
+            break
+    assert ra.paying, "a round after the back-off tells"
+    pushes = ra.pushes
+    cache.pages.clear()
+    cache.read(1, 5000)
+    assert ra.pushes - pushes > 400, "the windows missed in are pushed again"
+
+
+def test_a_limit_set_after_the_mount_stops_pushes_within_a_second() -> None:
+    clock = Clock()
+    rooms = [_room(1 << 20)()]
+    ra = _after_probe(ReadAround(WINDOW, clock, lambda: rooms[0]))
+    got = [_push(ra, 1, i * WINDOW) for i in range(500)]
+    assert sum(g is not None for g in got) > 450
+    rooms[0] = _room(100)()
+    clock.now += ROOM_SECONDS
+    assert _push(ra, 1, 600 * WINDOW) is None and ra.over_room and ra.room_windows == 100
+    rooms[0] = _room(1 << 20)()  # raised again: a new epoch at the next reading
+    clock.now += ROOM_SECONDS
+    assert ra.miss(0, 0) is None and not ra.over_room and ra.probe_left
+    _after_probe(ra)
+    assert _push(ra, 1, 700 * WINDOW) == 700 * WINDOW
+    # A reader fast enough to push ROOM_PUSHES windows before ROOM_SECONDS
+    # pass: the room is read again after that many pushes.
+    rooms[0] = _room(100)()
+    got = [_push(ra, 1, (1000 + i) * WINDOW) for i in range(2 * ROOM_PUSHES)]
+    assert ra.over_room and sum(g is not None for g in got) <= ROOM_PUSHES
 
 
 def test_the_probe_pushes_nothing_for_a_reader_spanning_far_more_than_the_room() -> None:
@@ -194,36 +234,53 @@ def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> N
     pushes stop after that many, though the cache (here) kept them all, and
     the next epoch reads the room again."""
     clock = Clock()
-    rooms = [_room(100)(), _room(5000)()]
-    ra = ReadAround(WINDOW, clock, lambda: rooms.pop(0))
+    room = [_room(100)()]
+    ra = ReadAround(WINDOW, clock, lambda: room[0])
     assert ra.room_windows == 100
     while ra.probe_left:
         ra.miss(1, ra.probe_left % 8 * WINDOW)
     got = [_push(ra, 1, (8 + i) * WINDOW) for i in range(1000)]
-    assert sum(g is not None for g in got) == 100 - 8 and ra.over_room and not ra.thrashing
+    assert 100 - 8 - 100 // SAMPLE_EVERY <= sum(g is not None for g in got) <= 100 - 8 and ra.over_room
+    room[0] = _room(5000)()
     clock.now += EPOCH_SECONDS
     assert ra.miss(0, 0) is None and ra.probe_left, "the first miss of an epoch starts its probe"
     _after_probe(ra)
     got = [_push(ra, 1, (2000 + i) * WINDOW) for i in range(1000)]
-    assert all(g is not None for g in got) and ra.room_windows == 5000
+    assert sum(g is None for g in got) <= 1000 // SAMPLE_EVERY and ra.room_windows == 5000
 
 
 def test_the_room_is_the_daemons_memory_cgroup_limit() -> None:
-    with memory_cgroup(64 * MiB) as join:
+    with memory_cgroup(64 * MiB) as cg:
         out = subprocess.run(
             [sys.executable, "-c", "from qcowfs.fs.readaround import page_cache_room; print(page_cache_room())"],
-            check=True, capture_output=True, text=True, preexec_fn=join).stdout
+            check=True, capture_output=True, text=True, preexec_fn=cg.join).stdout
     assert int(out) == 64 * MiB
     assert page_cache_room() > 64 * MiB  # (this runner is in no such cgroup)
 
 
 # ---- a mount in a memory cgroup ------------------------------------------------------------
 
+class Cgroup:
+    """A memory cgroup: `join` is a preexec function that moves the calling
+    process into it, `limit` sets its limit (v2's memory.max, else v1's
+    memory.limit_in_bytes)."""
+
+    def __init__(self, d: Path, knob: str) -> None:
+        self.dir, self._knob = d, knob
+        self._procs = str(d / "cgroup.procs")
+
+    def join(self) -> None:
+        with open(self._procs, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def limit(self, nbytes: int) -> None:
+        (self.dir / self._knob).write_text(f"{nbytes}\n")
+
+
 @contextlib.contextmanager
-def memory_cgroup(limit: int) -> Iterator[Callable[[], None]]:
-    """A memory cgroup of LIMIT bytes (v2's memory.max, else v1's
-    memory.limit_in_bytes); yields a preexec function that moves the calling
-    process into it. Removed afterwards (its processes are gone by then)."""
+def memory_cgroup(limit: int | None) -> Iterator[Cgroup]:
+    """A memory cgroup of LIMIT bytes (None: no limit yet). Removed
+    afterwards (its processes are gone by then)."""
     name = f"qcowfs-test-{os.getpid()}"
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():
         d, knob = Path("/sys/fs/cgroup") / name, "memory.max"
@@ -231,14 +288,10 @@ def memory_cgroup(limit: int) -> Iterator[Callable[[], None]]:
         d, knob = Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"
     d.mkdir()
     try:
-        (d / knob).write_text(f"{limit}\n")
-        procs = str(d / "cgroup.procs")
-
-        def join() -> None:
-            with open(procs, "w") as f:
-                f.write(f"{os.getpid()}\n")
-
-        yield join
+        cg = Cgroup(d, knob)
+        if limit is not None:
+            cg.limit(limit)
+        yield cg
     finally:
         for p in (d / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError):
@@ -264,24 +317,48 @@ def _bytes_read(pid: int) -> int:
     raise AssertionError("no rchar in /proc/PID/io")
 
 
+def _read_in(cg: Cgroup, disk: Path, pid: int, reads: int) -> float:
+    """Bytes the daemon PID read per 4 KiB read of READS random reads of DISK
+    by a reader in CG."""
+    before = _bytes_read(pid)
+    subprocess.run([sys.executable, "-c", READER, str(disk), str(reads)],
+                   check=True, timeout=300, preexec_fn=cg.join)
+    return (_bytes_read(pid) - before) / reads
+
+
+def _random_disk(tmp_path: Path) -> Path:
+    img = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "256M")
+    qemu_io(img, "write -P 0x3c 0 256M")
+    return img
+
+
 def test_no_window_pushes_when_the_cache_cannot_keep_them(tmp_path: Path) -> None:
     """256 MiB of disk read at random by a reader whose cgroup (shared with
     the daemon, which itself uses some 40 MiB) holds 96 MiB: the daemon
     reads about what is asked for, not 64 times as much (read_around=0 is
     the floor, a push per miss the ceiling)."""
-    img = tmp_path / "big.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, "256M")
-    qemu_io(img, "write -P 0x3c 0 256M")
-    reads = 20000
-    with memory_cgroup(96 * MiB) as join, \
-            mounted(img, tmp_path / "mnt", preexec_fn=join) as mnt:
-        pid = daemon_pid(mnt)
-        before = _bytes_read(pid)
-        subprocess.run([sys.executable, "-c", READER, str(mnt / "disk.raw"), str(reads)],
-                       check=True, timeout=300, preexec_fn=join)
-        per_read = (_bytes_read(pid) - before) / reads
+    with memory_cgroup(96 * MiB) as cg, \
+            mounted(_random_disk(tmp_path), tmp_path / "mnt", preexec_fn=cg.join) as mnt:
+        per_read = _read_in(cg, mnt / "disk.raw", daemon_pid(mnt), 20000)
     # The pushes stop once the misses span an eighth of the cgroup's 96 MiB:
     # 12 MiB of pushes, 0.6 KiB a read on top of the 4 KiB read.
+    assert per_read < 6 * KiB, f"the daemon read {per_read / KiB:.1f} KiB per 4 KiB read"
+
+
+def test_a_limit_set_while_mounted_stops_the_pushes(tmp_path: Path) -> None:
+    """The same cgroup, limited only after the mount and after a first
+    reader, which the pushes served (the cache held the disk): once the
+    limit is there (the daemon reads the room every ROOM_SECONDS), the next
+    reader costs the daemon about what it asks for again."""
+    with memory_cgroup(None) as cg, \
+            mounted(_random_disk(tmp_path), tmp_path / "mnt", preexec_fn=cg.join) as mnt:
+        disk, pid = mnt / "disk.raw", daemon_pid(mnt)
+        first = _read_in(cg, disk, pid, 3000)
+        cg.limit(96 * MiB)
+        time.sleep(ROOM_SECONDS)
+        per_read = _read_in(cg, disk, pid, 20000)
+    assert first > 32 * KiB, f"no pushes before the limit: {first / KiB:.1f} KiB per read"
     assert per_read < 6 * KiB, f"the daemon read {per_read / KiB:.1f} KiB per 4 KiB read"
 
 
