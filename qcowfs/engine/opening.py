@@ -21,7 +21,9 @@ from ..format.crypto import LUKS_HEADER_SIZE, DiskCipher, LuksVolume, legacy_aes
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import DEFAULT_L2_CACHE_BYTES
-from .mapper import Source, zero_fill
+from . import chain
+from .chain import Lookup, Piece, Source
+from .mapper import DATA, zero_fill
 
 MAX_CHAIN_DEPTH = 64
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
@@ -80,10 +82,26 @@ class RawSource:
             self.file.close()
             raise
 
+    def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
+        """Its pieces (chain.Source): data at the guest offset, zeros past its end."""
+        chain.within(self.size, self._inside, offset, length, out, lookup)
+
+    def _inside(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
+        out.append((DATA, offset, length, offset, self))
+
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        n = max(0, min(len(buf), self.size - offset))
-        got = await self.file.read_into(buf[:n], offset) if n > 0 else 0
-        zero_fill(buf[got:])
+        await chain.read(self.resolve, buf, offset)
+
+    async def read_run(self, kind: int, dst: memoryview, guest: int, host: int) -> None:
+        """A piece of this file (chain.Layer); the sector tail past its end reads zeros."""
+        got = await self.file.read_into(dst, host)
+        zero_fill(dst[got:])
+
+    def read_run_nowait(self, kind: int, dst: memoryview, guest: int, host: int) -> bool:
+        return self.file.read_nowait(dst, host) == len(dst)
+
+    def plain(self, kind: int) -> bool:
+        return True
 
     async def close(self) -> None:
         self.file.close()
