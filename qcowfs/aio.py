@@ -156,19 +156,26 @@ class Disk:
         return n
 
     def read_nowait(self, offset: int, length: int) -> bytearray | None:
-        """The bytes at OFFSET without awaiting, when their tables are cached and
-        they lie in one host-contiguous run in the host page cache; else None
-        (then call read). A server's hot path: no await, one pread."""
+        """The bytes at OFFSET without awaiting, when the tables that map them
+        through the whole backing chain are cached and the bytes are in the
+        host page cache; else None (then call read). A server's hot path: no
+        await, one pread per piece (a host-contiguous run of one layer).
+        None for a force-shared image (its reads check the tables first)."""
         n = self._clip(offset, length)
         if n <= 0:
             return bytearray()
         buf = bytearray(n)
-        return buf if self.readinto_nowait(memoryview(buf), offset) else None
+        return buf if self._fill_nowait(memoryview(buf), offset) else None
 
     def readinto_nowait(self, buf: memoryview, offset: int) -> bool:
         """read_nowait into BUF (the whole of it, inside the disk); False: use readinto."""
-        if (self._image._force_share or offset + len(buf) > self.size
-                or self._engine.backing_error is not None or self._problem is not None):
+        return offset + len(buf) <= self.size and self._fill_nowait(buf, offset)
+
+    def _fill_nowait(self, buf: memoryview, offset: int) -> bool:
+        """BUF from OFFSET (inside the disk) without awaiting, or False. Not
+        for an image another program writes (its tables are checked on the
+        general path), nor a disk whose reads fail (read() says why)."""
+        if self._image._force_share or self._engine.backing_error is not None or self._problem is not None:
             return False
         try:
             return self._engine.read_nowait(self._table(), buf, offset)

@@ -4,7 +4,7 @@ A guest range of a disk is resolved, through every layer's L1/L2 tables at
 once, into pieces `(kind, guest, length, host, layer)`: DATA at a host
 offset of one layer's file, COMPRESSED (host: the L2 entry), ZERO. The
 rule that takes a range from one layer to the next lives only here
-(`resolve`, `within`): unallocated clusters and subclusters read the backing
+(`resolve`, `below`): unallocated clusters and subclusters read the backing
 file, a range past a backing file's end (a backing file smaller than the
 overlay) reads zeros, and so does an unallocated range with no backing file.
 A raw backing file is a layer whose pieces are DATA at their guest offset.
@@ -69,7 +69,7 @@ class Source(Protocol):
     def size(self) -> int: ...
 
     def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
-        """Append the pieces of [offset, offset+length) to OUT, past the end zeros."""
+        """Append the pieces of [offset, offset+length) to OUT (inside the source: see `below`)."""
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill all of BUF from OFFSET; bytes past the source's end read as zeros."""
@@ -83,28 +83,25 @@ def resolve(mapper: Mapper, l1: L1Table, backing: Source | None, offset: int, le
             out: list[Piece], lookup: Lookup) -> None:
     """Append to OUT the pieces of guest [offset, offset+length) of the disk
     L1 maps: what this layer holds, and below its unallocated runs (and
-    subclusters) the backing chain's pieces, zeros without one. Spans whose
-    tables are not at hand go to LOOKUP.missed instead. (With its first
-    three arguments bound, a Walk.)"""
+    subclusters) what `below` finds. Spans whose tables are not at hand go
+    to LOOKUP.missed instead. (With its first three arguments bound, a Walk.)"""
     for kind, guest, n, host in mapper.map_cached(l1, offset, length, lookup.loaded):
         if kind == UNALLOC:
-            if backing is None:
-                out.append((ZERO, guest, n, 0, None))
-            else:
-                backing.resolve(guest, n, out, lookup)
+            below(backing, guest, n, out, lookup)
         elif kind == MISSING:
             lookup.missed.append((mapper, l1, host))
         else:
             out.append((kind, guest, n, host, None if kind == ZERO else mapper))
 
 
-def within(size: int, inside: "Walk", offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
-    """The pieces of [offset, offset+length) of a source of SIZE bytes:
-    INSIDE's for the part it holds, zeros past its end (a backing file
-    smaller than the overlay above it)."""
-    n = max(0, min(length, size - offset))
+def below(backing: Source | None, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
+    """Append to OUT the pieces of [offset, offset+length) where an image
+    holds nothing: its backing file's up to that file's end, zeros past it
+    (a backing file smaller than the overlay) and without a backing file.
+    (With BACKING bound, a Walk that reads a Source as a whole.)"""
+    n = 0 if backing is None else max(0, min(length, backing.size - offset))
     if n > 0:
-        inside(offset, n, out, lookup)
+        backing.resolve(offset, n, out, lookup)  # type: ignore[union-attr]
     if n < length:
         out.append((ZERO, offset + n, length - n, 0, None))
 

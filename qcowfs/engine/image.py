@@ -276,16 +276,16 @@ class Image:
         return table.astype(">u8").tobytes()
 
     def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
-        """The active disk as a Source (this image as a backing file): its pieces, zeros past its end."""
-        chain.within(self.size, self._walk(self.active_l1), offset, length, out, lookup)
+        """The active disk as a Source (this image as a backing file): its pieces."""
+        chain.resolve(self.mapper, self.active_l1, self.backing, offset, length, out, lookup)
 
     def _walk(self, l1: L1Table) -> chain.Walk:
         """The pieces of the disk L1 maps, through this image and the chain below."""
         return functools.partial(chain.resolve, self.mapper, l1, self.backing)
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        """The active disk as a Source."""
-        await chain.read(self.resolve, buf, offset)
+        """The active disk as a Source (zeros past its end)."""
+        await chain.read(functools.partial(chain.below, self), buf, offset)
 
     async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
         """LENGTH bytes of the disk L1 maps (the active one or a snapshot's) at OFFSET."""

@@ -255,6 +255,11 @@ class Mapper:
         if last - first + 1 > NUMPY_THRESHOLD and not self.geo.extended_l2:
             self._map_table_numpy(table, base, first, last, start, end, runs)
             return
+        if first == last and not self.geo.extended_l2:  # (a small read: one entry)
+            e = int(table[first])
+            kind, host = self._classify(e) if e else (UNALLOC, 0)
+            _append(runs, kind, start, end - start, host + (start - base - (first << cb)) if kind == DATA else host)
+            return
         cs = self.geo.cluster_size
         for i in range(first, last + 1):
             c0 = base + (i << cb)

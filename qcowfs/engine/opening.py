@@ -7,6 +7,7 @@ bad image refuses to open with one clear line instead of failing later.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -83,14 +84,11 @@ class RawSource:
             raise
 
     def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
-        """Its pieces (chain.Source): data at the guest offset, zeros past its end."""
-        chain.within(self.size, self._inside, offset, length, out, lookup)
-
-    def _inside(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
+        """Its pieces (chain.Source): data at the guest offset."""
         out.append((DATA, offset, length, offset, self))
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        await chain.read(self.resolve, buf, offset)
+        await chain.read(functools.partial(chain.below, self), buf, offset)
 
     async def read_run(self, kind: int, dst: memoryview, guest: int, host: int) -> None:
         """A piece of this file (chain.Layer); the sector tail past its end reads zeros."""
