@@ -1622,7 +1622,18 @@ def memory_report(benches, names, subject, peers, results):
         q = rss.get(subject)
         rs = ", ".join("-" if not (q and rss.get(p)) else f"{q / rss[p]:.2f}x" for p in peers)
         lines.append(f"{b.title:<28} {cells}   {rs}")
-    return lines
+    return lines + [f"floor: peak RSS of the interpreter alone {import_floor_mib(''):.0f} MiB, with "
+                    f"numpy, trio and pyfuse3 imported {import_floor_mib('numpy, trio, pyfuse3'):.0f} MiB "
+                    "(what any daemon on those libraries holds before its first request)"]
+
+
+def import_floor_mib(modules):
+    """Peak RSS in MiB of a fresh interpreter of the venv that imported MODULES."""
+    # (VmHWM, not ru_maxrss: that one keeps the parent's peak across fork and exec)
+    code = (f"import {modules}\n" if modules else "") + \
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout) / 1024
 
 
 def cpu_report(benches, names, results):

@@ -23,25 +23,35 @@ import os
 from builtins import open as builtins_open
 from typing import Any, Awaitable, Callable, Generator, Literal
 
-from .engine import bitmap_ops, chain_ops, convert as _convert, create as _create, extents, snapshot_ops
-from .engine.bitmaps import read_bitmap
-from .engine.check import check as _check
+from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_bitmap
 from .engine.image import Image as _EngineImage
-from .engine.info import describe
 from .engine.mapper import L1Table
 from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
-from .engine.snapshots import snapshot_disk_size, snapshot_problem
+from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
 from .host.secret import read_key_file
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
+# The engine's operations (snapshot_ops, bitmap_ops, check, extents, info,
+# create, convert, chain_ops) are imported by the functions that use them:
+# a command or a mount loads only what it runs (docs/speed.md, start-up).
+
 __all__ = ["open", "create", "convert", "Image", "Disk"]
 
 Mode = Literal["r", "r+"]
-# create's options in qemu-img's names, with the kind of value each takes
-# ("size", "int", "bool", "str"): what the command line converts -o text to.
-CREATE_OPTIONS: dict[str, str] = dict(_create.OPTION_KINDS)
+
+
+def __getattr__(name: str) -> Any:
+    """CREATE_OPTIONS: create's options in qemu-img's names, with the kind of
+    value each takes ("size", "int", "bool", "str"): what the command line
+    converts -o text to. Made on first use (it is create's table)."""
+    if name == "CREATE_OPTIONS":
+        from .engine.create import OPTION_KINDS
+        return dict(OPTION_KINDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # qemu-img's -t: every mode but "unsafe" flushes (qcowfs always writes through
 # the host page cache, so "none", "directsync" and "writethrough" mean "writeback").
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
@@ -412,7 +422,7 @@ class Image:
 
     def snapshot(self, name: str) -> Disk:
         """The read-only disk of snapshot NAME (a name, or an id)."""
-        return Disk(self, self._engine.snapshots[snapshot_ops.find(self._engine.meta, name)])
+        return Disk(self, self._engine.snapshots[find_snapshot(self._engine.snapshots, name)])
 
     def snapshot_disks(self) -> list[Disk]:
         """The disk of every snapshot, in table order (names need not be unique)."""
@@ -422,11 +432,13 @@ class Image:
 
     async def info(self) -> dict[str, Any]:
         """What `qemu-img info --output=json` prints, with its keys."""
+        from .engine.info import describe
         return describe(self._engine)
 
     async def check(self, repair: bool = False, progress: Callable[[float], None] | None = None) -> CheckResult:
         """`qemu-img check` (with REPAIR, `-r all`: needs mode "r+"). See also
         `qcowfs.aio.check`, which can open an image marked corrupt to repair it."""
+        from .engine.check import check as _check
         if repair and self._engine.read_only:
             raise ReadOnlyError("a repair needs the image opened with mode \"r+\"")
         if repair or self.read_only or self.corrupt:
@@ -442,24 +454,26 @@ class Image:
     async def map(self, snapshot: "str | Disk | None" = None) -> list[dict[str, Any]]:
         """The allocation map as `qemu-img map --output=json` (of a snapshot's
         disk with SNAPSHOT: a name, an id, or its Disk), backing chain included."""
+        from .engine import extents
         if isinstance(snapshot, Disk):
             entry = snapshot._entry
         else:
-            entry = self._engine.snapshots[snapshot_ops.find(self._engine.meta, snapshot)] if snapshot else None
+            entry = self._engine.snapshots[find_snapshot(self._engine.snapshots, snapshot)] if snapshot else None
         return await extents.disk_map(self._engine, entry)
 
     async def dirty_extents(self, name: str) -> list[dict[str, Any]]:
         """Bitmap NAME's extents as `nbdinfo --map=qemu:dirty-bitmap:NAME --json`."""
+        from .engine import extents
         return await extents.dirty_map(self._engine.file, self._usable_bitmap(name))
 
     async def bitmap_bits(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bitmap NAME's bits, bytes [offset, offset+length) (bit i of byte j:
         granule 8*j+i), as they are now (live while tracked)."""
-        bm = bitmap_ops.find(self._engine.bitmaps, name)  # (an inconsistent one: CorruptionError)
+        bm = find_bitmap(self._engine.bitmaps, name)  # (an inconsistent one: CorruptionError)
         return await read_bitmap(bm, self._engine.file, offset, bm.size if length is None else length)
 
     def _usable_bitmap(self, name: str) -> Any:
-        return bitmap_ops.usable(bitmap_ops.find(self._engine.bitmaps, name))
+        return usable_bitmap(find_bitmap(self._engine.bitmaps, name))
 
     def host_usage(self) -> int:
         """Host bytes the image file (and its external data file) occupy."""
@@ -604,6 +618,7 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
 def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
                 key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
     """`qemu-img create -f qcow2` (see `create`), on the caller's thread."""
+    from .engine import create as _create
     target = os.fspath(path)
     backing, fmt = options.get("backing_file"), options.get("backing_fmt")
     if size is None and backing is not None:
@@ -718,6 +733,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     appears under its name. DST appears complete or not at all: it is written under a
     temporary name next to it and renamed at the end (removed on failure;
     a killed process leaves a hidden .DST.qcowfs-* file behind)."""
+    from .engine import convert as _convert, create as _create
     import functools
 
     import trio
@@ -823,6 +839,7 @@ async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] |
     is not emptied (as qemu-img: -b implies -d; the images between are then
     outdated). OVERLAY's content never changes on the way; a crash leaves
     BASE partly written (as QEMU's commit does), clean in `qemu-img check`."""
+    from .engine import chain_ops
     await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress)
 
 
@@ -836,4 +853,5 @@ async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format:
     UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
     probed when absent) is recorded in the image. FORCE_SHARE (qemu-img's
     -U) opens the new backing file without locks."""
+    from .engine import chain_ops
     await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .engine.check import EXIT_CLEAN, EXIT_CORRUPT, EXIT_FAILED, EXIT_LEAKS
+from .engine import EXIT_CLEAN, EXIT_CORRUPT, EXIT_FAILED, EXIT_LEAKS
 from .engine.info import snapshot_info
 
 __all__ = ["Snapshot", "Bitmap", "CheckResult", "Checkpoint",

@@ -1,7 +1,10 @@
-"""What a mount loads at start-up: only what its image needs (issue 13's
-time to first file). The daemon's memory map tells which libraries it loaded."""
+"""What a mount and a command load at start-up: only what the image and the
+command need (time to first file, one-shot commands). The daemon's memory map
+tells which libraries it loaded; sys.modules which of our modules a command did."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import luks
@@ -26,3 +29,33 @@ def test_a_plain_image_mounts_without_the_cipher_library(tmp_path: Path) -> None
         assert "cryptography" not in _libraries(pid)
     with mounted(enc, tmp_path / "m2", "-o", f"key_file={key}") as mnt:
         assert "cryptography" in _libraries(daemon_pid(mnt)), "the check cannot see the library"
+
+
+# What only changes need: a command or an open that only reads must not load it.
+WRITE_MACHINERY = {"qcowfs.engine.writer", "qcowfs.engine.refcount", "qcowfs.engine.snapshot_ops",
+                   "qcowfs.engine.bitmap_ops", "qcowfs.engine.resize", "qcowfs.engine.create",
+                   "qcowfs.engine.convert", "qcowfs.engine.chain_ops", "qcowfs.format.crypto"}
+
+
+def _loaded_by(code: str) -> set[str]:
+    """The qcowfs modules a fresh interpreter has loaded after running CODE."""
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sys.modules))"],
+                         check=True, capture_output=True, text=True).stdout
+    return {m for m in out.split() if m.startswith("qcowfs")}
+
+
+def test_reading_commands_load_no_write_machinery(tmp_path: Path) -> None:
+    """One-shot commands pay for every module they import (docs/speed.md,
+    start-up): info, map and a read-only open load none of what changes an
+    image; a snapshot create does load it (so this test can see it)."""
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_img("snapshot", "-c", "s", img)
+    cli = "from qcowfs.cli.main import main\nmain({!r})"
+    for code in (cli.format(["info", str(img)]), cli.format(["map", str(img)]),
+                 f"import qcowfs\nwith qcowfs.open({str(img)!r}) as i:\n    i.disk.read(4096); i.snapshot('s').read(4096)"):
+        loaded = _loaded_by(code)
+        assert "qcowfs.engine.image" in loaded
+        assert not loaded & WRITE_MACHINERY, code
+    loaded = _loaded_by(cli.format(["snapshot", "create", str(img), "t"]))
+    assert {"qcowfs.engine.writer", "qcowfs.engine.snapshot_ops"} <= loaded

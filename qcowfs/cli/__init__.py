@@ -1,2 +1,2 @@
 """The `qcowfs` command (`qcowfs.cli.main`)."""
-from .main import main as main
+from .main import main as main, run as run

@@ -326,5 +326,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         die(f"internal error: {type(e).__name__}: {e}")
 
 
+def run() -> NoReturn:
+    """The `qcowfs` program (the console script): main(), then leave without
+    tearing the interpreter down. A command's work is done and flushed to its
+    image when main returns; what is left is freeing the modules of numpy and
+    trio one by one, some 15 ms of every one-shot command (docs/speed.md).
+    Tests call main() and keep their interpreter."""
+    try:
+        code = main()
+    except SystemExit as e:  # (argparse's errors, --help, die(): their text is printed)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # (a reader that left early: as the SIGPIPE it would have had)
+        code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

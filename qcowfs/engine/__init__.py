@@ -19,5 +19,8 @@ is built on `image.Image`. By concern, as QEMU splits block/qcow2*.c:
 Importing this package costs nothing: it imports none of its modules.
 """
 
+# qemu-img check's exit statuses (check.py returns them; the records re-export them).
+EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
+
 # The L2 cache of one open image, by default (the `l2_cache_size=` mount option).
 DEFAULT_L2_CACHE_BYTES = 32 << 20

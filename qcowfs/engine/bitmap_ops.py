@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bitmaps import Bitmap, mark_bits, read_bitmap
-from ..errors import NotFoundError, RequestError
+from .bitmaps import Bitmap, find, mark_bits, read_bitmap, usable
+from ..errors import RequestError
 from ..format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARITY_BITS,
                      BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS, BME_TABLE_OFFSET_MASK,
                      BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
@@ -47,21 +47,6 @@ def check_granularity(granularity: int) -> int:
 
 def check_new_name(bitmaps: list[Bitmap], name: str) -> None:
     check_name("bitmap", name, [b.name for b in bitmaps], BME_MAX_NAME_SIZE, MAX_BITMAPS)
-
-
-def find(bitmaps: list[Bitmap], name: str) -> Bitmap:
-    for b in bitmaps:
-        if b.name == name:
-            return b
-    raise NotFoundError(f"no bitmap '{name}'")
-
-
-def usable(bm: Bitmap) -> Bitmap:
-    """BM, if its contents can be trusted (changing an inconsistent one would hide that)."""
-    if bm.problem is not None and not bm.tracked:
-        raise RequestError(f"bitmap '{bm.name}' cannot be used: {bm.problem} "
-                          "(remove it, or `qcowfs check --repair`)")
-    return bm
 
 
 async def current_bits(meta: Metadata, bm: Bitmap) -> bytearray:

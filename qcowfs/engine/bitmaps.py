@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import CorruptionError, InvalidImageError
+from ..errors import CorruptionError, InvalidImageError, NotFoundError, RequestError
 from ..format import (BME_TABLE_RESERVED_MASK, AUTOCLEAR_BITMAPS, BITMAP_FLAG_NAMES, BME_AUTO, BME_EXTRA_DATA_COMPATIBLE,
                      BME_IN_USE, BME_MAX_GRANULARITY_BITS, BME_MIN_GRANULARITY_BITS,
                      BME_RESERVED_FLAGS, BME_TABLE_ALL_ONES, BME_TABLE_OFFSET_MASK,
@@ -184,6 +184,21 @@ def load_bitmaps(header: Header, file: HostFile) -> list[Bitmap]:
                 bm.damaged = True
         bitmaps.append(bm)
     return bitmaps
+
+
+def find(bitmaps: list[Bitmap], name: str) -> Bitmap:
+    for b in bitmaps:
+        if b.name == name:
+            return b
+    raise NotFoundError(f"no bitmap '{name}'")
+
+
+def usable(bm: Bitmap) -> Bitmap:
+    """BM, if its contents can be trusted (changing an inconsistent one would hide that)."""
+    if bm.problem is not None and not bm.tracked:
+        raise RequestError(f"bitmap '{bm.name}' cannot be used: {bm.problem} "
+                          "(remove it, or `qcowfs check --repair`)")
+    return bm
 
 
 async def read_bitmap(bm: Bitmap, file: HostFile, offset: int, length: int) -> bytes:

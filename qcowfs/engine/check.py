@@ -14,11 +14,11 @@ import numpy as np
 
 from ..errors import QcowError
 from ..format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK
+from . import EXIT_CLEAN, EXIT_CORRUPT, EXIT_FAILED, EXIT_LEAKS
 from .image import Image
 from .references import count_references, read_entries, stored_refcounts
 from .refcount import copied_errors, stored_refcount
 
-EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
 MAX_MESSAGES = 100
 
 

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import numpy as np
 import trio
@@ -29,7 +29,7 @@ from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RA
                       compressed_host_offsets, data_host_offsets)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
-from . import bitmap_ops, chain, snapshot_ops
+from . import chain
 from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
 from .chain import Lookup, Piece, Source
@@ -38,11 +38,16 @@ from .metadata import Metadata
 from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
                       read_snapshot_table, validate_header)
 from .overlap import Kind
-from .references import build_overlap_map
-from .resize import check_resize, stage_resize
-from .refcount import Allocator, Transaction, rebuild
-from .snapshots import snapshot_problem
-from .writer import Writer
+from .snapshots import find_snapshot, snapshot_problem
+
+if TYPE_CHECKING:
+    from .refcount import Allocator
+    from .writer import Writer
+
+# What only changes need (writer.py, refcount/, references.py's overlap map,
+# snapshot_ops.py, bitmap_ops.py, resize.py) is imported by the methods that
+# change the image, not here: a read-only open, a mount of one and every
+# one-shot command that only reads start without loading it (docs/speed.md).
 
 log = logging.getLogger("qcowfs")
 T = TypeVar("T")
@@ -157,6 +162,8 @@ class Image:
             self.left_out.append(f"{e}: the disk is described without it")
 
     def _open_writable(self, h: Header) -> None:
+        from .references import build_overlap_map
+        from .writer import Writer
         if h.incompatible_features & INCOMPAT_CORRUPT and not self.options.repair:
             raise QcowError(f"{self.path} is marked corrupt: mount it with --read-only, or repair "
                             "it with `qcowfs check --repair`")
@@ -211,6 +218,7 @@ class Image:
 
     def reload_refcounts(self) -> Allocator:
         """(Re)read the refcount table named by the header, with empty caches."""
+        from .refcount import Allocator
         alloc = self.allocator = Allocator(self.meta)
         self.l2_cache.clear()
         self.l2_cache.depends_on = alloc.cache
@@ -418,6 +426,7 @@ class Image:
 
     async def rebuild_refcounts(self, progress: Callable[[float], None] | None = None) -> None:
         """A new refcount structure from the references (dirty image, repair)."""
+        from .refcount import rebuild
         await rebuild(self.meta, self.external_data, progress)
         self.reload_refcounts()
 
@@ -561,19 +570,22 @@ class Image:
 
     async def create_snapshot(self, name: str) -> SnapshotEntry:
         """Internal snapshot NAME of the disk as it is at this instant."""
+        from . import snapshot_ops
         async with self.exclusive() as alloc:
             return await snapshot_ops.create(self.meta, alloc, self.l2_cache, name)
 
     async def delete_snapshot(self, name: str) -> None:
+        from . import snapshot_ops
         async with self.exclusive() as alloc:
-            await snapshot_ops.delete(self.meta, alloc, self.l2_cache, snapshot_ops.find(self.meta, name))
+            await snapshot_ops.delete(self.meta, alloc, self.l2_cache, find_snapshot(self.meta.snapshots, name))
 
     async def apply_snapshot(self, name: str) -> None:
         """The active disk becomes snapshot NAME's (its content and its size),
         as `qemu-img snapshot -a`. Refused, as QEMU refuses it, while the image
         has persistent bitmaps (they would no longer describe the disk)."""
+        from . import snapshot_ops
         self._check_writable()
-        index = snapshot_ops.find(self.meta, name)
+        index = find_snapshot(self.meta.snapshots, name)
         if self.bitmaps:
             raise RequestError("the image has persistent bitmaps: a snapshot cannot be applied while "
                                "it has any (as in QEMU; remove them first)")
@@ -586,6 +598,7 @@ class Image:
         after qemu-img commit): it reads its backing file everywhere again.
         One commit: a new empty L1 table, the old tables and data lose the
         active disk's reference."""
+        from . import snapshot_ops
         async with self.exclusive() as alloc:
             await snapshot_ops.empty(self.meta, alloc, self.l2_cache)
             self.mapper.forget()
@@ -604,6 +617,8 @@ class Image:
 
     async def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
         """A new persistent bitmap; enabled, it tracks writes from this instant."""
+        from . import bitmap_ops
+        from .refcount import Transaction
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             plans = await bitmap_ops.plan_add(self.meta, self.bitmaps, name, granularity, enabled)
             await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
@@ -611,6 +626,8 @@ class Image:
 
     async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None) -> None:
         """remove, clear, enable, disable, or merge SOURCES into bitmap NAME."""
+        from . import bitmap_ops
+        from .refcount import Transaction
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             plans, removed = await bitmap_ops.plan_change(self.meta, self.bitmaps, name, action, sources or [])
             await bitmap_ops.stage(self.meta, txn, plans, removed, self._adopt_bitmaps)
@@ -619,6 +636,8 @@ class Image:
     async def checkpoint(self, name: str) -> SnapshotEntry:
         """In one commit at one instant: internal snapshot NAME, a frozen copy
         B@NAME of every tracked bitmap B, and a new tracked bitmap NAME."""
+        from . import bitmap_ops, snapshot_ops
+        from .refcount import Transaction
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             plans = bitmap_ops.plan_checkpoint(self.meta, self.bitmaps, name)
             entry = await snapshot_ops.stage_create(self.meta, self.l2_cache, txn, name)
@@ -638,6 +657,8 @@ class Image:
         even where a larger backing file or the tail of the last cluster (an
         earlier shrink's, a smaller snapshot's) has data: that tail is
         zeroed first (past the end, nobody sees it), the rest in the commit."""
+        from .refcount import Transaction
+        from .resize import check_resize, stage_resize
         writer = self._check_writable()
         backing_size = self.backing.size if self.backing is not None else 0
         check_resize(self.meta, self.bitmaps, new_size, backing_size)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..format.crypto import LUKS_SECTOR_SIZE, LuksVolume
 from ..format import (NO_ICOUNT, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, CRYPT_AES, CRYPT_NONE, EXT_BACKING_FORMAT,
                      EXT_DATA_FILE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
 from ..errors import QcowError
 from .image import Image
 from .opening import resolve_backing
+
+if TYPE_CHECKING:
+    from ..format.crypto import LuksVolume
 
 
 def describe(image: Image) -> dict[str, Any]:
@@ -78,6 +80,7 @@ def snapshot_info(s: SnapshotEntry) -> dict[str, Any]:
 
 def luks_info(vol: LuksVolume) -> dict[str, Any]:
     """`qemu-img info`'s "encrypt" object of a LUKS image, its keys in its order."""
+    from ..format.crypto import LUKS_SECTOR_SIZE
     h, spec = vol.header, vol.spec
     slots: list[dict[str, Any]] = []
     for s in h.key_slots:

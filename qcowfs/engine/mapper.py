@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .cache import TableCache
 from ..format.compression import decompress_cluster
-from ..format.crypto import DiskCipher
 from ..errors import CorruptionError, PassphraseError, ReadOnlyError
 from ..format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, SC_ALL,
                      Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
                      extended_problem, subcluster_type)
 from ..host.hostfile import HostFile
+
+if TYPE_CHECKING:
+    from ..format.crypto import DiskCipher  # (an encrypted image only: imported by opening)
 
 log = logging.getLogger("qcowfs")
 

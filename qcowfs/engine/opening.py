@@ -11,20 +11,22 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidImageError, QcowError, TruncatedError, UnsupportedFeatureError
 from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO,
                       EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN,
                       MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC,
                       CryptoHeaderExtension, Geometry, Header, SnapshotEntry)
-from ..format.crypto import LUKS_HEADER_SIZE, DiskCipher, LuksVolume, legacy_aes_cipher
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import DEFAULT_L2_CACHE_BYTES
 from . import chain
 from .chain import Lookup, Piece, Source
 from .mapper import DATA, zero_fill
+
+if TYPE_CHECKING:
+    from ..format.crypto import DiskCipher, LuksVolume
 
 MAX_CHAIN_DEPTH = 64
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
@@ -37,7 +39,6 @@ MIN_EXTENDED_L2_CLUSTER_BITS = 14
 # The largest offset a host file can have (off_t): tables past it are refused.
 MAX_FILE_OFFSET = (1 << 63) - 1
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
-
 
 @dataclass
 
@@ -198,6 +199,7 @@ def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptio
         raise InvalidImageError("the image has an encryption header extension but is not LUKS-encrypted")
     if h.crypt_method == CRYPT_NONE:
         return None, None
+    from ..format.crypto import LUKS_HEADER_SIZE, LuksVolume, legacy_aes_cipher  # (encrypted images only)
     if h.crypt_method == CRYPT_AES:
         if not options.read_only and not options.repair:
             raise UnsupportedFeatureError("images encrypted with legacy AES can only be opened read-only "

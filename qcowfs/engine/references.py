@@ -230,15 +230,6 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
     external = bool(meta.header.incompatible_features & INCOMPAT_DATA_FILE)
     out = Counted(np.zeros(max(1, -(-meta.file.known_size // cs)), np.int64), {})
 
-    def add(offset: int, length: int, what: str, times: int = 1) -> None:
-        if length <= 0:
-            return
-        first, last = offset // cs, (offset + length - 1) // cs
-        if last >= len(out.counts):
-            corruption(f"ERROR {what} at {offset:#x} lies past the end of the image file")
-            return
-        out.counts[first : last + 1] += times
-
     for snap in meta.snapshots:
         problem = snapshot_problem(snap, meta.header.version, cs, meta.file.known_size)
         if problem:
@@ -246,42 +237,126 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
     _reserved_bits(meta, corruption, refcount_structure)
     aligned = {Kind.REFCOUNT_BLOCK: "refcount block", Kind.ACTIVE_L2: "L2 table",
                Kind.INACTIVE_L2: "L2 table"}
+    batch: list[L2Refs] = []
+
+    def said(msg: str) -> None:
+        """CORRUPTION, once the tables met before are counted (and their messages said)."""
+        count_batch()
+        corruption(msg)
+
+    def count_batch() -> None:
+        _count_tables(out, batch, corruption, geo, external)
+        batch.clear()
+
     for ref in walk(meta, refcount_structure=refcount_structure, progress=progress):
-        if isinstance(ref, Ref):
-            if ref.kind in aligned and ref.offset % cs:
-                corruption(f"ERROR {aligned[ref.kind]} offset {ref.offset:#x} is not cluster aligned")
-                continue
-            add(ref.offset, ref.length, ref.what, ref.times)
-            continue
-        if ref.active:
-            out.active_tables[ref.offset] = _interleave(ref)
-        std = ref.words[(ref.words & np.uint64(OFLAG_COMPRESSED)) == 0]
-        for e in std[(std & np.uint64(L2E_STD_RESERVED_MASK)) != 0].tolist():
-            for _ in range(ref.times):  # (QEMU checks a table once per L1 entry naming it)
-                corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
-        if ref.bitmaps is not None:
-            for k, (w, b) in enumerate(zip(ref.words.tolist(), ref.bitmaps.tolist())):
-                why = extended_problem(w, b, external) or (
-                    "compressed cluster has a non-zero subcluster bitmap"
-                    if w & OFLAG_COMPRESSED and b else None)
-                if why:
-                    corruption(f"ERROR L2 table {ref.offset:#x} entry {k}: {why}")
-        data = ref.data_clusters(external)
-        bad = data % np.uint64(cs) != 0
-        if bad.any():
-            for off in data[bad].tolist():
-                corruption(f"ERROR data cluster offset {off:#x} is not cluster aligned")
-            data = data[~bad]
-        idx = (data // np.uint64(cs)).astype(np.int64)
-        past = idx >= len(out.counts)
-        for off in data[past].tolist():
-            corruption(f"ERROR data cluster at {off:#x} lies past the end of the image file")
-        np.add.at(out.counts, idx[~past], ref.times)
-        for start, length in ref.compressed_ranges(geo.cluster_bits):
-            add(start, length, "compressed cluster", ref.times)
-        if ref.active:
-            _fragmentation(out, ref, geo.extended_l2, external, cs)
+        if isinstance(ref, L2Refs):
+            if ref.active:
+                out.active_tables[ref.offset] = _interleave(ref)
+            batch.append(ref)
+            if len(batch) * cs >= BATCH_BYTES:
+                count_batch()
+        elif ref.kind in aligned and ref.offset % cs:
+            said(f"ERROR {aligned[ref.kind]} offset {ref.offset:#x} is not cluster aligned")
+        else:
+            _add_range(out, said, cs, ref.offset, ref.length, ref.what, ref.times)
+    count_batch()
     return out
+
+
+def _add_range(out: Counted, corruption: Report, cs: int, offset: int, length: int, what: str,
+               times: int) -> None:
+    """Count TIMES references to each cluster of [OFFSET, OFFSET+LENGTH)
+    (a corruption if it reaches past the end of the file)."""
+    if length <= 0:
+        return
+    first, last = offset // cs, (offset + length - 1) // cs
+    if last >= len(out.counts):
+        corruption(f"ERROR {what} at {offset:#x} lies past the end of the image file")
+        return
+    out.counts[first : last + 1] += times
+
+
+# L2 tables counted at once (bytes of table): large enough that numpy's
+# per-call cost vanishes, small enough not to matter beside the tables kept.
+BATCH_BYTES = 16 << 20
+
+
+def _count_tables(out: Counted, refs: list[L2Refs], corruption: Report, geo: Geometry,
+                  external: bool) -> None:
+    """Count the references of the L2 tables REFS, in one go for every
+    standard table without compressed clusters or anything to report (the
+    usual case), the others one by one (_count_table) so that their
+    messages come out in order."""
+    if not refs:
+        return
+    cs = geo.cluster_size
+    counted = [False] * len(refs)
+    simple = [i for i, ref in enumerate(refs) if ref.bitmaps is None]
+    if simple:
+        # Only the entries that are not 0 (most of a sparse disk's are 0, and
+        # an entry of 0 references nothing and is never wrong).
+        words = np.stack([refs[i].words for i in simple])
+        at = np.flatnonzero(words)
+        e, row = words.ravel()[at], at // words.shape[1]
+        # Compressed, reserved bits, or (in the image file) a data cluster
+        # not aligned or past the end: told by _count_table.
+        odd = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | (0 if external else L2E_OFFSET_MASK & (cs - 1))
+        host = np.zeros(len(e), np.uint64) if external else e & np.uint64(L2E_OFFSET_MASK)
+        trouble = ((e & np.uint64(odd)) != 0) | (host >= np.uint64(len(out.counts) * cs))
+        fast = np.ones(len(simple), bool)
+        if trouble.any():
+            fast[row[trouble]] = False
+            keep = fast[row]
+            e, row, host = e[keep], row[keep], host[keep]
+        times = np.array([refs[i].times for i in simple], np.int64)
+        used = host != 0
+        np.add.at(out.counts, (host[used] >> np.uint64(geo.cluster_bits)).astype(np.int64),
+                  times[row[used]] if times.max() > 1 else 1)
+        active = np.array([refs[i].active for i in simple], bool)
+        if not active.all():
+            active = active[row]
+            e, row = e[active], row[active]
+        _fragmentation(out, e, cluster_types(e, external), row, cs)
+        for i, ok in zip(simple, fast.tolist()):
+            counted[i] = ok
+    for ref, ok in zip(refs, counted):
+        if not ok:
+            _count_table(out, ref, corruption, geo, external)
+
+
+def _count_table(out: Counted, ref: L2Refs, corruption: Report, geo: Geometry, external: bool) -> None:
+    """Count the references of one L2 table, reporting what is wrong in it."""
+    cs = geo.cluster_size
+    std = ref.words[(ref.words & np.uint64(OFLAG_COMPRESSED)) == 0]
+    for e in std[(std & np.uint64(L2E_STD_RESERVED_MASK)) != 0].tolist():
+        for _ in range(ref.times):  # (QEMU checks a table once per L1 entry naming it)
+            corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
+    if ref.bitmaps is not None:
+        for k, (w, b) in enumerate(zip(ref.words.tolist(), ref.bitmaps.tolist())):
+            why = extended_problem(w, b, external) or (
+                "compressed cluster has a non-zero subcluster bitmap"
+                if w & OFLAG_COMPRESSED and b else None)
+            if why:
+                corruption(f"ERROR L2 table {ref.offset:#x} entry {k}: {why}")
+    data = ref.data_clusters(external)
+    bad = data % np.uint64(cs) != 0
+    if bad.any():
+        for off in data[bad].tolist():
+            corruption(f"ERROR data cluster offset {off:#x} is not cluster aligned")
+        data = data[~bad]
+    idx = (data // np.uint64(cs)).astype(np.int64)
+    past = idx >= len(out.counts)
+    for off in data[past].tolist():
+        corruption(f"ERROR data cluster at {off:#x} lies past the end of the image file")
+    np.add.at(out.counts, idx[~past], ref.times)
+    for start, length in ref.compressed_ranges(geo.cluster_bits):
+        _add_range(out, corruption, cs, start, length, "compressed cluster", ref.times)
+    if ref.active:
+        if ref.bitmaps is not None:
+            types = np.array([cluster_type(e, True, external) for e in ref.words.tolist()], np.int8)
+        else:
+            types = cluster_types(ref.words, external)
+        _fragmentation(out, ref.words, types, np.zeros(len(ref.words), np.int64), cs)
 
 
 def _reserved_bits(meta: Metadata, corruption: Report, refcount_structure: bool) -> None:
@@ -302,21 +377,20 @@ def _reserved_bits(meta: Metadata, corruption: Report, refcount_structure: bool)
             corruption(f"ERROR refcount table entry {i} has reserved bits set")
 
 
-def _fragmentation(out: Counted, ref: L2Refs, extended: bool, external: bool, cs: int) -> None:
-    """qemu-img check's statistics of one active L2 table: allocated clusters
-    (data, preallocated zero, compressed), and fragmented ones (compressed, or
-    not right after the previous allocated cluster of the same table)."""
-    words = ref.words
-    if extended:
-        types = np.array([cluster_type(e, True, external) for e in words.tolist()], np.int8)
-    else:
-        types = cluster_types(words, external)
+def _fragmentation(out: Counted, words: np.ndarray, types: np.ndarray, table: np.ndarray, cs: int) -> None:
+    """qemu-img check's statistics of active L2 tables (first WORDS of their
+    entries in order, their cluster TYPES, and which TABLE each is in):
+    allocated clusters (data, preallocated zero, compressed), and fragmented
+    ones (compressed, or not right after the previous allocated cluster of
+    the same table)."""
     comp = int((types == SubclusterType.COMPRESSED).sum())
     alloc = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
     offs = (words[alloc] & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+    jumps = np.flatnonzero(np.diff(offs) != cs)  # (few: look up their tables only)
+    tables = table[alloc]
     out.compressed_clusters += comp
     out.allocated_clusters += comp + len(offs)
-    out.fragmented_clusters += comp + int((np.diff(offs) != cs).sum())
+    out.fragmented_clusters += comp + int((tables[jumps] == tables[jumps + 1]).sum())
 
 
 def _interleave(ref: L2Refs) -> np.ndarray:

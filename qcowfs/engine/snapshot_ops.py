@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import TableCache
-from ..errors import CorruptionError, NotFoundError, RequestError, UnsupportedFeatureError
+from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
 from ..format import (NO_ICOUNT, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry)
 from .metadata import Metadata
@@ -57,17 +57,6 @@ def check_new_name(meta: Metadata, name: str) -> None:
     if meta.header.incompatible_features & INCOMPAT_DATA_FILE:
         raise UnsupportedFeatureError("an image with an external data file cannot have internal "
                                       "snapshots (as in QEMU)")
-
-
-def find(meta: Metadata, name: str) -> int:
-    """Index of the snapshot called NAME (or with that id, as qemu-img takes it)."""
-    for i, s in enumerate(meta.snapshots):
-        if s.name == name:
-            return i
-    for i, s in enumerate(meta.snapshots):
-        if s.id_str == name:
-            return i
-    raise NotFoundError(f"no snapshot '{name}'")
 
 
 def _new_id(entries: list[SnapshotEntry]) -> str:

@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 
-from ..errors import NameTakenError, RequestError
+from ..errors import NameTakenError, NotFoundError, RequestError
 from ..format import MAX_L1_BYTES, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
+
+
+def find_snapshot(snapshots: list[SnapshotEntry], name: str) -> int:
+    """Index of the snapshot called NAME (or with that id, as qemu-img takes it)."""
+    for i, s in enumerate(snapshots):
+        if s.name == name:
+            return i
+    for i, s in enumerate(snapshots):
+        if s.id_str == name:
+            return i
+    raise NotFoundError(f"no snapshot '{name}'")
 
 
 def usable_name(name: str) -> bool:

@@ -29,32 +29,38 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
     if not h.l1_size:
         return bad_l1, bad_l2
 
-    def rc(off: int) -> int:
-        return stored_refcount(stored, off, cs)
-
     # References past the end of the file are errors of their own (counted
     # once, as qemu-img does), not COPIED errors too.
     end = meta.file.known_size
-    for i, e in enumerate(read_entries(meta.file, h.l1_table_offset, h.l1_size).tolist()):
-        off = e & L1E_OFFSET_MASK
-        if off and off < end and (rc(off) == 1) != bool(e & OFLAG_COPIED):
-            bad_l1.append(i)
+    l1 = read_entries(meta.file, h.l1_table_offset, h.l1_size)
+    bad_l1 = np.flatnonzero(_copied_wrong(l1, l1 & np.uint64(L1E_OFFSET_MASK), stored, cs, end)).tolist()
     step = 2 if geo.extended_l2 else 1
-    for off, table in active_tables.items():
-        wrong = []
-        for k, e in enumerate(table[::step].tolist()):
-            if e & OFLAG_COMPRESSED:
-                if e & OFLAG_COPIED:
-                    wrong.append(k)
-                continue
-            host = e & L2E_OFFSET_MASK
-            if not host or external or host >= end:
-                continue
-            if (rc(host) == 1) != bool(e & OFLAG_COPIED):
-                wrong.append(k)
-        if wrong:
-            bad_l2[off] = wrong
+    offsets = list(active_tables)
+    # All tables at once (in slices of about 32 MiB besides the tables themselves).
+    per_slice = max(1, (32 << 20) // cs)
+    for first in range(0, len(offsets), per_slice):
+        part = offsets[first : first + per_slice]
+        words = np.stack([active_tables[off][::step] for off in part])
+        at = np.flatnonzero(words)  # (an entry of 0 is never wrong)
+        e = words.ravel()[at]
+        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
+        host = np.where(comp | external, np.uint64(0), e & np.uint64(L2E_OFFSET_MASK))
+        wrong = at[_copied_wrong(e, host, stored, cs, end) | (comp & ((e & np.uint64(OFLAG_COPIED)) != 0))]
+        for row, k in zip((wrong // words.shape[1]).tolist(), (wrong % words.shape[1]).tolist()):
+            bad_l2.setdefault(part[row], []).append(k)
     return bad_l1, bad_l2
+
+
+def _copied_wrong(entries: np.ndarray, host: np.ndarray, stored: np.ndarray, cs: int,
+                  end: int) -> np.ndarray:
+    """Where an entry pointing to HOST (0: to nothing it counts) has a COPIED
+    flag that disagrees with the refcount STORED gives HOST (a refcount past
+    the end of STORED is 0; a HOST past END is no COPIED error)."""
+    c = (host // np.uint64(cs)).astype(np.int64)
+    inside = c < len(stored)
+    rc = np.where(inside, stored[np.where(inside, c, 0)], 0)
+    copied = (entries & np.uint64(OFLAG_COPIED)) != 0
+    return (host != 0) & (host < np.uint64(end)) & ((rc == 1) != copied)
 
 
 async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
