@@ -152,12 +152,11 @@ async def read(walk: Walk, buf: memoryview, offset: int) -> None:
                 await layer.read_run(kind, dst, guest, host)
 
 
-def cheap_span(walk: Walk, offset: int, lo: int, hi: int
-               ) -> tuple[int, int] | None:
+def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
     """The guest range around OFFSET, within [LO, HI), known from the tables
     at hand to read as plain pieces (data with one pread each, zeros), from
-    any layer: what is cheap to read ahead. None when OFFSET's own piece is not plain (compressed, encrypted,
-    or its table is not at hand)."""
+    any layer: what is cheap to read ahead. None when OFFSET's own piece is
+    not plain (compressed, encrypted) or its table is not at hand."""
     pieces: list[Piece] = []
     walk(lo, hi - lo, pieces, Lookup())
     at = next((i for i, p in enumerate(pieces) if p[1] <= offset < p[1] + p[2]), None)
@@ -173,7 +172,6 @@ def cheap_span(walk: Walk, offset: int, lo: int, hi: int
     while last + 1 < len(pieces) and plain(pieces[last + 1]) and pieces[last][1] + pieces[last][2] == pieces[last + 1][1]:
         last += 1
     return pieces[first][1], pieces[last][1] + pieces[last][2]
-
 
 
 # ---- holes and data (lseek SEEK_DATA / SEEK_HOLE) ------------------------------------
@@ -215,8 +213,8 @@ async def _seek_unallocated(start: int, end: int, data: bool, backing: Source | 
     (past the backing file's end, or with none: a hole)."""
     if backing is None or start >= backing.size:
         return end if data else start
-    below = min(end, backing.size)
-    found = await backing.seek(start, below, data)
-    if found < below:
+    stop = min(end, backing.size)
+    found = await backing.seek(start, stop, data)
+    if found < stop:
         return found
-    return end if data else below
+    return end if data else stop
