@@ -175,6 +175,9 @@ BENCHES = [
           ["--rw=read", "--bs=1M"], image="chain"),
     Bench("chain_rand_read", "chain-4 rand read 4k", "read", "IOPS",
           ["--rw=randread", "--bs=4k", "--numjobs=1"], time_based=True, image="chain"),
+    Bench("chain_rand_read_4", "chain-4 rand read 4k, 4 jobs", "read", "IOPS",
+          ["--rw=randread", "--bs=4k", "--numjobs=4", "--group_reporting"],
+          time_based=True, image="chain"),
     # Cold caches, from the mount command to the last byte of a file in the
     # ext4 on the disk (mount, losetup, mount the ext4, read its largest file).
     Bench("first_file", "time to first file", "start", "s", [],
@@ -664,7 +667,8 @@ class QcowfsNoReadAround(Qcowfs):
     label = "qcowfs -o read_around=0"
     options = ("read_around=0",)
     benches = ("rand_read_1", "rand_read_4", "direct_read_1", "direct_read_4", "cgroup_read_1",
-               "cgroup_after_read_1", "cgroup_during_read_1", "cgroup_stream_read_1", "luks_rand_read_1")
+               "cgroup_after_read_1", "cgroup_during_read_1", "cgroup_stream_read_1", "luks_rand_read_1",
+               "chain_rand_read", "chain_rand_read_4")
 
 
 class QcowfsWorkers(Qcowfs):

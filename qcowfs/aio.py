@@ -166,31 +166,41 @@ class Disk:
         return n
 
     def read_nowait(self, offset: int, length: int) -> bytearray | None:
-        """The bytes at OFFSET without awaiting, when their tables are cached and
-        they lie in one host-contiguous run in the host page cache; else None
-        (then call read). A server's hot path: no await, one pread."""
+        """The bytes at OFFSET without awaiting, when the tables that map them
+        through the whole backing chain are cached and the bytes are in the
+        host page cache; else None (then call read). A server's hot path: no
+        await, one pread per piece (a host-contiguous run of one layer).
+        None for a force-shared image (its reads check the tables first)."""
         n = self._clip(offset, length)
         if n <= 0:
             return bytearray()
-        try:
-            return self._engine.mapper.read_cached(self._table(), offset, n)
-        except CorruptionError:
-            return None  # read() meets it again, and reports it
+        buf = bytearray(n)
+        return buf if self._fill_nowait(memoryview(buf), offset) else None
 
     def readinto_nowait(self, buf: memoryview, offset: int) -> bool:
         """read_nowait into BUF (the whole of it, inside the disk); False: use readinto."""
-        if self._image._force_share or offset + len(buf) > self.size:
+        return offset + len(buf) <= self.size and self._fill_nowait(buf, offset)
+
+    def _fill_nowait(self, buf: memoryview, offset: int) -> bool:
+        """BUF from OFFSET (inside the disk) without awaiting, or False. Not
+        for an image another program writes (its tables are checked on the
+        general path), nor a disk whose reads fail (read() says why)."""
+        if self._image._force_share or self._engine.backing_error is not None or self._problem is not None:
             return False
         try:
-            return self._engine.mapper.read_cached_into(self._table(), buf, offset)
+            return self._engine.read_nowait(self._table(), buf, offset)
         except CorruptionError:
-            return False
+            return False  # readinto() meets it again, and reports it
 
     def cheap_span(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        """The part of [LO, HI) around OFFSET that this image holds as plain
-        data clusters, known from cached tables alone: what is cheap to read
-        ahead in one pread (None: OFFSET's own cluster is not plain data)."""
-        return self._engine.mapper.data_span(self._table(), offset, lo, min(hi, self.size))
+        """The part of [LO, HI) around OFFSET that reads as plain data or
+        zeros, from this image or the backing chain, known from cached tables
+        alone: what is cheap to read ahead, one pread per piece (None:
+        OFFSET's own piece is not plain: compressed, encrypted, or its
+        tables are not cached)."""
+        if self._engine.backing_error is not None or self._problem is not None:
+            return None
+        return self._engine.cheap_span(self._table(), offset, lo, min(hi, self.size))
 
     async def find(self, offset: int, data: bool) -> int:
         """lseek(SEEK_DATA) (DATA) or lseek(SEEK_HOLE): the first data or hole

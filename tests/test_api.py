@@ -1152,6 +1152,33 @@ async def test_aio_reads_match_qemu(name: str, matrix: Callable[[str], MatrixIma
         assert_info_agrees(await image.info(), qemu_info(m.image), f"{name} (aio)")
 
 
+@pytest.mark.parametrize("name", ["backing-chain4", "backing-shorter", "backing-raw-shorter", "extl2-c16k-backing",
+                                  "zero-over-backing", "backing-chain3-shrinking"])
+async def test_aio_nowait_reads_through_the_chain(name: str, matrix: Callable[[str], MatrixImage],
+                                                  tmp_path: Path) -> None:
+    """Once the tables are cached, `Disk.read_nowait` serves reads of every
+    layer of a backing chain (raw, shorter, subclusters, zeros over backing
+    data) without awaiting, and what it serves is QEMU's; where it declines
+    (None), read() serves the same bytes."""
+    m = matrix(name)
+    expected = oracle(m.image, tmp_path / "expected.raw").read_bytes()
+    rng = random.Random(name)
+    async with qcowfs.aio.open(m.image) as image:
+        disk = image.disk
+        for off in range(0, disk.size, MiB):  # loads every table
+            await disk.read(off, MiB)
+        served = 0
+        pairs = [(rng.randrange(disk.size), rng.choice([1, 512, 4096, 65537, 300_000])) for _ in range(200)]
+        for off, ln in pairs:
+            got = disk.read_nowait(off, ln)
+            if got is None:
+                got = await disk.read(off, ln)
+            else:
+                served += 1
+            assert_same_bytes(bytes(got), expected[off:off + ln], f"{name} read_nowait({off}, {ln})", off)
+        assert served >= len(pairs) // 2, f"{name}: only {served} of {len(pairs)} reads served without awaiting"
+
+
 async def test_aio_concurrent_writes_snapshot_bitmap(tmp_path: Path) -> None:
     """Disjoint writes in flight at once in a nursery (allocation must serialise), a
     snapshot and a bitmap in between: QEMU then judges all of it."""

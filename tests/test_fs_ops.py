@@ -147,3 +147,36 @@ def test_no_read_around_for_o_direct(tmp_path: Path) -> None:
         buffered = resident_pages(disk)
     assert direct == 0, f"{direct} pages pushed for O_DIRECT reads"
     assert buffered > len(offsets) * 8, f"only {buffered} pages cached after buffered reads: no read-around?"
+
+
+def test_read_around_through_a_backing_chain(tmp_path: Path) -> None:
+    """A small read whose cluster lies in a lower layer of a backing chain
+    (or in a raw base) pushes its window, read through every layer at once,
+    and those pages are QEMU's bytes."""
+    from conftest import to_raw
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(range(256)) * (24 << 12))  # 24 MiB: shorter than the 32 MiB overlays
+    mid, top = tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", mid, "32M")
+    qemu_io(mid, *[f"write -P 0x{0x30 + i % 64:02x} {i * 192}k 64k" for i in range(0, 160)])
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", top, "32M")
+    qemu_io(top, *[f"write -P 0x{0x80 + i % 64:02x} {i * 320 + 128}k 64k" for i in range(0, 100)])
+    want = to_raw(top, tmp_path / "want.raw").read_bytes()
+    # Offsets whose own cluster neither overlay holds: read from the raw base.
+    offsets = [o for o in range(4096, 24 << 20, 1000 << 10)
+               if (o // 65536) % 3 and ((o // 1024) - 128) % 320 >= 64][:8]
+    assert len(offsets) >= 6
+    with mounted(top, tmp_path / "mnt") as mnt:
+        disk = mnt / "disk.raw"
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            for off in offsets:
+                assert os.pread(fd, 4096, off) == want[off:off + 4096], off
+            time.sleep(0.3)
+            pushed = resident_pages(disk)
+            for off in range(0, len(want), 1 << 20):
+                assert os.pread(fd, 1 << 20, off) == want[off:off + (1 << 20)], off
+        finally:
+            os.close(fd)
+    assert pushed > len(offsets) * 16, f"only {pushed} pages cached after {len(offsets)} reads: no read-around?"

@@ -27,7 +27,7 @@ from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from .extents import allocation
 from .image import Image
-from .mapper import Source
+from .chain import Source
 from .opening import OpenOptions, RawSource, resolve_backing
 
 CHUNK = 4 << 20

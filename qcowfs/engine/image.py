@@ -29,9 +29,11 @@ from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RA
                       compressed_host_offsets, data_host_offsets)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
+from . import chain
 from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
-from .mapper import L1Table, Mapper, Source, zero_fill
+from .chain import Lookup, Piece, Source
+from .mapper import L1Table, Mapper
 from .metadata import Metadata
 from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
                       read_snapshot_table, validate_header)
@@ -281,12 +283,17 @@ class Image:
     def _encode_l2(table: np.ndarray) -> bytes:
         return table.astype(">u8").tobytes()
 
+    def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
+        """The active disk as a Source (this image as a backing file): its pieces."""
+        chain.resolve(self.mapper, self.active_l1, self.backing, offset, length, out, lookup)
+
+    def _walk(self, l1: L1Table) -> chain.Walk:
+        """The pieces of the disk L1 maps, through this image and the chain below."""
+        return functools.partial(chain.resolve, self.mapper, l1, self.backing)
+
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        """The active disk as a Source (used when this image is a backing file)."""
-        n = max(0, min(len(buf), self.size - offset))
-        if n > 0:
-            await self.mapper.read_into(self.active_l1, buf[:n], offset, self.backing)
-        zero_fill(buf[n:])
+        """The active disk as a Source (zeros past its end)."""
+        await chain.read(functools.partial(chain.below, self), buf, offset)
 
     async def read(self, l1: L1Table, offset: int, length: int) -> bytearray:
         """LENGTH bytes of the disk L1 maps (the active one or a snapshot's) at OFFSET."""
@@ -300,7 +307,21 @@ class Image:
         if self.options.force_share:
             await self._read_shared(l1, buf, offset)
         else:
-            await self.mapper.read_into(l1, buf, offset, self.backing)
+            await chain.read(self._walk(l1), buf, offset)
+
+    def read_nowait(self, l1: L1Table, buf: memoryview, offset: int) -> bool:
+        """read_disk_into without a single await, when every table it needs
+        through the chain is cached and every byte is in the host page
+        cache (one pread per piece); False: call read_disk_into. The plain
+        case, one host-contiguous run of this image's data, is looked up
+        first without walking the chain."""
+        return (self.mapper.read_cached_into(l1, buf, offset)
+                or chain.read_nowait(self._walk(l1), buf, offset))
+
+    def cheap_span(self, l1: L1Table, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+        """The part of [LO, HI) around OFFSET of the disk L1 maps that reads
+        as plain pieces from cached tables (see chain.cheap_span)."""
+        return chain.cheap_span(self._walk(l1), offset, lo, hi)
 
     # ---- force_share: an image another program writes -------------------------------
 
@@ -312,11 +333,11 @@ class Image:
         if moved is not None:
             raise CorruptionError(f"{moved}: remount to follow it")
         try:
-            await self.mapper.read_into(l1, buf, offset, self.backing)
+            await chain.read(self._walk(l1), buf, offset)
         except CorruptionError:
             await self.revalidate()
             l1.forget()
-            await self.mapper.read_into(l1, buf, offset, self.backing)
+            await chain.read(self._walk(l1), buf, offset)
 
     async def revalidate(self) -> None:
         """force_share: drop every table read so far (L2 tables, the active
@@ -354,14 +375,14 @@ class Image:
         stop = min(end, self.size)
         if offset >= stop:
             return end if data else offset
-        found = await self.mapper.seek(self.active_l1, offset, stop, data, self.backing)
+        found = await chain.seek(self.mapper, self.active_l1, offset, stop, data, self.backing)
         return end if found == stop and data else found
 
     @signals_corruption
     async def find(self, l1: L1Table, offset: int, size: int, data: bool) -> int:
         """lseek(SEEK_DATA / SEEK_HOLE) of a disk of SIZE bytes through L1:
         the first data (DATA) or hole at or after OFFSET, SIZE if none."""
-        return await self.mapper.seek(l1, offset, size, data, self.backing)
+        return await chain.seek(self.mapper, l1, offset, size, data, self.backing)
 
     def chain(self) -> list[tuple[str, str]]:
         """(path, format) of this image and every image below it."""

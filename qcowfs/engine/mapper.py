@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qcowfs")
 
-# Run kinds.
-UNALLOC, ZERO, DATA, COMPRESSED, MIXED = range(5)
-KIND_NAMES = ("unallocated", "zero", "data", "compressed", "mixed")
+# Run kinds. MISSING: a span whose L2 table is not at hand (map_cached; host:
+# its L1 index).
+UNALLOC, ZERO, DATA, COMPRESSED, MIXED, MISSING = range(6)
+KIND_NAMES = ("unallocated", "zero", "data", "compressed", "mixed", "missing")
 # How each L2 (sub)cluster type reads (INVALID never reaches a lookup).
 RUN_KIND = np.array([UNALLOC, UNALLOC, ZERO, ZERO, DATA, COMPRESSED, -1], np.int8)
 
@@ -39,20 +40,6 @@ Run = tuple[int, int, int, int]
 NUMPY_THRESHOLD = 16
 L1_CHUNK_BITS = 12
 L1_CHUNK_MASK = (1 << L1_CHUNK_BITS) - 1
-
-
-class Source(Protocol):
-    """Something a guest range can be read from: a backing image or raw file."""
-
-    @property
-    def size(self) -> int: ...
-
-    async def read_into(self, buf: memoryview, offset: int) -> None:
-        """Fill all of BUF from OFFSET; bytes past the source's end read as zeros."""
-
-    async def seek(self, offset: int, end: int, data: bool) -> int:
-        """The first offset in [offset, end) that is data (DATA) or a hole (not
-        DATA), else END. Past the source's end everything is a hole."""
 
 
 class L1Table:
@@ -225,13 +212,43 @@ class Mapper:
         while pos < end:
             index = pos // span
             chunk_end = min(end, (index + 1) * span)
-            table = await self.l2_table(l1, index)
-            if table is None:
-                _append(runs, UNALLOC, pos, chunk_end - pos, 0)
-            else:
-                self._map_table(table, index * span, pos, chunk_end, runs)
+            self._map_span(await self.l2_table(l1, index), index * span, pos, chunk_end, runs)
             pos = chunk_end
         return runs
+
+    def map_cached(self, l1: L1Table, offset: int, length: int,
+                   loaded: dict[tuple[L1Table, int], np.ndarray | None] | None = None) -> list[Run]:
+        """map() from the tables at hand, without I/O or await: the cached
+        ones, then LOADED ({(l1, index): table or None}: what the general
+        path read for this request). A span whose table is not at hand is
+        one MISSING run (host: its L1 index), so that one walk finds every
+        table a request lacks. (Entries are validated when a table is
+        loaded: an L1 entry a load would refuse is never at hand.)"""
+        runs: list[Run] = []
+        sb = self._span_bits
+        pos, end = offset, offset + length
+        while pos < end:
+            index = pos >> sb
+            chunk_end = min(end, (index + 1) << sb)
+            entry = l1.cached(index)
+            table = self.l2_cache.peek(entry & L1E_OFFSET_MASK) if entry else None
+            if table is None and entry != 0:  # (0: no table at all)
+                key = (l1, index)
+                if loaded is None or key not in loaded:
+                    runs.append((MISSING, pos, chunk_end - pos, index))
+                    pos = chunk_end
+                    continue
+                table = loaded[key]
+            self._map_span(table, index << sb, pos, chunk_end, runs)
+            pos = chunk_end
+        return runs
+
+    def _map_span(self, table: np.ndarray | None, base: int, start: int, end: int, runs: list[Run]) -> None:
+        """The runs of [start, end) inside the span of one L2 table (None: none)."""
+        if table is None:
+            _append(runs, UNALLOC, start, end - start, 0)
+        else:
+            self._map_table(table, base, start, end, runs)
 
     def _map_table(self, table: np.ndarray, base: int, start: int, end: int, runs: list[Run]) -> None:
         cb = self.geo.cluster_bits
@@ -239,6 +256,11 @@ class Mapper:
         last = (end - 1 - base) >> cb
         if last - first + 1 > NUMPY_THRESHOLD and not self.geo.extended_l2:
             self._map_table_numpy(table, base, first, last, start, end, runs)
+            return
+        if first == last and not self.geo.extended_l2:  # (a small read: one entry)
+            e = int(table[first])
+            kind, host = self._classify(e) if e else (UNALLOC, 0)
+            _append(runs, kind, start, end - start, host + (start - base - (first << cb)) if kind == DATA else host)
             return
         cs = self.geo.cluster_size
         for i in range(first, last + 1):
@@ -425,62 +447,38 @@ class Mapper:
             return None
         return host
 
-    def data_span(self, l1: L1Table, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        """The guest range around OFFSET, within [LO, HI) and OFFSET's L2
-        table, that this image holds as plain data clusters, known from
-        cached tables alone: what is cheap to read ahead (one pread). None
-        when OFFSET's own cluster is not plain data (compressed, from the
-        backing chain, zero, encrypted), which a window would cost several
-        times the read it is pushed around. (Encrypted windows were tried
-        with the batched XTS of format/crypto: decrypting 256 KiB per miss
-        halved LUKS random reads and more than doubled the daemon's CPU per
-        GiB against read_around=0, docs/speed.md.)"""
-        sb = self._span_bits
-        index = offset >> sb
-        if self.geo.extended_l2 or self.encrypted:
-            return None
-        table = self.cached_table(l1, index)
-        if table is None:
-            return None
-        cb, special, base = self.geo.cluster_bits, self._special, index << sb
-        k = (offset - base) >> cb
-        e = int(table[k])
-        if e & special or not e & L2E_OFFSET_MASK:
-            return None
-        first, last = k, k
-        stop_lo, stop_hi = (max(lo, base) - base) >> cb, (min(hi, base + (1 << sb)) - 1 - base) >> cb
-        while first > stop_lo and (e := int(table[first - 1])) & L2E_OFFSET_MASK and not e & special:
-            first -= 1
-        while last < stop_hi and (e := int(table[last + 1])) & L2E_OFFSET_MASK and not e & special:
-            last += 1
-        return max(lo, base + (first << cb)), min(hi, base + ((last + 1) << cb))
+    async def read_run(self, kind: int, dst: memoryview, guest: int, host: int) -> None:
+        """Fill DST with a DATA or COMPRESSED run of this image (chain.Layer)."""
+        if kind == DATA:
+            if self.encrypted:
+                await self._read_decrypted(dst, host, guest)
+            else:
+                got = await self.data_file.read_into(dst, host)
+                if got < len(dst):  # past the end of the file: zeros, as QEMU reads them
+                    self._past_end(host + got)
+                    zero_fill(dst[got:])
+        else:
+            cluster = await self.compressed_cluster(host)
+            o = guest & self._cluster_mask
+            dst[:] = cluster[o : o + len(dst)]
 
-    async def read(self, l1: L1Table, offset: int, length: int, backing: Source | None) -> bytearray:
-        buf = bytearray(length)
-        await self.read_into(l1, memoryview(buf), offset, backing)
-        return buf
+    def read_run_nowait(self, kind: int, dst: memoryview, guest: int, host: int) -> bool:
+        """read_run from the host page cache and the decompressed clusters,
+        without awaiting; False: take read_run (it would block, the run is
+        encrypted, or it reaches past the end of the file)."""
+        if kind == DATA:
+            return not self.encrypted and self.data_file.read_nowait(dst, host) == len(dst)
+        cluster = self._decompressed.get(host)
+        if cluster is None:
+            return False
+        self._decompressed.move_to_end(host)
+        o = guest & self._cluster_mask
+        dst[:] = cluster[o : o + len(dst)]
+        return True
 
-    async def read_into(self, l1: L1Table, buf: memoryview, offset: int, backing: Source | None) -> None:
-        """Fill all of BUF with the guest range at OFFSET (BUF need not be zeroed:
-        zero clusters and holes are written as zeros)."""
-        for kind, guest, length, host in await self.map(l1, offset, len(buf)):
-            dst = buf[guest - offset : guest - offset + length]
-            if kind == DATA:
-                if self.encrypted:
-                    await self._read_decrypted(dst, host, guest)
-                else:
-                    got = await self.data_file.read_into(dst, host)
-                    if got < length:  # past the end of the file: zeros, as QEMU reads them
-                        self._past_end(host + got)
-                        zero_fill(dst[got:])
-            elif kind == UNALLOC and backing is not None:
-                await backing.read_into(dst, guest)
-            elif kind in (UNALLOC, ZERO):
-                zero_fill(dst)
-            elif kind == COMPRESSED:
-                cluster = await self.compressed_cluster(host)
-                o = guest & self._cluster_mask
-                dst[:] = cluster[o : o + length]
+    def plain(self, kind: int) -> bool:
+        """Runs of KIND are one pread each, nothing to decode (chain.Layer)."""
+        return kind == DATA and not self.encrypted
 
     def forget(self) -> None:
         """Drop decompressed clusters (force_share: their host clusters may be reused)."""
@@ -521,47 +519,3 @@ class Mapper:
         if len(self._decompressed) > 64:
             self._decompressed.popitem(last=False)
         return cluster
-
-    # ---- holes and data (lseek SEEK_DATA / SEEK_HOLE) -----------------------------
-
-    async def seek(self, l1: L1Table, offset: int, end: int, data: bool, backing: Source | None) -> int:
-        """The first guest offset in [offset, end) that is data (DATA) or a
-        hole (not DATA), else END, as QEMU's block status answers it: data
-        is a data or compressed cluster here, or data in the backing chain
-        under an unallocated one; zero clusters (preallocated or not) and
-        unallocated clusters with no backing data are holes. Empty L1
-        ranges are skipped by L1 entry."""
-        span = self.geo.l2_span
-        pos = offset
-        while pos < end:
-            index = pos // span
-            first = await l1.next_allocated(index, -(-end // span))
-            if first > index:  # no L2 table for [pos, stop): unallocated
-                stop = min(end, first * span)
-                found = await self._seek_unallocated(pos, stop, data, backing)
-                if found < stop:
-                    return found
-                pos = stop
-                continue
-            chunk_end = min(end, (index + 1) * span)
-            for kind, guest, length, _host in await self.map(l1, pos, chunk_end - pos):
-                if kind == UNALLOC:
-                    found = await self._seek_unallocated(guest, guest + length, data, backing)
-                    if found < guest + length:
-                        return found
-                elif (kind in (DATA, COMPRESSED)) == data:
-                    return guest
-            pos = chunk_end
-        return end
-
-    @staticmethod
-    async def _seek_unallocated(start: int, end: int, data: bool, backing: Source | None) -> int:
-        """seek() over unallocated clusters: what the backing chain holds there."""
-        if backing is None or start >= backing.size:
-            return end if data else start
-        below = min(end, backing.size)
-        found = await backing.seek(start, below, data)
-        if found < below:
-            return found
-        return end if data else below  # past the backing file's end: a hole
-

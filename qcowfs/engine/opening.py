@@ -7,6 +7,7 @@ bad image refuses to open with one clear line instead of failing later.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import DEFAULT_L2_CACHE_BYTES
-from .mapper import Source, zero_fill
+from . import chain
+from .chain import Lookup, Piece, Source
+from .mapper import DATA, zero_fill
 
 if TYPE_CHECKING:
     from ..format.crypto import DiskCipher, LuksVolume
@@ -81,10 +84,23 @@ class RawSource:
             self.file.close()
             raise
 
+    def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
+        """Its pieces (chain.Source): data at the guest offset."""
+        out.append((DATA, offset, length, offset, self))
+
     async def read_into(self, buf: memoryview, offset: int) -> None:
-        n = max(0, min(len(buf), self.size - offset))
-        got = await self.file.read_into(buf[:n], offset) if n > 0 else 0
-        zero_fill(buf[got:])
+        await chain.read(functools.partial(chain.below, self), buf, offset)
+
+    async def read_run(self, kind: int, dst: memoryview, guest: int, host: int) -> None:
+        """A piece of this file (chain.Layer); the sector tail past its end reads zeros."""
+        got = await self.file.read_into(dst, host)
+        zero_fill(dst[got:])
+
+    def read_run_nowait(self, kind: int, dst: memoryview, guest: int, host: int) -> bool:
+        return self.file.read_nowait(dst, host) == len(dst)
+
+    def plain(self, kind: int) -> bool:
+        return True
 
     async def close(self) -> None:
         self.file.close()

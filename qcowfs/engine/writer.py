@@ -9,6 +9,7 @@ points to them changes.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,9 @@ from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZER
                      Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
                      encode_compressed, extended_problem)
 from ..host.hostfile import HostFile
-from .mapper import UNALLOC, ZERO, Mapper, Source
+from . import chain
+from .chain import Source
+from .mapper import UNALLOC, ZERO, Mapper
 from .metadata import Metadata
 from .overlap import Kind
 from .refcount import Allocator, Release
@@ -385,7 +388,8 @@ class Writer:
         return out
 
     async def _old_contents(self, buf: memoryview, guest: int) -> None:
-        await self.mapper.read_into(self.meta.active_l1, buf, guest, self._backing())
+        await chain.read(functools.partial(chain.resolve, self.mapper, self.meta.active_l1, self._backing()),
+                         buf, guest)
 
     # ---- compressed clusters (qemu-img convert -c, QEMU's compress filter) ----------
 
