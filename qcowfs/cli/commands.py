@@ -347,16 +347,9 @@ def create_keywords(options: dict[str, str]) -> dict[str, Any]:
 
 def key_source(key_file: str | None, what: str) -> Callable[[], bytes]:
     """The passphrase of WHAT: the key file, else a prompt on a terminal."""
-    from ..host.secret import prompt, read_key_file
+    from ..host.secret import passphrase_source
 
-    def get() -> bytes:
-        if key_file is not None:
-            return read_key_file(key_file)
-        if sys.stdin is not None and sys.stdin.isatty():
-            return prompt(what)
-        raise UsageError(f"{what} is encrypted: give its passphrase with --key-file FILE, or run "
-                         "from a terminal to be asked")
-    return get
+    return passphrase_source(what, key_file, options="--key-file FILE")
 
 
 def cmd_create(a: argparse.Namespace) -> int:

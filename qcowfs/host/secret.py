@@ -62,10 +62,17 @@ def prompt(image: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def passphrase_source(image: str, key_file: str | None, key_credential: str | None,
-                      interactive: bool | None = None) -> Callable[[], bytes]:
+# How a mount is given a passphrase (the commands say "--key-file FILE").
+MOUNT_KEY_OPTIONS = "-o key_file=PATH or -o key_credential=NAME"
+
+
+def passphrase_source(image: str, key_file: str | None, key_credential: str | None = None,
+                      interactive: bool | None = None, options: str = MOUNT_KEY_OPTIONS
+                      ) -> Callable[[], bytes]:
     """What Image calls when it opens an encrypted image (not before: a plain
-    image never prompts). INTERACTIVE defaults to "stdin is a terminal"."""
+    image never prompts): the key file, the systemd credential, else a prompt
+    naming IMAGE. INTERACTIVE defaults to "stdin is a terminal"; without one,
+    the error names OPTIONS, the command's way of giving the passphrase."""
     def get() -> bytes:
         if key_file is not None:
             return read_key_file(key_file)
@@ -73,8 +80,8 @@ def passphrase_source(image: str, key_file: str | None, key_credential: str | No
             return read_key_file(credential_path(key_credential))
         if interactive if interactive is not None else sys.stdin is not None and sys.stdin.isatty():
             return prompt(image)
-        raise PassphraseError("the image is encrypted: give its passphrase with -o key_file=PATH or "
-                              "-o key_credential=NAME, or mount from a terminal to be asked")
+        raise PassphraseError(f"{image} is encrypted: give its passphrase with {options}, or run "
+                              "from a terminal to be asked")
     return get
 
 
