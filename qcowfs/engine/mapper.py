@@ -170,9 +170,9 @@ class Mapper:
         self.external_data = data_file is not file
         self.l2_cache = l2_cache
         self._cluster_mask = geo.cluster_size - 1
-        # Precomputed for read_cached, the per-request hot path.
+        # Precomputed for read_cached_into, the per-request hot path.
         self._span_bits = geo.l2_span.bit_length() - 1
-        # Entries read_cached leaves to the general path (bit 0 is an error in v2).
+        # Entries read_cached_into leaves to the general path (bit 0 is an error in v2).
         self._special = OFLAG_COMPRESSED | OFLAG_ZERO
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
 
@@ -413,21 +413,11 @@ class Mapper:
             self.check_data(last_host)
         return host + (offset & self._cluster_mask)
 
-    def read_cached(self, l1: L1Table, offset: int, length: int) -> bytearray | None:
-        """A range that is one host-contiguous data run, with its tables cached
-        and its bytes in the host page cache, read without a single await
-        (and decrypted, if it is whole encryption sectors). None means: take
-        the general path."""
-        host = self._cached_sectors(l1, offset, length)
-        if host is None:
-            return None
-        buf = self.data_file.read_cached(host, length)
-        if buf is not None and self._cipher is not None:
-            self._cipher.decrypt_into(memoryview(buf), host, offset)
-        return buf
-
     def read_cached_into(self, l1: L1Table, buf: memoryview, offset: int) -> bool:
-        """read_cached into BUF (no copy): False means take the general path."""
+        """Fill BUF from a range that is one host-contiguous data run, with its
+        tables cached and its bytes in the host page cache, without a single
+        await (and decrypted, if it is whole encryption sectors). False means:
+        take the general path."""
         host = self._cached_sectors(l1, offset, len(buf))
         if host is None or self.data_file.read_nowait(buf, host) != len(buf):
             return False

@@ -92,11 +92,6 @@ class HostFile:
             self._nowait = False
             return 0
 
-    def read_cached(self, offset: int, length: int) -> bytearray | None:
-        """LENGTH bytes at OFFSET if all are in the page cache, else None."""
-        buf = bytearray(length)
-        return buf if self.read_nowait(buf, offset) == length else None
-
     async def read_into(self, buf: memoryview, offset: int) -> int:
         """Fill BUF from OFFSET; returns bytes read (short only at end of file).
         With BLOCKING set, one blocking read on this thread, no await at all."""
