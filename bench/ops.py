@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -166,11 +165,9 @@ def check_times(runs: int) -> dict[str, dict[str, float]]:
         cpu: dict[str, list[float]] = {"qcowfs": [], "qemu-img": []}
         for _ in range(runs):
             for who, cmd in (("qemu-img", ["qemu-img", "check", img]), ("qcowfs", [QCOWFS, "check", img])):
-                before = os.times()
-                wall[who].append(timed(*cmd))
-                after = os.times()
-                cpu[who].append(after.children_user + after.children_system
-                                - before.children_user - before.children_system)
+                w, c = timed_cpu(*cmd)
+                wall[who].append(w)
+                cpu[who].append(c)
         alone = float(sh(sys.executable, "-c", IN_PROCESS, img, max(3, runs)).stdout)
         med = {k: statistics.median(v) for k, v in wall.items()}
         rows[f"check {name}"] = med
