@@ -21,7 +21,6 @@ from qcowfs.format import (
     OFLAG_ZERO,
     SubclusterType,
     cluster_type,
-    cluster_types,
     extended_problem,
     subcluster_type,
     AUTOCLEAR_BITMAPS,
@@ -58,13 +57,11 @@ from qcowfs.format import (
     compressed_shift,
     decode_compressed,
     encode_compressed,
-    encode_refcount_block,
-    refcount_array,
     refcount_get,
     refcount_set,
-    refcount_store,
-    refcount_values,
+
 )
+from qcowfs.format.bulk import cluster_types, encode_refcount_block, refcount_array, refcount_store, refcount_values
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

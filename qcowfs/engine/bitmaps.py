@@ -12,8 +12,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..errors import CorruptionError, InvalidImageError, NotFoundError, RequestError
 from ..format import (BME_TABLE_RESERVED_MASK, AUTOCLEAR_BITMAPS, BITMAP_FLAG_NAMES, BME_AUTO, BME_EXTRA_DATA_COMPATIBLE,
                      BME_IN_USE, BME_MAX_GRANULARITY_BITS, BME_MIN_GRANULARITY_BITS,
@@ -92,14 +90,13 @@ def mark_bits(bits: bytearray, granularity: int, nbits: int, offset: int, length
     first, last = offset // g, min((offset + length - 1) // g, nbits - 1)
     if last < first:
         return
-    arr = np.frombuffer(bits, np.uint8)
     b0, b1 = first >> 3, last >> 3
     if b0 == b1:
-        arr[b0] |= ((0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))) & 0xFF
+        bits[b0] |= ((0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))) & 0xFF
         return
-    arr[b0] |= (0xFF << (first & 7)) & 0xFF
-    arr[b0 + 1 : b1] = 0xFF
-    arr[b1] |= 0xFF >> (7 - (last & 7))
+    bits[b0] |= (0xFF << (first & 7)) & 0xFF
+    bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+    bits[b1] |= 0xFF >> (7 - (last & 7))
 
 
 def _validate(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:

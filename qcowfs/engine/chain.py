@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-import numpy as np
-
+from ..format import Table
 from .mapper import COMPRESSED, DATA, MISSING, UNALLOC, ZERO, L1Table, Mapper, zero_fill
 
 # (kind, guest offset, length, host, layer that reads it): kind is DATA,
@@ -57,7 +56,7 @@ class Lookup:
     __slots__ = ("loaded", "missed")
 
     def __init__(self) -> None:
-        self.loaded: dict[tuple[L1Table, int], np.ndarray | None] | None = None
+        self.loaded: dict[tuple[L1Table, int], Table | None] | None = None
         self.missed: list[tuple[Mapper, L1Table, int]] = []
 
 

@@ -31,8 +31,8 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
                       EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension,
-                      encode_refcount_block)
+                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension)
+from ..format.bulk import encode_refcount_block
 from ..format.crypto import (HASHES, LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_MAGIC,
                              LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
                              CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,

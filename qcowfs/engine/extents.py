@@ -13,13 +13,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from .bitmaps import Bitmap, read_bitmap
-from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, cluster_types, subcluster_type
+from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, Table, cluster_type, subcluster_type
 from ..host.hostfile import HostFile
 from .mapper import L1Table, Mapper
-from .references import stored_refcounts
+from .stored import refcounted_clusters
 from .snapshots import snapshot_disk_size
 
 
@@ -90,6 +88,14 @@ def _add(out: list[Extent], e: Extent) -> None:
         out.append(e)
 
 
+# A range of at most this many clusters is mapped entry by entry in Python,
+# a longer one in numpy passes over each L2 table: a disk of 64K clusters
+# (4 GiB of 64 KiB clusters) allocated everywhere maps in Python in about
+# the time numpy takes to import, and a small disk imports none (docs/speed.md).
+MAP_PYTHON_CLUSTERS = 1 << 16
+# The types whose entries carry a host offset (a run of them is host-contiguous).
+_WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC)
+
 # How each (sub)cluster type answers block status: (present, zero, data, has offset).
 _STATUS = {
     SubclusterType.NORMAL: (True, False, True, True),
@@ -107,8 +113,7 @@ def metadata_preallocated(layer: Layer) -> bool:
     cs = layer.mapper.geo.cluster_size
     real_clusters = os.fstat(layer.file.fd).st_blocks * 512 // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    counts = stored_refcounts(layer.file, layer.header, layer.mapper.geo, -(-layer.file.known_size // cs))
-    return int(np.count_nonzero(counts)) >= threshold
+    return refcounted_clusters(layer.file, layer.header, layer.mapper.geo, -(-layer.file.known_size // cs)) >= threshold
 
 
 def _host_holes(fd: int, host: int, length: int) -> list[tuple[int, int, bool]]:
@@ -144,6 +149,7 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
     geo = mapper.geo
     l1 = l1 if l1 is not None else layer.active_l1
     span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
+    bulk = (end - start) >> cb > MAP_PYTHON_CLUSTERS
     pos = start
     while pos < end:
         index = pos // span
@@ -159,7 +165,7 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
             continue
         base = index * span
         first, last = (pos - base) >> cb, (chunk_end - 1 - base) >> cb
-        for a, b, t, host in _pieces(mapper, table, base, first, last):
+        for a, b, t, host in _pieces(mapper, table, base, first, last, bulk):
             a, b = max(a, pos), min(b, chunk_end)
             # (QEMU gives no host offset for encrypted data: it is not the guest's bytes)
             offset = host + ((a - base) & (cs - 1)) if not mapper.encrypted else None
@@ -189,31 +195,37 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
     return out
 
 
-def _pieces(mapper: Mapper, table: np.ndarray, base: int, first: int,
-            last: int) -> list[tuple[int, int, SubclusterType, int]]:
+def _pieces(mapper: Mapper, table: Table, base: int, first: int, last: int,
+            bulk: bool) -> list[tuple[int, int, SubclusterType, int]]:
     """(guest start, guest end, type, host offset of the first cluster) for
     the clusters FIRST..LAST of TABLE: per subcluster with extended L2, else
     per run of clusters that qemu-img shows as one entry anyway (same type;
-    for the types with a host offset, host-contiguous), found in one numpy
-    pass: a Python step per cluster made a 1 GiB image's map cost 0.1 s."""
+    for the types with a host offset, host-contiguous); with numpy (BULK)
+    for a long range: a Python step per cluster made a 1 GiB image's map
+    cost 0.1 s when entries were numpy scalars."""
     geo = mapper.geo
     cb, cs = geo.cluster_bits, geo.cluster_size
-    out: list[tuple[int, int, SubclusterType, int]] = []
     if not geo.extended_l2:
-        entries = table[first : last + 1]
-        types = np.asarray(cluster_types(entries, mapper.external_data))
-        hosts = entries & np.uint64(L2E_OFFSET_MASK)
-        with_offset = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
-        cut = (types[1:] != types[:-1]) | (with_offset[1:] & (hosts[1:] != hosts[:-1] + np.uint64(cs)))
-        starts = [0, *(np.flatnonzero(cut) + 1).tolist()]
-        ends = starts[1:] + [len(entries)]
-        for i, j in zip(starts, ends):
-            out.append((base + ((first + i) << cb), base + ((first + j) << cb), SubclusterType(int(types[i])),
-                        int(hosts[i])))
+        if bulk:
+            return _pieces_numpy(mapper, table, base, first, last)
+        out: list[tuple[int, int, SubclusterType, int]] = []
+        external = mapper.external_data
+        for k in range(first, last + 1):
+            e = table[k]
+            t = cluster_type(e, False, external) if e else SubclusterType.UNALLOCATED_PLAIN
+            h = e & L2E_OFFSET_MASK
+            c0 = base + (k << cb)
+            if out:
+                a, _, pt, ph = out[-1]
+                if pt == t and (t not in _WITH_OFFSET or ph + (c0 - a) == h):
+                    out[-1] = (a, c0 + cs, t, ph)
+                    continue
+            out.append((c0, c0 + cs, t, h))
         return out
+    out = []
     sc = geo.subcluster_size
     for k in range(first, last + 1):
-        w0, bitmap = int(table[k, 0]), int(table[k, 1])
+        w0, bitmap = table[2 * k], table[2 * k + 1]
         c0 = base + (k << cb)
         h = w0 & L2E_OFFSET_MASK
         for s in range(cs // sc):
@@ -224,6 +236,24 @@ def _pieces(mapper: Mapper, table: np.ndarray, base: int, first: int,
                 out[-1] = (c0, c0 + cs, t, h)
                 break
     return out
+
+
+def _pieces_numpy(mapper: Mapper, table: Table, base: int, first: int,
+                  last: int) -> list[tuple[int, int, SubclusterType, int]]:
+    """_pieces of standard entries in numpy passes (a long range)."""
+    import numpy as np
+
+    from ..format.bulk import cluster_types, table_view
+    cb, cs = mapper.geo.cluster_bits, mapper.geo.cluster_size
+    entries = table_view(table)[first : last + 1]
+    types = np.asarray(cluster_types(entries, mapper.external_data))
+    hosts = entries & np.uint64(L2E_OFFSET_MASK)
+    with_offset = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
+    cut = (types[1:] != types[:-1]) | (with_offset[1:] & (hosts[1:] != hosts[:-1] + np.uint64(cs)))
+    starts = [0, *(np.flatnonzero(cut) + 1).tolist()]
+    ends = starts[1:] + [len(entries)]
+    return [(base + ((first + i) << cb), base + ((first + j) << cb), SubclusterType(int(types[i])), int(hosts[i]))
+            for i, j in zip(starts, ends)]
 
 
 def _backing_size(layer: Layer) -> int:
@@ -276,6 +306,7 @@ def _raw_status(raw: object, start: int, end: int, depth: int) -> list[Extent]:
 def dirty(bits: bytes, granularity: int, size: int) -> list[dict[str, Any]]:
     """The extents of a bitmap's BITS as nbdinfo --map=qemu:dirty-bitmap:NAME --json.
     (Costs what the set bits cost: a sparse bitmap of a huge disk is quick.)"""
+    import numpy as np  # (bitmaps: bulk work)
     nbits = -(-size // granularity)
     raw = np.frombuffer(bits, np.uint8)[: -(-nbits // 8)]
     nz = np.flatnonzero(raw)

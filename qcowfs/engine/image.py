@@ -20,13 +20,12 @@ import os
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-import numpy as np
 import trio
 
 from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError)
 from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
-                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, Geometry, Header, SnapshotEntry,
-                      compressed_host_offsets, data_host_offsets)
+                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, Geometry, Header, SnapshotEntry, Table,
+                      decode_table, encode_table)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from . import chain
@@ -128,9 +127,9 @@ class Image:
             self.data_file = open_data_file(self.path, h, writable=not self.read_only)
             self.data_file.flushes = self.file.flushes
         mapper_file = self.data_file or self.file
-        self.l2_cache: TableCache[np.ndarray] = TableCache(
+        self.l2_cache: TableCache[Table] = TableCache(
             "L2", self.file, self.options.l2_cache_bytes // self.geo.cluster_size,
-            self._load_l2, self._encode_l2, self._write_l2)
+            self._load_l2, encode_table, self._write_l2)
         self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache,
                              encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher,
                              salvage=self.read_only)
@@ -263,25 +262,23 @@ class Image:
     def data_file_raw(self) -> bool:
         return bool(self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
 
-    async def _load_l2(self, offset: int) -> np.ndarray:
+    async def _load_l2(self, offset: int) -> Table:
         raw = await self.file.read(offset, self.geo.cluster_size)
         if len(raw) < self.geo.cluster_size:
             if not self.read_only:
                 raise InvalidImageError(f"L2 table at {offset:#x} runs past the end of the image file")
             raw = raw.ljust(self.geo.cluster_size, b"\0")  # (salvage: zeros, as QEMU reads them)
-        table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        table = decode_table(raw)
         if self.allocator is not None and not self.external_data:
-            words = table[0::2] if self.geo.extended_l2 else table
+            # (A writable image: the allocator has imported numpy already.)
+            from ..format.bulk import compressed_host_offsets, data_host_offsets, l2_words
+            words = l2_words(table, self.geo.extended_l2)
             self.allocator.note_references(data_host_offsets(words))
             self.allocator.note_references(compressed_host_offsets(words, self.geo.cluster_bits), data=False)
-        return table.reshape(-1, 2) if self.geo.extended_l2 else table
+        return table
 
     def _write_l2(self, offset: int, data: bytes) -> None:
         self.meta.write(offset, data, "L2 table", ignore=Kind.ACTIVE_L2)
-
-    @staticmethod
-    def _encode_l2(table: np.ndarray) -> bytes:
-        return table.astype(">u8").tobytes()
 
     def resolve(self, offset: int, length: int, out: list[Piece], lookup: Lookup) -> None:
         """The active disk as a Source (this image as a backing file): its pieces."""

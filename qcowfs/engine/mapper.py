@@ -2,8 +2,10 @@
 
 A request is cut into runs of clusters that read the same way (unallocated,
 zero, data at contiguous host offsets, one compressed cluster), so a read
-costs one pread per host-contiguous run, not one per cluster. Short ranges are
-classified entry by entry; longer ones with numpy over the L2 slice.
+costs one pread per host-contiguous run, not one per cluster. Tables are
+entries.Table (array.array): a read classifies its entries one by one in
+Python; only a span longer than NUMPY_THRESHOLD entries is classified with
+numpy, imported then (a read-only mount never spans that far: docs/speed.md).
 """
 from __future__ import annotations
 
@@ -11,17 +13,17 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
 from .cache import TableCache
 from ..format.compression import decompress_cluster
 from ..errors import CorruptionError, PassphraseError, ReadOnlyError
 from ..format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, SC_ALL,
-                     Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
+                     Geometry, SubclusterType, Table, cluster_type, decode_compressed, decode_table,
                      extended_problem, subcluster_type)
 from ..host.hostfile import HostFile
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..format.crypto import DiskCipher  # (an encrypted image only: imported by opening)
 
 log = logging.getLogger("qcowfs")
@@ -31,13 +33,16 @@ log = logging.getLogger("qcowfs")
 UNALLOC, ZERO, DATA, COMPRESSED, MIXED, MISSING = range(6)
 KIND_NAMES = ("unallocated", "zero", "data", "compressed", "mixed", "missing")
 # How each L2 (sub)cluster type reads (INVALID never reaches a lookup).
-RUN_KIND = np.array([UNALLOC, UNALLOC, ZERO, ZERO, DATA, COMPRESSED, -1], np.int8)
+RUN_KIND = (UNALLOC, UNALLOC, ZERO, ZERO, DATA, COMPRESSED, -1)
 
 # (kind, guest offset, length, host): host is the byte offset for DATA and the
 # raw L2 entry for COMPRESSED.
 Run = tuple[int, int, int, int]
 
-NUMPY_THRESHOLD = 16
+# Spans of more entries than this are classified with numpy (measured in
+# docs/speed.md: below it the Python loop is as fast, and a read-only mount,
+# whose reads span at most 256 entries of 4 KiB clusters, never imports numpy).
+NUMPY_THRESHOLD = 4096
 L1_CHUNK_BITS = 12
 L1_CHUNK_MASK = (1 << L1_CHUNK_BITS) - 1
 
@@ -56,7 +61,7 @@ class L1Table:
         self.offset = offset
         self.size = size
         self._write = write
-        self._chunks: dict[int, np.ndarray] = {}
+        self._chunks: dict[int, Table] = {}
 
     async def get(self, index: int) -> int:
         if index >= self.size:
@@ -64,16 +69,16 @@ class L1Table:
         chunk = self._chunks.get(index >> L1_CHUNK_BITS)
         if chunk is None:
             chunk = await self._load(index >> L1_CHUNK_BITS)
-        return int(chunk[index & ((1 << L1_CHUNK_BITS) - 1)])
+        return chunk[index & L1_CHUNK_MASK]
 
     def cached(self, index: int) -> int | None:
         """The entry if its chunk is loaded (no await): for the write fast path."""
         chunk = self._chunks.get(index >> L1_CHUNK_BITS)
         if chunk is None or index >= self.size:
             return None
-        return int(chunk[index & ((1 << L1_CHUNK_BITS) - 1)])
+        return chunk[index & L1_CHUNK_MASK]
 
-    async def _load(self, c: int) -> np.ndarray:
+    async def _load(self, c: int) -> Table:
         start = c << L1_CHUNK_BITS
         n = min(1 << L1_CHUNK_BITS, self.size - start)
         raw = await self.file.read(self.offset + start * 8, n * 8)
@@ -81,7 +86,7 @@ class L1Table:
             if not self.pad:
                 raise CorruptionError("L1 table runs past the end of the image file")
             raw = raw.ljust(n * 8, b"\0")
-        chunk = np.frombuffer(raw, ">u8").astype(np.uint64)
+        chunk = decode_table(raw)
         self._chunks[c] = chunk
         return chunk
 
@@ -91,7 +96,7 @@ class L1Table:
             raise ReadOnlyError("this L1 table is read-only")
         await self.get(index)
         self._write(self.offset + index * 8, value.to_bytes(8, "big"))
-        self._chunks[index >> L1_CHUNK_BITS][index & ((1 << L1_CHUNK_BITS) - 1)] = value
+        self._chunks[index >> L1_CHUNK_BITS][index & L1_CHUNK_MASK] = value
 
     def forget(self) -> None:
         """Drop the loaded entries: the next lookups read the table again (an
@@ -109,24 +114,26 @@ class L1Table:
             if chunk is None:
                 chunk = await self._load(c)
             lo = index & L1_CHUNK_MASK
-            hit = np.flatnonzero(chunk[lo : lo + stop - index] & np.uint64(L1E_OFFSET_MASK))
-            if len(hit):
-                return index + int(hit[0])
+            for i in range(lo, min(len(chunk), lo + stop - index)):
+                if chunk[i] & L1E_OFFSET_MASK:
+                    return index + i - lo
             index = (c + 1) << L1_CHUNK_BITS
         return stop
 
-    def chunk(self, index: int) -> np.ndarray | None:
+    def chunk(self, index: int) -> Table | None:
         """The loaded chunk holding entry INDEX, or None (the read hot path)."""
         return self._chunks.get(index >> L1_CHUNK_BITS)
 
     async def entries(self) -> np.ndarray:
-        """The whole table (for check and snapshot work, not the hot path)."""
+        """The whole table, a numpy copy (for snapshot and resize work, not
+        the read path: numpy is imported here)."""
+        import numpy as np
         for c in range(-(-self.size // (1 << L1_CHUNK_BITS))):
             if c not in self._chunks:
                 await self._load(c)
         if not self.size:
             return np.zeros(0, np.uint64)
-        return np.concatenate([self._chunks[c] for c in sorted(self._chunks)])
+        return np.concatenate([np.frombuffer(self._chunks[c], np.uint64) for c in sorted(self._chunks)])
 
 
 _ZEROS = bytes(1 << 20)
@@ -153,7 +160,7 @@ class Mapper:
     """Maps and reads guest ranges through L1/L2 tables; one per image."""
 
     def __init__(self, geo: Geometry, file: HostFile, data_file: HostFile,
-                 l2_cache: TableCache[np.ndarray], encrypted: bool = False,
+                 l2_cache: TableCache[Table], encrypted: bool = False,
                  cipher: DiskCipher | None = None, salvage: bool = False) -> None:
         self.geo = geo
         # Data clusters of an encrypted image are ciphertext (compressed ones
@@ -199,7 +206,7 @@ class Mapper:
             log.warning("the image file ends before what it maps (at %#x and maybe more): that reads "
                         "as zeros, as QEMU reads it (is the file truncated?)", host)
 
-    async def l2_table(self, l1: L1Table, index: int) -> np.ndarray | None:
+    async def l2_table(self, l1: L1Table, index: int) -> Table | None:
         off = self.l2_offset(await l1.get(index))
         return await self.l2_cache.get(off) if off else None
 
@@ -217,7 +224,7 @@ class Mapper:
         return runs
 
     def map_cached(self, l1: L1Table, offset: int, length: int,
-                   loaded: dict[tuple[L1Table, int], np.ndarray | None] | None = None) -> list[Run]:
+                   loaded: dict[tuple[L1Table, int], Table | None] | None = None) -> list[Run]:
         """map() from the tables at hand, without I/O or await: the cached
         ones, then LOADED ({(l1, index): table or None}: what the general
         path read for this request). A span whose table is not at hand is
@@ -243,36 +250,73 @@ class Mapper:
             pos = chunk_end
         return runs
 
-    def _map_span(self, table: np.ndarray | None, base: int, start: int, end: int, runs: list[Run]) -> None:
+    def _map_span(self, table: Table | None, base: int, start: int, end: int, runs: list[Run]) -> None:
         """The runs of [start, end) inside the span of one L2 table (None: none)."""
         if table is None:
             _append(runs, UNALLOC, start, end - start, 0)
         else:
             self._map_table(table, base, start, end, runs)
 
-    def _map_table(self, table: np.ndarray, base: int, start: int, end: int, runs: list[Run]) -> None:
+    def _map_table(self, table: Table, base: int, start: int, end: int, runs: list[Run]) -> None:
         cb = self.geo.cluster_bits
         first = (start - base) >> cb
         last = (end - 1 - base) >> cb
-        if last - first + 1 > NUMPY_THRESHOLD and not self.geo.extended_l2:
-            self._map_table_numpy(table, base, first, last, start, end, runs)
-            return
-        if first == last and not self.geo.extended_l2:  # (a small read: one entry)
-            e = int(table[first])
+        if self.geo.extended_l2:
+            self._map_table_ext(table, base, first, last, start, end, runs)
+        elif first == last:  # (a small read: one entry)
+            e = table[first]
             kind, host = self._classify(e) if e else (UNALLOC, 0)
             _append(runs, kind, start, end - start, host + (start - base - (first << cb)) if kind == DATA else host)
-            return
-        cs = self.geo.cluster_size
+        elif last - first + 1 > NUMPY_THRESHOLD:
+            self._map_table_numpy(table, base, first, last, start, end, runs)
+        else:
+            self._map_table_entries(table, base, first, last, start, end, runs)
+
+    def _map_table_entries(self, table: Table, base: int, first: int, last: int,
+                           start: int, end: int, runs: list[Run]) -> None:
+        """_map_table of standard entries, one by one: plain data clusters
+        and unallocated ones (nearly all entries) are decided inline and
+        runs grow in locals; the other entries go through _classify."""
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
+        special, unaligned = self._special, self._cluster_mask
+        lowest = 0 if self.external_data else cs  # (below: the header, an error _classify names)
+        # The run being built: kind, guest start, host start (DATA) or entry.
+        kind, g, h = -1, 0, 0
+        for i in range(first, last + 1):
+            e = table[i]
+            off = e & L2E_OFFSET_MASK
+            c0 = base + (i << cb)
+            if not e & special and off >= lowest and off and not off & unaligned:
+                if kind == DATA and h + (c0 - g) == off:
+                    continue
+                k, host = DATA, off
+            elif not e:
+                if kind == UNALLOC:
+                    continue
+                k, host = UNALLOC, 0
+            else:
+                k, host = self._classify(e)
+                if k == kind and k == ZERO:
+                    continue
+            if kind >= 0:
+                g0 = max(start, g)
+                _append(runs, kind, g0, c0 - g0, h + (g0 - g) if kind == DATA else h)
+            kind, g, h = k, c0, host
+        g0, g1 = max(start, g), min(end, base + ((last + 1) << cb))
+        _append(runs, kind, g0, g1 - g0, h + (g0 - g) if kind == DATA else h)
+
+    def _map_table_ext(self, table: Table, base: int, first: int, last: int,
+                       start: int, end: int, runs: list[Run]) -> None:
+        """_map_table of extended entries (two words each), cluster by cluster."""
+        cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         for i in range(first, last + 1):
             c0 = base + (i << cb)
             g0, g1 = max(start, c0), min(end, c0 + cs)
-            if self.geo.extended_l2:
-                kind, host = self._classify_ext(int(table[i, 0]), int(table[i, 1]))
-                if kind == MIXED:
-                    self._map_subclusters(int(table[i, 0]), int(table[i, 1]), c0, g0, g1, runs)
-                    continue
-            else:
-                kind, host = self._classify(int(table[i]))
+            w0, bitmap = table[2 * i], table[2 * i + 1]
+            kind, host = self._classify_ext(w0, bitmap)
+            if kind == MIXED:
+                self._map_subclusters(w0, bitmap, c0, g0, g1, runs)
+                continue
             if kind == DATA:
                 host += g0 - c0
             _append(runs, kind, g0, g1 - g0, host)
@@ -340,16 +384,20 @@ class Mapper:
         for s in range((g0 - c0) // sc, (g1 - 1 - c0) // sc + 1):
             s0 = c0 + s * sc
             a, b = max(g0, s0), min(g1, s0 + sc)
-            kind = int(RUN_KIND[subcluster_type(w0, bitmap, s, True, self.external_data)])
+            kind = RUN_KIND[subcluster_type(w0, bitmap, s, True, self.external_data)]
             _append(runs, kind, a, b - a, off + (a - c0) if kind == DATA else 0)
 
-    def _map_table_numpy(self, table: np.ndarray, base: int, first: int, last: int,
+    def _map_table_numpy(self, table: Table, base: int, first: int, last: int,
                          start: int, end: int, runs: list[Run]) -> None:
+        """_map_table of a long span of standard entries, in numpy passes."""
+        import numpy as np
+
+        from ..format.bulk import cluster_types, table_view
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
-        e = table[first : last + 1]
+        e = table_view(table)[first : last + 1]
         off = e & np.uint64(L2E_OFFSET_MASK)
         types = cluster_types(e, self.external_data)
-        kind = RUN_KIND[types]
+        kind = np.array(RUN_KIND, np.int8)[types]
         comp = kind == COMPRESSED
         zero = kind == ZERO
         if zero.any():
@@ -377,7 +425,7 @@ class Mapper:
 
     # ---- reading ------------------------------------------------------------
 
-    def cached_table(self, l1: L1Table, index: int) -> np.ndarray | None:
+    def cached_table(self, l1: L1Table, index: int) -> Table | None:
         """L2 table INDEX of L1 if its entry and the table are cached (no I/O), else None."""
         entry = l1.cached(index)
         return self.l2_cache.peek(entry & L1E_OFFSET_MASK) if entry else None
@@ -398,12 +446,12 @@ class Mapper:
         first = (offset & ((1 << sb) - 1)) >> cb
         last = ((offset + length - 1) & ((1 << sb) - 1)) >> cb
         special = self._special
-        e = int(table[first])
+        e = table[first]
         host = e & L2E_OFFSET_MASK
         if e & special or not host:
             return None
         for k in range(first + 1, last + 1):
-            e = int(table[k])
+            e = table[k]
             if e & special or e & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return None
         last_host = host + ((last - first) << cb)

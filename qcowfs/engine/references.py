@@ -11,23 +11,23 @@ Reads are blocking (open time, offline check): nothing is served meanwhile.
 """
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
-from ..format import (SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, refcount_array, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
-                     L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, BitmapsExtension,
-                     CryptoHeaderExtension, Header, SubclusterType, cluster_type, cluster_types,
+from ..format import (SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
+                     L2E_OFFSET_MASK, OFLAG_COMPRESSED, BitmapsExtension,
+                     CryptoHeaderExtension, Header, SubclusterType, cluster_type,
                      compressed_shift,
-                     data_host_offsets,
                      extended_problem)
+from ..format.bulk import cluster_types, data_host_offsets, refcount_array
 from ..host.hostfile import HostFile
 from .metadata import Metadata
 from .overlap import Kind
 from .snapshots import snapshot_problem
+from .stored import refcount_table, stored_blocks
 
 
 @dataclass(frozen=True)
@@ -85,30 +85,16 @@ def read_entries(file: HostFile, offset: int, count: int) -> np.ndarray:
     return np.frombuffer(raw.ljust(count * 8, b"\0"), ">u8").astype(np.uint64)
 
 
-def refcount_table(file: HostFile, h: Header) -> list[int]:
-    """Block offsets of the refcount table the header names."""
-    raw = file.read_sync(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
-    return [e & REFT_OFFSET_MASK for e in struct.unpack(f">{len(raw) // 8}Q", raw)]
-
-
 def stored_refcounts(file: HostFile, h: Header, geo: Geometry, nclusters: int) -> np.ndarray:
     """The stored refcount of clusters 0..nclusters-1 (0 where no block or a
     misplaced one says otherwise: what check compares with the references)."""
-    rpb, cs = geo.refcounts_per_block, geo.cluster_size
     out = np.zeros(nclusters, np.int64)
-    for r, off in enumerate(refcount_table(file, h)):
-        if not off or r * rpb >= nclusters or off % cs:
-            continue
-        raw = file.read_sync(off, cs)
-        if len(raw) < cs:
-            continue
+    for first, raw, n in stored_blocks(file, h, geo, nclusters):
         # 64-bit refcounts beyond int64 are still "more than referenced" (a leak).
         vals = refcount_array(raw, geo.refcount_order)
         if geo.refcount_order == 6:
             vals = np.minimum(vals, np.uint64(1 << 62))
-        vals = vals.astype(np.int64)
-        n = min(rpb, nclusters - r * rpb)
-        out[r * rpb : r * rpb + n] = vals[:n]
+        out[first : first + n] = vals[:n].astype(np.int64)
     return out
 
 

@@ -21,7 +21,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ResizeError
-from ..format import INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, OFLAG_ZERO, SC_ALL
+from ..format import (INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, OFLAG_ZERO, SC_ALL, Table,
+                      encode_table, zero_table)
+from ..format.bulk import l2_rows
 from .bitmap_ops import Plan, current_bits, stage as stage_bitmaps
 from .bitmaps import Bitmap
 from .cache import TableCache
@@ -54,11 +56,12 @@ def check_resize(meta: Metadata, bitmaps: list[Bitmap], new_size: int, backing_s
         raise ResizeError(f"virtual size {new_size} is too large (its L1 table would pass 32 MiB)")
 
 
-def _words(table: np.ndarray) -> np.ndarray:
-    return table[:, 0] if table.ndim == 2 else table
+def _words(rows: np.ndarray) -> np.ndarray:
+    """The first word of each entry of l2_rows."""
+    return rows[:, 0] if rows.ndim == 2 else rows
 
 
-async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+async def stage_resize(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction,
                        bitmaps: list[Bitmap], new_size: int, backing_size: int,
                        adopt: Callable[[list[Bitmap]], None]) -> None:
     """The resize as part of TXN; once it commits, ADOPT gets the resized bitmaps.
@@ -75,7 +78,7 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
     new_l1 = np.zeros(l1_size, np.uint64)
     new_l1[: min(l1_size, h.l1_size)] = l1[: min(l1_size, h.l1_size)]
     replaced: dict[int, int] = {}
-    new_tables: dict[int, np.ndarray] = {}
+    new_tables: dict[int, Table] = {}
     dropped: list[int] = []
     if shrink:
         keep_clusters = -(-new_size // cs)       # guest clusters that stay (the last one may be partial)
@@ -87,8 +90,7 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
             off = int(l1[i]) & L1E_OFFSET_MASK
             table = await l2_cache.get(off)
             cut = max(0, keep_clusters - first)
-            gone = table[cut:]
-            gone_words = _words(gone)
+            gone_words = _words(l2_rows(table, geo.extended_l2)[cut:])
             # The active disk's path through this table goes: the table and
             # the data of the entries past the end lose the reference.
             txn.change(off, cs, -1)
@@ -96,10 +98,10 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
             if cut == 0:
                 dropped.append(off)
                 continue
-            copy = table.copy()
-            copy[cut:] = 0
+            copy = table[:]
+            l2_rows(copy, geo.extended_l2)[cut:] = 0
             at = await txn.allocate(cs)
-            meta.write(at, copy.astype(">u8").tobytes(), "L2 table copy")
+            meta.write(at, encode_table(copy), "L2 table copy")
             new_l1[i] = np.uint64(at | OFLAG_COPIED)
             replaced[off], new_tables[at] = at, copy
     if not shrink and h.version >= 3:
@@ -113,18 +115,20 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
             off = int(new_l1[i]) & L1E_OFFSET_MASK
             if off:
                 table = await l2_cache.get(off)
-                copy = table.copy()
+                copy = table[:]
                 txn.change(off, cs, -1)
-                txn.change_clusters(L2Refs(off, _words(table[k0:k1]), None, 1, True).clusters(cb, external), -1)
+                words = _words(l2_rows(table, geo.extended_l2)[k0:k1])
+                txn.change_clusters(L2Refs(off, words, None, 1, True).clusters(cb, external), -1)
             else:
-                copy = np.zeros((per_table, 2) if geo.extended_l2 else per_table, np.uint64)
+                copy = zero_table(cs // 8)
+            rows = l2_rows(copy, geo.extended_l2)
             if geo.extended_l2:
-                copy[k0:k1, 0] = 0
-                copy[k0:k1, 1] = np.uint64(SC_ALL << 32)
+                rows[k0:k1, 0] = 0
+                rows[k0:k1, 1] = np.uint64(SC_ALL << 32)
             else:
-                copy[k0:k1] = np.uint64(OFLAG_ZERO)
+                rows[k0:k1] = np.uint64(OFLAG_ZERO)
             at = await txn.allocate(cs)
-            meta.write(at, copy.astype(">u8").tobytes(), "L2 table of zero clusters")
+            meta.write(at, encode_table(copy), "L2 table of zero clusters")
             new_l1[i] = np.uint64(at | OFLAG_COPIED)
             if off:
                 replaced[off] = at

@@ -29,7 +29,8 @@ import numpy as np
 from .cache import TableCache
 from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
 from ..format import (NO_ICOUNT, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
-                     OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry)
+                     OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry, Table, encode_table)
+from ..format.bulk import l2_words
 from .metadata import Metadata
 from .overlap import Kind
 from .references import L2Refs, read_entries
@@ -48,7 +49,7 @@ class _Tables:
 
     l1: np.ndarray               # the new active L1 entries
     replaced: dict[int, int]     # old L2 offset -> new L2 offset
-    new_tables: dict[int, np.ndarray]
+    new_tables: dict[int, Table]
 
 
 def check_new_name(meta: Metadata, name: str) -> None:
@@ -65,23 +66,20 @@ def _new_id(entries: list[SnapshotEntry]) -> str:
     return str(max(ids, default=0) + 1)
 
 
-def _words(table: np.ndarray) -> np.ndarray:
-    return table[:, 0] if table.ndim == 2 else table
-
-
-def _encode(table: np.ndarray) -> bytes:
-    return table.astype(">u8").tobytes()
+def _encode(l1: np.ndarray) -> bytes:
+    """An L1 table (L1Table.entries) as it is stored."""
+    return l1.astype(">u8").tobytes()
 
 
 def _table_bytes(entries: list[SnapshotEntry]) -> bytes:
     return b"".join(e.pack() for e in entries)
 
 
-async def _l2_refs(l2_cache: TableCache[np.ndarray], offset: int, cluster_bits: int) -> tuple[np.ndarray, np.ndarray]:
+async def _l2_refs(meta: Metadata, l2_cache: TableCache[Table], offset: int) -> tuple[Table, np.ndarray]:
     """An L2 table and the clusters it references."""
     table = await l2_cache.get(offset)
-    words = _words(table)
-    return table, L2Refs(offset, words, None, 1, True).clusters(cluster_bits, False)
+    words = l2_words(table, meta.geo.extended_l2)
+    return table, L2Refs(offset, words, None, 1, True).clusters(meta.geo.cluster_bits, False)
 
 
 async def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[SnapshotEntry]) -> int:
@@ -97,7 +95,7 @@ async def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[
     return at
 
 
-async def create(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], name: str) -> SnapshotEntry:
+async def create(meta: Metadata, alloc: Allocator, l2_cache: TableCache[Table], name: str) -> SnapshotEntry:
     """Make internal snapshot NAME of the active disk as it is now."""
     async with Transaction(alloc) as txn:
         entry = await stage_create(meta, l2_cache, txn, name)
@@ -105,14 +103,14 @@ async def create(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarr
     return entry
 
 
-async def delete(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], index: int) -> None:
+async def delete(meta: Metadata, alloc: Allocator, l2_cache: TableCache[Table], index: int) -> None:
     """Drop snapshot INDEX and free what only it held."""
     async with Transaction(alloc) as txn:
         await stage_delete(meta, l2_cache, txn, index)
         await txn.commit()
 
 
-async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+async def stage_create(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction,
                        name: str, vm_clock_nsec: int = 0) -> SnapshotEntry:
     """The snapshot NAME as part of TXN (written when it commits)."""
     check_new_name(meta, name)
@@ -120,20 +118,20 @@ async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
         raise RequestError(f"refcount_bits={1 << txn.alloc.order} cannot count the second "
                             "reference a snapshot takes to each cluster")
     h, geo = meta.header, meta.geo
-    cs, cb = geo.cluster_size, geo.cluster_bits
+    cs = geo.cluster_size
     l1 = await meta.active_l1.entries() if h.l1_size else np.zeros(0, np.uint64)
     new_l1 = l1.copy()
-    new_tables: dict[int, np.ndarray] = {}
+    new_tables: dict[int, Table] = {}
     replaced: dict[int, int] = {}
     for i in np.flatnonzero(l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
         old = int(l1[i]) & L1E_OFFSET_MASK
-        table, clusters = await _l2_refs(l2_cache, old, cb)
+        table, clusters = await _l2_refs(meta, l2_cache, old)
         txn.change_clusters(clusters, 1)
-        copy = table.copy()
-        w = _words(copy)
+        copy = table[:]
+        w = l2_words(copy, geo.extended_l2)
         w &= np.uint64(~OFLAG_COPIED & (1 << 64) - 1)
         at = await txn.allocate(cs)
-        meta.write(at, _encode(copy), "L2 table copy")
+        meta.write(at, encode_table(copy), "L2 table copy")
         new_l1[i] = np.uint64(at | OFLAG_COPIED)
         new_tables[at], replaced[old] = copy, at
     l1_at = h.l1_table_offset
@@ -162,11 +160,11 @@ async def stage_create(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
     return entry
 
 
-async def stage_delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+async def stage_delete(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction,
                        index: int) -> None:
     """Dropping snapshot INDEX as part of TXN."""
     h, geo = meta.header, meta.geo
-    cs, cb = geo.cluster_size, geo.cluster_bits
+    cs = geo.cluster_size
     snap = meta.snapshots[index]
     snap_l2: list[int] = []
     if snap.l1_size:
@@ -175,7 +173,7 @@ async def stage_delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
         for off in entries[entries != 0].tolist():
             snap_l2.append(off)
             txn.change(off, cs, -1)
-            _, clusters = await _l2_refs(l2_cache, off, cb)
+            _, clusters = await _l2_refs(meta, l2_cache, off)
             txn.change_clusters(clusters, -1)
     rest = meta.snapshots[:index] + meta.snapshots[index + 1 :]
     table_at = await _write_snapshot_table(meta, txn, rest)
@@ -207,7 +205,7 @@ async def stage_delete(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tr
     txn.then(follow)
 
 
-async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> _Tables:
+async def _fix_copied(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction) -> _Tables:
     """Active tables whose COPIED flags the refcounts after TXN contradict,
     as copies (each replaced table loses its reference, its copy gains one;
     the data they point to keeps its count)."""
@@ -221,10 +219,10 @@ async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     l2_offs = (l1[idx] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
     l2_rc = await txn.new_refcounts(l2_offs // cs)
     changed = txn.changed_clusters()
-    copies: list[tuple[int, int, np.ndarray]] = []
+    copies: list[tuple[int, int, Table]] = []
     for i, off, rc in zip(idx.tolist(), l2_offs.tolist(), l2_rc.tolist()):
         table = await l2_cache.get(off)
-        w = _words(table)
+        w = l2_words(table, meta.geo.extended_l2)
         std = (w & np.uint64(OFLAG_COMPRESSED)) == 0
         host = (w & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
         ks = np.flatnonzero(std & (host != 0) & np.isin(host // cs, changed))
@@ -237,25 +235,22 @@ async def _fix_copied(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
             want = off | (OFLAG_COPIED if rc == 1 else 0)
             l1[i] = np.uint64(want | (int(l1[i]) & ~(L1E_OFFSET_MASK | OFLAG_COPIED)))
             continue
-        copy = table.copy()
-        if copy.ndim == 2:
-            copy[:, 0] = new_w
-        else:
-            copy[:] = new_w
+        copy = table[:]
+        l2_words(copy, meta.geo.extended_l2)[:] = new_w
         copies.append((i, off, copy))
     # (The copies change refcounts only now: the flags above come from the
     # snapshot's own changes, which these do not touch.)
     for i, off, copy in copies:
         txn.change(off, cs, -1)
         at = await txn.allocate(cs)
-        meta.write(at, _encode(copy), "L2 table copy")
+        meta.write(at, encode_table(copy), "L2 table copy")
         l1[i] = np.uint64(at | OFLAG_COPIED)
         out.replaced[off], out.new_tables[at] = at, copy
     return out
 
 
-def _swap_tables(meta: Metadata, l2_cache: TableCache[np.ndarray], replaced: dict[int, int],
-                 new_tables: dict[int, np.ndarray], old_kind: Kind | None) -> None:
+def _swap_tables(meta: Metadata, l2_cache: TableCache[Table], replaced: dict[int, int],
+                 new_tables: dict[int, Table], old_kind: Kind | None) -> None:
     """Replaced active L2 tables leave the active set (to OLD_KIND); their
     copies join it, and the cache holds them as written."""
     cs = meta.geo.cluster_size
@@ -275,18 +270,18 @@ def _swap_snapshot_table(meta: Metadata, old: tuple[int, int], new_at: int,
         meta.add_structure(Kind.SNAPSHOT_TABLE, new_at, len(_table_bytes(entries)))
 
 
-async def apply(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray], index: int) -> None:
+async def apply(meta: Metadata, alloc: Allocator, l2_cache: TableCache[Table], index: int) -> None:
     """Make the active disk snapshot INDEX's content (qemu-img snapshot -a)."""
     async with Transaction(alloc) as txn:
         await stage_apply(meta, l2_cache, txn, index)
         await txn.commit()
 
 
-async def drop_active(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction) -> list[int]:
+async def drop_active(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction) -> list[int]:
     """The active L1 table, its L2 tables and their data each lose the
     reference the active disk holds (as a snapshot delete drops its own);
     the offsets of those L2 tables."""
-    h, cs, cb = meta.header, meta.geo.cluster_size, meta.geo.cluster_bits
+    h, cs = meta.header, meta.geo.cluster_size
     tables: list[int] = []
     if not h.l1_size:
         return tables
@@ -295,12 +290,12 @@ async def drop_active(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     for off in l1[l1 != 0].tolist():
         tables.append(off)
         txn.change(off, cs, -1)
-        _, clusters = await _l2_refs(l2_cache, off, cb)
+        _, clusters = await _l2_refs(meta, l2_cache, off)
         txn.change_clusters(clusters, -1)
     return tables
 
 
-async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Transaction,
+async def stage_apply(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction,
                       index: int) -> None:
     """Reverting the active disk to snapshot INDEX as part of TXN.
 
@@ -314,7 +309,7 @@ async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     a crash leaves the old disk or the new, never a mix. The old active
     tables and data lose the active disk's reference."""
     h, geo = meta.header, meta.geo
-    cs, cb = geo.cluster_size, geo.cluster_bits
+    cs = geo.cluster_size
     snap = meta.snapshots[index]
     problem = snapshot_problem(snap, h.version, cs, meta.file.known_size)
     if problem is not None and not problem[1]:
@@ -327,17 +322,17 @@ async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     if snap.l1_size:
         snap_l1[: snap.l1_size] = read_entries(meta.file, snap.l1_table_offset, snap.l1_size)
     old_tables = await drop_active(meta, l2_cache, txn)
-    sources: list[tuple[int, np.ndarray]] = []
+    sources: list[tuple[int, Table]] = []
     for i in np.flatnonzero(snap_l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
         off = int(snap_l1[i]) & L1E_OFFSET_MASK
-        table, clusters = await _l2_refs(l2_cache, off, cb)
+        table, clusters = await _l2_refs(meta, l2_cache, off)
         txn.change_clusters(clusters, 1)
         sources.append((i, table))
     new_l1 = np.zeros(new_l1_size, np.uint64)
-    new_tables: dict[int, np.ndarray] = {}
+    new_tables: dict[int, Table] = {}
     for i, table in sources:
-        copy = table.copy()
-        w = _words(copy)
+        copy = table[:]
+        w = l2_words(copy, meta.geo.extended_l2)
         std = (w & np.uint64(OFLAG_COMPRESSED)) == 0
         host = (w & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
         ks = np.flatnonzero(std & (host != 0))
@@ -346,7 +341,7 @@ async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
             rcs = await txn.new_refcounts(host[ks] // cs)
             w[ks[rcs == 1]] |= np.uint64(OFLAG_COPIED)
         at = await txn.allocate(cs)
-        meta.write(at, _encode(copy), "L2 table copy")
+        meta.write(at, encode_table(copy), "L2 table copy")
         new_l1[i] = np.uint64(at | OFLAG_COPIED)
         new_tables[at] = copy
     l1_at = await txn.allocate(new_l1_size * 8) if new_l1_size else 0
@@ -372,7 +367,7 @@ async def stage_apply(meta: Metadata, l2_cache: TableCache[np.ndarray], txn: Tra
     txn.then(follow)
 
 
-async def empty(meta: Metadata, alloc: Allocator, l2_cache: TableCache[np.ndarray]) -> None:
+async def empty(meta: Metadata, alloc: Allocator, l2_cache: TableCache[Table]) -> None:
     """The active disk without a single cluster (it reads the backing file
     again): a new L1 table of zeros, the old tables and data lose the
     active disk's reference, in one commit."""

@@ -18,8 +18,9 @@ import trio
 from .cache import TableCache
 from ..errors import CorruptionError, UnsupportedFeatureError
 from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
-                     Geometry, SubclusterType, cluster_type, cluster_types, decode_compressed,
-                     encode_compressed, extended_problem)
+                     Geometry, SubclusterType, Table, cluster_type, decode_compressed,
+                     encode_compressed, extended_problem, zero_table)
+from ..format.bulk import cluster_types, l2_rows
 from ..host.hostfile import HostFile
 from . import chain
 from .chain import Source
@@ -42,7 +43,9 @@ class Writer:
         self.mapper = mapper
         self.meta = meta
         self.alloc = allocator
-        self.l2_cache: TableCache[np.ndarray] = mapper.l2_cache
+        self.l2_cache: TableCache[Table] = mapper.l2_cache
+        # Words per L2 entry in a Table (extended L2: the entry, its bitmap).
+        self._words = 2 if geo.extended_l2 else 1
         self.file: HostFile = mapper.file
         self.data_file: HostFile = mapper.data_file
         self.external = mapper.external_data
@@ -71,14 +74,14 @@ class Writer:
         table = self.mapper.cached_table(self.meta.active_l1, index)
         if table is None:
             return False
-        cb, ext = geo.cluster_bits, geo.extended_l2
+        cb, w = geo.cluster_bits, self._words
         first = (offset - index * span) >> cb
         last = (end - 1 - index * span) >> cb
-        host = int(table[first, 0] if ext else table[first]) & L2E_OFFSET_MASK
+        host = table[first * w] & L2E_OFFSET_MASK
         for k in range(first, last + 1):
             if self._state(table, k) != IN_PLACE:
                 return False
-            if k > first and int(table[k, 0] if ext else table[k]) & L2E_OFFSET_MASK != host + ((k - first) << cb):
+            if k > first and table[k * w] & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return False
         if self.detect_zeroes and end - offset >= geo.cluster_size and self._has_zero_cluster(offset, data):
             return False  # (the allocating path turns it into a zero entry)
@@ -128,10 +131,10 @@ class Writer:
         hi = lo + self.geo.cluster_size
         return lo >= 0 and hi <= len(data) and not data[lo] and data[lo:hi] == self._zero_cluster
 
-    def _state(self, table: np.ndarray, k: int) -> int:
+    def _state(self, table: Table, k: int) -> int:
         """IN_PLACE, REUSE (our cluster, entry must change) or ALLOCATE."""
         if self.geo.extended_l2:
-            e, bitmap = int(table[k, 0]), int(table[k, 1])
+            e, bitmap = table[2 * k], table[2 * k + 1]
             if bitmap == SC_ALL and e & OFLAG_COPIED and not e & OFLAG_COMPRESSED:
                 return IN_PLACE
             t = cluster_type(e, True, self.external)
@@ -141,7 +144,7 @@ class Writer:
             if t == SubclusterType.COMPRESSED or not e & OFLAG_COPIED:
                 return ALLOCATE
             return REUSE if t == SubclusterType.NORMAL else ALLOCATE
-        e = int(table[k])
+        e = table[k]
         if e & OFLAG_COPIED and not e & _SPECIAL and e & L2E_OFFSET_MASK:
             return IN_PLACE  # the common case, decided without a call
         t = cluster_type(e, False, self.external)
@@ -193,8 +196,7 @@ class Writer:
                 base = index * span
                 for k in range((pos - base) >> cb, ((chunk_end - 1 - base) >> cb) + 1):
                     if self._state(table, k) != ALLOCATE:
-                        host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
-                        self._check_host(host, cs)
+                        self._check_host(self._entry(table, k)[0] & L2E_OFFSET_MASK, cs)
             pos = chunk_end
 
     async def _lock(self) -> None:
@@ -223,11 +225,7 @@ class Writer:
         if old:
             await self.alloc.verify_release([Release(old, cs, shared=True)])
         new = await self.alloc.allocate(1)
-        if old:
-            table = (await self.l2_cache.get(old)).copy()
-        else:
-            shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
-            table = np.zeros(shape, np.uint64)
+        table = (await self.l2_cache.get(old))[:] if old else zero_table(cs // 8)
         self.meta.add_structure(Kind.ACTIVE_L2, new, cs)
         self.l2_cache.put_new(new, table)
         # The new table and its refcount must be on disk before L1 points to it.
@@ -239,7 +237,7 @@ class Writer:
             self.alloc.release_later(old, cs)
         return new
 
-    async def _write_table(self, table_off: int, table: np.ndarray, base: int, start: int,
+    async def _write_table(self, table_off: int, table: Table, base: int, start: int,
                            data: memoryview) -> None:
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         end = start + len(data)
@@ -256,7 +254,7 @@ class Writer:
                 self.l2_cache.mark_dirty(table_off)
                 k += 1
             elif state == IN_PLACE:
-                host = int(table[k, 0] if self.geo.extended_l2 else table[k]) & L2E_OFFSET_MASK
+                host = self._entry(table, k)[0] & L2E_OFFSET_MASK
                 self._check_host(host, cs)
                 self._put(piece, host + (g0 - c0), g0)
                 k += 1
@@ -266,7 +264,7 @@ class Writer:
                 self.l2_cache.mark_dirty(table_off)
                 k += n
 
-    def _run_length(self, table: np.ndarray, k: int, last: int, base: int, start: int,
+    def _run_length(self, table: Table, k: int, last: int, base: int, start: int,
                     data: memoryview) -> int:
         """How many clusters from K (which needs a new cluster) up to LAST one
         allocation takes: those that need a new cluster too, up to the first
@@ -283,19 +281,20 @@ class Writer:
                     return j - k
         return n
 
-    def _unallocated(self, table: np.ndarray, first: int, last: int) -> int:
+    def _unallocated(self, table: Table, first: int, last: int) -> int:
         """How many entries from FIRST (to LAST) are all zeros: unallocated,
         with nothing of their own (such an entry is always ALLOCATE)."""
-        rows = table[first : last + 1]
+        rows = l2_rows(table, self.geo.extended_l2)[first : last + 1]
         if not rows.any():
             return len(rows)
-        return int(np.flatnonzero(self._used(rows))[0])
+        used = rows.any(axis=1) if self.geo.extended_l2 else rows != 0
+        return int(np.flatnonzero(used)[0])
 
-    def _used(self, rows: np.ndarray) -> np.ndarray:
-        """Per L2 entry of ROWS: whether any of its bits is set."""
-        return np.asarray(rows.any(axis=1) if self.geo.extended_l2 else rows != 0)
+    def _used(self, entries: Table) -> list[int]:
+        """The indexes of the entries of ENTRIES (a piece of a table) with any bit set."""
+        return [j for j in range(len(entries) // self._words) if self._entry(entries, j) != (0, 0)]
 
-    async def _fill_run(self, table: np.ndarray, k: int, n: int, base: int, start: int,
+    async def _fill_run(self, table: Table, k: int, n: int, base: int, start: int,
                         data: memoryview, reuse: bool) -> None:
         """Write N clusters (old contents + new bytes), then point L2 at them.
         Whole clusters, except with extended L2: there only the subclusters
@@ -304,7 +303,7 @@ class Writer:
         c0 = base + (k << cb)
         end = start + len(data)
         lo, hi = max(start, c0), min(end, c0 + n * cs)
-        old = table[k : k + n].copy()
+        old = table[k * self._words : (k + n) * self._words]  # (a copy)
         run_lo, run_hi = self._written(old, c0, n, lo, hi, reuse)
         # Old contents only where the new bytes do not cover the run; the
         # pieces go out in one pwritev, the new bytes never copied.
@@ -317,9 +316,8 @@ class Writer:
             tail = bytearray(run_hi - hi)
             await self._old_contents(memoryview(tail), hi)
             parts.append(tail)
-        if not reuse and old.any():
-            await self.alloc.verify_release(self._released(
-                [self._entry(old, j) for j in np.flatnonzero(self._used(old)).tolist()]))
+        if not reuse and any(old):
+            await self.alloc.verify_release(self._released([self._entry(old, j) for j in self._used(old)]))
         if self.external:
             host = c0  # guest offset == host offset in an external data file
         elif reuse:  # (one cluster)
@@ -336,11 +334,11 @@ class Writer:
         else:
             self.data_file.writev_sync(parts, at)
         self._set_data(table, k, n, host, self._bitmaps(old, c0, run_lo, run_hi))
-        if not reuse and old.any():
-            for j in np.flatnonzero(self._used(old)).tolist():
+        if not reuse and any(old):
+            for j in self._used(old):
                 self._release(*self._entry(old, j))
 
-    def _written(self, old: np.ndarray, c0: int, n: int, lo: int, hi: int, reuse: bool) -> tuple[int, int]:
+    def _written(self, old: Table, c0: int, n: int, lo: int, hi: int, reuse: bool) -> tuple[int, int]:
         """The guest range [run_lo, run_hi) a write of [LO, HI) to the N
         clusters from C0 (old entries OLD) puts on the host. Whole clusters,
         but with extended L2 as QEMU's calculate_l2_meta: the written
@@ -353,37 +351,38 @@ class Writer:
         if not self.geo.extended_l2:
             return c0, c0 + n * cs
         last = c0 + (n - 1) * cs
-        first_lo, _ = self._subcluster_span(old[0], lo - c0, min(hi - c0, cs), reuse)
-        _, last_hi = self._subcluster_span(old[n - 1], max(lo - last, 0), hi - last, reuse)
+        first_lo, _ = self._subcluster_span(self._entry(old, 0), lo - c0, min(hi - c0, cs), reuse)
+        _, last_hi = self._subcluster_span(self._entry(old, n - 1), max(lo - last, 0), hi - last, reuse)
         return c0 + first_lo, last + last_hi
 
-    def _subcluster_span(self, entry: np.ndarray, a: int, b: int, keep: bool) -> tuple[int, int]:
+    def _subcluster_span(self, entry: tuple[int, int], a: int, b: int, keep: bool) -> tuple[int, int]:
         """Within one extended-L2 cluster: the subcluster-aligned byte range
         that covers [A, B) and, unless the cluster is KEPT, every subcluster
         ENTRY has allocated (all of it for a compressed cluster)."""
         sc, cs = self.geo.subcluster_size, self.geo.cluster_size
-        if int(entry[0]) & OFLAG_COMPRESSED:
+        if entry[0] & OFLAG_COMPRESSED:
             return 0, cs
         first, last = a // sc, (b - 1) // sc
-        alloc = int(entry[1]) & SC_ALL
+        alloc = entry[1] & SC_ALL
         if alloc and not keep:
             first = min(first, (alloc & -alloc).bit_length() - 1)
             last = max(last, alloc.bit_length() - 1)
         return first * sc, (last + 1) * sc
 
-    def _bitmaps(self, old: np.ndarray, c0: int, run_lo: int, run_hi: int) -> np.ndarray | None:
+    def _bitmaps(self, old: Table, c0: int, run_lo: int, run_hi: int) -> np.ndarray | None:
         """Extended L2: the new bitmaps of the clusters from C0 once guest
         [run_lo, run_hi) is written there: those subclusters allocated and
         not zero, the others as they were (none: standard L2 entries)."""
         if not self.geo.extended_l2:
             return None
         cs, sc = self.geo.cluster_size, self.geo.subcluster_size
-        out = np.empty(len(old), np.uint64)
-        for j in range(len(old)):
+        out = np.empty(len(old) // 2, np.uint64)
+        for j in range(len(out)):
             cj = c0 + j * cs
             a, b = max(run_lo, cj) - cj, min(run_hi, cj + cs) - cj
             written = ((1 << (b // sc)) - 1) ^ ((1 << (a // sc)) - 1)
-            bitmap = 0 if int(old[j, 0]) & OFLAG_COMPRESSED else int(old[j, 1])
+            e, bitmap = self._entry(old, j)
+            bitmap = 0 if e & OFLAG_COMPRESSED else bitmap
             out[j] = ((bitmap & SC_ALL) | written) | (((bitmap >> 32) & ~written) << 32)
         return out
 
@@ -434,11 +433,8 @@ class Writer:
                     old = [self._entry(table, k + j) for j in range(m)]
                     await self.alloc.verify_release(self._released(old))
                     for j in range(m):
-                        entry = encode_compressed(host + places[i + j], len(blobs[i + j]), cb)
-                        if self.geo.extended_l2:
-                            table[k + j, 0], table[k + j, 1] = entry, 0
-                        else:
-                            table[k + j] = entry
+                        self._set_entry(table, k + j, encode_compressed(host + places[i + j],
+                                                                        len(blobs[i + j]), cb), 0)
                     self.l2_cache.mark_dirty(table_off)
                     for e in old:
                         self._release(*e)
@@ -533,8 +529,7 @@ class Writer:
                 pos = chunk_end  # unallocated with nothing below: already zeros
                 continue
             if table is None:
-                shape = (self.geo.l2_entries, 2) if self.geo.extended_l2 else (self.geo.l2_entries,)
-                table = np.zeros(shape, np.uint64)
+                table = zero_table(self.geo.cluster_size // 8)
             # Decide on the current table first: a table that needs no change
             # is neither allocated nor copied away from a snapshot.
             dropped: list[tuple[int, int]] = []
@@ -554,7 +549,7 @@ class Writer:
         backing = self._backing()
         return backing is not None and start < backing.size
 
-    def _zero_entries(self, table: np.ndarray, base: int, start: int, end: int, unmap: bool,
+    def _zero_entries(self, table: Table, base: int, start: int, end: int, unmap: bool,
                       apply: bool, fallback: list[tuple[int, int]],
                       dropped: list[tuple[int, int]] | None = None) -> bool:
         """Make the entries for [start, end) of the L2 table at guest BASE say
@@ -562,7 +557,7 @@ class Writer:
         so no other task sees half of it. Ranges only data can zero go to
         FALLBACK."""
         geo = self.geo
-        cb, cs, ext = geo.cluster_bits, geo.cluster_size, geo.extended_l2
+        cb, cs = geo.cluster_bits, geo.cluster_size
         changed = False
         for k in self._may_change(table, base, (start - base) >> cb, (end - 1 - base) >> cb, unmap):
             c0 = base + (k << cb)
@@ -586,36 +581,34 @@ class Writer:
                 # also gives its space back.
                 if not self.data_file.zero_range(g0, g1 - g0, unmap):
                     self.data_file.write_sync(bytes(g1 - g0), g0)
-            if ext:
-                table[k, 0], table[k, 1] = new
-            else:
-                table[k] = new[0]
+            self._set_entry(table, k, *new)
             if releases:
                 self._release(*old)
         return changed
 
-    def _may_change(self, table: np.ndarray, base: int, first: int, last: int, unmap: bool) -> list[int]:
+    def _may_change(self, table: Table, base: int, first: int, last: int, unmap: bool) -> list[int]:
         """Indexes in [first, last] of the entries _zeroed_entry may change,
         found with numpy: the entries that read zeros already and stay as
         they are (unallocated with nothing below, zero clusters) are left
         out at once, so trimming free space that L2 tables cover costs
         little per cluster (fstrim trims all free space every time)."""
         geo = self.geo
+        table_rows = l2_rows(table, geo.extended_l2)
         if not geo.zero_flag and not geo.extended_l2:
-            rows = table[first : last + 1]
+            rows = table_rows[first : last + 1]
             if ((rows & np.uint64(OFLAG_ZERO)) & ~(rows >> np.uint64(62)) & np.uint64(1)).any():
                 raise CorruptionError("L2 entry has the zero flag in a version 2 image")
         backing = self._backing()
         c0 = np.uint64(base) + (np.arange(first, last + 1, dtype=np.uint64) << np.uint64(geo.cluster_bits))
         below = c0 < np.uint64(backing.size) if backing is not None else np.zeros(len(c0), bool)
         if geo.extended_l2:
-            w0, bitmap = table[first : last + 1, 0], table[first : last + 1, 1]
+            w0, bitmap = table_rows[first : last + 1, 0], table_rows[first : last + 1, 1]
             unalloc = (w0 & np.uint64(L2E_OFFSET_MASK | OFLAG_COMPRESSED)) == 0
             if self.external:
                 unalloc &= (w0 & np.uint64(OFLAG_COPIED)) == 0
             stays = unalloc & ~below & ((bitmap & np.uint64(SC_ALL)) == 0)
         else:
-            types = cluster_types(table[first : last + 1], self.external)
+            types = cluster_types(table_rows[first : last + 1], self.external)
             stays = (((types == SubclusterType.UNALLOCATED_PLAIN) & ~below)
                      | (types == SubclusterType.ZERO_PLAIN))
             if not unmap:
@@ -669,31 +662,39 @@ class Writer:
 
     # ---- L2 entries ----------------------------------------------------------------
 
-    def _entry(self, table: np.ndarray, k: int) -> tuple[int, int]:
+    def _entry(self, table: Table, k: int) -> tuple[int, int]:
+        """L2 entry K of TABLE: (entry, bitmap); bitmap 0 without extended L2."""
         if self.geo.extended_l2:
-            return int(table[k, 0]), int(table[k, 1])
-        return int(table[k]), 0
+            return table[2 * k], table[2 * k + 1]
+        return table[k], 0
 
-    def _set_data(self, table: np.ndarray, k: int, n: int, host: int,
+    def _set_entry(self, table: Table, k: int, entry: int, bitmap: int) -> None:
+        """Make L2 entry K of TABLE say ENTRY (and BITMAP, with extended L2)."""
+        if self.geo.extended_l2:
+            table[2 * k], table[2 * k + 1] = entry, bitmap
+        else:
+            table[k] = entry
+
+    def _set_data(self, table: Table, k: int, n: int, host: int,
                   bitmaps: np.ndarray | None = None) -> None:
         """Point entries K..K+N-1 at the N host clusters from HOST, which we
         own (extended L2: with BITMAPS, or every subcluster allocated)."""
         hosts = (np.arange(n, dtype=np.uint64) << np.uint64(self.geo.cluster_bits)) + np.uint64(host | OFLAG_COPIED)
+        rows = l2_rows(table, self.geo.extended_l2)
         if self.geo.extended_l2:
-            table[k : k + n, 0] = hosts
-            table[k : k + n, 1] = SC_ALL if bitmaps is None else bitmaps
+            rows[k : k + n, 0] = hosts
+            rows[k : k + n, 1] = SC_ALL if bitmaps is None else bitmaps
         else:
-            table[k : k + n] = hosts
+            rows[k : k + n] = hosts
         if not self.external:  # (what a damaged compressed descriptor must not claim later)
             self.alloc.note_references(hosts & np.uint64(L2E_OFFSET_MASK), data=True)
 
-    def _set_zero(self, table: np.ndarray, k: int) -> None:
+    def _set_zero(self, table: Table, k: int) -> None:
         old = self._entry(table, k)
         if self.geo.extended_l2:
-            table[k, 0] = 0
-            table[k, 1] = SC_ALL << 32
+            self._set_entry(table, k, 0, SC_ALL << 32)
         else:
-            table[k] = OFLAG_ZERO
+            self._set_entry(table, k, OFLAG_ZERO, 0)
         self._release(*old)
 
     def _released(self, entries: list[tuple[int, int]]) -> list[Release]:

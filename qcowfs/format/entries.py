@@ -4,9 +4,10 @@ types, compressed cluster descriptors, and refcount block packing
 from __future__ import annotations
 
 import enum
+import sys
+from array import array
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TypeAlias
 
 from .header import align_up
 
@@ -23,6 +24,44 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
 SC_ALL = 0xFFFFFFFF
+
+
+# ---- L1 and L2 tables in memory -----------------------------------------------
+
+# A table as the engine holds it: one native unsigned 64-bit integer per
+# entry (with extended L2, two per entry: the entry, then its subcluster
+# bitmap). array.array, not numpy: indexing it gives Python ints at the
+# cost of a list's, and a read-only open, mount or one-shot command never
+# imports numpy for it (docs/speed.md). Bulk work takes a zero-copy numpy
+# view of the same memory (format/bulk.py).
+Table: TypeAlias = "array[int]"
+_SWAP = sys.byteorder == "little"  # (the file's entries are big-endian)
+
+
+def decode_table(raw: bytes | bytearray | memoryview) -> Table:
+    """The entries of an on-disk table (big-endian 64-bit words)."""
+    table = array("Q")
+    table.frombytes(raw)
+    if _SWAP:
+        table.byteswap()
+    return table
+
+
+def encode_table(table: Table) -> bytes:
+    """A table as it is stored (its big-endian bytes; TABLE is left as it is)."""
+    if not _SWAP:
+        return table.tobytes()
+    out = table[:]
+    out.byteswap()
+    return out.tobytes()
+
+
+def zero_table(words: int) -> Table:
+    """A table of WORDS zero words (a new L2 table: all unallocated)."""
+    return array("Q", bytes(8 * words))
+
+
+assert array("Q").itemsize == 8
 
 
 @dataclass(frozen=True)
@@ -101,49 +140,6 @@ def subcluster_type(entry: int, bitmap: int, sc: int, extended: bool, external: 
     return SubclusterType.ZERO_PLAIN if zero >> sc & 1 else SubclusterType.UNALLOCATED_PLAIN
 
 
-def cluster_types(entries: "np.ndarray", external: bool) -> "np.ndarray":
-    """cluster_type() of every standard (non-extended) entry at once, for long
-    ranges; pinned to the scalar version by a property test."""
-    comp = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
-    off = entries & np.uint64(L2E_OFFSET_MASK)
-    zero = (entries & np.uint64(OFLAG_ZERO)) != 0
-    out = np.full(len(entries), SubclusterType.NORMAL, np.int8)
-    unalloc = off == 0
-    if external:
-        unalloc &= (entries & np.uint64(OFLAG_COPIED)) == 0
-    out[unalloc] = SubclusterType.UNALLOCATED_PLAIN
-    out[zero & (off == 0)] = SubclusterType.ZERO_PLAIN
-    out[zero & (off != 0)] = SubclusterType.ZERO_ALLOC
-    out[comp] = SubclusterType.COMPRESSED
-    return out
-
-
-def data_host_offsets(words: "np.ndarray") -> "np.ndarray":
-    """Host offsets of the standard (non-compressed) clusters the first words
-    of L2 entries point to (zero clusters with a preallocation included)."""
-    std = words[(words & np.uint64(OFLAG_COMPRESSED)) == 0] & np.uint64(L2E_OFFSET_MASK)
-    return std[std != 0]
-
-
-def compressed_host_offsets(words: "np.ndarray", cluster_bits: int) -> "np.ndarray":
-    """Host offsets of every cluster the compressed descriptors among the first
-    words of L2 entries reach into (a descriptor spans at most three clusters:
-    its sector count is below two clusters' worth). What the descriptor
-    claims counts, even where it is damaged and reaches past the end of the
-    file: a cluster it claims must not be handed out as free."""
-    comp = words[(words & np.uint64(OFLAG_COMPRESSED)) != 0]
-    if not len(comp):
-        return np.zeros(0, np.uint64)
-    x = compressed_shift(cluster_bits)
-    offset = comp & np.uint64((1 << x) - 1)
-    sectors = (comp >> np.uint64(x)) & np.uint64((1 << (62 - x)) - 1)
-    start = offset & ~np.uint64(511)
-    last = (start + (sectors + np.uint64(1)) * np.uint64(512) - np.uint64(1)) >> np.uint64(cluster_bits)
-    first = start >> np.uint64(cluster_bits)
-    spans = [first + np.uint64(k) for k in range(3)]
-    return np.concatenate([c[c <= last] for c in spans]) << np.uint64(cluster_bits)
-
-
 def extended_problem(entry: int, bitmap: int, external: bool) -> str | None:
     """Why an extended L2 entry's subclusters are INVALID (QEMU refuses to
     read or write through them), or None. (A compressed cluster ignores its
@@ -186,49 +182,25 @@ def refcount_set(block: bytearray, index: int, order: int, value: int) -> None:
     block[i] = (block[i] & ~mask) | (value << shift)
 
 
-def refcount_values(block: bytes | bytearray, order: int, lo: int, hi: int) -> "np.ndarray":
-    """Entries [lo, hi) of a refcount block as integers, a copy: int64, or
-    Python ints for 64-bit refcounts (int64 cannot hold them all). One numpy
-    pass instead of one refcount_get per cluster: a 1 MiB write allocates
-    16 clusters of 64 KiB at once."""
+# Per byte value: how many of its sub-byte refcounts (order 0, 1, 2) are not 0.
+_NONZERO_FIELDS = {order: bytes(sum(1 for k in range(0, 8, 1 << order) if b >> k & ((1 << (1 << order)) - 1))
+                                for b in range(256)) for order in range(3)}
+# The array typecodes of refcounts of a whole number of bytes (order 3..6).
+_REFCOUNT_TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+assert all(array(t).itemsize == 1 << (order - 3) for order, t in _REFCOUNT_TYPECODES.items())
+
+
+def refcount_nonzero(block: bytes | bytearray, order: int, count: int) -> int:
+    """How many of the first COUNT entries of a refcount block are not 0, in
+    C loops of the standard library (qcowfs map asks, for each image it maps,
+    how many clusters are in use: numpy would cost more to import)."""
     if order >= 3:
         width = 1 << (order - 3)
-        raw = refcount_array(block[lo * width : hi * width], order)
-        return np.array(raw.tolist(), dtype=object) if order == 6 else raw.astype(np.int64)
+        words = array(_REFCOUNT_TYPECODES[order])
+        words.frombytes(block[: count * width])  # (byte order does not change what is 0)
+        return count - words.count(0)
     per_byte = 8 >> order
-    first = lo // per_byte
-    values = refcount_array(block[first : -(-hi // per_byte)], order).astype(np.int64)
-    return values[lo - first * per_byte : hi - first * per_byte]
+    whole = count // per_byte
+    n = sum(block[:whole].translate(_NONZERO_FIELDS[order]))
+    return n + sum(1 for i in range(whole * per_byte, count) if refcount_get(block, i, order))
 
-
-def refcount_store(block: bytearray, order: int, lo: int, values: "np.ndarray") -> None:
-    """Write VALUES (each fitting the width) as entries from LO of a refcount block."""
-    if order >= 3:
-        width = 1 << (order - 3)
-        block[lo * width : (lo + len(values)) * width] = values.astype(f">u{width}").tobytes()
-        return
-    for i, value in enumerate(values.tolist()):
-        refcount_set(block, lo + i, order, value)
-
-
-def refcount_array(block: bytes | bytearray, order: int) -> "np.ndarray":
-    """All entries of a refcount block as an integer array (for free-space search)."""
-    if order >= 3:
-        return np.frombuffer(bytes(block), dtype=f">u{1 << (order - 3)}")
-    bits = 1 << order
-    raw = np.frombuffer(bytes(block), np.uint8)
-    shifts = np.arange(8 // bits, dtype=np.uint8) * bits
-    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
-
-
-def encode_refcount_block(values: "np.ndarray", order: int, cluster_size: int) -> bytes:
-    """A refcount block holding VALUES (zero-padded to a whole block)."""
-    per_block = (cluster_size * 8) >> order
-    full = np.zeros(per_block, np.uint64)
-    full[: len(values)] = values
-    if order >= 3:
-        return full.astype(f">u{1 << (order - 3)}").tobytes()
-    bits = 1 << order
-    shifts = (np.arange(8 // bits, dtype=np.uint64) * np.uint64(bits))
-    packed = (full.reshape(-1, 8 // bits) << shifts).sum(axis=1)
-    return packed.astype(np.uint8).tobytes()

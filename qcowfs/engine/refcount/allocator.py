@@ -26,10 +26,11 @@ import numpy as np
 
 from ..cache import TableCache
 from ...errors import CorruptionError, NoSpaceError
-from ...format import (refcount_array, refcount_get, refcount_set, refcount_store, refcount_values)
+from ...format import refcount_get, refcount_set
+from ...format.bulk import refcount_array, refcount_store, refcount_values
 from ..metadata import Metadata
 from ..overlap import Kind
-from ..references import refcount_table
+from ..stored import refcount_table
 
 DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
 # Above this many host clusters the referenced-cluster bitmap is not kept

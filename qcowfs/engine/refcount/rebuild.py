@@ -7,10 +7,11 @@ from typing import Callable
 import numpy as np
 
 from ...errors import QcowError
-from ...format import encode_refcount_block
+from ...format.bulk import encode_refcount_block
 from ..metadata import Metadata
 from ..overlap import Kind
-from ..references import count_references, refcount_table
+from ..references import count_references
+from ..stored import refcount_table
 from .copied import fix_copied
 
 

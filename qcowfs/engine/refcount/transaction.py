@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import CorruptionError, NoSpaceError, QcowError
-from ...format import encode_refcount_block, refcount_array
+from ...format.bulk import encode_refcount_block, refcount_array
 from .allocator import Allocator
 
 
