@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import luks
-from conftest import daemon_pid, mounted, qemu_img
+from conftest import daemon_pid, mounted, qemu_img, qemu_io
 
 MiB = 1 << 20
 
@@ -37,11 +37,17 @@ WRITE_MACHINERY = {"qcowfs.engine.writer", "qcowfs.engine.refcount", "qcowfs.eng
                    "qcowfs.engine.convert", "qcowfs.engine.chain_ops", "qcowfs.format.crypto"}
 
 
+def _modules(code: str) -> set[str]:
+    """Every module a fresh interpreter has loaded after running CODE (listed
+    on stderr, apart from what CODE prints)."""
+    err = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(*sys.modules, file=sys.stderr)"],
+                         check=True, capture_output=True, text=True).stderr
+    return set(err.split())
+
+
 def _loaded_by(code: str) -> set[str]:
     """The qcowfs modules a fresh interpreter has loaded after running CODE."""
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sys.modules))"],
-                         check=True, capture_output=True, text=True).stdout
-    return {m for m in out.split() if m.startswith("qcowfs")}
+    return {m for m in _modules(code) if m.startswith("qcowfs")}
 
 
 def test_reading_commands_load_no_write_machinery(tmp_path: Path) -> None:
@@ -59,3 +65,51 @@ def test_reading_commands_load_no_write_machinery(tmp_path: Path) -> None:
         assert not loaded & WRITE_MACHINERY, code
     loaded = _loaded_by(cli.format(["snapshot", "create", str(img), "t"]))
     assert {"qcowfs.engine.writer", "qcowfs.engine.snapshot_ops"} <= loaded
+
+
+def _plain_image_with_data(tmp_path: Path) -> Path:
+    """A plain image made by qemu: data in two L2 tables' spans, a snapshot,
+    and data written after it (so the snapshot's tables differ)."""
+    img = tmp_path / "data.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1G")
+    qemu_io(img, "write -P 0x5a 0 3M", "write -P 0x33 700M 1M")
+    qemu_img("snapshot", "-c", "s", img)
+    qemu_io(img, "write -P 0x44 1M 64k")
+    return img
+
+
+def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
+    """numpy (some 50 ms and 12 MiB) is for bulk work only (docs/speed.md,
+    start-up and memory): info, map and a read-only open that reads data
+    and a snapshot never import it, as tables are array.array; check,
+    which counts every reference with it, does (so this test can see it)."""
+    img = _plain_image_with_data(tmp_path)
+    cli = "from qcowfs.cli.main import main\nmain({!r})"
+    read = (f"import qcowfs\nwith qcowfs.open({str(img)!r}) as i:\n"
+            "    assert i.disk.pread(1 << 20, 4096) == b'D' * 4096\n"
+            "    assert i.disk.pread(0, 3 << 20)[-1:] == b'Z'\n"
+            "    assert i.disk.pread(700 << 20, 1 << 20) == b'3' * (1 << 20)\n"
+            "    assert i.snapshot('s').pread(1 << 20, 4096) == b'Z' * 4096")
+    for code in (cli.format(["info", str(img)]), cli.format(["map", str(img)]), read):
+        assert "numpy" not in _modules(code), code
+    assert "numpy" in _modules(cli.format(["check", str(img)])), "the test cannot see numpy"
+
+
+def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
+    """The daemon of a read-only mount of a plain image reads disk.raw
+    without numpy in its memory (the 32 MiB aim of issue 24); a writable
+    mount loads it (its allocator works with it), which the check sees."""
+    img = _plain_image_with_data(tmp_path)
+    with mounted(img, tmp_path / "ro") as mnt:
+        with open(mnt / "disk.raw", "rb") as f:
+            assert f.read(4096) == b"Z" * 4096
+            f.seek(700 * MiB)
+            assert f.read(MiB) == b"3" * MiB
+            f.seek(900 * MiB)
+            assert f.read(MiB) == bytes(MiB)
+        assert "numpy" not in _libraries(daemon_pid(mnt))
+    with mounted(img, tmp_path / "rw", read_only=False) as mnt:
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.seek(2 * MiB)
+            f.write(b"x" * 4096)
+        assert "numpy" in _libraries(daemon_pid(mnt)), "the check cannot see numpy"
