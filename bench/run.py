@@ -1767,8 +1767,9 @@ def memory_report(benches, names, subject, peers, results):
         rs = ", ".join("-" if not (q and rss.get(p)) else f"{q / rss[p]:.2f}x" for p in peers)
         lines.append(f"{b.title:<28} {cells}   {rs}")
     return lines + [f"floor: peak RSS of the interpreter alone {import_floor_mib(''):.0f} MiB, with "
-                    f"numpy, trio and pyfuse3 imported {import_floor_mib('numpy, trio, pyfuse3'):.0f} MiB "
-                    "(what any daemon on those libraries holds before its first request)"]
+                    f"trio and pyfuse3 imported {import_floor_mib('trio, pyfuse3'):.0f} MiB (what a read-only "
+                    "daemon on those libraries holds before its first request), with numpy too "
+                    f"{import_floor_mib('numpy, trio, pyfuse3'):.0f} MiB (a writable one)"]
 
 
 def import_floor_mib(modules):

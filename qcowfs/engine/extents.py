@@ -10,13 +10,14 @@ Both are what a backup tool needs from a plain file: which ranges to copy.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .bitmaps import Bitmap, read_bitmap
 from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, Table, cluster_type, subcluster_type
 from ..host.hostfile import HostFile
-from .mapper import L1Table, Mapper
+from .mapper import NUMPY_THRESHOLD, L1Table, Mapper
 from .stored import refcounted_clusters
 from .snapshots import snapshot_disk_size
 
@@ -89,9 +90,11 @@ def _add(out: list[Extent], e: Extent) -> None:
 
 
 # A range of at most this many clusters is mapped entry by entry in Python,
-# a longer one in numpy passes over each L2 table: a disk of 64K clusters
-# (4 GiB of 64 KiB clusters) allocated everywhere maps in Python in about
-# the time numpy takes to import, and a small disk imports none (docs/speed.md).
+# unless numpy is imported already (convert, check, a writable image); a
+# longer one with numpy over each L2 table's span of more than
+# NUMPY_THRESHOLD entries. A disk of 64K clusters (4 GiB of 64 KiB ones)
+# allocated everywhere maps in Python in about the time numpy takes to
+# import, and a small disk imports none (docs/speed.md).
 MAP_PYTHON_CLUSTERS = 1 << 16
 # The types whose entries carry a host offset (a run of them is host-contiguous).
 _WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC)
@@ -149,7 +152,7 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
     geo = mapper.geo
     l1 = l1 if l1 is not None else layer.active_l1
     span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
-    bulk = (end - start) >> cb > MAP_PYTHON_CLUSTERS
+    bulk = (end - start) >> cb > MAP_PYTHON_CLUSTERS or "numpy" in sys.modules
     pos = start
     while pos < end:
         index = pos // span
@@ -201,12 +204,12 @@ def _pieces(mapper: Mapper, table: Table, base: int, first: int, last: int,
     the clusters FIRST..LAST of TABLE: per subcluster with extended L2, else
     per run of clusters that qemu-img shows as one entry anyway (same type;
     for the types with a host offset, host-contiguous); with numpy (BULK)
-    for a long range: a Python step per cluster made a 1 GiB image's map
-    cost 0.1 s when entries were numpy scalars."""
+    over a long span: a Python step per cluster made a 1 GiB image's map
+    cost 0.1 s when entries were numpy scalars (now 10-15 ms)."""
     geo = mapper.geo
     cb, cs = geo.cluster_bits, geo.cluster_size
     if not geo.extended_l2:
-        if bulk:
+        if bulk and last - first + 1 > NUMPY_THRESHOLD:
             return _pieces_numpy(mapper, table, base, first, last)
         out: list[tuple[int, int, SubclusterType, int]] = []
         external = mapper.external_data

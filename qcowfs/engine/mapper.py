@@ -418,7 +418,7 @@ class Mapper:
         starts = [0, *brk.tolist()]
         ends = starts[1:] + [len(e)]
         kinds = kind[starts].tolist()
-        hosts = np.where(comp, e, off)[starts].tolist()
+        hosts = np.where(comp, e, np.where(data, off, 0))[starts].tolist()  # (as _classify: 0 for the rest)
         for s, t, k, h in zip(starts, ends, kinds, hosts):
             c0 = base + ((first + s) << cb)
             g0, g1 = max(start, c0), min(end, base + ((first + t) << cb))
