@@ -12,6 +12,7 @@ is built on `image.Image`. By concern, as QEMU splits block/qcow2*.c:
 - `writer`: writes, allocation, copy-on-write, zeroing (qcow2-cluster.c);
 - `refcount/`: allocator, transactions, COPIED flags, rebuild (qcow2-refcount.c);
 - `references`: one walker of every reference the image holds;
+- `stored`: the refcount table and blocks as stored, without numpy;
 - `snapshots`, `snapshot_ops`: internal snapshots (qcow2-snapshot.c);
 - `bitmaps`, `bitmap_ops`: persistent dirty bitmaps (qcow2-bitmap.c);
 - `extents`: allocation and dirty maps; `check`: qemu-img check; `info`: qemu-img info.

@@ -4,7 +4,9 @@ Names follow docs/interop/qcow2.txt in QEMU; every integer is big-endian.
 
 - `header`: the header, its extensions and feature bits, `Geometry`;
 - `entries`: L1/L2 entries, subcluster types, compressed descriptors,
-  refcount blocks;
+  refcount blocks, tables in memory (`Table`);
+- `bulk`: the same over many entries at once, with numpy (bulk work imports
+  it; it is not re-exported here, so reading needs no numpy);
 - `tables`: snapshot table entries and bitmap directory entries;
 - `compression`: zlib and zstd clusters;
 - `crypto`: the LUKS1 header, key slots and the sector ciphers.
