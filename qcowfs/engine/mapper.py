@@ -129,12 +129,14 @@ class L1Table:
         """The whole table, a numpy copy (for snapshot and resize work, not
         the read path: numpy is imported here)."""
         import numpy as np
+
+        from ..format.bulk import table_view
         for c in range(-(-self.size // (1 << L1_CHUNK_BITS))):
             if c not in self._chunks:
                 await self._load(c)
         if not self.size:
             return np.zeros(0, np.uint64)
-        return np.concatenate([np.frombuffer(self._chunks[c], np.uint64) for c in sorted(self._chunks)])
+        return np.concatenate([table_view(self._chunks[c]) for c in sorted(self._chunks)])
 
 
 _ZEROS = bytes(1 << 20)
