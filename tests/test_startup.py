@@ -3,6 +3,7 @@ command need (time to first file, one-shot commands). The daemon's memory map
 tells which libraries it loaded; sys.modules which of our modules a command did."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def _plain_image_with_data(tmp_path: Path) -> Path:
 def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
     """numpy (some 50 ms and 12 MiB) is for bulk work only (docs/speed.md,
     start-up and memory): info, map and a read-only open that reads data
-    and a snapshot never import it, as tables are array.array; check,
+    and a snapshot and seeks holes never import it, as tables are array.array; check,
     which counts every reference with it, does (so this test can see it)."""
     img = _plain_image_with_data(tmp_path)
     cli = "from qcowfs.cli.main import main\nmain({!r})"
@@ -89,15 +90,16 @@ def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
             "    assert i.disk.pread(1 << 20, 4096) == b'D' * 4096\n"
             "    assert i.disk.pread(0, 3 << 20)[-1:] == b'Z'\n"
             "    assert i.disk.pread(700 << 20, 1 << 20) == b'3' * (1 << 20)\n"
-            "    assert i.snapshot('s').pread(1 << 20, 4096) == b'Z' * 4096")
+            "    assert i.snapshot('s').pread(1 << 20, 4096) == b'Z' * 4096\n"
+            "    assert i.disk.seek(0, 4) == 3 << 20 and i.disk.seek(3 << 20, 3) == 700 << 20  # SEEK_HOLE, SEEK_DATA")
     for code in (cli.format(["info", str(img)]), cli.format(["map", str(img)]), read):
         assert "numpy" not in _modules(code), code
     assert "numpy" in _modules(cli.format(["check", str(img)])), "the test cannot see numpy"
 
 
 def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
-    """The daemon of a read-only mount of a plain image reads disk.raw
-    without numpy in its memory (the 32 MiB aim of issue 24); a writable
+    """The daemon of a read-only mount of a plain image reads disk.raw and
+    answers lseek's SEEK_HOLE and SEEK_DATA without numpy in its memory (the 32 MiB aim of issue 24); a writable
     mount loads it (its allocator works with it), which the check sees."""
     img = _plain_image_with_data(tmp_path)
     with mounted(img, tmp_path / "ro") as mnt:
@@ -107,6 +109,8 @@ def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
             assert f.read(MiB) == b"3" * MiB
             f.seek(900 * MiB)
             assert f.read(MiB) == bytes(MiB)
+            assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 3 * MiB
+            assert os.lseek(f.fileno(), 3 * MiB, os.SEEK_DATA) == 700 * MiB
         assert "numpy" not in _libraries(daemon_pid(mnt))
     with mounted(img, tmp_path / "rw", read_only=False) as mnt:
         with open(mnt / "disk.raw", "r+b") as f:

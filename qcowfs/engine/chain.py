@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from ..format import Table
-from .mapper import COMPRESSED, DATA, MISSING, UNALLOC, ZERO, L1Table, Mapper, zero_fill
+from .mapper import COMPRESSED, DATA, MISSING, NUMPY_THRESHOLD, UNALLOC, ZERO, L1Table, Mapper, zero_fill
 
 # (kind, guest offset, length, host, layer that reads it): kind is DATA,
 # COMPRESSED or ZERO (LAYER None), never UNALLOC.
@@ -196,14 +196,17 @@ async def seek(mapper: Mapper, l1: L1Table, offset: int, end: int, data: bool, b
             pos = stop
             continue
         chunk_end = min(end, (index + 1) * span)
-        for kind, guest, length, _host in await mapper.map(l1, pos, chunk_end - pos):
+        # A slice of the table at a time, up to the first hit: each slice is
+        # mapped in Python (a daemon that serves lseek imports no numpy).
+        stop = min(chunk_end, pos + (NUMPY_THRESHOLD << mapper.geo.cluster_bits))
+        for kind, guest, length, _host in await mapper.map(l1, pos, stop - pos):
             if kind == UNALLOC:
                 found = await _seek_unallocated(guest, guest + length, data, backing)
                 if found < guest + length:
                     return found
             elif (kind in (DATA, COMPRESSED)) == data:
                 return guest
-        pos = chunk_end
+        pos = stop
     return end
 
 
