@@ -83,14 +83,15 @@ def _run(image: "Image", work: Callable[["Image"], Any], prepare: bool = True) -
 
 def _live(target: str) -> bool:
     """TARGET is a qcowfs mount point (then the daemon serving it answers);
-    a directory that is none is an error here, a file is an image."""
+    a directory that is none is an error here, a file is an image (and
+    the control module, with socket, is not loaded for it)."""
+    if not os.path.isdir(target):
+        return False
     from ..service import control
 
     if control.mounted(target) is not None:
         return True
-    if os.path.isdir(target):
-        raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
-    return False
+    raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
 
 
 def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
