@@ -31,6 +31,7 @@ from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_proble
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
 from .host.secret import read_key_file
+from .host.waiting import in_thread, shielded
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
 # The engine's operations (snapshot_ops, bitmap_ops, check, extents, info,
@@ -257,8 +258,6 @@ class Disk:
         """write() of an image opened with compress=True (QEMU's compress
         filter): the whole clusters of DATA are stored compressed (in worker
         threads) where they shrink, the partial ones at either end plainly."""
-        import trio
-
         from .format.compression import compress_cluster
 
         if self._engine.encryption is not None or self._engine.external_data:
@@ -271,7 +270,7 @@ class Disk:
             return await self._engine.write(offset, data)
         if lo > offset:
             await self._engine.write(offset, view[: lo - offset])
-        blobs = await trio.to_thread.run_sync(
+        blobs = await in_thread(
             lambda: [compress_cluster(view[p - offset : p - offset + cs], ctype) for p in range(lo, hi, cs)])
         for i, blob in enumerate(blobs):
             p = lo + i * cs
@@ -648,9 +647,7 @@ async def create(path: str | os.PathLike[str], size: int | None = None, *, passp
     UNSAFE (qemu-img -u): the backing file is not opened. An existing file
     at PATH is replaced (refused while another program holds it); on any
     failure PATH is left absent or as it was."""
-    import trio
-
-    await trio.to_thread.run_sync(lambda: create_sync(path, size, passphrase=passphrase, key_file=key_file,
+    await in_thread(lambda: create_sync(path, size, passphrase=passphrase, key_file=key_file,
                                                       unsafe=unsafe, **options))
 
 
@@ -736,7 +733,6 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     temporary name next to it and renamed at the end (removed on failure;
     a killed process leaves a hidden .DST.qcowfs-* file behind)."""
     from .engine import convert as _convert, create as _create
-    import trio
 
     src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     if out_format not in ("qcow2", "raw"):
@@ -789,7 +785,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if compress_threads is not None:
             plan.threads = compress_threads
         if opts is not None:
-            await trio.to_thread.run_sync(lambda: _create.create(tmp, opts, target_key))
+            await in_thread(lambda: _create.create(tmp, opts, target_key))
             made = True
             out = Image(tmp, "r+", passphrase=target_key, cache=cache)
             closers.insert(0, out.close)
@@ -822,7 +818,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         made = False
     finally:
         for close in closers:
-            with trio.CancelScope(shield=True):
+            with shielded():
                 try:
                     await close()
                 except Exception:  # noqa: BLE001 - the first error is the one to report

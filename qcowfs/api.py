@@ -1,105 +1,63 @@
 """The public API, synchronous: `qcowfs.open` and what it returns.
 
-Each call runs the coroutine of `qcowfs.aio` on one trio loop that lives in a
-background thread (the *portal*, started at the first call and shared by
-every image of the process), so a plain script needs to know nothing of
-trio. Why a thread and not `trio.run` per call: a trio.run costs about
-330 us, a call through the portal about 60 us, and the common reads and
-writes need neither (below). It is the one worker thread of the library.
+Each call runs the coroutine of `qcowfs.aio` to its end on the caller's
+thread, without a loop (`host.waiting.drive`): there is one request, so
+every wait of the engine (a host read, an fsync) is done in place, and a
+plain script needs to know nothing of trio, nor load it. A call costs a few
+microseconds more than the engine's own work (a trio.run costs about
+330 us, a call through a loop in another thread about 60).
 
-The hot paths never reach the portal: a read of plain data clusters whose
-tables are cached and whose bytes are in the host page cache is one pread
-on the caller's thread (`Disk.readinto_nowait`), and so is an overwrite of
-clusters the image alone owns (`Disk.write_nowait`). Every other read of an
-image opened "r" runs on the caller's thread too, as a coroutine driven to
-its end without a loop: with host reads blocking (`HostFile.BLOCKING`) the
-engine's read path never suspends (it takes no lock and flushes nothing on
-an image it does not write). Should it ever suspend, the call is abandoned
-and made again through the portal (a read changes nothing but caches).
+The hot paths skip even that: a read of plain data clusters whose tables are
+cached and whose bytes are in the host page cache is one pread
+(`Disk.readinto_nowait`), and so is an overwrite of clusters the image alone
+owns (`Disk.write_nowait`).
 
 An Image (and its Disks) may be used from several threads: calls are
-serialised by a lock per image.
+serialised by a lock per image. A change on an open image, once started,
+runs to its end as a FUSE request does: Ctrl-C (KeyboardInterrupt) during
+one is raised when it is done. The operations on files (`check`, `convert`,
+`commit`, `rebase`) stop at Ctrl-C, leaving what a kill leaves: the
+destination absent, the image as it was or as it is once done.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import io
 import os
+import signal
 import threading
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, Iterator, TypeVar
 
 from . import aio
 from .engine.opening import DEFAULT_L2_CACHE_BYTES
-from .host.hostfile import BLOCKING
 from .errors import UsageError
+from .host.waiting import drive
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
 __all__ = ["open", "check", "create", "convert", "commit", "rebase", "Image", "Disk"]
 T = TypeVar("T")
 
 
-class _Portal:
-    """One trio loop in a daemon thread, for every synchronous call."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._token: Any = None
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        """After fork the loop's thread is gone: the child starts its own."""
-        self._lock = threading.Lock()
-        self._token = None
-
-    def _start(self) -> Any:
-        import trio
-
-        with self._lock:
-            if self._token is None:
-                ready = threading.Event()
-                box: list[Any] = []
-
-                async def loop() -> None:
-                    box.append(trio.lowlevel.current_trio_token())
-                    ready.set()
-                    await trio.sleep_forever()
-                threading.Thread(target=trio.run, args=(loop,), name="qcowfs-portal", daemon=True).start()
-                ready.wait()
-                self._token = box[0]
-            return self._token
-
-    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        import trio
-
-        token = self._start()
-
-        async def shielded() -> T:
-            # A change, once started, runs to its end (as a FUSE request does).
-            with trio.CancelScope(shield=True):
-                result = await fn(*args)
-            return result
-        return trio.from_thread.run(shielded, trio_token=token)
-
-
-_portal = _Portal()
-
-
-class _Suspended(Exception):
-    """A coroutine run without a loop wanted to suspend (see run_now)."""
-
-
-def run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """Run CORO to its end on this thread with blocking host reads and no
-    trio loop; _Suspended (CORO closed) if it would have to wait for one."""
-    token = BLOCKING.set(True)
+@contextlib.contextmanager
+def _to_its_end() -> Iterator[None]:
+    """Ctrl-C during the block is raised after it (main thread, default
+    handler; elsewhere Python delivers no KeyboardInterrupt anyway)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
+        yield
     finally:
-        BLOCKING.reset(token)
-    coro.close()
-    raise _Suspended
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _drive(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+    return drive(fn(*args, **kwargs))
 
 
 class Disk(io.RawIOBase):
@@ -156,12 +114,7 @@ class Disk(io.RawIOBase):
         with self._image._lock:
             if self._disk.readinto_nowait(view, offset):
                 return len(view)
-            if self._image.read_only and not self._image.force_share:
-                try:
-                    return run_now(self._disk.readinto(view, offset))
-                except _Suspended:
-                    pass
-            return self._image._run(self._disk.readinto, view, offset)
+            return _drive(self._disk.readinto, view, offset)
 
     def pread(self, offset: int, length: int) -> bytes:
         """LENGTH bytes at OFFSET (fewer at the end), without moving the position."""
@@ -256,12 +209,16 @@ class Image:
         self.closed = False
         self._disk: Disk | None = None
 
-    def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    def _check_open(self) -> None:
         if self.closed:
             raise ValueError("I/O operation on a closed image")
-        return _portal.run(fn, *args)
 
-    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    def _run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        self._check_open()
+        with _to_its_end():
+            return _drive(fn, *args)
+
+    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         with self._lock:
             return self._run(fn, *args)
 
@@ -280,7 +237,8 @@ class Image:
         with self._lock:
             if not self.closed:
                 try:
-                    _portal.run(self._aio.close)
+                    with _to_its_end():
+                        _drive(self._aio.close)
                 finally:
                     self.closed = True
 
@@ -437,7 +395,7 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
 
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
-    return _portal.run(functools.partial(aio.check, path, repair, force_share=force_share))
+    return _drive(aio.check, path, repair, force_share=force_share)
 
 
 def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: aio.Passphrase = None,
@@ -455,13 +413,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
 
         qcowfs.convert("vm.qcow2", "small.qcow2", compress=True, compression_type="zstd")
         qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
-    _portal.run(functools.partial(aio.convert, src, dst, **options))
+    _drive(aio.convert, src, dst, **options)
 def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
            drop: bool = False, progress: Callable[[float], None] | None = None,
            passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img commit` (see `qcowfs.aio.commit`)."""
-    _portal.run(functools.partial(aio.commit, overlay, base, drop=drop, progress=progress,
-                                  passphrase=passphrase, key_file=key_file))
+    _drive(aio.commit, overlay, base, drop=drop, progress=progress, passphrase=passphrase, key_file=key_file)
 
 
 def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
@@ -469,6 +426,5 @@ def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str |
            force_share: bool = False, passphrase: aio.Passphrase = None,
            key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
-    _portal.run(functools.partial(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe,
-                                  progress=progress, force_share=force_share, passphrase=passphrase,
-                                  key_file=key_file))
+    _drive(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe, progress=progress,
+           force_share=force_share, passphrase=passphrase, key_file=key_file)

@@ -474,6 +474,29 @@ def test_threads_share_an_image(tmp_path: Path) -> None:
     subject.judge()
 
 
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_images_are_read_on_several_threads_at_once(tmp_path: Path, ctype: str) -> None:
+    """qcowfs.open's calls run on their callers' threads: four threads, each
+    with its own open of one compressed image, read it whole at once (the
+    codecs' objects are per thread) and see what QEMU reads."""
+    raw = tmp_path / "src.raw"
+    rng = random.Random(7)
+    raw.write_bytes(b"".join(bytes([rng.randrange(256)]) * 512 + rng.randbytes(512) for _ in range(4096)))
+    img = tmp_path / "c.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                    f"compression_type={ctype},cluster_size=4096", raw, img], check=True)
+    want = raw.read_bytes()
+
+    def reader(t: int) -> None:
+        order = list(range(0, len(want), 64 * KiB))
+        random.Random(t).shuffle(order)
+        with qcowfs.open(img) as image:
+            for off in order:
+                assert image.disk.pread(off, 64 * KiB) == want[off : off + 64 * KiB], (t, off)
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(reader, range(4)))
+
+
 # ---- a small model test: random writes, flushes, reopenings, snapshots
 
 MACHINE_LAYOUTS = ("c64k-compressed", "c4k-over-backing", "v2-c512-snapshot", "zstd-bitmaps")

@@ -180,3 +180,40 @@ def test_read_around_through_a_backing_chain(tmp_path: Path) -> None:
         finally:
             os.close(fd)
     assert pushed > len(offsets) * 16, f"only {pushed} pages cached after {len(offsets)} reads: no read-around?"
+
+
+def test_read_around_pushes_a_compressed_cluster_a_small_read_inflated(tmp_path: Path) -> None:
+    """A small read of a compressed cluster inflates all of it: the rest of
+    the cluster is pushed into the page cache (a copy, no second inflate),
+    and those pages are QEMU's bytes; with read_around=0 nothing is."""
+    import random
+
+    from conftest import to_raw
+
+    raw = tmp_path / "src.raw"
+    rng = random.Random(3)
+    raw.write_bytes(b"".join(bytes([rng.randrange(1, 256)]) * 300 + rng.randbytes(100) for _ in range(40960)))
+    img = tmp_path / "c.qcow2"
+    for ctype in ("zlib", "zstd"):
+        img.unlink(missing_ok=True)
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype}", raw, img)
+        want = to_raw(img, tmp_path / "want.raw").read_bytes()
+        offsets = [c * 65536 + 8192 for c in range(0, 60, 7)]
+        cached = {}
+        for window in ("256K", "0"):
+            with mounted(img, tmp_path / f"m{ctype}{window}", "-o", f"read_around={window}") as mnt:
+                disk = mnt / "disk.raw"
+                fd = os.open(disk, os.O_RDONLY)
+                try:
+                    for off in offsets:
+                        assert os.pread(fd, 4096, off) == want[off:off + 4096], (ctype, off)
+                    time.sleep(0.3)
+                    cached[window] = resident_pages(disk)
+                    for off in offsets:  # the pushed pages are QEMU's bytes
+                        c = off // 65536 * 65536
+                        assert os.pread(fd, 65536, c) == want[c:c + 65536], (ctype, c)
+                finally:
+                    os.close(fd)
+        # 16 pages a cluster when pushed; one read (and the kernel's read-ahead of it) when not.
+        assert cached["256K"] >= len(offsets) * 16, (ctype, cached)
+        assert cached["0"] < len(offsets) * 16, (ctype, cached)

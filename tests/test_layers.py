@@ -126,3 +126,22 @@ def test_engine_needs_no_fuse():
              and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "pyfuse3" in ast.dump(n)
                      for n in ast.walk(ast.parse(p.read_text())))]
     assert all(layer(m) >= layer("qcowfs.fs") for m in users), users
+
+
+def _imports_trio(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if any(m == "trio" or m.startswith("trio.") for m in mods):
+            return True
+    return False
+
+
+def test_below_the_mount_only_host_waiting_names_trio() -> None:
+    """Commands and qcowfs.open drive the engine without a loop and load no
+    trio (host/waiting.py; test_startup runs them): so below the mount's
+    layers (fs, service) every wait goes through host/waiting.py, the one
+    module there that imports trio, and only under a loop."""
+    below = [p for p in sorted(PKG.rglob("*.py")) if layer(module_name(p)) < layer("qcowfs.fs")]
+    named = [module_name(p) for p in below if _imports_trio(p)]
+    assert named == ["qcowfs.host.waiting"], f"modules below the mount that import trio: {named}"

@@ -358,7 +358,9 @@ def test_a_limit_set_while_mounted_stops_the_pushes(tmp_path: Path) -> None:
         cg.limit(96 * MiB)
         time.sleep(ROOM_SECONDS)
         per_read = _read_in(cg, disk, pid, 20000)
-    assert first > 32 * KiB, f"no pushes before the limit: {first / KiB:.1f} KiB per read"
+    # Without pushes a read costs 4 KiB; with them 20-60 KiB here, the least
+    # on a loaded machine (the full suite on 2 cores once gave 22.5).
+    assert first > 12 * KiB, f"no pushes before the limit: {first / KiB:.1f} KiB per read"
     assert per_read < 6 * KiB, f"the daemon read {per_read / KiB:.1f} KiB per 4 KiB read"
 
 

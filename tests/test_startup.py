@@ -117,3 +117,35 @@ def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
             f.seek(2 * MiB)
             f.write(b"x" * 4096)
         assert "numpy" in _libraries(daemon_pid(mnt)), "the check cannot see numpy"
+
+
+def _top_modules(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has loaded after running CODE."""
+    return {m.split(".")[0] for m in _modules(code)}
+
+
+def test_commands_and_the_library_run_without_trio(tmp_path: Path) -> None:
+    """trio (some 60 ms and 14 MiB of imports) is for the mount and for
+    programs of qcowfs.aio: commands and qcowfs.open drive the engine on
+    their own thread (host/waiting.py), changes and whole-file operations
+    included."""
+    img, raw = tmp_path / "img.qcow2", tmp_path / "img.raw"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_img("snapshot", "-c", "s", img)
+    raw.write_bytes(b"x" * MiB)
+    cli = "from qcowfs.cli.main import main\ntry:\n    main({!r})\nexcept SystemExit as e:\n    assert not e.code, e"
+    runs = [cli.format(args) for args in (
+        ["info", str(img)], ["map", str(img)], ["check", str(img)],
+        ["snapshot", "create", str(img), "t"], ["snapshot", "apply", str(img), "s"],
+        ["bitmap", "add", str(img), "b"], ["resize", str(img), "+1M"],
+        ["create", "-f", "qcow2", "-b", str(img), "-F", "qcow2", str(tmp_path / "top.qcow2")],
+        ["commit", str(tmp_path / "top.qcow2")],
+        ["convert", "-O", "qcow2", "-c", str(img), str(tmp_path / "c.qcow2")],
+        ["convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp_path / "r.qcow2")])]
+    runs.append(f"import qcowfs\nwith qcowfs.open({str(img)!r}, 'r+') as i:\n"
+                "    i.disk.write(b'y' * 70000); i.disk.flush(); i.snapshot('s').read(4096)\n"
+                "    i.create_snapshot('u'); i.resize(i.virtual_size * 2)")
+    for code in runs:
+        assert "trio" not in _top_modules(code), code
+    qemu_img("check", img)  # (raises unless clean)
+    assert "trio" in _top_modules("import qcowfs.service.daemon"), "the check cannot see trio"

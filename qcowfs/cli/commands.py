@@ -65,31 +65,33 @@ def _open_unmounted(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
 
 
 def _run(image: "Image", work: Callable[["Image"], Any], prepare: bool = True) -> Any:
-    """Run the coroutine WORK(image) on a trio loop of this command, then close
-    IMAGE. PREPARE false: WORK checks its arguments before the image's
-    preparation for writing (every change does that preparation itself)."""
-    import trio
+    """Run the coroutine WORK(image) to its end on this thread (host.waiting:
+    a command needs no loop), then close IMAGE. PREPARE false: WORK checks
+    its arguments before the image's preparation for writing (every change
+    does that preparation itself)."""
+    from ..host.waiting import drive
 
     async def main() -> Any:
         async with image:
             if prepare:
                 await image.prepare()
             return await work(image)
-    return trio.run(main)
+    return drive(main())
 
 
 # ---- info and check -------------------------------------------------------------
 
 def _live(target: str) -> bool:
     """TARGET is a qcowfs mount point (then the daemon serving it answers);
-    a directory that is none is an error here, a file is an image."""
+    a directory that is none is an error here, a file is an image (and
+    the control module, with socket, is not loaded for it)."""
+    if not os.path.isdir(target):
+        return False
     from ..service import control
 
     if control.mounted(target) is not None:
         return True
-    if os.path.isdir(target):
-        raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
-    return False
+    raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
 
 
 def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
@@ -143,11 +145,11 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
         result = _check_result(control.request(image_arg, "check")["check"])
         filename = result.json.get("filename", image_arg)
     else:
-        import trio
+        from ..host.waiting import drive
 
         try:
             with progress_printer(end="\r") as progress:
-                result = trio.run(lambda: aio.check(image_arg, repair, force_share=force_share, progress=progress))
+                result = drive(aio.check(image_arg, repair, force_share=force_share, progress=progress))
         except (QcowError, OSError) as e:
             print(f"qcowfs: check failed: {e}", file=sys.stderr)
             return 1
@@ -374,9 +376,8 @@ def cmd_create(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     """qemu-img convert: everything checked before anything is written."""
-    import trio
-
     from .. import aio
+    from ..host.waiting import drive
 
     kw = create_keywords(parse_qemu_options(a.options))
     if "size" in kw:
@@ -387,7 +388,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     source_key = key_source(a.key_file, a.src)
     target_key = key_source(a.target_key_file, a.dst) if kw.get("encrypt_format") else None
     with progress_printer(a.progress) as progress:
-        trio.run(lambda: aio.convert(
+        drive(aio.convert(
             a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
             snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
             force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,

@@ -62,8 +62,7 @@ def lifecycle_parsers(sub: Any) -> None:
 
 
 def cmd_resize(a: argparse.Namespace) -> int:
-    import trio
-
+    from ..host.waiting import drive
     from .commands import _open_unmounted
 
     text = a.size.strip()
@@ -90,7 +89,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
                 raise UsageError(f"{size} is smaller than the disk ({current}): use --shrink to shrink it "
                                  "(what lies past the new end is lost)")
             await image.resize(size, shrink=a.shrink)
-    trio.run(main)
+    drive(main())
     print("Image resized.")
     return 0
 

@@ -11,9 +11,8 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable, Generic, TypeVar
 
-import trio
-
 from ..host.hostfile import HostFile
+from ..host.waiting import Event, Lock
 
 T = TypeVar("T")
 
@@ -34,8 +33,8 @@ class TableCache(Generic[T]):
         self._tables: OrderedDict[int, T] = OrderedDict()
         self._dirty: set[int] = set()
         self._pins: dict[int, int] = {}
-        self._loading: dict[int, trio.Event] = {}
-        self._flush_lock = trio.Lock()
+        self._loading: dict[int, Event] = {}
+        self._flush_lock = Lock()
         self.depends_on: TableCache | None = None
         self.hits = self.misses = 0
         # Flushes that wrote tables, and how many of them an fsync covers.
@@ -69,7 +68,7 @@ class TableCache(Generic[T]):
             if table is not None:
                 return table
         self.misses += 1
-        done = self._loading[offset] = trio.Event()
+        done = self._loading[offset] = Event()
         try:
             table = await self._load(offset)
             self._tables[offset] = table

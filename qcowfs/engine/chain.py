@@ -45,8 +45,9 @@ class Layer(Protocol):
     def read_run_nowait(self, kind: int, dst: memoryview, guest: int, host: int) -> bool:
         """read_run without awaiting, from the host page cache; False: it would block."""
 
-    def plain(self, kind: int) -> bool:
-        """A piece of KIND is one pread, nothing to decode (read-around pushes those)."""
+    def cheap(self, kind: int, host: int) -> bool:
+        """A piece of KIND at HOST reads now without decoding: one pread, or
+        a compressed cluster decompressed already (read-around pushes those)."""
 
 
 class Lookup:
@@ -153,15 +154,16 @@ async def read(walk: Walk, buf: memoryview, offset: int) -> None:
 
 def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
     """The guest range around OFFSET, within [LO, HI), known from the tables
-    at hand to read as plain pieces (data with one pread each, zeros), from
-    any layer: what is cheap to read ahead. None when OFFSET's own piece is
-    not plain (compressed, encrypted) or its table is not at hand."""
+    at hand to read as cheap pieces (data with one pread each, zeros, a
+    compressed cluster a read has just decompressed), from any layer: what
+    is cheap to read ahead. None when OFFSET's own piece is not cheap
+    (encrypted, compressed and not decompressed) or its table is not at hand."""
     pieces: list[Piece] = []
     walk(lo, hi - lo, pieces, Lookup())
     at = next((i for i, p in enumerate(pieces) if p[1] <= offset < p[1] + p[2]), None)
 
     def plain(p: Piece) -> bool:
-        return p[4] is None or p[4].plain(p[0])
+        return p[4] is None or p[4].cheap(p[0], p[3])
 
     if at is None or not plain(pieces[at]):
         return None

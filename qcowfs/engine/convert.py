@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
-import trio
 
 from ..format.compression import compress_cluster
 from ..host.hostfile import HostFile
+from ..host.waiting import in_thread
 from .opening import RawSource
 
 # Bytes read and written per step: large enough that per-call costs vanish,
@@ -293,7 +293,7 @@ class Compressor:
         while len(self._queue) > left:
             offset, view, wanted, jobs = self._queue.popleft()
             if not all(j.done() for j in jobs):
-                await trio.to_thread.run_sync(wait, jobs)
+                await in_thread(wait, jobs)
             await self._write(offset, view, wanted, [b for j in jobs for b in j.result()])
 
     async def _write(self, offset: int, view: memoryview, wanted: list[int], blobs: list[bytes | None]) -> None:

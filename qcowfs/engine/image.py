@@ -20,7 +20,6 @@ import os
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-import trio
 
 from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError)
 from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
@@ -28,6 +27,7 @@ from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RA
                       decode_table, encode_table)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
+from ..host.waiting import Lock, in_thread
 from . import chain
 from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
@@ -191,7 +191,7 @@ class Image:
                                       "image can only be opened read-only")
         alloc = self.reload_refcounts()
         self.writer = Writer(self.geo, self.mapper, self.meta, alloc, lambda: self.backing)
-        self._flush_lock = trio.Lock()
+        self._flush_lock = Lock()
 
     @property
     def warnings(self) -> list[str]:
@@ -672,7 +672,7 @@ class Image:
             await txn.commit()
         self.mapper.forget()
         if self.data_file is not None and self.data_file_raw:
-            await trio.to_thread.run_sync(os.ftruncate, self.data_file.fd, new_size)
+            await in_thread(os.ftruncate, self.data_file.fd, new_size)
             self.data_file.refresh_size()
 
     async def close(self) -> None:

@@ -517,9 +517,12 @@ class Mapper:
         dst[:] = cluster[o : o + len(dst)]
         return True
 
-    def plain(self, kind: int) -> bool:
-        """Runs of KIND are one pread each, nothing to decode (chain.Layer)."""
-        return kind == DATA and not self.encrypted
+    def cheap(self, kind: int, host: int) -> bool:
+        """A run of KIND at HOST reads now without decoding (chain.Layer):
+        plain data is one pread; a compressed cluster (HOST: its L2 entry)
+        only once decompressed: a small read of it has just inflated the
+        whole cluster, so pushing the rest costs a copy, not another inflate."""
+        return kind == DATA and not self.encrypted or kind == COMPRESSED and host in self._decompressed
 
     def forget(self) -> None:
         """Drop decompressed clusters (force_share: their host clusters may be reused)."""

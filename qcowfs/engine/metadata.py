@@ -19,11 +19,10 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import trio
-
 from ..errors import QcowError
 from ..format import BitmapDirEntry, Geometry, Header, SnapshotEntry, with_extension
 from ..host.hostfile import HostFile
+from ..host.waiting import Lock
 from .mapper import L1Table
 from .overlap import Kind, OverlapMap
 
@@ -48,7 +47,7 @@ class Metadata:
         # lives in bitmaps.Bitmap, which refers to these entries).
         self.bitmap_directory: list[BitmapDirEntry] = []
         self.active_l1 = self._l1_for(header)
-        self._update_lock = trio.Lock()
+        self._update_lock = Lock()
 
     @property
     def header(self) -> Header:

@@ -13,7 +13,6 @@ import functools
 from typing import Callable
 
 import numpy as np
-import trio
 
 from .cache import TableCache
 from ..errors import CorruptionError, UnsupportedFeatureError
@@ -22,6 +21,7 @@ from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZER
                      encode_compressed, extended_problem, zero_table)
 from ..format.bulk import cluster_types, l2_rows
 from ..host.hostfile import HostFile
+from ..host.waiting import Lock
 from . import chain
 from .chain import Source
 from .mapper import UNALLOC, ZERO, Mapper
@@ -50,7 +50,7 @@ class Writer:
         self.data_file: HostFile = mapper.data_file
         self.external = mapper.external_data
         self._backing = backing
-        self.lock = trio.Lock()
+        self.lock = Lock()
         # Set while a metadata operation holds the image (Image.exclusive):
         # the fast path then waits for the lock like every other write.
         self.frozen = False
@@ -158,7 +158,7 @@ class Writer:
     # ---- the allocating path ---------------------------------------------------
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        await self._lock()
+        await self.lock.acquire()
         try:
             span = self.geo.l2_span
             pos, end = offset, offset + len(data)
@@ -198,16 +198,6 @@ class Writer:
                     if self._state(table, k) != ALLOCATE:
                         self._check_host(self._entry(table, k)[0] & L2E_OFFSET_MASK, cs)
             pos = chunk_end
-
-    async def _lock(self) -> None:
-        """Take the metadata lock; when it is free, without the scheduler
-        pass trio.Lock.acquire makes even then (a sequential writer allocates
-        on every request). A free trio.Lock has no waiters (release hands it
-        to the first), so this is as fair as acquire()."""
-        try:
-            self.lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self.lock.acquire()
 
     def _check_in_place_l2(self, table_off: int) -> None:
         """An L2 table changed in place must be an active L2 table and nothing else."""
@@ -409,7 +399,7 @@ class Writer:
             raise ValueError("compressed writes are whole clusters that shrink")
         if not blobs:
             return
-        await self._lock()
+        await self.lock.acquire()
         try:
             places, counts = self._pack_compressed([len(b) for b in blobs])
             n = len(counts)

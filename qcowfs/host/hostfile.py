@@ -4,25 +4,19 @@ A pread served from the host page cache costs a few microseconds, a worker
 thread tens: so each read is first tried on the event loop with RWF_NOWAIT
 (never blocks), and only what would block goes to a worker thread. Writes of
 metadata and data are buffered pwrites (they land in the page cache); fsync
-always runs in a thread.
+always runs in a thread. A command that drives the engine without a loop
+(host.waiting) reads and syncs in place.
 """
 from __future__ import annotations
 
 import ctypes
-import contextvars
 import errno
 import os
 from collections.abc import Sequence
 
-import trio
+from .waiting import driven, in_thread
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_THREADS = trio.CapacityLimiter(16)
-# Set (on a thread, for a call) by a caller that owns no trio loop and may
-# block: reads then block on the caller's thread instead of going to a
-# worker, so a read of a read-only image never suspends (qcowfs.api runs it
-# without its portal thread).
-BLOCKING: contextvars.ContextVar[bool] = contextvars.ContextVar("qcowfs_blocking_reads", default=False)
 # The largest offset of a host file (off_t).
 _MAX_OFFSET = (1 << 63) - 1
 # fallocate(2) modes (linux/falloc.h); os has only posix_fallocate (mode 0).
@@ -94,14 +88,13 @@ class HostFile:
 
     async def read_into(self, buf: memoryview, offset: int) -> int:
         """Fill BUF from OFFSET; returns bytes read (short only at end of file).
-        With BLOCKING set, one blocking read on this thread, no await at all."""
-        if BLOCKING.get():
+        Driven (host.waiting), one blocking read on this thread, no await at all."""
+        if driven():
             return self._read_blocking(buf, offset)
         done, want = self.read_nowait(buf, offset), len(buf)
         while done < want:
             self.thread_reads += 1
-            n = await trio.to_thread.run_sync(os.preadv, self.fd, [buf[done:]], offset + done,
-                                              limiter=_THREADS)
+            n = await in_thread(os.preadv, self.fd, [buf[done:]], offset + done)
             if n == 0:
                 break
             done += n
@@ -160,7 +153,7 @@ class HostFile:
     async def sync(self) -> None:
         """fdatasync, unless FLUSHES is off (QEMU's cache=unsafe)."""
         if self.flushes:
-            await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_THREADS)
+            await in_thread(os.fdatasync, self.fd)
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
