@@ -918,3 +918,22 @@ def test_subcluster_types_follow_qemu(entry, bitmap, sc, external):
         assert t == (SubclusterType.ZERO_PLAIN if zero >> sc & 1 else SubclusterType.UNALLOCATED_PLAIN)
     assert (extended_problem(entry, bitmap, external) is not None) == (
         any(subcluster_type(entry, bitmap, s, True, external) == SubclusterType.INVALID for s in range(32)))
+
+
+@pytest.mark.parametrize("ctype", [0, 1])  # COMPRESSION_ZLIB, COMPRESSION_ZSTD
+def test_clusters_inflated_together_come_back_in_order_and_fail_as_one(ctype: int) -> None:
+    """decompress_clusters splits the clusters between threads: the result
+    is decompress_cluster of each, in order, whatever the count; a cluster
+    that does not decode fails the whole call with CorruptionError."""
+    from qcowfs.errors import CorruptionError
+    from qcowfs.format.compression import compress_cluster, decompress_cluster, decompress_clusters
+
+    cs = 4096
+    clusters = [bytes([i]) * (cs // 2) + bytes(range(256)) * (cs // 512) for i in range(37)]
+    raws = [compress_cluster(c, ctype) for c in clusters]
+    assert all(r is not None for r in raws)
+    for n in (1, 2, 3, 16, 37):
+        assert decompress_clusters(raws[:n], cs, ctype) == clusters[:n]  # type: ignore[arg-type]
+    assert decompress_cluster(raws[5], cs, ctype) == clusters[5]  # type: ignore[arg-type]
+    with pytest.raises(CorruptionError):
+        decompress_clusters(raws[:20] + [b"\xff" * 100] + raws[20:], cs, ctype)  # type: ignore[operator]

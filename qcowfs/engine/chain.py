@@ -23,10 +23,11 @@ Commit and rebase (several images of a chain written at once) are
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Protocol
 
 from ..format import Table
-from .mapper import COMPRESSED, DATA, MISSING, NUMPY_THRESHOLD, UNALLOC, ZERO, L1Table, Mapper, zero_fill
+from .mapper import COMPRESSED, DATA, INFLATE_BATCH, MISSING, NUMPY_THRESHOLD, UNALLOC, ZERO, L1Table, Mapper, zero_fill
 
 # (kind, guest offset, length, host, layer that reads it): kind is DATA,
 # COMPRESSED or ZERO (LAYER None), never UNALLOC.
@@ -44,6 +45,10 @@ class Layer(Protocol):
 
     def read_run_nowait(self, kind: int, dst: memoryview, guest: int, host: int) -> bool:
         """read_run without awaiting, from the host page cache; False: it would block."""
+
+    async def inflate_ahead(self, entries: list[int]) -> None:
+        """Decompress the compressed clusters of ENTRIES at once, ahead of
+        their read_run (a layer with no compressed clusters has none)."""
 
     def cheap(self, kind: int, host: int) -> bool:
         """A piece of KIND at HOST reads now without decoding: one pread, or
@@ -144,12 +149,16 @@ async def read(walk: Walk, buf: memoryview, offset: int) -> None:
             for mapper, l1, index in lookup.missed:
                 lookup.loaded[(l1, index)] = await mapper.l2_table(l1, index)
             lookup.missed = []
-        for kind, guest, length, host, layer in pieces:
+        for i, (kind, guest, length, host, layer) in enumerate(pieces):
             dst = buf[guest - offset : guest - offset + length]
             if layer is None:
                 zero_fill(dst)
-            else:
-                await layer.read_run(kind, dst, guest, host)
+                continue
+            if kind == COMPRESSED and not layer.cheap(kind, host):
+                # This and the next compressed clusters of the layer, inflated together.
+                ahead = (p[3] for p in itertools.islice(pieces, i, None) if p[0] == COMPRESSED and p[4] is layer)
+                await layer.inflate_ahead(list(itertools.islice(ahead, INFLATE_BATCH)))
+            await layer.read_run(kind, dst, guest, host)
 
 
 def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> tuple[int, int] | None:

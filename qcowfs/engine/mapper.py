@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
 from .cache import TableCache
-from ..format.compression import decompress_cluster
+from ..format.compression import decompress_cluster, decompress_clusters
 from ..errors import CorruptionError, PassphraseError, ReadOnlyError
 from ..format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, SC_ALL,
                      Geometry, SubclusterType, Table, cluster_type, decode_compressed, decode_table,
@@ -38,6 +38,13 @@ RUN_KIND = (UNALLOC, UNALLOC, ZERO, ZERO, DATA, COMPRESSED, -1)
 # (kind, guest offset, length, host): host is the byte offset for DATA and the
 # raw L2 entry for COMPRESSED.
 Run = tuple[int, int, int, int]
+
+# Decompressed clusters kept (an LRU): a small read of a compressed cluster
+# inflates all of it, and the next small reads in it are served from here.
+DECOMPRESSED_CLUSTERS = 64
+# At most this many clusters inflated at once ahead of a read (so that none
+# is evicted before the read takes it).
+INFLATE_BATCH = DECOMPRESSED_CLUSTERS // 2
 
 # Spans of more entries than this are classified with numpy, imported then.
 # At 256 entries of plain data both take about 40 us (docs/speed.md); a
@@ -554,12 +561,31 @@ class Mapper:
         if cached is not None:
             self._decompressed.move_to_end(entry)
             return cached
+        raw = await self._compressed_bytes(entry)
+        cluster = decompress_cluster(raw, self.geo.cluster_size, self.geo.compression_type)
+        self._keep_decompressed(entry, cluster)
+        return cluster
+
+    async def inflate_ahead(self, entries: list[int]) -> None:
+        """Decompress the clusters of ENTRIES (L2 entries of compressed
+        clusters a read is about to take, at most INFLATE_BATCH) into the
+        cache at once: their inflating runs on several cores
+        (compression.decompress_clusters), where one by one it ran on one."""
+        missing = [e for e in dict.fromkeys(entries) if e not in self._decompressed]
+        if len(missing) < 2:
+            return
+        raws = [await self._compressed_bytes(e) for e in missing]
+        for entry, cluster in zip(missing, decompress_clusters(raws, self.geo.cluster_size,
+                                                                self.geo.compression_type)):
+            self._keep_decompressed(entry, cluster)
+
+    async def _compressed_bytes(self, entry: int) -> bytes:
         desc = decode_compressed(entry, self.geo.cluster_bits)
         if desc.host_offset < self.geo.cluster_size or desc.host_offset >= self.file.known_size:
             raise CorruptionError(f"compressed cluster offset {desc.host_offset:#x} is outside the image")
-        raw = await self.file.read(desc.host_offset, desc.length)
-        cluster = decompress_cluster(raw, self.geo.cluster_size, self.geo.compression_type)
+        return await self.file.read(desc.host_offset, desc.length)
+
+    def _keep_decompressed(self, entry: int, cluster: bytes) -> None:
         self._decompressed[entry] = cluster
-        if len(self._decompressed) > 64:
+        if len(self._decompressed) > DECOMPRESSED_CLUSTERS:
             self._decompressed.popitem(last=False)
-        return cluster

@@ -102,6 +102,9 @@ class RawSource:
     def cheap(self, kind: int, host: int) -> bool:
         return True
 
+    async def inflate_ahead(self, entries: list[int]) -> None:
+        """(A raw file has no compressed clusters.)"""
+
     async def close(self) -> None:
         self.file.close()
 

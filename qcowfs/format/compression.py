@@ -1,8 +1,10 @@
 """Compressed clusters: zlib (raw deflate) and zstd, decoded to exactly one cluster."""
 from __future__ import annotations
 
+import os
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
@@ -39,6 +41,45 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
         raise CorruptionError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
     return out
 
+
+
+# Worker threads that inflate next to the caller (decompress_clusters): one
+# fewer than the CPUs this process may run on, made at first use.
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it makes its own."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def decompress_clusters(raws: list[bytes], cluster_size: int, compression_type: int) -> list[bytes]:
+    """decompress_cluster of each of RAWS, in order: the caller's thread and
+    up to one worker thread per other CPU decode them together (zlib and zstd
+    release the GIL while they work), so a long read of a compressed image is
+    inflated on every core, as QEMU inflates in its thread pool."""
+    global _pool
+    workers = len(os.sched_getaffinity(0)) - 1
+    if workers < 1 or len(raws) < 2:
+        return _decode_all(raws, cluster_size, compression_type)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-inflate")
+    share = len(raws) // (workers + 1)
+    mine = raws[: len(raws) - share * workers]
+    theirs = [_pool.submit(_decode_all, raws[len(mine) + i * share : len(mine) + (i + 1) * share],
+                           cluster_size, compression_type) for i in range(workers) if share]
+    out = _decode_all(mine, cluster_size, compression_type)
+    for job in theirs:
+        out += job.result()
+    return out
+
+
+def _decode_all(raws: list[bytes], cluster_size: int, compression_type: int) -> list[bytes]:
+    return [decompress_cluster(r, cluster_size, compression_type) for r in raws]
 
 
 # QEMU's deflate settings (block/qcow2-threads.c): raw deflate, a 4 KiB window.
