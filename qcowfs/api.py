@@ -56,10 +56,6 @@ def _to_its_end() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _drive(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-    return drive(fn(*args, **kwargs))
-
-
 class Disk(io.RawIOBase):
     """A virtual disk as a seekable binary file: `Image.disk` (read-write in
     mode "r+") or `Image.snapshot(name)` (read-only).
@@ -114,7 +110,7 @@ class Disk(io.RawIOBase):
         with self._image._lock:
             if self._disk.readinto_nowait(view, offset):
                 return len(view)
-            return _drive(self._disk.readinto, view, offset)
+            return drive(self._disk.readinto(view, offset))
 
     def pread(self, offset: int, length: int) -> bytes:
         """LENGTH bytes at OFFSET (fewer at the end), without moving the position."""
@@ -137,11 +133,12 @@ class Disk(io.RawIOBase):
     def pwrite(self, data: Any, offset: int) -> int:
         """Write DATA at OFFSET without moving the position: bytes written."""
         self._check_open()
+        view = memoryview(data).cast("B")  # (any bytes-like object, counted in bytes; no copy)
         with self._image._lock:
-            done = self._disk.write_nowait(offset, data)
+            done = self._disk.write_nowait(offset, view)
             if done is not None:
                 return done
-            return self._image._run(self._disk.write, offset, bytes(data))
+            return self._image._run(self._disk.write, offset, view)
 
     def zero(self, offset: int, length: int, unmap: bool = True) -> None:
         """Make [offset, offset+length) read as zeros without writing data where
@@ -216,7 +213,7 @@ class Image:
     def _run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         self._check_open()
         with _to_its_end():
-            return _drive(fn, *args)
+            return drive(fn(*args))
 
     def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         with self._lock:
@@ -238,7 +235,7 @@ class Image:
             if not self.closed:
                 try:
                     with _to_its_end():
-                        _drive(self._aio.close)
+                        drive(self._aio.close())
                 finally:
                     self.closed = True
 
@@ -395,7 +392,7 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
 
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
-    return _drive(aio.check, path, repair, force_share=force_share)
+    return drive(aio.check(path, repair, force_share=force_share))
 
 
 def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: aio.Passphrase = None,
@@ -413,12 +410,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
 
         qcowfs.convert("vm.qcow2", "small.qcow2", compress=True, compression_type="zstd")
         qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
-    _drive(aio.convert, src, dst, **options)
+    drive(aio.convert(src, dst, **options))
 def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
            drop: bool = False, progress: Callable[[float], None] | None = None,
            passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img commit` (see `qcowfs.aio.commit`)."""
-    _drive(aio.commit, overlay, base, drop=drop, progress=progress, passphrase=passphrase, key_file=key_file)
+    drive(aio.commit(overlay, base, drop=drop, progress=progress, passphrase=passphrase, key_file=key_file))
 
 
 def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
@@ -426,5 +423,5 @@ def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str |
            force_share: bool = False, passphrase: aio.Passphrase = None,
            key_file: str | os.PathLike[str] | None = None) -> None:
     """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
-    _drive(aio.rebase, image, backing, backing_format=backing_format, unsafe=unsafe, progress=progress,
-           force_share=force_share, passphrase=passphrase, key_file=key_file)
+    drive(aio.rebase(image, backing, backing_format=backing_format, unsafe=unsafe, progress=progress,
+                     force_share=force_share, passphrase=passphrase, key_file=key_file))

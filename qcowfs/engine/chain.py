@@ -171,15 +171,15 @@ def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> tuple[int, int] | N
     walk(lo, hi - lo, pieces, Lookup())
     at = next((i for i, p in enumerate(pieces) if p[1] <= offset < p[1] + p[2]), None)
 
-    def plain(p: Piece) -> bool:
+    def cheap(p: Piece) -> bool:
         return p[4] is None or p[4].cheap(p[0], p[3])
 
-    if at is None or not plain(pieces[at]):
+    if at is None or not cheap(pieces[at]):
         return None
     first = last = at
-    while first > 0 and plain(pieces[first - 1]) and pieces[first - 1][1] + pieces[first - 1][2] == pieces[first][1]:
+    while first > 0 and cheap(pieces[first - 1]) and pieces[first - 1][1] + pieces[first - 1][2] == pieces[first][1]:
         first -= 1
-    while last + 1 < len(pieces) and plain(pieces[last + 1]) and pieces[last][1] + pieces[last][2] == pieces[last + 1][1]:
+    while last + 1 < len(pieces) and cheap(pieces[last + 1]) and pieces[last][1] + pieces[last][2] == pieces[last + 1][1]:
         last += 1
     return pieces[first][1], pieces[last][1] + pieces[last][2]
 

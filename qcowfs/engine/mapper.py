@@ -516,10 +516,9 @@ class Mapper:
         encrypted, or it reaches past the end of the file)."""
         if kind == DATA:
             return not self.encrypted and self.data_file.read_nowait(dst, host) == len(dst)
-        cluster = self._decompressed.get(host)
+        cluster = self._cached_cluster(host)
         if cluster is None:
             return False
-        self._decompressed.move_to_end(host)
         o = guest & self._cluster_mask
         dst[:] = cluster[o : o + len(dst)]
         return True
@@ -557,9 +556,8 @@ class Mapper:
             dst[:] = buf[host - lo : host - lo + len(dst)]
 
     async def compressed_cluster(self, entry: int) -> bytes:
-        cached = self._decompressed.get(entry)
+        cached = self._cached_cluster(entry)
         if cached is not None:
-            self._decompressed.move_to_end(entry)
             return cached
         raw = await self._compressed_bytes(entry)
         cluster = decompress_cluster(raw, self.geo.cluster_size, self.geo.compression_type)
@@ -584,6 +582,13 @@ class Mapper:
         if desc.host_offset < self.geo.cluster_size or desc.host_offset >= self.file.known_size:
             raise CorruptionError(f"compressed cluster offset {desc.host_offset:#x} is outside the image")
         return await self.file.read(desc.host_offset, desc.length)
+
+    def _cached_cluster(self, entry: int) -> bytes | None:
+        """The decompressed cluster of ENTRY if kept (now the most recent), else None."""
+        cluster = self._decompressed.get(entry)
+        if cluster is not None:
+            self._decompressed.move_to_end(entry)
+        return cluster
 
     def _keep_decompressed(self, entry: int, cluster: bytes) -> None:
         self._decompressed[entry] = cluster
