@@ -336,3 +336,69 @@ def test_kill_loop_leaves_nothing_or_everything(tmp_path: Path):
         for leftover in tmp_path.glob(".dst.qcow2.qcowfs-*"):
             leftover.unlink()
     assert "absent" in outcomes
+
+
+def test_chunks_after_the_first_are_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """convert reads the source's next chunk on one worker thread while it
+    writes the one before (engine.convert.ReadAhead): the first chunk is
+    read by the caller's thread, every later one by the read-ahead thread,
+    in order, and the image is still exact."""
+    import threading
+
+    import qcowfs
+    from qcowfs.engine import convert as engine_convert
+
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        for i in range(5):   # 5 chunks of data with holes between them
+            f.seek(i * 2 * engine_convert.CHUNK)
+            f.write(bytes([i + 1]) * engine_convert.CHUNK)
+    seen: list[tuple[int, str]] = []
+    readinto = engine_convert.RawDisk.readinto
+
+    async def recorded(self: engine_convert.RawDisk, buf: memoryview, offset: int) -> int:
+        seen.append((offset, threading.current_thread().name))
+        return await readinto(self, buf, offset)
+
+    monkeypatch.setattr(engine_convert.RawDisk, "readinto", recorded)
+    qcowfs.convert(src, tmp_path / "out.qcow2")
+    assert [o for o, _ in seen] == [i * 2 * engine_convert.CHUNK for i in range(5)]
+    assert seen[0][1] == threading.current_thread().name
+    assert all(name.startswith("qcowfs-read") for _, name in seen[1:]), seen
+    assert run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "out.qcow2"]).returncode == 0
+    assert_clean(tmp_path / "out.qcow2")
+
+
+@pytest.mark.parametrize("out_format", ["qcow2", "raw"])
+def test_a_failing_read_ahead_fails_the_copy(tmp_path: Path, out_format: str):
+    """A read that fails on the read-ahead thread (a data cluster offset not
+    cluster aligned, in the source's fourth chunk) fails the convert as a
+    failing read of the first chunk does: one line naming the corruption,
+    no destination left behind, the source unchanged; through the library
+    (sync and under trio) the same QcowError."""
+    import trio
+
+    import qcowfs as library
+    from qcowfs import aio
+    from qcowfs.engine.convert import CHUNK
+
+    from corruption import COPIED, OFFSET_MASK, l2_entry_offset, poke_u64, u64
+
+    src = images.create(tmp_path / "src.qcow2", 8 * CHUNK)
+    images.qio(src, *[f"write -P {i + 1} {i * CHUNK} 1M" for i in range(8)])
+    bad = 3 * CHUNK
+    entry = l2_entry_offset(src, bad)
+    poke_u64(src, entry, COPIED | ((u64(src, entry) & OFFSET_MASK) + 0x2A00))
+    before = src.read_bytes()
+    dst = tmp_path / f"dst.{out_format}"
+    p = qcowfs("convert", "-O", out_format, src, dst)
+    assert p.returncode != 0
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "corrupt" in p.stderr.lower() or "align" in p.stderr.lower(), p.stderr
+    assert not dst.exists() and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+    with pytest.raises(library.QcowError):
+        library.convert(src, dst, out_format=out_format)
+    with pytest.raises(library.QcowError):
+        trio.run(lambda: aio.convert(src, dst, out_format=out_format))
+    assert not dst.exists()
+    assert src.read_bytes() == before
