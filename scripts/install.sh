@@ -123,18 +123,26 @@ fi
 # so that pip finds the pinned pyfuse3 already installed and keeps it.
 sh scripts/build-pyfuse3.sh .venv
 # Up to date: the stamp of this kind of install (or of the test install,
-# which includes it) is newer than pyproject.toml.
-fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
+# which includes it) is newer than pyproject.toml and this script.
+fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ] && [ ! scripts/install.sh -nt "$1" ]; }
+# The editable install puts the repository on sys.path with a plain .pth line
+# (setuptools' "compat" mode): the default mode's import hook imports pathlib
+# and its finder at every start of python, some 8 ms of every command
+# (docs/speed.md). A setuptools without that mode gets the default one.
+editable() {
+    .venv/bin/pip install -q "$@" --config-settings editable_mode=compat 2>/dev/null ||
+        .venv/bin/pip install -q "$@"
+}
 if [ "$test_deps" = 1 ]; then
     fresh .venv/.installed-test || {
         .venv/bin/pip install -q --upgrade pip
-        .venv/bin/pip install -q -e '.[test]'
+        editable -e '.[test]'
         touch .venv/.installed-test
     }
 else
     fresh .venv/.installed || fresh .venv/.installed-test || {
         .venv/bin/pip install -q --upgrade pip
-        .venv/bin/pip install -q -e .
+        editable -e .
         touch .venv/.installed
     }
 fi

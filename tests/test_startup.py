@@ -149,3 +149,16 @@ def test_commands_and_the_library_run_without_trio(tmp_path: Path) -> None:
         assert "trio" not in _top_modules(code), code
     qemu_img("check", img)  # (raises unless clean)
     assert "trio" in _top_modules("import qcowfs.service.daemon"), "the check cannot see trio"
+
+
+def test_the_interpreter_starts_without_an_import_hook() -> None:
+    """The venv's python finds qcowfs through a plain path (scripts/install.sh
+    installs it editable in setuptools' compat mode): the default editable
+    mode's finder, imported at every start of python, brings pathlib and
+    some 8 ms to every command. The control: qcowfs is found and is this
+    repository's."""
+    code = "import sys, qcowfs; print('pathlib' in sys.modules, qcowfs.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd="/").stdout.split()
+    assert out[0] == "False", "a module imported at start-up brings pathlib"
+    assert out[1] == str(Path(__file__).resolve().parent.parent / "qcowfs" / "__init__.py")
