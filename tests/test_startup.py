@@ -93,8 +93,17 @@ def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
             "    assert i.snapshot('s').pread(1 << 20, 4096) == b'Z' * 4096\n"
             "    assert i.disk.seek(0, 4) == 3 << 20 and i.disk.seek(3 << 20, 3) == 700 << 20  # SEEK_HOLE, SEEK_DATA")
     for code in (cli.format(["info", str(img)]), cli.format(["map", str(img)]), read):
-        assert "numpy" not in _modules(code), code
+        loaded = _modules(code)
+        assert "numpy" not in loaded, code
+        # zstd is imported by the first zstd cluster; libc is found without
+        # ctypes.util (which imports subprocess and runs ldconfig)
+        assert not loaded & {"zstandard", "ctypes.util", "subprocess"}, code
     assert "numpy" in _modules(cli.format(["check", str(img)])), "the test cannot see numpy"
+    zstd = tmp_path / "zstd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", zstd, "1M")
+    qemu_io(zstd, "write -c -P 7 0 64k")
+    code = f"import qcowfs\nwith qcowfs.open({str(zstd)!r}) as i:\n    assert i.disk.pread(0, 512) == bytes([7]) * 512"
+    assert "zstandard" in _modules(code), "the test cannot see zstandard"
 
 
 def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:

@@ -5,12 +5,14 @@ import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
-
-import zstandard
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..errors import CorruptionError, UnsupportedFeatureError
 from . import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+
+if TYPE_CHECKING:
+    import zstandard
 
 T = TypeVar("T")
 
@@ -20,14 +22,22 @@ T = TypeVar("T")
 _LOCAL = threading.local()
 
 
-def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+def _zstd() -> ModuleType:
+    """The zstd library, imported at its first use: most images are zlib or
+    uncompressed, and importing it costs every command and mount 2-5 ms."""
+    import zstandard
+
+    return zstandard
+
+
+def _zstd_decompressor() -> "zstandard.ZstdDecompressor":
     """This thread's zstd decompressor, reused for every cluster: building one
     costs more than decoding a 64 KiB cluster (39 against 13 us)."""
-    return _this_thread("zstd_d", zstandard.ZstdDecompressor)
+    return _this_thread("zstd_d", _zstd().ZstdDecompressor)
 
 
-def _zstd_compressor() -> zstandard.ZstdCompressor:
-    return _this_thread("zstd_c", zstandard.ZstdCompressor)
+def _zstd_compressor() -> "zstandard.ZstdCompressor":
+    return _this_thread("zstd_c", _zstd().ZstdCompressor)
 
 
 def _this_thread(name: str, make: Callable[[], T]) -> T:
@@ -41,14 +51,18 @@ def _this_thread(name: str, make: Callable[[], T]) -> T:
 
 def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) -> bytes:
     """Decode one cluster; trailing padding after the stream is ignored."""
+    if compression_type == COMPRESSION_ZLIB:
+        codec_error: type[Exception] = zlib.error
+    elif compression_type == COMPRESSION_ZSTD:
+        codec_error = _zstd().ZstdError
+    else:
+        raise UnsupportedFeatureError(f"unknown compression type {compression_type}")
     try:
         if compression_type == COMPRESSION_ZLIB:
             out = zlib.decompressobj(-15).decompress(data, cluster_size)
-        elif compression_type == COMPRESSION_ZSTD:
-            out = _zstd_decompressor().decompress(data, max_output_size=cluster_size)
         else:
-            raise UnsupportedFeatureError(f"unknown compression type {compression_type}")
-    except (zlib.error, zstandard.ZstdError) as e:
+            out = _zstd_decompressor().decompress(data, max_output_size=cluster_size)
+    except codec_error as e:
         raise CorruptionError(f"compressed cluster does not decode: {e}") from None
     if len(out) != cluster_size:
         raise CorruptionError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
