@@ -175,3 +175,18 @@ def test_the_interpreter_starts_without_an_import_hook() -> None:
                          cwd="/").stdout.split()
     assert out[0] == "False", "a module imported at start-up brings pathlib"
     assert out[1] == str(Path(__file__).resolve().parent.parent / "qcowfs" / "__init__.py")
+
+
+def test_creating_a_plain_image_loads_no_numpy(tmp_path: Path) -> None:
+    """`qcowfs create` of a plain image (the most common command of a CI
+    script) writes its few tables without numpy and without the LUKS code
+    (about 50 ms); an encrypted create loads both (so the test can see them)."""
+    cli = "from qcowfs.cli.main import main\ntry:\n    main({!r})\nexcept SystemExit as e:\n    assert not e.code, e"
+    loaded = _modules(cli.format(["create", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1G"]))
+    assert not loaded & {"numpy", "qcowfs.format.crypto", "cryptography"}
+    qemu_img("check", tmp_path / "a.qcow2")
+    key = tmp_path / "key"
+    key.write_text(luks.SECRET)
+    loaded = _modules(cli.format(["create", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.iter-time=10",
+                                  "--key-file", str(key), str(tmp_path / "b.qcow2"), "1G"]))
+    assert {"numpy", "qcowfs.format.crypto"} <= loaded

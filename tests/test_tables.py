@@ -106,3 +106,18 @@ def test_unique_inverse_is_np_unique(values: list[int]) -> None:
     got_values, got_inverse = unique_inverse(a)
     assert got_values.tolist() == want_values.tolist()
     assert got_inverse.tolist() == want_inverse.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 6), st.integers(9, 13), st.data())
+def test_refcount_block_of_ones_is_the_bulk_encoding(order: int, cluster_bits: int, data: st.DataObject) -> None:
+    """entries.refcount_block_of_ones (what create writes without numpy) is
+    format.bulk.encode_refcount_block of COUNT ones, for every refcount width."""
+    import numpy as np
+
+    from qcowfs.format import refcount_block_of_ones
+    from qcowfs.format.bulk import encode_refcount_block
+
+    cs = 1 << cluster_bits
+    count = data.draw(st.integers(0, (cs * 8) >> order))
+    assert refcount_block_of_ones(count, order, cs) == encode_refcount_block(np.ones(count, np.uint64), order, cs)
