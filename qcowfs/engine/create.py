@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -273,6 +272,7 @@ def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
                                  LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
                                  CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,
                                  pbkdf2)
+    import uuid  # (it imports platform: a few ms a plain create need not pay)
 
     secret = passphrase_text(passphrase)
     key_bytes = enc.key_bytes
@@ -477,7 +477,7 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
 def temp_name(path: str) -> str:
     """A new hidden name next to PATH: a rename from it replaces PATH atomically."""
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def hold_target(path: str) -> int:
