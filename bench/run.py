@@ -1635,8 +1635,12 @@ def measure(cfg, benches, contenders, raw, qcow2):
         for n, cell in results[b.key].items():
             if cell.na:
                 log(f"  {b.title:<22} {n:<12} n/a ({cell.error})")
+        taking = [c for c in contenders if c.name in results[b.key]]
         for i in range(cfg.runs):
-            for c in contenders:
+            # Each round starts with the next contender: a place in the order
+            # (what ran just before, the caches it left) is no one's for good.
+            shift = i % max(1, len(taking))
+            for c in taking[shift:] + taking[:shift]:
                 cell = results[b.key].get(c.name)
                 if cell is None or cell.error or cell.na:
                     continue
