@@ -685,6 +685,48 @@ def test_legacy_aes_mount_read_only(tmp_path: Path, mount) -> None:
 
 
 @needs_fuse
+def test_read_around_on_encrypted_disks(tmp_path: Path, mount) -> None:
+    """Small reads of a read-only LUKS disk push their window into the page
+    cache where the cipher decrypts in batches (XTS), and those pages are
+    QEMU's bytes; a CBC disk (a cipher context per sector) and
+    read_around=0 push nothing around the reads."""
+    import time
+
+    from conftest import resident_pages
+
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    offsets = [i * 512 * KiB + 4096 for i in range(8)]
+    src = tmp_path / "src.bin"
+    src.write_bytes(random.Random(14).randbytes(SIZE))
+    images = {}
+    for name, kw in (("xts", {}), ("cbc", {"cipher_alg": "aes-128", "cipher_mode": "cbc", "ivgen_alg": "essiv"})):
+        (tmp_path / name).mkdir()
+        img = luks.create(tmp_path / name / "disk.qcow2", SIZE, **kw)  # type: ignore[arg-type]
+        luks.qemu_io(img, f"write -s {src} 0 {SIZE}")  # all data: no holes, which push as zeros
+        images[name] = img
+    want = src.read_bytes()
+    cached = {}
+    for name, window in (("xts", "256K"), ("xts", "0"), ("cbc", "256K")):
+        img = images[name]
+        disk = mount(img, "-o", f"key_file={key},read_around={window}") / "disk.raw"
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            for off in offsets:
+                assert os.pread(fd, 4096, off) == want[off:off + 4096], (name, window, off)
+            time.sleep(0.3)
+            cached[name, window] = resident_pages(disk)
+            for off in range(0, len(want), 256 * KiB):  # the pushed pages are QEMU's bytes
+                assert os.pread(fd, 256 * KiB, off) == want[off:off + 256 * KiB], (name, window, off)
+        finally:
+            os.close(fd)
+    # 64 pages a window when pushed; one read (and the kernel's read-ahead of it) when not.
+    assert cached["xts", "256K"] >= len(offsets) * 32, cached
+    assert cached["xts", "0"] < len(offsets) * 16, cached
+    assert cached["cbc", "256K"] < len(offsets) * 16, cached
+
+
+@needs_fuse
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for losetup/mount")
 def test_ext4_on_encrypted_disk(tmp_path: Path) -> None:
     """mkfs.ext4 on a loop device over an encrypted disk.raw, files written and
