@@ -394,13 +394,17 @@ def _xts_tweak_table() -> np.ndarray:
     tweaks of the T whose byte p is v and every other byte 0. T -> T * alpha^j
     is linear over GF(2), so a sector's tweaks are the XOR of the 16 rows its
     T's bytes pick: one gather and one XOR-reduce for any number of sectors.
-    2 MiB, the same for every key: built once per process (8 ms), and only
-    when an XTS cipher is made, never for a plain image."""
-    t = np.zeros((16, 256, 2), np.uint64)
+    2 MiB, the same for every key: built once per process (a few ms), and
+    only when an XTS cipher is made, never for a plain image; a position at
+    a time, so that its temporaries stay small (built at once, they left
+    the daemon 2 MiB more of heap than the table)."""
+    table = np.empty((16 * 256, 2 * XTS_BLOCKS), np.uint64)
     v = np.arange(256, dtype=np.uint64)
     for p in range(16):
-        t[p, :, p // 8] = v << np.uint64(8 * (p % 8))
-    return _xts_tweaks_by_shift(t.reshape(-1, 2)).reshape(-1, 2 * XTS_BLOCKS)
+        t = np.zeros((256, 2), np.uint64)
+        t[:, p // 8] = v << np.uint64(8 * (p % 8))
+        table[256 * p : 256 * (p + 1)] = _xts_tweaks_by_shift(t).reshape(256, -1)
+    return table
 
 
 # Added to the (16, sectors) bytes of the Ts: their rows in _xts_tweak_table.
