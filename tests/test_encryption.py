@@ -706,20 +706,24 @@ def test_read_around_on_encrypted_disks(tmp_path: Path, mount) -> None:
         luks.qemu_io(img, f"write -s {src} 0 {SIZE}")  # all data: no holes, which push as zeros
         images[name] = img
     want = src.read_bytes()
-    cached = {}
+    cached: dict[tuple[str, str], int] = {}
     for name, window in (("xts", "256K"), ("xts", "0"), ("cbc", "256K")):
-        img = images[name]
-        disk = mount(img, "-o", f"key_file={key},read_around={window}") / "disk.raw"
-        fd = os.open(disk, os.O_RDONLY)
-        try:
-            for off in offsets:
-                assert os.pread(fd, 4096, off) == want[off:off + 4096], (name, window, off)
-            time.sleep(0.3)
-            cached[name, window] = resident_pages(disk)
-            for off in range(0, len(want), 256 * KiB):  # the pushed pages are QEMU's bytes
-                assert os.pread(fd, 256 * KiB, off) == want[off:off + 256 * KiB], (name, window, off)
-        finally:
-            os.close(fd)
+        # Another process dropping the page cache (drop_caches) between the
+        # reads and fincore empties it: the pushes get three fresh mounts.
+        for _ in range(3 if window != "0" else 1):
+            disk = mount(images[name], "-o", f"key_file={key},read_around={window}") / "disk.raw"
+            fd = os.open(disk, os.O_RDONLY)
+            try:
+                for off in offsets:
+                    assert os.pread(fd, 4096, off) == want[off:off + 4096], (name, window, off)
+                time.sleep(0.3)
+                cached[name, window] = max(cached.get((name, window), 0), resident_pages(disk))
+                for off in range(0, len(want), 256 * KiB):  # the pushed pages are QEMU's bytes
+                    assert os.pread(fd, 256 * KiB, off) == want[off:off + 256 * KiB], (name, window, off)
+            finally:
+                os.close(fd)
+            if cached[name, window] >= len(offsets) * 32:
+                break
     # 64 pages a window when pushed; one read (and the kernel's read-ahead of it) when not.
     assert cached["xts", "256K"] >= len(offsets) * 32, cached
     assert cached["xts", "0"] < len(offsets) * 16, cached

@@ -393,7 +393,7 @@ def _xts_tweak_table() -> np.ndarray:
     """(16 * 256, 64) uint64: row 256 p + v holds the 512 bytes of the 32
     tweaks of the T whose byte p is v and every other byte 0. T -> T * alpha^j
     is linear over GF(2), so a sector's tweaks are the XOR of the 16 rows its
-    T's bytes pick: one gather and one XOR-reduce for any number of sectors.
+    T's bytes pick: one gather and one XOR-reduce for a whole run of sectors.
     2 MiB, the same for every key: built once per process (a few ms), and
     only when an XTS cipher is made, never for a plain image; a position at
     a time, so that its temporaries stay small (built at once, they left
