@@ -8,6 +8,7 @@ compare` and `qemu-img check` after writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -401,28 +402,76 @@ async def test_encrypted_backing_file(tmp_path: Path) -> None:
         await image.close()
 
 
+def _library_xts(key: bytes, data: bytes, first: int, encrypt: bool) -> bytes:
+    """cryptography's own XTS, one cipher context per 512-byte sector, the
+    tweak the plain64 IV of its sector number."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    out = b""
+    for i in range(0, len(data), 512):
+        c = Cipher(algorithms.AES(key), modes.XTS(((first + i // 512) % (1 << 64)).to_bytes(16, "little")))
+        ctx = c.encryptor() if encrypt else c.decryptor()
+        out += ctx.update(data[i : i + 512])
+    return out
+
+
 def test_xts_from_ecb_matches_the_library() -> None:
-    """XTS from ECB (AES-192, and runs of sectors) is the library's XTS,
-    one sector per cipher context, for the key sizes both have: every count
-    around the threshold, and tweaks whose high bits carry (sector numbers
-    near 2^64, where the top of T is set for some sectors whatever the key)."""
-    assert crypto.XTS_FROM_ECB_SECTORS > 1  # (one sector takes the library's XTS)
+    """XTS from ECB (AES-192, and runs of sectors) is cryptography's own XTS
+    for the key sizes both have (AES-128 and AES-256): sector counts on both
+    sides of both thresholds (the library's per-sector contexts up to
+    XTS_FROM_ECB_SECTORS, the tweak table up to XTS_TABLE_SECTORS, shifts of
+    T above), sector numbers above 2^32, and tweaks whose high bits carry
+    (sector numbers near 2^64, where the top of T is set for some sectors
+    whatever the key). Both directions, through XtsFromEcb itself and through
+    SectorCipher's encrypt, decrypt and in-place decrypt_into."""
+    assert 1 < crypto.XTS_FROM_ECB_SECTORS < crypto.XTS_TABLE_SECTORS  # (one sector takes the library's XTS)
     rng = random.Random(1)
+    counts = sorted({1, 8, 9, 128, *range(crypto.XTS_FROM_ECB_SECTORS - 1, crypto.XTS_FROM_ECB_SECTORS + 2),
+                     crypto.XTS_TABLE_SECTORS, crypto.XTS_TABLE_SECTORS + 1})
     for key_len in (32, 64):
         key = rng.randbytes(key_len)
         spec = crypto.CipherSpec(f"aes-{key_len * 4}", "xts", "plain64", None, "sha256", key_len)
-        lib = crypto.SectorCipher(spec, key)
+        sectors = crypto.SectorCipher(spec, key)
         ours = crypto.XtsFromEcb(key)
-        for count in (*range(1, crypto.XTS_FROM_ECB_SECTORS + 3), 97):
-            for first in (12345, (1 << 64) - count, rng.getrandbits(63)):
+        for count in counts:
+            for first in (0, 12345, (1 << 32) - 3, rng.getrandbits(40), rng.getrandbits(63),
+                          (1 << 64) - count, (1 << 64) - 1):
                 data = rng.randbytes(count * 512)
-                by_library = b"".join(lib.encrypt(data[i * 512:(i + 1) * 512], first + i) for i in range(count))
-                ivs = lib.ivs(first, count)
-                assert ours.run(data, ivs, True) == by_library
-                assert ours.run(by_library, ivs, False) == data
+                by_library = _library_xts(key, data, first, True)
+                assert _library_xts(key, by_library, first, False) == data
+                ivs = sectors.ivs(first, count)
+                out = bytearray(len(data))
+                ours.run_into(data, ivs, True, out)
+                assert out == by_library, (key_len, count, first)
+                ours.run_into(by_library, ivs, False, out)
+                assert out == data, (key_len, count, first)
                 # SectorCipher picks either way by count: the same bytes.
-                assert lib.encrypt(data, first) == by_library
-                assert lib.decrypt(by_library, first) == data
+                assert sectors.encrypt(data, first) == by_library
+                assert sectors.decrypt(by_library, first) == data
+                buf = bytearray(by_library)
+                sectors.decrypt_into(memoryview(buf), first)
+                assert buf == data
+
+
+def test_sector_ivs() -> None:
+    """SectorCipher.ivs (all sectors of a run at once) gives each sector the
+    IV QEMU's generators give it: plain the sector number modulo 2^32,
+    plain64 modulo 2^64, essiv plain64's encrypted with the hash of the key,
+    runs that wrap past 2^32 and 2^64 included."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    rng = random.Random(4)
+    key = rng.randbytes(32)
+    essiv = Cipher(algorithms.AES(hashlib.sha256(key).digest()), modes.ECB())
+    for ivgen, bits in (("plain", 32), ("plain64", 64), ("essiv", 64)):
+        spec = crypto.CipherSpec("aes-256", "cbc", ivgen, "sha256" if ivgen == "essiv" else None, "sha256", 32)
+        sectors = crypto.SectorCipher(spec, key)
+        for count in (1, 8, 9, 300):
+            for first in (0, (1 << 32) - 5, (1 << 64) - 5, rng.getrandbits(70)):
+                want = b"".join(((first + i) % (1 << bits)).to_bytes(16, "little") for i in range(count))
+                if ivgen == "essiv":
+                    want = essiv.encryptor().update(want)
+                assert sectors.ivs(first, count) == want, (ivgen, count, first)
 
 
 def test_af_merge_inverts_a_split() -> None:
@@ -633,6 +682,52 @@ def test_legacy_aes_mount_read_only(tmp_path: Path, mount) -> None:
     assert "read-only" in one_line(qcowfs("mount", img, mnt, "-o", f"key_file={key}"))
     got = mount(img, "-o", f"key_file={key}")
     assert (got / "disk.raw").read_bytes() == model.read_bytes()
+
+
+@needs_fuse
+def test_read_around_on_encrypted_disks(tmp_path: Path, mount) -> None:
+    """Small reads of a read-only LUKS disk push their window into the page
+    cache where the cipher decrypts in batches (XTS), and those pages are
+    QEMU's bytes; a CBC disk (a cipher context per sector) and
+    read_around=0 push nothing around the reads."""
+    import time
+
+    from conftest import resident_pages
+
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    offsets = [i * 512 * KiB + 4096 for i in range(8)]
+    src = tmp_path / "src.bin"
+    src.write_bytes(random.Random(14).randbytes(SIZE))
+    images = {}
+    for name, kw in (("xts", {}), ("cbc", {"cipher_alg": "aes-128", "cipher_mode": "cbc", "ivgen_alg": "essiv"})):
+        (tmp_path / name).mkdir()
+        img = luks.create(tmp_path / name / "disk.qcow2", SIZE, **kw)  # type: ignore[arg-type]
+        luks.qemu_io(img, f"write -s {src} 0 {SIZE}")  # all data: no holes, which push as zeros
+        images[name] = img
+    want = src.read_bytes()
+    cached: dict[tuple[str, str], int] = {}
+    for name, window in (("xts", "256K"), ("xts", "0"), ("cbc", "256K")):
+        # Another process dropping the page cache (drop_caches) between the
+        # reads and fincore empties it: the pushes get three fresh mounts.
+        for _ in range(3 if window != "0" else 1):
+            disk = mount(images[name], "-o", f"key_file={key},read_around={window}") / "disk.raw"
+            fd = os.open(disk, os.O_RDONLY)
+            try:
+                for off in offsets:
+                    assert os.pread(fd, 4096, off) == want[off:off + 4096], (name, window, off)
+                time.sleep(0.3)
+                cached[name, window] = max(cached.get((name, window), 0), resident_pages(disk))
+                for off in range(0, len(want), 256 * KiB):  # the pushed pages are QEMU's bytes
+                    assert os.pread(fd, 256 * KiB, off) == want[off:off + 256 * KiB], (name, window, off)
+            finally:
+                os.close(fd)
+            if cached[name, window] >= len(offsets) * 32:
+                break
+    # 64 pages a window when pushed; one read (and the kernel's read-ahead of it) when not.
+    assert cached["xts", "256K"] >= len(offsets) * 32, cached
+    assert cached["xts", "0"] < len(offsets) * 16, cached
+    assert cached["cbc", "256K"] < len(offsets) * 16, cached
 
 
 @needs_fuse
