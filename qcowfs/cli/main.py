@@ -9,7 +9,6 @@ mount point).
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import signal
@@ -265,6 +264,8 @@ def _looks_like_command(word: str) -> bool:
 
 
 def _unknown_command(word: str) -> NoReturn:
+    import difflib  # (only a mistyped command needs it)
+
     close = difflib.get_close_matches(word, SUBCOMMANDS + ("unmount",), n=1)
     hint = f" (did you mean '{'umount' if close == ['unmount'] else close[0]}'?)" if close else ""
     die(f"unknown command '{word}'{hint}; commands: {', '.join(SUBCOMMANDS)} "

@@ -1,16 +1,24 @@
-"""Compressed clusters: zlib (raw deflate) and zstd, decoded to exactly one cluster."""
+"""Compressed clusters: zlib (raw deflate) and zstd, decoded to exactly one cluster.
+
+zstandard and the inflating threads' pool are imported at their first use:
+every read-only mount and qcowfs.open loads this module, and an image with no
+zstd cluster (or a read that inflates one cluster at a time) never needs them
+(docs/speed.md, memory of a read-only mount)."""
 from __future__ import annotations
 
 import os
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
-
-import zstandard
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..errors import CorruptionError, UnsupportedFeatureError
 from . import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+    from types import ModuleType
+
+    import zstandard
 
 T = TypeVar("T")
 
@@ -20,14 +28,21 @@ T = TypeVar("T")
 _LOCAL = threading.local()
 
 
+def _zstd() -> ModuleType:
+    """zstandard, imported by the first zstd cluster (see the module docstring)."""
+    import zstandard
+
+    return zstandard
+
+
 def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     """This thread's zstd decompressor, reused for every cluster: building one
     costs more than decoding a 64 KiB cluster (39 against 13 us)."""
-    return _this_thread("zstd_d", zstandard.ZstdDecompressor)
+    return _this_thread("zstd_d", lambda: _zstd().ZstdDecompressor())
 
 
 def _zstd_compressor() -> zstandard.ZstdCompressor:
-    return _this_thread("zstd_c", zstandard.ZstdCompressor)
+    return _this_thread("zstd_c", lambda: _zstd().ZstdCompressor())
 
 
 def _this_thread(name: str, make: Callable[[], T]) -> T:
@@ -48,8 +63,12 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
             out = _zstd_decompressor().decompress(data, max_output_size=cluster_size)
         else:
             raise UnsupportedFeatureError(f"unknown compression type {compression_type}")
-    except (zlib.error, zstandard.ZstdError) as e:
+    except zlib.error as e:
         raise CorruptionError(f"compressed cluster does not decode: {e}") from None
+    except Exception as e:  # noqa: BLE001 - zstandard.ZstdError, without importing it for zlib
+        if compression_type == COMPRESSION_ZSTD and isinstance(e, _zstd().ZstdError):
+            raise CorruptionError(f"compressed cluster does not decode: {e}") from None
+        raise
     if len(out) != cluster_size:
         raise CorruptionError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
     return out
@@ -80,6 +99,8 @@ def decompress_clusters(raws: list[bytes], cluster_size: int, compression_type: 
     if workers < 1 or len(raws) < 2:
         return _decode_all(raws, cluster_size, compression_type)
     if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
         _pool = ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-inflate")
     share = len(raws) // (workers + 1)
     mine = raws[: len(raws) - share * workers]
