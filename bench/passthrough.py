@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Bare pyfuse3 passthrough: the ceiling for a Python FUSE filesystem.
 
-    passthrough.py RAWFILE MOUNTPOINT [--name disk.raw] [--writable]
+    passthrough.py RAWFILE MOUNTPOINT [--name disk.raw] [--writable] [--workers N]
 
 Exposes RAWFILE as MOUNTPOINT/NAME. Every read is one os.pread on the
 raw file, straight on the trio loop (no thread), and `open` returns
 keep_cache=True, so this measures what pyfuse3 + libfuse + the kernel
 cost with nothing else in the way. Runs in the foreground until
 unmounted (fusermount3 -u MOUNTPOINT) or SIGTERM/SIGINT.
+
+--workers N (read-only, needs our pyfuse3 patch): N processes serve the
+mount, forked after `share_session()` as a read-only qcowfs mount forks its
+workers (qcowfs/service/workers.py): the ceiling of a Python FUSE
+filesystem served by N processes.
 """
 
 import argparse
@@ -104,7 +109,10 @@ def main():
     ap.add_argument("--name", default="disk.raw")
     ap.add_argument("--writable", action="store_true")
     ap.add_argument("--max-tasks", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
+    if args.workers > 1 and args.writable:
+        ap.error("--workers is for read-only mounts")
 
     ops = Passthrough(args.raw, args.name, args.writable)
     opts = set(pyfuse3.default_options)
@@ -116,6 +124,19 @@ def main():
     def stop(signum, frame):
         pyfuse3.terminate()
 
+    children = []
+    if args.workers > 1:
+        pyfuse3.share_session()
+        for _ in range(args.workers - 1):
+            pid = os.fork()
+            if pid == 0:  # a worker: serve until the connection ends (the unmount)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    trio.run(pyfuse3.main, 1, args.max_tasks)
+                finally:
+                    os._exit(0)
+            children.append(pid)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
@@ -123,6 +144,8 @@ def main():
     finally:
         pyfuse3.close(unmount=True)
         os.close(ops.fd)
+        for pid in children:
+            os.waitpid(pid, 0)
     return 0
 
 

@@ -233,7 +233,7 @@ AIMS = {
 CPU_AIMS = {"qsd": 1.0}
 
 # Ratio columns, in order (those of a table's contenders, its subject left out).
-PEERS = ["qsd", "qcowmount", "passthrough", "qcowfs-ra0", "qcowfs-w1", "qcowfs-w2", "qcowfs-w4", "dissect",
+PEERS = ["qsd", "qcowmount", "passthrough", "passthrough-w2", "qcowfs-ra0", "qcowfs-w1", "qcowfs-w2", "qcowfs-w4", "dissect",
          "pyqcow", "qcowfs"]
 
 
@@ -775,6 +775,7 @@ class Qcowmount(Contender):
 class Passthrough(Contender):
     name = "passthrough"
     label = "pyfuse3 passthrough"
+    workers = 1
 
     def version(self):
         with contextlib.suppress(Exception):
@@ -785,7 +786,7 @@ class Passthrough(Contender):
     @contextlib.contextmanager
     def mount(self, qcow2, raw, writable, key=None):
         mnt = self._dir()
-        cmd = self.prefix() + [sys.executable, HERE / "passthrough.py", raw, mnt]
+        cmd = self.prefix() + [sys.executable, HERE / "passthrough.py", raw, mnt, "--workers", self.workers]
         if writable:
             cmd.append("--writable")
         _MOUNTS.add(mnt)
@@ -799,6 +800,9 @@ class Passthrough(Contender):
             try:
                 wait_for(lambda: mounted(mnt), 20, "passthrough", proc)
                 self.mount_s = time.monotonic() - t0
+                if self.workers > 1:  # (forked once the mount is up: wait for them all)
+                    wait_for(lambda: len(_children(proc.pid)) == self.workers - 1, 20, "passthrough", proc)
+                    self.pids = [proc.pid, *_children(proc.pid)]
             except ContenderError as e:
                 errf.seek(0)
                 tail = errf.read().strip().splitlines()
@@ -817,6 +821,21 @@ class Passthrough(Contender):
                     proc.wait()
             errf.close()
             force_unmount(mnt)
+
+
+class PassthroughTwoWorkers(Passthrough):
+    """The bare passthrough served by two processes (passthrough.py
+    --workers): the ceiling of a Python FUSE filesystem on the rows a
+    read-only qcowfs mount serves with its default two processes here."""
+    name, label, workers = "passthrough-w2", "pyfuse3 passthrough, 2 processes", 2
+    benches = ("direct_read_4", "direct_read_1", "rand_read_4")
+
+
+def _children(pid):
+    """The child processes of PID."""
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
 
 
 class Library(Contender):
@@ -912,7 +931,7 @@ class Pyqcow(Library):
                     f.close()
 
 
-CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, QcowfsNoReadAround, QcowfsOneWorker, QcowfsTwoWorkers,
+CONTENDERS = [Qcowfs, Qsd, Qcowmount, Passthrough, PassthroughTwoWorkers, QcowfsNoReadAround, QcowfsOneWorker, QcowfsTwoWorkers,
               QcowfsFourWorkers, QcowfsApi, Dissect, Pyqcow]
 
 
@@ -1616,8 +1635,12 @@ def measure(cfg, benches, contenders, raw, qcow2):
         for n, cell in results[b.key].items():
             if cell.na:
                 log(f"  {b.title:<22} {n:<12} n/a ({cell.error})")
+        taking = [c for c in contenders if c.name in results[b.key]]
         for i in range(cfg.runs):
-            for c in contenders:
+            # Each round starts with the next contender: a place in the order
+            # (what ran just before, the caches it left) is no one's for good.
+            shift = i % max(1, len(taking))
+            for c in taking[shift:] + taking[:shift]:
                 cell = results[b.key].get(c.name)
                 if cell is None or cell.error or cell.na:
                     continue

@@ -481,6 +481,31 @@ class Subject:
         assert info(self.image).get("backing-filename") == new.name
         self.judge()
 
+    async def convert_offline(self, out_format: str, compress: str | None, snapshot: str | None) -> None:
+        """`qcowfs convert` of the image (or of snapshot SNAPSHOT) into a new qcow2
+        (COMPRESS: "zlib"/"zstd" clusters, or plain) or raw file: what it reads must be
+        the model's disk (the snapshot's), the new image clean in `qemu-img check`;
+        the source does not change (QEMU judges it all again)."""
+        self._closed()
+        out = self.directory / f"converted.{out_format}"
+        options: dict[str, Any] = {}
+        if compress is not None:
+            options = {"compress": True, "compression_type": compress}
+        await qcowfs.aio.convert(self.image, out, out_format=out_format,
+                                 snapshot=self.snapshot_names[snapshot] if snapshot is not None else None,
+                                 passphrase=luks.passphrase() if self.layout.encrypted else None, **options)
+        try:
+            where = f"{self.layout.describe()}\nconvert -O {out_format} compress={compress} snapshot={snapshot}"
+            if out_format == "qcow2":
+                p = run("qemu-img", "check", out)
+                assert p.returncode == 0, f"{where}: the converted image:\n{clip(p.stdout + p.stderr)}"
+            expected = self.snapshots[snapshot] if snapshot is not None else self.model.path
+            p = run("qemu-img", "compare", "-f", out_format, "-F", "raw", out, expected)
+            assert p.returncode == 0, f"{where}: differs from the model:\n{clip(p.stdout + p.stderr)}"
+        finally:
+            out.unlink(missing_ok=True)
+        self.judge()
+
     def snapshot_create(self) -> str:
         """`qemu-img snapshot -c`; its content must stay the model's content of now."""
         self._closed()

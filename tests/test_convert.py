@@ -338,35 +338,75 @@ def test_kill_loop_leaves_nothing_or_everything(tmp_path: Path):
     assert "absent" in outcomes
 
 
-def test_chunks_after_the_first_are_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """convert reads the source's next chunk on one worker thread while it
-    writes the one before (engine.convert.ReadAhead): the first chunk is
-    read by the caller's thread, every later one by the read-ahead thread,
-    in order, and the image is still exact."""
+def test_chunks_are_read_ahead_and_written_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """convert reads the source's next chunk on one worker thread while
+    another writes the chunk before (engine.convert.Lane): the first chunk
+    is read by the caller's thread, every later one by the read lane, in
+    order; every chunk is written by the write lane, in order; the images
+    are still exact."""
     import threading
 
     import qcowfs
     from qcowfs.engine import convert as engine_convert
 
+    chunk = engine_convert.CHUNK
     src = tmp_path / "src.raw"
     with open(src, "wb") as f:
         for i in range(5):   # 5 chunks of data with holes between them
-            f.seek(i * 2 * engine_convert.CHUNK)
-            f.write(bytes([i + 1]) * engine_convert.CHUNK)
-    seen: list[tuple[int, str]] = []
-    readinto = engine_convert.RawDisk.readinto
+            f.seek(i * 2 * chunk)
+            f.write(bytes([i + 1]) * chunk)
+    reads: list[tuple[int, str]] = []
+    writes: list[tuple[int, str]] = []
+    readinto, write = engine_convert.RawDisk.readinto, engine_convert.RawTarget.write
 
-    async def recorded(self: engine_convert.RawDisk, buf: memoryview, offset: int) -> int:
-        seen.append((offset, threading.current_thread().name))
+    async def read_recorded(self: engine_convert.RawDisk, buf: memoryview, offset: int) -> int:
+        reads.append((offset, threading.current_thread().name))
         return await readinto(self, buf, offset)
 
-    monkeypatch.setattr(engine_convert.RawDisk, "readinto", recorded)
-    qcowfs.convert(src, tmp_path / "out.qcow2")
-    assert [o for o, _ in seen] == [i * 2 * engine_convert.CHUNK for i in range(5)]
-    assert seen[0][1] == threading.current_thread().name
-    assert all(name.startswith("qcowfs-read") for _, name in seen[1:]), seen
-    assert run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "out.qcow2"]).returncode == 0
+    async def write_recorded(self: engine_convert.RawTarget, offset: int, data: memoryview) -> int:
+        writes.append((offset, threading.current_thread().name))
+        return await write(self, offset, data)
+
+    monkeypatch.setattr(engine_convert.RawDisk, "readinto", read_recorded)
+    monkeypatch.setattr(engine_convert.RawTarget, "write", write_recorded)
+    for out, fmt in ((tmp_path / "out.qcow2", "qcow2"), (tmp_path / "out.raw", "raw")):
+        reads.clear()
+        qcowfs.convert(src, out, out_format=fmt)
+        assert [o for o, _ in reads] == [i * 2 * chunk for i in range(5)]
+        assert reads[0][1] == threading.current_thread().name
+        assert all(name.startswith("qcowfs-read") for _, name in reads[1:]), reads
+        assert run(["qemu-img", "compare", "-f", "raw", "-F", fmt, src, out]).returncode == 0
     assert_clean(tmp_path / "out.qcow2")
+    assert [o for o, _ in writes] == [i * 2 * chunk for i in range(5)]
+    assert all(name.startswith("qcowfs-write") for _, name in writes), writes
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 6 MiB tmpfs: a target that runs out of space."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.parametrize("out_format", ["qcow2", "raw"])
+def test_a_failing_write_lane_fails_the_copy(tmp_path: Path, small_fs: Path, out_format: str):
+    """A write that fails on the write lane (the target's file system is
+    full after a chunk or two) fails the convert in one line, and leaves
+    neither the destination nor its temporary file; the source unchanged."""
+    src = images.create(tmp_path / "src.qcow2", 64 << 20)
+    images.qio(src, *[f"write -P {i + 1} {i * 4}M 3M" for i in range(16)])
+    before = src.read_bytes()
+    p = qcowfs("convert", "-O", out_format, src, small_fs / f"dst.{out_format}")
+    assert p.returncode != 0
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "No space left" in p.stderr, p.stderr
+    assert list(small_fs.iterdir()) == []
+    assert src.read_bytes() == before
 
 
 @pytest.mark.parametrize("out_format", ["qcow2", "raw"])

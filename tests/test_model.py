@@ -382,6 +382,21 @@ class ImageMachine(RuleBasedStateMachine):
         length = data.draw(st.integers(1, min(size - offset, 256 * 1024)), label="length")
         self.trio.run(self.subject.rebase_offline, offset, length, data.draw(st.integers(1, 255), label="byte"))
 
+    @precondition(lambda self: self.is_closed())
+    @rule(data=st.data())
+    @step
+    def convert(self, data: st.DataObject) -> None:
+        """qcowfs convert of the disk or of a snapshot, to qcow2 (plain or compressed)
+        or raw: it reads as the model, and the new image is clean."""
+        out_format = data.draw(st.sampled_from(("qcow2", "raw")), label="out_format")
+        compress = None
+        if out_format == "qcow2":
+            compress = data.draw(st.sampled_from((None, "zlib", "zstd")), label="compress")
+        snapshot = None
+        if self.subject.snapshots and data.draw(st.booleans(), label="of a snapshot"):
+            snapshot = data.draw(st.sampled_from(sorted(self.subject.snapshots)), label="snapshot id")
+        self.trio.run(self.subject.convert_offline, out_format, compress, snapshot)
+
     @precondition(lambda self: self.is_closed() and bool(self.subject.snapshots))
     @rule(data=st.data())
     @step

@@ -90,3 +90,34 @@ def test_python_and_numpy_map_alike(image: Image, kinds: list[str], jumps: list[
     assert sum(r[2] for r in by_entry) == end - start
     assert (extents._pieces(image.mapper, table, base, first, last, bulk=False)
             == extents._pieces_numpy(image.mapper, table, base, first, last))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=60))
+def test_unique_inverse_is_np_unique(values: list[int]) -> None:
+    """format.bulk.unique_inverse (numpy 2's np.unique imports numpy.ma) gives
+    what np.unique(..., return_inverse=True) gives."""
+    import numpy as np
+
+    from qcowfs.format.bulk import unique_inverse
+
+    a = np.array(values, np.int64)
+    want_values, want_inverse = np.unique(a, return_inverse=True)
+    got_values, got_inverse = unique_inverse(a)
+    assert got_values.tolist() == want_values.tolist()
+    assert got_inverse.tolist() == want_inverse.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 6), st.integers(9, 13), st.data())
+def test_refcount_block_of_ones_is_the_bulk_encoding(order: int, cluster_bits: int, data: st.DataObject) -> None:
+    """entries.refcount_block_of_ones (what create writes without numpy) is
+    format.bulk.encode_refcount_block of COUNT ones, for every refcount width."""
+    import numpy as np
+
+    from qcowfs.format import refcount_block_of_ones
+    from qcowfs.format.bulk import encode_refcount_block
+
+    cs = 1 << cluster_bits
+    count = data.draw(st.integers(0, (cs * 8) >> order))
+    assert refcount_block_of_ones(count, order, cs) == encode_refcount_block(np.ones(count, np.uint64), order, cs)

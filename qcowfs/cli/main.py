@@ -264,7 +264,7 @@ def _looks_like_command(word: str) -> bool:
 
 
 def _unknown_command(word: str) -> NoReturn:
-    import difflib  # (only a mistyped command needs it)
+    import difflib  # (here: only a mistyped command needs it)
 
     close = difflib.get_close_matches(word, SUBCOMMANDS + ("unmount",), n=1)
     hint = f" (did you mean '{'umount' if close == ['unmount'] else close[0]}'?)" if close else ""

@@ -8,11 +8,11 @@ only there; every range the source calls a hole stays unallocated in the
 target, and so does every block of zeros the data holds (at the target's
 granularity: a cluster of a qcow2 target, the -S size of a raw one).
 
-The source is read one chunk ahead, on one worker thread (`ReadAhead`):
-while the loop zero-checks and writes a chunk, the next is read. A copy
-inside the page cache costs two kernel copies per byte (the read and the
-write) plus the loop's own work; overlapped, the copy of the bench's 1 GiB
-image fell from 0.29-0.30 s to 0.17-0.18 s (docs/speed.md).
+The source is read one chunk ahead, and the chunk before is zero-checked
+and written, each on a worker thread of its own (`Lane`): a copy inside
+the page cache costs two kernel copies per byte (the read and the write)
+plus the loop's own work, and overlapped they take about as long as the
+writes alone (docs/speed.md has the numbers).
 
 Compression (-c) runs in one pool of worker threads (`Compressor`), a
 job per few clusters (zlib and zstd release the GIL, so the cores work
@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 import numpy as np
 
@@ -160,79 +160,104 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     """Copy SRC's data into the empty DST (see the module's docstring)."""
     compressor = Compressor(dst, plan.threads) if plan.compress else None  # type: ignore[arg-type]
-    # A buffer per chunk queued for compression, the one being written and
-    # the one being read ahead.
+    # A buffer per chunk queued for compression (else the one being
+    # written), and the one being read ahead.
     buffers = [bytearray(CHUNK) for _ in range((IN_FLIGHT + 1 if compressor else 1) + 1)]
     other = bytearray(CHUNK) if plan.backing is not None else None
     below = await plan.backing.data_ranges() if plan.backing is not None else []
     size = plan.size
     steps = _steps(_aligned(await src.data_ranges(), plan.align), size)
     chunks = [(c, n) for c, n in steps if n >= 0]
-    ahead = ReadAhead(src)
+    reads = Lane("qcowfs-read")
+    # With -c the compressor's queue is the overlap, and it writes in order itself.
+    writes = Lane("qcowfs-write") if compressor is None else None
     pos = turn = 0
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
-                await _hole(dst, below, pos, c)
+                if below:
+                    await _target(writes, _hole(dst, below, pos, c))
                 continue
             view = memoryview(buffers[turn % len(buffers)])[:n]
-            await ahead.take(view, c)
+            if not await reads.result():   # (the first chunk: nothing was read ahead)
+                await src.readinto(view, c)
             turn += 1
+            if writes is not None:
+                await writes.result()   # the chunk before is written: its buffer is free
             if turn < len(chunks):
                 nc, nn = chunks[turn]
-                ahead.start(memoryview(buffers[turn % len(buffers)])[:nn], nc)
-            keep = await _chunk(plan, dst, c, view, other)
+                reads.start(src.readinto(memoryview(buffers[turn % len(buffers)])[:nn], nc))
             if compressor is not None:
-                await compressor.submit(c, view, keep)
+                await compressor.submit(c, view, await _chunk(plan, dst, c, view, other))
+            else:
+                await _target(writes, _chunk(plan, dst, c, view, other))
             pos = c + n
             if plan.progress is not None:
                 plan.progress(min(1.0, pos / size))
-        if pos < size:
-            await _hole(dst, below, pos, size)
+        if pos < size and below:
+            await _target(writes, _hole(dst, below, pos, size))
+        if writes is not None:
+            await writes.result()
         if compressor is not None:
             await compressor.drain(0)
     finally:
-        ahead.close()
+        reads.close()
+        if writes is not None:
+            writes.close()
         if compressor is not None:
             compressor.close()
     if plan.progress is not None:
         plan.progress(1.0)
 
 
-class ReadAhead:
-    """The source's next chunk, read by one worker thread while the loop
-    zero-checks and writes the chunk before it.
+async def _target(writes: "Lane | None", job: Coroutine[Any, Any, Any]) -> None:
+    """JOB (writes to the target) behind the ones before it: on the write
+    lane (after the one in flight), or now."""
+    if writes is None:
+        await job
+        return
+    await writes.result()
+    writes.start(job)
 
-    The read is the engine's own coroutine, driven to its end in the thread
-    (host.waiting.drive): nothing else touches the source meanwhile, so
-    it needs no lock; the loop's thread only ever writes the target."""
 
-    def __init__(self, src: SourceDisk) -> None:
-        self._src = src
+class Lane:
+    """One worker thread that runs an engine coroutine while the copy loop
+    goes on: the source's next chunk is read on one lane while the chunk
+    before is zero-checked and written on another. One job at a time per
+    lane, so jobs keep their order.
+
+    A job is the engine's own coroutine, driven to its end in the thread
+    (host.waiting.drive): each lane has its own image (the source, or the
+    target), which nothing else touches while the job runs, so no lock is
+    needed; the loop's thread only hands jobs over and waits for them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[int, Future[int]] | None = None
+        self._pending: Future[Any] | None = None
 
-    def start(self, view: memoryview, offset: int) -> None:
-        """Begin reading VIEW from OFFSET; take() it later."""
+    def start(self, job: Coroutine[Any, Any, Any]) -> None:
+        """Run JOB; `result` waits for it. No job may be in flight."""
+        assert self._pending is None, "one job at a time"
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qcowfs-read")
-        self._pending = (offset, self._pool.submit(drive, self._src.readinto(view, offset)))
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+        self._pending = self._pool.submit(drive, job)
 
-    async def take(self, view: memoryview, offset: int) -> None:
-        """VIEW filled from OFFSET: by the read start() began, else now."""
+    async def result(self) -> bool:
+        """Wait for the job in flight, raise what it raised; False if there was none."""
         pending, self._pending = self._pending, None
         if pending is None:
-            await self._src.readinto(view, offset)
-            return
-        assert pending[0] == offset
-        if not pending[1].done():
-            await in_thread(wait, [pending[1]])
-        pending[1].result()
+            return False
+        if not pending.done():
+            await in_thread(wait, [pending])
+        pending.result()
+        return True
 
     def close(self) -> None:
-        """Wait for a read in flight (its buffer and source must outlive it)."""
+        """Wait for the job in flight (its buffers and its image must outlive it)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True)
+        self._pending = None
 
 
 def _steps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:

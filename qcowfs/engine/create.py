@@ -20,23 +20,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import numpy as np
 
 from ..errors import QcowError, UsageError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
                       CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
                       EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension)
-from ..format.bulk import encode_refcount_block
-from ..format.crypto import (HASHES, LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_MAGIC,
-                             LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
-                             CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,
-                             pbkdf2)
+                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension, encode_table,
+                      refcount_block_of_ones, zero_table)
 from ..host.locking import lock_image
 from .opening import resolve_backing
 
@@ -238,6 +231,8 @@ def _check(o: CreateOptions) -> None:
             raise UsageError(f"cipher mode '{e.cipher_mode}' is not supported (xts, cbc, ecb, ctr)")
         if e.ivgen_alg not in ("plain", "plain64", "essiv"):
             raise UsageError(f"IV generator '{e.ivgen_alg}' is not supported (plain, plain64, essiv)")
+        from ..format.crypto import HASHES  # (the LUKS code, with numpy and cryptography: for LUKS only)
+
         for what, h in (("hash", e.hash_alg), ("IV hash", e.ivgen_hash_alg)):
             if h is not None and h not in HASHES:
                 raise UsageError(f"{what} '{h}' is not supported ({', '.join(HASHES)})")
@@ -256,6 +251,8 @@ def _iterations_per_second(hash_name: str, length: int) -> int:
     qcrypto_pbkdf2_count_iters measures it: a 64-byte slot key from SHA-256
     is two PBKDF2 blocks, each of every iteration, so it counts half the
     iterations of the 20-byte master key digest for the same time."""
+    from ..format.crypto import LUKS_SALT_LEN, pbkdf2
+
     n = 1 << 14
     while True:
         t0 = time.perf_counter()
@@ -268,7 +265,15 @@ def _iterations_per_second(hash_name: str, length: int) -> int:
 
 def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
     """The LUKS header and its key material (QEMU's qcrypto_block_luks_create):
-    a random master key in slot 0, PBKDF2 counts timed to iter-time."""
+    a random master key in slot 0, PBKDF2 counts timed to iter-time.
+    (format.crypto is imported here and by the other LUKS functions: a plain
+    create loads neither it nor numpy and cryptography, some 50 ms.)"""
+    from ..format.crypto import (LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_MAGIC,
+                                 LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
+                                 CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,
+                                 pbkdf2)
+    import uuid  # (it imports platform: a few ms a plain create need not pay)
+
     secret = passphrase_text(passphrase)
     key_bytes = enc.key_bytes
     split_len = key_bytes * LUKS_STRIPES
@@ -390,6 +395,8 @@ def build_header(o: CreateOptions, lay: Layout, crypto_bytes: int) -> Header:
 def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, external: bool) -> bytes:
     """Preallocated L2 table INDEX: every cluster of the disk it covers
     points at its data cluster (guest offset == host offset in a data file)."""
+    import numpy as np  # (bulk work: only a preallocated image has L2 tables)
+
     cs = geo.cluster_size
     first = index * geo.l2_entries
     n = min(geo.l2_entries, -(-o.size // cs) - first)
@@ -428,22 +435,21 @@ def write_image(fd: int, o: CreateOptions, crypto: bytes) -> None:
     lay = plan(o, len(crypto))
     header = build_header(o, lay, len(crypto))
     used = 1 + lay.reftable_clusters + lay.nblocks + (lay.clusters - lay.l1)
-    counts = np.ones(used, np.uint64)
     rpb = geo.refcounts_per_block
-    table = np.zeros(lay.reftable_clusters * cs // 8, np.uint64)
+    table = zero_table(lay.reftable_clusters * cs // 8)
     for j in range(lay.nblocks):
-        os.pwrite(fd, encode_refcount_block(counts[j * rpb : (j + 1) * rpb], geo.refcount_order, cs),
-                  (lay.refblocks + j) * cs)
+        block = refcount_block_of_ones(min(rpb, max(0, used - j * rpb)), geo.refcount_order, cs)
+        os.pwrite(fd, block, (lay.refblocks + j) * cs)
         table[j] = (lay.refblocks + j) * cs
-    os.pwrite(fd, table.astype(">u8").tobytes(), lay.reftable * cs)
+    os.pwrite(fd, encode_table(table), lay.reftable * cs)
     if crypto:
         os.pwrite(fd, crypto + bytes(lay.crypto_clusters * cs - len(crypto)), lay.crypto * cs)
-    l1 = np.zeros(lay.l1_entries, np.uint64)
+    l1 = zero_table(lay.l1_entries)
     external = bool(o.data_file)
     for i in range(lay.nl2):
         os.pwrite(fd, _l2_table(o, geo, lay.data * cs, i, external), (lay.l2 + i) * cs)
         l1[i] = ((lay.l2 + i) * cs) | OFLAG_COPIED
-    os.pwrite(fd, l1.astype(">u8").tobytes(), lay.l1 * cs)
+    os.pwrite(fd, encode_table(l1), lay.l1 * cs)
     end = max(lay.l1 * cs + lay.l1_entries * 8, lay.l2 * cs)
     if lay.ndata:
         end = lay.clusters * cs
@@ -471,7 +477,7 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
 def temp_name(path: str) -> str:
     """A new hidden name next to PATH: a rename from it replaces PATH atomically."""
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def hold_target(path: str) -> int:

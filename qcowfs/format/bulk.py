@@ -128,3 +128,19 @@ def encode_refcount_block(values: np.ndarray, order: int, cluster_size: int) -> 
     shifts = (np.arange(8 // bits, dtype=np.uint64) * np.uint64(bits))
     packed = (full.reshape(-1, 8 // bits) << shifts).sum(axis=1)
     return packed.astype(np.uint8).tobytes()
+
+
+# ---- sets of cluster indexes ---------------------------------------------------
+
+def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(VALUES, return_inverse=True) of a 1-d array, without
+    np.unique: numpy 2's unique imports numpy.ma on its first call (some
+    5-10 ms of every command that changes an image, for masked arrays we
+    never have). The sorted distinct values, and where each value is among them."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.ones(len(ordered), bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(len(values), np.intp)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse

@@ -1,14 +1,10 @@
-"""Compressed clusters: zlib (raw deflate) and zstd, decoded to exactly one cluster.
-
-zstandard and the inflating threads' pool are imported at their first use:
-every read-only mount and qcowfs.open loads this module, and an image with no
-zstd cluster (or a read that inflates one cluster at a time) never needs them
-(docs/speed.md, memory of a read-only mount)."""
+"""Compressed clusters: zlib (raw deflate) and zstd, decoded to exactly one cluster."""
 from __future__ import annotations
 
 import os
 import threading
 import zlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..errors import CorruptionError, UnsupportedFeatureError
@@ -16,7 +12,6 @@ from . import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
-    from types import ModuleType
 
     import zstandard
 
@@ -29,20 +24,21 @@ _LOCAL = threading.local()
 
 
 def _zstd() -> ModuleType:
-    """zstandard, imported by the first zstd cluster (see the module docstring)."""
+    """The zstd library, imported at its first use: most images are zlib or
+    uncompressed, and importing it costs every command and mount 2-5 ms."""
     import zstandard
 
     return zstandard
 
 
-def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+def _zstd_decompressor() -> "zstandard.ZstdDecompressor":
     """This thread's zstd decompressor, reused for every cluster: building one
     costs more than decoding a 64 KiB cluster (39 against 13 us)."""
-    return _this_thread("zstd_d", lambda: _zstd().ZstdDecompressor())
+    return _this_thread("zstd_d", _zstd().ZstdDecompressor)
 
 
-def _zstd_compressor() -> zstandard.ZstdCompressor:
-    return _this_thread("zstd_c", lambda: _zstd().ZstdCompressor())
+def _zstd_compressor() -> "zstandard.ZstdCompressor":
+    return _this_thread("zstd_c", _zstd().ZstdCompressor)
 
 
 def _this_thread(name: str, make: Callable[[], T]) -> T:
@@ -56,19 +52,19 @@ def _this_thread(name: str, make: Callable[[], T]) -> T:
 
 def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) -> bytes:
     """Decode one cluster; trailing padding after the stream is ignored."""
+    if compression_type == COMPRESSION_ZLIB:
+        codec_error: type[Exception] = zlib.error
+    elif compression_type == COMPRESSION_ZSTD:
+        codec_error = _zstd().ZstdError
+    else:
+        raise UnsupportedFeatureError(f"unknown compression type {compression_type}")
     try:
         if compression_type == COMPRESSION_ZLIB:
             out = zlib.decompressobj(-15).decompress(data, cluster_size)
-        elif compression_type == COMPRESSION_ZSTD:
-            out = _zstd_decompressor().decompress(data, max_output_size=cluster_size)
         else:
-            raise UnsupportedFeatureError(f"unknown compression type {compression_type}")
-    except zlib.error as e:
+            out = _zstd_decompressor().decompress(data, max_output_size=cluster_size)
+    except codec_error as e:
         raise CorruptionError(f"compressed cluster does not decode: {e}") from None
-    except Exception as e:  # noqa: BLE001 - zstandard.ZstdError, without importing it for zlib
-        if compression_type == COMPRESSION_ZSTD and isinstance(e, _zstd().ZstdError):
-            raise CorruptionError(f"compressed cluster does not decode: {e}") from None
-        raise
     if len(out) != cluster_size:
         raise CorruptionError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
     return out
@@ -99,6 +95,7 @@ def decompress_clusters(raws: list[bytes], cluster_size: int, compression_type: 
     if workers < 1 or len(raws) < 2:
         return _decode_all(raws, cluster_size, compression_type)
     if _pool is None:
+        # (imported here: a mount that inflates one cluster at a time never needs it)
         from concurrent.futures import ThreadPoolExecutor
 
         _pool = ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-inflate")

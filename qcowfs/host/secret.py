@@ -12,7 +12,6 @@ is opened; nothing here logs it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -113,7 +112,9 @@ def lock_memory() -> bool:
     if not _can_lock_everything():
         log.debug("memory not locked: RLIMIT_MEMLOCK is limited and CAP_IPC_LOCK is missing")
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    # (the process's own symbols, libc's among them: find_library would
+    # import subprocess and run ldconfig to name the same library)
+    libc = ctypes.CDLL(None, use_errno=True)
     for flags in (MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT, MCL_CURRENT | MCL_FUTURE):
         if libc.mlockall(flags) == 0:
             log.debug("memory locked (mlockall flags %d)", flags)

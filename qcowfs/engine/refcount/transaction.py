@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import CorruptionError, NoSpaceError, QcowError
-from ...format.bulk import encode_refcount_block, refcount_array
+from ...format.bulk import encode_refcount_block, refcount_array, unique_inverse
 from .allocator import Allocator
 
 
@@ -131,7 +131,7 @@ class Transaction:
         clusters = clusters.astype(np.int64)
         out = np.zeros(len(clusters), np.int64)
         ranges = clusters // alloc.rpb
-        for r in np.unique(ranges).tolist():
+        for r in sorted(set(ranges.tolist())):
             off = alloc.block_offset(r)
             if off:
                 sel = ranges == r
@@ -154,7 +154,7 @@ class Transaction:
         if self._sum is None:
             if not self._clusters:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
-            cl, inv = np.unique(np.concatenate(self._clusters), return_inverse=True)
+            cl, inv = unique_inverse(np.concatenate(self._clusters))
             delta = np.bincount(inv, weights=np.concatenate(self._deltas), minlength=len(cl)).astype(np.int64)
             keep = delta != 0
             self._sum = cl[keep], delta[keep]
