@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcowfs.errors import InvalidImageError
+from qcowfs.errors import CorruptionError, InvalidImageError
 from qcowfs.format import (
     OFLAG_ZERO,
     SubclusterType,
@@ -62,6 +62,7 @@ from qcowfs.format import (
 
 )
 from qcowfs.format.bulk import cluster_types, encode_refcount_block, refcount_array, refcount_store, refcount_values
+from qcowfs.format.compression import compress_cluster, decompress_cluster
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -937,3 +938,15 @@ def test_clusters_inflated_together_come_back_in_order_and_fail_as_one(ctype: in
     assert decompress_cluster(raws[5], cs, ctype) == clusters[5]  # type: ignore[arg-type]
     with pytest.raises(CorruptionError):
         decompress_clusters(raws[:20] + [b"\xff" * 100] + raws[20:], cs, ctype)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("ctype", [COMPRESSION_ZLIB, COMPRESSION_ZSTD])
+def test_a_cluster_that_does_not_decode_is_corruption(ctype: int) -> None:
+    """Garbage where a compressed cluster should be is a CorruptionError (EIO
+    for the reader), for zstd too although its module is imported only at the
+    first zstd cluster (format/compression.py); a good cluster round-trips."""
+    data = bytes(range(256)) * 256
+    packed = compress_cluster(data, ctype)
+    assert packed is not None and decompress_cluster(packed, len(data), ctype) == data
+    with pytest.raises(CorruptionError, match="does not decode"):
+        decompress_cluster(b"\xff" * 512, len(data), ctype)

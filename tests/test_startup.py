@@ -128,6 +128,34 @@ def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
         assert "numpy" in _libraries(daemon_pid(mnt)), "the check cannot see numpy"
 
 
+# Libraries (as the daemon's memory map names them) that only some images need:
+# zstd clusters, GPT partition GUIDs, a passphrase prompt, locking an encrypted
+# image's memory.
+ONLY_IF_NEEDED = ("zstandard", "_uuid", "termios", "/resource.cpython")
+
+
+def test_a_read_only_mount_loads_only_what_its_image_needs(tmp_path: Path) -> None:
+    """Every module a mount imports is resident in the daemon and in each
+    forked worker (issue 24, docs/speed.md on memory): a plain image, read,
+    loads none of ONLY_IF_NEEDED; a zstd image loads zstandard at its first
+    compressed cluster, and a GPT disk the uuid module (so the check sees them)."""
+    img = _plain_image_with_data(tmp_path)
+    with mounted(img, tmp_path / "plain") as mnt:
+        with open(mnt / "disk.raw", "rb") as f:
+            assert f.read(4096) == b"Z" * 4096
+        maps = _libraries(daemon_pid(mnt))
+        assert [lib for lib in ONLY_IF_NEEDED if lib in maps] == []
+    raw, zstd = tmp_path / "gpt.raw", tmp_path / "zstd.qcow2"
+    raw.write_bytes(bytes(8 * MiB))
+    subprocess.run(["sfdisk", "-q", str(raw)], input="label: gpt\nsize=2M, type=L\n", text=True,
+                   check=True, capture_output=True)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", raw, zstd)
+    with mounted(zstd, tmp_path / "zstd") as mnt:
+        assert (mnt / "disk.raw").read_bytes() == raw.read_bytes()
+        maps = _libraries(daemon_pid(mnt))
+        assert "zstandard" in maps and "_uuid" in maps, "the check cannot see them"
+
+
 def _top_modules(code: str) -> set[str]:
     """The top-level packages a fresh interpreter has loaded after running CODE."""
     return {m.split(".")[0] for m in _modules(code)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -12,6 +11,8 @@ from ..errors import CorruptionError, UnsupportedFeatureError
 from . import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import zstandard
 
 T = TypeVar("T")
@@ -94,6 +95,9 @@ def decompress_clusters(raws: list[bytes], cluster_size: int, compression_type: 
     if workers < 1 or len(raws) < 2:
         return _decode_all(raws, cluster_size, compression_type)
     if _pool is None:
+        # (imported here: a mount that inflates one cluster at a time never needs it)
+        from concurrent.futures import ThreadPoolExecutor
+
         _pool = ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-inflate")
     share = len(raws) // (workers + 1)
     mine = raws[: len(raws) - share * workers]

@@ -476,10 +476,11 @@ class Operations(pyfuse3.Operations):
         except trio.WouldBlock:  # busy: this window can be pushed another time
             self.around.cancel(inode, start)
 
-    def _push(self, inode: int, start: int, data: bytes) -> None:
+    def _push(self, inode: int, start: int, data: bytes | bytearray) -> None:
         self.pushing += 1  # (the GIL makes these updates atomic)
         try:
-            pyfuse3.notify_store(inode, start, data)
+            # (the stub says bytes; it takes any buffer, as PyObject_GetBuffer does)
+            pyfuse3.notify_store(inode, start, data)  # type: ignore[arg-type]
         finally:
             self.pushing -= 1
 
@@ -493,9 +494,7 @@ class Operations(pyfuse3.Operations):
                 data = view.read_cached(lo, hi - lo)
                 if data is None:
                     data = await view.read(lo, hi - lo)
-                if data:
-                    if not isinstance(data, bytes):
-                        data = bytes(data)
+                if data:  # (a buffer of its own: pushed as it is, no copy)
                     await trio.to_thread.run_sync(self._push, inode, lo, data,
                                                   limiter=_PUSH_THREADS, abandon_on_cancel=True)
             except Exception as e:  # noqa: BLE001 - a push is only an optimisation

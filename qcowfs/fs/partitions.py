@@ -10,7 +10,6 @@ disk file: the same rights, reads and writes shifted by its start.
 from __future__ import annotations
 
 import struct
-import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -107,6 +106,8 @@ async def _gpt(disk: FileView) -> list[Partition]:
     if entry_size < _GPT_ENTRY.size or not 0 < count <= MAX_GPT_ENTRIES:
         return []
     raw = bytes(await disk.read(entries_lba * SECTOR, count * entry_size))
+    import uuid  # (only a GPT disk needs it)
+
     parts = []
     for i in range(min(count, len(raw) // entry_size)):
         type_guid, part_guid, first, last, _, name = _GPT_ENTRY.unpack_from(raw, i * entry_size)

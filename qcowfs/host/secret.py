@@ -12,10 +12,8 @@ is opened; nothing here logs it.
 from __future__ import annotations
 
 import ctypes
-import getpass
 import logging
 import os
-import resource
 import sys
 from typing import Callable
 
@@ -54,6 +52,8 @@ def credential_path(name: str) -> str:
 
 def prompt(image: str) -> bytes:
     """Ask on the terminal, without echo."""
+    import getpass  # (with termios: only where a prompt is needed)
+
     try:
         text = getpass.getpass(f"Passphrase for {image}: ")
     except (EOFError, KeyboardInterrupt):
@@ -88,6 +88,8 @@ def _can_lock_everything() -> bool:
     """mlockall(MCL_FUTURE) under a finite RLIMIT_MEMLOCK would make later
     allocations fail once the limit is reached: only with CAP_IPC_LOCK or an
     unlimited limit."""
+    import resource  # (only an encrypted image locks memory)
+
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY:
         return True

@@ -246,6 +246,7 @@ def serve(image: Image, mountpoint: str, opts: "MountOptions", fuse_options: set
     gc.collect()
     gc.freeze()
     _keep_big_buffers()
+    _return_free_heap()
     if processes > 1:
         try:
             sess.workers.fork(processes - 1, functools.partial(_serve_worker, ops, read_around, ready,
@@ -396,6 +397,19 @@ def _keep_big_buffers() -> None:
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, BIG_BUFFER)
         mallopt(M_TRIM_THRESHOLD, 4 * BIG_BUFFER)
+
+
+def _return_free_heap() -> None:
+    """Give the pages of the heap's free chunks back to the system, once
+    start-up is over (and before workers are forked, which would each map
+    them). Start-up frees a lot (every imported module's code was read into
+    a buffer, the command line's parser, the collection just made) and
+    glibc keeps it resident: malloc_trim(0) releases every free page, not
+    only the top of the heap (about 1 MiB of a read-only mount's 27, and of
+    the peak that make bench measures)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def _failed(sess: Session, ready: Readiness, msg: str) -> int:
