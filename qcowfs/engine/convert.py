@@ -8,11 +8,11 @@ only there; every range the source calls a hole stays unallocated in the
 target, and so does every block of zeros the data holds (at the target's
 granularity: a cluster of a qcow2 target, the -S size of a raw one).
 
-The source is read one chunk ahead, and the chunk before is zero-checked
-and written, each on a worker thread of its own (`Lane`): a copy inside
-the page cache costs two kernel copies per byte (the read and the write)
-plus the loop's own work, and overlapped they take about as long as the
-writes alone (docs/speed.md has the numbers).
+The source is read one chunk ahead, on a worker thread (`Lane`), while
+the loop zero-checks and writes the chunk before: a copy inside the page
+cache costs two kernel copies per byte (the read and the write) plus the
+loop's own work, and the read is the part that overlaps well
+(docs/speed.md has the numbers).
 
 Compression (-c) runs in one pool of worker threads (`Compressor`), a
 job per few clusters (zlib and zstd release the GIL, so the cores work
@@ -169,67 +169,52 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     steps = _steps(_aligned(await src.data_ranges(), plan.align), size)
     chunks = [(c, n) for c, n in steps if n >= 0]
     reads = Lane("qcowfs-read")
-    # With -c the compressor's queue is the overlap, and it writes in order itself.
-    writes = Lane("qcowfs-write") if compressor is None else None
     pos = turn = 0
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
-                if below:
-                    await _target(writes, _hole(dst, below, pos, c))
+                await _hole(dst, below, pos, c)
                 continue
             view = memoryview(buffers[turn % len(buffers)])[:n]
             if not await reads.result():   # (the first chunk: nothing was read ahead)
                 await src.readinto(view, c)
             turn += 1
-            if writes is not None:
-                await writes.result()   # the chunk before is written: its buffer is free
             if turn < len(chunks):
                 nc, nn = chunks[turn]
                 reads.start(src.readinto(memoryview(buffers[turn % len(buffers)])[:nn], nc))
+            keep = await _chunk(plan, dst, c, view, other)
             if compressor is not None:
-                await compressor.submit(c, view, await _chunk(plan, dst, c, view, other))
-            else:
-                await _target(writes, _chunk(plan, dst, c, view, other))
+                await compressor.submit(c, view, keep)
             pos = c + n
             if plan.progress is not None:
                 plan.progress(min(1.0, pos / size))
-        if pos < size and below:
-            await _target(writes, _hole(dst, below, pos, size))
-        if writes is not None:
-            await writes.result()
+        if pos < size:
+            await _hole(dst, below, pos, size)
         if compressor is not None:
             await compressor.drain(0)
     finally:
         reads.close()
-        if writes is not None:
-            writes.close()
         if compressor is not None:
             compressor.close()
     if plan.progress is not None:
         plan.progress(1.0)
 
 
-async def _target(writes: "Lane | None", job: Coroutine[Any, Any, Any]) -> None:
-    """JOB (writes to the target) behind the ones before it: on the write
-    lane (after the one in flight), or now."""
-    if writes is None:
-        await job
-        return
-    await writes.result()
-    writes.start(job)
-
-
 class Lane:
     """One worker thread that runs an engine coroutine while the copy loop
-    goes on: the source's next chunk is read on one lane while the chunk
-    before is zero-checked and written on another. One job at a time per
-    lane, so jobs keep their order.
+    goes on: the source's next chunk is read on it while the loop
+    zero-checks and writes the chunk before. One job at a time, so jobs
+    keep their order.
 
     A job is the engine's own coroutine, driven to its end in the thread
-    (host.waiting.drive): each lane has its own image (the source, or the
-    target), which nothing else touches while the job runs, so no lock is
-    needed; the loop's thread only hands jobs over and waits for them."""
+    (host.waiting.drive): the lane has its own image (the source), which
+    nothing else touches while the job runs, so no lock is needed.
+
+    Writes stay on the loop's thread: a second lane for them (the zero
+    check and the writes of a chunk beside the next read) made the copy
+    slower, 0.17-0.24 s against 0.14-0.17 s for -O raw and 0.20-0.28
+    against 0.19-0.21 for -O qcow2 (alternating in-process runs): what it
+    could overlap is small, and every hand-off and GIL switch costs."""
 
     def __init__(self, name: str) -> None:
         self._name = name
