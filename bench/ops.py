@@ -317,7 +317,11 @@ def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
         for _ in range(runs):
             for args, times, cpus, out in ((["qemu-img", *theirs], t_q, c_q, work / "q.img"),
                                            ([QCOWFS, *ours], t_o, c_o, work / "o.img")):
-                out.unlink(missing_ok=True)
+                # Neither tool's output is there while the other runs: the second would
+                # otherwise write its 512 MiB beside the first's, into memory the first
+                # did not have to find (on this VM that costs up to a second of kernel time).
+                for old in (work / "q.img", work / "o.img"):
+                    old.unlink(missing_ok=True)
                 sh("sync")
                 wall, cpu = timed_cpu(*args, *([src] if not tail else []), out, *tail)
                 times.append(wall)
