@@ -281,7 +281,7 @@ class Cgroup:
 def memory_cgroup(limit: int | None) -> Iterator[Cgroup]:
     """A memory cgroup of LIMIT bytes (None: no limit yet). Removed
     afterwards (its processes are gone by then)."""
-    name = f"qcowfs-test-{os.getpid()}"
+    name = f"qcowfs-test-{os.getpid()}-{os.urandom(4).hex()}"
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():
         d, knob = Path("/sys/fs/cgroup") / name, "memory.max"
     else:
@@ -296,8 +296,18 @@ def memory_cgroup(limit: int | None) -> Iterator[Cgroup]:
         for p in (d / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(p), 9)
-        with contextlib.suppress(OSError):
-            d.rmdir()
+        # A killed process leaves its cgroup a moment later: until then the
+        # directory cannot go (it once stayed behind, and a later test
+        # process with the same pid found it there).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 READER = """
