@@ -800,9 +800,9 @@ class Passthrough(Contender):
             try:
                 wait_for(lambda: mounted(mnt), 20, "passthrough", proc)
                 self.mount_s = time.monotonic() - t0
-                if self.workers > 1:  # (forked once the mount is up: wait for them all)
-                    wait_for(lambda: len(_children(proc.pid)) == self.workers - 1, 20, "passthrough", proc)
-                    self.pids = [proc.pid, *_children(proc.pid)]
+                if self.workers > 1:  # (forked once the mount is up, with the same argv: wait for them all)
+                    wait_for(lambda: len(pids_mentioning(mnt)) == self.workers, 20, "passthrough", proc)
+                    self.pids = pids_mentioning(mnt)
             except ContenderError as e:
                 errf.seek(0)
                 tail = errf.read().strip().splitlines()
@@ -829,13 +829,6 @@ class PassthroughTwoWorkers(Passthrough):
     read-only qcowfs mount serves with its default two processes here."""
     name, label, workers = "passthrough-w2", "pyfuse3 passthrough, 2 processes", 2
     benches = ("direct_read_4", "direct_read_1", "rand_read_4")
-
-
-def _children(pid):
-    """The child processes of PID."""
-    with contextlib.suppress(OSError):
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
 
 
 class Library(Contender):

@@ -474,7 +474,11 @@ class DiskCipher:
         self._cipher = cipher
         self.physical = physical
         self.description = description
-        self.batched = cipher.batched
+
+    @property
+    def batched(self) -> bool:
+        """Its cipher decrypts a run of sectors at once (SectorCipher.batched)."""
+        return self._cipher.batched
 
     def _sector(self, host: int, guest: int) -> int:
         return (host if self.physical else guest) // LUKS_SECTOR_SIZE
