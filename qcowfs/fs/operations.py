@@ -18,7 +18,7 @@ import trio
 
 from ..errors import QcowError
 from ..host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from .readaround import ReadAround
+from .readaround import QUIET_EVERY, ReadAround
 from .views import DirNode, FileNode, FileView
 
 log = logging.getLogger("qcowfs")
@@ -108,8 +108,8 @@ class Operations(pyfuse3.Operations):
         self._next_inode = self._add(root, pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE)
         self._read_only = not any(isinstance(n, FileNode) and n.view.writable
                                   for n in self._nodes.values())
-        # fh -> (view, inode, read-around: pushed pages would be used)
-        self._open: dict[int, tuple[FileView, int, bool]] = {}
+        # fh -> (view, inode, the read-around policy if pushed pages could be used)
+        self._open: dict[int, tuple[FileView, int, ReadAround | None]] = {}
         self._next_fh = 1
         # Other processes serve the same connection (share()): the tree is
         # fixed and a file handle says what was opened.
@@ -422,15 +422,16 @@ class Operations(pyfuse3.Operations):
         view = entry[0]
         return pyfuse3.FileInfo(fh=fh, keep_cache=view.keep_cache, direct_io=view.direct_io)
 
-    async def _handle(self, node: FileNode, inode: int, direct: bool) -> tuple[FileView, int, bool]:
+    async def _handle(self, node: FileNode, inode: int, direct: bool) -> tuple[FileView, int, ReadAround | None]:
         """What a handle of NODE's file reads: its view (a map's contents are
-        made now), its inode, and whether read-around pays for it."""
+        made now), its inode, and the read-around policy if read-around can
+        pay for it (None: never)."""
         view = await node.view.open()
         # O_DIRECT: the kernel keeps nothing of this handle's reads, so pages
         # pushed around them would be wasted work (and evict others).
-        return view, inode, self.around is not None and view.unchanging and not direct
+        return view, inode, self.around if view.unchanging and not direct else None
 
-    async def _entry(self, fh: int) -> tuple[FileView, int, bool]:
+    async def _entry(self, fh: int) -> tuple[FileView, int, ReadAround | None]:
         """The open handle FH. With other processes serving the connection it
         may have been opened (or released) by another: then it is opened here
         again, from what it says (the tree and the image cannot change, so
@@ -456,25 +457,27 @@ class Operations(pyfuse3.Operations):
         data = view.read_cached(off, size)
         if data is None:
             data = await view.read(off, size)
-        if size <= READ_AROUND_TRIGGER and entry[2]:
-            self._read_around(entry[1], view, off)
+        around = entry[2]
+        # (while the policy is quiet, only every QUIET_EVERY-th read asks it)
+        if around is not None and size <= READ_AROUND_TRIGGER and (
+                not around.over_room or not self.reads % QUIET_EVERY):
+            self._read_around(around, entry[1], view, off)
         return data
 
-    def _read_around(self, inode: int, view: FileView, off: int) -> None:
+    def _read_around(self, around: ReadAround, inode: int, view: FileView, off: int) -> None:
         """Maybe push the window around a small read at OFF: the part of it
-        that is cheap to read (the view says), when the policy says it pays."""
-        assert self.around is not None
-        start = self.around.miss(inode, off, view.size)  # (first: cheaper than the view's mapping)
+        that is cheap to read (the view says), when the policy AROUND says it pays."""
+        start = around.miss(inode, off, view.size)  # (first: cheaper than the view's mapping)
         if start is None:
             return
-        span = view.around(off, start, start + self.around.window)
+        span = view.around(off, start, start + around.window)
         if span is None:
-            self.around.cancel(inode, start)
+            around.cancel(inode, start)
             return
         try:
             self._push_send.send_nowait((inode, view, start, span))
         except trio.WouldBlock:  # busy: this window can be pushed another time
-            self.around.cancel(inode, start)
+            around.cancel(inode, start)
 
     def _push(self, inode: int, start: int, data: bytes | bytearray) -> None:
         self.pushing += 1  # (the GIL makes these updates atomic)
