@@ -231,6 +231,15 @@ AIMS = {
     ("api_write", "qcowfs"): 1.0,
 }
 CPU_AIMS = {"qsd": 1.0}
+# Aims against qcowfs-ra0 compare two settings of the same daemon, where
+# read-around pushes nothing: the two then differ by less than the runs of
+# either differ among themselves (an A/A run of two identical daemons, 5
+# alternating runs a row, gave 0.97x and 1.03x). "At least as fast, within
+# noise" (issue 24) is met when the ratio falls short of the aim by no more
+# than the noise of the floor's own runs in the same row: half their range
+# (from 5 runs on, the highest and the lowest left out), over their median.
+NOISE_PEERS = {"qcowfs-ra0"}
+NOISE_RUNS = 5
 
 # Ratio columns, in order (those of a table's contenders, its subject left out).
 PEERS = ["qsd", "qcowmount", "passthrough", "passthrough-w2", "qcowfs-ra0", "qcowfs-w1", "qcowfs-w2", "qcowfs-w4", "dissect",
@@ -244,20 +253,25 @@ def aim_for(bench, peer):
     return None
 
 
-def compare(qv, pv, aim, lower_is_better):
-    """qcowfs's value against a peer's: ratio qcowfs / peer, the aim, met."""
+def compare(qv, pv, aim, lower_is_better, noise=0.0):
+    """qcowfs's value against a peer's: ratio qcowfs / peer, the aim, met
+    (NOISE: the share of the aim a ratio may miss it by, see NOISE_PEERS)."""
     ratio = qv / pv if (qv is not None and pv) else None
     met = None
     if ratio is not None and aim is not None:
-        met = ratio <= aim if lower_is_better else ratio >= aim
-    return {"ratio": ratio, "aim": aim, "met": met}
+        met = ratio <= aim * (1 + noise) if lower_is_better else ratio >= aim * (1 - noise)
+    return {"ratio": ratio, "aim": aim, "met": met, "noise": noise,
+            "within_noise": bool(met) and (ratio > aim if lower_is_better else ratio < aim)}
 
 
 def aim_text(r, lower_is_better):
-    """'aim >=1.0 met' / 'aim <=4.0 NOT met' (empty without an aim)."""
+    """'aim >=1.0 met' / 'aim <=4.0 NOT met' / 'aim >=1.0 met within
+    noise (4%)' (empty without an aim)."""
     if r["aim"] is None:
         return ""
     verdict = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
+    if r.get("within_noise") or (r["met"] is False and r.get("noise")):
+        verdict += f" within noise ({r['noise']:.0%})" if r["met"] else f" (noise {r['noise']:.0%})"
     return f"aim {'<=' if lower_is_better else '>='}{r['aim']:.1f}{verdict}"
 
 
@@ -1346,6 +1360,17 @@ class Cell:
         return statistics.median(vals) if vals else None
 
     @property
+    def noise(self):
+        """Half the range of the runs' values over their median (0 with fewer
+        than 2); from 5 runs on, without the highest and the lowest (one
+        stray run must not widen the band)."""
+        vals = sorted(r["value"] for r in self.runs)
+        if len(vals) >= 5:
+            vals = vals[1:-1]
+        med = self.median
+        return (max(vals) - min(vals)) / 2 / med if len(vals) > 1 and med else 0.0
+
+    @property
     def peak_rss(self):
         vals = [r["peak_rss_mib"] for r in self.runs if r.get("peak_rss_mib")]
         return max(vals) if vals else None
@@ -1629,11 +1654,17 @@ def measure(cfg, benches, contenders, raw, qcow2):
             if cell.na:
                 log(f"  {b.title:<22} {n:<12} n/a ({cell.error})")
         taking = [c for c in contenders if c.name in results[b.key]]
-        for i in range(cfg.runs):
+        rounds = [taking] * cfg.runs
+        # A row with an aim within noise (NOISE_PEERS) gets NOISE_RUNS runs of
+        # its two contenders, alternating: three are too few to tell noise.
+        pair = [c for c in taking if c.name == b.subject or (c.name in NOISE_PEERS and aim_for(b, c.name))]
+        if len(pair) == 2 and not cfg.quick:
+            rounds += [pair] * max(0, NOISE_RUNS - cfg.runs)
+        for i, group in enumerate(rounds):
             # Each round starts with the next contender: a place in the order
             # (what ran just before, the caches it left) is no one's for good.
-            shift = i % max(1, len(taking))
-            for c in taking[shift:] + taking[:shift]:
+            shift = i % max(1, len(group))
+            for c in group[shift:] + group[:shift]:
                 cell = results[b.key].get(c.name)
                 if cell is None or cell.error or cell.na:
                     continue
@@ -1670,7 +1701,8 @@ def ratios(bench, row):
     """subject (qcowfs) / peer of the bench's value, with its aims."""
     q = row.get(bench.subject)
     qv = q.median if q else None
-    return {peer: compare(qv, row[peer].median, aim_for(bench, peer), bench.lower_is_better)
+    return {peer: compare(qv, row[peer].median, aim_for(bench, peer), bench.lower_is_better,
+                          row[peer].noise if peer in NOISE_PEERS else 0.0)
             for peer in PEERS if peer in row and peer != bench.subject}
 
 
@@ -1696,8 +1728,9 @@ def aim_verdicts(benches, results):
             for peer, r in rs.items():
                 if r["aim"] is not None:
                     ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+                    noise = f", noise {r['noise']:.0%}" if r.get("noise") else ""
                     out.append((f"{b.key}{metric} vs {peer} {ratio} "
-                                f"(aim {'<=' if lower else '>='}{r['aim']:.1f})", r["met"]))
+                                f"(aim {'<=' if lower else '>='}{r['aim']:.1f}{noise})", r["met"]))
     return out
 
 
@@ -1972,7 +2005,9 @@ def main(argv=None):
     api_rows = [b for b in benches if b.job == "api"]
     if mount_rows:
         print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
-              f"median of {cfg.runs}, warm host cache, cold FUSE page cache, "
+              f"median of {cfg.runs}"
+              f"{f' ({NOISE_RUNS} against {sorted(NOISE_PEERS)[0]})' if NOISE_RUNS > cfg.runs and not cfg.quick else ''}"
+              f", warm host cache, cold FUSE page cache, "
               f"daemons on CPU {cfg.daemon_cpus or 'any'}, fio on CPU {cfg.fio_cpus or 'any'}")
         print(report(cfg, mount_rows, contenders, results))
     if api_rows:
