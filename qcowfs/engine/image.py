@@ -249,7 +249,7 @@ class Image:
     @property
     def size(self) -> int:
         """The virtual size as QEMU presents it: whole 512-byte sectors."""
-        return self.header.size & ~511
+        return self.meta.disk_size
 
     def host_usage(self) -> int:
         """Host bytes the image (and its data file) occupy: the st_blocks of
