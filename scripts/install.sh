@@ -119,9 +119,9 @@ if [ ! -x .venv/bin/python ]; then
     rm -rf .venv
     "$PY" -m venv .venv
 fi
-# pyfuse3 with our fallocate/lseek patch first (see scripts/build-pyfuse3.sh),
-# so that pip finds the pinned pyfuse3 already installed and keeps it.
-sh scripts/build-pyfuse3.sh .venv
+# pyfuse3 and trio with our patches first (see scripts/build-patched.sh),
+# so that pip finds them already installed and keeps them.
+sh scripts/build-patched.sh .venv
 # Up to date: the stamp of this kind of install (or of the test install,
 # which includes it) is newer than pyproject.toml and this script.
 fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ] && [ ! scripts/install.sh -nt "$1" ]; }

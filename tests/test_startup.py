@@ -156,6 +156,22 @@ def test_a_read_only_mount_loads_only_what_its_image_needs(tmp_path: Path) -> No
         assert "zstandard" in maps and "_uuid" in maps, "the check cannot see them"
 
 
+def test_a_read_only_mount_maps_no_openssl(tmp_path: Path) -> None:
+    """trio's TLS, which maps OpenSSL (3.4 MiB of each serving process's
+    memory), is loaded on first use only (patches/trio-lazy-tls.patch): a
+    mount, serving reads, never maps it; a process that asks trio for
+    SSLStream does, so the check sees it."""
+    img = _plain_image_with_data(tmp_path)
+    with mounted(img, tmp_path / "mnt") as mnt:
+        with open(mnt / "disk.raw", "rb") as f:
+            assert f.read(4096) == b"Z" * 4096
+        maps = _libraries(daemon_pid(mnt))
+        assert "libssl" not in maps and "_ssl." not in maps and "_hashlib" not in maps
+    control = subprocess.run([sys.executable, "-c", "import trio; trio.SSLStream; print(open('/proc/self/maps').read())"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "libssl" in control and "_ssl." in control, "the check cannot see OpenSSL"
+
+
 def _top_modules(code: str) -> set[str]:
     """The top-level packages a fresh interpreter has loaded after running CODE."""
     return {m.split(".")[0] for m in _modules(code)}

@@ -45,7 +45,7 @@ STOCK_PYFUSE3_WARNING = (
 def pyfuse3_patched() -> bool:
     """The running pyfuse3 has patches/pyfuse3-fallocate-lseek.patch: its
     compiled handlers for both requests and share_session exist (what
-    scripts/build-pyfuse3.sh --check looks at, the version label aside)."""
+    scripts/build-patched.sh --check looks at, the version label aside)."""
     return (hasattr(pyfuse3, "fuse_fallocate_async") and hasattr(pyfuse3, "fuse_lseek_async")
             and hasattr(pyfuse3, "share_session"))
 

@@ -1,7 +1,8 @@
-"""Our pyfuse3 patch (patches/pyfuse3-fallocate-lseek.patch) on its own: the
-installed pyfuse3 is the patched build, and a tiny filesystem (tests/tinyfs.py)
-mounted for real gets fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE), or the
-kernel's fallbacks when it does not define them (the ENOSYS defaults)."""
+"""Our patches to dependencies (patches/, built by scripts/build-patched.sh)
+on their own: the installed pyfuse3 and trio are the patched builds; a tiny
+filesystem (tests/tinyfs.py) mounted for real gets fallocate(2) and
+lseek(SEEK_DATA/SEEK_HOLE), or the kernel's fallbacks when it does not define
+them (the ENOSYS defaults); trio loads OpenSSL only when TLS is used."""
 from __future__ import annotations
 
 import contextlib
@@ -25,13 +26,36 @@ def tinyfs(mnt: Path, kind: str) -> Iterator[Path]:
         yield mnt / "f"
 
 
-def test_installed_pyfuse3_is_the_patched_build() -> None:
+def test_installed_pyfuse3_and_trio_are_the_patched_builds() -> None:
     import pyfuse3
 
-    p = subprocess.run(["sh", str(ROOT / "scripts" / "build-pyfuse3.sh"), "--check", str(Path(sys.prefix))],
+    p = subprocess.run(["sh", str(ROOT / "scripts" / "build-patched.sh"), "--check", str(Path(sys.prefix))],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek")
+
+
+TRIO_TLS = """
+import sys
+import trio
+print("ssl" in sys.modules, "hmac" in sys.modules, "SSLStream" in dir(trio))
+from trio import SSLStream
+print("ssl" in sys.modules, SSLStream.__module__, trio.DTLSEndpoint.__module__,
+      trio.open_ssl_over_tcp_stream.__module__, trio.NeedHandshakeError is trio._ssl.NeedHandshakeError)
+try:
+    trio.no_such_name
+except AttributeError as e:
+    print(e)
+"""
+
+
+def test_trio_imports_tls_on_first_use_only() -> None:
+    """A fresh `import trio` loads neither ssl nor hmac (OpenSSL); the TLS
+    and DTLS names are still there, listed, and load their module when
+    asked for, under trio's public name, as the eager import gave them."""
+    out = subprocess.run([sys.executable, "-c", TRIO_TLS], capture_output=True, text=True, check=True,
+                         timeout=60).stdout.splitlines()
+    assert out == ["False False True", "True trio trio trio True", "module 'trio' has no attribute 'no_such_name'"]
 
 
 async def test_defaults_raise_enosys() -> None:
