@@ -38,9 +38,7 @@ class Metadata:
         self.salvage = salvage
         self.geo = geo
         self._header = header
-        # The virtual size as QEMU presents it (whole 512-byte sectors): kept
-        # with the header, since every read asks for it.
-        self.disk_size = header.size & ~511
+        self.disk_size = _disk_size(header)
         self.overlap = OverlapMap(geo.cluster_bits)
         # check_data(host, length): guest data never lands on metadata (image
         # file only). A partial, not a method: it runs on every data write.
@@ -87,7 +85,7 @@ class Metadata:
             self.file.write_sync(raw, 0)
             await self.file.sync()
             self._header = new
-            self.disk_size = new.size & ~511
+            self.disk_size = _disk_size(new)
             if snapshots is not None:
                 self.snapshots = snapshots
             if bitmap_directory is not None:
@@ -124,3 +122,9 @@ class Metadata:
         self.overlap.remove_kind(kind)
         for offset, length in ranges:
             self.overlap.add(offset, length, kind)
+
+
+def _disk_size(header: Header) -> int:
+    """The virtual size as QEMU presents it, whole 512-byte sectors: kept
+    beside the header (Metadata.disk_size), since every read clips to it."""
+    return header.size & ~511
