@@ -1929,6 +1929,9 @@ def parse_args(argv):
     ap.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True,
                     help="also time snapshot create/delete and dirty maps (bench/ops.py)")
     ap.add_argument("--json", type=Path, default=WORK / "results.json")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="measure nothing: print the tables of an earlier run's results JSON again, "
+                         "with this version's aims and verdicts")
     cfg = ap.parse_args(argv)
     cfg.runs = cfg.runs or (1 if cfg.quick else 3)
     cfg.runtime = cfg.runtime or (2 if cfg.quick else 5)
@@ -1945,6 +1948,45 @@ def parse_args(argv):
     return cfg
 
 
+def report_again(cfg):
+    """--report: the tables of the results JSON CFG.report, judged by this
+    version's aims (the runs are kept in their rounds' order, so the
+    within-noise rule can pair them)."""
+    data = json.loads(cfg.report.read_text())
+    conf = data["config"]
+    cfg.size, cfg.runs, cfg.quick = conf["image_size"], conf["runs"], conf["quick"]
+    cfg.daemon_cpus, cfg.fio_cpus = conf.get("daemon_cpus"), conf.get("fio_cpus")
+    benches = [b for b in BENCHES if b.key in data["benchmarks"]]
+    results = {b.key: {name: Cell(runs=r["runs"], error=r.get("error") or "", na=r["status"] == "n/a")
+                       for name, r in data["benchmarks"][b.key]["results"].items()}
+               for b in benches}
+    contenders = [c(cfg) for c in CONTENDERS if c.name in data["contenders"]]
+    print(f"(the run of {data['date']}, from {cfg.report})")
+    print_tables(cfg, benches, contenders, results)
+    return 0
+
+
+def print_tables(cfg, benches, contenders, results):
+    """The mount tables and the library tables of a run."""
+    mount_rows = [b for b in benches if b.job != "api"]
+    api_rows = [b for b in benches if b.job == "api"]
+    if mount_rows:
+        print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
+              f"median of {cfg.runs}"
+              f"{f' ({NOISE_RUNS} against {sorted(NOISE_PEERS)[0]})' if NOISE_RUNS > cfg.runs and not cfg.quick else ''}"
+              f", warm host cache, cold FUSE page cache, "
+              f"daemons on CPU {cfg.daemon_cpus or 'any'}, fio on CPU {cfg.fio_cpus or 'any'}")
+        print(report(cfg, mount_rows, contenders, results))
+    if api_rows:
+        print(("\n" if mount_rows else "")
+              + f"qcowfs library API: the whole {cfg.size // MIB} MiB disk in 1 MiB requests, "
+              f"one fresh process per run, median of {cfg.runs}; qcowfs-api = qcowfs.open(IMG).disk, "
+              "dissect = dissect.hypervisor QCow2 stream, pyqcow = libqcow-python, "
+              "qcowfs = the writes through a read-write mount's disk.raw (+fsync); "
+              "host cache warm, or cold (posix_fadvise DONTNEED)")
+        print(report(cfg, api_rows, contenders, results))
+
+
 def main(argv=None):
     cfg = parse_args(argv)
 
@@ -1955,6 +1997,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
 
+    if cfg.report:
+        return report_again(cfg)
     contenders = [c(cfg) for c in CONTENDERS]
     if cfg.only:
         want = cfg.only.split(",")
@@ -2008,23 +2052,7 @@ def main(argv=None):
     elapsed = time.monotonic() - t0
     sys.stderr.flush()
     print(flush=True)
-    mount_rows = [b for b in benches if b.job != "api"]
-    api_rows = [b for b in benches if b.job == "api"]
-    if mount_rows:
-        print(f"qcowfs benchmark: {cfg.size // MIB} MiB image of random data, fio psync, "
-              f"median of {cfg.runs}"
-              f"{f' ({NOISE_RUNS} against {sorted(NOISE_PEERS)[0]})' if NOISE_RUNS > cfg.runs and not cfg.quick else ''}"
-              f", warm host cache, cold FUSE page cache, "
-              f"daemons on CPU {cfg.daemon_cpus or 'any'}, fio on CPU {cfg.fio_cpus or 'any'}")
-        print(report(cfg, mount_rows, contenders, results))
-    if api_rows:
-        print(("\n" if mount_rows else "")
-              + f"qcowfs library API: the whole {cfg.size // MIB} MiB disk in 1 MiB requests, "
-              f"one fresh process per run, median of {cfg.runs}; qcowfs-api = qcowfs.open(IMG).disk, "
-              "dissect = dissect.hypervisor QCow2 stream, pyqcow = libqcow-python, "
-              "qcowfs = the writes through a read-write mount's disk.raw (+fsync); "
-              "host cache warm, or cold (posix_fadvise DONTNEED)")
-        print(report(cfg, api_rows, contenders, results))
+    print_tables(cfg, benches, contenders, results)
     print("(higher is better, except rows in s; 'n/a': not available; '!': some runs failed; "
           "'~': runs differ by >30%, see results.json; "
           f"qsd = qemu-storage-daemon FUSE export; total {elapsed:.0f}s)")
