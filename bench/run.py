@@ -277,8 +277,7 @@ def aim_text(r, lower_is_better):
         return ""
     verdict = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
     if r.get("misses") is not None:
-        verdict += (f" within noise (below in {r['misses']} of {r['rounds']} rounds)" if r["met"]
-                    else f" (below in all {r['rounds']} rounds)")
+        verdict += f" within noise ({_rounds(r)})" if r["met"] else f" ({_rounds(r)})"
     return f"aim {'<=' if lower_is_better else '>='}{r['aim']:.1f}{verdict}"
 
 
@@ -1695,6 +1694,11 @@ def fmt(v, unit):
     return f"{v:.0f}" if unit == "IOPS" or v >= 100 else f"{v:.1f}"
 
 
+def _rounds(r):
+    """'below in K of N rounds', for a verdict of the sign test (compare)."""
+    return f"below in {r['misses']} of {r['rounds']} rounds"
+
+
 def ratios(bench, row):
     """subject (qcowfs) / peer of the bench's value, with its aims."""
     q = row.get(bench.subject)
@@ -1734,8 +1738,7 @@ def aim_verdicts(benches, results):
             for peer, r in rs.items():
                 if r["aim"] is not None:
                     ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-                    rounds = (f", below in {r['misses']} of {r['rounds']} rounds"
-                              if r.get("misses") is not None else "")
+                    rounds = f", {_rounds(r)}" if r.get("misses") is not None else ""
                     out.append((f"{b.key}{metric} vs {peer} {ratio} "
                                 f"(aim {'<=' if lower else '>='}{r['aim']:.1f}{rounds})", r["met"]))
     return out

@@ -18,7 +18,7 @@ import trio
 
 from ..errors import QcowError
 from ..host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from .readaround import QUIET_EVERY, ReadAround
+from .readaround import ReadAround
 from .views import DirNode, FileNode, FileView
 
 log = logging.getLogger("qcowfs")
@@ -458,9 +458,7 @@ class Operations(pyfuse3.Operations):
         if data is None:
             data = await view.read(off, size)
         around = entry[2]
-        # (while the policy is quiet, only every QUIET_EVERY-th read asks it)
-        if around is not None and size <= READ_AROUND_TRIGGER and (
-                not around.over_room or not self.reads % QUIET_EVERY):
+        if around is not None and size <= READ_AROUND_TRIGGER and not self.reads % around.ask_every:
             self._read_around(around, entry[1], view, off)
         return data
 

@@ -118,8 +118,9 @@ ROOM_SHARE = 8
 PROBE_FACTOR = 4
 PROBE_REPEATS = 4
 # While the reader outgrew the room (`over_room`), nothing is pushed until a
-# new epoch or a larger room, which only the clock brings: the read path then
-# asks `miss` at every QUIET_EVERY-th small read only. (Asked at every read,
+# new epoch or a larger room, which only the clock brings: `ask_every` then
+# tells the read path to ask `miss` at every QUIET_EVERY-th small read only
+# (an attribute, so that a read not asking costs no call). (Asked at every read,
 # the call cost 1.3 us in the daemon, whose caches the kernel's work between
 # requests leaves cold: 2-4% of its CPU in the bench's cgroup rows, where
 # nothing is pushed and read_around=0 does without it.)
@@ -218,6 +219,7 @@ class ReadAround:
         self._due: float  # when _tick has something to do
         self.room_windows: int
         self.over_room: bool
+        self.ask_every: int  # the read path calls miss() at every ask_every-th small read
         self.probe_left: int
         self._repeats: int
         self._new_epoch(clock())
@@ -367,6 +369,7 @@ class ReadAround:
         """The reader outgrew the room: no pushes, and no experiment, until
         the next epoch."""
         self.over_room = True
+        self.ask_every = QUIET_EVERY
         self._seen.clear()
         self._samples.clear()
         self._live = [0, 0]
@@ -380,6 +383,7 @@ class ReadAround:
         self._due = now + ROOM_SECONDS
         self._seen.clear()
         self.over_room = False
+        self.ask_every = 1
         self.room_windows = self._room() // ROOM_SHARE >> self._shift
         self.probe_left = PROBE_FACTOR * math.isqrt(self.room_windows)
         self._repeats = 0
