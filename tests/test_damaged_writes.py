@@ -1,6 +1,7 @@
 """Writes to damaged images never make them worse (issue 23's rule), on the two
 reproductions that once broke it and their classes: compressed descriptors
-whose size or offset is out of range (qemu-iotests 214), and every invalid
+whose size or offset is out of range (qemu-iotests 214) or whose sectors are a
+data cluster's (a hostile-image soak seed), and every invalid
 extended-L2 subcluster combination (qemu-iotests 271).
 
 A session of pattern writes, each followed by a flush (fsync), runs through
@@ -41,7 +42,10 @@ CHUNK = 64 * KiB
 class Case:
     build: Callable[[Path], Path]
     size: int
-    writes: tuple[tuple[int, int, int], ...]  # (guest offset, length, byte)
+    writes: tuple[tuple[int, int, int], ...]  # (guest offset, length, byte or ZERO)
+
+
+ZERO = -1  # a write of zeros: qemu-io write -z, Disk.zero without unmap (fallocate ZERO_RANGE)
 
 
 def _compressed(poke: Callable[[Path], None]) -> Callable[[Path], Path]:
@@ -94,12 +98,45 @@ def _shared_l2_table(d: Path) -> Path:
     return img
 
 
+def _descriptor_into_data(d: Path) -> Path:
+    """Guest 64K's unallocated L2 entry turned into a compressed descriptor
+    (two sectors) over guest 0's data cluster (refcount 1, so QEMU's check
+    counts it referenced twice), as the soak's seed 3100592321 did. With
+    512-byte clusters the two entries lie in different L2 tables, so the
+    writer has not seen guest 0's. The write that replaces the descriptor
+    must not free guest 0's cluster: the descriptor does not decode, so its
+    sectors are kept (a leak at most)."""
+    img = base(d, "1M", "write -P 0x11 0 4k", "write -P 0x13 80k 4k", "write -c -P 0x12 512k 4k",
+               cluster_size=512)
+    host = read_u64(img, l2_entry_offset(img, 0)) & ((1 << 56) - 1) & ~0x1FF
+    patch(img, l2_entry_offset(img, 64 * KiB), struct.pack(">Q", (1 << 62) | (1 << 61) | host))
+    return img
+
+
+def _entry_onto_l2_table(d: Path) -> Path:
+    """Guest 1M's L2 entry (COPIED) pointed at the L2 table it lies in (soak
+    seed 3100592344): guest 1M then reads that table, and every allocation
+    under it changes those bytes. A ZERO_RANGE over guest 1M flags the entry
+    zero and keeps its cluster, as QEMU does (nothing is written there); a
+    later write to it in place is refused by the overlap check."""
+    img = base(d, "2M", "write -P 0x11 0 64k", "write -P 0x12 1M 4k", cluster_size=4 * KiB)
+    table = Header(img).l1_entry(0) & 0x00FFFFFFFFFFFE00
+    patch(img, l2_entry_offset(img, 1 * MiB), struct.pack(">Q", table | OFLAG_COPIED))
+    return img
+
+
 COMPRESSED_WRITES = ((0, 64 * KiB, 0x22), (3 * MiB, 64 * KiB, 0x44), (5 * MiB, 64 * KiB, 0x55),
                      (6 * MiB, 4 * KiB, 0x66))
 CASES: dict[str, Case] = {
     "214-both-descriptors-max-sectors": Case(_compressed(_sectors(8191)), 8 * MiB, COMPRESSED_WRITES),
     "214-one-descriptor-max-sectors": Case(_compressed(_sectors(8191, (0,))), 8 * MiB, COMPRESSED_WRITES),
     "214-descriptor-offset-past-eof": Case(_compressed(_offset_past_eof), 8 * MiB, COMPRESSED_WRITES),
+    "compressed-descriptor-over-a-data-cluster": Case(_descriptor_into_data, 1 * MiB,
+                                                      ((64 * KiB, 4 * KiB, 0x44), (768 * KiB, 64 * KiB, 0x55),
+                                                       (4 * KiB, 4 * KiB, 0x22))),
+    "l2-entry-points-at-its-l2-table": Case(_entry_onto_l2_table, 2 * MiB,
+                                            ((256 * KiB, 4 * KiB, 0x44), (1 * MiB - 8 * KiB, 16 * KiB, ZERO),
+                                             (1 * MiB, 4 * KiB, 0x55), (512 * KiB, 4 * KiB, 0x66))),
     "l2-entry-shares-a-cluster-without-copied": Case(_shared_l2_entry, 4 * MiB,
                                                      ((1 * MiB, 4 * KiB, 0x44), (2 * MiB, 64 * KiB, 0x55),
                                                       (0, 4 * KiB, 0x22))),
@@ -122,7 +159,8 @@ def chunks(img: Path, size: int) -> list[bytes | None]:
 def qemu_session(img: Path, writes: tuple[tuple[int, int, int], ...]) -> None:
     """The same writes by QEMU (overlap checks on), each with a flush."""
     for off, n, byte in writes:
-        subprocess.run(["qemu-io", "--image-opts", "-c", f"write -P {byte:#x} {off} {n}", "-c", "flush",
+        write = f"write -z {off} {n}" if byte == ZERO else f"write -P {byte:#x} {off} {n}"
+        subprocess.run(["qemu-io", "--image-opts", "-c", write, "-c", "flush",
                         f"driver=qcow2,file.filename={img},overlap-check=all"],
                        capture_output=True, timeout=60, cwd=img.parent)
 
@@ -137,7 +175,10 @@ async def qcowfs_session(img: Path, writes: tuple[tuple[int, int, int], ...]) ->
     try:
         for off, n, byte in writes:
             try:
-                await image.disk.write(off, bytes([byte]) * n)
+                if byte == ZERO:
+                    await image.disk.zero(off, n, unmap=False)
+                else:
+                    await image.disk.write(off, bytes([byte]) * n)
                 await image.disk.flush()
                 acked.append(True)
             except qcowfs.QcowError as e:
@@ -179,12 +220,13 @@ def test_never_worse_than_it_was(name: str, tmp_path: Path) -> None:
             a, b = max(off, lo), min(off + n, lo + len(old))
             if a >= b:
                 continue
+            value = 0 if byte == ZERO else byte
             if ok:
-                want[a - lo : b - lo] = bytes([byte]) * (b - a)
-            maybe[a - lo : b - lo] = bytes([byte]) * (b - a)
+                want[a - lo : b - lo] = bytes([value]) * (b - a)
+            maybe[a - lo : b - lo] = bytes([value]) * (b - a)
         if new != want:
             # a failed write may have landed in its own range: old or new there, nothing else
-            failed = [(off, n, byte) for (off, n, byte), ok in zip(case.writes, acked) if not ok]
+            failed = [(off, n, max(byte, 0)) for (off, n, byte), ok in zip(case.writes, acked) if not ok]
             for j in range(len(new)):
                 if new[j] in (want[j], maybe[j]) and (new[j] == want[j] or any(
                         off <= lo + j < off + n and new[j] == byte for off, n, byte in failed)):

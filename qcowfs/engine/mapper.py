@@ -567,6 +567,20 @@ class Mapper:
         self._keep_decompressed(entry, cluster)
         return cluster
 
+    async def decodes(self, entry: int) -> bool:
+        """Whether the compressed cluster of ENTRY decodes to one whole
+        cluster. Asked before a write drops the reference: a descriptor that
+        does not decode is damaged, and the sectors it names may belong to
+        something else (its decode is not kept: the sectors may be reused)."""
+        if self._cached_cluster(entry) is not None:
+            return True
+        try:
+            decompress_cluster(await self._compressed_bytes(entry), self.geo.cluster_size,
+                               self.geo.compression_type)
+        except CorruptionError:
+            return False
+        return True
+
     async def inflate_ahead(self, entries: list[int]) -> None:
         """Decompress the clusters of ENTRIES (L2 entries of compressed
         clusters a read is about to take, at most INFLATE_BATCH) into the

@@ -10,6 +10,7 @@ points to them changes.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import numpy as np
@@ -28,6 +29,8 @@ from .mapper import UNALLOC, ZERO, Mapper
 from .metadata import Metadata
 from .overlap import Kind
 from .refcount import Allocator, Release
+
+log = logging.getLogger("qcowfs")
 
 # What a write must do with one cluster.
 IN_PLACE, REUSE, ALLOCATE = range(3)
@@ -58,6 +61,10 @@ class Writer:
         # Zero detection needs the v3 zero flag, and an external data file
         # must receive every byte (data_file_raw keeps it a valid raw image).
         self.detect_zeroes = geo.zero_flag and not self.external
+        # Compressed descriptors found not to decode (_verify_release): their
+        # sectors are never released, a leak rather than a freed cluster
+        # something else may use.
+        self._undecodable: set[int] = set()
 
     # ---- the fast path -----------------------------------------------------------
 
@@ -239,7 +246,7 @@ class Writer:
             piece = data[g0 - start : g1 - start]
             state = self._state(table, k)
             if self.detect_zeroes and g1 - g0 == cs and self._zero_cluster_at(piece, 0):
-                await self.alloc.verify_release(self._released([self._entry(table, k)]))
+                await self._verify_release([self._entry(table, k)])
                 self._set_zero(table, k)
                 self.l2_cache.mark_dirty(table_off)
                 k += 1
@@ -307,7 +314,7 @@ class Writer:
             await self._old_contents(memoryview(tail), hi)
             parts.append(tail)
         if not reuse and any(old):
-            await self.alloc.verify_release(self._released([self._entry(old, j) for j in self._used(old)]))
+            await self._verify_release([self._entry(old, j) for j in self._used(old)])
         if self.external:
             host = c0  # guest offset == host offset in an external data file
         elif reuse:  # (one cluster)
@@ -421,7 +428,7 @@ class Writer:
                 table_off = await self._writable_l2(index)
                 async with self.l2_cache.pinned(table_off) as table:
                     old = [self._entry(table, k + j) for j in range(m)]
-                    await self.alloc.verify_release(self._released(old))
+                    await self._verify_release(old)
                     for j in range(m):
                         self._set_entry(table, k + j, encode_compressed(host + places[i + j],
                                                                         len(blobs[i + j]), cb), 0)
@@ -525,7 +532,7 @@ class Writer:
             dropped: list[tuple[int, int]] = []
             if self._zero_entries(table, base, pos, chunk_end, unmap, apply=False, fallback=fallback,
                                   dropped=dropped):
-                await self.alloc.verify_release(self._released(dropped))
+                await self._verify_release(dropped)
                 table_off = await self._writable_l2(index)
                 async with self.l2_cache.pinned(table_off) as writable:
                     # (the same decisions: a copy holds the same entries)
@@ -561,6 +568,13 @@ class Writer:
                 continue
             changed = True
             releases = (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED
+            if releases and old[0] & L2E_OFFSET_MASK and not old[0] & OFLAG_COMPRESSED:
+                # Never drop a reference an entry that fails a check holds (it
+                # may point into metadata): CorruptionError, before anything
+                # changed. An entry that keeps its host cluster (ZERO_RANGE on
+                # one we own) is only flagged, as QEMU does: nothing is written
+                # there, and a later write in place meets the check.
+                self._check_host(old[0] & L2E_OFFSET_MASK, cs)
             if dropped is not None and releases:
                 dropped.append(old)
             if not apply:
@@ -612,14 +626,9 @@ class Writer:
         geo = self.geo
         e, bitmap = old
         t = cluster_type(e, geo.extended_l2, self.external)
-        # Never drop a reference an entry that fails a check holds (it may
-        # point into metadata): CorruptionError, before anything changed.
         why = extended_problem(e, bitmap, self.external) if geo.extended_l2 else None
         if why:
             raise CorruptionError(f"extended L2 entry is invalid: {why}")
-        host = e & L2E_OFFSET_MASK
-        if host and t in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC):
-            self._check_host(host, geo.cluster_size)
         below = self._below(c0, c0 + geo.cluster_size)
         whole = g1 - g0 == geo.cluster_size
         # ZERO_RANGE keeps a cluster this image alone owns, as preallocated zeros.
@@ -687,6 +696,24 @@ class Writer:
             self._set_entry(table, k, OFLAG_ZERO, 0)
         self._release(*old)
 
+    async def _verify_release(self, entries: list[tuple[int, int]]) -> None:
+        """Refuse now (Allocator.verify_release) the drops of old L2 ENTRIES
+        that find damaged refcounts, after decoding each compressed cluster
+        among them. A descriptor whose sectors do not decode is damaged: it
+        may name sectors of a data cluster or of other compressed clusters
+        (the refcount says nothing: QEMU counts one reference per descriptor),
+        and dropping it would free them while in use. Its sectors are kept
+        instead (a leak, which `qemu-img check -r leaks` repairs), and the
+        write that replaces it goes on. Costs one decode per compressed
+        cluster overwritten, once (a partial overwrite decoded it already)."""
+        for entry, _bitmap in entries:
+            if (entry & OFLAG_COMPRESSED and not self.external and entry not in self._undecodable
+                    and not await self.mapper.decodes(entry)):
+                log.warning("compressed cluster descriptor %#x does not decode: the L2 entry is "
+                            "damaged, its sectors stay allocated (a leak)", entry)
+                self._undecodable.add(entry)
+        await self.alloc.verify_release(self._released(entries))
+
     def _released(self, entries: list[tuple[int, int]]) -> list[Release]:
         """The references dropping old L2 ENTRIES ((entry, bitmap)) releases:
         a data cluster (shared when the entry lacks COPIED), or the sectors a
@@ -696,6 +723,8 @@ class Writer:
             return []
         out: list[Release] = []
         for entry, _bitmap in entries:
+            if entry in self._undecodable:
+                continue
             if entry & OFLAG_COMPRESSED:
                 d = decode_compressed(entry, self.geo.cluster_bits)
                 if d.length > self.geo.cluster_size + 512:
