@@ -699,20 +699,28 @@ class Writer:
     async def _verify_release(self, entries: list[tuple[int, int]]) -> None:
         """Refuse now (Allocator.verify_release) the drops of old L2 ENTRIES
         that find damaged refcounts, after decoding each compressed cluster
-        among them. A descriptor whose sectors do not decode is damaged: it
-        may name sectors of a data cluster or of other compressed clusters
-        (the refcount says nothing: QEMU counts one reference per descriptor),
-        and dropping it would free them while in use. Its sectors are kept
-        instead (a leak, which `qemu-img check -r leaks` repairs), and the
-        write that replaces it goes on. Costs one decode per compressed
-        cluster overwritten, once (a partial overwrite decoded it already)."""
+        among them whose drop would free a host cluster. A descriptor whose
+        sectors do not decode is damaged: it may name sectors of a data
+        cluster (the refcount says nothing: QEMU counts one reference per
+        descriptor), and dropping it would free that cluster while in use.
+        Its sectors are kept instead (a leak, which `qemu-img check -r leaks`
+        repairs), and the write that replaces it goes on. A drop that leaves
+        the clusters in use frees nothing, so it is not decoded: of the
+        compressed clusters packed into one host cluster only the last one
+        dropped is (a partial overwrite has decoded it already)."""
         for entry, _bitmap in entries:
             if (entry & OFLAG_COMPRESSED and not self.external and entry not in self._undecodable
-                    and not await self.mapper.decodes(entry)):
+                    and await self._frees(entry) and not await self.mapper.decodes(entry)):
                 log.warning("compressed cluster descriptor %#x does not decode: the L2 entry is "
                             "damaged, its sectors stay allocated (a leak)", entry)
                 self._undecodable.add(entry)
         await self.alloc.verify_release(self._released(entries))
+
+    async def _frees(self, entry: int) -> bool:
+        """Whether dropping compressed ENTRY would free a host cluster its sectors lie in."""
+        d = decode_compressed(entry, self.geo.cluster_bits)
+        start = d.host_offset & ~511
+        return await self.alloc.frees(start, d.host_offset + d.length - start)
 
     def _released(self, entries: list[tuple[int, int]]) -> list[Release]:
         """The references dropping old L2 ENTRIES ((entry, bitmap)) releases:

@@ -137,6 +137,17 @@ class Allocator:
         block = self.cache.peek(off) or await self.cache.get(off)
         return refcount_get(block, cluster % self.rpb, self.order)
 
+    async def frees(self, offset: int, length: int) -> bool:
+        """Whether one more drop of [offset, offset+length) would bring a
+        cluster of it to refcount 0, the drops already pending counted: the
+        drop that would let the cluster be reused."""
+        cs = self.geo.cluster_size
+        for c in range(offset // cs, (offset + length - 1) // cs + 1):
+            pending = int(self._pending_counts[c]) if c < len(self._pending_counts) else 0
+            if await self.get(c) - pending <= 1:
+                return True
+        return False
+
     # ---- changing refcounts ------------------------------------------------------
 
     # ---- host clusters known to be referenced ----------------------------------------
