@@ -281,6 +281,35 @@ def test_damaged_part_left_out_of_a_read_only_mount(case: str, tmp_path: Path, m
     assert file_state(d) == before, "a damaged image was modified"
 
 
+def test_data_file_raw_without_a_data_file(tmp_path: Path, mount) -> None:
+    """The autoclear bit data_file_raw set in an image without an external data
+    file (a flipped header bit of the hostile-image soak, seed 7300149): QEMU
+    refuses the image whole, so a write acknowledged into it would never be
+    found. A writable mount and open are refused with one line and change
+    nothing; a read-only mount serves the disk (reading needs no data file)
+    and says in one line what is wrong."""
+    d = tmp_path / "img"
+    img = good_image(d)
+    want = to_raw(img, tmp_path / "want.raw")
+    set_field(img, "autoclear_features", Header(img).autoclear_features | (1 << 1))
+    before = file_state(d)
+    line = one_line_failure(attempt_mount_rw(img, tmp_path / "mnt-rw"), "writable qcowfs mount")
+    assert "data_file_raw" in line, line
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = qcowfs("mount", img, mnt, "--read-only")
+    try:
+        assert p.returncode == 0, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "data_file_raw" in lines[0], p.stderr
+        assert files_equal(mnt / "disk.raw", want)
+    finally:
+        if is_mounted(mnt):
+            qcowfs("umount", mnt)
+        force_unmount(mnt)
+    assert file_state(d) == before, "a damaged image was modified"
+
+
 def attempt_mount_rw(img: Path, mnt: Path) -> subprocess.CompletedProcess:
     mnt.mkdir(exist_ok=True)
     try:

@@ -116,6 +116,14 @@ class Image:
         # What a read-only open of a truncated file reads as zeros.
         self.salvaged = [f"{t}: what lies past the end reads as zeros, as QEMU reads it"
                          for t in truncated]
+        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not h.incompatible_features & INCOMPAT_DATA_FILE:
+            # QEMU refuses the image whole. Reading needs no data file, so a
+            # read-only open serves the disk; a write would be acknowledged
+            # into an image QEMU never opens.
+            damage = "the header says data_file_raw but the image has no external data file (QEMU refuses it)"
+            if not self.read_only:
+                raise InvalidImageError(f"{damage}: open it read-only to read the disk")
+            self.salvaged.append(damage)
         meta.snapshots = self._optional("snapshot table", "snapshots",
                                         lambda: read_snapshot_table(h, self.geo, self.file))
         self.bitmaps: list[Bitmap] = self._optional("bitmap directory", "bitmaps",
