@@ -7,12 +7,13 @@ rest of the disk reads correctly and the daemon keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
 import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -252,6 +253,24 @@ DAMAGED_PARTS: dict[str, Callable[[Path], None]] = {
 }
 
 
+@contextlib.contextmanager
+def read_only_mount(img: Path, mnt: Path, want: Path, word: str) -> Iterator[Path]:
+    """A read-only mount of the damaged IMG on MNT that must succeed with one
+    stderr line containing WORD and serve the disk WANT holds (unmounted after)."""
+    mnt.mkdir()
+    p = qcowfs("mount", img, mnt, "--read-only")
+    try:
+        assert p.returncode == 0, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and word in lines[0], p.stderr
+        assert files_equal(mnt / "disk.raw", want)
+        yield mnt
+    finally:
+        if is_mounted(mnt):
+            qcowfs("umount", mnt)
+        force_unmount(mnt)
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGED_PARTS))
 def test_damaged_part_left_out_of_a_read_only_mount(case: str, tmp_path: Path, mount) -> None:
     """A damaged snapshot table or bitmap directory: a read-only mount still
@@ -263,20 +282,9 @@ def test_damaged_part_left_out_of_a_read_only_mount(case: str, tmp_path: Path, m
     want = to_raw(img, tmp_path / "want.raw")
     DAMAGED_PARTS[case](img)
     before = file_state(d)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    p = qcowfs("mount", img, mnt, "--read-only")
-    try:
-        assert p.returncode == 0, p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and "damaged" in lines[0], p.stderr
-        assert files_equal(mnt / "disk.raw", want)
+    with read_only_mount(img, tmp_path / "mnt", want, "damaged") as mnt:
         shown = "snapshots" if case.startswith("snapshot") else "bitmaps"
         assert list((mnt / shown).iterdir()) == []
-    finally:
-        if is_mounted(mnt):
-            qcowfs("umount", mnt)
-        force_unmount(mnt)
     one_line_failure(attempt_mount_rw(img, tmp_path / "mnt-rw"), "writable qcowfs mount")
     assert file_state(d) == before, "a damaged image was modified"
 
@@ -295,18 +303,8 @@ def test_data_file_raw_without_a_data_file(tmp_path: Path, mount) -> None:
     before = file_state(d)
     line = one_line_failure(attempt_mount_rw(img, tmp_path / "mnt-rw"), "writable qcowfs mount")
     assert "data_file_raw" in line, line
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    p = qcowfs("mount", img, mnt, "--read-only")
-    try:
-        assert p.returncode == 0, p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and "data_file_raw" in lines[0], p.stderr
-        assert files_equal(mnt / "disk.raw", want)
-    finally:
-        if is_mounted(mnt):
-            qcowfs("umount", mnt)
-        force_unmount(mnt)
+    with read_only_mount(img, tmp_path / "mnt", want, "data_file_raw"):
+        pass
     assert file_state(d) == before, "a damaged image was modified"
 
 
