@@ -29,9 +29,9 @@ import trio
 
 import qcowfs
 import qcowfs.aio
-from images import Header, read_u64
+from images import Header, qimg, read_u64
 from corruption import (EXT_CASES, _ext_l2, base, guest_bytes, l2_entry_offset, patch, qemu_check,
-                        severity)
+                        set_refcount, severity)
 
 KiB, MiB = 1 << 10, 1 << 20
 OFLAG_COPIED = 1 << 63
@@ -125,6 +125,19 @@ def _entry_onto_l2_table(d: Path) -> Path:
     return img
 
 
+def _shared_compressed_refcount_one(d: Path) -> Path:
+    """A host cluster of compressed clusters that an internal snapshot shares
+    with the disk (its refcount counts both), with its refcount set to 1 (the
+    soak's seed 7600049): the write that replaces one of the disk's compressed
+    clusters must not free it, the snapshot and the disk's other compressed
+    clusters still live there."""
+    img = base(d, "4M", "write -c -P 0x11 0 1M")
+    qimg("snapshot", "-c", "s1", img)
+    host = read_u64(img, l2_entry_offset(img, 0)) & ((1 << 54) - 1)
+    set_refcount(img, host >> 16, 1)
+    return img
+
+
 COMPRESSED_WRITES = ((0, 64 * KiB, 0x22), (3 * MiB, 64 * KiB, 0x44), (5 * MiB, 64 * KiB, 0x55),
                      (6 * MiB, 4 * KiB, 0x66))
 CASES: dict[str, Case] = {
@@ -137,6 +150,9 @@ CASES: dict[str, Case] = {
     "l2-entry-points-at-its-l2-table": Case(_entry_onto_l2_table, 2 * MiB,
                                             ((256 * KiB, 4 * KiB, 0x44), (1 * MiB - 8 * KiB, 16 * KiB, ZERO),
                                              (1 * MiB, 4 * KiB, 0x55), (512 * KiB, 4 * KiB, 0x66))),
+    "shared-compressed-cluster-with-refcount-one": Case(_shared_compressed_refcount_one, 4 * MiB,
+                                                        ((0, 64 * KiB, 0x44), (2 * MiB, 64 * KiB, 0x55),
+                                                         (3 * MiB, 64 * KiB, 0x66))),
     "l2-entry-shares-a-cluster-without-copied": Case(_shared_l2_entry, 4 * MiB,
                                                      ((1 * MiB, 4 * KiB, 0x44), (2 * MiB, 64 * KiB, 0x55),
                                                       (0, 4 * KiB, 0x22))),

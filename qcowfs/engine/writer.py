@@ -65,6 +65,11 @@ class Writer:
         # sectors are never released, a leak rather than a freed cluster
         # something else may use.
         self._undecodable: set[int] = set()
+        # Host clusters of compressed clusters found in an internal snapshot
+        # too (_in_a_snapshot): a drop of their descriptor is a shared release
+        # (a descriptor has no COPIED flag to say so). Forgotten at every
+        # metadata operation (forget_shared), which may change what is shared.
+        self._shared_compressed: set[int] = set()
 
     # ---- the fast path -----------------------------------------------------------
 
@@ -246,7 +251,7 @@ class Writer:
             piece = data[g0 - start : g1 - start]
             state = self._state(table, k)
             if self.detect_zeroes and g1 - g0 == cs and self._zero_cluster_at(piece, 0):
-                await self._verify_release([self._entry(table, k)])
+                await self._verify_release([self._entry(table, k)], [c0])
                 self._set_zero(table, k)
                 self.l2_cache.mark_dirty(table_off)
                 k += 1
@@ -314,7 +319,8 @@ class Writer:
             await self._old_contents(memoryview(tail), hi)
             parts.append(tail)
         if not reuse and any(old):
-            await self._verify_release([self._entry(old, j) for j in self._used(old)])
+            used = self._used(old)
+            await self._verify_release([self._entry(old, j) for j in used], [c0 + (j << cb) for j in used])
         if self.external:
             host = c0  # guest offset == host offset in an external data file
         elif reuse:  # (one cluster)
@@ -428,7 +434,7 @@ class Writer:
                 table_off = await self._writable_l2(index)
                 async with self.l2_cache.pinned(table_off) as table:
                     old = [self._entry(table, k + j) for j in range(m)]
-                    await self._verify_release(old)
+                    await self._verify_release(old, [guest + (j << cb) for j in range(m)])
                     for j in range(m):
                         self._set_entry(table, k + j, encode_compressed(host + places[i + j],
                                                                         len(blobs[i + j]), cb), 0)
@@ -530,9 +536,10 @@ class Writer:
             # Decide on the current table first: a table that needs no change
             # is neither allocated nor copied away from a snapshot.
             dropped: list[tuple[int, int]] = []
+            guests: list[int] = []
             if self._zero_entries(table, base, pos, chunk_end, unmap, apply=False, fallback=fallback,
-                                  dropped=dropped):
-                await self._verify_release(dropped)
+                                  dropped=dropped, guests=guests):
+                await self._verify_release(dropped, guests)
                 table_off = await self._writable_l2(index)
                 async with self.l2_cache.pinned(table_off) as writable:
                     # (the same decisions: a copy holds the same entries)
@@ -548,7 +555,7 @@ class Writer:
 
     def _zero_entries(self, table: Table, base: int, start: int, end: int, unmap: bool,
                       apply: bool, fallback: list[tuple[int, int]],
-                      dropped: list[tuple[int, int]] | None = None) -> bool:
+                      dropped: list[tuple[int, int]] | None = None, guests: list[int] | None = None) -> bool:
         """Make the entries for [start, end) of the L2 table at guest BASE say
         "zeros" (APPLY) or only tell whether any would change. Synchronous,
         so no other task sees half of it. Ranges only data can zero go to
@@ -577,6 +584,8 @@ class Writer:
                 self._check_host(old[0] & L2E_OFFSET_MASK, cs)
             if dropped is not None and releases:
                 dropped.append(old)
+                if guests is not None:
+                    guests.append(c0)
             if not apply:
                 continue
             if self.external:
@@ -696,7 +705,13 @@ class Writer:
             self._set_entry(table, k, OFLAG_ZERO, 0)
         self._release(*old)
 
-    async def _verify_release(self, entries: list[tuple[int, int]]) -> None:
+    def forget_shared(self) -> None:
+        """A metadata operation is about to run (Image.exclusive): snapshots
+        may be created, deleted or applied, so which compressed clusters a
+        snapshot shares is no longer known."""
+        self._shared_compressed.clear()
+
+    async def _verify_release(self, entries: list[tuple[int, int]], guests: list[int]) -> None:
         """Refuse now (Allocator.verify_release) the drops of old L2 ENTRIES
         that find damaged refcounts, after decoding each compressed cluster
         among them whose drop would free a host cluster. A descriptor whose
@@ -707,14 +722,38 @@ class Writer:
         repairs), and the write that replaces it goes on. A drop that leaves
         the clusters in use frees nothing, so it is not decoded: of the
         compressed clusters packed into one host cluster only the last one
-        dropped is (a partial overwrite has decoded it already)."""
-        for entry, _bitmap in entries:
-            if (entry & OFLAG_COMPRESSED and not self.external and entry not in self._undecodable
-                    and await self._frees(entry) and not await self.mapper.decodes(entry)):
+        dropped is (a partial overwrite has decoded it already).
+
+        A drop that would free the host cluster of a compressed cluster a
+        snapshot holds at the same guest offset (GUESTS: of each entry) finds
+        a refcount too low for its references: a shared release, refused."""
+        for (entry, _bitmap), guest in zip(entries, guests):
+            if not entry & OFLAG_COMPRESSED or self.external or entry in self._undecodable:
+                continue
+            if not await self._frees(entry):
+                continue
+            if not await self.mapper.decodes(entry):
                 log.warning("compressed cluster descriptor %#x does not decode: the L2 entry is "
                             "damaged, its sectors stay allocated (a leak)", entry)
                 self._undecodable.add(entry)
+            elif await self._in_a_snapshot(entry, guest):
+                d = decode_compressed(entry, self.geo.cluster_bits)
+                cb = self.geo.cluster_bits
+                self._shared_compressed.update(range(d.host_offset >> cb, ((d.host_offset + d.length - 1) >> cb) + 1))
         await self.alloc.verify_release(self._released(entries))
+
+    async def _in_a_snapshot(self, entry: int, guest: int) -> bool:
+        """Whether an internal snapshot's L2 entry for GUEST is ENTRY too."""
+        span, cb, w = self.geo.l2_span, self.geo.cluster_bits, self._words
+        index, k = guest // span, (guest % span) >> cb
+        for snap in self.meta.snapshots:
+            if index >= snap.l1_size:
+                continue
+            l1e = int.from_bytes(await self.file.read(snap.l1_table_offset + 8 * index, 8), "big")
+            table_off = self.mapper.l2_offset(l1e)
+            if table_off and (await self.l2_cache.get(table_off))[k * w] == entry:
+                return True
+        return False
 
     async def _frees(self, entry: int) -> bool:
         """Whether dropping compressed ENTRY would free a host cluster its sectors lie in."""
@@ -750,7 +789,8 @@ class Writer:
                 if start < cs or self.meta.overlap.kinds_at(start, d.host_offset + d.length - start):
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} points into metadata: "
                                           "the L2 entry is damaged")
-                out.append(Release(start, d.host_offset + d.length - start, punch=False))
+                shared = not self._shared_compressed.isdisjoint(range(first, last + 1))
+                out.append(Release(start, d.host_offset + d.length - start, punch=False, shared=shared))
             elif entry & L2E_OFFSET_MASK:
                 out.append(Release(entry & L2E_OFFSET_MASK, self.geo.cluster_size,
                                    shared=not entry & OFLAG_COPIED))
