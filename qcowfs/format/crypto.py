@@ -448,17 +448,18 @@ class XtsFromEcb:
                  dst: bytearray | memoryview) -> None:
         """Encrypt or decrypt the sectors of DATA (IVS: 16 bytes each) into
         DST, which may be DATA itself: one ECB call between two XORs with
-        the tweaks, in a scratch buffer with the 16 bytes of room that
-        update_into asks for, so the result is written once, where it goes."""
+        the tweaks. The ECB call goes from one scratch buffer into another
+        (with the 16 bytes of room update_into asks for): cryptography 51
+        refuses an update_into whose input and output overlap."""
         tweaks = self.tweaks(ivs)
         count, words = tweaks.shape
-        scratch = np.empty(count * words + 2, np.uint64)
-        x = scratch[: count * words].reshape(count, words)
+        x = np.empty((count, words), np.uint64)
         np.bitwise_xor(np.frombuffer(data, "<u8").reshape(count, words), tweaks, out=x)
-        raw = scratch.data.cast("B")
+        out = np.empty(count * words + 2, np.uint64)
         ctx = self._k1_encrypt if encrypt else self._k1_decrypt
-        ctx.update_into(raw[: count * words * 8], raw)
-        np.bitwise_xor(x, tweaks, out=np.frombuffer(dst, "<u8").reshape(count, words))
+        ctx.update_into(x.data.cast("B"), out.data.cast("B"))
+        np.bitwise_xor(out[: count * words].reshape(count, words), tweaks,
+                       out=np.frombuffer(dst, "<u8").reshape(count, words))
 
 
 # ---- the cipher of an image's data ---------------------------------------------------
