@@ -563,7 +563,6 @@ class Image:
         await self.prepare_writes()
         async with writer.lock:
             writer.frozen = True
-            writer.forget_shared()
             try:
                 await self.flush()
                 assert self.allocator is not None  # a writer has one

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from ..host.hostfile import HostFile
 from ..host.waiting import Lock
 from . import chain
 from .chain import Source
-from .mapper import UNALLOC, ZERO, Mapper
+from .mapper import UNALLOC, ZERO, L1Table, Mapper
 from .metadata import Metadata
 from .overlap import Kind
 from .refcount import Allocator, Release
@@ -65,11 +65,6 @@ class Writer:
         # sectors are never released, a leak rather than a freed cluster
         # something else may use.
         self._undecodable: set[int] = set()
-        # Host clusters of compressed clusters found in an internal snapshot
-        # too (_in_a_snapshot): a drop of their descriptor is a shared release
-        # (a descriptor has no COPIED flag to say so). Forgotten at every
-        # metadata operation (forget_shared), which may change what is shared.
-        self._shared_compressed: set[int] = set()
 
     # ---- the fast path -----------------------------------------------------------
 
@@ -705,12 +700,6 @@ class Writer:
             self._set_entry(table, k, OFLAG_ZERO, 0)
         self._release(*old)
 
-    def forget_shared(self) -> None:
-        """A metadata operation is about to run (Image.exclusive): snapshots
-        may be created, deleted or applied, so which compressed clusters a
-        snapshot shares is no longer known."""
-        self._shared_compressed.clear()
-
     async def _verify_release(self, entries: list[tuple[int, int]], guests: list[int]) -> None:
         """Refuse now (Allocator.verify_release) the drops of old L2 ENTRIES
         that find damaged refcounts, after decoding each compressed cluster
@@ -727,45 +716,37 @@ class Writer:
         A drop that would free the host cluster of a compressed cluster a
         snapshot holds at the same guest offset (GUESTS: of each entry) finds
         a refcount too low for its references: a shared release, refused."""
+        shared: set[int] = set()
         for (entry, _bitmap), guest in zip(entries, guests):
             if not entry & OFLAG_COMPRESSED or self.external or entry in self._undecodable:
                 continue
-            if not await self._frees(entry):
+            start, end = decode_compressed(entry, self.geo.cluster_bits).sectors
+            if not await self.alloc.frees(start, end - start):
                 continue
             if not await self.mapper.decodes(entry):
                 log.warning("compressed cluster descriptor %#x does not decode: the L2 entry is "
                             "damaged, its sectors stay allocated (a leak)", entry)
                 self._undecodable.add(entry)
             elif await self._in_a_snapshot(entry, guest):
-                d = decode_compressed(entry, self.geo.cluster_bits)
-                cb = self.geo.cluster_bits
-                self._shared_compressed.update(range(d.host_offset >> cb, ((d.host_offset + d.length - 1) >> cb) + 1))
-        await self.alloc.verify_release(self._released(entries))
+                shared.add(entry)
+        await self.alloc.verify_release(self._released(entries, shared))
 
     async def _in_a_snapshot(self, entry: int, guest: int) -> bool:
         """Whether an internal snapshot's L2 entry for GUEST is ENTRY too."""
-        span, cb, w = self.geo.l2_span, self.geo.cluster_bits, self._words
-        index, k = guest // span, (guest % span) >> cb
+        span = self.geo.l2_span
+        k = (guest % span) >> self.geo.cluster_bits
         for snap in self.meta.snapshots:
-            if index >= snap.l1_size:
-                continue
-            l1e = int.from_bytes(await self.file.read(snap.l1_table_offset + 8 * index, 8), "big")
-            table_off = self.mapper.l2_offset(l1e)
-            if table_off and (await self.l2_cache.get(table_off))[k * w] == entry:
+            table = await self.mapper.l2_table(L1Table(self.file, snap.l1_table_offset, snap.l1_size),
+                                               guest // span)
+            if table is not None and table[k * self._words] == entry:
                 return True
         return False
 
-    async def _frees(self, entry: int) -> bool:
-        """Whether dropping compressed ENTRY would free a host cluster its sectors lie in."""
-        d = decode_compressed(entry, self.geo.cluster_bits)
-        start = d.host_offset & ~511
-        return await self.alloc.frees(start, d.host_offset + d.length - start)
-
-    def _released(self, entries: list[tuple[int, int]]) -> list[Release]:
+    def _released(self, entries: list[tuple[int, int]], shared: Collection[int] = ()) -> list[Release]:
         """The references dropping old L2 ENTRIES ((entry, bitmap)) releases:
         a data cluster (shared when the entry lacks COPIED), or the sectors a
-        compressed cluster occupies (not punched: see release_later); none in
-        an external data file."""
+        compressed cluster occupies (not punched: see release_later; shared
+        when in SHARED); none in an external data file."""
         if self.external:
             return []
         out: list[Release] = []
@@ -780,17 +761,16 @@ class Writer:
                     # 214), and dropping them would free clusters others use.
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} claims {d.length} "
                                           "bytes, more than a cluster: the L2 entry is damaged")
-                start = d.host_offset & ~511
+                start, end = d.sectors
                 cs, cb = self.geo.cluster_size, self.geo.cluster_bits
-                first, last = start >> cb, (d.host_offset + d.length - 1) >> cb
+                first, last = start >> cb, (end - 1) >> cb
                 if self.alloc.data_referenced_in(first, last - first + 1) >= 0:
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} claims a data cluster "
                                           "another L2 entry uses: the L2 entry is damaged")
-                if start < cs or self.meta.overlap.kinds_at(start, d.host_offset + d.length - start):
+                if start < cs or self.meta.overlap.kinds_at(start, end - start):
                     raise CorruptionError(f"compressed cluster descriptor {entry:#x} points into metadata: "
                                           "the L2 entry is damaged")
-                shared = not self._shared_compressed.isdisjoint(range(first, last + 1))
-                out.append(Release(start, d.host_offset + d.length - start, punch=False, shared=shared))
+                out.append(Release(start, end - start, punch=False, shared=entry in shared))
             elif entry & L2E_OFFSET_MASK:
                 out.append(Release(entry & L2E_OFFSET_MASK, self.geo.cluster_size,
                                    shared=not entry & OFLAG_COPIED))

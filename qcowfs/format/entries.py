@@ -71,6 +71,12 @@ class CompressedDescriptor:
     host_offset: int
     length: int
 
+    @property
+    def sectors(self) -> tuple[int, int]:
+        """[start, end) of the host bytes its reference holds: its sectors from
+        the first one's start, as QEMU counts and frees them."""
+        return self.host_offset & ~511, self.host_offset + self.length
+
 
 def compressed_shift(cluster_bits: int) -> int:
     """Bit position x of the sector count in a compressed L2 entry."""
