@@ -95,17 +95,32 @@ async def test_discard_of_a_snapshot_shared_cluster_drops_one_reference(tmp_path
     assert allocated_clusters(s.image) < 2 * MiB // (64 * KiB)  # the active disk no longer holds them
 
 
-async def test_zero_range_on_v3_keeps_the_host_cluster(tmp_path: Path) -> None:
-    s = build(tmp_path, Layout(size=4 * MiB))
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+async def test_zero_range_keeps_the_host_cluster_as_qemu_does(tmp_path: Path, compat: str) -> None:
+    """ZERO_RANGE (no unmap) over clusters the disk owns does what `qemu-io write -z`
+    does on a copy: v3 keeps them as preallocated zero clusters; v2 has no zero
+    flag, and with no backing file QEMU discards them instead (its
+    qcow2_subcluster_zeroize), so does qcowfs."""
+    s = build(tmp_path, Layout(size=4 * MiB, compat=compat))
     async with s.session():
         await s.write(0, make_data("random", 1 * MiB, 1))
-        await s.flush()
+    theirs = tmp_path / "qemu.qcow2"
+    must("cp", s.image, theirs)
+    must("qemu-io", "-f", "qcow2", "-c", f"write -z 0 {1 * MiB}", theirs)
+    async with s.session():
         await s.zero(0, 1 * MiB, unmap=False)
     s.judge()
-    runs = json.loads(must("qemu-img", "map", "--output=json", s.image))
-    first = runs[0]
-    assert (first["start"], first["length"], first["zero"], first["data"]) == (0, 1 * MiB, True, False)
-    assert "offset" in first, first  # preallocated zero clusters: the host clusters are kept
+
+    def shape(image: Path) -> list[tuple[int, int, bool, bool, bool]]:
+        runs = json.loads(must("qemu-img", "map", "--output=json", image))
+        return [(r["start"], r["length"], r["zero"], r["data"], "offset" in r) for r in runs]
+
+    ours = shape(s.image)
+    assert ours == shape(theirs)
+    if compat == "1.1":
+        assert ours[0] == (0, 1 * MiB, True, False, True), ours  # zero-flagged, host clusters kept
+    else:
+        assert ours[0] == (0, 4 * MiB, True, False, False), ours  # discarded
 
 
 async def test_read_only_image_refuses(tmp_path: Path) -> None:
