@@ -167,6 +167,7 @@ class Layout:
     snapshots: int = 0                  # internal snapshots taken at build time
     bitmaps: tuple[BitmapSpec, ...] = ()
     encrypted: bool = False             # LUKS (qemu-img's default cipher), the secret of tests/luks.py
+    data_file: str = ""                 # "external": the data in disk.data; "raw": data_file_raw too
     seed: int = 0
 
     @property
@@ -192,6 +193,14 @@ class Layout:
                        "(and bitmaps would be left in_use)")
         if self.snapshots and not snapshot_fits(self.refcount_bits, self.snapshots, self.compressed):
             out.append("refcounts too narrow for that many snapshots")
+        if self.data_file not in ("", "external", "raw"):
+            out.append(f"data_file is '', 'external' or 'raw', not {self.data_file!r}")
+        if self.data_file and not self.v3:
+            out.append("an external data file needs v3")
+        if self.data_file and (self.snapshots or self.compressed):
+            out.append("an external data file holds neither internal snapshots nor compressed clusters")
+        if self.data_file == "raw" and self.backing_size:
+            out.append("data_file_raw and a backing file cannot be used at the same time")
         return out
 
     def describe(self) -> str:
@@ -209,6 +218,8 @@ class Layout:
             parts.append(f"compressed={self.compressed}")
         if self.snapshots:
             parts.append(f"snapshots={self.snapshots}")
+        if self.data_file:
+            parts.append(f"data_file={self.data_file}")
         for b in self.bitmaps:
             parts.append(f"bitmap={b.name}:{'auto' if b.auto else 'disabled'}:{b.granularity}")
         parts.append(f"seed={self.seed}")
@@ -226,6 +237,8 @@ class Layout:
             f.append("compressed")
         if self.snapshots:
             f.append("snapshots")
+        if self.data_file:
+            f.append("data-file" if self.data_file == "external" else "data-file-raw")
         if self.bitmaps:
             f.append("bitmaps-" + "".join("a" if b.auto else "d" for b in self.bitmaps))
         return "+".join(f)
@@ -542,6 +555,7 @@ class Subject:
             assert refusable, f"{self.layout.describe()}: {name} refused: {e}"
             assert os.path.getsize(self.image) == size and name not in [s.name for s in image.snapshots]
             return None
+        assert not self.layout.data_file, f"{self.layout.describe()}: {name} taken with an external data file"
         sid = made.id if isinstance(made, qcowfs.Snapshot) else made.snapshot.id
         # Converted as the judge converts the snapshot (the same holes for `compare -s`).
         expected = self.directory / f"snapshot-{sid}.raw"
@@ -552,7 +566,10 @@ class Subject:
         return sid
 
     def _snapshot_fits(self) -> bool:
-        return snapshot_fits(self.layout.refcount_bits, len(self._image().snapshots) + 1, self.layout.compressed)
+        """Whether QEMU could take one more snapshot: refcounts wide enough, and no
+        external data file (its clusters are not refcounted: no internal snapshots)."""
+        return not self.layout.data_file and snapshot_fits(self.layout.refcount_bits,
+                                                           len(self._image().snapshots) + 1, self.layout.compressed)
 
     async def live_snapshot_create(self) -> str | None:
         """A snapshot through qcowfs (refused only where the refcounts are too narrow)."""
@@ -843,6 +860,11 @@ class Subject:
             p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.model.path)
         assert p.returncode == 0, f"qemu-img compare with the model exited {p.returncode}\n{where}\n" \
                                   f"{clip(p.stdout + p.stderr)}"
+        if self.layout.data_file == "raw" and not self.layout.encrypted:
+            # data_file_raw: the data file alone is a raw image of the disk (zeroed, discarded
+            # and grown ranges included), whatever the metadata says
+            p = run("qemu-img", "compare", "-f", "raw", "-F", "raw", self.directory / "disk.data", self.model.path)
+            assert p.returncode == 0, f"the raw data file is not the disk\n{where}\n{clip(p.stdout + p.stderr)}"
 
         ids = sorted(s["id"] for s in inf.get("snapshots", []))
         assert ids == sorted(self.snapshots), f"snapshots {ids}, expected {sorted(self.snapshots)}\n{where}"
@@ -899,6 +921,11 @@ def build(directory: Path, layout: Layout) -> Subject:
         opts["extended_l2"] = "on"
     if layout.lazy_refcounts:
         opts["lazy_refcounts"] = "on"
+    if layout.data_file:
+        # (an absolute name: qemu-img creates it relative to its working directory)
+        opts["data_file"] = directory / "disk.data"
+    if layout.data_file == "raw":
+        opts["data_file_raw"] = "on"
     _create(img, layout.size, backing, layout.encrypted, **opts)
 
     cmds: list[str] = []

@@ -28,6 +28,10 @@ LAYOUTS = {
                                        compressed=3, prefill=True),
     "zstd+compressed+snapshot+backing": Layout(size=4 * MiB, compression_type="zstd", compressed=4, snapshots=1,
                                                backing_size=5 * MiB),
+    "data-file-raw+bitmaps": Layout(size=4 * MiB, cluster_size=4 * KiB, data_file="raw", prefill=True,
+                                    bitmaps=(BitmapSpec("a", True, 4 * KiB),)),
+    "data-file+extended-l2+backing": Layout(size=6 * MiB, cluster_size=32 * KiB, extended_l2=True,
+                                            data_file="external", backing_size=8 * MiB, prefill=True),
 }
 
 

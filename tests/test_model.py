@@ -4,7 +4,7 @@ Every example builds one image with qemu-img / qemu-io from a drawn `Layout`
 (cluster size 512 B - 2 MiB, refcount width 1-64, v2/v3, extended L2, lazy
 refcounts (possibly left dirty), zlib/zstd, a qcow2 backing file with data,
 compressed clusters, internal snapshots, auto and disabled persistent bitmaps,
-LUKS encryption),
+LUKS encryption, an external data file, with or without data_file_raw),
 then runs sessions on it in-process: writes of 1 byte to several MiB (unaligned,
 all-zero, and sequential runs long enough to grow the refcount table), discards
 and zero-range (fallocate), SEEK_DATA/SEEK_HOLE checks, disk growth (which grows
@@ -107,8 +107,13 @@ def layouts(draw: st.DrawFn) -> Layout:
     if draw(st.integers(0, 3)) == 0:
         backing_size = max(512, draw(st.integers(size // 2, size * 3 // 2)) // 512 * 512)
         backing_cs = 1 << draw(st.sampled_from((9, 12, 16, 21)))
-    compressed = draw(st.integers(0, 4)) if draw(st.booleans()) else 0
-    snapshots = 0 if dirty else draw(st.integers(0, 2))
+    # An external data file (a sixth of v3 layouts; data_file_raw in half of those, where
+    # no backing file is): QEMU puts neither compressed clusters nor snapshots there.
+    data_file = draw(st.sampled_from(("", "", "", "", "external", "raw"))) if v3 else ""
+    if data_file == "raw" and backing_size:
+        data_file = "external"
+    compressed = 0 if data_file else draw(st.integers(0, 4)) if draw(st.booleans()) else 0
+    snapshots = 0 if dirty or data_file else draw(st.integers(0, 2))
     while snapshots and not snapshot_fits(refcount_bits, snapshots, compressed):
         snapshots -= 1
     bitmaps: tuple[BitmapSpec, ...] = ()
@@ -118,7 +123,8 @@ def layouts(draw: st.DrawFn) -> Layout:
                   compat="1.1" if v3 else "0.10", extended_l2=extended_l2, lazy_refcounts=lazy,
                   dirty=dirty, compression_type=compression, backing_size=backing_size,
                   backing_cluster_size=backing_cs, prefill=draw(st.booleans()), compressed=compressed,
-                  snapshots=snapshots, bitmaps=bitmaps, encrypted=draw(st.integers(0, 5)) == 0, seed=seed)
+                  snapshots=snapshots, bitmaps=bitmaps, encrypted=draw(st.integers(0, 5)) == 0,
+                  data_file=data_file, seed=seed)
 
 
 # --------------------------------------------------------------------------
@@ -356,7 +362,7 @@ class ImageMachine(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.trio.run(self.subject.open)
 
-    @precondition(lambda self: self.is_closed() and snapshot_fits(
+    @precondition(lambda self: self.is_closed() and not self.subject.layout.data_file and snapshot_fits(
         self.subject.layout.refcount_bits, len(self.subject.snapshots) + 1, self.subject.layout.compressed))
     @rule()
     @step
