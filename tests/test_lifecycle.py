@@ -333,6 +333,46 @@ def test_resize_tail_of_an_earlier_shrink_reads_zeros(tmp_path: Path) -> None:
     assert sh("qemu-img", "compare", "-F", "raw", q, want, check=False).returncode == 1
 
 
+@pytest.mark.parametrize("extl2", [False, True])
+@pytest.mark.parametrize("steps", ["+3M", "1G", "--shrink -1M +2M"])
+def test_resize_of_a_data_file_raw_image_matches_qemu(tmp_path: Path, extl2: bool, steps: str) -> None:
+    """A grow maps the new clusters 1:1 onto the raw data file, as QEMU preallocates their
+    metadata (`qemu-img map` the same, extended L2 entries with no subcluster allocated);
+    the data file alone reads as the disk. Past the old end QEMU shows what a longer data
+    file held there: qcowfs drops it first (docs/mounting.md)."""
+    imgs = {}
+    for who in ("ours", "qemu"):
+        d = tmp_path / who
+        d.mkdir()
+        imgs[who] = create(d / "a.qcow2", 3 * MiB + 512, cluster_size=16384 if extl2 else 4096,
+                           extended_l2="on" if extl2 else "off", data_file=str(d / "a.data"), data_file_raw="on")
+        qio(imgs[who], "write -P 1 0 1M", "write -z 1M 64k", "write -P 2 2M 1M")
+    run_resize(imgs["qemu"], steps.split(), ours=False)
+    run_resize(imgs["ours"], steps.split(), ours=True)
+    img = imgs["ours"]
+    assert info(img)["virtual-size"] == info(imgs["qemu"])["virtual-size"]
+    compare(img, imgs["qemu"])
+    clean(img)
+    assert json.loads(sh("qemu-img", "map", "--output=json", img).stdout) == \
+        json.loads(sh("qemu-img", "map", "--output=json", imgs["qemu"]).stdout)
+    sh("qemu-img", "compare", "-f", "raw", "-F", "qcow2", tmp_path / "ours" / "a.data", img)
+    still_writable(img)
+
+
+def test_resize_of_a_data_file_raw_image_drops_what_lay_past_the_end(tmp_path: Path) -> None:
+    img = create(tmp_path / "a.qcow2", 1 * MiB, cluster_size=4096, data_file=str(tmp_path / "a.data"),
+                 data_file_raw="on")
+    with open(tmp_path / "a.data", "r+b") as f:  # a longer data file: 0x77 past the disk's end
+        f.seek(1 * MiB)
+        f.write(b"\x77" * MiB)
+    assert qcowfs("resize", img, "3M").returncode == 0
+    want = tmp_path / "want.raw"
+    want.write_bytes(bytes(3 * MiB))
+    sh("qemu-img", "compare", "-F", "raw", img, want)
+    sh("qemu-img", "compare", "-f", "raw", "-F", "raw", tmp_path / "a.data", want)
+    clean(img)
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 @pytest.mark.parametrize("extl2", [False, True])
 def test_resize_over_larger_backing_matches_qemu(tmp_path: Path, fmt: str, extl2: bool) -> None:

@@ -671,17 +671,26 @@ class Image:
             return
         old_size = self.size
         await self.prepare_writes()
+        raw_data = self.data_file if self.data_file_raw else None
         tail_end = min(new_size, -(-old_size // self.geo.cluster_size) * self.geo.cluster_size)
-        if tail_end > old_size:
+        if raw_data is not None and new_size > old_size:
+            # A data_file_raw image reads its data file 1:1: cut there, the
+            # tail of the last cluster and the grown area read zeros (what a
+            # longer data file held past the old end nobody saw), with no
+            # change to the tables (as QEMU leaves them).
+            await in_thread(os.ftruncate, raw_data.fd, old_size)
+        elif tail_end > old_size:
             await writer.zero(old_size, tail_end - old_size, False, tail_end)
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
             await stage_resize(self.meta, self.l2_cache, txn, self.bitmaps, new_size, backing_size,
                                self._adopt_bitmaps)
             await txn.commit()
         self.mapper.forget()
-        if self.data_file is not None and self.data_file_raw:
-            await in_thread(os.ftruncate, self.data_file.fd, new_size)
-            self.data_file.refresh_size()
+        if raw_data is not None:
+            await in_thread(os.ftruncate, raw_data.fd, new_size)
+            raw_data.refresh_size()
+            if new_size > old_size:
+                await writer.map_data_file_raw(old_size, new_size)
 
     async def close(self) -> None:
         log.debug("%s: %d reads from the page cache, %d in a worker thread; L2 cache %d hits, "

@@ -499,6 +499,37 @@ class Writer:
         for g0, g1 in fallback:
             await self._write_zeros(g0, min(g1, disk_size))
 
+    async def map_data_file_raw(self, start: int, end: int) -> None:
+        """Point the unallocated clusters of guest [start, end) at the same
+        offsets of the external data file. A data_file_raw image's L1/L2
+        tables are a 1:1 map of the whole disk (create preallocates them), so
+        the data file read alone and the image read through its tables
+        agree; QEMU's qcow2_co_truncate preallocates the metadata of the
+        area a grow adds for that reason, and so does resize here. As in
+        QEMU, an extended L2 entry gets its host offset and no allocated
+        subcluster."""
+        geo = self.geo
+        cs, span = geo.cluster_size, geo.l2_span
+        async with self.lock:
+            pos = start // cs * cs
+            while pos < end:
+                index = pos // span
+                chunk_end = min(end, (index + 1) * span)
+                base = index * span
+                first, stop = (pos - base) // cs, (chunk_end - 1 - base) // cs + 1
+                table_off = await self._writable_l2(index)
+                async with self.l2_cache.pinned(table_off) as table:
+                    rows = l2_rows(table, geo.extended_l2)
+                    words = rows[first:stop, 0] if geo.extended_l2 else rows[first:stop]
+                    free = words == 0
+                    if geo.extended_l2:
+                        free &= rows[first:stop, 1] == 0
+                    hosts = (np.uint64(base) + (np.arange(first, stop, dtype=np.uint64) << np.uint64(geo.cluster_bits))
+                             | np.uint64(OFLAG_COPIED))
+                    words[free] = hosts[free]
+                    self.l2_cache.mark_dirty(table_off)
+                pos = chunk_end
+
     async def _write_zeros(self, start: int, end: int) -> None:
         """Zeros written as data where [start, end) does not read as zeros
         already, a MiB at a time (the format cannot say "zero" there). A
