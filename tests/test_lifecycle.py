@@ -373,6 +373,25 @@ def test_resize_of_a_data_file_raw_image_drops_what_lay_past_the_end(tmp_path: P
     clean(img)
 
 
+def test_resize_of_an_encrypted_data_file_raw_image_reads_zeros(tmp_path: Path) -> None:
+    """An encrypted image's data file holds ciphertext: mapped 1:1, the zeros of a grown
+    data file would decrypt to noise (QEMU shows that noise). qcowfs leaves the grown area
+    unallocated, and it reads zeros; what was written stays."""
+    import qcowfs
+
+    img = luks.create(tmp_path / "a.qcow2", 1 * MiB + 512, cluster_size=4096,
+                      data_file=str(tmp_path / "a.data"), data_file_raw="on")
+    luks.qemu_io(img, "write -P 5 0 1M", "write -P 6 1M 512")
+    with qcowfs.open(img, "r+", passphrase=luks.passphrase()) as image:
+        image.resize(3 * MiB)
+    want = tmp_path / "want.raw"
+    want.write_bytes(b"\x05" * MiB + b"\x06" * 512 + bytes(2 * MiB - 512))
+    p = luks.compare(img, want)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = luks.check(img)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 @pytest.mark.parametrize("extl2", [False, True])
 def test_resize_over_larger_backing_matches_qemu(tmp_path: Path, fmt: str, extl2: bool) -> None:

@@ -672,13 +672,18 @@ class Image:
         old_size = self.size
         await self.prepare_writes()
         raw_data = self.data_file if self.data_file_raw else None
+        # (An encrypted one's data file holds ciphertext: zeros there decrypt
+        # to noise, so its grown area stays unallocated, reading zeros; QEMU
+        # maps it too, and shows the noise.)
+        grow_raw = raw_data if raw_data is not None and self.header.crypt_method == CRYPT_NONE \
+            and new_size > old_size else None
         tail_end = min(new_size, -(-old_size // self.geo.cluster_size) * self.geo.cluster_size)
-        if raw_data is not None and new_size > old_size:
+        if grow_raw is not None:
             # A data_file_raw image reads its data file 1:1: cut there, the
             # tail of the last cluster and the grown area read zeros (what a
             # longer data file held past the old end nobody saw), with no
             # change to the tables (as QEMU leaves them).
-            await in_thread(os.ftruncate, raw_data.fd, old_size)
+            await in_thread(os.ftruncate, grow_raw.fd, old_size)
         elif tail_end > old_size:
             await writer.zero(old_size, tail_end - old_size, False, tail_end)
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
@@ -689,7 +694,7 @@ class Image:
         if raw_data is not None:
             await in_thread(os.ftruncate, raw_data.fd, new_size)
             raw_data.refresh_size()
-            if new_size > old_size:
+            if grow_raw is not None:
                 await writer.map_data_file_raw(old_size, new_size)
 
     async def close(self) -> None:
