@@ -17,6 +17,7 @@ from tests import luks
 REPO = Path(__file__).resolve().parent.parent
 QCOWFS = [str(Path(sys.executable).parent / "qcowfs")]
 KEY = "create-test-passphrase"
+MiB = 1 << 20
 
 
 def run(args: list, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -150,6 +151,33 @@ def test_create_matches_qemu_img(tmp_path: Path, opts: str, size: str):
     if info(ours)["virtual-size"] >= 4 << 20:
         qemu_writes(ours, encrypted)
         check(ours, encrypted)
+
+
+@pytest.mark.parametrize("opts", ["preallocation=metadata", "preallocation=full,cluster_size=4k",
+                                  "data_file=data.raw,data_file_raw=on", "preallocation=metadata,extended_l2=on"])
+def test_a_new_encrypted_preallocated_disk_reads_zeros(tmp_path: Path, opts: str,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    """Preallocated clusters of an encrypted image hold zeros or nothing on the host, which
+    decrypt to noise: qemu-img's new disk reads that noise. qcowfs flags them zero (v3), so
+    its new disk reads zeros; its `qemu-img info` is qemu-img's, and QEMU writes in place."""
+    (tmp_path / "key").write_text(KEY)
+    o = f"encrypt.format=luks,encrypt.iter-time=10,{opts}"
+    p = qcowfs(tmp_path, "create", "--key-file", "key", "-o", o, "disk.qcow2", "4M")
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    theirs = tmp_path / "qemu"
+    theirs.mkdir()
+    monkeypatch.chdir(theirs)  # (qemu-img creates a data file relative to its working directory)
+    luks.create_encrypted("qemu-img", "create", "-q", "-f", "qcow2", *luks.secret_object(KEY),
+                          "-o", f"{o},encrypt.key-secret=sec0", theirs / "disk.qcow2", "4M")
+    ours = tmp_path / "disk.qcow2"
+    assert info(ours) == info(theirs / "disk.qcow2")
+    zeros = tmp_path / "zeros.raw"
+    zeros.write_bytes(bytes(4 * MiB))
+    p = luks.compare(ours, zeros, KEY)
+    assert p.returncode == 0, p.stdout + p.stderr
+    check(ours, True)
+    qemu_writes(ours, True)
+    check(ours, True)
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])

@@ -28,7 +28,7 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
                       EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-                      OFLAG_COPIED, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension, encode_table,
+                      OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension, encode_table,
                       refcount_block_of_ones, zero_table)
 from ..host.locking import lock_image
 from .opening import resolve_backing
@@ -394,7 +394,11 @@ def build_header(o: CreateOptions, lay: Layout, crypto_bytes: int) -> Header:
 
 def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, external: bool) -> bytes:
     """Preallocated L2 table INDEX: every cluster of the disk it covers
-    points at its data cluster (guest offset == host offset in a data file)."""
+    points at its data cluster (guest offset == host offset in a data file).
+    An encrypted image's clusters are also flagged zero (v3): what the host
+    holds there, zeros or nothing, decrypts to noise (QEMU shows that noise;
+    a new disk reads zeros here, and the first write to a cluster goes in
+    place). With extended L2 the subclusters stay unallocated, reading zeros."""
     import numpy as np  # (bulk work: only a preallocated image has L2 tables)
 
     cs = geo.cluster_size
@@ -403,6 +407,8 @@ def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, exte
     clusters = np.arange(first, first + n, dtype=np.uint64)
     hosts = clusters * np.uint64(cs) + np.uint64(0 if external else first_host)
     words = (hosts & np.uint64(L2E_OFFSET_MASK)) | np.uint64(OFLAG_COPIED)
+    if o.encrypt is not None and o.version >= 3 and not geo.extended_l2:
+        words |= np.uint64(OFLAG_ZERO)
     table: np.ndarray = np.zeros((geo.l2_entries, 2) if geo.extended_l2 else geo.l2_entries, np.uint64)
     if geo.extended_l2:
         # (QEMU preallocates the host clusters only: every subcluster stays
