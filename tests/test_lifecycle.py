@@ -38,8 +38,9 @@ def compare(a: Path, b: Path) -> None:
     assert p.returncode == 0, f"{a} and {b} differ: {p.stdout}{p.stderr}"
 
 
-def clean(img: Path, leaks_ok: bool = False) -> None:
-    p = sh("qemu-img", "check", img, check=False)
+def clean(img: Path, leaks_ok: bool = False, cwd: Path | None = None) -> None:
+    # (CWD: QEMU opens a data file the header names relative to its working directory)
+    p = sh("qemu-img", "check", img, check=False, cwd=cwd)
     assert p.returncode in ((0, 3) if leaks_ok else (0,)), f"qemu-img check {img}: {p.returncode}\n{p.stdout}{p.stderr}"
 
 
@@ -746,8 +747,8 @@ def test_commit_asks_the_passphrase_on_a_terminal(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 # kill -9 at any moment: a clean image (leaks allowed) with the old content or the new
 
-def _raw(img: Path, out: Path) -> str:
-    sh("qemu-img", "convert", "-U", "-O", "raw", img, out)
+def _raw(img: Path, out: Path, cwd: Path | None = None) -> str:
+    sh("qemu-img", "convert", "-U", "-O", "raw", img, out, cwd=cwd)
     return digest(out)
 
 
@@ -756,10 +757,10 @@ def _kill_loop(tmp: Path, make, command: list[str], image: str, rounds: int = 6)
     work = tmp / "w"
     make(tmp)
     names = [p.name for p in tmp.iterdir() if p.is_file()]
-    old = _raw(tmp / image, tmp / "old.out")
+    old = _raw(tmp / image, tmp / "old.out", cwd=tmp)
     shutil.copytree(tmp, work, ignore=shutil.ignore_patterns("w", "*.out"))
     assert qcowfs(*command, cwd=work).returncode == 0
-    new = _raw(work / image, tmp / "new.out")
+    new = _raw(work / image, tmp / "new.out", cwd=work)
     assert old != new
     killed = 0
     for i in range(rounds):
@@ -775,8 +776,8 @@ def _kill_loop(tmp: Path, make, command: list[str], image: str, rounds: int = 6)
         p.wait()
         for n in names:
             if n.endswith(".qcow2"):
-                clean(work / n, leaks_ok=True)
-        assert _raw(work / image, tmp / "now.out") in (old, new), f"round {i}: a mix of old and new"
+                clean(work / n, leaks_ok=True, cwd=work)
+        assert _raw(work / image, tmp / "now.out", cwd=work) in (old, new), f"round {i}: a mix of old and new"
     assert killed, "the command always ended before the kill: nothing was tested"
 
 
@@ -801,6 +802,17 @@ def test_kill_apply(tmp_path: Path) -> None:
 
 def test_kill_resize(tmp_path: Path) -> None:
     _kill_loop(tmp_path, _big_snapshots, ["resize", "--shrink", "a.qcow2", "1M"], "a.qcow2")
+
+
+def test_kill_resize_of_a_data_file_raw_image(tmp_path: Path) -> None:
+    """The grow's commit, then the 1:1 map of the grown area onto the data file (512 new
+    L2 tables): killed anywhere, the image is clean and reads the old disk or the new."""
+    _kill_loop(tmp_path, _raw_data_file_image, ["resize", "a.qcow2", "1G"], "a.qcow2")
+
+
+def _raw_data_file_image(d: Path) -> None:
+    img = create(d / "a.qcow2", 16 * MiB + 512, cluster_size=4096, data_file="a.data", data_file_raw="on", cwd=d)
+    qio(img, "write -P 1 0 8M", "write -P 2 16M 512", cwd=d)
 
 
 def test_kill_rebase(tmp_path: Path) -> None:
