@@ -1093,6 +1093,29 @@ def test_closed_image_and_unsupported_requests(tmp_path: Path) -> None:
     assert qemu("qemu-img", "check", d / "disk.qcow2", cwd=d).returncode == 0
 
 
+def test_a_data_file_qemu_img_made_in_its_working_directory(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`qemu-img create -o data_file=NAME vm/disk.qcow2` makes NAME in its working
+    directory, and QEMU opens it from there: so does qcowfs, where the image's own
+    directory has no such file (a data file beside the image comes first)."""
+    (tmp_path / "vm").mkdir()
+    p = qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=disk.data,data_file_raw=on",
+             "vm/disk.qcow2", "1M", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "disk.data").exists() and not (tmp_path / "vm" / "disk.data").exists()
+    assert qemu("qemu-io", "-c", "write -P 7 0 64k", "vm/disk.qcow2", cwd=tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    with qcowfs.open("vm/disk.qcow2", "r+") as image:
+        assert image.disk.read(64 * KiB) == b"\x07" * (64 * KiB)
+        image.disk.pwrite(b"\x08" * 512, 64 * KiB)
+    p = qemu("qemu-io", "-c", "read -P 8 64k 512", "vm/disk.qcow2", cwd=tmp_path)
+    assert p.returncode == 0 and "fail" not in p.stdout, p.stdout + p.stderr
+    assert qemu("qemu-img", "check", "vm/disk.qcow2", cwd=tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path / "vm")  # from elsewhere: not found, one clear error (QEMU: the same)
+    with pytest.raises(qcowfs.QcowError, match="cannot open external data file"):
+        qcowfs.open("disk.qcow2")
+
+
 def consistent_read_locked(image: Path) -> bool:
     """Whether someone holds QEMU's "consistent read" lock byte (100) of IMAGE: every QEMU
     reader and writer does, so this says qemu-io has the image open (asked with F_OFD_GETLK,

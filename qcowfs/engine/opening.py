@@ -244,11 +244,18 @@ def read_snapshot_table(h: Header, geo: Geometry, file: HostFile) -> list[Snapsh
 
 
 def open_data_file(image_path: str, h: Header, writable: bool) -> HostFile:
-    """The external data file the header names, resolved as a backing file is."""
+    """The external data file the header names, resolved as a backing file is
+    (beside the image). A relative name not found there is tried in the
+    working directory: qemu-img creates a relative data file there, and QEMU
+    opens it from there, so an image it made in another directory is found
+    where QEMU finds it."""
     name = h.extension(EXT_DATA_FILE)
     if not name:
         raise InvalidImageError("image needs an external data file but does not name it")
-    path = resolve_backing(image_path, name.decode("utf-8", "replace"))
+    text = name.decode("utf-8", "replace")
+    path = resolve_backing(image_path, text)
+    if not os.path.lexists(path) and not os.path.isabs(text) and os.path.lexists(text):
+        path = os.path.abspath(text)
     try:
         return HostFile(path, writable=writable)
     except OSError as e:
