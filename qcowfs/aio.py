@@ -725,7 +725,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     made by COMPRESS_THREADS worker threads (default: one per core, up to 4;
     the image is the same for any number).
     BACKING_FILE (-B): DST gets this backing file (BACKING_FMT, default
-    probed) and holds only what differs from it. FORCE_SHARE: read SRC
+    probed) and holds only what differs from it; an encrypted one opens with
+    SRC's passphrase, as SRC's own backing chain does. FORCE_SHARE: read SRC
     whatever holds it (qemu-img -U). PROGRESS(fraction) is called as the
     copy goes. CACHE (qemu-img -t): "unsafe" (the default, as qemu-img's)
     never flushes; any other mode makes DST durable (fsync) before it
@@ -761,6 +762,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")
     target_key = _key_once(target_passphrase, target_key_file)
+    # (the source's passphrase opens its backing chain, and the -B file too: mostly the
+    # source's own backing file)
+    src_key = _key_once(passphrase, key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
     tmp = _create.temp_name(dst_path)
     made = False
@@ -768,7 +772,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     try:
         source: Any
         if fmt == "qcow2":
-            image = Image(src_path, "r", passphrase=passphrase, key_file=key_file, force_share=force_share)
+            image = Image(src_path, "r", passphrase=src_key, force_share=force_share)
             closers.append(image.close)
             source = _QcowSource(image, _snapshot_name(snapshot) if snapshot is not None else None)
         else:
@@ -792,7 +796,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             await out.prepare()
             if backing_file is not None:
                 if backing_fmt == "qcow2":
-                    base = Image(_create.resolve_backing(dst_path, backing_file), "r", force_share=True)
+                    base = Image(_create.resolve_backing(dst_path, backing_file), "r", passphrase=src_key,
+                                 force_share=True)
                     closers.append(base.close)
                     plan.backing = _QcowSource(base, None)
                 else:

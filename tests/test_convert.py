@@ -190,6 +190,32 @@ def test_backing_option_writes_only_differences(tmp_path: Path):
     assert_clean(c)
 
 
+def test_backing_option_over_an_encrypted_backing_file(tmp_path: Path):
+    """An encrypted source over its encrypted backing file, converted with -B that same
+    file: the source's passphrase opens it (it opened the source's chain already)."""
+    base = luks.create(tmp_path / "base.qcow2", 8 << 20, cluster_size=4096)
+    luks.qemu_io(base, "write -P 0x11 0 4M")
+    src = luks.create(tmp_path / "src.qcow2", 8 << 20, backing_file="base.qcow2", backing_fmt="qcow2")
+    opts = f"{luks.image_opts(src)},backing.encrypt.key-secret=sec0"
+    p = run(["qemu-io", *luks.secret_object(), "--image-opts", "-c", "write -P 0x22 1M 64k",
+             "-c", "write -z 2M 64k", opts])
+    assert p.returncode == 0 and "fail" not in p.stdout, p.stdout + p.stderr
+    ref = tmp_path / "ref.raw"
+    run(["qemu-img", "convert", *luks.secret_object(), "--image-opts", opts, "-O", "raw", ref])
+    key = tmp_path / "key"
+    key.write_text(KEY)
+    out = tmp_path / "out.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "--key-file", key, "-B", "base.qcow2", "-F", "qcow2", src, out)
+    assert p.returncode == 0, p.stderr
+    p = run(["qemu-img", "compare", *luks.secret_object(), "--image-opts",
+             f"driver=qcow2,file.filename={out},backing.encrypt.key-secret=sec0", f"driver=raw,file.filename={ref}"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    top = [e for e in json.loads(run(["qemu-img", "map", "--output=json", "-U", *luks.secret_object(), "--image-opts",
+                                      f"driver=qcow2,file.filename={out},backing.encrypt.key-secret=sec0"]).stdout)
+           if e["depth"] == 0 and e["present"]]
+    assert sum(e["length"] for e in top) == 2 * (64 << 10), top  # only what differs from the base
+
+
 REFUSED = [
     (["-O", "raw", "-c"], "need"),
     (["-O", "vmdk"], "invalid choice"),

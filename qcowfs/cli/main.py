@@ -199,7 +199,8 @@ def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                          "appears; also none, writethrough, directsync)")
     cv.add_argument("-U", "--force-share", action="store_true",
                     help="read SRC whatever holds it (as qemu-img -U)")
-    cv.add_argument("--key-file", metavar="FILE", help="passphrase of an encrypted SRC (else asked)")
+    cv.add_argument("--key-file", metavar="FILE",
+                    help="passphrase of an encrypted SRC, its backing files and -B's file (else asked)")
     cv.add_argument("--target-key-file", metavar="FILE",
                     help="passphrase of DST with -o encrypt.format=luks (else asked)")
 
