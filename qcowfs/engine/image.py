@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeV
 
 from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError)
 from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
-                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, Geometry, Header, SnapshotEntry, Table,
+                      INCOMPAT_DIRTY, Geometry, Header, SnapshotEntry, Table,
                       decode_table, encode_table)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
@@ -116,7 +116,7 @@ class Image:
         # What a read-only open of a truncated file reads as zeros.
         self.salvaged = [f"{t}: what lies past the end reads as zeros, as QEMU reads it"
                          for t in truncated]
-        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not h.incompatible_features & INCOMPAT_DATA_FILE:
+        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not h.external_data:
             # QEMU refuses the image whole. Reading needs no data file, so a
             # read-only open serves the disk; a write would be acknowledged
             # into an image QEMU never opens.
@@ -131,7 +131,7 @@ class Image:
         meta.bitmap_directory = [bm.entry for bm in self.bitmaps]
         self._changed = False
         self._prepared = False
-        if h.incompatible_features & INCOMPAT_DATA_FILE:
+        if h.external_data:
             self.data_file = open_data_file(self.path, h, writable=not self.read_only)
             self.data_file.flushes = self.file.flushes
         mapper_file = self.data_file or self.file

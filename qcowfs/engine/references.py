@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..format import (SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK,
+from ..format import (SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, BitmapsExtension,
                      CryptoHeaderExtension, Header, SubclusterType, cluster_type,
                      compressed_shift,
@@ -213,7 +213,7 @@ def count_references(meta: Metadata, corruption: Report, *, refcount_structure: 
     REFCOUNT_STRUCTURE is false, as a rebuild wants); CORRUPTION(message) is
     called once for each inconsistency found on the way."""
     geo, cs = meta.geo, meta.geo.cluster_size
-    external = bool(meta.header.incompatible_features & INCOMPAT_DATA_FILE)
+    external = meta.header.external_data
     out = Counted(np.zeros(max(1, -(-meta.file.known_size // cs)), np.int64), {})
 
     for snap in meta.snapshots:

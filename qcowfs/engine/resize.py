@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ResizeError
-from ..format import (INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, OFLAG_ZERO, SC_ALL, Table,
+from ..format import (L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, OFLAG_ZERO, SC_ALL, Table,
                       encode_table, zero_table)
 from ..format.bulk import l2_rows
 from .bitmap_ops import Plan, current_bits, stage as stage_bitmaps
@@ -71,7 +71,7 @@ async def stage_resize(meta: Metadata, l2_cache: TableCache[Table], txn: Transac
     written before: it lies past the end until the commit)."""
     h, geo = meta.header, meta.geo
     cs, cb = geo.cluster_size, geo.cluster_bits
-    external = bool(h.incompatible_features & INCOMPAT_DATA_FILE)
+    external = h.external_data
     shrink = new_size < h.size
     l1_size = geo.l1_entries_needed(new_size) if shrink else max(h.l1_size, geo.l1_entries_needed(new_size))
     l1 = await meta.active_l1.entries() if h.l1_size else np.zeros(0, np.uint64)

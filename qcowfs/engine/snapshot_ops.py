@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import TableCache
 from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
-from ..format import (NO_ICOUNT, INCOMPAT_DATA_FILE, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..format import (NO_ICOUNT, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry, Table, encode_table)
 from ..format.bulk import l2_words
 from .metadata import Metadata
@@ -55,7 +55,7 @@ class _Tables:
 def check_new_name(meta: Metadata, name: str) -> None:
     """A name a new snapshot may take: usable as a file name, not in use."""
     check_name("snapshot", name, [s.name for s in meta.snapshots], MAX_NAME_BYTES, MAX_SNAPSHOTS)
-    if meta.header.incompatible_features & INCOMPAT_DATA_FILE:
+    if meta.header.external_data:
         raise UnsupportedFeatureError("an image with an external data file cannot have internal "
                                       "snapshots (as in QEMU)")
 
@@ -76,10 +76,11 @@ def _table_bytes(entries: list[SnapshotEntry]) -> bytes:
 
 
 async def _l2_refs(meta: Metadata, l2_cache: TableCache[Table], offset: int) -> tuple[Table, np.ndarray]:
-    """An L2 table and the clusters it references."""
+    """An L2 table and the clusters of the image file it references (none of
+    an external data file's: they are not refcounted)."""
     table = await l2_cache.get(offset)
     words = l2_words(table, meta.geo.extended_l2)
-    return table, L2Refs(offset, words, None, 1, True).clusters(meta.geo.cluster_bits, False)
+    return table, L2Refs(offset, words, None, 1, True).clusters(meta.geo.cluster_bits, meta.header.external_data)
 
 
 async def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[SnapshotEntry]) -> int:

@@ -131,6 +131,12 @@ class Header:
         return bool(self.incompatible_features & INCOMPAT_EXTL2)
 
     @property
+    def external_data(self) -> bool:
+        """Guest clusters live in an external data file (at their guest
+        offset): L2 entries point there, and no refcount counts them."""
+        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+
+    @property
     def l2_entry_size(self) -> int:
         return 16 if self.extended_l2 else 8
 
