@@ -201,6 +201,9 @@ class Layout:
             out.append("an external data file holds neither internal snapshots nor compressed clusters")
         if self.data_file == "raw" and self.backing_size:
             out.append("data_file_raw and a backing file cannot be used at the same time")
+        if self.data_file == "raw" and self.dirty:
+            out.append("data_file_raw preallocates every cluster: no write allocates, none leaves "
+                       "lazy refcounts dirty")
         return out
 
     def describe(self) -> str:
@@ -802,6 +805,10 @@ class Subject:
 
     def offline_resize_refused(self) -> str | None:
         """Why `qemu-img resize` cannot grow this image now (None: it can)."""
+        if self.layout.encrypted and self.layout.data_file == "raw":
+            # (QEMU maps the grown area onto the data file's zeros, which decrypt to noise:
+            # not zeros, so not a disk the model can say; qcowfs keeps it zeros)
+            return "QEMU's grown area of an encrypted data_file_raw image reads noise"
         return self.resize_refused()
 
     async def resize(self, new_size: int) -> None:

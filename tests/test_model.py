@@ -110,7 +110,7 @@ def layouts(draw: st.DrawFn) -> Layout:
     # An external data file (a sixth of v3 layouts; data_file_raw in half of those, where
     # no backing file is): QEMU puts neither compressed clusters nor snapshots there.
     data_file = draw(st.sampled_from(("", "", "", "", "external", "raw"))) if v3 else ""
-    if data_file == "raw" and backing_size:
+    if data_file == "raw" and (backing_size or dirty):
         data_file = "external"
     compressed = 0 if data_file else draw(st.integers(0, 4)) if draw(st.booleans()) else 0
     snapshots = 0 if dirty or data_file else draw(st.integers(0, 2))
