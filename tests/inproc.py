@@ -168,6 +168,7 @@ class Layout:
     bitmaps: tuple[BitmapSpec, ...] = ()
     encrypted: bool = False             # LUKS (qemu-img's default cipher), the secret of tests/luks.py
     data_file: str = ""                 # "external": the data in disk.data; "raw": data_file_raw too
+    preallocation: str = "off"          # qemu-img create's: off, metadata, falloc, full
     seed: int = 0
 
     @property
@@ -201,6 +202,13 @@ class Layout:
             out.append("an external data file holds neither internal snapshots nor compressed clusters")
         if self.data_file == "raw" and self.backing_size:
             out.append("data_file_raw and a backing file cannot be used at the same time")
+        if self.preallocation not in ("off", "metadata", "falloc", "full"):
+            out.append(f"preallocation is off, metadata, falloc or full, not {self.preallocation!r}")
+        if self.preallocation != "off" and self.backing_size and not self.extended_l2:
+            out.append("a backing file and preallocation need extended L2 (QEMU)")
+        if self.preallocation != "off" and (self.compressed or self.dirty):
+            out.append("preallocated clusters take no compressed write (QEMU compresses into unallocated "
+                       "clusters only), and a write allocates nothing, so none leaves lazy refcounts dirty")
         if self.data_file == "raw" and self.dirty:
             out.append("data_file_raw preallocates every cluster: no write allocates, none leaves "
                        "lazy refcounts dirty")
@@ -223,6 +231,8 @@ class Layout:
             parts.append(f"snapshots={self.snapshots}")
         if self.data_file:
             parts.append(f"data_file={self.data_file}")
+        if self.preallocation != "off":
+            parts.append(f"preallocation={self.preallocation}")
         for b in self.bitmaps:
             parts.append(f"bitmap={b.name}:{'auto' if b.auto else 'disabled'}:{b.granularity}")
         parts.append(f"seed={self.seed}")
@@ -242,6 +252,8 @@ class Layout:
             f.append("snapshots")
         if self.data_file:
             f.append("data-file" if self.data_file == "external" else "data-file-raw")
+        if self.preallocation != "off":
+            f.append(f"prealloc-{self.preallocation}")
         if self.bitmaps:
             f.append("bitmaps-" + "".join("a" if b.auto else "d" for b in self.bitmaps))
         return "+".join(f)
@@ -933,6 +945,8 @@ def build(directory: Path, layout: Layout) -> Subject:
         opts["data_file"] = directory / "disk.data"
     if layout.data_file == "raw":
         opts["data_file_raw"] = "on"
+    if layout.preallocation != "off":
+        opts["preallocation"] = layout.preallocation
     _create(img, layout.size, backing, layout.encrypted, **opts)
 
     cmds: list[str] = []

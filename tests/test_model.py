@@ -4,7 +4,7 @@ Every example builds one image with qemu-img / qemu-io from a drawn `Layout`
 (cluster size 512 B - 2 MiB, refcount width 1-64, v2/v3, extended L2, lazy
 refcounts (possibly left dirty), zlib/zstd, a qcow2 backing file with data,
 compressed clusters, internal snapshots, auto and disabled persistent bitmaps,
-LUKS encryption, an external data file, with or without data_file_raw),
+LUKS encryption, an external data file, with or without data_file_raw, preallocation),
 then runs sessions on it in-process: writes of 1 byte to several MiB (unaligned,
 all-zero, and sequential runs long enough to grow the refcount table), discards
 and zero-range (fallocate), SEEK_DATA/SEEK_HOLE checks, disk growth (which grows
@@ -112,7 +112,13 @@ def layouts(draw: st.DrawFn) -> Layout:
     data_file = draw(st.sampled_from(("", "", "", "", "external", "raw"))) if v3 else ""
     if data_file == "raw" and (backing_size or dirty):
         data_file = "external"
-    compressed = 0 if data_file else draw(st.integers(0, 4)) if draw(st.booleans()) else 0
+    # Preallocated (a quarter of layouts): QEMU allows it over a backing file only with
+    # extended L2, compresses into unallocated clusters only, and a write into a
+    # preallocated cluster allocates nothing (so lazy refcounts are never left dirty).
+    preallocation = draw(st.sampled_from(("off",) * 9 + ("metadata", "falloc", "full")))
+    if dirty or (backing_size and not extended_l2):
+        preallocation = "off"
+    compressed = 0 if data_file or preallocation != "off" else draw(st.integers(0, 4)) if draw(st.booleans()) else 0
     snapshots = 0 if dirty or data_file else draw(st.integers(0, 2))
     while snapshots and not snapshot_fits(refcount_bits, snapshots, compressed):
         snapshots -= 1
@@ -124,7 +130,7 @@ def layouts(draw: st.DrawFn) -> Layout:
                   dirty=dirty, compression_type=compression, backing_size=backing_size,
                   backing_cluster_size=backing_cs, prefill=draw(st.booleans()), compressed=compressed,
                   snapshots=snapshots, bitmaps=bitmaps, encrypted=draw(st.integers(0, 5)) == 0,
-                  data_file=data_file, seed=seed)
+                  data_file=data_file, preallocation=preallocation, seed=seed)
 
 
 # --------------------------------------------------------------------------
