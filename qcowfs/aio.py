@@ -805,6 +805,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                     closers.append(raw.close)
                     plan.backing = raw
             plan.align = opts.cluster_size
+            plan.zero_init = opts.reads_zeros
             if plan.granularity:
                 plan.granularity = opts.cluster_size
             await _convert.copy(source, _QcowTarget(out), plan)

@@ -128,6 +128,7 @@ class CopyPlan:
     progress: Callable[[float], None] | None = None
     align: int = 512          # data ranges widened to this (a qcow2 target's cluster size)
     threads: int = COMPRESS_THREADS   # compression workers (-c)
+    zero_init: bool = True    # the target reads zeros where nothing is written (else every byte is said)
 
 
 def _zero_blocks(view: memoryview, unit: int) -> np.ndarray:
@@ -173,7 +174,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
-                await _hole(dst, below, pos, c)
+                await _hole(dst, below if plan.zero_init else [(pos, c)], pos, c)
                 continue
             view = memoryview(buffers[turn % len(buffers)])[:n]
             if not await reads.result():   # (the first chunk: nothing was read ahead)
@@ -189,7 +190,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             if plan.progress is not None:
                 plan.progress(min(1.0, pos / size))
         if pos < size:
-            await _hole(dst, below, pos, size)
+            await _hole(dst, below if plan.zero_init else [(pos, size)], pos, size)
         if compressor is not None:
             await compressor.drain(0)
     finally:
@@ -309,7 +310,7 @@ async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, view: memoryview,
         for a, b in _runs(zero):
             await dst.zero(offset + a * unit, min(len(view), b * unit) - a * unit, unmap=False)
         keep &= ~zero
-    elif plan.granularity:
+    elif plan.granularity and plan.zero_init:
         keep = ~_zero_blocks(view, unit)
     else:
         keep = np.ones(-(-len(view) // unit), bool)

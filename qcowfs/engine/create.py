@@ -116,6 +116,13 @@ class CreateOptions:
         return 2 if self.compat == "0.10" else 3
 
     @property
+    def reads_zeros(self) -> bool:
+        """Whether the new disk reads zeros everywhere. Not an encrypted v2
+        image's preallocated clusters: the host's zeros there decrypt to
+        noise, and v2 has no zero flag to say zeros (v3 gets it, _l2_table)."""
+        return not (self.encrypt is not None and self.version < 3 and self.preallocation != "off")
+
+    @property
     def geometry(self) -> Geometry:
         return Geometry(self.cluster_size.bit_length() - 1, self.extended_l2, self.version >= 3,
                         COMPRESSION_ZSTD if self.compression_type == "zstd" else COMPRESSION_ZLIB,
