@@ -756,6 +756,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         backing_fmt = _probe(_create.resolve_backing(dst_path, backing_file))
     if compress and (options.get("encrypt_format") or options.get("data_file")):
         raise UsageError("compressed clusters cannot be written with encryption or an external data file")
+    if compress and options.get("preallocation", "off") != "off":
+        raise UsageError("compression and preallocation cannot be used at the same time (as in qemu-img)")
     backing_file = options.pop("backing_file", backing_file)
     backing_fmt = options.pop("backing_fmt", backing_fmt)
     fmt = src_format or _probe(src_path)

@@ -245,6 +245,7 @@ REFUSED = [
     (["-O", "qcow2", "-S", "1000"], "multiple of 512"),
     (["-O", "qcow2", "-l", "nosuch"], "snapshot"),
     (["-O", "qcow2", "-c", "-o", "encrypt.format=luks"], "compress"),
+    (["-O", "qcow2", "-c", "-o", "preallocation=metadata"], "preallocation"),
     (["-O", "qcow2", "-t", "sometimes"], "cache mode"),
 ]
 
