@@ -211,6 +211,26 @@ def test_backing_option_writes_only_differences(tmp_path: Path):
     assert_clean(c)
 
 
+def test_backing_as_a_create_option(tmp_path: Path):
+    """-o backing_file=/backing_fmt= say what -B/-F say; where both are given, -B wins,
+    as in qemu-img."""
+    base = images.create(tmp_path / "base.qcow2", 4 << 20)
+    images.qio(base, "write -P 0x11 0 2M")
+    src = tmp_path / "src.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", base, src])
+    images.qio(src, "write -P 0x33 1M 64k")
+    out = tmp_path / "out.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", src, out)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(run(["qemu-img", "info", "--output=json", out]).stdout)["backing-filename"] == "base.qcow2"
+    assert run(["qemu-img", "compare", out, src]).returncode == 0
+    assert_clean(out)
+    both = tmp_path / "both.qcow2"
+    p = qcowfs("convert", "-O", "qcow2", "-B", "base.qcow2", "-o", "backing_file=src.qcow2", src, both)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(run(["qemu-img", "info", "--output=json", both]).stdout)["backing-filename"] == "base.qcow2"
+
+
 def test_backing_option_over_an_encrypted_backing_file(tmp_path: Path):
     """An encrypted source over its encrypted backing file, converted with -B that same
     file: the source's passphrase opens it (it opened the source's chain already)."""

@@ -382,7 +382,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
     kw = create_keywords(parse_qemu_options(a.options))
     if "size" in kw:
         raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
-    if a.output_format == "raw" and (kw or a.compress or a.backing):
+    # -o backing_file=/backing_fmt= say what -B/-F say; -B/-F win, as in qemu-img (and create)
+    backing = a.backing if a.backing is not None else kw.get("backing_file")
+    backing_format = a.backing_format if a.backing_format is not None else kw.get("backing_fmt")
+    kw.pop("backing_file", None)
+    kw.pop("backing_fmt", None)
+    if a.output_format == "raw" and (kw or a.compress or backing):
         raise UsageError("-o, -c and -B need -O qcow2")
     sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
     source_key = key_source(a.key_file, a.src)
@@ -390,7 +395,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     with progress_printer(a.progress) as progress:
         drive(aio.convert(
             a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
-            snapshot=a.snapshot, backing_file=a.backing, backing_fmt=a.backing_format, sparse_size=sparse,
+            snapshot=a.snapshot, backing_file=backing, backing_fmt=backing_format, sparse_size=sparse,
             force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
             cache=a.cache, **kw))
     return 0
