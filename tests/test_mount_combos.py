@@ -29,6 +29,12 @@ LAYOUTS = {
                                            bitmaps=(BitmapSpec("on", True, 16 * KiB),
                                                     BitmapSpec("off", False, 64 * KiB))),
     "c2m-refcount1": Layout(size=64 * MiB, cluster_size=2 * MiB, refcount_bits=1, prefill=True),
+    # an external data file kept a raw image of the disk, through writes and a grow
+    "data-file-raw-c4k-bitmap": Layout(size=24 * MiB, cluster_size=4 * KiB, data_file="raw", prefill=True,
+                                       bitmaps=(BitmapSpec("b0", True, 64 * KiB),)),
+    # preallocated over a backing file (extended L2: the subclusters read the backing file)
+    "prealloc-extl2-backing": Layout(size=24 * MiB, cluster_size=32 * KiB, extended_l2=True,
+                                     preallocation="metadata", backing_size=16 * MiB, prefill=True),
 }
 
 
