@@ -251,6 +251,28 @@ def test_never_worse_than_it_was(name: str, tmp_path: Path) -> None:
                                      f"{old[j]:#04x} nor an acknowledged write (acknowledged: {acked})")
 
 
+def test_zero_range_over_an_entry_qemu_cannot_read_is_refused(tmp_path: Path) -> None:
+    """A ZERO_RANGE over part of a cluster only flags subclusters zero and keeps the
+    entry's host cluster; an entry QEMU cannot read (here an unaligned offset) must
+    refuse it before anything changes: else the zeros are acknowledged, and QEMU
+    reads that range as an error afterwards (hostile soak seed 8701179)."""
+    img = base(tmp_path / "img", "1M", "write -P 0x11 0 64k", cluster_size=16 * KiB, extended_l2="on")
+    patch(img, l2_entry_offset(img, 512 * KiB), struct.pack(">QQ", 0x2000, 0))
+    before = img.read_bytes()
+
+    async def zero() -> None:
+        image = await qcowfs.aio.open(img, "r+")
+        try:
+            with pytest.raises(qcowfs.CorruptionError, match="unaligned"):
+                await image.disk.zero(512 * KiB + 4 * KiB, 4 * KiB, unmap=False)
+        finally:
+            await image.close()
+    trio.run(zero)
+    # the image is marked corrupt (one header bit), nothing else changed
+    after = img.read_bytes()
+    assert [i for i in range(len(before)) if before[i] != after[i]] == [79], "more than the corrupt bit changed"
+
+
 def test_damaged_bitmap_entry_refuses_writes(tmp_path: Path) -> None:
     """A bitmap directory entry QEMU refuses to open the image for (its
     directory offset pointed at the L1 table: type, name and sizes are then

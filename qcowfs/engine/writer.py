@@ -601,13 +601,20 @@ class Writer:
                 continue
             changed = True
             releases = (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED
-            if releases and old[0] & L2E_OFFSET_MASK and not old[0] & OFLAG_COMPRESSED:
+            host = 0 if old[0] & OFLAG_COMPRESSED else old[0] & L2E_OFFSET_MASK
+            if releases and host:
                 # Never drop a reference an entry that fails a check holds (it
                 # may point into metadata): CorruptionError, before anything
-                # changed. An entry that keeps its host cluster (ZERO_RANGE on
-                # one we own) is only flagged, as QEMU does: nothing is written
-                # there, and a later write in place meets the check.
-                self._check_host(old[0] & L2E_OFFSET_MASK, cs)
+                # changed.
+                self._check_host(host, cs)
+            elif host:
+                # An entry that keeps its host cluster (ZERO_RANGE on one we
+                # own) is only flagged, as QEMU does: nothing is written there,
+                # and a later write in place meets the overlap check. But it
+                # must be one QEMU can read (aligned, not the header), or the
+                # zeros acknowledged here would read as an error (soak seed
+                # 8701179).
+                self.mapper.check_mapped(host)
             if dropped is not None and releases:
                 dropped.append(old)
                 if guests is not None:
