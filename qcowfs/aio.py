@@ -758,8 +758,6 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError("compressed clusters cannot be written with encryption or an external data file")
     if compress and options.get("preallocation", "off") != "off":
         raise UsageError("compression and preallocation cannot be used at the same time (as in qemu-img)")
-    backing_file = options.pop("backing_file", backing_file)
-    backing_fmt = options.pop("backing_fmt", backing_fmt)
     fmt = src_format or _probe(src_path)
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")

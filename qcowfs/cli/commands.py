@@ -383,10 +383,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if "size" in kw:
         raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
     # -o backing_file=/backing_fmt= say what -B/-F say; -B/-F win, as in qemu-img (and create)
-    backing = a.backing if a.backing is not None else kw.get("backing_file")
-    backing_format = a.backing_format if a.backing_format is not None else kw.get("backing_fmt")
-    kw.pop("backing_file", None)
-    kw.pop("backing_fmt", None)
+    o_backing, o_format = kw.pop("backing_file", None), kw.pop("backing_fmt", None)
+    backing = a.backing if a.backing is not None else o_backing
+    backing_format = a.backing_format if a.backing_format is not None else o_format
     if a.output_format == "raw" and (kw or a.compress or backing):
         raise UsageError("-o, -c and -B need -O qcow2")
     sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)

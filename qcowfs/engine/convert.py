@@ -166,6 +166,8 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     buffers = [bytearray(CHUNK) for _ in range((IN_FLIGHT + 1 if compressor else 1) + 1)]
     other = bytearray(CHUNK) if plan.backing is not None else None
     below = await plan.backing.data_ranges() if plan.backing is not None else []
+    if not plan.zero_init:
+        below = [(0, plan.size)]  # (every hole must be said: nothing reads zeros by itself)
     size = plan.size
     steps = _steps(_aligned(await src.data_ranges(), plan.align), size)
     chunks = [(c, n) for c, n in steps if n >= 0]
@@ -174,7 +176,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
-                await _hole(dst, below if plan.zero_init else [(pos, c)], pos, c)
+                await _hole(dst, below, pos, c)
                 continue
             view = memoryview(buffers[turn % len(buffers)])[:n]
             if not await reads.result():   # (the first chunk: nothing was read ahead)
@@ -190,7 +192,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             if plan.progress is not None:
                 plan.progress(min(1.0, pos / size))
         if pos < size:
-            await _hole(dst, below if plan.zero_init else [(pos, size)], pos, size)
+            await _hole(dst, below, pos, size)
         if compressor is not None:
             await compressor.drain(0)
     finally:

@@ -116,11 +116,19 @@ class CreateOptions:
         return 2 if self.compat == "0.10" else 3
 
     @property
+    def zero_flagged(self) -> bool:
+        """Whether preallocated clusters are flagged zero: an encrypted
+        image's, whose host zeros (or holes) decrypt to noise (QEMU shows
+        that noise), where the format can say zero (v3; with extended L2
+        their subclusters stay unallocated and read zeros anyway)."""
+        return self.encrypt is not None and self.version >= 3 and not self.extended_l2
+
+    @property
     def reads_zeros(self) -> bool:
-        """Whether the new disk reads zeros everywhere. Not an encrypted v2
-        image's preallocated clusters: the host's zeros there decrypt to
-        noise, and v2 has no zero flag to say zeros (v3 gets it, _l2_table)."""
-        return not (self.encrypt is not None and self.version < 3 and self.preallocation != "off")
+        """Whether the new disk reads zeros everywhere: not where an encrypted
+        image's preallocated clusters are neither flagged zero nor made of
+        unallocated subclusters (v2)."""
+        return self.encrypt is None or self.preallocation == "off" or self.zero_flagged or self.extended_l2
 
     @property
     def geometry(self) -> Geometry:
@@ -401,11 +409,9 @@ def build_header(o: CreateOptions, lay: Layout, crypto_bytes: int) -> Header:
 
 def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, external: bool) -> bytes:
     """Preallocated L2 table INDEX: every cluster of the disk it covers
-    points at its data cluster (guest offset == host offset in a data file).
-    An encrypted image's clusters are also flagged zero (v3): what the host
-    holds there, zeros or nothing, decrypts to noise (QEMU shows that noise;
-    a new disk reads zeros here, and the first write to a cluster goes in
-    place). With extended L2 the subclusters stay unallocated, reading zeros."""
+    points at its data cluster (guest offset == host offset in a data file),
+    flagged zero where zero_flagged says (the first write to one goes in
+    place)."""
     import numpy as np  # (bulk work: only a preallocated image has L2 tables)
 
     cs = geo.cluster_size
@@ -414,7 +420,7 @@ def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, exte
     clusters = np.arange(first, first + n, dtype=np.uint64)
     hosts = clusters * np.uint64(cs) + np.uint64(0 if external else first_host)
     words = (hosts & np.uint64(L2E_OFFSET_MASK)) | np.uint64(OFLAG_COPIED)
-    if o.encrypt is not None and o.version >= 3 and not geo.extended_l2:
+    if o.zero_flagged:
         words |= np.uint64(OFLAG_ZERO)
     table: np.ndarray = np.zeros((geo.l2_entries, 2) if geo.extended_l2 else geo.l2_entries, np.uint64)
     if geo.extended_l2:

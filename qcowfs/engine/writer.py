@@ -20,7 +20,7 @@ from ..errors import CorruptionError, UnsupportedFeatureError
 from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALL,
                      Geometry, SubclusterType, Table, cluster_type, decode_compressed,
                      encode_compressed, extended_problem, zero_table)
-from ..format.bulk import cluster_types, l2_rows
+from ..format.bulk import cluster_types, l2_rows, l2_words
 from ..host.hostfile import HostFile
 from ..host.waiting import Lock
 from . import chain
@@ -519,13 +519,12 @@ class Writer:
                 first, stop = (pos - base) // cs, (chunk_end - 1 - base) // cs + 1
                 table_off = await self._writable_l2(index)
                 async with self.l2_cache.pinned(table_off) as table:
-                    rows = l2_rows(table, geo.extended_l2)
-                    words = rows[first:stop, 0] if geo.extended_l2 else rows[first:stop]
+                    words = l2_words(table, geo.extended_l2)[first:stop]
                     free = words == 0
                     if geo.extended_l2:
-                        free &= rows[first:stop, 1] == 0
-                    hosts = (np.uint64(base) + (np.arange(first, stop, dtype=np.uint64) << np.uint64(geo.cluster_bits))
-                             | np.uint64(OFLAG_COPIED))
+                        free &= l2_rows(table, True)[first:stop, 1] == 0
+                    hosts = (np.arange(first, stop, dtype=np.uint64) << np.uint64(geo.cluster_bits)) \
+                        + np.uint64(base | OFLAG_COPIED)
                     words[free] = hosts[free]
                     self.l2_cache.mark_dirty(table_off)
                 pos = chunk_end
