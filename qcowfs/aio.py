@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from builtins import open as builtins_open
-from typing import Any, Awaitable, Callable, Generator, Literal
+from typing import Any, Awaitable, Callable, Generator, Literal, Sequence
 
 from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_bitmap
 from .engine.image import Image as _EngineImage
@@ -30,7 +30,7 @@ from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
 from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
-from .host.secret import read_key_file
+from .host.secret import Keyring
 from .host.waiting import in_thread, shielded
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 
@@ -56,24 +56,38 @@ def __getattr__(name: str) -> Any:
 # qemu-img's -t: every mode but "unsafe" flushes (qcowfs always writes through
 # the host page cache, so "none", "directsync" and "writethrough" mean "writeback").
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
-Passphrase = str | bytes | Callable[[], bytes] | None
+# What opens encrypted images: a passphrase, several (tried in order on each
+# encrypted image: the layers of a chain may have different keys), a function
+# called for one when an encrypted image is opened, or a Keyring; or key files.
+Passphrase = str | bytes | Sequence[str | bytes] | Callable[[], bytes] | Keyring | None
+KeyFile = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 
 
-def _passphrase_source(passphrase: Passphrase, key_file: str | os.PathLike[str] | None
-                       ) -> Callable[[], bytes] | None:
-    """What the engine calls when (and only when) it opens an encrypted image."""
+def _keyring(passphrase: Passphrase, key_file: KeyFile) -> Keyring | None:
+    """What the engine asks when (and only when) it opens an encrypted image;
+    one object per command, so a function is called once for a chain with one key."""
     if passphrase is not None and key_file is not None:
         raise UsageError("give either passphrase or key_file, not both")
     if key_file is not None:
-        path = os.fspath(key_file)
-        return lambda: read_key_file(path)
-    if isinstance(passphrase, str):
-        data = passphrase.encode()
-        return lambda: data
-    if isinstance(passphrase, bytes):
-        raw = passphrase
-        return lambda: raw
-    return passphrase
+        files = [key_file] if isinstance(key_file, (str, os.PathLike)) else list(key_file)
+        return Keyring(key_files=[os.fspath(f) for f in files])
+    if passphrase is None or isinstance(passphrase, Keyring):
+        return passphrase
+    if callable(passphrase):
+        ask = passphrase
+        return Keyring(ask=lambda image: ask())
+    secrets = [passphrase] if isinstance(passphrase, (str, bytes)) else list(passphrase)
+    return Keyring(passphrases=[p.encode() if isinstance(p, str) else p for p in secrets])
+
+
+def _new_key(passphrase: Passphrase, key_file: KeyFile, path: str) -> Callable[[], bytes] | None:
+    """The one passphrase of a new encrypted image at PATH."""
+    keys = _keyring(passphrase, key_file)
+    if keys is None:
+        return None
+    if keys.sources > 1:
+        raise UsageError("a new encrypted image takes one passphrase, not several")
+    return lambda: next(iter(keys(path)))
 
 
 class Disk:
@@ -316,7 +330,11 @@ class Image:
     MODE is "r" (read-only: reader locks, nothing is ever written) or "r+"
     (read-write: QEMU's writer locks). PASSPHRASE (str, bytes, or a function
     returning bytes) or KEY_FILE (every byte of the file, as QEMU's
-    `secret,file=`) unlocks a LUKS image; without either an encrypted image
+    `secret,file=`) unlocks a LUKS image. Several (a list of passphrases or
+    of key files, or a `Keyring`) are tried in order on each encrypted image
+    opened, the image and every layer of its backing chain, which may each
+    have their own key (a wrong one costs its PBKDF2 time, about 2 s at
+    QEMU's default iter-time: put the top image's first); without either an encrypted image
     opens for info, check and maps, and reading its data raises
     PassphraseError. FORCE_SHARE opens, read-only, an image another program
     holds (qemu-img's -U): what it shows may change meanwhile. REQUIRE_BACKING
@@ -330,7 +348,7 @@ class Image:
     (what convert writes); a crash of the host may then tear it."""
 
     def __init__(self, path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
-                 key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
+                 key_file: KeyFile = None, force_share: bool = False,
                  l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, repair: bool = False,
                  require_backing: bool = True, compress: bool = False, cache: str = "writeback") -> None:
         if mode not in ("r", "r+"):
@@ -346,7 +364,7 @@ class Image:
         self._compress = compress
         self._engine = _EngineImage(self.path, OpenOptions(
             read_only=mode == "r", l2_cache_bytes=l2_cache_size, force_share=force_share, repair=repair,
-            passphrase=_passphrase_source(passphrase, key_file), backing_required=require_backing,
+            passphrase=_keyring(passphrase, key_file), backing_required=require_backing,
             unsafe_cache=cache == "unsafe"))
         self._disk = Disk(self)
         self._closed = False
@@ -583,7 +601,7 @@ class _Opening:
 
 
 def open(path: str | os.PathLike[str], mode: Mode = "r", *, passphrase: Passphrase = None,
-         key_file: str | os.PathLike[str] | None = None, force_share: bool = False,
+         key_file: KeyFile = None, force_share: bool = False,
          l2_cache_size: int = DEFAULT_L2_CACHE_BYTES, compress: bool = False) -> _Opening:
     """Open a qcow2 image: `async with qcowfs.aio.open(path, "r+") as image:`
     (or `image = await qcowfs.aio.open(...)`, then `await image.close()`).
@@ -615,7 +633,7 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
 
 
 def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
-                key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+                key_file: KeyFile = None, unsafe: bool = False, **options: Any) -> None:
     """`qemu-img create -f qcow2` (see `create`), on the caller's thread."""
     from .engine import create as _create
     target = os.fspath(path)
@@ -628,11 +646,11 @@ def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passph
     opts = _create.create_options(size, **options)
     if backing is not None and not unsafe:
         _create.backing_size(target, backing, opts.backing_fmt or "raw")  # (it must open)
-    _create.create(target, opts, _passphrase_source(passphrase, key_file))
+    _create.create(target, opts, _new_key(passphrase, key_file, target))
 
 
 async def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
-                 key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
+                 key_file: KeyFile = None, unsafe: bool = False, **options: Any) -> None:
     """Create a qcow2 image at PATH of SIZE bytes, as `qemu-img create -f
     qcow2 -o OPTIONS PATH SIZE`: OPTIONS are qemu-img's option names with
     "." and "-" written "_" (cluster_size, compat ("0.10" or "1.1"),
@@ -708,7 +726,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   out_format: str = "qcow2", compress: bool = False, snapshot: str | None = None,
                   backing_file: str | None = None, backing_fmt: str | None = None, sparse_size: int = 4096,
                   force_share: bool = False, passphrase: Passphrase = None,
-                  key_file: str | os.PathLike[str] | None = None, target_passphrase: Passphrase = None,
+                  key_file: KeyFile = None, target_passphrase: Passphrase = None,
                   target_key_file: str | os.PathLike[str] | None = None,
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
                   compress_threads: int | None = None, **options: Any) -> None:
@@ -726,7 +744,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     the image is the same for any number).
     BACKING_FILE (-B): DST gets this backing file (BACKING_FMT, default
     probed) and holds only what differs from it; an encrypted one opens with
-    SRC's passphrase, as SRC's own backing chain does. FORCE_SHARE: read SRC
+    SRC's passphrases, as SRC's own backing chain does (several are tried in
+    order on each, as for `Image`). FORCE_SHARE: read SRC
     whatever holds it (qemu-img -U). PROGRESS(fraction) is called as the
     copy goes. CACHE (qemu-img -t): "unsafe" (the default, as qemu-img's)
     never flushes; any other mode makes DST durable (fsync) before it
@@ -761,10 +780,11 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     fmt = src_format or _probe(src_path)
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")
-    target_key = _key_once(target_passphrase, target_key_file)
+    target_keys = _keyring(target_passphrase, target_key_file)
+    target_key = _new_key(target_keys, None, dst_path)
     # (the source's passphrase opens its backing chain, and the -B file too: mostly the
     # source's own backing file)
-    src_key = _key_once(passphrase, key_file)
+    src_key = _keyring(passphrase, key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
     tmp = _create.temp_name(dst_path)
     made = False
@@ -791,7 +811,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if opts is not None:
             await in_thread(lambda: _create.create(tmp, opts, target_key))
             made = True
-            out = Image(tmp, "r+", passphrase=target_key, cache=cache)
+            out = Image(tmp, "r+", passphrase=target_keys, cache=cache)
             closers.insert(0, out.close)
             await out.prepare()
             if backing_file is not None:
@@ -837,23 +857,24 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
                  drop: bool = False, progress: Callable[[float], None] | None = None,
-                 passphrase: Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
+                 passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
     """`qemu-img commit [-b BASE] [-d] OVERLAY`: write what OVERLAY (and the
     images between it and BASE) hold into BASE (default: OVERLAY's backing
     file; qcow2 or raw), then empty OVERLAY unless DROP. With BASE, OVERLAY
     is not emptied (as qemu-img: -b implies -d; the images between are then
     outdated). OVERLAY's content never changes on the way; a crash leaves
     BASE partly written (as QEMU's commit does), clean in `qemu-img check`.
-    PASSPHRASE / KEY_FILE: of the encrypted images of the chain (one for all)."""
+    PASSPHRASE / KEY_FILE: of the encrypted images of the chain (several are
+    tried in order on each, as for `Image`)."""
     from .engine import chain_ops
     await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress,
-                           _key_once(passphrase, key_file))
+                           _keyring(passphrase, key_file))
 
 
 async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,
                  unsafe: bool = False, progress: Callable[[float], None] | None = None,
                  force_share: bool = False, passphrase: Passphrase = None,
-                 key_file: str | os.PathLike[str] | None = None) -> None:
+                 key_file: KeyFile = None) -> None:
     """`qemu-img rebase [-u] -b BACKING [-F FMT] IMAGE`: make BACKING (a path
     stored as given, relative to IMAGE's directory; "" for none) IMAGE's
     backing file. Safe mode first copies into IMAGE what its old backing
@@ -861,15 +882,8 @@ async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format:
     UNSAFE only changes the pointer. BACKING_FORMAT ("qcow2" or "raw";
     probed when absent) is recorded in the image. FORCE_SHARE (qemu-img's
     -U) opens the new backing file without locks. PASSPHRASE / KEY_FILE: of
-    the encrypted images (the image, its old and new backing chains)."""
+    the encrypted images (the image, its old and new backing chains; several
+    are tried in order on each, as for `Image`)."""
     from .engine import chain_ops
     await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share,
-                           _key_once(passphrase, key_file))
-
-
-def _key_once(passphrase: Passphrase, key_file: str | os.PathLike[str] | None) -> Callable[[], bytes] | None:
-    """One passphrase for every image a command opens, asked (or read) at most once."""
-    import functools
-
-    key = _passphrase_source(passphrase, key_file)
-    return functools.cache(key) if key is not None else None
+                           _keyring(passphrase, key_file))

@@ -35,7 +35,7 @@ def image_opts(image: Path, ident: str = "sec0") -> str:
 
 
 def passphrase(secret: str = SECRET) -> Callable[[], bytes]:
-    """What OpenOptions.passphrase wants."""
+    """The passphrase as a function (the library's callable form)."""
     return lambda: secret.encode()
 
 

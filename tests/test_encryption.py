@@ -26,6 +26,7 @@ from qcowfs.format import crypto
 from qcowfs.errors import InvalidImageError, PassphraseError, UnsupportedFeatureError
 from qcowfs.format import EXT_CRYPTO, CryptoHeaderExtension, Header
 from qcowfs.engine.image import Image, OpenOptions
+from qcowfs.host.secret import Keyring
 
 SIZE = 4 * MiB
 
@@ -71,7 +72,7 @@ def build(d: Path, seed: int, **kw: object) -> tuple[Path, Path]:
 
 def open_image(img: Path, secret: str | None = SECRET, read_only: bool = False) -> Image:
     return Image(str(img), OpenOptions(read_only=read_only,
-                                       passphrase=None if secret is None else luks.passphrase(secret)))
+                                       passphrase=None if secret is None else Keyring([secret.encode()])))
 
 
 async def read_all(image: Image) -> bytes:
@@ -370,7 +371,7 @@ def test_wrong_and_missing_key(plain_luks: Path) -> None:
     with pytest.raises(PassphraseError, match="^no key slot matches this passphrase$"):
         open_image(plain_luks, "wrong")
 
-    def no_key() -> bytes:
+    def no_key(image: str) -> list[bytes]:
         raise PassphraseError("the image is encrypted: give its passphrase")
     with pytest.raises(PassphraseError, match="give its passphrase"):
         Image(str(plain_luks), OpenOptions(read_only=True, passphrase=no_key))
@@ -563,7 +564,7 @@ def test_key_file_is_read_as_qemu_reads_it(tmp_path: Path) -> None:
                  "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M"]
     luks.create_encrypted(*must_args)
     from qcowfs.host.secret import passphrase_source
-    Image(str(img), OpenOptions(passphrase=passphrase_source(str(img), str(key), None))).file.close()
+    Image(str(img), OpenOptions(passphrase=passphrase_source([str(key)]))).file.close()
     with pytest.raises(PassphraseError):
         open_image(img, "with newline")
 

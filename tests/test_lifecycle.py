@@ -697,11 +697,100 @@ def test_rebase_encrypted_chain_keeps_the_content(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------
+# a chain whose layers have different keys (QEMU gives each layer its own secret)
+
+SECRET_BASE = "the-base-passphrase"
+
+
+def _two_key_opts(image: Path) -> list[str]:
+    """qemu's arguments for IMAGE (luks.SECRET) over its backing file (SECRET_BASE)."""
+    return [*luks.secret_object(), *luks.secret_object(SECRET_BASE, "sec1"), "--image-opts",
+            luks.image_opts(image) + ",backing.encrypt.key-secret=sec1"]
+
+
+def _two_key_chain(d: Path) -> str:
+    """base (SECRET_BASE) <- top (luks.SECRET), key files "key" and "base.key";
+    the digest of the disk of top as qemu-img reads it."""
+    luks.create(d / "base.qcow2", 8 * MiB, secret=SECRET_BASE)
+    luks.qemu_io(d / "base.qcow2", "write -P 1 0 3M", "write -P 7 5M 1M", secret=SECRET_BASE)
+    luks.create(d / "top.qcow2", 8 * MiB, backing_file="base.qcow2", backing_fmt="qcow2")
+    p = luks.run("qemu-io", "-c", "write -P 3 1M 1M", "-c", "write -z 5M 64k", *_two_key_opts(d / "top.qcow2"))
+    assert p.returncode == 0 and "error" not in p.stdout.lower(), p.stdout + p.stderr
+    (d / "key").write_text(luks.SECRET)
+    (d / "base.key").write_text(SECRET_BASE)
+    luks.must("qemu-img", "convert", *_two_key_opts(d / "top.qcow2"), "-O", "raw", d / "qemu.raw")
+    return digest(d / "qemu.raw")
+
+
+def test_a_chain_with_a_key_per_layer_opens_with_both_keys(tmp_path: Path) -> None:
+    """Every key file is tried in order on each encrypted layer, in either
+    order; with one key missing, one line names the layer it did not open."""
+    import qcowfs as lib
+
+    want = _two_key_chain(tmp_path)
+    files = {n: digest(tmp_path / n) for n in ("base.qcow2", "top.qcow2")}
+    p = qcowfs("convert", "--key-file", "key", "top.qcow2", "out.raw", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "backing file" in p.stderr and "base.qcow2: no key slot matches this passphrase" in p.stderr, p.stderr
+    p = qcowfs("convert", "--key-file", "base.key", "top.qcow2", "out.raw", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr == "qcowfs: no key slot matches this passphrase\n", p.stderr
+    p = qcowfs("convert", "--key-file", "key", "--key-file", "key", "top.qcow2", "out.raw", cwd=tmp_path)
+    assert p.returncode == 1 and "no key slot matches any of the 2 passphrases given" in p.stderr, p.stderr
+    assert not (tmp_path / "out.raw").exists()
+    for order in (("key", "base.key"), ("base.key", "key")):
+        out = tmp_path / f"out-{order[0]}.raw"
+        p = qcowfs("convert", "-O", "raw", "--key-file", order[0], "--key-file", order[1], "top.qcow2", out,
+                   cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert digest(out) == want
+    # the library: a list of passphrases, or of key files
+    for keys in ({"passphrase": [luks.SECRET, SECRET_BASE]},
+                 {"key_file": [tmp_path / "base.key", tmp_path / "key"]},
+                 {"passphrase": lib.Keyring([luks.SECRET.encode()], key_files=[str(tmp_path / "base.key")])}):
+        with lib.open(tmp_path / "top.qcow2", **keys) as image:   # type: ignore[arg-type]
+            assert hashlib.sha256(image.disk.read(8 * MiB)).hexdigest() == want
+    with pytest.raises(lib.PassphraseError, match="base.qcow2: no key slot matches this passphrase"):
+        lib.open(tmp_path / "top.qcow2", passphrase=luks.SECRET)
+    # a mount: -o key_file= again for the backing file
+    with mounted(tmp_path / "top.qcow2", tmp_path / "mnt", "-o",
+                 f"key_file={tmp_path / 'key'},key_file={tmp_path / 'base.key'}") as mnt:
+        assert digest(mnt / "disk.raw") == want
+    assert {n: digest(tmp_path / n) for n in files} == files
+
+
+def test_commit_and_rebase_across_layers_with_different_keys(tmp_path: Path) -> None:
+    """commit decrypts with the overlay's key and encrypts with the base's,
+    as qemu-img commit with a secret per layer; a safe rebase onto nothing
+    (flatten) reads the base with its own key and writes the top with its."""
+    want = _two_key_chain(tmp_path)
+    q = twins(tmp_path, "base.qcow2", "top.qcow2")
+    luks.must("qemu-img", "commit", *_two_key_opts(q / "top.qcow2"))
+    p = qcowfs("commit", "--key-file", "key", "--key-file", "base.key", "top.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    ours, theirs = (luks.to_raw(d / "base.qcow2", d / "base.raw", secret=SECRET_BASE) for d in (tmp_path, q))
+    assert digest(ours) == digest(theirs) == want
+    assert luks.check(tmp_path / "base.qcow2", secret=SECRET_BASE).returncode == 0
+    for d in (tmp_path, q):   # the emptied overlay reads the base through it, with both keys
+        luks.must("qemu-img", "convert", *_two_key_opts(d / "top.qcow2"), "-O", "raw", d / "top.raw")
+        assert digest(d / "top.raw") == want
+    # rebase -b "" of a fresh two-key chain: the top holds everything, under its own key
+    (tmp_path / "again").mkdir()
+    want = _two_key_chain(tmp_path / "again")
+    p = qcowfs("rebase", "--key-file", "base.key", "--key-file", "key", "-b", "", "top.qcow2",
+               cwd=tmp_path / "again")
+    assert p.returncode == 0, p.stderr
+    top = tmp_path / "again" / "top.qcow2"
+    assert "backing-filename" not in info(top)
+    assert digest(luks.to_raw(top, tmp_path / "flat.raw")) == want
+    assert luks.check(top).returncode == 0
+
+
+# --------------------------------------------------------------------------
 # -p: progress on a terminal, nothing when stderr is not one
 
-def on_terminal(args: list[str], cwd: Path, answer: bytes | None = None) -> tuple[int, str]:
+def on_terminal(args: list[str], cwd: Path, *answers: bytes) -> tuple[int, str]:
     """Run qcowfs ARGS with a pseudo-terminal as its controlling terminal and
-    stdin/stdout/stderr; ANSWER is typed when a passphrase is asked."""
+    stdin/stdout/stderr; ANSWERS are typed, one each time a passphrase is asked."""
     import fcntl
     import pty
     import termios
@@ -716,6 +805,7 @@ def on_terminal(args: list[str], cwd: Path, answer: bytes | None = None) -> tupl
                          preexec_fn=own_terminal)
     os.close(slave)
     out = b""
+    typed = 0
     try:
         while True:
             try:
@@ -725,9 +815,9 @@ def on_terminal(args: list[str], cwd: Path, answer: bytes | None = None) -> tupl
             if not chunk:
                 break
             out += chunk
-            if answer is not None and b"Passphrase for" in out:
-                os.write(master, answer + b"\n")
-                answer = None
+            if out.count(b"Passphrase for") > typed < len(answers):
+                os.write(master, answers[typed] + b"\n")
+                typed += 1
     finally:
         os.close(master)
     return p.wait(timeout=300), out.decode(errors="replace")
@@ -760,11 +850,22 @@ def test_commit_asks_the_passphrase_on_a_terminal(tmp_path: Path) -> None:
     _luks_chain(tmp_path)
     q = twins(tmp_path, "base.qcow2", "top.qcow2")
     luks.must("qemu-img", "commit", *luks.secret_object(), "--image-opts", _luks_opts(q / "top.qcow2", 1))
-    code, out = on_terminal(["commit", "top.qcow2"], tmp_path, answer=luks.SECRET.encode())
+    code, out = on_terminal(["commit", "top.qcow2"], tmp_path, luks.SECRET.encode())
     assert code == 0 and "Passphrase for" in out and luks.SECRET not in out, out
     assert out.count("Passphrase for") == 1, out   # asked once for the whole chain
     assert _luks_raw(tmp_path / "base.qcow2", 0, tmp_path / "a.out") == _luks_raw(q / "base.qcow2", 0,
                                                                                   tmp_path / "b.out")
+
+
+def test_a_terminal_is_asked_for_each_layer_the_last_answer_does_not_open(tmp_path: Path) -> None:
+    want = _two_key_chain(tmp_path)
+    code, out = on_terminal(["convert", "top.qcow2", "out.raw"], tmp_path, luks.SECRET.encode(),
+                            SECRET_BASE.encode())
+    assert code == 0 and luks.SECRET not in out and SECRET_BASE not in out, out
+    asked = [line.strip() for line in out.splitlines() if "Passphrase for" in line]
+    assert [a.split()[-1] for a in asked] == [str(tmp_path / "top.qcow2") + ":",
+                                              str(tmp_path / "base.qcow2") + ":"], out
+    assert digest(tmp_path / "out.raw") == want
 
 
 # --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .text import render_check, render_info, render_snapshots
 
 if TYPE_CHECKING:
     from ..aio import Image
+    from ..host.secret import Keyring
     from ..records import CheckResult
 
 
@@ -347,11 +348,12 @@ def create_keywords(options: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def key_source(key_file: str | None, what: str) -> Callable[[], bytes]:
-    """The passphrase of WHAT: the key file, else a prompt on a terminal."""
+def key_source(key_files: list[str] | None) -> Keyring:
+    """The passphrases of the images a command opens: its --key-file FILEs
+    (each tried in order on each encrypted image), else a prompt on a terminal."""
     from ..host.secret import passphrase_source
 
-    return passphrase_source(what, key_file, options="--key-file FILE")
+    return passphrase_source(key_files or (), options="--key-file FILE")
 
 
 def cmd_create(a: argparse.Namespace) -> int:
@@ -370,7 +372,7 @@ def cmd_create(a: argparse.Namespace) -> int:
         if size is not None:
             raise UsageError("give the size either as SIZE or as -o size=..., not both")
         size = kw.pop("size")
-    qcowfs.create(a.image, size, passphrase=key_source(a.key_file, a.image), unsafe=a.unsafe, **kw)
+    qcowfs.create(a.image, size, passphrase=key_source(a.key_file), unsafe=a.unsafe, **kw)
     return 0
 
 
@@ -389,8 +391,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.output_format == "raw" and (kw or a.compress or backing):
         raise UsageError("-o, -c and -B need -O qcow2")
     sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
-    source_key = key_source(a.key_file, a.src)
-    target_key = key_source(a.target_key_file, a.dst) if kw.get("encrypt_format") else None
+    source_key = key_source(a.key_file)
+    target_key = key_source(a.target_key_file) if kw.get("encrypt_format") else None
     with progress_printer(a.progress) as progress:
         drive(aio.convert(
             a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,

@@ -40,8 +40,9 @@ def lifecycle_parsers(sub: Any) -> None:
                    help="commit into BASE, an image of OVERLAY's backing chain (implies -d, as qemu-img)")
     c.add_argument("-d", dest="drop", action="store_true", help="do not empty OVERLAY afterwards")
     c.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    c.add_argument("--key-file", metavar="FILE",
-                   help="passphrase of encrypted images of the chain (every byte of FILE; else asked on a terminal)")
+    c.add_argument("--key-file", metavar="FILE", action="append",
+                   help="passphrase of encrypted images of the chain (every byte of FILE; else asked on a "
+                        "terminal); again for layers with other keys: each is tried in order")
     c.add_argument("overlay", metavar="OVERLAY")
 
     b = sub.add_parser("rebase", help="change the backing file of an image (qemu-img rebase)",
@@ -56,8 +57,9 @@ def lifecycle_parsers(sub: Any) -> None:
     b.add_argument("-p", dest="progress", action="store_true", help="show progress")
     b.add_argument("-U", "--force-share", action="store_true",
                    help="open NEW without locks (as qemu-img -U)")
-    b.add_argument("--key-file", metavar="FILE",
-                   help="passphrase of encrypted images (every byte of FILE; else asked on a terminal)")
+    b.add_argument("--key-file", metavar="FILE", action="append",
+                   help="passphrase of encrypted images (every byte of FILE; else asked on a terminal); "
+                        "again for images with other keys (old and new backing files): each is tried in order")
     b.add_argument("image", metavar="IMAGE")
 
 
@@ -100,7 +102,7 @@ def cmd_commit(a: argparse.Namespace) -> int:
 
     with progress_printer(a.progress) as progress:
         api.commit(a.overlay, a.base, drop=a.drop, progress=progress,
-                   passphrase=key_source(a.key_file, a.overlay))
+                   passphrase=key_source(a.key_file))
     print("Image committed.")
     return 0
 
@@ -111,5 +113,5 @@ def cmd_rebase(a: argparse.Namespace) -> int:
 
     with progress_printer(a.progress) as progress:
         api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=progress,
-                   force_share=a.force_share, passphrase=key_source(a.key_file, a.image))
+                   force_share=a.force_share, passphrase=key_source(a.key_file))
     return 0

@@ -170,7 +170,7 @@ def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     cr.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to IMAGE's directory)")
     cr.add_argument("-F", dest="backing_format", metavar="FMT", help="backing file format: qcow2 or raw")
     cr.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file (SIZE needed)")
-    cr.add_argument("--key-file", metavar="FILE",
+    cr.add_argument("--key-file", metavar="FILE", action="append",
                     help="LUKS passphrase (every byte of FILE; else asked on a terminal)")
 
     cv = sub.add_parser("convert", help="copy an image into a new qcow2 or raw image (qemu-img convert)",
@@ -199,9 +199,10 @@ def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                          "appears; also none, writethrough, directsync)")
     cv.add_argument("-U", "--force-share", action="store_true",
                     help="read SRC whatever holds it (as qemu-img -U)")
-    cv.add_argument("--key-file", metavar="FILE",
-                    help="passphrase of an encrypted SRC, its backing files and -B's file (else asked)")
-    cv.add_argument("--target-key-file", metavar="FILE",
+    cv.add_argument("--key-file", metavar="FILE", action="append",
+                    help="passphrase of an encrypted SRC, its backing files and -B's file (else asked); "
+                         "again for those with other keys: each is tried in order")
+    cv.add_argument("--target-key-file", metavar="FILE", action="append",
                     help="passphrase of DST with -o encrypt.format=luks (else asked)")
 
 

@@ -92,7 +92,7 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
     mode = "r" if opts.image_read_only else "r+"
     try:
         image = open_image(image_arg, mode, l2_cache_size=opts.l2_cache_bytes, force_share=opts.force_share,
-                           passphrase=passphrase_source(image_arg, opts.key_file, opts.key_credential))
+                           passphrase=passphrase_source(opts.key_files, opts.key_credentials))
     except (QcowError, OSError) as e:
         # (not a wrong passphrase, also EACCES: the image file itself)
         if (mode == "r+" and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -28,13 +28,13 @@ from ..host.locking import lock_image
 from .extents import allocation
 from .image import Image
 from .chain import Source
-from .opening import OpenOptions, RawSource, resolve_backing
+from .opening import OpenOptions, Passphrases, RawSource, resolve_backing
 
 CHUNK = 4 << 20
 Progress = Callable[[float], None] | None
-# The passphrase of encrypted images of the chain (OpenOptions.passphrase):
-# called only when one is opened, the same for every image, as QEMU's one secret.
-Key = Callable[[], bytes] | None
+# The passphrases of the encrypted images of the chains a command opens
+# (OpenOptions.passphrase): asked only when one is opened.
+Key = Passphrases | None
 
 
 class _Meter:

@@ -11,7 +11,7 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import InvalidImageError, QcowError, TruncatedError, UnsupportedFeatureError
 from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO,
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from ..format.crypto import DiskCipher, LuksVolume
 
 MAX_CHAIN_DEPTH = 64
+# The passphrases to try on the encrypted image at a path, in order, taken one
+# at a time (`host.secret.Keyring`): each layer of a chain may have its own.
+Passphrases = Callable[[str], Iterable[bytes]]
 # QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
 MAX_SNAPSHOT_TABLE = 64 << 20
 MAX_SNAPSHOT_EXTRA = 1024
@@ -53,10 +56,11 @@ class OpenOptions:
     # QEMU's -U / force-share=on: a read-only open that ignores other
     # programs' write locks (what it shows may change under it).
     force_share: bool = False
-    # The passphrase of an encrypted image (and of encrypted backing files),
-    # asked only when one is opened. None: open the metadata only (info,
-    # check), guest data of an encrypted image can then not be read.
-    passphrase: Callable[[], bytes] | None = None
+    # The passphrases of an encrypted image (and of encrypted backing files,
+    # each of which may have its own), asked only when one is opened. None:
+    # open the metadata only (info, check), guest data of an encrypted image
+    # can then not be read.
+    passphrase: Passphrases | None = None
     # False (info): a backing file that cannot be opened is a warning, and the
     # image opens alone (qemu-img info shows an image whose backing file is gone).
     backing_required: bool = True
@@ -207,7 +211,8 @@ def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptio
         if not options.read_only and not options.repair:
             raise UnsupportedFeatureError("images encrypted with legacy AES can only be opened read-only "
                                           "(mount with --read-only or -o ro)")
-        return None, legacy_aes_cipher(options.passphrase()) if options.passphrase is not None else None
+        first = next(iter(options.passphrase(file.path)), None) if options.passphrase is not None else None
+        return None, legacy_aes_cipher(first) if first is not None else None  # (no key check: the first)
     raw = h.extension(EXT_CRYPTO)
     if raw is None:
         raise InvalidImageError("the image is LUKS-encrypted but has no encryption header extension")
@@ -220,7 +225,7 @@ def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptio
     luks = LuksVolume.parse(file.read_sync(fde.offset, LUKS_HEADER_SIZE), fde.offset, fde.length)
     if options.passphrase is None:
         return luks, None
-    return luks, luks.unlock(options.passphrase(), file.read_sync)
+    return luks, luks.unlock(options.passphrase(file.path), file.read_sync)
 
 
 def read_snapshot_table(h: Header, geo: Geometry, file: HostFile) -> list[SnapshotEntry]:

@@ -32,7 +32,7 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -580,10 +580,23 @@ class LuksVolume:
     def active_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.header.key_slots) if s.enabled]
 
-    def unlock(self, passphrase: bytes, read: Callable[[int, int], bytes]) -> DiskCipher:
-        """The data cipher, from the first key slot the passphrase opens.
-        READ(offset, length) reads the image file. Raises PassphraseError
-        ("no key slot matches this passphrase") if none does."""
+    def unlock(self, passphrases: Iterable[bytes], read: Callable[[int, int], bytes]) -> DiskCipher:
+        """The data cipher, from the first of PASSPHRASES (tried in order, and
+        taken one at a time: a prompt among them asks only once the ones
+        before failed) that opens a key slot. READ(offset, length) reads the
+        image file. Raises PassphraseError if none does."""
+        tried = 0
+        for passphrase in passphrases:
+            tried += 1
+            cipher = self._unlock_with(passphrase, read)
+            if cipher is not None:
+                return cipher
+        raise PassphraseError("no key slot matches this passphrase" if tried == 1 else
+                              f"no key slot matches any of the {tried} passphrases given" if tried else
+                              "no passphrase given")
+
+    def _unlock_with(self, passphrase: bytes, read: Callable[[int, int], bytes]) -> DiskCipher | None:
+        """The data cipher, from the first key slot PASSPHRASE opens; None if none does."""
         h, spec = self.header, self.spec
         secret = passphrase_text(passphrase)
         for i in self.active_slots:
@@ -599,7 +612,7 @@ class LuksVolume:
             if hmac.compare_digest(digest, h.mk_digest):
                 return DiskCipher(SectorCipher(spec, candidate), physical=True,
                                   description=f"LUKS {spec.cipher_alg}-{spec.mode}-{spec.ivgen}")
-        raise PassphraseError("no key slot matches this passphrase")
+        return None
 
 
 def legacy_aes_cipher(passphrase: bytes) -> DiskCipher:

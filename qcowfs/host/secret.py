@@ -15,7 +15,7 @@ import ctypes
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from ..errors import PassphraseError
 
@@ -65,23 +65,69 @@ def prompt(image: str) -> bytes:
 MOUNT_KEY_OPTIONS = "-o key_file=PATH or -o key_credential=NAME"
 
 
-def passphrase_source(image: str, key_file: str | None, key_credential: str | None = None,
-                      interactive: bool | None = None, options: str = MOUNT_KEY_OPTIONS
-                      ) -> Callable[[], bytes]:
-    """What Image calls when it opens an encrypted image (not before: a plain
-    image never prompts): the key file, the systemd credential, else a prompt
-    naming IMAGE. INTERACTIVE defaults to "stdin is a terminal"; without one,
-    the error names OPTIONS, the command's way of giving the passphrase."""
-    def get() -> bytes:
-        if key_file is not None:
-            return read_key_file(key_file)
-        if key_credential is not None:
-            return read_key_file(credential_path(key_credential))
-        if interactive if interactive is not None else sys.stdin is not None and sys.stdin.isatty():
-            return prompt(image)
-        raise PassphraseError(f"{image} is encrypted: give its passphrase with {options}, or run "
-                              "from a terminal to be asked")
-    return get
+class Keyring:
+    """The passphrases a program, a command or a mount was given, tried in
+    order on each encrypted image it opens: the image and every encrypted
+    layer of its backing chain, each of which may have its own key (QEMU
+    gives each layer its own secret). PASSPHRASES, then the files KEY_FILES,
+    then the systemd credentials CREDENTIALS, then what an earlier prompt
+    was told (one answer serves a chain with one key), then ASK(image) (a
+    prompt naming the image; commands ask only when given nothing, as
+    cryptsetup does). Taken one at a time: a file is read and ASK is
+    asked only once the ones before did not open the image. LUKS tests a
+    passphrase with PBKDF2 (about 2 s per key slot at QEMU's default
+    iter-time), so a wrong one costs that much: give the top image's first.
+
+    Called with an image's path, it yields the passphrases to try on it
+    (`engine.opening.Passphrases`). With nothing given and no ASK, it raises
+    PassphraseError(MISSING, with {image} replaced)."""
+
+    def __init__(self, passphrases: Iterable[bytes] = (), key_files: Iterable[str] = (),
+                 credentials: Iterable[str] = (), ask: Callable[[str], bytes] | None = None,
+                 missing: str = "{image} is encrypted and no passphrase was given") -> None:
+        self._given = list(passphrases)
+        self._files = list(key_files)
+        self._credentials = list(credentials)
+        self._ask = ask
+        self._missing = missing
+        self._typed: list[bytes] = []
+
+    @property
+    def sources(self) -> int:
+        """How many passphrases were given (the prompt not counted)."""
+        return len(self._given) + len(self._files) + len(self._credentials)
+
+    def __call__(self, image: str) -> Iterator[bytes]:
+        yield from self._given
+        for path in self._files:
+            yield read_key_file(path)
+        for name in self._credentials:
+            yield read_key_file(credential_path(name))
+        yield from list(self._typed)
+        if self._ask is None:
+            if not self.sources:
+                raise PassphraseError(self._missing.format(image=image))
+            return
+        typed = self._ask(image)
+        self._typed.append(typed)
+        yield typed
+
+
+def passphrase_source(key_files: Iterable[str] = (), key_credentials: Iterable[str] = (),
+                      interactive: bool | None = None, options: str = MOUNT_KEY_OPTIONS) -> Keyring:
+    """The passphrases of a command or a mount: its key files and systemd
+    credentials (several for a chain whose layers have different keys), else
+    a prompt naming each image that an earlier answer does not open, when
+    stdin is a terminal (INTERACTIVE says otherwise); without one, the error
+    names OPTIONS, the command's way of giving the passphrase. Nothing is
+    read, and nobody asked, before an encrypted image is opened."""
+    key_files, key_credentials = list(key_files), list(key_credentials)
+    if interactive is None:
+        interactive = sys.stdin is not None and sys.stdin.isatty()
+    interactive = interactive and not key_files and not key_credentials
+    return Keyring(key_files=key_files, credentials=key_credentials, ask=prompt if interactive else None,
+                   missing=f"{{image}} is encrypted: give its passphrase with {options}, or run "
+                           "from a terminal to be asked")
 
 
 def _can_lock_everything() -> bool:

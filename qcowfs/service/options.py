@@ -63,8 +63,10 @@ MOUNT_OPTIONS = (
     OptionDoc("page_cache", None, "let the kernel cache a writable disk.raw (needed for shared mmap)"),
     OptionDoc("log_file", "PATH", f"the daemon's log (default: syslog, else {ROOT_LOG_FILE} for root, "
                                   "~/.local/state/qcowfs/qcowfs.log for others)"),
-    OptionDoc("key_file", "PATH", "file holding the passphrase of an encrypted image"),
-    OptionDoc("key_credential", "NAME", "systemd credential holding the passphrase (LoadCredential=)"),
+    OptionDoc("key_file", "PATH", "file holding the passphrase of an encrypted image (again for a "
+              "backing file with another key: each is tried in order)"),
+    OptionDoc("key_credential", "NAME", "systemd credential holding the passphrase (LoadCredential=; "
+              "may be repeated, as key_file)"),
     OptionDoc("debug", None, "log every FUSE request (as --debug)"),
     OptionDoc("scratch", None, "throwaway writes: the image is opened read-only, every file takes "
                                "writes kept in a temporary overlay, gone at unmount"),
@@ -105,9 +107,10 @@ class MountOptions:
     noexec: bool = False
     debug: bool = False
     log_file: str | None = None
-    # An encrypted image's passphrase: a file, or a systemd credential (see secret.py).
-    key_file: str | None = None
-    key_credential: str | None = None
+    # An encrypted image's passphrases: files, then systemd credentials, each
+    # tried in order on every encrypted layer (see secret.py).
+    key_files: list[str] = field(default_factory=list)
+    key_credentials: list[str] = field(default_factory=list)
     # -o scratch: image read-only, every file takes throwaway writes (scratch.py)
     scratch: bool = False
     scratch_dir: str | None = None
@@ -142,11 +145,11 @@ class MountOptions:
             elif key in ("key_file", "key-file"):
                 if not value:
                     raise UsageError("option key_file needs a path: -o key_file=PATH")
-                self.key_file = os.path.abspath(value)
+                self.key_files.append(os.path.abspath(value))
             elif key in ("key_credential", "key-credential"):
                 if not value:
                     raise UsageError("option key_credential needs a name: -o key_credential=NAME")
-                self.key_credential = value
+                self.key_credentials.append(value)
             elif key in ("l2_cache_size", "l2-cache-size"):
                 self.l2_cache_bytes = parse_size(value)
             elif key == "read_around":
