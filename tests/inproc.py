@@ -86,17 +86,39 @@ def must(*args: object) -> str:
     return p.stdout
 
 
-def naming(image: Path, encrypted: bool = False, fmt: bool = True) -> tuple[list[object], list[object]]:
+@dataclass(frozen=True)
+class Secrets:
+    """The LUKS secrets of an image and of its backing file (None: not encrypted)."""
+    image: str | None = None
+    backing: str | None = None
+
+
+PLAIN = Secrets()
+
+
+def naming(image: Path, secrets: Secrets = PLAIN, fmt: bool = True,
+           backing: bool = True) -> tuple[list[object], list[object]]:
     """How a QEMU tool is told about IMAGE: (options, the image argument). An
-    encrypted image needs the secret and --image-opts (which excludes -f)."""
-    if encrypted:
-        return [*luks.secret_object(), "--image-opts"], [luks.image_opts(image)]
-    return (["-f", "qcow2"] if fmt else []), [image]
+    encrypted image (or backing file) needs its secret and --image-opts (which
+    excludes -f). BACKING false: for a tool that opens no backing file
+    (qemu-img bitmap), which refuses options for one."""
+    back = secrets.backing if backing else None
+    if secrets.image is None and back is None:
+        return (["-f", "qcow2"] if fmt else []), [image]
+    pre: list[object] = []
+    opts = f"driver=qcow2,file.filename={str(image).replace(',', ',,')}"
+    if secrets.image is not None:
+        pre += luks.secret_object(secrets.image, "sec0")
+        opts += ",encrypt.key-secret=sec0"
+    if back is not None:
+        pre += luks.secret_object(back, "sec1")
+        opts += ",backing.encrypt.key-secret=sec1"
+    return [*pre, "--image-opts"], [opts]
 
 
-def qemu_io(image: Path, *cmds: str, encrypted: bool = False) -> None:
+def qemu_io(image: Path, *cmds: str, secrets: Secrets = PLAIN) -> None:
     """qemu-io reports some I/O errors on stdout and still exits 0: treat both as failure."""
-    pre, target = naming(image, encrypted)
+    pre, target = naming(image, secrets)
     args: list[object] = ["qemu-io", *pre]
     for c in cmds:
         args += ["-c", c]
@@ -109,8 +131,8 @@ def info(image: Path) -> dict[str, Any]:
     return json.loads(must("qemu-img", "info", "--output=json", image))
 
 
-def to_raw(image: Path, dest: Path, snapshot_id: str | None = None, encrypted: bool = False) -> Path:
-    pre, target = naming(image, encrypted, fmt=False)
+def to_raw(image: Path, dest: Path, snapshot_id: str | None = None, secrets: Secrets = PLAIN) -> Path:
+    pre, target = naming(image, secrets, fmt=False)
     args: list[object] = ["qemu-img", "convert", *pre, "-O", "raw"]
     if snapshot_id is not None:
         args += ["-l", f"snapshot.id={snapshot_id}"]
@@ -167,6 +189,7 @@ class Layout:
     snapshots: int = 0                  # internal snapshots taken at build time
     bitmaps: tuple[BitmapSpec, ...] = ()
     encrypted: bool = False             # LUKS (qemu-img's default cipher), the secret of tests/luks.py
+    backing_key: str = ""               # the backing file LUKS too: "same" secret, or "other" (its own)
     data_file: str = ""                 # "external": the data in disk.data; "raw": data_file_raw too
     preallocation: str = "off"          # qemu-img create's: off, metadata, falloc, full
     seed: int = 0
@@ -174,6 +197,11 @@ class Layout:
     @property
     def v3(self) -> bool:
         return self.compat == "1.1"
+
+    @property
+    def backing_secret(self) -> str | None:
+        """The backing file's LUKS secret as built (None: plain)."""
+        return {"same": luks.SECRET, "other": luks.OTHER_SECRET}.get(self.backing_key)
 
     def problems(self) -> list[str]:
         """Why QEMU would refuse to make this image (empty: buildable)."""
@@ -209,6 +237,10 @@ class Layout:
         if self.preallocation != "off" and (self.compressed or self.dirty):
             out.append("preallocated clusters take no compressed write (QEMU compresses into unallocated "
                        "clusters only), and a write allocates nothing, so none leaves lazy refcounts dirty")
+        if self.backing_key not in ("", "same", "other"):
+            out.append(f"backing_key is '', 'same' or 'other', not {self.backing_key!r}")
+        if self.backing_key and not self.backing_size:
+            out.append("backing_key needs a backing file")
         if self.data_file == "raw" and self.dirty:
             out.append("data_file_raw preallocates every cluster: no write allocates, none leaves "
                        "lazy refcounts dirty")
@@ -225,6 +257,8 @@ class Layout:
             parts.append(f"compression={self.compression_type}")
         if self.backing_size:
             parts.append(f"backing={self.backing_size}@{self.backing_cluster_size}")
+        if self.backing_key:
+            parts.append(f"backing_key={self.backing_key}")
         if self.compressed:
             parts.append(f"compressed={self.compressed}")
         if self.snapshots:
@@ -246,6 +280,8 @@ class Layout:
             f.append(self.compression_type)
         if self.backing_size:
             f.append("backing")
+        if self.backing_key:
+            f.append(f"backing-luks-{self.backing_key}")
         if self.compressed:
             f.append("compressed")
         if self.snapshots:
@@ -323,13 +359,13 @@ def nbits(size: int, granularity: int) -> int:
 
 
 @contextlib.contextmanager
-def nbd_export(image: Path, name: str, encrypted: bool = False) -> Iterator[str]:
+def nbd_export(image: Path, name: str, secrets: Secrets = PLAIN) -> Iterator[str]:
     """`qemu-nbd -B NAME` of IMAGE on a unix socket (its path), for one client."""
     # unix socket paths are limited to 108 bytes: not under pytest's long tmp_path
     d = tempfile.mkdtemp(prefix="qnbd", dir="/tmp")
     sock, pidfile = os.path.join(d, "s"), os.path.join(d, "pid")
     try:
-        pre, target = naming(image, encrypted)
+        pre, target = naming(image, secrets)
         must("qemu-nbd", "--fork", "-r", *pre, "-B", name, "-k", sock, "--pid-file", pidfile, *target)
         yield sock
     finally:
@@ -344,18 +380,18 @@ def nbd_export(image: Path, name: str, encrypted: bool = False) -> Iterator[str]
         shutil.rmtree(d, ignore_errors=True)
 
 
-def nbd_dirty_map(image: Path, name: str, encrypted: bool = False) -> list[dict[str, Any]]:
+def nbd_dirty_map(image: Path, name: str, secrets: Secrets = PLAIN) -> list[dict[str, Any]]:
     """QEMU's extent list of bitmap NAME (qemu-nbd -B + nbdinfo --map=qemu:dirty-bitmap:NAME
     --json): what `qcowfs map --bitmap` must equal."""
-    with nbd_export(image, name, encrypted) as sock:
+    with nbd_export(image, name, secrets) as sock:
         return list(json.loads(must("nbdinfo", f"--map=qemu:dirty-bitmap:{name}", "--json",
                                     f"nbd+unix:///?socket={sock}")))
 
 
-def dirty_bits(image: Path, name: str, granularity: int, size: int, encrypted: bool = False) -> np.ndarray:
+def dirty_bits(image: Path, name: str, granularity: int, size: int, secrets: Secrets = PLAIN) -> np.ndarray:
     """The bits of bitmap NAME as QEMU sees them (see the module docstring)."""
     bits = np.zeros(nbits(size, granularity), bool)
-    with nbd_export(image, name, encrypted) as sock:
+    with nbd_export(image, name, secrets) as sock:
         out = must("qemu-img", "map", "--output=json", "--image-opts",
                    f"driver=nbd,server.type=unix,server.path={sock},"
                    f"x-dirty-bitmap=qemu:dirty-bitmap:{name.replace(',', ',,')}")
@@ -416,17 +452,19 @@ def describe_bits(bits: np.ndarray, granularity: int, limit: int = 8) -> str:
 # --------------------------------------------------------------------------
 # building
 
-def _create(path: Path, size: int, backing: Path | None = None, encrypted: bool = False,
-            **opts: object) -> None:
+def _create(path: Path, size: int, backing: Path | None = None, secret: str | None = None,
+            backing_encrypted: bool = False, **opts: object) -> None:
     args: list[object] = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if encrypted:
-        args += luks.secret_object()
+    if secret is not None:
+        args += luks.secret_object(secret)
         opts.update({"encrypt.format": "luks", "encrypt.key-secret": "sec0", "encrypt.iter-time": 10})
     if opts:
         args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
     if backing is not None:
         args += ["-b", backing.name, "-F", "qcow2"]
-    (luks.create_encrypted if encrypted else must)(*args, path, size)
+        if backing_encrypted:
+            args.append("-u")   # (qemu-img create cannot be given the backing file's secret)
+    (luks.create_encrypted if secret is not None else must)(*args, path, size)
 
 
 def _scatter(rng: random.Random, src: Path, size: int, n: int, max_len: int) -> list[str]:
@@ -458,17 +496,27 @@ class Subject:
     snapshot_names: dict[str, str] = field(default_factory=dict)  # snapshot id -> name
     bitmaps: dict[str, ExpectedBitmap] = field(default_factory=dict)
     open_image: Image | None = None
+    backing_secret: str | None = None   # the LUKS secret of the backing file it names now
     written: int = 0
     sessions: int = 0
     _snap_counter: int = 0
 
     # ---- offline changes (qemu-img / qemu-io while the image is closed) -------
 
-    def _pre(self, fmt: bool = True) -> list[object]:
-        return naming(self.image, self.layout.encrypted, fmt)[0]
+    @property
+    def secrets(self) -> Secrets:
+        return Secrets(luks.SECRET if self.layout.encrypted else None, self.backing_secret)
 
-    def _target(self) -> list[object]:
-        return naming(self.image, self.layout.encrypted)[1]
+    def passphrases(self) -> list[str] | None:
+        """What qcowfs is given: the image's key first, then its backing file's."""
+        keys = [k for k in dict.fromkeys((self.secrets.image, self.secrets.backing)) if k is not None]
+        return keys or None
+
+    def _pre(self, fmt: bool = True, backing: bool = True) -> list[object]:
+        return naming(self.image, self.secrets, fmt, backing)[0]
+
+    def _target(self, backing: bool = True) -> list[object]:
+        return naming(self.image, self.secrets, backing=backing)[1]
 
     def _closed(self) -> None:
         assert self.open_image is None, "QEMU tools must not touch an image qcowfs has open"
@@ -487,9 +535,10 @@ class Subject:
         judges it all. (Not with snapshots: they read through the changed base, as in QEMU.)"""
         self._closed()
         base = self.backing_path()
-        await qcowfs.aio.commit(self.image)
+        await qcowfs.aio.commit(self.image, passphrase=self.passphrases())
         if base.suffix == ".qcow2":
-            p = run("qemu-img", "check", base)
+            pre, target = naming(base, Secrets(self.backing_secret), fmt=False)
+            p = run("qemu-img", "check", *pre, *target)
             assert p.returncode == 0, f"{self.layout.describe()}: base after commit:\n{p.stdout}{p.stderr}"
         self.judge()
 
@@ -502,11 +551,12 @@ class Subject:
         self._closed()
         self._snap_counter += 1
         new = self.directory / f"base-{self._snap_counter}.raw"
-        must("qemu-img", "convert", "-O", "raw", self.backing_path(), new)
+        to_raw(self.backing_path(), new, secrets=Secrets(self.backing_secret))
         if not self.snapshots and not self.bitmaps:
             must("qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset} {length}", new)
-        await qcowfs.aio.rebase(self.image, new.name, backing_format="raw")
+        await qcowfs.aio.rebase(self.image, new.name, backing_format="raw", passphrase=self.passphrases())
         assert info(self.image).get("backing-filename") == new.name
+        self.backing_secret = None
         self.judge()
 
     async def convert_offline(self, out_format: str, compress: str | None, snapshot: str | None) -> None:
@@ -521,7 +571,7 @@ class Subject:
             options = {"compress": True, "compression_type": compress}
         await qcowfs.aio.convert(self.image, out, out_format=out_format,
                                  snapshot=self.snapshot_names[snapshot] if snapshot is not None else None,
-                                 passphrase=luks.passphrase() if self.layout.encrypted else None, **options)
+                                 passphrase=self.passphrases(), **options)
         try:
             where = f"{self.layout.describe()}\nconvert -O {out_format} compress={compress} snapshot={snapshot}"
             if out_format == "qcow2":
@@ -542,7 +592,7 @@ class Subject:
         must("qemu-img", "snapshot", *self._pre(False), "-c", name, *self._target())
         sid = next(s["id"] for s in info(self.image).get("snapshots", []) if s["name"] == name)
         expected = self.directory / f"snapshot-{sid}.raw"
-        to_raw(self.image, expected, sid, self.layout.encrypted)
+        to_raw(self.image, expected, sid, self.secrets)
         p = run("qemu-img", "compare", "-f", "raw", "-F", "raw", expected, self.model.path)
         assert p.returncode == 0, f"snapshot {name} (id {sid}) is not the model at creation:\n{p.stdout}{p.stderr}"
         self.snapshots[sid] = expected
@@ -684,18 +734,18 @@ class Subject:
         args: list[object] = ["qemu-img", "bitmap", "--add", "-g", granularity]
         if not auto:
             args.append("--disable")
-        must(*args, *self._pre(False), *self._target(), name)
+        must(*args, *self._pre(False, backing=False), *self._target(backing=False), name)
         self.bitmaps[name] = ExpectedBitmap(name, auto, granularity,
                                             np.zeros(nbits(self.model.size, granularity), bool))
 
     def bitmap_remove(self, name: str) -> None:
         self._closed()
-        must("qemu-img", "bitmap", *self._pre(False), "--remove", *self._target(), name)
+        must("qemu-img", "bitmap", *self._pre(False, backing=False), "--remove", *self._target(backing=False), name)
         del self.bitmaps[name]
 
     def bitmap_clear(self, name: str) -> None:
         self._closed()
-        must("qemu-img", "bitmap", *self._pre(False), "--clear", *self._target(), name)
+        must("qemu-img", "bitmap", *self._pre(False, backing=False), "--clear", *self._target(backing=False), name)
         self.bitmaps[name].bits[:] = False
 
     def resized(self, new_size: int) -> None:
@@ -715,9 +765,9 @@ class Subject:
         """A write by QEMU between sessions (it marks auto bitmaps like any write)."""
         self._closed()
         if byte == 0:
-            qemu_io(self.image, f"write -z {offset} {length}", encrypted=self.layout.encrypted)
+            qemu_io(self.image, f"write -z {offset} {length}", secrets=self.secrets)
         else:
-            qemu_io(self.image, f"write -P 0x{byte:02x} {offset} {length}", encrypted=self.layout.encrypted)
+            qemu_io(self.image, f"write -P 0x{byte:02x} {offset} {length}", secrets=self.secrets)
         self.model.write(offset, bytes([byte]) * length)
         for bm in self.bitmaps.values():
             bm.mark(offset, length)
@@ -727,7 +777,7 @@ class Subject:
     async def open(self) -> Image:
         self._closed()
         image = await qcowfs.aio.open(self.image, "r+",
-                                      passphrase=luks.passphrase() if self.layout.encrypted else None)
+                                      passphrase=self.passphrases())
         assert image.virtual_size == self.model.size, (image.virtual_size, self.model.size)
         self.open_image = image
         self.sessions += 1
@@ -873,8 +923,9 @@ class Subject:
         data = inf["format-specific"]["data"]
         assert not data.get("corrupt"), f"image marked corrupt\n{where}"
 
-        if self.layout.encrypted:
-            p = luks.compare(self.image, self.model.path)
+        pre, target = self._pre(), self._target()
+        if "--image-opts" in pre:
+            p = run("qemu-img", "compare", *pre, *target, f"driver=raw,file.filename={self.model.path}")
         else:
             p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.model.path)
         assert p.returncode == 0, f"qemu-img compare with the model exited {p.returncode}\n{where}\n" \
@@ -888,7 +939,7 @@ class Subject:
         ids = sorted(s["id"] for s in inf.get("snapshots", []))
         assert ids == sorted(self.snapshots), f"snapshots {ids}, expected {sorted(self.snapshots)}\n{where}"
         for sid, expected in self.snapshots.items():
-            now = to_raw(self.image, self.directory / "snapshot-now.raw", sid, self.layout.encrypted)
+            now = to_raw(self.image, self.directory / "snapshot-now.raw", sid, self.secrets)
             try:
                 # `convert -l` shows a snapshot at the disk's current size, past the snapshot's
                 # own size reading through to the backing file (QEMU does that on images it grew
@@ -907,7 +958,7 @@ class Subject:
             assert "in-use" not in flags, f"bitmap {name} left in use: {flags}\n{where}"
             assert ("auto" in flags) == bm.auto, f"bitmap {name} flags {flags}, auto={bm.auto}\n{where}"
             assert listed[name]["granularity"] == bm.granularity
-            got = dirty_bits(self.image, name, bm.granularity, self.model.size, self.layout.encrypted)
+            got = dirty_bits(self.image, name, bm.granularity, self.model.size, self.secrets)
             missing, extra = bm.bits & ~got, got & ~bm.bits
             assert not missing.any(), (f"bitmap {name} ({'auto' if bm.auto else 'disabled'}) misses written "
                                        f"ranges: {describe_bits(missing, bm.granularity)}\n{where}")
@@ -929,8 +980,9 @@ def build(directory: Path, layout: Layout) -> Subject:
     backing = None
     if layout.backing_size:
         backing = directory / "base.qcow2"
-        _create(backing, layout.backing_size, cluster_size=layout.backing_cluster_size)
-        qemu_io(backing, *_scatter(rng, src, layout.backing_size, 6, 256 * KiB))
+        _create(backing, layout.backing_size, secret=layout.backing_secret, cluster_size=layout.backing_cluster_size)
+        qemu_io(backing, *_scatter(rng, src, layout.backing_size, 6, 256 * KiB),
+                secrets=Secrets(layout.backing_secret))
 
     opts: dict[str, object] = {"cluster_size": cs, "compat": layout.compat}
     if layout.v3:
@@ -947,7 +999,8 @@ def build(directory: Path, layout: Layout) -> Subject:
         opts["data_file_raw"] = "on"
     if layout.preallocation != "off":
         opts["preallocation"] = layout.preallocation
-    _create(img, layout.size, backing, layout.encrypted, **opts)
+    secrets = Secrets(luks.SECRET if layout.encrypted else None, layout.backing_secret)
+    _create(img, layout.size, backing, secrets.image, layout.backing_secret is not None, **opts)
 
     cmds: list[str] = []
     taken: set[int] = set()
@@ -966,7 +1019,7 @@ def build(directory: Path, layout: Layout) -> Subject:
         cmds += _scatter(rng, src, layout.size, 8, 256 * KiB)
     if layout.dirty:
         # killed with everything written and flushed, but never closed: the dirty bit stays
-        pre, target = naming(img, layout.encrypted)
+        pre, target = naming(img, secrets)
         args: list[object] = ["qemu-io", *pre]
         for cmd in cmds + ["flush", "sigraise 9"]:
             args += ["-c", cmd]
@@ -974,11 +1027,11 @@ def build(directory: Path, layout: Layout) -> Subject:
         assert p.returncode in (-9, 137), f"qemu-io was not killed: {p.returncode} {p.stdout} {p.stderr}"
         assert info(img).get("dirty-flag"), "qemu-io killed after writing did not leave the dirty bit"
     elif cmds:
-        qemu_io(img, *cmds, encrypted=layout.encrypted)
+        qemu_io(img, *cmds, secrets=secrets)
 
     # the model starts as QEMU's view of what was built (after a kill: what survived it)
-    model = Model(to_raw(img, directory / "model.raw", encrypted=layout.encrypted))
-    subject = Subject(directory, img, layout, model)
+    model = Model(to_raw(img, directory / "model.raw", secrets=secrets))
+    subject = Subject(directory, img, layout, model, backing_secret=layout.backing_secret)
     for i in range(layout.snapshots):
         subject.snapshot_create()
         # the next snapshot (and the active disk) differ from this one

@@ -12,6 +12,7 @@ from typing import Callable
 
 KiB, MiB = 1 << 10, 1 << 20
 SECRET = "qcowfs-test-passphrase"
+OTHER_SECRET = "qcowfs-other-passphrase"   # a backing file's own key
 TIMEOUT = 300
 
 
