@@ -4,14 +4,25 @@ write sessions, and the judge of "never worse than it was".
 A case is one seed. The seed picks a base layout (built once per process with
 qemu-img / qemu-io: cluster sizes 512 B - 64 KiB, refcount widths 1 and 16, v2
 and v3, internal snapshots, persistent bitmaps, compressed clusters, extended
-L2 entries, a backing file, lazy refcounts, zero clusters; every 64 KiB chunk of
-the tracked guest ranges written with its own qemu-io patterns), one
-structure-aware mutation (found by parsing the clean base image: header fields,
-L1 and L2 entries, compressed descriptors, extended-L2 bitmaps, refcount table
-entries, refcounts of used clusters, the snapshot table and snapshot L1 tables,
-the bitmap directory and bitmap tables, or a bit flip inside one of those), and a
-session of 4-10 writes (pattern or zero, 4 KiB - 128 KiB, most of them over the
-guest range the mutation concerns) interleaved with flushes.
+L2 entries, a backing file, lazy refcounts, zero clusters, an external data file
+(data_file, data_file_raw); every 64 KiB chunk of the tracked guest ranges written
+with its own qemu-io patterns), one structure-aware mutation (found by parsing the
+clean base image: header fields, L1 and L2 entries, compressed descriptors,
+extended-L2 bitmaps, refcount table entries, refcounts of used clusters, the
+snapshot table and snapshot L1 tables, the bitmap directory and bitmap tables, the
+external data file's feature bits and name extension, or a bit flip inside one of
+those), and a session of 4-10 writes (pattern or zero, 4 KiB - 128 KiB, most of
+them over the guest range the mutation concerns) interleaved with flushes.
+
+Data-file layouts (DATA_FILE_LAYOUTS) name their data file relative ("disk.data"),
+and QEMU 7.2 resolves that name against its working directory, not the image's:
+so every copy of a case (before/, a/, b/, c/ in the case's directory) is a
+directory of its own holding disk.qcow2 and its own copies of the backing file and
+data file under the names the header gives, every QEMU tool runs in that directory
+(qemu_run, qemu_popen), and so does qcowfs's child. Their L2 entries point into the
+data file (refcounts do not cover it); the "datafile" family damages only the qcow2
+file (the incompatible data-file bit, the data_file_raw autoclear bit, the name:
+missing, NULs, length 0 / short / huge, the image itself, the backing file).
 
 The session runs with QEMU (qemu-io, overlap-check=all) on copy A and through
 qcowfs (`qcowfs.aio.Image(path, "r+")`, prepare(), disk.write / disk.zero /
@@ -43,7 +54,8 @@ failed, no corrupt mark), violation (any rule broken). Each violation has a
 class (unreadable-after, acked-lost, untouched-changed, failed-write-garbage,
 acked-unreadable, acked-unopenable, unopenable-after, check-worse, check-fails,
 magic-lost, snapshot-changed, backing-changed, crash, hang, bad-message,
-ro-changed-file, ro-read-differs, flush-first-sign: the first error was a
+ro-changed-file, ro-read-differs, other-copy-changed: qcowfs's session changed
+a file of another copy's directory, flush-first-sign: the first error was a
 flush, after writes that went astray), and says whether QEMU's own session on
 copy A breaks the same rule ("QEMU too"): the issue asks qcowfs never to make
 an image worse, whatever QEMU does, so both fail.
@@ -53,6 +65,13 @@ Run `python tests/hostile_write.py --seed N` to reproduce one case (verbose,
 A,B,...` (`--jobs J`, `--start S`, `--stats FILE`) run many and print the
 outcome counts and every violation class with a seed that shows it. A seed
 names the same case only for the same version of this file (and of QEMU).
+Without `--layout`, a seed draws a data-file layout in about 14% of the cases
+(from a second generator of the seed: every other seed names the case it named
+before data-file layouts existed). `--layout SPEC` (names or fnmatch patterns,
+comma-separated, or "data-file" for all data-file layouts) draws only those
+layouts, the family cycling by seed through the families that apply to them
+(plus the data-file family, twice): a seed then names another case, and its
+report's reproduce line carries the same --layout.
 """
 from __future__ import annotations
 
@@ -60,6 +79,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
@@ -85,7 +105,7 @@ import numpy as np
 
 from corruption import (COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, QCOWFS_TIMEOUT,
                         in_child, snapshot_entries)
-from images import EXT_BITMAPS, FIELDS, GiB, Header, KiB, MiB, TiB, create, qimg, qio
+from images import EXT_BITMAPS, EXT_DATA_FILE, FIELDS, GiB, Header, KiB, MiB, TiB, create, qimg, qio
 
 CHUNK = 64 * KiB
 QEMU_TIMEOUT = 60
@@ -111,6 +131,7 @@ class Layout:
     extended_l2: bool = False
     zeros: bool = False                        # zero clusters (write -z, with and without -u)
     lazy: bool = False
+    data_file: str = ""                        # external data file DATA_FILE: "file", or "raw" (data_file_raw)
 
     @property
     def v3(self) -> bool:
@@ -134,6 +155,27 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     Layout("c64k-lazy-rc1", 64 * KiB, 4 * MiB, ((0, 4 * MiB),), lazy=True, refcount_bits=1),
     Layout("c512-v2", 512, MiB, ((0, MiB),), compat="0.10"),
 )}
+
+# An external data file, named relative (DATA_FILE) in the header: QEMU 7.2 resolves that
+# name against its working directory, so every copy of such an image lives in a directory
+# of its own with its own copy of the data file, and every QEMU tool runs in that directory
+# (qemu_run / qemu_popen). QEMU refuses a data file with v2, internal snapshots and
+# compressed clusters, and data_file_raw with a backing file: none of those here.
+DATA_FILE = "disk.data"
+DATA_FILE_LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
+    Layout("c64k-df-bitmaps", 64 * KiB, 4 * MiB, ((0, 4 * MiB),), data_file="file", bitmaps=True, zeros=True),
+    Layout("c4k-df-raw", 4 * KiB, 4 * MiB, ((0, 4 * MiB),), data_file="raw", zeros=True),
+    Layout("c16k-df-extl2-backing", 16 * KiB, 4 * MiB, ((0, 4 * MiB),), data_file="file", extended_l2=True,
+           backing=True, zeros=True),
+    Layout("c64k-df-raw-bitmaps-lazy", 64 * KiB, 4 * MiB, ((0, 4 * MiB),), data_file="raw", bitmaps=True,
+           lazy=True, zeros=True),
+    Layout("c512-df-rc1", 512, 2 * MiB, ((0, 2 * MiB),), data_file="file", refcount_bits=1, zeros=True),
+    Layout("c64k-df-raw-extl2", 64 * KiB, 4 * MiB, ((0, 4 * MiB),), data_file="raw", extended_l2=True,
+           zeros=True),
+    Layout("c4k-df-backing-lazy", 4 * KiB, 4 * MiB, ((0, 4 * MiB),), data_file="file", backing=True, lazy=True,
+           zeros=True),
+)}
+ALL_LAYOUTS: dict[str, Layout] = {**LAYOUTS, **DATA_FILE_LAYOUTS}
 
 
 def _pattern(chunk: int, piece: int, phase: int) -> int:
@@ -172,7 +214,10 @@ def _fill_cmds(lay: Layout, rng: random.Random, phase: int, density: float) -> l
 
 
 def build_layout(lay: Layout, d: Path) -> Path:
-    """The clean base image of LAY in D (D/disk.qcow2, and D/base.qcow2 for a backing file)."""
+    """The clean base image of LAY in D (D/disk.qcow2, D/base.qcow2 for a backing file, D/DATA_FILE
+    for an external data file). Every QEMU tool runs in D (a relative data file name is resolved
+    against the working directory)."""
+    d = d.resolve()
     d.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"layout-{lay.name}")
     opts: dict[str, Any] = {"cluster_size": lay.cluster_size, "compat": lay.compat}
@@ -184,23 +229,29 @@ def build_layout(lay: Layout, d: Path) -> Path:
         opts["compression_type"] = "zstd"
     if lay.lazy:
         opts["lazy_refcounts"] = "on"
+    if lay.data_file:
+        opts["data_file"] = DATA_FILE
+        if lay.data_file == "raw":
+            opts["data_file_raw"] = "on"
     img = d / "disk.qcow2"
     if lay.backing:
-        base = create(d / "base.qcow2", lay.vsize)
+        base = create(d / "base.qcow2", lay.vsize, cwd=d)
         base_lay = Layout("base", 64 * KiB, lay.vsize, lay.regions)
-        qio(base, *_fill_cmds(base_lay, random.Random("base"), 7, 1.0))
+        qio(base, *_fill_cmds(base_lay, random.Random("base"), 7, 1.0), cwd=d)
         create(img, lay.vsize, backing="base.qcow2", backing_fmt="qcow2", cwd=d, **opts)
     else:
-        create(img, lay.vsize, **opts)
+        create(img, lay.vsize, cwd=d, **opts)
     if lay.bitmaps:
-        qimg("bitmap", "--add", "--granularity", "64K", img, "b0")
+        qimg("bitmap", "--add", "--granularity", "64K", img, "b0", cwd=d)
     qio(img, *_fill_cmds(lay, rng, 0, 0.4 if lay.backing else 0.75), cwd=d)
     if lay.bitmaps:
-        qimg("bitmap", "--add", "--granularity", "16K", "--disable", img, "b1")
-        qimg("bitmap", "--merge", "b0", img, "b1")
+        qimg("bitmap", "--add", "--granularity", "16K", "--disable", img, "b1", cwd=d)
+        qimg("bitmap", "--merge", "b0", img, "b1", cwd=d)
     for s in range(lay.snapshots):
-        qimg("snapshot", "-c", f"s{s}", img)
+        qimg("snapshot", "-c", f"s{s}", img, cwd=d)
         qio(img, *_fill_cmds(lay, rng, s + 1, 0.3), cwd=d)
+    if lay.data_file and not (d / DATA_FILE).exists():
+        raise RuntimeError(f"{lay.name}: qemu-img made no {DATA_FILE} in {d}")
     return img
 
 
@@ -208,7 +259,7 @@ class BaseCache:
     """Base images and their structure maps, built once per process in DIRECTORY."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
+        self.dir = Path(directory).resolve()
         self._maps: dict[str, ImgMap] = {}
 
     def get(self, name: str) -> "ImgMap":
@@ -218,9 +269,9 @@ class BaseCache:
             if not (d / ".done").exists():
                 if d.exists():
                     shutil.rmtree(d)
-                build_layout(LAYOUTS[name], d)
+                build_layout(ALL_LAYOUTS[name], d)
                 (d / ".done").touch()
-            self._maps[name] = parse(img, LAYOUTS[name])
+            self._maps[name] = parse(img, ALL_LAYOUTS[name])
         return self._maps[name]
 
 
@@ -271,6 +322,11 @@ class ImgMap:
     bitmaps: list[BitmapEnt]
     bm_dir: tuple[int, int, int] | None    # (extension data offset, directory offset, size)
     bm_table_entries: list[tuple[int, int]]
+    # an external data file: L2 entries point into it (GUEST_OF and KINDS are of the qcow2 file only)
+    data_file: bool = False
+    df_size: int = 0                                   # its size
+    df_guest_of: dict[int, int] = field(default_factory=dict)    # its cluster -> a guest offset mapped there
+    df_ext: tuple[int, int, int] | None = None         # its name extension: (type field, data, length)
 
     @property
     def l1_coverage(self) -> int:
@@ -346,6 +402,7 @@ def parse(img: Path, lay: Layout) -> ImgMap:
     l2_tables: dict[int, int] = {}
     l2e: list[L2Ent] = []
     guest_of: dict[int, int] = {}
+    df_guest_of: dict[int, int] = {}
     snap_l2: set[int] = set()
     for i, e in enumerate(l1):
         t = e & OFFSET_MASK
@@ -365,6 +422,8 @@ def parse(img: Path, lay: Layout) -> ImgMap:
                 m = compressed_span(cbits, w)
                 mark(m[0], m[1], "compressed data")
                 guest_of.setdefault(m[0] // cs, guest)
+            elif w & OFFSET_MASK and lay.data_file:
+                df_guest_of.setdefault((w & OFFSET_MASK) // cs, guest)
             elif w & OFFSET_MASK:
                 mark(w & OFFSET_MASK, cs, "data")
                 guest_of.setdefault((w & OFFSET_MASK) // cs, guest)
@@ -410,8 +469,15 @@ def parse(img: Path, lay: Layout) -> ImgMap:
             pos += (24 + xlen + nlen + 7) // 8 * 8
     except KeyError:
         pass
+    df_ext = None
+    df_size = 0
+    if lay.data_file:
+        typ_off, ext_data, ext_len = h.ext(EXT_DATA_FILE)[1:]
+        df_ext = (typ_off, ext_data, ext_len)
+        df_size = (img.parent / DATA_FILE).stat().st_size
     return ImgMap(img, lay, h, cs, cbits, h.version, ext, esize, l2n, rc_bits, len(data), l1, l2_tables,
-                  l2e, reftable, refcounts, kinds, guest_of, snaps, snap_l1, bitmaps, bm_dir, bm_table_entries)
+                  l2e, reftable, refcounts, kinds, guest_of, snaps, snap_l1, bitmaps, bm_dir, bm_table_entries,
+                  bool(lay.data_file), df_size, df_guest_of, df_ext)
 
 
 # ==========================================================================
@@ -464,6 +530,26 @@ class Mutator:
         out["far past EOF (1 TiB)"] = TiB
         return out
 
+    def host_eof(self) -> int:
+        """The end of the file data clusters live in (the data file, if any), cluster aligned."""
+        if not self.m.data_file:
+            return self.eof()
+        return (self.m.df_size + self.m.cs - 1) // self.m.cs * self.m.cs
+
+    def data_targets(self, exclude: int | None = None) -> dict[str, int]:
+        """Offsets in the external data file an L2 entry can be made to point at."""
+        m, cs = self.m, self.m.cs
+        out: dict[str, int] = {}
+        mapped = [c * cs for c in sorted(m.df_guest_of) if c * cs != exclude]
+        if mapped:
+            out["data-file cluster of another guest cluster"] = self.rng.choice(mapped)
+        unmapped = [c * cs for c in range(self.host_eof() // cs) if c not in m.df_guest_of and c * cs != exclude]
+        if unmapped:
+            out["unmapped data-file cluster"] = self.rng.choice(unmapped)
+        out["just past the data file's end"] = self.host_eof()
+        out["far past EOF (1 TiB)"] = TiB
+        return out
+
     def pick_target(self, exclude: int | None = None, no_header: bool = False) -> tuple[str, int]:
         t = self.targets(exclude)
         if no_header:
@@ -476,8 +562,9 @@ class Mutator:
             return None
         return off + self.rng.choice([512, self.m.cs // 2, self.m.cs - 512])
 
-    def guest_range_of_cluster(self, host: int) -> list[tuple[int, int]]:
-        g = self.m.guest_of.get(host // self.m.cs)
+    def guest_range_of_cluster(self, host: int, data: bool = False) -> list[tuple[int, int]]:
+        """The guest cluster mapped at HOST of the image file (DATA: of the data file, if any)."""
+        g = (self.m.df_guest_of if data and self.m.data_file else self.m.guest_of).get(host // self.m.cs)
         return [(g, self.m.cs)] if g is not None else []
 
     def unallocated_hints(self) -> list[tuple[int, int]]:
@@ -652,13 +739,20 @@ class Mutator:
             if cat != "unallocated":
                 kinds += ["zero", "share-other", "zero-flag"]
             kind = r.choice(kinds)
-            if kind == "target":
+            if kind == "target" and m.data_file:
+                t = self.data_targets(exclude=host)
+                what = r.choice(sorted(t))
+                off = t[what]
+                new = COPIED | off
+                kind = f"target:{what}"
+                hints += self.guest_range_of_cluster(off, data=True)
+            elif kind == "target":
                 what, off = self.pick_target(exclude=host)
                 new = COPIED | off
                 kind = f"target:{what}"
                 hints += self.guest_range_of_cluster(off)
             elif kind == "past-eof":
-                new = COPIED | r.choice([self.eof(), self.eof() + 5 * m.cs, TiB])
+                new = COPIED | r.choice([self.host_eof(), self.host_eof() + 5 * m.cs, TiB])
             elif kind == "misaligned":
                 x = self.misalign(host or m.first_of("data") or m.cs)
                 new = None if x is None else (e & ~OFFSET_MASK) | COPIED | x
@@ -978,12 +1072,63 @@ class Mutator:
             areas.append(("snapshot table", m.h.snapshots_offset, sum(s.length for s in m.snaps)))
         if m.bm_dir:
             areas.append(("bitmap directory", m.bm_dir[1], m.bm_dir[2]))
+        if m.df_ext:
+            areas.append(("data file name extension", m.df_ext[0], 8 + m.df_ext[2]))
         what, start, length = r.choice(areas)
         off = start + r.randrange(length)
         data = m.path.read_bytes()
         bit = r.randrange(8)
         return Mutation("flip", what, f"bit {bit} of byte {off:#x} flipped ({what} at {start:#x})",
                         [(off, bytes([data[off] ^ (1 << bit)]))], [])
+
+    def family_datafile(self) -> Mutation | None:
+        """The qcow2 file's own account of its external data file: the incompatible feature
+        bit, the data_file_raw autoclear bit, the name extension (the data file itself is
+        never touched)."""
+        m, r, h = self.m, self.rng, self.m.h
+        if m.df_ext is None:
+            return None
+        typ_off, data_off, ln = m.df_ext
+        room = (ln + 7) // 8 * 8          # the name may grow into its padding
+        inc_off, auto_off = FIELDS["incompatible_features"][0], FIELDS["autoclear_features"][0]
+        kinds = ["incompat-bit-cleared", "incompat-bit-cleared", "raw-bit-toggled", "raw-bit-toggled",
+                 "name-missing", "name-nul", "name-length-zero", "name-length-huge", "name-length-minus",
+                 "name-self"]
+        if m.layout.backing:
+            kinds.append("name-backing")
+        kind = r.choice(kinds)
+        hints: list[tuple[int, int]] = []
+
+        def name(text: str) -> list[tuple[int, bytes]]:
+            raw = text.encode()
+            assert len(raw) <= room
+            return [(typ_off + 4, u32(len(raw))), (data_off, raw + bytes(room - len(raw)))]
+        if kind == "incompat-bit-cleared":
+            # the L2 entries then map guest clusters into the qcow2 file itself, over its metadata
+            p = [(inc_off, q(h.incompatible_features & ~4))]
+            over = [g for c, g in sorted(m.df_guest_of.items()) if c * m.cs < m.file_size and m.tracked(g)]
+            r.shuffle(over)
+            hints = [(g, m.cs) for g in over[:4]]
+        elif kind == "raw-bit-toggled":
+            p = [(auto_off, q(h.autoclear_features ^ 2))]
+            hints = self.unallocated_hints()
+        elif kind == "name-missing":
+            p = name(DATA_FILE[:-1] + "_")
+        elif kind == "name-nul":
+            p = [(data_off, bytes(ln))]
+        elif kind == "name-length-zero":
+            p = [(typ_off + 4, u32(0))]
+        elif kind == "name-length-huge":
+            p = [(typ_off + 4, u32(r.choice([m.cs, 0xFFFF, 0xFFFFFFFF])))]
+        elif kind == "name-length-minus":
+            p = [(typ_off + 4, u32(ln - 1))]
+        elif kind == "name-self":
+            p = name("disk.qcow2")
+        else:
+            p = name("base.qcow2")
+        desc = f"data file ({m.layout.data_file}, name extension at {typ_off:#x}): {kind} " + \
+            ", ".join(f"[{o:#x}] <- {b.hex()}" for o, b in p)
+        return Mutation("datafile", kind, desc, p, hints)
 
     FAMILIES: tuple[str, ...] = ("header", "l1", "l2", "l2", "extl2", "reftable", "refblock", "snapshot",
                                  "bitmap", "bitmap-table", "flip")
@@ -1000,6 +1145,8 @@ def family_applies(family: str, lay: Layout) -> bool:
         return lay.snapshots > 0
     if family in ("bitmap", "bitmap-table"):
         return lay.bitmaps
+    if family == "datafile":
+        return bool(lay.data_file)
     return True
 
 
@@ -1078,15 +1225,61 @@ class Case:
     ops: list[Op]
 
 
-def make_case(seed: int, cache: BaseCache) -> Case:
+# Without --layout, a data-file layout replaces the layout drawn (from LAYOUTS, as before
+# they existed) in DF_SHARE of the cases whose family applies to one (then in every
+# attempt of the case), and the data-file family replaces that family in DF_OWN_FAMILY of
+# those. These draws come from a second generator of the seed, so a case that draws no
+# data-file layout is exactly the case the seed named before they existed.
+DF_SHARE = 0.15
+DF_OWN_FAMILY = 0.25
+
+
+def select_layouts(spec: str) -> list[str]:
+    """The layouts a --layout SPEC names: comma-separated names or fnmatch patterns, or
+    "data-file" for every layout with an external data file."""
+    out: list[str] = []
+    for part in (x.strip() for x in spec.split(",")):
+        if not part:
+            continue
+        hit = list(DATA_FILE_LAYOUTS) if part == "data-file" else fnmatch.filter(ALL_LAYOUTS, part)
+        if not hit:
+            raise ValueError(f"--layout {part!r} names no layout (layouts: {', '.join(ALL_LAYOUTS)})")
+        out += [n for n in hit if n not in out]
+    if not out:
+        raise ValueError(f"--layout {spec!r} names no layout")
+    return out
+
+
+def make_case(seed: int, cache: BaseCache, only: str | None = None) -> Case:
+    """The case of SEED; ONLY: a --layout spec (the seed then names a case among those layouts,
+    the family cycling through the families that apply to them, "datafile" twice)."""
     rng = random.Random(seed)
+    if only:
+        allowed = select_layouts(only)
+        fams = [f for f in Mutator.FAMILIES + ("datafile", "datafile")
+                if any(family_applies(f, ALL_LAYOUTS[n]) for n in allowed)]
+        family = fams[seed % len(fams)]
+        names = [n for n in allowed if family_applies(family, ALL_LAYOUTS[n])]
+        for _ in range(50):
+            name = rng.choice(names)
+            m = cache.get(name)
+            mut = Mutator(m, rng).make(family)
+            if mut is not None and mut.patches:
+                return Case(seed, name, mut, make_session(m, mut, rng, seed))
+        raise RuntimeError(f"seed {seed}: no applicable mutation of family {family} (--layout {only})")
     fams = Mutator.FAMILIES
     family = fams[seed % len(fams)]
     names = [n for n in LAYOUTS if family_applies(family, LAYOUTS[n])]
+    df_names = [n for n in DATA_FILE_LAYOUTS if family_applies(family, DATA_FILE_LAYOUTS[n])]
+    side = random.Random(f"data-file-{seed}")
+    data_file = bool(df_names) and side.random() < DF_SHARE
+    fam = "datafile" if data_file and side.random() < DF_OWN_FAMILY else family
     for _ in range(50):
         name = rng.choice(names)
+        if data_file:
+            name = side.choice(df_names)
         m = cache.get(name)
-        mut = Mutator(m, rng).make(family)
+        mut = Mutator(m, rng).make(fam)
         if mut is not None and mut.patches:
             return Case(seed, name, mut, make_session(m, mut, rng, seed))
     raise RuntimeError(f"seed {seed}: no applicable mutation of family {family}")
@@ -1094,6 +1287,25 @@ def make_case(seed: int, cache: BaseCache) -> Case:
 
 # ==========================================================================
 # QEMU's view, chunk by chunk (qemu-nbd)
+
+def qemu_run(args: Sequence[Any], img: Path, **kw: Any) -> subprocess.CompletedProcess[Any]:
+    """A QEMU tool (qemu-img, qemu-io) run on IMG, in IMG's directory: QEMU 7.2 resolves a
+    relative external data file name against its working directory (not the image's), and
+    every copy of a case has its own directory with its own data file under that name.
+    Every QEMU command of the judge goes through here or qemu_popen."""
+    img = Path(img)
+    assert img.is_absolute(), img
+    kw.setdefault("capture_output", True)
+    kw.setdefault("timeout", QEMU_TIMEOUT)
+    return subprocess.run([str(a) for a in args], cwd=img.parent, **kw)
+
+
+def qemu_popen(args: Sequence[Any], img: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    """A QEMU tool (qemu-nbd) started on IMG, in IMG's directory (see qemu_run)."""
+    img = Path(img)
+    assert img.is_absolute(), img
+    return subprocess.Popen([str(a) for a in args], cwd=img.parent, **kw)
+
 
 class NBDReader:
     """Reads of an image through qemu-nbd (read-only). After a failed read the server is
@@ -1117,8 +1329,7 @@ class NBDReader:
         if self.snapshot:
             args += ["-l", f"snapshot.id={self.snapshot}"]
         args.append(str(self.img))
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     cwd=self.img.parent)
+        self.proc = qemu_popen(args, self.img, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while not os.path.exists(path):
             if self.proc.poll() is not None:
@@ -1235,8 +1446,8 @@ def qemu_range(img: Path, off: int, length: int) -> bytes | None:
 
 def qemu_snapshot(img: Path, ident: str, scratch: Path) -> bytes | None:
     dest = scratch / f"_snap_{ident}_{os.getpid()}.raw"
-    p = subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", "-l", f"snapshot.id={ident}", str(img),
-                        str(dest)], capture_output=True, timeout=QEMU_TIMEOUT, cwd=img.parent)
+    p = qemu_run(["qemu-img", "convert", "-U", "-O", "raw", "-l", f"snapshot.id={ident}", img, dest.resolve()],
+                 img)
     data = dest.read_bytes() if p.returncode == 0 else None
     dest.unlink(missing_ok=True)
     return data
@@ -1257,8 +1468,7 @@ class CheckState:
 
 
 def qemu_check(img: Path) -> CheckState:
-    p = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True, text=True,
-                       timeout=QEMU_TIMEOUT, cwd=img.parent)
+    p = qemu_run(["qemu-img", "check", "--output=json", img], img, text=True)
     try:
         js = json.loads(p.stdout) if p.stdout.strip() else {}
     except json.JSONDecodeError:
@@ -1290,7 +1500,7 @@ def qemu_session(img: Path, ops: Sequence[Op]) -> dict[str, Any]:
     for op in ops:
         args += ["-c", FLUSH if op == FLUSH else op.qemu()]  # type: ignore[union-attr]
     args.append(opts)
-    p = subprocess.run(args, capture_output=True, text=True, timeout=QEMU_TIMEOUT, cwd=img.parent)
+    p = qemu_run(args, img, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("wrote ", *_FAIL_LINE))]
     results: list[str] = []
     li = 0
@@ -1325,8 +1535,11 @@ def _capture_log() -> io.StringIO:
 
 
 def _qcowfs_write_session(path: str, ops: Sequence[Op]) -> dict[str, Any]:
-    """In a child: open "r+", prepare, run OPS through image.disk, close."""
+    """In a child: open "r+", prepare, run OPS through image.disk, close (in PATH's directory,
+    as QEMU runs: a relative data file name resolves to this copy's, wherever qcowfs looks)."""
     import trio
+
+    os.chdir(os.path.dirname(os.path.abspath(path)))
 
     from qcowfs.aio import Image
     from qcowfs.errors import QcowError
@@ -1410,7 +1623,7 @@ def _mount_write_session(path: Path, ops: Sequence[Op]) -> dict[str, Any]:
     log = path.parent / "daemon.log"
     qcowfs_bin = str(Path(sys.executable).parent / "qcowfs")
     p = subprocess.run([qcowfs_bin, "mount", "-o", f"log_file={log}", str(path), str(mnt)],
-                       capture_output=True, text=True, timeout=QCOWFS_TIMEOUT + 20)
+                       capture_output=True, text=True, timeout=QCOWFS_TIMEOUT + 20, cwd=path.parent)
     if p.returncode != 0:
         out["open_error"] = p.stderr.strip()
         if "Traceback" in p.stderr:
@@ -1451,8 +1664,10 @@ def _mount_write_session(path: Path, ops: Sequence[Op]) -> dict[str, Any]:
 
 
 def _qcowfs_read_session(path: str, chunks: Sequence[int]) -> dict[str, Any]:
-    """In a child: open "r", read every chunk, close."""
+    """In a child: open "r", read every chunk, close (in PATH's directory)."""
     import trio
+
+    os.chdir(os.path.dirname(os.path.abspath(path)))
 
     from qcowfs.aio import Image
     from qcowfs.errors import QcowError
@@ -1674,6 +1889,7 @@ class Result:
     checks: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     mount: bool = False  # qcowfs's session went through a real FUSE mount
+    only: str = ""       # the --layout spec the seed was drawn under
 
     @property
     def violations(self) -> list[Problem]:
@@ -1710,7 +1926,7 @@ class Result:
         if f.get("crash"):
             lines.append("  qcowfs traceback:\n" + f["crash"])
         lines.append(f"  reproduce: python tests/hostile_write.py {'--mount ' if self.mount else ''}"
-                     f"--seed {self.seed}")
+                     + (f"--layout {self.only} " if self.only else "") + f"--seed {self.seed}")
         return "\n".join(lines)
 
     def summary_dict(self) -> dict[str, Any]:
@@ -1725,7 +1941,31 @@ def _bad_message(msg: str) -> bool:
 
 
 def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    """The digest of P's content, read as a guest would (holes are zeros): streamed, skipping
+    holes (SEEK_DATA), all-zero blocks left out of the digest, so a sparse data file that a
+    write far out (an L2 entry pointing at 1 TiB) made huge costs little and the digest does
+    not depend on what is allocated."""
+    h = hashlib.sha256()
+    blk = MiB
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        pos = 0
+        while pos < size:
+            try:
+                data_at = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:         # ENXIO: only a hole to the end
+                break
+            end = os.lseek(f.fileno(), data_at, os.SEEK_HOLE)
+            pos = data_at // blk * blk          # POS is block aligned: never a block hashed twice
+            while pos < end:
+                f.seek(pos)
+                data = f.read(blk)
+                if data.count(0) != len(data):
+                    h.update(pos.to_bytes(8, "little"))
+                    h.update(data)
+                pos += blk
+    return h.hexdigest()
 
 
 def _outcome(run: dict[str, Any], corrupt_bit: bool) -> str:
@@ -1742,45 +1982,67 @@ def _outcome(run: dict[str, Any], corrupt_bit: bool) -> str:
     return "clean"
 
 
-def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False) -> Result:
-    """One seed; MOUNT: qcowfs's session through a real writable FUSE mount, not in-process."""
+def _dir_sha(d: Path) -> dict[str, str]:
+    """The digest of every file in D (a copy's image, backing file, data file)."""
+    return {p.name: _sha(p) for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def _copy_case_dir(src: Path, dest: Path) -> Path:
+    """A copy of a case's directory SRC (the image disk.qcow2, its backing file base.qcow2 and
+    data file DATA_FILE, under the names the image gives them) as DEST; its image."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".done", "_*", "mnt", "*.log"))
+    return dest / "disk.qcow2"
+
+
+def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False, only: str | None = None) -> Result:
+    """One seed; MOUNT: qcowfs's session through a real writable FUSE mount, not in-process;
+    ONLY: a --layout spec.
+
+    Each copy of the damaged image is a directory of its own in the case's directory
+    (before/: the reference, a/: QEMU's session, b/: qcowfs's, c/: the read-only open),
+    holding disk.qcow2 and a copy of its backing file and data file under the names the
+    header gives them; QEMU tools run in that directory (qemu_run), qcowfs's child there too."""
     t0 = time.monotonic()
-    case = make_case(seed, cache)
+    case = make_case(seed, cache, only)
     m = cache.get(case.layout)
     lay = m.layout
-    res = Result(seed, case.layout, case.mutation, case.ops, mount=mount)
+    res = Result(seed, case.layout, case.mutation, case.ops, mount=mount, only=only or "")
     p = res.problems.append
     work.mkdir(parents=True, exist_ok=True)
-    d = work / f"case{seed}"
+    d = (work / f"case{seed}").resolve()
     if d.exists():
         shutil.rmtree(d)
-    shutil.copytree(m.path.parent, d, ignore=shutil.ignore_patterns(".done", "_*"))
-    orig = d / "disk.qcow2"
+    d.mkdir()
+    orig = _copy_case_dir(m.path.parent, d / "before")
     with open(orig, "r+b") as fh:
         for off, data in case.mutation.patches:
             fh.seek(off)
             fh.write(data)
-    a_img, b_img, c_img = (d / n for n in ("a.qcow2", "b.qcow2", "c.qcow2"))
-    for copy in (a_img, b_img, c_img):
-        shutil.copyfile(orig, copy)
-    base_sha = _sha(d / "base.qcow2") if lay.backing else ""
-    orig_sha = _sha(orig)
+    a_img, b_img, c_img = (_copy_case_dir(orig.parent, d / n) for n in ("a", "b", "c"))
+    base_sha = _sha(orig.parent / "base.qcow2") if lay.backing else ""
+    orig_sha = _dir_sha(orig.parent)
     chunks = _chunks(lay)
 
     before, before_err = qemu_chunks(orig, chunks)
     check0 = qemu_check(orig)
     snap_ids = [e.id for e in m.snaps]
     snaps_before = {i: qemu_snapshot(orig, i, d) for i in snap_ids}
-    if _sha(orig) != orig_sha:
+    if _dir_sha(orig.parent) != orig_sha:
         raise AssertionError("qemu-nbd / qemu-img changed the image they only read")
 
     # ---- QEMU on A, qcowfs on B, qcowfs read-only on C ------------------------------------
     qemu = qemu_session(a_img, case.ops)
     res.qemu = qemu
     check_a = qemu_check(a_img)
+    a_sha = _dir_sha(a_img.parent)
     f = _mount_write_session(b_img, case.ops) if mount else \
         run_child(lambda: _qcowfs_write_session(str(b_img), case.ops))
     res.qcowfs = f
+    for other, sha in ((orig, orig_sha), (a_img, a_sha)):
+        changed = sorted(k for k, v in _dir_sha(other.parent).items() if sha.get(k) != v)
+        if changed:
+            p(Problem("other-copy-changed", f"qcowfs's session on {b_img.parent.name}/ changed "
+                      f"{', '.join(changed)} of another copy ({other.parent.name}/)"))
     _, bits_b = header_bits(b_img)
     _, bits_0 = header_bits(orig)
     _, bits_a = header_bits(a_img)
@@ -1853,11 +2115,14 @@ def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False) -> Re
             p(Problem("snapshot-changed", f"internal snapshot {ident} reads differently after qcowfs's "
                       f"session ({why})" + (" [QEMU's own session on a copy changes it too]" if qemu_too
                                             else " [QEMU's session on a copy keeps it]"), qemu_too))
-    if lay.backing and _sha(d / "base.qcow2") != base_sha:
-        p(Problem("backing-changed", "the backing file was modified"))
+    if lay.backing and _sha(b_img.parent / "base.qcow2") != base_sha:
+        qemu_too = _sha(a_img.parent / "base.qcow2") != base_sha
+        p(Problem("backing-changed", "the backing file was modified"
+                  + (" [QEMU's own session on a copy modifies it too]" if qemu_too
+                     else " [QEMU's session on a copy keeps it]"), qemu_too))
 
     # (e) a read-only open changes nothing and serves what QEMU serves
-    c_sha = _sha(c_img)
+    c_sha = _dir_sha(c_img.parent)
     ro = run_child(lambda: _qcowfs_read_session(str(c_img), chunks))
     if ro.get("timeout"):
         p(Problem("hang", "a read-only qcowfs open reading every chunk did not finish (killed)"))
@@ -1867,8 +2132,10 @@ def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False) -> Re
     for msg in [ro.get("open_error", "")] + ro.get("errors", []):
         if msg and _bad_message(msg):
             p(Problem("bad-message", f"read-only: error message is not one clear line: {msg[:300]!r}"))
-    if _sha(c_img) != c_sha:
-        p(Problem("ro-changed-file", "a read-only qcowfs open (reading every chunk) changed the image file"))
+    c_changed = sorted(k for k, v in _dir_sha(c_img.parent).items() if c_sha.get(k) != v)
+    if c_changed:
+        p(Problem("ro-changed-file", "a read-only qcowfs open (reading every chunk) changed "
+                  + ", ".join(c_changed)))
     served_more = 0
     for ci, got in enumerate(ro.get("chunks", [])):
         want = before[ci]
@@ -1892,8 +2159,7 @@ def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False) -> Re
 
 def check_messages(img: Path) -> list[str]:
     """The ERROR lines of `qemu-img check` (human output) of IMG."""
-    p = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, timeout=QEMU_TIMEOUT,
-                       cwd=img.parent)
+    p = qemu_run(["qemu-img", "check", img], img, text=True)
     return [ln.strip() for ln in (p.stdout + p.stderr).splitlines() if ln.startswith(("ERROR", "Warning"))]
 
 
@@ -1911,18 +2177,20 @@ _CACHE: BaseCache | None = None
 
 
 _MOUNT = False
+_ONLY: str | None = None
 
 
-def _worker_init(cache_dir: str, mount: bool) -> None:
-    global _CACHE, _MOUNT
+def _worker_init(cache_dir: str, mount: bool, only: str | None = None) -> None:
+    global _CACHE, _MOUNT, _ONLY
     _CACHE = BaseCache(Path(cache_dir))
     _MOUNT = mount
+    _ONLY = only
 
 
 def _worker_case(seed: int, work: str) -> dict[str, Any]:
     assert _CACHE is not None
     try:
-        return run_case(seed, _CACHE, Path(work), _MOUNT).summary_dict()
+        return run_case(seed, _CACHE, Path(work), _MOUNT, _ONLY).summary_dict()
     except Exception:
         return {"seed": seed, "outcome": "harness-error", "classes": ["harness-error"],
                 "report": f"seed {seed}: the harness failed:\n{traceback.format_exc()}", "layout": "?",
@@ -1930,11 +2198,11 @@ def _worker_case(seed: int, work: str) -> dict[str, Any]:
 
 
 def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats: Path | None,
-         seed_list: Sequence[int] | None = None, mount: bool = False) -> int:
+         seed_list: Sequence[int] | None = None, mount: bool = False, only: str | None = None) -> int:
     top = Path(tempfile.mkdtemp(prefix="qcowfs-hostile-write-"))
     cache_dir = top / "bases"
     cache = BaseCache(cache_dir)
-    for name in LAYOUTS:        # built once, before the workers fork
+    for name in select_layouts(only) if only else ALL_LAYOUTS:        # built once, before the workers fork
         cache.get(name)
     deadline = time.monotonic() + minutes * 60 if minutes else None
     counts: collections.Counter[str] = collections.Counter()
@@ -1942,12 +2210,13 @@ def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats:
     classes: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     fam_counts: collections.Counter[str] = collections.Counter()
     shown: collections.Counter[tuple[Any, ...]] = collections.Counter()
+    lay_counts: collections.Counter[str] = collections.Counter()
     done = 0
     t0 = time.monotonic()
     seeds = iter(seed_list if seed_list else range(start, start + cases) if cases else _count(start))
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(str(cache_dir), mount)) as ex:
+                                                initargs=(str(cache_dir), mount, only)) as ex:
         running: set[concurrent.futures.Future[dict[str, Any]]] = set()
 
         def submit() -> bool:
@@ -1966,6 +2235,7 @@ def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats:
             for fut in finished:
                 running.discard(fut)
                 r = fut.result()
+                lay_counts[r["layout"]] += 1
                 done += 1
                 counts[r["outcome"]] += 1
                 qemu_counts[r["qemu"]] += 1
@@ -1989,7 +2259,9 @@ def soak(start: int, cases: int | None, minutes: float | None, jobs: int, stats:
                           flush=True)
                 submit()
     shutil.rmtree(top, ignore_errors=True)
-    print(f"\nhostile-write: {done} cases (seeds from {start}) in {(time.monotonic() - t0) / 60:.1f} min")
+    print(f"\nhostile-write: {done} cases (seeds from {start}" + (f", --layout {only}" if only else "")
+          + f") in {(time.monotonic() - t0) / 60:.1f} min")
+    print("layouts: " + ", ".join(f"{k} {v}" for k, v in sorted(lay_counts.items())))
     print("qcowfs outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print("QEMU outcomes:   " + ", ".join(f"{k} {v}" for k, v in sorted(qemu_counts.items())))
     print("mutation families: " + ", ".join(f"{k} {v}" for k, v in sorted(fam_counts.items())))
@@ -2019,33 +2291,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stats", type=Path, help="append one JSON line per case to this file")
     ap.add_argument("--mount", action="store_true",
                     help="write through a real writable FUSE mount (qcowfs mount), not in-process")
+    ap.add_argument("--layout", metavar="SPEC",
+                    help="draw only these layouts: comma-separated names or fnmatch patterns, or "
+                         "'data-file' for every layout with an external data file (a seed then names "
+                         "another case than without)")
     args = ap.parse_args(argv)
+    if args.layout:
+        try:
+            select_layouts(args.layout)
+        except ValueError as e:
+            ap.error(str(e))
     if args.seed is not None:
         with tempfile.TemporaryDirectory(prefix="qcowfs-hw-") as tmp:
             cache = BaseCache(Path(tmp) / "bases")
-            case = make_case(args.seed, cache)
+            case = make_case(args.seed, cache, args.layout)
             print(f"seed {args.seed}: layout {case.layout}; mutation {case.mutation.name}: {case.mutation.desc}")
             print("session: " + "; ".join("flush" if op == FLUSH else op.show() for op in case.ops))  # type: ignore[union-attr]
             work = Path(tmp) / "work"
             if args.keep:
-                _keep_case(args.seed, cache, args.keep)
-            r = run_case(args.seed, cache, work, args.mount)
+                _keep_case(args.seed, cache, args.keep, args.layout)
+            r = run_case(args.seed, cache, work, args.mount, args.layout)
             print(r.report())
             print(f"outcome: {r.outcome} ({r.seconds:.1f}s)")
             return 1 if r.problems else 0
     seed_list = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
     if not args.cases and not args.minutes and not seed_list:
         ap.error("give --seed, --seeds, --cases or --minutes")
-    return soak(args.start, args.cases, args.minutes, args.jobs, args.stats, seed_list, args.mount)
+    return soak(args.start, args.cases, args.minutes, args.jobs, args.stats, seed_list, args.mount, args.layout)
 
 
-def _keep_case(seed: int, cache: BaseCache, dest: Path) -> None:
-    """The damaged image of SEED (and its backing file) in DEST, for a look by hand."""
-    case = make_case(seed, cache)
+def _keep_case(seed: int, cache: BaseCache, dest: Path, only: str | None = None) -> None:
+    """The damaged image of SEED (and its backing file and data file) in DEST, for a look by
+    hand (run QEMU tools in DEST: a relative data file name resolves against the working
+    directory)."""
+    case = make_case(seed, cache, only)
     m = cache.get(case.layout)
     dest.mkdir(parents=True, exist_ok=True)
     for p in m.path.parent.iterdir():
-        if p.suffix == ".qcow2":
+        if p.suffix == ".qcow2" or p.name == DATA_FILE:
             shutil.copyfile(p, dest / p.name)
     with open(dest / "disk.qcow2", "r+b") as f:
         for off, data in case.mutation.patches:

@@ -12,6 +12,9 @@ command that reproduces it.
 The seeds are fixed (0 .. HOSTILE_WRITE_CASES-1, from HOSTILE_WRITE_SEED0): the
 mutation family is the seed modulo the number of families, so every family is
 covered. `make soak` runs thousands (`python tests/hostile_write.py --cases N`).
+HOSTILE_WRITE_DATA_FILE_CASES seeds (default 12) draw only the layouts with an
+external data file (`--layout data-file`), HOSTILE_WRITE_DATA_FILE_MOUNT_CASES
+(default 2) of them through a mount.
 A further HOSTILE_WRITE_MOUNT_CASES seeds (default 16) run qcowfs's session
 through a real writable FUSE mount (`--mount`); the soak runs hundreds.
 
@@ -56,5 +59,28 @@ def test_never_worse_through_a_mount(seed: int, base_cache: hostile_write.BaseCa
     (`qcowfs mount`, pwrite / fallocate / fsync on disk.raw, `qcowfs umount`):
     what the kernel splits, caches and retries is in the path too."""
     result = hostile_write.run_case(seed, base_cache, tmp_path, mount=True)
+    if any(not p.qemu_too for p in result.problems):
+        pytest.fail(result.report(), pytrace=False)
+
+
+DATA_FILE_CASES = int(os.environ.get("HOSTILE_WRITE_DATA_FILE_CASES", "12"))
+DATA_FILE_MOUNT_CASES = int(os.environ.get("HOSTILE_WRITE_DATA_FILE_MOUNT_CASES", "2"))
+
+
+@pytest.mark.parametrize("seed", range(SEED0 + 90_000, SEED0 + 90_000 + DATA_FILE_CASES))
+def test_never_worse_with_a_data_file(seed: int, base_cache: hostile_write.BaseCache, tmp_path: Path) -> None:
+    """Layouts with an external data file (`--layout data-file`: data_file, data_file_raw;
+    with bitmaps, extended L2, lazy refcounts, zero clusters, a backing file): L2 entries
+    point into the data file, and the data-file family damages the qcow2 file's account
+    of it (feature bits, the name extension). Twelve seeds: every family that applies."""
+    result = hostile_write.run_case(seed, base_cache, tmp_path, only="data-file")
+    if any(not p.qemu_too for p in result.problems):
+        pytest.fail(result.report(), pytrace=False)
+
+
+@pytest.mark.parametrize("seed", range(SEED0 + 95_000, SEED0 + 95_000 + DATA_FILE_MOUNT_CASES))
+def test_never_worse_with_a_data_file_through_a_mount(seed: int, base_cache: hostile_write.BaseCache,
+                                                     tmp_path: Path) -> None:
+    result = hostile_write.run_case(seed, base_cache, tmp_path, mount=True, only="data-file")
     if any(not p.qemu_too for p in result.problems):
         pytest.fail(result.report(), pytrace=False)
