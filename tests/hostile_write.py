@@ -50,7 +50,8 @@ and internal snapshots and the backing file keep their content.
 
 Outcomes: refused (open or prepare raised a QcowError), clean (every operation
 succeeded), corrupt (qcowfs marked the image corrupt), errors (some operations
-failed, no corrupt mark), violation (any rule broken). Each violation has a
+failed, no corrupt mark), violation (any rule broken); QEMU's session is
+"crashed" when qemu-io was killed by a signal (an assertion of QEMU's). Each violation has a
 class (unreadable-after, acked-lost, untouched-changed, failed-write-garbage,
 acked-unreadable, acked-unopenable, unopenable-after, check-worse, check-fails,
 magic-lost, snapshot-changed, backing-changed, crash, hang, bad-message,
@@ -1518,8 +1519,10 @@ def qemu_session(img: Path, ops: Sequence[Op]) -> dict[str, Any]:
         else:
             results.append("err: (no answer)")
     opened = not (p.returncode != 0 and not lines)
+    # killed by a signal (an assertion of QEMU's aborts it): not a refusal
+    crash = (p.stderr.strip() or f"killed by signal {-p.returncode}") if p.returncode < 0 else ""
     return {"opened": opened, "open_error": "" if opened else p.stderr.strip(), "results": results,
-            "log": p.stdout + p.stderr}
+            "log": p.stdout + p.stderr, "crash": crash}
 
 
 def _capture_log() -> io.StringIO:
@@ -1913,7 +1916,9 @@ class Result:
             fs = self.session_text(f.get("results", [])) + (f"; close: {f['close_error']}" if f.get("close_error")
                                                            else "")
         qs = self.session_text(qm.get("results", [])) if qm.get("opened") else \
-            f"refused: {qm.get('open_error', '')[:200]}"
+            f"{'crashed' if qm.get('crash') else 'refused'}: {qm.get('open_error', '')[:200]}"
+        if qm.get("opened") and qm.get("crash"):
+            qs += f"; then crashed: {qm['crash'][:200]}"
         lines = [f"seed {self.seed}: layout {self.layout}, mutation {self.mutation.name}: {self.mutation.desc}.",
                  f"  qcowfs ({self.outcome}): {fs}",
                  f"  QEMU on a copy ({self.qemu_outcome}): {qs}",
@@ -2047,7 +2052,7 @@ def run_case(seed: int, cache: BaseCache, work: Path, mount: bool = False, only:
     _, bits_0 = header_bits(orig)
     _, bits_a = header_bits(a_img)
     res.outcome = _outcome(f, bool(bits_b & INCOMPAT_CORRUPT) and not bits_0 & INCOMPAT_CORRUPT)
-    res.qemu_outcome = _outcome({"opened": qemu["opened"], "results": qemu["results"]},
+    res.qemu_outcome = _outcome({"opened": qemu["opened"], "results": qemu["results"], "crash": qemu["crash"]},
                                 bool(bits_a & INCOMPAT_CORRUPT) and not bits_0 & INCOMPAT_CORRUPT)
     check_b = qemu_check(b_img)
     res.checks = {"before": check0.show(), "after QEMU": check_a.show(), "after qcowfs": check_b.show()}
