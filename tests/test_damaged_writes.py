@@ -300,3 +300,42 @@ def test_damaged_bitmap_entry_refuses_writes(tmp_path: Path) -> None:
     with qcowfs.open(img) as image:
         assert image.disk.pread(0, 1 << 20) == b"\x5a" * (1 << 20)
     assert img.read_bytes() == before
+
+
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["standard", "extended-l2"])
+def test_data_file_entry_off_its_guest_offset_is_corruption(tmp_path: Path, extended_l2: bool) -> None:
+    """With an external data file QEMU keeps each data cluster at its guest
+    offset, and an L2 entry saying another one is corruption to it
+    (qcow2_get_host_offset): qcowfs must neither read nor write through such an
+    entry. It wrote through one and acknowledged writes QEMU could never read
+    back (hostile soak seeds 243 and 303); a far offset made a raw OSError
+    escape (seed 561). A read-only open refuses the range and changes nothing;
+    a write is refused before anything changes, and the image marked corrupt."""
+    d = tmp_path / "img"
+    cs = 16 * KiB if extended_l2 else 64 * KiB
+    img = base(d, "4M", f"write -P 0x11 0 {4 * cs}", cluster_size=cs, data_file=d / "disk.data",
+               extended_l2="on" if extended_l2 else "off")
+    where = l2_entry_offset(img, cs)
+    old = read_u64(img, where)
+    patch(img, where, struct.pack(">Q", (old & ~0x00FFFFFFFFFFFE00) | 3 * cs))   # another guest cluster's
+    assert guest_bytes(img, cs, 512) is None and guest_bytes(img, 0, 512) == b"\x11" * 512
+    before, data = img.read_bytes(), (d / "disk.data").read_bytes()
+    with qcowfs.open(img) as image:
+        with pytest.raises(qcowfs.CorruptionError, match="does not match guest cluster offset"):
+            image.disk.pread(cs + 100, 512)
+        assert image.disk.pread(0, 512) == b"\x11" * 512
+        with pytest.raises(qcowfs.CorruptionError, match="does not match"):   # through a long read too
+            image.disk.pread(0, 4 * cs)
+    assert img.read_bytes() == before
+
+    async def write() -> None:
+        image = await qcowfs.aio.open(img, "r+")
+        try:
+            with pytest.raises(qcowfs.CorruptionError, match="does not match guest cluster offset"):
+                await image.disk.write(cs + 512, b"\x22" * 4096)
+        finally:
+            await image.close()
+    trio.run(write)
+    after = img.read_bytes()
+    assert [i for i in range(len(before)) if before[i] != after[i]] == [79], "more than the corrupt bit changed"
+    assert (d / "disk.data").read_bytes() == data

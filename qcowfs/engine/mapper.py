@@ -275,7 +275,7 @@ class Mapper:
             self._map_table_ext(table, base, first, last, start, end, runs)
         elif first == last:  # (a small read: one entry)
             e = table[first]
-            kind, host = self._classify(e) if e else (UNALLOC, 0)
+            kind, host = self._classify(e, base + (first << cb)) if e else (UNALLOC, 0)
             _append(runs, kind, start, end - start, host + (start - base - (first << cb)) if kind == DATA else host)
         elif last - first + 1 > NUMPY_THRESHOLD:
             self._map_table_numpy(table, base, first, last, start, end, runs)
@@ -290,13 +290,14 @@ class Mapper:
         cb, cs = self.geo.cluster_bits, self.geo.cluster_size
         special, unaligned = self._special, self._cluster_mask
         lowest = 0 if self.external_data else cs  # (below: the header, an error _classify names)
+        ext = self.external_data   # (its clusters lie at their guest offsets: else _classify raises)
         # The run being built: kind, guest start, host start (DATA) or entry.
         kind, g, h = -1, 0, 0
         for i in range(first, last + 1):
             e = table[i]
             off = e & L2E_OFFSET_MASK
             c0 = base + (i << cb)
-            if not e & special and off >= lowest and off and not off & unaligned:
+            if not e & special and off >= lowest and off and not off & unaligned and (not ext or off == c0):
                 if kind == DATA and h + (c0 - g) == off:
                     continue
                 k, host = DATA, off
@@ -305,7 +306,7 @@ class Mapper:
                     continue
                 k, host = UNALLOC, 0
             else:
-                k, host = self._classify(e)
+                k, host = self._classify(e, c0)
                 if k == kind and k == ZERO:
                     continue
             if kind >= 0:
@@ -323,7 +324,7 @@ class Mapper:
             c0 = base + (i << cb)
             g0, g1 = max(start, c0), min(end, c0 + cs)
             w0, bitmap = table[2 * i], table[2 * i + 1]
-            kind, host = self._classify_ext(w0, bitmap)
+            kind, host = self._classify_ext(w0, bitmap, c0)
             if kind == MIXED:
                 self._map_subclusters(w0, bitmap, c0, g0, g1, runs)
                 continue
@@ -331,8 +332,8 @@ class Mapper:
                 host += g0 - c0
             _append(runs, kind, g0, g1 - g0, host)
 
-    def _classify(self, e: int) -> tuple[int, int]:
-        """Run kind and host offset of a standard L2 entry."""
+    def _classify(self, e: int, guest: int) -> tuple[int, int]:
+        """Run kind and host offset of a standard L2 entry of the cluster at GUEST."""
         t = cluster_type(e, False, self.external_data)
         if t == SubclusterType.COMPRESSED:
             return COMPRESSED, e
@@ -342,7 +343,7 @@ class Mapper:
         if t != SubclusterType.NORMAL:
             self.check_zero(t, off)
             return ZERO, 0
-        self.check_mapped(off)
+        self.check_mapped(off, guest)
         return DATA, off
 
     def check_zero(self, t: SubclusterType, off: int) -> None:
@@ -353,23 +354,32 @@ class Mapper:
         if t == SubclusterType.ZERO_ALLOC and off & self._cluster_mask:
             raise CorruptionError(f"preallocated zero cluster at an unaligned offset {off:#x}")
 
-    def check_mapped(self, off: int) -> None:
-        """Raise CorruptionError unless OFF may be read as a data cluster: aligned,
-        not the header (past the end of the file it reads as zeros, as QEMU's)."""
+    def check_mapped(self, off: int, guest: int | None) -> None:
+        """Raise CorruptionError unless OFF may be read as the data cluster of
+        the guest cluster at GUEST: aligned, not the header (past the end of
+        the file it reads as zeros, as QEMU's); in an external data file at
+        GUEST itself, where QEMU puts it and where only it reads it
+        (qcow2_get_host_offset: another offset is corruption). GUEST None:
+        an entry that keeps its offset but is read as zeros."""
         if off & self._cluster_mask:
             raise CorruptionError(f"L2 entry points to an unaligned cluster offset {off:#x}")
-        if not self.external_data and off < self.geo.cluster_size:
-            raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
+        if not self.external_data:
+            if off < self.geo.cluster_size:
+                raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
+        elif guest is not None and off != guest:
+            raise CorruptionError(f"external data file host cluster offset {off:#x} does not match "
+                                  f"guest cluster offset {guest:#x}")
 
-    def check_data(self, off: int) -> None:
-        """Raise CorruptionError unless OFF is a data cluster that may be
-        written or read in one pread: check_mapped, and inside the file."""
-        self.check_mapped(off)
+    def check_data(self, off: int, guest: int | None) -> None:
+        """Raise CorruptionError unless OFF is the data cluster of GUEST that
+        may be written or read in one pread: check_mapped, and inside the file."""
+        self.check_mapped(off, guest)
         if not self.external_data and off >= self.file.known_size:
             raise CorruptionError(f"L2 entry points outside the image file ({off:#x})")
 
-    def _classify_ext(self, w0: int, bitmap: int) -> tuple[int, int]:
-        """Run kind and host offset of an extended L2 entry (MIXED: per subcluster)."""
+    def _classify_ext(self, w0: int, bitmap: int, guest: int) -> tuple[int, int]:
+        """Run kind and host offset of an extended L2 entry of the cluster at
+        GUEST (MIXED: per subcluster)."""
         why = extended_problem(w0, bitmap, self.external_data)
         if why:
             raise CorruptionError(f"extended L2 entry is invalid: {why}")
@@ -379,7 +389,7 @@ class Mapper:
         off = w0 & L2E_OFFSET_MASK
         alloc, zero = bitmap & SC_ALL, bitmap >> 32
         if t == SubclusterType.NORMAL:
-            self.check_mapped(off)
+            self.check_mapped(off, guest if alloc else None)  # (no subcluster read there: no place)
         if alloc == SC_ALL:
             return DATA, off
         if zero == SC_ALL:
@@ -420,8 +430,13 @@ class Mapper:
             bad = data & ((off & np.uint64(self._cluster_mask)) != 0)
             if not self.external_data:
                 bad |= data & (off < np.uint64(cs))
+            else:  # (at its guest offset: check_mapped says why)
+                guests = np.arange(first, last + 1, dtype=np.uint64) * np.uint64(cs) + np.uint64(base)
+                bad |= data & (off != guests)
             if bad.any():
-                raise CorruptionError(f"L2 entry points to an invalid cluster offset {int(off[bad][0]):#x}")
+                i = int(np.flatnonzero(bad)[0])
+                self.check_mapped(int(off[i]), base + ((first + i) << cb))  # raises with the precise reason
+                raise CorruptionError(f"L2 entry points to an invalid cluster offset {int(off[i]):#x}")
         brk = np.flatnonzero((kind[1:] != kind[:-1]) | (kind[1:] == COMPRESSED)
                              | (data[1:] & (off[1:] != off[:-1] + np.uint64(cs)))) + 1
         starts = [0, *brk.tolist()]
@@ -466,10 +481,11 @@ class Mapper:
             if e & special or e & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return None
         last_host = host + ((last - first) << cb)
-        if host & self._cluster_mask or (not self.external_data and (
+        guest = offset - (offset & self._cluster_mask)
+        if host & self._cluster_mask or (host != guest if self.external_data else (
                 host <= self._cluster_mask or last_host >= self.file.known_size)):
-            self.check_data(host)  # raises with the precise reason
-            self.check_data(last_host)
+            self.check_data(host, guest)  # raises with the precise reason
+            self.check_data(last_host, guest + (last_host - host))
         return host + (offset & self._cluster_mask)
 
     def read_cached_into(self, l1: L1Table, buf: memoryview, offset: int) -> bool:

@@ -93,7 +93,7 @@ class Writer:
         if self.detect_zeroes and end - offset >= geo.cluster_size and self._has_zero_cluster(offset, data):
             return False  # (the allocating path turns it into a zero entry)
         # Never write through an entry that fails a check (raises CorruptionError).
-        self._check_host(host, (last - first + 1) << cb)
+        self._check_host(host, (last - first + 1) << cb, offset - (offset & (geo.cluster_size - 1)))
         self._put(data, host + (offset & (geo.cluster_size - 1)), offset)
         return True
 
@@ -119,11 +119,15 @@ class Writer:
         plain[host - lo : end - lo] = data
         self.data_file.write_sync(cipher.encrypt(plain, lo, guest - (host - lo)), lo)
 
-    def _check_host(self, host: int, length: int) -> None:
-        """A data run's host clusters are plausible and hold no metadata."""
-        self.mapper.check_data(host)
-        if length > self.geo.cluster_size:
-            self.mapper.check_data(host + length - self.geo.cluster_size)
+    def _check_host(self, host: int, length: int, guest: int | None) -> None:
+        """A data run's host clusters are plausible and hold no metadata; those
+        of the guest clusters from GUEST, if it is given (data written through
+        them: in an external data file they must lie at GUEST, see
+        Mapper.check_mapped); None: a reference dropped, nothing written there."""
+        last = length - self.geo.cluster_size
+        self.mapper.check_data(host, guest)
+        if last > 0:
+            self.mapper.check_data(host + last, guest + last if guest is not None else None)
         if not self.external:
             self.meta.check_data(host, length)
 
@@ -202,8 +206,10 @@ class Writer:
             if table is not None:
                 base = index * span
                 for k in range((pos - base) >> cb, ((chunk_end - 1 - base) >> cb) + 1):
-                    if self._state(table, k) != ALLOCATE:
-                        self._check_host(self._entry(table, k)[0] & L2E_OFFSET_MASK, cs)
+                    state = self._state(table, k)
+                    if state != ALLOCATE:  # (REUSE: an external data file's is rewritten at its guest offset)
+                        self._check_host(self._entry(table, k)[0] & L2E_OFFSET_MASK, cs,
+                                         base + (k << cb) if state == IN_PLACE else None)
             pos = chunk_end
 
     def _check_in_place_l2(self, table_off: int) -> None:
@@ -252,7 +258,7 @@ class Writer:
                 k += 1
             elif state == IN_PLACE:
                 host = self._entry(table, k)[0] & L2E_OFFSET_MASK
-                self._check_host(host, cs)
+                self._check_host(host, cs, c0)
                 self._put(piece, host + (g0 - c0), g0)
                 k += 1
             else:
@@ -323,7 +329,7 @@ class Writer:
         else:
             host = await self.alloc.allocate(n)
         if reuse:  # (new clusters were checked when allocated)
-            self._check_host(host, n * cs)
+            self._check_host(host, n * cs, c0)
         at = host + (run_lo - c0)
         if self.mapper.encrypted:
             # Encrypted where they now lie: old contents are plaintext (read
@@ -605,7 +611,7 @@ class Writer:
                 # Never drop a reference an entry that fails a check holds (it
                 # may point into metadata): CorruptionError, before anything
                 # changed.
-                self._check_host(host, cs)
+                self._check_host(host, cs, None)
             elif host:
                 # An entry that keeps its host cluster (ZERO_RANGE on one we
                 # own) is only flagged, as QEMU does: nothing is written there,
@@ -613,7 +619,7 @@ class Writer:
                 # must be one QEMU can read (aligned, not the header), or the
                 # zeros acknowledged here would read as an error (soak seed
                 # 8701179).
-                self.mapper.check_mapped(host)
+                self.mapper.check_mapped(host, None)
             if dropped is not None and releases:
                 dropped.append(old)
                 if guests is not None:
