@@ -328,14 +328,20 @@ def test_data_file_entry_off_its_guest_offset_is_corruption(tmp_path: Path, exte
             image.disk.pread(0, 4 * cs)
     assert img.read_bytes() == before
 
-    async def write() -> None:
+    async def write(zero: bool) -> None:
         image = await qcowfs.aio.open(img, "r+")
         try:
             with pytest.raises(qcowfs.CorruptionError, match="does not match guest cluster offset"):
-                await image.disk.write(cs + 512, b"\x22" * 4096)
+                if zero:   # (keeps the entry's offset, only flagging it zero: QEMU checks it there too)
+                    await image.disk.zero(cs, cs, unmap=False)
+                else:
+                    await image.disk.write(cs + 512, b"\x22" * 4096)
         finally:
             await image.close()
-    trio.run(write)
-    after = img.read_bytes()
-    assert [i for i in range(len(before)) if before[i] != after[i]] == [79], "more than the corrupt bit changed"
-    assert (d / "disk.data").read_bytes() == data
+    for zero in (False, True):
+        if zero:
+            img.write_bytes(before)
+        trio.run(write, zero)
+        after = img.read_bytes()
+        assert [i for i in range(len(before)) if before[i] != after[i]] == [79], "more than the corrupt bit changed"
+        assert (d / "disk.data").read_bytes() == data

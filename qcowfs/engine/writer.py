@@ -616,10 +616,12 @@ class Writer:
                 # An entry that keeps its host cluster (ZERO_RANGE on one we
                 # own) is only flagged, as QEMU does: nothing is written there,
                 # and a later write in place meets the overlap check. But it
-                # must be one QEMU can read (aligned, not the header), or the
-                # zeros acknowledged here would read as an error (soak seed
-                # 8701179).
-                self.mapper.check_mapped(host, None)
+                # must be one QEMU can read (aligned, not the header; in an
+                # external data file at its guest offset: QEMU checks that
+                # for a zero entry with an offset too), or the zeros
+                # acknowledged here would read as an error (soak seeds
+                # 8701179, 60099 through a mount).
+                self.mapper.check_mapped(host, c0)
             if dropped is not None and releases:
                 dropped.append(old)
                 if guests is not None:
