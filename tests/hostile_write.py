@@ -1261,13 +1261,7 @@ def make_case(seed: int, cache: BaseCache, only: str | None = None) -> Case:
                 if any(family_applies(f, ALL_LAYOUTS[n]) for n in allowed)]
         family = fams[seed % len(fams)]
         names = [n for n in allowed if family_applies(family, ALL_LAYOUTS[n])]
-        for _ in range(50):
-            name = rng.choice(names)
-            m = cache.get(name)
-            mut = Mutator(m, rng).make(family)
-            if mut is not None and mut.patches:
-                return Case(seed, name, mut, make_session(m, mut, rng, seed))
-        raise RuntimeError(f"seed {seed}: no applicable mutation of family {family} (--layout {only})")
+        return _first_mutation(seed, cache, rng, family, lambda: rng.choice(names), f" (--layout {only})")
     fams = Mutator.FAMILIES
     family = fams[seed % len(fams)]
     names = [n for n in LAYOUTS if family_applies(family, LAYOUTS[n])]
@@ -1275,15 +1269,23 @@ def make_case(seed: int, cache: BaseCache, only: str | None = None) -> Case:
     side = random.Random(f"data-file-{seed}")
     data_file = bool(df_names) and side.random() < DF_SHARE
     fam = "datafile" if data_file and side.random() < DF_OWN_FAMILY else family
+
+    def pick() -> str:
+        name = rng.choice(names)   # (drawn either way: other seeds keep naming the same case)
+        return side.choice(df_names) if data_file else name
+    return _first_mutation(seed, cache, rng, fam, pick, "")
+
+
+def _first_mutation(seed: int, cache: BaseCache, rng: random.Random, family: str, pick: Callable[[], str],
+                    what: str) -> Case:
+    """The case of the first of 50 layouts PICK draws where FAMILY has a mutation that changes something."""
     for _ in range(50):
-        name = rng.choice(names)
-        if data_file:
-            name = side.choice(df_names)
+        name = pick()
         m = cache.get(name)
-        mut = Mutator(m, rng).make(fam)
+        mut = Mutator(m, rng).make(family)
         if mut is not None and mut.patches:
             return Case(seed, name, mut, make_session(m, mut, rng, seed))
-    raise RuntimeError(f"seed {seed}: no applicable mutation of family {family}")
+    raise RuntimeError(f"seed {seed}: no applicable mutation of family {family}{what}")
 
 
 # ==========================================================================

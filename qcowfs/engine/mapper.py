@@ -360,7 +360,8 @@ class Mapper:
         the file it reads as zeros, as QEMU's); in an external data file at
         GUEST itself, where QEMU puts it and where only it reads it
         (qcow2_get_host_offset: another offset is corruption). GUEST None:
-        an entry that keeps its offset but is read as zeros."""
+        nothing is read through the entry (no allocated subcluster, or a
+        reference being dropped)."""
         if off & self._cluster_mask:
             raise CorruptionError(f"L2 entry points to an unaligned cluster offset {off:#x}")
         if not self.external_data:
