@@ -24,7 +24,7 @@ def parse_qemu_size(text: str) -> int:
     return int(value)
 
 
-def lifecycle_parsers(sub: Any) -> None:
+def resize_parser(sub: Any) -> None:
     r = sub.add_parser("resize", help="grow or shrink the virtual disk (qemu-img resize)",
                        description="Set the virtual disk of IMAGE to SIZE, or change it by +SIZE / -SIZE "
                                    "(suffixes k, M, G, T, P, E). A grown area reads zeros. Shrinking drops "
@@ -33,6 +33,8 @@ def lifecycle_parsers(sub: Any) -> None:
     r.add_argument("image", metavar="IMAGE")
     r.add_argument("size", metavar="[+|-]SIZE")
 
+
+def commit_parser(sub: Any) -> None:
     c = sub.add_parser("commit", help="write an overlay's data into its backing file (qemu-img commit)",
                        description="Write what OVERLAY holds into its backing file (or into BASE further "
                                    "down the chain, qcow2 or raw), then empty OVERLAY (not with -d or -b).")
@@ -45,6 +47,8 @@ def lifecycle_parsers(sub: Any) -> None:
                         "terminal); again for layers with other keys: each is tried in order")
     c.add_argument("overlay", metavar="OVERLAY")
 
+
+def rebase_parser(sub: Any) -> None:
     b = sub.add_parser("rebase", help="change the backing file of an image (qemu-img rebase)",
                        description="Make NEW the backing file of IMAGE. Safe mode first copies into IMAGE "
                                    "what differs between the old and the new backing file, so the disk "

@@ -14,23 +14,24 @@ import re
 import signal
 import sys
 import textwrap
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence, TypeAlias
 
 from .. import __version__
 from ..errors import QcowError
 from ..service.options import MOUNT_OPTIONS, MountOptions
 from .commands import (cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create, cmd_info, cmd_map,
                        cmd_snapshot, die)
-from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, lifecycle_parsers
+from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
 from .mount import cmd_mount, cmd_umount
 
-SUBCOMMANDS = ("mount", "umount", "info", "check", "snapshot", "bitmap", "checkpoint", "map", "create",
-               "convert", "commit", "rebase", "resize")
 
 
 # ---- argument parsing -------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `qcowfs` parser with every command, or with the command ONLY
+    alone: what `qcowfs COMMAND ...` needs (the other twelve parsers cost some
+    8 ms of every start, a sixth of a one-shot command; docs/speed.md)."""
     p = argparse.ArgumentParser(
         prog="qcowfs",
         description="Mount a qcow2 disk image as plain files: disk.raw (the virtual disk), "
@@ -41,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "mounts cannot have everything) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
                            description="`qcowfs COMMAND --help` describes each one")
+    for name, add in COMMAND_PARSERS.items():
+        if only is None or name == only:
+            add(sub)
+    return p
 
+
+# One function per command, each adding that command's parser to SUB.
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+# What snapshot, bitmap and checkpoint act on.
+TARGET = ("an image file, or the mount point of a read-write mount (then the daemon does it "
+          "at one instant while the disk stays in use)")
+
+
+def _mount_parser(sub: Sub) -> None:
     m = sub.add_parser("mount", help="mount an image (returns once the mount is ready)",
                        description="Mount IMAGE on MOUNTPOINT. Returns once the mount is ready; "
                                    "the daemon keeps serving until unmounted.",
@@ -50,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     _mount_args(m)
 
+
+def _umount_parser(sub: Sub) -> None:
     u = sub.add_parser("umount", help="unmount, flushing everything, and wait for the daemon",
                        description="Unmount MOUNTPOINT; returns once the daemon has flushed "
                                    "everything to the image and exited.")
@@ -58,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detach even if files are open or a loop device uses disk.raw "
                         "(the daemon flushes first; whatever still uses the mount gets errors)")
 
+
+def _info_parser(sub: Sub) -> None:
     i = sub.add_parser("info", help="show what qemu-img info shows",
                        description="Show the image's format, sizes, features, backing chain, "
                                    "snapshots and bitmaps. IMAGE may be the mount point of a qcowfs "
@@ -67,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: inspect an image that a VM or a mount holds")
 
+
+def _check_parser(sub: Sub) -> None:
     c = sub.add_parser("check", help="check refcounts and flags like qemu-img check",
                        description="Check the image's metadata. Exit codes as qemu-img check: "
                                    "0 clean, 1 check failed, 2 corruptions, 3 leaks only. IMAGE may "
@@ -80,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take no lock: check an image that a VM or a mount holds (results may be "
                         "inconsistent while it is written)")
 
-    target = "an image file, or the mount point of a read-write mount (then the daemon does it " \
-             "at one instant while the disk stays in use)"
+
+def _snapshot_parser(sub: Sub) -> None:
     sn = sub.add_parser("snapshot", help="create, delete, apply or list internal snapshots (qemu-img snapshot)",
-                        description=f"Internal snapshots of TARGET: {target}.")
+                        description=f"Internal snapshots of TARGET: {TARGET}.")
     sn.add_argument("action", choices=("create", "delete", "apply", "list"),
                     help="apply: revert the disk to snapshot NAME (qemu-img snapshot -a; on a mount "
                          "point only while disk.raw is not open)")
@@ -93,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("-U", "--force-share", action="store_true",
                     help="list: take no lock (an image that a VM holds)")
 
+
+def _bitmap_parser(sub: Sub) -> None:
     bm = sub.add_parser("bitmap", help="add, remove, clear, enable, disable, merge or list "
                                        "persistent dirty bitmaps (qemu-img bitmap)",
-                        description=f"Persistent dirty bitmaps of TARGET: {target}. An enabled "
+                        description=f"Persistent dirty bitmaps of TARGET: {TARGET}. An enabled "
                                     "bitmap added to a mount tracks writes from that instant.")
     bm.add_argument("action", choices=("add", "remove", "clear", "enable", "disable", "merge", "list"))
     bm.add_argument("target", metavar="TARGET")
@@ -108,15 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("-U", "--force-share", action="store_true",
                     help="list: take no lock (an image that a VM holds)")
 
+
+def _checkpoint_parser(sub: Sub) -> None:
     cp = sub.add_parser("checkpoint", help="snapshot NAME + frozen copies B@NAME of every enabled "
                                            "bitmap + a new bitmap NAME, in one commit",
-                        description=f"A backup checkpoint of TARGET ({target}): at one instant, "
+                        description=f"A backup checkpoint of TARGET ({TARGET}): at one instant, "
                                     "internal snapshot NAME, for every enabled bitmap B a disabled "
                                     "copy B@NAME holding B's bits, and a new enabled bitmap NAME.")
     cp.add_argument("target", metavar="TARGET")
     cp.add_argument("name", metavar="NAME")
     cp.add_argument("--json", action="store_true", help="print what was made")
 
+
+def _map_parser(sub: Sub) -> None:
     mp = sub.add_parser("map", help="allocation map (qemu-img map) or a bitmap's dirty extents",
                         description="The allocation map of TARGET (an image, or a mount point: then "
                                     "the live state) in qemu-img map --output=json's shape, backing "
@@ -128,9 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--output", choices=("human", "json"), default="human")
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
-    _image_maker_args(sub)
-    lifecycle_parsers(sub)
-    return p
 
 
 class _Version(argparse.Action):
@@ -152,8 +175,8 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """create and convert: qemu-img's arguments and option names."""
+def _create_parser(sub: Sub) -> None:
+    """qemu-img's arguments and option names, as for convert."""
     cr = sub.add_parser("create", help="create a qcow2 image (qemu-img create)",
                         description="Create the qcow2 image IMAGE of SIZE bytes (K, M, G, T suffixes), or "
                                     "of its backing file's size. Options as qemu-img create -o: "
@@ -173,6 +196,9 @@ def _image_maker_args(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     cr.add_argument("--key-file", metavar="FILE", action="append",
                     help="LUKS passphrase (every byte of FILE; else asked on a terminal)")
 
+
+def _convert_parser(sub: Sub) -> None:
+    """qemu-img's arguments and option names."""
     cv = sub.add_parser("convert", help="copy an image into a new qcow2 or raw image (qemu-img convert)",
                         description="Copy the disk of SRC (qcow2 or raw) into the new image DST, leaving "
                                     "zero and unallocated ranges unallocated. DST appears complete or "
@@ -217,6 +243,14 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
                         + ", ".join(o.name + (f"={o.value}" if o.value else "") for o in MOUNT_OPTIONS)
                         + " (each is described below); mount(8)/systemd generic options "
                           "(defaults, nofail, x-systemd.*...) are accepted and ignored")
+
+
+COMMAND_PARSERS: dict[str, Callable[[Sub], None]] = {
+    "mount": _mount_parser, "umount": _umount_parser, "info": _info_parser, "check": _check_parser,
+    "snapshot": _snapshot_parser, "bitmap": _bitmap_parser, "checkpoint": _checkpoint_parser,
+    "map": _map_parser, "create": _create_parser, "convert": _convert_parser,
+    "resize": resize_parser, "commit": commit_parser, "rebase": rebase_parser}
+SUBCOMMANDS = tuple(COMMAND_PARSERS)
 
 
 def mount_options_text() -> str:
@@ -287,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _mount_from_args(_helper_parser().parse_args(argv))
         if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
             argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
         a, extra = parser.parse_known_args(argv)
         if extra:  # what the command's parser did not take: its usage, not the top-level one
             command_parsers(parser).get(a.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
