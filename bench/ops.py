@@ -29,7 +29,8 @@
   per key slot), with the right and with a wrong passphrase: a fresh
   `python -c` that opens it with `qcowfs.open(key_file=)` and reads its
   first sector, against `qemu-io --object secret,file= --image-opts ...
-  -c 'read 0 512'`.
+  -c 'read 0 512'`; and the floor under both: the key derivation alone
+  (every PBKDF2 of the unlock, in a warm process) against qemu-io's open.
 
 Times are wall-clock medians, whole commands included (process start too);
 the ratio is the peer's time over qcowfs's: above 1.0, qcowfs is faster.
@@ -182,7 +183,8 @@ def check_times(runs: int) -> dict[str, dict[str, float]]:
 AIMS: dict[str, float | None] = {"snapshot apply": 0.5, "create 1G": 0.5,
                                  **{f"{c} (file)": 0.5 for c in ("info", "map", "snapshot create",
                                                                  "snapshot delete", "bitmap add")},
-                                 "floor: python -c pass": None, "floor: import numpy": None}
+                                 "floor: python -c pass": None, "floor: import numpy": None,
+                                 "floor: LUKS PBKDF2 alone": None}
 
 
 def oneshot_times(image: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
@@ -365,9 +367,37 @@ def luks_image(work: Path, key: Path) -> Path:
     raise SystemExit(f"qemu-img create of a LUKS image failed: {p.stderr.strip()}")
 
 
+# The key derivation alone, in a warm process: every PBKDF2 an unlock with the
+# right passphrase runs (the slot key, then the master key's digest), through
+# the function the unlock calls. argv: hash, key bytes, slot iterations, digest
+# iterations.
+PBKDF2_ALONE = """
+import sys, time
+from qcowfs.format.crypto import LUKS_DIGEST_LEN, pbkdf2
+h, key_bytes, slot, digest = sys.argv[1], *map(int, sys.argv[2:])
+t = time.perf_counter()
+pbkdf2(h, b"qcowfs-bench-luks", bytes(32), slot, key_bytes)
+pbkdf2(h, bytes(key_bytes), bytes(32), digest, LUKS_DIGEST_LEN)
+print(time.perf_counter() - t)
+"""
+
+
+def pbkdf2_floor(img: Path, runs: int) -> float:
+    """Median seconds of IMG's key derivation alone (PBKDF2_ALONE), its
+    iteration counts as `qemu-img info` reads them from the LUKS header."""
+    enc = json.loads(sh("qemu-img", "info", "--output=json", img).stdout)["format-specific"]["data"]["encrypt"]
+    slot = next(s for s in enc["slots"] if s["active"])
+    key_bytes = 2 * int(enc["cipher-alg"].split("-")[1]) // 8 if enc["cipher-mode"] == "xts" else \
+        int(enc["cipher-alg"].split("-")[1]) // 8
+    return statistics.median(float(sh(sys.executable, "-c", PBKDF2_ALONE, enc["hash-alg"], key_bytes,
+                                      slot["iters"], enc["master-key-iters"]).stdout) for _ in range(runs))
+
+
 def luks_open_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
     """Median wall seconds of opening a LUKS image and reading one sector,
-    right and wrong passphrase, qcowfs (library, fresh process) and qemu-io."""
+    right and wrong passphrase, qcowfs (library, fresh process) and qemu-io;
+    and the floor under them: the key derivation alone (pbkdf2_floor)
+    against qemu-io's whole open with the right passphrase."""
     key, wrong = work / "luks.key", work / "wrong.key"
     key.write_text("qcowfs-bench-luks")
     wrong.write_text("not-the-passphrase")
@@ -386,6 +416,8 @@ def luks_open_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
                 if (p.returncode == 0) != ok:
                     raise SystemExit(f"{args[0]} exited {p.returncode} opening the LUKS image: {p.stderr.strip()}")
         rows[name] = {"qcowfs": statistics.median(t_o), "qemu-io": statistics.median(t_q)}
+    rows["floor: LUKS PBKDF2 alone"] = {"qcowfs": pbkdf2_floor(img, runs),
+                                        "qemu-io": rows["LUKS open, right key"]["qemu-io"]}
     img.unlink()
     return rows
 
