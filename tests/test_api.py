@@ -497,6 +497,35 @@ def test_images_are_read_on_several_threads_at_once(tmp_path: Path, ctype: str) 
         list(ex.map(reader, range(4)))
 
 
+def test_compressed_reads_keep_a_few_mib_whatever_the_cluster_size(tmp_path: Path) -> None:
+    """The decompressed clusters an image keeps are bounded in bytes: reading
+    a zlib image of 2 MiB clusters whole, in 1 MiB reads, allocates at most
+    a few clusters at once (it kept 64 clusters, 128 MiB, and inflated 32 at
+    a time ahead of a read), and reads what QEMU reads."""
+    import tracemalloc
+
+    raw = tmp_path / "src.raw"
+    rng = random.Random(3)
+    words = b" ".join(rng.choice([b"cluster", b"zero", b"table"]) for _ in range(400000))[: 2 * MiB]
+    with open(raw, "wb") as f:
+        for i in range(80):  # 160 MiB of compressible data: 80 clusters
+            f.write(bytes([i]) + words[1:])
+    img = tmp_path / "c.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=2M",
+                    raw, img], check=True)
+    buf = bytearray(MiB)
+    with qcowfs.open(img) as image, open(raw, "rb") as want:
+        tracemalloc.start()
+        try:
+            for off in range(0, image.virtual_size, MiB):
+                assert image.disk.preadinto(buf, off) == MiB
+                assert buf == want.read(MiB), off
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 16 * MiB, f"{peak / MiB:.0f} MiB allocated at once"
+
+
 # ---- a small model test: random writes, flushes, reopenings, snapshots
 
 MACHINE_LAYOUTS = ("c64k-compressed", "c4k-over-backing", "v2-c512-snapshot", "zstd-bitmaps")

@@ -27,7 +27,7 @@ import itertools
 from typing import Callable, Protocol
 
 from ..format import Table
-from .mapper import COMPRESSED, DATA, INFLATE_BATCH, MISSING, NUMPY_THRESHOLD, UNALLOC, ZERO, L1Table, Mapper, zero_fill
+from .mapper import COMPRESSED, DATA, MISSING, NUMPY_THRESHOLD, UNALLOC, ZERO, L1Table, Mapper, zero_fill
 
 # (kind, guest offset, length, host, layer that reads it): kind is DATA,
 # COMPRESSED or ZERO (LAYER None), never UNALLOC.
@@ -39,6 +39,9 @@ SLICE = 8 << 20
 
 class Layer(Protocol):
     """What reads the pieces of one layer: a qcow2 image's Mapper or a raw file."""
+
+    # The most compressed clusters one inflate_ahead takes.
+    inflate_batch: int
 
     async def read_run(self, kind: int, dst: memoryview, guest: int, host: int) -> None:
         """Fill DST with a piece of KIND at HOST (guest offset GUEST)."""
@@ -157,7 +160,7 @@ async def read(walk: Walk, buf: memoryview, offset: int) -> None:
             if kind == COMPRESSED and not layer.cheap(kind, host):
                 # This and the next compressed clusters of the layer, inflated together.
                 ahead = (p[3] for p in itertools.islice(pieces, i, None) if p[0] == COMPRESSED and p[4] is layer)
-                await layer.inflate_ahead(list(itertools.islice(ahead, INFLATE_BATCH)))
+                await layer.inflate_ahead(list(itertools.islice(ahead, layer.inflate_batch)))
             await layer.read_run(kind, dst, guest, host)
 
 

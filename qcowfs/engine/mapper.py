@@ -39,12 +39,13 @@ RUN_KIND = (UNALLOC, UNALLOC, ZERO, ZERO, DATA, COMPRESSED, -1)
 # raw L2 entry for COMPRESSED.
 Run = tuple[int, int, int, int]
 
-# Decompressed clusters kept (an LRU): a small read of a compressed cluster
-# inflates all of it, and the next small reads in it are served from here.
-DECOMPRESSED_CLUSTERS = 64
-# At most this many clusters inflated at once ahead of a read (so that none
-# is evicted before the read takes it).
-INFLATE_BATCH = DECOMPRESSED_CLUSTERS // 2
+# Bytes of decompressed clusters kept (an LRU, at least 2 clusters): a small
+# read of a compressed cluster inflates all of it, and the next small reads
+# in it, and read-around's pushes, are served from here. Counted in bytes, not
+# clusters: 64 clusters of 2 MiB were 128 MiB. 4 MiB is the 64 clusters of
+# 64 KiB it always was: 2 MiB cost 20% of the random reads with 4 jobs of a
+# zlib image for 4 MiB less memory (docs/speed.md).
+DECOMPRESSED_BYTES = 4 << 20
 
 # Spans of more entries than this are classified with numpy, imported then.
 # At 256 entries of plain data both take about 40 us (docs/speed.md); a
@@ -192,6 +193,10 @@ class Mapper:
         # Entries read_cached_into leaves to the general path (bit 0 is an error in v2).
         self._special = OFLAG_COMPRESSED | OFLAG_ZERO
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+        self._decompressed_max = max(2, DECOMPRESSED_BYTES // geo.cluster_size)
+        # At most this many clusters inflated at once ahead of a read (so that
+        # none is evicted before the read takes it).
+        self.inflate_batch = self._decompressed_max // 2
 
     # ---- L2 tables ----------------------------------------------------------
 
@@ -600,7 +605,7 @@ class Mapper:
 
     async def inflate_ahead(self, entries: list[int]) -> None:
         """Decompress the clusters of ENTRIES (L2 entries of compressed
-        clusters a read is about to take, at most INFLATE_BATCH) into the
+        clusters a read is about to take, at most inflate_batch) into the
         cache at once: their inflating runs on several cores
         (compression.decompress_clusters), where one by one it ran on one."""
         missing = [e for e in dict.fromkeys(entries) if e not in self._decompressed]
@@ -626,5 +631,5 @@ class Mapper:
 
     def _keep_decompressed(self, entry: int, cluster: bytes) -> None:
         self._decompressed[entry] = cluster
-        if len(self._decompressed) > DECOMPRESSED_CLUSTERS:
+        if len(self._decompressed) > self._decompressed_max:
             self._decompressed.popitem(last=False)

@@ -106,6 +106,8 @@ class RawSource:
     def cheap(self, kind: int, host: int) -> bool:
         return True
 
+    inflate_batch = 0  # (a raw file has no compressed clusters)
+
     async def inflate_ahead(self, entries: list[int]) -> None:
         """(A raw file has no compressed clusters.)"""
 
