@@ -14,8 +14,9 @@
   `qemu-nbd -B NAME` + `nbdinfo --map=qemu:dirty-bitmap:NAME --json`;
 - one-shot commands on an image file (info, map, snapshot create and
   delete, bitmap add) against the same qemu-img commands (the aim: within
-  2x, start-up included), and two floors beside them: `python -c pass` and
-  `python -c "import numpy"` against `qemu-img info`;
+  2x, start-up included), and three floors beside them: `python -c pass`,
+  `python -c "import argparse"` and `python -c "import numpy"` against
+  `qemu-img info`;
 - making images (issue 22): `qcowfs create` against `qemu-img create`, and
   `qcowfs convert -O qcow2`, `-O raw` and `-O qcow2 -c` of a 1 GiB image of
   mixed data and zeros against `qemu-img convert` with the same arguments
@@ -183,16 +184,19 @@ def check_times(runs: int) -> dict[str, dict[str, float]]:
 AIMS: dict[str, float | None] = {"snapshot apply": 0.5, "create 1G": 0.5,
                                  **{f"{c} (file)": 0.5 for c in ("info", "map", "snapshot create",
                                                                  "snapshot delete", "bitmap add")},
-                                 "floor: python -c pass": None, "floor: import numpy": None,
+                                 "floor: python -c pass": None, "floor: import argparse": None,
+                                 "floor: import numpy": None,
                                  "floor: LUKS PBKDF2 alone": None}
 
 
 def oneshot_times(image: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
     """Median wall seconds of one-shot commands on an image file (no mount),
     process start included, against the same qemu-img command on a copy of
-    IMAGE; then two floors against `qemu-img info`: the interpreter alone, and
-    the interpreter with numpy, which the commands that change an image
-    import (info and map import neither numpy nor trio)."""
+    IMAGE; then three floors against `qemu-img info`: the interpreter alone,
+    with argparse (every command parses its arguments with it, and the man
+    page is made from its parser), and with numpy, which the commands that
+    change an image's refcounts import (info, map and create import neither
+    numpy nor trio)."""
     py = sys.executable
     ours_img, theirs_img = work / "oneshot-qcowfs.qcow2", work / "oneshot-qemu.qcow2"
     for copy in (ours_img, theirs_img):
@@ -214,6 +218,7 @@ def oneshot_times(image: Path, work: Path, runs: int) -> dict[str, dict[str, flo
             o = fill(ours, ours_img)
             out[name]["qcowfs"].append(timed(QCOWFS, *o, *([] if "{img}" in ours else [ours_img])))
     floors = {"floor: python -c pass": [py, "-c", "pass"],
+              "floor: import argparse": [py, "-c", "import argparse"],
               "floor: import numpy": [py, "-c", "import numpy"]}
     for name, cmd in floors.items():
         out[name] = {"qcowfs": [timed(*cmd) for _ in range(runs)],
