@@ -21,6 +21,16 @@ class QcowError(Exception):
         err.errno = e.errno or errno.EIO
         return err
 
+    def about(self, path: str) -> "QcowError":
+        """This error naming the file PATH it is about, as an OSError names
+        its file: `disk.qcow2: not a qcow2 image (bad magic)`; same type and
+        errno. Itself when its message names PATH already."""
+        if path in str(self):
+            return self
+        err = type(self)(f"{path}: {self}")
+        err.errno = self.errno
+        return err
+
 
 class InvalidImageError(QcowError):
     """The header or a structure named by it is malformed: refuse to open."""

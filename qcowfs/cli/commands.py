@@ -33,20 +33,12 @@ def die(msg: str, code: int = 1) -> NoReturn:
 
 
 def open_image(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
-    """Open IMAGE (qcowfs.aio.Image, no trio loop needed); errors about its
-    contents name the file; what a read-only open left out (a damaged
-    snapshot table...) is one warning line each."""
+    """Open IMAGE (qcowfs.aio.Image, no trio loop needed; its errors name
+    the file); what a read-only open left out (a damaged snapshot table...)
+    is one warning line each."""
     from ..aio import Image
 
-    try:
-        image = Image(image_arg, mode, **kwargs)  # type: ignore[arg-type]
-    except QcowError as e:
-        msg = str(e)
-        if image_arg not in msg and os.path.abspath(image_arg) not in msg:
-            msg = f"{image_arg}: {msg}"
-        err = type(e)(msg)
-        err.errno = e.errno  # (an open's errno is the host file's: EACCES, ENOENT...)
-        raise err from None
+    image = Image(image_arg, mode, **kwargs)  # type: ignore[arg-type]
     for warning in image.warnings:
         print(f"qcowfs: warning: {image_arg}: {warning}", file=sys.stderr)
     return image

@@ -90,6 +90,11 @@ class Image:
         except OSError as e:  # (a directory, an unreadable file...)
             self._close_files()
             raise QcowError.from_os(f"cannot read {path}", e) from None
+        except QcowError as e:
+            self._close_files()
+            if chain:  # (a backing file: open_backing names it, as "backing file PATH")
+                raise
+            raise e.about(path) from None
         except BaseException:
             self._close_files()
             raise
