@@ -7,6 +7,7 @@ these helpers build those command lines. QEMU is the oracle only.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -59,13 +60,15 @@ def create_encrypted(*args: object) -> None:
     encrypted image. qemu-img times PBKDF2 with the thread's CPU time, which the kernel samples per tick:
     on a busy machine a run can measure 0 ms and qemu-img gives up with "Unable
     to get accurate CPU usage". That is qemu-img's flake, not a property of the
-    image, so try again."""
-    for _ in range(20):
+    image, so try again, a little later each time (20 tries in a row failed
+    once, with a model soak and the suite sharing the 2 cores)."""
+    for attempt in range(40):
         p = run(*args)
         if p.returncode == 0:
             return
         if "accurate CPU usage" not in p.stderr:
             break
+        time.sleep(0.02 * attempt)
     raise RuntimeError(f"{' '.join(map(str, args))} exited {p.returncode}: {p.stderr}")
 
 
