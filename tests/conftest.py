@@ -88,9 +88,27 @@ def mounted(image: Path, mnt: Path, *extra: str, read_only: bool = True,
     try:
         yield mnt
     finally:
-        if is_mounted(mnt):
-            subprocess.run([QCOWFS, "umount", str(mnt)], capture_output=True, timeout=120)
-        force_unmount(mnt)
+        unmount_and_wait(mnt)
+
+
+def unmount_and_wait(mnt: Path) -> None:
+    """`qcowfs umount MNT`, which returns once the daemon has flushed and
+    exited, so what follows sees the image whole and unlocked. A loop device
+    just detached can hold disk.raw a moment longer ("busy"): try again for
+    5 s, then `umount --force` (the daemon flushes, detaches and exits)."""
+    for _ in range(50):
+        if not is_mounted(mnt):
+            return
+        p = subprocess.run([QCOWFS, "umount", str(mnt)], capture_output=True, text=True, timeout=120)
+        if p.returncode == 0:
+            return
+        print(f"qcowfs umount {mnt}: {p.stderr.strip()}", file=sys.stderr)  # (shown if the test fails)
+        if "busy" not in p.stderr:
+            break
+        time.sleep(0.1)
+    if is_mounted(mnt):
+        subprocess.run([QCOWFS, "umount", "--force", str(mnt)], capture_output=True, timeout=120)
+    force_unmount(mnt)
 
 
 def daemon_pid(mnt: Path) -> int:
