@@ -301,7 +301,7 @@ def mixed_image(work: Path) -> Path:
 # one untimed copy done first): what the command costs besides starting Python
 # and importing qcowfs and numpy. argv: SRC, DST, the output format, runs.
 CONVERT_ALONE = """
-import os, sys, time, qcowfs
+import os, statistics, sys, time, qcowfs
 src, dst, fmt, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 times = []
 for _ in range(runs + 1):
@@ -312,8 +312,7 @@ for _ in range(runs + 1):
     qcowfs.convert(src, dst, out_format=fmt)
     times.append(time.perf_counter() - t)
 os.unlink(dst)
-times = sorted(times[1:])
-print(times[len(times) // 2])
+print(statistics.median(times[1:]))
 """
 
 
@@ -328,6 +327,15 @@ def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
              "convert -O raw 1G": (["convert", "-O", "raw"], ["convert", "-O", "raw"], []),
              "convert -c 1G": (["convert", "-c", "-O", "qcow2"], ["convert", "-c", "-O", "qcow2"], [])}
     rows: dict[str, dict[str, float]] = {}
+    q_out, o_out = work / "q.img", work / "o.img"
+
+    def clear() -> None:
+        # Neither tool's output is there while the other runs: the second would
+        # otherwise write its 512 MiB beside the first's, into memory the first
+        # did not have to find (on this VM that costs up to a second of kernel time).
+        for old in (q_out, o_out):
+            old.unlink(missing_ok=True)
+
     # One untimed round first: on a VM the first writes of hundreds of MiB
     # into memory the guest has not touched for a while can cost a second of
     # kernel time (seen for qemu-img and qcowfs alike: 1.1-2.0 s of sys for
@@ -335,7 +343,7 @@ def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
     for theirs, ours, tail in cases.values():
         if "-c" in ours:  # (CPU-bound, and long)
             continue
-        for args, out in ((["qemu-img", *theirs], work / "q.img"), ([QCOWFS, *ours], work / "o.img")):
+        for args, out in ((["qemu-img", *theirs], q_out), ([QCOWFS, *ours], o_out)):
             out.unlink(missing_ok=True)
             sh(*args, *([src] if not tail else []), out, *tail)
     for name, (theirs, ours, tail) in cases.items():
@@ -343,35 +351,29 @@ def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
         t_o: list[float] = []
         c_q: list[float] = []
         c_o: list[float] = []
+        fmt = "raw" if "raw" in ours else "qcow2"
         for _ in range(runs):
-            for args, times, cpus, out in ((["qemu-img", *theirs], t_q, c_q, work / "q.img"),
-                                           ([QCOWFS, *ours], t_o, c_o, work / "o.img")):
-                # Neither tool's output is there while the other runs: the second would
-                # otherwise write its 512 MiB beside the first's, into memory the first
-                # did not have to find (on this VM that costs up to a second of kernel time).
-                for old in (work / "q.img", work / "o.img"):
-                    old.unlink(missing_ok=True)
+            for args, times, cpus, out in ((["qemu-img", *theirs], t_q, c_q, q_out),
+                                           ([QCOWFS, *ours], t_o, c_o, o_out)):
+                clear()
                 sh("sync")
                 wall, cpu = timed_cpu(*args, *([src] if not tail else []), out, *tail)
                 times.append(wall)
                 cpus.append(cpu)
             if not tail:
-                fmt = "raw" if "raw" in ours else "qcow2"
-                sh("qemu-img", "compare", "-F", fmt, src, work / "o.img")
+                sh("qemu-img", "compare", "-F", fmt, src, o_out)
         rows[name] = {"qcowfs": statistics.median(t_o), "qemu-img": statistics.median(t_q)}
         if not tail:
             rows[f"{name[len('convert '):]} CPU"] = {"qcowfs": statistics.median(c_o),
                                                      "qemu-img": statistics.median(c_q)}
             AIMS[f"{name[len('convert '):]} CPU"] = None
         if not tail and "-c" not in ours:  # the copy alone against qemu-img's whole command
-            for old in (work / "q.img", work / "o.img"):
-                old.unlink(missing_ok=True)
-            fmt = "raw" if "raw" in ours else "qcow2"
-            alone = float(sh(sys.executable, "-c", CONVERT_ALONE, src, work / "o.img", fmt, runs).stdout)
+            clear()
+            alone = float(sh(sys.executable, "-c", CONVERT_ALONE, src, o_out, fmt, runs).stdout)
             rows[f"{name} alone"] = {"qcowfs": alone, "qemu-img": rows[name]["qemu-img"]}
             AIMS[f"{name} alone"] = None
-    for f in (src, work / "q.img", work / "o.img"):
-        f.unlink(missing_ok=True)
+    clear()
+    src.unlink()
     return rows
 
 
@@ -421,8 +423,7 @@ def pbkdf2_floor(img: Path, runs: int) -> float:
     iteration counts as `qemu-img info` reads them from the LUKS header."""
     enc = json.loads(sh("qemu-img", "info", "--output=json", img).stdout)["format-specific"]["data"]["encrypt"]
     slot = next(s for s in enc["slots"] if s["active"])
-    key_bytes = 2 * int(enc["cipher-alg"].split("-")[1]) // 8 if enc["cipher-mode"] == "xts" else \
-        int(enc["cipher-alg"].split("-")[1]) // 8
+    key_bytes = int(enc["cipher-alg"].split("-")[1]) // 8 * (2 if enc["cipher-mode"] == "xts" else 1)
     return statistics.median(float(sh(sys.executable, "-c", PBKDF2_ALONE, enc["hash-alg"], key_bytes,
                                       slot["iters"], enc["master-key-iters"]).stdout) for _ in range(runs))
 

@@ -25,7 +25,6 @@ from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase
 from .mount import cmd_mount, cmd_umount
 
 
-
 # ---- argument parsing -------------------------------------------------------------
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

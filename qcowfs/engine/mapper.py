@@ -487,12 +487,13 @@ class Mapper:
             if e & special or e & L2E_OFFSET_MASK != host + ((k - first) << cb):
                 return None
         last_host = host + ((last - first) << cb)
-        guest = offset - (offset & self._cluster_mask)
-        if host & self._cluster_mask or (host != guest if self.external_data else (
+        within = offset & self._cluster_mask
+        if host & self._cluster_mask or (host != offset - within if self.external_data else (
                 host <= self._cluster_mask or last_host >= self.file.known_size)):
+            guest = offset - within
             self.check_data(host, guest)  # raises with the precise reason
             self.check_data(last_host, guest + (last_host - host))
-        return host + (offset & self._cluster_mask)
+        return host + within
 
     def read_cached_into(self, l1: L1Table, buf: memoryview, offset: int) -> bool:
         """Fill BUF from a range that is one host-contiguous data run, with its
