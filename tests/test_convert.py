@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import images, luks
 
@@ -511,3 +513,31 @@ def test_a_failing_read_ahead_fails_the_copy(tmp_path: Path, out_format: str):
         trio.run(lambda: aio.convert(src, dst, out_format=out_format))
     assert not dst.exists()
     assert src.read_bytes() == before
+
+
+# The blocks of a chunk: all zeros, zeros but one byte (first, middle or last),
+# random data, and data that starts with zeros.
+_BLOCK_KINDS = ("zero", "zero", "last", "first", "middle", "data", "lead")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from((512, 4096, 65536)), st.lists(st.sampled_from(_BLOCK_KINDS), min_size=1, max_size=40),
+       st.integers(0, 511), st.randoms(use_true_random=False))
+def test_zero_runs_are_the_blocks_of_zeros(unit: int, kinds: list[str], cut: int, rnd: random.Random):
+    """convert's zero check (engine.convert._zero_runs, strided first bytes and
+    memcmp) against the obvious comparison of every block, on chunks mixing
+    blocks of zeros, blocks with one non-zero byte anywhere, data, and data
+    that begins with zeros; the chunk may end inside a block."""
+    from qcowfs.engine.convert import _complement, _index_runs, _zero_runs
+
+    block = {"zero": lambda: bytes(unit), "data": lambda: rnd.randbytes(unit),
+             "first": lambda: b"\1" + bytes(unit - 1), "last": lambda: bytes(unit - 1) + b"\1",
+             "middle": lambda: bytes(unit // 2) + b"\7" + bytes(unit - unit // 2 - 1),
+             "lead": lambda: bytes(unit // 3) + rnd.randbytes(unit - unit // 3)}
+    buf = bytearray(b"".join(block[k]() for k in kinds) + b"\xff" * 100)   # (bytes past N must not count)
+    n = max(1, len(kinds) * unit - cut)
+    count = -(-n // unit)
+    zeros = [i for i in range(count) if not any(buf[i * unit : min(n, (i + 1) * unit)])]
+    assert _zero_runs(buf, n, unit) == _index_runs(zeros)
+    assert [i for a, b in _complement(_zero_runs(buf, n, unit), count) for i in range(a, b)] == \
+        [i for i in range(count) if i not in zeros]
