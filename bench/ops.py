@@ -428,18 +428,13 @@ def pbkdf2_floor(img: Path, runs: int) -> float:
                                       slot["iters"], enc["master-key-iters"]).stdout) for _ in range(runs))
 
 
-def luks_open_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
-    """Median wall seconds of opening a LUKS image and reading one sector,
-    right and wrong passphrase, qcowfs (library, fresh process) and qemu-io;
-    and the floor under them: the key derivation alone (pbkdf2_floor)
-    against qemu-io's whole open with the right passphrase."""
-    key, wrong = work / "luks.key", work / "wrong.key"
-    key.write_text("qcowfs-bench-luks")
-    wrong.write_text("not-the-passphrase")
-    img = luks_image(work, key)
+def _open_times(img: Path, cases: list[tuple[str, Path, bool]], runs: int) -> dict[str, dict[str, float]]:
+    """Median wall seconds of opening IMG and reading one sector with each
+    case's key file (NAME, KEY, whether it opens), qcowfs (library, fresh
+    process) and qemu-io alternating."""
     opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s"
     rows: dict[str, dict[str, float]] = {}
-    for name, k, ok in (("LUKS open, right key", key, True), ("LUKS open, wrong key", wrong, False)):
+    for name, k, ok in cases:
         t_q, t_o = [], []
         for _ in range(runs):
             for args, times in ((["qemu-io", "--object", f"secret,id=s,file={k}", "--image-opts", opts,
@@ -451,8 +446,29 @@ def luks_open_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
                 if (p.returncode == 0) != ok:
                     raise SystemExit(f"{args[0]} exited {p.returncode} opening the LUKS image: {p.stderr.strip()}")
         rows[name] = {"qcowfs": statistics.median(t_o), "qemu-io": statistics.median(t_q)}
+    return rows
+
+
+def luks_open_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Median wall seconds of opening a LUKS image and reading one sector,
+    right and wrong passphrase, qcowfs and qemu-io (_open_times); the floor
+    under them: the key derivation alone (pbkdf2_floor) against qemu-io's
+    whole open with the right passphrase; then the same image with a second
+    key slot (qemu-img amend, its default iter-time): the passphrase of slot
+    1, and a wrong one (both tools derive both slots' keys)."""
+    key, wrong, second = work / "luks.key", work / "wrong.key", work / "second.key"
+    key.write_text("qcowfs-bench-luks")
+    wrong.write_text("not-the-passphrase")
+    second.write_text("qcowfs-bench-luks-2")
+    img = luks_image(work, key)
+    rows = _open_times(img, [("LUKS open, right key", key, True), ("LUKS open, wrong key", wrong, False)], runs)
     rows["floor: LUKS PBKDF2 alone"] = {"qcowfs": pbkdf2_floor(img, runs),
                                         "qemu-io": rows["LUKS open, right key"]["qemu-io"]}
+    sh("qemu-img", "amend", "--object", f"secret,id=s0,file={key}", "--object", f"secret,id=s1,file={second}",
+       "--image-opts", f"driver=qcow2,file.filename={img},encrypt.key-secret=s0",
+       "-o", "encrypt.keyslot=1,encrypt.state=active,encrypt.new-secret=s1")
+    rows |= _open_times(img, [("LUKS 2 slots, slot 1 key", second, True),
+                              ("LUKS 2 slots, wrong key", wrong, False)], runs)
     img.unlink()
     return rows
 

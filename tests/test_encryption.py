@@ -27,6 +27,7 @@ from qcowfs.errors import InvalidImageError, PassphraseError, UnsupportedFeature
 from qcowfs.format import EXT_CRYPTO, CryptoHeaderExtension, Header
 from qcowfs.engine.image import Image, OpenOptions
 from qcowfs.host.secret import Keyring
+from qcowfs.host.waiting import drive
 
 SIZE = 4 * MiB
 
@@ -250,6 +251,74 @@ async def test_luks_several_key_slots(tmp_path: Path) -> None:
             await image.close()
     with pytest.raises(PassphraseError, match=r"\.qcow2: no key slot matches this passphrase$"):
         open_image(img, "third", read_only=True)
+
+
+def _two_slot_image(tmp_path: Path) -> Path:
+    """An image whose slots 0 (SECRET) and 3 ("second one", qemu-img amend) are active."""
+    img, _ = build(tmp_path, 8)
+    luks.create_encrypted("qemu-img", "amend", *luks.secret_object(), *luks.secret_object("second one", "sec1"),
+                          "-o", "encrypt.keyslot=3,encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
+                          "--image-opts", luks.image_opts(img))
+    return img
+
+
+async def test_luks_slots_are_tried_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several active slots, each slot's PBKDF2 runs on its own thread at
+    the same time (two cores here): every slot-key derivation waits on a
+    barrier of two, which only derivations running at once pass. The right
+    slot still opens, a wrong passphrase still fails, and no thread is left
+    when the open returns (a mount forks after it)."""
+    import threading
+
+    img = _two_slot_image(tmp_path)
+    monkeypatch.setattr(crypto.os, "cpu_count", lambda: 2)
+    barrier = threading.Barrier(2, timeout=20)
+    derive = crypto.pbkdf2
+    threads: list[str] = []
+
+    def slot_key_at_once(hash_name: str, secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+        if length != crypto.LUKS_DIGEST_LEN:  # (a slot key; the master key digest comes after)
+            threads.append(threading.current_thread().name)
+            barrier.wait()
+        return derive(hash_name, secret, salt, iterations, length)
+
+    monkeypatch.setattr(crypto, "pbkdf2", slot_key_at_once)
+    before = threading.active_count()
+    for secret in (SECRET, "second one"):
+        barrier.reset()
+        image = open_image(img, secret, read_only=True)
+        await image.close()
+        assert threading.active_count() == before
+    barrier.reset()
+    with pytest.raises(PassphraseError, match="no key slot matches this passphrase$"):
+        open_image(img, "third", read_only=True)
+    assert threading.active_count() == before
+    assert len(threads) == 6 and all(name.startswith("qcowfs-luks") for name in threads), threads
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_a_slot_past_the_end_of_the_file_fails_in_its_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           cores: int) -> None:
+    """Key material the image file does not hold fails the unlock only when
+    its slot's turn comes (as trying one slot after the other, as QEMU does):
+    the passphrase of an earlier slot opens, one of a later slot gets the
+    one line; the same with the slots tried at once."""
+    img = _two_slot_image(tmp_path)
+    monkeypatch.setattr(crypto.os, "cpu_count", lambda: cores)
+    image = open_image(img, read_only=True)
+    vol = image.luks
+    drive(image.close())
+    assert vol is not None
+    raw = img.read_bytes()
+    cut = vol.offset + vol.header.key_slots[3].key_offset * crypto.LUKS_SECTOR_SIZE
+
+    def read(offset: int, length: int) -> bytes:
+        return raw[offset : min(offset + length, cut + 100 if offset >= cut else offset + length)]
+
+    assert vol.active_slots == [0, 3]
+    assert vol.unlock([SECRET.encode()], read) is not None
+    with pytest.raises(InvalidImageError, match="^LUKS key slot 3 key material lies past the end of the image file$"):
+        vol.unlock([b"second one"], read)
 
 
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -596,23 +598,75 @@ class LuksVolume:
                               "no passphrase given")
 
     def _unlock_with(self, passphrase: bytes, read: Callable[[int, int], bytes]) -> DiskCipher | None:
-        """The data cipher, from the first key slot PASSPHRASE opens; None if none does."""
-        h, spec = self.header, self.spec
+        """The data cipher, from the first key slot PASSPHRASE opens (in slot
+        order, as QEMU's qcrypto_block_luks_find_key); None if none does.
+
+        With several active slots the slots are tried at once, one thread
+        per core: `cryptography`'s PBKDF2 releases the GIL, so a wrong
+        passphrase on an image with two slots costs one slot's derivation on
+        two cores, not two in a row (QEMU tries them one after the other).
+        The key material is read here, on the caller's thread, in slot
+        order; what a slot's trial raises is raised in its turn, as the
+        search one slot at a time would. At most one trial per core beyond
+        the slot that opens runs to its end (a derivation cannot be
+        stopped): the threads are gone when this returns (a mount forks
+        after the unlock)."""
         secret = passphrase_text(passphrase)
-        for i in self.active_slots:
-            slot = h.key_slots[i]
-            slot_key = pbkdf2(spec.hash, secret, slot.salt, slot.iterations, h.key_bytes)
-            length = slot.material_length(h.key_bytes)
-            material = read(self.offset + slot.key_offset * LUKS_SECTOR_SIZE, length)
-            if len(material) < length:
-                raise InvalidImageError(f"LUKS key slot {i} key material lies past the end of the image file")
-            split = SectorCipher(spec, slot_key).decrypt(material, 0)
-            candidate = af_merge(split, h.key_bytes, slot.stripes, spec.hash)
-            digest = pbkdf2(spec.hash, candidate, h.mk_digest_salt, h.mk_digest_iterations, LUKS_DIGEST_LEN)
-            if hmac.compare_digest(digest, h.mk_digest):
-                return DiskCipher(SectorCipher(spec, candidate), physical=True,
-                                  description=f"LUKS {spec.cipher_alg}-{spec.mode}-{spec.ivgen}")
+        slots = self.active_slots
+        workers = min(len(slots), os.cpu_count() or 1)
+        if workers < 2:
+            for i in slots:
+                key = self._try_slot(i, secret, read)
+                if key is not None:
+                    return self._cipher(key)
+            return None
+        trials: list[Future[bytes | None]] = []
+        with ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-luks") as pool:
+            try:
+                for i in slots:
+                    try:
+                        material = self._material(i, read)
+                    except InvalidImageError as e:
+                        failed: Future[bytes | None] = Future()
+                        failed.set_exception(e)
+                        trials.append(failed)
+                        break   # (no slot after it would be tried one at a time)
+                    trials.append(pool.submit(self._try_material, i, secret, material))
+                for trial in trials:
+                    key = trial.result()
+                    if key is not None:
+                        return self._cipher(key)
+            finally:
+                for trial in trials:
+                    trial.cancel()
         return None
+
+    def _material(self, i: int, read: Callable[[int, int], bytes]) -> bytes:
+        """Key slot I's split key material, read from the image file."""
+        slot = self.header.key_slots[i]
+        length = slot.material_length(self.header.key_bytes)
+        material = read(self.offset + slot.key_offset * LUKS_SECTOR_SIZE, length)
+        if len(material) < length:
+            raise InvalidImageError(f"LUKS key slot {i} key material lies past the end of the image file")
+        return material
+
+    def _try_slot(self, i: int, secret: bytes, read: Callable[[int, int], bytes]) -> bytes | None:
+        return self._try_material(i, secret, self._material(i, read))
+
+    def _try_material(self, i: int, secret: bytes, material: bytes) -> bytes | None:
+        """The master key if SECRET opens key slot I (its key MATERIAL read), else None."""
+        h, spec = self.header, self.spec
+        slot = h.key_slots[i]
+        slot_key = pbkdf2(spec.hash, secret, slot.salt, slot.iterations, h.key_bytes)
+        split = SectorCipher(spec, slot_key).decrypt(material, 0)
+        candidate = af_merge(split, h.key_bytes, slot.stripes, spec.hash)
+        digest = pbkdf2(spec.hash, candidate, h.mk_digest_salt, h.mk_digest_iterations, LUKS_DIGEST_LEN)
+        return candidate if hmac.compare_digest(digest, h.mk_digest) else None
+
+    def _cipher(self, master_key: bytes) -> DiskCipher:
+        spec = self.spec
+        return DiskCipher(SectorCipher(spec, master_key), physical=True,
+                          description=f"LUKS {spec.cipher_alg}-{spec.mode}-{spec.ivgen}")
 
 
 def legacy_aes_cipher(passphrase: bytes) -> DiskCipher:
