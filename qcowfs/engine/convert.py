@@ -340,15 +340,13 @@ async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, buf: bytearray, n
         unit = dst.cluster_size  # type: ignore[attr-defined]
     count = -(-n // unit)
     if plan.backing is not None and other is not None:
-        await plan.backing.readinto(memoryview(other)[:n], offset)
-        differ = [i for i in range(count)
-                  if not buf.startswith(memoryview(other)[i * unit : min(n, (i + 1) * unit)], i * unit)]
-        zero = bytearray(count)
-        for a, b in _zero_runs(buf, n, unit):
-            zero[a:b] = b"\1" * (b - a)
-        for a, b in _index_runs([i for i in differ if zero[i]]):
+        theirs = memoryview(other)[:n]
+        await plan.backing.readinto(theirs, offset)
+        differ = [i for i in range(count) if not buf.startswith(theirs[i * unit : (i + 1) * unit], i * unit)]
+        zero = {i for a, b in _zero_runs(buf, n, unit) for i in range(a, b)}
+        for a, b in _index_runs([i for i in differ if i in zero]):
             await dst.zero(offset + a * unit, min(n, b * unit) - a * unit, unmap=False)
-        keep = _index_runs([i for i in differ if not zero[i]])
+        keep = _index_runs([i for i in differ if i not in zero])
     elif plan.granularity and plan.zero_init:
         keep = _complement(_zero_runs(buf, n, unit), count)
     else:

@@ -616,21 +616,20 @@ class LuksVolume:
         workers = min(len(slots), os.cpu_count() or 1)
         if workers < 2:
             for i in slots:
-                key = self._try_slot(i, secret, read)
+                key = self._try_material(i, secret, self._material(i, read))
                 if key is not None:
                     return self._cipher(key)
             return None
         trials: list[Future[bytes | None]] = []
+        unreadable: InvalidImageError | None = None
         with ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-luks") as pool:
             try:
                 for i in slots:
                     try:
                         material = self._material(i, read)
                     except InvalidImageError as e:
-                        failed: Future[bytes | None] = Future()
-                        failed.set_exception(e)
-                        trials.append(failed)
-                        break   # (no slot after it would be tried one at a time)
+                        unreadable = e   # (no slot after it would be tried one at a time)
+                        break
                     trials.append(pool.submit(self._try_material, i, secret, material))
                 for trial in trials:
                     key = trial.result()
@@ -639,6 +638,8 @@ class LuksVolume:
             finally:
                 for trial in trials:
                     trial.cancel()
+        if unreadable is not None:
+            raise unreadable
         return None
 
     def _material(self, i: int, read: Callable[[int, int], bytes]) -> bytes:
@@ -649,9 +650,6 @@ class LuksVolume:
         if len(material) < length:
             raise InvalidImageError(f"LUKS key slot {i} key material lies past the end of the image file")
         return material
-
-    def _try_slot(self, i: int, secret: bytes, read: Callable[[int, int], bytes]) -> bytes | None:
-        return self._try_material(i, secret, self._material(i, read))
 
     def _try_material(self, i: int, secret: bytes, material: bytes) -> bytes | None:
         """The master key if SECRET opens key slot I (its key MATERIAL read), else None."""
