@@ -24,6 +24,7 @@ from builtins import open as builtins_open
 from typing import Any, Awaitable, Callable, Generator, Literal, Sequence
 
 from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_bitmap
+from .engine.chain import Span
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
 from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
@@ -207,12 +208,15 @@ class Disk:
         except CorruptionError:
             return False  # readinto() meets it again, and reports it
 
-    def cheap_span(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
-        """The part of [LO, HI) around OFFSET that reads as plain data or
-        zeros, from this image or the backing chain, known from cached tables
-        alone: what is cheap to read ahead, one pread per piece (None:
-        OFFSET's own piece is not plain: compressed, encrypted, or its
-        tables are not cached)."""
+    def cheap_span(self, offset: int, lo: int, hi: int) -> Span | None:
+        """The part of [LO, HI) around OFFSET that reads as plain data,
+        zeros or a compressed cluster a read has just decompressed, from this
+        image or the backing chain, known from cached tables alone: what is
+        cheap to read ahead, one pread or copy per piece (None: OFFSET's own
+        piece is not cheap: compressed and not decompressed, encrypted with a
+        cipher that decrypts sector by sector, or its tables are not cached).
+        `Span.held`: the span is cheap only while a decompressed cluster is
+        kept, so read it at once."""
         if self._engine.backing_error is not None or self._problem is not None:
             return None
         return self._engine.cheap_span(self._table(), offset, lo, min(hi, self.size))

@@ -301,6 +301,62 @@ def test_a_quiet_policy_is_asked_at_every_few_hundredth_small_read_only(tmp_path
     trio.run(main)
 
 
+def test_a_compressed_cluster_is_pushed_with_the_bytes_its_read_inflated(tmp_path: Path, monkeypatch) -> None:
+    """In process, no mount: a small read of a compressed cluster inflates it,
+    and the window pushed around it carries those bytes, taken before the
+    reply. The pushes wait here until 32 clusters were read (what the push
+    queue holds), twice as many as the decompressed-cluster cache keeps (16
+    of 64 KiB): none is inflated twice, and every push is QEMU's bytes of
+    exactly that cluster (when the push read the cache only later, each
+    evicted cluster was inflated again)."""
+    import qcowfs.engine.mapper as mapper_module
+    from qcowfs.fs.operations import READ_AROUND_QUEUE
+
+    from conftest import to_raw
+
+    raw = tmp_path / "src.raw"
+    rng = random.Random(5)
+    raw.write_bytes(b"".join(bytes([rng.randrange(1, 256)]) * 200 + rng.randbytes(56) for _ in range(40 * 1024)))
+    img = tmp_path / "z.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, img)
+    want = to_raw(img, tmp_path / "want.raw").read_bytes()
+    assert mapper_module.DECOMPRESSED_BYTES // 65536 < READ_AROUND_QUEUE
+    inflated: list[int] = []
+    decompress = mapper_module.decompress_cluster
+    monkeypatch.setattr(mapper_module, "decompress_cluster",
+                        lambda *a: inflated.append(len(a[0])) or decompress(*a))
+    pushed: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "notify_store", lambda ino, off, data: pushed.append((off, bytes(data))))
+
+    async def main() -> None:
+        image = Image(img, "r")
+        try:
+            ops = Operations(build_tree(image), Access(os.getuid(), os.getgid()), read_around=WINDOW)
+            policy = ops.around
+            assert policy is not None
+            policy.miss = lambda key, off, size=None: off // WINDOW * WINDOW  # type: ignore[method-assign]
+            ctx = pyfuse3.RequestContext()
+            ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"disk.raw", ctx)).st_ino
+            fh = (await ops.open(ino, os.O_RDONLY, ctx)).fh
+            clusters = [4 * i for i in range(READ_AROUND_QUEUE)]  # one a window: a window is one cluster
+            for c in clusters:
+                off = c * 65536 + 8192
+                assert await ops.read(fh, off, 4096) == want[off:off + 4096]
+            assert len(inflated) == len(clusters)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ops.push_worker)
+                with trio.fail_after(60):
+                    while len(pushed) < len(clusters):
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            assert len(inflated) == len(clusters), "a cluster was inflated again for its push"
+            assert sorted(pushed) == [(c * 65536, want[c * 65536:(c + 1) * 65536]) for c in clusters]
+        finally:
+            await image.close()
+
+    trio.run(main)
+
+
 def test_the_room_is_the_daemons_memory_cgroup_limit() -> None:
     with memory_cgroup(64 * MiB) as cg:
         out = subprocess.run(

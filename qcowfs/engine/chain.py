@@ -24,7 +24,7 @@ Commit and rebase (several images of a chain written at once) are
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from ..format import Table
 from .mapper import COMPRESSED, DATA, MISSING, NUMPY_THRESHOLD, UNALLOC, ZERO, L1Table, Mapper, zero_fill
@@ -164,7 +164,19 @@ async def read(walk: Walk, buf: memoryview, offset: int) -> None:
             await layer.read_run(kind, dst, guest, host)
 
 
-def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+class Span(NamedTuple):
+    """A guest range that is cheap to read ahead (cheap_span)."""
+
+    lo: int
+    hi: int
+    # The range holds a compressed cluster that is cheap only while the
+    # decompressed-cluster cache keeps it: read it now (read-around pushes it
+    # later, after other reads' inflates may have evicted it and it would be
+    # inflated again).
+    held: bool
+
+
+def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> Span | None:
     """The guest range around OFFSET, within [LO, HI), known from the tables
     at hand to read as cheap pieces (data with one pread each, zeros, a
     compressed cluster a read has just decompressed), from any layer: what
@@ -184,7 +196,8 @@ def cheap_span(walk: Walk, offset: int, lo: int, hi: int) -> tuple[int, int] | N
         first -= 1
     while last + 1 < len(pieces) and cheap(pieces[last + 1]) and pieces[last][1] + pieces[last][2] == pieces[last + 1][1]:
         last += 1
-    return pieces[first][1], pieces[last][1] + pieces[last][2]
+    return Span(pieces[first][1], pieces[last][1] + pieces[last][2],
+                any(p[0] == COMPRESSED for p in pieces[first : last + 1]))
 
 
 # ---- holes and data (lseek SEEK_DATA / SEEK_HOLE) ------------------------------------

@@ -31,7 +31,7 @@ from ..host.waiting import Lock, in_thread
 from . import chain
 from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
-from .chain import Lookup, Piece, Source
+from .chain import Lookup, Piece, Source, Span
 from .mapper import L1Table, Mapper
 from .metadata import Metadata
 from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
@@ -328,7 +328,7 @@ class Image:
         return (self.mapper.read_cached_into(l1, buf, offset)
                 or chain.read_nowait(self._walk(l1), buf, offset))
 
-    def cheap_span(self, l1: L1Table, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+    def cheap_span(self, l1: L1Table, offset: int, lo: int, hi: int) -> Span | None:
         """The part of [LO, HI) around OFFSET of the disk L1 maps that reads
         as plain pieces from cached tables (see chain.cheap_span)."""
         return chain.cheap_span(self._walk(l1), offset, lo, hi)

@@ -41,11 +41,13 @@ Run = tuple[int, int, int, int]
 
 # Bytes of decompressed clusters kept (an LRU, at least 2 clusters): a small
 # read of a compressed cluster inflates all of it, and the next small reads
-# in it, and read-around's pushes, are served from here. Counted in bytes, not
-# clusters: 64 clusters of 2 MiB were 128 MiB. 4 MiB is the 64 clusters of
-# 64 KiB it always was: 2 MiB cost 20% of the random reads with 4 jobs of a
-# zlib image for 4 MiB less memory (docs/speed.md).
-DECOMPRESSED_BYTES = 4 << 20
+# in it are served from here, and so are the clusters inflate_ahead decodes
+# together (half of it). Counted in bytes, not clusters: 64 clusters of 2 MiB
+# were 128 MiB. 1 MiB: read-around copies the cluster it pushes at once
+# (chain.Span.held), so the cache no longer has to keep it until the push;
+# 4 MiB, which it had to, cost a read-only mount of a zlib image 6 MiB more
+# for the same random reads (docs/speed.md).
+DECOMPRESSED_BYTES = 1 << 20
 
 # Spans of more entries than this are classified with numpy, imported then.
 # At 256 entries of plain data both take about 40 us (docs/speed.md); a

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..aio import Disk, Image
+from ..aio import Disk, Image, Span
 from ..engine.snapshots import usable_name
 from ..errors import ReadOnlyError
 from ..records import Bitmap, Snapshot
@@ -58,11 +58,11 @@ class FileView:
         """Serve a read without awaiting, when possible (None: use read())."""
         return None
 
-    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+    def around(self, offset: int, lo: int, hi: int) -> Span | None:
         """The part of [LO, HI) around OFFSET worth pushing into the page
         cache after a small read at OFFSET (None: nothing). Views of a qcow2
         disk say which part is cheap to read; by default all of it."""
-        return lo, hi
+        return Span(lo, hi, False)
 
     async def write(self, offset: int, data: bytes) -> int:
         raise ReadOnlyError("file is read-only")
@@ -125,7 +125,7 @@ class DiskFileView(FileView):
     def allocated(self) -> int:
         return self.disk.allocated
 
-    def around(self, offset: int, lo: int, hi: int) -> tuple[int, int] | None:
+    def around(self, offset: int, lo: int, hi: int) -> Span | None:
         return self.disk.cheap_span(offset, lo, hi)
 
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
