@@ -255,6 +255,16 @@ def test_no_pushes_once_the_reader_outgrows_the_room_until_the_next_epoch() -> N
     assert sum(g is None for g in got) <= 1000 // SAMPLE_EVERY and ra.room_windows == 5000
 
 
+async def _disk_handle(image: Image) -> tuple[Operations, ReadAround, int, int]:
+    """In process, no mount: the filesystem of IMAGE with read-around, its
+    policy, disk.raw's inode and a handle of it."""
+    ops = Operations(build_tree(image), Access(os.getuid(), os.getgid()), read_around=WINDOW)
+    assert ops.around is not None
+    ctx = pyfuse3.RequestContext()
+    ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"disk.raw", ctx)).st_ino
+    return ops, ops.around, ino, (await ops.open(ino, os.O_RDONLY, ctx)).fh
+
+
 def test_a_quiet_policy_is_asked_at_every_few_hundredth_small_read_only(tmp_path: Path) -> None:
     """In process, no mount: the read path asks the policy at every small
     read of a file pushes could serve; once the reader outgrew the room,
@@ -268,16 +278,11 @@ def test_a_quiet_policy_is_asked_at_every_few_hundredth_small_read_only(tmp_path
     async def main() -> None:
         image = Image(img, "r")
         try:
-            ops = Operations(build_tree(image), Access(os.getuid(), os.getgid()), read_around=WINDOW)
-            policy = ops.around
-            assert policy is not None
+            ops, policy, ino, fh = await _disk_handle(image)
             asked: list[int] = []
             miss = policy.miss
             policy.miss = lambda key, off, size=None: asked.append(off) or miss(key, off, size)  # type: ignore[method-assign]
-            ctx = pyfuse3.RequestContext()
-            ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"disk.raw", ctx)).st_ino
-            fh = (await ops.open(ino, os.O_RDONLY, ctx)).fh
-            direct = (await ops.open(ino, os.O_RDONLY | os.O_DIRECT, ctx)).fh
+            direct = (await ops.open(ino, os.O_RDONLY | os.O_DIRECT, pyfuse3.RequestContext())).fh
 
             async def reads(handle: int, n: int, size: int = 4096) -> int:
                 asked.clear()
@@ -331,13 +336,8 @@ def test_a_compressed_cluster_is_pushed_with_the_bytes_its_read_inflated(tmp_pat
     async def main() -> None:
         image = Image(img, "r")
         try:
-            ops = Operations(build_tree(image), Access(os.getuid(), os.getgid()), read_around=WINDOW)
-            policy = ops.around
-            assert policy is not None
+            ops, policy, _, fh = await _disk_handle(image)
             policy.miss = lambda key, off, size=None: off // WINDOW * WINDOW  # type: ignore[method-assign]
-            ctx = pyfuse3.RequestContext()
-            ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"disk.raw", ctx)).st_ino
-            fh = (await ops.open(ino, os.O_RDONLY, ctx)).fh
             clusters = [4 * i for i in range(READ_AROUND_QUEUE)]  # one a window: a window is one cluster
             for c in clusters:
                 off = c * 65536 + 8192
