@@ -323,30 +323,34 @@ def _corrupt(d: Path) -> Path:
     return img
 
 
-def _damaged_tables(d: Path) -> Path:
-    """Sixteen L2 tables (4 KiB clusters), half of them shared with a
-    snapshot, most clean and a few damaged: reserved bits in a shared table
-    and in one of the active disk's own, a lowered and a raised refcount in
-    others. check counts the clean tables all at once and the damaged ones
-    one by one; the verdict, the counts and the statistics are qemu-img's."""
-    img = create(d / "disk.qcow2", 32 * MiB, cluster_size=4096)
-    qio(img, "write -P 1 0 32M")
+def _damaged_tables(d: Path, mib: int = 32, damaged: tuple[int, ...] = (2, 12)) -> Path:
+    """MIB/2 L2 tables (4 KiB clusters), the first half of them shared with
+    a snapshot, most clean and a few damaged: reserved bits in the tables
+    DAMAGED (shared or the active disk's own), a lowered and a raised
+    refcount in others. check counts the
+    clean tables all at once and the damaged ones one by one; the verdict,
+    the counts and the statistics are qemu-img's."""
+    img = create(d / "disk.qcow2", mib * MiB, cluster_size=4096)
+    half = mib // 2
+    qio(img, f"write -P 1 0 {mib}M")
     qimg("snapshot", "-c", "s", img)
-    qio(img, "write -P 2 16M 16M", "write -P 3 3M 8k")
+    qio(img, f"write -P 2 {half}M {half}M", "write -P 3 3M 8k")
     h = Header(img)
     l1 = [read_u64(img, h.l1_table_offset + 8 * i) & 0x00FFFFFFFFFFFE00 for i in range(h.l1_size)]
-    for table, entry in ((2, 10), (12, 500)):  # table 2 is shared with the snapshot, 12 is not
-        at = l1[table] + 8 * entry
+    for table in damaged:
+        at = l1[table] + 8 * (10 if table < half // 2 else 500)
         patch(img, at, struct.pack(">Q", read_u64(img, at) | 1 << 1))
     rc = Refcounts(img)
     hosts = dict(data_clusters(img))
     rc.set(hosts[5 * MiB + 4096], 0)
-    rc.set(hosts[20 * MiB], rc.get(hosts[20 * MiB]) + 1)
+    rc.set(hosts[(half + 4) * MiB], rc.get(hosts[(half + 4) * MiB]) + 1)
     return img
 
 
 OUTPUT_CASES = {
     "damaged tables": _damaged_tables,
+    # 192 tables: three of check's batches (references.BATCH_BYTES), damage in each
+    "damaged tables in batches": lambda d: _damaged_tables(d, 384, (2, 70, 100, 130, 190)),
     "truncated": _truncated,
     "fragmented": _fragmented,
     "leaky": _leaky,

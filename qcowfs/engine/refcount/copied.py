@@ -9,7 +9,7 @@ import numpy as np
 from ...format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
 from ..metadata import Metadata
 from ..overlap import Kind
-from ..references import read_entries
+from ..references import BATCH_BYTES, read_entries
 
 
 def stored_refcount(stored: np.ndarray, offset: int, cluster_size: int) -> int:
@@ -36,17 +36,23 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
     bad_l1 = np.flatnonzero(_copied_wrong(l1, l1 & np.uint64(L1E_OFFSET_MASK), stored, cs, end)).tolist()
     step = 2 if geo.extended_l2 else 1
     offsets = list(active_tables)
-    # All tables at once (in slices of about 32 MiB besides the tables themselves).
-    per_slice = max(1, (32 << 20) // cs)
+    # The tables in slices of 256 KiB (references.BATCH_BYTES says why).
+    per_slice = max(1, BATCH_BYTES // cs)
     for first in range(0, len(offsets), per_slice):
         part = offsets[first : first + per_slice]
-        words = np.stack([active_tables[off][::step] for off in part])
-        at = np.flatnonzero(words)  # (an entry of 0 is never wrong)
-        e = words.ravel()[at]
+        e = np.concatenate([active_tables[off][::step] for off in part])
+        width = len(e) // len(part)  # (entries a table)
+        at = np.flatnonzero(e)  # (an entry of 0 is never wrong)
+        if len(at) < len(e):
+            e = e[at]
         comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
-        host = np.where(comp | external, np.uint64(0), e & np.uint64(L2E_OFFSET_MASK))
+        host = e & np.uint64(L2E_OFFSET_MASK)
+        if external:
+            host[:] = 0
+        else:
+            host[comp] = 0
         wrong = at[_copied_wrong(e, host, stored, cs, end) | (comp & ((e & np.uint64(OFLAG_COPIED)) != 0))]
-        for row, k in zip((wrong // words.shape[1]).tolist(), (wrong % words.shape[1]).tolist()):
+        for row, k in zip((wrong // width).tolist(), (wrong % width).tolist()):
             bad_l2.setdefault(part[row], []).append(k)
     return bad_l1, bad_l2
 
@@ -56,11 +62,12 @@ def _copied_wrong(entries: np.ndarray, host: np.ndarray, stored: np.ndarray, cs:
     """Where an entry pointing to HOST (0: to nothing it counts) has a COPIED
     flag that disagrees with the refcount STORED gives HOST (a refcount past
     the end of STORED is 0; a HOST past END is no COPIED error)."""
-    c = (host // np.uint64(cs)).astype(np.int64)
-    inside = c < len(stored)
-    rc = np.where(inside, stored[np.where(inside, c, 0)], 0)
+    # (host offsets are below 2**56: the cluster numbers view as int64; take
+    # with clip, then the mask, is one gather where np.where twice was 15x slower)
+    c = (host >> np.uint64(cs.bit_length() - 1)).view(np.int64)
+    one = (stored.take(c, mode="clip") == 1) & (c < len(stored))
     copied = (entries & np.uint64(OFLAG_COPIED)) != 0
-    return (host != 0) & (host < np.uint64(end)) & ((rc == 1) != copied)
+    return (host != 0) & (host < np.uint64(end)) & (one != copied)
 
 
 async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int, np.ndarray],
