@@ -251,7 +251,7 @@ def _pieces_numpy(mapper: Mapper, table: Table, base: int, first: int,
     entries = table_view(table)[first : last + 1]
     types = np.asarray(cluster_types(entries, mapper.external_data))
     hosts = entries & np.uint64(L2E_OFFSET_MASK)
-    with_offset = (types == SubclusterType.NORMAL) | (types == SubclusterType.ZERO_ALLOC)
+    with_offset = (types == SubclusterType.NORMAL.value) | (types == SubclusterType.ZERO_ALLOC.value)
     cut = (types[1:] != types[:-1]) | (with_offset[1:] & (hosts[1:] != hosts[:-1] + np.uint64(cs)))
     starts = [0, *(np.flatnonzero(cut) + 1).tolist()]
     ends = starts[1:] + [len(entries)]

@@ -429,7 +429,7 @@ class Mapper:
         comp = kind == COMPRESSED
         zero = kind == ZERO
         if zero.any():
-            bad = zero & (types == SubclusterType.ZERO_ALLOC) & ((off & np.uint64(self._cluster_mask)) != 0)
+            bad = zero & (types == SubclusterType.ZERO_ALLOC.value) & ((off & np.uint64(self._cluster_mask)) != 0)
             if not self.geo.zero_flag or bad.any():
                 i = int(np.flatnonzero(zero if not self.geo.zero_flag else bad)[0])
                 self.check_zero(SubclusterType(int(types[i])), int(off[i]))

@@ -662,10 +662,10 @@ class Writer:
             stays = unalloc & ~below & ((bitmap & np.uint64(SC_ALL)) == 0)
         else:
             types = cluster_types(table_rows[first : last + 1], self.external)
-            stays = (((types == SubclusterType.UNALLOCATED_PLAIN) & ~below)
-                     | (types == SubclusterType.ZERO_PLAIN))
+            stays = (((types == SubclusterType.UNALLOCATED_PLAIN.value) & ~below)
+                     | (types == SubclusterType.ZERO_PLAIN.value))
             if not unmap:
-                stays |= types == SubclusterType.ZERO_ALLOC
+                stays |= types == SubclusterType.ZERO_ALLOC.value
         return (np.flatnonzero(~stays) + first).tolist()
 
     def _zeroed_entry(self, old: tuple[int, int], c0: int, g0: int, g1: int,
