@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from conftest import daemon_pid, mounted, qemu_img, qemu_io, resident_pages
 
 import pyfuse3
+import pytest
 import trio
 
 from qcowfs.aio import Image
@@ -306,16 +307,24 @@ def test_a_quiet_policy_is_asked_at_every_few_hundredth_small_read_only(tmp_path
     trio.run(main)
 
 
-def test_a_compressed_cluster_is_pushed_with_the_bytes_its_read_inflated(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("held", [None, 1 << 20])
+def test_a_compressed_cluster_is_pushed_with_the_bytes_its_read_inflated(held: int | None, tmp_path: Path,
+                                                                         monkeypatch) -> None:
     """In process, no mount: a small read of a compressed cluster inflates it,
     and the window pushed around it carries those bytes, taken before the
     reply. The pushes wait here until 32 clusters were read (what the push
     queue holds), twice as many as the decompressed-cluster cache keeps (16
     of 64 KiB): none is inflated twice, and every push is QEMU's bytes of
     exactly that cluster (when the push read the cache only later, each
-    evicted cluster was inflated again)."""
+    evicted cluster was inflated again). With HELD, the bytes the queued
+    pushes may hold: the first 16 clusters are held, the others read when
+    their push comes, from the cache that still has them."""
     import qcowfs.engine.mapper as mapper_module
+    import qcowfs.fs.operations as operations_module
     from qcowfs.fs.operations import READ_AROUND_QUEUE
+
+    if held is not None:
+        monkeypatch.setattr(operations_module, "READ_AROUND_HELD", held)
 
     from conftest import to_raw
 

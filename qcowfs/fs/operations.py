@@ -32,6 +32,9 @@ ATTR_TIMEOUT = 300.0
 READ_AROUND_TRIGGER = 16 << 10
 XATTR_PREFIX = b"user.qcow2."
 READ_AROUND_QUEUE = 32
+# Bytes the queued pushes may hold, read before the reply (Span.held): 32
+# clusters of 64 KiB; past it a push reads its span when its turn comes.
+READ_AROUND_HELD = 2 << 20
 _PUSH_THREADS = trio.CapacityLimiter(2)
 
 
@@ -98,6 +101,7 @@ class Operations(pyfuse3.Operations):
         self.space = space  # or (total, free) bytes from this (a scratch mount's overlay)
         self.around = ReadAround(read_around) if read_around else None
         self.pushing = 0  # read-around pushes inside the kernel right now
+        self._held = 0  # bytes the queued pushes hold (READ_AROUND_HELD)
         # (inode, view, window start, the span of it to push, its bytes if read already)
         self._push_send, self._push_recv = trio.open_memory_channel[
             tuple[int, FileView, int, Span, bytes | bytearray | None]](READ_AROUND_QUEUE)
@@ -476,11 +480,15 @@ class Operations(pyfuse3.Operations):
         # A decompressed cluster is copied now, while it is kept: other reads'
         # inflates before the push could evict it (inflating it again cost
         # random reads of a zlib image with 4 jobs 30%, with a 1 MiB cache).
-        data = view.read_cached(span.lo, span.hi - span.lo) if span.held else None
+        data = None
+        if span.held and self._held + span.hi - span.lo <= READ_AROUND_HELD:
+            data = view.read_cached(span.lo, span.hi - span.lo)
         try:
             self._push_send.send_nowait((inode, view, start, span, data))
         except trio.WouldBlock:  # busy: this window can be pushed another time
             around.cancel(inode, start)
+        else:
+            self._held += len(data or b"")
 
     def _push(self, inode: int, start: int, data: bytes | bytearray) -> None:
         self.pushing += 1  # (the GIL makes these updates atomic)
@@ -496,6 +504,7 @@ class Operations(pyfuse3.Operations):
         so it runs in a thread, never on the loop."""
         assert self.around is not None
         async for inode, view, start, (lo, hi, _), data in self._push_recv:
+            self._held -= len(data or b"")
             try:
                 if data is None:
                     data = view.read_cached(lo, hi - lo)
