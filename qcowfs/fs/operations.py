@@ -16,10 +16,10 @@ from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 import pyfuse3
 import trio
 
+from ..aio import Span
 from ..errors import QcowError
 from ..host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .readaround import ReadAround
-from ..aio import Span
 from .views import DirNode, FileNode, FileView
 
 log = logging.getLogger("qcowfs")
