@@ -304,10 +304,10 @@ def _count_tables(out: Counted, refs: list[L2Refs], corruption: Report, geo: Geo
             e, row, host = e[keep], row[keep], host[keep]
         times = np.array([refs[i].times for i in simple], np.int64)
         used = host != 0
-        at_used = used.all()  # (a fully allocated disk: no copies)
-        clusters = (host if at_used else host[used]) >> np.uint64(geo.cluster_bits)
+        all_used = used.all()  # (a fully allocated disk: no copies)
+        clusters = (host if all_used else host[used]) >> np.uint64(geo.cluster_bits)
         np.add.at(out.counts, clusters.view(np.int64),  # (below 2**56: a view, not a conversion)
-                  (times[row] if at_used else times[row[used]]) if times.max() > 1 else 1)
+                  (times[row] if all_used else times[row[used]]) if times.max() > 1 else 1)
         active = np.array([refs[i].active for i in simple], bool)
         if not active.all():
             active = active[row]

@@ -610,16 +610,10 @@ class LuksVolume:
         search one slot at a time would. At most one trial per core beyond
         the slot that opens runs to its end (a derivation cannot be
         stopped): the threads are gone when this returns (a mount forks
-        after the unlock)."""
+        after the unlock). One slot or one core: one trial at a time."""
         secret = passphrase_text(passphrase)
         slots = self.active_slots
-        workers = min(len(slots), os.cpu_count() or 1)
-        if workers < 2:
-            for i in slots:
-                key = self._try_material(i, secret, self._material(i, read))
-                if key is not None:
-                    return self._cipher(key)
-            return None
+        workers = max(1, min(len(slots), os.cpu_count() or 1))
         trials: list[Future[bytes | None]] = []
         unreadable: InvalidImageError | None = None
         with ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-luks") as pool:

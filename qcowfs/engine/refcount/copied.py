@@ -46,11 +46,8 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
         if len(at) < len(e):
             e = e[at]
         comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
-        host = e & np.uint64(L2E_OFFSET_MASK)
-        if external:
-            host[:] = 0
-        else:
-            host[comp] = 0
+        host = np.zeros(len(e), np.uint64) if external else e & np.uint64(L2E_OFFSET_MASK)
+        host[comp] = 0
         wrong = at[_copied_wrong(e, host, stored, cs, end) | (comp & ((e & np.uint64(OFLAG_COPIED)) != 0))]
         for row, k in zip((wrong // width).tolist(), (wrong % width).tolist()):
             bad_l2.setdefault(part[row], []).append(k)
