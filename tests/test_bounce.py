@@ -58,7 +58,7 @@ def test_a_held_bounce_buffer_reads_directly(chain: tuple[Path, bytes]) -> None:
     top, want = chain
     buf = buffer_at(16, SIZE)
     before = hostfile.bounced_reads
-    with hostfile._bounce_lock:  # another thread's bounce in progress
+    with hostfile.bounce_lock:  # another thread's bounce in progress
         with qcowfs.open(top) as image:
             assert image.disk.preadinto(buf, 0) == SIZE
     assert hostfile.bounced_reads == before

@@ -40,7 +40,7 @@ PAGE = 4096
 ALIASED_DISTANCE = 64
 BOUNCE_MIN = 64 * 1024  # below it the slow copy costs less than finding the address
 BOUNCE_BYTES = 1 << 20
-_bounce_lock = threading.Lock()
+bounce_lock = threading.Lock()  # held while a read uses the bounce buffer
 _bounce: list[memoryview] = []  # one per process, made by the first aliased read
 bounced_reads = 0  # reads that went through it, in this process
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -66,7 +66,7 @@ def preadv(fd: int, buf: bytearray | memoryview, offset: int, flags: int = 0) ->
     bounce buffer in pieces, unless another thread holds it (then directly:
     the same bytes, copied slower)."""
     global bounced_reads
-    if len(buf) < BOUNCE_MIN or not _aliased(buf, offset) or not _bounce_lock.acquire(blocking=False):
+    if len(buf) < BOUNCE_MIN or not _aliased(buf, offset) or not bounce_lock.acquire(blocking=False):
         return os.preadv(fd, [buf], offset, flags)
     try:
         if not _bounce:  # private: a forked serving process gets its own copy
@@ -88,7 +88,7 @@ def preadv(fd: int, buf: bytearray | memoryview, offset: int, flags: int = 0) ->
                 break
         return done
     finally:
-        _bounce_lock.release()
+        bounce_lock.release()
 
 
 class HostFile:
