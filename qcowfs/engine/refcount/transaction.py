@@ -133,10 +133,9 @@ class Transaction:
         ranges = clusters // alloc.rpb
         for r in sorted(set(ranges.tolist())):
             off = alloc.block_offset(r)
-            if off:
-                sel = ranges == r
-                values = refcount_array(await alloc.cache.get(off), alloc.order)
-                out[sel] = values[clusters[sel] - r * alloc.rpb]
+            sel = ranges == r
+            values = refcount_array(await alloc.cache.get(off), alloc.order) if off else alloc.unblocked_counts(r)
+            out[sel] = values[clusters[sel] - r * alloc.rpb]
         out[clusters >= self.start] = 0
         cl, delta = self._summed()
         if len(cl):
@@ -208,7 +207,7 @@ class Transaction:
         for j, r in enumerate(sorted(ranges)):
             old = replaced[r]
             values = (refcount_array(await alloc.cache.get(old), order).astype(np.int64) if old
-                      else np.zeros(rpb, np.int64))
+                      else alloc.unblocked_counts(r))
             before = values.copy()
             sel = (cl_all >= r * rpb) & (cl_all < (r + 1) * rpb)
             np.add.at(values, cl_all[sel] - r * rpb, d_all[sel])
