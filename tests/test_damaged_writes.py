@@ -17,6 +17,7 @@ another. Then, judged by QEMU:
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -311,6 +312,32 @@ def test_a_missing_refcount_block_hands_out_none_of_its_clusters(tmp_path: Path,
         # damage orphaned
         assert (report.get("corruptions", 0), report.get("leaks", 0)) == (0, 1), out
         assert qimg("snapshot", "-l", img).count("s1") == 1
+
+
+def test_a_file_extended_by_truncate_is_free_space_past_its_counted_clusters(tmp_path: Path) -> None:
+    """The control of the test above: a healthy image whose file was made
+    longer (a hole past the last range a refcount block covers, as truncate
+    leaves it) has nothing uncounted in use there. New clusters may go into
+    that hole, and a clean session leaves `qemu-img check` with nothing at
+    all to say (no leaks: nothing counted that no table uses)."""
+    img = base(tmp_path / "img", "1M", "write -P 0x11 0 256k", cluster_size=512)
+    size = img.stat().st_size
+    os.truncate(img, size + 512 * KiB)
+    assert qemu_check(img)[0] == 0
+
+    async def session() -> None:
+        image = await qcowfs.aio.open(img, "r+")
+        try:
+            await image.disk.write(512 * KiB, b"\x22" * (256 * KiB))
+            await image.disk.flush()
+        finally:
+            await image.close()
+    trio.run(session)
+    code, _, out = qemu_check(img)
+    assert code == 0, out
+    assert guest_bytes(img, 0, 256 * KiB) == b"\x11" * (256 * KiB)
+    assert guest_bytes(img, 512 * KiB, 256 * KiB) == b"\x22" * (256 * KiB)
+    assert img.stat().st_size < size + 512 * KiB + 256 * KiB, "the hole was not used"
 
 
 def test_damaged_bitmap_entry_refuses_writes(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ bad image refuses to open with one clear line instead of failing later.
 """
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import re
@@ -120,13 +119,8 @@ class RawSource:
         real = self.file.known_size
         if offset >= real:
             return end if data else offset
-        try:
-            found = os.lseek(self.file.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            return end  # no data after OFFSET
-        return min(found, end)
+        found = self.file.seek(offset, data)
+        return end if found is None else min(found, end)  # (None: no data after OFFSET)
 
     def chain(self) -> list[tuple[str, str]]:
         return [(self.path, "raw")]

@@ -115,6 +115,17 @@ class HostFile:
         grows while we read it (a force-shared image)."""
         self.known_size = self.size()
 
+    def seek(self, offset: int, data: bool) -> int | None:
+        """lseek SEEK_DATA (DATA) or SEEK_HOLE from OFFSET: where the next data
+        or hole starts, None if there is none (ENXIO). A filesystem that cannot
+        tell calls the whole file data (the kernel's fallback)."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

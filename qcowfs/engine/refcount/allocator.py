@@ -105,13 +105,24 @@ class Allocator:
         self._referenced = ClusterBits()
         self._data_refs = ClusterBits()
         self._track_refs = -(-meta.file.known_size // geo.cluster_size) <= MAX_TRACKED_CLUSTERS
-        # The clusters the file held when it was opened. Below this, a range
-        # no refcount block covers (a refcount table entry of 0) is damage, not
-        # free space: QEMU counts every cluster it allocates, so its clusters
-        # may be in use, by tables this session has not loaded (hostile soak
-        # seed 9900082: a zeroed entry, and data written into clusters another
-        # guest range read). They are not handed out; a leak at worst.
-        self.uncounted_below = -(-meta.file.known_size // geo.cluster_size)
+        self.uncounted_below = self._uncounted_below()
+
+    def _uncounted_below(self) -> int:
+        """The clusters below which a range no refcount block covers (a
+        refcount table entry of 0) is damage, not free space. QEMU counts every
+        cluster it allocates, so such a range inside the file may hold clusters
+        in use, by tables this session has not loaded (hostile soak seed
+        9900082: a zeroed entry, and data written into clusters another guest
+        range read): they are not handed out (a leak at worst). That is every
+        cluster of the file, unless all it holds past the last range a block
+        covers is a hole (a file extended by truncate): that tail is free."""
+        cs, rpb = self.geo.cluster_size, self.rpb
+        clusters = -(-self.file.known_size // cs)
+        last = next((r for r in range(len(self.table) - 1, -1, -1) if self.table[r]), -1)
+        counted = (last + 1) * rpb
+        if counted < clusters and self.file.seek(counted * cs, data=True) is None:
+            return counted
+        return clusters
 
     def _write_block(self, offset: int, data: bytes) -> None:
         self.meta.write(offset, data, "refcount block", ignore=Kind.REFCOUNT_BLOCK)
