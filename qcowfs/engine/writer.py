@@ -607,9 +607,9 @@ class Writer:
             changed = True
             releases = (old[0] & L2E_OFFSET_MASK) != (new[0] & L2E_OFFSET_MASK) or old[0] & OFLAG_COMPRESSED
             host = 0 if old[0] & OFLAG_COMPRESSED else old[0] & L2E_OFFSET_MASK
-            if releases and host and not self._droppable(host, c0, apply):
-                releases = False  # the entry goes, its reference stays
-            elif host and not releases:
+            if releases and host:
+                releases = self._droppable(host, c0, apply)  # (if not, the entry goes, its reference stays)
+            elif host:
                 # An entry that keeps its host cluster (ZERO_RANGE on one we
                 # own) is only flagged, as QEMU does: nothing is written there,
                 # and a later write in place meets the overlap check. But it

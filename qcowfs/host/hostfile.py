@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -41,7 +42,6 @@ ALIASED_DISTANCE = 64
 BOUNCE_MIN = 64 * 1024  # below it the slow copy costs less than finding the address
 BOUNCE_BYTES = 1 << 20
 bounce_lock = threading.Lock()  # held while a read uses the bounce buffer
-_bounce: list[memoryview] = []  # one per process, made by the first aliased read
 bounced_reads = 0  # reads that went through it, in this process
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -60,6 +60,13 @@ def _aliased(buf: bytearray | memoryview, offset: int) -> bool:
     return 0 < (address - offset) % PAGE < ALIASED_DISTANCE
 
 
+@functools.cache
+def _bounce_buffer() -> memoryview:
+    """The bounce buffer, made by the first aliased read: private, so a
+    forked serving process gets its own copy."""
+    return memoryview(mmap.mmap(-1, BOUNCE_BYTES + PAGE, flags=mmap.MAP_PRIVATE))
+
+
 def preadv(fd: int, buf: bytearray | memoryview, offset: int, flags: int = 0) -> int:
     """os.preadv (preadv2 with FLAGS) of BUF at OFFSET: bytes read, fewer only
     where preadv itself would stop. An aliased read (above) goes through the
@@ -69,13 +76,11 @@ def preadv(fd: int, buf: bytearray | memoryview, offset: int, flags: int = 0) ->
     if len(buf) < BOUNCE_MIN or not _aliased(buf, offset) or not bounce_lock.acquire(blocking=False):
         return os.preadv(fd, [buf], offset, flags)
     try:
-        if not _bounce:  # private: a forked serving process gets its own copy
-            _bounce.append(memoryview(mmap.mmap(-1, BOUNCE_BYTES + PAGE, flags=mmap.MAP_PRIVATE)))
         start = (offset + PAGE // 2) % PAGE
-        bounce, done = _bounce[0][start:start + BOUNCE_BYTES], 0
+        bounce, done = _bounce_buffer()[start:start + BOUNCE_BYTES], 0
         bounced_reads += 1
         while done < len(buf):
-            piece = bounce[:min(len(buf) - done, BOUNCE_BYTES)]
+            piece = bounce[:len(buf) - done]
             try:
                 n = os.preadv(fd, [piece], offset + done, flags)
             except BlockingIOError:

@@ -422,9 +422,7 @@ class Allocator:
         """The refcounts a new block for range RT_INDEX starts from, which no
         block covered: 1 for the clusters below the file's first end (they
         may be in use: uncounted_below), 0 past it."""
-        first = rt_index * self.rpb
-        held = min(self.rpb, max(0, self.uncounted_below - first))
-        return np.concatenate((np.ones(held, np.int64), np.zeros(self.rpb - held, np.int64)))
+        return (np.arange(rt_index * self.rpb, (rt_index + 1) * self.rpb) < self.uncounted_below).astype(np.int64)
 
     async def _new_block(self, rt_index: int) -> int:
         """Create the refcount block for RT_INDEX, in a cluster some block already
