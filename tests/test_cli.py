@@ -152,7 +152,7 @@ def test_umount_not_mounted(tmp_path: Path):
 
 @pytest.mark.parametrize("opt", GENERIC)
 def test_generic_option_parses(opt: str):
-    from qcowfs.cli.main import MountOptions
+    from qcowfs.service.options import MountOptions
 
     MountOptions().apply(opt)
 

@@ -251,3 +251,36 @@ def test_converting_to_raw_loads_no_numpy(tmp_path: Path) -> None:
         assert "qcowfs.engine.convert" in loaded
     loaded = _modules(cli.format(["convert", "-O", "qcow2", str(img), str(tmp_path / "out.qcow2")]))
     assert "numpy" in loaded
+
+
+# What a command that prints a description of an image file has no use for:
+# logging (the engine logs through host.logs, which loads it with a first
+# warning), json (--json output), the mount's and the daemon's modules; and
+# ctypes where no read is large enough to need the bounce check (info,
+# create; fallocate and mlockall import it too). Some 8 ms of the 60 that
+# `qcowfs info` took (docs/speed.md, start-up).
+NOT_FOR_DESCRIBING = {"logging", "json", "qcowfs.cli.mount", "qcowfs.service.control", "qcowfs.host.mounts"}
+
+
+def test_describing_an_image_file_loads_no_logging_json_or_mount_code(tmp_path: Path) -> None:
+    """info and map of an image file, and creating a plain one, load none of
+    NOT_FOR_DESCRIBING (info and create no ctypes either). The controls: `info --json` loads json, and a read
+    past the end of a truncated file logs its warning (so logging is loaded
+    and the line reaches stderr)."""
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_io(img, "write -P 0x5a 0 1M")
+    cli = "from qcowfs.cli.main import main\ntry:\n    main({!r})\nexcept SystemExit as e:\n    assert not e.code, e"
+    for args in (["info", str(img)], ["map", str(img)],
+                 ["create", "-f", "qcow2", str(tmp_path / "new.qcow2"), "1G"]):
+        loaded = _modules(cli.format(args))
+        assert not loaded & NOT_FOR_DESCRIBING, (args, loaded & NOT_FOR_DESCRIBING)
+        assert args[0] == "map" or "ctypes" not in loaded, args
+    assert "json" in _modules(cli.format(["info", "--json", str(img)]))
+    # (the data cluster is the file's last: cut it off)
+    os.truncate(img, os.path.getsize(img) - MiB)
+    p = subprocess.run([sys.executable, "-c", f"import qcowfs, sys\nwith qcowfs.open({str(img)!r}) as i:\n"
+                        "    assert i.disk.read(4096) == bytes(4096)\nprint(*sys.modules, file=sys.stderr)"],
+                       check=True, capture_output=True, text=True)
+    assert "the image file ends before what it maps" in p.stderr
+    assert "logging" in p.stderr.split()

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
 from ..errors import ImageLockedError, QcowError, UsageError
-from ..host import mounts
 from ..service.options import parse_size
-from .text import render_check, render_info, render_snapshots
+from .text import json_text, render_check, render_info, render_snapshots
 
 if TYPE_CHECKING:
     from ..aio import Image
@@ -49,6 +47,8 @@ def _open_unmounted(image_arg: str, mode: str = "r", **kwargs: Any) -> "Image":
     try:
         return open_image(image_arg, mode, **kwargs)
     except ImageLockedError as e:
+        from ..host import mounts
+
         source = mounts.fsname(os.path.abspath(image_arg))
         where = [m.mountpoint for m in mounts.mounts() if m.fstype == mounts.FSTYPE and m.source == source]
         if where:
@@ -98,7 +98,7 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
         d = _run(open_image(image_arg, force_share=force_share, require_backing=False),
                  lambda image: image.info())
         d["filename"] = image_arg
-    print(json.dumps(d, indent=4) if as_json else render_info(d))
+    print(json_text(d) if as_json else render_info(d))
     return 0
 
 
@@ -148,7 +148,7 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
             return 1
         filename = os.path.abspath(image_arg)
     if as_json:
-        print(json.dumps(result.json | {"filename": filename}, indent=4))
+        print(json_text(result.json | {"filename": filename}))
     else:
         out, err = render_check(result)
         for line in err:
@@ -193,7 +193,7 @@ def _list_only_force_share(a: argparse.Namespace) -> bool:
 
 def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(reply["snapshots"], indent=4))
+        print(json_text(reply["snapshots"]))
     elif reply["snapshots"]:
         print("\n".join(render_snapshots(reply["snapshots"])))
 
@@ -214,7 +214,7 @@ def cmd_bitmap(a: argparse.Namespace) -> int:
     if a.action == "list":
         reply = cmd_manage(a.target, {"op": "bitmap-list"}, writes=False, force_share=_list_only_force_share(a))
         if a.json:
-            print(json.dumps(reply["bitmaps"], indent=4))
+            print(json_text(reply["bitmaps"]))
         for b in [] if a.json else reply["bitmaps"]:
             print(f"{b['name']}\tgranularity {b['granularity']}\tflags {','.join(b['flags']) or '-'}"
                   + (f"\tunusable: {b['problem']}" if b.get("problem") else ""))
@@ -239,7 +239,7 @@ def cmd_bitmap(a: argparse.Namespace) -> int:
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     reply = cmd_manage(a.target, {"op": "checkpoint", "name": a.name}, writes=True)
     if a.json:
-        print(json.dumps(reply, indent=4))
+        print(json_text(reply))
     return 0
 
 
@@ -249,20 +249,20 @@ def cmd_map(a: argparse.Namespace) -> int:
     """The allocation map (qemu-img map's JSON), or with --bitmap the dirty map
     (nbdinfo's qemu:dirty-bitmap JSON). On a mount point it is read from the
     mount's maps/ files, so it shows the live state."""
-    from ..service import control
-
     if a.snapshot and a.bitmap:
         raise UsageError("--snapshot and --bitmap cannot be combined (a bitmap tracks the active disk)")
-    if control.mounted(a.target) is not None:
+    if os.path.isdir(a.target):
+        from ..service import control  # (a file is an image: the control module is not loaded for it)
+
+        if control.mounted(a.target) is None:
+            raise UsageError(f"{a.target} is not a qcowfs mount point")
         entries = _map_from_mount(a.target, a.snapshot, a.bitmap)
-    elif os.path.isdir(a.target):
-        raise UsageError(f"{a.target} is not a qcowfs mount point")
     else:
         image = _open_unmounted(a.target, force_share=a.force_share)
         entries = _run(image, lambda image: image.dirty_extents(a.bitmap) if a.bitmap is not None
                        else image.map(a.snapshot))
     if a.output == "json":
-        sys.stdout.write(("[" + ",\n".join(json.dumps(e) for e in entries) + "]\n"))
+        sys.stdout.write(("[" + ",\n".join(json_text(e, None) for e in entries) + "]\n"))
     elif a.bitmap:
         for e in entries:
             print(f"{e['offset']:>14} {e['length']:>14} {e['type']:>4}  {e['description']}")
@@ -276,6 +276,8 @@ def cmd_map(a: argparse.Namespace) -> int:
 
 
 def _map_from_mount(mountpoint: str, snapshot: str | None, bitmap: str | None) -> list[dict[str, Any]]:
+    import json
+
     maps = os.path.join(mountpoint, "maps")
     if bitmap is not None:
         candidates = [os.path.join(maps, "bitmaps", f"{bitmap}.json")]

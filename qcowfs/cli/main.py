@@ -4,7 +4,9 @@ Every failure ends as one line on stderr and a non-zero exit, never a
 traceback. `qcowfs IMAGE MOUNTPOINT -o OPTS` (no subcommand) is the form
 mount.fuse3 uses for `mount -t fuse.qcowfs`. The commands themselves:
 mount.py (mount, umount) and commands.py (everything on an image or a
-mount point).
+mount point). mount.py and the mount options are imported by the mount
+commands alone: the daemon's logging and options are no part of another
+command's start (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -13,16 +15,13 @@ import os
 import re
 import signal
 import sys
-import textwrap
 from typing import Callable, NoReturn, Sequence, TypeAlias
 
 from .. import __version__
 from ..errors import QcowError
-from ..service.options import MOUNT_OPTIONS, MountOptions
 from .commands import (cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create, cmd_info, cmd_map,
                        cmd_snapshot, die)
 from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
-from .mount import cmd_mount, cmd_umount
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -232,6 +231,8 @@ def _convert_parser(sub: Sub) -> None:
 
 
 def _mount_args(m: argparse.ArgumentParser) -> None:
+    from ..service.options import MOUNT_OPTIONS
+
     m.add_argument("-r", "--read-only", action="store_true",
                    help="serve everything read-only; the image is never written")
     m.add_argument("-f", "--foreground", action="store_true",
@@ -255,6 +256,10 @@ SUBCOMMANDS = tuple(COMMAND_PARSERS)
 def mount_options_text() -> str:
     """The mount options, one per line with what it does (mount --help's
     epilog; qcowfs(1) has the same from MOUNT_OPTIONS)."""
+    import textwrap
+
+    from ..service.options import MOUNT_OPTIONS
+
     lines = ["mount options (-o):"]
     for o in MOUNT_OPTIONS:
         name = o.name + (f"={o.value}" if o.value else "")
@@ -280,6 +285,9 @@ def _helper_parser() -> argparse.ArgumentParser:
 
 
 def _mount_from_args(a: argparse.Namespace) -> int:
+    from ..service.options import MountOptions
+    from .mount import cmd_mount
+
     opts = MountOptions()
     for o in a.options:
         opts.apply(o)
@@ -327,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "mount":
             return _mount_from_args(a)
         if a.command == "umount":
+            from .mount import cmd_umount
+
             return cmd_umount(a.mountpoint, a.force)
         if a.command == "info":
             return cmd_info(a.image, a.json, a.force_share)

@@ -8,6 +8,14 @@ import time
 from typing import Any
 
 
+def json_text(value: Any, indent: int | None = 4) -> str:
+    """VALUE as JSON text, as qemu-img's --output=json indents it (json is
+    imported here: only the commands asked for JSON pay for it)."""
+    import json
+
+    return json.dumps(value, indent=indent)
+
+
 def human_size(n: int) -> str:
     """N bytes as qemu-img prints sizes (1 KiB = 1024 B, three digits)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

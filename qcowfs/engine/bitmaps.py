@@ -7,7 +7,6 @@ in_use set in the image until a clean close stores it.
 """
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from .metadata import Metadata
     from .refcount import Allocator
 
-log = logging.getLogger("qcowfs")
 MAX_DIRECTORY_BYTES = 64 << 20
 
 

@@ -15,7 +15,6 @@ enforced for every entry point:
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -27,6 +26,7 @@ from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RA
                       decode_table, encode_table)
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
+from ..host.logs import log
 from ..host.waiting import Lock, in_thread
 from . import chain
 from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 # change the image, not here: a read-only open, a mount of one and every
 # one-shot command that only reads start without loading it (docs/speed.md).
 
-log = logging.getLogger("qcowfs")
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

@@ -9,7 +9,6 @@ numpy, imported then (a read-only mount never spans that far: docs/speed.md).
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
@@ -20,13 +19,13 @@ from ..format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_
                      Geometry, SubclusterType, Table, cluster_type, decode_compressed, decode_table,
                      extended_problem, subcluster_type)
 from ..host.hostfile import HostFile
+from ..host.logs import log
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..format.crypto import DiskCipher  # (an encrypted image only: imported by opening)
 
-log = logging.getLogger("qcowfs")
 
 # Run kinds. MISSING: a span whose L2 table is not at hand (map_cached; host:
 # its L1 index).

@@ -10,7 +10,6 @@ points to them changes.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Callable, Collection
 
 import numpy as np
@@ -22,6 +21,7 @@ from ..format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZER
                      encode_compressed, extended_problem, zero_table)
 from ..format.bulk import cluster_types, l2_rows, l2_words
 from ..host.hostfile import HostFile
+from ..host.logs import log
 from ..host.waiting import Lock
 from . import chain
 from .chain import Source
@@ -30,7 +30,6 @@ from .metadata import Metadata
 from .overlap import Kind
 from .refcount import Allocator, Release
 
-log = logging.getLogger("qcowfs")
 
 # What a write must do with one cluster.
 IN_PLACE, REUSE, ALLOCATE = range(3)

@@ -4,6 +4,7 @@ types, compressed cluster descriptors, and refcount block packing
 from __future__ import annotations
 
 import enum
+import functools
 import sys
 from array import array
 from dataclasses import dataclass
@@ -206,9 +207,14 @@ def refcount_block_of_ones(count: int, order: int, cluster_size: int) -> bytes:
     return ones + bytes(cluster_size - len(ones))
 
 
-# Per byte value: how many of its sub-byte refcounts (order 0, 1, 2) are not 0.
-_NONZERO_FIELDS = {order: bytes(sum(1 for k in range(0, 8, 1 << order) if b >> k & ((1 << (1 << order)) - 1))
-                                for b in range(256)) for order in range(3)}
+@functools.cache
+def _nonzero_fields(order: int) -> bytes:
+    """Per byte value: how many of its sub-byte refcounts (ORDER 0, 1, 2) are
+    not 0 (a translate table; made when first needed, not at every start)."""
+    mask = (1 << (1 << order)) - 1
+    return bytes(sum(1 for k in range(0, 8, 1 << order) if b >> k & mask) for b in range(256))
+
+
 # The array typecodes of refcounts of a whole number of bytes (order 3..6).
 _REFCOUNT_TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 assert all(array(t).itemsize == 1 << (order - 3) for order, t in _REFCOUNT_TYPECODES.items())
@@ -225,6 +231,6 @@ def refcount_nonzero(block: bytes | bytearray, order: int, count: int) -> int:
         return count - words.count(0)
     per_byte = 8 >> order
     whole = count // per_byte
-    n = sum(block[:whole].translate(_NONZERO_FIELDS[order]))
+    n = sum(block[:whole].translate(_nonzero_fields(order)))
     return n + sum(1 for i in range(whole * per_byte, count) if refcount_get(block, i, order))
 

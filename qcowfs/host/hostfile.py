@@ -9,13 +9,12 @@ always runs in a thread. A command that drives the engine without a loop
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .waiting import driven, in_thread
 
@@ -43,19 +42,33 @@ BOUNCE_MIN = 64 * 1024  # below it the slow copy costs less than finding the add
 BOUNCE_BYTES = 1 << 20
 bounce_lock = threading.Lock()  # held while a read uses the bounce buffer
 bounced_reads = 0  # reads that went through it, in this process
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+# ctypes (libc's fallocate, a buffer's address) is imported by the first call
+# that needs it: a command that only reads small tables never does (1.3 ms of
+# its start; docs/speed.md).
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with any MODE; OSError on failure."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    import ctypes
+
+    if _libc_fallocate()(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
 
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc.fallocate
+
+
 def _aliased(buf: bytearray | memoryview, offset: int) -> bool:
     """Whether the kernel's copy of OFFSET's bytes into BUF meets 4K aliasing."""
+    import ctypes
+
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     return 0 < (address - offset) % PAGE < ALIASED_DISTANCE
 

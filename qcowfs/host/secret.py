@@ -11,15 +11,13 @@ is opened; nothing here logs it.
 """
 from __future__ import annotations
 
-import ctypes
-import logging
 import os
 import sys
 from typing import Callable, Iterable, Iterator
 
 from ..errors import PassphraseError
+from .logs import log
 
-log = logging.getLogger("qcowfs")
 
 # A passphrase file larger than this is a mistake (a disk image named by accident).
 MAX_KEY_FILE = 1 << 20
@@ -158,6 +156,8 @@ def lock_memory() -> bool:
     if not _can_lock_everything():
         log.debug("memory not locked: RLIMIT_MEMLOCK is limited and CAP_IPC_LOCK is missing")
         return False
+    import ctypes  # (here: only a daemon that locks its memory needs it)
+
     # (the process's own symbols, libc's among them: find_library would
     # import subprocess and run ldconfig to name the same library)
     libc = ctypes.CDLL(None, use_errno=True)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..host import mounts
+from ..host.logs import log
 from ..errors import QcowError, UsageError
 
 if TYPE_CHECKING:
     import trio
 
-log = logging.getLogger("qcowfs")
 MAX_REQUEST = 1 << 16
 # A snapshot of a large image may take a while; the client waits this long.
 CLIENT_TIMEOUT = 3600.0

@@ -1,0 +1,61 @@
+"""The "qcowfs" logger, with the standard logging module loaded by its first line.
+
+`import logging` costs some 4 ms, a tenth of a one-shot command such as
+`qcowfs info` (docs/speed.md, start-up), and the engine logs only what is
+unusual: a damaged image, a failed flush, a bitmap it cannot use. So the
+engine and the modules a command loads log through `log` here, and a command
+that has nothing to say never loads logging: a warning or an error loads it;
+a debug or info line is dropped while nothing has loaded it, as nothing can
+have set a level that shows it (unconfigured, logging shows warnings and
+errors alone). The daemon's modules, which configure logging (cli/mount.py)
+and load it anyway, use the same logger directly. Records carry the
+caller's place, not this module's (stacklevel).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
+
+NAME = "qcowfs"
+
+
+@functools.cache
+def _logger() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(NAME)
+
+
+def _configured() -> bool:
+    """Whether anything has loaded logging, so could have set a level that
+    shows debug and info lines: unconfigured, logging shows warnings and
+    errors alone (its last-resort handler, on stderr)."""
+    return "logging" in sys.modules
+
+
+class _Log:
+    """logging.getLogger(NAME)'s calls that qcowfs makes."""
+
+    def debug(self, msg: str, *args: object) -> None:
+        if _configured():
+            _logger().debug(msg, *args, stacklevel=2)
+
+    def info(self, msg: str, *args: object) -> None:
+        if _configured():
+            _logger().info(msg, *args, stacklevel=2)
+
+    def warning(self, msg: str, *args: object) -> None:
+        _logger().warning(msg, *args, stacklevel=2)
+
+    def error(self, msg: str, *args: object) -> None:
+        _logger().error(msg, *args, stacklevel=2)
+
+    def exception(self, msg: str, *args: object) -> None:
+        _logger().exception(msg, *args, stacklevel=2)
+
+
+log = _Log()
