@@ -81,16 +81,7 @@ class RawDisk:
         return n
 
     async def data_ranges(self) -> list[tuple[int, int]]:
-        out = []
-        pos = 0
-        while pos < self.size:
-            start = await self._src.seek(pos, self.size, True)
-            if start >= self.size:
-                break
-            end = await self._src.seek(start, self.size, False)
-            out.append((start, end))
-            pos = max(end, start + 1)
-        return out
+        return [(pos, pos + n) for pos, n, has_data in self._src.file.data_runs(0, self.size) if has_data]
 
     async def close(self) -> None:
         await self._src.close()

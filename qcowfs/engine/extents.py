@@ -119,26 +119,6 @@ def metadata_preallocated(layer: Layer) -> bool:
     return refcounted_clusters(layer.file, layer.header, layer.mapper.geo, -(-layer.file.known_size // cs)) >= threshold
 
 
-def _host_holes(fd: int, host: int, length: int) -> list[tuple[int, int, bool]]:
-    """(offset into the run, length, is a hole) of host bytes [host, host+length):
-    what the host file's block status adds to a data run (past its end: a hole)."""
-    out: list[tuple[int, int, bool]] = []
-    pos, end = host, host + length
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data from POS on (or past the end of the file)
-            data = end
-        if data > pos:
-            out.append((pos - host, min(data, end) - pos, True))
-            pos = min(data, end)
-            continue
-        hole = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
-        out.append((pos - host, hole - pos, False))
-        pos = hole
-    return out
-
-
 async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
                      depth: int = 0, prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
     """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table).
@@ -176,8 +156,9 @@ async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = No
                 if prealloc is None:
                     prealloc = prealloc_of[id(layer)] = metadata_preallocated(layer)
                 if prealloc:
-                    for rel, n, hole in _host_holes(mapper.data_file.fd, offset, b - a):
-                        _add(out, Extent(a + rel, n, depth, True, hole, True, offset + rel))
+                    # (what the host file's block status adds to a data run: past its end, a hole)
+                    for host_at, n, has_data in mapper.data_file.data_runs(offset, offset + b - a):
+                        _add(out, Extent(a + host_at - offset, n, depth, True, not has_data, True, host_at))
                     continue
             if t in _STATUS:
                 present, zero, data, has_offset = _STATUS[t]
@@ -287,22 +268,10 @@ async def _below(layer: Layer, start: int, end: int, depth: int,
 
 def _raw_status(raw: object, start: int, end: int, depth: int) -> list[Extent]:
     """A raw backing file: data where the host file has data, zeros in its holes."""
-    fd: int = raw.file.fd  # type: ignore[attr-defined]
+    file: HostFile = raw.file  # type: ignore[attr-defined]
     out: list[Extent] = []
-    pos = start
-    while pos < end:
-        try:
-            data_at = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            data_at = end
-        if data_at > pos:
-            stop = min(end, data_at)
-            _add(out, Extent(pos, stop - pos, depth, True, True, False, pos))
-            pos = stop
-            continue
-        hole_at = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
-        _add(out, Extent(pos, hole_at - pos, depth, True, False, True, pos))
-        pos = hole_at
+    for pos, n, has_data in file.data_runs(start, end):
+        _add(out, Extent(pos, n, depth, True, not has_data, has_data, pos))
     return out
 
 

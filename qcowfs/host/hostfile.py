@@ -144,6 +144,23 @@ class HostFile:
                 raise
             return None
 
+    def data_runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """[START, END) of the file as runs (offset, length, holds data), as
+        SEEK_DATA and SEEK_HOLE tell them: past the end of the file is a hole."""
+        out: list[tuple[int, int, bool]] = []
+        pos = start
+        while pos < end:
+            data = self.seek(pos, data=True)
+            if data is None or data > pos:
+                stop = end if data is None else min(data, end)
+                out.append((pos, stop - pos, False))
+            else:
+                hole = self.seek(pos, data=False)
+                stop = end if hole is None else min(hole, end)
+                out.append((pos, stop - pos, True))
+            pos = stop
+        return out
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
