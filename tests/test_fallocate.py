@@ -242,3 +242,31 @@ def test_discard_and_zero_range_mark_dirty_bitmaps(tmp_path: Path) -> None:
     info = json.loads(qemu_img("info", "--output=json", img))
     flags = info["format-specific"]["data"]["bitmaps"][0]["flags"]
     assert "in-use" not in flags, flags
+
+
+def test_data_runs_tile_a_sparse_file_and_call_past_its_end_a_hole(tmp_path: Path) -> None:
+    """HostFile.data_runs, the one walk of a host file's data and holes (map's
+    preallocated runs, a raw backing file's block status, convert's raw
+    source): runs that tile the range asked, data exactly where blocks were
+    written (ext4 keeps 4 KiB blocks), holes between them and past the end."""
+    from qcowfs.host.hostfile import HostFile
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(MiB)
+        f.seek(64 * KiB)
+        f.write(b"x" * 8 * KiB)
+        f.seek(512 * KiB)
+        f.write(b"y" * 4 * KiB)
+    file = HostFile(str(path))
+    try:
+        runs = file.data_runs(0, 2 * MiB)
+        assert [(pos, n) for pos, n, has_data in runs if has_data] == [(64 * KiB, 8 * KiB), (512 * KiB, 4 * KiB)]
+        assert runs[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert runs[-1] == (516 * KiB, 2 * MiB - 516 * KiB, False)
+        assert all(a[2] != b[2] for a, b in zip(runs, runs[1:]))
+        assert file.data_runs(68 * KiB, 514 * KiB) == [(68 * KiB, 4 * KiB, True), (72 * KiB, 440 * KiB, False),
+                                                       (512 * KiB, 2 * KiB, True)]
+        assert file.data_runs(MiB, 2 * MiB) == [(MiB, MiB, False)]
+    finally:
+        file.close()
