@@ -294,3 +294,29 @@ def test_library_create(tmp_path: Path):
     with pytest.raises(qcowfs.UsageError):
         qcowfs.create(tmp_path / "bad.qcow2", 1 << 20, encrypt_format="luks")  # no passphrase
     assert not (tmp_path / "bad.qcow2").exists()
+
+
+# Sizes as users write them: qemu-img decides which are sizes and what they
+# mean (one parser reads every size of the command line and the mount
+# options: service/options.parse_size).
+SIZES = ["1G", "1g", "1.5G", "512", "512b", "512B", "2M", "0.5k", "3.25m", "1T", "0", "0G",
+         "+1G", "+0.5G", " 1G", "1.G", "01G", "3 M", "abc", "1X", ".5G", "1e3", "1.5", "1k5", "1GG",
+         "++1G", "1,5G"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_size_means_what_it_means_to_qemu_img(tmp_path: Path, size: str):
+    q = run(["qemu-img", "create", "-q", "-f", "qcow2", "theirs.qcow2", size], tmp_path)
+    p = qcowfs(tmp_path, "create", "-f", "qcow2", "ours.qcow2", size)
+    assert (p.returncode == 0) == (q.returncode == 0), (p.stderr, q.stderr)
+    if q.returncode == 0:
+        assert info(tmp_path / "ours.qcow2")["virtual-size"] == info(tmp_path / "theirs.qcow2")["virtual-size"]
+    else:
+        assert p.stderr.count("\n") == 1 and "invalid size" in p.stderr, p.stderr
+
+
+def test_sizes_with_an_ib_or_b_ending_are_read_as_mount_options_always_read_them(tmp_path: Path):
+    """The one liberty beyond qemu-img (docs: the mount options took them first)."""
+    for size, want in (("64KiB", 64 << 10), ("64kb", 64 << 10), ("2MiB", 2 << 20)):
+        assert qcowfs(tmp_path, "create", "-f", "qcow2", "ours.qcow2", size).returncode == 0
+        assert info(tmp_path / "ours.qcow2")["virtual-size"] == want

@@ -775,7 +775,6 @@ def readme_fstab_options() -> str:
     return m.group(1)
 
 
-@pytest.mark.usefixtures("qcowfs_on_default_path")
 def served_then_umounted(p: subprocess.CompletedProcess, mnt: Path) -> None:
     """mount(8) (P) worked, the disk is served, and umount(8) ends the daemon."""
     assert p.returncode == 0, p.stderr
@@ -785,6 +784,7 @@ def served_then_umounted(p: subprocess.CompletedProcess, mnt: Path) -> None:
     wait_gone(pids)
 
 
+@pytest.mark.usefixtures("qcowfs_on_default_path")
 def test_fstab_line(tmp_path: Path):
     """The fstab line of systemd/README.md, through `mount -T FSTAB MOUNTPOINT`."""
     img = make_image(tmp_path / "disk.qcow2")

@@ -361,7 +361,7 @@ def cmd_create(a: argparse.Namespace) -> int:
         kw["backing_file"] = a.backing
     if a.backing_format is not None:
         kw["backing_fmt"] = a.backing_format
-    size = parse_size(a.size) if a.size is not None and a.size != "0" else (0 if a.size == "0" else None)
+    size = parse_size(a.size, zero=True) if a.size is not None else None
     if "size" in kw:
         if size is not None:
             raise UsageError("give the size either as SIZE or as -o size=..., not both")
@@ -384,7 +384,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     backing_format = a.backing_format if a.backing_format is not None else o_format
     if a.output_format == "raw" and (kw or a.compress or backing):
         raise UsageError("-o, -c and -B need -O qcow2")
-    sparse = 0 if a.sparse.strip() == "0" else parse_size(a.sparse)
+    sparse = parse_size(a.sparse, zero=True)
     source_key = key_source(a.key_file)
     target_key = key_source(a.target_key_file) if kw.get("encrypt_format") else None
     with progress_printer(a.progress) as progress:

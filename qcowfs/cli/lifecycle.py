@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from typing import Any
 
 from ..errors import ImageLockedError, UsageError
-
-# qemu-img's size suffixes (powers of 1024); no suffix: bytes.
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-
-
-def parse_qemu_size(text: str) -> int:
-    """A size as qemu-img reads one: a number, optionally fractional, with
-    an optional K/M/G/T/P/E suffix."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmgtpe]?)", text.strip().lower())
-    if m is None:
-        raise UsageError(f"invalid size '{text}' (a number with an optional suffix k, M, G, T, P or E)")
-    value = float(m.group(1)) * _UNITS[m.group(2)] if "." in m.group(1) else int(m.group(1)) * _UNITS[m.group(2)]
-    return int(value)
+from ..service.options import parse_size
 
 
 def resize_parser(sub: Any) -> None:
@@ -73,7 +60,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
 
     text = a.size.strip()
     sign = text[0] if text[:1] in "+-" else ""
-    amount = parse_qemu_size(text[1:] if sign else text)
+    amount = parse_size(text[1:] if sign else text, zero=True)
     if os.path.isdir(a.image):
         raise UsageError(f"{a.image} is a directory: resize takes an image file (on a mount, "
                          "truncate MOUNTPOINT/disk.raw grows the disk)")

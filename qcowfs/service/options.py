@@ -81,16 +81,24 @@ MOUNT_OPTIONS = (
 )
 
 
-def parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    suffix = t[-1:] if t[-1:] in units and not t[-1:].isdigit() else ""
-    try:
-        value = int(float(t[: len(t) - len(suffix)]) * units[suffix])
-    except ValueError:
-        raise UsageError(f"invalid size '{text}'") from None
-    if value <= 0:
-        raise UsageError(f"invalid size '{text}'")
+# Size suffixes as qemu-img reads them (qemu_strtosz): powers of 1024.
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_SIZE = re.compile(r"\+?(\d+(?:\.\d*)?)([kmgtpe]?)(?:i?b)?")
+
+
+def parse_size(text: str, zero: bool = False) -> int:
+    """A size as qemu-img reads one, for every size a command or a mount
+    option takes: a number, fractional or not, with an optional suffix k,
+    M, G, T, P or E (case does not matter; a fraction needs a suffix; "B",
+    "KiB" and "KB" are read too, as mount options always took them).
+    ZERO: 0 is a size (a resize by +0, -S 0), else it is refused."""
+    m = _SIZE.fullmatch(text.strip().lower())
+    if m is None or ("." in m.group(1) and not m.group(2)):  # (no fraction of a byte, as qemu-img)
+        raise UsageError(f"invalid size '{text}' (a number with an optional suffix k, M, G, T, P or E)")
+    number, unit = m.group(1), SIZE_UNITS[m.group(2)]
+    value = int(float(number) * unit) if "." in number else int(number) * unit
+    if value == 0 and not zero:
+        raise UsageError(f"invalid size '{text}' (it must be more than 0)")
     return value
 
 
