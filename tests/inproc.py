@@ -599,6 +599,22 @@ class Subject:
         self.snapshot_names[sid] = name
         return sid
 
+    def _reverted_copy(self, sid: str) -> Path:
+        """The disk of snapshot SID as QEMU reads it after `qemu-img snapshot -a` on a
+        copy of the image (next to it: the same backing file), converted to raw."""
+        copy = self.directory / "reverted.qcow2"
+        shutil.copyfile(self.image, copy)
+        try:
+            # (QEMU refuses to revert an image with dirty bitmaps; they are not the disk)
+            for name in self.bitmaps:
+                bpre, btarget = naming(copy, self.secrets, fmt=False, backing=False)
+                must("qemu-img", "bitmap", *bpre, "--remove", *btarget, name)
+            pre, target = naming(copy, self.secrets, fmt=False)
+            must("qemu-img", "snapshot", *pre, "-a", self.snapshot_names[sid], *target)
+            return to_raw(copy, self.directory / "snapshot-now.raw", None, self.secrets)
+        finally:
+            copy.unlink()
+
     def snapshot_delete(self, sid: str) -> None:
         self._closed()
         must("qemu-img", "snapshot", *self._pre(False), "-d", self.snapshot_names.pop(sid),  # -d takes names
@@ -941,6 +957,12 @@ class Subject:
         for sid, expected in self.snapshots.items():
             now = to_raw(self.image, self.directory / "snapshot-now.raw", sid, self.secrets)
             try:
+                if now.stat().st_size < expected.stat().st_size:
+                    # the disk is smaller now than the snapshot (a smaller one was applied since):
+                    # `convert -l` shows a snapshot only up to the disk's current size, so QEMU
+                    # reverts a copy of the image to it and converts that, all of it
+                    now.unlink()
+                    now = self._reverted_copy(sid)
                 # `convert -l` shows a snapshot at the disk's current size, past the snapshot's
                 # own size reading through to the backing file (QEMU does that on images it grew
                 # itself): only the snapshot's own size is its content
