@@ -17,10 +17,11 @@ from typing import Any
 
 from ..errors import QcowError, UsageError
 from ..host import mounts
+from ..host.logs import logger
 from ..service.options import FORCE_SHARE_WARNING, ROOT_LOG_FILE, MountOptions
 from .commands import die, open_image
 
-log = logging.getLogger("qcowfs")
+log = logger()
 
 
 # ---- mount --------------------------------------------------------------------

@@ -19,10 +19,11 @@ import trio
 from ..aio import Span
 from ..errors import QcowError
 from ..host.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from ..host.logs import logger
 from .readaround import ReadAround
 from .views import DirNode, FileNode, FileView
 
-log = logging.getLogger("qcowfs")
+log = logger()
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 ATTR_TIMEOUT = 300.0
 # Read-around: a small read that had to reach us (a random access) may make

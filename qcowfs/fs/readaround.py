@@ -74,6 +74,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..host.logs import logger
+
 # The outcome experiment. Every SAMPLE_EVERY-th first miss in a window is a
 # sample (trials and controls alternate), followed for SAMPLE_SECONDS (a
 # control until SAMPLE_CAP misses landed in it), no more than MAX_SAMPLES at
@@ -126,7 +128,7 @@ PROBE_REPEATS = 4
 # nothing is pushed and read_around=0 does without it.)
 QUIET_EVERY = 256
 _KEY_SHIFT = 40  # window indexes below 2**40
-log = logging.getLogger("qcowfs")
+log = logger()
 
 
 def page_cache_room() -> int:

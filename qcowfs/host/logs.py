@@ -8,7 +8,7 @@ that has nothing to say never loads logging: a warning or an error loads it;
 a debug or info line is dropped while nothing has loaded it, as nothing can
 have set a level that shows it (unconfigured, logging shows warnings and
 errors alone). The daemon's modules, which configure logging (cli/mount.py)
-and load it anyway, use the same logger directly. Records carry the
+and load it anyway, take the logger itself (`logger()`). Records carry the
 caller's place, not this module's (stacklevel).
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ NAME = "qcowfs"
 
 
 @functools.cache
-def _logger() -> logging.Logger:
+def logger() -> logging.Logger:
+    """The logger itself (loads logging): for the daemon's modules, which
+    configure logging and use all of it."""
     import logging
 
     return logging.getLogger(NAME)
@@ -42,20 +44,20 @@ class _Log:
 
     def debug(self, msg: str, *args: object) -> None:
         if _configured():
-            _logger().debug(msg, *args, stacklevel=2)
+            logger().debug(msg, *args, stacklevel=2)
 
     def info(self, msg: str, *args: object) -> None:
         if _configured():
-            _logger().info(msg, *args, stacklevel=2)
+            logger().info(msg, *args, stacklevel=2)
 
     def warning(self, msg: str, *args: object) -> None:
-        _logger().warning(msg, *args, stacklevel=2)
+        logger().warning(msg, *args, stacklevel=2)
 
     def error(self, msg: str, *args: object) -> None:
-        _logger().error(msg, *args, stacklevel=2)
+        logger().error(msg, *args, stacklevel=2)
 
     def exception(self, msg: str, *args: object) -> None:
-        _logger().exception(msg, *args, stacklevel=2)
+        logger().exception(msg, *args, stacklevel=2)
 
 
 log = _Log()

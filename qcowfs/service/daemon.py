@@ -53,13 +53,14 @@ from ..fs.scratch import Scratch, overlay_tree
 from ..fs.views import (BitmapView, DirNode, FileNode, SnapshotView, bitmap_map_nodes, bitmap_nodes, build_tree,
                     snapshot_map_nodes, snapshot_nodes)
 from ..host.secret import lock_memory
+from ..host.logs import logger
 
 from .options import FORCE_SHARE_WARNING
 
 if TYPE_CHECKING:
     from .options import MountOptions
 
-log = logging.getLogger("qcowfs")
+log = logger()
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORCE_SIGNAL = signal.SIGUSR1
 # A second stop signal this soon after the first detaches a busy mount.

@@ -82,7 +82,7 @@ MOUNT_OPTIONS = (
 
 
 # Size suffixes as qemu-img reads them (qemu_strtosz): powers of 1024.
-SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 _SIZE = re.compile(r"\+?(\d+(?:\.\d*)?)([kmgtpe]?)(?:i?b)?")
 
 
@@ -95,7 +95,7 @@ def parse_size(text: str, zero: bool = False) -> int:
     m = _SIZE.fullmatch(text.strip().lower())
     if m is None or ("." in m.group(1) and not m.group(2)):  # (no fraction of a byte, as qemu-img)
         raise UsageError(f"invalid size '{text}' (a number with an optional suffix k, M, G, T, P or E)")
-    number, unit = m.group(1), SIZE_UNITS[m.group(2)]
+    number, unit = m.group(1), _SIZE_UNITS[m.group(2)]
     value = int(float(number) * unit) if "." in number else int(number) * unit
     if value == 0 and not zero:
         raise UsageError(f"invalid size '{text}' (it must be more than 0)")

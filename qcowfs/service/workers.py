@@ -41,7 +41,9 @@ from typing import Callable
 
 import trio
 
-log = logging.getLogger("qcowfs")
+from ..host.logs import logger
+
+log = logger()
 PR_SET_PDEATHSIG = 1  # prctl(2)
 # How long workers may take to see the end of the connection before they are killed.
 REAP_WAIT = 10.0
