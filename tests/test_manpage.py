@@ -158,7 +158,7 @@ def test_install_puts_the_page_and_the_completion_where_they_are_found() -> None
 CASES = r"""
 source "$COMPLETION"
 c() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); _qcowfs
-      printf '%s\n' "${COMPREPLY[*]}"; }
+      local IFS=$'\t'; printf '%s\n' "${COMPREPLY[*]}"; }
 c qcowfs ''
 c qcowfs sn
 c qcowfs mount --r
@@ -182,17 +182,18 @@ def test_bash_completion(tmp_path: Path) -> None:
         p = subprocess.run(["bash", "-c", CASES], capture_output=True, text=True, timeout=60, cwd=work,
                            env={**os.environ, "COMPLETION": str(COMPLETION)})
     assert p.returncode == 0 and not p.stderr, p.stderr
+    # (words joined by tabs: a mount point of another test may hold spaces)
     got = p.stdout.split("\n")
-    assert got[0].split() == list(COMMANDS)
+    assert got[0].split("\t") == list(COMMANDS)
     assert got[1] == "snapshot"
     assert got[2] == "--read-only"
-    assert got[3].split() == ["ro,scratch", "ro,scratch_dir=", "ro,scratch_size="]
-    assert sorted(got[4].split()) == ["a.qcow2", "sub"]                    # image files, directories
-    assert sorted(got[5].split()) == ["sub"]                                # a mount point: directories
-    assert str(mnt) in got[6].split() and "/proc" not in got[6].split()     # qcowfs mounts only
+    assert got[3].split("\t") == ["ro,scratch", "ro,scratch_dir=", "ro,scratch_size="]
+    assert sorted(got[4].split("\t")) == ["a.qcow2", "sub"]                    # image files, directories
+    assert sorted(got[5].split("\t")) == ["sub"]                                # a mount point: directories
+    assert str(mnt) in got[6].split("\t") and "/proc" not in got[6].split("\t")     # qcowfs mounts only
     # images and mount points (other tests running meanwhile may have qcowfs mounts too)
-    assert {"a.qcow2", "sub", str(mnt)} <= set(got[7].split())
-    assert all(w.startswith("/") for w in set(got[7].split()) - {"a.qcow2", "sub"})
-    assert got[8].split() == ["create", "delete", "apply", "list"]
-    assert got[9].split() == ["human", "json"]
+    assert {"a.qcow2", "sub", str(mnt)} <= set(got[7].split("\t"))
+    assert all(w.startswith("/") for w in set(got[7].split("\t")) - {"a.qcow2", "sub"})
+    assert got[8].split("\t") == ["create", "delete", "apply", "list"]
+    assert got[9].split("\t") == ["human", "json"]
     assert got[10] == "json"
