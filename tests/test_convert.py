@@ -524,11 +524,11 @@ _BLOCK_KINDS = ("zero", "zero", "last", "first", "middle", "data", "lead")
 @given(st.sampled_from((512, 4096, 65536)), st.lists(st.sampled_from(_BLOCK_KINDS), min_size=1, max_size=40),
        st.integers(0, 511), st.randoms(use_true_random=False))
 def test_zero_runs_are_the_blocks_of_zeros(unit: int, kinds: list[str], cut: int, rnd: random.Random):
-    """convert's zero check (engine.convert._zero_runs, strided first bytes and
+    """convert's zero check (engine.blocks.zero_runs, strided first bytes and
     memcmp) against the obvious comparison of every block, on chunks mixing
     blocks of zeros, blocks with one non-zero byte anywhere, data, and data
     that begins with zeros; the chunk may end inside a block."""
-    from qcowfs.engine.convert import _complement, _index_runs, _zero_runs
+    from qcowfs.engine.blocks import complement, index_runs, zero_runs
 
     block = {"zero": lambda: bytes(unit), "data": lambda: rnd.randbytes(unit),
              "first": lambda: b"\1" + bytes(unit - 1), "last": lambda: bytes(unit - 1) + b"\1",
@@ -538,6 +538,40 @@ def test_zero_runs_are_the_blocks_of_zeros(unit: int, kinds: list[str], cut: int
     n = max(1, len(kinds) * unit - cut)
     count = -(-n // unit)
     zeros = [i for i in range(count) if not any(buf[i * unit : min(n, (i + 1) * unit)])]
-    assert _zero_runs(buf, n, unit) == _index_runs(zeros)
-    assert [i for a, b in _complement(_zero_runs(buf, n, unit), count) for i in range(a, b)] == \
+    assert zero_runs(buf, n, unit) == index_runs(zeros)
+    assert [i for a, b in complement(zero_runs(buf, n, unit), count) for i in range(a, b)] == \
         [i for i in range(count) if i not in zeros]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from((512, 4096, 65536)),
+       st.lists(st.tuples(st.sampled_from(_BLOCK_KINDS), st.sampled_from(("same", "same", "data", "zero", "byte"))),
+                min_size=1, max_size=40),
+       st.integers(0, 511), st.randoms(use_true_random=False))
+def test_differing_runs_are_the_blocks_that_differ(unit: int, kinds: list[tuple[str, str]], cut: int,
+                                                   rnd: random.Random):
+    """The blocks convert -B and a safe rebase write (engine.blocks.differing_runs)
+    against the obvious comparison of every block: a block differs from the
+    other buffer's wholly, in one byte, or not at all, and is zeros or data."""
+    from qcowfs.engine.blocks import differing_runs, index_runs
+
+    block = {"zero": lambda: bytes(unit), "data": lambda: rnd.randbytes(unit),
+             "first": lambda: b"\1" + bytes(unit - 1), "last": lambda: bytes(unit - 1) + b"\1",
+             "middle": lambda: bytes(unit // 2) + b"\7" + bytes(unit - unit // 2 - 1),
+             "lead": lambda: bytes(unit // 3) + rnd.randbytes(unit - unit // 3)}
+    ours, theirs = bytearray(), bytearray()
+    for kind, change in kinds:
+        b = block[kind]()
+        ours += b
+        if change == "byte":
+            i = rnd.randrange(unit)
+            b = b[:i] + bytes([b[i] ^ 0x5A]) + b[i + 1:]
+        theirs += {"same": b, "data": rnd.randbytes(unit), "zero": bytes(unit), "byte": b}[change]
+    ours += b"\xff" * 100   # (bytes past N must not count)
+    theirs += b"\0" * 100
+    n = max(1, len(kinds) * unit - cut)
+    count = -(-n // unit)
+    differ = [i for i in range(count) if ours[i * unit : min(n, (i + 1) * unit)] != theirs[i * unit : min(n, (i + 1) * unit)]]
+    zero = [i for i in differ if not any(ours[i * unit : min(n, (i + 1) * unit)])]
+    assert differing_runs(ours, memoryview(theirs), n, unit) == \
+        (index_runs(zero), index_runs([i for i in differ if i not in zero]))

@@ -15,7 +15,9 @@ is built on `image.Image`. By concern, as QEMU splits block/qcow2*.c:
 - `stored`: the refcount table and blocks as stored, without numpy;
 - `snapshots`, `snapshot_ops`: internal snapshots (qcow2-snapshot.c);
 - `bitmaps`, `bitmap_ops`: persistent dirty bitmaps (qcow2-bitmap.c);
-- `extents`: allocation and dirty maps; `check`: qemu-img check; `info`: qemu-img info.
+- `extents`: allocation and dirty maps; `check`: qemu-img check; `info`: qemu-img info;
+- `create`, `convert`, `chain_ops`, `resize`: what qemu-img makes and changes, and
+  `blocks`, the block comparisons convert and rebase share.
 
 Importing this package costs nothing: it imports none of its modules.
 """

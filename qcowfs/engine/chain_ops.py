@@ -25,12 +25,14 @@ from ..errors import QcowError, RequestError, UnsupportedFeatureError
 from ..format import EXT_BACKING_FORMAT, QCOW_MAGIC
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
+from .blocks import MAX_BUFFER, differing_runs
 from .extents import allocation
 from .image import Image
+from .mapper import zero_fill
 from .chain import Source
 from .opening import OpenOptions, Passphrases, RawSource, resolve_backing
 
-CHUNK = 4 << 20
+CHUNK = MAX_BUFFER
 Progress = Callable[[float], None] | None
 # The passphrases of the encrypted images of the chains a command opens
 # (OpenOptions.passphrase): asked only when one is opened.
@@ -284,7 +286,10 @@ async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe
 
 async def _copy_differences(image: Image, new: Source | None, progress: Progress) -> None:
     """Where IMAGE holds nothing itself and its old backing chain differs
-    from NEW (None: zeros), what the old one shows, written into IMAGE."""
+    from NEW (None: zeros), what the old one shows, written into IMAGE: each
+    run of differing blocks (subclusters: what one write can allocate
+    alone, as qemu-img rebase aligns its writes) in one write, or one zero
+    write where the old chain shows zeros."""
     old = image.backing
     size = image.size
     held: Ranges = []
@@ -294,21 +299,19 @@ async def _copy_differences(image: Image, new: Source | None, progress: Progress
     held = union(held, [])
     free = subtract([(0, size)], held)
     meter = _Meter(sum(e - s for s, e in free), progress)
-    piece = max(image.geo.cluster_size, 64 << 10)
+    unit = image.geo.subcluster_size
+    ours, theirs = bytearray(CHUNK), bytearray(CHUNK)
     for start, end in free:
         for pos, n in meter.pieces(start, end):
-            a = bytearray(n)
-            b = bytearray(n)
-            if old is not None:
-                await old.read_into(memoryview(a), pos)
-            if new is not None:
-                await new.read_into(memoryview(b), pos)
-            if a != b:
-                for off in range(0, n, piece):
-                    pa, pb = a[off : off + piece], b[off : off + piece]
-                    if pa != pb:
-                        if not pa.strip(b"\0"):
-                            await image.zero(pos + off, len(pa), unmap=False)
-                        else:
-                            await image.write(pos + off, pa)
+            a, b = memoryview(ours)[:n], memoryview(theirs)[:n]
+            for chain, buf in ((old, a), (new, b)):
+                if chain is not None:
+                    await chain.read_into(buf, pos)
+                else:
+                    zero_fill(buf)
+            zeros, data = differing_runs(ours, b, n, unit)
+            for lo, hi in zeros:
+                await image.zero(pos + lo * unit, min(n, hi * unit) - lo * unit, unmap=False)
+            for lo, hi in data:
+                await image.write(pos + lo * unit, a[lo * unit : min(n, hi * unit)])
     meter.finish()

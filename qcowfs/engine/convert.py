@@ -23,7 +23,6 @@ chunk are written, in order, by the engine's writer in one batch per run
 """
 from __future__ import annotations
 
-import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -32,11 +31,12 @@ from typing import Any, Callable, Coroutine, Protocol
 from ..format.compression import compress_cluster
 from ..host.hostfile import HostFile
 from ..host.waiting import drive, in_thread
+from .blocks import MAX_BUFFER, Runs, complement, differing_runs, zero_runs
 from .opening import RawSource
 
 # Bytes read and written per step: large enough that per-call costs vanish,
 # small enough to show progress and keep memory low.
-CHUNK = 4 << 20
+CHUNK = MAX_BUFFER
 COMPRESS_THREADS = 4
 # Chunks whose clusters are being compressed while the loop reads on: enough
 # that the workers do not wait for the loop's reads and writes (with none
@@ -119,69 +119,6 @@ class CopyPlan:
     align: int = 512          # data ranges widened to this (a qcow2 target's cluster size)
     threads: int = COMPRESS_THREADS   # compression workers (-c)
     zero_init: bool = True    # the target reads zeros where nothing is written (else every byte is said)
-
-
-# Zeros to compare chunks with: one calloc'd block, never written, so its
-# pages are the kernel's shared zero page (no resident memory); sliced as a
-# memoryview, never as bytes (a bytes slice is a copy).
-_ZEROS = memoryview(bytes(CHUNK))
-# A run of zero bytes (the first bytes of the blocks that may be all zeros).
-_ZERO_RUN = re.compile(rb"\0+")
-
-Runs = list[tuple[int, int]]   # [a, b) runs of block indexes
-
-
-def _zero_runs(buf: bytearray, n: int, unit: int) -> Runs:
-    """The runs of UNIT-sized blocks of BUF[:N] that are all zeros (the
-    last block may be short). Only a block whose first byte is zero can be
-    one: a strided slice gives those first bytes, a regular expression their
-    runs, and each run is compared whole (bytearray.startswith is a memcmp;
-    a memoryview's == compares byte by byte, 50 times slower), block by
-    block only where the whole run is not zeros. No numpy: a 4 MiB chunk
-    of data costs 1-20 us, one of zeros 105-140 (half numpy's time), so its
-    import (65 ms) pays for 2 GiB of such chunks; only chunks of small
-    blocks that begin with zeros and then hold data cost more than with
-    numpy (1.1 ms against 0.38 for 512-byte blocks, 0.24 against 0.22 for
-    4 KiB ones; docs/speed.md)."""
-    out: Runs = []
-    whole = n // unit
-    block = _ZEROS[:unit]
-    for m in _ZERO_RUN.finditer(buf[0 : whole * unit : unit]):
-        a, b = m.span()
-        if buf.startswith(_ZEROS[: (b - a) * unit], a * unit):
-            out.append((a, b))
-            continue
-        out.extend(_index_runs([i for i in range(a, b) if buf.startswith(block, i * unit)]))
-    if whole * unit < n and buf.startswith(_ZEROS[: n - whole * unit], whole * unit):
-        if out and out[-1][1] == whole:
-            out[-1] = (out[-1][0], whole + 1)
-        else:
-            out.append((whole, whole + 1))
-    return out
-
-
-def _index_runs(indexes: list[int]) -> Runs:
-    """[a, b) runs of the ascending INDEXES."""
-    out: Runs = []
-    for i in indexes:
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
-
-
-def _complement(runs: Runs, count: int) -> Runs:
-    """The runs of [0, COUNT) outside RUNS (ascending, disjoint)."""
-    out: Runs = []
-    pos = 0
-    for a, b in runs:
-        if a > pos:
-            out.append((pos, a))
-        pos = b
-    if pos < count:
-        out.append((pos, count))
-    return out
 
 
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
@@ -333,13 +270,11 @@ async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, buf: bytearray, n
     if plan.backing is not None and other is not None:
         theirs = memoryview(other)[:n]
         await plan.backing.readinto(theirs, offset)
-        differ = [i for i in range(count) if not buf.startswith(theirs[i * unit : (i + 1) * unit], i * unit)]
-        zero = {i for a, b in _zero_runs(buf, n, unit) for i in range(a, b)}
-        for a, b in _index_runs([i for i in differ if i in zero]):
+        zeros, keep = differing_runs(buf, theirs, n, unit)
+        for a, b in zeros:
             await dst.zero(offset + a * unit, min(n, b * unit) - a * unit, unmap=False)
-        keep = _index_runs([i for i in differ if i not in zero])
     elif plan.granularity and plan.zero_init:
-        keep = _complement(_zero_runs(buf, n, unit), count)
+        keep = complement(zero_runs(buf, n, unit), count)
     else:
         keep = [(0, count)]
     if plan.compress:
