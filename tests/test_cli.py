@@ -5,6 +5,7 @@ never show a traceback and leave nothing mounted.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -244,6 +245,38 @@ def test_missing_arguments_are_usage_errors(tmp_path: Path):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert "usage" in p.stderr.lower()
+
+
+# qemu-img's getopt takes options anywhere among the operands; so does each
+# command here. (qemu-img arguments, qcowfs arguments, run in one directory.)
+INTERMIXED = [
+    (["create", "-f", "qcow2", "a.qcow2", "-o", "cluster_size=4k", "16M"], ["create", "a.qcow2", "-o", "cluster_size=4k", "16M"]),
+    (["create", "-f", "qcow2", "b.qcow2", "-b", "a.qcow2", "-F", "qcow2", "32M"],
+     ["create", "b.qcow2", "-b", "a.qcow2", "-F", "qcow2", "32M"]),
+    (["resize", "b.qcow2", "--shrink", "24M"], ["resize", "b.qcow2", "--shrink", "24M"]),
+    (["convert", "a.qcow2", "-O", "raw", "a.raw"], ["convert", "a.qcow2", "-O", "raw", "a.raw"]),
+    (["rebase", "b.qcow2", "-u", "-b", "a.raw", "-F", "raw"], ["rebase", "b.qcow2", "-u", "-b", "a.raw", "-F", "raw"]),
+]
+
+
+def test_options_among_operands_as_qemu_img_takes_them(tmp_path: Path):
+    """`qcowfs create IMAGE -o OPTS SIZE` and the like: what qemu-img accepts
+    with the options after an operand, qcowfs accepts, to the same effect."""
+    for who in ("qemu", "qcowfs"):
+        (tmp_path / who).mkdir()
+    for theirs, ours in INTERMIXED:
+        subprocess.run(["qemu-img", *theirs], cwd=tmp_path / "qemu", check=True, capture_output=True)
+        p = qcowfs(*ours, cwd=tmp_path / "qcowfs")
+        assert p.returncode == 0, (ours, p.stderr)
+    for name in ("a.qcow2", "b.qcow2"):
+        a, b = (json.loads(subprocess.run(["qemu-img", "info", "--output=json", name], cwd=tmp_path / who,
+                                          check=True, capture_output=True, text=True).stdout)
+                for who in ("qemu", "qcowfs"))
+        for key in ("virtual-size", "cluster-size", "backing-filename", "backing-filename-format"):
+            assert a.get(key) == b.get(key), (name, key)
+    assert (tmp_path / "qemu" / "a.raw").read_bytes() == (tmp_path / "qcowfs" / "a.raw").read_bytes()
+    p = qcowfs("create", tmp_path / "c.qcow2", "16M", "extra")
+    assert p.returncode == 2 and "unrecognized arguments: extra" in p.stderr and "usage: qcowfs create" in p.stderr
 
 
 # ---- messages -------------------------------------------------------------------------

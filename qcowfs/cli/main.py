@@ -328,10 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _mount_from_args(_helper_parser().parse_args(argv))
         if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
             argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
-        parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
-        a, extra = parser.parse_known_args(argv)
-        if extra:  # what the command's parser did not take: its usage, not the top-level one
-            command_parsers(parser).get(a.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        if argv and argv[0] in SUBCOMMANDS:
+            # The command's own parser, options anywhere among the operands as
+            # qemu-img's getopt takes them (`create IMAGE -o OPTS SIZE`); its
+            # usage errors show its usage, not the top-level one.
+            a = command_parsers(build_parser(argv[0]))[argv[0]].parse_intermixed_args(argv[1:])
+            a.command = argv[0]
+        else:
+            a = build_parser().parse_args(argv)
         if a.command == "mount":
             return _mount_from_args(a)
         if a.command == "umount":
