@@ -93,7 +93,7 @@ class Bench:
 
 LIBRARIES = ("qcowfs-api", "dissect", "pyqcow")  # the readers of the library rows
 API_GROUP = "api"  # what --bench calls all the rows of job "api"
-MAKERS_GROUP = "makers"  # --bench makers: create and convert against qemu-img (bench/ops.py)
+MAKERS_GROUP = "makers"  # --bench makers: create, convert, commit and rebase against qemu-img (bench/ops.py)
 
 
 def api_read(key, title, image, cold=False):
@@ -1913,7 +1913,7 @@ def parse_args(argv):
     ap.add_argument("--only", help="comma-separated contenders: "
                     + ",".join(c.name for c in CONTENDERS))
     ap.add_argument("--bench", help="comma-separated benchmarks (api: all the library rows; makers: "
-                    "create and convert against qemu-img, with their own 1 GiB image): "
+                    "create, convert, commit and rebase against qemu-img, with their own images): "
                     + ",".join(b.key for b in BENCHES))
     ap.add_argument("--api", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the library rows, qcowfs.open() against dissect and pyqcow "
