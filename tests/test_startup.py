@@ -3,6 +3,7 @@ command need (time to first file, one-shot commands). The daemon's memory map
 tells which libraries it loaded; sys.modules which of our modules a command did."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,19 +71,22 @@ def test_reading_commands_load_no_write_machinery(tmp_path: Path) -> None:
 
 def _plain_image_with_data(tmp_path: Path) -> Path:
     """A plain image made by qemu: data in two L2 tables' spans, a snapshot,
-    and data written after it (so the snapshot's tables differ)."""
+    and data written after it (so the snapshot's tables differ), which
+    bitmap b marks dirty."""
     img = tmp_path / "data.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "1G")
     qemu_io(img, "write -P 0x5a 0 3M", "write -P 0x33 700M 1M")
     qemu_img("snapshot", "-c", "s", img)
+    qemu_img("bitmap", "--add", img, "b")
     qemu_io(img, "write -P 0x44 1M 64k")
     return img
 
 
 def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
     """numpy (some 50 ms and 12 MiB) is for bulk work only (docs/speed.md,
-    start-up and memory): info, map and a read-only open that reads data
-    and a snapshot and seeks holes never import it, as tables are array.array; check,
+    start-up and memory): info, map (a bitmap's dirty map too) and a read-only
+    open that reads data and a snapshot and seeks holes never import it, as
+    tables are array.array; check,
     which counts every reference with it, does (so this test can see it)."""
     img = _plain_image_with_data(tmp_path)
     cli = "from qcowfs.cli.main import main\nmain({!r})"
@@ -92,7 +96,8 @@ def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
             "    assert i.disk.pread(700 << 20, 1 << 20) == b'3' * (1 << 20)\n"
             "    assert i.snapshot('s').pread(1 << 20, 4096) == b'Z' * 4096\n"
             "    assert i.disk.seek(0, 4) == 3 << 20 and i.disk.seek(3 << 20, 3) == 700 << 20  # SEEK_HOLE, SEEK_DATA")
-    for code in (cli.format(["info", str(img)]), cli.format(["map", str(img)]), read):
+    for code in (cli.format(["info", str(img)]), cli.format(["map", str(img)]),
+                 cli.format(["map", "--bitmap", "b", str(img)]), read):
         loaded = _modules(code)
         assert "numpy" not in loaded, code
         # zstd is imported by the first zstd cluster; libc is found without
@@ -107,8 +112,8 @@ def test_reading_an_image_imports_no_numpy(tmp_path: Path) -> None:
 
 
 def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
-    """The daemon of a read-only mount of a plain image reads disk.raw and
-    answers lseek's SEEK_HOLE and SEEK_DATA without numpy in its memory (the 32 MiB aim of issue 24); a writable
+    """The daemon of a read-only mount of a plain image reads disk.raw,
+    answers lseek's SEEK_HOLE and SEEK_DATA and serves a dirty map without numpy in its memory (the 32 MiB aim of issue 24); a writable
     mount loads it (its allocator works with it), which the check sees."""
     img = _plain_image_with_data(tmp_path)
     with mounted(img, tmp_path / "ro") as mnt:
@@ -120,6 +125,8 @@ def test_a_read_only_mount_serves_without_numpy(tmp_path: Path) -> None:
             assert f.read(MiB) == bytes(MiB)
             assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 3 * MiB
             assert os.lseek(f.fileno(), 3 * MiB, os.SEEK_DATA) == 700 * MiB
+        assert json.loads((mnt / "maps" / "bitmaps" / "b.json").read_bytes())[1] == \
+            {"offset": MiB, "length": 64 << 10, "type": 1, "description": "dirty"}
         assert "numpy" not in _libraries(daemon_pid(mnt))
     with mounted(img, tmp_path / "rw", read_only=False) as mnt:
         with open(mnt / "disk.raw", "r+b") as f:

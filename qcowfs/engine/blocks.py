@@ -5,7 +5,8 @@ The one place a command that copies a disk judges its blocks: convert
 leaves a block of zeros unallocated (at the target's granularity: a
 cluster, or the -S size of a raw target) and, with -B, writes only the
 blocks that differ from the backing file; a safe rebase writes only the
-blocks where the old backing chain and the new one differ. A run is
+blocks where the old backing chain and the new one differ. (A dirty map
+skips a bitmap's blocks of zeros with it too.) A run is
 [a, b) of block indexes; the last block of a buffer may be short.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ _ZEROS = memoryview(bytes(MAX_BUFFER))
 _ZERO_RUN = re.compile(rb"\0+")
 
 
-def zero_runs(buf: bytearray, n: int, unit: int) -> Runs:
+def zero_runs(buf: bytes | bytearray, n: int, unit: int) -> Runs:
     """The runs of UNIT-sized blocks of BUF[:N] that are all zeros. Only a
     block whose first byte is zero can be one: a strided slice gives those
     first bytes, a regular expression their runs, and each run is compared

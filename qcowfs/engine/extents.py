@@ -10,11 +10,13 @@ Both are what a backup tool needs from a plain file: which ranges to copy.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .bitmaps import Bitmap, read_bitmap
+from .blocks import MAX_BUFFER, complement, zero_runs
 from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, Table, cluster_type, subcluster_type
 from ..host.hostfile import HostFile
 from .mapper import NUMPY_THRESHOLD, L1Table, Mapper
@@ -278,13 +280,7 @@ def _raw_status(raw: object, start: int, end: int, depth: int) -> list[Extent]:
 def dirty(bits: bytes, granularity: int, size: int) -> list[dict[str, Any]]:
     """The extents of a bitmap's BITS as nbdinfo --map=qemu:dirty-bitmap:NAME --json.
     (Costs what the set bits cost: a sparse bitmap of a huge disk is quick.)"""
-    import numpy as np  # (bitmaps: bulk work)
     nbits = -(-size // granularity)
-    raw = np.frombuffer(bits, np.uint8)[: -(-nbits // 8)]
-    nz = np.flatnonzero(raw)
-    on = np.unpackbits(raw[nz], bitorder="little").reshape(-1, 8)
-    pos = (nz[:, None] * 8 + np.arange(8))[on.astype(bool)]
-    pos = pos[pos < nbits]
     out: list[dict[str, Any]] = []
 
     def add(lo_bit: int, hi_bit: int, is_dirty: bool) -> None:
@@ -292,13 +288,58 @@ def dirty(bits: bytes, granularity: int, size: int) -> list[dict[str, Any]]:
         if hi > lo:
             out.append({"offset": lo, "length": hi - lo, "type": int(is_dirty),
                         "description": "dirty" if is_dirty else "clean"})
-    brk = np.flatnonzero(np.diff(pos) != 1) + 1
-    starts = [int(x) for x in pos[np.concatenate(([0], brk))]] if len(pos) else []
-    ends = [int(x) + 1 for x in pos[np.concatenate((brk - 1, [len(pos) - 1]))]] if len(pos) else []
     prev = 0
-    for lo, hi in zip(starts, ends):
+    for lo, hi in set_runs(bits, nbits):
         add(prev, lo, False)
         add(lo, hi, True)
         prev = hi
     add(prev, nbits, False)
+    return out
+
+
+# A run of bytes that are not zero (where a bitmap has set bits).
+_SET_BYTES = re.compile(rb"[^\0]+")
+# Blocks of zero bytes skipped with a memcmp each (blocks.zero_runs), before
+# the regular expression looks at the others byte by byte: 0.3 ms instead of
+# 20 for the 2 MiB bitmap of a terabyte with a few dirty megabytes.
+_SET_BLOCK = 4096
+# Bytes of such a run taken as one Python int at a time: each step of the
+# walk below shifts the int, so a short one keeps a bitmap of alternating
+# bits linear (256 bytes: a shift costs about what the step's other work does).
+_SET_PIECE = 256
+
+
+def set_runs(bits: bytes, nbits: int) -> list[tuple[int, int]]:
+    """[lo, hi) runs of the set bits among the first NBITS of BITS (QEMU's
+    order: bit k of byte i is bit 8i+k). No numpy, so that a dirty map
+    (`qcowfs map --bitmap`, a mount's maps/bitmaps/) costs no 70 ms import:
+    blocks of zeros are skipped, the other bytes read as ints, run by run
+    (x & -x finds a run's start, x ^ (x + 1) its length)."""
+    out: list[tuple[int, int]] = []
+    nbytes = -(-nbits // 8)
+    for base in range(0, nbytes, MAX_BUFFER):
+        piece = bits[base : min(nbytes, base + MAX_BUFFER)]
+        n = len(piece)
+        for a, b in complement(zero_runs(piece, n, _SET_BLOCK), -(-n // _SET_BLOCK)):
+            for m in _SET_BYTES.finditer(piece, a * _SET_BLOCK, min(n, b * _SET_BLOCK)):
+                i, j = m.span()
+                for c in range(i, j, _SET_PIECE):
+                    x = int.from_bytes(piece[c : min(j, c + _SET_PIECE)], "little")
+                    pos = (base + c) * 8
+                    while x:
+                        skip = (x & -x).bit_length() - 1
+                        x >>= skip
+                        pos += skip
+                        k = (x ^ (x + 1)).bit_length() - 1
+                        if out and out[-1][1] == pos:
+                            out[-1] = (out[-1][0], pos + k)
+                        else:
+                            out.append((pos, pos + k))
+                        x >>= k
+                        pos += k
+    while out and out[-1][1] > nbits:  # (bits of the last byte past the disk)
+        lo, _ = out.pop()
+        if lo < nbits:
+            out.append((lo, nbits))
+            break
     return out
