@@ -591,6 +591,33 @@ def test_rebase_matches_qemu(tmp_path: Path, mode: str, cluster: int, extended_l
     still_writable(tmp_path / "img.qcow2")
 
 
+def test_rebase_of_a_sparse_terabyte_overlay(tmp_path: Path) -> None:
+    """A safe rebase compares the two backing chains only where either has
+    data: a 4 TiB overlay over a base with a few MiB, onto another base,
+    keeps its content (against a copy of it before) and takes what differs
+    (reading both chains whole, 8 TiB of zeros, did not end in the test's
+    five minutes). The new base is smaller than the overlay: past its end it
+    reads zeros, as the old base does there only where it has no data."""
+    size = 4 << 40
+    create(tmp_path / "old.qcow2", size)
+    qio(tmp_path / "old.qcow2", "write -P 1 0 1M", f"write -P 2 {size // 2} 2M", f"write -P 3 {size - MiB} 1M")
+    create(tmp_path / "new.qcow2", size // 2)
+    qio(tmp_path / "new.qcow2", "write -P 1 0 1M", f"write -P 4 {size // 4} 1M")
+    create(tmp_path / "img.qcow2", size, backing="old.qcow2", backing_fmt="qcow2", cwd=tmp_path)
+    qio(tmp_path / "img.qcow2", f"write -P 5 {size // 2 + MiB} 64k")
+    shutil.copy2(tmp_path / "img.qcow2", tmp_path / "before.qcow2")
+    p = qcowfs("rebase", "-b", "new.qcow2", "-F", "qcow2", "img.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    compare(tmp_path / "before.qcow2", tmp_path / "img.qcow2")
+    clean(tmp_path / "img.qcow2")
+    assert info(tmp_path / "img.qcow2")["backing-filename"] == "new.qcow2"
+    # what the overlay holds now: its own 64k, the old base's 2M (less that 64k)
+    # and last 1M, and zeros over the new base's data at size/4; not the first
+    # MiB, where both bases show the same
+    assert top_data(tmp_path / "img.qcow2", MiB) == {(size // 2) // MiB, (size // 2) // MiB + 1,
+                                                     (size - MiB) // MiB}
+
+
 def top_data(img: Path, cluster: int) -> set[int]:
     """The clusters that hold data in IMG itself (`qemu-img map`, depth 0)."""
     out: set[int] = set()

@@ -87,3 +87,17 @@ def complement(runs: Runs, count: int) -> Runs:
     if pos < count:
         out.append((pos, count))
     return out
+
+
+def widened(ranges: list[tuple[int, int]], unit: int) -> list[tuple[int, int]]:
+    """Byte RANGES (ascending) widened to whole UNIT-sized blocks (a range of
+    a subcluster, or of a raw file's 4 KiB block, becomes its cluster),
+    overlapping ones merged: the blocks the comparisons above then judge."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        start, end = start // unit * unit, -(-end // unit) * unit
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out

@@ -25,7 +25,7 @@ from ..errors import QcowError, RequestError, UnsupportedFeatureError
 from ..format import EXT_BACKING_FORMAT, QCOW_MAGIC
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
-from .blocks import MAX_BUFFER, differing_runs
+from .blocks import MAX_BUFFER, differing_runs, widened
 from .extents import allocation
 from .image import Image
 from .mapper import zero_fill
@@ -284,12 +284,31 @@ async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe
             await image.close()
 
 
+async def _with_data(src: Source | None, ranges: Ranges) -> Ranges:
+    """The parts of RANGES where SRC (a backing chain; None: none) has data,
+    as SEEK_DATA finds it: the rest reads zeros."""
+    out: Ranges = []
+    if src is None:
+        return out
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            data = await src.seek(pos, end, True)
+            if data >= end:
+                break
+            pos = max(await src.seek(data, end, False), data + 1)  # (never in place, whatever a damaged map says)
+            out.append((data, pos))
+    return out
+
+
 async def _copy_differences(image: Image, new: Source | None, progress: Progress) -> None:
     """Where IMAGE holds nothing itself and its old backing chain differs
     from NEW (None: zeros), what the old one shows, written into IMAGE: each
     run of differing blocks (subclusters: what one write can allocate
     alone, as qemu-img rebase aligns its writes) in one write, or one zero
-    write where the old chain shows zeros."""
+    write where the old chain shows zeros. Only where either chain has
+    data: where both have holes both read zeros (a sparse 100 GiB overlay
+    was read whole, 200 GiB of zeros compared)."""
     old = image.backing
     size = image.size
     held: Ranges = []
@@ -298,10 +317,12 @@ async def _copy_differences(image: Image, new: Source | None, progress: Progress
             held.append((e.start, e.start + e.length))
     held = union(held, [])
     free = subtract([(0, size)], held)
-    meter = _Meter(sum(e - s for s, e in free), progress)
     unit = image.geo.subcluster_size
+    shown = union(await _with_data(old, free), await _with_data(new, free))
+    todo = subtract(widened(shown, unit), held + [(size, size + unit)])  # (widened: less than a unit past the end)
+    meter = _Meter(sum(e - s for s, e in todo), progress)
     ours, theirs = bytearray(CHUNK), bytearray(CHUNK)
-    for start, end in free:
+    for start, end in todo:
         for pos, n in meter.pieces(start, end):
             a, b = memoryview(ours)[:n], memoryview(theirs)[:n]
             for chain, buf in ((old, a), (new, b)):

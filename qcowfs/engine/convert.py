@@ -31,7 +31,7 @@ from typing import Any, Callable, Coroutine, Protocol
 from ..format.compression import compress_cluster
 from ..host.hostfile import HostFile
 from ..host.waiting import drive, in_thread
-from .blocks import MAX_BUFFER, Runs, complement, differing_runs, zero_runs
+from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
 from .opening import RawSource
 
 # Bytes read and written per step: large enough that per-call costs vanish,
@@ -128,7 +128,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     if not plan.zero_init:
         below = [(0, plan.size)]  # (every hole must be said: nothing reads zeros by itself)
     size = plan.size
-    steps = _steps(_aligned(await src.data_ranges(), plan.align), size)
+    steps = _steps(widened(await src.data_ranges(), plan.align), size)
     chunks = [(c, n) for c, n in steps if n >= 0]
     # A buffer per chunk queued for compression (else the one being
     # written), and the one being read ahead; no longer than the longest
@@ -232,19 +232,6 @@ def _steps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
             out.append((c, n))
             c += n
         pos = end
-    return out
-
-
-def _aligned(ranges: list[tuple[int, int]], unit: int) -> list[tuple[int, int]]:
-    """RANGES widened to whole UNITs (a range of a subcluster, or of a raw
-    file's 4 KiB block, becomes its cluster), overlapping ones merged."""
-    out: list[tuple[int, int]] = []
-    for start, end in ranges:
-        start, end = start // unit * unit, -(-end // unit) * unit
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
     return out
 
 
