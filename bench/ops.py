@@ -165,19 +165,19 @@ def chain_op_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
     for r in range(runs + 1):
         for who, tool in (tools if r % 2 else tools[::-1]):
             b, t = work / f"{who}-base.qcow2", work / f"{who}-top.qcow2"
-            for op, args in (("rebase 1G", ["rebase", "-b", new.name, "-F", "qcow2", t]),
-                             ("commit 1G", ["commit", t])):
+            # (each command, and the image it changes: kept as WHO-rebase/commit.qcow2)
+            for op, args, changed in (("rebase", ["rebase", "-b", new.name, "-F", "qcow2", t], t),
+                                      ("commit", ["commit", t], b)):
                 shutil.copyfile(base, b)
                 shutil.copyfile(top, t)
                 sh("qemu-img", "rebase", "-u", "-b", b.name, "-F", "qcow2", t)
                 sh("sync")
                 wall, cpu = timed_cpu(*tool, *args)
                 if r:
-                    times.setdefault(f"{op} {who}", []).append(wall)
-                    times.setdefault(f"{op} CPU {who}", []).append(cpu)
-                sh("qemu-img", "check", t if op.startswith("rebase") else b)
-                (work / f"{who}-{op.split()[0]}.qcow2").unlink(missing_ok=True)
-                os.replace(t if op.startswith("rebase") else b, work / f"{who}-{op.split()[0]}.qcow2")
+                    times.setdefault(f"{op} 1G {who}", []).append(wall)
+                    times.setdefault(f"{op} 1G CPU {who}", []).append(cpu)
+                sh("qemu-img", "check", changed)
+                os.replace(changed, work / f"{who}-{op}.qcow2")
     for op in ("rebase", "commit"):
         sh("qemu-img", "compare", work / f"qemu-img-{op}.qcow2", work / f"qcowfs-{op}.qcow2")
     for f in work.glob("*.qcow2"):

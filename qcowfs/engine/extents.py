@@ -324,22 +324,26 @@ def set_runs(bits: bytes, nbits: int) -> list[tuple[int, int]]:
             for m in _SET_BYTES.finditer(piece, a * _SET_BLOCK, min(n, b * _SET_BLOCK)):
                 i, j = m.span()
                 for c in range(i, j, _SET_PIECE):
-                    x = int.from_bytes(piece[c : min(j, c + _SET_PIECE)], "little")
-                    pos = (base + c) * 8
-                    while x:
-                        skip = (x & -x).bit_length() - 1
-                        x >>= skip
-                        pos += skip
-                        k = (x ^ (x + 1)).bit_length() - 1
-                        if out and out[-1][1] == pos:
-                            out[-1] = (out[-1][0], pos + k)
-                        else:
-                            out.append((pos, pos + k))
-                        x >>= k
-                        pos += k
+                    _add_set_bits(out, int.from_bytes(piece[c : min(j, c + _SET_PIECE)], "little"), (base + c) * 8)
     while out and out[-1][1] > nbits:  # (bits of the last byte past the disk)
         lo, _ = out.pop()
         if lo < nbits:
             out.append((lo, nbits))
             break
     return out
+
+
+def _add_set_bits(out: list[tuple[int, int]], x: int, pos: int) -> None:
+    """Append to OUT the runs of set bits of X, whose bit 0 is bit POS
+    (a run that continues OUT's last one extends it)."""
+    while x:
+        skip = (x & -x).bit_length() - 1
+        x >>= skip
+        pos += skip
+        n = (x ^ (x + 1)).bit_length() - 1
+        if out and out[-1][1] == pos:
+            out[-1] = (out[-1][0], pos + n)
+        else:
+            out.append((pos, pos + n))
+        x >>= n
+        pos += n
