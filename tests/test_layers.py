@@ -14,7 +14,8 @@ LAYERS = [("qcowfs.errors",), ("qcowfs.format",), ("qcowfs.host",), ("qcowfs.eng
           ("qcowfs.fs",), ("qcowfs.service",), ("qcowfs.cli",)]
 # What the layers above the API may still take from the engine: constants
 # and pure helpers, no engine object.
-ENGINE_NAMES_ABOVE_API = {("qcowfs.engine", "DEFAULT_L2_CACHE_BYTES"), ("qcowfs.engine.snapshots", "usable_name")}
+ENGINE_NAMES_ABOVE_API = {("qcowfs.engine", "DEFAULT_L2_CACHE_BYTES"), ("qcowfs.engine.snapshots", "usable_name"),
+                          ("qcowfs.engine.extents", "map_text")}
 
 
 def module_name(path: Path) -> str:

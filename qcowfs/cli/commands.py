@@ -262,7 +262,9 @@ def cmd_map(a: argparse.Namespace) -> int:
         entries = _run(image, lambda image: image.dirty_extents(a.bitmap) if a.bitmap is not None
                        else image.map(a.snapshot))
     if a.output == "json":
-        sys.stdout.write(("[" + ",\n".join(json_text(e, None) for e in entries) + "]\n"))
+        from ..engine.extents import map_text
+
+        sys.stdout.write(map_text(entries))
     elif a.bitmap:
         for e in entries:
             print(f"{e['offset']:>14} {e['length']:>14} {e['type']:>4}  {e['description']}")

@@ -53,6 +53,21 @@ def zero_runs(buf: bytes | bytearray, n: int, unit: int) -> Runs:
     return out
 
 
+def zero_word_runs(buf: bytes | bytearray | memoryview, unit: int) -> Runs:
+    """The runs of UNIT-byte words of BUF that are all zeros, for the small
+    words of a table (an L2 entry: 8 or 16 bytes), which zero_runs' test of
+    first bytes does not suit (an allocated entry's first byte is zero too).
+    A zero word lies in a run of at least UNIT zero bytes, and each whole
+    word inside such a run is zero: one regular expression finds them all,
+    and only the other words cost a Python step."""
+    out: Runs = []
+    for m in re.finditer(b"\\0{%d,}" % unit, buf):
+        a, b = -(-m.start() // unit), m.end() // unit
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 def differing_runs(buf: bytearray, theirs: memoryview, n: int, unit: int) -> tuple[Runs, Runs]:
     """The runs of UNIT-sized blocks of BUF[:N] that differ from THEIRS[:N]:
     (those that are all zeros, the others). Equal buffers, the common case

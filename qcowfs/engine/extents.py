@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .bitmaps import Bitmap, read_bitmap
-from .blocks import MAX_BUFFER, complement, zero_runs
+from .blocks import MAX_BUFFER, complement, zero_runs, zero_word_runs
 from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, Table, cluster_type, subcluster_type
 from ..host.hostfile import HostFile
 from .mapper import NUMPY_THRESHOLD, L1Table, Mapper
@@ -84,6 +84,16 @@ async def dirty_map(file: HostFile, bm: Bitmap) -> list[dict[str, Any]]:
     return dirty(await read_bitmap(bm, file, 0, bm.size), bm.granularity, bm.virtual_size)
 
 
+def map_text(extents: list[dict[str, Any]]) -> str:
+    """EXTENTS (a map's, a dirty map's) as JSON text with one extent a line,
+    as `qemu-img map --output=json` and `nbdinfo --json` print them: one
+    json.dumps of the whole list, split between extents (no value holds
+    "}, {"); a call per extent cost a map of 8,500 extents 20 ms."""
+    import json  # (only JSON output pays for it)
+
+    return json.dumps(extents).replace("}, {", "},\n{") + "\n"
+
+
 def _add(out: list[Extent], e: Extent) -> None:
     if out and e.follows(out[-1]):
         out[-1].length += e.length
@@ -122,106 +132,194 @@ def metadata_preallocated(layer: Layer) -> bool:
 
 
 async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
-                     depth: int = 0, prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
+                     prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
     """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table).
     PREALLOC_OF: metadata_preallocated per layer (id), asked once per map
-    (it reads every refcount block, and the holes of an overlay ask the
-    layers below again and again)."""
+    (it reads every refcount block)."""
+    return await _status(layer, [(start, end)], l1, 0, {} if prealloc_of is None else prealloc_of)
+
+
+async def _status(layer: Layer, ranges: list[tuple[int, int]], l1: L1Table | None, depth: int,
+                  prealloc_of: dict[int, bool]) -> list[Extent]:
+    """Block status over RANGES (sorted, disjoint) of LAYER's disk: its own
+    extents, and where it has nothing, its backing chain's, asked in one call
+    for all of LAYER's holes (an overlay scattered over its backing file has
+    thousands)."""
+    own = await _own_status(layer, ranges, l1, depth, prealloc_of)
+    lower = iter(await _below(layer, own.holes, depth, prealloc_of))
     out: list[Extent] = []
+    pending = next(lower, None)
+    for item in own.items:
+        if isinstance(item, Extent):
+            _add(out, item)
+            continue
+        while pending is not None and pending.start < item[1]:  # (the hole's extents, in order)
+            _add(out, pending)
+            pending = next(lower, None)
+    return out
+
+
+@dataclass
+class _Parts:
+    """One layer's own answer over some ranges, in order: its extents, and
+    the holes where the layers below answer (adjacent holes as one)."""
+
+    items: list[Extent | tuple[int, int]] = field(default_factory=list)
+    holes: list[tuple[int, int]] = field(default_factory=list)
+
+    def hole(self, a: int, b: int) -> None:
+        if a >= b:
+            return
+        if self.holes and self.items[-1] == self.holes[-1] and self.holes[-1][1] == a:
+            self.holes[-1] = self.items[-1] = (self.holes[-1][0], b)
+        else:
+            self.holes.append((a, b))
+            self.items.append((a, b))
+
+
+async def _own_status(layer: Layer, ranges: list[tuple[int, int]], l1: L1Table | None, depth: int,
+                      prealloc_of: dict[int, bool]) -> _Parts:
+    """LAYER's own block status over RANGES (sorted, disjoint): each L2 table
+    is classified once for all the ranges in it (_pieces)."""
     mapper = layer.mapper
-    prealloc_of = {} if prealloc_of is None else prealloc_of
-    prealloc: bool | None = prealloc_of.get(id(layer))  # (asked at the first data run)
     geo = mapper.geo
     l1 = l1 if l1 is not None else layer.active_l1
-    span, cs, cb = geo.l2_span, geo.cluster_size, geo.cluster_bits
-    bulk = (end - start) >> cb > MAP_PYTHON_CLUSTERS or "numpy" in sys.modules
-    pos = start
-    while pos < end:
+    span, cb = geo.l2_span, geo.cluster_bits
+    bulk = sum(b - a for a, b in ranges) >> cb > MAP_PYTHON_CLUSTERS or "numpy" in sys.modules
+    out = _Parts()
+    todo = ranges[::-1]  # (taken from the end: the lowest first)
+    while todo:
+        pos, end = todo.pop()
         index = pos // span
-        chunk_end = min(end, (index + 1) * span)
         table = await mapper.l2_table(l1, index)
         if table is None:
             # No L2 table here nor, maybe, for many entries on: skipped by L1 entry
             # (as lseek does), not cluster by cluster.
-            stop = min(end, await l1.next_allocated(index, -(-end // span)) * span)
-            for e in await _below(layer, pos, max(stop, chunk_end), depth, prealloc_of):
-                _add(out, e)
-            pos = max(stop, chunk_end)
+            stop = await l1.next_allocated(index, -(-(todo[0][1] if todo else end) // span))
+            for a, b in _take(todo, pos, end, max(stop, index + 1) * span):
+                out.hole(a, b)
             continue
         base = index * span
-        first, last = (pos - base) >> cb, (chunk_end - 1 - base) >> cb
-        for a, b, t, host in _pieces(mapper, table, base, first, last, bulk):
-            a, b = max(a, pos), min(b, chunk_end)
-            # (QEMU gives no host offset for encrypted data: it is not the guest's bytes)
-            offset = host + ((a - base) & (cs - 1)) if not mapper.encrypted else None
-            if t == SubclusterType.NORMAL and offset is not None:
-                if prealloc is None:
-                    prealloc = prealloc_of[id(layer)] = metadata_preallocated(layer)
-                if prealloc:
-                    # (what the host file's block status adds to a data run: past its end, a hole)
-                    for host_at, n, has_data in mapper.data_file.data_runs(offset, offset + b - a):
-                        _add(out, Extent(a + host_at - offset, n, depth, True, not has_data, True, host_at))
-                    continue
-            if t in _STATUS:
-                present, zero, data, has_offset = _STATUS[t]
-                _add(out, Extent(a, b - a, depth, present, zero, data, offset if has_offset else None))
-            elif t == SubclusterType.UNALLOCATED_ALLOC:
-                # A subcluster of an allocated cluster: QEMU gives its host offset
-                # where nothing below shows through (no backing file, or past its end).
-                below = min(b, max(a, _backing_size(layer)))
-                for e in await _below(layer, a, below, depth, prealloc_of):
-                    _add(out, e)
-                if below < b:
-                    _add(out, Extent(below, b - below, depth, False, True, False,
-                                     None if offset is None else offset + below - a))
-            else:
-                for e in await _below(layer, a, b, depth, prealloc_of):
-                    _add(out, e)
-        pos = chunk_end
+        group = _take(todo, pos, end, base + span)
+        pieces = _pieces(mapper, table, base, (group[0][0] - base) >> cb, (group[-1][1] - 1 - base) >> cb, bulk)
+        k = 0
+        for a0, b0 in group:
+            while pieces[k][1] <= a0:
+                k += 1
+            for j in range(k, len(pieces)):
+                if pieces[j][0] >= b0:
+                    break
+                _classify(layer, pieces[j], max(pieces[j][0], a0), min(pieces[j][1], b0), depth, prealloc_of, out)
     return out
+
+
+def _take(todo: list[tuple[int, int]], pos: int, end: int, stop: int) -> list[tuple[int, int]]:
+    """[POS, END) and the ranges of TODO (descending) that begin before STOP,
+    cut at STOP: what lies past it goes back onto TODO."""
+    taken = []
+    while True:
+        taken.append((pos, min(end, stop)))
+        if end > stop:
+            todo.append((stop, end))
+        if not todo or todo[-1][0] >= stop:
+            return taken
+        pos, end = todo.pop()
+
+
+def _classify(layer: Layer, piece: tuple[int, int, SubclusterType, int], a: int, b: int, depth: int,
+              prealloc_of: dict[int, bool], out: _Parts) -> None:
+    """Block status of [A, B), a part of PIECE of LAYER's table, into OUT."""
+    mapper = layer.mapper
+    start, _, t, host = piece
+    # (host is the offset of the cluster START is in; QEMU gives no host offset
+    # for encrypted data: it is not the guest's bytes)
+    offset = host + a - (start >> mapper.geo.cluster_bits << mapper.geo.cluster_bits) if not mapper.encrypted else None
+    if t == SubclusterType.NORMAL and offset is not None and _preallocated(layer, prealloc_of):
+        # (what the host file's block status adds to a data run: past its end, a hole)
+        for host_at, n, has_data in mapper.data_file.data_runs(offset, offset + b - a):
+            out.items.append(Extent(a + host_at - offset, n, depth, True, not has_data, True, host_at))
+    elif t in _STATUS:
+        present, zero, data, has_offset = _STATUS[t]
+        out.items.append(Extent(a, b - a, depth, present, zero, data, offset if has_offset else None))
+    elif t == SubclusterType.UNALLOCATED_ALLOC:
+        # A subcluster of an allocated cluster: QEMU gives its host offset
+        # where nothing below shows through (no backing file, or past its end).
+        below = min(b, max(a, _backing_size(layer)))
+        out.hole(a, below)
+        if below < b:
+            out.items.append(Extent(below, b - below, depth, False, True, False,
+                                    None if offset is None else offset + below - a))
+    else:
+        out.hole(a, b)
+
+
+def _preallocated(layer: Layer, prealloc_of: dict[int, bool]) -> bool:
+    """metadata_preallocated(LAYER), asked at its first data run of a map."""
+    known = prealloc_of.get(id(layer))
+    if known is None:
+        known = prealloc_of[id(layer)] = metadata_preallocated(layer)
+    return known
 
 
 def _pieces(mapper: Mapper, table: Table, base: int, first: int, last: int,
             bulk: bool) -> list[tuple[int, int, SubclusterType, int]]:
-    """(guest start, guest end, type, host offset of the first cluster) for
-    the clusters FIRST..LAST of TABLE: per subcluster with extended L2, else
-    per run of clusters that qemu-img shows as one entry anyway (same type;
-    for the types with a host offset, host-contiguous); with numpy (BULK)
-    over a long span: a Python step per cluster made a 1 GiB image's map
-    cost 0.1 s when entries were numpy scalars (now 10-15 ms)."""
+    """(guest start, guest end, type, host offset of the start's cluster)
+    for the clusters FIRST..LAST of TABLE: per subcluster with extended L2,
+    else per run of clusters that qemu-img shows as one entry anyway (same
+    type; for the types with a host offset, host-contiguous). Runs of
+    unallocated entries are found in one pass over the table's bytes
+    (blocks.zero_word_runs) and each is one piece: only the other entries
+    cost a Python step (a layer of a chain is mostly unallocated). With numpy
+    (BULK) over a long span: a Python step per cluster made a 1 GiB image's
+    map cost 0.1 s when entries were numpy scalars (now 10-15 ms)."""
     geo = mapper.geo
     cb, cs = geo.cluster_bits, geo.cluster_size
-    if not geo.extended_l2:
-        if bulk and last - first + 1 > NUMPY_THRESHOLD:
-            return _pieces_numpy(mapper, table, base, first, last)
-        out: list[tuple[int, int, SubclusterType, int]] = []
-        external = mapper.external_data
-        for k in range(first, last + 1):
-            e = table[k]
-            t = cluster_type(e, False, external) if e else SubclusterType.UNALLOCATED_PLAIN
-            h = e & L2E_OFFSET_MASK
+    words = 2 if geo.extended_l2 else 1
+    if words == 1 and bulk and last - first + 1 > NUMPY_THRESHOLD:
+        return _pieces_numpy(mapper, table, base, first, last)
+    out: list[tuple[int, int, SubclusterType, int]] = []
+    external = mapper.external_data
+    unallocated = SubclusterType.UNALLOCATED_PLAIN
+    entries = memoryview(table).cast("B")[first * 8 * words : (last + 1) * 8 * words]
+    k = first
+    for za, zb in [*zero_word_runs(entries, 8 * words), (last + 1 - first, last + 1 - first)]:
+        for k in range(k, first + za):
             c0 = base + (k << cb)
+            if words == 2:
+                _subcluster_pieces(out, mapper, table[2 * k], table[2 * k + 1], c0)
+                continue
+            e = table[k]
+            t = cluster_type(e, False, external)
+            h = e & L2E_OFFSET_MASK
             if out:
                 a, _, pt, ph = out[-1]
                 if pt == t and (t not in _WITH_OFFSET or ph + (c0 - a) == h):
                     out[-1] = (a, c0 + cs, t, ph)
                     continue
             out.append((c0, c0 + cs, t, h))
-        return out
-    out = []
-    sc = geo.subcluster_size
-    for k in range(first, last + 1):
-        w0, bitmap = table[2 * k], table[2 * k + 1]
-        c0 = base + (k << cb)
-        h = w0 & L2E_OFFSET_MASK
-        for s in range(cs // sc):
-            t = subcluster_type(w0, bitmap, s, True, mapper.external_data)
-            # a subcluster's host offset: the cluster's plus its place in it
-            out.append((c0 + s * sc, c0 + (s + 1) * sc, t, h))
-            if t == SubclusterType.COMPRESSED:
-                out[-1] = (c0, c0 + cs, t, h)
-                break
+        k = first + zb
+        if za < zb:
+            c0, c1 = base + ((first + za) << cb), base + ((first + zb) << cb)
+            if out and out[-1][2] == unallocated:
+                out[-1] = (out[-1][0], c1, unallocated, 0)
+            else:
+                out.append((c0, c1, unallocated, 0))
     return out
+
+
+def _subcluster_pieces(out: list[tuple[int, int, SubclusterType, int]], mapper: Mapper,
+                       entry: int, bitmap: int, c0: int) -> None:
+    """The pieces of one extended L2 entry at guest offset C0: one per
+    subcluster, or one for a compressed cluster."""
+    cs, sc = mapper.geo.cluster_size, mapper.geo.subcluster_size
+    h = entry & L2E_OFFSET_MASK
+    for s in range(cs // sc):
+        t = subcluster_type(entry, bitmap, s, True, mapper.external_data)
+        if t == SubclusterType.COMPRESSED:
+            out.append((c0, c0 + cs, t, h))
+            return
+        # (a subcluster's host offset: its cluster's, as for every piece)
+        out.append((c0 + s * sc, c0 + (s + 1) * sc, t, h))
 
 
 def _pieces_numpy(mapper: Mapper, table: Table, base: int, first: int,
@@ -247,24 +345,24 @@ def _backing_size(layer: Layer) -> int:
     return int(getattr(backing, "size", 0)) if backing is not None else 0
 
 
-async def _below(layer: Layer, start: int, end: int, depth: int,
-                 prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
-    """Block status where LAYER has nothing: its backing file's, else zeros."""
-    if start >= end:
-        return []
-    backing = layer.backing
-    size = _backing_size(layer)
+async def _below(layer: Layer, holes: list[tuple[int, int]], depth: int,
+                 prealloc_of: dict[int, bool]) -> list[Extent]:
+    """Block status of the HOLES (sorted, disjoint) of LAYER: its backing
+    file's, else (no backing file, or past its end) zeros of LAYER's depth."""
+    size = _backing_size(layer)  # (0 without a backing file)
+    inside = [(a, min(b, size)) for a, b in holes if a < size]
     out: list[Extent] = []
-    if backing is not None and start < size:
-        stop = min(end, size)
+    if inside:
+        backing = layer.backing
         if hasattr(backing, "mapper"):
-            out = await allocation(backing, start, stop, depth=depth + 1,  # type: ignore[arg-type]
-                                   prealloc_of=prealloc_of)
+            out = await _status(backing, inside, None, depth + 1, prealloc_of)  # type: ignore[arg-type]
         else:
-            out = _raw_status(backing, start, stop, depth + 1)
-        start = stop
-    if start < end:
-        _add(out, Extent(start, end - start, depth, False, True, False))
+            for a, b in inside:
+                for e in _raw_status(backing, a, b, depth + 1):
+                    _add(out, e)
+    for a, b in holes:  # (what lies past the backing file's end comes after all of it)
+        if b > size:
+            _add(out, Extent(max(a, size), b - max(a, size), depth, False, True, False))
     return out
 
 

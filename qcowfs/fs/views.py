@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import os
 import time
 from collections import Counter
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ..aio import Disk, Image, Span
+from ..engine.extents import map_text
 from ..engine.snapshots import usable_name
 from ..errors import ReadOnlyError
 from ..records import Bitmap, Snapshot
@@ -295,7 +295,7 @@ class MapView(FileView):
 
 def map_json(entries: list[dict[str, Any]]) -> bytes:
     """A JSON array with one extent per line, as qemu-img map and nbdinfo print it."""
-    return ("[" + ",\n".join(json.dumps(e) for e in entries) + "]\n").encode()
+    return map_text(entries).encode()
 
 
 def _bitmap_file_names(bitmaps: list[Bitmap]) -> list[str]:
