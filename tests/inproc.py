@@ -926,7 +926,8 @@ class Subject:
     # ---- judging ----------------------------------------------------------------
 
     def judge(self) -> None:
-        """What must hold after every session: the whole oracle, QEMU's view."""
+        """What must hold after every session: the whole oracle, QEMU's view
+        (check, compare, map, snapshots, bitmaps)."""
         self._closed()
         where = f"{self.layout.describe()}\nimage {self.image}"
         p = run("qemu-img", "check", *self._pre(False), *self._target())
@@ -946,6 +947,13 @@ class Subject:
             p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.model.path)
         assert p.returncode == 0, f"qemu-img compare with the model exited {p.returncode}\n{where}\n" \
                                   f"{clip(p.stdout + p.stderr)}"
+        theirs = json.loads(must("qemu-img", "map", "--output=json", *pre, *target))
+        with qcowfs.open(self.image, passphrase=self.passphrases()) as image:
+            ours = image.map()
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise AssertionError(f"map differs from qemu-img map at entry {at} of {len(ours)} / {len(theirs)}: "
+                                 f"{ours[at:at + 2]} / {theirs[at:at + 2]}\n{where}")
         if self.layout.data_file == "raw" and not self.layout.encrypted:
             # data_file_raw: the data file alone is a raw image of the disk (zeroed, discarded
             # and grown ranges included), whatever the metadata says
