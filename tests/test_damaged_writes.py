@@ -139,6 +139,19 @@ def _shared_compressed_refcount_one(d: Path) -> Path:
     return img
 
 
+def _reftable_entry_onto_data(d: Path) -> Path:
+    """Refcount table entry 0 pointed at a data cluster of the disk (the
+    hostile soak's seed 11000775), refcount_bits=1: read as counts, the
+    guest's bytes 0x2b call the old refcount block's cluster (2) free. A write
+    that allocates must not set that cluster's bit in the guest's data: the
+    refcount block is a cluster an L2 table references (QEMU, with lazy
+    refcounts, had written no refcount block yet when it found the damage)."""
+    img = base(d, "4M", "write -P 0x2b 1M 64k", "write -P 0x11 0 64k", refcount_bits=1)
+    data = read_u64(img, l2_entry_offset(img, 1 * MiB)) & ((1 << 56) - 1) & ~0xFFFF
+    patch(img, reftable_entry_offset(img, 0), struct.pack(">Q", data))
+    return img
+
+
 COMPRESSED_WRITES = ((0, 64 * KiB, 0x22), (3 * MiB, 64 * KiB, 0x44), (5 * MiB, 64 * KiB, 0x55),
                      (6 * MiB, 4 * KiB, 0x66))
 CASES: dict[str, Case] = {
@@ -157,6 +170,9 @@ CASES: dict[str, Case] = {
     "l2-entry-shares-a-cluster-without-copied": Case(_shared_l2_entry, 4 * MiB,
                                                      ((1 * MiB, 4 * KiB, 0x44), (2 * MiB, 64 * KiB, 0x55),
                                                       (0, 4 * KiB, 0x22))),
+    "refcount-table-entry-points-at-a-data-cluster": Case(_reftable_entry_onto_data, 4 * MiB,
+                                                         ((128 * KiB, 8 * KiB, 0x44), (3 * MiB, 64 * KiB, 0x55),
+                                                          (0, 4 * KiB, 0x22))),
     "l1-entry-shares-an-l2-table-without-copied": Case(_shared_l2_table, 8 * MiB,
                                                        ((4 * MiB, 4 * KiB, 0x44), (6 * MiB, 64 * KiB, 0x55),
                                                         (0, 4 * KiB, 0x22))),

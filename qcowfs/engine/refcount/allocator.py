@@ -125,7 +125,19 @@ class Allocator:
         return clusters
 
     def _write_block(self, offset: int, data: bytes) -> None:
+        self._check_not_referenced(offset)
         self.meta.write(offset, data, "refcount block", ignore=Kind.REFCOUNT_BLOCK)
+
+    def _check_not_referenced(self, offset: int) -> None:
+        """Refuse a refcount block that a loaded L2 table references (the
+        overlap map knows metadata, not the disk's data): a refcount table
+        entry pointing at a data cluster, whose counts would be written over
+        the guest's bytes (hostile soak seed 11000775: a flipped entry, and an
+        allocation set a bit in the data; QEMU, with lazy refcounts, had not
+        written its refcount blocks yet when it found the damage)."""
+        if self.referenced_in(offset // self.geo.cluster_size, 1) >= 0:
+            raise CorruptionError(f"refcount block at {offset:#x} is a cluster an L2 table references: the "
+                                  "refcount table is damaged")
 
     async def _load_block(self, offset: int) -> bytearray:
         other = self.meta.overlap.kinds_at(offset, self.geo.cluster_size) & ~Kind.REFCOUNT_BLOCK
@@ -134,6 +146,7 @@ class Allocator:
             # would be read from, and written over, that table.)
             raise CorruptionError(f"refcount block at {offset:#x} overlaps other metadata: the refcount "
                                   "table is damaged")
+        self._check_not_referenced(offset)
         raw = await self.file.read(offset, self.geo.cluster_size)
         if len(raw) < self.geo.cluster_size:
             raise CorruptionError(f"refcount block at {offset:#x} runs past the end of the file")
