@@ -59,8 +59,8 @@ def test_dirty_extents(nsectors: int, g: int, data: st.DataObject) -> None:
 
 
 def test_set_runs_across_the_pieces_of_a_large_bitmap() -> None:
-    """A bitmap longer than the 4 MiB the walk takes at a time (a 512-byte
-    granularity over 16 GiB): a run across the boundary is one run."""
+    """A bitmap longer than the MAX_BUFFER bytes the walk takes at a time (a
+    512-byte granularity over 8 GiB and more): a run across the boundary is one run."""
     from qcowfs.engine.blocks import MAX_BUFFER
 
     bits = bytearray(MAX_BUFFER + 8192)

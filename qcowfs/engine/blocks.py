@@ -15,8 +15,13 @@ import re
 
 Runs = list[tuple[int, int]]   # [a, b) runs of block indexes
 
-# The largest buffer the zero check takes (convert's chunk, rebase's piece).
-MAX_BUFFER = 4 << 20
+# The largest buffer the zero check takes (convert's chunk, rebase's piece),
+# and so the largest write they make: 2 MiB, as qemu-img copies. With 4 MiB,
+# the kernel's copy of those writes into the page cache cost 3-20 times as
+# much in some runs on the bench's VM (rebase: 0.18-0.47 s of system time
+# against 0.11-0.16; convert of a full 1 GiB image: 1.7-2.7 s in 2 of 5
+# runs, never with 2 MiB; docs/speed.md).
+MAX_BUFFER = 2 << 20
 # Zeros to compare buffers with: one calloc'd block, never written, so its
 # pages are the kernel's shared zero page (no resident memory); sliced as a
 # memoryview, never as bytes (a bytes slice is a copy).
