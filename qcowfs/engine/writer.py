@@ -650,6 +650,7 @@ class Writer:
         except CorruptionError as e:
             if apply:
                 log.warning("the L2 entry of guest %#x is dropped but its reference kept: %s", guest, e)
+                self.alloc.alias_dropped(host)
             return False
         return True
 

@@ -129,12 +129,15 @@ class Allocator:
         self.meta.write(offset, data, "refcount block", ignore=Kind.REFCOUNT_BLOCK)
 
     def _check_not_referenced(self, offset: int) -> None:
-        """Refuse a refcount block that a loaded L2 table references (the
-        overlap map knows metadata, not the disk's data): a refcount table
-        entry pointing at a data cluster, whose counts would be written over
-        the guest's bytes (hostile soak seed 11000775: a flipped entry, and an
-        allocation set a bit in the data; QEMU, with lazy refcounts, had not
-        written its refcount blocks yet when it found the damage)."""
+        """Refuse to write a refcount block that a loaded L2 table still
+        references (the overlap map knows metadata, not the disk's data): a
+        refcount table entry pointing at a data cluster, whose counts would
+        be written over the guest's bytes (hostile soak seed 11000775: a
+        flipped entry, and an allocation set a bit in the data; QEMU, with
+        lazy refcounts, had not written its refcount blocks yet when it found
+        the damage). Checked when written, not when read: an L2 entry that
+        aliases a real refcount block may be dropped first (a discard:
+        Writer._droppable), and the block is then written as it should be."""
         if self.referenced_in(offset // self.geo.cluster_size, 1) >= 0:
             raise CorruptionError(f"refcount block at {offset:#x} is a cluster an L2 table references: the "
                                   "refcount table is damaged")
@@ -146,7 +149,6 @@ class Allocator:
             # would be read from, and written over, that table.)
             raise CorruptionError(f"refcount block at {offset:#x} overlaps other metadata: the refcount "
                                   "table is damaged")
-        self._check_not_referenced(offset)
         raw = await self.file.read(offset, self.geo.cluster_size)
         if len(raw) < self.geo.cluster_size:
             raise CorruptionError(f"refcount block at {offset:#x} runs past the end of the file")
@@ -205,6 +207,12 @@ class Allocator:
         """The first cluster of [start, start+n) a loaded L2 table uses as a
         standard data cluster, or -1 (compressed data never lies there)."""
         return self._data_refs.first_in(start, n)
+
+    def alias_dropped(self, host: int) -> None:
+        """An L2 entry that aliased HOST's cluster (metadata, by the checks:
+        see Writer._droppable) is gone: no loaded table references it now,
+        so its counts may be read and written again."""
+        self._forget_reference(host // self.geo.cluster_size)
 
     def _forget_reference(self, c: int) -> None:
         self._referenced.discard(c)
