@@ -19,7 +19,7 @@ Runs = list[tuple[int, int]]   # [a, b) runs of block indexes
 # and so the largest write they make: 2 MiB, as qemu-img copies. With 4 MiB,
 # the kernel's copy of those writes into the page cache cost 3-20 times as
 # much in some runs on the bench's VM (rebase: 0.18-0.47 s of system time
-# against 0.11-0.16; convert of a full 1 GiB image: 1.7-2.7 s in 2 of 5
+# against 0.11-0.16; convert of a full 1 GiB image: 1.6-2.8 s in 7 of 13
 # runs, never with 2 MiB; docs/speed.md).
 MAX_BUFFER = 2 << 20
 # Zeros to compare buffers with: one calloc'd block, never written, so its
