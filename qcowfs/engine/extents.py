@@ -131,12 +131,11 @@ def metadata_preallocated(layer: Layer) -> bool:
     return refcounted_clusters(layer.file, layer.header, layer.mapper.geo, -(-layer.file.known_size // cs)) >= threshold
 
 
-async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None,
-                     prealloc_of: dict[int, bool] | None = None) -> list[Extent]:
+async def allocation(layer: Layer, start: int, end: int, l1: L1Table | None = None) -> list[Extent]:
     """qemu-img map of [start, end) of LAYER's disk (through L1: a snapshot's table).
-    PREALLOC_OF: metadata_preallocated per layer (id), asked once per map
-    (it reads every refcount block)."""
-    return await _status(layer, [(start, end)], l1, 0, {} if prealloc_of is None else prealloc_of)
+    The walk keeps metadata_preallocated per layer (by id) in a dict of its
+    own, asked once per map: it reads every refcount block."""
+    return await _status(layer, [(start, end)], l1, 0, {})
 
 
 async def _status(layer: Layer, ranges: list[tuple[int, int]], l1: L1Table | None, depth: int,
