@@ -20,14 +20,13 @@ understands and the errno the mount answers.
 from __future__ import annotations
 
 import os
-from builtins import open as builtins_open
 from typing import Any, Awaitable, Callable, Generator, Literal, Sequence
 
 from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_bitmap
 from .engine.chain import Span
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
-from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions
+from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format
 from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
@@ -707,13 +706,9 @@ class _QcowSource:
 
 
 def _probe(path: str) -> str:
-    """qcow2 if PATH starts with the qcow2 magic, else raw (qemu-img's probe
-    among the formats qcowfs knows)."""
-    from .format import QCOW_MAGIC
-
+    """qcow2 or raw, as qemu-img probes PATH (engine.opening.probe_format)."""
     try:
-        with builtins_open(path, "rb") as f:
-            return "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+        return probe_format(path)
     except OSError as e:
         raise QcowError(f"could not open {path}: {e.strerror}") from None
 
@@ -806,6 +801,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         opts = None
         if out_format == "qcow2":
             opts = _create.create_options(size, backing_file=backing_file, backing_fmt=backing_fmt, **options)
+            _create.check_references(dst_path, opts)  # (the image is made as TMP, published as DST)
             if opts.encrypt is not None and target_key is None:
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
         held = _create.hold_target(dst_path)

@@ -229,6 +229,7 @@ REFUSED = [
     (["-b", "base.qcow2", "-F", "qcow2", "-o", "preallocation=metadata"], "1G"),
     (["-u", "-b", "base.qcow2", "-F", "qcow2"], None),
     (["-b", "missing.qcow2", "-F", "qcow2"], None),
+    (["-b", "base.qcow2"], None),
     ([], None),
 ]
 
@@ -263,6 +264,74 @@ def test_an_image_in_use_is_not_replaced(tmp_path: Path):
 
 
 qcowfs_cli = qcowfs
+
+
+# Commands that would make an image its own backing file (directly or
+# through its chain) or its own data file, or put its data file over a file of
+# its backing chain. disk.qcow2 holds data; top.qcow2's backing file is
+# disk.qcow2. QEMU_REFUSES: qemu-img refuses the same command line (it
+# compares the backing file's name as given with the image's, and the rest
+# fail on its own locks); the others it carries out, leaving an image no
+# program opens, or a backing file overwritten by the data file.
+SELF_REFERENCES = [
+    (["create", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", "disk.qcow2"], True),
+    (["create", "-f", "qcow2", "-b", "./disk.qcow2", "-F", "qcow2", "disk.qcow2", "1G"], False),
+    (["create", "-f", "qcow2", "-u", "-b", "disk.qcow2", "-F", "qcow2", "disk.qcow2", "1G"], True),
+    (["create", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", "disk.qcow2"], False),
+    (["create", "-f", "qcow2", "-o", "data_file=disk.qcow2", "disk.qcow2", "64M"], True),
+    (["create", "-f", "qcow2", "-o", "data_file=new.qcow2", "new.qcow2", "64M"], True),
+    (["create", "-f", "qcow2", "-o", "data_file=disk.qcow2", "-b", "top.qcow2", "-F", "qcow2", "new.qcow2"], False),
+    (["convert", "-O", "qcow2", "-B", "top.qcow2", "-F", "qcow2", "src.qcow2", "disk.qcow2"], True),
+    (["convert", "-O", "qcow2", "-o", "data_file=new.qcow2", "src.qcow2", "new.qcow2"], True),
+    (["rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", "disk.qcow2"], False),
+    (["rebase", "-b", "top.qcow2", "-F", "qcow2", "disk.qcow2"], True),
+]
+
+
+@pytest.mark.parametrize("args,qemu_refuses", SELF_REFERENCES, ids=[" ".join(a[0]) for a in SELF_REFERENCES])
+def test_an_image_is_never_its_own_backing_or_data_file(tmp_path: Path, args: list[str], qemu_refuses: bool):
+    """Refused with one line before anything is touched: every file stays as
+    it was and none is added. (qcowfs replaced disk.qcow2 with an image
+    whose backing file was itself: the data was gone, and qemu-img check
+    of the result ran until killed.)"""
+    def make() -> dict[str, bytes]:
+        for f in tmp_path.iterdir():
+            f.unlink()
+        for name, extra in (("disk.qcow2", []), ("src.qcow2", [])):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, tmp_path / name, "64M"], check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 0x5c 0 1M", tmp_path / "disk.qcow2"], check=True,
+                       capture_output=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2",
+                        tmp_path / "top.qcow2"], check=True)
+        return {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+
+    before = make()
+    q = run(["timeout", "30", "qemu-img", *args], tmp_path)
+    assert (q.returncode != 0) == qemu_refuses, q.stdout + q.stderr
+    assert make() == before
+    p = qcowfs(tmp_path, *args)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_an_image_that_names_itself_as_its_data_file_is_not_written(tmp_path: Path):
+    """Guest data written there would land on the image's own metadata:
+    a writable open is refused with one line; a read-only one reads."""
+    import qcowfs
+
+    img = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=dat.qcow2", img, "64M"],
+                   check=True, cwd=tmp_path)
+    raw = img.read_bytes()
+    assert raw.count(b"dat.qcow2") == 1
+    img.write_bytes(raw.replace(b"dat.qcow2", b"img.qcow2"))
+    before = img.read_bytes()
+    with pytest.raises(qcowfs.InvalidImageError, match="data file is the image file itself"):
+        qcowfs.open(img, "r+")
+    with qcowfs.open(img) as image:
+        assert len(image.disk.read(4096)) == 4096
+    assert img.read_bytes() == before
 
 
 def test_library_create(tmp_path: Path):

@@ -22,7 +22,6 @@ import os
 from typing import Callable, Iterator
 
 from ..errors import QcowError, RequestError, UnsupportedFeatureError
-from ..format import EXT_BACKING_FORMAT, QCOW_MAGIC
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from .blocks import MAX_BUFFER, differing_runs, widened
@@ -30,7 +29,8 @@ from .extents import allocation
 from .image import Image
 from .mapper import zero_fill
 from .chain import Source
-from .opening import OpenOptions, Passphrases, RawSource, resolve_backing
+from .opening import (OpenOptions, Passphrases, RawSource, backing_of, probe_format, refuse_loop,
+                      resolve_backing, same_file)
 
 CHUNK = MAX_BUFFER
 Progress = Callable[[float], None] | None
@@ -70,30 +70,19 @@ Ranges = list[tuple[int, int]]
 
 def _probe(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+        return probe_format(path)
     except OSError as e:
         raise QcowError.from_os(f"cannot open {path}", e) from None
 
 
 def _backing_of(image: Image) -> tuple[str, str] | None:
     """(path, format) of IMAGE's backing file, as its header names it."""
-    h = image.header
-    if h.backing_file is None:
+    if image.header.backing_file is None:
         return None
-    path = resolve_backing(image.path, h.backing_file)
-    ext = h.extension(EXT_BACKING_FORMAT)
-    fmt = ext.decode("utf-8", "replace") if ext is not None else _probe(path)
-    if fmt not in ("qcow2", "raw"):
-        raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
-    return path, fmt
-
-
-def _same(a: str, b: str) -> bool:
     try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+        return backing_of(image.path, image.header)
+    except OSError as e:
+        raise QcowError.from_os(f"cannot open backing file {e.filename}", e) from None
 
 
 def subtract(ranges: Ranges, covered: Ranges) -> Ranges:
@@ -183,8 +172,8 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
         below = _backing_of(top)
         if below is None:
             raise RequestError(f"{path} has no backing file: there is nothing to commit into")
-        while base is not None and not _same(below[0], base):
-            if below[1] != "qcow2":
+        while base is not None and not same_file(below[0], base):
+            if below[1] != "qcow2" or any(same_file(below[0], i.path) for i in opened):
                 raise RequestError(f"'{base}' is not in the backing chain of {path}")
             layer = Image(below[0], OpenOptions(read_only=True, open_backing=False, passphrase=passphrase))
             opened.append(layer)
@@ -268,8 +257,7 @@ async def rebase(path: str, backing: str, backing_fmt: str | None = None, unsafe
                 if unsafe and not os.path.exists(new_path):
                     raise RequestError(f"cannot open {new_path} to find its format: give it with -F")
                 fmt = _probe(new_path)
-            if _same(new_path, image.path):
-                raise RequestError(f"{path} cannot be its own backing file")
+            refuse_loop(image.path, new_path, fmt)
         if not unsafe:
             if new_path is not None:
                 assert fmt is not None

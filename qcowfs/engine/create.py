@@ -31,7 +31,7 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension, encode_table,
                       refcount_block_of_ones, zero_table)
 from ..host.locking import lock_image
-from .opening import resolve_backing
+from .opening import chain_files, refuse_loop, resolve_backing, same_file
 
 # QEMU writes a 112-byte v3 header (compression_type at byte 104, padded).
 V3_HEADER_LENGTH = 112
@@ -160,6 +160,10 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
 
+# (qemu-img 7.2 refuses it too: "Backing file specified without backing format")
+NO_BACKING_FORMAT = "backing file specified without backing format (give -F qcow2 or -F raw)"
+
+
 def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
     """CreateOptions from keyword arguments (library names, see KEYWORDS),
     checked as qemu-img checks them. SIZE None: the caller takes it from the
@@ -177,6 +181,8 @@ def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
         if k in v:
             v[k] = _int(k, v[k])
     if size is None:
+        if v.get("backing_file") is not None and v.get("backing_fmt") is None:
+            raise UsageError(NO_BACKING_FORMAT)
         raise UsageError("image creation needs a size (or a backing file to take it from)")
     size = _int("size", size)
     if size < 0 or size > MAX_VIRTUAL_SIZE:
@@ -233,7 +239,7 @@ def _check(o: CreateOptions) -> None:
             raise UsageError("backing file and preallocation can only be used at the same time if "
                              "extended_l2 is on")
         if o.backing_fmt is None:
-            raise UsageError("backing file specified without backing format (give -F qcow2 or -F raw)")
+            raise UsageError(NO_BACKING_FORMAT)
         if o.backing_fmt not in ("qcow2", "raw"):
             raise UsageError(f"backing format '{o.backing_fmt}' is not supported (qcow2 or raw)")
     elif o.backing_fmt is not None:
@@ -563,17 +569,43 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
             os.close(old)
 
 
+def data_file_path(path: str, o: CreateOptions) -> str | None:
+    """Where the external data file of the new image PATH goes: beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), o.data_file) if o.data_file else None
+
+
+def check_references(path: str, o: CreateOptions) -> None:
+    """Refuse options under which the image made at PATH would be in its
+    own backing chain (qemu-img refuses a backing file named as the image;
+    any loop leaves an image no program opens), or its data file would be
+    the image itself or a file of its backing chain (the new data would
+    overwrite it). Checked before anything is touched: an existing PATH
+    stays as it was."""
+    path = os.path.abspath(path)
+    chain: list[str] = []
+    if o.backing_file is not None:
+        backing = resolve_backing(path, o.backing_file)
+        refuse_loop(path, backing, o.backing_fmt or "raw")
+        chain = chain_files(backing, o.backing_fmt or "raw")
+    data = data_file_path(path, o)
+    if data is not None:
+        if same_file(data, path):
+            raise UsageError(f"the data file {o.data_file} cannot be the image itself")
+        for f in chain:
+            if same_file(data, f):
+                raise UsageError(f"the data file {o.data_file} cannot be {f}, a file of the backing chain")
+
+
 def create(path: str, o: CreateOptions, passphrase: Callable[[], bytes] | None = None) -> None:
     """qemu-img create -f qcow2 PATH with options O. PASSPHRASE is asked
     for (once) when O encrypts."""
+    check_references(path, o)
     crypto = b""
     if o.encrypt is not None:
         if passphrase is None:
             raise UsageError("an encrypted image needs a passphrase (passphrase= or key_file=)")
         crypto = luks_area(o.encrypt, passphrase())
-    data_path = None
-    if o.data_file:
-        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), o.data_file)
+    data_path = data_file_path(path, o)
     made_data = data_path is not None and not os.path.lexists(data_path)
 
     def fill(fd: int) -> None:

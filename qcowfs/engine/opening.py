@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..errors import InvalidImageError, QcowError, TruncatedError, UnsupportedFeatureError
+from ..errors import InvalidImageError, QcowError, TruncatedError, UnsupportedFeatureError, UsageError
 from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO,
                       EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN,
                       MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC,
@@ -42,9 +42,8 @@ MIN_EXTENDED_L2_CLUSTER_BITS = 14
 MAX_FILE_OFFSET = (1 << 63) - 1
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9.+-]*:")
 
+
 @dataclass
-
-
 class OpenOptions:
     """How an image is opened (the engine's side of `qcowfs.open`'s arguments)."""
 
@@ -149,6 +148,71 @@ def resolve_backing(image_path: str, name: str) -> str:
     if "\0" in name:
         raise InvalidImageError("backing file name contains a NUL byte")
     return os.path.join(os.path.dirname(image_path), name)
+
+
+def probe_format(path: str) -> str:
+    """qemu-img's format probe among the formats qcowfs knows: qcow2 if
+    PATH starts with the qcow2 magic, else raw. OSError if it cannot be
+    read (each caller says what it was opening)."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+
+
+def backing_of(image_path: str, h: Header) -> tuple[str, str]:
+    """(path, format) of the backing file that header H of IMAGE_PATH names:
+    the format from its extension, else probed as QEMU probes it (OSError
+    if that cannot read the file)."""
+    assert h.backing_file is not None
+    path = resolve_backing(image_path, h.backing_file)
+    ext = h.extension(EXT_BACKING_FORMAT)
+    fmt = ext.decode("utf-8", "replace") if ext is not None else probe_format(path)
+    if fmt not in ("qcow2", "raw"):
+        raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
+    return path, fmt
+
+
+def same_file(a: str, b: str) -> bool:
+    """A and B name one file: the same path once links are resolved (also
+    for files not made yet), or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def chain_files(path: str, fmt: str) -> list[str]:
+    """PATH and the files of its backing chain, as their headers name them,
+    read without opening the chain (no locks, no passphrases; what `-u`
+    may still look at). The walk stops at a raw file, at a file that cannot
+    be read or parsed (it is listed), at a loop and at MAX_CHAIN_DEPTH:
+    it serves to refuse a change that would make a chain loop back."""
+    out: list[str] = []
+    while len(out) < MAX_CHAIN_DEPTH and not any(same_file(path, p) for p in out):
+        out.append(path)
+        if fmt != "qcow2":
+            break
+        try:
+            with open(path, "rb") as f:
+                h = Header.parse(f.read(1 << 21))
+            if h.backing_file is None:
+                break
+            path, fmt = backing_of(path, h)
+        except (OSError, QcowError):
+            break
+    return out
+
+
+def refuse_loop(image_path: str, backing: str, backing_fmt: str) -> None:
+    """Refuse to give IMAGE_PATH the backing file BACKING (a path): the
+    image would be in its own backing chain, which no program can open
+    (qemu-img refuses the first case only, by name)."""
+    for f in chain_files(backing, backing_fmt):
+        if same_file(f, image_path):
+            how = "it is the image itself" if f == backing else f"its chain leads back through {f}"
+            raise UsageError(f"{image_path} cannot be in its own backing chain: backing file "
+                             f"{os.path.normpath(backing)}: {how}")
 
 
 def validate_header(h: Header, geo: Geometry, file_size: int) -> list[str]:
@@ -257,6 +321,9 @@ def open_data_file(image_path: str, h: Header, writable: bool) -> HostFile:
     path = resolve_backing(image_path, text)
     if not os.path.lexists(path) and not os.path.isabs(text) and os.path.lexists(text):
         path = os.path.abspath(text)
+    if writable and same_file(path, image_path):
+        raise InvalidImageError("the external data file is the image file itself: guest data would "
+                                "overwrite the image's metadata")
     try:
         return HostFile(path, writable=writable)
     except OSError as e:
@@ -270,18 +337,12 @@ def open_backing(image_path: str, h: Header, options: OpenOptions, chain: tuple[
     if h.backing_file is None:
         return None
     path = resolve_backing(image_path, h.backing_file)
-    fmt_ext = h.extension(EXT_BACKING_FORMAT)
-    fmt = fmt_ext.decode("utf-8", "replace") if fmt_ext is not None else None
     try:
-        if fmt is None:
-            with open(path, "rb") as f:
-                fmt = "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+        path, fmt = backing_of(image_path, h)
         if fmt == "raw":
             return RawSource(path, options.force_share)
     except OSError as e:
         raise QcowError(f"cannot open backing file {path}: {e.strerror}") from None
-    if fmt != "qcow2":
-        raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
     try:
         return open_qcow2(path, OpenOptions(read_only=True, l2_cache_bytes=options.l2_cache_bytes,
                                        force_share=options.force_share,
