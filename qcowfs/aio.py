@@ -785,7 +785,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     # source's own backing file)
     src_key = _keyring(passphrase, key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
-    tmp = _create.temp_name(dst_path)
+    final = _create.replaced_file(dst_path)
+    tmp = _create.temp_name(final)
     made = False
     held = -1
     try:
@@ -804,7 +805,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             _create.check_references(dst_path, opts)  # (the image is made as TMP, published as DST)
             if opts.encrypt is not None and target_key is None:
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
-        held = _create.hold_target(dst_path)
+        held = _create.hold_target(final)
         plan = _convert.CopyPlan(size, sparse_size, compress, None, progress)
         if compress_threads is not None:
             plan.threads = compress_threads
@@ -840,7 +841,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             await _convert.copy(source, target, plan)
             closers.remove(target.finish)
             await target.finish()
-        _create.publish(tmp, dst_path, durable=cache != "unsafe")
+        _create.publish(tmp, final, durable=cache != "unsafe")
         made = False
     finally:
         for close in closers:

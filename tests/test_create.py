@@ -315,6 +315,31 @@ def test_an_image_is_never_its_own_backing_or_data_file(tmp_path: Path, args: li
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
 
 
+@pytest.mark.parametrize("args", [["create", "-f", "qcow2", "{}", "128M"],
+                                  ["convert", "-O", "qcow2", "src.qcow2", "{}"],
+                                  ["convert", "-O", "raw", "src.qcow2", "{}"]], ids=lambda a: " ".join(a[:3]))
+def test_a_symbolic_link_is_written_through(tmp_path: Path, args: list[str]):
+    """An image made at a symbolic link replaces the file the link leads to,
+    and the link stays, as qemu-img does it (qcowfs renamed its new file
+    over the link, leaving the old image where the link had led)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "src.qcow2", "128M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x42 0 64k", tmp_path / "src.qcow2"], check=True,
+                   capture_output=True)
+    (tmp_path / "real").mkdir()
+    results = []
+    for tool, name in ((["qemu-img"], "theirs"), (QCOWFS, "ours")):
+        real = tmp_path / "real" / f"{name}.img"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", real, "1M"], check=True)
+        (tmp_path / f"{name}.link").symlink_to(f"real/{name}.img")
+        p = run([*tool, *[a.format(f"{name}.link") for a in args]], tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / f"{name}.link").is_symlink()
+        results.append(run(["qemu-img", "info", "--output=json", real], tmp_path).stdout)
+    theirs, ours = (json.loads(r) for r in results)
+    assert (ours["format"], ours["virtual-size"]) == (theirs["format"], theirs["virtual-size"]) != ("qcow2", 1 << 20)
+    assert sorted(os.listdir(tmp_path / "real")) == ["ours.img", "theirs.img"]
+
+
 def test_an_image_that_names_itself_as_its_data_file_is_not_written(tmp_path: Path):
     """Guest data written there would land on the image's own metadata:
     a writable open is refused with one line; a read-only one reads."""

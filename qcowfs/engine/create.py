@@ -543,11 +543,19 @@ def remove_quietly(path: str) -> None:
         pass
 
 
+def replaced_file(path: str) -> str:
+    """The file that making an image at PATH replaces: where a symbolic link
+    at PATH leads (qemu-img writes through a link, so the link stays and
+    names the new image). Relative backing and data file names are still
+    read against PATH as given, as QEMU reads them."""
+    return os.path.realpath(path)
+
+
 def create_file(path: str, fill: Callable[[int], None]) -> None:
     """Make PATH as FILL(fd) writes it into a new file: under a temporary
     name in the same directory, fsync'd, renamed over PATH (whose writer
     lock is taken first). On any failure PATH is absent or as it was."""
-    path = os.path.abspath(path)
+    path = replaced_file(path)
     old = hold_target(path)
     tmp = temp_name(path)
     try:
