@@ -544,6 +544,14 @@ def test_commit_refusals(tmp_path: Path) -> None:
     p = qcowfs("commit", "-b", lone, tmp_path / "top.qcow2")
     assert p.returncode == 1 and "not in the backing chain" in p.stderr
     assert {n: digest(tmp_path / n) for n in files} == files
+    # A chain that loops (qemu-img rebase -u makes one): the walk down to
+    # BASE stops where it comes back (it went round, opening images, until
+    # the process ran out of file descriptors).
+    qimg("rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", tmp_path / "mid.qcow2")
+    files = {n: digest(tmp_path / n) for n in files}
+    p = qcowfs("commit", "-b", lone, tmp_path / "top.qcow2")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not in the backing chain" in p.stderr, p.stderr
+    assert {n: digest(tmp_path / n) for n in files} == files
 
 
 # --------------------------------------------------------------------------
