@@ -786,7 +786,12 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     src_key = _keyring(passphrase, key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
     final = _create.replaced_file(dst_path)
-    tmp = _create.temp_name(final)
+    # A block device is written in place (raw only), not replaced: what the
+    # source does not hold is zeroed there, and a failure leaves it partly written.
+    device = _create.target_is_device(final)
+    if device and out_format != "raw":
+        _create.refuse_device(final)
+    tmp = final if device else _create.temp_name(final)
     made = False
     held = -1
     try:
@@ -833,15 +838,18 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             closers.remove(out.close)
             await out.close()
         else:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            os.close(fd)
-            made = True
-            target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe")
+            if not device:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                os.close(fd)
+                made = True
+            target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe", device=device)
             closers.insert(0, target.finish)
+            plan.zero_init = not device
             await _convert.copy(source, target, plan)
             closers.remove(target.finish)
             await target.finish()
-        _create.publish(tmp, final, durable=cache != "unsafe")
+        if not device:
+            _create.publish(tmp, final, durable=cache != "unsafe")
         made = False
     finally:
         for close in closers:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Protocol
 
 from ..format.compression import compress_cluster
+from ..errors import RequestError
 from ..host.hostfile import HostFile
 from ..host.waiting import drive, in_thread
 from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
@@ -89,20 +90,33 @@ class RawDisk:
 
 class RawTarget:
     """A new raw file as the target: sized first (all holes), then only the
-    data is written."""
+    data is written. Or (DEVICE) a block device at least SIZE long, written
+    in place: what is not data is zeroed there (the copy says every hole:
+    CopyPlan.zero_init off)."""
 
-    def __init__(self, fd_path: str, size: int, flushes: bool = True) -> None:
+    def __init__(self, fd_path: str, size: int, flushes: bool = True, device: bool = False) -> None:
         self.file = HostFile(fd_path, writable=True)
         self.file.flushes = flushes
-        self.file.truncate(size)
+        self.device = device
+        if not device:
+            self.file.truncate(size)
+        elif self.file.known_size < size:
+            self.file.close()
+            raise RequestError(f"{fd_path} is too small for the disk: {self.file.known_size} bytes, "
+                               f"the disk {size}")
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         self.file.write_sync(data, offset)
         return len(data)
 
     async def zero(self, offset: int, length: int, unmap: bool = True) -> None:
-        # (a new file reads zeros where nothing was written)
-        return None
+        if not self.device:
+            return None  # (a new file reads zeros where nothing was written)
+        if self.file.zero_range(offset, length, punch=False):  # (BLKZEROOUT's work, as qemu-img asks it)
+            return None
+        zeros = bytes(min(CHUNK, length))
+        for pos in range(offset, offset + length, len(zeros)):
+            self.file.write_sync(memoryview(zeros)[: min(len(zeros), offset + length - pos)], pos)
 
     async def finish(self) -> None:
         await self.file.sync()

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import QcowError, UsageError
+from ..errors import QcowError, UnsupportedFeatureError, UsageError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
                       CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
                       EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
@@ -505,6 +506,31 @@ def temp_name(path: str) -> str:
     return os.path.join(d, f".{base}.qcowfs-{os.getpid()}-{os.urandom(4).hex()}")
 
 
+def target_is_device(path: str) -> bool:
+    """Whether PATH (links followed) is a block device, which a raw convert
+    writes into in place, as qemu-img does. Any other existing file that is
+    not a regular one (a directory, a FIFO, a character device) is refused:
+    an image never replaces it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise QcowError.from_os(f"cannot replace {path}", e) from None
+    if stat.S_ISBLK(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path} exists and is not a regular file nor a block device")
+    return False
+
+
+def refuse_device(path: str) -> None:
+    """A qcow2 image is made in a file only (refused before anything is written)."""
+    if target_is_device(path):
+        raise UnsupportedFeatureError(f"{path} is a block device: qcowfs makes qcow2 images in files "
+                                      "(convert -O raw writes a disk into a device)")
+
+
 def hold_target(path: str) -> int:
     """The existing file at PATH opened and writer-locked (-1 if there is
     none): an image another program holds is refused, as qemu-img refuses
@@ -556,6 +582,7 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
     name in the same directory, fsync'd, renamed over PATH (whose writer
     lock is taken first). On any failure PATH is absent or as it was."""
     path = replaced_file(path)
+    refuse_device(path)
     old = hold_target(path)
     tmp = temp_name(path)
     try:

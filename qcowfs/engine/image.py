@@ -20,7 +20,8 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 
-from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError)
+from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError,
+                      UnsupportedFeatureError)
 from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, CRYPT_NAMES, CRYPT_NONE, INCOMPAT_CORRUPT,
                       INCOMPAT_DIRTY, Geometry, Header, SnapshotEntry, Table,
                       decode_table, encode_table)
@@ -84,6 +85,13 @@ class Image:
             self.file.flushes = not options.unsafe_cache
         except OSError as e:
             raise QcowError.from_os(f"cannot open {path}", e) from None
+        if not self.read_only and self.file.is_block_device():
+            # (new clusters go past the end of the file, as in a file that
+            # grows: a device has none to give, and QEMU's placement by
+            # refcounts alone is not done here)
+            self._close_files()
+            raise UnsupportedFeatureError(f"{path} is a block device: a qcow2 image on a block device opens "
+                                          "read-only only")
         try:
             self._open(chain)
         except OSError as e:  # (a directory, an unreadable file...)

@@ -13,6 +13,7 @@ import errno
 import functools
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Sequence
 
@@ -118,7 +119,7 @@ class HostFile:
         self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         self._nowait = bool(_NOWAIT)
         # Size as far as this process knows: grows with our own writes.
-        self.known_size = os.fstat(self.fd).st_size
+        self.known_size = self.size()
         # Reads served from the page cache / sent to a worker thread.
         self.cached_reads = self.thread_reads = 0
         # Off: sync() does nothing, as QEMU's cache=unsafe ignores flushes
@@ -126,7 +127,12 @@ class HostFile:
         self.flushes = True
 
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        # (lseek, not fstat: a block device's st_size is 0; reads and writes
+        # are positional, so the file position does not matter)
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def is_block_device(self) -> bool:
+        return stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
     def refresh_size(self) -> None:
         """known_size from the file as it is now: for a file another program
@@ -135,11 +141,15 @@ class HostFile:
 
     def seek(self, offset: int, data: bool) -> int | None:
         """lseek SEEK_DATA (DATA) or SEEK_HOLE from OFFSET: where the next data
-        or hole starts, None if there is none (ENXIO). A filesystem that cannot
-        tell calls the whole file data (the kernel's fallback)."""
+        or hole starts, None if there is none (ENXIO). A file that cannot tell
+        is data up to its end: a filesystem without SEEK_DATA (the kernel's
+        fallback), a block device (EINVAL)."""
         try:
             return os.lseek(self.fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
         except OSError as e:
+            if e.errno == errno.EINVAL:
+                end = self.size()
+                return (offset if offset < end else None) if data else max(offset, end)
             if e.errno != errno.ENXIO:
                 raise
             return None
