@@ -290,6 +290,10 @@ def test_missing_and_same_file(tmp_path: Path):
     assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
     p = qcowfs("convert", "-O", "qcow2", src, src)
     assert p.returncode == 1 and "same" in p.stderr
+    # A pipe cannot be read at offsets (it said "Illegal seek" and named nothing).
+    p = subprocess.run([QCOWFS, "convert", "-f", "raw", "-O", "qcow2", "/dev/stdin", tmp_path / "x.qcow2"],
+                       input=b"x" * 4096, capture_output=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.decode().strip() == "qcowfs: cannot read /dev/stdin: Illegal seek"
     assert sorted(os.listdir(tmp_path)) == ["src.qcow2"]
 
 

@@ -77,7 +77,10 @@ class RawSource:
 
     def __init__(self, path: str, force_share: bool = False) -> None:
         self.path = path
-        self.file = HostFile(path)
+        try:
+            self.file = HostFile(path)
+        except OSError as e:  # (a directory; a pipe, which cannot seek)
+            raise QcowError.from_os(f"cannot read {path}", e) from None
         # In whole sectors, as QEMU sizes a raw file (the tail reads zeros).
         self.size = -(-self.file.known_size // 512) * 512
         try:
