@@ -340,6 +340,25 @@ def test_a_symbolic_link_is_written_through(tmp_path: Path, args: list[str]):
     assert sorted(os.listdir(tmp_path / "real")) == ["ours.img", "theirs.img"]
 
 
+@pytest.mark.parametrize("opts", ["preallocation=full", "preallocation=metadata,cluster_size=512"])
+def test_a_file_the_host_will_not_hold_is_one_line(tmp_path: Path, opts: str):
+    """A write the host refuses (here RLIMIT_FSIZE: EFBIG, as ext4 refuses a
+    file over 16 TiB) is one line naming the file, and nothing is left (it
+    said "qcowfs: File too large")."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    p = subprocess.run([*QCOWFS, "create", "-f", "qcow2", "-o", opts, "big.qcow2", "64M"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr == f"qcowfs: cannot create {tmp_path / 'big.qcow2'}: File too large\n", p.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_image_that_names_itself_as_its_data_file_is_not_written(tmp_path: Path):
     """Guest data written there would land on the image's own metadata:
     a writable open is refused with one line; a read-only one reads."""

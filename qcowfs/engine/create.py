@@ -595,6 +595,9 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
         fill(fd)
         os.fsync(fd)
         publish(tmp, path)
+    except OSError as e:  # (a full disk, a file larger than the filesystem takes: one line naming it)
+        remove_quietly(tmp)
+        raise QcowError.from_os(f"cannot create {e.filename or path}", e) from None
     except BaseException:
         remove_quietly(tmp)
         raise
