@@ -851,6 +851,10 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if not device:
             _create.publish(tmp, final, durable=cache != "unsafe")
         made = False
+    except OSError as e:
+        if e.filename != tmp:
+            raise
+        raise QcowError.from_os(f"cannot write {dst_path}", e) from None  # (not the hidden name)
     finally:
         for close in closers:
             with shielded():

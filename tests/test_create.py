@@ -340,23 +340,42 @@ def test_a_symbolic_link_is_written_through(tmp_path: Path, args: list[str]):
     assert sorted(os.listdir(tmp_path / "real")) == ["ours.img", "theirs.img"]
 
 
-@pytest.mark.parametrize("opts", ["preallocation=full", "preallocation=metadata,cluster_size=512"])
-def test_a_file_the_host_will_not_hold_is_one_line(tmp_path: Path, opts: str):
+FILE_SIZE_LIMIT = 1 << 20
+TOO_LARGE = [
+    (["create", "-f", "qcow2", "-o", "preallocation=full", "new.qcow2", "64M"], "cannot create", "new.qcow2"),
+    (["create", "-f", "qcow2", "-o", "preallocation=metadata,cluster_size=512", "new.qcow2", "64M"],
+     "cannot create", "new.qcow2"),
+    (["convert", "-O", "qcow2", "disk.qcow2", "new.qcow2"], "cannot write", "new.qcow2"),
+    (["convert", "-O", "raw", "disk.qcow2", "new.raw"], "cannot write", "new.raw"),
+    (["resize", "disk.qcow2", "64G"], "", "disk.qcow2"),
+    (["snapshot", "create", "disk.qcow2", "s1"], "", "disk.qcow2"),
+]
+
+
+@pytest.mark.parametrize("args,what,name", TOO_LARGE, ids=[" ".join(a[:4]) for a, _, _ in TOO_LARGE])
+def test_a_file_the_host_will_not_hold_is_one_line(tmp_path: Path, args: list[str], what: str, name: str):
     """A write the host refuses (here RLIMIT_FSIZE: EFBIG, as ext4 refuses a
-    file over 16 TiB) is one line naming the file, and nothing is left (it
-    said "qcowfs: File too large")."""
+    file over 16 TiB, or a full disk) is one line naming the file the user
+    named: a new file is not left behind, an image stays clean. (It said
+    "qcowfs: File too large", or named convert's hidden temporary file.)"""
     import resource
     import signal
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
 
-    p = subprocess.run([*QCOWFS, "create", "-f", "qcow2", "-o", opts, "big.qcow2", "64M"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", disk, "4M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x61 0 2M", disk], check=True, capture_output=True)
+    assert disk.stat().st_size > FILE_SIZE_LIMIT  # (the limit refuses writes past it, and every new cluster lies there)
+    before = disk.read_bytes()
+    p = subprocess.run([*QCOWFS, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60, preexec_fn=limit)
     assert p.returncode == 1, p.stdout + p.stderr
-    assert p.stderr == f"qcowfs: cannot create {tmp_path / 'big.qcow2'}: File too large\n", p.stderr
-    assert os.listdir(tmp_path) == []
+    assert p.stderr == f"qcowfs: {what + ' ' if what else ''}{tmp_path / name}: File too large\n", p.stderr
+    assert os.listdir(tmp_path) == ["disk.qcow2"]
+    check(disk)
+    assert disk.read_bytes() == before or args[0] != "convert"
 
 
 def test_an_image_that_names_itself_as_its_data_file_is_not_written(tmp_path: Path):

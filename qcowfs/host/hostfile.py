@@ -234,16 +234,24 @@ class HostFile:
         """A buffered pwrite: lands in the page cache, ordered by sync()."""
         view = memoryview(data)
         end = offset + len(view)
-        while len(view):
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        try:
+            while len(view):
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            self._name(e)
+            raise
         if end > self.known_size:
             self.known_size = end
 
     def writev_sync(self, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """write_sync of the concatenated PARTS, without concatenating them
         (unless the kernel writes short, which write_sync then finishes)."""
-        n = os.pwritev(self.fd, parts, offset)
+        try:
+            n = os.pwritev(self.fd, parts, offset)
+        except OSError as e:
+            self._name(e)
+            raise
         total = sum(len(p) for p in parts)
         rest = memoryview(b"".join(parts))[n:] if n < total else memoryview(b"")
         self.write_sync(rest, offset + n)
@@ -266,8 +274,22 @@ class HostFile:
     async def sync(self) -> None:
         """fdatasync, unless FLUSHES is off (QEMU's cache=unsafe)."""
         if self.flushes:
-            await in_thread(os.fdatasync, self.fd)
+            try:
+                await in_thread(os.fdatasync, self.fd)
+            except OSError as e:
+                self._name(e)
+                raise
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            self._name(e)
+            raise
         self.known_size = size
+
+    def _name(self, e: OSError) -> None:
+        """Make E name this file: the command line's one line then says
+        which file the host refused ("disk.qcow2: No space left on device")."""
+        if e.filename is None:
+            e.filename = self.path
