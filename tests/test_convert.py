@@ -294,7 +294,13 @@ def test_missing_and_same_file(tmp_path: Path):
     p = subprocess.run([QCOWFS, "convert", "-f", "raw", "-O", "qcow2", "/dev/stdin", tmp_path / "x.qcow2"],
                        input=b"x" * 4096, capture_output=True, timeout=60)
     assert p.returncode == 1 and p.stderr.decode().strip() == "qcowfs: cannot read /dev/stdin: Illegal seek"
-    assert sorted(os.listdir(tmp_path)) == ["src.qcow2"]
+    # A raw backing file that is a directory opens, then every read fails: it
+    # said "qcowfs: Is a directory" halfway through the copy.
+    (tmp_path / "dir").mkdir()
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "dir", "-F", "raw", tmp_path / "ov.qcow2", "4M"])
+    p = qcowfs("convert", "-O", "raw", tmp_path / "ov.qcow2", tmp_path / "x.raw")
+    assert p.returncode == 1 and p.stderr.strip().endswith(f"cannot read {tmp_path / 'dir'}: Is a directory"), p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["dir", "ov.qcow2", "src.qcow2"]
 
 
 def test_source_held_by_a_writer(tmp_path: Path):

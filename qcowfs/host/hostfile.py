@@ -117,6 +117,9 @@ class HostFile:
         self.path = path
         self.writable = writable
         self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        if stat.S_ISDIR(os.fstat(self.fd).st_mode):  # (opens read-only, then every read fails)
+            os.close(self.fd)
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         self._nowait = bool(_NOWAIT)
         # Size as far as this process knows: grows with our own writes.
         self.known_size = self.size()
