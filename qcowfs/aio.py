@@ -225,6 +225,7 @@ class Disk:
         at or after OFFSET (inside the disk), the size if there is none.
         Holes are what QEMU's block status calls them (zero clusters,
         unallocated clusters with nothing below)."""
+        self._clip(offset, 0)
         self._readable()
         return await self._engine.find(self._table(), offset, self.size, data)
 
@@ -305,6 +306,8 @@ class Disk:
         host clusters, else (ZERO_RANGE) clusters the image owns stay
         allocated, so later writes need none. Bitmaps count it as written."""
         self._writer()
+        if self._clip(offset, length) <= 0:
+            return
         await self._engine.zero(offset, length, unmap)
 
     async def truncate(self, size: int) -> int:
@@ -490,6 +493,8 @@ class Image:
         """Bitmap NAME's bits, bytes [offset, offset+length) (bit i of byte j:
         granule 8*j+i), as they are now (live while tracked)."""
         bm = find_bitmap(self._engine.bitmaps, name)  # (an inconsistent one: CorruptionError)
+        if offset < 0 or (length is not None and length < 0):
+            raise UsageError("offset and length must not be negative")
         return await read_bitmap(bm, self._engine.file, offset, bm.size if length is None else length)
 
     def _usable_bitmap(self, name: str) -> Any:

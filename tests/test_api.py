@@ -286,6 +286,42 @@ def test_luks_info_matches_qemu(luks_image: Subject) -> None:
     assert_info_agrees(ours, qemu_info(luks_image.image), "LUKS")
 
 
+def test_negative_offsets_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    """Every call that takes an offset refuses a negative one (UsageError)
+    before it reaches the engine: disk.zero(-512, 512) went through, zeroed
+    by Python's negative indexing at the far end of the tables, and a
+    snapshot taken afterwards left 17 leaked clusters."""
+    import trio
+
+    import qcowfs.aio
+
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "32M"], check=True)
+    qemu("qemu-io", "-c", "write -P 7 0 1M", "-c", "write -P 8 31M 1M", img)
+    qemu("qemu-img", "bitmap", "--add", img, "b0")
+    with qcowfs.open(img, "r+") as image:
+        disk = image.disk
+        calls: list[Callable[[], Any]] = [lambda: disk.zero(-512, 512), lambda: disk.zero(0, -512),
+                                          lambda: disk.pread(-1, 10), lambda: disk.pwrite(b"x", -1)]
+        for call in calls:
+            with pytest.raises(qcowfs.UsageError, match="negative"):
+                call()
+
+    async def aio_calls() -> None:
+        async with qcowfs.aio.open(img, "r+") as image:
+            for call in (lambda: image.disk.find(-5, True), lambda: image.bitmap_bits("b0", -8, 8),
+                         lambda: image.bitmap_bits("b0", 0, -8), lambda: image.disk.zero(-4096, 4096, False)):
+                with pytest.raises(qcowfs.UsageError, match="negative"):
+                    await call()
+            await image.create_snapshot("after")
+    trio.run(aio_calls)
+    p = qemu("qemu-img", "check", img)
+    assert p.returncode == 0 and "leaked" not in p.stdout, p.stdout
+    p = qemu("qemu-io", "-c", "read -P 7 0 1M", "-c", "read -P 8 31M 1M", img)
+    assert p.returncode == 0 and p.stdout.count("read 1048576/1048576") == 2, p.stdout + p.stderr
+    assert "verification failed" not in p.stdout, p.stdout
+
+
 # --------------------------------------------------------------------------
 # 2. writes through Image.disk
 
