@@ -136,3 +136,27 @@ def test_what_cannot_hold_the_target_is_left_alone(tmp_path: Path) -> None:
         one_line_error(qcowfs(*args))
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.qcow2", "fifo", "small.raw"]
+
+
+def test_commit_into_a_block_device(tmp_path: Path) -> None:
+    """An overlay on a raw device commits into it in place; one larger than
+    the device is refused with one line before anything is written (it said
+    "qcowfs: Invalid argument")."""
+    base = tmp_path / "base.raw"
+    data = noise(base, 16 * MiB)
+    with loop_device(base, read_only=False) as dev:
+        fits, big = tmp_path / "fits.qcow2", tmp_path / "big.qcow2"
+        qimg("create", "-q", "-f", "qcow2", "-b", dev, "-F", "raw", fits, "16M")
+        qimg("create", "-q", "-f", "qcow2", "-b", dev, "-F", "raw", big, "32M")
+        qio(fits, "write -P 0x5 1M 1M", "write -z 8M 64k")
+        qio(big, "write -P 0x6 0 1M", "write -P 0x6 20M 1M")
+        p = qcowfs("commit", big)
+        one_line_error(p)
+        assert dev in p.stderr and "cannot grow" in p.stderr, p.stderr
+        assert base.read_bytes() == data
+        p = qcowfs("commit", fits)
+        assert p.returncode == 0, p.stderr
+    want = bytearray(data)
+    want[MiB:2 * MiB] = b"\x05" * MiB
+    want[8 * MiB:8 * MiB + 65536] = bytes(65536)
+    assert base.read_bytes() == bytes(want)

@@ -139,8 +139,10 @@ class RawTarget:
             pos += n
 
     async def grow(self, size: int) -> None:
-        os.ftruncate(self.file.fd, size)
-        self.file.refresh_size()
+        if self.file.is_block_device():  # (before anything is written)
+            raise RequestError(f"{self.path} is a block device of {self.file.known_size} bytes: it cannot "
+                               f"grow to the disk's {size}")
+        self.file.truncate(size)
         self.size = size
 
     async def close(self) -> None:
