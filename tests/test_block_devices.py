@@ -33,9 +33,10 @@ def qcowfs(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-def one_line_error(p: subprocess.CompletedProcess[str]) -> None:
+def one_line_error(p: subprocess.CompletedProcess[str], says: str = "") -> None:
     assert p.returncode == 1, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert says in p.stderr, p.stderr
 
 
 def disk_image(d: Path) -> Path:
@@ -93,10 +94,9 @@ def test_a_qcow2_image_on_a_block_device(tmp_path: Path) -> None:
         with mounted(dev, tmp_path / "mnt") as mnt:  # (read-only)
             assert qimg("compare", "-f", "raw", mnt / "disk.raw", img).startswith("Images are identical")
         for args in (["resize", dev, "64M"], ["snapshot", "create", dev, "s1"], ["bitmap", "add", dev, "b1"]):
-            one_line_error(qcowfs(*args))
+            one_line_error(qcowfs(*args), "read-only")
         p = subprocess.run([QCOWFS, "mount", dev, tmp_path / "mnt"], capture_output=True, text=True, timeout=60)
-        one_line_error(p)
-        assert "read-only" in p.stderr
+        one_line_error(p, "read-only")
         assert holder.read_bytes() == before
 
 
@@ -124,16 +124,16 @@ def test_what_cannot_hold_the_target_is_left_alone(tmp_path: Path) -> None:
     data = noise(small, 16 * MiB)
     with loop_device(small, read_only=False) as dev:
         # Too small for the disk: refused before any write.
-        one_line_error(qcowfs("convert", "-O", "raw", img, dev))
+        one_line_error(qcowfs("convert", "-O", "raw", img, dev), "too small")
         # A qcow2 image is made in a file only.
-        one_line_error(qcowfs("convert", "-O", "qcow2", img, dev))
-        one_line_error(qcowfs("create", "-f", "qcow2", dev, "1M"))
+        one_line_error(qcowfs("convert", "-O", "qcow2", img, dev), "is a block device")
+        one_line_error(qcowfs("create", "-f", "qcow2", dev, "1M"), "is a block device")
         assert stat.S_ISBLK(os.stat(dev).st_mode)
     assert small.read_bytes() == data
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for args in (["convert", "-O", "raw", img, fifo], ["create", "-f", "qcow2", fifo, "1M"]):
-        one_line_error(qcowfs(*args))
+        one_line_error(qcowfs(*args), "not a regular file")
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.qcow2", "fifo", "small.raw"]
 
@@ -150,9 +150,7 @@ def test_commit_into_a_block_device(tmp_path: Path) -> None:
         qimg("create", "-q", "-f", "qcow2", "-b", dev, "-F", "raw", big, "32M")
         qio(fits, "write -P 0x5 1M 1M", "write -z 8M 64k")
         qio(big, "write -P 0x6 0 1M", "write -P 0x6 20M 1M")
-        p = qcowfs("commit", big)
-        one_line_error(p)
-        assert dev in p.stderr and "cannot grow" in p.stderr, p.stderr
+        one_line_error(qcowfs("commit", big), f"{dev} is a block device of {16 * MiB} bytes: it cannot grow")
         assert base.read_bytes() == data
         p = qcowfs("commit", fits)
         assert p.returncode == 0, p.stderr
