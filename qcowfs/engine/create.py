@@ -597,7 +597,8 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
         publish(tmp, path)
     except OSError as e:  # (a full disk, a file larger than the filesystem takes: one line naming it)
         remove_quietly(tmp)
-        raise QcowError.from_os(f"cannot create {e.filename or path}", e) from None
+        raise QcowError.from_os(f"cannot create {e.filename if e.filename not in (None, tmp) else path}",
+                                e) from None
     except BaseException:
         remove_quietly(tmp)
         raise
