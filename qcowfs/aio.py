@@ -400,6 +400,12 @@ class Image:
         return self._engine.read_only
 
     @property
+    def files(self) -> list[str]:
+        """Every host file the disk is read from or written to: the image,
+        its external data file, the files of its backing chain."""
+        return self._engine.files()
+
+    @property
     def force_share(self) -> bool:
         return self._force_share
 

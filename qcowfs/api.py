@@ -250,6 +250,13 @@ class Image:
         return self._aio.read_only
 
     @property
+    def files(self) -> list[str]:
+        """Every host file the disk is read from or written to: the image,
+        its external data file, the files of its backing chain (what a
+        copy of the whole image takes)."""
+        return self._aio.files
+
+    @property
     def force_share(self) -> bool:
         return self._aio.force_share
 

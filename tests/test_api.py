@@ -286,6 +286,28 @@ def test_luks_info_matches_qemu(luks_image: Subject) -> None:
     assert_info_agrees(ours, qemu_info(luks_image.image), "LUKS")
 
 
+def test_files_are_every_file_of_the_disk(tmp_path: Path) -> None:
+    """Image.files: the image, its data file, its backing chain's files
+    (a raw base included), in that order."""
+    import trio
+
+    import qcowfs.aio
+
+    run_ok = lambda *a: subprocess.run([str(x) for x in a], check=True, cwd=tmp_path)  # noqa: E731
+    run_ok("qemu-img", "create", "-q", "-f", "raw", "base.raw", "8M")
+    run_ok("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", "data_file=mid.data",
+           "mid.qcow2")
+    run_ok("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
+    want = [str(tmp_path / n) for n in ("top.qcow2", "mid.qcow2", "mid.data", "base.raw")]
+    with qcowfs.open(tmp_path / "top.qcow2") as image:
+        assert [os.path.realpath(f) for f in image.files] == want
+
+    async def aio_files() -> list[str]:
+        async with qcowfs.aio.open(tmp_path / "mid.qcow2") as image:
+            return image.files
+    assert [os.path.realpath(f) for f in trio.run(aio_files)] == want[1:]
+
+
 def test_negative_offsets_are_refused_and_change_nothing(tmp_path: Path) -> None:
     """Every call that takes an offset refuses a negative one (UsageError)
     before it reaches the engine: disk.zero(-512, 512) went through, zeroed

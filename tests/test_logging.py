@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QCOWFS
+from conftest import QCOWFS, force_unmount
 from test_service import daemon_pids, foreground, make_image, qemu_img_check
 
 TIMEOUT = 60
@@ -125,6 +125,31 @@ def test_log_file_that_cannot_be_written_is_the_mount_error(tmp_path: Path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and "log file" in lines[0], p.stderr
     assert not os.path.ismount(mnt)
+
+
+@pytest.mark.parametrize("which", ["the image", "its backing file", "its data file"])
+def test_a_log_file_that_is_a_file_of_the_image_is_refused(tmp_path: Path, which: str):
+    """The daemon appends its lines to the log file: -o log_file= naming the
+    image, a file of its backing chain or its data file is refused, and
+    nothing changes (the daemon wrote its lines into disk.qcow2)."""
+    base = make_image(tmp_path / "base.qcow2")
+    img = tmp_path / "disk.qcow2"
+    opts = ["-b", "base.qcow2", "-F", "qcow2"] if which != "its data file" else ["-o", "data_file=disk.data"]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, img, "64M"], check=True, cwd=tmp_path)
+    log = {"the image": img, "its backing file": base, "its data file": tmp_path / "disk.data"}[which]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    try:
+        p = subprocess.run([QCOWFS, "mount", str(img), str(mnt), "-o", f"log_file={log}"],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and lines == [f"qcowfs: log_file {log} is a file of the image: the log would "
+                                               "be written into it"], p.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        force_unmount(mnt)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
 
 
 def test_syslog_when_there_is_one(tmp_path: Path):

@@ -109,6 +109,8 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
             print(f"qcowfs: warning: {image_arg}: {FORCE_SHARE_WARNING}", file=sys.stderr)
         if not pyfuse3_patched():
             print(f"qcowfs: warning: {STOCK_PYFUSE3_WARNING}", file=sys.stderr)
+    if opts.log_file is not None:
+        _refuse_log_in_image(opts.log_file, image)
     fuse_options = _fuse_options(image_path, opts)
     if foreground:
         _setup_logging(opts, daemon=False)
@@ -145,6 +147,18 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
                if os.WIFSIGNALED(status) else
                f"the daemon exited ({os.WEXITSTATUS(status)}) before the mount was ready")
     die(msg.strip().splitlines()[-1])
+
+
+def _refuse_log_in_image(log_file: str, image: Any) -> None:
+    """The log is appended to its file: never one of the image's own files
+    (the daemon appended its lines to disk.qcow2 itself)."""
+    from ..engine.opening import same_file
+    from ..host.waiting import drive
+
+    for f in image.files:
+        if same_file(log_file, f):
+            drive(image.close())
+            raise UsageError(f"log_file {log_file} is a file of the image: the log would be written into it")
 
 
 def default_log_files() -> list[str]:

@@ -408,6 +408,16 @@ class Image:
             out += self.backing.chain()  # type: ignore[attr-defined]
         return out
 
+    def files(self) -> list[str]:
+        """Every host file the disk is read from or written to: this image,
+        its external data file, and the files of the backing chain below."""
+        out = [self.path] + ([self.data_file.path] if self.data_file is not None else [])
+        if isinstance(self.backing, Image):
+            out += self.backing.files()
+        elif self.backing is not None:
+            out += [p for p, _ in self.backing.chain()]  # type: ignore[attr-defined]
+        return out
+
     # ---- close --------------------------------------------------------------
 
     # ---- writing --------------------------------------------------------------
