@@ -26,7 +26,7 @@ from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_b
 from .engine.chain import Span
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
-from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format
+from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format, same_file
 from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
@@ -810,6 +810,10 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if fmt == "qcow2":
             image = Image(src_path, "r", passphrase=src_key, force_share=force_share)
             closers.append(image.close)
+            for f in image.files[1:]:
+                if same_file(f, final):
+                    raise UsageError(f"the destination {dst} is {f}, a file of the source: it is read while "
+                                     "the copy is made")
             source = _QcowSource(image, _snapshot_name(snapshot) if snapshot is not None else None)
         else:
             source = _convert.RawDisk(src_path, force_share)

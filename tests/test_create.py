@@ -285,6 +285,8 @@ SELF_REFERENCES = [
     (["convert", "-O", "qcow2", "-o", "data_file=new.qcow2", "src.qcow2", "new.qcow2"], True),
     (["rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", "disk.qcow2"], False),
     (["rebase", "-b", "top.qcow2", "-F", "qcow2", "disk.qcow2"], True),
+    (["convert", "-O", "qcow2", "top.qcow2", "disk.qcow2"], True),
+    (["convert", "-O", "raw", "top.qcow2", "./disk.qcow2"], True),
 ]
 
 
@@ -312,6 +314,7 @@ def test_an_image_is_never_its_own_backing_or_data_file(tmp_path: Path, args: li
     p = qcowfs(tmp_path, *args)
     assert p.returncode == 1, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "in use" not in p.stderr, p.stderr  # (our own lock is no explanation)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
 
 
