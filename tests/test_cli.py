@@ -247,6 +247,22 @@ def test_missing_arguments_are_usage_errors(tmp_path: Path):
     assert "usage" in p.stderr.lower()
 
 
+@pytest.mark.parametrize("args,says", [(["snapshot", "list", "{}", "extra"], "takes no NAME"),
+                                       (["bitmap", "list", "{}", "extra"], "takes no NAME"),
+                                       (["bitmap", "add", "{}", "b1", "extra"], "takes one NAME"),
+                                       (["bitmap", "remove", "{}", "b0", "b1"], "takes one NAME")],
+                         ids=lambda a: " ".join(a) if isinstance(a, list) else a)
+def test_extra_operands_are_refused(tmp_path: Path, args: list[str], says: str):
+    """An operand a command does not take is an error before anything is
+    done (bitmap add B1 EXTRA added B1 and ignored EXTRA)."""
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", img, "b0"], check=True)
+    before = img.read_bytes()
+    assert_clean_failure(qcowfs(*[a.format(img) for a in args]), says)
+    assert img.read_bytes() == before
+
+
 # qemu-img's getopt takes options anywhere among the operands; so does each
 # command here. (qemu-img arguments, qcowfs arguments, run in one directory.)
 INTERMIXED = [

@@ -200,6 +200,8 @@ def _print_snapshots(reply: dict[str, Any], as_json: bool) -> None:
 
 def cmd_snapshot(a: argparse.Namespace) -> int:
     if a.action == "list":
+        if a.name is not None:
+            raise UsageError("snapshot list takes no NAME")
         reply = cmd_manage(a.target, {"op": "snapshot-list"}, writes=False, force_share=_list_only_force_share(a))
         _print_snapshots(reply, a.json)
         return 0
@@ -211,6 +213,10 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
 
 
 def cmd_bitmap(a: argparse.Namespace) -> int:
+    if a.action == "list" and (a.name is not None or a.sources):
+        raise UsageError("bitmap list takes no NAME")
+    if a.sources and a.action != "merge":
+        raise UsageError(f"bitmap {a.action} takes one NAME")
     if a.action == "list":
         reply = cmd_manage(a.target, {"op": "bitmap-list"}, writes=False, force_share=_list_only_force_share(a))
         if a.json:
@@ -226,8 +232,6 @@ def cmd_bitmap(a: argparse.Namespace) -> int:
     if a.action == "add":
         request.update(granularity=parse_size(a.granularity) if a.granularity else None,
                        enabled=not a.disable)
-    elif a.sources and a.action != "merge":
-        raise UsageError(f"bitmap {a.action} takes one NAME")
     if a.action == "merge":
         if not a.sources:
             raise UsageError("bitmap merge needs NAME and at least one SOURCE bitmap to merge into it")
