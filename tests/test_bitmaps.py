@@ -227,6 +227,25 @@ def build_c512(d: Path) -> tuple[Path, list[tuple[int, int]]]:
     return img, ranges + [(2 * MiB, 5000)]
 
 
+def test_every_bitmap_has_a_file_it_can_be_opened_by(tmp_path: Path):
+    """A bitmap whose name cannot be a file's name ('/'; longer than
+    NAME_MAX with .json after it) is bitmap-INDEX, and so is one whose own
+    name is another's bitmap-INDEX: the second "bitmap-0" hid the first, and
+    a 260-byte name was listed but could not be opened."""
+    img = create(tmp_path / "disk.qcow2", 8 * MiB)
+    names = ["a/b", "bitmap-0", "y" * 251, "x" * 250]
+    for i, name in enumerate(names):
+        qimg("bitmap", "--add", img, name)
+        qio(img, f"write -P 0x{i + 1:02x} {i * MiB} 64k")
+    with mounted(img, tmp_path / "mnt") as mnt:
+        assert sorted(os.listdir(mnt / "bitmaps")) == ["bitmap-0", "bitmap-1", "bitmap-2", "x" * 250]
+        assert sorted(os.listdir(mnt / "maps" / "bitmaps")) == [
+            "bitmap-0.json", "bitmap-1.json", "bitmap-2.json", "x" * 250 + ".json"]
+        for file, name in zip(["bitmap-0", "bitmap-1", "bitmap-2", "x" * 250], names):
+            assert read_file(mnt / "bitmaps" / file) == qemu_bits(img, name), name
+            assert json.loads(read_file(mnt / "maps" / "bitmaps" / f"{file}.json"))
+
+
 # --------------------------------------------------------------------------
 # read-only: every bitmap file is QEMU's view
 

@@ -60,7 +60,8 @@ def file_name(snap: dict, snaps: list[dict]) -> str:
     name = snap["name"]
     unique = sum(1 for s in snaps if s["name"] == name) == 1
     usable = name not in ("", ".", "..") and "/" not in name and "\0" not in name
-    return f"{name}.raw" if unique and usable else f"id-{snap['id']}.raw"
+    fits = len(name.encode()) + len(".json") <= 255  # (maps/snapshots/NAME.json too; NAME_MAX)
+    return f"{name}.raw" if unique and usable and fits else f"id-{snap['id']}.raw"
 
 
 def patch_snapshot_meta(img: Path, index: int, *, date_sec: int, date_nsec: int, vm_clock_ns: int,
@@ -118,6 +119,8 @@ def build_v3(d: Path) -> Path:
     snap(img, "a/b")
     snap(img, ".")
     snap(img, "été 2024")
+    snap(img, "m" * 250)   # NAME.json is 255 bytes, the longest file name
+    snap(img, "l" * 251)   # one more: a file name no Linux filesystem passes
     qimg("resize", "-q", img, str(6 * MiB + 512))
     qio(img, f"write -P 0x44 {5 * MiB} 100000", f"write -s {src.rnd()} {MiB} 300000",
         f"write -P 0x45 {6 * MiB - 100} 612")

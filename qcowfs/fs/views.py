@@ -209,15 +209,27 @@ def snapshot_xattrs(snapshot: Snapshot, disk_size: int) -> dict[str, bytes]:
     }
 
 
+# The longest name a Linux filesystem passes (NAME_MAX, bytes); a longer one
+# is listed but cannot be opened (ENAMETOOLONG). The longest suffix a view
+# puts after a snapshot's or bitmap's name: maps/*/NAME.json.
+NAME_MAX = 255
+LONGEST_SUFFIX = len(".json")
+
+
+def _file_names(names: list[str], fallbacks: list[str], suffix: str) -> list[str]:
+    """NAME+SUFFIX for each name that is unique and can be a file's name
+    (here and with LONGEST_SUFFIX: within NAME_MAX bytes), else its FALLBACK
+    (also when NAME+SUFFIX would take another one's fallback)."""
+    counts = Counter(names)
+    taken = set(fallbacks)
+    return [n + suffix if counts[n] == 1 and usable_name(n) and len(n.encode()) + LONGEST_SUFFIX <= NAME_MAX
+            and (n + suffix not in taken or n + suffix == f) else f
+            for n, f in zip(names, fallbacks)]
+
+
 def snapshot_file_names(snapshots: list[Snapshot]) -> list[str]:
-    """NAME.raw when the name is unique and usable as a file name, else id-ID.raw
-    (also when NAME.raw would take the id-ID.raw name of another snapshot)."""
-    counts = Counter(s.name for s in snapshots)
-    by_id = [f"id-{s.id}.raw" for s in snapshots]
-    taken = set(by_id)
-    return [f"{s.name}.raw" if counts[s.name] == 1 and usable_name(s.name)
-            and (f"{s.name}.raw" not in taken or f"{s.name}.raw" == i) else i
-            for s, i in zip(snapshots, by_id)]
+    """NAME.raw, else id-ID.raw (see _file_names)."""
+    return _file_names([s.name for s in snapshots], [f"id-{s.id}.raw" for s in snapshots], ".raw")
 
 
 def _uncached_if_shared(view: FileView, image: Image) -> None:
@@ -299,7 +311,8 @@ def map_json(entries: list[dict[str, Any]]) -> bytes:
 
 
 def _bitmap_file_names(bitmaps: list[Bitmap]) -> list[str]:
-    return [b.name if usable_name(b.name) else f"bitmap-{i}" for i, b in enumerate(bitmaps)]
+    """NAME, else bitmap-INDEX (see _file_names)."""
+    return _file_names([b.name for b in bitmaps], [f"bitmap-{i}" for i in range(len(bitmaps))], "")
 
 
 def build_tree(image: Image, page_cache: bool = False) -> DirNode:
