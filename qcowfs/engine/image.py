@@ -28,7 +28,7 @@ from ..format import (EXT_BACKING_FORMAT, with_extension, AUTOCLEAR_DATA_FILE_RA
 from ..host.hostfile import HostFile
 from ..host.locking import lock_image
 from ..host.logs import log
-from ..host.waiting import Lock, in_thread
+from ..host.waiting import Lock, in_thread, shielded
 from . import chain
 from .bitmaps import Bitmap, data_clusters, load_bitmaps, start_tracking, store_bitmaps
 from .cache import TableCache
@@ -461,11 +461,16 @@ class Image:
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write DATA at guest OFFSET of the active disk (inside the disk)."""
         writer = self._check_writable()
-        if not self._prepared:
-            await self.prepare_writes()
-        if not writer.write_in_place(offset, data):
-            await writer.write(offset, data)
-        self.written(offset, len(data))
+        # A write runs to its end once it starts (a cancel is heard after
+        # it): between taking clusters and pointing L2 at them, and between
+        # changing data and marking the dirty bitmaps, a cancelled write would
+        # leave leaked clusters or a bitmap that misses a change.
+        with shielded():
+            if not self._prepared:
+                await self.prepare_writes()
+            if not writer.write_in_place(offset, data):
+                await writer.write(offset, data)
+            self.written(offset, len(data))
         return len(data)
 
     @signals_corruption
@@ -473,10 +478,11 @@ class Image:
         """Store whole clusters from cluster-aligned OFFSET as compressed
         clusters (BLOBS: each one compressed; see Writer.write_compressed)."""
         writer = self._check_writable()
-        if not self._prepared:
-            await self.prepare_writes()
-        await writer.write_compressed(offset, blobs)
-        self.written(offset, min(len(blobs) * self.geo.cluster_size, self.size - offset))
+        with shielded():  # (see write)
+            if not self._prepared:
+                await self.prepare_writes()
+            await writer.write_compressed(offset, blobs)
+            self.written(offset, min(len(blobs) * self.geo.cluster_size, self.size - offset))
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """write()'s fast path without awaiting: an overwrite of clusters this
@@ -498,12 +504,13 @@ class Image:
         the host clusters, else (ZERO_RANGE) owned ones stay preallocated.
         Dirty bitmaps count it as written. See Writer.zero."""
         writer = self._check_writable()
-        await self.prepare_writes()
-        length = min(length, self.size - offset)
-        if length <= 0:
-            return
-        await writer.zero(offset, length, unmap, self.size)
-        self.written(offset, length)
+        with shielded():  # (see write)
+            await self.prepare_writes()
+            length = min(length, self.size - offset)
+            if length <= 0:
+                return
+            await writer.zero(offset, length, unmap, self.size)
+            self.written(offset, length)
 
     def written(self, offset: int, length: int) -> None:
         """Live dirty tracking: bits are set before the write is acknowledged."""

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..errors import QcowError
 from ..format import BitmapDirEntry, Geometry, Header, SnapshotEntry, with_extension
 from ..host.hostfile import HostFile
-from ..host.waiting import Lock
+from ..host.waiting import Lock, shielded
 from .mapper import L1Table
 from .overlap import Kind, OverlapMap
 
@@ -83,7 +83,10 @@ class Metadata:
             if len(raw) > self.geo.cluster_size:
                 raise QcowError("the header no longer fits in the first cluster")
             self.file.write_sync(raw, 0)
-            await self.file.sync()
+            # The file names the new structures from this write on (every
+            # reader of the file sees it): memory follows at once, whatever
+            # happens to the fsync (a cancelled caller, an I/O error), or the
+            # next update would write the old header back over it.
             self._header = new
             self.disk_size = _disk_size(new)
             if snapshots is not None:
@@ -92,6 +95,8 @@ class Metadata:
                 self.bitmap_directory = bitmap_directory
             if (old.l1_table_offset, old.l1_size) != (new.l1_table_offset, new.l1_size):
                 self.active_l1 = self._l1_for(new)
+            with shielded():  # (bounded: a cancelled caller waits for it, and hears of it after)
+                await self.file.sync()
 
     async def set_extension(self, ext_type: int, data: bytes | None) -> None:
         """Replace (None: drop) one header extension, through update()."""

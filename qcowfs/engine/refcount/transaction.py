@@ -230,11 +230,24 @@ class Transaction:
             meta.write(at, raw, "refcount block copy")
         meta.write(table_at * cs, table.astype(">u8").tobytes(), "new refcount table")
         await meta.file.sync()
-        await meta.update(refcount_table_offset=table_at * cs, refcount_table_clusters=tclusters, **fields)
+        try:
+            await meta.update(refcount_table_offset=table_at * cs, refcount_table_clusters=tclusters, **fields)
+        except BaseException:
+            # Not written (nothing points to the new structures: __aexit__ takes
+            # them back), or written and its fsync failed: then the image is
+            # the new one, and memory must follow it before the error is told.
+            if meta.header.refcount_table_offset != table_at * cs:
+                raise
+            self._switch(table, new_blocks, replaced, freed, (old_table_at, old_tclusters * cs))
+            raise
+        self._switch(table, new_blocks, replaced, freed, (old_table_at, old_tclusters * cs))
+
+    def _switch(self, table: np.ndarray, new_blocks: dict[int, bytes], replaced: dict[int, int],
+                freed: list[np.ndarray], old_table: tuple[int, int]) -> None:
+        """The header names the new structures: the allocator follows them
+        (live), and what was staged to follow runs."""
         self.committed = True
-        # Live: the allocator follows the new structure.
         self.freed = np.concatenate(freed) if freed else np.zeros(0, np.int64)
-        alloc.adopt([int(x) for x in table.tolist()], new_blocks, replaced, self.freed,
-                    (old_table_at, old_tclusters * cs))
+        self.alloc.adopt([int(x) for x in table.tolist()], new_blocks, replaced, self.freed, old_table)
         for fn in self._after:
             fn()
