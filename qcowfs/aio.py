@@ -388,10 +388,14 @@ class Image:
         await self.close()
 
     async def close(self) -> None:
-        """Flush everything, store tracked bitmaps, release locks and files."""
+        """Flush everything, store tracked bitmaps, release locks and files.
+        Runs to its end in a cancelled scope too (`async with` leaves a
+        scope a timeout cancelled: the close is then what makes the writes
+        made so far durable and the bitmaps consistent)."""
         if not self._closed:
             self._closed = True
-            await self._engine.close()
+            with shielded():
+                await self._engine.close()
 
     # ---- what it is ---------------------------------------------------------------
 

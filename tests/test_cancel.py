@@ -111,3 +111,27 @@ def test_a_cancelled_change_leaves_a_clean_image(tmp_path: Path, bases: dict[boo
                 written = got[0] == 0x77
                 assert written == any(a <= 3 * MiB + 100 < b for a, b in dirty), (n, dirty)
         n += 1
+
+
+def test_a_close_in_a_cancelled_scope_still_closes(tmp_path: Path, bases: dict[bool, Path]) -> None:
+    """`async with qcowfs.aio.open(...)` left because a timeout cancelled
+    its scope: the close runs whole (it flushed nothing: the writes it had
+    acknowledged were lost, 4 clusters leaked, the bitmap stayed in-use)."""
+    img = tmp_path / "disk.qcow2"
+    shutil.copy(bases[True], img)
+
+    async def main() -> None:
+        with trio.move_on_after(30) as scope:
+            async with qcowfs.aio.open(img, "r+") as image:
+                await image.disk.write(5 * MiB, b"\x78" * 200000)
+                scope.cancel()
+                await trio.sleep(10)
+        assert scope.cancelled_caught
+    trio.run(main)
+    p = qemu("qemu-img", "check", img)
+    assert p.returncode == 0 and "leaked" not in p.stdout, p.stdout + p.stderr
+    p = qemu("qemu-io", "-c", "read -P 0x78 5M 200000", img)
+    assert p.returncode == 0 and "verification failed" not in p.stdout and "read 200000/200000" in p.stdout, p.stdout
+    with qcowfs.open(img) as image:
+        bitmap = next(b for b in image.bitmaps if b.name == "b-old")
+        assert "in-use" not in bitmap.flags, bitmap
