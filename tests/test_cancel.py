@@ -135,3 +135,34 @@ def test_a_close_in_a_cancelled_scope_still_closes(tmp_path: Path, bases: dict[b
     with qcowfs.open(img) as image:
         bitmap = next(b for b in image.bitmaps if b.name == "b-old")
         assert "in-use" not in bitmap.flags, bitmap
+
+
+def test_cancelled_concurrent_changes(tmp_path: Path, bases: dict[bool, Path]) -> None:
+    """Writes, zeros and a snapshot running together in one nursery,
+    cancelled at a random moment (seeded): clean, no leak, whatever was
+    cut off. (A flush cancelled while it held the pending refcount
+    decreases aside lost them: leaked clusters, in 3 of 100 runs.)"""
+    import random
+
+    img = tmp_path / "disk.qcow2"
+
+    async def run(seed: int) -> None:
+        rng = random.Random(seed)
+        async with qcowfs.aio.open(img, "r+") as image:
+            disk = image.disk
+            with trio.move_on_after(rng.uniform(0.001, 0.05)):
+                async with trio.open_nursery() as nursery:
+                    for k in range(20):
+                        offset = rng.randrange(0, disk.size - 300000)
+                        if k % 5 == 0:
+                            nursery.start_soon(disk.zero, offset, rng.randrange(1, 300000))
+                        elif k == 7:
+                            nursery.start_soon(image.create_snapshot, "new")
+                        else:
+                            nursery.start_soon(disk.write, offset, bytes([k]) * rng.randrange(1, 300000))
+
+    for seed in range(120):
+        shutil.copy(bases[True], img)
+        trio.run(run, seed)
+        p = qemu("qemu-img", "check", img)
+        assert p.returncode == 0, f"seed {seed}: {p.stdout}{p.stderr}"

@@ -568,17 +568,21 @@ class Image:
         async with self._flush_lock:
             alloc = self.allocator
             assert alloc is not None
-            pending, alloc.pending = alloc.pending, []
-            await self.l2_cache.flush()
-            await alloc.flush()
-            await self.file.sync()
-            if pending:
-                alloc.pending[:0] = pending
-                await alloc.apply_pending()
+            # Runs to its end once started (bounded: the caches and two
+            # fsyncs): the decreases held aside here, or taken by
+            # apply_pending, would be lost to a cancel in between (leaked clusters).
+            with shielded():
+                pending, alloc.pending = alloc.pending, []
+                await self.l2_cache.flush()
                 await alloc.flush()
                 await self.file.sync()
-            if self.data_file is not None:
-                await self.data_file.sync()
+                if pending:
+                    alloc.pending[:0] = pending
+                    await alloc.apply_pending()
+                    await alloc.flush()
+                    await self.file.sync()
+                if self.data_file is not None:
+                    await self.data_file.sync()
 
     # ---- metadata operations while the disk is in use ----------------------------------
 
