@@ -26,11 +26,12 @@ from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_b
 from .engine.chain import Span
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
-from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format, same_file
+from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format
 from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
 from .host.secret import Keyring
+from .host.hostfile import same_file
 from .host.waiting import in_thread, shielded
 from .records import Bitmap, CheckResult, Checkpoint, Snapshot
 

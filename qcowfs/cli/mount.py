@@ -152,7 +152,7 @@ def cmd_mount(image_arg: str, mountpoint_arg: str, opts: MountOptions, foregroun
 def _refuse_log_in_image(log_file: str, image: Any) -> None:
     """The log is appended to its file: never one of the image's own files
     (the daemon appended its lines to disk.qcow2 itself)."""
-    from ..engine.opening import same_file
+    from ..host.hostfile import same_file
     from ..host.waiting import drive
 
     for f in image.files:

@@ -22,15 +22,14 @@ import os
 from typing import Callable, Iterator
 
 from ..errors import QcowError, RequestError, UnsupportedFeatureError
-from ..host.hostfile import HostFile
+from ..host.hostfile import HostFile, same_file
 from ..host.locking import lock_image
 from .blocks import MAX_BUFFER, differing_runs, widened
 from .extents import allocation
 from .image import Image
 from .mapper import zero_fill
 from .chain import Source
-from .opening import (OpenOptions, Passphrases, RawSource, backing_of, probe_format, refuse_loop,
-                      resolve_backing, same_file)
+from .opening import OpenOptions, Passphrases, RawSource, backing_of, probe_format, refuse_loop, resolve_backing
 
 CHUNK = MAX_BUFFER
 Progress = Callable[[float], None] | None

@@ -31,8 +31,9 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
                       OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension, encode_table,
                       refcount_block_of_ones, zero_table)
+from ..host.hostfile import same_file
 from ..host.locking import lock_image
-from .opening import chain_files, refuse_loop, resolve_backing, same_file
+from .opening import chain_files, refuse_loop, resolve_backing
 
 # QEMU writes a 112-byte v3 header (compression_type at byte 104, padded).
 V3_HEADER_LENGTH = 112

@@ -17,7 +17,7 @@ from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_
                       EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN,
                       MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC,
                       CryptoHeaderExtension, Geometry, Header, SnapshotEntry)
-from ..host.hostfile import HostFile
+from ..host.hostfile import HostFile, same_file
 from ..host.locking import lock_image
 from . import DEFAULT_L2_CACHE_BYTES
 from . import chain
@@ -172,17 +172,6 @@ def backing_of(image_path: str, h: Header) -> tuple[str, str]:
     if fmt not in ("qcow2", "raw"):
         raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
     return path, fmt
-
-
-def same_file(a: str, b: str) -> bool:
-    """A and B name one file: the same path once links are resolved (also
-    for files not made yet), or the same inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def chain_files(path: str, fmt: str) -> list[str]:

@@ -110,6 +110,17 @@ def preadv(fd: int, buf: bytearray | memoryview, offset: int, flags: int = 0) ->
         bounce_lock.release()
 
 
+def same_file(a: str, b: str) -> bool:
+    """A and B name one file: the same path once links are resolved (also
+    for files not made yet), or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class HostFile:
     """An open image, backing or data file, with async positional I/O."""
 
