@@ -461,10 +461,14 @@ class Image:
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write DATA at guest OFFSET of the active disk (inside the disk)."""
         writer = self._check_writable()
+        if self._prepared and writer.write_in_place(offset, data):
+            self.written(offset, len(data))  # (one pwrite, no await: no cancel can cut it)
+            return len(data)
         # A write runs to its end once it starts (a cancel is heard after
         # it): between taking clusters and pointing L2 at them, and between
         # changing data and marking the dirty bitmaps, a cancelled write would
-        # leave leaked clusters or a bitmap that misses a change.
+        # leave leaked clusters or a bitmap that misses a change. (The
+        # shield costs 6 us: the in-place overwrite above goes without it.)
         with shielded():
             if not self._prepared:
                 await self.prepare_writes()

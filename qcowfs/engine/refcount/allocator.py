@@ -184,7 +184,7 @@ class Allocator:
         drop that would let the cluster be reused."""
         cs = self.geo.cluster_size
         first, end = offset // cs, (offset + length - 1) // cs + 1
-        guessed = self._guessed_in(first, end) if self._guessed else None
+        guessed = self._guessed_in(first, end)
         for c in range(first, end):
             if guessed is not None and guessed[c - first]:
                 continue  # (never freed: see _guessed)
@@ -257,7 +257,7 @@ class Allocator:
                 lo = cluster - rt_index * rpb
                 values = refcount_values(block, order, lo, lo + stop - cluster) + delta
                 self._check_counts(values, cluster)
-                guessed = self._guessed_in(cluster, stop) if delta < 0 and self._guessed else None
+                guessed = self._guessed_in(cluster, stop) if delta < 0 else None
                 if guessed is not None:
                     values[guessed & (values < 1)] = 1  # (never freed: see _guessed)
                 refcount_store(block, order, lo, values)
@@ -351,7 +351,7 @@ class Allocator:
                 need = np.full(stop - c, 2 if rel.shared else 1, np.int64)
                 need[: len(pending)] += pending
                 need += [earlier[k] - 1 for k in range(c, stop)]
-                guessed = self._guessed_in(c, stop) if self._guessed else None
+                guessed = self._guessed_in(c, stop)
                 if guessed is not None:
                     need[guessed] = 1  # (a guessed count says nothing more: the drop leaves it at 1)
                 short = np.flatnonzero(np.asarray(values) < need)
@@ -463,8 +463,9 @@ class Allocator:
         may be in use: uncounted_below), 0 past it. The 1s are guesses
         (_guessed): no drop frees those clusters."""
         first = rt_index * self.rpb
-        if first < self.uncounted_below and (first, min(first + self.rpb, self.uncounted_below)) not in self._guessed:
-            self._guessed.append((first, min(first + self.rpb, self.uncounted_below)))
+        guessed = (first, min(first + self.rpb, self.uncounted_below))
+        if guessed[0] < guessed[1] and guessed not in self._guessed:
+            self._guessed.append(guessed)
         return (np.arange(first, first + self.rpb) < self.uncounted_below).astype(np.int64)
 
     def _guessed_in(self, start: int, stop: int) -> np.ndarray | None:
