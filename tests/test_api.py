@@ -48,7 +48,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 import luks
 import qcowfs
 import qcowfs.aio
-from conftest import is_mounted
+from conftest import QCOWFS, is_mounted
 from images import HUGE, MATRIX, SNAPSHOTS, file_state, oracle, oracle_range, snapshot_table
 from images import build as build_matrix
 from inproc import (BitmapSpec, ExpectedBitmap, Layout, Subject, make_data, must, nbd_dirty_map, nbits,
@@ -854,6 +854,26 @@ def test_snapshot_records_match_qemu_info(tmp_path: Path) -> None:
     assert ours == theirs, f"info()['snapshots'] {ours}\nqemu-img info {theirs}"
     assert records == theirs
     assert made.json() == theirs[-1]
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_a_snapshot_is_listed_as_qemu_img_lists_its_own(tmp_path: Path, compat: str) -> None:
+    """`qcowfs snapshot create` and `qemu-img snapshot -c` on two copies of one
+    image: `qemu-img info` lists the same keys and values for both snapshots
+    but their dates, "icount": 0 included (v2 and v3 store the same extra data)."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    must("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat={compat}", ours, "3M")
+    must("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", ours)
+    shutil.copy(ours, theirs)
+    must(QCOWFS, "snapshot", "create", ours, "s")
+    must("qemu-img", "snapshot", "-c", "s", theirs)
+
+    def listed(image: Path) -> dict[str, Any]:
+        (snap,) = qemu_info(image)["snapshots"]
+        return {k: v for k, v in snap.items() if k not in ("date-sec", "date-nsec")}
+
+    assert listed(ours) == listed(theirs)
+    assert listed(ours)["icount"] == 0
 
 
 def track_bitmap(subject: Subject, name: str, enabled: bool, granularity: int) -> None:

@@ -204,7 +204,10 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
 
 
 async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress: Progress) -> None:
-    """What LAYERS (topmost first) hold, written into TARGET."""
+    """What LAYERS (topmost first) show, written into TARGET: what each
+    holds where the layers above it hold nothing, and zeros past the end
+    of a layer shorter than the top (a read there stops at that layer, as
+    QEMU's block status says: allocated zeros, which its commit writes)."""
     size = layers[0].size
     target_size = target.size
     if target_size < size:
@@ -219,7 +222,10 @@ async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress:
         for ranges, is_zero in ((data, False), (zero, True)):
             for start, end in subtract([(s, min(e, size)) for s, e in ranges if s < size], covered):
                 plan.append((layer, start, end, is_zero))
-        covered = union(covered, union(data, zero))
+        past_end = [(layer.size, size)] if layer.size < size else []
+        for start, end in subtract(past_end, union(covered, union(data, zero))):
+            plan.append((layer, start, end, True))
+        covered = union(covered, union(union(data, zero), past_end))
     meter = _Meter(sum(end - start for _, start, end, _ in plan), progress)
     for layer, start, end, is_zero in sorted(plan, key=lambda p: p[1]):
         if is_zero:

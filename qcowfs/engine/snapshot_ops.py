@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import TableCache
 from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
-from ..format import (NO_ICOUNT, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..format import (L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry, Table, encode_table)
 from ..format.bulk import l2_words
 from .metadata import Metadata
@@ -39,8 +39,12 @@ from .snapshots import check_new_name as check_name, snapshot_disk_size, snapsho
 
 # QEMU's limit on a snapshot's id and name strings (uint16 lengths in the entry).
 MAX_NAME_BYTES = 1024
-# Extra data as QEMU writes it: vm_state_size_large, disk_size, icount (-1: none).
+# Extra data as QEMU writes it: vm_state_size_large, disk_size, icount.
 _EXTRA = struct.Struct(">QQQ")
+# The icount `qemu-img snapshot -c` records (its entry starts zeroed; a VM's
+# savevm writes -1, "none", without record/replay): `qemu-img info` lists
+# "icount": 0 for our snapshots as for its own.
+QEMU_IMG_ICOUNT = 0
 
 
 @dataclass
@@ -142,7 +146,7 @@ async def stage_create(meta: Metadata, l2_cache: TableCache[Table], txn: Transac
     now = time.time_ns()
     entry = SnapshotEntry(h.l1_table_offset, h.l1_size, _new_id(meta.snapshots), name,
                           now // 10**9, now % 10**9, vm_clock_nsec, 0,
-                          _EXTRA.pack(0, h.size, NO_ICOUNT), 0, h.size, NO_ICOUNT)
+                          _EXTRA.pack(0, h.size, QEMU_IMG_ICOUNT), 0, h.size, QEMU_IMG_ICOUNT)
     entries = meta.snapshots + [entry]
     table_at = await _write_snapshot_table(meta, txn, entries)
     old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
