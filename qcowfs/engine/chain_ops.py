@@ -315,6 +315,13 @@ async def _copy_differences(image: Image, new: Source | None, progress: Progress
     unit = image.geo.subcluster_size
     shown = union(await _with_data(old, free), await _with_data(new, free))
     todo = subtract(widened(shown, unit), held + [(size, size + unit)])  # (widened: less than a unit past the end)
+    # A zero write leaves an unallocated cluster as it is where nothing
+    # shows through it (it reads zeros already): from the first cluster past
+    # the old chain's end on. The new chain may show data there, so the
+    # zeros are written as data instead (whole clusters of them become zero
+    # entries, as a zero write would make them).
+    cs = image.geo.cluster_size
+    reach = -(-old.size // cs) * cs if old is not None else 0
     meter = _Meter(sum(e - s for s, e in todo), progress)
     ours, theirs = bytearray(CHUNK), bytearray(CHUNK)
     for start, end in todo:
@@ -327,7 +334,11 @@ async def _copy_differences(image: Image, new: Source | None, progress: Progress
                     zero_fill(buf)
             zeros, data = differing_runs(ours, b, n, unit)
             for lo, hi in zeros:
-                await image.zero(pos + lo * unit, min(n, hi * unit) - lo * unit, unmap=False)
+                z0, z1 = pos + lo * unit, pos + min(n, hi * unit)
+                if z0 < reach:
+                    await image.zero(z0, min(z1, reach) - z0, unmap=False)
+                if z1 > reach:
+                    await image.write(max(z0, reach), a[max(z0, reach) - pos : z1 - pos])
             for lo, hi in data:
                 await image.write(pos + lo * unit, a[lo * unit : min(n, hi * unit)])
     meter.finish()
