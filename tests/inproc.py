@@ -542,21 +542,42 @@ class Subject:
             assert p.returncode == 0, f"{self.layout.describe()}: base after commit:\n{p.stdout}{p.stderr}"
         self.judge()
 
-    async def rebase_offline(self, offset: int, length: int, byte: int) -> None:
+    async def rebase_offline(self, offset: int, length: int, byte: int, past_end: int = 0) -> None:
         """`qcowfs rebase` (safe) onto a raw copy of the backing file that differs at
-        [offset, +length): the disk must read the same, through the new backing file.
-        With snapshots (they read through the backing file, as in QEMU) or bitmaps (the
-        copy-in counts as writes, in other ranges than QEMU's) the copy is left the same:
-        then only the pointer moves."""
+        [offset, +length), and with PAST_END (a byte, 0: no) as long as the disk, that
+        byte past the old backing file's end, where the old chain reads zeros: the
+        disk must read the same, through the new backing file. With snapshots (they
+        read through the backing file, as in QEMU) or bitmaps (the copy-in counts as
+        writes, in other ranges than QEMU's) the copy is left the same: then only the
+        pointer moves."""
         self._closed()
         self._snap_counter += 1
         new = self.directory / f"base-{self._snap_counter}.raw"
         to_raw(self.backing_path(), new, secrets=Secrets(self.backing_secret))
         if not self.snapshots and not self.bitmaps:
             must("qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset} {length}", new)
+            old_end = new.stat().st_size
+            if past_end and old_end < self.model.size:
+                os.truncate(new, self.model.size)
+                must("qemu-io", "-f", "raw", "-c", f"write -P {past_end} {old_end} {self.model.size - old_end}",
+                     new)
         await qcowfs.aio.rebase(self.image, new.name, backing_format="raw", passphrase=self.passphrases())
         assert info(self.image).get("backing-filename") == new.name
         self.backing_secret = None
+        self.judge()
+
+    async def rebase_standalone_offline(self, byte: int) -> None:
+        """`qcowfs rebase` (safe) of an image with no backing file onto a raw file of
+        BYTE throughout, as long as the disk: where the image holds nothing (it reads
+        zeros) it must go on reading zeros, not the new base."""
+        self._closed()
+        self._snap_counter += 1
+        new = self.directory / f"base-{self._snap_counter}.raw"
+        with open(new, "wb") as f:
+            f.truncate(self.model.size)
+        must("qemu-io", "-f", "raw", "-c", f"write -P {byte} 0 {self.model.size}", new)
+        await qcowfs.aio.rebase(self.image, new.name, backing_format="raw", passphrase=self.passphrases())
+        assert info(self.image).get("backing-filename") == new.name
         self.judge()
 
     async def convert_offline(self, out_format: str, compress: str | None, snapshot: str | None) -> None:

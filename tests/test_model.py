@@ -394,7 +394,18 @@ class ImageMachine(RuleBasedStateMachine):
         size = self.subject.layout.backing_size
         offset = data.draw(st.integers(0, size - 1), label="offset")
         length = data.draw(st.integers(1, min(size - offset, 256 * 1024)), label="length")
-        self.trio.run(self.subject.rebase_offline, offset, length, data.draw(st.integers(1, 255), label="byte"))
+        self.trio.run(self.subject.rebase_offline, offset, length, data.draw(st.integers(1, 255), label="byte"),
+                      data.draw(st.sampled_from([0, 0xa5]), label="past_end"))
+
+    @precondition(lambda self: self.is_closed() and not self.subject.layout.backing_size
+                  and not self.subject.layout.data_file and not self.subject.snapshots
+                  and not self.subject.bitmaps)
+    @rule(byte=st.integers(1, 255))
+    @step
+    def rebase_standalone(self, byte: int) -> None:
+        """qcowfs rebase of an image with no backing file onto a base full of data:
+        the disk reads the same (its holes stay zeros)."""
+        self.trio.run(self.subject.rebase_standalone_offline, byte)
 
     @precondition(lambda self: self.is_closed())
     @rule(data=st.data())
