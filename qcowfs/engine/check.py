@@ -106,7 +106,8 @@ def check_image(image: Image, progress: Callable[[float], None] | None = None) -
     for off, ks in bad_l2.items():
         for k in ks:
             e = int(counted.active_tables[off][k * step])
-            corruption(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc(e & L2E_OFFSET_MASK)}")
+            count = 1 if image.external_data else rc(e & L2E_OFFSET_MASK)  # (copied.py)
+            corruption(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={count}")
     # As qemu-img: the highest cluster that is referenced or has a refcount.
     nz = np.flatnonzero((stored > 0) | (want > 0))
     result.image_end_offset = int((nz[-1] + 1) * cs) if len(nz) else cs

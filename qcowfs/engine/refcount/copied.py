@@ -1,7 +1,9 @@
 """COPIED flags: found wrong (check) and made exact (rebuild, repair).
 
 The spec trusts OFLAG_COPIED only in the active tables: it is set exactly
-when the refcount of the cluster the entry points to is 1."""
+when the refcount of the cluster the entry points to is 1. A cluster of an
+external data file has no refcount: it counts as 1 (QEMU's
+check_oflag_copied), so every entry that maps one must have the flag."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,9 +48,15 @@ def copied_errors(meta: Metadata, stored: np.ndarray, active_tables: dict[int, n
         if len(at) < len(e):
             e = e[at]
         comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
-        host = np.zeros(len(e), np.uint64) if external else e & np.uint64(L2E_OFFSET_MASK)
-        host[comp] = 0
-        wrong = at[_copied_wrong(e, host, stored, cs, end) | (comp & ((e & np.uint64(OFLAG_COPIED)) != 0))]
+        copied = (e & np.uint64(OFLAG_COPIED)) != 0
+        if external:
+            # (an entry of offset 0 without the flag maps nothing: unallocated)
+            mapped = (e & np.uint64(L2E_OFFSET_MASK)) != 0
+            wrong = at[mapped & ~copied & ~comp]
+        else:
+            host = e & np.uint64(L2E_OFFSET_MASK)
+            host[comp] = 0
+            wrong = at[_copied_wrong(e, host, stored, cs, end) | (comp & copied)]
         for row, k in zip((wrong // width).tolist(), (wrong % width).tolist()):
             bad_l2.setdefault(part[row], []).append(k)
     return bad_l1, bad_l2
@@ -78,7 +86,7 @@ async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int
         for k in ks:
             e = int(table[k * step])
             host = e & L2E_OFFSET_MASK
-            want = not e & OFLAG_COMPRESSED and stored[host // geo.cluster_size] == 1
+            want = not e & OFLAG_COMPRESSED and (external or stored[host // geo.cluster_size] == 1)
             table[k * step] = (e | OFLAG_COPIED) if want else (e & ~OFLAG_COPIED)
         meta.write(off, table.astype(">u8").tobytes(), "L2 table", ignore=Kind.ACTIVE_L2)
     if bad_l2:
