@@ -1514,6 +1514,21 @@ scenario("bitmaps-in-use", "qemu-img-bitmaps 'inconsistent bitmap': an auto bitm
          _in_use_bitmap, (Write(3 * MiB, 64 * KiB, 0xb3), Read(0, 4096)), extra_check=_in_use_kept)
 
 
+def _absurd_bitmap_table_size(d: Path) -> Path:
+    img = base(d, "10M", "write -P 0xb1 0 1M")
+    qimg("bitmap", "--add", img, "b5")
+    directory, _ = bitmap_directory(img)
+    poke_u32(img, directory + 8, 0x7FFFFFFF)  # bitmap_table_size: 16 GiB of entries
+    return img
+
+
+scenario("bitmap-table-size-absurd", "a bitmap directory entry whose table size (a u32) names 2**31 "
+         "entries, far past the end of the file: QEMU refuses the image; check and every open must "
+         "say so without reading 16 GiB of entries (check asked for them as zeros and was killed "
+         "by the OOM killer: hostile seed 500046, from a differential run of check)",
+         _absurd_bitmap_table_size, (Write(3 * MiB, 64 * KiB, 0xb3), Read(0, 4096)))
+
+
 # ---- issue 9: an already inconsistent image is not made worse ----------------------------------------
 
 def _data_refcount_zero(cluster_size: int, far: bool) -> Callable[[Path], Path]:

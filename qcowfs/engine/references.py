@@ -168,7 +168,11 @@ def _bitmap_refs(meta: Metadata) -> Iterator[Ref]:
     for e in meta.bitmap_directory:
         yield Ref(Kind.BITMAP_TABLE, f"bitmap '{e.name}' table", e.bitmap_table_offset,
                   e.bitmap_table_size * 8)
-        for entry in read_entries(meta.file, e.bitmap_table_offset, e.bitmap_table_size).tolist():
+        # Only the entries inside the file (those past its end read as 0): a
+        # damaged size (a u32) asked for up to 32 GiB of zeros (hostile seed
+        # 500046: check ran out of memory and was killed).
+        inside = max(0, min(e.bitmap_table_size, (meta.file.known_size - e.bitmap_table_offset) // 8))
+        for entry in read_entries(meta.file, e.bitmap_table_offset, inside).tolist():
             off = entry & BME_TABLE_OFFSET_MASK
             if off:
                 yield Ref(None, f"bitmap '{e.name}' data", off, cs)
