@@ -62,8 +62,10 @@ def signals_corruption(method: F) -> F:
         try:
             return await method(self, *args, **kwargs)
         except CorruptionError as e:
-            await self.signal_corruption(e)
-            raise
+            told = await self.signal_corruption(e)
+            if told is e:
+                raise
+            raise told from e
     return guarded  # type: ignore[return-value]
 
 
@@ -523,18 +525,23 @@ class Image:
             if bm.bits is not None:
                 bm.mark(offset, length)
 
-    async def signal_corruption(self, why: Exception) -> None:
+    async def signal_corruption(self, why: CorruptionError) -> CorruptionError:
         """Stop writing through metadata that failed a check, and say so in the
         image (QEMU's qcow2_signal_corruption). A read-only image is left as
-        it is: the error fails the request, nothing more."""
+        it is: the error fails the request, nothing more. The error to raise:
+        WHY, or when this call marked the image, one that says so too (the
+        one line a command prints; a mount logs it where it fails the request)."""
         if self.corrupt or self.writer is None:
-            return
+            return why
         self.corrupt = True
-        log.error("%s: corruption found while writing (%s): the image is marked corrupt and "
-                  "the mount is read-only from now on", self.path, why)
+        log.info("%s: corruption found while writing (%s): the image is marked corrupt", self.path, why)
         await self._keep_acknowledged()
+        marked = "the image is marked corrupt and takes"
         if self.header.version >= 3:
             await self.meta.update(incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT)
+        else:
+            marked = "this open takes (a version 2 image has no corrupt bit)"
+        return CorruptionError(f"{self.path}: corruption found while writing ({why}): {marked} no more writes")
 
     async def _keep_acknowledged(self) -> None:
         """Before the image is marked corrupt, what writes acknowledged so far
@@ -605,8 +612,10 @@ class Image:
                 assert self.allocator is not None  # a writer has one
                 yield self.allocator
             except CorruptionError as e:
-                await self.signal_corruption(e)
-                raise
+                told = await self.signal_corruption(e)
+                if told is e:
+                    raise
+                raise told from e
             finally:
                 writer.frozen = False
 

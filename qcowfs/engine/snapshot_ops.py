@@ -81,10 +81,26 @@ def _table_bytes(entries: list[SnapshotEntry]) -> bytes:
 
 async def _l2_refs(meta: Metadata, l2_cache: TableCache[Table], offset: int) -> tuple[Table, np.ndarray]:
     """An L2 table and the clusters of the image file it references (none of
-    an external data file's: they are not refcounted)."""
+    an external data file's: they are not refcounted). A table or a data
+    cluster that is not where a cluster of the file can be is corruption, as
+    QEMU's qcow2_update_snapshot_refcount finds it: a count staged for such
+    a reference reached far past the file (hostile seed 600029: an L1 entry
+    into the middle of a cluster made a snapshot size a refcount table for
+    2**58 bytes, 8 GiB of memory)."""
+    cs, end = meta.geo.cluster_size, meta.file.known_size
+    if offset % cs or offset < cs or offset >= end:
+        raise CorruptionError(f"L1 entry points to an invalid L2 table offset {offset:#x}")
     table = await l2_cache.get(offset)
-    words = l2_words(table, meta.geo.extended_l2)
-    return table, L2Refs(offset, words, None, 1, True).clusters(meta.geo.cluster_bits, meta.header.external_data)
+    refs = L2Refs(offset, l2_words(table, meta.geo.extended_l2), None, 1, True)
+    data = refs.data_clusters(meta.header.external_data)
+    if (data % np.uint64(cs)).any() or (data >= np.uint64(end)).any():
+        raise CorruptionError(f"the L2 table at {offset:#x} points to a data cluster that is unaligned "
+                              "or past the end of the image file")
+    clusters = refs.clusters(meta.geo.cluster_bits, meta.header.external_data)
+    if len(clusters) and int(clusters.max()) >= -(-end // cs):
+        raise CorruptionError(f"the L2 table at {offset:#x} points to a compressed cluster past the end "
+                              "of the image file")
+    return table, clusters
 
 
 async def _write_snapshot_table(meta: Metadata, txn: Transaction, entries: list[SnapshotEntry]) -> int:
