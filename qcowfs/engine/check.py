@@ -134,11 +134,14 @@ async def check(image: Image, repair: bool = False,
     dirty = bool(image.header.incompatible_features & INCOMPAT_DIRTY)
     if not repair or not (result.corruptions or result.leaks or dirty):
         return result
+    mended = await image.mend_snapshots()
     await image.rebuild_refcounts()
     if dirty:
         await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_DIRTY)
     before = result
     result = check_image(image)
+    for line in mended:
+        result.say(line)
     result.fixed = (before.leaks - result.leaks, before.corruptions - result.corruptions)
     if not result.corruptions and image.header.incompatible_features & INCOMPAT_CORRUPT:
         await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_CORRUPT)

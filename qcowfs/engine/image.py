@@ -190,9 +190,10 @@ class Image:
                             "it with `qcowfs check --repair`")
         for snap in self.snapshots:
             problem = snapshot_problem(snap, h.version, self.geo.cluster_size, self.file.known_size)
-            if problem and not problem[1]:
+            if problem and not problem[1] and not self.options.repair:
                 # Its L2 tables cannot be protected from our writes (QEMU's
-                # inactive-L2 overlap check fails the same way).
+                # inactive-L2 overlap check fails the same way). A repair
+                # drops the entry before it writes anything else (mend_snapshots).
                 raise CorruptionError(f"{problem[0]}: the image can only be opened read-only")
         for bm in self.bitmaps:
             if bm.damaged:
@@ -452,6 +453,13 @@ class Image:
         for bm in self.bitmaps:
             if bm.problem is not None:
                 log.warning("bitmap '%s' is not used: %s", bm.name, bm.problem)
+
+    async def mend_snapshots(self) -> list[str]:
+        """A repair's first change: the snapshot table without the entries
+        whose L1 table cannot be read, and with the extra data v3 asks for
+        (snapshot_ops.mend_table). What was done, one line each."""
+        from . import snapshot_ops
+        return await snapshot_ops.mend_table(self.meta)
 
     async def rebuild_refcounts(self, progress: Callable[[float], None] | None = None) -> None:
         """A new refcount structure from the references (dirty image, repair)."""

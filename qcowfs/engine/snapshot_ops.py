@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .cache import TableCache
 from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
-from ..format import (L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..format import (NO_ICOUNT, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry, Table, encode_table)
 from ..format.bulk import l2_words
 from .metadata import Metadata
@@ -296,6 +296,57 @@ async def apply(meta: Metadata, alloc: Allocator, l2_cache: TableCache[Table], i
     async with Transaction(alloc) as txn:
         await stage_apply(meta, l2_cache, txn, index)
         await txn.commit()
+
+
+def _forget_l1(meta: Metadata, s: SnapshotEntry) -> None:
+    """Drop the overlap entries of snapshot S's L1 table as build_overlap_map
+    made them: the part inside the file, and the part past its end (one
+    entry from the later of its start and the end of the file, whatever
+    its length: a damaged size can name gigabytes)."""
+    end, length = meta.file.known_size, s.l1_size * 8
+    if not length:
+        return
+    if s.l1_table_offset < end:
+        meta.drop_structure(Kind.INACTIVE_L1, s.l1_table_offset, min(length, end - s.l1_table_offset))
+    if s.l1_table_offset + length > end:
+        meta.drop_structure(Kind.INACTIVE_L1, max(s.l1_table_offset, end), 1)
+
+
+async def mend_table(meta: Metadata) -> list[str]:
+    """`check --repair`, before the refcounts are rebuilt: the snapshot table
+    without the entries whose L1 table cannot be read (their disks are lost
+    either way; QEMU's repair deletes them too) and with the extra data a
+    version 3 entry must have where one has too little. Written after the
+    end of the file and switched to in one header update; no refcount
+    changes (the rebuild counts what the new table names). What was done,
+    one line each."""
+    h, cs = meta.header, meta.geo.cluster_size
+    kept: list[SnapshotEntry] = []
+    done: list[str] = []
+    for s in meta.snapshots:
+        problem = snapshot_problem(s, h.version, cs, meta.file.known_size)
+        if problem is None:
+            kept.append(s)
+        elif not problem[1]:
+            done.append(f"Deleted snapshot {s.id_str} ({s.name}): {problem[0]}")
+            _forget_l1(meta, s)
+        else:
+            size = s.disk_size if s.disk_size is not None else h.size
+            icount = s.icount if s.icount is not None else NO_ICOUNT
+            kept.append(replace(s, extra=_EXTRA.pack(s.state_size, size, icount), vm_state_size_large=s.state_size,
+                                disk_size=size, icount=icount))
+            done.append(f"Repaired snapshot {s.id_str} ({s.name}): {problem[0]}")
+    if not done:
+        return done
+    at = 0
+    if kept:
+        at = -(-meta.file.known_size // cs) * cs
+        meta.write(at, _table_bytes(kept), "new snapshot table")
+        await meta.file.sync()
+    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
+    await meta.update(snapshots_offset=at, nb_snapshots=len(kept), snapshots=kept)
+    _swap_snapshot_table(meta, old_table, at, kept)
+    return done
 
 
 async def drop_active(meta: Metadata, l2_cache: TableCache[Table], txn: Transaction) -> list[int]:
