@@ -183,3 +183,25 @@ def test_salvage(case: str, tmp_path: Path) -> None:
     img = layout("c64k", tmp_path / "img")
     DAMAGE[case](img)
     judge(img)
+
+
+def test_a_warning_before_a_failure_is_not_a_second_line(tmp_path: Path) -> None:
+    """A command that meets a file cut short logs a warning as it reads
+    (data past the end reads as zeros, as in QEMU), then may fail on the
+    same damage: its one error line is all it says (the warning came first,
+    bare, from logging: two lines; found by running every command on the
+    hostile generator's damaged images). A command that ends well says the
+    warning, as a `qcowfs: warning:` line."""
+    base = create(tmp_path / "base.qcow2", 4 * 1024 * 1024, cluster_size=4096)
+    qio(base, "write -P 0x51 0 4M")
+    top = create(tmp_path / "top.qcow2", 4 * 1024 * 1024, backing="base.qcow2", backing_fmt="qcow2",
+                 cwd=tmp_path, cluster_size=4096)
+    qio(top, "write -P 0x52 0 64k", "write -P 0x53 3M 64k")
+    os.truncate(top, os.path.getsize(top) - 32 * 1024)  # (the last data clusters are gone)
+    p = subprocess.run([QCOWFS, "convert", "-O", "raw", top, tmp_path / "out.raw"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr and all(line.startswith("qcowfs: warning: ") for line in p.stderr.splitlines()), p.stderr
+    p = subprocess.run([QCOWFS, "commit", top], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert "past the end of the image file" in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -19,6 +19,7 @@ from typing import Callable, NoReturn, Sequence, TypeAlias
 
 from .. import __version__
 from ..errors import QcowError
+from ..host.logs import hold
 from .commands import (cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create, cmd_info, cmd_map,
                        cmd_snapshot, die)
 from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
@@ -316,7 +317,17 @@ def _unknown_command(word: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a command other than mount holds the engine's
+    warnings until it ends well (host.logs.hold): a failure is one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    held = hold() if argv and argv[0] in SUBCOMMANDS and argv[0] != "mount" else []
+    code = _main(argv)
+    for level, line in held:
+        print(f"qcowfs: {'warning: ' if level == 'warning' else ''}{line}", file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # qcowfs does no linear algebra: without this, importing numpy starts an
     # OpenBLAS thread per CPU (tens of ms of every mount's start, idle threads after).

@@ -544,12 +544,12 @@ class Image:
         self.corrupt = True
         log.info("%s: corruption found while writing (%s): the image is marked corrupt", self.path, why)
         await self._keep_acknowledged()
-        marked = "the image is marked corrupt and takes"
+        marked = "the image is marked corrupt and takes no more writes"
         if self.header.version >= 3:
             await self.meta.update(incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT)
         else:
-            marked = "this open takes (a version 2 image has no corrupt bit)"
-        return CorruptionError(f"{self.path}: corruption found while writing ({why}): {marked} no more writes")
+            marked = "no more writes go through this open (a version 2 image has no corrupt bit)"
+        return CorruptionError(f"{self.path}: corruption found while writing ({why}): {marked}")
 
     async def _keep_acknowledged(self) -> None:
         """Before the image is marked corrupt, what writes acknowledged so far

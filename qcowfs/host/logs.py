@@ -39,6 +39,21 @@ def _configured() -> bool:
     return "logging" in sys.modules
 
 
+# A one-shot command's warnings and errors (level, message), while it holds
+# them (hold): it says them when it ends well, and when it fails its one
+# error line is all it says. None: they go to logging.
+_held: list[tuple[str, str]] | None = None
+
+
+def hold() -> list[tuple[str, str]]:
+    """Keep warnings and errors from now on in the list returned, instead of
+    logging them (which would print them bare on stderr, before the error a
+    command then fails with: two lines for one failure)."""
+    global _held
+    _held = []
+    return _held
+
+
 class _Log:
     """logging.getLogger(NAME)'s calls that qcowfs makes."""
 
@@ -51,9 +66,15 @@ class _Log:
             logger().info(msg, *args, stacklevel=2)
 
     def warning(self, msg: str, *args: object) -> None:
+        if _held is not None:
+            _held.append(("warning", msg % args if args else msg))
+            return
         logger().warning(msg, *args, stacklevel=2)
 
     def error(self, msg: str, *args: object) -> None:
+        if _held is not None:
+            _held.append(("error", msg % args if args else msg))
+            return
         logger().error(msg, *args, stacklevel=2)
 
     def exception(self, msg: str, *args: object) -> None:
