@@ -828,6 +828,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         if out_format == "qcow2":
             opts = _create.create_options(size, backing_file=backing_file, backing_fmt=backing_fmt, **options)
             _create.check_references(dst_path, opts)  # (the image is made as TMP, published as DST)
+            if backing_file is not None:  # (it must open: said as given, before anything is made)
+                _create.backing_size(dst_path, backing_file, backing_fmt or "raw")
             if opts.encrypt is not None and target_key is None:
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
         held = _create.hold_target(final)

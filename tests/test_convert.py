@@ -585,3 +585,18 @@ def test_differing_runs_are_the_blocks_that_differ(unit: int, kinds: list[tuple[
     zero = [i for i in differ if not any(ours[i * unit : min(n, (i + 1) * unit)])]
     assert differing_runs(ours, memoryview(theirs), n, unit) == \
         (index_runs(zero), index_runs([i for i in differ if i not in zero]))
+
+
+def test_a_backing_file_that_does_not_open_is_named_as_given(tmp_path: Path) -> None:
+    """`convert -B` with a backing file name that does not resolve from the
+    destination's directory (it is relative to it, not to the working
+    directory) fails before anything is made, naming the file as given: the
+    message named the hidden temporary image the convert had made first."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c").mkdir()
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "a/base.qcow2", "4M"], cwd=tmp_path)
+    p = run([QCOWFS, "convert", "-O", "qcow2", "-B", "a/base.qcow2", "-F", "qcow2", "a/base.qcow2", "c/out.qcow2"],
+            cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr == "qcowfs: could not open backing file a/base.qcow2: No such file or " \
+        "directory\n", p.stderr
+    assert os.listdir(tmp_path / "c") == []
