@@ -526,6 +526,24 @@ def test_commit_through_a_shorter_layer_writes_its_zeros(tmp_path: Path, base_fm
     qio(tmp_path / "base", "read -P 0 2M 1M", "read -P 3 3M 64k", "read -P 1 0 1M", fmt=base_fmt)
 
 
+@pytest.mark.parametrize("name", ["base", "d/base"])
+def test_commit_base_named_as_the_chain_names_it(tmp_path: Path, name: str) -> None:
+    """`commit -b base d/top.qcow2` from another directory: qemu-img reads a
+    relative BASE from the directory of the image whose header names it, as
+    backing file names are read (qcowfs read it from the working directory
+    only, and refused: "not in the backing chain"). From the working
+    directory ("d/base") is taken too."""
+    d = tmp_path / "d"
+    d.mkdir()
+    chain(d, "qcow2")
+    q = twins(d, "base", "mid.qcow2", "top.qcow2")
+    sh("qemu-img", "commit", "-b", "base", "top.qcow2", cwd=q)
+    p = qcowfs("commit", "-b", name, "d/top.qcow2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    compare(d / "base", q / "base")
+    clean(d / "base")
+
+
 def test_commit_small_clusters_and_library(tmp_path: Path) -> None:
     import qcowfs as lib
 

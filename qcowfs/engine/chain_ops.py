@@ -149,6 +149,15 @@ class RawTarget:
         self.file.close()
 
 
+def _names(base: str, layer: str, referrer: str) -> bool:
+    """Whether BASE (commit -b) names backing file LAYER, which REFERRER's
+    header names: from the working directory, or, as qemu-img resolves it
+    (bdrv_find_backing_image), from REFERRER's directory, where a relative
+    backing file name is read from."""
+    return same_file(layer, base) or (not os.path.isabs(base)
+                                      and same_file(layer, os.path.join(os.path.dirname(referrer), base)))
+
+
 async def _layer_ranges(layer: Image) -> tuple[Ranges, Ranges]:
     """(data, zero) ranges LAYER itself holds (opened without its backing file)."""
     data: Ranges = []
@@ -173,7 +182,7 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
         below = _backing_of(top)
         if below is None:
             raise RequestError(f"{path} has no backing file: there is nothing to commit into")
-        while base is not None and not same_file(below[0], base):
+        while base is not None and not _names(base, below[0], opened[-1].path):
             if below[1] != "qcow2" or any(same_file(below[0], i.path) for i in opened):
                 raise RequestError(f"'{base}' is not in the backing chain of {path}")
             layer = Image(below[0], OpenOptions(read_only=True, open_backing=False, passphrase=passphrase))
