@@ -27,7 +27,7 @@ from .engine.chain import Span
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
 from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format
-from .engine.snapshots import find_snapshot, snapshot_disk_size, snapshot_problem
+from .engine.snapshots import BY_ID, find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
 from .format import SnapshotEntry
 from .host.secret import Keyring
@@ -702,10 +702,13 @@ class _QcowSource:
     """A qcow2 image's disk (or a snapshot's) as convert's source: its data
     ranges from the allocation map (backing chain included)."""
 
-    def __init__(self, image: Image, snapshot: str | None) -> None:
+    def __init__(self, image: Image, snapshot: tuple[str, tuple[str, ...]] | None) -> None:
         self._image = image
-        self._disk = image.snapshot(snapshot) if snapshot is not None else image.disk
-        self._snapshot = snapshot
+        self._snapshot: Disk | None = None
+        if snapshot is not None:
+            key, order = snapshot
+            self._snapshot = Disk(image, image._engine.snapshots[find_snapshot(image._engine.snapshots, key, order)])
+        self._disk = self._snapshot if self._snapshot is not None else image.disk
         self.size = self._disk.size
         self.readinto = self._disk.readinto
 
@@ -729,12 +732,14 @@ def _probe(path: str) -> str:
         raise QcowError(f"could not open {path}: {e.strerror}") from None
 
 
-def _snapshot_name(spec: str) -> str:
-    """-l's forms: NAME or ID, snapshot.name=NAME, snapshot.id=ID."""
-    for prefix in ("snapshot.name=", "snapshot.id="):
+def _snapshot_key(spec: str) -> tuple[str, tuple[str, ...]]:
+    """-l's forms, as qemu-img convert takes them: snapshot.id=ID,
+    snapshot.name=NAME, or ID or NAME (an id first); the key and the order
+    of find_snapshot."""
+    for prefix, order in (("snapshot.name=", ("name",)), ("snapshot.id=", ("id",))):
         if spec.startswith(prefix):
-            return spec[len(prefix):]
-    return spec
+            return spec[len(prefix):], order
+    return spec, BY_ID
 
 
 async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str | None = None,
@@ -819,7 +824,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                 if same_file(f, final):
                     raise UsageError(f"the destination {dst} is {f}, a file of the source: it is read while "
                                      "the copy is made")
-            source = _QcowSource(image, _snapshot_name(snapshot) if snapshot is not None else None)
+            source = _QcowSource(image, _snapshot_key(snapshot) if snapshot is not None else None)
         else:
             source = _convert.RawDisk(src_path, force_share)
             closers.append(source.close)

@@ -122,6 +122,32 @@ def test_apply_matches_qemu(tmp_path: Path, layout: str, snap: str) -> None:
     clean(img)
 
 
+def test_an_id_is_taken_first_where_qemu_img_takes_it_first(tmp_path: Path) -> None:
+    """Snapshot "2" has id 1, snapshot "x" id 2. `snapshot -a 2` and `convert
+    -l 2` take the id first in qemu-img (find_snapshot_by_id_or_name): both
+    mean "x". qcowfs took the name first and reverted to the other snapshot;
+    `-l snapshot.id=2` even read snapshot "2" (the prefix was dropped, then
+    the name tried first). `snapshot.name=` and `snapshot.id=` name one kind.
+    Found by a differential run of the snapshot commands against qemu-img."""
+    img = create(tmp_path / "c.qcow2", 4 * MiB)
+    qio(img, "write -P 1 0 64k")
+    qimg("snapshot", "-c", "2", img)
+    qio(img, "write -P 2 0 64k")
+    qimg("snapshot", "-c", "x", img)
+    qio(img, "write -P 3 0 64k")
+    for spec in ("2", "x", "1", "snapshot.id=2", "snapshot.name=2", "snapshot.id=1"):
+        sh("qemu-img", "convert", "-O", "raw", "-l", spec, img, tmp_path / "q.raw")
+        p = qcowfs("convert", "-O", "raw", "-l", spec, img, tmp_path / "o.raw")
+        assert p.returncode == 0, p.stderr
+        assert digest(tmp_path / "o.raw") == digest(tmp_path / "q.raw"), spec
+    q = twins(tmp_path, "c.qcow2")
+    sh("qemu-img", "snapshot", "-a", "2", "c.qcow2", cwd=q)
+    p = qcowfs("snapshot", "apply", img, "2")
+    assert p.returncode == 0, p.stderr
+    compare(img, q / "c.qcow2")
+    qio(img, "read -P 2 0 64k")
+
+
 def test_apply_compressed_and_library(tmp_path: Path) -> None:
     import qcowfs as lib
 

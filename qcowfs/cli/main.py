@@ -104,8 +104,9 @@ def _snapshot_parser(sub: Sub) -> None:
     sn = sub.add_parser("snapshot", help="create, delete, apply or list internal snapshots (qemu-img snapshot)",
                         description=f"Internal snapshots of TARGET: {TARGET}.")
     sn.add_argument("action", choices=("create", "delete", "apply", "list"),
-                    help="apply: revert the disk to snapshot NAME (qemu-img snapshot -a; on a mount "
-                         "point only while disk.raw is not open)")
+                    help="apply: revert the disk to snapshot NAME, an id first as qemu-img snapshot -a "
+                         "takes it (on a mount point only while disk.raw is not open); delete: a name, "
+                         "else an id")
     sn.add_argument("target", metavar="TARGET")
     sn.add_argument("name", metavar="NAME", nargs="?")
     sn.add_argument("--json", action="store_true", help="list: machine-readable (qemu-img info's keys)")
@@ -212,7 +213,8 @@ def _convert_parser(sub: Sub) -> None:
     cv.add_argument("-c", dest="compress", action="store_true",
                     help="compressed clusters (zlib, or zstd with -o compression_type=zstd)")
     cv.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
-                    help="copy an internal snapshot (NAME, ID, snapshot.name=NAME or snapshot.id=ID)")
+                    help="copy an internal snapshot (ID or NAME, an id first as in qemu-img; "
+                         "snapshot.id=ID or snapshot.name=NAME)")
     cv.add_argument("-B", dest="backing", metavar="BACKING",
                     help="DST gets this backing file and holds only what differs from it")
     cv.add_argument("-F", dest="backing_format", metavar="FMT", help="format of -B's file (qcow2 or raw)")

@@ -38,7 +38,7 @@ from .metadata import Metadata
 from .opening import (MAX_CHAIN_DEPTH, OpenOptions, open_backing, open_data_file, open_encryption,
                       read_snapshot_table, validate_header)
 from .overlap import Kind
-from .snapshots import find_snapshot, snapshot_problem
+from .snapshots import BY_ID, find_snapshot, snapshot_problem
 
 if TYPE_CHECKING:
     from .refcount import Allocator
@@ -640,11 +640,11 @@ class Image:
 
     async def apply_snapshot(self, name: str) -> None:
         """The active disk becomes snapshot NAME's (its content and its size),
-        as `qemu-img snapshot -a`. Refused, as QEMU refuses it, while the image
+        as `qemu-img snapshot -a` (NAME: an id, else a name, as it takes them). Refused, as QEMU refuses it, while the image
         has persistent bitmaps (they would no longer describe the disk)."""
         from . import snapshot_ops
         self._check_writable()
-        index = find_snapshot(self.meta.snapshots, name)
+        index = find_snapshot(self.meta.snapshots, name, BY_ID)
         if self.bitmaps:
             raise RequestError("the image has persistent bitmaps: a snapshot cannot be applied while "
                                "it has any (as in QEMU; remove them first)")

@@ -6,15 +6,21 @@ from ..errors import NameTakenError, NotFoundError, RequestError
 from ..format import MAX_L1_BYTES, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
 
 
-def find_snapshot(snapshots: list[SnapshotEntry], name: str) -> int:
-    """Index of the snapshot called NAME (or with that id, as qemu-img takes it)."""
-    for i, s in enumerate(snapshots):
-        if s.name == name:
-            return i
-    for i, s in enumerate(snapshots):
-        if s.id_str == name:
-            return i
-    raise NotFoundError(f"no snapshot '{name}'")
+# The orders in which a key is tried as a snapshot's name or id. A name
+# first: qcowfs's own lookups (qemu-img snapshot -d takes names alone). An id
+# first: qemu-img snapshot -a and convert -l (QEMU's find_snapshot_by_id_or_name),
+# so that "2" reverts to the snapshot with id 2 in both tools, not to one named "2".
+BY_NAME = ("name", "id")
+BY_ID = ("id", "name")
+
+
+def find_snapshot(snapshots: list[SnapshotEntry], key: str, order: tuple[str, ...] = BY_NAME) -> int:
+    """Index of the snapshot KEY names, tried as ORDER says ("name", "id")."""
+    for field in order:
+        for i, s in enumerate(snapshots):
+            if (s.name if field == "name" else s.id_str) == key:
+                return i
+    raise NotFoundError(f"no snapshot '{key}'")
 
 
 def usable_name(name: str) -> bool:
