@@ -387,3 +387,31 @@ def test_check_force_share_refuses_repair(image: Path):
 def test_umount_force_help():
     p = qcowfs("umount", "--help")
     assert "--force" in p.stdout
+
+
+def test_qemu_img_quiet_and_option_help(tmp_path: Path) -> None:
+    """Scripts written for qemu-img pass -q, and its users ask `-o help`:
+    qcowfs refused both as usage errors. -q prints nothing on stdout (and
+    wins over -p, as in qemu-img); `-o help` lists every option create and
+    convert take, without an image, as qemu-img lists its own."""
+    import qcowfs.aio
+
+    def q(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    for args in (["create", "-q", "a.qcow2", "4M"], ["create", "-q", "b.qcow2", "4M"],
+                 ["resize", "-q", "a.qcow2", "8M"], ["snapshot", "-q", "create", "a.qcow2", "s"],
+                 ["bitmap", "-q", "add", "a.qcow2", "bm"], ["check", "-q", "a.qcow2"],
+                 ["convert", "-q", "-p", "-O", "qcow2", "a.qcow2", "c.qcow2"],
+                 ["rebase", "-q", "-u", "-b", "b.qcow2", "-F", "qcow2", "c.qcow2"], ["commit", "-q", "-d", "c.qcow2"]):
+        p = q(*args)
+        assert p.returncode == 0 and p.stdout == "" and p.stderr == "", (args, p.stdout, p.stderr)
+    assert json.loads(subprocess.run(["qemu-img", "info", "--output=json", tmp_path / "a.qcow2"], capture_output=True,
+                                     text=True, check=True).stdout)["virtual-size"] == 8 << 20
+    for args in (["create", "-o", "help"], ["convert", "-O", "qcow2", "-o", "cluster_size=4k,?", "x", "y"]):
+        p = q(*args)
+        assert p.returncode == 0 and p.stderr == "", p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[0] == "Supported qcow2 options:"
+        assert [x.split("=<")[0].strip() for x in lines[1:]] == list(qcowfs.aio.CREATE_OPTIONS)
+    assert not (tmp_path / "y").exists()

@@ -304,6 +304,52 @@ def _map_from_mount(mountpoint: str, snapshot: str | None, bitmap: str | None) -
 
 # ---- create and convert ------------------------------------------------------------
 
+# What `-o help` says of each option create and convert take (qemu-img lists
+# its own the same way; the kinds come from the library's CREATE_OPTIONS).
+OPTION_HELP = {
+    "size": "virtual disk size",
+    "cluster_size": "qcow2 cluster size",
+    "compat": "compatibility level (v2 [0.10] or v3 [1.1])",
+    "refcount_bits": "width of a reference count entry in bits",
+    "lazy_refcounts": "postpone refcount updates",
+    "extended_l2": "extended L2 tables: 32 subclusters per cluster",
+    "compression_type": "compression method of compressed clusters (zlib, zstd)",
+    "preallocation": "preallocation mode (off, metadata, falloc, full)",
+    "data_file": "file name of an external data file",
+    "data_file_raw": "the external data file is kept a raw image",
+    "backing_file": "file name of a base image",
+    "backing_fmt": "image format of the base image (qcow2, raw)",
+    "encrypt.format": "encryption data format (luks)",
+    "encrypt.cipher-alg": "cipher algorithm (aes-128, aes-192, aes-256)",
+    "encrypt.cipher-mode": "cipher mode (xts, cbc, ecb, ctr)",
+    "encrypt.ivgen-alg": "initialization vector generator (plain, plain64, essiv)",
+    "encrypt.ivgen-hash-alg": "hash of the essiv generator",
+    "encrypt.hash-alg": "hash of the key derivation (PBKDF2)",
+    "encrypt.iter-time": "time the key derivation takes, in milliseconds",
+}
+
+
+def asks_option_help(command: str, argv: list[str]) -> bool:
+    """`create`/`convert` with `-o help` or `-o ?` among its -o values: what
+    qemu-img answers with the list of options (no image needed)."""
+    if command not in ("create", "convert"):
+        return False
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
+    values += [a[2:] for a in argv if a.startswith("-o") and len(a) > 2]
+    return any(part in ("help", "?") for v in values for part in v.split(","))
+
+
+def print_option_help() -> int:
+    from ..aio import CREATE_OPTIONS
+
+    print("Supported qcow2 options:")
+    shown = {f"{name}=<{kind}>": OPTION_HELP[name] for name, kind in CREATE_OPTIONS.items()}
+    width = max(map(len, shown))
+    for left, text in shown.items():
+        print(f"  {left:<{width}} - {text}")
+    return 0
+
+
 def parse_qemu_options(texts: list[str]) -> dict[str, str]:
     """-o OPTIONS as qemu-img reads them: NAME=VALUE pairs split at commas,
     ",," a literal comma; several -o add up (a later value wins)."""

@@ -20,8 +20,8 @@ from typing import Callable, NoReturn, Sequence, TypeAlias
 from .. import __version__
 from ..errors import QcowError
 from ..host.logs import hold
-from .commands import (cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create, cmd_info, cmd_map,
-                       cmd_snapshot, die)
+from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create,
+                       cmd_info, cmd_map, cmd_snapshot, die, print_option_help)
 from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
 
 
@@ -44,7 +44,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, add in COMMAND_PARSERS.items():
         if only is None or name == only:
             add(sub)
+            if name in QUIET_COMMANDS:
+                sub.choices[name].add_argument("-q", "--quiet", action="store_true",
+                                               help="print nothing but errors and warnings (qemu-img's -q)")
     return p
+
+
+# The commands that take qemu-img's -q (scripts written for qemu-img pass it).
+QUIET_COMMANDS = ("check", "snapshot", "bitmap", "checkpoint", "create", "convert", "resize", "commit", "rebase")
 
 
 # One function per command, each adding that command's parser to SUB.
@@ -341,6 +348,8 @@ def _main(argv: list[str]) -> int:
             return _mount_from_args(_helper_parser().parse_args(argv))
         if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
             argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
+        if argv and asks_option_help(argv[0], argv[1:]):
+            return print_option_help()
         if argv and argv[0] in SUBCOMMANDS:
             # The command's own parser, options anywhere among the operands as
             # qemu-img's getopt takes them (`create IMAGE -o OPTS SIZE`); its
@@ -349,36 +358,14 @@ def _main(argv: list[str]) -> int:
             a.command = argv[0]
         else:
             a = build_parser().parse_args(argv)
-        if a.command == "mount":
-            return _mount_from_args(a)
-        if a.command == "umount":
-            from .mount import cmd_umount
+        if getattr(a, "quiet", False):
+            import contextlib
 
-            return cmd_umount(a.mountpoint, a.force)
-        if a.command == "info":
-            return cmd_info(a.image, a.json, a.force_share)
-        if a.command == "check":
-            return cmd_check(a.image, a.repair, a.json, a.force_share)
-        if a.command == "snapshot":
-            return cmd_snapshot(a)
-        if a.command == "bitmap":
-            return cmd_bitmap(a)
-        if a.command == "checkpoint":
-            return cmd_checkpoint(a)
-        if a.command == "map":
-            return cmd_map(a)
-        if a.command == "create":
-            return cmd_create(a)
-        if a.command == "convert":
-            return cmd_convert(a)
-        if a.command == "commit":
-            return cmd_commit(a)
-        if a.command == "rebase":
-            return cmd_rebase(a)
-        if a.command == "resize":
-            return cmd_resize(a)
-        build_parser().print_help()
-        return 2
+            if getattr(a, "progress", False):
+                a.progress = False  # (as in qemu-img, -q wins over -p)
+            with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere):
+                return _dispatch(a)
+        return _dispatch(a)
     except QcowError as e:
         die(str(e))
     except KeyboardInterrupt:
@@ -387,6 +374,40 @@ def _main(argv: list[str]) -> int:
         die(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         die(f"internal error: {type(e).__name__}: {e}")
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    """Run the command A parsed (its errors go to _main's one line)."""
+    if a.command == "mount":
+        return _mount_from_args(a)
+    if a.command == "umount":
+        from .mount import cmd_umount
+
+        return cmd_umount(a.mountpoint, a.force)
+    if a.command == "info":
+        return cmd_info(a.image, a.json, a.force_share)
+    if a.command == "check":
+        return cmd_check(a.image, a.repair, a.json, a.force_share)
+    if a.command == "snapshot":
+        return cmd_snapshot(a)
+    if a.command == "bitmap":
+        return cmd_bitmap(a)
+    if a.command == "checkpoint":
+        return cmd_checkpoint(a)
+    if a.command == "map":
+        return cmd_map(a)
+    if a.command == "create":
+        return cmd_create(a)
+    if a.command == "convert":
+        return cmd_convert(a)
+    if a.command == "commit":
+        return cmd_commit(a)
+    if a.command == "rebase":
+        return cmd_rebase(a)
+    if a.command == "resize":
+        return cmd_resize(a)
+    build_parser().print_help()
+    return 2
 
 
 def run() -> NoReturn:
