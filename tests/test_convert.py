@@ -600,3 +600,18 @@ def test_a_backing_file_that_does_not_open_is_named_as_given(tmp_path: Path) -> 
     assert p.returncode == 1 and p.stderr == "qcowfs: could not open backing file a/base.qcow2: No such file or " \
         "directory\n", p.stderr
     assert os.listdir(tmp_path / "c") == []
+
+
+def test_qemu_img_tuning_options_are_taken(tmp_path: Path) -> None:
+    """`convert -W -m 16 -T none` (qemu-img's out-of-order writes, parallel
+    requests, source cache): scripts pass them; qcowfs refused them as usage
+    errors. They are checked as qemu-img checks them and change nothing."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "4M"], cwd=tmp_path)
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 1M 64k", "s.qcow2"], cwd=tmp_path)
+    p = run([QCOWFS, "convert", "-W", "-m", "16", "-T", "none", "-O", "qcow2", "s.qcow2", "d.qcow2"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert run(["qemu-img", "compare", "s.qcow2", "d.qcow2"], cwd=tmp_path).returncode == 0
+    for bad in (["-m", "17"], ["-m", "0"], ["-T", "bogus"]):
+        p = run([QCOWFS, "convert", *bad, "-O", "qcow2", "s.qcow2", "e.qcow2"], cwd=tmp_path)
+        assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, p.stderr
+        assert not (tmp_path / "e.qcow2").exists()

@@ -231,6 +231,14 @@ def _convert_parser(sub: Sub) -> None:
     cv.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
                     help="unsafe (default, as qemu-img: no flush) or writeback (DST durable before it "
                          "appears; also none, writethrough, directsync)")
+    cv.add_argument("-T", dest="source_cache", metavar="CACHE",
+                    help="SRC's cache mode, as qemu-img takes it: accepted, no effect (reads go through "
+                         "the host page cache)")
+    cv.add_argument("-W", dest="out_of_order", action="store_true",
+                    help="qemu-img's out-of-order writes: accepted, no effect (DST is written in order)")
+    cv.add_argument("-m", dest="coroutines", type=int, metavar="N",
+                    help="qemu-img's parallel requests (1-16): accepted, no effect (-c compresses on "
+                         "every core)")
     cv.add_argument("-U", "--force-share", action="store_true",
                     help="read SRC whatever holds it (as qemu-img -U)")
     cv.add_argument("--key-file", metavar="FILE", action="append",
