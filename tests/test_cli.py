@@ -415,3 +415,8 @@ def test_qemu_img_quiet_and_option_help(tmp_path: Path) -> None:
         assert lines[0] == "Supported qcow2 options:"
         assert [x.split("=<")[0].strip() for x in lines[1:]] == list(qcowfs.aio.CREATE_OPTIONS)
     assert not (tmp_path / "y").exists()
+    # qemu-img's --output=json spelling of --json (info, check; map had it)
+    for cmd in ("info", "check"):
+        p, want = q(cmd, "--output=json", "a.qcow2"), q(cmd, "--json", "a.qcow2")
+        assert p.returncode == 0 and p.stdout == want.stdout and json.loads(p.stdout), p.stderr
+        assert q(cmd, "--output", "human", "a.qcow2").stdout == q(cmd, "a.qcow2").stdout

@@ -88,6 +88,7 @@ def _info_parser(sub: Sub) -> None:
                                    "mount: then the daemon describes the image it serves, as it is now.")
     i.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img's keys)")
+    i.add_argument("--output", choices=("human", "json"), help="qemu-img's spelling: --output=json is --json")
     i.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: inspect an image that a VM or a mount holds")
 
@@ -102,6 +103,7 @@ def _check_parser(sub: Sub) -> None:
     c.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     c.add_argument("--repair", action="store_true", help="fix leaks, refcounts and COPIED flags")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--output", choices=("human", "json"), help="qemu-img's spelling: --output=json is --json")
     c.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: check an image that a VM or a mount holds (results may be "
                         "inconsistent while it is written)")
@@ -393,9 +395,9 @@ def _dispatch(a: argparse.Namespace) -> int:
 
         return cmd_umount(a.mountpoint, a.force)
     if a.command == "info":
-        return cmd_info(a.image, a.json, a.force_share)
+        return cmd_info(a.image, a.json or a.output == "json", a.force_share)
     if a.command == "check":
-        return cmd_check(a.image, a.repair, a.json, a.force_share)
+        return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
     if a.command == "snapshot":
         return cmd_snapshot(a)
     if a.command == "bitmap":
