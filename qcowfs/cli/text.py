@@ -27,12 +27,15 @@ def human_size(n: int) -> str:
 
 def render_snapshots(snaps: list[dict[str, Any]]) -> list[str]:
     """The "Snapshot list:" table of qemu-img info and qemu-img snapshot -l."""
-    lines = ["Snapshot list:", f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10} {'DATE':<20}{'VM CLOCK':>16}"]
+    # (QEMU 7.2's bdrv_snapshot_dump: its columns, its clock, an ICOUNT column)
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
     for s in snaps:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
         secs = s["vm-clock-sec"]
-        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
-        lines.append(f"{s['id']:<8}{s['name']:<24}{human_size(s['vm-state-size']):>10} {date:<20}{clock:>16}")
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
+        icount = str(s["icount"]) if "icount" in s else ""
+        lines.append(f"{s['id']:<9} {s['name']:<16} {human_size(s['vm-state-size']):>8}{date:>20}{clock:>13}"
+                     f"{icount:>11}")
     return lines
 
 
@@ -59,6 +62,8 @@ def render_info(d: dict[str, Any]) -> str:
     if d.get("encrypted"):
         lines.append("encrypted: yes")
     lines.append(f"cluster_size: {d['cluster-size']}")
+    if d.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
     if "backing-filename" in d:
         lines.append(f"backing file: {d['backing-filename']}"
                      + (f" (actual path: {d['full-backing-filename']})" if "full-backing-filename" in d else ""))
@@ -69,17 +74,20 @@ def render_info(d: dict[str, Any]) -> str:
     snaps = d.get("snapshots", [])
     if snaps:
         lines += render_snapshots(snaps)
-    data = d["format-specific"]["data"]
+    data = dict(d["format-specific"]["data"])
+    if "bitmaps" in data:  # (each as QEMU's dump orders a bitmap's keys)
+        data["bitmaps"] = [{k: b[k] for k in ("flags", "name", "granularity")} for b in data["bitmaps"]]
     lines.append("Format specific information:")
-    for key in ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "encrypt", "corrupt",
-                "extended-l2", "data-file", "data-file-raw"):
+    for key in FORMAT_SPECIFIC_ORDER:
         if key in data:
             _render_value(lines, key, data[key], "    ")
-    if data.get("bitmaps"):
-        lines.append("    bitmaps:")
-        for b in data["bitmaps"]:
-            lines.append(f"        [{b['name']}] granularity: {b['granularity']}, flags: {', '.join(b['flags']) or '-'}")
     return "\n".join(lines)
+
+
+# The order in which qemu-img 7.2 prints the qcow2 format-specific keys (its
+# dump walks a hash table: the order is fixed, not the JSON's).
+FORMAT_SPECIFIC_ORDER = ("compat", "compression-type", "lazy-refcounts", "bitmaps", "refcount-bits", "data-file",
+                         "encrypt", "data-file-raw", "corrupt", "extended-l2")
 
 
 def render_check(r: Any) -> tuple[list[str], list[str]]:

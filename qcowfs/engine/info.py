@@ -19,14 +19,14 @@ def describe(image: Image) -> dict[str, Any]:
     data: dict[str, Any] = {
         "compat": "0.10" if h.version == 2 else "1.1",
         "refcount-bits": h.refcount_bits,
-        "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
         "compression-type": COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
     }
     if h.crypt_method == CRYPT_AES:
         data["encrypt"] = {"format": "aes"}
     elif image.luks is not None:
         data["encrypt"] = luks_info(image.luks)
-    if h.version >= 3:
+    if h.version >= 3:  # (a v2 header has no feature bits: qemu-img leaves these keys out)
+        data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)
         data["lazy-refcounts"] = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
         data["extended-l2"] = h.extended_l2
         data["dirty"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
