@@ -420,3 +420,34 @@ def test_qemu_img_quiet_and_option_help(tmp_path: Path) -> None:
         p, want = q(cmd, "--output=json", "a.qcow2"), q(cmd, "--json", "a.qcow2")
         assert p.returncode == 0 and p.stdout == want.stdout and json.loads(p.stdout), p.stderr
         assert q(cmd, "--output", "human", "a.qcow2").stdout == q(cmd, "a.qcow2").stdout
+
+
+def test_qemu_img_snapshot_and_bitmap_flags(tmp_path: Path) -> None:
+    """qemu-img's spellings: `snapshot -c NAME IMAGE`, `-l`, `-a`, `-d`, and
+    `bitmap --add IMAGE NAME`, `--merge SOURCE IMAGE NAME`, `--disable`,
+    `--remove`: the same images as qcowfs's verbs make (they were usage
+    errors)."""
+    def q(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    for img in ("ours.qcow2", "theirs.qcow2"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "4M"], cwd=tmp_path, check=True)
+    steps = [(["snapshot", "-c", "s1"], ["snapshot", "-c", "s1"]), (["snapshot", "-c", "s2"], ["snapshot", "-c", "s2"]),
+             (["snapshot", "-d", "s1"], ["snapshot", "-d", "s1"]), (["snapshot", "-a", "s2"], ["snapshot", "-a", "s2"]),
+             (["bitmap", "--add"], ["bitmap", "--add"], "b1"), (["bitmap", "--add", "-g", "4096"],
+                                                                 ["bitmap", "--add", "-g", "4096"], "b2"),
+             (["bitmap", "--merge", "b1"], ["bitmap", "--merge", "b1"], "b2"),
+             (["bitmap", "--disable"], ["bitmap", "--disable"], "b2"), (["bitmap", "--remove"], ["bitmap", "--remove"], "b1")]
+    for ours, theirs, *name in steps:
+        p = q(*ours, "ours.qcow2", *name)
+        assert p.returncode == 0, (ours, p.stderr)
+        subprocess.run(["qemu-img", *theirs, "theirs.qcow2", *name], cwd=tmp_path, check=True)
+    def shape(img: str) -> tuple[list, list]:
+        d = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img], capture_output=True, text=True,
+                                      cwd=tmp_path, check=True).stdout)
+        return ([s["name"] for s in d.get("snapshots", [])],
+                [(b["name"], b["granularity"], b["flags"]) for b in d["format-specific"]["data"].get("bitmaps", [])])
+    assert shape("ours.qcow2") == shape("theirs.qcow2") == (["s2"], [("b2", 4096, [])])
+    p = q("snapshot", "-l", "ours.qcow2")
+    assert p.returncode == 0 and p.stdout == subprocess.run(["qemu-img", "snapshot", "-l", "ours.qcow2"],
+                                                            capture_output=True, text=True, cwd=tmp_path).stdout

@@ -358,6 +358,8 @@ def _main(argv: list[str]) -> int:
             return _mount_from_args(_helper_parser().parse_args(argv))
         if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
             argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
+        if argv[:1] in (["snapshot"], ["bitmap"]):
+            argv[1:] = _qemu_img_verbs(argv[0], argv[1:])
         if argv and asks_option_help(argv[0], argv[1:]):
             return print_option_help()
         if argv and argv[0] in SUBCOMMANDS:
@@ -384,6 +386,28 @@ def _main(argv: list[str]) -> int:
         die(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         die(f"internal error: {type(e).__name__}: {e}")
+
+
+# qemu-img's spellings of the snapshot and bitmap actions: a flag (with the
+# snapshot's name after it, or the merge's source) where qcowfs has a verb.
+_QEMU_IMG_VERBS = {
+    "snapshot": {"-l": ("list", 0), "-c": ("create", 1), "-d": ("delete", 1), "-a": ("apply", 1)},
+    "bitmap": {"--add": ("add", 0), "--remove": ("remove", 0), "--clear": ("clear", 0),
+               "--enable": ("enable", 0), "--disable": ("disable", 0), "--merge": ("merge", 1)},
+}
+
+
+def _qemu_img_verbs(command: str, args: list[str]) -> list[str]:
+    """`snapshot -c NAME IMAGE` and `bitmap --merge SOURCE IMAGE NAME`, as
+    qemu-img takes them: qcowfs's `snapshot create IMAGE NAME` and `bitmap
+    merge IMAGE NAME SOURCE`. ARGS without such a flag are left as they are."""
+    flags = _QEMU_IMG_VERBS[command]
+    i = next((k for k, a in enumerate(args) if a in flags), None)
+    if i is None:
+        return args
+    verb, takes = flags[args[i]]
+    value = args[i + 1 : i + 1 + takes]
+    return [verb, *args[:i], *args[i + 1 + takes :], *value]
 
 
 def _dispatch(a: argparse.Namespace) -> int:
