@@ -135,6 +135,11 @@ def test_info_human_is_qemu_imgs(name: str, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     ours = [line for line in p.stdout.splitlines() if not line.startswith("backing chain [")]
     assert ours == q.stdout.splitlines(), f"qcowfs:\n{p.stdout}\nqemu-img:\n{q.stdout}"
+    # and `map --output=json`, byte for byte (the objects opened with "{" where qemu-img writes "{ ")
+    q = subprocess.run(["qemu-img", "map", "--output=json", str(img)], capture_output=True, text=True, timeout=60,
+                       cwd=img.parent)  # (qemu-img 7.2 finds a data file from the working directory)
+    p = qcowfs("map", "--output=json", img)
+    assert p.returncode == 0 and p.stdout == q.stdout, f"qcowfs:\n{p.stdout[:2000]}\nqemu-img:\n{q.stdout[:2000]}"
 
 
 def test_info_missing_file(tmp_path: Path) -> None:

@@ -91,7 +91,10 @@ def map_text(extents: list[dict[str, Any]]) -> str:
     "}, {"); a call per extent cost a map of 8,500 extents 20 ms."""
     import json  # (only JSON output pays for it)
 
-    return json.dumps(extents).replace("}, {", "},\n{") + "\n"
+    text = json.dumps(extents).replace("}, {", "},\n{")
+    if extents and "start" in extents[0]:  # (qemu-img map opens each object with "{ ", nbdinfo with "{")
+        text = text.replace('{"', '{ "')
+    return text + "\n"
 
 
 def _add(out: list[Extent], e: Extent) -> None:
