@@ -422,24 +422,12 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_info(a.image, a.json or a.output == "json", a.force_share)
     if a.command == "check":
         return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
-    if a.command == "snapshot":
-        return cmd_snapshot(a)
-    if a.command == "bitmap":
-        return cmd_bitmap(a)
-    if a.command == "checkpoint":
-        return cmd_checkpoint(a)
-    if a.command == "map":
-        return cmd_map(a)
-    if a.command == "create":
-        return cmd_create(a)
-    if a.command == "convert":
-        return cmd_convert(a)
-    if a.command == "commit":
-        return cmd_commit(a)
-    if a.command == "rebase":
-        return cmd_rebase(a)
-    if a.command == "resize":
-        return cmd_resize(a)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
+        "create": cmd_create, "convert": cmd_convert, "commit": cmd_commit, "rebase": cmd_rebase,
+        "resize": cmd_resize}
+    if a.command in handlers:
+        return handlers[a.command](a)
     build_parser().print_help()
     return 2
 
