@@ -14,6 +14,8 @@
 #   HOSTILE_WRITE_JOBS=N      in parallel (default 2)
 #   HOSTILE_WRITE_MOUNT_CASES=N  more cases with qcowfs's session through a real writable FUSE
 #                             mount (default 300; 0: skip)
+# Then the offline commands against qemu-img on random chains (tests/differential.py):
+#   DIFFERENTIAL_CASES=N      how many (default 300, about 5 minutes; 0: skip)
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -66,6 +68,15 @@ if [ "$HWM_CASES" -gt 0 ]; then
             --jobs "${HOSTILE_WRITE_JOBS:-2}"; then
         status=1
         echo "soak: hostile-write (mount) FAILED (reproduce: $PY tests/hostile_write.py --mount --seed N)"
+    fi
+fi
+DF_CASES=${DIFFERENTIAL_CASES:-300}
+if [ "$DF_CASES" -gt 0 ]; then
+    df_start=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+    echo "soak: the commands against qemu-img, $DF_CASES cases from seed $df_start"
+    if ! "$PY" tests/differential.py --cases "$DF_CASES" --start "$df_start"; then
+        status=1
+        echo "soak: differential FAILED (each mismatch above names its seed)"
     fi
 fi
 exit $status
