@@ -403,8 +403,9 @@ def _qemu_img_verbs(command: str, args: list[str]) -> list[str]:
     merge IMAGE NAME SOURCE`. ARGS without such a flag are left as they are."""
     flags = _QEMU_IMG_VERBS[command]
     i = next((k for k, a in enumerate(args) if a in flags), None)
-    if i is None:
-        return args
+    verbs = {verb for verb, _ in flags.values()} | {"list"}
+    if i is None or any(a in verbs for a in args[:i]):
+        return args  # (qcowfs's own form: `bitmap add IMAGE NAME --disable` has a verb first)
     verb, takes = flags[args[i]]
     value = args[i + 1 : i + 1 + takes]
     return [verb, *args[:i], *args[i + 1 + takes :], *value]
