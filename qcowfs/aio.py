@@ -57,6 +57,12 @@ def __getattr__(name: str) -> Any:
 # qemu-img's -t: every mode but "unsafe" flushes (qcowfs always writes through
 # the host page cache, so "none", "directsync" and "writethrough" mean "writeback").
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+
+
+def check_cache_mode(cache: str, what: str = "cache mode") -> None:
+    """Refuse a CACHE that is not one of qemu-img's modes (WHAT names the option)."""
+    if cache not in CACHE_MODES:
+        raise UsageError(f"{what} must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
 # What opens encrypted images: a passphrase, several (tried in order on each
 # encrypted image: the layers of a chain may have different keys), a function
 # called for one when an encrypted image is opened, or a Keyring; or key files.
@@ -364,8 +370,7 @@ class Image:
             raise UsageError("force_share needs a read-only open (mode \"r\")")
         self.path = os.path.abspath(os.fspath(path))
         self._force_share = force_share
-        if cache not in CACHE_MODES:
-            raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        check_cache_mode(cache)
         if compress and mode != "r+":
             raise UsageError("compress needs a writable open (mode \"r+\")")
         self._compress = compress
@@ -781,8 +786,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError(f"source format '{src_format}' is not supported (qcow2 or raw)")
     if out_format == "raw" and (compress or options or backing_file is not None):
         raise UsageError("-c, -o and -B need a qcow2 target (-O qcow2)")
-    if cache not in CACHE_MODES:
-        raise UsageError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    check_cache_mode(cache)
     if sparse_size < 0 or sparse_size % 512:
         raise UsageError("the sparse size (-S) must be a multiple of 512")
     if compress_threads is not None and compress_threads < 1:

@@ -440,8 +440,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     # (qemu-img's tuning options: checked as it checks them, then of no effect here)
     if a.coroutines is not None and not 1 <= a.coroutines <= 16:
         raise UsageError("-m: the number of requests must be between 1 and 16 (as in qemu-img)")
-    if a.source_cache is not None and a.source_cache not in aio.CACHE_MODES:
-        raise UsageError(f"-T: cache mode must be one of {', '.join(aio.CACHE_MODES)}")
+    if a.source_cache is not None:
+        aio.check_cache_mode(a.source_cache, "-T")
     source_key = key_source(a.key_file)
     target_key = key_source(a.target_key_file) if kw.get("encrypt_format") else None
     with progress_printer(a.progress) as progress:

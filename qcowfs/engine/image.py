@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar
 
 
 from ..errors import (CorruptionError, InvalidImageError, QcowError, ReadOnlyError, RequestError, TruncatedError,
@@ -62,10 +62,7 @@ def signals_corruption(method: F) -> F:
         try:
             return await method(self, *args, **kwargs)
         except CorruptionError as e:
-            told = await self.signal_corruption(e)
-            if told is e:
-                raise
-            raise told from e
+            await self.signal_corruption(e)
     return guarded  # type: ignore[return-value]
 
 
@@ -533,14 +530,14 @@ class Image:
             if bm.bits is not None:
                 bm.mark(offset, length)
 
-    async def signal_corruption(self, why: CorruptionError) -> CorruptionError:
+    async def signal_corruption(self, why: CorruptionError) -> NoReturn:
         """Stop writing through metadata that failed a check, and say so in the
         image (QEMU's qcow2_signal_corruption). A read-only image is left as
-        it is: the error fails the request, nothing more. The error to raise:
-        WHY, or when this call marked the image, one that says so too (the
-        one line a command prints; a mount logs it where it fails the request)."""
+        it is: the error fails the request, nothing more. Raises WHY, or when
+        this call marked the image, an error that says so too (the one line a
+        command prints; a mount logs it where it fails the request)."""
         if self.corrupt or self.writer is None:
-            return why
+            raise why
         self.corrupt = True
         log.info("%s: corruption found while writing (%s): the image is marked corrupt", self.path, why)
         await self._keep_acknowledged()
@@ -549,7 +546,7 @@ class Image:
             await self.meta.update(incompatible_features=lambda bits: bits | INCOMPAT_CORRUPT)
         else:
             marked = "no more writes go through this open (a version 2 image has no corrupt bit)"
-        return CorruptionError(f"{self.path}: corruption found while writing ({why}): {marked}")
+        raise CorruptionError(f"{self.path}: corruption found while writing ({why}): {marked}") from why
 
     async def _keep_acknowledged(self) -> None:
         """Before the image is marked corrupt, what writes acknowledged so far
@@ -620,10 +617,7 @@ class Image:
                 assert self.allocator is not None  # a writer has one
                 yield self.allocator
             except CorruptionError as e:
-                told = await self.signal_corruption(e)
-                if told is e:
-                    raise
-                raise told from e
+                await self.signal_corruption(e)
             finally:
                 writer.frozen = False
 
@@ -640,8 +634,9 @@ class Image:
 
     async def apply_snapshot(self, name: str) -> None:
         """The active disk becomes snapshot NAME's (its content and its size),
-        as `qemu-img snapshot -a` (NAME: an id, else a name, as it takes them). Refused, as QEMU refuses it, while the image
-        has persistent bitmaps (they would no longer describe the disk)."""
+        as `qemu-img snapshot -a` (NAME: an id, else a name, as it takes them).
+        Refused, as QEMU refuses it, while the image has persistent bitmaps
+        (they would no longer describe the disk)."""
         from . import snapshot_ops
         self._check_writable()
         index = find_snapshot(self.meta.snapshots, name, BY_ID)
