@@ -232,15 +232,12 @@ class Transaction:
         await meta.file.sync()
         try:
             await meta.update(refcount_table_offset=table_at * cs, refcount_table_clusters=tclusters, **fields)
-        except BaseException:
-            # Not written (nothing points to the new structures: __aexit__ takes
-            # them back), or written and its fsync failed: then the image is
-            # the new one, and memory must follow it before the error is told.
-            if meta.header.refcount_table_offset != table_at * cs:
-                raise
-            self._switch(table, new_blocks, replaced, freed, (old_table_at, old_tclusters * cs))
-            raise
-        self._switch(table, new_blocks, replaced, freed, (old_table_at, old_tclusters * cs))
+        finally:
+            # Written, even if its fsync failed or was cancelled: the image is
+            # the new one, and memory follows it before any error is told. Not
+            # written: nothing points to the new structures (__aexit__ takes them back).
+            if meta.header.refcount_table_offset == table_at * cs:
+                self._switch(table, new_blocks, replaced, freed, (old_table_at, old_tclusters * cs))
 
     def _switch(self, table: np.ndarray, new_blocks: dict[int, bytes], replaced: dict[int, int],
                 freed: list[np.ndarray], old_table: tuple[int, int]) -> None:
