@@ -16,6 +16,8 @@
 #                             mount (default 300; 0: skip)
 # Then the offline commands against qemu-img on random chains (tests/differential.py):
 #   DIFFERENTIAL_CASES=N      how many (default 300, about 5 minutes; 0: skip)
+# Then check --repair against qemu-img check -r all on damaged images (tests/repair_differential.py):
+#   REPAIR_CASES=N            how many (default 500, about 4 minutes; 0: skip)
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -51,32 +53,26 @@ PY
 if [ "$status" -ne 0 ]; then
     echo "soak: FAILED; reproduce with: QCOWFS_MODEL_EXAMPLES=$PER_RUN $PY -m pytest tests/test_model.py --hypothesis-seed=$failed_seed"
 fi
-HW_CASES=${HOSTILE_WRITE_CASES:-3000}
-if [ "$HW_CASES" -gt 0 ]; then
-    hw_start=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
-    echo "soak: hostile-write, $HW_CASES cases from seed $hw_start"
-    if ! "$PY" tests/hostile_write.py --cases "$HW_CASES" --start "$hw_start" --jobs "${HOSTILE_WRITE_JOBS:-2}"; then
+# One seeded suite: CASES cases from a random seed of TOOL (a script in tests/), its
+# extra arguments after; a failure sets the status and says how to reproduce a case.
+seeded() {  # seeded CASES "WHAT" "HOW A FAILURE IS REPRODUCED" TOOL [ARGS...]
+    local cases=$1 what=$2 again=$3 tool=$4
+    shift 4
+    [ "$cases" -gt 0 ] || return 0
+    local from
+    from=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+    echo "soak: $what, $cases cases from seed $from"
+    if ! "$PY" "tests/$tool" --cases "$cases" --start "$from" "$@"; then
         status=1
-        echo "soak: hostile-write FAILED (each violation above names its seed: $PY tests/hostile_write.py --seed N)"
+        echo "soak: $what FAILED (each case above names its seed: $again)"
     fi
-fi
-HWM_CASES=${HOSTILE_WRITE_MOUNT_CASES:-300}
-if [ "$HWM_CASES" -gt 0 ]; then
-    hw_start=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
-    echo "soak: hostile-write through FUSE mounts, $HWM_CASES cases from seed $hw_start"
-    if ! "$PY" tests/hostile_write.py --mount --cases "$HWM_CASES" --start "$hw_start" \
-            --jobs "${HOSTILE_WRITE_JOBS:-2}"; then
-        status=1
-        echo "soak: hostile-write (mount) FAILED (reproduce: $PY tests/hostile_write.py --mount --seed N)"
-    fi
-fi
-DF_CASES=${DIFFERENTIAL_CASES:-300}
-if [ "$DF_CASES" -gt 0 ]; then
-    df_start=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
-    echo "soak: the commands against qemu-img, $DF_CASES cases from seed $df_start"
-    if ! "$PY" tests/differential.py --cases "$DF_CASES" --start "$df_start"; then
-        status=1
-        echo "soak: differential FAILED (each mismatch above names its seed)"
-    fi
-fi
+}
+seeded "${HOSTILE_WRITE_CASES:-3000}" "hostile-write" "$PY tests/hostile_write.py --seed N" \
+    hostile_write.py --jobs "${HOSTILE_WRITE_JOBS:-2}"
+seeded "${HOSTILE_WRITE_MOUNT_CASES:-300}" "hostile-write through FUSE mounts" \
+    "$PY tests/hostile_write.py --mount --seed N" hostile_write.py --mount --jobs "${HOSTILE_WRITE_JOBS:-2}"
+seeded "${DIFFERENTIAL_CASES:-300}" "the commands against qemu-img" "$PY tests/differential.py --seed N" \
+    differential.py
+seeded "${REPAIR_CASES:-500}" "check --repair against qemu-img check -r all" \
+    "$PY tests/repair_differential.py --seed N" repair_differential.py
 exit $status

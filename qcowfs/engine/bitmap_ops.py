@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bitmaps import Bitmap, find, mark_bits, read_bitmap, usable
+from .bitmaps import Bitmap, broken, find, mark_bits, read_bitmap, table_entry_problem, usable
 from ..errors import RequestError
-from ..format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARITY_BITS,
+from ..format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARITY_BITS, BME_TABLE_ALL_ONES,
                      BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS, BME_TABLE_OFFSET_MASK,
                      BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
                      with_extension)
@@ -158,6 +158,96 @@ async def _write_table(meta: Metadata, txn: Transaction, bm: Bitmap, bits: bytea
     at = await txn.allocate(max(1, len(raw)))
     meta.write(at, raw.ljust(-(-max(1, len(raw)) // cs) * cs, b"\0"), f"bitmap '{bm.name}' table")
     return table, at
+
+
+# ---- check --repair ----------------------------------------------------------------------
+
+async def mend(meta: Metadata, bitmaps: list[Bitmap]) -> tuple[list[Bitmap], list[str]]:
+    """`check --repair`, before the refcounts are rebuilt: the bitmaps as an
+    image must hold them for QEMU to open it, and what was done, one line each.
+
+    - An extension a program without bitmap support left (autoclear bit
+      clear) is dropped, as QEMU drops it at its first write; its clusters
+      are leaks the rebuild frees.
+    - A bitmap whose directory entry QEMU refuses (type, granularity, flags,
+      table size or place) is removed: what it tracked cannot be read.
+    - A table entry QEMU refuses (reserved bits, a misaligned cluster), or
+      whose data cluster lies past the end of the file or on metadata,
+      becomes "all ones": that part of the bitmap reads dirty, so a backup
+      driven by it copies too much, never too little. (qemu-img check -r all
+      leaves such entries; its rebuild may then place new refcount blocks
+      where they point.)
+
+    No refcount changes: the rebuild counts what the mended tables name."""
+    h, cs, end = meta.header, meta.geo.cluster_size, meta.file.known_size
+    if not bitmaps:
+        return bitmaps, []
+    if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+        done = [f"Dropped the bitmaps extension ({len(bitmaps)} bitmaps): a program without "
+                "bitmap support wrote the image since they were stored"]
+        await _switch_directory(meta, bitmaps, [])
+        return [], done
+    kept: list[Bitmap] = []
+    done = []
+    for bm in bitmaps:
+        why = broken(bm, cs, end)
+        if why is not None:
+            done.append(f"Removed bitmap '{bm.name}': {why}")
+            continue
+        e = bm.entry
+        table = bm.table or list(struct.unpack(f">{e.bitmap_table_size}Q",
+                                               meta.file.read_sync(e.bitmap_table_offset, e.bitmap_table_size * 8)))
+        for i, t in enumerate(table):
+            off = t & BME_TABLE_OFFSET_MASK
+            why = table_entry_problem(t, cs) or (
+                "its data cluster lies past the end of the file" if off and off + cs > end else
+                "its data cluster is on metadata" if off and meta.overlap.kinds_at(off, cs) else None)
+            if why is not None:
+                meta.write(e.bitmap_table_offset + 8 * i, struct.pack(">Q", BME_TABLE_ALL_ONES),
+                           "bitmap table entry", ignore=Kind.BITMAP_TABLE)
+                table[i] = BME_TABLE_ALL_ONES
+                done.append(f"Repaired bitmap '{bm.name}': table entry {i} ({why}) now marks its "
+                            "range all dirty")
+        if bm.table:
+            bm.table = table
+        if bm.damaged:  # (its table entries were all it had wrong: broken() said nothing)
+            bm.damaged, bm.problem = False, None
+        kept.append(bm)
+    if done:
+        await meta.file.sync()
+    if len(kept) < len(bitmaps):
+        await _switch_directory(meta, bitmaps, kept)
+    return kept, done
+
+
+async def _switch_directory(meta: Metadata, old: list[Bitmap], kept: list[Bitmap]) -> None:
+    """A new bitmap directory of KEPT, after the end of the file, and the
+    header switched to it (none: the extension dropped), without refcount
+    changes (a repair's rebuild follows)."""
+    h, cs = meta.header, meta.geo.cluster_size
+    for bm in old:
+        if all(bm is not k for k in kept):
+            # (First: a removed table may lie past the end of the file, where
+            # the new directory goes. A crash before the switch leaves the old
+            # directory naming that table as broken as it was, no worse.)
+            _drop_table(meta, bm)
+    directory = b"".join(bm.entry.pack() for bm in kept)
+    ext: BitmapsExtension | None = None
+    if kept:
+        at = -(-meta.file.known_size // cs) * cs
+        meta.write(at, directory, "new bitmap directory")
+        await meta.file.sync()
+        ext = BitmapsExtension(len(kept), len(directory), at)
+    raw = h.extension(EXT_BITMAPS)
+    before = BitmapsExtension.parse(raw) if raw else None
+    await meta.update(extensions=with_extension(list(h.extensions), EXT_BITMAPS, ext.pack() if ext else None),
+                      autoclear_features=(h.autoclear_features | AUTOCLEAR_BITMAPS) if kept
+                      else h.autoclear_features & ~AUTOCLEAR_BITMAPS,
+                      bitmap_directory=[bm.entry for bm in kept])
+    if before is not None and before.directory_size:
+        meta.drop_structure(Kind.BITMAP_DIRECTORY, before.directory_offset, before.directory_size)
+    if ext is not None:
+        meta.add_structure(Kind.BITMAP_DIRECTORY, ext.directory_offset, ext.directory_size)
 
 
 def _give_back(txn: Transaction, bm: Bitmap, cs: int) -> None:

@@ -101,15 +101,15 @@ def _validate(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
     """What makes BM unusable, or None: first what QEMU refuses the image for
     (see Bitmap.damaged), then being in use."""
     e = bm.entry
-    broken = _broken(bm, cluster_size, file_size)
-    if broken is not None:
-        return broken
+    why = broken(bm, cluster_size, file_size)
+    if why is not None:
+        return why
     if e.flags & BME_IN_USE:
         return "in use (not saved cleanly: QEMU does not trust it either)"
     return None
 
 
-def _broken(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
+def broken(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
     """A constraint of the directory entry broken (QEMU refuses the image), or None."""
     e = bm.entry
     if e.type != BME_TYPE_DIRTY_TRACKING:
@@ -131,7 +131,7 @@ def _broken(bm: Bitmap, cluster_size: int, file_size: int) -> str | None:
     return None
 
 
-def _table_entry_problem(entry: int, cluster_size: int) -> str | None:
+def table_entry_problem(entry: int, cluster_size: int) -> str | None:
     """What QEMU's check_table_entry refuses in a bitmap table entry, or None."""
     if entry & BME_TABLE_RESERVED_MASK:
         return "reserved bits set"
@@ -169,13 +169,13 @@ def load_bitmaps(header: Header, file: HostFile) -> list[Bitmap]:
                       "(autoclear bit clear: the image was written by a program that ignores bitmaps)")
         if bm.problem is None:
             bm.problem = _validate(bm, cs, file.known_size)
-            bm.damaged = _broken(bm, cs, file.known_size) is not None
+            bm.damaged = broken(bm, cs, file.known_size) is not None
         if bm.problem is None:
             rawt = file.read_sync(e.bitmap_table_offset, e.bitmap_table_size * 8)
             bm.table = list(struct.unpack(f">{e.bitmap_table_size}Q", rawt))
-            bad = next((i for i, t in enumerate(bm.table) if _table_entry_problem(t, cs)), None)
+            bad = next((i for i, t in enumerate(bm.table) if table_entry_problem(t, cs)), None)
             if bad is not None:
-                bm.problem = f"bitmap table entry {bad} is invalid ({_table_entry_problem(bm.table[bad], cs)})"
+                bm.problem = f"bitmap table entry {bad} is invalid ({table_entry_problem(bm.table[bad], cs)})"
                 bm.damaged = True
         bitmaps.append(bm)
     return bitmaps

@@ -7,16 +7,20 @@ Return codes follow qemu-img check: 0 clean, 1 check failed, 2 corruptions,
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..errors import QcowError
-from ..format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK
+from ..format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+                      OFLAG_ZERO, SC_ALL)
 from . import EXIT_CLEAN, EXIT_CORRUPT, EXIT_FAILED, EXIT_LEAKS
 from .image import Image
-from .references import count_references, read_entries, stored_refcounts
+from .metadata import Metadata
+from .overlap import Kind
+from .references import L2Refs, count_references, read_entries, stored_refcounts, walk
 from .refcount import copied_errors, stored_refcount
 
 MAX_MESSAGES = 100
@@ -123,6 +127,40 @@ def check_image(image: Image, progress: Callable[[float], None] | None = None) -
     return result
 
 
+async def mend_l2_entries(meta: Metadata) -> list[str]:
+    """`check --repair`, before the rebuild: a preallocated zero cluster (an
+    entry that reads zeros but names a host cluster) at an offset inside a
+    cluster becomes a plain zero cluster, as qemu-img check -r all makes it;
+    v2 has no zero flag, so there it becomes unallocated (it read zeros only
+    through the flag v2 does not have). Data clusters at such offsets are
+    left as they are (their data cannot be found): check reports them.
+    In every L2 table, active or a snapshot's; one line per entry."""
+    geo, cs = meta.geo, meta.geo.cluster_size
+    done: list[str] = []
+    seen: set[int] = set()
+    for ref in walk(meta, refcount_structure=False):
+        if not isinstance(ref, L2Refs) or ref.offset in seen:
+            continue
+        seen.add(ref.offset)
+        host = ref.words & np.uint64(L2E_OFFSET_MASK)
+        odd = ((ref.words & np.uint64(OFLAG_COMPRESSED)) == 0) & (host % np.uint64(cs) != 0)
+        if ref.bitmaps is None:
+            odd &= (ref.words & np.uint64(OFLAG_ZERO)) != 0
+        else:
+            odd &= (ref.bitmaps & np.uint64(SC_ALL)) == 0
+        for k in np.flatnonzero(odd).tolist():
+            if ref.bitmaps is None:
+                entry = struct.pack(">Q", OFLAG_ZERO if meta.header.version >= 3 else 0)
+            else:
+                entry = struct.pack(">QQ", 0, int(ref.bitmaps[k]) & ~SC_ALL)
+            meta.write(ref.offset + k * len(entry), entry, "L2 entry", ignore=Kind.ACTIVE_L2 | Kind.INACTIVE_L2)
+            done.append(f"Repairing offset={int(host[k]):x}: Preallocated cluster is not properly aligned; "
+                        "L2 entry corrupted.")
+    if done:
+        await meta.file.sync()
+    return done
+
+
 async def check(image: Image, repair: bool = False,
                 progress: Callable[[float], None] | None = None) -> CheckResult:
     """Check IMAGE; with REPAIR (an image opened for repair) rebuild its
@@ -135,6 +173,8 @@ async def check(image: Image, repair: bool = False,
     if not repair or not (result.corruptions or result.leaks or dirty):
         return result
     mended = await image.mend_snapshots()
+    mended += await image.mend_bitmaps()
+    mended += await mend_l2_entries(image.meta)
     await image.rebuild_refcounts()
     if dirty:
         await image.meta.update(incompatible_features=lambda bits: bits & ~INCOMPAT_DIRTY)

@@ -116,11 +116,14 @@ class Image:
             raise InvalidImageError(f"backing chain is deeper than {MAX_CHAIN_DEPTH}")
         h = Header.parse(self.file.read_sync(0, 1 << 21))
         self.geo = Geometry.from_header(h)
-        truncated = validate_header(h, self.geo, self.file.known_size)
-        if truncated and not self.read_only:
+        truncated = validate_header(h, self.geo, self.file.known_size, self.options.repair)
+        # (A repair reads what lies past the end as zeros too, as QEMU's check
+        # does, and mends what it can around it.)
+        salvage = self.read_only or self.options.repair
+        if truncated and not salvage:
             raise InvalidImageError(f"{truncated[0]} (open it read-only to read what is left)")
         self.luks, self.cipher = open_encryption(h, self.geo, self.file, self.options)
-        meta = self.meta = Metadata(self.file, h, self.geo, salvage=self.read_only)
+        meta = self.meta = Metadata(self.file, h, self.geo, salvage=salvage)
         # What a read-only open left out (damaged snapshot table or bitmap
         # directory): the active disk is still served, as qemu-img convert does.
         self.left_out: list[str] = []
@@ -136,7 +139,7 @@ class Image:
                 raise InvalidImageError(f"{damage}: open it read-only to read the disk")
             self.salvaged.append(damage)
         meta.snapshots = self._optional("snapshot table", "snapshots",
-                                        lambda: read_snapshot_table(h, self.geo, self.file))
+                                        lambda: read_snapshot_table(h, self.geo, self.file, self.options.repair))
         self.bitmaps: list[Bitmap] = self._optional("bitmap directory", "bitmaps",
                                                     lambda: load_bitmaps(h, self.file))
         meta.bitmap_directory = [bm.entry for bm in self.bitmaps]
@@ -151,7 +154,7 @@ class Image:
             self._load_l2, encode_table, self._write_l2)
         self.mapper = Mapper(self.geo, self.file, mapper_file, self.l2_cache,
                              encrypted=h.crypt_method != CRYPT_NONE, cipher=self.cipher,
-                             salvage=self.read_only)
+                             salvage=salvage)
         self.corrupt = False
         # Why what acknowledged writes changed could not be flushed when the
         # image was marked corrupt (None: it was, or it never was marked).
@@ -193,7 +196,7 @@ class Image:
                 # drops the entry before it writes anything else (mend_snapshots).
                 raise CorruptionError(f"{problem[0]}: the image can only be opened read-only")
         for bm in self.bitmaps:
-            if bm.damaged:
+            if bm.damaged and not self.options.repair:  # (a repair mends it first: mend_bitmaps)
                 # QEMU refuses to open such an image at all ("doesn't satisfy the
                 # constraints"); writing to it could only make that worse.
                 raise CorruptionError(f"bitmap '{bm.name}' is damaged ({bm.problem}): the image can "
@@ -205,7 +208,7 @@ class Image:
         cs = self.geo.cluster_size
         for bm in self.bitmaps:
             hit = next((off for off in data_clusters(bm) if self.meta.overlap.kinds_at(off, cs)), None)
-            if hit is not None:
+            if hit is not None and not self.options.repair:
                 # (Storing it at close would free "its" clusters: they are metadata.)
                 raise CorruptionError(f"bitmap '{bm.name}' has a data cluster at {hit:#x} on metadata: the "
                                       "image can only be opened read-only")
@@ -458,10 +461,17 @@ class Image:
         from . import snapshot_ops
         return await snapshot_ops.mend_table(self.meta)
 
+    async def mend_bitmaps(self) -> list[str]:
+        """A repair's change before the rebuild: bitmaps QEMU can open the
+        image with (bitmap_ops.mend). What was done, one line each."""
+        from . import bitmap_ops
+        self.bitmaps, done = await bitmap_ops.mend(self.meta, self.bitmaps)
+        return done
+
     async def rebuild_refcounts(self, progress: Callable[[float], None] | None = None) -> None:
         """A new refcount structure from the references (dirty image, repair)."""
         from .refcount import rebuild
-        await rebuild(self.meta, self.external_data, progress)
+        await rebuild(self.meta, self.external_data, progress, saturate=self.options.repair)
         self.reload_refcounts()
 
     @signals_corruption

@@ -119,6 +119,11 @@ class Metadata:
         may be written there even once the file has grown that far."""
         self.overlap.add_far(offset, length, kind)
 
+    def forget_past_end(self, kinds: Kind) -> None:
+        """What structures of KINDS a damaged image places past the end of
+        its file is nothing to keep (a rebuild replaces them all)."""
+        self.overlap.forget_far(kinds)
+
     def drop_structure(self, kind: Kind, offset: int, length: int) -> None:
         self.overlap.remove(offset, length, kind)
 

@@ -6,7 +6,9 @@ bad image refuses to open with one clear line instead of failing later.
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from . import DEFAULT_L2_CACHE_BYTES
 from . import chain
 from .chain import Lookup, Piece, Source
 from .mapper import DATA, zero_fill
+from .snapshots import too_much_extra
 
 if TYPE_CHECKING:
     from ..format.crypto import DiskCipher, LuksVolume
@@ -31,9 +34,8 @@ MAX_CHAIN_DEPTH = 64
 # The passphrases to try on the encrypted image at a path, in order, taken one
 # at a time (`host.secret.Keyring`): each layer of a chain may have its own.
 Passphrases = Callable[[str], Iterable[bytes]]
-# QEMU's limits on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA).
+# QEMU's limit on the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE).
 MAX_SNAPSHOT_TABLE = 64 << 20
-MAX_SNAPSHOT_EXTRA = 1024
 # The header bytes that hold the compression type (QEMU refuses the feature bit without them).
 COMPRESSION_TYPE_END = 105
 # Extended L2 entries need subclusters of at least 512 bytes.
@@ -207,11 +209,14 @@ def refuse_loop(image_path: str, backing: str, backing_fmt: str) -> None:
                              f"{os.path.normpath(backing)}: {how}")
 
 
-def validate_header(h: Header, geo: Geometry, file_size: int) -> list[str]:
+def validate_header(h: Header, geo: Geometry, file_size: int, repair: bool = False) -> list[str]:
     """Refuse a header whose fields QEMU would refuse (or that we cannot serve).
     What it names past the end of the file is not refused here but returned,
     one line each: QEMU reads zeros there, so a read-only open can salvage
-    what is left (a truncated image), where a writable one must refuse."""
+    what is left (a truncated image), where a writable one must refuse.
+    REPAIR (`check --repair`, which rebuilds the refcount structure): as
+    QEMU's check opens it, a refcount table that is empty, on the header or
+    past the end of the file is no reason to refuse the image."""
     truncated: list[str] = []
     cs = geo.cluster_size
     if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
@@ -242,9 +247,12 @@ def validate_header(h: Header, geo: Geometry, file_size: int) -> list[str]:
     if h.l1_size:
         truncated += check_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
     rt_bytes = h.refcount_table_clusters * cs
-    if rt_bytes > MAX_REFTABLE_BYTES or not h.refcount_table_clusters:
+    if rt_bytes > MAX_REFTABLE_BYTES or not (h.refcount_table_clusters or repair):
         raise InvalidImageError(f"invalid refcount table size ({h.refcount_table_clusters} clusters)")
-    truncated += check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
+    if not repair:
+        truncated += check_table("refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
+    elif h.refcount_table_offset % cs or h.refcount_table_offset + rt_bytes > MAX_FILE_OFFSET:
+        raise InvalidImageError(f"refcount table offset {h.refcount_table_offset:#x} is invalid")
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise InvalidImageError(f"too many snapshots ({h.nb_snapshots})")
     return truncated
@@ -280,22 +288,33 @@ def open_encryption(h: Header, geo: Geometry, file: HostFile, options: OpenOptio
     return luks, luks.unlock(options.passphrase(file.path), file.read_sync)
 
 
-def read_snapshot_table(h: Header, geo: Geometry, file: HostFile) -> list[SnapshotEntry]:
-    """The snapshot table, within QEMU's limits."""
-    if h.snapshots_offset % geo.cluster_size:  # QEMU checks it even with no snapshots
-        raise InvalidImageError("snapshot table offset is invalid")
+def read_snapshot_table(h: Header, geo: Geometry, file: HostFile, repair: bool = False) -> list[SnapshotEntry]:
+    """The snapshot table, within QEMU's limits. REPAIR (`check --repair`):
+    what the limits refuse is read as it is, for snapshot_ops.mend_table to
+    mend: an entry with too much extra data, the entries of a table too big
+    (those that fit are kept), and a table that cannot be found (no entries,
+    though the header counts some)."""
+    if h.snapshots_offset % geo.cluster_size and not (repair and h.nb_snapshots):
+        raise InvalidImageError("snapshot table offset is invalid")  # (QEMU checks it even with no snapshots)
     if not h.nb_snapshots:
         return []
-    if h.snapshots_offset < geo.cluster_size:
+    if h.snapshots_offset < geo.cluster_size or h.snapshots_offset % geo.cluster_size:
+        if repair:
+            return []
         raise InvalidImageError("snapshot table offset is invalid")
     if h.snapshots_offset >= file.known_size:
+        if repair:
+            return []
         raise TruncatedError("the snapshot table lies past the end of the image file")
     raw = file.read_sync(h.snapshots_offset, min(h.nb_snapshots * 1024 + 65536, MAX_SNAPSHOT_TABLE))
-    entries = SnapshotEntry.parse_table(raw, h.nb_snapshots)
-    if sum(len(e.pack()) for e in entries) > MAX_SNAPSHOT_TABLE:
-        raise InvalidImageError("snapshot table is too big")
+    entries = SnapshotEntry.parse_table(raw, h.nb_snapshots, partial=repair)
+    sizes = list(itertools.accumulate(len(e.pack()) for e in entries))
+    if sizes and sizes[-1] > MAX_SNAPSHOT_TABLE:
+        if not repair:
+            raise InvalidImageError("snapshot table is too big")
+        entries = entries[: bisect.bisect_right(sizes, MAX_SNAPSHOT_TABLE)]
     for e in entries:
-        if len(e.extra) > MAX_SNAPSHOT_EXTRA:
+        if too_much_extra(e) and not repair:
             raise InvalidImageError(f"snapshot {e.id_str} has too much extra data")
     return entries
 

@@ -71,6 +71,21 @@ class OverlapMap:
         """A structure (or its part) past the end of the file: see _far."""
         self._far.append((offset, offset + max(length, 1), int(kind)))
 
+    def forget_far(self, kinds: int) -> None:
+        """Forget what KINDS place past the end of the file (add_far)."""
+        self._far = [f for f in self._far if not f[2] & kinds]
+
+    def far_end(self, offset: int, length: int) -> int | None:
+        """The end of the last structure past the end of the file (add_far)
+        that [offset, offset+length) meets; None if it meets none."""
+        end = offset + max(length, 1)
+        ends = [e for s, e, _ in self._far if offset < e and s < end]
+        return max(ends) if ends else None
+
+    def clusters(self) -> list[int]:
+        """Every cluster inside the file that holds metadata."""
+        return list(self._kinds)
+
     def _far_kinds(self, offset: int, length: int) -> int:
         end = offset + max(length, 1)
         out = 0

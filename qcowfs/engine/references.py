@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..format import (SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, L1E_OFFSET_MASK,
+from ..format import (AUTOCLEAR_BITMAPS, SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, BitmapsExtension,
                      CryptoHeaderExtension, Header, SubclusterType, cluster_type,
                      compressed_shift,
@@ -160,7 +160,9 @@ def walk(meta: Metadata, *, refcount_structure: bool = True, l2_contents: bool =
 
 def _bitmap_refs(meta: Metadata) -> Iterator[Ref]:
     data = meta.header.extension(EXT_BITMAPS)
-    if data is None:
+    if data is None or not meta.header.autoclear_features & AUTOCLEAR_BITMAPS:
+        # (An extension a program without bitmap support left behind: QEMU
+        # ignores it, and its check calls its clusters leaks.)
         return
     ext = BitmapsExtension.parse(data)
     yield Ref(Kind.BITMAP_DIRECTORY, "bitmap directory", ext.directory_offset, ext.directory_size)
@@ -296,9 +298,9 @@ def _count_tables(out: Counted, refs: list[L2Refs], corruption: Report, geo: Geo
         words = np.concatenate([refs[i].words for i in simple])
         at = np.flatnonzero(words)
         e, row = (words[at] if len(at) < len(words) else words), at // width
-        # Compressed, reserved bits, or (in the image file) a data cluster
-        # not aligned or past the end: told by _count_table.
-        odd = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | (0 if external else L2E_OFFSET_MASK & (cs - 1))
+        # Compressed, reserved bits, a data cluster not aligned (in the data
+        # file too, as QEMU checks it) or past the end: told by _count_table.
+        odd = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | (L2E_OFFSET_MASK & (cs - 1))
         host = np.zeros(len(e), np.uint64) if external else e & np.uint64(L2E_OFFSET_MASK)
         trouble = ((e & np.uint64(odd)) != 0) | (host >= np.uint64(len(out.counts) * cs))
         fast = np.ones(len(simple), bool)
@@ -338,12 +340,14 @@ def _count_table(out: Counted, ref: L2Refs, corruption: Report, geo: Geometry, e
                 if w & OFLAG_COMPRESSED and b else None)
             if why:
                 corruption(f"ERROR L2 table {ref.offset:#x} entry {k}: {why}")
-    data = ref.data_clusters(external)
+    data = data_host_offsets(ref.words)  # (in the data file too: QEMU checks their alignment)
     bad = data % np.uint64(cs) != 0
     if bad.any():
         for off in data[bad].tolist():
             corruption(f"ERROR data cluster offset {off:#x} is not cluster aligned")
         data = data[~bad]
+    if external:
+        data = data[:0]  # (the data file's clusters have no refcounts)
     idx = (data // np.uint64(cs)).astype(np.int64)
     past = idx >= len(out.counts)
     for off in data[past].tolist():

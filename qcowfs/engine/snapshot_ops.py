@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import TableCache
 from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
-from ..format import (NO_ICOUNT, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..format import (NO_ICOUNT, SNAPSHOT_HEADER_SIZE, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry, Table, encode_table)
 from ..format.bulk import l2_words
 from .metadata import Metadata
@@ -333,6 +333,10 @@ async def mend_table(meta: Metadata) -> list[str]:
             kept.append(replace(s, extra=_EXTRA.pack(s.state_size, size, icount), vm_state_size_large=s.state_size,
                                 disk_size=size, icount=icount))
             done.append(f"Repaired snapshot {s.id_str} ({s.name}): {problem[0]}")
+    lost = h.nb_snapshots - len(meta.snapshots)  # (opening.read_snapshot_table, for a repair)
+    if lost:
+        done.append(f"Deleted {lost} snapshot{'s' if lost > 1 else ''} whose entries cannot be read "
+                    "(the snapshot table's offset or size is invalid)")
     if not done:
         return done
     at = 0
@@ -340,7 +344,8 @@ async def mend_table(meta: Metadata) -> list[str]:
         at = -(-meta.file.known_size // cs) * cs
         meta.write(at, _table_bytes(kept), "new snapshot table")
         await meta.file.sync()
-    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
+    # (As references.walk counted it: a table that cannot be read, its first entry's header.)
+    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)) or (SNAPSHOT_HEADER_SIZE if h.nb_snapshots else 0))
     await meta.update(snapshots_offset=at, nb_snapshots=len(kept), snapshots=kept)
     _swap_snapshot_table(meta, old_table, at, kept)
     return done

@@ -46,6 +46,16 @@ def snapshot_disk_size(entry: SnapshotEntry, header_size: int) -> int:
     return size & ~511  # QEMU counts whole sectors
 
 
+# QEMU's limit on a snapshot entry's extra data (QCOW_MAX_SNAPSHOT_EXTRA_DATA).
+MAX_SNAPSHOT_EXTRA = 1024
+
+
+def too_much_extra(entry: SnapshotEntry) -> bool:
+    """More extra data than QEMU reads: it refuses the image, and its repair
+    keeps what it knows of the extra data."""
+    return len(entry.extra) > MAX_SNAPSHOT_EXTRA
+
+
 def snapshot_problem(entry: SnapshotEntry, version: int, cluster_size: int,
                      file_size: int) -> tuple[str, bool] | None:
     """What is wrong with one snapshot entry, and whether its disk can still
@@ -58,4 +68,6 @@ def snapshot_problem(entry: SnapshotEntry, version: int, cluster_size: int,
         return f"snapshot {entry.id_str} L1 table offset is invalid", False
     if version >= 3 and len(entry.extra) < SNAPSHOT_MIN_EXTRA_V3:
         return f"snapshot {entry.id_str} has too little extra data", True
+    if too_much_extra(entry):  # (read only by a repair: opening.read_snapshot_table)
+        return f"snapshot {entry.id_str} has too much extra data", True
     return None

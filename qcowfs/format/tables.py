@@ -55,24 +55,33 @@ class SnapshotEntry:
         return self.vm_state_size_large if self.vm_state_size_large is not None else self.vm_state_size
 
     @classmethod
-    def parse_table(cls, buf: bytes, count: int) -> list["SnapshotEntry"]:
-        entries, pos = [], 0
+    def parse_table(cls, buf: bytes, count: int, partial: bool = False) -> list["SnapshotEntry"]:
+        """COUNT entries of the table BUF holds; PARTIAL (a repair): the entries
+        before the first that cannot be read, where that is an error otherwise."""
+        entries: list[SnapshotEntry] = []
+        pos = 0
         for _ in range(count):
+            problem = None
             if pos + SNAPSHOT_HEADER_SIZE > len(buf):
-                raise InvalidImageError("snapshot table is truncated")
-            (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmss,
-             extra_len) = _SNAPSHOT.unpack_from(buf, pos)
-            pos += SNAPSHOT_HEADER_SIZE
-            end = pos + extra_len + id_len + name_len
-            if end > len(buf):
-                raise InvalidImageError("snapshot table entry is truncated")
-            extra = bytes(buf[pos : pos + extra_len])
-            pos += extra_len
-            ident = bytes(buf[pos : pos + id_len]).decode("utf-8", "replace")
-            pos += id_len
-            name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
-            if max(len(ident.encode()), len(name.encode())) > 0xFFFF:
-                raise InvalidImageError("snapshot table entry has an id or name that is not UTF-8 text")
+                problem = "snapshot table is truncated"
+            else:
+                (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmss,
+                 extra_len) = _SNAPSHOT.unpack_from(buf, pos)
+                end = pos + SNAPSHOT_HEADER_SIZE + extra_len + id_len + name_len
+                if end > len(buf):
+                    problem = "snapshot table entry is truncated"
+                else:
+                    at = pos + SNAPSHOT_HEADER_SIZE
+                    extra = bytes(buf[at : at + extra_len])
+                    at += extra_len
+                    ident = bytes(buf[at : at + id_len]).decode("utf-8", "replace")
+                    name = bytes(buf[at + id_len : end]).decode("utf-8", "replace")
+                    if max(len(ident.encode()), len(name.encode())) > 0xFFFF:
+                        problem = "snapshot table entry has an id or name that is not UTF-8 text"
+            if problem is not None:
+                if partial:
+                    return entries
+                raise InvalidImageError(problem)
             pos = pad8(end)
             e = cls(l1_off, l1_size, ident, name, dsec, dnsec, clock, vmss, extra)
             if extra_len >= 8:

@@ -88,7 +88,9 @@ async def fix_copied(meta: Metadata, stored: np.ndarray, active_tables: dict[int
             host = e & L2E_OFFSET_MASK
             want = not e & OFLAG_COMPRESSED and (external or stored[host // geo.cluster_size] == 1)
             table[k * step] = (e | OFLAG_COPIED) if want else (e & ~OFLAG_COPIED)
-        meta.write(off, table.astype(">u8").tobytes(), "L2 table", ignore=Kind.ACTIVE_L2)
+        # (A snapshot may share the table, rightly or through damage: its
+        # flags follow the same refcounts.)
+        meta.write(off, table.astype(">u8").tobytes(), "L2 table", ignore=Kind.ACTIVE_L2 | Kind.INACTIVE_L2)
     if bad_l2:
         await meta.file.sync()
     l1 = meta.active_l1

@@ -16,19 +16,30 @@ from .copied import fix_copied
 
 
 async def rebuild(meta: Metadata, external: bool,
-                  progress: Callable[[float], None] | None = None) -> None:
+                  progress: Callable[[float], None] | None = None, saturate: bool = False) -> None:
     """Replace the refcount structure by one computed from the references,
     then make every COPIED flag exact. Crash-safe: the new blocks and table
     go where nothing lives (free clusters, else after the end of the file)
     and the header switches to them only once they are on disk; until then
     the old structure stands as it was.
-    (Inconsistent references are counted as they are; `qcowfs check` reports them.)"""
+    (Inconsistent references are counted as they are; `qcowfs check` reports them.
+    A cluster referenced more often than the refcount width counts refuses
+    the rebuild, unless SATURATE (a repair: its count stays at the most the
+    width holds, as QEMU's check leaves it, and check reports it).)"""
     counted = count_references(meta, lambda _msg: None, refcount_structure=False, progress=progress)
     counts = counted.counts
     geo, cs = meta.geo, meta.geo.cluster_size
     rpb, per_cluster = geo.refcounts_per_block, cs // 8
-    if counts.max(initial=0) > (1 << (1 << geo.refcount_order)) - 1:
-        raise QcowError("a cluster has more references than the refcount width can count")
+    most = (1 << (1 << geo.refcount_order)) - 1
+    if counts.max(initial=0) > most:
+        if not saturate:
+            raise QcowError("a cluster has more references than the refcount width can count")
+        counts = np.minimum(counts, most)
+    # Where a damaged refcount table names blocks (or itself lies) past the end
+    # of the file there is nothing to keep: the new structure may go there
+    # (QEMU's rebuild writes there too). What other damaged tables name past
+    # the end stays out of its way (_place_after_end).
+    meta.forget_past_end(Kind.REFCOUNT_TABLE | Kind.REFCOUNT_BLOCK)
     placed = _place_in_free_space(meta, counts) or _place_after_end(meta, counts)
     full, ranges, block_at, table_at, tclusters = placed
     table = np.zeros(tclusters * per_cluster, np.uint64)
@@ -76,6 +87,11 @@ def _place_in_free_space(meta: Metadata, counts: np.ndarray) -> Placement | None
     for off in refcount_table(meta.file, h):
         if off and off // cs < nfile:
             busy[off // cs] = True
+    # Every cluster a live structure touches, though no reference counts it: an
+    # L2 table at an offset inside a cluster (L1 entry damaged) spans the next
+    # one too, and the overlap check would refuse a block there.
+    taken = [c for c in meta.overlap.clusters() if c < nfile]
+    busy[taken] = True
     free = np.flatnonzero(~busy)
     nblocks, tclusters = len(set((np.flatnonzero(counts) // rpb).tolist())), 1
     for _ in range(8):
@@ -108,8 +124,28 @@ def _place_after_end(meta: Metadata, counts: np.ndarray) -> Placement:
     area = max(len(counts), -(-meta.file.known_size // cs))
     nblocks, tclusters = len(set((np.flatnonzero(counts) // rpb).tolist())) + 1, 1
     while True:
-        own = list(range(area, area + nblocks + tclusters))
+        at = _clear_run(meta, area, nblocks + tclusters)
+        own = list(range(at, at + nblocks + tclusters))
         full, ranges, t = _layout(counts, rpb, per_cluster, own)
         if (len(ranges), t) == (nblocks, tclusters):
-            return full, ranges, [(area + j) * cs for j in range(nblocks)], (area + nblocks) * cs, tclusters
+            return full, ranges, [(at + j) * cs for j in range(nblocks)], (at + nblocks) * cs, tclusters
         nblocks, tclusters = len(ranges), t
+
+
+# How far past the end of the file a rebuild goes to keep clear of what damaged
+# tables place there (clusters): beyond it the repair is refused, not the
+# refcounts of a huge sparse file counted.
+MAX_SKIP_PAST_END = 1 << 16
+
+
+def _clear_run(meta: Metadata, area: int, n: int) -> int:
+    """The first cluster from AREA (the end of the file) that starts N clusters
+    on which no damaged table places a structure (an L2 table, a bitmap table
+    past the end of the file: writing there would give them content)."""
+    cs, at = meta.geo.cluster_size, area
+    while (end := meta.overlap.far_end(at * cs, n * cs)) is not None:
+        at = -(-end // cs)
+        if at - area > MAX_SKIP_PAST_END:
+            raise QcowError("damaged tables place structures past the end of the file where a new "
+                            "refcount structure would go: cannot repair")
+    return at
