@@ -933,7 +933,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                     plan.backing = raw
             plan.align = out.cluster_size
             plan.zero_init = (target_is_zero or backing_file is not None) if opts is None else opts.reads_zeros
-            if plan.granularity:
+            if plan.granularity and not target_is_zero:
+                # (zeros stay holes by the cluster; in a target said to read zeros, blocks of
+                # -S's size are left out inside clusters too, as qemu-img leaves them)
                 plan.granularity = out.cluster_size
             await _convert.copy(source, _QcowTarget(out), plan)
             for bm in broken:
