@@ -812,7 +812,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     anything is written, unless SKIP_BROKEN_BITMAPS (then it is left out,
     with a warning). A bitmap DST (-n) already has by that name is refused
     before anything is written too."""
-    from .engine import bitmap_ops, convert as _convert, create as _create
+    from .engine import convert as _convert, create as _create
     from .host.logs import log
 
     src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -919,7 +919,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                                        f"{size} (as in qemu-img, -n does not grow it)")
                 if copies and out.engine.header.version < 3:
                     raise UsageError(f"--bitmaps: {dst} is a version 2 image, which has no persistent bitmaps")
-                bitmap_ops.plan_copies(out.engine.meta, out.engine.bitmaps, copies)   # (names free: else refused)
+                if copies:   # (names free, else refused; bitmap_ops loads numpy: only for bitmaps)
+                    from .engine import bitmap_ops
+                    bitmap_ops.plan_copies(out.engine.meta, out.engine.bitmaps, copies)
             await out.prepare()
             if backing_file is not None:
                 if backing_fmt == "qcow2":

@@ -253,6 +253,22 @@ def test_refusals_touch_nothing(tmp_path: Path, args: list[str], make, ours_says
     assert q.returncode == 1 and qemu_says in q.stderr, q.stderr
 
 
+def test_n_target_held_by_another_program(tmp_path: Path):
+    """-n into an image another program holds for writing (here qcowfs's own library,
+    as a VM would): refused in one line, the target untouched, as qemu-img refuses it."""
+    import qcowfs as library
+
+    src = source(tmp_path)
+    dst = old_qcow2(tmp_path / "dst")
+    with library.open(dst, "r+"):
+        before = dst.read_bytes()
+        p = qcowfs("convert", "-n", "-O", "qcow2", src, dst)
+        one_line_error(p, "in use")
+        assert dst.read_bytes() == before
+        q = run(["qemu-img", "convert", "-n", "-O", "qcow2", src, dst])
+        assert q.returncode == 1 and "lock" in q.stderr, q.stderr
+
+
 # ---- --salvage ---------------------------------------------------------------------------------
 
 def _scenario(sid: str):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Protocol
 
 from ..format.compression import compress_cluster
-from ..errors import QcowError, RequestError
+from ..errors import PassphraseError, QcowError, RequestError
 from ..host.hostfile import HostFile
 from ..host.waiting import drive, in_thread
 from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
@@ -121,6 +121,8 @@ class Salvaging:
     async def data_ranges(self) -> list[tuple[int, int]]:
         try:
             return await self._src.data_ranges()
+        except PassphraseError:
+            raise   # (no key: nothing to salvage, every read would fail)
         except (QcowError, OSError) as e:
             self._warn(f"error while reading the allocation map: {_why(e)}; every range is read")
             return [(0, self.size)]
@@ -128,29 +130,31 @@ class Salvaging:
     async def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
         n = max(0, min(len(buf), self.size - offset))
         view = memoryview(buf)[:n]
-        if await self._read(view, offset):
+        if await self._read(view, offset) is None:
             return n
         pos = offset
         while pos < offset + n:   # (pieces aligned to SALVAGE_PIECE)
             end = min(offset + n, (pos // SALVAGE_PIECE + 1) * SALVAGE_PIECE)
-            if not await self._read(view[pos - offset : end - offset], pos):
+            if await self._read(view[pos - offset : end - offset], pos) is not None:
                 for sector in range(pos, end, SECTOR):
                     last = min(end, sector + SECTOR)
                     piece = view[sector - offset : last - offset]
-                    try:
-                        await self._src.readinto(piece, sector)
-                    except (QcowError, OSError) as e:
+                    error = await self._read(piece, sector)
+                    if error is not None:
                         piece[:] = bytes(len(piece))
-                        self._failed(sector, last, _why(e))
+                        self._failed(sector, last, _why(error))
             pos = end
         return n
 
-    async def _read(self, view: memoryview, offset: int) -> bool:
+    async def _read(self, view: memoryview, offset: int) -> BaseException | None:
+        """VIEW read from the source at OFFSET: None, or the error that failed it."""
         try:
             await self._src.readinto(view, offset)
-        except (QcowError, OSError):
-            return False
-        return True
+        except PassphraseError:
+            raise
+        except (QcowError, OSError) as e:
+            return e
+        return None
 
     def _failed(self, start: int, end: int, why: str) -> None:
         if self._run is not None and self._run[1] == start and self._run[2] == why:
