@@ -882,6 +882,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                                      "the copy is made")
             source = _QcowSource(image, _snapshot_key(snapshot) if snapshot is not None else None)
             if bitmaps:
+                if image._engine.header.version < 3:
+                    raise UsageError(f"--bitmaps: {src} is a version 2 image, which has no persistent bitmaps "
+                                     "(qemu-img: source lacks bitmap support)")
                 copies, broken = await _bitmaps_to_copy(image._engine, skip_broken_bitmaps)
         else:
             source = _convert.RawDisk(src_path, force_share)
@@ -895,7 +898,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             _create.check_references(dst_path, opts)  # (the image is made as TMP, published as DST)
             if opts.encrypt is not None and target_key is None:
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
-            if copies and opts.version < 3:
+            if bitmaps and opts.version < 3:
                 raise UsageError("--bitmaps: persistent bitmaps need a version 3 image (compat=1.1), as in QEMU")
         if backing_file is not None:  # (it must open: said as given, before anything is made)
             _create.backing_size(dst_path, backing_file, backing_fmt or "raw")
@@ -917,7 +920,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                 if out.virtual_size < size:
                     raise RequestError(f"{dst} is too small for the disk: {out.virtual_size} bytes, the disk "
                                        f"{size} (as in qemu-img, -n does not grow it)")
-                if copies and out.engine.header.version < 3:
+                if bitmaps and out.engine.header.version < 3:
                     raise UsageError(f"--bitmaps: {dst} is a version 2 image, which has no persistent bitmaps")
                 if copies:   # (names free, else refused; bitmap_ops loads numpy: only for bitmaps)
                     from .engine import bitmap_ops

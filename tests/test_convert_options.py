@@ -229,6 +229,9 @@ REFUSED = [
     ("bitmaps-raw-target", ["--bitmaps", "-O", "raw"], None, "qcow2 target", "does not support bitmaps"),
     ("bitmaps-v2-target", ["--bitmaps", "-O", "qcow2", "-o", "compat=0.10"], None, "version 3",
      "does not support bitmaps"),
+    ("bitmaps-n-v2-target", ["-n", "--bitmaps", "-O", "qcow2"], lambda p: old_qcow2(p, compat="0.10"),
+     "version 2", "does not support bitmaps"),
+    ("bitmaps-raw-source", ["--bitmaps", "-f", "raw", "-O", "qcow2"], None, "qcow2 source", "lacks bitmap support"),
 ]
 
 
@@ -251,6 +254,20 @@ def test_refusals_touch_nothing(tmp_path: Path, args: list[str], make, ours_says
     q = run(["qemu-img", "convert", *args, src, tmp_path / "theirs.img"] if make is None else
             ["qemu-img", "convert", *args, src, dst])
     assert q.returncode == 1 and qemu_says in q.stderr, q.stderr
+
+
+def test_bitmaps_of_a_version_2_source_are_refused(tmp_path: Path):
+    """--bitmaps from a version 2 image (which cannot have any) and into one, without a
+    bitmap to copy: refused as qemu-img refuses them, nothing made."""
+    v2 = images.create(tmp_path / "v2.qcow2", MiB, compat="0.10")
+    p = qcowfs("convert", "--bitmaps", "-O", "qcow2", v2, tmp_path / "out.qcow2")
+    one_line_error(p, "version 2")
+    q = run(["qemu-img", "convert", "--bitmaps", "-O", "qcow2", v2, tmp_path / "theirs.qcow2"])
+    assert q.returncode == 1 and "lacks bitmap support" in q.stderr, q.stderr
+    plain = images.create(tmp_path / "plain.qcow2", MiB)
+    p = qcowfs("convert", "--bitmaps", "-O", "qcow2", "-o", "compat=0.10", plain, tmp_path / "out.qcow2")
+    one_line_error(p, "version 3")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["plain.qcow2", "v2.qcow2"]
 
 
 def test_n_target_held_by_another_program(tmp_path: Path):
