@@ -18,7 +18,7 @@ _qcowfs_spec() {
         checkpoint) _qcowfs_opts='-h --help --json -q --quiet' _qcowfs_valued='' _qcowfs_positionals='images none' ;;
         map) _qcowfs_opts='-h --help --snapshot --bitmap --output -U --force-share' _qcowfs_valued='--snapshot=none --bitmap=none --output=choices:human|json' _qcowfs_positionals='images' ;;
         create) _qcowfs_opts='-h --help -f -o -b -F -u --key-file -q --quiet' _qcowfs_valued='-f=files -o=mountopts -b=files -F=files --key-file=files' _qcowfs_positionals='images none' ;;
-        convert) _qcowfs_opts='-h --help -f -O -o -c -l -B -F -S -p -t -T -W -m -U --force-share --key-file --target-key-file -q --quiet' _qcowfs_valued='-f=choices:qcow2|raw -O=choices:qcow2|raw -o=mountopts -l=files -B=files -F=files -S=none -t=files -T=files -m=files --key-file=files --target-key-file=files' _qcowfs_positionals='files files' ;;
+        convert) _qcowfs_opts='-h --help -f -O -o -c -l -B -F -S -p -t -T -W -m -U --force-share --key-file --target-key-file -n --target-is-zero --salvage --bitmaps --skip-broken-bitmaps -q --quiet' _qcowfs_valued='-f=choices:qcow2|raw -O=choices:qcow2|raw -o=mountopts -l=files -B=files -F=files -S=none -t=files -T=files -m=files --key-file=files --target-key-file=files' _qcowfs_positionals='files files' ;;
         resize) _qcowfs_opts='-h --help --shrink -q --quiet' _qcowfs_valued='' _qcowfs_positionals='images none' ;;
         commit) _qcowfs_opts='-h --help -b -d -p --key-file -q --quiet' _qcowfs_valued='-b=files --key-file=files' _qcowfs_positionals='files' ;;
         rebase) _qcowfs_opts='-h --help -u -b -F -p -U --force-share --key-file -q --quiet' _qcowfs_valued='-b=files -F=choices:qcow2|raw --key-file=files' _qcowfs_positionals='images' ;;

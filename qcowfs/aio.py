@@ -28,7 +28,8 @@ from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
 from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format
 from .engine.snapshots import BY_ID, find_snapshot, snapshot_disk_size, snapshot_problem
-from .errors import CorruptionError, NoSpaceError, QcowError, ReadOnlyError, ResizeError, UsageError
+from .errors import (CorruptionError, NoSpaceError, QcowError, ReadOnlyError, RequestError, ResizeError,
+                     UsageError)
 from .format import SnapshotEntry
 from .host.secret import Keyring
 from .host.hostfile import same_file
@@ -754,7 +755,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   key_file: KeyFile = None, target_passphrase: Passphrase = None,
                   target_key_file: str | os.PathLike[str] | None = None,
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
-                  compress_threads: int | None = None, **options: Any) -> None:
+                  compress_threads: int | None = None, skip_create: bool = False, target_is_zero: bool = False,
+                  salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
+                  **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -776,14 +779,55 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     never flushes; any other mode makes DST durable (fsync) before it
     appears under its name. DST appears complete or not at all: it is written under a
     temporary name next to it and renamed at the end (removed on failure;
-    a killed process leaves a hidden .DST.qcowfs-* file behind)."""
+    a killed process leaves a hidden .DST.qcowfs-* file behind).
+
+    SKIP_CREATE (qemu-img -n): DST exists, an image of OUT_FORMAT at least
+    as large as SRC's disk (else refused, as qemu-img refuses "output file
+    is smaller than input file"), and is written in place: what SRC holds
+    is written, and every range of SRC that reads zeros is zeroed in DST
+    (zero clusters, or holes punched in a raw file), so DST reads as SRC
+    whatever it held; what lies beyond SRC's size is left as it is. OPTIONS
+    are refused with it (qemu-img: "-o has no effect when skipping image
+    creation"); TARGET_PASSPHRASE / TARGET_KEY_FILE open an encrypted DST.
+    With BACKING_FILE, DST is taken to be an image over that file already
+    (its backing file is not changed, as in qemu-img): what differs from
+    BACKING_FILE is written, the rest of DST left as it is. A failure
+    midway (a read error, a full disk, a kill) leaves DST partly written:
+    consistent (clean in `qemu-img check`), its content a mix of old and
+    new, as qemu-img -n leaves it.
+    TARGET_IS_ZERO (--target-is-zero, only with SKIP_CREATE, as in
+    qemu-img): DST is taken to read zeros already: ranges of zeros are not
+    written.
+    SALVAGE (--salvage): a read of SRC that fails (a damaged table or
+    cluster, an I/O error) does not stop the copy: it is done again in
+    smaller pieces, down to 512-byte sectors, and the sectors that still
+    fail are written as zeros; each run of them is one warning of the
+    qcowfs logger ("error while reading offset N (M bytes): why; written
+    as zeros"); a map that cannot be read is one warning too (then every
+    range is read).
+    BITMAPS (--bitmaps; a qcow2 SRC and DST): every persistent bitmap of SRC
+    (its own, not its backing files') is copied into DST once the data is:
+    name, granularity, enabled or disabled, the same granules dirty. An
+    inconsistent one (in use: not saved cleanly) is refused, before
+    anything is written, unless SKIP_BROKEN_BITMAPS (then it is left out,
+    with a warning). A bitmap DST (-n) already has by that name is refused
+    before anything is written too."""
     from .engine import convert as _convert, create as _create
+    from .host.logs import log
 
     src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     if out_format not in ("qcow2", "raw"):
         raise UsageError(f"output format '{out_format}' is not supported (qcow2 or raw)")
     if src_format not in (None, "qcow2", "raw"):
         raise UsageError(f"source format '{src_format}' is not supported (qcow2 or raw)")
+    if target_is_zero and not skip_create:
+        raise UsageError("--target-is-zero needs -n (skip_create), as in qemu-img: a new image reads zeros")
+    if skip_broken_bitmaps and not bitmaps:
+        raise UsageError("--skip-broken-bitmaps needs --bitmaps, as in qemu-img")
+    if skip_create and options:
+        raise UsageError("-o has no effect when skipping image creation (-n), as in qemu-img")
+    if bitmaps and out_format != "qcow2":
+        raise UsageError("--bitmaps needs a qcow2 target (-O qcow2): a raw image has no bitmaps")
     if out_format == "raw" and (compress or options or backing_file is not None):
         raise UsageError("-c, -o and -B need a qcow2 target (-O qcow2)")
     check_cache_mode(cache)
@@ -793,6 +837,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError("compress_threads must be at least 1")
     if not os.path.exists(src_path):
         raise QcowError(f"could not open {src}: No such file or directory")
+    if skip_create and not os.path.exists(dst_path):
+        raise QcowError(f"could not open {dst}: No such file or directory (-n writes into an existing image)")
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
         raise UsageError("the source and the destination are the same file")
     if backing_file is not None and backing_fmt is None:
@@ -804,23 +850,29 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     fmt = src_format or _probe(src_path)
     if snapshot is not None and fmt != "qcow2":
         raise UsageError("-l (snapshot) needs a qcow2 source")
+    if bitmaps and fmt != "qcow2":
+        raise UsageError("--bitmaps needs a qcow2 source: a raw image has no bitmaps")
     target_keys = _keyring(target_passphrase, target_key_file)
-    target_key = _new_key(target_keys, None, dst_path)
+    target_key = None if skip_create else _new_key(target_keys, None, dst_path)
     # (the source's passphrase opens its backing chain, and the -B file too: mostly the
     # source's own backing file)
     src_key = _keyring(passphrase, key_file)
     closers: list[Callable[[], Awaitable[None]]] = []
     final = _create.replaced_file(dst_path)
     # A block device is written in place (raw only), not replaced: what the
-    # source does not hold is zeroed there, and a failure leaves it partly written.
+    # source does not hold is zeroed there, and a failure leaves it partly
+    # written. So is an existing image with -n.
     device = _create.target_is_device(final)
     if device and out_format != "raw":
         _create.refuse_device(final)
-    tmp = final if device else _create.temp_name(final)
+    in_place = device or skip_create
+    tmp = final if in_place else _create.temp_name(final)
     made = False
     held = -1
     try:
         source: Any
+        copies: list[tuple[Any, bytes]] = []
+        broken: list[Any] = []
         if fmt == "qcow2":
             image = Image(src_path, "r", passphrase=src_key, force_share=force_share)
             closers.append(image.close)
@@ -829,27 +881,50 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                     raise UsageError(f"the destination {dst} is {f}, a file of the source: it is read while "
                                      "the copy is made")
             source = _QcowSource(image, _snapshot_key(snapshot) if snapshot is not None else None)
+            if bitmaps:
+                if image._engine.header.version < 3:
+                    raise UsageError(f"--bitmaps: {src} is a version 2 image, which has no persistent bitmaps "
+                                     "(qemu-img: source lacks bitmap support)")
+                copies, broken = await _bitmaps_to_copy(image._engine, skip_broken_bitmaps)
         else:
             source = _convert.RawDisk(src_path, force_share)
             closers.append(source.close)
         size = source.size
+        if salvage:
+            source = _convert.Salvaging(source, lambda line: log.warning("%s", line))
         opts = None
-        if out_format == "qcow2":
+        if out_format == "qcow2" and not skip_create:
             opts = _create.create_options(size, backing_file=backing_file, backing_fmt=backing_fmt, **options)
             _create.check_references(dst_path, opts)  # (the image is made as TMP, published as DST)
-            if backing_file is not None:  # (it must open: said as given, before anything is made)
-                _create.backing_size(dst_path, backing_file, backing_fmt or "raw")
             if opts.encrypt is not None and target_key is None:
                 raise UsageError("an encrypted target needs a passphrase (target_passphrase or target_key_file)")
-        held = _create.hold_target(final)
+            if bitmaps and opts.version < 3:
+                raise UsageError("--bitmaps: persistent bitmaps need a version 3 image (compat=1.1), as in QEMU")
+        if backing_file is not None:  # (it must open: said as given, before anything is made)
+            _create.backing_size(dst_path, backing_file, backing_fmt or "raw")
+        if not (skip_create and out_format == "qcow2"):   # (an image opened "r+" locks itself)
+            held = _create.hold_target(final)
         plan = _convert.CopyPlan(size, sparse_size, compress, None, progress)
         if compress_threads is not None:
             plan.threads = compress_threads
-        if opts is not None:
-            await in_thread(lambda: _create.create(tmp, opts, target_key))
-            made = True
+        # -n: the target is told every range of zeros (unless it reads zeros, or
+        # -B says it reads that file where the source does), freeing what it held there
+        plan.unmap = skip_create
+        if out_format == "qcow2":
+            if opts is not None:
+                await in_thread(lambda: _create.create(tmp, opts, target_key))
+                made = True
             out = Image(tmp, "r+", passphrase=target_keys, cache=cache)
             closers.insert(0, out.close)
+            if skip_create:   # (checked before the image is written: prepare may write)
+                if out.virtual_size < size:
+                    raise RequestError(f"{dst} is too small for the disk: {out.virtual_size} bytes, the disk "
+                                       f"{size} (as in qemu-img, -n does not grow it)")
+                if bitmaps and out.engine.header.version < 3:
+                    raise UsageError(f"--bitmaps: {dst} is a version 2 image, which has no persistent bitmaps")
+                if copies:   # (names free, else refused; bitmap_ops loads numpy: only for bitmaps)
+                    from .engine import bitmap_ops
+                    bitmap_ops.plan_copies(out.engine.meta, out.engine.bitmaps, copies)
             await out.prepare()
             if backing_file is not None:
                 if backing_fmt == "qcow2":
@@ -861,25 +936,33 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                     raw = _convert.RawDisk(_create.resolve_backing(dst_path, backing_file), force_share=True)
                     closers.append(raw.close)
                     plan.backing = raw
-            plan.align = opts.cluster_size
-            plan.zero_init = opts.reads_zeros
-            if plan.granularity:
-                plan.granularity = opts.cluster_size
+            plan.align = out.cluster_size
+            plan.zero_init = (target_is_zero or backing_file is not None) if opts is None else opts.reads_zeros
+            if plan.granularity and not target_is_zero:
+                # (zeros stay holes by the cluster; in a target said to read zeros, blocks of
+                # -S's size are left out inside clusters too, as qemu-img leaves them)
+                plan.granularity = out.cluster_size
             await _convert.copy(source, _QcowTarget(out), plan)
+            for bm in broken:
+                log.warning("skipping inconsistent bitmap '%s' (%s)", bm.name, bm.problem)
+            if copies:
+                await out.engine.copy_bitmaps(copies)
             closers.remove(out.close)
             await out.close()
         else:
-            if not device:
+            if not in_place:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 os.close(fd)
                 made = True
-            target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe", device=device)
+            target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe", in_place=in_place)
             closers.insert(0, target.finish)
-            plan.zero_init = not device
+            plan.zero_init = not in_place or target_is_zero
             await _convert.copy(source, target, plan)
             closers.remove(target.finish)
             await target.finish()
-        if not device:
+        if isinstance(source, _convert.Salvaging):
+            source.flush()
+        if not in_place:
             _create.publish(tmp, final, durable=cache != "unsafe")
         made = False
     except OSError as e:
@@ -897,6 +980,29 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             _create.remove_quietly(tmp)
         if held >= 0:
             os.close(held)
+
+
+async def _bitmaps_to_copy(engine: _EngineImage, skip_broken: bool) -> tuple[list[tuple[Any, bytes]], list[Any]]:
+    """convert --bitmaps: the persistent bitmaps of ENGINE to copy, each with
+    its bits, and the inconsistent ones SKIP_BROKEN leaves out (without it,
+    one is refused, as qemu-img refuses it). A bitmaps extension QEMU
+    ignores (its autoclear bit clear: written by a program that knows no
+    bitmaps) has none to copy, as for qemu-img."""
+    from .format import AUTOCLEAR_BITMAPS
+
+    copies: list[tuple[Any, bytes]] = []
+    broken: list[Any] = []
+    if not engine.header.autoclear_features & AUTOCLEAR_BITMAPS:
+        return copies, broken
+    for bm in engine.bitmaps:
+        if bm.problem is None:
+            copies.append((bm, await read_bitmap(bm, engine.file, 0, bm.size)))
+        elif skip_broken:
+            broken.append(bm)
+        else:
+            raise RequestError(f"cannot copy inconsistent bitmap '{bm.name}' ({bm.problem}): try "
+                               "--skip-broken-bitmaps, or remove it (qcowfs bitmap remove)")
+    return copies, broken
 
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,

@@ -427,6 +427,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .. import aio
     from ..host.waiting import drive
 
+    if a.skip_create and a.options:  # (before -o's backing_file= becomes -B's)
+        raise UsageError("-o has no effect when skipping image creation (-n), as in qemu-img")
     kw = create_keywords(parse_qemu_options(a.options))
     if "size" in kw:
         raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
@@ -443,11 +445,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.source_cache is not None:
         aio.check_cache_mode(a.source_cache, "-T")
     source_key = key_source(a.key_file)
-    target_key = key_source(a.target_key_file) if kw.get("encrypt_format") else None
+    # (a new encrypted image's passphrase, or -n's existing target's)
+    target_key = key_source(a.target_key_file) if kw.get("encrypt_format") or a.skip_create else None
     with progress_printer(a.progress) as progress:
         drive(aio.convert(
             a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
             snapshot=a.snapshot, backing_file=backing, backing_fmt=backing_format, sparse_size=sparse,
             force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
-            cache=a.cache, **kw))
+            cache=a.cache, skip_create=a.skip_create, target_is_zero=a.target_is_zero, salvage=a.salvage,
+            bitmaps=a.bitmaps, skip_broken_bitmaps=a.skip_broken_bitmaps, **kw))
     return 0

@@ -211,7 +211,8 @@ def _convert_parser(sub: Sub) -> None:
     cv = sub.add_parser("convert", help="copy an image into a new qcow2 or raw image (qemu-img convert)",
                         description="Copy the disk of SRC (qcow2 or raw) into the new image DST, leaving "
                                     "zero and unallocated ranges unallocated. DST appears complete or "
-                                    "not at all.")
+                                    "not at all; with -n, DST is an existing image written in place (a "
+                                    "failure midway leaves it partly written, as qemu-img -n does).")
     cv.add_argument("src", metavar="SRC")
     cv.add_argument("dst", metavar="DST")
     cv.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="SRC's format (default: probed)")
@@ -247,7 +248,22 @@ def _convert_parser(sub: Sub) -> None:
                     help="passphrase of an encrypted SRC, its backing files and -B's file (else asked); "
                          "again for those with other keys: each is tried in order")
     cv.add_argument("--target-key-file", metavar="FILE", action="append",
-                    help="passphrase of DST with -o encrypt.format=luks (else asked)")
+                    help="passphrase of DST with -o encrypt.format=luks, or of an encrypted DST with -n "
+                         "(else asked)")
+    cv.add_argument("-n", dest="skip_create", action="store_true",
+                    help="skip the target's creation: write into the existing image DST (of -O's format, at "
+                         "least SRC's size; -o is refused); ranges of SRC that read zeros are zeroed in DST")
+    cv.add_argument("--target-is-zero", action="store_true",
+                    help="with -n: DST reads zeros already, so ranges of zeros are not written (as qemu-img)")
+    cv.add_argument("--salvage", action="store_true",
+                    help="read errors of SRC do not stop the copy: the failing range is read again in "
+                         "smaller pieces, down to 512-byte sectors; sectors that still fail are written as "
+                         "zeros, one warning per run of them")
+    cv.add_argument("--bitmaps", action="store_true",
+                    help="copy SRC's persistent bitmaps (name, granularity, enabled or not, dirty bits) into "
+                         "DST (qcow2 to qcow2); an inconsistent (in-use) one is refused")
+    cv.add_argument("--skip-broken-bitmaps", action="store_true",
+                    help="with --bitmaps: leave inconsistent bitmaps out, with a warning, instead of refusing")
 
 
 def _mount_args(m: argparse.ArgumentParser) -> None:

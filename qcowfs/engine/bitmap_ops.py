@@ -264,15 +264,37 @@ def _drop_table(meta: Metadata, bm: Bitmap) -> None:
 
 # ---- the operations -------------------------------------------------------------------------
 
+def _added(meta: Metadata, taken: list[Bitmap], name: str, granularity: int, enabled: bool,
+           bits: Callable[[Bitmap], bytearray]) -> Plan:
+    """A new bitmap NAME (not among TAKEN) holding BITS(it); ENABLED, it
+    tracks writes from the commit on (its bits are stored at close)."""
+    check_new_name(taken, name)
+    bm = new_bitmap(meta, name, check_granularity(granularity))
+    if enabled:
+        return Plan(bm, BME_AUTO | BME_IN_USE, store=bytearray(bm.size), tracked=bits(bm))
+    return Plan(bm, 0, store=bits(bm))
+
+
 async def plan_add(meta: Metadata, bitmaps: list[Bitmap], name: str, granularity: int | None,
                    enabled: bool) -> list[Plan]:
-    check_new_name(bitmaps, name)
-    g = check_granularity(granularity or default_granularity(meta.geo.cluster_size))
-    bm = new_bitmap(meta, name, g)
-    zero = bytearray(bm.size)
-    plan = (Plan(bm, BME_AUTO | BME_IN_USE, store=zero, tracked=bytearray(bm.size)) if enabled
-            else Plan(bm, 0, store=zero))
-    return [keep(b) for b in bitmaps] + [plan]
+    g = granularity or default_granularity(meta.geo.cluster_size)
+    return [keep(b) for b in bitmaps] + [_added(meta, bitmaps, name, g, enabled, lambda bm: bytearray(bm.size))]
+
+
+def plan_copies(meta: Metadata, bitmaps: list[Bitmap], copies: Sequence[tuple[Bitmap, bytes]]) -> list[Plan]:
+    """The bitmaps after copying, for each (SOURCE, BITS) of COPIES, bitmap
+    SOURCE of another image (its bits BITS) into this one: same name,
+    granularity and enabled state, the same granules dirty (qemu-img convert
+    --bitmaps: block-dirty-bitmap-add, then a merge of the source's bits)."""
+    plans = [keep(b) for b in bitmaps]
+    for src, src_bits in copies:
+        def bits(bm: Bitmap, src: Bitmap = src, src_bits: bytes = src_bits) -> bytearray:
+            out = bytearray(bm.size)
+            _merge_into(out, bm, bytearray(src_bits), src)
+            return out
+        plans.append(_added(meta, [p.bitmap for p in plans], src.name, src.granularity,
+                            bool(src.entry.flags & BME_AUTO), bits))
+    return plans
 
 
 async def plan_change(meta: Metadata, bitmaps: list[Bitmap], name: str, action: str,

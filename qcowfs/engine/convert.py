@@ -7,6 +7,12 @@ the map of a qcow2 image, SEEK_DATA/SEEK_HOLE of a raw file) and is read
 only there; every range the source calls a hole stays unallocated in the
 target, and so does every block of zeros the data holds (at the target's
 granularity: a cluster of a qcow2 target, the -S size of a raw one).
+A target that does not read zeros by itself (-n: an existing image, a
+block device) is told every such range instead (CopyPlan.zero_init off).
+
+`Salvaging` wraps a source for --salvage: a read that fails is done again
+in pieces, down to 512-byte sectors, and the sectors that still fail read
+zeros, each run of them one warning (qemu-img convert --salvage).
 
 The source is read one chunk ahead, on a worker thread (`Lane`), while
 the loop zero-checks and writes the chunk before: a copy inside the page
@@ -23,13 +29,15 @@ chunk are written, in order, by the engine's writer in one batch per run
 """
 from __future__ import annotations
 
+import os
+import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Protocol
 
 from ..format.compression import compress_cluster
-from ..errors import RequestError
+from ..errors import PassphraseError, QcowError, RequestError
 from ..host.hostfile import HostFile
 from ..host.waiting import drive, in_thread
 from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
@@ -88,17 +96,98 @@ class RawDisk:
         await self._src.close()
 
 
+# --salvage: a failing read is done again in pieces of this size, and a piece
+# that fails sector by sector (qemu-img goes to sectors at once: the same
+# sectors fail, in far fewer reads where most of a chunk is sound).
+SALVAGE_PIECE = 64 << 10
+SECTOR = 512
+
+
+class Salvaging:
+    """SOURCE as --salvage reads it (qemu-img convert --salvage): a read that
+    fails (a QcowError, a damaged table, or an OSError of the host) is done
+    again in pieces, then sector by sector; a sector that still fails reads
+    zeros, and each run of such sectors (the same error) is one warning,
+    WARN("error while reading offset N (M bytes): why; written as zeros").
+    A map that cannot be read makes every range data (one warning): the
+    reads then find what is there."""
+
+    def __init__(self, source: SourceDisk, warn: Callable[[str], None]) -> None:
+        self._src = source
+        self._warn = warn
+        self.size = source.size
+        self._run: tuple[int, int, str] | None = None   # (start, end, why): failed sectors not yet said
+
+    async def data_ranges(self) -> list[tuple[int, int]]:
+        try:
+            return await self._src.data_ranges()
+        except PassphraseError:
+            raise   # (no key: nothing to salvage, every read would fail)
+        except (QcowError, OSError) as e:
+            self._warn(f"error while reading the allocation map: {_why(e)}; every range is read")
+            return [(0, self.size)]
+
+    async def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
+        n = max(0, min(len(buf), self.size - offset))
+        view = memoryview(buf)[:n]
+        if await self._read(view, offset) is None:
+            return n
+        pos = offset
+        while pos < offset + n:   # (pieces aligned to SALVAGE_PIECE)
+            end = min(offset + n, (pos // SALVAGE_PIECE + 1) * SALVAGE_PIECE)
+            if await self._read(view[pos - offset : end - offset], pos) is not None:
+                for sector in range(pos, end, SECTOR):
+                    last = min(end, sector + SECTOR)
+                    piece = view[sector - offset : last - offset]
+                    error = await self._read(piece, sector)
+                    if error is not None:
+                        piece[:] = bytes(len(piece))
+                        self._failed(sector, last, _why(error))
+            pos = end
+        return n
+
+    async def _read(self, view: memoryview, offset: int) -> BaseException | None:
+        """VIEW read from the source at OFFSET: None, or the error that failed it."""
+        try:
+            await self._src.readinto(view, offset)
+        except PassphraseError:
+            raise
+        except (QcowError, OSError) as e:
+            return e
+        return None
+
+    def _failed(self, start: int, end: int, why: str) -> None:
+        if self._run is not None and self._run[1] == start and self._run[2] == why:
+            self._run = (self._run[0], end, why)
+            return
+        self.flush()
+        self._run = (start, end, why)
+
+    def flush(self) -> None:
+        """Say the failed sectors not yet said (at the end of the copy)."""
+        if self._run is not None:
+            start, end, why = self._run
+            self._warn(f"error while reading offset {start} ({end - start} bytes): {why}; written as zeros")
+            self._run = None
+
+
+def _why(e: BaseException) -> str:
+    return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+
+
 class RawTarget:
     """A new raw file as the target: sized first (all holes), then only the
-    data is written. Or (DEVICE) a block device at least SIZE long, written
-    in place: what is not data is zeroed there (the copy says every hole:
-    CopyPlan.zero_init off)."""
+    data is written. Or (IN_PLACE) a block device or an existing file (-n)
+    at least SIZE long, written in place: what is not data is zeroed there
+    (the copy says every hole: CopyPlan.zero_init off), the rest of it is
+    left as it is."""
 
-    def __init__(self, fd_path: str, size: int, flushes: bool = True, device: bool = False) -> None:
+    def __init__(self, fd_path: str, size: int, flushes: bool = True, in_place: bool = False) -> None:
         self.file = HostFile(fd_path, writable=True)
         self.file.flushes = flushes
-        self.device = device
-        if not device:
+        self.in_place = in_place
+        self._file_in_place = in_place and stat.S_ISREG(os.fstat(self.file.fd).st_mode)
+        if not in_place:
             self.file.truncate(size)
         elif self.file.known_size < size:
             self.file.close()
@@ -110,9 +199,11 @@ class RawTarget:
         return len(data)
 
     async def zero(self, offset: int, length: int, unmap: bool = True) -> None:
-        if not self.device:
+        if not self.in_place:
             return None  # (a new file reads zeros where nothing was written)
-        if self.file.zero_range(offset, length, punch=False):  # (BLKZEROOUT's work, as qemu-img asks it)
+        # UNMAP: a hole punched in a file (a device ignores it: BLKZEROOUT's work,
+        # as qemu-img asks it)
+        if self.file.zero_range(offset, length, punch=unmap and self._file_in_place):
             return None
         zeros = bytes(min(CHUNK, length))
         for pos in range(offset, offset + length, len(zeros)):
@@ -133,6 +224,7 @@ class CopyPlan:
     align: int = 512          # data ranges widened to this (a qcow2 target's cluster size)
     threads: int = COMPRESS_THREADS   # compression workers (-c)
     zero_init: bool = True    # the target reads zeros where nothing is written (else every byte is said)
+    unmap: bool = False       # zeros said to the target free what it holds there (-n: as qemu-img)
 
 
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
@@ -155,7 +247,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
-                await _hole(dst, below, pos, c)
+                await _hole(dst, below, pos, c, plan.unmap)
                 continue
             buf = buffers[turn % len(buffers)]
             view = memoryview(buf)[:n]
@@ -172,7 +264,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             if plan.progress is not None:
                 plan.progress(min(1.0, pos / size))
         if pos < size:
-            await _hole(dst, below, pos, size)
+            await _hole(dst, below, pos, size, plan.unmap)
         if compressor is not None:
             await compressor.drain(0)
     finally:
@@ -249,13 +341,13 @@ def _steps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     return out
 
 
-async def _hole(dst: TargetDisk, below: list[tuple[int, int]], start: int, end: int) -> None:
+async def _hole(dst: TargetDisk, below: list[tuple[int, int]], start: int, end: int, unmap: bool) -> None:
     """Source range [start, end) reads zeros: nothing to write, except where
     a -B backing file shows data (BELOW): there the target must say zeros."""
     for d, h in below:
         lo, hi = max(d, start), min(h, end)
         if lo < hi:
-            await dst.zero(lo, hi - lo, unmap=False)
+            await dst.zero(lo, hi - lo, unmap=unmap)
 
 
 async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, buf: bytearray, n: int,
@@ -273,9 +365,13 @@ async def _chunk(plan: CopyPlan, dst: TargetDisk, offset: int, buf: bytearray, n
         await plan.backing.readinto(theirs, offset)
         zeros, keep = differing_runs(buf, theirs, n, unit)
         for a, b in zeros:
-            await dst.zero(offset + a * unit, min(n, b * unit) - a * unit, unmap=False)
-    elif plan.granularity and plan.zero_init:
-        keep = complement(zero_runs(buf, n, unit), count)
+            await dst.zero(offset + a * unit, min(n, b * unit) - a * unit, unmap=plan.unmap)
+    elif plan.granularity:
+        zeros = zero_runs(buf, n, unit)
+        keep = complement(zeros, count)
+        if not plan.zero_init:  # (a target that does not read zeros by itself is told)
+            for a, b in zeros:
+                await dst.zero(offset + a * unit, min(n, b * unit) - a * unit, unmap=plan.unmap)
     else:
         keep = [(0, count)]
     if plan.compress:

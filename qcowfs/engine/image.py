@@ -688,6 +688,17 @@ class Image:
             await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
             await txn.commit()
 
+    async def copy_bitmaps(self, copies: list[tuple[Bitmap, bytes]]) -> None:
+        """New bitmaps copied from another image's: for each (SOURCE, BITS),
+        SOURCE's name, granularity and enabled state, BITS its bits; all in
+        one commit (bitmap_ops.plan_copies)."""
+        from . import bitmap_ops
+        from .refcount import Transaction
+        async with self.exclusive() as alloc, Transaction(alloc) as txn:
+            plans = bitmap_ops.plan_copies(self.meta, self.bitmaps, copies)
+            await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
+            await txn.commit()
+
     async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None) -> None:
         """remove, clear, enable, disable, or merge SOURCES into bitmap NAME."""
         from . import bitmap_ops
