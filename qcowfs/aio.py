@@ -34,7 +34,7 @@ from .format import SnapshotEntry
 from .host.secret import Keyring
 from .host.hostfile import same_file
 from .host.waiting import in_thread, shielded
-from .records import Bitmap, CheckResult, Checkpoint, Snapshot
+from .records import Bitmap, CheckResult, Checkpoint, Comparison, Snapshot
 
 # The engine's operations (snapshot_ops, bitmap_ops, check, extents, info,
 # create, convert, chain_ops) are imported by the functions that use them:
@@ -719,15 +719,35 @@ class _QcowSource:
         self.readinto = self._disk.readinto
 
     async def data_ranges(self) -> list[tuple[int, int]]:
-        extents = await self._image.map(self._snapshot)
-        out: list[tuple[int, int]] = []
-        for e in extents:
-            if e["data"]:
-                if out and out[-1][1] == e["start"]:
-                    out[-1] = (out[-1][0], e["start"] + e["length"])
-                else:
-                    out.append((e["start"], e["start"] + e["length"]))
+        return [(start, stop) for start, stop, kind in await self.allocation() if kind == "data"]
+
+    async def allocation(self) -> list[tuple[int, int, str]]:
+        """(start, stop, kind) runs covering the disk: "data", "zero" (a zero
+        cluster of some layer) or "unallocated" (in every layer)."""
+        out: list[tuple[int, int, str]] = []
+        for e in await self._image.map(self._snapshot):
+            kind = "data" if e["data"] else "zero" if e["present"] else "unallocated"
+            if out and out[-1][1] == e["start"] and out[-1][2] == kind:
+                out[-1] = (out[-1][0], e["start"] + e["length"], kind)
+            else:
+                out.append((e["start"], e["start"] + e["length"], kind))
         return out
+
+
+def _source(path: str, fmt: str, keys: Keyring | None, force_share: bool,
+            closers: list[Callable[[], Awaitable[None]]],
+            snapshot: tuple[str, tuple[str, ...]] | None = None) -> tuple[Image | None, Any]:
+    """The disk at PATH (FMT: qcow2 or raw; SNAPSHOT: a snapshot's) as convert
+    and compare read it, and its Image (None for a raw file); its closer
+    joins CLOSERS."""
+    if fmt == "qcow2":
+        image = Image(path, "r", passphrase=keys, force_share=force_share)
+        closers.append(image.close)
+        return image, _QcowSource(image, snapshot)
+    from .engine.convert import RawDisk
+    raw = RawDisk(path, force_share)
+    closers.append(raw.close)
+    return None, raw
 
 
 def _probe(path: str) -> str:
@@ -873,22 +893,18 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         source: Any
         copies: list[tuple[Any, bytes]] = []
         broken: list[Any] = []
-        if fmt == "qcow2":
-            image = Image(src_path, "r", passphrase=src_key, force_share=force_share)
-            closers.append(image.close)
+        image, source = _source(src_path, fmt, src_key, force_share, closers,
+                                _snapshot_key(snapshot) if snapshot is not None else None)
+        if image is not None:
             for f in image.files[1:]:
                 if same_file(f, final):
                     raise UsageError(f"the destination {dst} is {f}, a file of the source: it is read while "
                                      "the copy is made")
-            source = _QcowSource(image, _snapshot_key(snapshot) if snapshot is not None else None)
             if bitmaps:
                 if image._engine.header.version < 3:
                     raise UsageError(f"--bitmaps: {src} is a version 2 image, which has no persistent bitmaps "
                                      "(qemu-img: source lacks bitmap support)")
                 copies, broken = await _bitmaps_to_copy(image._engine, skip_broken_bitmaps)
-        else:
-            source = _convert.RawDisk(src_path, force_share)
-            closers.append(source.close)
         size = source.size
         if salvage:
             source = _convert.Salvaging(source, lambda line: log.warning("%s", line))
@@ -1003,6 +1019,46 @@ async def _bitmaps_to_copy(engine: _EngineImage, skip_broken: bool) -> tuple[lis
             raise RequestError(f"cannot copy inconsistent bitmap '{bm.name}' ({bm.problem}): try "
                                "--skip-broken-bitmaps, or remove it (qcowfs bitmap remove)")
     return copies, broken
+
+
+async def compare(first: str | os.PathLike[str], second: str | os.PathLike[str], *,
+                  first_format: str | None = None, second_format: str | None = None, strict: bool = False,
+                  force_share: bool = False, passphrase: Passphrase = None, key_file: KeyFile = None,
+                  progress: Callable[[float], None] | None = None) -> Comparison:
+    """`qemu-img compare FIRST SECOND`: whether the two disks (qcow2 with
+    their backing chains, or raw; FIRST_FORMAT / SECOND_FORMAT, else probed)
+    read the same. Disks of different sizes compare as if the shorter read
+    zeros past its end, as qemu-img compares them. STRICT (-s): a size
+    mismatch is a difference, and so is a range allocated differently
+    (data, a zero cluster, nothing allocated) though it reads the same.
+    (qemu-img's strict mode compares QEMU's block status flags, among them
+    whether a run reaches the end of the disk: it also calls "different"
+    two empty images whose last runs start at different places; qcowfs
+    compares what is allocated.) Only what either disk holds is read."""
+    from .engine import compare as _compare
+
+    paths = [os.path.abspath(os.fspath(p)) for p in (first, second)]
+    for given, p, fmt in zip((first, second), paths, (first_format, second_format)):
+        if fmt not in (None, "qcow2", "raw"):
+            raise UsageError(f"format '{fmt}' is not supported (qcow2 or raw)")
+        if not os.path.exists(p):
+            raise QcowError(f"could not open {os.fspath(given)}: No such file or directory")
+    keys = _keyring(passphrase, key_file)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    try:
+        a = _source(paths[0], first_format or _probe(paths[0]), keys, force_share, closers)[1]
+        b = _source(paths[1], second_format or _probe(paths[1]), keys, force_share, closers)[1]
+        sizes = (a.size, b.size)
+        if strict and a.size != b.size:
+            return Comparison(False, sizes)
+        kinds = _compare.first_kind_difference(await a.allocation(), await b.allocation()) if strict else None
+        content = await _compare.first_difference(a, b, progress)
+        if kinds is not None and (content is None or kinds <= content):
+            return Comparison(False, sizes, offset=kinds, allocation=True)
+        return Comparison(content is None, sizes, offset=content)
+    finally:
+        for close in reversed(closers):
+            await close()
 
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,

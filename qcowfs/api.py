@@ -32,9 +32,9 @@ from . import aio
 from .engine.opening import DEFAULT_L2_CACHE_BYTES
 from .errors import UsageError
 from .host.waiting import drive
-from .records import Bitmap, CheckResult, Checkpoint, Snapshot
+from .records import Bitmap, CheckResult, Checkpoint, Comparison, Snapshot
 
-__all__ = ["open", "check", "create", "convert", "commit", "rebase", "Image", "Disk"]
+__all__ = ["open", "check", "compare", "create", "convert", "commit", "rebase", "Image", "Disk"]
 T = TypeVar("T")
 
 
@@ -411,6 +411,14 @@ def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase:
     aio.create_sync(path, size, passphrase=passphrase, key_file=key_file, unsafe=unsafe, **options)
 
 
+def compare(first: str | os.PathLike[str], second: str | os.PathLike[str], **options: Any) -> Comparison:
+    """Whether two disks read the same, as `qemu-img compare` (see
+    `qcowfs.aio.compare` for the options):
+
+        if not qcowfs.compare("vm.qcow2", "backup.qcow2").identical: ..."""
+    return drive(aio.compare(first, second, **options))
+
+
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`
     (see `qcowfs.aio.convert` for the options):
@@ -418,6 +426,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
         qcowfs.convert("vm.qcow2", "small.qcow2", compress=True, compression_type="zstd")
         qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
     drive(aio.convert(src, dst, **options))
+
+
 def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
            drop: bool = False, progress: Callable[[float], None] | None = None,
            passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:

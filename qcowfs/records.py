@@ -12,7 +12,7 @@ from typing import Any
 from .engine import EXIT_CLEAN, EXIT_CORRUPT, EXIT_FAILED, EXIT_LEAKS
 from .engine.info import snapshot_info
 
-__all__ = ["Snapshot", "Bitmap", "CheckResult", "Checkpoint",
+__all__ = ["Snapshot", "Bitmap", "CheckResult", "Checkpoint", "Comparison",
            "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_LEAKS"]
 
 
@@ -110,3 +110,23 @@ class CheckResult:
         values = {f.name: getattr(result, f.name) for f in fields(cls) if f.name != "json"}
         values["messages"] = tuple(values["messages"])
         return cls(**values, json=result.json(filename))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What `qemu-img compare` finds (`qcowfs.compare`)."""
+
+    identical: bool
+    # The two disks' sizes (different: the shorter was compared as if it
+    # read zeros past its end; in the strict mode that alone is a difference).
+    sizes: tuple[int, int]
+    # Where the first difference is: a 512-byte sector's start for content,
+    # a range's start for allocation (strict mode); None if identical or
+    # the strict sizes differ.
+    offset: int | None = None
+    # The difference is of allocation, not content (strict mode).
+    allocation: bool = False
+
+    @property
+    def size_mismatch(self) -> bool:
+        return self.sizes[0] != self.sizes[1]

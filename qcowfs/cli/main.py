@@ -20,7 +20,7 @@ from typing import Callable, NoReturn, Sequence, TypeAlias
 from .. import __version__
 from ..errors import QcowError
 from ..host.logs import hold
-from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_convert, cmd_create,
+from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_compare, cmd_convert, cmd_create,
                        cmd_info, cmd_map, cmd_snapshot, die, print_option_help)
 from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
 
@@ -51,7 +51,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 # The commands that take qemu-img's -q (scripts written for qemu-img pass it).
-QUIET_COMMANDS = ("check", "snapshot", "bitmap", "checkpoint", "create", "convert", "resize", "commit", "rebase")
+QUIET_COMMANDS = ("check", "snapshot", "bitmap", "checkpoint", "create", "convert", "compare", "resize", "commit",
+                  "rebase")
 
 
 # One function per command, each adding that command's parser to SUB.
@@ -266,6 +267,31 @@ def _convert_parser(sub: Sub) -> None:
                     help="with --bitmaps: leave inconsistent bitmaps out, with a warning, instead of refusing")
 
 
+def _compare_parser(sub: Sub) -> None:
+    c = sub.add_parser("compare", help="tell whether two disks read the same (qemu-img compare)",
+                       description="Compare the disks of FIRST and SECOND (qcow2 with their backing "
+                                   "chains, or raw), as qemu-img compare: exit 0 identical, 1 different "
+                                   "(with the first sector that differs), 2 an error. Disks of different "
+                                   "sizes compare as if the shorter read zeros past its end. Only what "
+                                   "either image holds is read.")
+    c.add_argument("first", metavar="FIRST")
+    c.add_argument("second", metavar="SECOND")
+    c.add_argument("-f", dest="first_format", choices=("qcow2", "raw"), help="FIRST's format (default: probed)")
+    c.add_argument("-F", dest="second_format", choices=("qcow2", "raw"),
+                   help="SECOND's format (default: probed)")
+    c.add_argument("-s", "--strict", action="store_true",
+                   help="strict: different sizes are a difference, and so is a range allocated differently "
+                        "(data, a zero cluster, nothing) though it reads the same")
+    c.add_argument("-p", dest="progress", action="store_true", help="show progress on a terminal")
+    c.add_argument("-U", "--force-share", action="store_true",
+                   help="take no lock: compare images that a VM or a mount holds")
+    c.add_argument("-T", dest="source_cache", metavar="CACHE",
+                   help="qemu-img's cache mode of the images: checked, no effect here")
+    c.add_argument("--key-file", metavar="FILE", action="append",
+                   help="passphrase of an encrypted image or backing file (else asked); again for "
+                        "those with other keys: each is tried in order")
+
+
 def _mount_args(m: argparse.ArgumentParser) -> None:
     from ..service.options import MOUNT_OPTIONS
 
@@ -284,7 +310,7 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
 COMMAND_PARSERS: dict[str, Callable[[Sub], None]] = {
     "mount": _mount_parser, "umount": _umount_parser, "info": _info_parser, "check": _check_parser,
     "snapshot": _snapshot_parser, "bitmap": _bitmap_parser, "checkpoint": _checkpoint_parser,
-    "map": _map_parser, "create": _create_parser, "convert": _convert_parser,
+    "map": _map_parser, "create": _create_parser, "convert": _convert_parser, "compare": _compare_parser,
     "resize": resize_parser, "commit": commit_parser, "rebase": rebase_parser}
 SUBCOMMANDS = tuple(COMMAND_PARSERS)
 
@@ -441,7 +467,8 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
-        "create": cmd_create, "convert": cmd_convert, "commit": cmd_commit, "rebase": cmd_rebase,
+        "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "commit": cmd_commit,
+        "rebase": cmd_rebase,
         "resize": cmd_resize}
     if a.command in handlers:
         return handlers[a.command](a)

@@ -92,6 +92,11 @@ class RawDisk:
     async def data_ranges(self) -> list[tuple[int, int]]:
         return [(pos, pos + n) for pos, n, has_data in self._src.file.data_runs(0, self.size) if has_data]
 
+    async def allocation(self) -> list[tuple[int, int, str]]:
+        """(start, stop, "data" or "zero": a hole) runs covering the file."""
+        return [(pos, pos + n, "data" if has_data else "zero")
+                for pos, n, has_data in self._src.file.data_runs(0, self.size)]
+
     async def close(self) -> None:
         await self._src.close()
 
