@@ -135,7 +135,11 @@ def test_info_human_is_qemu_imgs(name: str, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     ours = [line for line in p.stdout.splitlines() if not line.startswith("backing chain [")]
     assert ours == q.stdout.splitlines(), f"qcowfs:\n{p.stdout}\nqemu-img:\n{q.stdout}"
-    # and `map --output=json`, byte for byte (the objects opened with "{" where qemu-img writes "{ ")
+    # and `map --output=json`, byte for byte (the objects opened with "{" where qemu-img writes "{ ").
+    # Both ask the host file where its holes are ("zero" inside a data cluster): written back
+    # first, so that the host filesystem's answer cannot change between the two (the fresh
+    # clone's run of 2026-12-07 under load saw a hole of the 2 MiB-cluster image turn to data).
+    os.sync()
     q = subprocess.run(["qemu-img", "map", "--output=json", str(img)], capture_output=True, text=True, timeout=60,
                        cwd=img.parent)  # (qemu-img 7.2 finds a data file from the working directory)
     p = qcowfs("map", "--output=json", img)
