@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS
-from images import MATRIX, build, info
+from images import MATRIX, MiB, build, create, info, qimg, qio
 
 TIMEOUT = 60
 
@@ -151,3 +151,49 @@ def test_info_missing_file(tmp_path: Path) -> None:
     assert p.returncode != 0
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("layout", ["relative", "absolute", "raw-base", "deep"])
+def test_backing_chain_is_qemu_imgs(layout: str, tmp_path: Path) -> None:
+    """`info --backing-chain` prints every layer as qemu-img does, each named
+    as qemu-img names it (its backing file name beside the name above), and
+    the backing file's "actual path" only where that differs from its name;
+    JSON is the list qemu-img prints (qcowfs adds its "dirty" key). Run from
+    the images' parent directory with a relative path, where the names qemu-img
+    prints are relative too."""
+    d = tmp_path / "vm"
+    d.mkdir()
+    if layout == "raw-base":
+        with open(d / "base.img", "wb") as f:
+            f.truncate(4 * MiB)
+        base, fmt = "base.img", "raw"
+    else:
+        create(d / "base.qcow2", 4 * MiB, cluster_size=4096)
+        qio(d / "base.qcow2", "write -P 1 0 64k")
+        qimg("snapshot", "-c", "s1", d / "base.qcow2")
+        base, fmt = "base.qcow2", "qcow2"
+    if layout == "absolute":
+        base = str(d / base)
+    create(d / "mid.qcow2", 4 * MiB, backing=base, backing_fmt=fmt, cluster_size=16384)
+    top = "mid.qcow2"
+    if layout == "deep":
+        create(d / "upper.qcow2", 4 * MiB, backing="mid.qcow2", backing_fmt="qcow2")
+        qimg("bitmap", "--add", d / "upper.qcow2", "b1")
+        top = "upper.qcow2"
+    create(d / "top.qcow2", 4 * MiB, backing=top, backing_fmt="qcow2")
+    for args in ([], ["--backing-chain"]):
+        q = subprocess.run(["qemu-img", "info", *args, "vm/top.qcow2"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        p = subprocess.run([QCOWFS, "info", *args, "vm/top.qcow2"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        assert (p.returncode, p.stderr) == (0, "") and q.returncode == 0, p.stderr + q.stderr
+        ours = [line for line in p.stdout.splitlines() if not line.startswith("backing chain [")]
+        assert ours == q.stdout.splitlines(), f"qcowfs:\n{p.stdout}\nqemu-img:\n{q.stdout}"
+    q = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", "vm/top.qcow2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    p = subprocess.run([QCOWFS, "info", "--backing-chain", "--output=json", "vm/top.qcow2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    ours = json.loads(p.stdout)
+    for layer in ours:
+        layer.get("format-specific", {}).get("data", {}).pop("dirty", None)
+    assert ours == json.loads(q.stdout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
@@ -87,19 +88,73 @@ def _live(target: str) -> bool:
     raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
 
 
-def cmd_info(image_arg: str, as_json: bool, force_share: bool = False) -> int:
+def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_chain: bool = False) -> int:
     """FORCE_SHARE (-U) takes no image lock, as qemu-img -U: to inspect an
-    image a VM or a mount holds. On a mount point: the served image, now."""
+    image a VM or a mount holds. On a mount point: the served image, now.
+    BACKING_CHAIN (qemu-img's --backing-chain): every layer, top first, each
+    named as qemu-img names it (its backing file name joined to the
+    directory of the name above: qemu-img's path_combine)."""
     if _live(image_arg):
+        if backing_chain:
+            raise UsageError("--backing-chain needs an image file (the daemon describes the image it serves)")
         from ..service import control
 
-        d = control.request(image_arg, "info")["info"]
+        print(json_text(control.request(image_arg, "info")["info"]) if as_json
+              else render_info(control.request(image_arg, "info")["info"]))
+        return 0
+    layers: list[dict[str, Any]] = []
+    name: str = image_arg
+    path: str | None = image_arg
+    while path is not None:
+        d = _layer_info(path, force_share) if layers else _qcow2_info(path, force_share)
+        d["filename"] = name
+        if backing_chain:
+            d.pop("backing-chain", None)  # (qcowfs's own list of the layers below: each is shown here)
+        if "backing-filename" in d and "full-backing-filename" in d:
+            path = d["full-backing-filename"]
+            d["full-backing-filename"] = name = qemu_path_combine(name, d["backing-filename"])
+        else:
+            path = None
+        layers.append(d)
+        if not backing_chain:
+            break
+    if as_json:
+        print(json_text(layers if backing_chain else layers[0]))
     else:
-        d = _run(open_image(image_arg, force_share=force_share, require_backing=False),
-                 lambda image: image.info())
-        d["filename"] = image_arg
-    print(json_text(d) if as_json else render_info(d))
+        print("\n\n".join(render_info(d) for d in layers))
     return 0
+
+
+def _qcow2_info(path: str, force_share: bool) -> dict[str, Any]:
+    d: dict[str, Any] = _run(open_image(path, force_share=force_share, require_backing=False),
+                             lambda image: image.info())
+    return d
+
+
+def _layer_info(path: str, force_share: bool) -> dict[str, Any]:
+    """A backing layer's info: a qcow2 image's, or a raw file's as qemu-img
+    shows it."""
+    from ..aio import probe_format
+
+    if probe_format(path) == "qcow2":
+        return _qcow2_info(path, force_share)
+    st = os.stat(path)
+    size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(path)
+    return {"virtual-size": size, "filename": path, "format": "raw", "actual-size": st.st_blocks * 512,
+            "dirty-flag": False}
+
+
+def _device_size(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def qemu_path_combine(base: str, name: str) -> str:
+    """NAME as qemu-img names a backing file of the image it knows as BASE:
+    NAME if absolute, else NAME beside BASE (QEMU's path_combine)."""
+    if os.path.isabs(name) or "/" not in base:
+        return name
+    return base[: base.rindex("/") + 1] + name
 
 
 @contextlib.contextmanager

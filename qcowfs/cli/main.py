@@ -90,6 +90,9 @@ def _info_parser(sub: Sub) -> None:
     i.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img's keys)")
     i.add_argument("--output", choices=("human", "json"), help="qemu-img's spelling: --output=json is --json")
+    i.add_argument("--backing-chain", action="store_true",
+                   help="every layer of the backing chain, top first, each named as qemu-img names it "
+                        "(JSON: a list)")
     i.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: inspect an image that a VM or a mount holds")
 
@@ -462,7 +465,7 @@ def _dispatch(a: argparse.Namespace) -> int:
 
         return cmd_umount(a.mountpoint, a.force)
     if a.command == "info":
-        return cmd_info(a.image, a.json or a.output == "json", a.force_share)
+        return cmd_info(a.image, a.json or a.output == "json", a.force_share, a.backing_chain)
     if a.command == "check":
         return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

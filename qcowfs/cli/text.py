@@ -56,17 +56,23 @@ def _render_value(lines: list[str], key: str, value: Any, indent: str) -> None:
 
 
 def render_info(d: dict[str, Any]) -> str:
-    lines = [f"image: {d['filename']}", "file format: qcow2",
+    """`qemu-img info`'s text of D (its JSON's keys): a qcow2 image's, or a
+    raw backing layer's (--backing-chain)."""
+    lines = [f"image: {d['filename']}", f"file format: {d['format']}",
              f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
              f"disk size: {human_size(d['actual-size'])}"]
+    if d["format"] != "qcow2":
+        return "\n".join(lines)
     if d.get("encrypted"):
         lines.append("encrypted: yes")
     lines.append(f"cluster_size: {d['cluster-size']}")
     if d.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if "backing-filename" in d:
+        full = d.get("full-backing-filename")
         lines.append(f"backing file: {d['backing-filename']}"
-                     + (f" (actual path: {d['full-backing-filename']})" if "full-backing-filename" in d else ""))
+                     + (" (cannot determine actual path)" if full is None else
+                        f" (actual path: {full})" if full != d["backing-filename"] else ""))
         if "backing-filename-format" in d:
             lines.append(f"backing file format: {d['backing-filename-format']}")
         for i, p in enumerate(d.get("backing-chain", [])[1:], 2):
