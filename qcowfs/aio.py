@@ -1015,8 +1015,8 @@ async def measure(src: str | os.PathLike[str] | None = None, *, size: int | None
     """How large a file a new image of OUT_FORMAT ("qcow2", the default
     here; or "raw") needs, as `qemu-img measure`: for a disk of SIZE bytes
     (nothing allocated), or holding the disk of SRC (qcow2 or raw, per
-    SRC_FORMAT, default probed; SNAPSHOT: an internal snapshot's disk, as
-    for `convert`). Give SRC or SIZE, not both. OPTIONS: create options of
+    SRC_FORMAT, default probed; SNAPSHOT: an internal snapshot's clusters,
+    as for `convert`, over the active disk's size, as qemu-img takes it). Give SRC or SIZE, not both. OPTIONS: create options of
     a qcow2 image (see `create`; those that change the numbers are
     cluster_size, compat, refcount_bits, extended_l2, preallocation,
     encrypt_format="luks" with the encrypt_* options, backing_file).
@@ -1068,6 +1068,8 @@ async def measure(src: str | os.PathLike[str] | None = None, *, size: int | None
         engine = image._engine
         source = _QcowSource(image, _snapshot_key(snapshot) if snapshot is not None else None)
         ranges = functools.partial(source.data_ranges, zeros=False)   # (QEMU counts what is zero as no data)
+        # (with -l too, QEMU takes the active disk's size: a snapshot's table is read up to it)
+        disk_size = image.virtual_size
         if o is not None and engine.header.version >= 3:
             # (what QEMU loads: every bitmap of a consistent extension, in use or not)
             loaded = engine.bitmaps if engine.header.autoclear_features & AUTOCLEAR_BITMAPS else []
@@ -1078,12 +1080,13 @@ async def measure(src: str | os.PathLike[str] | None = None, *, size: int | None
 
         source = _convert.RawDisk(src_path, force_share)
         closer, ranges = source.close, source.data_ranges
+        disk_size = source.size
     try:
         if o is None:
-            return {"required": source.size, "fully-allocated": source.size}
+            return {"required": disk_size, "fully-allocated": disk_size}
         data = None if o.backing_file else await ranges()
-        held = _measure.data_clusters_bytes(data or [], source.size, o.cluster_size)
-        return _measure.qcow2_result(o, source.size, held, bitmaps)
+        held = _measure.data_clusters_bytes(data or [], disk_size, o.cluster_size)
+        return _measure.qcow2_result(o, disk_size, held, bitmaps)
     finally:
         with shielded():
             await closer()
