@@ -1039,7 +1039,11 @@ async def measure(src: str | os.PathLike[str] | None = None, *, size: int | None
         raise UsageError(f"output format '{out_format}' is not supported (qcow2 or raw)")
     if src_format not in (None, "qcow2", "raw"):
         raise UsageError(f"source format '{src_format}' is not supported (qcow2 or raw)")
-    o = _measure.qcow2_options(**options) if out_format == "qcow2" else _measure.raw_options(**options)
+    o: _measure.MeasureOptions | None = None   # (None: a raw output, whose size is the disk's)
+    if out_format == "qcow2":
+        o = _measure.qcow2_options(**options)
+    else:
+        _measure.raw_options(**options)
     if src is None:
         if size is None:
             raise UsageError("give a source image or a size (qemu-img: --size N or one filename)")
