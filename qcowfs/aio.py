@@ -19,6 +19,7 @@ understands and the errno the mount answers.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Awaitable, Callable, Generator, Literal, Sequence
 
@@ -40,7 +41,7 @@ from .records import Bitmap, CheckResult, Checkpoint, Comparison, Snapshot
 # create, convert, chain_ops) are imported by the functions that use them:
 # a command or a mount loads only what it runs (docs/speed.md, start-up).
 
-__all__ = ["open", "create", "convert", "Image", "Disk"]
+__all__ = ["open", "create", "convert", "measure", "Image", "Disk"]
 
 Mode = Literal["r", "r+"]
 
@@ -718,15 +719,18 @@ class _QcowSource:
         self.size = self._disk.size
         self.readinto = self._disk.readinto
 
-    async def data_ranges(self) -> list[tuple[int, int]]:
-        return [(start, stop) for start, stop, kind in await self.allocation() if kind == "data"]
+    async def data_ranges(self, zeros: bool = True) -> list[tuple[int, int]]:
+        """Where the disk has data; not ZEROS: less where block status says
+        zero as well (a hole of a metadata-preallocated image's file)."""
+        return [(start, stop) for start, stop, kind in await self.allocation(zeros) if kind == "data"]
 
-    async def allocation(self) -> list[tuple[int, int, str]]:
+    async def allocation(self, zeros: bool = True) -> list[tuple[int, int, str]]:
         """(start, stop, kind) runs covering the disk: "data", "zero" (a zero
-        cluster of some layer) or "unallocated" (in every layer)."""
+        cluster of some layer; not ZEROS: also data the map calls zero) or
+        "unallocated" (in every layer)."""
         out: list[tuple[int, int, str]] = []
         for e in await self._image.map(self._snapshot):
-            kind = "data" if e["data"] else "zero" if e["present"] else "unallocated"
+            kind = "data" if e["data"] and (zeros or not e["zero"]) else "zero" if e["present"] else "unallocated"
             if out and out[-1][1] == e["start"] and out[-1][2] == kind:
                 out[-1] = (out[-1][0], e["start"] + e["length"], kind)
             else:
@@ -1059,6 +1063,94 @@ async def compare(first: str | os.PathLike[str], second: str | os.PathLike[str],
     finally:
         for close in reversed(closers):
             await close()
+
+
+async def measure(src: str | os.PathLike[str] | None = None, *, size: int | None = None,
+                  out_format: str = "qcow2", src_format: str | None = None, snapshot: str | None = None,
+                  force_share: bool = False, passphrase: Passphrase = None, key_file: KeyFile = None,
+                  **options: Any) -> dict[str, int]:
+    """How large a file a new image of OUT_FORMAT ("qcow2", the default
+    here; or "raw") needs, as `qemu-img measure`: for a disk of SIZE bytes
+    (nothing allocated), or holding the disk of SRC (qcow2 or raw, per
+    SRC_FORMAT, default probed; SNAPSHOT: an internal snapshot's clusters,
+    as for `convert`, over the active disk's size, as qemu-img takes it). Give SRC or SIZE, not both. OPTIONS: create options of
+    a qcow2 image (see `create`; those that change the numbers are
+    cluster_size, compat, refcount_bits, extended_l2, preallocation,
+    encrypt_format="luks" with the encrypt_* options, backing_file).
+
+    The answer has qemu-img's JSON keys, in its order: "required" (bytes
+    the image takes once the disk is copied in: metadata as for a fully
+    allocated image, plus the clusters of SRC's disk that hold data, its
+    backing chain's included, zero clusters not; all of them with a
+    backing_file or a full/falloc preallocation), "fully-allocated" (every
+    cluster allocated), and "bitmaps" first, for a version 3 qcow2 SRC and
+    output: the bytes its persistent bitmaps take when copied (`convert`'s
+    BITMAPS). A raw output needs the disk's size, both numbers. The
+    estimate is QEMU's, to the byte: `convert` into an image of that size
+    fits. No passphrase is needed for a LUKS output (the header's size does
+    not depend on it); an encrypted SRC is measured from its tables
+    (PASSPHRASE / KEY_FILE are taken, not needed)."""
+    from .engine import measure as _measure
+
+    if out_format not in ("qcow2", "raw"):
+        raise UsageError(f"output format '{out_format}' is not supported (qcow2 or raw)")
+    if src_format not in (None, "qcow2", "raw"):
+        raise UsageError(f"source format '{src_format}' is not supported (qcow2 or raw)")
+    o: _measure.MeasureOptions | None = None   # (None: a raw output, whose size is the disk's)
+    if out_format == "qcow2":
+        o = _measure.qcow2_options(**options)
+    else:
+        _measure.raw_options(**options)
+    if src is None:
+        if size is None:
+            raise UsageError("give a source image or a size (qemu-img: --size N or one filename)")
+        if src_format is not None or snapshot is not None:
+            raise UsageError("a source format (-f) and a snapshot (-l) need a source image, not a size")
+        size = _measure.check_size(size)
+        if o is None:
+            return {"required": size, "fully-allocated": size}
+        _measure.too_large(size, o)
+        return _measure.qcow2_result(o, size, None, None)
+    if size is not None:
+        raise UsageError("a size cannot be given with a source image (qemu-img: --size N or one filename)")
+    src_path = os.path.abspath(os.fspath(src))
+    if not os.path.exists(src_path):
+        raise QcowError(f"could not open {src}: No such file or directory")
+    fmt = src_format or _probe(src_path)
+    if snapshot is not None and fmt != "qcow2":
+        raise UsageError("-l (snapshot) needs a qcow2 source")
+    source: Any
+    bitmaps: int | None = None
+    if fmt == "qcow2":
+        from .format import AUTOCLEAR_BITMAPS
+
+        image = Image(src_path, "r", passphrase=_keyring(passphrase, key_file), force_share=force_share)
+        closer = image.close
+        engine = image._engine
+        source = _QcowSource(image, _snapshot_key(snapshot) if snapshot is not None else None)
+        ranges = functools.partial(source.data_ranges, zeros=False)   # (QEMU counts what is zero as no data)
+        # (with -l too, QEMU takes the active disk's size: a snapshot's table is read up to it)
+        disk_size = image.virtual_size
+        if o is not None and engine.header.version >= 3:
+            # (what QEMU loads: every bitmap of a consistent extension, in use or not)
+            loaded = engine.bitmaps if engine.header.autoclear_features & AUTOCLEAR_BITMAPS else []
+            bitmaps = _measure.bitmaps_size([(b.name, b.granularity, b.virtual_size) for b in loaded],
+                                            o.cluster_size)
+    else:
+        from .engine import convert as _convert
+
+        source = _convert.RawDisk(src_path, force_share)
+        closer, ranges = source.close, source.data_ranges
+        disk_size = source.size
+    try:
+        if o is None:
+            return {"required": disk_size, "fully-allocated": disk_size}
+        data = None if o.backing_file else await ranges()
+        held = _measure.data_clusters_bytes(data or [], disk_size, o.cluster_size)
+        return _measure.qcow2_result(o, disk_size, held, bitmaps)
+    finally:
+        with shielded():
+            await closer()
 
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,

@@ -34,7 +34,7 @@ from .errors import UsageError
 from .host.waiting import drive
 from .records import Bitmap, CheckResult, Checkpoint, Comparison, Snapshot
 
-__all__ = ["open", "check", "compare", "create", "convert", "commit", "rebase", "Image", "Disk"]
+__all__ = ["open", "check", "compare", "create", "convert", "measure", "commit", "rebase", "Image", "Disk"]
 T = TypeVar("T")
 
 
@@ -426,6 +426,17 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
         qcowfs.convert("vm.qcow2", "small.qcow2", compress=True, compression_type="zstd")
         qcowfs.convert("vm.qcow2", "vm.raw", out_format="raw")"""
     drive(aio.convert(src, dst, **options))
+
+
+def measure(src: str | os.PathLike[str] | None = None, **options: Any) -> dict[str, int]:
+    """`qemu-img measure`: how large a file a new image needs, for a disk of
+    `size=` bytes or holding the disk of SRC (see `qcowfs.aio.measure` for
+    the options)::
+
+        qcowfs.measure("vm.qcow2", out_format="qcow2")   # {"bitmaps": 0, "required": ..., "fully-allocated": ...}
+        qcowfs.measure(size=20 << 30, cluster_size=1 << 21)
+    """
+    return drive(aio.measure(src, **options))
 
 
 def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,

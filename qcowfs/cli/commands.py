@@ -539,3 +539,33 @@ def cmd_compare(a: argparse.Namespace) -> int:
     elif found.identical:
         print("Images are identical.")
     return 0 if found.identical else 1
+
+
+def cmd_measure(a: argparse.Namespace) -> int:
+    """qemu-img measure: its lines, or its JSON (same keys, same order)."""
+    from .. import aio
+    from ..host.waiting import drive
+
+    if a.output not in ("human", "json"):
+        raise UsageError("--output must be used with human or json as argument")
+    if a.filename is not None and a.size is not None:
+        raise UsageError("--size N cannot be used together with a filename")
+    if a.filename is None and a.size is None:
+        raise UsageError("either --size N or one filename must be specified")
+    if a.filename is None and (a.format is not None or a.snapshot is not None):
+        raise UsageError("-f and -l require a filename argument")
+    if a.size is not None and a.size.strip().startswith("-"):
+        raise UsageError(f"invalid size '{a.size}' (it must not be negative)")
+    kw = create_keywords(parse_qemu_options(a.options))
+    kw.pop("size", None)   # (-o size= gives way to --size or FILENAME's size, as in qemu-img)
+    size = parse_size(a.size, zero=True) if a.size is not None else None
+    keys = key_source(a.key_file) if a.key_file else None
+    result = drive(aio.measure(a.filename, size=size, out_format=a.output_format, src_format=a.format,
+                               snapshot=a.snapshot, force_share=a.force_share, passphrase=keys, **kw))
+    if a.output == "json":
+        print(json_text(result))
+    else:
+        print(f"required size: {result['required']}\nfully allocated size: {result['fully-allocated']}")
+        if "bitmaps" in result:
+            print(f"bitmaps size: {result['bitmaps']}")
+    return 0

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import QcowError
 from ..host.logs import hold
 from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_compare, cmd_convert, cmd_create,
-                       cmd_info, cmd_map, cmd_snapshot, die, print_option_help)
+                       cmd_info, cmd_map, cmd_measure, cmd_snapshot, die, print_option_help)
 from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
 
 
@@ -295,6 +295,35 @@ def _compare_parser(sub: Sub) -> None:
                         "those with other keys: each is tried in order")
 
 
+def _measure_parser(sub: Sub) -> None:
+    """qemu-img measure's arguments."""
+    me = sub.add_parser("measure", help="how large a file a new qcow2 or raw image needs (qemu-img measure)",
+                        description="Print how large a file an image of -O's format needs: for a disk of "
+                                    "--size bytes, or to hold the disk of FILENAME (qcow2 or raw; then "
+                                    "its data clusters, backing chain included, count): \"required size\" "
+                                    "(what it takes once the disk is copied in), \"fully allocated size\" "
+                                    "(every cluster allocated), and for a version 3 qcow2 FILENAME and "
+                                    "output \"bitmaps size\" (its persistent bitmaps, copied with convert "
+                                    "--bitmaps). The numbers are qemu-img's, to the byte: size an LV or a "
+                                    "file with them, then convert -n into it.")
+    me.add_argument("filename", metavar="FILENAME", nargs="?", help="the image whose disk is measured")
+    me.add_argument("--size", metavar="SIZE", help="measure a disk of SIZE bytes instead (K, M, G, T suffixes)")
+    me.add_argument("-O", dest="output_format", default="raw", metavar="OUTPUT_FMT",
+                    help="the new image's format: qcow2 or raw (default raw, as qemu-img)")
+    me.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="create options of a qcow2 image (as qcowfs create -o); cluster_size, compat, "
+                         "refcount_bits, extended_l2, preallocation, encrypt.format=luks and backing_file "
+                         "change the numbers (with backing_file every cluster counts, as in qemu-img)")
+    me.add_argument("-f", dest="format", metavar="FMT", help="FILENAME's format: qcow2 or raw (default: probed)")
+    me.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                    help="measure an internal snapshot's disk (ID or NAME, snapshot.id=ID, snapshot.name=NAME)")
+    me.add_argument("--output", default="human", metavar="FMT", help="human (default) or json (qemu-img's keys)")
+    me.add_argument("-U", "--force-share", action="store_true",
+                    help="read FILENAME whatever holds it (as qemu-img -U)")
+    me.add_argument("--key-file", metavar="FILE", action="append",
+                    help="passphrase of an encrypted FILENAME (not needed: its tables are not encrypted)")
+
+
 def _mount_args(m: argparse.ArgumentParser) -> None:
     from ..service.options import MOUNT_OPTIONS
 
@@ -314,6 +343,7 @@ COMMAND_PARSERS: dict[str, Callable[[Sub], None]] = {
     "mount": _mount_parser, "umount": _umount_parser, "info": _info_parser, "check": _check_parser,
     "snapshot": _snapshot_parser, "bitmap": _bitmap_parser, "checkpoint": _checkpoint_parser,
     "map": _map_parser, "create": _create_parser, "convert": _convert_parser, "compare": _compare_parser,
+    "measure": _measure_parser,
     "resize": resize_parser, "commit": commit_parser, "rebase": rebase_parser}
 SUBCOMMANDS = tuple(COMMAND_PARSERS)
 
@@ -470,8 +500,8 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
-        "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "commit": cmd_commit,
-        "rebase": cmd_rebase,
+        "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "measure": cmd_measure,
+        "commit": cmd_commit, "rebase": cmd_rebase,
         "resize": cmd_resize}
     if a.command in handlers:
         return handlers[a.command](a)

@@ -139,7 +139,8 @@ class CreateOptions:
                         self.refcount_bits.bit_length() - 1)
 
 
-def _bool(name: str, value: Any) -> bool:
+def option_bool(name: str, value: Any) -> bool:
+    """An on/off option's value (a bool, or qemu-img's words for one)."""
     if isinstance(value, bool):
         return value
     if value in ("on", "true", "yes"):
@@ -149,7 +150,8 @@ def _bool(name: str, value: Any) -> bool:
     raise UsageError(f"parameter '{name}' expects 'on' or 'off', not '{value}'")
 
 
-def _int(name: str, value: Any) -> int:
+def option_int(name: str, value: Any) -> int:
+    """A number option's value (an int, or its digits)."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             return int(str(value))
@@ -178,15 +180,15 @@ def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
     enc: dict[str, Any] = {k[len("encrypt_"):]: v.pop(k) for k in list(v) if k.startswith("encrypt_")}
     for k in ("lazy_refcounts", "extended_l2", "data_file_raw"):
         if k in v:
-            v[k] = _bool(k, v[k])
+            v[k] = option_bool(k, v[k])
     for k in ("refcount_bits", "cluster_size"):
         if k in v:
-            v[k] = _int(k, v[k])
+            v[k] = option_int(k, v[k])
     if size is None:
         if v.get("backing_file") is not None and v.get("backing_fmt") is None:
             raise UsageError(NO_BACKING_FORMAT)
         raise UsageError("image creation needs a size (or a backing file to take it from)")
-    size = _int("size", size)
+    size = option_int("size", size)
     if size < 0 or size > MAX_VIRTUAL_SIZE:
         raise UsageError(f"invalid image size {size}")
     size = -(-size // 512) * 512  # qemu-img rounds up to whole sectors
@@ -198,7 +200,7 @@ def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
         raise UsageError("encrypt.* options need encrypt.format=luks")
     if fmt is not None:
         if "iter_time" in enc:
-            enc["iter_time"] = _int("encrypt.iter-time", enc["iter_time"])
+            enc["iter_time"] = option_int("encrypt.iter-time", enc["iter_time"])
         opts = dataclasses.replace(opts, encrypt=EncryptOptions(**enc))
     _check(opts)
     return opts
@@ -246,25 +248,29 @@ def _check(o: CreateOptions) -> None:
             raise UsageError(f"backing format '{o.backing_fmt}' is not supported (qcow2 or raw)")
     elif o.backing_fmt is not None:
         raise UsageError("a backing format needs a backing file")
-    e = o.encrypt
-    if e is not None:
-        if e.cipher_alg not in ("aes-128", "aes-192", "aes-256"):
-            raise UsageError(f"cipher '{e.cipher_alg}' is not supported (aes-128, aes-192, aes-256)")
-        if e.cipher_mode not in ("xts", "cbc", "ecb", "ctr"):
-            raise UsageError(f"cipher mode '{e.cipher_mode}' is not supported (xts, cbc, ecb, ctr)")
-        if e.ivgen_alg not in ("plain", "plain64", "essiv"):
-            raise UsageError(f"IV generator '{e.ivgen_alg}' is not supported (plain, plain64, essiv)")
-        from ..format.crypto import HASHES  # (the LUKS code, with numpy and cryptography: for LUKS only)
+    if o.encrypt is not None:
+        check_encrypt(o.encrypt)
 
-        for what, h in (("hash", e.hash_alg), ("IV hash", e.ivgen_hash_alg)):
-            if h is not None and h not in HASHES:
-                raise UsageError(f"{what} '{h}' is not supported ({', '.join(HASHES)})")
-        if e.ivgen_alg == "essiv" and e.ivgen_hash_alg is None:
-            object.__setattr__(e, "ivgen_hash_alg", "sha256")
-        if e.ivgen_alg != "essiv" and e.ivgen_hash_alg is not None:
-            raise UsageError("encrypt.ivgen-hash-alg is only for encrypt.ivgen-alg=essiv")
-        if e.iter_time < 1:
-            raise UsageError("encrypt.iter-time must be at least 1 (milliseconds)")
+
+def check_encrypt(e: EncryptOptions) -> None:
+    """qemu-img's refusals of LUKS settings (qcrypto_block_luks_create)."""
+    if e.cipher_alg not in ("aes-128", "aes-192", "aes-256"):
+        raise UsageError(f"cipher '{e.cipher_alg}' is not supported (aes-128, aes-192, aes-256)")
+    if e.cipher_mode not in ("xts", "cbc", "ecb", "ctr"):
+        raise UsageError(f"cipher mode '{e.cipher_mode}' is not supported (xts, cbc, ecb, ctr)")
+    if e.ivgen_alg not in ("plain", "plain64", "essiv"):
+        raise UsageError(f"IV generator '{e.ivgen_alg}' is not supported (plain, plain64, essiv)")
+    from ..format.crypto import HASHES  # (the LUKS code, with numpy and cryptography: for LUKS only)
+
+    for what, h in (("hash", e.hash_alg), ("IV hash", e.ivgen_hash_alg)):
+        if h is not None and h not in HASHES:
+            raise UsageError(f"{what} '{h}' is not supported ({', '.join(HASHES)})")
+    if e.ivgen_alg == "essiv" and e.ivgen_hash_alg is None:
+        object.__setattr__(e, "ivgen_hash_alg", "sha256")
+    if e.ivgen_alg != "essiv" and e.ivgen_hash_alg is not None:
+        raise UsageError("encrypt.ivgen-hash-alg is only for encrypt.ivgen-alg=essiv")
+    if e.iter_time < 1:
+        raise UsageError("encrypt.iter-time must be at least 1 (milliseconds)")
 
 
 # ---- LUKS --------------------------------------------------------------------------
@@ -286,6 +292,26 @@ def _iterations_per_second(hash_name: str, length: int) -> int:
         n *= 4
 
 
+def _luks_sectors(enc: EncryptOptions) -> tuple[int, int, int]:
+    """Where a new LUKS header's parts lie, in 512-byte sectors: the key
+    material's start, each key slot's material, and the payload (the
+    header's whole size)."""
+    from ..format.crypto import LUKS_NUM_KEY_SLOTS, LUKS_SECTOR_SIZE, LUKS_STRIPES
+
+    split_len = enc.key_bytes * LUKS_STRIPES
+    split_sectors = -(-split_len // LUKS_KEY_SLOT_ALIGN) * LUKS_KEY_SLOT_ALIGN // LUKS_SECTOR_SIZE
+    header_sectors = LUKS_KEY_SLOT_OFFSET // LUKS_SECTOR_SIZE
+    return header_sectors, split_sectors, header_sectors + LUKS_NUM_KEY_SLOTS * split_sectors
+
+
+def luks_header_bytes(enc: EncryptOptions) -> int:
+    """The size of the LUKS header (with its key material) a new image with
+    ENC gets, as qcrypto_block_calculate_payload_offset says."""
+    from ..format.crypto import LUKS_SECTOR_SIZE
+
+    return _luks_sectors(enc)[2] * LUKS_SECTOR_SIZE
+
+
 def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
     """The LUKS header and its key material (QEMU's qcrypto_block_luks_create):
     a random master key in slot 0, PBKDF2 counts timed to iter-time.
@@ -299,10 +325,7 @@ def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
 
     secret = passphrase_text(passphrase)
     key_bytes = enc.key_bytes
-    split_len = key_bytes * LUKS_STRIPES
-    split_sectors = -(-split_len // LUKS_KEY_SLOT_ALIGN) * LUKS_KEY_SLOT_ALIGN // LUKS_SECTOR_SIZE
-    header_sectors = LUKS_KEY_SLOT_OFFSET // LUKS_SECTOR_SIZE
-    payload = header_sectors + LUKS_NUM_KEY_SLOTS * split_sectors
+    header_sectors, split_sectors, payload = _luks_sectors(enc)
     master = os.urandom(key_bytes)
     mk_salt, slot_salt = os.urandom(LUKS_SALT_LEN), os.urandom(LUKS_SALT_LEN)
     mk_iters = max(_iterations_per_second(enc.hash_alg, LUKS_DIGEST_LEN) * enc.iter_time // 1000 // 8,
@@ -352,6 +375,22 @@ class Layout:
         return self.data + self.ndata
 
 
+def refcount_metadata_clusters(clusters: int, cluster_size: int, refcount_order: int) -> tuple[int, int]:
+    """The refcount blocks and refcount table clusters that count CLUSTERS
+    other clusters and themselves: the least fixed point, as QEMU's
+    qcow2_refcount_metadata_size finds it (the layout of a new image, and
+    what measure adds for a fully allocated one)."""
+    per_block = cluster_size * 8 >> refcount_order
+    per_table_cluster = cluster_size // 8
+    blocks = table = 0
+    while True:
+        b = -(-(clusters + table + blocks) // per_block)
+        t = -(-b // per_table_cluster)
+        if (b, t) == (blocks, table):
+            return blocks, table
+        blocks, table = b, t
+
+
 def plan(o: CreateOptions, crypto_bytes: int) -> Layout:
     """The layout of a new image: the refcount structures sized to count
     themselves and everything else."""
@@ -364,14 +403,7 @@ def plan(o: CreateOptions, crypto_bytes: int) -> Layout:
     nl2 = l1_entries if prealloc else 0
     ndata = -(-o.size // cs) if prealloc and not o.data_file else 0
     body = l1_clusters + crypto_clusters + nl2 + ndata
-    t, b = 1, 1
-    while True:
-        total = 1 + t + b + body
-        b2 = -(-total // geo.refcounts_per_block)
-        t2 = max(1, -(-b2 * 8 // cs))
-        if (t2, b2) == (t, b):
-            break
-        t, b = max(t, t2), max(b, b2)
+    b, t = refcount_metadata_clusters(1 + body, cs, geo.refcount_order)
     l1 = 1 + t + b
     crypto = l1 + l1_clusters
     l2 = crypto + crypto_clusters
