@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import stat
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
@@ -99,8 +98,8 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_c
             raise UsageError("--backing-chain needs an image file (the daemon describes the image it serves)")
         from ..service import control
 
-        print(json_text(control.request(image_arg, "info")["info"]) if as_json
-              else render_info(control.request(image_arg, "info")["info"]))
+        live = control.request(image_arg, "info")["info"]
+        print(json_text(live) if as_json else render_info(live))
         return 0
     layers: list[dict[str, Any]] = []
     name: str = image_arg
@@ -138,15 +137,15 @@ def _layer_info(path: str, force_share: bool) -> dict[str, Any]:
 
     if probe_format(path) == "qcow2":
         return _qcow2_info(path, force_share)
-    st = os.stat(path)
-    size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(path)
-    return {"virtual-size": size, "filename": path, "format": "raw", "actual-size": st.st_blocks * 512,
+    from ..host.hostfile import HostFile
+
+    file = HostFile(path)  # (its size: a device's too)
+    try:
+        size = file.known_size
+    finally:
+        file.close()
+    return {"virtual-size": size, "filename": path, "format": "raw", "actual-size": os.stat(path).st_blocks * 512,
             "dirty-flag": False}
-
-
-def _device_size(path: str) -> int:
-    with open(path, "rb") as f:
-        return f.seek(0, os.SEEK_END)
 
 
 def qemu_path_combine(base: str, name: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from .bitmaps import Bitmap, broken, find, mark_bits, read_bitmap, table_entry_p
 from ..errors import RequestError
 from ..format import (AUTOCLEAR_BITMAPS, BME_AUTO, BME_IN_USE, BME_MAX_GRANULARITY_BITS, BME_TABLE_ALL_ONES,
                      BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS, BME_TABLE_OFFSET_MASK,
-                     BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension,
+                     BME_TYPE_DIRTY_TRACKING, EXT_BITMAPS, BitmapDirEntry, BitmapsExtension, Header,
                      with_extension)
 from .metadata import Metadata
 from .overlap import Kind
@@ -115,16 +115,10 @@ async def stage(meta: Metadata, txn: Transaction, plans: list[Plan], removed: li
         at = await txn.allocate(len(directory))
         meta.write(at, directory, "new bitmap directory")
         ext = BitmapsExtension(len(entries), len(directory), at)
-    txn.set(extensions=with_extension(list(h.extensions), EXT_BITMAPS, ext.pack() if ext else None),
-            autoclear_features=(h.autoclear_features | AUTOCLEAR_BITMAPS) if entries
-            else h.autoclear_features & ~AUTOCLEAR_BITMAPS,
-            bitmap_directory=entries)
+    txn.set(**_directory_fields(h, ext, entries))
 
     def follow() -> None:
-        if old is not None and old.directory_size:
-            meta.drop_structure(Kind.BITMAP_DIRECTORY, old.directory_offset, old.directory_size)
-        if ext is not None:
-            meta.add_structure(Kind.BITMAP_DIRECTORY, ext.directory_offset, ext.directory_size)
+        _follow_directory(meta, old, ext)
         for bm in removed:
             _drop_table(meta, bm)
         for p, e in zip(plans, entries):
@@ -220,6 +214,22 @@ async def mend(meta: Metadata, bitmaps: list[Bitmap]) -> tuple[list[Bitmap], lis
     return kept, done
 
 
+def _directory_fields(h: Header, ext: BitmapsExtension | None, entries: list[BitmapDirEntry]) -> dict[str, Any]:
+    """The header fields that name the bitmap directory EXT (None: none) of ENTRIES."""
+    return dict(extensions=with_extension(list(h.extensions), EXT_BITMAPS, ext.pack() if ext else None),
+                autoclear_features=(h.autoclear_features | AUTOCLEAR_BITMAPS) if entries
+                else h.autoclear_features & ~AUTOCLEAR_BITMAPS,
+                bitmap_directory=entries)
+
+
+def _follow_directory(meta: Metadata, old: BitmapsExtension | None, ext: BitmapsExtension | None) -> None:
+    """The overlap map after the header switched from directory OLD to EXT."""
+    if old is not None and old.directory_size:
+        meta.drop_structure(Kind.BITMAP_DIRECTORY, old.directory_offset, old.directory_size)
+    if ext is not None:
+        meta.add_structure(Kind.BITMAP_DIRECTORY, ext.directory_offset, ext.directory_size)
+
+
 async def _switch_directory(meta: Metadata, old: list[Bitmap], kept: list[Bitmap]) -> None:
     """A new bitmap directory of KEPT, after the end of the file, and the
     header switched to it (none: the extension dropped), without refcount
@@ -240,14 +250,8 @@ async def _switch_directory(meta: Metadata, old: list[Bitmap], kept: list[Bitmap
         ext = BitmapsExtension(len(kept), len(directory), at)
     raw = h.extension(EXT_BITMAPS)
     before = BitmapsExtension.parse(raw) if raw else None
-    await meta.update(extensions=with_extension(list(h.extensions), EXT_BITMAPS, ext.pack() if ext else None),
-                      autoclear_features=(h.autoclear_features | AUTOCLEAR_BITMAPS) if kept
-                      else h.autoclear_features & ~AUTOCLEAR_BITMAPS,
-                      bitmap_directory=[bm.entry for bm in kept])
-    if before is not None and before.directory_size:
-        meta.drop_structure(Kind.BITMAP_DIRECTORY, before.directory_offset, before.directory_size)
-    if ext is not None:
-        meta.add_structure(Kind.BITMAP_DIRECTORY, ext.directory_offset, ext.directory_size)
+    await meta.update(**_directory_fields(h, ext, [bm.entry for bm in kept]))
+    _follow_directory(meta, before, ext)
 
 
 def _give_back(txn: Transaction, bm: Bitmap, cs: int) -> None:

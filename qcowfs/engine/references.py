@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..format import (AUTOCLEAR_BITMAPS, SNAPSHOT_HEADER_SIZE, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, L1E_OFFSET_MASK,
+from ..format import (AUTOCLEAR_BITMAPS, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK, Geometry, BME_TABLE_OFFSET_MASK, CRYPT_LUKS, EXT_BITMAPS, EXT_CRYPTO, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, BitmapsExtension,
                      CryptoHeaderExtension, Header, SubclusterType, cluster_type,
                      compressed_shift,
@@ -26,7 +26,7 @@ from ..format.bulk import cluster_types, data_host_offsets, refcount_array
 from ..host.hostfile import HostFile
 from .metadata import Metadata
 from .overlap import Kind
-from .snapshots import snapshot_problem
+from .snapshots import counted_table_length, snapshot_problem
 from .stored import refcount_table, stored_blocks
 
 
@@ -121,7 +121,7 @@ def walk(meta: Metadata, *, refcount_structure: bool = True, l2_contents: bool =
         # (A table that could not be read, past the end of the file, counts
         # at least its first entry's header: check reports it.)
         yield Ref(Kind.SNAPSHOT_TABLE, "snapshot table", h.snapshots_offset,
-                  sum(len(s.pack()) for s in meta.snapshots) or SNAPSHOT_HEADER_SIZE)
+                  counted_table_length(meta.snapshots, h.nb_snapshots))
     l1s = [(h.l1_table_offset, h.l1_size, True)]
     for s in meta.snapshots:
         yield Ref(Kind.INACTIVE_L1, f"snapshot {s.id_str} L1 table", s.l1_table_offset, s.l1_size * 8)

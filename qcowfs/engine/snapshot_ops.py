@@ -28,14 +28,14 @@ import numpy as np
 
 from .cache import TableCache
 from ..errors import CorruptionError, RequestError, UnsupportedFeatureError
-from ..format import (NO_ICOUNT, SNAPSHOT_HEADER_SIZE, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+from ..format import (NO_ICOUNT, L1E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
                      OFLAG_COPIED, L2E_OFFSET_MASK, SnapshotEntry, Table, encode_table)
 from ..format.bulk import l2_words
 from .metadata import Metadata
 from .overlap import Kind
 from .references import L2Refs, read_entries
 from .refcount import Allocator, Transaction
-from .snapshots import check_new_name as check_name, snapshot_disk_size, snapshot_problem
+from .snapshots import check_new_name as check_name, counted_table_length, snapshot_disk_size, snapshot_problem
 
 # QEMU's limit on a snapshot's id and name strings (uint16 lengths in the entry).
 MAX_NAME_BYTES = 1024
@@ -344,8 +344,7 @@ async def mend_table(meta: Metadata) -> list[str]:
         at = -(-meta.file.known_size // cs) * cs
         meta.write(at, _table_bytes(kept), "new snapshot table")
         await meta.file.sync()
-    # (As references.walk counted it: a table that cannot be read, its first entry's header.)
-    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)) or (SNAPSHOT_HEADER_SIZE if h.nb_snapshots else 0))
+    old_table = (h.snapshots_offset, counted_table_length(meta.snapshots, h.nb_snapshots))
     await meta.update(snapshots_offset=at, nb_snapshots=len(kept), snapshots=kept)
     _swap_snapshot_table(meta, old_table, at, kept)
     return done

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from ..errors import NameTakenError, NotFoundError, RequestError
-from ..format import MAX_L1_BYTES, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
+from ..format import MAX_L1_BYTES, SNAPSHOT_HEADER_SIZE, SNAPSHOT_MIN_EXTRA_V3, SnapshotEntry
 
 
 # The orders in which a key is tried as a snapshot's name or id. A name
@@ -48,6 +48,15 @@ def snapshot_disk_size(entry: SnapshotEntry, header_size: int) -> int:
 
 # QEMU's limit on a snapshot entry's extra data (QCOW_MAX_SNAPSHOT_EXTRA_DATA).
 MAX_SNAPSHOT_EXTRA = 1024
+
+
+def counted_table_length(snapshots: list[SnapshotEntry], nb_snapshots: int) -> int:
+    """The bytes of the snapshot table a header of NB_SNAPSHOTS names, as
+    check counts and the overlap map holds them: its entries SNAPSHOTS, or
+    (a table that could not be read) its first entry's header."""
+    if not nb_snapshots:
+        return 0
+    return sum(len(s.pack()) for s in snapshots) or SNAPSHOT_HEADER_SIZE
 
 
 def too_much_extra(entry: SnapshotEntry) -> bool:

@@ -11,7 +11,6 @@ from ...format.bulk import encode_refcount_block
 from ..metadata import Metadata
 from ..overlap import Kind
 from ..references import count_references
-from ..stored import refcount_table
 from .copied import fix_copied
 
 
@@ -76,20 +75,16 @@ def _place_in_free_space(meta: Metadata, counts: np.ndarray) -> Placement | None
     refcount structure does not use (it must stay valid until the header
     switches), as QEMU's repair does: the file does not grow. None if the
     free space is too small or too scattered."""
-    geo, h = meta.geo, meta.header
+    geo = meta.geo
     cs, rpb, per_cluster = geo.cluster_size, geo.refcounts_per_block, geo.cluster_size // 8
     nfile = -(-meta.file.known_size // cs)
     busy = np.zeros(nfile, bool)
     busy[0] = True
     busy[: min(nfile, len(counts))] |= counts[:nfile] > 0
-    t0 = h.refcount_table_offset // cs
-    busy[t0 : t0 + h.refcount_table_clusters] = True
-    for off in refcount_table(meta.file, h):
-        if off and off // cs < nfile:
-            busy[off // cs] = True
-    # Every cluster a live structure touches, though no reference counts it: an
-    # L2 table at an offset inside a cluster (L1 entry damaged) spans the next
-    # one too, and the overlap check would refuse a block there.
+    # Every cluster a live structure touches: the old refcount table and blocks
+    # (the header switches away from them last), and what no reference counts:
+    # an L2 table at an offset inside a cluster (L1 entry damaged) spans the
+    # next one too, and the overlap check would refuse a block there.
     taken = [c for c in meta.overlap.clusters() if c < nfile]
     busy[taken] = True
     free = np.flatnonzero(~busy)
