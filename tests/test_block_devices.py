@@ -118,6 +118,36 @@ def test_convert_onto_a_block_device_writes_into_it(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_convert_n_onto_a_block_device_as_qemu_img(tmp_path: Path) -> None:
+    """-n onto a device full of old data, beside qemu-img -n onto a twin device:
+    the same bytes on both (the source's holes and zeros zeroed, the device past
+    the disk untouched). With --target-is-zero onto a zeroed device as well; -n
+    -O qcow2 onto a device is refused (a qcow2 image needs a file) and leaves it
+    as it was."""
+    img = disk_image(tmp_path)
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    data = noise(ours, 48 * MiB)
+    theirs.write_bytes(data)
+    for extra, fill in (([], None), (["--target-is-zero"], bytes(48 * MiB))):
+        if fill is not None:
+            ours.write_bytes(fill)
+            theirs.write_bytes(fill)
+        with loop_device(ours, read_only=False) as dev, loop_device(theirs, read_only=False) as twin:
+            p = qcowfs("convert", "-n", *extra, "-O", "raw", img, dev)
+            assert p.returncode == 0 and not p.stderr, p.stderr
+            qimg("convert", "-n", *extra, "-O", "raw", img, twin)
+        got = ours.read_bytes()
+        assert got == theirs.read_bytes(), extra
+        assert got[32 * MiB:] == (data if fill is None else fill)[32 * MiB:]
+    expected = tmp_path / "expected.raw"
+    qimg("convert", "-O", "raw", img, expected)
+    assert ours.read_bytes()[:32 * MiB] == expected.read_bytes()
+    before = ours.read_bytes()
+    with loop_device(ours, read_only=False) as dev:
+        one_line_error(qcowfs("convert", "-n", "-O", "qcow2", img, dev), "is a block device")
+    assert ours.read_bytes() == before
+
+
 def test_what_cannot_hold_the_target_is_left_alone(tmp_path: Path) -> None:
     img = disk_image(tmp_path)
     small = tmp_path / "small.raw"

@@ -17,7 +17,7 @@ import pytest
 
 from corruption import OFFSET_MASK, SCENARIOS, l2_entry_offset, patch, u64
 from inproc import nbd_dirty_map
-from tests import images
+from tests import images, luks
 from tests.test_convert import assert_clean, compressed_clusters, data_bytes, qcowfs, run
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -202,6 +202,35 @@ def test_n_compressed_over_old_data(tmp_path: Path):
     assert_clean(old)
     qemu_old = old_qcow2(tmp_path / "qold", 4 * MiB)
     assert run(["qemu-img", "convert", "-n", "-c", "-f", "raw", "-O", "qcow2", src, qemu_old]).returncode == 1
+
+
+def test_n_into_an_encrypted_target(tmp_path: Path):
+    """-n into an existing LUKS-encrypted qcow2 full of old data, its passphrase from
+    --target-key-file: it reads as the source (its zeros zeroed, not left as old
+    ciphertext) and as qemu-img -n leaves its twin; clean and as large. A wrong
+    passphrase is one line and leaves the target as it was."""
+    src = source(tmp_path)
+    made = []
+    for who in ("ours", "theirs"):
+        t = luks.create(tmp_path / f"{who}.qcow2", 8 * MiB)
+        luks.qemu_io(t, f"write -P 0x99 0 {8 * MiB}")
+        made.append(t)
+    ours, theirs = made
+    key = tmp_path / "key"
+    key.write_text(luks.SECRET)
+    p = qcowfs("convert", "-n", "-O", "qcow2", "--target-key-file", key, src, ours)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    qemu_img("convert", "-n", *luks.secret_object(), "--target-image-opts", src, luks.image_opts(theirs))
+    got, want = luks.to_raw(ours, tmp_path / "ours.raw"), luks.to_raw(theirs, tmp_path / "theirs.raw")
+    assert got.read_bytes() == want.read_bytes()
+    assert same_content(src, got, "qcow2", "raw")
+    assert luks.check(ours).returncode == 0
+    assert ours.stat().st_size <= theirs.stat().st_size
+    before = ours.read_bytes()
+    key.write_text("not the passphrase")
+    one_line_error(qcowfs("convert", "-n", "-O", "qcow2", "--target-key-file", key, src, ours),
+                   "no key slot matches")
+    assert ours.read_bytes() == before
 
 
 # Refused by both, before qcowfs writes anything: (arguments, how the target is made
@@ -431,6 +460,21 @@ def test_bitmaps_of_an_overlay(tmp_path: Path, extra: list[str]):
     assert "base-only" not in [b["name"] for b in bitmaps_of(ours)]
     if extra:
         assert compressed_clusters(ours) > 0
+
+
+def test_bitmaps_with_a_snapshot_as_the_source(tmp_path: Path):
+    """--bitmaps -l SNAPSHOT: the disk is the snapshot's, the bitmaps are the image's
+    (QEMU keeps bitmaps of the active layer only), as qemu-img copies them."""
+    src = bitmap_source(tmp_path / "s", backing=False)
+    qemu_img("snapshot", "-c", "s1", src)
+    images.qio(src, "write -P 0x31 2M 256k", "write -P 0x32 15M 64k")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    p = qcowfs("convert", "--bitmaps", "-l", "s1", "-O", "qcow2", src, ours)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    qemu_img("convert", "--bitmaps", "-l", "s1", "-O", "qcow2", src, theirs)
+    assert same_content(ours, theirs) and not same_content(ours, src)
+    assert_clean(ours)
+    assert_same_bitmaps(ours, theirs, src)
 
 
 def test_bitmaps_into_an_existing_image(tmp_path: Path):
