@@ -35,7 +35,7 @@ from .errors import (CorruptionError, ImageLockedError, InUseError, InvalidImage
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "check", "compare", "create", "convert", "measure", "commit", "rebase", "Image", "Disk", "Snapshot",
+    "open", "check", "compare", "create", "convert", "measure", "commit", "rebase", "amend", "Image", "Disk", "Snapshot",
     "Bitmap", "Checkpoint", "CheckResult", "Comparison", "Keyring", "aio",
     "QcowError", "InvalidImageError", "UnsupportedFeatureError", "CorruptionError", "ReadOnlyError",
     "ImageLockedError", "NoSpaceError", "ResizeError", "UsageError", "PassphraseError", "RequestError",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _LAZY = {"open": "api", "check": "api", "compare": "api", "create": "api", "convert": "api", "measure": "api",
-         "commit": "api", "rebase": "api",
+         "commit": "api", "rebase": "api", "amend": "api",
          "Image": "api", "Disk": "api",
          "Snapshot": "records", "Bitmap": "records", "Checkpoint": "records", "CheckResult": "records",
          "Comparison": "records",
@@ -51,7 +51,7 @@ _LAZY = {"open": "api", "check": "api", "compare": "api", "create": "api", "conv
 
 if TYPE_CHECKING:
     from . import aio
-    from .api import Disk, Image, check, commit, compare, convert, create, measure, open, rebase
+    from .api import Disk, Image, amend, check, commit, compare, convert, create, measure, open, rebase
     from .host.secret import Keyring
     from .records import Bitmap, CheckResult, Checkpoint, Comparison, Snapshot
 

@@ -1185,3 +1185,49 @@ async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format:
     from .engine import chain_ops
     await chain_ops.rebase(os.fspath(image), backing, backing_format, unsafe, progress, force_share,
                            _keyring(passphrase, key_file))
+
+
+async def amend(image: str | os.PathLike[str], *, compat: str | None = None, lazy_refcounts: bool | None = None,
+                refcount_bits: int | None = None, size: int | None = None, backing_file: str | None = None,
+                backing_fmt: str | None = None, data_file: str | None = None, data_file_raw: bool | None = None,
+                encrypt_state: str | None = None, encrypt_keyslot: int | None = None,
+                encrypt_iter_time: int | None = None, new_passphrase: Passphrase = None,
+                new_key_file: KeyFile = None, old_passphrase: Passphrase = None, old_key_file: KeyFile = None,
+                force: bool = False, passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
+    """`qemu-img amend -o OPTIONS IMAGE`: change what IMAGE's header says.
+
+    COMPAT ("0.10" or "1.1": a downgrade or an upgrade), LAZY_REFCOUNTS,
+    REFCOUNT_BITS (a new refcount structure of that width), SIZE (exactly
+    that virtual size: QEMU's amend grows and shrinks), DATA_FILE (a new
+    name for the external data file), DATA_FILE_RAW (False: the data file
+    need no longer stay a raw image); BACKING_FILE / BACKING_FMT only as the
+    image has them (`rebase` changes them). LUKS key slots of an encrypted
+    image (qemu-img's encrypt.* options): ENCRYPT_STATE "active" puts
+    NEW_PASSPHRASE (or NEW_KEY_FILE's bytes) into ENCRYPT_KEYSLOT (default:
+    the first free one), its PBKDF2 timed to ENCRYPT_ITER_TIME ms (default
+    2000); "inactive" erases ENCRYPT_KEYSLOT, or every slot OLD_PASSPHRASE
+    (OLD_KEY_FILE) opens. FORCE: overwrite an active slot, or erase the last
+    one (the data is then lost for good), as qemu-img --force. PASSPHRASE /
+    KEY_FILE: what opens the image (and its encrypted backing files).
+
+    Everything is checked before anything is written; then each step is
+    crash-safe (engine/amend.py says where qcowfs refuses what qemu-img does)."""
+    from .engine.amend import AmendRequest, run
+    from .engine.keyslots import DEFAULT_ITER_TIME_MS, KeySlotChange
+
+    path = os.fspath(image)
+    keys: KeySlotChange | None = None
+    if encrypt_state is not None or encrypt_keyslot is not None or encrypt_iter_time is not None \
+            or new_passphrase is not None or new_key_file is not None or old_passphrase is not None \
+            or old_key_file is not None:
+        if encrypt_state not in ("active", "inactive"):
+            raise UsageError("the LUKS key slot options need encrypt.state=active (add a passphrase) or "
+                             "encrypt.state=inactive (erase key slots)")
+        new = _new_key(new_passphrase, new_key_file, path)
+        old = _new_key(old_passphrase, old_key_file, path)
+        keys = KeySlotChange(encrypt_state, encrypt_keyslot, new() if new is not None else None,  # type: ignore[arg-type]
+                             old() if old is not None else None,
+                             encrypt_iter_time if encrypt_iter_time is not None else DEFAULT_ITER_TIME_MS, force)
+    req = AmendRequest(compat, lazy_refcounts, refcount_bits, size, backing_file, backing_fmt, data_file,
+                       data_file_raw, keys)
+    await run(path, req, _keyring(passphrase, key_file))

@@ -453,3 +453,12 @@ def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str |
     """`qemu-img rebase` (see `qcowfs.aio.rebase`)."""
     drive(aio.rebase(image, backing, backing_format=backing_format, unsafe=unsafe, progress=progress,
                      force_share=force_share, passphrase=passphrase, key_file=key_file))
+
+
+def amend(image: str | os.PathLike[str], **options: Any) -> None:
+    """`qemu-img amend`: change what the image's header says (see
+    `qcowfs.aio.amend` for the options):
+
+        qcowfs.amend("old.qcow2", compat="1.1", lazy_refcounts=True)
+        qcowfs.amend("vm.qcow2", encrypt_state="active", new_passphrase="second key", passphrase="first key")"""
+    drive(aio.amend(image, **options))

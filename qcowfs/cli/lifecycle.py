@@ -1,5 +1,5 @@
-"""The commands that change an image's size or its place in a backing chain:
-resize, commit, rebase (qemu-img's names and options). Clients of the
+"""The commands that change an image's size, its options or its place in a
+backing chain: resize, amend, commit, rebase (qemu-img's names and options). Clients of the
 public API; every argument is checked before the image is touched."""
 from __future__ import annotations
 
@@ -19,6 +19,34 @@ def resize_parser(sub: Any) -> None:
     r.add_argument("--shrink", action="store_true", help="allow a smaller size (data past the new end is lost)")
     r.add_argument("image", metavar="IMAGE")
     r.add_argument("size", metavar="[+|-]SIZE")
+
+
+def amend_parser(sub: Any) -> None:
+    m = sub.add_parser("amend", help="change the options of an existing image (qemu-img amend)",
+                       description="Change what IMAGE's header says, as qemu-img amend -o: compat (0.10 or "
+                                   "1.1: a downgrade or an upgrade), lazy_refcounts, refcount_bits, size, "
+                                   "data_file (a new name), data_file_raw (off only); LUKS key slots with "
+                                   "encrypt.state=active (a new passphrase from --new-key-file, into "
+                                   "encrypt.keyslot or the first free slot, PBKDF2 timed to "
+                                   "encrypt.iter-time ms) or encrypt.state=inactive (erase encrypt.keyslot, "
+                                   "or every slot --old-key-file's passphrase opens). Everything is checked "
+                                   "before the image is touched.")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="NAME=VALUE,... (may be repeated): compat, lazy_refcounts, refcount_bits, size, "
+                        "data_file, data_file_raw, backing_file / backing_fmt (only as they are: use rebase), "
+                        "encrypt.state, encrypt.keyslot, encrypt.iter-time")
+    m.add_argument("-f", dest="format", metavar="FMT", help="format of IMAGE (qcow2 only)")
+    m.add_argument("-p", dest="progress", action="store_true",
+                   help="qemu-img's progress: accepted, no effect")
+    m.add_argument("--force", action="store_true",
+                   help="overwrite an active key slot, or erase the last one (its data is then lost for good)")
+    m.add_argument("--key-file", metavar="FILE", action="append",
+                   help="passphrase of an encrypted IMAGE (every byte of FILE; else asked on a terminal)")
+    m.add_argument("--new-key-file", metavar="FILE",
+                   help="the new passphrase of encrypt.state=active (else asked on a terminal)")
+    m.add_argument("--old-key-file", metavar="FILE",
+                   help="encrypt.state=inactive: erase every key slot this passphrase opens")
+    m.add_argument("image", metavar="IMAGE")
 
 
 def commit_parser(sub: Any) -> None:
@@ -85,6 +113,52 @@ def cmd_resize(a: argparse.Namespace) -> int:
     drive(main())
     print("Image resized.")
     return 0
+
+
+def cmd_amend(a: argparse.Namespace) -> int:
+    """qemu-img amend -f qcow2 -o OPTIONS."""
+    from .. import api
+    from ..engine.amend import OPTION_KINDS
+    from ..engine.create import OPTION_KINDS as CREATE_OPTION_KINDS, keyword, option_bool, option_int
+    from .commands import key_source, parse_qemu_options
+
+    if a.format is not None and a.format != "qcow2":
+        raise UsageError(f"qcowfs amends qcow2 images only, not '{a.format}'")
+    options = parse_qemu_options(a.options)
+    if not options:
+        raise UsageError("nothing to amend: give the options with -o (as qemu-img asks)")
+    kw: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in ("encrypt.new-secret", "encrypt.old-secret", "encrypt.key-secret"):
+            raise UsageError(f"{name}: qcowfs takes passphrases from --new-key-file, --old-key-file and "
+                             "--key-file (or a prompt)")
+        kind = OPTION_KINDS.get(name)
+        if kind is None:
+            if name in CREATE_OPTION_KINDS:
+                raise UsageError(f"invalid parameter '{name}': it can only be chosen when the image is created")
+            raise UsageError(f"invalid parameter '{name}' for qcow2 (known: {', '.join(OPTION_KINDS)})")
+        kw[keyword(name)] = (parse_size(value) if kind == "size" else option_bool(name, value) if kind == "bool"
+                             else option_int(name, value) if kind == "int" else value)
+    new_passphrase = None
+    if kw.get("encrypt_state") == "active" and a.new_key_file is None:
+        new_passphrase = _ask_new_passphrase(a.image)
+    api.amend(a.image, **kw, force=a.force, passphrase=key_source(a.key_file), new_passphrase=new_passphrase,
+              new_key_file=a.new_key_file, old_key_file=a.old_key_file)
+    return 0
+
+
+def _ask_new_passphrase(image: str) -> bytes:
+    """The new passphrase of a key slot, asked twice on a terminal."""
+    import getpass
+    import sys
+
+    if not sys.stdin.isatty():
+        raise UsageError("encrypt.state=active needs the new passphrase: give it with --new-key-file FILE, or "
+                         "run from a terminal to be asked")
+    first = getpass.getpass(f"New passphrase for {image}: ")
+    if getpass.getpass("The same again: ") != first:
+        raise UsageError("the two passphrases differ")
+    return first.encode()
 
 
 def cmd_commit(a: argparse.Namespace) -> int:

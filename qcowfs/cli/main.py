@@ -22,14 +22,15 @@ from ..errors import QcowError
 from ..host.logs import hold
 from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_compare, cmd_convert, cmd_create,
                        cmd_info, cmd_map, cmd_measure, cmd_snapshot, die, print_option_help)
-from .lifecycle import cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser, resize_parser
+from .lifecycle import (amend_parser, cmd_amend, cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser,
+                        resize_parser)
 
 
 # ---- argument parsing -------------------------------------------------------------
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The `qcowfs` parser with every command, or with the command ONLY
-    alone: what `qcowfs COMMAND ...` needs (the other twelve parsers cost some
+    alone: what `qcowfs COMMAND ...` needs (the other thirteen parsers cost some
     8 ms of every start, a sixth of a one-shot command; docs/speed.md)."""
     p = argparse.ArgumentParser(
         prog="qcowfs",
@@ -51,8 +52,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 # The commands that take qemu-img's -q (scripts written for qemu-img pass it).
-QUIET_COMMANDS = ("check", "snapshot", "bitmap", "checkpoint", "create", "convert", "compare", "resize", "commit",
-                  "rebase")
+QUIET_COMMANDS = ("check", "snapshot", "bitmap", "checkpoint", "create", "convert", "compare", "resize", "amend",
+                  "commit", "rebase")
 
 
 # One function per command, each adding that command's parser to SUB.
@@ -344,7 +345,7 @@ COMMAND_PARSERS: dict[str, Callable[[Sub], None]] = {
     "snapshot": _snapshot_parser, "bitmap": _bitmap_parser, "checkpoint": _checkpoint_parser,
     "map": _map_parser, "create": _create_parser, "convert": _convert_parser, "compare": _compare_parser,
     "measure": _measure_parser,
-    "resize": resize_parser, "commit": commit_parser, "rebase": rebase_parser}
+    "resize": resize_parser, "amend": amend_parser, "commit": commit_parser, "rebase": rebase_parser}
 SUBCOMMANDS = tuple(COMMAND_PARSERS)
 
 
@@ -502,7 +503,7 @@ def _dispatch(a: argparse.Namespace) -> int:
         "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
         "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "measure": cmd_measure,
         "commit": cmd_commit, "rebase": cmd_rebase,
-        "resize": cmd_resize}
+        "resize": cmd_resize, "amend": cmd_amend}
     if a.command in handlers:
         return handlers[a.command](a)
     build_parser().print_help()

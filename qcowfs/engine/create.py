@@ -27,16 +27,14 @@ from typing import Any, Callable
 from ..errors import QcowError, UnsupportedFeatureError, UsageError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
                       CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE,
-                      EXT_FEATURE_TABLE, FEATURE_NAMES_BUILTIN, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
+                      INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-                      OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, Geometry, Header, HeaderExtension, encode_table,
-                      refcount_block_of_ones, zero_table)
+                      OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Geometry, Header,
+                      HeaderExtension, encode_table, feature_table, refcount_block_of_ones, zero_table)
 from ..host.hostfile import same_file
 from ..host.locking import lock_image
 from .opening import chain_files, refuse_loop, resolve_backing
 
-# QEMU writes a 112-byte v3 header (compression_type at byte 104, padded).
-V3_HEADER_LENGTH = 112
 DEFAULT_CLUSTER_SIZE = 1 << 16
 # crypto/block-luks.c: key material starts 4 KiB into the header, each
 # slot's material is rounded up to 4 KiB; PBKDF2 counts are timed to
@@ -439,9 +437,7 @@ def build_header(o: CreateOptions, lay: Layout, crypto_bytes: int) -> Header:
                          f"of {cs} bytes")
     if o.version >= 3:
         # QEMU's feature name table, left out where the cluster has no room for it.
-        table = b"".join(bytes([t, bit]) + name.encode().ljust(46, b"\0")
-                         for (t, bit), name in FEATURE_NAMES_BUILTIN.items())
-        with_table = dataclasses.replace(h, extensions=exts + [HeaderExtension(EXT_FEATURE_TABLE, table)])
+        with_table = dataclasses.replace(h, extensions=exts + [feature_table()])
         if len(with_table.pack()) <= cs:
             h = with_table
     return h

@@ -724,6 +724,22 @@ class Image:
         self.bitmaps = bitmaps
         self._changed = True  # tracked bits are stored at close
 
+    def check_resize(self, new_size: int) -> None:
+        """What a resize to NEW_SIZE would refuse, before anything is touched."""
+        from .resize import check_resize
+        check_resize(self.meta, self.bitmaps, new_size, self.backing.size if self.backing is not None else 0)
+
+    async def change_refcount_width(self, bits: int) -> None:
+        """Refcounts of BITS bits each (qemu-img amend -o refcount_bits=):
+        a new refcount structure of that width, counted from the references
+        and switched to in one header write (refcount.rebuild); refused
+        before anything is written where a cluster has more references than
+        the width can count."""
+        from .refcount import rebuild
+        async with self.exclusive():
+            await rebuild(self.meta, self.external_data, order=bits.bit_length() - 1)
+        self.reload_refcounts()
+
     @signals_corruption
     async def resize(self, new_size: int) -> None:
         """Grow or shrink the virtual disk to NEW_SIZE (see resize.py: one

@@ -89,6 +89,10 @@ class Metadata:
             # next update would write the old header back over it.
             self._header = new
             self.disk_size = _disk_size(new)
+            if (new.version, new.refcount_order) != (old.version, old.refcount_order):
+                # (an amend: the refcounts' width, zero clusters; whoever reads
+                # the geometry from here on gets the new one)
+                self.geo = Geometry.from_header(new)
             if snapshots is not None:
                 self.snapshots = snapshots
             if bitmap_directory is not None:

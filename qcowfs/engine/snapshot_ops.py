@@ -295,6 +295,32 @@ async def apply(meta: Metadata, alloc: Allocator, l2_cache: TableCache[Table], i
         await txn.commit()
 
 
+def with_full_extra(s: SnapshotEntry, disk_size: int) -> SnapshotEntry:
+    """S with the extra data every version 3 entry has (QEMU's
+    QCowSnapshotExtraData: the 64-bit VM state size, the disk size, the
+    icount), as QEMU writes it: where S has no disk size, the image's
+    DISK_SIZE (what QEMU takes for it when reading); no icount, none. What
+    else S's extra data held is dropped (a repair: too much of it)."""
+    size = s.disk_size if s.disk_size is not None else disk_size
+    icount = s.icount if s.icount is not None else NO_ICOUNT
+    return replace(s, extra=_EXTRA.pack(s.state_size, size, icount),
+                   vm_state_size_large=s.state_size, disk_size=size, icount=icount)
+
+
+async def stage_full_extra(meta: Metadata, txn: Transaction) -> None:
+    """Version 3 (an upgrade, qemu-img amend -o compat=1.1): the snapshot
+    table rewritten, as part of TXN, where an entry lacks the extra data a
+    version 3 entry must have (QEMU's qcow2_upgrade)."""
+    h = meta.header
+    if all(s.disk_size is not None for s in meta.snapshots):
+        return
+    entries = [s if s.disk_size is not None else with_full_extra(s, h.size) for s in meta.snapshots]
+    table_at = await _write_snapshot_table(meta, txn, entries)
+    old_table = (h.snapshots_offset, len(_table_bytes(meta.snapshots)))
+    txn.set(snapshots_offset=table_at, snapshots=entries)
+    txn.then(lambda: _swap_snapshot_table(meta, old_table, table_at, entries))
+
+
 def _forget_l1(meta: Metadata, s: SnapshotEntry) -> None:
     """Drop the overlap entries of snapshot S's L1 table as build_overlap_map
     made them: the part inside the file, and the part past its end (one
@@ -328,10 +354,7 @@ async def mend_table(meta: Metadata) -> list[str]:
             done.append(f"Deleted snapshot {s.id_str} ({s.name}): {problem[0]}")
             _forget_l1(meta, s)
         else:
-            size = s.disk_size if s.disk_size is not None else h.size
-            icount = s.icount if s.icount is not None else NO_ICOUNT
-            kept.append(replace(s, extra=_EXTRA.pack(s.state_size, size, icount), vm_state_size_large=s.state_size,
-                                disk_size=size, icount=icount))
+            kept.append(with_full_extra(s, h.size))
             done.append(f"Repaired snapshot {s.id_str} ({s.name}): {problem[0]}")
     lost = h.nb_snapshots - len(meta.snapshots)  # (opening.read_snapshot_table, for a repair)
     if lost:

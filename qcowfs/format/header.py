@@ -13,6 +13,8 @@ from ..errors import InvalidImageError
 QCOW_MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
+# QEMU writes a 112-byte v3 header (compression_type at byte 104, padded).
+V3_HEADER_LENGTH = 112
 
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
@@ -233,6 +235,13 @@ class Header:
     def set_extension(self, ext_type: int, data: bytes | None) -> None:
         """Replace (or with None, drop) one header extension, keeping the order."""
         self.extensions = with_extension(self.extensions, ext_type, data)
+
+
+def feature_table() -> HeaderExtension:
+    """QEMU's feature name table extension (every v3 header it writes has one,
+    where the first cluster has room)."""
+    return HeaderExtension(EXT_FEATURE_TABLE, b"".join(bytes([t, bit]) + name.encode().ljust(46, b"\0")
+                                                       for (t, bit), name in FEATURE_NAMES_BUILTIN.items()))
 
 
 def with_extension(extensions: list[HeaderExtension], ext_type: int,

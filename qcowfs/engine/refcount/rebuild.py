@@ -14,8 +14,8 @@ from ..references import count_references
 from .copied import fix_copied
 
 
-async def rebuild(meta: Metadata, external: bool,
-                  progress: Callable[[float], None] | None = None, saturate: bool = False) -> None:
+async def rebuild(meta: Metadata, external: bool, progress: Callable[[float], None] | None = None,
+                  saturate: bool = False, order: int | None = None) -> None:
     """Replace the refcount structure by one computed from the references,
     then make every COPIED flag exact. Crash-safe: the new blocks and table
     go where nothing lives (free clusters, else after the end of the file)
@@ -28,27 +28,30 @@ async def rebuild(meta: Metadata, external: bool,
     counted = count_references(meta, lambda _msg: None, refcount_structure=False, progress=progress)
     counts = counted.counts
     geo, cs = meta.geo, meta.geo.cluster_size
-    rpb, per_cluster = geo.refcounts_per_block, cs // 8
-    most = (1 << (1 << geo.refcount_order)) - 1
+    order = geo.refcount_order if order is None else order
+    rpb, per_cluster = cs * 8 >> order, cs // 8
+    most = (1 << (1 << order)) - 1
     if counts.max(initial=0) > most:
         if not saturate:
-            raise QcowError("a cluster has more references than the refcount width can count")
+            worst = int(np.argmax(counts))
+            raise QcowError(f"a cluster has more references than {1 << order}-bit refcounts can count (cluster "
+                            f"{worst * cs:#x}: {int(counts[worst])})")
         counts = np.minimum(counts, most)
     # Where a damaged refcount table names blocks (or itself lies) past the end
     # of the file there is nothing to keep: the new structure may go there
     # (QEMU's rebuild writes there too). What other damaged tables name past
     # the end stays out of its way (_place_after_end).
     meta.forget_past_end(Kind.REFCOUNT_TABLE | Kind.REFCOUNT_BLOCK)
-    placed = _place_in_free_space(meta, counts) or _place_after_end(meta, counts)
+    placed = _place_in_free_space(meta, counts, rpb) or _place_after_end(meta, counts, rpb)
     full, ranges, block_at, table_at, tclusters = placed
     table = np.zeros(tclusters * per_cluster, np.uint64)
     for r, at in zip(ranges, block_at):
-        meta.write(at, encode_refcount_block(full[r * rpb : (r + 1) * rpb], geo.refcount_order, cs),
+        meta.write(at, encode_refcount_block(full[r * rpb : (r + 1) * rpb], order, cs),
                    "new refcount block")
         table[r] = at
     meta.write(table_at, table.astype(">u8").tobytes(), "new refcount table")
     await meta.file.sync()
-    await meta.update(refcount_table_offset=table_at, refcount_table_clusters=tclusters)
+    await meta.update(refcount_table_offset=table_at, refcount_table_clusters=tclusters, refcount_order=order)
     meta.replace_structures(Kind.REFCOUNT_TABLE, [(table_at, tclusters * cs)])
     meta.replace_structures(Kind.REFCOUNT_BLOCK, [(int(o), cs) for o in table[table != 0].tolist()])
     await fix_copied(meta, full, counted.active_tables, external)
@@ -70,13 +73,13 @@ def _layout(counts: np.ndarray, rpb: int, per_cluster: int, own: list[int]) -> t
     return full, ranges, -(-(ranges[-1] + 1) // per_cluster)
 
 
-def _place_in_free_space(meta: Metadata, counts: np.ndarray) -> Placement | None:
+def _place_in_free_space(meta: Metadata, counts: np.ndarray, rpb: int) -> Placement | None:
     """Put the new structure in clusters nothing references and the old
     refcount structure does not use (it must stay valid until the header
     switches), as QEMU's repair does: the file does not grow. None if the
     free space is too small or too scattered."""
-    geo = meta.geo
-    cs, rpb, per_cluster = geo.cluster_size, geo.refcounts_per_block, geo.cluster_size // 8
+    cs = meta.geo.cluster_size
+    per_cluster = cs // 8
     nfile = -(-meta.file.known_size // cs)
     busy = np.zeros(nfile, bool)
     busy[0] = True
@@ -112,10 +115,10 @@ def _first_run(free: np.ndarray, n: int) -> int:
     return int(starts[fits[0]]) if len(fits) else -1
 
 
-def _place_after_end(meta: Metadata, counts: np.ndarray) -> Placement:
+def _place_after_end(meta: Metadata, counts: np.ndarray, rpb: int) -> Placement:
     """The new blocks and table right after everything else, counting themselves."""
-    geo = meta.geo
-    cs, rpb, per_cluster = geo.cluster_size, geo.refcounts_per_block, geo.cluster_size // 8
+    cs = meta.geo.cluster_size
+    per_cluster = cs // 8
     area = max(len(counts), -(-meta.file.known_size // cs))
     nblocks, tclusters = len(set((np.flatnonzero(counts) // rpb).tolist())) + 1, 1
     while True:
