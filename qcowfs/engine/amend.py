@@ -150,7 +150,7 @@ async def _downgrade_scan(image: Image) -> None:
         if zstd and (words & np.uint64(OFLAG_COMPRESSED)).any():
             raise RequestError("an image with zstd compression and compressed clusters cannot be downgraded "
                                "(version 2 images know only zlib)")
-        if encrypted and ((words & np.uint64(OFLAG_ZERO)) != 0).any():
+        if encrypted and len(_zero_entries(words)):
             raise RequestError("an encrypted image with zero clusters cannot be downgraded (version 2 has no "
                                "zero clusters, and zeros written in their place would decrypt to noise)")
 
@@ -171,6 +171,12 @@ def _l2_tables(image: Image) -> list[int]:
 
 def _l2_words(image: Image, l2_offset: int) -> np.ndarray:
     return read_entries(image.file, l2_offset, image.geo.l2_entries)
+
+
+def _zero_entries(words: np.ndarray) -> list[int]:
+    """The indexes of WORDS (entries of a standard L2 table) that are zero
+    clusters (in a compressed cluster's entry bit 0 belongs to its offset)."""
+    return np.flatnonzero((words & np.uint64(OFLAG_ZERO | OFLAG_COMPRESSED)) == np.uint64(OFLAG_ZERO)).tolist()
 
 
 async def run(path: str, req: AmendRequest, passphrase: Passphrases | None) -> None:
@@ -254,7 +260,7 @@ async def _expand_zero_clusters(image: Image, alloc: Allocator) -> None:
     zeros = bytes(cs)
     for l2_offset in _l2_tables(image):
         words = _l2_words(image, l2_offset)
-        hits = np.flatnonzero(words & np.uint64(OFLAG_ZERO)).tolist()
+        hits = _zero_entries(words)
         if not hits:
             continue
         new = words.copy()
