@@ -41,7 +41,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -797,6 +797,42 @@ class Subject:
         assert self.offline_resize_refused() is None, self.offline_resize_refused()
         must("qemu-img", "resize", "-q", *self._pre(), *self._target(), new_size)
         self.resized(new_size)
+
+    def amend_offline(self, options: dict[str, Any]) -> None:
+        """`qcowfs amend` beside `qemu-img amend` on a copy of the image: where
+        QEMU amends, ours amends too, to the same disk (then QEMU judges it all);
+        where ours refuses, the image is as it was, and QEMU refuses too or the
+        refusal is one engine/amend.py says qcowfs makes where QEMU goes on."""
+        self._closed()
+        twin = self.directory / "amend-twin.qcow2"
+        shutil.copy(self.image, twin)
+        text = ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}" for k, v in options.items())
+        pre, target = naming(twin, self.secrets, fmt=False)
+        # (in the image's directory: qemu-img 7.2's amend looks for a relative data file there)
+        q = subprocess.run([str(a) for a in ("qemu-img", "amend", *pre, "-o", text, *target)], capture_output=True,
+                           text=True, timeout=TIMEOUT, cwd=self.directory)
+        before = self.image.read_bytes()
+        where = f"{self.layout.describe()}\namend -o {text}"
+        try:
+            qcowfs.amend(self.image, **options, passphrase=self.passphrases())
+        except QcowError as e:
+            assert self.image.read_bytes() == before, f"a refused amend changed the image\n{where}\n{e}"
+            ours_only = ("persistent bitmaps", "zstd", "encrypted image with zero clusters")
+            assert q.returncode != 0 or any(w in str(e) for w in ours_only), \
+                f"qcowfs refused what qemu-img amends: {e}\n{where}"
+            twin.unlink()
+            return
+        assert q.returncode == 0, f"qemu-img refused what qcowfs amended: {q.stderr}\n{where}"
+        if "--image-opts" not in pre:  # (an encrypted one: judge compares it with the model)
+            p = run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", self.image, twin)
+            assert p.returncode == 0, f"the disk differs from qemu-img's amend\n{where}\n{p.stdout}{p.stderr}"
+        twin.unlink()
+        compat = options.get("compat", self.layout.compat)
+        self.layout = replace(self.layout, compat=compat,
+                              refcount_bits=options.get("refcount_bits", self.layout.refcount_bits),
+                              lazy_refcounts=options.get("lazy_refcounts", self.layout.lazy_refcounts)
+                              and compat == "1.1")
+        self.judge()
 
     def qemu_write(self, offset: int, length: int, byte: int) -> None:
         """A write by QEMU between sessions (it marks auto bitmaps like any write)."""

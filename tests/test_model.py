@@ -458,6 +458,22 @@ class ImageMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.is_closed())
     @rule(data=st.data())
     @step
+    def amend(self, data: st.DataObject) -> None:
+        """qcowfs amend beside qemu-img amend: a version change (a downgrade expands
+        the zero clusters of every table), a refcount width, lazy refcounts."""
+        lay = self.subject.layout
+        choices: list[dict[str, Any]] = [{"compat": "0.10" if lay.v3 else "1.1"}]
+        widths = st.sampled_from((1, 2, 4, 8, 16, 32, 64))
+        if lay.v3:
+            choices += [{"refcount_bits": data.draw(widths, label="bits")}, {"lazy_refcounts": not lay.lazy_refcounts},
+                        {"compat": "0.10", "refcount_bits": 16}]
+        else:
+            choices += [{"compat": "1.1", "refcount_bits": data.draw(widths, label="bits"), "lazy_refcounts": True}]
+        self.subject.amend_offline(data.draw(st.sampled_from(choices), label="options"))
+
+    @precondition(lambda self: self.is_closed())
+    @rule(data=st.data())
+    @step
     def qemu_write(self, data: st.DataObject) -> None:
         offset, length = self.draw_range(data, 256 * KiB)
         self.subject.qemu_write(offset, length, data.draw(st.integers(0, 255), label="byte"))
