@@ -2,7 +2,7 @@
 of small backing chains (1-3 layers of mixed cluster sizes, v2 and v3, data,
 zeros, snapshots, bitmaps, layers shorter and longer than the top) and of one
 command each (resize, snapshot, bitmap, commit, rebase, convert with its
-options), run by qcowfs and by qemu-img on two copies.
+options, amend), run by qcowfs and by qemu-img on two copies.
 
 The judge: both tools succeed or both refuse; where both succeed, the images
 have the same shape (size, snapshots, bitmaps, backing file) and the same
@@ -42,7 +42,8 @@ def shape(d: Path, img: str) -> dict[str, object]:
     data = j.get("format-specific", {}).get("data", {})
     return {"size": j.get("virtual-size"), "snapshots": sorted(s["name"] for s in j.get("snapshots", [])),
             "bitmaps": sorted((b["name"], tuple(sorted(b["flags"])), b["granularity"]) for b in data.get("bitmaps", [])),
-            "backing": j.get("backing-filename"), "backing-format": j.get("backing-filename-format")}
+            "backing": j.get("backing-filename"), "backing-format": j.get("backing-filename-format"),
+            "options": {k: data.get(k) for k in ("compat", "refcount-bits", "lazy-refcounts", "compression-type")}}
 
 
 def same_content(a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -> bool:
@@ -86,7 +87,13 @@ def build(r: random.Random, d: Path) -> tuple[list[str], str]:
 def command(r: random.Random, names: list[str]) -> tuple[str, list[str]]:
     """A command line both tools take (qcowfs takes qemu-img's spellings)."""
     top = names[-1]
-    kind = r.choice(["resize", "snapshot", "bitmap", "commit", "rebase", "rebase", "convert", "convert"])
+    kind = r.choice(["resize", "snapshot", "bitmap", "commit", "rebase", "rebase", "convert", "convert", "amend"])
+    if kind == "amend":
+        opts = [o for o, p in ((f"compat={r.choice(['0.10', '1.1'])}", 0.6),
+                               (f"refcount_bits={r.choice([1, 2, 8, 16, 64])}", 0.4),
+                               (f"lazy_refcounts={r.choice(['on', 'off'])}", 0.3),
+                               (f"size={r.choice(['2M', '8M', '3000'])}", 0.2)) if r.random() < p]
+        return kind, ["amend", "-o", ",".join(opts or ["compat=1.1"]), top]
     if kind == "resize":
         delta = r.choice(["+1M", "-1M", "+512", "-512", "2M", "16M", "1M", "3000"])
         return kind, ["resize", *(["--shrink"] if r.random() < 0.6 else []), top, delta]
@@ -138,6 +145,10 @@ def run_case(seed: int, work: Path, verbose: bool = False) -> list[str]:
     what = f"seed {seed}: {' '.join(args)} | compat {compat}, chain {names}"
     if verbose:
         print(what, f"\n  qemu-img: {qp.returncode} {qp.stderr.strip()}\n  qcowfs:   {op.returncode} {op.stderr.strip()}")
+    if qp.returncode == 0 and op.returncode == 1 and (
+            kind == "amend" and "persistent bitmaps" in op.stderr       # (where qemu-img leaks them)
+            or kind == "snapshot" and "exists already" in op.stderr):  # (QEMU allows twin names)
+        return []  # qcowfs's documented refusals (docs/design.md, docs/backup.md)
     if (qp.returncode == 0) != (op.returncode == 0):
         return [f"{what}: qemu-img exit {qp.returncode} ({qp.stderr.strip()[-150:]}), qcowfs exit "
                 f"{op.returncode} ({op.stderr.strip()[-150:]})"]

@@ -48,6 +48,7 @@ CASES = [
     ("v3-c4k", "refcount_bits=3"), ("v2-c4k", "refcount_bits=8"),
     # size: grow, shrink (QEMU's amend shrinks without asking), and its refusals
     ("v3-c64k", "size=16M"), ("zero-over-backing", "size=1M"), ("snapshots-v2", "size=64M"),
+    ("snapshots-v2", "compat=1.1,size=16M"),  # (upgraded first: then a resize is allowed)
     ("bitmaps", "size=32M"),
     # the data file and backing options
     ("datafile", "data_file=other.data"), ("datafile-raw", "data_file_raw=off"), ("datafile", "data_file_raw=on"),

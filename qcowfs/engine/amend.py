@@ -107,7 +107,7 @@ def check_request(image: Image, req: AmendRequest) -> int:
         if image.luks is None:
             raise UsageError("only LUKS encryption options can be amended")
     if req.size is not None:
-        image.check_resize(req.size)
+        image.check_resize(req.size, max(version, h.version))  # (an upgrade comes first, a downgrade last)
     if req.keys is not None:
         from .keyslots import check_change
         check_change(image, req.keys)

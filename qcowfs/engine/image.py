@@ -724,10 +724,12 @@ class Image:
         self.bitmaps = bitmaps
         self._changed = True  # tracked bits are stored at close
 
-    def check_resize(self, new_size: int) -> None:
-        """What a resize to NEW_SIZE would refuse, before anything is touched."""
+    def check_resize(self, new_size: int, version: int | None = None) -> None:
+        """What a resize to NEW_SIZE would refuse, before anything is touched
+        (VERSION: the image's by then, where an amend upgrades it first)."""
         from .resize import check_resize
-        check_resize(self.meta, self.bitmaps, new_size, self.backing.size if self.backing is not None else 0)
+        check_resize(self.meta, self.bitmaps, new_size, self.backing.size if self.backing is not None else 0,
+                     version)
 
     async def change_refcount_width(self, bits: int) -> None:
         """Refcounts of BITS bits each (qemu-img amend -o refcount_bits=):

@@ -35,18 +35,21 @@ from .refcount import Transaction
 SECTOR = 512
 
 
-def check_resize(meta: Metadata, bitmaps: list[Bitmap], new_size: int, backing_size: int) -> None:
+def check_resize(meta: Metadata, bitmaps: list[Bitmap], new_size: int, backing_size: int,
+                 version: int | None = None) -> None:
     """What qemu-img refuses, before anything is touched (BACKING_SIZE: the
-    backing file's size, 0 without one)."""
+    backing file's size, 0 without one; VERSION: the image's version by the
+    time it is resized, where an amend upgrades it first)."""
     h, geo = meta.header, meta.geo
-    if h.version < 3 and new_size > h.size and backing_size > h.size:
+    version = h.version if version is None else version
+    if version < 3 and new_size > h.size and backing_size > h.size:
         raise ResizeError("a version 2 image cannot grow over a larger backing file: it has no zero "
                           "clusters to hide the backing file's data in the new area (as in QEMU)")
     if new_size <= 0:
         raise ResizeError("the new size must be positive")
     if new_size % SECTOR:
         raise ResizeError("the new size must be a multiple of 512")
-    if meta.snapshots and h.version < 3:
+    if meta.snapshots and version < 3:
         raise ResizeError("a version 2 image with internal snapshots cannot be resized (as in QEMU)")
     for bm in bitmaps:
         if bm.problem is not None and not bm.tracked:
