@@ -1205,15 +1205,18 @@ async def amend(image: str | os.PathLike[str], *, compat: str | None = None, laz
     image (qemu-img's encrypt.* options): ENCRYPT_STATE "active" puts
     NEW_PASSPHRASE (or NEW_KEY_FILE's bytes) into ENCRYPT_KEYSLOT (default:
     the first free one), its PBKDF2 timed to ENCRYPT_ITER_TIME ms (default
-    2000); "inactive" erases ENCRYPT_KEYSLOT, or every slot OLD_PASSPHRASE
-    (OLD_KEY_FILE) opens. FORCE: overwrite an active slot, or erase the last
-    one (the data is then lost for good), as qemu-img --force. PASSPHRASE /
-    KEY_FILE: what opens the image (and its encrypted backing files).
+    2000), the master key unlocked by PASSPHRASE / KEY_FILE (qemu-img 7.2
+    refuses an old passphrase there); "inactive" erases ENCRYPT_KEYSLOT
+    (which OLD_PASSPHRASE, when given too, must open), or every slot
+    OLD_PASSPHRASE (OLD_KEY_FILE) opens. FORCE: overwrite an active slot,
+    or erase an inactive one or the last active one (the data is then lost
+    for good), as qemu-img --force. PASSPHRASE / KEY_FILE: what opens the
+    image (and its encrypted backing files).
 
     Everything is checked before anything is written; then each step is
     crash-safe (engine/amend.py says where qcowfs refuses what qemu-img does)."""
     from .engine.amend import AmendRequest, run
-    from .engine.keyslots import DEFAULT_ITER_TIME_MS, KeySlotChange
+    from .engine.keyslots import KeySlotChange
 
     path = os.fspath(image)
     keys: KeySlotChange | None = None
@@ -1226,8 +1229,7 @@ async def amend(image: str | os.PathLike[str], *, compat: str | None = None, laz
         new = _new_key(new_passphrase, new_key_file, path)
         old = _new_key(old_passphrase, old_key_file, path)
         keys = KeySlotChange(encrypt_state, encrypt_keyslot, new() if new is not None else None,  # type: ignore[arg-type]
-                             old() if old is not None else None,
-                             encrypt_iter_time if encrypt_iter_time is not None else DEFAULT_ITER_TIME_MS, force)
+                             old() if old is not None else None, encrypt_iter_time, force)
     req = AmendRequest(compat, lazy_refcounts, refcount_bits, size, backing_file, backing_fmt, data_file,
                        data_file_raw, keys)
     await run(path, req, _keyring(passphrase, key_file))

@@ -17,7 +17,12 @@ What qcowfs does otherwise than qemu-img 7.2 (docs/design.md):
 - a downgrade checks every snapshot for zstd-compressed clusters, not only
   the active disk (a version 2 reader would read them as zlib);
 - a downgrade of an encrypted image with zero clusters is refused (QEMU
-  writes plain zeros into the host cluster, which then decrypt to noise).
+  writes plain zeros into the host cluster, which then decrypt to noise);
+- a key slot change is checked whole first, PBKDF2 included (the slots an
+  old passphrase opens, the count of a new slot): qemu-img upgrades before
+  it finds a wrong old passphrase; a new slot whose PBKDF2 count qcowfs
+  would refuse to open (format/crypto.py's bounds) is refused
+  (engine/keyslots.py).
 """
 from __future__ import annotations
 

@@ -44,6 +44,13 @@ LUKS_KEY_SLOT_ALIGN = 4096
 LUKS_MIN_SLOT_ITERS = 1000
 LUKS_MIN_MASTER_KEY_ITERS = 1000
 LUKS_DEFAULT_ITER_TIME_MS = 2000
+# The master key digest's PBKDF2 takes an eighth of iter-time (cryptsetup's
+# choice, kept by QEMU: eight slots tried cost about one iter-time).
+LUKS_MASTER_KEY_ITER_SHARE = 8
+# QEMU's bounds on a PBKDF2 count: the rate times iter-time in 64 bits, the
+# count in the header's 32.
+UINT64_MAX = (1 << 64) - 1
+UINT32_MAX = (1 << 32) - 1
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 # Zeros written per pwrite by preallocation=full.
 FULL_PREALLOC_CHUNK = 8 << 20
@@ -290,6 +297,25 @@ def _iterations_per_second(hash_name: str, length: int) -> int:
         n *= 4
 
 
+def luks_iterations(hash_name: str, length: int, iter_time: int, minimum: int, share: int = 1) -> int:
+    """The PBKDF2 count of a new LUKS key slot (LENGTH: the key's bytes;
+    minimum LUKS_MIN_SLOT_ITERS) or master key digest (LUKS_DIGEST_LEN,
+    LUKS_MIN_MASTER_KEY_ITERS, share LUKS_MASTER_KEY_ITER_SHARE), as QEMU's
+    qcrypto_block_luks_create and qcrypto_block_luks_store_key compute it:
+    this machine's rate times ITER_TIME ms (0 gives the minimum, as in
+    qemu-img amend), divided by SHARE, at least MINIMUM. A count QEMU cannot
+    scale or store is refused as QEMU refuses it."""
+    rate = _iterations_per_second(hash_name, length)
+    if iter_time and rate > UINT64_MAX // iter_time:
+        raise UsageError(f"encrypt.iter-time={iter_time} is too long: {rate} PBKDF2 iterations a second "
+                         "cannot be scaled to it")
+    count = rate * iter_time // 1000 // share
+    if count > UINT32_MAX:
+        raise UsageError(f"encrypt.iter-time={iter_time} is too long: it asks for {count} PBKDF2 iterations "
+                         f"here, more than LUKS can store ({UINT32_MAX})")
+    return max(count, minimum)
+
+
 def _luks_sectors(enc: EncryptOptions) -> tuple[int, int, int]:
     """Where a new LUKS header's parts lie, in 512-byte sectors: the key
     material's start, each key slot's material, and the payload (the
@@ -317,8 +343,7 @@ def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
     create loads neither it nor numpy and cryptography, some 50 ms.)"""
     from ..format.crypto import (LUKS_DIGEST_LEN, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_MAGIC,
                                  LUKS_NUM_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LUKS_STRIPES, LUKS_VERSION,
-                                 CipherSpec, LuksHeader, LuksKeySlot, SectorCipher, af_split, passphrase_text,
-                                 pbkdf2)
+                                 CipherSpec, LuksHeader, LuksKeySlot, passphrase_text, pbkdf2, seal_master_key)
     import uuid  # (it imports platform: a few ms a plain create need not pay)
 
     secret = passphrase_text(passphrase)
@@ -326,10 +351,9 @@ def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
     header_sectors, split_sectors, payload = _luks_sectors(enc)
     master = os.urandom(key_bytes)
     mk_salt, slot_salt = os.urandom(LUKS_SALT_LEN), os.urandom(LUKS_SALT_LEN)
-    mk_iters = max(_iterations_per_second(enc.hash_alg, LUKS_DIGEST_LEN) * enc.iter_time // 1000 // 8,
-                   LUKS_MIN_MASTER_KEY_ITERS)
-    slot_iters = max(_iterations_per_second(enc.hash_alg, key_bytes) * enc.iter_time // 1000,
-                     LUKS_MIN_SLOT_ITERS)
+    mk_iters = luks_iterations(enc.hash_alg, LUKS_DIGEST_LEN, enc.iter_time, LUKS_MIN_MASTER_KEY_ITERS,
+                               LUKS_MASTER_KEY_ITER_SHARE)
+    slot_iters = luks_iterations(enc.hash_alg, key_bytes, enc.iter_time, LUKS_MIN_SLOT_ITERS)
     digest = pbkdf2(enc.hash_alg, master, mk_salt, mk_iters, LUKS_DIGEST_LEN)
     slots = tuple(LuksKeySlot(LUKS_KEY_ENABLED if i == 0 else LUKS_KEY_DISABLED,
                               slot_iters if i == 0 else 0, slot_salt if i == 0 else bytes(LUKS_SALT_LEN),
@@ -338,10 +362,7 @@ def luks_area(enc: EncryptOptions, passphrase: bytes) -> bytes:
     header = LuksHeader(LUKS_MAGIC, LUKS_VERSION, "aes", enc.mode_string, enc.hash_alg, payload, key_bytes,
                         digest, mk_salt, mk_iters, str(uuid.uuid4()), slots)
     spec = CipherSpec.of(header)  # (the checks a reader makes, on what we made)
-    slot_key = pbkdf2(enc.hash_alg, secret, slot_salt, slot_iters, key_bytes)
-    split = af_split(master, LUKS_STRIPES, enc.hash_alg, os.urandom(key_bytes * (LUKS_STRIPES - 1)))
-    split += bytes(-len(split) % LUKS_SECTOR_SIZE)
-    material = SectorCipher(spec, slot_key).encrypt(split, 0)
+    material = seal_master_key(spec, master, secret, slot_salt, slot_iters)
     area = bytearray(payload * LUKS_SECTOR_SIZE)
     area[: len(header.pack())] = header.pack()
     start = header_sectors * LUKS_SECTOR_SIZE

@@ -34,7 +34,7 @@ import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 import numpy as np
 
@@ -473,10 +473,20 @@ class DiskCipher:
 
     sector_size = LUKS_SECTOR_SIZE
 
-    def __init__(self, cipher: SectorCipher, physical: bool, description: str) -> None:
+    def __init__(self, cipher: SectorCipher, physical: bool, description: str,
+                 master_key: bytes | None = None) -> None:
         self._cipher = cipher
         self.physical = physical
         self.description = description
+        self._master_key = master_key
+
+    @property
+    def master_key(self) -> bytes | None:
+        """The LUKS master key this cipher was unlocked with (None for legacy
+        AES): what a new key slot seals (engine/keyslots.py), so that adding
+        a passphrase needs no second unlock. Kept in memory only, as the
+        cipher keeps it: never logged, formatted or written but sealed."""
+        return self._master_key
 
     @property
     def batched(self) -> bool:
@@ -561,12 +571,7 @@ class LuksVolume:
             if not 1 <= s.iterations <= MAX_PBKDF2_ITERATIONS:
                 raise InvalidImageError(f"LUKS key slot {i} asks for {s.iterations} PBKDF2 iterations "
                                         f"(qcowfs allows 1 to {MAX_PBKDF2_ITERATIONS})")
-            if s.stripes != LUKS_STRIPES:
-                raise InvalidImageError(f"LUKS key slot {i} is corrupted: {s.stripes} stripes, not {LUKS_STRIPES}")
-            start = s.key_offset * LUKS_SECTOR_SIZE
-            end = start + s.material_length(h.key_bytes)
-            if start < LUKS_HEADER_SIZE or end > self.length:
-                raise InvalidImageError(f"LUKS key slot {i} key material lies outside the LUKS header area")
+            start, end = self.material_range(i)
             for j, a, b in used:
                 if start < b and a < end:
                     raise InvalidImageError(f"LUKS key slots {j} and {i} overlap")
@@ -577,6 +582,31 @@ class LuksVolume:
         if total > MAX_PBKDF2_TOTAL:
             raise InvalidImageError(f"LUKS key slots ask for {total} PBKDF2 iterations in all "
                                     f"(qcowfs allows {MAX_PBKDF2_TOTAL})")
+
+    def material_range(self, i: int) -> tuple[int, int]:
+        """Where key slot I's material lies (whole sectors), in bytes from the
+        start of the LUKS header: inside the LUKS area, after the header."""
+        s = self.header.key_slots[i]
+        if s.stripes != LUKS_STRIPES:
+            raise InvalidImageError(f"LUKS key slot {i} is corrupted: {s.stripes} stripes, not {LUKS_STRIPES}")
+        start = s.key_offset * LUKS_SECTOR_SIZE
+        end = start + s.material_length(self.header.key_bytes)
+        if start < LUKS_HEADER_SIZE or end > self.length:
+            raise InvalidImageError(f"LUKS key slot {i} key material lies outside the LUKS header area")
+        return start, end
+
+    def material_apart(self, i: int) -> tuple[int, int]:
+        """material_range of key slot I, which must also lie apart from every
+        other active slot's: what a slot about to be written or erased needs
+        (an inactive slot's fields are only checked here, as its material is
+        only touched then)."""
+        start, end = self.material_range(i)
+        for j in self.active_slots:
+            if j != i:
+                a, b = self.material_range(j)
+                if start < b and a < end:
+                    raise InvalidImageError(f"LUKS key slots {min(i, j)} and {max(i, j)} overlap")
+        return start, end
 
     @property
     def active_slots(self) -> list[int]:
@@ -599,22 +629,40 @@ class LuksVolume:
 
     def _unlock_with(self, passphrase: bytes, read: Callable[[int, int], bytes]) -> DiskCipher | None:
         """The data cipher, from the first key slot PASSPHRASE opens (in slot
-        order, as QEMU's qcrypto_block_luks_find_key); None if none does.
+        order, as QEMU's qcrypto_block_luks_find_key); None if none does."""
+        trials = self._trials(passphrase_text(passphrase), self.active_slots, read)
+        try:
+            for _, key in trials:
+                if key is not None:
+                    return self._cipher(key)
+        finally:
+            trials.close()  # (now, not when collected: no trial thread outlives the call)
+        return None
 
-        With several active slots the slots are tried at once, one thread
-        per core: `cryptography`'s PBKDF2 releases the GIL, so a wrong
-        passphrase on an image with two slots costs one slot's derivation on
-        two cores, not two in a row (QEMU tries them one after the other).
-        The key material is read here, on the caller's thread, in slot
-        order; what a slot's trial raises is raised in its turn, as the
-        search one slot at a time would. At most one trial per core beyond
-        the slot that opens runs to its end (a derivation cannot be
-        stopped): the threads are gone when this returns (a mount forks
-        after the unlock). One slot or one core: one trial at a time."""
-        secret = passphrase_text(passphrase)
-        slots = self.active_slots
+    def opened_by(self, passphrase: bytes, slots: Iterable[int], read: Callable[[int, int], bytes]) -> list[int]:
+        """Which of SLOTS PASSPHRASE opens (every one tried, as QEMU's key
+        slot erase does; an inactive slot opens with nothing)."""
+        enabled = [i for i in slots if self.header.key_slots[i].enabled]
+        return [i for i, key in self._trials(passphrase_text(passphrase), enabled, read) if key is not None]
+
+    def _trials(self, secret: bytes, slots: list[int], read: Callable[[int, int], bytes]
+                ) -> Generator[tuple[int, bytes | None], None, None]:
+        """(slot, master key if SECRET opens it else None) for each of SLOTS
+        (active ones), in slot order.
+
+        With several slots they are tried at once, one thread per core:
+        `cryptography`'s PBKDF2 releases the GIL, so a wrong passphrase on
+        an image with two slots costs one slot's derivation on two cores,
+        not two in a row (QEMU tries them one after the other). The key
+        material is read here, on the caller's thread, in slot order; what a
+        slot's trial raises is raised in its turn, as the search one slot at
+        a time would. Closed early (the caller found its slot), at most one
+        trial per core beyond it runs to its end (a derivation cannot be
+        stopped): the threads are gone once the generator is closed (a
+        mount forks after the unlock). One slot or one core: one trial at a
+        time."""
         workers = max(1, min(len(slots), os.cpu_count() or 1))
-        trials: list[Future[bytes | None]] = []
+        trials: list[tuple[int, Future[bytes | None]]] = []
         unreadable: InvalidImageError | None = None
         with ThreadPoolExecutor(workers, thread_name_prefix="qcowfs-luks") as pool:
             try:
@@ -624,17 +672,14 @@ class LuksVolume:
                     except InvalidImageError as e:
                         unreadable = e   # (no slot after it would be tried one at a time)
                         break
-                    trials.append(pool.submit(self._try_material, i, secret, material))
-                for trial in trials:
-                    key = trial.result()
-                    if key is not None:
-                        return self._cipher(key)
+                    trials.append((i, pool.submit(self._try_material, i, secret, material)))
+                for i, trial in trials:
+                    yield i, trial.result()
             finally:
-                for trial in trials:
+                for _, trial in trials:
                     trial.cancel()
         if unreadable is not None:
             raise unreadable
-        return None
 
     def _material(self, i: int, read: Callable[[int, int], bytes]) -> bytes:
         """Key slot I's split key material, read from the image file."""
@@ -658,7 +703,23 @@ class LuksVolume:
     def _cipher(self, master_key: bytes) -> DiskCipher:
         spec = self.spec
         return DiskCipher(SectorCipher(spec, master_key), physical=True,
-                          description=f"LUKS {spec.cipher_alg}-{spec.mode}-{spec.ivgen}")
+                          description=f"LUKS {spec.cipher_alg}-{spec.mode}-{spec.ivgen}", master_key=master_key)
+
+
+def seal_master_key(spec: CipherSpec, master_key: bytes, passphrase: bytes, salt: bytes, iterations: int,
+                    stripes: int = LUKS_STRIPES) -> bytes:
+    """A key slot's material (QEMU's qcrypto_block_luks_store_key): MASTER_KEY
+    split into STRIPES anti-forensic stripes (random from the OS), encrypted
+    with the key PBKDF2 derives from PASSPHRASE (SALT, ITERATIONS), sectors
+    numbered from 0. As long as QEMU writes, key bytes x stripes: a length
+    that is not whole sectors (24-byte keys) is cut from whole sectors,
+    which in every mode but XTS (whose keys always give whole sectors)
+    encrypt the same prefix. The inverse of LuksVolume._try_material."""
+    slot_key = pbkdf2(spec.hash, passphrase_text(passphrase), salt, iterations, spec.key_bytes)
+    n = len(master_key) * stripes
+    split = af_split(master_key, stripes, spec.hash, os.urandom(len(master_key) * (stripes - 1)))
+    split += bytes(-n % LUKS_SECTOR_SIZE)
+    return bytes(SectorCipher(spec, slot_key).encrypt(split, 0)[:n])
 
 
 def legacy_aes_cipher(passphrase: bytes) -> DiskCipher:
