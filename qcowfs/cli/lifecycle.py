@@ -39,13 +39,15 @@ def amend_parser(sub: Any) -> None:
     m.add_argument("-p", dest="progress", action="store_true",
                    help="qemu-img's progress: accepted, no effect")
     m.add_argument("--force", action="store_true",
-                   help="overwrite an active key slot, or erase the last one (its data is then lost for good)")
+                   help="overwrite an active key slot, erase an inactive one, or erase the last active one "
+                        "(the data is then lost for good), as qemu-img --force")
     m.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of an encrypted IMAGE (every byte of FILE; else asked on a terminal)")
     m.add_argument("--new-key-file", metavar="FILE",
                    help="the new passphrase of encrypt.state=active (else asked on a terminal)")
     m.add_argument("--old-key-file", metavar="FILE",
-                   help="encrypt.state=inactive: erase every key slot this passphrase opens")
+                   help="encrypt.state=inactive: erase every key slot this passphrase opens (with "
+                        "encrypt.keyslot: that slot, which it must open)")
     m.add_argument("image", metavar="IMAGE")
 
 
