@@ -189,7 +189,8 @@ def test_refusals_of_the_command_line(tmp_path: Path):
                        (["amend", "-o", "lazy_refcounts=maybe", img], "'on' or 'off'"),
                        (["amend", "-o", "compat", img], "NAME=VALUE"),
                        (["amend", "-o", "nonsense=1", img], "invalid parameter"),
-                       (["amend", "-o", "encrypt.state=active", "--new-key-file", "/dev/null", img], "not encrypted")):
+                       (["amend", "-o", "encrypt.state=active", "--new-key-file", "/dev/null", img], "not encrypted"),
+                       (["amend", "-o", "compat=1.1", tmp_path], "is a directory")):
         p = qcowfs(*args)
         assert p.returncode in (1, 2) and says in p.stderr and len(p.stderr.splitlines()) == 1, (args, p.stderr)
     assert img.read_bytes() == before

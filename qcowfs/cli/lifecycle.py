@@ -126,6 +126,8 @@ def cmd_amend(a: argparse.Namespace) -> int:
 
     if a.format is not None and a.format != "qcow2":
         raise UsageError(f"qcowfs amends qcow2 images only, not '{a.format}'")
+    if os.path.isdir(a.image):
+        raise UsageError(f"{a.image} is a directory: amend takes an image file (unmount a mounted one first)")
     options = parse_qemu_options(a.options)
     if not options:
         raise UsageError("nothing to amend: give the options with -o (as qemu-img asks)")
