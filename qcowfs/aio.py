@@ -781,7 +781,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
                   compress_threads: int | None = None, skip_create: bool = False, target_is_zero: bool = False,
                   salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
-                  **options: Any) -> None:
+                  rate_limit: int = 0, **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -819,6 +819,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     midway (a read error, a full disk, a kill) leaves DST partly written:
     consistent (clean in `qemu-img check`), its content a mix of old and
     new, as qemu-img -n leaves it.
+    RATE_LIMIT (qemu-img -r): at most this many bytes of SRC's data a
+    second (0, the default: no limit), so that a copy of a busy disk leaves
+    the storage to others.
     TARGET_IS_ZERO (--target-is-zero, only with SKIP_CREATE, as in
     qemu-img): DST is taken to read zeros already: ranges of zeros are not
     written.
@@ -924,7 +927,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             _create.backing_size(dst_path, backing_file, backing_fmt or "raw")
         if not (skip_create and out_format == "qcow2"):   # (an image opened "r+" locks itself)
             held = _create.hold_target(final)
-        plan = _convert.CopyPlan(size, sparse_size, compress, None, progress)
+        plan = _convert.CopyPlan(size, sparse_size, compress, None, progress, rate=rate_limit)
         if compress_threads is not None:
             plan.threads = compress_threads
         # -n: the target is told every range of zeros (unless it reads zeros, or

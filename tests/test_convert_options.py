@@ -561,3 +561,27 @@ def test_bitmaps_through_the_library(tmp_path: Path):
         library.convert(src, tmp_path / "x.qcow2", target_is_zero=True)
     assert not (tmp_path / "x.qcow2").exists()
     shutil.rmtree(tmp_path / "s")
+
+
+# ---- -r ---------------------------------------------------------------------------------------
+
+def test_rate_limit(tmp_path: Path):
+    """-r RATE: 8 MiB of data at 4 MiB a second takes at least two seconds (a
+    lower bound: a loaded machine only makes it longer), and the copy is
+    qemu-img -r's; a negative rate is refused by both, nothing made."""
+    import time
+
+    src = images.create(tmp_path / "src.qcow2", 16 * MiB)
+    images.qio(src, f"write -P 0x3c 0 {8 * MiB}")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    start = time.monotonic()
+    p = qcowfs("convert", "-r", "4M", "-O", "raw", src, ours)
+    took = time.monotonic() - start
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    assert took >= 1.9, took
+    qemu_img("convert", "-r", "4M", "-O", "raw", src, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    for args in (["-r", "-5"], ["-r", "fast"]):
+        one_line_error(qcowfs("convert", *args, "-O", "raw", src, tmp_path / "never.raw"), "invalid")
+        assert run(["qemu-img", "convert", *args, "-O", "raw", src, tmp_path / "never.raw"]).returncode == 1
+        assert not (tmp_path / "never.raw").exists()

@@ -507,7 +507,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
             snapshot=a.snapshot, backing_file=backing, backing_fmt=backing_format, sparse_size=sparse,
             force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
             cache=a.cache, skip_create=a.skip_create, target_is_zero=a.target_is_zero, salvage=a.salvage,
-            bitmaps=a.bitmaps, skip_broken_bitmaps=a.skip_broken_bitmaps, **kw))
+            bitmaps=a.bitmaps, skip_broken_bitmaps=a.skip_broken_bitmaps,
+            rate_limit=parse_size(a.rate_limit, zero=True) if a.rate_limit is not None else 0, **kw))
     return 0
 
 

@@ -236,6 +236,8 @@ def _convert_parser(sub: Sub) -> None:
     cv.add_argument("-S", dest="sparse", metavar="SIZE", default="4k",
                     help="zeros of at least SIZE stay holes (default 4k; 0: write every byte)")
     cv.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
+    cv.add_argument("-r", dest="rate_limit", metavar="RATE",
+                    help="copy at most RATE bytes of data a second (suffixes k, M, G...), as qemu-img -r")
     cv.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
                     help="unsafe (default, as qemu-img: no flush) or writeback (DST durable before it "
                          "appears; also none, writethrough, directsync)")

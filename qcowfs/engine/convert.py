@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -230,6 +231,7 @@ class CopyPlan:
     threads: int = COMPRESS_THREADS   # compression workers (-c)
     zero_init: bool = True    # the target reads zeros where nothing is written (else every byte is said)
     unmap: bool = False       # zeros said to the target free what it holds there (-n: as qemu-img)
+    rate: int = 0             # -r: at most this many bytes of data a second (0: as fast as it goes)
 
 
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
@@ -249,6 +251,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     other = bytearray(longest) if plan.backing is not None else None
     reads = Lane("qcowfs-read")
     pos = turn = 0
+    pace = Pace(plan.rate)
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
@@ -268,6 +271,7 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             pos = c + n
             if plan.progress is not None:
                 plan.progress(min(1.0, pos / size))
+            await pace.copied(n)
         if pos < size:
             await _hole(dst, below, pos, size, plan.unmap)
         if compressor is not None:
@@ -278,6 +282,27 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             compressor.close()
     if plan.progress is not None:
         plan.progress(1.0)
+
+
+class Pace:
+    """qemu-img convert -r: the copy waits after each chunk until its data
+    has taken at least a second per RATE bytes since the start (holes cost
+    nothing). The waits are short slices, so a cancel is heard soon."""
+
+    SLICE = 0.25  # seconds: the longest a cancel waits
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.done = 0
+
+    async def copied(self, n: int) -> None:
+        if not self.rate:
+            return
+        self.done += n
+        due = self.start + self.done / self.rate
+        while (left := due - time.monotonic()) > 0:
+            await in_thread(time.sleep, min(self.SLICE, left))
 
 
 class Lane:
