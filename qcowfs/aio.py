@@ -718,6 +718,27 @@ class _QcowSource:
         self._disk = self._snapshot if self._snapshot is not None else image.disk
         self.size = self._disk.size
         self.readinto = self._disk.readinto
+        self._map: list[dict[str, Any]] | None = None   # (-C: the map, read once)
+
+    async def host_runs(self, offset: int, n: int) -> list[tuple[int, int, int]] | None:
+        """convert -C: where the image file holds [offset, offset+N) as it
+        reads (plain data clusters of this image, no data file), from the
+        map; None where any of it is elsewhere or otherwise (convert.OffloadSource)."""
+        if self._map is None:
+            self._map = await self._image.map(self._snapshot)
+        engine = self._image._engine
+        if engine.external_data:
+            return None
+        runs: list[tuple[int, int, int]] = []
+        end = offset + n
+        for e in self._map:
+            lo, hi = max(offset, e["start"]), min(end, e["start"] + e["length"])
+            if lo >= hi:
+                continue
+            if not e["data"] or e["zero"] or e["depth"] or "offset" not in e:
+                return None
+            runs.append((engine.file.fd, e["offset"] + lo - e["start"], hi - lo))
+        return runs if sum(r[2] for r in runs) == n else None
 
     async def data_ranges(self, zeros: bool = True) -> list[tuple[int, int]]:
         """Where the disk has data; not ZEROS: less where block status says
@@ -781,7 +802,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
                   compress_threads: int | None = None, skip_create: bool = False, target_is_zero: bool = False,
                   salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
-                  rate_limit: int = 0, **options: Any) -> None:
+                  rate_limit: int = 0, copy_offload: bool = False, **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -819,6 +840,11 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     midway (a read error, a full disk, a kill) leaves DST partly written:
     consistent (clean in `qemu-img check`), its content a mix of old and
     new, as qemu-img -n leaves it.
+    COPY_OFFLOAD (qemu-img -C): the kernel copies what SRC's file holds as
+    the disk reads it into a raw DST (copy_file_range: a reflink on XFS or
+    btrfs, no copy through memory); the rest (compressed or encrypted
+    clusters, backing files, a qcow2 DST) is copied as usual. Data is then
+    not searched for zeros. Not with COMPRESS or SALVAGE (as qemu-img).
     RATE_LIMIT (qemu-img -r): at most this many bytes of SRC's data a
     second (0, the default: no limit), so that a copy of a busy disk leaves
     the storage to others.
@@ -853,6 +879,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         raise UsageError("--skip-broken-bitmaps needs --bitmaps, as in qemu-img")
     if skip_create and options:
         raise UsageError("-o has no effect when skipping image creation (-n), as in qemu-img")
+    if copy_offload and (compress or salvage):
+        raise UsageError(f"copy offloading (-C) cannot be used with {'-c' if compress else '--salvage'}, "
+                         "as in qemu-img")
     if bitmaps and out_format != "qcow2":
         raise UsageError("--bitmaps needs a qcow2 target (-O qcow2): a raw image has no bitmaps")
     if out_format == "raw" and (compress or options or backing_file is not None):
@@ -927,7 +956,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             _create.backing_size(dst_path, backing_file, backing_fmt or "raw")
         if not (skip_create and out_format == "qcow2"):   # (an image opened "r+" locks itself)
             held = _create.hold_target(final)
-        plan = _convert.CopyPlan(size, sparse_size, compress, None, progress, rate=rate_limit)
+        plan = _convert.CopyPlan(size, sparse_size, compress, None, progress, rate=rate_limit,
+                                 offload=copy_offload)
         if compress_threads is not None:
             plan.threads = compress_threads
         # -n: the target is told every range of zeros (unless it reads zeros, or

@@ -8,6 +8,7 @@ qemu-img (docs/python.md) are pinned too."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -585,3 +586,53 @@ def test_rate_limit(tmp_path: Path):
         one_line_error(qcowfs("convert", *args, "-O", "raw", src, tmp_path / "never.raw"), "invalid")
         assert run(["qemu-img", "convert", *args, "-O", "raw", src, tmp_path / "never.raw"]).returncode == 1
         assert not (tmp_path / "never.raw").exists()
+
+
+# ---- -C ---------------------------------------------------------------------------------------
+
+def _syscalls(args: list[object], names: str) -> dict[str, int]:
+    """Run a qcowfs command under strace -c: how many calls of NAMES it made."""
+    from conftest import QCOWFS
+
+    p = run(["strace", "-f", "-c", "-e", f"trace={names}", QCOWFS, *args])
+    assert p.returncode == 0, p.stderr
+    counts = {}
+    for line in p.stderr.splitlines():
+        parts = line.split()
+        if parts and parts[-1] in names.split(","):
+            counts[parts[-1]] = int(parts[3])
+    return counts
+
+
+def test_copy_offload(tmp_path: Path):
+    """-C into a raw file: the kernel copies the data clusters of the image
+    (copy_file_range, one call per chunk of them), the compressed cluster and
+    what the backing file holds go the usual way; the bytes are qemu-img -C's.
+    From a raw file too; into a qcow2 target -C changes nothing but speed."""
+    base = images.create(tmp_path / "base.qcow2", 32 * MiB)
+    images.qio(base, "write -P 0x0b 24M 1M")
+    src = images.create(tmp_path / "src.qcow2", 32 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+    images.qio(src, "write -P 0x11 0 3M", "write -z 4M 1M", "write -c -P 0x22 8M 1M", "write -P 0x33 20M 64k")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    calls = _syscalls(["convert", "-C", "-O", "raw", src, ours], "copy_file_range,pwrite64,pwritev")
+    assert calls.get("copy_file_range", 0) >= 2 and calls.get("pwrite64", 0) + calls.get("pwritev", 0) >= 2, calls
+    qemu_img("convert", "-C", "-O", "raw", src, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    raw = tmp_path / "noise.raw"
+    raw.write_bytes(os.urandom(3 * MiB + 4096))
+    copy = tmp_path / "copy.raw"
+    assert _syscalls(["convert", "-C", "-f", "raw", "-O", "raw", raw, copy], "copy_file_range")["copy_file_range"]
+    assert copy.read_bytes() == raw.read_bytes()
+    q = tmp_path / "copy.qcow2"
+    p = qcowfs("convert", "-C", "-O", "qcow2", src, q)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    assert same_content(src, q)
+    assert_clean(q)
+
+
+@pytest.mark.parametrize("extra,says", [(["-c", "-O", "qcow2"], "-c"), (["-S", "0"], "-S"), (["--salvage"], "--salvage")])
+def test_copy_offload_refusals(tmp_path: Path, extra: list[str], says: str):
+    src = source(tmp_path)
+    one_line_error(qcowfs("convert", "-C", *extra, src, tmp_path / "never.img"), "copy offloading", says)
+    assert run(["qemu-img", "convert", "-C", *extra, src, tmp_path / "never.img"]).returncode == 1
+    assert not (tmp_path / "never.img").exists()

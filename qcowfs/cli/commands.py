@@ -492,7 +492,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     backing_format = a.backing_format if a.backing_format is not None else o_format
     if a.output_format == "raw" and (kw or a.compress or backing):
         raise UsageError("-o, -c and -B need -O qcow2")
-    sparse = parse_size(a.sparse, zero=True)
+    if a.copy_offload and a.sparse is not None:
+        raise UsageError("copy offloading (-C) cannot be used with -S, as in qemu-img")
+    sparse = parse_size(a.sparse if a.sparse is not None else "4k", zero=True)
     # (qemu-img's tuning options: checked as it checks them, then of no effect here)
     if a.coroutines is not None and not 1 <= a.coroutines <= 16:
         raise UsageError("-m: the number of requests must be between 1 and 16 (as in qemu-img)")
@@ -508,7 +510,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
             force_share=a.force_share, passphrase=source_key, target_passphrase=target_key, progress=progress,
             cache=a.cache, skip_create=a.skip_create, target_is_zero=a.target_is_zero, salvage=a.salvage,
             bitmaps=a.bitmaps, skip_broken_bitmaps=a.skip_broken_bitmaps,
-            rate_limit=parse_size(a.rate_limit, zero=True) if a.rate_limit is not None else 0, **kw))
+            rate_limit=parse_size(a.rate_limit, zero=True) if a.rate_limit is not None else 0,
+            copy_offload=a.copy_offload, **kw))
     return 0
 
 

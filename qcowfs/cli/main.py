@@ -233,8 +233,12 @@ def _convert_parser(sub: Sub) -> None:
     cv.add_argument("-B", dest="backing", metavar="BACKING",
                     help="DST gets this backing file and holds only what differs from it")
     cv.add_argument("-F", dest="backing_format", metavar="FMT", help="format of -B's file (qcow2 or raw)")
-    cv.add_argument("-S", dest="sparse", metavar="SIZE", default="4k",
+    cv.add_argument("-S", dest="sparse", metavar="SIZE",
                     help="zeros of at least SIZE stay holes (default 4k; 0: write every byte)")
+    cv.add_argument("-C", dest="copy_offload", action="store_true",
+                    help="copy offloading, as qemu-img -C: the kernel copies what SRC's file holds as the disk "
+                         "reads into a raw DST (copy_file_range: a reflink on XFS or btrfs); the rest as usual, "
+                         "data not searched for zeros (not with -c, -S or --salvage)")
     cv.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
     cv.add_argument("-r", dest="rate_limit", metavar="RATE",
                     help="copy at most RATE bytes of data a second (suffixes k, M, G...), as qemu-img -r")

@@ -29,6 +29,7 @@ chunk are written, in order, by the engine's writer in one batch per run
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -70,6 +71,20 @@ class TargetDisk(Protocol):
     async def zero(self, offset: int, length: int, unmap: bool = True) -> None: ...
 
 
+class OffloadSource(SourceDisk, Protocol):
+    async def host_runs(self, offset: int, n: int) -> list[tuple[int, int, int]] | None:
+        """(fd, host offset, length) runs that hold the disk's bytes
+        [offset, offset+N) as they are, in order; None where some of it
+        cannot be copied from a file as it lies (compressed, encrypted, in a
+        backing file, a preallocated zero cluster)."""
+
+
+class OffloadTarget(TargetDisk, Protocol):
+    def copy_from(self, fd: int, src_offset: int, offset: int, n: int) -> bool:
+        """Copy N bytes of FD at SRC_OFFSET to OFFSET in the kernel; False where
+        it cannot (the bytes are then written the usual way)."""
+
+
 class CompressedTarget(TargetDisk, Protocol):
     @property
     def cluster_size(self) -> int: ...
@@ -92,6 +107,10 @@ class RawDisk:
 
     async def data_ranges(self) -> list[tuple[int, int]]:
         return [(pos, pos + n) for pos, n, has_data in self._src.file.data_runs(0, self.size) if has_data]
+
+    async def host_runs(self, offset: int, n: int) -> list[tuple[int, int, int]] | None:
+        """The file itself (its tail past the end, which reads zeros, cannot be copied)."""
+        return [(self._src.file.fd, offset, n)] if offset + n <= self._src.file.known_size else None
 
     async def allocation(self) -> list[tuple[int, int, str]]:
         """(start, stop, "data" or "zero": a hole) runs covering the file."""
@@ -204,6 +223,22 @@ class RawTarget:
         self.file.write_sync(data, offset)
         return len(data)
 
+    def copy_from(self, fd: int, src_offset: int, offset: int, n: int) -> bool:
+        """copy_file_range(2): the kernel copies (a reflink on XFS or btrfs,
+        no copy through memory at all); False where it cannot (another file
+        system, a device, a kernel without it)."""
+        try:
+            while n:
+                done = os.copy_file_range(fd, self.file.fd, n, src_offset, offset)
+                if not done:
+                    return False
+                src_offset, offset, n = src_offset + done, offset + done, n - done
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+                return False
+            raise
+        return True
+
     async def zero(self, offset: int, length: int, unmap: bool = True) -> None:
         if not self.in_place:
             return None  # (a new file reads zeros where nothing was written)
@@ -232,6 +267,7 @@ class CopyPlan:
     zero_init: bool = True    # the target reads zeros where nothing is written (else every byte is said)
     unmap: bool = False       # zeros said to the target free what it holds there (-n: as qemu-img)
     rate: int = 0             # -r: at most this many bytes of data a second (0: as fast as it goes)
+    offload: bool = False     # -C: the kernel copies data where source and target allow (copy_file_range)
 
 
 async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
@@ -252,17 +288,27 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
     reads = Lane("qcowfs-read")
     pos = turn = 0
     pace = Pace(plan.rate)
+    # -C: each chunk the kernel can copy is copied there; the others are read
+    # and written in place (no read-ahead: the next chunk may need none)
+    offload = plan.offload and plan.backing is None and not plan.compress and hasattr(src, "host_runs") \
+        and hasattr(dst, "copy_from")
     try:
         for c, n in steps:
             if n < 0:   # a hole of the source before C
                 await _hole(dst, below, pos, c, plan.unmap)
+                continue
+            if offload and await _offloaded(src, dst, c, n):  # type: ignore[arg-type]
+                pos = c + n
+                if plan.progress is not None:
+                    plan.progress(min(1.0, pos / size))
+                await pace.copied(n)
                 continue
             buf = buffers[turn % len(buffers)]
             view = memoryview(buf)[:n]
             if not await reads.result():   # (the first chunk: nothing was read ahead)
                 await src.readinto(view, c)
             turn += 1
-            if turn < len(chunks):
+            if turn < len(chunks) and not offload:
                 nc, nn = chunks[turn]
                 reads.start(src.readinto(memoryview(buffers[turn % len(buffers)])[:nn], nc))
             keep = await _chunk(plan, dst, c, buf, n, other)
@@ -282,6 +328,20 @@ async def copy(src: SourceDisk, dst: TargetDisk, plan: CopyPlan) -> None:
             compressor.close()
     if plan.progress is not None:
         plan.progress(1.0)
+
+
+async def _offloaded(src: OffloadSource, dst: OffloadTarget, offset: int, n: int) -> bool:
+    """Whether the kernel copied SRC's bytes [offset, offset+N) into DST
+    (-C); False: they are to be read and written."""
+    runs = await src.host_runs(offset, n)
+    if runs is None:
+        return False
+    pos = offset
+    for fd, host, length in runs:
+        if not await in_thread(dst.copy_from, fd, host, pos, length):
+            return False
+        pos += length
+    return True
 
 
 class Pace:
