@@ -22,7 +22,7 @@ _qcowfs_spec() {
         compare) _qcowfs_opts='-h --help -f -F -s --strict -p -U --force-share -T --key-file -q --quiet' _qcowfs_valued='-f=choices:qcow2|raw -F=choices:qcow2|raw -T=files --key-file=files' _qcowfs_positionals='files files' ;;
         measure) _qcowfs_opts='-h --help --size -O -o -f -l --output -U --force-share --key-file' _qcowfs_valued='--size=none -O=files -o=mountopts -f=files -l=files --output=files --key-file=files' _qcowfs_positionals='files' ;;
         resize) _qcowfs_opts='-h --help --shrink -q --quiet' _qcowfs_valued='' _qcowfs_positionals='images none' ;;
-        amend) _qcowfs_opts='-h --help -o -f -p --force --key-file --new-key-file --old-key-file -q --quiet' _qcowfs_valued='-o=mountopts -f=files --key-file=files --new-key-file=files --old-key-file=files' _qcowfs_positionals='images' ;;
+        amend) _qcowfs_opts='-h --help -o -f -p -t --force --key-file --new-key-file --old-key-file -q --quiet' _qcowfs_valued='-o=mountopts -f=files -t=files --key-file=files --new-key-file=files --old-key-file=files' _qcowfs_positionals='images' ;;
         commit) _qcowfs_opts='-h --help -b -d -p --key-file -q --quiet' _qcowfs_valued='-b=files --key-file=files' _qcowfs_positionals='files' ;;
         rebase) _qcowfs_opts='-h --help -u -b -F -p -U --force-share --key-file -q --quiet' _qcowfs_valued='-b=files -F=choices:qcow2|raw --key-file=files' _qcowfs_positionals='images' ;;
         *) _qcowfs_opts='' _qcowfs_valued='' _qcowfs_positionals='' ;;

@@ -170,7 +170,8 @@ def test_the_library(tmp_path: Path):
 
     img = images.create(tmp_path / "a.qcow2", 8 * MiB, compat="0.10")
     images.qio(img, "write -P 0x11 0 1M")
-    lib.amend(img, compat="1.1", lazy_refcounts=True, refcount_bits=8)
+    assert qcowfs("amend", "-t", "none", "-p", "-q", "-o", "compat=1.1", img).returncode == 0  # (qemu-img's flags)
+    lib.amend(img, lazy_refcounts=True, refcount_bits=8)
     d = described(img)["format-specific"]["data"]
     assert (d["compat"], d["lazy-refcounts"], d["refcount-bits"]) == ("1.1", True, 8)
     lib.amend(img, compat="0.10", refcount_bits=16, lazy_refcounts=False)
@@ -190,7 +191,8 @@ def test_refusals_of_the_command_line(tmp_path: Path):
                        (["amend", "-o", "compat", img], "NAME=VALUE"),
                        (["amend", "-o", "nonsense=1", img], "invalid parameter"),
                        (["amend", "-o", "encrypt.state=active", "--new-key-file", "/dev/null", img], "not encrypted"),
-                       (["amend", "-o", "compat=1.1", tmp_path], "is a directory")):
+                       (["amend", "-o", "compat=1.1", tmp_path], "is a directory"),
+                       (["amend", "-t", "sometimes", "-o", "compat=1.1", img], "-t must be one of")):
         p = qcowfs(*args)
         assert p.returncode in (1, 2) and says in p.stderr and len(p.stderr.splitlines()) == 1, (args, p.stderr)
     assert img.read_bytes() == before

@@ -38,6 +38,9 @@ def amend_parser(sub: Any) -> None:
     m.add_argument("-f", dest="format", metavar="FMT", help="format of IMAGE (qcow2 only)")
     m.add_argument("-p", dest="progress", action="store_true",
                    help="qemu-img's progress: accepted, no effect")
+    m.add_argument("-t", dest="cache", metavar="CACHE",
+                   help="qemu-img's cache mode (writeback, writethrough, none, directsync, unsafe): accepted, "
+                        "no effect (every step of an amend is flushed before the next)")
     m.add_argument("--force", action="store_true",
                    help="overwrite an active key slot, erase an inactive one, or erase the last active one "
                         "(the data is then lost for good), as qemu-img --force")
@@ -128,6 +131,9 @@ def cmd_amend(a: argparse.Namespace) -> int:
         raise UsageError(f"qcowfs amends qcow2 images only, not '{a.format}'")
     if os.path.isdir(a.image):
         raise UsageError(f"{a.image} is a directory: amend takes an image file (unmount a mounted one first)")
+    if a.cache is not None:
+        from ..aio import check_cache_mode
+        check_cache_mode(a.cache, "-t")
     options = parse_qemu_options(a.options)
     if not options:
         raise UsageError("nothing to amend: give the options with -o (as qemu-img asks)")
