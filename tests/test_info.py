@@ -102,6 +102,43 @@ def test_info_json_matches_qemu(name: str, tmp_path: Path) -> None:
     assert not errors, f"{name}:\n  " + "\n  ".join(errors)
 
 
+# What qcowfs's JSON says beyond qemu-img's (docs/python.md): the layers below, the dirty bit.
+OURS_ONLY = ("backing-chain", "dirty")
+
+
+def _pairs(text: str, drop: tuple[str, ...] = ()) -> object:
+    """JSON TEXT as nested lists of (key, value) pairs, in their order, without DROP's keys."""
+    def walk(v: object) -> object:
+        if isinstance(v, list) and v and isinstance(v[0], tuple):
+            return [(k, walk(x)) for k, x in v if k not in drop]
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+    return walk(json.loads(text, object_pairs_hook=list))
+
+
+@pytest.mark.parametrize("name", ["v2-c512", "snapshots", "bitmaps", "backing-relative", "datafile-raw",
+                                  "extl2-c64k-backing", "corrupt-bit"])
+def test_json_text_is_qemu_imgs(name: str, tmp_path: Path) -> None:
+    """`info --output=json` and `check --output=json` print qemu-img's keys in
+    qemu-img's order, with its values (QEMU's QDict hash order: text
+    comparisons of the two outputs see only qcowfs's own keys)."""
+    img = build(name, tmp_path / "img")
+    for cmd in ("info", "check"):
+        q = subprocess.run(["qemu-img", cmd, "--output=json", img.name], capture_output=True, text=True,
+                           cwd=img.parent)
+        p = subprocess.run([QCOWFS, cmd, "--output=json", img.name], capture_output=True, text=True,
+                           cwd=img.parent)
+        assert p.returncode == q.returncode, p.stderr
+        want = _pairs(q.stdout)
+        got = _pairs(p.stdout, OURS_ONLY if cmd == "info" else ())
+        if cmd == "check":  # (qcowfs also says the counts that are 0, and the absolute path)
+            keys = [k for k, _ in want]  # type: ignore[union-attr]
+            got = [(k, v) for k, v in got if k in keys and k != "filename"]  # type: ignore[union-attr]
+            want = [(k, v) for k, v in want if k != "filename"]  # type: ignore[union-attr]
+        assert got == want, f"{cmd}:\n{p.stdout}\n{q.stdout}"
+
+
 @pytest.mark.parametrize("name", ["v3-c64k", "backing-relative", "snapshots", "bitmaps", "datafile-raw"])
 def test_info_human(name: str, tmp_path: Path) -> None:
     img = build(name, tmp_path / "img").resolve()

@@ -264,8 +264,8 @@ def test_source_format_and_share(sources: Path, args: list[str]) -> None:
 def test_encrypted_source(tmp_path: Path) -> None:
     """An encrypted source is measured from its tables: no passphrase needed."""
     image = tmp_path / "enc.qcow2"
-    must("qemu-img", "create", "-q", "-f", "qcow2", *luks.secret_object(), "-o",
-         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", image, str(16 * MiB))
+    luks.create_encrypted("qemu-img", "create", "-q", "-f", "qcow2", *luks.secret_object(), "-o",
+                          "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", image, str(16 * MiB))
     must("qemu-io", *luks.secret_object(), "--image-opts", luks.image_opts(image), "-c", "write -P 1 1M 200k")
     want = qemu_img("measure", "--output=json", *luks.secret_object(), "-O", "qcow2", "--image-opts",
                     luks.image_opts(image))

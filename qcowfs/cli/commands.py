@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
 from ..errors import ImageLockedError, QcowError, UsageError
 from ..service.options import parse_size
-from .text import json_text, render_check, render_info, render_snapshots
+from .text import json_text, qemu_order, render_check, render_info, render_snapshots
 
 if TYPE_CHECKING:
     from ..aio import Image
@@ -99,7 +99,7 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_c
         from ..service import control
 
         live = control.request(image_arg, "info")["info"]
-        print(json_text(live) if as_json else render_info(live))
+        print(json_text(qemu_order(live)) if as_json else render_info(live))
         return 0
     layers: list[dict[str, Any]] = []
     name: str = image_arg
@@ -118,7 +118,7 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_c
         if not backing_chain:
             break
     if as_json:
-        print(json_text(layers if backing_chain else layers[0]))
+        print(json_text(qemu_order(layers if backing_chain else layers[0])))
     else:
         print("\n\n".join(render_info(d) for d in layers))
     return 0
@@ -202,7 +202,7 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
             return 1
         filename = os.path.abspath(image_arg)
     if as_json:
-        print(json_text(result.json | {"filename": filename}))
+        print(json_text(qemu_order(result.json | {"filename": filename})))
     else:
         out, err = render_check(result)
         for line in err:
@@ -566,7 +566,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
     result = drive(aio.measure(a.filename, size=size, out_format=a.output_format, src_format=a.format,
                                snapshot=a.snapshot, force_share=a.force_share, passphrase=keys, **kw))
     if a.output == "json":
-        print(json_text(result))
+        print(json_text(qemu_order(result)))
     else:
         print(f"required size: {result['required']}\nfully allocated size: {result['fully-allocated']}")
         if "bitmaps" in result:

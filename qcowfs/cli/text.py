@@ -16,6 +16,35 @@ def json_text(value: Any, indent: int | None = 4) -> str:
     return json.dumps(value, indent=indent)
 
 
+# QEMU's QDict has this many hash buckets (qobject/qdict.c, QDICT_BUCKET_MAX).
+QDICT_BUCKET_MAX = 512
+
+
+def _qdict_bucket(key: str) -> int:
+    """The bucket of KEY in a QEMU QDict: qdict.c's tdb_hash, modulo
+    QDICT_BUCKET_MAX (32-bit arithmetic, as in C)."""
+    raw = key.encode()
+    value = 0x238F13AF * len(raw) & 0xFFFFFFFF
+    for i, byte in enumerate(raw):
+        value = value + (byte << (i * 5 % 24)) & 0xFFFFFFFF
+    return (1103515243 * value + 12345 & 0xFFFFFFFF) % QDICT_BUCKET_MAX
+
+
+def qemu_order(value: Any) -> Any:
+    """VALUE with every object's keys in the order qemu-img's JSON output
+    lists them: qobject_to_json walks a QDict bucket by bucket, and within a
+    bucket the key put last comes first. So `qcowfs info --output=json` and
+    `qemu-img info --output=json` print their common keys in one order (and
+    check, measure), for whoever compares them as text."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        order = sorted(range(len(items)), key=lambda i: (_qdict_bucket(items[i][0]), -i))
+        return {items[i][0]: qemu_order(items[i][1]) for i in order}
+    if isinstance(value, list):
+        return [qemu_order(v) for v in value]
+    return value
+
+
 def human_size(n: int) -> str:
     """N bytes as qemu-img prints sizes (1 KiB = 1024 B, three digits)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
