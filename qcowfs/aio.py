@@ -47,12 +47,16 @@ Mode = Literal["r", "r+"]
 
 
 def __getattr__(name: str) -> Any:
-    """CREATE_OPTIONS: create's options in qemu-img's names, with the kind of
-    value each takes ("size", "int", "bool", "str"): what the command line
-    converts -o text to. Made on first use (it is create's table)."""
+    """CREATE_OPTIONS / AMEND_OPTIONS: create's and amend's options in
+    qemu-img's names, with the kind of value each takes ("size", "int",
+    "bool", "str"): what the command line converts -o text to. Made on
+    first use (they are the engine's tables)."""
     if name == "CREATE_OPTIONS":
         from .engine.create import OPTION_KINDS
         return dict(OPTION_KINDS)
+    if name == "AMEND_OPTIONS":
+        from .engine.amend import OPTION_KINDS as AMEND_KINDS
+        return dict(AMEND_KINDS)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -1220,11 +1224,12 @@ async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format:
                            _keyring(passphrase, key_file))
 
 
-async def amend(image: str | os.PathLike[str], *, compat: str | None = None, lazy_refcounts: bool | None = None,
-                refcount_bits: int | None = None, size: int | None = None, backing_file: str | None = None,
-                backing_fmt: str | None = None, data_file: str | None = None, data_file_raw: bool | None = None,
-                encrypt_state: str | None = None, encrypt_keyslot: int | None = None,
-                encrypt_iter_time: int | None = None, new_passphrase: Passphrase = None,
+async def amend(image: str | os.PathLike[str], *, compat: str | None = None,
+                lazy_refcounts: bool | str | None = None, refcount_bits: int | str | None = None,
+                size: int | None = None, backing_file: str | None = None, backing_fmt: str | None = None,
+                data_file: str | None = None, data_file_raw: bool | str | None = None,
+                encrypt_state: str | None = None, encrypt_keyslot: int | str | None = None,
+                encrypt_iter_time: int | str | None = None, new_passphrase: Passphrase = None,
                 new_key_file: KeyFile = None, old_passphrase: Passphrase = None, old_key_file: KeyFile = None,
                 force: bool = False, passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
     """`qemu-img amend -o OPTIONS IMAGE`: change what IMAGE's header says.
@@ -1247,10 +1252,21 @@ async def amend(image: str | os.PathLike[str], *, compat: str | None = None, laz
     image (and its encrypted backing files).
 
     Everything is checked before anything is written; then each step is
-    crash-safe (engine/amend.py says where qcowfs refuses what qemu-img does)."""
+    crash-safe (engine/amend.py says where qcowfs refuses what qemu-img does).
+    On/off and number options may be given as qemu-img's text too ("on", "8")."""
     from .engine.amend import AmendRequest, run
+    from .engine.create import option_bool, option_int
     from .engine.keyslots import KeySlotChange
 
+    def on_off(name: str, value: bool | str | None) -> bool | None:
+        return None if value is None else option_bool(name, value)
+
+    def number(name: str, value: int | str | None) -> int | None:
+        return None if value is None else option_int(name, value)
+
+    lazy_refcounts, data_file_raw = on_off("lazy_refcounts", lazy_refcounts), on_off("data_file_raw", data_file_raw)
+    refcount_bits, encrypt_keyslot = number("refcount_bits", refcount_bits), number("encrypt.keyslot", encrypt_keyslot)
+    encrypt_iter_time = number("encrypt.iter-time", encrypt_iter_time)
     path = os.fspath(image)
     keys: KeySlotChange | None = None
     if encrypt_state is not None or encrypt_keyslot is not None or encrypt_iter_time is not None \

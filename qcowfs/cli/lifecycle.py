@@ -122,9 +122,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
 
 def cmd_amend(a: argparse.Namespace) -> int:
     """qemu-img amend -f qcow2 -o OPTIONS."""
-    from .. import api
-    from ..engine.amend import OPTION_KINDS
-    from ..engine.create import OPTION_KINDS as CREATE_OPTION_KINDS, keyword, option_bool, option_int
+    from .. import api, aio
     from .commands import key_source, parse_qemu_options
 
     if a.format is not None and a.format != "qcow2":
@@ -138,17 +136,18 @@ def cmd_amend(a: argparse.Namespace) -> int:
     if not options:
         raise UsageError("nothing to amend: give the options with -o (as qemu-img asks)")
     kw: dict[str, Any] = {}
+    kinds = aio.AMEND_OPTIONS
     for name, value in options.items():
         if name in ("encrypt.new-secret", "encrypt.old-secret", "encrypt.key-secret"):
             raise UsageError(f"{name}: qcowfs takes passphrases from --new-key-file, --old-key-file and "
                              "--key-file (or a prompt)")
-        kind = OPTION_KINDS.get(name)
+        kind = kinds.get(name)
         if kind is None:
-            if name in CREATE_OPTION_KINDS:
+            if name in aio.CREATE_OPTIONS:
                 raise UsageError(f"invalid parameter '{name}': it can only be chosen when the image is created")
-            raise UsageError(f"invalid parameter '{name}' for qcow2 (known: {', '.join(OPTION_KINDS)})")
-        kw[keyword(name)] = (parse_size(value) if kind == "size" else option_bool(name, value) if kind == "bool"
-                             else option_int(name, value) if kind == "int" else value)
+            raise UsageError(f"invalid parameter '{name}' for qcow2 (known: {', '.join(kinds)})")
+        # (sizes with their suffixes as numbers; on/off and numbers as text the library checks)
+        kw[name.replace(".", "_").replace("-", "_")] = parse_size(value) if kind == "size" else value
     new_passphrase = None
     if kw.get("encrypt_state") == "active" and a.new_key_file is None:
         new_passphrase = _ask_new_passphrase(a.image)
