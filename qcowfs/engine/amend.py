@@ -68,7 +68,7 @@ class AmendRequest:
     size: int | None = None              # exactly this virtual size (grow or shrink, as QEMU's amend)
     backing_file: str | None = None      # must be what the image says (QEMU: rebase changes it)
     backing_fmt: str | None = None
-    data_file: str | None = None         # a new name for the external data file ("" for none)
+    data_file: str | None = None         # a new name for the external data file
     data_file_raw: bool | None = None    # can only be switched off
     keys: KeySlotChange | None = None    # LUKS key slots (engine/keyslots.py)
 
