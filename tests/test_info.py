@@ -234,3 +234,35 @@ def test_backing_chain_is_qemu_imgs(layout: str, tmp_path: Path) -> None:
     for layer in ours:
         layer.get("format-specific", {}).get("data", {}).pop("dirty", None)
     assert ours == json.loads(q.stdout)
+
+
+@pytest.mark.parametrize("damage", ["size-plus-one", "starts-with-nul"])
+def test_backing_name_is_a_c_string(damage: str, tmp_path: Path) -> None:
+    """A backing file name with a NUL byte in it (its size one too large, or a
+    NUL first) is a C string to QEMU: the name ends at the NUL (none at all
+    for a NUL first). qcowfs reads it so too (it refused the image), so
+    info, the disk and check --repair agree with qemu-img's."""
+    import struct
+
+    base = create(tmp_path / "base.qcow2", 4 * MiB)
+    qio(base, "write -P 7 0 1M")
+    top = create(tmp_path / "top.qcow2", 4 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+    with open(top, "r+b") as f:
+        offset, size = struct.unpack(">QI", f.read(20)[8:20])
+        if damage == "size-plus-one":
+            f.seek(16)
+            f.write(struct.pack(">I", size + 1))
+        else:
+            f.seek(offset)
+            f.write(b"\0")
+    keys = ("backing-filename", "full-backing-filename", "backing-filename-format")
+    want = {k: v for k, v in info(top).items() if k in keys}
+    p = qcowfs("info", "--output=json", top)
+    assert p.returncode == 0, p.stderr
+    assert {k: v for k, v in json.loads(p.stdout).items() if k in keys} == want
+    for tool in (["qemu-img"], [QCOWFS]):
+        same = subprocess.run([*tool, "compare", top, base], capture_output=True, text=True).returncode
+        assert same == (0 if damage == "size-plus-one" else 1), tool
+    p = qcowfs("check", "--repair", top)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {k: v for k, v in info(top).items() if k in keys} == want

@@ -197,8 +197,11 @@ class Header:
             end = hdr.backing_file_offset + hdr.backing_file_size
             if hdr.backing_file_size > 1023 or end > hdr.cluster_size or end > len(buf):
                 raise InvalidImageError("backing file name lies outside the header cluster")
+            # A C string to QEMU (qcow2_do_open): what follows a NUL byte is
+            # not part of the name, and a name that starts with one is none.
+            raw = bytes(buf[hdr.backing_file_offset:end]).split(b"\0", 1)[0]
             try:
-                hdr.backing_file = buf[hdr.backing_file_offset:end].decode("utf-8")
+                hdr.backing_file = raw.decode("utf-8") if raw else None
             except UnicodeDecodeError:
                 raise InvalidImageError("backing file name is not valid UTF-8") from None
         return hdr
