@@ -42,6 +42,7 @@ PINNED = {
     20709: "a snapshot id running over the table, in an image with bitmaps",
     20803: "a preallocated zero cluster at an unaligned offset, extended L2 and a data file",
     20517: "a data entry naming its own L2 table, with a snapshot and bitmaps",
+    600550214: "a backing file name one byte too long (a NUL after it): a C string to QEMU",
 }
 CASES = int(os.environ.get("REPAIR_TEST_CASES", "24"))
 SEED0 = int(os.environ.get("REPAIR_TEST_SEED0", "21000"))
