@@ -58,6 +58,9 @@ from qcowfs.engine.references import build_overlap_map
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 TIMEOUT = 300
+# How long qemu-img amend may take on a model image (they are small) before it
+# is taken to hang, as 7.2 does on some (amend_offline).
+QEMU_AMEND_TIMEOUT = 60
 T = TypeVar("T")
 
 
@@ -809,8 +812,14 @@ class Subject:
         text = ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}" for k, v in options.items())
         pre, target = naming(twin, self.secrets, fmt=False)
         # (in the image's directory: qemu-img 7.2's amend looks for a relative data file there)
-        q = subprocess.run([str(a) for a in ("qemu-img", "amend", *pre, "-o", text, *target)], capture_output=True,
-                           text=True, timeout=TIMEOUT, cwd=self.directory)
+        q: subprocess.CompletedProcess[str] | None = None
+        try:
+            q = subprocess.run([str(a) for a in ("qemu-img", "amend", *pre, "-o", text, *target)],
+                               capture_output=True, text=True, timeout=QEMU_AMEND_TIMEOUT, cwd=self.directory)
+        except subprocess.TimeoutExpired:
+            # qemu-img 7.2 never ends a change of the refcount width of an image
+            # of 512 KiB clusters or more (docs/design.md): no oracle then
+            assert "refcount_bits" in options and self.layout.cluster_size >= 512 * KiB, f"qemu-img amend -o {text} hung"
         before = self.image.read_bytes()
         where = f"{self.layout.describe()}\namend -o {text}"
         try:
@@ -818,12 +827,12 @@ class Subject:
         except QcowError as e:
             assert self.image.read_bytes() == before, f"a refused amend changed the image\n{where}\n{e}"
             ours_only = ("persistent bitmaps", "zstd", "encrypted image with zero clusters")
-            assert q.returncode != 0 or any(w in str(e) for w in ours_only), \
+            assert q is None or q.returncode != 0 or any(w in str(e) for w in ours_only), \
                 f"qcowfs refused what qemu-img amends: {e}\n{where}"
             twin.unlink()
             return
-        assert q.returncode == 0, f"qemu-img refused what qcowfs amended: {q.stderr}\n{where}"
-        if "--image-opts" not in pre:  # (an encrypted one: judge compares it with the model)
+        assert q is None or q.returncode == 0, f"qemu-img refused what qcowfs amended: {q.stderr}\n{where}"
+        if q is not None and "--image-opts" not in pre:  # (encrypted: judge compares it with the model)
             p = run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", self.image, twin)
             assert p.returncode == 0, f"the disk differs from qemu-img's amend\n{where}\n{p.stdout}{p.stderr}"
         twin.unlink()
