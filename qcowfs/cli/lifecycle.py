@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from ..errors import ImageLockedError, UsageError
@@ -150,24 +151,14 @@ def cmd_amend(a: argparse.Namespace) -> int:
         kw[name.replace(".", "_").replace("-", "_")] = parse_size(value) if kind == "size" else value
     new_passphrase = None
     if kw.get("encrypt_state") == "active" and a.new_key_file is None:
-        new_passphrase = _ask_new_passphrase(a.image)
+        if not sys.stdin.isatty():
+            raise UsageError("encrypt.state=active needs the new passphrase: give it with --new-key-file FILE, "
+                             "or run from a terminal to be asked")
+        from ..host.secret import prompt_new
+        new_passphrase = prompt_new(a.image)
     api.amend(a.image, **kw, force=a.force, passphrase=key_source(a.key_file), new_passphrase=new_passphrase,
               new_key_file=a.new_key_file, old_key_file=a.old_key_file)
     return 0
-
-
-def _ask_new_passphrase(image: str) -> bytes:
-    """The new passphrase of a key slot, asked twice on a terminal."""
-    import getpass
-    import sys
-
-    if not sys.stdin.isatty():
-        raise UsageError("encrypt.state=active needs the new passphrase: give it with --new-key-file FILE, or "
-                         "run from a terminal to be asked")
-    first = getpass.getpass(f"New passphrase for {image}: ")
-    if getpass.getpass("The same again: ") != first:
-        raise UsageError("the two passphrases differ")
-    return first.encode()
 
 
 def cmd_commit(a: argparse.Namespace) -> int:

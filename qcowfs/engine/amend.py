@@ -26,18 +26,19 @@ What qcowfs does otherwise than qemu-img 7.2 (docs/design.md):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from ..errors import RequestError, UsageError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD, CRYPT_NONE,
-                      EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
-                      L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
+                      EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
+                      INCOMPAT_DIRTY, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
                       feature_table, with_extension)
 from .overlap import Kind
-from .references import read_entries
+from .references import L2Refs, walk
 
 if TYPE_CHECKING:
     from ..format import Header, HeaderExtension
@@ -150,8 +151,8 @@ async def _downgrade_scan(image: Image) -> None:
     encrypted = h.crypt_method != CRYPT_NONE
     if not (zstd or encrypted):
         return
-    for l2_offset in _l2_tables(image):
-        words = _l2_words(image, l2_offset)
+    for table in _l2_tables(image):
+        words = table.words
         if zstd and (words & np.uint64(OFLAG_COMPRESSED)).any():
             raise RequestError("an image with zstd compression and compressed clusters cannot be downgraded "
                                "(version 2 images know only zlib)")
@@ -160,22 +161,12 @@ async def _downgrade_scan(image: Image) -> None:
                                "zero clusters, and zeros written in their place would decrypt to noise)")
 
 
-def _l2_tables(image: Image) -> list[int]:
-    """Every L2 table offset of the active disk and of the snapshots, once each."""
-    seen: dict[int, None] = {}
-    l1s = [(image.header.l1_table_offset, image.header.l1_size)]
-    l1s += [(s.l1_table_offset, s.l1_size) for s in image.snapshots]
-    for offset, size in l1s:
-        if not size:
-            continue
-        entries = read_entries(image.file, offset, size) & np.uint64(L1E_OFFSET_MASK)
-        for off in entries[entries != 0].tolist():
-            seen.setdefault(int(off), None)
-    return list(seen)
-
-
-def _l2_words(image: Image, l2_offset: int) -> np.ndarray:
-    return read_entries(image.file, l2_offset, image.geo.l2_entries)
+def _l2_tables(image: Image) -> Iterator[L2Refs]:
+    """Every L2 table of the active disk and of the snapshots, once each
+    (the references walker: its words, and how many L1 entries name it)."""
+    for ref in walk(image.meta, refcount_structure=False):
+        if isinstance(ref, L2Refs):
+            yield ref
 
 
 def _zero_entries(words: np.ndarray) -> list[int]:
@@ -232,11 +223,11 @@ async def upgrade(image: Image) -> None:
 
 
 def _with_feature_table(h: Header, exts: list[HeaderExtension]) -> list[HeaderExtension]:
-    """EXTS with QEMU's feature name table, where the first cluster has room."""
+    """EXTS with QEMU's feature name table, where the first cluster has room
+    for the version 3 header with it (as create leaves it out)."""
     out = with_extension(exts, EXT_FEATURE_TABLE, feature_table().data)
-    room = h.cluster_size - V3_HEADER_LENGTH - sum(8 + (len(e.data) + 7) // 8 * 8 for e in out) - 8 \
-        - len((h.backing_file or "").encode())
-    return out if room >= 0 else exts
+    upgraded = dataclasses.replace(h, version=3, header_length=V3_HEADER_LENGTH, extensions=out)
+    return out if len(upgraded.pack()) <= h.cluster_size else exts
 
 
 async def downgrade(image: Image) -> None:
@@ -263,8 +254,8 @@ async def _expand_zero_clusters(image: Image, alloc: Allocator) -> None:
     meta, cs = image.meta, image.geo.cluster_size
     has_backing = image.header.backing_file is not None
     zeros = bytes(cs)
-    for l2_offset in _l2_tables(image):
-        words = _l2_words(image, l2_offset)
+    for table in _l2_tables(image):
+        l2_offset, words = table.offset, table.words
         hits = _zero_entries(words)
         if not hits:
             continue

@@ -59,6 +59,21 @@ def prompt(image: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def prompt_new(image: str) -> bytes:
+    """Ask for a new passphrase of IMAGE twice on the terminal, without echo
+    (a key slot amend adds: a typo would lock the data out)."""
+    import getpass
+
+    try:
+        first = getpass.getpass(f"New passphrase for {image}: ")
+        again = getpass.getpass("The same again: ")
+    except (EOFError, KeyboardInterrupt):
+        raise PassphraseError("no passphrase given") from None
+    if again != first:
+        raise PassphraseError("the two passphrases differ")
+    return first.encode("utf-8", "surrogateescape")
+
+
 # How a mount is given a passphrase (the commands say "--key-file FILE").
 MOUNT_KEY_OPTIONS = "-o key_file=PATH or -o key_credential=NAME"
 
