@@ -10,7 +10,6 @@ docstring of engine/amend.py) the refusal is pinned below."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QCOWFS
+import killing
 from tests import images
 from tests.test_convert import qcowfs, run
 
@@ -224,26 +223,16 @@ def test_a_kill_at_any_moment_leaves_the_old_image_or_the_new(tmp_path: Path, op
     images.qio(src, *zeros)
     ref = tmp_path / "ref.raw"
     images.qimg("convert", "-O", "raw", src, ref)
-    # Killed exactly as it is about to make its Nth write (strace's fault
-    # injection), for N spread over every write the amend makes, from a
-    # random phase each run.
-    traced = subprocess.run(["strace", "-f", "-c", "-e", "trace=pwrite64,pwritev", QCOWFS, "amend", "-o", options,
-                             shutil.copy(src, tmp_path / "counted.qcow2")], capture_output=True, text=True)
-    assert traced.returncode == 0, traced.stderr
-    writes = sum(int(line.split()[3]) for line in traced.stderr.splitlines() if line.split()[-1:] in (["pwrite64"],
-                                                                                                      ["pwritev"]))
-    assert writes >= 3, traced.stderr
-    step = max(1, writes // 24)
-    phase = random.randrange(step)
-    for n in sorted({1, 2, writes} | set(range(1 + phase, writes, step))):
+    # Killed exactly as it is about to make its Nth write, for N spread over
+    # every write the amend makes, from a random phase each run.
+    total = killing.writes(["amend", "-o", options, shutil.copy(src, tmp_path / "counted.qcow2")])
+    assert total >= 3
+    for n in killing.points(total, 26):
         img = Path(shutil.copy(src, tmp_path / "k.qcow2"))
-        p = subprocess.run(["strace", "-f", "-o", "/dev/null", "-e", "trace=pwrite64,pwritev",
-                            "-e", f"inject=pwrite64,pwritev:signal=SIGKILL:when={n}", QCOWFS, "amend", "-o", options,
-                            img], capture_output=True, text=True)
-        assert p.returncode != 0, f"not killed at write {n} of {writes}"
+        killing.killed_at(["amend", "-o", options, img], n)
         c = run(["qemu-img", "check", img])
-        assert c.returncode in (0, 3), f"killed at write {n} of {writes} (phase {phase}): {c.stdout}{c.stderr}"
-        assert run(["qemu-img", "compare", "-F", "raw", img, ref]).returncode == 0, f"write {n} of {writes}"
+        assert c.returncode in (0, 3), f"killed at write {n} of {total}: {c.stdout}{c.stderr}"
+        assert run(["qemu-img", "compare", "-F", "raw", img, ref]).returncode == 0, f"write {n} of {total}"
 
 
 @pytest.mark.parametrize("bits", [1, 8, 64])

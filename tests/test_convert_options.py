@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import killing
 from corruption import OFFSET_MASK, SCENARIOS, l2_entry_offset, patch, u64
 from inproc import nbd_dirty_map
 from tests import images, luks
@@ -590,20 +591,6 @@ def test_rate_limit(tmp_path: Path):
 
 # ---- -C ---------------------------------------------------------------------------------------
 
-def _syscalls(args: list[object], names: str) -> dict[str, int]:
-    """Run a qcowfs command under strace -c: how many calls of NAMES it made."""
-    from conftest import QCOWFS
-
-    p = run(["strace", "-f", "-c", "-e", f"trace={names}", QCOWFS, *args])
-    assert p.returncode == 0, p.stderr
-    counts = {}
-    for line in p.stderr.splitlines():
-        parts = line.split()
-        if parts and parts[-1] in names.split(","):
-            counts[parts[-1]] = int(parts[3])
-    return counts
-
-
 def test_copy_offload(tmp_path: Path):
     """-C into a raw file: the kernel copies the data clusters of the image
     (copy_file_range, one call per chunk of them), the compressed cluster and
@@ -614,14 +601,14 @@ def test_copy_offload(tmp_path: Path):
     src = images.create(tmp_path / "src.qcow2", 32 * MiB, backing="base.qcow2", backing_fmt="qcow2")
     images.qio(src, "write -P 0x11 0 3M", "write -z 4M 1M", "write -c -P 0x22 8M 1M", "write -P 0x33 20M 64k")
     ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
-    calls = _syscalls(["convert", "-C", "-O", "raw", src, ours], "copy_file_range,pwrite64,pwritev")
+    calls = killing.syscalls(["convert", "-C", "-O", "raw", src, ours], "copy_file_range,pwrite64,pwritev")
     assert calls.get("copy_file_range", 0) >= 2 and calls.get("pwrite64", 0) + calls.get("pwritev", 0) >= 2, calls
     qemu_img("convert", "-C", "-O", "raw", src, theirs)
     assert ours.read_bytes() == theirs.read_bytes()
     raw = tmp_path / "noise.raw"
     raw.write_bytes(os.urandom(3 * MiB + 4096))
     copy = tmp_path / "copy.raw"
-    assert _syscalls(["convert", "-C", "-f", "raw", "-O", "raw", raw, copy], "copy_file_range")["copy_file_range"]
+    assert killing.syscalls(["convert", "-C", "-f", "raw", "-O", "raw", raw, copy], "copy_file_range")["copy_file_range"]
     assert copy.read_bytes() == raw.read_bytes()
     q = tmp_path / "copy.qcow2"
     p = qcowfs("convert", "-C", "-O", "qcow2", src, q)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import killing
 import luks
 from conftest import QCOWFS, mounted
 from images import KiB, MiB, create, info, qimg, qio, sh
@@ -1034,32 +1035,26 @@ def _raw(img: Path, out: Path, cwd: Path | None = None) -> str:
 
 
 def _kill_loop(tmp: Path, make, command: list[str], image: str, rounds: int = 6) -> None:
-    """Run COMMAND (in TMP) ROUNDS times on fresh copies, killed after growing delays."""
+    """Run COMMAND (in TMP) on fresh copies, killed at about ROUNDS of its writes spread
+    over the whole run: every image stays clean and IMAGE reads the old disk or the new."""
     work = tmp / "w"
     make(tmp)
     names = [p.name for p in tmp.iterdir() if p.is_file()]
     old = _raw(tmp / image, tmp / "old.out", cwd=tmp)
     shutil.copytree(tmp, work, ignore=shutil.ignore_patterns("w", "*.out"))
-    assert qcowfs(*command, cwd=work).returncode == 0
+    total = killing.writes(command, cwd=work)
     new = _raw(work / image, tmp / "new.out", cwd=work)
     assert old != new
-    killed = 0
-    for i in range(rounds):
+    for n in killing.points(total, rounds):
         shutil.rmtree(work)
         work.mkdir()
-        for n in names:
-            shutil.copy2(tmp / n, work / n)
-        p = subprocess.Popen([QCOWFS, *command], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.15 + 0.12 * i)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
-        for n in names:
-            if n.endswith(".qcow2"):
-                clean(work / n, leaks_ok=True, cwd=work)
-        assert _raw(work / image, tmp / "now.out", cwd=work) in (old, new), f"round {i}: a mix of old and new"
-    assert killed, "the command always ended before the kill: nothing was tested"
+        for name in names:
+            shutil.copy2(tmp / name, work / name)
+        killing.killed_at(command, n, cwd=work)
+        for name in names:
+            if name.endswith(".qcow2"):
+                clean(work / name, leaks_ok=True, cwd=work)
+        assert _raw(work / image, tmp / "now.out", cwd=work) in (old, new), f"write {n} of {total}: a mix"
 
 
 def _big_snapshots(d: Path) -> None:
@@ -1096,53 +1091,36 @@ def _raw_data_file_image(d: Path) -> None:
     qio(img, "write -P 1 0 8M", "write -P 2 16M 512", cwd=d)
 
 
-def test_kill_rebase(tmp_path: Path) -> None:
-    """The content stays the same throughout (old and new backing differ)."""
-    tmp = tmp_path
+def _kill_keeping_the_disk(tmp: Path, command: list[str], names: list[str], rounds: int = 5) -> None:
+    """Run COMMAND on fresh copies of the big chain, killed at about ROUNDS of its writes
+    spread over the whole run: top.qcow2 reads as it did throughout, every image is clean."""
     _big_chain(tmp)
     want = _raw(tmp / "top.qcow2", tmp / "want.out")
-    names = ["base.qcow2", "top.qcow2", "new.qcow2"]
     work = tmp / "w"
-    killed = 0
-    for i in range(5):
-        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    for name in names:
+        shutil.copy2(tmp / name, work / name)
+    total = killing.writes(command, cwd=work)
+    for n in killing.points(total, rounds):
+        shutil.rmtree(work)
         work.mkdir()
-        for n in names:
-            shutil.copy2(tmp / n, work / n)
-        p = subprocess.Popen([QCOWFS, "rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"], cwd=work,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.2 + 0.3 * i)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
-        clean(work / "top.qcow2", leaks_ok=True)
-        assert _raw(work / "top.qcow2", tmp / "now.out") == want, f"round {i}"
-    assert killed
+        for name in names:
+            shutil.copy2(tmp / name, work / name)
+        killing.killed_at(command, n, cwd=work)
+        for name in names:
+            clean(work / name, leaks_ok=True)
+        assert _raw(work / "top.qcow2", tmp / "now.out") == want, f"write {n} of {total}"
+
+
+def test_kill_rebase(tmp_path: Path) -> None:
+    """The content stays the same throughout (old and new backing differ)."""
+    _kill_keeping_the_disk(tmp_path, ["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"],
+                           ["base.qcow2", "top.qcow2", "new.qcow2"])
 
 
 def test_kill_commit(tmp_path: Path) -> None:
     """The top's content never changes; the base stays clean."""
-    _big_chain(tmp_path)
-    want = _raw(tmp_path / "top.qcow2", tmp_path / "want.out")
-    work = tmp_path / "w"
-    killed = 0
-    for i in range(5):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        for n in ("base.qcow2", "top.qcow2"):
-            shutil.copy2(tmp_path / n, work / n)
-        p = subprocess.Popen([QCOWFS, "commit", "top.qcow2"], cwd=work, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        time.sleep(0.2 + 0.3 * i)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
-        clean(work / "top.qcow2", leaks_ok=True)
-        clean(work / "base.qcow2", leaks_ok=True)
-        assert _raw(work / "top.qcow2", tmp_path / "now.out") == want, f"round {i}"
-    assert killed
+    _kill_keeping_the_disk(tmp_path, ["commit", "top.qcow2"], ["base.qcow2", "top.qcow2"])
 
 
 def test_overlap_map_forgets_the_part_past_the_end_with_its_structure() -> None:
