@@ -55,17 +55,17 @@ def create(path: Path, size: int, *, fmt: str = "luks", cipher_alg: str = "aes-2
     return path
 
 
-def create_encrypted(*args: object) -> None:
+def create_encrypted(*args: object) -> str:
     """Run ARGS, a `qemu-img create` (or convert, or amend of a key slot) of an
     encrypted image. qemu-img times PBKDF2 with the thread's CPU time, which the kernel samples per tick:
     on a busy machine a run can measure 0 ms and qemu-img gives up with "Unable
     to get accurate CPU usage". That is qemu-img's flake, not a property of the
     image, so try again, a little later each time (20 tries in a row failed
-    once, with a model soak and the suite sharing the 2 cores)."""
+    once, with a model soak and the suite sharing the 2 cores). Returns what it printed."""
     for attempt in range(40):
         p = run(*args)
         if p.returncode == 0:
-            return
+            return p.stdout
         if "accurate CPU usage" not in p.stderr:
             break
         time.sleep(0.02 * attempt)

@@ -124,17 +124,21 @@ def test_create_matches_qemu_img(tmp_path: Path, opts: str, size: str):
     ours_dir.mkdir()
     (ours_dir / "key").write_text(KEY)
     if encrypted:
-        luks.create_encrypted("qemu-img", "create", "-q", "-f", "qcow2", *luks.secret_object(KEY),
-                              "-o", f"{opts},encrypt.key-secret=sec0", theirs_dir / "disk.qcow2", size)
+        said = luks.create_encrypted("qemu-img", "create", "-f", "qcow2", *luks.secret_object(KEY),
+                                     "-o", f"{opts},encrypt.key-secret=sec0", theirs_dir / "disk.qcow2", size)
+        # (qcowfs takes the passphrase from --key-file, not a secret object)
+        said = said.replace(str(theirs_dir / "disk.qcow2"), "disk.qcow2").replace(" encrypt.key-secret=sec0", "")
     else:
-        p = run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "disk.qcow2", size] if opts else
-                ["qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", size], theirs_dir)
+        p = run(["qemu-img", "create", "-f", "qcow2", "-o", opts, "disk.qcow2", size] if opts else
+                ["qemu-img", "create", "-f", "qcow2", "disk.qcow2", size], theirs_dir)
         assert p.returncode == 0, p.stderr
+        said = p.stdout
     args = ["create", *(["-o", opts] if opts else []), "disk.qcow2", size]
     if encrypted:
         args[1:1] = ["--key-file", "key"]
     p = qcowfs(ours_dir, *args)
     assert p.returncode == 0 and not p.stderr, p.stderr
+    assert p.stdout == said  # qemu-img's "Formatting ..." line
     ours, theirs = ours_dir / "disk.qcow2", theirs_dir / "disk.qcow2"
     assert info(ours) == info(theirs)
     check(ours, encrypted)
@@ -186,12 +190,13 @@ def test_backing_size_from_the_backing_file(tmp_path: Path, fmt: str):
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, base, "10M"], check=True)
     subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 0x42 0 1M", base], check=True, capture_output=True)
     (tmp_path / "theirs").mkdir()
-    p = run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"../{base.name}", "-F", fmt, "ov.qcow2"],
+    q = run(["qemu-img", "create", "-f", "qcow2", "-b", f"../{base.name}", "-F", fmt, "ov.qcow2"],
             tmp_path / "theirs")
-    assert p.returncode == 0, p.stderr
+    assert q.returncode == 0, q.stderr
     (tmp_path / "ours").mkdir()
     p = qcowfs(tmp_path / "ours", "create", "-b", f"../{base.name}", "-F", fmt, "ov.qcow2")
     assert p.returncode == 0, p.stderr
+    assert p.stdout == q.stdout and "size=10485760 " in p.stdout  # (the backing file's size)
     ours = tmp_path / "ours" / "ov.qcow2"
     assert info(ours) == info(tmp_path / "theirs" / "ov.qcow2")
     assert info(ours)["virtual-size"] == 10 << 20
@@ -203,11 +208,12 @@ def test_backing_size_from_the_backing_file(tmp_path: Path, fmt: str):
 
 
 def test_unsafe_backing_is_not_opened(tmp_path: Path):
-    p = qcowfs(tmp_path, "create", "-u", "-b", "missing.qcow2", "-F", "qcow2", "ov.qcow2", "1G")
-    assert p.returncode == 0, p.stderr
+    """(And -q prints nothing, as qemu-img's -q.)"""
+    p = qcowfs(tmp_path, "create", "-q", "-u", "-b", "missing.qcow2", "-F", "qcow2", "ov.qcow2", "1G")
+    assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
     q = run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", "q.qcow2",
              "1G"], tmp_path)
-    assert q.returncode == 0
+    assert q.returncode == 0 and q.stdout == ""
     assert info(tmp_path / "ov.qcow2") == info(tmp_path / "q.qcow2")
 
 

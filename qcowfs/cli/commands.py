@@ -462,17 +462,26 @@ def cmd_create(a: argparse.Namespace) -> int:
 
     if a.format != "qcow2":
         raise UsageError(f"qcowfs creates qcow2 images only, not '{a.format}'")
-    kw = create_keywords(parse_qemu_options(a.options))
+    from ..aio import CREATE_OPTIONS
+    from .text import formatting_line
+
+    given = parse_qemu_options(a.options)
+    kw = create_keywords(given)
     if a.backing is not None:
-        kw["backing_file"] = a.backing
+        kw["backing_file"] = given["backing_file"] = a.backing
     if a.backing_format is not None:
-        kw["backing_fmt"] = a.backing_format
+        kw["backing_fmt"] = given["backing_fmt"] = a.backing_format
     size = parse_size(a.size, zero=True) if a.size is not None else None
     if "size" in kw:
         if size is not None:
             raise UsageError("give the size either as SIZE or as -o size=..., not both")
         size = kw.pop("size")
     qcowfs.create(a.image, size, passphrase=key_source(a.key_file), unsafe=a.unsafe, **kw)
+    shown = {name: str(parse_size(value)) if CREATE_OPTIONS[name] == "size" else value
+             for name, value in given.items()}
+    # (without SIZE, the backing file's size: read back from the new image)
+    shown["size"] = str(size if size is not None else _qcow2_info(a.image, False)["virtual-size"])
+    print(formatting_line(a.image, shown))
     return 0
 
 

@@ -198,7 +198,9 @@ def _create_parser(sub: Sub) -> None:
                                     "extended_l2, compression_type (zlib, zstd), preallocation (off, "
                                     "metadata, falloc, full), data_file, data_file_raw, encrypt.format=luks, "
                                     "encrypt.cipher-alg, encrypt.cipher-mode, encrypt.ivgen-alg, "
-                                    "encrypt.ivgen-hash-alg, encrypt.hash-alg, encrypt.iter-time.")
+                                    "encrypt.ivgen-hash-alg, encrypt.hash-alg, encrypt.iter-time. Once "
+                                    "it is made, prints qemu-img's \"Formatting 'IMAGE', fmt=qcow2 ...\" "
+                                    "line (-q: nothing).")
     cr.add_argument("image", metavar="IMAGE")
     cr.add_argument("size", metavar="SIZE", nargs="?")
     cr.add_argument("-f", dest="format", default="qcow2", metavar="FMT", help="qcow2 (the only one)")

@@ -45,6 +45,26 @@ def qemu_order(value: Any) -> Any:
     return value
 
 
+# The options `qemu-img create -f qcow2` lists in its "Formatting" line, in
+# its order (QEMU's list of qcow2 creation options), and the defaults it
+# lists when they are not given.
+CREATE_LINE_ORDER = ("encrypt.format", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
+                     "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", "cluster_size",
+                     "extended_l2", "preallocation", "compression_type", "size", "compat", "backing_file",
+                     "backing_fmt", "data_file", "data_file_raw", "lazy_refcounts", "refcount_bits")
+CREATE_LINE_DEFAULTS = {"cluster_size": "65536", "extended_l2": "off", "compression_type": "zlib",
+                        "lazy_refcounts": "off", "refcount_bits": "16"}
+
+
+def formatting_line(image: str, options: dict[str, str]) -> str:
+    """What `qemu-img create -f qcow2` prints for IMAGE (scripts written for it
+    may read it; -q silences it): OPTIONS as given (sizes in bytes), then
+    qcow2's defaults, in qemu-img's order."""
+    values = {**CREATE_LINE_DEFAULTS, **options}
+    shown = "".join(f" {name}={values[name]}" for name in CREATE_LINE_ORDER if name in values)
+    return f"Formatting '{image}', fmt=qcow2{shown}"
+
+
 def human_size(n: int) -> str:
     """N bytes as qemu-img prints sizes (1 KiB = 1024 B, three digits)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
