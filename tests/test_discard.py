@@ -127,6 +127,31 @@ async def test_zero_range_keeps_the_host_cluster_as_qemu_does(tmp_path: Path, co
         assert ours[0] == (0, 4 * MiB, True, False, False), ours  # discarded
 
 
+@pytest.mark.parametrize("unmap", [False, True])
+async def test_a_cluster_zero_range_frees_keeps_its_host_bytes(tmp_path: Path, unmap: bool) -> None:
+    """Version 2, nothing below: ZERO_RANGE frees the cluster (as QEMU's
+    discard does) but leaves its bytes in the file, as QEMU passes a freed
+    cluster's discard to the file only when opened with unmap; only a discard
+    (PUNCH_HOLE) punches it. A damaged image whose other entry still uses the
+    cluster then reads what it did (hostile soak seed 1352998606)."""
+    from corruption import l2_entry_offset, u64
+
+    s = build(tmp_path, Layout(size=1 * MiB, compat="0.10"))
+    async with s.session():
+        await s.write(0, make_data("random", 64 * KiB, 3))
+    host = u64(s.image, l2_entry_offset(s.image, 0)) & ((1 << 56) - 512)
+    with open(s.image, "rb") as f:
+        f.seek(host)
+        old = f.read(64 * KiB)
+    async with s.session():
+        await s.zero(0, 64 * KiB, unmap=unmap)
+    s.judge()
+    with open(s.image, "rb") as f:
+        f.seek(host)
+        assert (f.read(64 * KiB) == old) != unmap
+        assert (os.lseek(f.fileno(), host, os.SEEK_HOLE) == host) == unmap
+
+
 async def test_read_only_image_refuses(tmp_path: Path) -> None:
     from qcowfs.errors import ReadOnlyError
     from qcowfs.engine.image import Image, OpenOptions

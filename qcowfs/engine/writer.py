@@ -632,7 +632,12 @@ class Writer:
                     self.data_file.write_sync(bytes(g1 - g0), g0)
             self._set_entry(table, k, *new)
             if releases:
-                self._release(*old)
+                # Only a discard gives the host space back, as QEMU passes a
+                # freed cluster's discard to the file only when opened with
+                # unmap: a ZERO_RANGE that frees a cluster (version 2, nothing
+                # below) leaves its bytes, which another entry of a damaged
+                # image may still read (hostile soak seed 1352998606)
+                self._release(*old, punch=unmap)
         return changed
 
     def _droppable(self, host: int, guest: int, apply: bool) -> bool:
@@ -836,7 +841,8 @@ class Writer:
                                    shared=not entry & OFLAG_COPIED))
         return out
 
-    def _release(self, entry: int, bitmap: int) -> None:
-        """Drop the reference an old L2 entry held (once it is off the disk)."""
+    def _release(self, entry: int, bitmap: int, punch: bool = True) -> None:
+        """Drop the reference an old L2 entry held (once it is off the disk);
+        PUNCH false: a cluster freed keeps its host space (see zero)."""
         for rel in self._released([(entry, bitmap)]):
-            self.alloc.release_later(rel.offset, rel.length, rel.punch)
+            self.alloc.release_later(rel.offset, rel.length, rel.punch and punch)
