@@ -150,6 +150,24 @@ def test_downgrade_of_an_image_with_bitmaps_is_refused(tmp_path: Path):
     assert run(["qemu-img", "check", ours]).returncode == 0
 
 
+def test_a_width_too_narrow_is_refused_before_the_upgrade(tmp_path: Path):
+    """compat=1.1 with refcount_bits=1 on a version 2 image whose snapshot
+    shares clusters (two references): qemu-img 7.2 upgrades, then refuses the
+    width, and leaves a version 3 image; qcowfs counts the references first
+    and refuses with the image as it was (found by the model test, seed
+    3190627027)."""
+    img = images.create(tmp_path / "v2.qcow2", 4 * MiB, compat="0.10", cluster_size=512)
+    images.qio(img, "write -P 0x5a 0 64k")
+    images.qimg("snapshot", "-c", "s1", img)
+    twin = Path(shutil.copy(img, tmp_path / "twin.qcow2"))
+    before = img.read_bytes()
+    p = qcowfs("amend", "-o", "compat=1.1,refcount_bits=1,lazy_refcounts=on", img)
+    assert p.returncode == 1 and "more references than 1-bit refcounts can count" in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1 and img.read_bytes() == before
+    q = run(["qemu-img", "amend", "-o", "compat=1.1,refcount_bits=1,lazy_refcounts=on", twin])
+    assert q.returncode != 0 and described(twin)["format-specific"]["data"]["compat"] == "1.1"
+
+
 def test_zstd_clusters_in_a_snapshot_refuse_a_downgrade(tmp_path: Path):
     """QEMU 7.2 looks for compressed clusters in the active disk only: a zstd
     cluster that only a snapshot holds would then be read as zlib by a

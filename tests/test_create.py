@@ -487,3 +487,21 @@ def test_pbkdf2_counts_follow_cpu_time_under_load(tmp_path: Path):
         return d["format-specific"]["data"]["encrypt"]["slots"][0]["iters"]
 
     assert iters("ours.qcow2") >= 0.7 * iters("theirs.qcow2"), (iters("ours.qcow2"), iters("theirs.qcow2"))
+
+
+def test_a_pbkdf2_count_qcowfs_cannot_derive_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A new slot's count past LUKS's 32 bits is refused as qemu-img refuses it;
+    one past OpenSSL's C int (which qcowfs's PBKDF2 could not derive, to make
+    the slot or to open it) is refused too, before anything is written."""
+    from qcowfs.engine import create as engine_create
+    from qcowfs.errors import UsageError
+
+    (tmp_path / "key").write_text(KEY)
+    p = qcowfs(tmp_path, "create", "--key-file", "key", "-o", "encrypt.format=luks,encrypt.iter-time=100000000",
+               "disk.qcow2", "1M")
+    assert p.returncode == 1 and "more than LUKS can store" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not list(tmp_path.glob("*disk.qcow2*"))
+    monkeypatch.setattr(engine_create, "_iterations_per_second", lambda hash_name, length: 4_000_000)
+    with pytest.raises(UsageError, match="more than OpenSSL's PBKDF2 takes"):
+        engine_create.luks_iterations("sha256", 64, 600_000, engine_create.LUKS_MIN_SLOT_ITERS)
+    assert engine_create.luks_iterations("sha256", 64, 500_000, engine_create.LUKS_MIN_SLOT_ITERS) == 2_000_000_000

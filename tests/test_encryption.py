@@ -401,10 +401,10 @@ def plain_luks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 HOSTILE = {
     "bad-magic": (0, b"LUKX", InvalidImageError, "bad magic"),
     "version-2": (6, struct.pack(">H", 2), UnsupportedFeatureError, "LUKS version 2"),
-    "absurd-slot-iterations": (SLOT0 + 4, struct.pack(">I", 0xFFFFFFFF), InvalidImageError,
-                               "asks for 4294967295 PBKDF2 iterations"),
-    "absurd-digest-iterations": (164, struct.pack(">I", 0xFFFFFFFF), InvalidImageError,
-                                 "4294967295 PBKDF2 iterations for the master key digest"),
+    "no-slot-iterations": (SLOT0 + 4, struct.pack(">I", 0), InvalidImageError,
+                           "key slot 0 asks for 0 PBKDF2 iterations"),
+    "no-digest-iterations": (164, struct.pack(">I", 0), InvalidImageError,
+                             "0 PBKDF2 iterations for the master key digest"),
     "slot-state": (SLOT0, struct.pack(">I", 0x1234), InvalidImageError, "key slot 0 state"),
     "stripes": (SLOT0 + 44, struct.pack(">I", 1), InvalidImageError, "1 stripes"),
     "material-outside": (SLOT0 + 40, struct.pack(">I", 0x7FFFFFFF), InvalidImageError, "outside the LUKS"),
@@ -612,10 +612,10 @@ def test_cli_key_errors_are_one_line(tmp_path: Path, plain_luks: Path) -> None:
             qcowfs("mount", plain_luks, mnt, "-o", f"key_file={tmp_path / 'missing'}"))
         hostile = tmp_path / "hostile.qcow2"
         hostile.write_bytes(plain_luks.read_bytes())
-        patch(hostile, luks_area(hostile) + SLOT0 + 4, struct.pack(">I", 0xFFFFFFFF))
+        patch(hostile, luks_area(hostile) + SLOT0 + 4, struct.pack(">I", 0))
         key = tmp_path / "key"
         key.write_text(SECRET)
-        assert "PBKDF2 iterations" in one_line(qcowfs("mount", hostile, mnt, "-o", f"ro,key_file={key}"))
+        assert "0 PBKDF2 iterations" in one_line(qcowfs("mount", hostile, mnt, "-o", f"ro,key_file={key}"))
         assert "CREDENTIALS_DIRECTORY" in one_line(
             qcowfs("mount", plain_luks, mnt, "-o", "key_credential=disk",
                    env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}))
@@ -836,3 +836,70 @@ def test_ext4_on_encrypted_disk(tmp_path: Path) -> None:
     assert luks.check(img).returncode == 0
     p = luks.run("fsck.ext4", "-n", "-f", luks.to_raw(img, tmp_path / "fs.raw"))
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+LIBRARY_OPEN = """import sys, qcowfs
+with qcowfs.open(sys.argv[1], key_file=sys.argv[2]) as image:
+    image.disk.read(512)
+"""
+
+
+def _interrupted(args: list[object], sig: int) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ARGS, send SIG once it has run 1.5 s (it must still be running: busy
+    with the key derivation), and time how long it takes to end after it."""
+    import signal
+    import time
+
+    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(1.5)
+        assert p.poll() is None, f"ended before the signal: {p.communicate()}"
+        p.send_signal(sig)
+        t = time.monotonic()
+        out, err = p.communicate(timeout=60)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err), time.monotonic() - t
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_any_pbkdf2_count_opens_and_an_unlock_stops_at_once(tmp_path: Path, plain_luks: Path) -> None:
+    """PBKDF2 counts are not bounded, as in QEMU and cryptsetup (qemu-img made
+    a slot of 106 million iterations here with an iter-time of 25 s, a count
+    qcowfs refused when it allowed 2^26): a slot asking for 2^32 - 1 is taken.
+    info and check read such an image at once (they derive no key); an unlock
+    that would run for minutes ends within a moment of Ctrl-C, through the
+    library and the mount alike, the derivation threads with it."""
+    import signal
+
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    img = tmp_path / "slow.qcow2"
+    for count in (0xFFFFFFFF, 0x7FFFFFFF):
+        img.write_bytes(plain_luks.read_bytes())
+        patch(img, luks_area(img) + SLOT0 + 4, struct.pack(">I", count))
+        info = json.loads(qcowfs("info", "--output=json", img).stdout)
+        assert info["format-specific"]["data"]["encrypt"]["slots"][0]["iters"] == count
+        c = qcowfs("check", img)
+        assert c.returncode == 0 and "No errors were found" in c.stdout, c.stdout + c.stderr
+    # (past OpenSSL's C int: one line, where QEMU's nettle would grind for 20 minutes)
+    img.write_bytes(plain_luks.read_bytes())
+    patch(img, luks_area(img) + SLOT0 + 4, struct.pack(">I", 0xFFFFFFFF))
+    assert "OpenSSL's PBKDF2 takes at most 2147483647" in one_line(
+        qcowfs("compare", "--key-file", key, img, img))
+    patch(img, luks_area(img) + SLOT0 + 4, struct.pack(">I", 0x7FFFFFFF))
+    import sys
+    p, took = _interrupted([sys.executable, "-c", LIBRARY_OPEN, img, key], signal.SIGINT)
+    assert p.returncode != 0 and "KeyboardInterrupt" in p.stderr and took < 10, (took, p.stderr[-500:])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        for foreground in ([], ["--foreground"]):
+            p, took = _interrupted([QCOWFS, "mount", *foreground, "-o", f"ro,key_file={key}", img, mnt],
+                                   signal.SIGINT)
+            assert p.returncode == 130 and p.stderr == "qcowfs: interrupted\n" and took < 10, (took, p.stderr)
+            assert not is_mounted(mnt)
+    finally:
+        force_unmount(mnt)

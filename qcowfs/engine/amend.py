@@ -20,9 +20,9 @@ What qcowfs does otherwise than qemu-img 7.2 (docs/design.md):
   writes plain zeros into the host cluster, which then decrypt to noise);
 - a key slot change is checked whole first, PBKDF2 included (the slots an
   old passphrase opens, the count of a new slot): qemu-img upgrades before
-  it finds a wrong old passphrase; a new slot whose PBKDF2 count qcowfs
-  would refuse to open (format/crypto.py's bounds) is refused
-  (engine/keyslots.py).
+  it finds a wrong old passphrase; a new slot whose PBKDF2 count is past
+  what OpenSSL derives (format/crypto.PBKDF2_MAX_ITERATIONS) is refused
+  (engine/create.luks_iterations).
 """
 from __future__ import annotations
 
@@ -91,6 +91,8 @@ def check_request(image: Image, req: AmendRequest) -> int:
         raise UsageError("refcount_bits: the width must be a power of two and may not exceed 64 bits")
     if version < 3 and bits != 16:
         raise UsageError(f"refcount widths other than 16 bits need compat=1.1 (refcount_bits={bits})")
+    if bits < h.refcount_bits:
+        image.check_refcount_width(bits)
     if req.data_file is not None and not h.external_data:
         raise UsageError("data_file can only be set for images that use an external data file")
     if req.data_file == "":

@@ -315,6 +315,8 @@ def luks_iterations(hash_name: str, length: int, iter_time: int, minimum: int, s
     this machine's rate times ITER_TIME ms (0 gives the minimum, as in
     qemu-img amend), divided by SHARE, at least MINIMUM. A count QEMU cannot
     scale or store is refused as QEMU refuses it."""
+    from ..format.crypto import PBKDF2_MAX_ITERATIONS
+
     rate = _iterations_per_second(hash_name, length)
     if iter_time and rate > UINT64_MAX // iter_time:
         raise UsageError(f"encrypt.iter-time={iter_time} is too long: {rate} PBKDF2 iterations a second "
@@ -323,6 +325,9 @@ def luks_iterations(hash_name: str, length: int, iter_time: int, minimum: int, s
     if count > UINT32_MAX:
         raise UsageError(f"encrypt.iter-time={iter_time} is too long: it asks for {count} PBKDF2 iterations "
                          f"here, more than LUKS can store ({UINT32_MAX})")
+    if count > PBKDF2_MAX_ITERATIONS:  # (qcowfs could not derive that slot's key, to make it or open it)
+        raise UsageError(f"encrypt.iter-time={iter_time} is too long: it asks for {count} PBKDF2 iterations "
+                         f"here, more than OpenSSL's PBKDF2 takes ({PBKDF2_MAX_ITERATIONS})")
     return max(count, minimum)
 
 

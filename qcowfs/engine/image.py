@@ -731,6 +731,11 @@ class Image:
         check_resize(self.meta, self.bitmaps, new_size, self.backing.size if self.backing is not None else 0,
                      version)
 
+    def check_refcount_width(self, bits: int) -> None:
+        """What change_refcount_width(BITS) would refuse, before anything is touched."""
+        from .refcount.rebuild import check_width
+        check_width(self.meta, bits.bit_length() - 1)
+
     async def change_refcount_width(self, bits: int) -> None:
         """Refcounts of BITS bits each (qemu-img amend -o refcount_bits=):
         a new refcount structure of that width, counted from the references

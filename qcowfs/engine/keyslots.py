@@ -131,7 +131,7 @@ def _plan(image: Image, vol: LuksVolume, change: KeySlotChange) -> KeySlotPlan:
 def _plan_add(vol: LuksVolume, change: KeySlotChange) -> KeySlotPlan:
     """QEMU's qcrypto_block_luks_amend_add_keyslot and store_key refusals,
     in their order, then qcowfs's own: the new header must be one qcowfs
-    opens (its PBKDF2 bounds)."""
+    opens (a count OpenSSL derives: luks_iterations)."""
     from ..format.crypto import LUKS_KEY_ENABLED, LUKS_NUM_KEY_SLOTS, LuksVolume, passphrase_text
     from .create import LUKS_DEFAULT_ITER_TIME_MS, LUKS_MIN_SLOT_ITERS, luks_iterations
 

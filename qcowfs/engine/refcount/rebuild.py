@@ -14,6 +14,22 @@ from ..references import count_references
 from .copied import fix_copied
 
 
+def check_width(meta: Metadata, order: int) -> None:
+    """Refuse refcounts of 2^ORDER bits where a cluster has more references
+    than they can count, before anything is written (an amend checks all it
+    will do first: it would have upgraded the image by the time rebuild
+    refused)."""
+    counted = count_references(meta, lambda _msg: None, refcount_structure=False)
+    _refuse_too_many(counted.counts, order, meta.geo.cluster_size)
+
+
+def _refuse_too_many(counts: np.ndarray, order: int, cs: int) -> None:
+    if counts.max(initial=0) > (1 << (1 << order)) - 1:
+        worst = int(np.argmax(counts))
+        raise QcowError(f"a cluster has more references than {1 << order}-bit refcounts can count (cluster "
+                        f"{worst * cs:#x}: {int(counts[worst])})")
+
+
 async def rebuild(meta: Metadata, external: bool, progress: Callable[[float], None] | None = None,
                   saturate: bool = False, order: int | None = None) -> None:
     """Replace the refcount structure by one computed from the references,
@@ -33,9 +49,7 @@ async def rebuild(meta: Metadata, external: bool, progress: Callable[[float], No
     most = (1 << (1 << order)) - 1
     if counts.max(initial=0) > most:
         if not saturate:
-            worst = int(np.argmax(counts))
-            raise QcowError(f"a cluster has more references than {1 << order}-bit refcounts can count (cluster "
-                            f"{worst * cs:#x}: {int(counts[worst])})")
+            _refuse_too_many(counts, order, cs)
         counts = np.minimum(counts, most)
     # Where a damaged refcount table names blocks (or itself lies) past the end
     # of the file there is nothing to keep: the new structure may go there
