@@ -522,11 +522,15 @@ def test_a_failing_read_ahead_fails_the_copy(tmp_path: Path, out_format: str):
 # The blocks of a chunk: all zeros, zeros but one byte (first, middle or last),
 # random data, and data that starts with zeros.
 _BLOCK_KINDS = ("zero", "zero", "last", "first", "middle", "data", "lead")
+# The random bytes of those blocks: from a seed hypothesis draws. (st.randoms
+# draws every byte from hypothesis's buffer: 40 blocks of 64 KiB exceeded its
+# entropy budget, and its health check failed a fresh-clone run.)
+_SEEDED = st.integers(0, 2**32 - 1).map(random.Random)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from((512, 4096, 65536)), st.lists(st.sampled_from(_BLOCK_KINDS), min_size=1, max_size=40),
-       st.integers(0, 511), st.randoms(use_true_random=False))
+       st.integers(0, 511), _SEEDED)
 def test_zero_runs_are_the_blocks_of_zeros(unit: int, kinds: list[str], cut: int, rnd: random.Random):
     """convert's zero check (engine.blocks.zero_runs, strided first bytes and
     memcmp) against the obvious comparison of every block, on chunks mixing
@@ -551,7 +555,7 @@ def test_zero_runs_are_the_blocks_of_zeros(unit: int, kinds: list[str], cut: int
 @given(st.sampled_from((512, 4096, 65536)),
        st.lists(st.tuples(st.sampled_from(_BLOCK_KINDS), st.sampled_from(("same", "same", "data", "zero", "byte"))),
                 min_size=1, max_size=40),
-       st.integers(0, 511), st.randoms(use_true_random=False))
+       st.integers(0, 511), _SEEDED)
 def test_differing_runs_are_the_blocks_that_differ(unit: int, kinds: list[tuple[str, str]], cut: int,
                                                    rnd: random.Random):
     """The blocks convert -B and a safe rebase write (engine.blocks.differing_runs)
