@@ -546,10 +546,12 @@ def pbkdf2(hash_name: str, secret: bytes, salt: bytes, iterations: int, length: 
 class _TrialThreads:
     """Up to WORKERS daemon threads that run key slot trials in the order
     submitted: an executor whose threads do not keep the process alive. A
-    derivation cannot be stopped, and PBKDF2 counts are not bounded (a
-    header may ask for 2^32 iterations a slot: minutes): with
+    derivation cannot be stopped, and PBKDF2 counts are bounded only by
+    OpenSSL (2^31 - 1 iterations a slot: ten minutes): with
     concurrent.futures' threads an interrupted unlock (Ctrl-C) would still
-    wait for every derivation to end, at the `with` and again at exit."""
+    wait for every derivation to end, at the `with` and again at exit. In a
+    process that goes on after the interruption (the library's caller), a
+    derivation under way runs to its end on its thread."""
 
     def __init__(self, workers: int) -> None:
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
