@@ -662,11 +662,19 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
         await image.close()
 
 
-def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
-                key_file: KeyFile = None, unsafe: bool = False, **options: Any) -> None:
-    """`qemu-img create -f qcow2` (see `create`), on the caller's thread."""
+def create_sync(path: str | os.PathLike[str], size: int | None = None, *, format: str = "qcow2",
+                passphrase: Passphrase = None, key_file: KeyFile = None, unsafe: bool = False,
+                **options: Any) -> None:
+    """`qemu-img create` (see `create`), on the caller's thread."""
     from .engine import create as _create
     target = os.fspath(path)
+    if format == "raw":
+        if passphrase is not None or key_file is not None:
+            raise UsageError("a raw image is not encrypted: it takes no passphrase")
+        _create.create_raw(target, size, **options)
+        return
+    if format != "qcow2":
+        raise UsageError(f"qcowfs creates qcow2 and raw images, not '{format}'")
     backing, fmt = options.get("backing_file"), options.get("backing_fmt")
     if size is None and backing is not None:
         if unsafe:
@@ -679,10 +687,13 @@ def create_sync(path: str | os.PathLike[str], size: int | None = None, *, passph
     _create.create(target, opts, _new_key(passphrase, key_file, target))
 
 
-async def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: Passphrase = None,
-                 key_file: KeyFile = None, unsafe: bool = False, **options: Any) -> None:
+async def create(path: str | os.PathLike[str], size: int | None = None, *, format: str = "qcow2",
+                 passphrase: Passphrase = None, key_file: KeyFile = None, unsafe: bool = False,
+                 **options: Any) -> None:
     """Create a qcow2 image at PATH of SIZE bytes, as `qemu-img create -f
-    qcow2 -o OPTIONS PATH SIZE`: OPTIONS are qemu-img's option names with
+    qcow2 -o OPTIONS PATH SIZE` (FORMAT "raw": a raw image, as `qemu-img
+    create -f raw`, whose one option is preallocation ("off", "falloc",
+    "full")): OPTIONS are qemu-img's option names with
     "." and "-" written "_" (cluster_size, compat ("0.10" or "1.1"),
     refcount_bits, lazy_refcounts, extended_l2, compression_type ("zlib",
     "zstd"), preallocation ("off", "metadata", "falloc", "full"),
@@ -695,8 +706,8 @@ async def create(path: str | os.PathLike[str], size: int | None = None, *, passp
     UNSAFE (qemu-img -u): the backing file is not opened. An existing file
     at PATH is replaced (refused while another program holds it); on any
     failure PATH is left absent or as it was."""
-    await in_thread(lambda: create_sync(path, size, passphrase=passphrase, key_file=key_file,
-                                                      unsafe=unsafe, **options))
+    await in_thread(lambda: create_sync(path, size, format=format, passphrase=passphrase, key_file=key_file,
+                                        unsafe=unsafe, **options))
 
 
 class _QcowTarget:

@@ -402,13 +402,16 @@ def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bo
     return drive(aio.check(path, repair, force_share=force_share))
 
 
-def create(path: str | os.PathLike[str], size: int | None = None, *, passphrase: aio.Passphrase = None,
-           key_file: str | os.PathLike[str] | None = None, unsafe: bool = False, **options: Any) -> None:
-    """Create a qcow2 image, as `qemu-img create -f qcow2` (see `qcowfs.aio.create`):
+def create(path: str | os.PathLike[str], size: int | None = None, *, format: str = "qcow2",
+           passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None, unsafe: bool = False,
+           **options: Any) -> None:
+    """Create a qcow2 image, as `qemu-img create -f qcow2` (see `qcowfs.aio.create`),
+    or with FORMAT "raw" a raw one, as `qemu-img create -f raw`:
 
         qcowfs.create("disk.qcow2", 10 << 30, cluster_size=1 << 16, lazy_refcounts=True)
-        qcowfs.create("overlay.qcow2", backing_file="disk.qcow2", backing_fmt="qcow2")"""
-    aio.create_sync(path, size, passphrase=passphrase, key_file=key_file, unsafe=unsafe, **options)
+        qcowfs.create("overlay.qcow2", backing_file="disk.qcow2", backing_fmt="qcow2")
+        qcowfs.create("disk.raw", 10 << 30, format="raw", preallocation="falloc")"""
+    aio.create_sync(path, size, format=format, passphrase=passphrase, key_file=key_file, unsafe=unsafe, **options)
 
 
 def compare(first: str | os.PathLike[str], second: str | os.PathLike[str], **options: Any) -> Comparison:

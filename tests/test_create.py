@@ -505,3 +505,52 @@ def test_a_pbkdf2_count_qcowfs_cannot_derive_is_refused(tmp_path: Path, monkeypa
     with pytest.raises(UsageError, match="more than OpenSSL's PBKDF2 takes"):
         engine_create.luks_iterations("sha256", 64, 600_000, engine_create.LUKS_MIN_SLOT_ITERS)
     assert engine_create.luks_iterations("sha256", 64, 500_000, engine_create.LUKS_MIN_SLOT_ITERS) == 2_000_000_000
+
+
+RAW_CASES = [([], "1000"), ([], "1G"), ([], "0"), (["-o", "size=2M"], None), (["-o", "preallocation=off"], "1M"),
+             (["-o", "preallocation=falloc"], "3M"), (["-o", "preallocation=full"], "3M")]
+
+
+@pytest.mark.parametrize("args,size", RAW_CASES, ids=[" ".join(a) + f" {s}" for a, s in RAW_CASES])
+def test_raw_as_qemu_img(tmp_path: Path, args: list[str], size: str | None):
+    """`create -f raw`: qemu-img's line, the file's size (whole sectors), its
+    zeros, and the host space preallocation asks for."""
+    tail = [size] if size is not None else []
+    q = run(["qemu-img", "create", "-f", "raw", *args, "theirs.raw", *tail], tmp_path)
+    assert q.returncode == 0, q.stderr
+    p = qcowfs(tmp_path, "create", "-f", "raw", *args, "ours.raw", *tail)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    assert p.stdout == q.stdout.replace("theirs.raw", "ours.raw")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    assert ours.stat().st_size == theirs.stat().st_size
+    assert ours.read_bytes() == bytes(ours.stat().st_size)
+    if "falloc" in " ".join(args) or "full" in " ".join(args):
+        assert ours.stat().st_blocks * 512 >= ours.stat().st_size
+    else:
+        assert ours.stat().st_blocks == 0
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+RAW_REFUSED = [["-o", "preallocation=metadata"], ["-o", "cluster_size=4k"], ["-b", "b.raw", "-F", "raw"], []]
+
+
+@pytest.mark.parametrize("args", RAW_REFUSED, ids=[" ".join(a) or "no size" for a in RAW_REFUSED])
+def test_raw_refused_where_qemu_img_refuses(tmp_path: Path, args: list[str]):
+    (tmp_path / "b.raw").write_bytes(bytes(4096))
+    tail = [] if not args else ["1M"]
+    assert run(["qemu-img", "create", "-f", "raw", *args, "theirs.raw", *tail], tmp_path).returncode == 1
+    p = qcowfs(tmp_path, "create", "-f", "raw", *args, "ours.raw", *tail)
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1 and not p.stdout, p.stdout + p.stderr
+    assert not (tmp_path / "ours.raw").exists()
+
+
+def test_library_creates_raw(tmp_path: Path):
+    import qcowfs as lib
+
+    lib.create(tmp_path / "a.raw", 5 << 20, format="raw", preallocation="falloc")
+    assert (tmp_path / "a.raw").stat().st_size == 5 << 20 and (tmp_path / "a.raw").stat().st_blocks * 512 >= 5 << 20
+    with pytest.raises(lib.QcowError, match="is not encrypted"):
+        lib.create(tmp_path / "b.raw", 1 << 20, format="raw", passphrase="x")
+    with pytest.raises(lib.QcowError, match="not 'vdi'"):
+        lib.create(tmp_path / "b.vdi", 1 << 20, format="vdi")
+    assert not (tmp_path / "b.raw").exists() and not (tmp_path / "b.vdi").exists()

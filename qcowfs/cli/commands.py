@@ -460,8 +460,8 @@ def cmd_create(a: argparse.Namespace) -> int:
     """qemu-img create -f qcow2."""
     import qcowfs
 
-    if a.format != "qcow2":
-        raise UsageError(f"qcowfs creates qcow2 images only, not '{a.format}'")
+    if a.format not in ("qcow2", "raw"):
+        raise UsageError(f"qcowfs creates qcow2 and raw images, not '{a.format}'")
     from ..aio import CREATE_OPTIONS
     from .text import formatting_line
 
@@ -476,12 +476,17 @@ def cmd_create(a: argparse.Namespace) -> int:
         if size is not None:
             raise UsageError("give the size either as SIZE or as -o size=..., not both")
         size = kw.pop("size")
-    qcowfs.create(a.image, size, passphrase=key_source(a.key_file), unsafe=a.unsafe, **kw)
+    if a.format == "raw":
+        if a.key_file:
+            raise UsageError("a raw image is not encrypted: --key-file has no use")
+        qcowfs.create(a.image, size, format="raw", **kw)
+    else:
+        qcowfs.create(a.image, size, passphrase=key_source(a.key_file), unsafe=a.unsafe, **kw)
     shown = {name: str(parse_size(value)) if CREATE_OPTIONS[name] == "size" else value
              for name, value in given.items()}
     # (without SIZE, the backing file's size: read back from the new image)
     shown["size"] = str(size if size is not None else _qcow2_info(a.image, False)["virtual-size"])
-    print(formatting_line(a.image, shown))
+    print(formatting_line(a.image, a.format, shown))
     return 0
 
 

@@ -203,7 +203,8 @@ def _create_parser(sub: Sub) -> None:
                                     "line (-q: nothing).")
     cr.add_argument("image", metavar="IMAGE")
     cr.add_argument("size", metavar="SIZE", nargs="?")
-    cr.add_argument("-f", dest="format", default="qcow2", metavar="FMT", help="qcow2 (the only one)")
+    cr.add_argument("-f", dest="format", default="qcow2", metavar="FMT",
+                    help="qcow2 (the default), or raw (its one option: preallocation=off|falloc|full)")
     cr.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                     help="NAME=VALUE[,...] as qemu-img's")
     cr.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to IMAGE's directory)")

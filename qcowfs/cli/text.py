@@ -45,24 +45,30 @@ def qemu_order(value: Any) -> Any:
     return value
 
 
-# The options `qemu-img create -f qcow2` lists in its "Formatting" line, in
-# its order (QEMU's list of qcow2 creation options), and the defaults it
-# lists when they are not given.
-CREATE_LINE_ORDER = ("encrypt.format", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
-                     "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", "cluster_size",
-                     "extended_l2", "preallocation", "compression_type", "size", "compat", "backing_file",
-                     "backing_fmt", "data_file", "data_file_raw", "lazy_refcounts", "refcount_bits")
-CREATE_LINE_DEFAULTS = {"cluster_size": "65536", "extended_l2": "off", "compression_type": "zlib",
-                        "lazy_refcounts": "off", "refcount_bits": "16"}
+# The options `qemu-img create` lists in its "Formatting" line, in its order
+# (QEMU's list of creation options of the format, then of the file), and the
+# defaults it lists when they are not given.
+CREATE_LINE_ORDER = {
+    "qcow2": ("encrypt.format", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
+              "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", "cluster_size", "extended_l2",
+              "preallocation", "compression_type", "size", "compat", "backing_file", "backing_fmt", "data_file",
+              "data_file_raw", "lazy_refcounts", "refcount_bits"),
+    "raw": ("size", "preallocation"),
+}
+CREATE_LINE_DEFAULTS = {
+    "qcow2": {"cluster_size": "65536", "extended_l2": "off", "compression_type": "zlib", "lazy_refcounts": "off",
+              "refcount_bits": "16"},
+    "raw": {},
+}
 
 
-def formatting_line(image: str, options: dict[str, str]) -> str:
-    """What `qemu-img create -f qcow2` prints for IMAGE (scripts written for it
+def formatting_line(image: str, fmt: str, options: dict[str, str]) -> str:
+    """What `qemu-img create -f FMT` prints for IMAGE (scripts written for it
     may read it; -q silences it): OPTIONS as given (sizes in bytes), then
-    qcow2's defaults, in qemu-img's order."""
-    values = {**CREATE_LINE_DEFAULTS, **options}
-    shown = "".join(f" {name}={values[name]}" for name in CREATE_LINE_ORDER if name in values)
-    return f"Formatting '{image}', fmt=qcow2{shown}"
+    the format's defaults, in qemu-img's order."""
+    values = {**CREATE_LINE_DEFAULTS[fmt], **options}
+    shown = "".join(f" {name}={values[name]}" for name in CREATE_LINE_ORDER[fmt] if name in values)
+    return f"Formatting '{image}', fmt={fmt}{shown}"
 
 
 def human_size(n: int) -> str:

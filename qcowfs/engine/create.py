@@ -673,6 +673,36 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
             os.close(old)
 
 
+# What `qemu-img create -f raw` takes besides the size.
+RAW_PREALLOCATION_MODES = ("off", "falloc", "full")
+
+
+def create_raw(path: str, size: int | None, preallocation: str = "off", **others: Any) -> None:
+    """qemu-img create -f raw PATH SIZE: a file of SIZE bytes (rounded up to
+    whole sectors, as qemu-img does), a hole or preallocated, made as a qcow2
+    image is made (create_file: whole or not at all, never over a file
+    another program holds). OTHERS are refused as qemu-img refuses them."""
+    if others:
+        name = next(iter(others))
+        if name in ("backing_file", "backing_fmt"):
+            raise UsageError("a backing file is not supported for the raw format")
+        raise UsageError(f"invalid parameter '{KEYWORDS.get(name, name)}' for raw (known: size, preallocation)")
+    if size is None:
+        raise UsageError("image creation needs a size")
+    size = option_int("size", size)
+    if size < 0 or size > MAX_VIRTUAL_SIZE:
+        raise UsageError(f"invalid image size {size}")
+    if preallocation not in RAW_PREALLOCATION_MODES:
+        raise UsageError(f"preallocation={preallocation} is not supported for raw (one of "
+                         f"{', '.join(RAW_PREALLOCATION_MODES)})")
+    size = -(-size // 512) * 512
+
+    def fill(fd: int) -> None:
+        os.ftruncate(fd, size)
+        _preallocate_data(fd, 0, size, preallocation)
+    create_file(path, fill)
+
+
 def data_file_path(path: str, o: CreateOptions) -> str | None:
     """Where the external data file of the new image PATH goes: beside it."""
     return os.path.join(os.path.dirname(os.path.abspath(path)), o.data_file) if o.data_file else None
