@@ -173,6 +173,15 @@ def _power_of_two(n: int) -> bool:
 NO_BACKING_FORMAT = "backing file specified without backing format (give -F qcow2 or -F raw)"
 
 
+def disk_size(size: Any) -> int:
+    """A new disk's SIZE as qemu-img takes it: checked, and rounded up to
+    whole sectors (qcow2 and raw alike)."""
+    size = option_int("size", size)
+    if size < 0 or size > MAX_VIRTUAL_SIZE:
+        raise UsageError(f"invalid image size {size}")
+    return -(-size // 512) * 512
+
+
 def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
     """CreateOptions from keyword arguments (library names, see KEYWORDS),
     checked as qemu-img checks them. SIZE None: the caller takes it from the
@@ -193,11 +202,7 @@ def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
         if v.get("backing_file") is not None and v.get("backing_fmt") is None:
             raise UsageError(NO_BACKING_FORMAT)
         raise UsageError("image creation needs a size (or a backing file to take it from)")
-    size = option_int("size", size)
-    if size < 0 or size > MAX_VIRTUAL_SIZE:
-        raise UsageError(f"invalid image size {size}")
-    size = -(-size // 512) * 512  # qemu-img rounds up to whole sectors
-    opts = CreateOptions(size=size, **v)
+    opts = CreateOptions(size=disk_size(size), **v)
     fmt = enc.pop("format", None)
     if fmt is not None and fmt != "luks":
         raise UsageError(f"encryption format '{fmt}' is not supported (only 'luks'; QEMU no longer creates 'aes')")
@@ -689,13 +694,10 @@ def create_raw(path: str, size: int | None, preallocation: str = "off", **others
         raise UsageError(f"invalid parameter '{KEYWORDS.get(name, name)}' for raw (known: size, preallocation)")
     if size is None:
         raise UsageError("image creation needs a size")
-    size = option_int("size", size)
-    if size < 0 or size > MAX_VIRTUAL_SIZE:
-        raise UsageError(f"invalid image size {size}")
+    size = disk_size(size)
     if preallocation not in RAW_PREALLOCATION_MODES:
         raise UsageError(f"preallocation={preallocation} is not supported for raw (one of "
                          f"{', '.join(RAW_PREALLOCATION_MODES)})")
-    size = -(-size // 512) * 512
 
     def fill(fd: int) -> None:
         os.ftruncate(fd, size)
