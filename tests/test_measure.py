@@ -10,6 +10,7 @@ import io
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,13 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
 
 def qemu_img(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    for _ in range(5):
+    for attempt in range(40):
         p = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd)
-        # (a LUKS output times PBKDF2 even for measure; on a loaded machine that fails at times)
+        # (a LUKS output times PBKDF2 even for measure; on a loaded machine that fails at times:
+        # try again a little later each time, as luks.create_encrypted; 5 quick tries failed once)
         if "Unable to get accurate CPU usage" not in p.stderr:
             break
+        time.sleep(0.02 * attempt)
     return p
 
 
