@@ -270,6 +270,9 @@ INTERMIXED = [
     (["create", "-f", "qcow2", "b.qcow2", "-b", "a.qcow2", "-F", "qcow2", "32M"],
      ["create", "b.qcow2", "-b", "a.qcow2", "-F", "qcow2", "32M"]),
     (["resize", "b.qcow2", "--shrink", "24M"], ["resize", "b.qcow2", "--shrink", "24M"]),
+    (["resize", "--shrink", "b.qcow2", "-1M"], ["resize", "--shrink", "b.qcow2", "-1M"]),
+    (["resize", "--shrink", "b.qcow2", "--", "-1M"], ["resize", "--shrink", "b.qcow2", "--", "-1M"]),
+    (["resize", "--shrink", "--", "b.qcow2", "-1M"], ["resize", "--shrink", "--", "b.qcow2", "-1M"]),
     (["convert", "a.qcow2", "-O", "raw", "a.raw"], ["convert", "a.qcow2", "-O", "raw", "a.raw"]),
     (["rebase", "b.qcow2", "-u", "-b", "a.raw", "-F", "raw"], ["rebase", "b.qcow2", "-u", "-b", "a.raw", "-F", "raw"]),
 ]

@@ -441,7 +441,8 @@ def _main(argv: list[str]) -> int:
             if _looks_like_command(argv[0]):
                 _unknown_command(argv[0])
             return _mount_from_args(_helper_parser().parse_args(argv))
-        if argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1]):
+        if (argv[:1] == ["resize"] and len(argv) > 2 and re.fullmatch(r"-[0-9.]+[a-zA-Z]*", argv[-1])
+                and argv[-2] != "--"):
             argv[-1:-1] = ["--"]  # (a negative SIZE is not an option, as in qemu-img resize)
         if argv[:1] in (["snapshot"], ["bitmap"]):
             argv[1:] = _qemu_img_verbs(argv[0], argv[1:])
