@@ -27,7 +27,7 @@ from .engine.bitmaps import find as find_bitmap, read_bitmap, usable as usable_b
 from .engine.chain import Span
 from .engine.image import Image as _EngineImage
 from .engine.mapper import L1Table
-from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, probe_format
+from .engine.opening import DEFAULT_L2_CACHE_BYTES, OpenOptions, RawSource, probe_format
 from .engine.snapshots import BY_ID, find_snapshot, snapshot_disk_size, snapshot_problem
 from .errors import (CorruptionError, NoSpaceError, QcowError, ReadOnlyError, RequestError, ResizeError,
                      UsageError)
@@ -660,6 +660,30 @@ async def check(path: str | os.PathLike[str], repair: bool = False, *, force_sha
         return await image.check(repair, progress)
     finally:
         await image.close()
+
+
+async def info(path: str | os.PathLike[str], *, format: str | None = None,
+               force_share: bool = False) -> dict[str, Any]:
+    """What `qemu-img info --output=json` prints for the image at PATH, with
+    its keys: a qcow2 image (as `Image.info`; its backing file need not be
+    there, and an encrypted image is described without its passphrase) or
+    a raw file. FORMAT ("qcow2" or "raw") as qemu-img's -f, else probed as
+    qemu-img probes (a file that does not start with the qcow2 magic is
+    raw). FORCE_SHARE as for `open`."""
+    path = os.fspath(path)
+    fmt = format if format is not None else _probe(path)
+    if fmt not in ("qcow2", "raw"):
+        raise UsageError(f"unknown image format '{fmt}' (qcowfs reads qcow2 and raw)")
+    if fmt == "raw":
+        from .engine.info import describe_raw
+
+        source = RawSource(path, force_share)
+        try:
+            return describe_raw(source)
+        finally:
+            await source.close()
+    async with Image(path, "r", force_share=force_share, require_backing=False) as image:
+        return await image.info()
 
 
 def create_sync(path: str | os.PathLike[str], size: int | None = None, *, format: str = "qcow2",

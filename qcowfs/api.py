@@ -397,6 +397,14 @@ def open(path: str | os.PathLike[str], mode: aio.Mode = "r", *, passphrase: aio.
     return wrapped
 
 
+def info(path: str | os.PathLike[str], *, format: str | None = None, force_share: bool = False) -> dict[str, Any]:
+    """What `qemu-img info --output=json` prints for the qcow2 image or raw
+    file at PATH (see `qcowfs.aio.info`)::
+
+        qcowfs.info("vm.qcow2")["virtual-size"]"""
+    return drive(aio.info(path, format=format, force_share=force_share))
+
+
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
     return drive(aio.check(path, repair, force_share=force_share))

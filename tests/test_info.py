@@ -236,6 +236,49 @@ def test_backing_chain_is_qemu_imgs(layout: str, tmp_path: Path) -> None:
     assert ours == json.loads(q.stdout)
 
 
+def test_raw_files_are_shown_as_qemu_img_shows_them(tmp_path: Path) -> None:
+    """`info` of a raw file (qcowfs creates and converts to raw too): probed
+    as qemu-img probes, or named with -f, text and JSON as qemu-img's; the
+    size in whole sectors, also for a raw backing file of --backing-chain.
+    -f qcow2 on a raw file and -f on a mount point are one line each."""
+    (tmp_path / "empty.img").write_bytes(b"")
+    (tmp_path / "odd.img").write_bytes(b"hello")
+    with open(tmp_path / "holes.img", "wb") as f:
+        f.truncate(3 * MiB + 100)
+        f.seek(MiB)
+        f.write(b"x" * 70000)
+    (tmp_path / "magic-only.img").write_bytes(b"QFI\xfb")  # (QEMU's probe wants a whole header: raw)
+    create(tmp_path / "top.qcow2", 4 * MiB, backing="odd.img", backing_fmt="raw")
+    cases = [["empty.img"], ["odd.img"], ["holes.img"], ["-f", "raw", "holes.img"], ["-f", "raw", "top.qcow2"],
+             ["--backing-chain", "top.qcow2"]]
+    for args in cases:
+        for out in ([], ["--output=json"]):
+            q = subprocess.run(["qemu-img", "info", *out, *args], capture_output=True, text=True, cwd=tmp_path,
+                               timeout=60)
+            p = subprocess.run([QCOWFS, "info", *out, *args], capture_output=True, text=True, cwd=tmp_path,
+                               timeout=60)
+            assert (p.returncode, p.stderr, q.returncode) == (0, "", 0), (args, p.stderr, q.stderr)
+            if out:
+                ours = json.loads(p.stdout)
+                for layer in ours if isinstance(ours, list) else [ours]:
+                    for key in OURS_ONLY:
+                        layer.pop(key, None)
+                        layer.get("format-specific", {}).get("data", {}).pop(key, None)
+                assert ours == json.loads(q.stdout), args
+            else:
+                ours = [line for line in p.stdout.splitlines() if not line.startswith("backing chain [")]
+                assert ours == q.stdout.splitlines(), (args, p.stdout, q.stdout)
+    import qcowfs as lib
+    assert lib.info(tmp_path / "odd.img") == {"virtual-size": 512, "filename": str(tmp_path / "odd.img"),
+                                              "format": "raw", "actual-size": 4096, "dirty-flag": False}
+    assert lib.info(tmp_path / "top.qcow2")["backing-filename"] == "odd.img"
+    p = qcowfs("info", "-f", "qcow2", tmp_path / "holes.img")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not a qcow2 image" in p.stderr, p.stderr
+    # qemu-img probes a file this short as raw (it wants a whole header); qcowfs says what is wrong
+    p = qcowfs("info", tmp_path / "magic-only.img")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "too short" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("damage", ["size-plus-one", "starts-with-nul"])
 def test_backing_name_is_a_c_string(damage: str, tmp_path: Path) -> None:
     """A backing file name with a NUL byte in it (its size one too large, or a

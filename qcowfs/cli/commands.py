@@ -87,15 +87,18 @@ def _live(target: str) -> bool:
     raise UsageError(f"{target} is a directory, not an image nor a qcowfs mount point")
 
 
-def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_chain: bool = False) -> int:
+def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_chain: bool = False,
+             fmt: str | None = None) -> int:
     """FORCE_SHARE (-U) takes no image lock, as qemu-img -U: to inspect an
     image a VM or a mount holds. On a mount point: the served image, now.
+    FMT (-f): IMAGE's format, else probed (a raw file is shown as qemu-img
+    shows it).
     BACKING_CHAIN (qemu-img's --backing-chain): every layer, top first, each
     named as qemu-img names it (its backing file name joined to the
     directory of the name above: qemu-img's path_combine)."""
     if _live(image_arg):
-        if backing_chain:
-            raise UsageError("--backing-chain needs an image file (the daemon describes the image it serves)")
+        if backing_chain or fmt is not None:
+            raise UsageError("--backing-chain and -f need an image file (the daemon describes the image it serves)")
         from ..service import control
 
         live = control.request(image_arg, "info")["info"]
@@ -105,7 +108,7 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_c
     name: str = image_arg
     path: str | None = image_arg
     while path is not None:
-        d = _layer_info(path, force_share) if layers else _qcow2_info(path, force_share)
+        d = _layer_info(path, force_share, None if layers else fmt)
         d["filename"] = name
         if backing_chain:
             d.pop("backing-chain", None)  # (qcowfs's own list of the layers below: each is shown here)
@@ -130,22 +133,16 @@ def _qcow2_info(path: str, force_share: bool) -> dict[str, Any]:
     return d
 
 
-def _layer_info(path: str, force_share: bool) -> dict[str, Any]:
-    """A backing layer's info: a qcow2 image's, or a raw file's as qemu-img
-    shows it."""
-    from ..aio import probe_format
+def _layer_info(path: str, force_share: bool, fmt: str | None = None) -> dict[str, Any]:
+    """A layer's info: a qcow2 image's (its warnings printed), or a raw
+    file's as qemu-img shows it; FMT, else probed."""
+    from .. import aio
+    from ..host.waiting import drive
 
-    if probe_format(path) == "qcow2":
+    if (fmt if fmt is not None else aio.probe_format(path)) == "qcow2":
         return _qcow2_info(path, force_share)
-    from ..host.hostfile import HostFile
-
-    file = HostFile(path)  # (its size: a device's too)
-    try:
-        size = file.known_size
-    finally:
-        file.close()
-    return {"virtual-size": size, "filename": path, "format": "raw", "actual-size": os.stat(path).st_blocks * 512,
-            "dirty-flag": False}
+    d: dict[str, Any] = drive(aio.info(path, format="raw", force_share=force_share))
+    return d
 
 
 def qemu_path_combine(base: str, name: str) -> str:

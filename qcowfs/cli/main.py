@@ -89,6 +89,9 @@ def _info_parser(sub: Sub) -> None:
                                    "snapshots and bitmaps. IMAGE may be the mount point of a qcowfs "
                                    "mount: then the daemon describes the image it serves, as it is now.")
     i.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
+    i.add_argument("-f", dest="format", choices=("qcow2", "raw"),
+                   help="IMAGE's format (default: probed as qemu-img probes: qcow2 if it starts with the "
+                        "qcow2 magic, else raw)")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img's keys)")
     i.add_argument("--output", choices=("human", "json"), help="qemu-img's spelling: --output=json is --json")
     i.add_argument("--backing-chain", action="store_true",
@@ -506,7 +509,7 @@ def _dispatch(a: argparse.Namespace) -> int:
 
         return cmd_umount(a.mountpoint, a.force)
     if a.command == "info":
-        return cmd_info(a.image, a.json or a.output == "json", a.force_share, a.backing_chain)
+        return cmd_info(a.image, a.json or a.output == "json", a.force_share, a.backing_chain, a.format)
     if a.command == "check":
         return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

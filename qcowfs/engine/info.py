@@ -8,7 +8,7 @@ from ..format import (NO_ICOUNT, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, CRYPT
                      EXT_DATA_FILE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, SnapshotEntry)
 from ..errors import QcowError
 from .image import Image
-from .opening import resolve_backing
+from .opening import RawSource, resolve_backing
 
 if TYPE_CHECKING:
     from ..format.crypto import LuksVolume
@@ -65,6 +65,14 @@ def describe(image: Image) -> dict[str, Any]:
     if image.snapshots:
         out["snapshots"] = [snapshot_info(s) for s in image.snapshots]
     return out
+
+
+def describe_raw(source: RawSource) -> dict[str, Any]:
+    """A raw file as `qemu-img info --output=json` shows it: its size in
+    whole sectors (RawSource: as QEMU sizes a raw file), what it holds on
+    disk."""
+    return {"virtual-size": source.size, "filename": source.path, "format": "raw",
+            "actual-size": os.fstat(source.file.fd).st_blocks * 512, "dirty-flag": False}
 
 
 def snapshot_info(s: SnapshotEntry) -> dict[str, Any]:
