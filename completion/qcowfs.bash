@@ -12,7 +12,7 @@ _qcowfs_spec() {
         mount) _qcowfs_opts='-h --help -r --read-only -f --foreground -d --debug -o' _qcowfs_valued='-o=mountopts' _qcowfs_positionals='imagefiles dirs' ;;
         umount) _qcowfs_opts='-h --help --force' _qcowfs_valued='' _qcowfs_positionals='mounts' ;;
         info) _qcowfs_opts='-h --help -f --json --output --backing-chain -U --force-share' _qcowfs_valued='-f=choices:qcow2|raw --output=choices:human|json' _qcowfs_positionals='images' ;;
-        check) _qcowfs_opts='-h --help --repair --json --output -U --force-share -q --quiet' _qcowfs_valued='--output=choices:human|json' _qcowfs_positionals='images' ;;
+        check) _qcowfs_opts='-h --help --repair -r --json --output -U --force-share -q --quiet' _qcowfs_valued='-r=choices:leaks|all --output=choices:human|json' _qcowfs_positionals='images' ;;
         snapshot) _qcowfs_opts='-h --help --json -U --force-share -q --quiet' _qcowfs_valued='' _qcowfs_positionals='choices:create|delete|apply|list images none' ;;
         bitmap) _qcowfs_opts='-h --help -g --granularity --disable --json -U --force-share -q --quiet' _qcowfs_valued='-g=none --granularity=none' _qcowfs_positionals='choices:add|remove|clear|enable|disable|merge|list images none none+' ;;
         checkpoint) _qcowfs_opts='-h --help --json -q --quiet' _qcowfs_valued='' _qcowfs_positionals='images none' ;;

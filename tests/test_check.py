@@ -525,3 +525,54 @@ def test_repair_with_free_tail(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert_clean(img)
     assert_same(img, data)
+
+
+@pytest.mark.parametrize("damage", ["leak", "leak+corruption", "dirty"])
+def test_repair_spelled_as_qemu_img(damage: str, tmp_path: Path) -> None:
+    """qemu-img's -r all is --repair; -r leaks repairs an image whose only
+    errors are leaks, as qemu-img's does. qcowfs's repair rebuilds the
+    refcounts whole, so an image with corruptions is left as it is (exit 2,
+    one line) where qemu-img's -r leaks mends the leaks alone (exit 2) or
+    fails for want of a rebuild (exit 1: a dirty image, a referenced cluster
+    with refcount 0); -r all then repairs it."""
+    layout = {"leak": "default", "leak+corruption": "snapshots", "dirty": "dirty-lazy-refcounts"}[damage]
+    img = make(layout, tmp_path / "img")
+    data = oracle(img, tmp_path / "data.raw")
+    rc = Refcounts(img)
+    if damage != "dirty":
+        rc.set(0, rc.get(0) + 1)  # (the header's cluster: no COPIED flag describes it)
+    if damage == "leak+corruption":  # (a cluster a snapshot shares: 2 references, refcount 1)
+        host = next(h for _, h in data_clusters(img) if rc.get(h) == 2)
+        rc.set(host, 1)
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copyfile(img, theirs)
+    q = subprocess.run(["qemu-img", "check", "-r", "leaks", theirs], capture_output=True, text=True, timeout=120)
+    before = sha_file(img)
+    p = qcowfs_check(img, "-r", "leaks")
+    assert "Traceback" not in p.stderr
+    if damage == "leak":
+        assert p.returncode == q.returncode == 0, (p.stdout, p.stderr, q.stdout, q.stderr)
+        assert "1 leaked clusters" in p.stdout
+    else:
+        assert (p.returncode, q.returncode) == (2, 2 if damage == "leak+corruption" else 1), (p.stderr, q.stderr)
+        assert sha_file(img) == before, "-r leaks changed an image with corruptions"
+        assert p.stderr.splitlines()[-1] == ("qcowfs: -r leaks: the image has corruptions, which only -r all "
+                                             "repairs: nothing was changed")
+        p = qcowfs_check(img, "-r", "all")
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert_clean(img)
+    assert_same(img, data)
+
+
+def test_raw_image_has_no_checks(tmp_path: Path) -> None:
+    """A raw file: qemu-img check's exit code 63 ("this image format does not
+    support checks"), one line, with or without a repair asked for."""
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(b"\1" * 4096)
+    for args in ([], ["-r", "all"], ["--repair"]):
+        q = subprocess.run(["qemu-img", "check", *(["-r", "all"] if args else []), raw], capture_output=True,
+                           text=True, timeout=60)
+        p = qcowfs_check(raw, *args)
+        assert p.returncode == q.returncode == 63, (p.stderr, q.stderr)
+        assert p.stderr == f"qcowfs: {raw} is a raw image: it has no metadata to check\n"
+    assert raw.read_bytes() == b"\1" * 4096

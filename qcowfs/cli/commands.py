@@ -174,8 +174,17 @@ def progress_printer(wanted: bool = True, end: str = "\n") -> Iterator[Callable[
             print(end, end="", file=sys.stderr, flush=True)
 
 
-def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = False) -> int:
-    """Exit codes as qemu-img check; a check that cannot run is one line and 1."""
+# qemu-img check's exit code for an image whose format has no checks (a raw file).
+CHECK_UNSUPPORTED = 63
+
+
+def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bool = False) -> int:
+    """Exit codes as qemu-img check; a check that cannot run is one line and 1.
+    REPAIR: None, "all" (qemu-img -r all: rebuild what is wrong) or "leaks"
+    (-r leaks: qcowfs's repair rebuilds the refcounts whole, so it runs only
+    where leaks are all there is to repair; with corruptions, where qemu-img
+    would mend the leaks alone or fail for want of a rebuild, the image is
+    left as it is, and the check's verdict and one line say so)."""
     from .. import aio
 
     if force_share and repair:
@@ -188,12 +197,23 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
 
         result = _check_result(control.request(image_arg, "check")["check"])
         filename = result.json.get("filename", image_arg)
+        after = None
     else:
         from ..host.waiting import drive
 
+        after = None  # (a last line, after the check's own)
+        if _probed_raw(image_arg):  # (qemu-img's exit code for a format without checks)
+            print(f"qcowfs: {image_arg} is a raw image: it has no metadata to check", file=sys.stderr)
+            return CHECK_UNSUPPORTED
         try:
             with progress_printer(end="\r") as progress:
-                result = drive(aio.check(image_arg, repair, force_share=force_share, progress=progress))
+                result = drive(aio.check(image_arg, repair == "all", force_share=force_share, progress=progress))
+            if repair == "leaks" and result.corruptions:
+                after = ("qcowfs: -r leaks: the image has corruptions, which only -r all repairs: "
+                         "nothing was changed")
+            elif repair == "leaks" and result.leaks:
+                with progress_printer(end="\r") as progress:
+                    result = drive(aio.check(image_arg, True, progress=progress))
         except (QcowError, OSError) as e:
             print(f"qcowfs: check failed: {e}", file=sys.stderr)
             return 1
@@ -205,7 +225,20 @@ def cmd_check(image_arg: str, repair: bool, as_json: bool, force_share: bool = F
         for line in err:
             print(line, file=sys.stderr)
         print("\n".join(out))
+    if after is not None:
+        print(after, file=sys.stderr)
     return result.returncode
+
+
+def _probed_raw(path: str) -> bool:
+    """PATH is a raw image as qemu-img probes it (False where it cannot be
+    read: opening it says why)."""
+    from ..aio import probe_format
+
+    try:
+        return probe_format(path) == "raw"
+    except OSError:
+        return False
 
 
 def _check_result(reply: dict[str, Any]) -> "CheckResult":

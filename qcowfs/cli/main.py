@@ -109,7 +109,11 @@ def _check_parser(sub: Sub) -> None:
                                    "image it serves (writes wait meanwhile; --repair needs an unmounted "
                                    "image).")
     c.add_argument("image", metavar="IMAGE", help="an image file, or the mount point of a qcowfs mount")
-    c.add_argument("--repair", action="store_true", help="fix leaks, refcounts and COPIED flags")
+    c.add_argument("--repair", action="store_true", help="fix leaks, refcounts and COPIED flags (-r all)")
+    c.add_argument("-r", dest="repair_mode", choices=("leaks", "all"),
+                   help="qemu-img's spelling: -r all is --repair; -r leaks repairs an image whose only "
+                        "errors are leaks, and changes nothing on one with corruptions (they are repaired "
+                        "by -r all)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--output", choices=("human", "json"), help="qemu-img's spelling: --output=json is --json")
     c.add_argument("-U", "--force-share", action="store_true",
@@ -511,7 +515,8 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "info":
         return cmd_info(a.image, a.json or a.output == "json", a.force_share, a.backing_chain, a.format)
     if a.command == "check":
-        return cmd_check(a.image, a.repair, a.json or a.output == "json", a.force_share)
+        repair = "all" if a.repair else a.repair_mode
+        return cmd_check(a.image, repair, a.json or a.output == "json", a.force_share)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
         "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "measure": cmd_measure,
