@@ -496,15 +496,20 @@ class Image:
                 r = await _check(self._engine, progress=progress)
         return CheckResult.of(r, self.path)
 
-    async def map(self, snapshot: "str | Disk | None" = None) -> list[dict[str, Any]]:
+    async def map(self, snapshot: "str | Disk | None" = None, *, start: int = 0,
+                  length: int | None = None) -> list[dict[str, Any]]:
         """The allocation map as `qemu-img map --output=json` (of a snapshot's
-        disk with SNAPSHOT: a name, an id, or its Disk), backing chain included."""
+        disk with SNAPSHOT: a name, an id, or its Disk), backing chain included;
+        of the bytes [START, START+LENGTH) only, as qemu-img map's
+        --start-offset and --max-length."""
         from .engine import extents
+        if start < 0 or (length is not None and length < 0):
+            raise UsageError("start and length must not be negative")
         if isinstance(snapshot, Disk):
             entry = snapshot._entry
         else:
             entry = self._engine.snapshots[find_snapshot(self._engine.snapshots, snapshot)] if snapshot else None
-        return await extents.disk_map(self._engine, entry)
+        return await extents.disk_map(self._engine, entry, start, length)
 
     async def dirty_extents(self, name: str) -> list[dict[str, Any]]:
         """Bitmap NAME's extents as `nbdinfo --map=qemu:dirty-bitmap:NAME --json`."""

@@ -22,6 +22,7 @@ destination absent, the image as it was or as it is once done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -306,9 +307,10 @@ class Image:
         """`qemu-img check` (REPAIR: `-r all`, mode "r+")."""
         return self._call(self._aio.check, repair)
 
-    def map(self, snapshot: str | None = None) -> list[dict[str, Any]]:
-        """`qemu-img map --output=json` (of snapshot SNAPSHOT's disk)."""
-        return self._call(self._aio.map, snapshot)
+    def map(self, snapshot: str | None = None, *, start: int = 0, length: int | None = None) -> list[dict[str, Any]]:
+        """`qemu-img map --output=json` (of snapshot SNAPSHOT's disk; of the
+        bytes [START, START+LENGTH) only, as --start-offset and --max-length)."""
+        return self._call(functools.partial(self._aio.map, snapshot, start=start, length=length))
 
     def dirty_extents(self, name: str) -> list[dict[str, Any]]:
         """`nbdinfo --map=qemu:dirty-bitmap:NAME --json` of bitmap NAME."""

@@ -1006,6 +1006,22 @@ def test_map_matches_qemu(name: str, matrix: Callable[[str], MatrixImage]) -> No
     assert ours == qemu_map(m.image)
 
 
+@pytest.mark.parametrize("name", NORMAL)
+def test_map_of_a_range_matches_qemu(name: str, matrix: Callable[[str], MatrixImage]) -> None:
+    """`image.map(start=, length=)` is `qemu-img map --start-offset --max-length`:
+    ranges at unaligned offsets, cut at the end of the disk, past it, empty."""
+    m = matrix(name)
+    with qcowfs.open(m.image) as image:
+        size = image.virtual_size
+        ranges = [(size // 3 + 1000, size // 4), (4095, 70000), (size - 1, 10), (size + 5, None), (512, 0),
+                  (0, size // 2 + 512)]
+        ours = [image.map(start=start, length=length) for start, length in ranges]
+    for (start, length), got in zip(ranges, ours):
+        bounds = [f"--start-offset={start}"] + ([f"--max-length={length}"] if length is not None else [])
+        want = qemu_json("qemu-img", "map", "--output=json", *bounds, m.image, image=m.image)
+        assert got == want, (start, length)
+
+
 @pytest.mark.parametrize("name", sorted(SNAPSHOTS))
 def test_snapshot_map_matches_qemu(name: str, matrix: Callable[[str], MatrixImage], tmp_path: Path) -> None:
     """`image.map(snapshot)`: QEMU has no map of a snapshot, but `qemu-img snapshot -a`

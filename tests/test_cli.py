@@ -425,6 +425,27 @@ def test_qemu_img_quiet_and_option_help(tmp_path: Path) -> None:
         assert q(cmd, "--output", "human", "a.qcow2").stdout == q(cmd, "a.qcow2").stdout
 
 
+def test_map_range_options_as_qemu_img(tmp_path: Path) -> None:
+    """`map --start-offset --max-length` (qemu-img's options, sizes with
+    suffixes): the JSON qemu-img prints for the same range of a backing
+    chain; a negative or unreadable bound, a bound with --bitmap or on a
+    mount point are one line, exit 1."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "8M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 1 0 3M", base], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 2 1M 1M", "-c", "write -z 5M 64k", top], check=True,
+                   capture_output=True)
+    for bounds in (["--start-offset=1k", "--max-length=2M"], ["--start-offset", "3M"], ["--max-length=7000"]):
+        q = subprocess.run(["qemu-img", "map", "--output=json", *bounds, "top.qcow2"], capture_output=True,
+                           text=True, cwd=tmp_path, check=True)
+        p = qcowfs("map", "--output=json", *bounds, "top.qcow2", cwd=tmp_path)
+        assert (p.returncode, p.stderr, p.stdout) == (0, "", q.stdout), bounds
+    for bad in (["--start-offset=-1"], ["--max-length=lots"], ["--bitmap", "b", "--max-length=1M"]):
+        assert_clean_failure(qcowfs("map", *bad, top), "")
+    assert_clean_failure(qcowfs("map", "--start-offset=1M", tmp_path), "")
+
+
 def test_qemu_img_snapshot_and_bitmap_flags(tmp_path: Path) -> None:
     """qemu-img's spellings: `snapshot -c NAME IMAGE`, `-l`, `-a`, `-d`, and
     `bitmap --add IMAGE NAME`, `--merge SOURCE IMAGE NAME`, `--disable`,

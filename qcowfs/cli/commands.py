@@ -339,7 +339,14 @@ def cmd_map(a: argparse.Namespace) -> int:
     mount's maps/ files, so it shows the live state."""
     if a.snapshot and a.bitmap:
         raise UsageError("--snapshot and --bitmap cannot be combined (a bitmap tracks the active disk)")
+    start = _map_bound(a.start_offset, "start offset") if a.start_offset is not None else 0
+    length = _map_bound(a.max_length, "max length") if a.max_length is not None else None
+    if a.bitmap and (a.start_offset is not None or length is not None):
+        raise UsageError("--start-offset and --max-length are for the allocation map, not --bitmap")
     if os.path.isdir(a.target):
+        if a.start_offset is not None or length is not None:
+            raise UsageError("--start-offset and --max-length need an image file (a mount's maps/ files "
+                             "are the whole disk)")
         from ..service import control  # (a file is an image: the control module is not loaded for it)
 
         if control.mounted(a.target) is None:
@@ -348,7 +355,7 @@ def cmd_map(a: argparse.Namespace) -> int:
     else:
         image = _open_unmounted(a.target, force_share=a.force_share)
         entries = _run(image, lambda image: image.dirty_extents(a.bitmap) if a.bitmap is not None
-                       else image.map(a.snapshot))
+                       else image.map(a.snapshot, start=start, length=length))
     if a.output == "json":
         from ..engine.extents import map_text
 
@@ -363,6 +370,15 @@ def cmd_map(a: argparse.Namespace) -> int:
             print(f"{e['start']:<#16x}{e['length']:<#16x}{e['depth']:<6}{kind:<12}"
                   + (f"{e['offset']:#x}" if "offset" in e else "-"))
     return 0
+
+
+def _map_bound(text: str, what: str) -> int:
+    """qemu-img map's --start-offset / --max-length: a size, never negative."""
+    try:
+        return parse_size(text, zero=True)
+    except UsageError:
+        raise UsageError(f"invalid {what} '{text}' (a number of bytes, with an optional suffix k, M, G, "
+                         "T, P or E)") from None
 
 
 def _map_from_mount(mountpoint: str, snapshot: str | None, bitmap: str | None) -> list[dict[str, Any]]:

@@ -173,6 +173,10 @@ def _map_parser(sub: Sub) -> None:
     mp.add_argument("--snapshot", metavar="NAME", help="map of an internal snapshot")
     mp.add_argument("--bitmap", metavar="NAME", help="dirty extents of a persistent bitmap")
     mp.add_argument("--output", choices=("human", "json"), default="human")
+    mp.add_argument("--start-offset", metavar="OFFSET",
+                    help="map from this guest offset on (suffixes k, M, G, ...), as qemu-img map")
+    mp.add_argument("--max-length", metavar="LENGTH",
+                    help="map at most this many bytes (suffixes k, M, G, ...), as qemu-img map")
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
 

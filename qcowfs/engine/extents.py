@@ -70,13 +70,19 @@ class Layer(Protocol):
     def backing(self) -> object: ...
 
 
-async def disk_map(layer: Layer, snapshot: SnapshotEntry | None = None) -> list[dict[str, Any]]:
+async def disk_map(layer: Layer, snapshot: SnapshotEntry | None = None, start: int = 0,
+                   length: int | None = None) -> list[dict[str, Any]]:
     """`qemu-img map --output=json` of the active disk, or of SNAPSHOT's own
-    view (its L1 table, its size): what `qcowfs map` and maps/*.json show."""
-    if snapshot is None:
-        return [e.json() for e in await allocation(layer, 0, layer.size)]
-    l1 = L1Table(layer.mapper.file, snapshot.l1_table_offset, snapshot.l1_size)
-    return [e.json() for e in await allocation(layer, 0, snapshot_disk_size(snapshot, layer.size), l1)]
+    view (its L1 table, its size): what `qcowfs map` and maps/*.json show.
+    START and LENGTH: qemu-img map's --start-offset and --max-length (the
+    range is cut at the end of the disk; an empty one is qemu-img's single
+    entry of length 0)."""
+    l1 = None if snapshot is None else L1Table(layer.mapper.file, snapshot.l1_table_offset, snapshot.l1_size)
+    size = layer.size if snapshot is None else snapshot_disk_size(snapshot, layer.size)
+    end = size if length is None else min(size, start + length)
+    if start >= end:
+        return [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False, "data": False}]
+    return [e.json() for e in await allocation(layer, start, end, l1)]
 
 
 async def dirty_map(file: HostFile, bm: Bitmap) -> list[dict[str, Any]]:
