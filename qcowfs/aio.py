@@ -672,9 +672,9 @@ async def info(path: str | os.PathLike[str], *, format: str | None = None,
     """What `qemu-img info --output=json` prints for the image at PATH, with
     its keys: a qcow2 image (as `Image.info`; its backing file need not be
     there, and an encrypted image is described without its passphrase) or
-    a raw file. FORMAT ("qcow2" or "raw") as qemu-img's -f, else probed as
-    qemu-img probes (a file that does not start with the qcow2 magic is
-    raw). FORCE_SHARE as for `open`."""
+    a raw file (read without a lock, as qemu-img reads it). FORMAT ("qcow2"
+    or "raw") as qemu-img's -f, else probed as qemu-img probes (a file that
+    does not start with the qcow2 magic is raw). FORCE_SHARE as for `open`."""
     path = os.fspath(path)
     fmt = format if format is not None else _probe(path)
     if fmt not in ("qcow2", "raw"):
@@ -682,13 +682,39 @@ async def info(path: str | os.PathLike[str], *, format: str | None = None,
     if fmt == "raw":
         from .engine.info import describe_raw
 
-        source = RawSource(path, force_share)
+        # (no lock: a raw file's info is its size, and qemu-img info takes
+        # none either: it opens with BDRV_O_NO_IO)
+        source = RawSource(path, force_share=True)
         try:
             return describe_raw(source)
         finally:
             await source.close()
     async with Image(path, "r", force_share=force_share, require_backing=False) as image:
         return await image.info()
+
+
+async def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False, format: str | None = None,
+                 preallocation: str = "off") -> None:
+    """`qemu-img resize PATH SIZE` of a qcow2 image (as `Image.resize`) or a
+    raw file (cut or extended to exactly SIZE bytes; its disk is that in
+    whole sectors). A size below the disk's needs SHRINK (--shrink).
+    PREALLOCATION ("falloc", "full": a raw file's grown tail reserved or
+    written with zeros; only "off" for a qcow2 image here). FORMAT as
+    qemu-img's -f, else probed."""
+    path = os.fspath(path)
+    fmt = format if format is not None else _probe(path)
+    if fmt == "raw":
+        from .engine.raw import resize_raw
+
+        await in_thread(resize_raw, path, size, shrink, preallocation)
+        return
+    if fmt != "qcow2":
+        raise UsageError(f"unknown image format '{fmt}' (qcowfs resizes qcow2 and raw images)")
+    if preallocation != "off":
+        raise UsageError(f"preallocation={preallocation} on resize is for raw images here: a qcow2 image's "
+                         "grown area is left unallocated (it reads zeros)")
+    async with Image(path, "r+") as image:
+        await image.resize(size, shrink=shrink)
 
 
 def create_sync(path: str | os.PathLike[str], size: int | None = None, *, format: str = "qcow2",

@@ -407,6 +407,13 @@ def info(path: str | os.PathLike[str], *, format: str | None = None, force_share
     return drive(aio.info(path, format=format, force_share=force_share))
 
 
+def resize(path: str | os.PathLike[str], size: int, **options: Any) -> None:
+    """`qemu-img resize` of a qcow2 image or a raw file (see `qcowfs.aio.resize`)::
+
+        qcowfs.resize("disk.raw", 20 << 30, preallocation="falloc")"""
+    drive(aio.resize(path, size, **options))
+
+
 def check(path: str | os.PathLike[str], repair: bool = False, *, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r all]` of the image at PATH (see `qcowfs.aio.check`)."""
     return drive(aio.check(path, repair, force_share=force_share))

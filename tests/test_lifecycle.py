@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import qcowfs as qcowfs_lib
+
 import killing
 import luks
 from conftest import QCOWFS, mounted
@@ -339,6 +341,45 @@ def test_resize_over_a_larger_backing_file(tmp_path: Path) -> None:
     assert qcowfs("resize", img, "12M").returncode == 0
     compare(img, q)
     clean(img)
+
+
+RAW_RESIZES = [  # (options, size), applied in turn to a raw file of 1001 bytes with data at its start
+    ([], "+0"), ([], "1010"), (["--shrink"], "1010"), ([], "+1M"), (["--preallocation=falloc"], "+1M"),
+    (["--preallocation=full"], "+1M"), (["--shrink"], "-1M"), (["--preallocation=full", "--shrink"], "1000"),
+    (["--preallocation=metadata"], "+1M"), (["-f", "qcow2"], "+1M"), (["--shrink"], "1000"), ([], "+64k"),
+]
+
+
+def test_resize_of_a_raw_file_matches_qemu(tmp_path: Path) -> None:
+    """`resize` of a raw file (probed, or -f raw), as qemu-img resize: the
+    exit code, the file's size (relative sizes count from the disk, the
+    file's size in whole sectors; the file is cut or extended to exactly the
+    new size), its allocated blocks (--preallocation falloc and full), its
+    bytes; what qemu-img refuses (a shrink without --shrink, preallocation
+    on a shrink, metadata preallocation, -f qcow2) is one line and changes
+    nothing. Also through the library: qcowfs.resize()."""
+    data = os.urandom(1001)
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    for f in (ours, theirs):
+        f.write_bytes(data)
+    for opts, size in RAW_RESIZES:
+        q = subprocess.run(["qemu-img", "resize", *opts, str(theirs), *(["--"] if size[0] == "-" else []), size],
+                           capture_output=True, text=True, timeout=60)
+        before = ours.read_bytes()
+        p = qcowfs("resize", *opts, ours, size)
+        assert p.returncode == q.returncode, (opts, size, p.stderr, q.stderr)
+        if p.returncode:
+            assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("qcowfs: "), p.stderr
+            assert ours.read_bytes() == before
+        else:
+            assert p.stdout == "Image resized.\n"
+        assert ours.stat().st_size == theirs.stat().st_size, (opts, size)
+        assert ours.stat().st_blocks == theirs.stat().st_blocks, (opts, size)
+        assert ours.read_bytes() == theirs.read_bytes(), (opts, size)
+    qcowfs_lib.resize(ours, 3 << 20, preallocation="falloc")
+    assert ours.stat().st_size == 3 << 20 and ours.stat().st_blocks * 512 >= (3 << 20) - (1 << 20)
+    with pytest.raises(qcowfs_lib.ResizeError):
+        qcowfs_lib.resize(ours, 4096)
 
 
 def test_resize_tail_of_an_earlier_shrink_reads_zeros(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bo
         from ..host.waiting import drive
 
         after = None  # (a last line, after the check's own)
-        if _probed_raw(image_arg):  # (qemu-img's exit code for a format without checks)
+        if probe_quietly(image_arg) == "raw":  # (qemu-img's exit code for a format without checks)
             print(f"qcowfs: {image_arg} is a raw image: it has no metadata to check", file=sys.stderr)
             return CHECK_UNSUPPORTED
         try:
@@ -230,15 +230,15 @@ def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bo
     return result.returncode
 
 
-def _probed_raw(path: str) -> bool:
-    """PATH is a raw image as qemu-img probes it (False where it cannot be
-    read: opening it says why)."""
+def probe_quietly(path: str) -> str | None:
+    """PATH's format as qemu-img probes it ("qcow2" or "raw"); None where it
+    cannot be read (opening it then says why)."""
     from ..aio import probe_format
 
     try:
-        return probe_format(path) == "raw"
+        return probe_format(path)
     except OSError:
-        return False
+        return None
 
 
 def _check_result(reply: dict[str, Any]) -> "CheckResult":

@@ -18,6 +18,12 @@ def resize_parser(sub: Any) -> None:
                                    "(suffixes k, M, G, T, P, E). A grown area reads zeros. Shrinking drops "
                                    "what lies past the new end and needs --shrink.")
     r.add_argument("--shrink", action="store_true", help="allow a smaller size (data past the new end is lost)")
+    r.add_argument("-f", dest="format", choices=("qcow2", "raw"),
+                   help="IMAGE's format (default: probed as qemu-img probes: qcow2 if it starts with the "
+                        "qcow2 magic, else raw)")
+    r.add_argument("--preallocation", choices=("off", "metadata", "falloc", "full"), default="off",
+                   help="a raw file's grown tail: a hole (off), reserved (falloc) or written with zeros "
+                        "(full); a qcow2 image's grown area stays unallocated")
     r.add_argument("image", metavar="IMAGE")
     r.add_argument("size", metavar="[+|-]SIZE")
 
@@ -90,7 +96,7 @@ def rebase_parser(sub: Any) -> None:
 
 def cmd_resize(a: argparse.Namespace) -> int:
     from ..host.waiting import drive
-    from .commands import _open_unmounted
+    from .commands import _open_unmounted, probe_quietly
 
     text = a.size.strip()
     sign = text[0] if text[:1] in "+-" else ""
@@ -98,6 +104,19 @@ def cmd_resize(a: argparse.Namespace) -> int:
     if os.path.isdir(a.image):
         raise UsageError(f"{a.image} is a directory: resize takes an image file (on a mount, "
                          "truncate MOUNTPOINT/disk.raw grows the disk)")
+    if (a.format if a.format is not None else probe_quietly(a.image)) == "raw":
+        from .. import aio
+
+        current = drive(aio.info(a.image, format="raw"))["virtual-size"]
+        size = current + amount if sign == "+" else current - amount if sign == "-" else amount
+        if size < 0:
+            raise UsageError("the new size must not be negative")
+        drive(aio.resize(a.image, size, shrink=a.shrink, format="raw", preallocation=a.preallocation))
+        print("Image resized.")
+        return 0
+    if a.preallocation != "off":
+        raise UsageError(f"--preallocation={a.preallocation} is for raw images here: a qcow2 image's grown "
+                         "area is left unallocated (it reads zeros)")
     try:
         image = _open_unmounted(a.image, "r+")
     except ImageLockedError as e:

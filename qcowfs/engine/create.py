@@ -509,7 +509,7 @@ def _l2_table(o: CreateOptions, geo: Geometry, first_host: int, index: int, exte
     return table.astype(">u8").tobytes()
 
 
-def _preallocate_data(fd: int, offset: int, length: int, mode: str) -> None:
+def preallocate_data(fd: int, offset: int, length: int, mode: str) -> None:
     """falloc: reserve the host space; full: write the zeros (metadata: nothing)."""
     if length <= 0 or mode in ("off", "metadata"):
         return
@@ -550,7 +550,7 @@ def write_image(fd: int, o: CreateOptions, crypto: bytes) -> None:
     if lay.ndata:
         end = lay.clusters * cs
         os.ftruncate(fd, end)
-        _preallocate_data(fd, lay.data * cs, o.size, o.preallocation)
+        preallocate_data(fd, lay.data * cs, o.size, o.preallocation)
     if os.fstat(fd).st_size < end:
         os.ftruncate(fd, end)
     # The header last: until it is there, the file is no image at all.
@@ -701,7 +701,7 @@ def create_raw(path: str, size: int | None, preallocation: str = "off", **others
 
     def fill(fd: int) -> None:
         os.ftruncate(fd, size)
-        _preallocate_data(fd, 0, size, preallocation)
+        preallocate_data(fd, 0, size, preallocation)
     create_file(path, fill)
 
 
@@ -751,7 +751,7 @@ def create(path: str, o: CreateOptions, passphrase: Callable[[], bytes] | None =
                 lock_image(dfd, data_path, writer=True)
                 os.ftruncate(dfd, 0)
                 os.ftruncate(dfd, o.size)
-                _preallocate_data(dfd, 0, o.size, o.preallocation)
+                preallocate_data(dfd, 0, o.size, o.preallocation)
                 os.fsync(dfd)
             finally:
                 os.close(dfd)

@@ -74,6 +74,12 @@ class OpenOptions:
     open_backing: bool = True
 
 
+def raw_disk_size(file_size: int) -> int:
+    """The disk of a raw file of FILE_SIZE bytes: whole sectors, as QEMU
+    sizes a raw file (the tail past the file's end reads zeros)."""
+    return -(-file_size // 512) * 512
+
+
 class RawSource:
     """A raw backing file: reads past its end are zeros."""
 
@@ -83,8 +89,7 @@ class RawSource:
             self.file = HostFile(path)
         except OSError as e:  # (a directory; a pipe, which cannot seek)
             raise QcowError.from_os(f"cannot read {path}", e) from None
-        # In whole sectors, as QEMU sizes a raw file (the tail reads zeros).
-        self.size = -(-self.file.known_size // 512) * 512
+        self.size = raw_disk_size(self.file.known_size)
         try:
             lock_image(self.file.fd, path, writer=False, force_share=force_share)
         except QcowError:

@@ -1,0 +1,48 @@
+"""A raw file's resize, as `qemu-img resize -f raw` (a new raw file is
+made by create.create_raw; a raw file is read through opening.RawSource)."""
+from __future__ import annotations
+
+import os
+import stat
+
+from ..errors import QcowError, ResizeError, UsageError
+from ..host.locking import lock_image
+from .create import RAW_PREALLOCATION_MODES, preallocate_data
+from .opening import raw_disk_size
+
+
+def resize_raw(path: str, size: int, shrink: bool = False, preallocation: str = "off") -> None:
+    """Make the raw file PATH SIZE bytes long, as `qemu-img resize -f raw`:
+    the file is cut or extended to exactly SIZE; a size below its disk
+    (raw_disk_size) needs SHRINK, as qemu-img's --shrink; a grown tail is a
+    hole, or with PREALLOCATION "falloc" reserved, with "full" written with
+    zeros. QEMU's writer lock is taken first: a file another program holds
+    is refused, unchanged."""
+    if preallocation not in RAW_PREALLOCATION_MODES:
+        raise UsageError(f"unsupported preallocation mode '{preallocation}' for raw "
+                         f"(one of {', '.join(RAW_PREALLOCATION_MODES)})")
+    if size < 0:
+        raise ResizeError("the new size must not be negative")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise QcowError.from_os(f"cannot open {path}", e) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file: only a raw image file can be resized")
+        lock_image(fd, path, writer=True)
+        disk = raw_disk_size(st.st_size)
+        if size < disk and not shrink:
+            raise ResizeError(f"{size} is smaller than the disk ({disk}): shrinking drops what lies past "
+                              "the new end; pass shrink=True (--shrink) to do it")
+        if size < disk and preallocation != "off":
+            raise UsageError("preallocation can only be used for growing an image")
+        try:
+            os.ftruncate(fd, size)
+            preallocate_data(fd, st.st_size, size - st.st_size, preallocation)
+            os.fsync(fd)
+        except OSError as e:
+            raise QcowError.from_os(f"cannot resize {path}", e) from None
+    finally:
+        os.close(fd)
