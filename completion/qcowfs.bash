@@ -12,19 +12,19 @@ _qcowfs_spec() {
         mount) _qcowfs_opts='-h --help -r --read-only -f --foreground -d --debug -o' _qcowfs_valued='-o=mountopts' _qcowfs_positionals='imagefiles dirs' ;;
         umount) _qcowfs_opts='-h --help --force' _qcowfs_valued='' _qcowfs_positionals='mounts' ;;
         info) _qcowfs_opts='-h --help -f --json --output --backing-chain -U --force-share' _qcowfs_valued='-f=choices:qcow2|raw --output=choices:human|json' _qcowfs_positionals='images' ;;
-        check) _qcowfs_opts='-h --help --repair -r --json --output -U --force-share -q --quiet' _qcowfs_valued='-r=choices:leaks|all --output=choices:human|json' _qcowfs_positionals='images' ;;
+        check) _qcowfs_opts='-h --help --repair -r --json --output -U --force-share -f -T -q --quiet' _qcowfs_valued='-r=choices:leaks|all --output=choices:human|json -f=choices:qcow2|raw -T=files' _qcowfs_positionals='images' ;;
         snapshot) _qcowfs_opts='-h --help --json -U --force-share -q --quiet' _qcowfs_valued='' _qcowfs_positionals='choices:create|delete|apply|list images none' ;;
         bitmap) _qcowfs_opts='-h --help -g --granularity --disable --json -U --force-share -q --quiet' _qcowfs_valued='-g=none --granularity=none' _qcowfs_positionals='choices:add|remove|clear|enable|disable|merge|list images none none+' ;;
         checkpoint) _qcowfs_opts='-h --help --json -q --quiet' _qcowfs_valued='' _qcowfs_positionals='images none' ;;
-        map) _qcowfs_opts='-h --help --snapshot --bitmap --output --start-offset --max-length -U --force-share' _qcowfs_valued='--snapshot=none --bitmap=none --output=choices:human|json --start-offset=files --max-length=files' _qcowfs_positionals='images' ;;
+        map) _qcowfs_opts='-h --help --snapshot --bitmap --output --start-offset --max-length -U --force-share -f' _qcowfs_valued='--snapshot=none --bitmap=none --output=choices:human|json --start-offset=files --max-length=files -f=choices:qcow2' _qcowfs_positionals='images' ;;
         create) _qcowfs_opts='-h --help -f -o -b -F -u --key-file -q --quiet' _qcowfs_valued='-f=files -o=mountopts -b=files -F=files --key-file=files' _qcowfs_positionals='images none' ;;
         convert) _qcowfs_opts='-h --help -f -O -o -c -l -B -F -S -C -p -r -t -T -W -m -U --force-share --key-file --target-key-file -n --target-is-zero --salvage --bitmaps --skip-broken-bitmaps -q --quiet' _qcowfs_valued='-f=choices:qcow2|raw -O=choices:qcow2|raw -o=mountopts -l=files -B=files -F=files -S=none -r=files -t=files -T=files -m=files --key-file=files --target-key-file=files' _qcowfs_positionals='files files' ;;
         compare) _qcowfs_opts='-h --help -f -F -s --strict -p -U --force-share -T --key-file -q --quiet' _qcowfs_valued='-f=choices:qcow2|raw -F=choices:qcow2|raw -T=files --key-file=files' _qcowfs_positionals='files files' ;;
         measure) _qcowfs_opts='-h --help --size -O -o -f -l --output -U --force-share --key-file' _qcowfs_valued='--size=none -O=files -o=mountopts -f=files -l=files --output=files --key-file=files' _qcowfs_positionals='files' ;;
         resize) _qcowfs_opts='-h --help --shrink -f --preallocation -q --quiet' _qcowfs_valued='-f=choices:qcow2|raw --preallocation=choices:off|metadata|falloc|full' _qcowfs_positionals='images none' ;;
         amend) _qcowfs_opts='-h --help -o -f -p -t --force --key-file --new-key-file --old-key-file -q --quiet' _qcowfs_valued='-o=mountopts -f=files -t=files --key-file=files --new-key-file=files --old-key-file=files' _qcowfs_positionals='images' ;;
-        commit) _qcowfs_opts='-h --help -b -d -p --key-file -q --quiet' _qcowfs_valued='-b=files --key-file=files' _qcowfs_positionals='files' ;;
-        rebase) _qcowfs_opts='-h --help -u -b -F -p -U --force-share --key-file -q --quiet' _qcowfs_valued='-b=files -F=choices:qcow2|raw --key-file=files' _qcowfs_positionals='images' ;;
+        commit) _qcowfs_opts='-h --help -b -d -p -r -f -t --key-file -q --quiet' _qcowfs_valued='-b=files -r=files -f=choices:qcow2 -t=files --key-file=files' _qcowfs_positionals='files' ;;
+        rebase) _qcowfs_opts='-h --help -u -b -F -p -U --force-share -f -t -T --key-file -q --quiet' _qcowfs_valued='-b=files -F=choices:qcow2|raw -f=choices:qcow2 -t=files -T=files --key-file=files' _qcowfs_positionals='images' ;;
         *) _qcowfs_opts='' _qcowfs_valued='' _qcowfs_positionals='' ;;
     esac
 }

@@ -1258,18 +1258,21 @@ async def measure(src: str | os.PathLike[str] | None = None, *, size: int | None
 
 async def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
                  drop: bool = False, progress: Callable[[float], None] | None = None,
-                 passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
-    """`qemu-img commit [-b BASE] [-d] OVERLAY`: write what OVERLAY (and the
+                 passphrase: Passphrase = None, key_file: KeyFile = None, rate_limit: int = 0) -> None:
+    """`qemu-img commit [-b BASE] [-d] [-r RATE] OVERLAY`: write what OVERLAY (and the
     images between it and BASE) hold into BASE (default: OVERLAY's backing
     file; qcow2 or raw), then empty OVERLAY unless DROP. With BASE, OVERLAY
     is not emptied (as qemu-img: -b implies -d; the images between are then
     outdated). OVERLAY's content never changes on the way; a crash leaves
     BASE partly written (as QEMU's commit does), clean in `qemu-img check`.
     PASSPHRASE / KEY_FILE: of the encrypted images of the chain (several are
-    tried in order on each, as for `Image`)."""
+    tried in order on each, as for `Image`). RATE_LIMIT: at most that many
+    bytes of data written a second (0: as fast as it goes), as -r."""
     from .engine import chain_ops
+    if rate_limit < 0:
+        raise UsageError("rate_limit must not be negative")
     await chain_ops.commit(os.fspath(overlay), os.fspath(base) if base is not None else None, drop, progress,
-                           _keyring(passphrase, key_file))
+                           _keyring(passphrase, key_file), rate_limit)
 
 
 async def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,

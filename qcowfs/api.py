@@ -461,9 +461,11 @@ def measure(src: str | os.PathLike[str] | None = None, **options: Any) -> dict[s
 
 def commit(overlay: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
            drop: bool = False, progress: Callable[[float], None] | None = None,
-           passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None) -> None:
+           passphrase: aio.Passphrase = None, key_file: str | os.PathLike[str] | None = None,
+           rate_limit: int = 0) -> None:
     """`qemu-img commit` (see `qcowfs.aio.commit`)."""
-    drive(aio.commit(overlay, base, drop=drop, progress=progress, passphrase=passphrase, key_file=key_file))
+    drive(aio.commit(overlay, base, drop=drop, progress=progress, passphrase=passphrase, key_file=key_file,
+                     rate_limit=rate_limit))
 
 
 def rebase(image: str | os.PathLike[str], backing: str, *, backing_format: str | None = None,

@@ -1181,3 +1181,43 @@ def test_overlap_map_forgets_the_part_past_the_end_with_its_structure() -> None:
     m.remove(0xE5000, 0x90, Kind.SNAPSHOT_TABLE)
     m.check(0xE5000, 512, "data")
     assert m.kinds_at(0x900000, 512) == Kind.INACTIVE_L2
+
+
+def test_qemu_img_command_lines_run_as_they_are(tmp_path: Path) -> None:
+    """qemu-img's -f, -t, -T on commit, rebase, check and map (a script's
+    qemu-img line runs unchanged): the same exit codes and images as
+    qemu-img's; a bad cache mode is one line, nothing changed. commit -r RATE
+    writes at most RATE bytes a second: 6 MiB at 3 MiB/s takes at least two
+    seconds (a lower bound: a loaded machine only makes it longer)."""
+    def chain(d: Path) -> Path:
+        d.mkdir()
+        create(d / "base.qcow2", 8 * MiB)
+        qio(d / "base.qcow2", "write -P 1 0 8M")
+        create(d / "top.qcow2", 8 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+        qio(d / "top.qcow2", "write -P 2 1M 6M")
+        return d / "top.qcow2"
+
+    ours, theirs = chain(tmp_path / "ours"), chain(tmp_path / "theirs")
+    lines = [["check", "-f", "qcow2", "-T", "none"], ["map", "-f", "qcow2", "--output=json"],
+             ["rebase", "-f", "qcow2", "-t", "writeback", "-T", "none", "-u", "-b", "base.qcow2", "-F", "qcow2"],
+             ["commit", "-f", "qcow2", "-t", "none", "-r", "3M", "-d"]]
+    for line in lines:
+        q = subprocess.run(["qemu-img", *line, "top.qcow2"], capture_output=True, text=True, cwd=theirs.parent,
+                           timeout=120)
+        start = time.monotonic()
+        p = qcowfs(*line, "top.qcow2", cwd=ours.parent)
+        took = time.monotonic() - start
+        assert (p.returncode, p.stderr) == (q.returncode, ""), (line, p.stderr, q.stderr)
+        if line[0] == "map":
+            assert p.stdout == q.stdout
+        if line[0] == "commit":
+            assert took >= 1.9, took
+    for d in (ours.parent, theirs.parent):
+        clean(d / "base.qcow2")
+        clean(d / "top.qcow2")
+    sh("qemu-img", "compare", ours.parent / "base.qcow2", theirs.parent / "base.qcow2")
+    before = ours.read_bytes()
+    for line in (["commit", "-t", "bogus"], ["rebase", "-T", "bogus", "-u", "-b", "x.qcow2"], ["check", "-T", "x"]):
+        p = qcowfs(*line, ours)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"not '{line[2]}'" in p.stderr, p.stderr
+    assert ours.read_bytes() == before

@@ -178,7 +178,8 @@ def progress_printer(wanted: bool = True, end: str = "\n") -> Iterator[Callable[
 CHECK_UNSUPPORTED = 63
 
 
-def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bool = False) -> int:
+def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bool = False,
+              fmt: str | None = None) -> int:
     """Exit codes as qemu-img check; a check that cannot run is one line and 1.
     REPAIR: None, "all" (qemu-img -r all: rebuild what is wrong) or "leaks"
     (-r leaks: qcowfs's repair rebuilds the refcounts whole, so it runs only
@@ -202,7 +203,7 @@ def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bo
         from ..host.waiting import drive
 
         after = None  # (a last line, after the check's own)
-        if probe_quietly(image_arg) == "raw":  # (qemu-img's exit code for a format without checks)
+        if (fmt or probe_quietly(image_arg)) == "raw":  # (qemu-img's exit code for a format without checks)
             print(f"qcowfs: {image_arg} is a raw image: it has no metadata to check", file=sys.stderr)
             return CHECK_UNSUPPORTED
         try:

@@ -61,6 +61,32 @@ def amend_parser(sub: Any) -> None:
     m.add_argument("image", metavar="IMAGE")
 
 
+def qemu_img_flags(p: Any, what: str, fmt: tuple[str, ...] = ("qcow2",), cache: bool = False,
+                   source_cache: bool = False) -> None:
+    """qemu-img's -f (the image's format: one of FMT), -t and -T (cache
+    modes) on a command that takes them, so a qemu-img command line runs
+    as it is: the format is checked (tuning_checks), the cache modes are
+    checked and change nothing (every change here is flushed before the
+    command ends)."""
+    p.add_argument("-f", dest="format", choices=fmt, help=f"format of {what} (qemu-img's -f)")
+    if cache:
+        p.add_argument("-t", dest="cache", metavar="CACHE",
+                       help="qemu-img's cache mode (writeback, writethrough, none, directsync, unsafe): "
+                            "checked, no effect (the change is flushed before the command ends)")
+    if source_cache:
+        p.add_argument("-T", dest="source_cache", metavar="CACHE",
+                       help="qemu-img's cache mode of the images read: checked, no effect")
+
+
+def check_cache_flags(a: argparse.Namespace) -> None:
+    """The cache modes given with qemu_img_flags' -t and -T, checked as qemu-img checks them."""
+    from ..aio import check_cache_mode
+
+    for dest, flag in (("cache", "-t"), ("source_cache", "-T")):
+        if getattr(a, dest, None) is not None:
+            check_cache_mode(getattr(a, dest), flag)
+
+
 def commit_parser(sub: Any) -> None:
     c = sub.add_parser("commit", help="write an overlay's data into its backing file (qemu-img commit)",
                        description="Write what OVERLAY holds into its backing file (or into BASE further "
@@ -69,6 +95,9 @@ def commit_parser(sub: Any) -> None:
                    help="commit into BASE, an image of OVERLAY's backing chain (implies -d, as qemu-img)")
     c.add_argument("-d", dest="drop", action="store_true", help="do not empty OVERLAY afterwards")
     c.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    c.add_argument("-r", dest="rate_limit", metavar="RATE",
+                   help="write at most RATE bytes of data a second (suffixes k, M, G...), as qemu-img -r")
+    qemu_img_flags(c, "OVERLAY", cache=True)
     c.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of encrypted images of the chain (every byte of FILE; else asked on a "
                         "terminal); again for layers with other keys: each is tried in order")
@@ -88,6 +117,7 @@ def rebase_parser(sub: Any) -> None:
     b.add_argument("-p", dest="progress", action="store_true", help="show progress")
     b.add_argument("-U", "--force-share", action="store_true",
                    help="open NEW without locks (as qemu-img -U)")
+    qemu_img_flags(b, "IMAGE", cache=True, source_cache=True)
     b.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of encrypted images (every byte of FILE; else asked on a terminal); "
                         "again for images with other keys (old and new backing files): each is tried in order")
@@ -149,9 +179,7 @@ def cmd_amend(a: argparse.Namespace) -> int:
         raise UsageError(f"qcowfs amends qcow2 images only, not '{a.format}'")
     if os.path.isdir(a.image):
         raise UsageError(f"{a.image} is a directory: amend takes an image file (unmount a mounted one first)")
-    if a.cache is not None:
-        from ..aio import check_cache_mode
-        check_cache_mode(a.cache, "-t")
+    check_cache_flags(a)
     options = parse_qemu_options(a.options)
     if not options:
         raise UsageError("nothing to amend: give the options with -o (as qemu-img asks)")
@@ -184,9 +212,11 @@ def cmd_commit(a: argparse.Namespace) -> int:
     from .. import api
     from .commands import key_source, progress_printer
 
+    check_cache_flags(a)
+    rate = parse_size(a.rate_limit, zero=True) if a.rate_limit is not None else 0
     with progress_printer(a.progress) as progress:
         api.commit(a.overlay, a.base, drop=a.drop, progress=progress,
-                   passphrase=key_source(a.key_file))
+                   passphrase=key_source(a.key_file), rate_limit=rate)
     print("Image committed.")
     return 0
 
@@ -195,6 +225,7 @@ def cmd_rebase(a: argparse.Namespace) -> int:
     from .. import api
     from .commands import key_source, progress_printer
 
+    check_cache_flags(a)
     with progress_printer(a.progress) as progress:
         api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=progress,
                    force_share=a.force_share, passphrase=key_source(a.key_file))

@@ -22,8 +22,8 @@ from ..errors import QcowError
 from ..host.logs import hold
 from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_compare, cmd_convert, cmd_create,
                        cmd_info, cmd_map, cmd_measure, cmd_snapshot, die, print_option_help)
-from .lifecycle import (amend_parser, cmd_amend, cmd_commit, cmd_rebase, cmd_resize, commit_parser, rebase_parser,
-                        resize_parser)
+from .lifecycle import (amend_parser, check_cache_flags, cmd_amend, cmd_commit, cmd_rebase, cmd_resize, commit_parser,
+                        qemu_img_flags, rebase_parser, resize_parser)
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -119,6 +119,7 @@ def _check_parser(sub: Sub) -> None:
     c.add_argument("-U", "--force-share", action="store_true",
                    help="take no lock: check an image that a VM or a mount holds (results may be "
                         "inconsistent while it is written)")
+    qemu_img_flags(c, "IMAGE (raw: nothing to check, exit 63)", fmt=("qcow2", "raw"), source_cache=True)
 
 
 def _snapshot_parser(sub: Sub) -> None:
@@ -179,6 +180,7 @@ def _map_parser(sub: Sub) -> None:
                     help="map at most this many bytes (suffixes k, M, G, ...), as qemu-img map")
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
+    qemu_img_flags(mp, "TARGET")
 
 
 class _Version(argparse.Action):
@@ -520,7 +522,8 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_info(a.image, a.json or a.output == "json", a.force_share, a.backing_chain, a.format)
     if a.command == "check":
         repair = "all" if a.repair else a.repair_mode
-        return cmd_check(a.image, repair, a.json or a.output == "json", a.force_share)
+        check_cache_flags(a)
+        return cmd_check(a.image, repair, a.json or a.output == "json", a.force_share, a.format)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
         "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "measure": cmd_measure,

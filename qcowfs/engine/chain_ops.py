@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from ..errors import QcowError, RequestError, UnsupportedFeatureError
 from ..host.hostfile import HostFile, same_file
 from ..host.locking import lock_image
+from ..host.waiting import Pace
 from .blocks import MAX_BUFFER, differing_runs, widened
 from .extents import allocation
 from .image import Image
@@ -169,10 +170,11 @@ async def _layer_ranges(layer: Image) -> tuple[Ranges, Ranges]:
 
 
 async def commit(path: str, base: str | None = None, drop: bool = False, progress: Progress = None,
-                 passphrase: Key = None) -> None:
-    """qemu-img commit [-b BASE] [-d] PATH. With BASE the top is not emptied
-    (as qemu-img: -b implies -d, the images between are outdated).
-    PASSPHRASE: of the encrypted images of the chain."""
+                 passphrase: Key = None, rate: int = 0) -> None:
+    """qemu-img commit [-b BASE] [-d] [-r RATE] PATH. With BASE the top is not
+    emptied (as qemu-img: -b implies -d, the images between are outdated).
+    PASSPHRASE: of the encrypted images of the chain. RATE: at most that
+    many bytes of data a second (0: no limit)."""
     empty_top = not drop and base is None
     opened: list[Image] = []
     target: Image | RawTarget | None = None
@@ -196,7 +198,7 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
                   else RawTarget(base_path))
         if isinstance(target, Image):
             await target.prepare_writes()
-        await _copy_down(opened, target, progress)
+        await _copy_down(opened, target, progress, Pace(rate))
         if isinstance(target, Image):
             await target.flush()
         if empty_top:
@@ -212,7 +214,7 @@ async def commit(path: str, base: str | None = None, drop: bool = False, progres
             raise errors[0]
 
 
-async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress: Progress) -> None:
+async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress: Progress, pace: Pace) -> None:
     """What LAYERS (topmost first) show, written into TARGET: what each
     holds where the layers above it hold nothing, and zeros past the end
     of a layer shorter than the top (a read there stops at that layer, as
@@ -246,6 +248,7 @@ async def _copy_down(layers: list[Image], target: "Image | RawTarget", progress:
         else:
             for pos, n in meter.pieces(start, end):
                 await target.write(pos, await layer.read(layer.active_l1, pos, n))
+                await pace.copied(n)
     meter.finish()
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Any, Callable, Coroutine, Protocol
 from ..format.compression import compress_cluster
 from ..errors import PassphraseError, QcowError, RequestError
 from ..host.hostfile import HostFile
-from ..host.waiting import drive, in_thread
+from ..host.waiting import Pace, drive, in_thread
 from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
 from .opening import RawSource
 
@@ -342,27 +341,6 @@ async def _offloaded(src: OffloadSource, dst: OffloadTarget, offset: int, n: int
             return False
         pos += length
     return True
-
-
-class Pace:
-    """qemu-img convert -r: the copy waits after each chunk until its data
-    has taken at least a second per RATE bytes since the start (holes cost
-    nothing). The waits are short slices, so a cancel is heard soon."""
-
-    SLICE = 0.25  # seconds: the longest a cancel waits
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.done = 0
-
-    async def copied(self, n: int) -> None:
-        if not self.rate:
-            return
-        self.done += n
-        due = self.start + self.done / self.rate
-        while (left := due - time.monotonic()) > 0:
-            await in_thread(time.sleep, min(self.SLICE, left))
 
 
 class Lane:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterator, TypeVar
 
@@ -165,3 +166,25 @@ def shielded() -> Iterator[None]:
 
     with trio.CancelScope(shield=True):
         yield
+
+
+class Pace:
+    """qemu-img's -r (convert, commit): the copy waits after each piece
+    until its data has taken at least a second per RATE bytes since the
+    start (holes cost nothing; RATE 0: no wait). The waits are short
+    slices, so a cancel is heard soon."""
+
+    SLICE = 0.25  # seconds: the longest a cancel waits
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.done = 0
+
+    async def copied(self, n: int) -> None:
+        if not self.rate:
+            return
+        self.done += n
+        due = self.start + self.done / self.rate
+        while (left := due - time.monotonic()) > 0:
+            await in_thread(time.sleep, min(self.SLICE, left))
