@@ -554,3 +554,74 @@ def test_library_creates_raw(tmp_path: Path):
     with pytest.raises(lib.QcowError, match="not 'vdi'"):
         lib.create(tmp_path / "b.vdi", 1 << 20, format="vdi")
     assert not (tmp_path / "b.raw").exists() and not (tmp_path / "b.vdi").exists()
+
+
+@pytest.mark.parametrize("cluster", ["512", "4k", "8k", "64k"])
+def test_the_feature_name_table_where_qemu_writes_it(tmp_path: Path, cluster: str):
+    """QEMU writes its feature name table only for clusters over 4 KiB (eight
+    names take 392 bytes of a 512-byte header cluster): qcowfs's create and
+    its compat=1.1 amend give the header the extensions qemu-img's do; a
+    512-byte cluster image with two snapshots, so upgraded, then takes a
+    checkpoint (snapshot and bitmap: the bitmaps extension), as qemu-img
+    takes a bitmap there (the soak's seed 2439188957 was refused: the
+    header no longer fitted); and an older qcowfs image whose 512-byte
+    header holds the table loses it at its next change, as QEMU's header
+    rewrite drops it, so a bitmap fits."""
+    import struct
+    from tests.images import EXT_BITMAPS, EXT_FEATURE_TABLE, Header
+
+    def exts(name: str) -> list[int]:
+        return [e[0] for e in Header(tmp_path / name).extensions]
+
+    assert run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "q.qcow2", "1M"],
+               tmp_path).returncode == 0
+    assert qcowfs(tmp_path, "create", "-q", "-o", f"cluster_size={cluster}", "o.qcow2", "1M").returncode == 0
+    assert exts("o.qcow2") == exts("q.qcow2")
+    for who in ("q", "o"):
+        assert run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster},compat=0.10",
+                    f"{who}2.qcow2", "512"], tmp_path).returncode == 0
+        for snap in ("s1", "s2"):
+            assert run(["qemu-img", "snapshot", "-c", snap, f"{who}2.qcow2"], tmp_path).returncode == 0
+    assert run(["qemu-img", "amend", "-o", "compat=1.1", "q2.qcow2"], tmp_path).returncode == 0
+    assert qcowfs(tmp_path, "amend", "-o", "compat=1.1", "o2.qcow2").returncode == 0
+    assert exts("o2.qcow2") == exts("q2.qcow2")
+    assert run(["qemu-img", "bitmap", "--add", "q2.qcow2", "b"], tmp_path).returncode == 0
+    p = qcowfs(tmp_path, "checkpoint", "o2.qcow2", "cp")
+    assert p.returncode == 0, p.stderr
+    check(tmp_path / "o2.qcow2")
+    assert EXT_BITMAPS in exts("o2.qcow2")
+    if cluster == "512":  # (an older qcowfs wrote the table wherever it fitted)
+        h = Header(tmp_path / "o.qcow2")
+        table = run([sys.executable, "-c", "from qcowfs.format import feature_table; "
+                     "print(feature_table().data.hex())"], tmp_path)
+        assert table.returncode == 0, table.stderr
+        data = struct.pack(">II", EXT_FEATURE_TABLE, 384) + bytes.fromhex(table.stdout.strip())
+        with open(tmp_path / "o.qcow2", "r+b") as f:
+            f.seek(h.header_length)
+            f.write(data + bytes(8))
+        assert exts("o.qcow2") == [EXT_FEATURE_TABLE]
+        check(tmp_path / "o.qcow2")
+        p = qcowfs(tmp_path, "bitmap", "add", "o.qcow2", "b")
+        assert p.returncode == 0, p.stderr
+        assert exts("o.qcow2") == [EXT_BITMAPS]
+        check(tmp_path / "o.qcow2")
+
+
+def test_a_header_that_cannot_grow_is_refused_before_anything_is_written(tmp_path: Path):
+    """A 512-byte header with a backing file name of 374 bytes has no room
+    for the bitmaps extension: `bitmap add` and `checkpoint` are one line
+    and the image is byte for byte as it was (qemu-img 7.2 says it lost the
+    bitmap, exits 0 and leaves none)."""
+    d = tmp_path.joinpath(*(["d" * 90] * 4))
+    d.mkdir(parents=True)
+    base = d / "base.qcow2"
+    assert run(["qemu-img", "create", "-q", "-f", "qcow2", base, "1M"], tmp_path).returncode == 0
+    name = str(base.relative_to(tmp_path))
+    assert run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-u", "-b", name, "-F",
+                "qcow2", "top.qcow2", "1M"], tmp_path).returncode == 0
+    before = (tmp_path / "top.qcow2").read_bytes()
+    for args in (["bitmap", "add", "top.qcow2", "b"], ["checkpoint", "top.qcow2", "c"]):
+        p = qcowfs(tmp_path, *args)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "more than its cluster (512 bytes): nothing was changed" in p.stderr, p.stderr
+        assert (tmp_path / "top.qcow2").read_bytes() == before

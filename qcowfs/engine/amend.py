@@ -36,7 +36,7 @@ from ..errors import RequestError, UsageError
 from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD, CRYPT_NONE,
                       EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
                       INCOMPAT_DIRTY, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
-                      feature_table, with_extension)
+                      feature_table, wants_feature_table, with_extension)
 from .overlap import Kind
 from .references import L2Refs, walk
 
@@ -225,8 +225,11 @@ async def upgrade(image: Image) -> None:
 
 
 def _with_feature_table(h: Header, exts: list[HeaderExtension]) -> list[HeaderExtension]:
-    """EXTS with QEMU's feature name table, where the first cluster has room
-    for the version 3 header with it (as create leaves it out)."""
+    """EXTS with QEMU's feature name table, where QEMU writes one (clusters
+    over 4 KiB) and the first cluster has room for the version 3 header
+    with it (as create leaves it out)."""
+    if not wants_feature_table(3, h.cluster_size):
+        return exts
     out = with_extension(exts, EXT_FEATURE_TABLE, feature_table().data)
     upgraded = dataclasses.replace(h, version=3, header_length=V3_HEADER_LENGTH, extensions=out)
     return out if len(upgraded.pack()) <= h.cluster_size else exts

@@ -30,7 +30,8 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
                       OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Geometry, Header,
-                      HeaderExtension, encode_table, feature_table, refcount_block_of_ones, zero_table)
+                      HeaderExtension, encode_table, feature_table, refcount_block_of_ones, wants_feature_table,
+                      zero_table)
 from ..host.hostfile import same_file
 from ..host.locking import lock_image
 from .opening import chain_files, refuse_loop, resolve_backing
@@ -476,7 +477,7 @@ def build_header(o: CreateOptions, lay: Layout, crypto_bytes: int) -> Header:
     if len(h.pack()) > cs:
         raise UsageError("the backing file name and header extensions do not fit in one cluster "
                          f"of {cs} bytes")
-    if o.version >= 3:
+    if wants_feature_table(o.version, cs):
         # QEMU's feature name table, left out where the cluster has no room for it.
         with_table = dataclasses.replace(h, extensions=exts + [feature_table()])
         if len(with_table.pack()) <= cs:

@@ -20,7 +20,8 @@ import functools
 from typing import Any, Callable
 
 from ..errors import QcowError
-from ..format import BitmapDirEntry, Geometry, Header, SnapshotEntry, with_extension
+from ..format import (EXT_FEATURE_TABLE, BitmapDirEntry, Geometry, Header, SnapshotEntry, wants_feature_table,
+                     with_extension)
 from ..host.hostfile import HostFile
 from ..host.waiting import Lock, shielded
 from .mapper import L1Table
@@ -63,6 +64,26 @@ class Metadata:
 
     # ---- the header -------------------------------------------------------------
 
+    def header_with(self, snapshots: list[SnapshotEntry] | None = None,
+                    bitmap_directory: list[BitmapDirEntry] | None = None, **fields: Any) -> Header:
+        """The header `update(**FIELDS)` writes (a value may be a function of
+        the current one; the tables update takes beside them change none of
+        its bytes), checked to fit in the first cluster, so that a change
+        can ask before it writes anything. As QEMU's qcow2_update_header, a
+        header of clusters of 4 KiB or less carries no feature name table
+        (an older qcowfs wrote one wherever it fitted: it would keep a
+        bitmaps extension out)."""
+        old = self._header
+        values = {k: v(getattr(old, k)) if callable(v) else v for k, v in fields.items()}
+        values.setdefault("extensions", list(old.extensions))
+        new = dataclasses.replace(old, **values)
+        if not wants_feature_table(new.version, new.cluster_size):
+            new.extensions = with_extension(new.extensions, EXT_FEATURE_TABLE, None)
+        if (n := len(new.pack())) > self.geo.cluster_size:
+            raise QcowError(f"the header would take {n} bytes, more than its cluster ({self.geo.cluster_size} "
+                            "bytes): nothing was changed (a shorter backing file name makes room)")
+        return new
+
     async def update(self, snapshots: list[SnapshotEntry] | None = None,
                      bitmap_directory: list[BitmapDirEntry] | None = None, **fields: Any) -> None:
         """Change header fields: the whole header is packed from memory, written
@@ -76,13 +97,8 @@ class Metadata:
         its fsync would write the other's change back out."""
         async with self._update_lock:
             old = self._header
-            values = {k: v(getattr(old, k)) if callable(v) else v for k, v in fields.items()}
-            values.setdefault("extensions", list(old.extensions))
-            new = dataclasses.replace(old, **values)
-            raw = new.pack()
-            if len(raw) > self.geo.cluster_size:
-                raise QcowError("the header no longer fits in the first cluster")
-            self.file.write_sync(raw, 0)
+            new = self.header_with(**fields)
+            self.file.write_sync(new.pack(), 0)
             # The file names the new structures from this write on (every
             # reader of the file sees it): memory follows at once, whatever
             # happens to the fsync (a cancelled caller, an I/O error), or the

@@ -240,11 +240,22 @@ class Header:
         self.extensions = with_extension(self.extensions, ext_type, data)
 
 
+# QEMU writes its feature name table into version 3 headers of clusters
+# larger than this only (qcow2_update_header): eight names take 392 bytes,
+# which would leave a 512-byte cluster's header next to no room for a backing
+# file name or the bitmaps extension.
+FEATURE_TABLE_MAX_OMITTED = 4096
+
+
 def feature_table() -> HeaderExtension:
-    """QEMU's feature name table extension (every v3 header it writes has one,
-    where the first cluster has room)."""
+    """QEMU's feature name table extension."""
     return HeaderExtension(EXT_FEATURE_TABLE, b"".join(bytes([t, bit]) + name.encode().ljust(46, b"\0")
                                                        for (t, bit), name in FEATURE_NAMES_BUILTIN.items()))
+
+
+def wants_feature_table(version: int, cluster_size: int) -> bool:
+    """Whether QEMU writes its feature name table into such a header."""
+    return version >= 3 and cluster_size > FEATURE_TABLE_MAX_OMITTED
 
 
 def with_extension(extensions: list[HeaderExtension], ext_type: int,

@@ -165,6 +165,7 @@ class Transaction:
         at once; then what was staged to follow runs."""
         fields = self.fields
         alloc, meta = self.alloc, self.alloc.meta
+        meta.header_with(**fields)  # (a header that cannot be written is refused before anything is)
         geo = alloc.geo
         cs, rpb, order, per_cluster = geo.cluster_size, alloc.rpb, alloc.order, geo.cluster_size // 8
         h = meta.header
