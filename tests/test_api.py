@@ -1022,6 +1022,29 @@ def test_map_of_a_range_matches_qemu(name: str, matrix: Callable[[str], MatrixIm
         assert got == want, (start, length)
 
 
+@pytest.mark.parametrize("name", NORMAL)
+def test_human_map_is_qemu_imgs(name: str, matrix: Callable[[str], MatrixImage]) -> None:
+    """`qcowfs map IMAGE` prints what `qemu-img map IMAGE` prints: the runs of
+    data with their offsets and the file of their layer, named as qemu-img
+    names it; where qemu-img refuses (compressed or encrypted data), one line
+    and exit 1 too."""
+    m = matrix(name)
+    # (QEMU asks the host file about each run of data too, and calls zeros
+    # what SEEK_DATA calls a hole: an unwritten extent of its COW's zeroing
+    # is one until its pages are in the host's page cache; read, they are data)
+    for f in m.image.parent.iterdir():
+        if f.is_file():
+            f.read_bytes()
+    q = qemu("qemu-img", "map", m.image.name, cwd=m.image.parent)
+    p = subprocess.run([QCOWFS, "map", m.image.name], capture_output=True, text=True, cwd=m.image.parent,
+                       timeout=120)
+    assert p.returncode == q.returncode, (p.stderr, q.stderr)
+    if q.returncode == 0:
+        assert p.stdout == q.stdout
+    else:
+        assert p.stderr == "qcowfs: File contains external, encrypted or compressed clusters.\n", p.stderr
+
+
 @pytest.mark.parametrize("name", sorted(SNAPSHOTS))
 def test_snapshot_map_matches_qemu(name: str, matrix: Callable[[str], MatrixImage], tmp_path: Path) -> None:
     """`image.map(snapshot)`: QEMU has no map of a snapshot, but `qemu-img snapshot -a`

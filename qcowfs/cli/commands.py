@@ -105,18 +105,9 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_c
         print(json_text(qemu_order(live)) if as_json else render_info(live))
         return 0
     layers: list[dict[str, Any]] = []
-    name: str = image_arg
-    path: str | None = image_arg
-    while path is not None:
-        d = _layer_info(path, force_share, None if layers else fmt)
-        d["filename"] = name
+    for d in chain_info(image_arg, force_share, fmt):
         if backing_chain:
             d.pop("backing-chain", None)  # (qcowfs's own list of the layers below: each is shown here)
-        if "backing-filename" in d and "full-backing-filename" in d:
-            path = d["full-backing-filename"]
-            d["full-backing-filename"] = name = qemu_path_combine(name, d["backing-filename"])
-        else:
-            path = None
         layers.append(d)
         if not backing_chain:
             break
@@ -125,6 +116,25 @@ def cmd_info(image_arg: str, as_json: bool, force_share: bool = False, backing_c
     else:
         print("\n\n".join(render_info(d) for d in layers))
     return 0
+
+
+def chain_info(image_arg: str, force_share: bool, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+    """The info of IMAGE_ARG (FMT, else probed) and of each layer below it,
+    top first, as the caller asks for them; each named ("filename", and the
+    "full-backing-filename" of the one above) as qemu-img names it: its
+    backing file name joined to the directory of the name above (qemu-img's
+    path_combine)."""
+    name: str = image_arg
+    path: str | None = image_arg
+    while path is not None:
+        d = _layer_info(path, force_share, fmt if path is image_arg else None)
+        d["filename"] = name
+        if "backing-filename" in d and "full-backing-filename" in d:
+            path = d["full-backing-filename"]
+            d["full-backing-filename"] = name = qemu_path_combine(name, d["backing-filename"])
+        else:
+            path = None
+        yield d
 
 
 def _qcow2_info(path: str, force_share: bool) -> dict[str, Any]:
@@ -365,12 +375,43 @@ def cmd_map(a: argparse.Namespace) -> int:
         for e in entries:
             print(f"{e['offset']:>14} {e['length']:>14} {e['type']:>4}  {e['description']}")
     else:
-        print(f"{'Offset':<16}{'Length':<16}{'Depth':<6}{'Kind':<12}Mapped to")
-        for e in entries:
-            kind = "data" if e["data"] else "zero" if e["present"] else "unallocated"
-            print(f"{e['start']:<#16x}{e['length']:<#16x}{e['depth']:<6}{kind:<12}"
-                  + (f"{e['offset']:#x}" if "offset" in e else "-"))
+        sys.stdout.write(_human_map(entries, _layer_names(a.target, a.force_share)))
     return 0
+
+
+def _human_map(entries: list[dict[str, Any]], names: list[str]) -> str:
+    """`qemu-img map`'s human output of ENTRIES: each run of data with the
+    offset it has in the file of its layer (NAMES by depth); zeros and holes
+    are left out, and a run whose data has no offset in a file (compressed,
+    encrypted) is qemu-img's error."""
+    def hex_c(n: int) -> str:  # (C's %#x: 0 without the 0x)
+        return f"{n:#x}" if n else "0"
+
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in entries:
+        if e["data"] and "offset" not in e:
+            raise QcowError("File contains external, encrypted or compressed clusters.")
+        if e["data"] and not e["zero"]:
+            lines.append(f"{hex_c(e['start']):<16}{hex_c(e['length']):<16}{hex_c(e['offset']):<16}"
+                         f"{names[e['depth']] if e['depth'] < len(names) else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def _layer_names(target: str, force_share: bool) -> list[str]:
+    """The file that holds the data of each layer of TARGET's chain, by depth,
+    as qemu-img map names it: the layer, or its external data file (a mount
+    point: the served image and its layers, as the daemon names them)."""
+    if os.path.isdir(target):
+        from ..service import control
+
+        live = control.request(target, "info")["info"]
+        return [live.get("filename", target), *live.get("backing-chain", [])]
+    names = []
+    for d in chain_info(target, force_share):
+        data_file = d.get("format-specific", {}).get("data", {}).get("data-file")
+        # (a layer's data lies in its external data file, named beside it)
+        names.append(qemu_path_combine(d["filename"], data_file) if data_file else d["filename"])
+    return names
 
 
 def _map_bound(text: str, what: str) -> int:
