@@ -14,7 +14,7 @@ _qcowfs_spec() {
         info) _qcowfs_opts='-h --help -f --json --output --backing-chain -U --force-share' _qcowfs_valued='-f=choices:qcow2|raw --output=choices:human|json' _qcowfs_positionals='images' ;;
         check) _qcowfs_opts='-h --help --repair -r --json --output -U --force-share -f -T -q --quiet' _qcowfs_valued='-r=choices:leaks|all --output=choices:human|json -f=choices:qcow2|raw -T=files' _qcowfs_positionals='images' ;;
         snapshot) _qcowfs_opts='-h --help --json -U --force-share -q --quiet' _qcowfs_valued='' _qcowfs_positionals='choices:create|delete|apply|list images none' ;;
-        bitmap) _qcowfs_opts='-h --help -g --granularity --disable --json -U --force-share -q --quiet' _qcowfs_valued='-g=none --granularity=none' _qcowfs_positionals='choices:add|remove|clear|enable|disable|merge|list images none none+' ;;
+        bitmap) _qcowfs_opts='-h --help -g --granularity --disable --json -U --force-share -b -F -q --quiet' _qcowfs_valued='-g=none --granularity=none -b=files -F=choices:qcow2' _qcowfs_positionals='choices:add|remove|clear|enable|disable|merge|list images none none+' ;;
         checkpoint) _qcowfs_opts='-h --help --json -q --quiet' _qcowfs_valued='' _qcowfs_positionals='images none' ;;
         map) _qcowfs_opts='-h --help --snapshot --bitmap --output --start-offset --max-length -U --force-share -f' _qcowfs_valued='--snapshot=none --bitmap=none --output=choices:human|json --start-offset=files --max-length=files -f=choices:qcow2' _qcowfs_positionals='images' ;;
         create) _qcowfs_opts='-h --help -f -o -b -F -u --key-file -q --quiet' _qcowfs_valued='-f=files -o=mountopts -b=files -F=files --key-file=files' _qcowfs_positionals='images none' ;;

@@ -569,11 +569,20 @@ class Image:
         """Stop bitmap NAME tracking writes; its bits are kept."""
         await self._engine.change_bitmap(name, "disable")
 
-    async def merge_bitmaps(self, dest: str, *sources: str) -> None:
-        """Add the bits of every SOURCE bitmap (any granularity) to DEST."""
+    async def merge_bitmaps(self, dest: str, *sources: str,
+                            source_image: str | os.PathLike[str] | None = None) -> None:
+        """Add the bits of every SOURCE bitmap (any granularity) to DEST; with
+        SOURCE_IMAGE, SOURCES are bitmaps of that image (qemu-img bitmap
+        --merge -b), opened read-only here, of a disk of the same size."""
         if not sources:
             raise UsageError("merge_bitmaps needs at least one source bitmap")
-        await self._engine.change_bitmap(dest, "merge", list(sources))
+        if source_image is None or same_file(os.fspath(source_image), self.path):
+            await self._engine.change_bitmap(dest, "merge", list(sources))
+            return
+        async with Image(source_image, "r", require_backing=False) as other:
+            external = [(find_bitmap(other._engine.bitmaps, name), await other.bitmap_bits(name))
+                        for name in sources]
+        await self._engine.change_bitmap(dest, "merge", external=external)
 
     async def checkpoint(self, name: str) -> Checkpoint:
         """In one commit at one instant: snapshot NAME, a frozen copy B@NAME of

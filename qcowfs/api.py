@@ -346,8 +346,8 @@ class Image:
     def disable_bitmap(self, name: str) -> None:
         self._call(self._aio.disable_bitmap, name)
 
-    def merge_bitmaps(self, dest: str, *sources: str) -> None:
-        self._call(self._aio.merge_bitmaps, dest, *sources)
+    def merge_bitmaps(self, dest: str, *sources: str, source_image: str | os.PathLike[str] | None = None) -> None:
+        self._call(functools.partial(self._aio.merge_bitmaps, dest, *sources, source_image=source_image))
 
     def checkpoint(self, name: str) -> Checkpoint:
         return self._call(self._aio.checkpoint, name)

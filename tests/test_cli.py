@@ -446,6 +446,46 @@ def test_map_range_options_as_qemu_img(tmp_path: Path) -> None:
     assert_clean_failure(qcowfs("map", "--start-offset=1M", tmp_path), "")
 
 
+def test_bitmap_merge_from_another_image(tmp_path: Path) -> None:
+    """`bitmap --merge SOURCE -b SOURCE_FILE -F qcow2 IMAGE NAME` (qemu-img's):
+    the bits of another image's bitmap (another granularity too) added to
+    NAME, as qemu-img adds them, offline and through a writable mount (the
+    daemon opens SOURCE_FILE); a source of another disk size, a missing
+    source bitmap, or -b with another action is one line, nothing changed."""
+    def q(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([QCOWFS, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    def qimg(*args: object) -> None:
+        subprocess.run(["qemu-img", *map(str, args)], cwd=tmp_path, check=True, capture_output=True)
+
+    for img, size in (("src.qcow2", "4M"), ("ours.qcow2", "4M"), ("theirs.qcow2", "4M"), ("big.qcow2", "8M")):
+        qimg("create", "-q", "-f", "qcow2", img, size)
+    qimg("bitmap", "--add", "-g", "4096", "src.qcow2", "b")
+    subprocess.run(["qemu-io", "-c", "write 1M 64k", "-c", "write 3M 5000", "src.qcow2"], cwd=tmp_path,
+                   check=True, capture_output=True)
+    for img in ("ours.qcow2", "theirs.qcow2", "big.qcow2"):
+        qimg("bitmap", "--add", img, "dst")
+    p = q("bitmap", "--merge", "b", "-b", "src.qcow2", "-F", "qcow2", "ours.qcow2", "dst")
+    assert (p.returncode, p.stderr) == (0, ""), p.stderr
+    qimg("bitmap", "--merge", "b", "-b", "src.qcow2", "-F", "qcow2", "theirs.qcow2", "dst")
+    dirty = q("map", "--bitmap", "dst", "--output=json", "theirs.qcow2").stdout
+    assert q("map", "--bitmap", "dst", "--output=json", "ours.qcow2").stdout == dirty
+    assert '"description": "dirty"' in dirty
+    for args in (["bitmap", "--merge", "b", "-b", "src.qcow2", "big.qcow2", "dst"],
+                 ["bitmap", "--merge", "nosuch", "-b", "src.qcow2", "ours.qcow2", "dst"],
+                 ["bitmap", "add", "-b", "src.qcow2", "ours.qcow2", "x"]):
+        before = {f: (tmp_path / f).read_bytes() for f in ("big.qcow2", "ours.qcow2", "src.qcow2")}
+        assert_clean_failure(q(*args))
+        assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    qimg("create", "-q", "-f", "qcow2", "live.qcow2", "4M")
+    qimg("bitmap", "--add", "live.qcow2", "dst")
+    with mounted(tmp_path / "live.qcow2", tmp_path / "mnt", read_only=False) as mnt:
+        p = q("bitmap", "merge", mnt, "dst", "b", "-b", "src.qcow2")
+        assert (p.returncode, p.stderr) == (0, ""), p.stderr
+    assert q("map", "--bitmap", "dst", "--output=json", "live.qcow2").stdout == dirty
+    qimg("check", "live.qcow2")
+
+
 def test_qemu_img_snapshot_and_bitmap_flags(tmp_path: Path) -> None:
     """qemu-img's spellings: `snapshot -c NAME IMAGE`, `-l`, `-a`, `-d`, and
     `bitmap --add IMAGE NAME`, `--merge SOURCE IMAGE NAME`, `--disable`,

@@ -327,10 +327,14 @@ def cmd_bitmap(a: argparse.Namespace) -> int:
     if a.action == "add":
         request.update(granularity=parse_size(a.granularity) if a.granularity else None,
                        enabled=not a.disable)
+    if (a.source_file is not None or a.source_format is not None) and a.action != "merge":
+        raise UsageError("-b and -F name the image of merge's SOURCE bitmaps")
     if a.action == "merge":
         if not a.sources:
             raise UsageError("bitmap merge needs NAME and at least one SOURCE bitmap to merge into it")
         request["sources"] = a.sources
+        if a.source_file is not None:  # (absolute: a mount's daemon opens it from its own directory)
+            request["source_image"] = os.path.abspath(a.source_file)
     cmd_manage(a.target, request, writes=True)
     return 0
 

@@ -151,6 +151,10 @@ def _bitmap_parser(sub: Sub) -> None:
     bm.add_argument("--json", action="store_true", help="list: machine-readable")
     bm.add_argument("-U", "--force-share", action="store_true",
                     help="list: take no lock (an image that a VM holds)")
+    bm.add_argument("-b", dest="source_file", metavar="SOURCE_FILE",
+                    help="merge: the SOURCE bitmaps are those of this image (of a disk of TARGET's size), "
+                         "as qemu-img bitmap --merge -b")
+    bm.add_argument("-F", dest="source_format", choices=("qcow2",), help="merge: SOURCE_FILE's format")
 
 
 def _checkpoint_parser(sub: Sub) -> None:

@@ -302,8 +302,10 @@ def plan_copies(meta: Metadata, bitmaps: list[Bitmap], copies: Sequence[tuple[Bi
 
 
 async def plan_change(meta: Metadata, bitmaps: list[Bitmap], name: str, action: str,
-                      sources: Sequence[str] = ()) -> tuple[list[Plan], list[Bitmap]]:
-    """Plans for remove, clear, enable, disable and merge of bitmap NAME."""
+                      sources: Sequence[str] = (),
+                      external: Sequence[tuple[Bitmap, bytes]] = ()) -> tuple[list[Plan], list[Bitmap]]:
+    """Plans for remove, clear, enable, disable and merge of bitmap NAME (the
+    SOURCES of this image; EXTERNAL: bitmaps of another image, with their bits)."""
     target = find(bitmaps, name)
     plans = [keep(b) for b in bitmaps if b is not target]
     index = bitmaps.index(target)
@@ -320,12 +322,17 @@ async def plan_change(meta: Metadata, bitmaps: list[Bitmap], name: str, action: 
         p = (Plan(target, target.entry.flags & ~(BME_AUTO | BME_IN_USE), store=bytearray(target.bits))
              if target.bits is not None else Plan(target, target.entry.flags & ~BME_AUTO))
     elif action == "merge":
-        if not sources:
+        if not sources and not external:
             raise RequestError("merge needs at least one source bitmap")
         bits = await current_bits(meta, target)
         for s in sources:
             src = usable(find(bitmaps, s))
             _merge_into(bits, target, await current_bits(meta, src), src)
+        for src, src_bits in external:
+            if src.virtual_size != target.virtual_size:
+                raise RequestError(f"bitmaps of disks of different sizes cannot be merged ('{target.name}' "
+                                   f"covers {target.virtual_size} bytes, '{src.name}' {src.virtual_size})")
+            _merge_into(bits, target, bytearray(src_bits), src)
         p = (Plan(target, target.entry.flags, tracked=bits) if target.tracked
              else Plan(target, target.entry.flags, store=bits))
     else:

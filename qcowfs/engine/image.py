@@ -699,12 +699,15 @@ class Image:
             await bitmap_ops.stage(self.meta, txn, plans, [], self._adopt_bitmaps)
             await txn.commit()
 
-    async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None) -> None:
-        """remove, clear, enable, disable, or merge SOURCES into bitmap NAME."""
+    async def change_bitmap(self, name: str, action: str, sources: list[str] | None = None,
+                            external: list[tuple[Bitmap, bytes]] | None = None) -> None:
+        """remove, clear, enable, disable, or merge SOURCES (and EXTERNAL:
+        another image's bitmaps, with their bits) into bitmap NAME."""
         from . import bitmap_ops
         from .refcount import Transaction
         async with self.exclusive() as alloc, Transaction(alloc) as txn:
-            plans, removed = await bitmap_ops.plan_change(self.meta, self.bitmaps, name, action, sources or [])
+            plans, removed = await bitmap_ops.plan_change(self.meta, self.bitmaps, name, action, sources or [],
+                                                          external or [])
             await bitmap_ops.stage(self.meta, txn, plans, removed, self._adopt_bitmaps)
             await txn.commit()
 

@@ -127,10 +127,11 @@ class Manager:
     async def bitmap_disable(self, name: str) -> dict[str, Any]:
         return await self._changed(self.image.disable_bitmap(str(name)))
 
-    async def bitmap_merge(self, name: str, sources: list[str]) -> dict[str, Any]:
+    async def bitmap_merge(self, name: str, sources: list[str], source_image: str | None = None) -> dict[str, Any]:
         if not isinstance(sources, list):
             raise RequestError("bad request 'bitmap-merge': sources must be a list")
-        return await self._changed(self.image.merge_bitmaps(str(name), *[str(s) for s in sources]))
+        return await self._changed(self.image.merge_bitmaps(
+            str(name), *[str(s) for s in sources], source_image=str(source_image) if source_image else None))
 
     # ---- checkpoints -----------------------------------------------------------------------
 
