@@ -203,7 +203,7 @@ def test_refusals_of_the_command_line(tmp_path: Path):
     img = images.create(tmp_path / "a.qcow2", 8 * MiB)
     before = img.read_bytes()
     for args, says in ((["amend", img], "-o"), (["amend", "-f", "raw", "-o", "compat=1.1", img], "qcow2 images only"),
-                       (["amend", "-o", "encrypt.new-secret=s", img], "--new-key-file"),
+                       (["amend", "-o", "encrypt.new-secret=s", img], "no secret with id 's'"),
                        (["amend", "-o", "lazy_refcounts=maybe", img], "'on' or 'off'"),
                        (["amend", "-o", "compat", img], "NAME=VALUE"),
                        (["amend", "-o", "nonsense=1", img], "invalid parameter"),

@@ -540,11 +540,37 @@ def create_keywords(options: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def key_source(key_files: list[str] | None) -> Keyring:
-    """The passphrases of the images a command opens: its --key-file FILEs
-    (each tried in order on each encrypted image), else a prompt on a terminal."""
-    from ..host.secret import passphrase_source
+# qemu-img's -o option naming the new image's passphrase by the id of a --object secret.
+KEY_SECRET = "encrypt.key-secret"
 
+
+def secrets(objects: list[str] | None) -> dict[str, bytes]:
+    """The passphrases of a command's --object secret,... options, by id."""
+    from ..host.secret import secret_object
+
+    return dict(secret_object(spec) for spec in objects or ())
+
+
+def secret_named(objects: list[str] | None, option: str, ident: str) -> bytes:
+    """The passphrase -o OPTION=IDENT names (qemu-img's encrypt.key-secret=...):
+    the --object secret of that id."""
+    given = secrets(objects)
+    if ident not in given:
+        raise UsageError(f"{option}={ident}: no secret with id '{ident}' (give it with "
+                         f"--object secret,id={ident},file=FILE)")
+    return given[ident]
+
+
+def key_source(key_files: list[str] | None, objects: list[str] | None = None) -> Keyring:
+    """The passphrases of the images a command opens: its --object secrets
+    and --key-file FILEs (each tried in order on each encrypted image), else a
+    prompt on a terminal."""
+    from ..host.secret import Keyring, passphrase_source
+
+    keys = list(secrets(objects).values())
+    if keys:
+        return Keyring(passphrases=keys, key_files=key_files or (),
+                       missing="{image} is encrypted and none of the passphrases given opens it")
     return passphrase_source(key_files or (), options="--key-file FILE")
 
 
@@ -558,7 +584,12 @@ def cmd_create(a: argparse.Namespace) -> int:
     from .text import formatting_line
 
     given = parse_qemu_options(a.options)
-    kw = create_keywords(given)
+    kw = create_keywords({k: v for k, v in given.items() if k != KEY_SECRET})
+    new_key: Any = key_source(a.key_file)
+    if KEY_SECRET in given:
+        if a.key_file:
+            raise UsageError(f"give the new image's passphrase once: {KEY_SECRET} or --key-file")
+        new_key = secret_named(a.objects, KEY_SECRET, given[KEY_SECRET])
     if a.backing is not None:
         kw["backing_file"] = given["backing_file"] = a.backing
     if a.backing_format is not None:
@@ -573,8 +604,8 @@ def cmd_create(a: argparse.Namespace) -> int:
             raise UsageError("a raw image is not encrypted: --key-file has no use")
         qcowfs.create(a.image, size, format="raw", **kw)
     else:
-        qcowfs.create(a.image, size, passphrase=key_source(a.key_file), unsafe=a.unsafe, **kw)
-    shown = {name: str(parse_size(value)) if CREATE_OPTIONS[name] == "size" else value
+        qcowfs.create(a.image, size, passphrase=new_key, unsafe=a.unsafe, **kw)
+    shown = {name: str(parse_size(value)) if CREATE_OPTIONS.get(name) == "size" else value
              for name, value in given.items()}
     # (without SIZE, the backing file's size: read back from the new image)
     shown["size"] = str(size if size is not None else _qcow2_info(a.image, False)["virtual-size"])
@@ -589,7 +620,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     if a.skip_create and a.options:  # (before -o's backing_file= becomes -B's)
         raise UsageError("-o has no effect when skipping image creation (-n), as in qemu-img")
-    kw = create_keywords(parse_qemu_options(a.options))
+    given = parse_qemu_options(a.options)
+    kw = create_keywords({k: v for k, v in given.items() if k != KEY_SECRET})
     if "size" in kw:
         raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
     # -o backing_file=/backing_fmt= say what -B/-F say; -B/-F win, as in qemu-img (and create)
@@ -606,9 +638,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise UsageError("-m: the number of requests must be between 1 and 16 (as in qemu-img)")
     if a.source_cache is not None:
         aio.check_cache_mode(a.source_cache, "-T")
-    source_key = key_source(a.key_file)
+    source_key = key_source(a.key_file, a.objects)
     # (a new encrypted image's passphrase, or -n's existing target's)
-    target_key = key_source(a.target_key_file) if kw.get("encrypt_format") or a.skip_create else None
+    target_key: Any = key_source(a.target_key_file) if kw.get("encrypt_format") or a.skip_create else None
+    if KEY_SECRET in given:
+        if a.target_key_file:
+            raise UsageError(f"give the new image's passphrase once: {KEY_SECRET} or --target-key-file")
+        target_key = secret_named(a.objects, KEY_SECRET, given[KEY_SECRET])
     with progress_printer(a.progress) as progress:
         drive(aio.convert(
             a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,
@@ -633,7 +669,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         with progress_printer(a.progress) as progress:
             found = drive(aio.compare(a.first, a.second, first_format=a.first_format,
                                       second_format=a.second_format, strict=a.strict,
-                                      force_share=a.force_share, passphrase=key_source(a.key_file),
+                                      force_share=a.force_share, passphrase=key_source(a.key_file, a.objects),
                                       progress=progress))
     except (QcowError, OSError) as e:
         print(f"qcowfs: {e if isinstance(e, QcowError) else (e.strerror or e)}", file=sys.stderr)

@@ -51,6 +51,7 @@ def amend_parser(sub: Any) -> None:
     m.add_argument("--force", action="store_true",
                    help="overwrite an active key slot, erase an inactive one, or erase the last active one "
                         "(the data is then lost for good), as qemu-img --force")
+    object_flag(m)
     m.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of an encrypted IMAGE (every byte of FILE; else asked on a terminal)")
     m.add_argument("--new-key-file", metavar="FILE",
@@ -78,6 +79,15 @@ def qemu_img_flags(p: Any, what: str, fmt: tuple[str, ...] = ("qcow2",), cache: 
                        help="qemu-img's cache mode of the images read: checked, no effect")
 
 
+def object_flag(p: Any) -> None:
+    """qemu-img's --object, for secrets: a command line that gives its
+    passphrases so runs as it is."""
+    p.add_argument("--object", dest="objects", metavar="OBJECTDEF", action="append",
+                   help="qemu-img's secret: secret,id=ID,data=PASSPHRASE or secret,id=ID,file=FILE "
+                        "(format=base64 too); tried on encrypted images as a --key-file is, and named by "
+                        "-o encrypt.key-secret=ID (and amend's encrypt.new-secret, encrypt.old-secret)")
+
+
 def check_cache_flags(a: argparse.Namespace) -> None:
     """The cache modes given with qemu_img_flags' -t and -T, checked as qemu-img checks them."""
     from ..aio import check_cache_mode
@@ -98,6 +108,7 @@ def commit_parser(sub: Any) -> None:
     c.add_argument("-r", dest="rate_limit", metavar="RATE",
                    help="write at most RATE bytes of data a second (suffixes k, M, G...), as qemu-img -r")
     qemu_img_flags(c, "OVERLAY", cache=True)
+    object_flag(c)
     c.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of encrypted images of the chain (every byte of FILE; else asked on a "
                         "terminal); again for layers with other keys: each is tried in order")
@@ -118,6 +129,7 @@ def rebase_parser(sub: Any) -> None:
     b.add_argument("-U", "--force-share", action="store_true",
                    help="open NEW without locks (as qemu-img -U)")
     qemu_img_flags(b, "IMAGE", cache=True, source_cache=True)
+    object_flag(b)
     b.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of encrypted images (every byte of FILE; else asked on a terminal); "
                         "again for images with other keys (old and new backing files): each is tried in order")
@@ -173,7 +185,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
 def cmd_amend(a: argparse.Namespace) -> int:
     """qemu-img amend -f qcow2 -o OPTIONS."""
     from .. import api, aio
-    from .commands import key_source, parse_qemu_options
+    from .commands import key_source, parse_qemu_options, secret_named
 
     if a.format is not None and a.format != "qcow2":
         raise UsageError(f"qcowfs amends qcow2 images only, not '{a.format}'")
@@ -185,10 +197,12 @@ def cmd_amend(a: argparse.Namespace) -> int:
         raise UsageError("nothing to amend: give the options with -o (as qemu-img asks)")
     kw: dict[str, Any] = {}
     kinds = aio.AMEND_OPTIONS
+    named = {name: secret_named(a.objects, name, options.pop(name))
+             for name in ("encrypt.new-secret", "encrypt.old-secret", "encrypt.key-secret") if name in options}
+    if "encrypt.new-secret" in named and a.new_key_file is not None \
+            or "encrypt.old-secret" in named and a.old_key_file is not None:
+        raise UsageError("give each passphrase once: a secret (-o encrypt.*-secret) or a key file")
     for name, value in options.items():
-        if name in ("encrypt.new-secret", "encrypt.old-secret", "encrypt.key-secret"):
-            raise UsageError(f"{name}: qcowfs takes passphrases from --new-key-file, --old-key-file and "
-                             "--key-file (or a prompt)")
         kind = kinds.get(name)
         if kind is None:
             if name in aio.CREATE_OPTIONS:
@@ -196,15 +210,20 @@ def cmd_amend(a: argparse.Namespace) -> int:
             raise UsageError(f"invalid parameter '{name}' for qcow2 (known: {', '.join(kinds)})")
         # (sizes with their suffixes as numbers; on/off and numbers as text the library checks)
         kw[name.replace(".", "_").replace("-", "_")] = parse_size(value) if kind == "size" else value
-    new_passphrase = None
-    if kw.get("encrypt_state") == "active" and a.new_key_file is None:
+    new_passphrase = named.get("encrypt.new-secret")
+    if kw.get("encrypt_state") == "active" and a.new_key_file is None and new_passphrase is None:
         if not sys.stdin.isatty():
             raise UsageError("encrypt.state=active needs the new passphrase: give it with --new-key-file FILE, "
                              "or run from a terminal to be asked")
         from ..host.secret import prompt_new
         new_passphrase = prompt_new(a.image)
-    api.amend(a.image, **kw, force=a.force, passphrase=key_source(a.key_file), new_passphrase=new_passphrase,
-              new_key_file=a.new_key_file, old_key_file=a.old_key_file)
+    current = key_source(a.key_file, a.objects)
+    if "encrypt.key-secret" in named:
+        from ..host.secret import Keyring
+        current = Keyring(passphrases=[named["encrypt.key-secret"]], key_files=a.key_file or ())
+    api.amend(a.image, **kw, force=a.force, passphrase=current, new_passphrase=new_passphrase,
+              new_key_file=a.new_key_file, old_key_file=a.old_key_file,
+              **({"old_passphrase": named["encrypt.old-secret"]} if "encrypt.old-secret" in named else {}))
     return 0
 
 
@@ -216,7 +235,7 @@ def cmd_commit(a: argparse.Namespace) -> int:
     rate = parse_size(a.rate_limit, zero=True) if a.rate_limit is not None else 0
     with progress_printer(a.progress) as progress:
         api.commit(a.overlay, a.base, drop=a.drop, progress=progress,
-                   passphrase=key_source(a.key_file), rate_limit=rate)
+                   passphrase=key_source(a.key_file, a.objects), rate_limit=rate)
     print("Image committed.")
     return 0
 
@@ -228,5 +247,5 @@ def cmd_rebase(a: argparse.Namespace) -> int:
     check_cache_flags(a)
     with progress_printer(a.progress) as progress:
         api.rebase(a.image, a.backing, backing_format=a.backing_fmt, unsafe=a.unsafe, progress=progress,
-                   force_share=a.force_share, passphrase=key_source(a.key_file))
+                   force_share=a.force_share, passphrase=key_source(a.key_file, a.objects))
     return 0

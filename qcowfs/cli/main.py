@@ -23,7 +23,7 @@ from ..host.logs import hold
 from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_compare, cmd_convert, cmd_create,
                        cmd_info, cmd_map, cmd_measure, cmd_snapshot, die, print_option_help)
 from .lifecycle import (amend_parser, check_cache_flags, cmd_amend, cmd_commit, cmd_rebase, cmd_resize, commit_parser,
-                        qemu_img_flags, rebase_parser, resize_parser)
+                        object_flag, qemu_img_flags, rebase_parser, resize_parser)
 
 
 # ---- argument parsing -------------------------------------------------------------
@@ -227,6 +227,7 @@ def _create_parser(sub: Sub) -> None:
     cr.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to IMAGE's directory)")
     cr.add_argument("-F", dest="backing_format", metavar="FMT", help="backing file format: qcow2 or raw")
     cr.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file (SIZE needed)")
+    object_flag(cr)
     cr.add_argument("--key-file", metavar="FILE", action="append",
                     help="LUKS passphrase (every byte of FILE; else asked on a terminal)")
 
@@ -275,6 +276,7 @@ def _convert_parser(sub: Sub) -> None:
                          "every core)")
     cv.add_argument("-U", "--force-share", action="store_true",
                     help="read SRC whatever holds it (as qemu-img -U)")
+    object_flag(cv)
     cv.add_argument("--key-file", metavar="FILE", action="append",
                     help="passphrase of an encrypted SRC, its backing files and -B's file (else asked); "
                          "again for those with other keys: each is tried in order")
@@ -317,6 +319,7 @@ def _compare_parser(sub: Sub) -> None:
                    help="take no lock: compare images that a VM or a mount holds")
     c.add_argument("-T", dest="source_cache", metavar="CACHE",
                    help="qemu-img's cache mode of the images: checked, no effect here")
+    object_flag(c)
     c.add_argument("--key-file", metavar="FILE", action="append",
                    help="passphrase of an encrypted image or backing file (else asked); again for "
                         "those with other keys: each is tried in order")
@@ -473,6 +476,9 @@ def _main(argv: list[str]) -> int:
             a.command = argv[0]
         else:
             a = build_parser().parse_args(argv)
+        if getattr(a, "objects", None):  # (every --object checked before anything is done, as qemu-img)
+            from .commands import secrets
+            secrets(a.objects)
         if getattr(a, "quiet", False):
             import contextlib
 

@@ -49,7 +49,7 @@ def qemu_order(value: Any) -> Any:
 # (QEMU's list of creation options of the format, then of the file), and the
 # defaults it lists when they are not given.
 CREATE_LINE_ORDER = {
-    "qcow2": ("encrypt.format", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
+    "qcow2": ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
               "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", "cluster_size", "extended_l2",
               "preallocation", "compression_type", "size", "compat", "backing_file", "backing_fmt", "data_file",
               "data_file_raw", "lazy_refcounts", "refcount_bits"),

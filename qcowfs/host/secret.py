@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable, Iterable, Iterator
 
-from ..errors import PassphraseError
+from ..errors import PassphraseError, UsageError
 from .logs import log
 
 
@@ -35,6 +35,44 @@ def read_key_file(path: str) -> bytes:
     if len(data) > MAX_KEY_FILE:
         raise PassphraseError(f"the key file {path} is larger than {MAX_KEY_FILE} bytes")
     return data
+
+
+def secret_object(spec: str) -> tuple[str, bytes]:
+    """qemu-img's `--object secret,id=ID,data=TEXT` or `...,file=PATH` (with
+    format=raw, the default, or base64): (ID, the passphrase's bytes), so a
+    qemu-img command line that names its passphrase so runs as it is (the
+    file read as --key-file reads one). Other object types are refused, as
+    qemu-img refuses what it has no use for."""
+    import base64
+    import binascii
+
+    kind, _, rest = spec.partition(",")
+    fields: dict[str, str] = {}
+    for part in filter(None, rest.split(",")):
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise UsageError(f"--object {spec}: '{part}' is not NAME=VALUE")
+        fields[name] = value
+    if kind.removeprefix("qom-type=") != "secret":
+        raise UsageError(f"--object: invalid object type '{kind}' (qcowfs takes secret objects: "
+                         "secret,id=ID,data=PASSPHRASE or secret,id=ID,file=PATH)")
+    unknown = set(fields) - {"id", "data", "file", "format"}
+    if unknown:
+        raise UsageError(f"--object {spec}: unknown property '{sorted(unknown)[0]}' (id, data, file, format)")
+    if not fields.get("id"):
+        raise UsageError(f"--object {spec}: a secret needs an id")
+    if ("data" in fields) == ("file" in fields):
+        raise UsageError(f"--object {spec}: give the secret's data= or its file=, one of them")
+    raw = fields["data"].encode() if "data" in fields else read_key_file(fields["file"])
+    fmt = fields.get("format", "raw")
+    if fmt == "base64":
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError(f"--object secret id={fields['id']}: its data is not base64") from None
+    elif fmt != "raw":
+        raise UsageError(f"--object secret id={fields['id']}: format must be raw or base64, not '{fmt}'")
+    return fields["id"], raw
 
 
 def credential_path(name: str) -> str:
