@@ -309,3 +309,30 @@ def test_backing_name_is_a_c_string(damage: str, tmp_path: Path) -> None:
     p = qcowfs("check", "--repair", top)
     assert p.returncode == 0, p.stdout + p.stderr
     assert {k: v for k, v in info(top).items() if k in keys} == want
+
+
+def test_a_raw_backing_file_that_holds_a_qcow2_image(tmp_path: Path) -> None:
+    """The header names the backing file's format (raw): a raw disk whose
+    bytes start with the qcow2 magic (a qcow2 image stored in it) is shown
+    as raw in --backing-chain and map, as qemu-img shows it (it was probed,
+    and shown as the qcow2 image inside)."""
+    create(tmp_path / "inner.qcow2", MiB)
+    with open(tmp_path / "base.raw", "wb") as f:
+        f.write((tmp_path / "inner.qcow2").read_bytes())
+        f.truncate(2 * MiB)
+    create(tmp_path / "top.qcow2", 2 * MiB, backing="base.raw", backing_fmt="raw")
+    for args in (["info", "--backing-chain"], ["info", "--backing-chain", "--output=json"], ["map"]):
+        q = subprocess.run(["qemu-img", *args, "top.qcow2"], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=60)
+        p = subprocess.run([QCOWFS, *args, "top.qcow2"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert (p.returncode, p.stderr) == (0, "") and q.returncode == 0, p.stderr
+        ours = p.stdout
+        if "--output=json" in args:
+            layers = json.loads(ours)
+            for layer in layers:
+                layer.pop("backing-chain", None)
+                layer.get("format-specific", {}).get("data", {}).pop("dirty", None)
+            assert layers == json.loads(q.stdout)
+        else:
+            assert [line for line in ours.splitlines() if not line.startswith("backing chain [")] == \
+                q.stdout.splitlines(), (args, ours, q.stdout)

@@ -127,9 +127,11 @@ def chain_info(image_arg: str, force_share: bool, fmt: str | None = None) -> Ite
     name: str = image_arg
     path: str | None = image_arg
     while path is not None:
-        d = _layer_info(path, force_share, fmt if path is image_arg else None)
+        d = _layer_info(path, force_share, fmt)
         d["filename"] = name
         if "backing-filename" in d and "full-backing-filename" in d:
+            # (the format the header names, else probed as qemu-img probes a backing file)
+            fmt = d.get("backing-filename-format")
             path = d["full-backing-filename"]
             d["full-backing-filename"] = name = qemu_path_combine(name, d["backing-filename"])
         else:
