@@ -703,13 +703,13 @@ async def info(path: str | os.PathLike[str], *, format: str | None = None,
 
 
 async def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False, format: str | None = None,
-                 preallocation: str = "off") -> None:
-    """`qemu-img resize PATH SIZE` of a qcow2 image (as `Image.resize`) or a
-    raw file (cut or extended to exactly SIZE bytes; its disk is that in
-    whole sectors). A size below the disk's needs SHRINK (--shrink).
-    PREALLOCATION ("falloc", "full": a raw file's grown tail reserved or
-    written with zeros; only "off" for a qcow2 image here). FORMAT as
-    qemu-img's -f, else probed."""
+                 preallocation: str = "off", passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
+    """`qemu-img resize PATH SIZE` of a qcow2 image (as `Image.resize`;
+    PASSPHRASE / KEY_FILE open an encrypted one) or a raw file (cut or
+    extended to exactly SIZE bytes; its disk is that in whole sectors). A
+    size below the disk's needs SHRINK (--shrink). PREALLOCATION ("falloc",
+    "full": a raw file's grown tail reserved or written with zeros; only
+    "off" for a qcow2 image here). FORMAT as qemu-img's -f, else probed."""
     path = os.fspath(path)
     fmt = format if format is not None else _probe(path)
     if fmt == "raw":
@@ -722,7 +722,7 @@ async def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = Fals
     if preallocation != "off":
         raise UsageError(f"preallocation={preallocation} on resize is for raw images here: a qcow2 image's "
                          "grown area is left unallocated (it reads zeros)")
-    async with Image(path, "r+") as image:
+    async with Image(path, "r+", passphrase=passphrase, key_file=key_file) as image:
         await image.resize(size, shrink=shrink)
 
 
