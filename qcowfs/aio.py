@@ -881,7 +881,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
                   compress_threads: int | None = None, skip_create: bool = False, target_is_zero: bool = False,
                   salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
-                  rate_limit: int = 0, copy_offload: bool = False, **options: Any) -> None:
+                  rate_limit: int = 0, copy_offload: bool = False, source_range: tuple[int, int] | None = None,
+                  **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
     disk instead of the active one; PASSPHRASE / KEY_FILE for an encrypted
@@ -943,7 +944,10 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     inconsistent one (in use: not saved cleanly) is refused, before
     anything is written, unless SKIP_BROKEN_BITMAPS (then it is left out,
     with a warning). A bitmap DST (-n) already has by that name is refused
-    before anything is written too."""
+    before anything is written too.
+    SOURCE_RANGE (START, END): only those bytes of SRC's disk, as a disk of
+    END - START bytes (`dd`); not with SKIP_CREATE, BACKING_FILE, BITMAPS or
+    COPY_OFFLOAD."""
     from .engine import convert as _convert, create as _create
     from .host.logs import log
 
@@ -963,6 +967,9 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                          "as in qemu-img")
     if bitmaps and out_format != "qcow2":
         raise UsageError("--bitmaps needs a qcow2 target (-O qcow2): a raw image has no bitmaps")
+    if source_range is not None and (skip_create or backing_file is not None or bitmaps or copy_offload):
+        raise UsageError("a range of the source is copied into a new image only (not with -n, -B, --bitmaps "
+                         "or -C)")
     if out_format == "raw" and (compress or options or backing_file is not None):
         raise UsageError("-c, -o and -B need a qcow2 target (-O qcow2)")
     check_cache_mode(cache)
@@ -1020,6 +1027,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                     raise UsageError(f"--bitmaps: {src} is a version 2 image, which has no persistent bitmaps "
                                      "(qemu-img: source lacks bitmap support)")
                 copies, broken = await _bitmaps_to_copy(image._engine, skip_broken_bitmaps)
+        if source_range is not None:
+            source = _convert.Window(source, *source_range)
         size = source.size
         if salvage:
             source = _convert.Salvaging(source, lambda line: log.warning("%s", line))
@@ -1135,6 +1144,38 @@ async def _bitmaps_to_copy(engine: _EngineImage, skip_broken: bool) -> tuple[lis
             raise RequestError(f"cannot copy inconsistent bitmap '{bm.name}' ({bm.problem}): try "
                                "--skip-broken-bitmaps, or remove it (qcowfs bitmap remove)")
     return copies, broken
+
+
+async def dd(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, block_size: int = 512,
+             count: int | None = None, skip: int = 0, src_format: str | None = None, out_format: str = "raw",
+             force_share: bool = False, passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
+    """`qemu-img dd if=SRC of=DST bs=BLOCK_SIZE count=COUNT skip=SKIP`: a new
+    image DST (OUT_FORMAT "raw", qemu-img's default, or "qcow2") holding the
+    bytes of SRC's disk from SKIP blocks on, up to COUNT blocks from the
+    start of the disk (qemu-img 7.2 counts COUNT from the start, not from
+    SKIP: the copy is min(COUNT blocks, the disk) less SKIP blocks). A SKIP
+    past the end of the disk is refused (qemu-img 7.2 says it cannot skip
+    there, then makes an empty image and exits 0). Made as `convert` makes
+    a new image (whole or not at all; zeros left unallocated)."""
+    if not 1 <= block_size <= 2**31 - 1:
+        raise UsageError("invalid bs: it must be between 1 and 2147483647 (as in qemu-img)")
+    if skip < 0 or (count is not None and count < 0):
+        raise UsageError("count and skip must not be negative")
+    path = os.fspath(src)
+    fmt = src_format or _probe(os.path.abspath(path))
+    keys = _keyring(passphrase, key_file)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    try:
+        _, source = _source(os.path.abspath(path), fmt, keys, force_share, closers, None)
+        size = source.size
+    finally:
+        for close in closers:
+            await close()
+    if skip * block_size > size:
+        raise RequestError(f"{path}: cannot skip to offset {skip * block_size}: the disk has {size} bytes")
+    end = min(size, count * block_size) if count is not None else size
+    await convert(src, dst, src_format=fmt, out_format=out_format, force_share=force_share, passphrase=keys,
+                  source_range=(skip * block_size, max(end, skip * block_size)))
 
 
 async def compare(first: str | os.PathLike[str], second: str | os.PathLike[str], *,

@@ -448,6 +448,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options:
     drive(aio.convert(src, dst, **options))
 
 
+def dd(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any) -> None:
+    """`qemu-img dd`: a new image DST of a range of SRC's disk (see
+    `qcowfs.aio.dd` for block_size, count, skip and the rest)::
+
+        qcowfs.dd("vm.qcow2", "mbr.raw", block_size=512, count=1)"""
+    drive(aio.dd(src, dst, **options))
+
+
 def measure(src: str | os.PathLike[str] | None = None, **options: Any) -> dict[str, int]:
     """`qemu-img measure`: how large a file a new image needs, for a disk of
     `size=` bytes or holding the disk of SRC (see `qcowfs.aio.measure` for

@@ -623,3 +623,41 @@ def test_copy_offload_refusals(tmp_path: Path, extra: list[str], says: str):
     one_line_error(qcowfs("convert", "-C", *extra, src, tmp_path / "never.img"), "copy offloading", says)
     assert run(["qemu-img", "convert", "-C", *extra, src, tmp_path / "never.img"]).returncode == 1
     assert not (tmp_path / "never.img").exists()
+
+
+# ---- dd ---------------------------------------------------------------------------------------
+
+DD_CASES = [["bs=64k", "count=4", "skip=2"], ["bs=64k", "skip=1"], ["count=3", "bs=1000"], [],
+            ["bs=4k", "count=1"], ["bs=64k", "count=0"], ["bs=1M", "count=100"], ["skip=7", "bs=1k", "count=4k"]]
+
+
+@pytest.mark.parametrize("out", ["raw", "qcow2"])
+def test_dd_as_qemu_img(tmp_path: Path, out: str):
+    """`qcowfs dd if= of= bs= count= skip= [-O fmt]` makes the image `qemu-img
+    dd` makes of a qcow2 source with a backing file (the same size; the same
+    bytes: qemu-img compare), counting count from the start of the disk as
+    qemu-img 7.2 does; its refusals (no of=, bs=0, an operand it does not
+    know) are one line and nothing is made; a skip past the end is refused
+    (qemu-img 7.2 says so, then makes an empty image). The library: qcowfs.dd."""
+    import qcowfs as lib
+
+    base = images.create(tmp_path / "base.qcow2", 4 * MiB)
+    images.qio(base, "write -P 3 0 4M")
+    src = images.create(tmp_path / "src.qcow2", 4 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+    images.qio(src, "write -P 9 100k 300k", "write -z 2M 64k")
+    for i, case in enumerate(DD_CASES):
+        ours, theirs = tmp_path / f"o{i}.img", tmp_path / f"q{i}.img"
+        p = qcowfs("dd", "-O", out, f"if={src}", f"of={ours}", *case)
+        assert (p.returncode, p.stderr) == (0, ""), (case, p.stderr)
+        qemu_img("dd", "-O", out, f"if={src}", f"of={theirs}", *case)
+        assert info(ours)["virtual-size"] == info(theirs)["virtual-size"], case
+        assert same_content(ours, theirs, out, out), case
+        if out == "qcow2":
+            assert_clean(ours)
+    for case, words in ((["bs=64k"], ["of=OUTPUT"]), (["bs=0", "of=x.img"], ["bs"]),
+                        (["conv=notrunc", "of=x.img"], ["unrecognized operand conv=notrunc"]),
+                        (["bs=1M", "skip=5", "of=x.img"], ["cannot skip"])):
+        one_line_error(qcowfs("dd", f"if={src}", *case, cwd=tmp_path), *words)
+        assert not (tmp_path / "x.img").exists()
+    lib.dd(src, tmp_path / "lib.img", block_size=512, count=1)
+    assert (tmp_path / "lib.img").read_bytes() == bytes([3]) * 512

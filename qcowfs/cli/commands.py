@@ -659,6 +659,28 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dd(a: argparse.Namespace) -> int:
+    """qemu-img dd: its operands (if=, of=, bs=, count=, skip=), its refusals."""
+    from .. import aio
+    from ..host.waiting import drive
+
+    ops: dict[str, str] = {}
+    for operand in a.operands:
+        key, eq, value = operand.partition("=")
+        if not eq or key not in ("if", "of", "bs", "count", "skip"):
+            raise UsageError(f"unrecognized operand {operand} (if=, of=, bs=, count=, skip=, as qemu-img dd)")
+        ops[key] = value
+    if "if" not in ops or "of" not in ops:
+        raise UsageError("give both the input and the output: if=INPUT of=OUTPUT")
+    block_size = parse_size(ops["bs"], zero=True) if "bs" in ops else 512
+    drive(aio.dd(ops["if"], ops["of"], block_size=block_size,
+                 count=parse_size(ops["count"], zero=True) if "count" in ops else None,
+                 skip=parse_size(ops["skip"], zero=True) if "skip" in ops else 0,
+                 src_format=a.format, out_format=a.output_format, force_share=a.force_share,
+                 passphrase=key_source(a.key_file, a.objects)))
+    return 0
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
     """qemu-img compare: its lines and exit codes (0 identical, 1 different,
     2 an error, one line)."""

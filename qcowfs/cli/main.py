@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import QcowError
 from ..host.logs import hold
 from .commands import (asks_option_help, cmd_bitmap, cmd_check, cmd_checkpoint, cmd_compare, cmd_convert, cmd_create,
+                       cmd_dd,
                        cmd_info, cmd_map, cmd_measure, cmd_snapshot, die, print_option_help)
 from .lifecycle import (amend_parser, check_cache_flags, cmd_amend, cmd_commit, cmd_rebase, cmd_resize, commit_parser,
                         object_flag, qemu_img_flags, rebase_parser, resize_parser)
@@ -325,6 +326,22 @@ def _compare_parser(sub: Sub) -> None:
                         "those with other keys: each is tried in order")
 
 
+def _dd_parser(sub: Sub) -> None:
+    d = sub.add_parser("dd", help="copy a range of a disk into a new image (qemu-img dd)",
+                       description="A new image OUTPUT holding INPUT's disk from skip blocks on, up to count "
+                                   "blocks from the start of the disk, as qemu-img dd (which counts count from "
+                                   "the start, not from skip). Operands: if=INPUT of=OUTPUT [bs=SIZE] "
+                                   "[count=N] [skip=N] (bs: 512 unless given; suffixes k, M, G...).")
+    d.add_argument("operands", metavar="OPERAND", nargs="*", help="if=INPUT, of=OUTPUT, bs=, count=, skip=")
+    d.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="INPUT's format (default: probed)")
+    d.add_argument("-O", dest="output_format", choices=("qcow2", "raw"), default="raw",
+                   help="OUTPUT's format (default raw, as qemu-img's)")
+    d.add_argument("-U", "--force-share", action="store_true", help="take no lock on INPUT")
+    object_flag(d)
+    d.add_argument("--key-file", metavar="FILE", action="append",
+                   help="passphrase of an encrypted INPUT (else asked on a terminal)")
+
+
 def _measure_parser(sub: Sub) -> None:
     """qemu-img measure's arguments."""
     me = sub.add_parser("measure", help="how large a file a new qcow2 or raw image needs (qemu-img measure)",
@@ -373,7 +390,7 @@ COMMAND_PARSERS: dict[str, Callable[[Sub], None]] = {
     "mount": _mount_parser, "umount": _umount_parser, "info": _info_parser, "check": _check_parser,
     "snapshot": _snapshot_parser, "bitmap": _bitmap_parser, "checkpoint": _checkpoint_parser,
     "map": _map_parser, "create": _create_parser, "convert": _convert_parser, "compare": _compare_parser,
-    "measure": _measure_parser,
+    "measure": _measure_parser, "dd": _dd_parser,
     "resize": resize_parser, "amend": amend_parser, "commit": commit_parser, "rebase": rebase_parser}
 SUBCOMMANDS = tuple(COMMAND_PARSERS)
 
@@ -537,6 +554,7 @@ def _dispatch(a: argparse.Namespace) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "snapshot": cmd_snapshot, "bitmap": cmd_bitmap, "checkpoint": cmd_checkpoint, "map": cmd_map,
         "create": cmd_create, "convert": cmd_convert, "compare": cmd_compare, "measure": cmd_measure,
+        "dd": cmd_dd,
         "commit": cmd_commit, "rebase": cmd_rebase,
         "resize": cmd_resize, "amend": cmd_amend}
     if a.command in handlers:

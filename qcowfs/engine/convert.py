@@ -42,6 +42,7 @@ from ..errors import PassphraseError, QcowError, RequestError
 from ..host.hostfile import HostFile
 from ..host.waiting import Pace, drive, in_thread
 from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
+from .mapper import zero_fill
 from .opening import RawSource
 
 # Bytes read and written per step: large enough that per-call costs vanish,
@@ -118,6 +119,31 @@ class RawDisk:
 
     async def close(self) -> None:
         await self._src.close()
+
+
+class Window:
+    """The bytes [START, END) of SOURCE's disk as a disk of their own (`qcowfs
+    dd`'s skip and count): reads and the map shifted by START, cut at END.
+    The disk is whole sectors, as every disk: past END, to the next
+    multiple of 512, it reads zeros (as qemu-img dd leaves them)."""
+
+    def __init__(self, source: SourceDisk, start: int, end: int) -> None:
+        self._src = source
+        self._start = start
+        self._length = max(0, end - start)
+        self.size = -(-self._length // SECTOR) * SECTOR
+
+    async def data_ranges(self) -> list[tuple[int, int]]:
+        lo, hi = self._start, self._start + self._length
+        return [(max(a, lo) - lo, min(b, hi) - lo) for a, b in await self._src.data_ranges() if a < hi and b > lo]
+
+    async def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
+        n = max(0, min(len(buf), self.size - offset))
+        view = memoryview(buf)[:n]
+        inside = max(0, min(n, self._length - offset))
+        await self._src.readinto(view[:inside], self._start + offset)
+        zero_fill(view[inside:])
+        return n
 
 
 # --salvage: a failing read is done again in pieces of this size, and a piece
