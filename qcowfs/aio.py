@@ -970,8 +970,18 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     if source_range is not None and (skip_create or backing_file is not None or bitmaps or copy_offload):
         raise UsageError("a range of the source is copied into a new image only (not with -n, -B, --bitmaps "
                          "or -C)")
-    if out_format == "raw" and (compress or options or backing_file is not None):
-        raise UsageError("-c, -o and -B need a qcow2 target (-O qcow2)")
+    if out_format == "raw" and (compress or backing_file is not None):
+        raise UsageError("-c and -B need a qcow2 target (-O qcow2)")
+    raw_preallocation = "off"
+    if out_format == "raw" and options:
+        # (a raw target takes qemu-img's one raw option: its space reserved or written first)
+        unknown = sorted(set(options) - {"preallocation"})
+        if unknown:
+            raise UsageError(f"invalid parameter '{unknown[0]}' for a raw target (known: preallocation)")
+        raw_preallocation = str(options.pop("preallocation"))
+        if raw_preallocation not in _create.RAW_PREALLOCATION_MODES:
+            raise UsageError(f"preallocation={raw_preallocation} is not supported for raw (one of "
+                             f"{', '.join(_create.RAW_PREALLOCATION_MODES)})")
     check_cache_mode(cache)
     if sparse_size < 0 or sparse_size % 512:
         raise UsageError("the sparse size (-S) must be a multiple of 512")
@@ -1093,8 +1103,13 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         else:
             if not in_place:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                os.close(fd)
                 made = True
+                try:
+                    if raw_preallocation != "off":
+                        os.ftruncate(fd, size)
+                        await in_thread(_create.preallocate_data, fd, 0, size, raw_preallocation)
+                finally:
+                    os.close(fd)
             target = _convert.RawTarget(tmp, size, flushes=cache != "unsafe", in_place=in_place)
             closers.insert(0, target.finish)
             plan.zero_init = not in_place or target_is_zero

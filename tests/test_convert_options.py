@@ -661,3 +661,24 @@ def test_dd_as_qemu_img(tmp_path: Path, out: str):
         assert not (tmp_path / "x.img").exists()
     lib.dd(src, tmp_path / "lib.img", block_size=512, count=1)
     assert (tmp_path / "lib.img").read_bytes() == bytes([3]) * 512
+
+
+@pytest.mark.parametrize("mode", ["off", "falloc", "full"])
+def test_raw_target_preallocation(tmp_path: Path, mode: str):
+    """`convert -O raw -o preallocation=MODE` (qemu-img's one raw option): the
+    same bytes as qemu-img's, and with falloc or full every block of the file
+    allocated as in qemu-img's; another option, metadata, or -c are one line
+    and nothing is made."""
+    src = images.create(tmp_path / "src.qcow2", 8 * MiB)
+    images.qio(src, "write -P 4 1M 64k", "write -P 5 7M 4k")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    p = qcowfs("convert", "-O", "raw", "-o", f"preallocation={mode}", src, ours)
+    assert (p.returncode, p.stderr) == (0, ""), p.stderr
+    qemu_img("convert", "-O", "raw", "-o", f"preallocation={mode}", src, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    if mode != "off":
+        assert ours.stat().st_blocks * 512 >= 8 * MiB and theirs.stat().st_blocks * 512 >= 8 * MiB
+    for args, words in ((["-o", "foo=bar"], ["invalid parameter 'foo' for raw"]),
+                        (["-o", "preallocation=metadata"], ["preallocation=metadata"]), (["-c"], ["-c"])):
+        one_line_error(qcowfs("convert", "-O", "raw", *args, src, tmp_path / "never.raw"), *words)
+        assert not (tmp_path / "never.raw").exists()

@@ -623,6 +623,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.skip_create and a.options:  # (before -o's backing_file= becomes -B's)
         raise UsageError("-o has no effect when skipping image creation (-n), as in qemu-img")
     given = parse_qemu_options(a.options)
+    if a.output_format == "raw":  # (qemu-img's raw format has one option)
+        for name in given:
+            if name != "preallocation":
+                raise UsageError(f"invalid parameter '{name}' for raw (known: preallocation)")
     kw = create_keywords({k: v for k, v in given.items() if k != KEY_SECRET})
     if "size" in kw:
         raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
@@ -630,8 +634,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     o_backing, o_format = kw.pop("backing_file", None), kw.pop("backing_fmt", None)
     backing = a.backing if a.backing is not None else o_backing
     backing_format = a.backing_format if a.backing_format is not None else o_format
-    if a.output_format == "raw" and (kw or a.compress or backing):
-        raise UsageError("-o, -c and -B need -O qcow2")
+    if a.output_format == "raw" and (a.compress or backing):
+        raise UsageError("-c and -B need -O qcow2")
     if a.copy_offload and a.sparse is not None:
         raise UsageError("copy offloading (-C) cannot be used with -S, as in qemu-img")
     sparse = parse_size(a.sparse if a.sparse is not None else "4k", zero=True)
