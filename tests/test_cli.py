@@ -441,7 +441,8 @@ def test_map_range_options_as_qemu_img(tmp_path: Path) -> None:
                            text=True, cwd=tmp_path, check=True)
         p = qcowfs("map", "--output=json", *bounds, "top.qcow2", cwd=tmp_path)
         assert (p.returncode, p.stderr, p.stdout) == (0, "", q.stdout), bounds
-    for bad in (["--start-offset=-1"], ["--max-length=lots"], ["--bitmap", "b", "--max-length=1M"]):
+    for bad in (["--start-offset=-1"], ["--max-length=lots"], ["--bitmap", "b", "--max-length=1M"],
+                ["--start-offset=9E"]):
         assert_clean_failure(qcowfs("map", *bad, top), "")
     assert_clean_failure(qcowfs("map", "--start-offset=1M", tmp_path), "")
 

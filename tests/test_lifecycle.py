@@ -347,6 +347,7 @@ RAW_RESIZES = [  # (options, size), applied in turn to a raw file of 1001 bytes 
     ([], "+0"), ([], "1010"), (["--shrink"], "1010"), ([], "+1M"), (["--preallocation=falloc"], "+1M"),
     (["--preallocation=full"], "+1M"), (["--shrink"], "-1M"), (["--preallocation=full", "--shrink"], "1000"),
     (["--preallocation=metadata"], "+1M"), (["-f", "qcow2"], "+1M"), (["--shrink"], "1000"), ([], "+64k"),
+    ([], "9E"),
 ]
 
 

@@ -421,12 +421,15 @@ def _layer_names(target: str, force_share: bool) -> list[str]:
 
 
 def _map_bound(text: str, what: str) -> int:
-    """qemu-img map's --start-offset / --max-length: a size, never negative."""
+    """qemu-img map's --start-offset / --max-length: a size from 0 to 2^63 - 1."""
     try:
-        return parse_size(text, zero=True)
+        n = parse_size(text, zero=True)
     except UsageError:
-        raise UsageError(f"invalid {what} '{text}' (a number of bytes, with an optional suffix k, M, G, "
-                         "T, P or E)") from None
+        n = -1
+    if not 0 <= n < 2**63:
+        raise UsageError(f"invalid {what} '{text}' (a number of bytes from 0 to {2**63 - 1}, with an optional "
+                         "suffix k, M, G, T, P or E)")
+    return n
 
 
 def _map_from_mount(mountpoint: str, snapshot: str | None, bitmap: str | None) -> list[dict[str, Any]]:
@@ -674,7 +677,7 @@ def cmd_dd(a: argparse.Namespace) -> int:
         if not eq or key not in ("if", "of", "bs", "count", "skip"):
             raise UsageError(f"unrecognized operand {operand} (if=, of=, bs=, count=, skip=, as qemu-img dd)")
         ops[key] = value
-    if "if" not in ops or "of" not in ops:
+    if not ops.get("if") or not ops.get("of"):
         raise UsageError("give both the input and the output: if=INPUT of=OUTPUT")
     block_size = parse_size(ops["bs"], zero=True) if "bs" in ops else 512
     drive(aio.dd(ops["if"], ops["of"], block_size=block_size,

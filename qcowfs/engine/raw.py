@@ -10,6 +10,9 @@ from ..host.locking import lock_image
 from .create import RAW_PREALLOCATION_MODES, preallocate_data
 from .opening import raw_disk_size
 
+# The largest file a host takes (off_t, as qemu-img says for sizes).
+MAX_FILE_SIZE = 2**63 - 1
+
 
 def resize_raw(path: str, size: int, shrink: bool = False, preallocation: str = "off") -> None:
     """Make the raw file PATH SIZE bytes long, as `qemu-img resize -f raw`:
@@ -21,8 +24,8 @@ def resize_raw(path: str, size: int, shrink: bool = False, preallocation: str = 
     if preallocation not in RAW_PREALLOCATION_MODES:
         raise UsageError(f"unsupported preallocation mode '{preallocation}' for raw "
                          f"(one of {', '.join(RAW_PREALLOCATION_MODES)})")
-    if size < 0:
-        raise ResizeError("the new size must not be negative")
+    if not 0 <= size <= MAX_FILE_SIZE:
+        raise ResizeError(f"the new size must be between 0 and {MAX_FILE_SIZE} bytes")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
