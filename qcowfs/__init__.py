@@ -35,7 +35,7 @@ from .errors import (CorruptionError, ImageLockedError, InUseError, InvalidImage
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "info", "check", "resize", "dd", "compare", "create", "convert", "measure", "commit", "rebase", "amend",
+    "open", "info", "map", "check", "resize", "dd", "compare", "create", "convert", "measure", "commit", "rebase", "amend",
     "Image", "Disk", "Snapshot",
     "Bitmap", "Checkpoint", "CheckResult", "Comparison", "Keyring", "aio",
     "QcowError", "InvalidImageError", "UnsupportedFeatureError", "CorruptionError", "ReadOnlyError",
@@ -43,8 +43,8 @@ __all__ = [
     "NameTakenError", "NotFoundError", "InUseError", "__version__",
 ]
 
-_LAZY = {"open": "api", "info": "api", "check": "api", "resize": "api", "dd": "api", "compare": "api", "create": "api",
-         "convert": "api", "measure": "api",
+_LAZY = {"open": "api", "info": "api", "map": "api", "check": "api", "resize": "api", "dd": "api", "compare": "api",
+         "create": "api", "convert": "api", "measure": "api",
          "commit": "api", "rebase": "api", "amend": "api",
          "Image": "api", "Disk": "api",
          "Snapshot": "records", "Bitmap": "records", "Checkpoint": "records", "CheckResult": "records",
@@ -53,8 +53,8 @@ _LAZY = {"open": "api", "info": "api", "check": "api", "resize": "api", "dd": "a
 
 if TYPE_CHECKING:
     from . import aio
-    from .api import (Disk, Image, amend, check, commit, compare, convert, create, dd, info, measure, open,
-                      rebase, resize)
+    from .api import (Disk, Image, amend, check, commit, compare, convert, create, dd, info, map, measure,
+                      open, rebase, resize)
     from .host.secret import Keyring
     from .records import Bitmap, CheckResult, Checkpoint, Comparison, Snapshot
 

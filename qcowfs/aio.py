@@ -702,6 +702,33 @@ async def info(path: str | os.PathLike[str], *, format: str | None = None,
         return await image.info()
 
 
+async def map(path: str | os.PathLike[str], *, format: str | None = None, start: int = 0, length: int | None = None,
+              snapshot: str | None = None, force_share: bool = False) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json` of the image at PATH: a qcow2 image (as
+    `Image.map`, backing chain included; SNAPSHOT: an internal snapshot's
+    disk) or a raw file (data where the host file has data, zeros in its
+    holes); START and LENGTH as qemu-img map's --start-offset and
+    --max-length. FORMAT as qemu-img's -f, else probed."""
+    path = os.fspath(path)
+    fmt = format if format is not None else _probe(path)
+    if start < 0 or (length is not None and length < 0):
+        raise UsageError("start and length must not be negative")
+    if fmt == "raw":
+        from .engine.extents import raw_map
+
+        if snapshot is not None:
+            raise UsageError("a raw image has no snapshots")
+        source = RawSource(path, force_share)
+        try:
+            return raw_map(source, source.size, start, length)
+        finally:
+            await source.close()
+    if fmt != "qcow2":
+        raise UsageError(f"unknown image format '{fmt}' (qcowfs maps qcow2 and raw images)")
+    async with Image(path, "r", force_share=force_share) as image:
+        return await image.map(snapshot, start=start, length=length)
+
+
 async def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False, format: str | None = None,
                  preallocation: str = "off", passphrase: Passphrase = None, key_file: KeyFile = None) -> None:
     """`qemu-img resize PATH SIZE` of a qcow2 image (as `Image.resize`;

@@ -407,6 +407,14 @@ def info(path: str | os.PathLike[str], *, format: str | None = None, force_share
     return drive(aio.info(path, format=format, force_share=force_share))
 
 
+def map(path: str | os.PathLike[str], **options: Any) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json` of a qcow2 image or a raw file (see
+    `qcowfs.aio.map`)::
+
+        [e for e in qcowfs.map("disk.raw") if e["data"]]"""
+    return drive(aio.map(path, **options))
+
+
 def resize(path: str | os.PathLike[str], size: int, **options: Any) -> None:
     """`qemu-img resize` of a qcow2 image or a raw file (see `qcowfs.aio.resize`)::
 

@@ -567,3 +567,33 @@ def test_qemu_img_secret_objects(tmp_path: Path) -> None:
                   "1M"]):
         assert_clean_failure(q(*args))
         assert not (tmp_path / "c.qcow2").exists()
+
+
+def test_map_of_a_raw_file(tmp_path: Path) -> None:
+    """`map` of a raw file (probed, or -f raw, also on a qcow2 file), text and
+    JSON, whole and in ranges, as qemu-img map prints it (data where the host
+    file has data, holes as zeros, the tail to the next sector); a bitmap or
+    snapshot of it is one line. The library: qcowfs.map()."""
+    import qcowfs as lib
+
+    with open(tmp_path / "disk.img", "wb") as f:
+        f.truncate(3 * 1024 * 1024 + 100)
+        f.seek(1 << 20)
+        f.write(b"x" * 70000)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "q.qcow2", "4M"], cwd=tmp_path, check=True)
+    subprocess.run(["qemu-io", "-c", "write 1M 64k", "q.qcow2"], cwd=tmp_path, check=True, capture_output=True)
+    for f in tmp_path.iterdir():  # (QEMU asks the host about holes: the same page cache for both)
+        f.read_bytes()
+    for args in ([], ["--output=json"], ["--output=json", "--start-offset=1M", "--max-length=100000"],
+                 ["-f", "raw"], ["--start-offset=5M"]):
+        for img in ("disk.img", "q.qcow2") if "-f" in args else ("disk.img",):
+            q = subprocess.run(["qemu-img", "map", *args, img], capture_output=True, text=True, cwd=tmp_path)
+            p = qcowfs("map", *args, img, cwd=tmp_path)
+            assert (p.returncode, p.stderr, q.returncode) == (0, "", 0), (args, p.stderr, q.stderr)
+            assert p.stdout == q.stdout, (args, img, p.stdout, q.stdout)
+    assert lib.map(tmp_path / "disk.img", start=1 << 20, length=4096) == [
+        {"start": 1 << 20, "length": 4096, "depth": 0, "present": True, "zero": False, "data": True,
+         "offset": 1 << 20}]
+    assert [e["data"] for e in lib.map(tmp_path / "q.qcow2")] == [False, True, False]
+    for args in (["--bitmap", "b"], ["--snapshot", "s"]):
+        assert_clean_failure(qcowfs("map", *args, tmp_path / "disk.img"), "raw image")

@@ -369,6 +369,16 @@ def cmd_map(a: argparse.Namespace) -> int:
         if control.mounted(a.target) is None:
             raise UsageError(f"{a.target} is not a qcowfs mount point")
         entries = _map_from_mount(a.target, a.snapshot, a.bitmap)
+    elif (a.format or probe_quietly(a.target)) == "raw":
+        from .. import aio
+        from ..host.waiting import drive
+
+        if a.bitmap is not None or a.snapshot is not None:
+            raise UsageError(f"{a.target} is a raw image: it has no {'bitmaps' if a.bitmap else 'snapshots'}")
+        entries = drive(aio.map(a.target, format="raw", start=start, length=length, force_share=a.force_share))
+        if a.output != "json":
+            sys.stdout.write(_human_map(entries, [a.target]))
+            return 0
     else:
         image = _open_unmounted(a.target, force_share=a.force_share)
         entries = _run(image, lambda image: image.dirty_extents(a.bitmap) if a.bitmap is not None

@@ -185,7 +185,7 @@ def _map_parser(sub: Sub) -> None:
                     help="map at most this many bytes (suffixes k, M, G, ...), as qemu-img map")
     mp.add_argument("-U", "--force-share", action="store_true",
                     help="take no lock: map an image that a VM holds (it may change meanwhile)")
-    qemu_img_flags(mp, "TARGET")
+    qemu_img_flags(mp, "TARGET", fmt=("qcow2", "raw"))
 
 
 class _Version(argparse.Action):

@@ -79,10 +79,30 @@ async def disk_map(layer: Layer, snapshot: SnapshotEntry | None = None, start: i
     entry of length 0)."""
     l1 = None if snapshot is None else L1Table(layer.mapper.file, snapshot.l1_table_offset, snapshot.l1_size)
     size = layer.size if snapshot is None else snapshot_disk_size(snapshot, layer.size)
-    end = size if length is None else min(size, start + length)
+    end = _range_end(size, start, length)
     if start >= end:
-        return [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False, "data": False}]
+        return _empty_range(start)
     return [e.json() for e in await allocation(layer, start, end, l1)]
+
+
+def raw_map(raw: object, size: int, start: int = 0, length: int | None = None) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json` of a raw file (a disk of SIZE bytes):
+    data where the host file has data, zeros in its holes, each at its own
+    offset; START and LENGTH as for disk_map."""
+    end = _range_end(size, start, length)
+    if start >= end:
+        return _empty_range(start)
+    return [e.json() for e in _raw_status(raw, start, end, 0)]
+
+
+def _range_end(size: int, start: int, length: int | None) -> int:
+    """The end of qemu-img map's range from START: LENGTH bytes, cut at SIZE."""
+    return size if length is None else min(size, start + length)
+
+
+def _empty_range(start: int) -> list[dict[str, Any]]:
+    """qemu-img map of an empty range: one entry of length 0."""
+    return [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False, "data": False}]
 
 
 async def dirty_map(file: HostFile, bm: Bitmap) -> list[dict[str, Any]]:
