@@ -416,8 +416,17 @@ def test_qemu_img_quiet_and_option_help(tmp_path: Path) -> None:
         assert p.returncode == 0 and p.stderr == "", p.stderr
         lines = p.stdout.splitlines()
         assert lines[0] == "Supported qcow2 options:"
-        assert [x.split("=<")[0].strip() for x in lines[1:]] == list(qcowfs.aio.CREATE_OPTIONS)
+        assert [x.split("=<")[0].strip() for x in lines[1:]] == [*qcowfs.aio.CREATE_OPTIONS, "encrypt.key-secret"]
     assert not (tmp_path / "y").exists()
+    # the options of the target's format (convert's default is raw, as qemu-img's), and amend's
+    for args in (["create", "-f", "raw", "-o", "help"], ["convert", "-o", "help", "x", "y"]):
+        assert q(*args).stdout.splitlines() == ["Supported raw options:", "  size=<size>         - virtual disk size",
+                                                "  preallocation=<str> - preallocation mode (off, falloc, full)"]
+    lines = q("amend", "-o", "help", "a.qcow2").stdout.splitlines()
+    theirs = subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", "help"], capture_output=True, text=True).stdout
+    assert lines[0] == "Amend options for 'qcow2':"
+    assert [x.split("=<")[0].strip() for x in lines[1:]] == \
+        [x.split("=<")[0].strip() for x in theirs.splitlines()[1:] if x.startswith("  ")]
     # qemu-img's --output=json spelling of --json (info, check; map had it)
     for cmd in ("info", "check"):
         p, want = q(cmd, "--output=json", "a.qcow2"), q(cmd, "--json", "a.qcow2")

@@ -487,24 +487,46 @@ OPTION_HELP = {
     "encrypt.ivgen-hash-alg": "hash of the essiv generator",
     "encrypt.hash-alg": "hash of the key derivation (PBKDF2)",
     "encrypt.iter-time": "time the key derivation takes, in milliseconds",
+    "encrypt.key-secret": "id of the --object secret holding the passphrase",
+    # (amend's)
+    "encrypt.state": "the new state of the key slots it selects (active, inactive)",
+    "encrypt.keyslot": "the one key slot to change",
+    "encrypt.new-secret": "id of the --object secret holding the new passphrase",
+    "encrypt.old-secret": "id of the --object secret: the slots it opens are erased",
 }
+# A raw image's options (qemu-img lists size; preallocation is its file protocol's).
+RAW_OPTIONS = {"size": ("size", "virtual disk size"),
+               "preallocation": ("str", "preallocation mode (off, falloc, full)")}
 
 
 def asks_option_help(command: str, argv: list[str]) -> bool:
-    """`create`/`convert` with `-o help` or `-o ?` among its -o values: what
-    qemu-img answers with the list of options (no image needed)."""
-    if command not in ("create", "convert"):
+    """`create`/`convert`/`amend` with `-o help` or `-o ?` among its -o values:
+    what qemu-img answers with the list of options (no image needed)."""
+    if command not in ("create", "convert", "amend"):
         return False
     values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
     values += [a[2:] for a in argv if a.startswith("-o") and len(a) > 2]
     return any(part in ("help", "?") for v in values for part in v.split(","))
 
 
-def print_option_help() -> int:
-    from ..aio import CREATE_OPTIONS
+def print_option_help(command: str, argv: list[str]) -> int:
+    """The options of COMMAND's target format (-f of create, -O of convert:
+    qcow2 or raw; amend's for qcow2), a line each, as qemu-img lists them."""
+    from .. import aio
 
-    print("Supported qcow2 options:")
-    shown = {f"{name}=<{kind}>": OPTION_HELP[name] for name, kind in CREATE_OPTIONS.items()}
+    flag = {"create": "-f", "convert": "-O"}.get(command)
+    fmt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), "qcow2") if flag else "qcow2"
+    if command == "convert" and flag not in argv:
+        fmt = "raw"  # (qemu-img convert's default output format)
+    if fmt == "raw":
+        title, shown = "Supported raw options:", {f"{n}=<{k}>": text for n, (k, text) in RAW_OPTIONS.items()}
+    else:
+        table = aio.AMEND_OPTIONS if command == "amend" else aio.CREATE_OPTIONS
+        names = sorted([*table, "encrypt.new-secret", "encrypt.old-secret"]) if command == "amend" else \
+            [*table, "encrypt.key-secret"]
+        title = "Amend options for 'qcow2':" if command == "amend" else "Supported qcow2 options:"
+        shown = {f"{n}=<{table.get(n, 'str')}>": OPTION_HELP[n] for n in names}
+    print(title)
     width = max(map(len, shown))
     for left, text in shown.items():
         print(f"  {left:<{width}} - {text}")

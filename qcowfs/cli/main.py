@@ -484,7 +484,7 @@ def _main(argv: list[str]) -> int:
         if argv[:1] in (["snapshot"], ["bitmap"]):
             argv[1:] = _qemu_img_verbs(argv[0], argv[1:])
         if argv and asks_option_help(argv[0], argv[1:]):
-            return print_option_help()
+            return print_option_help(argv[0], argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             # The command's own parser, options anywhere among the operands as
             # qemu-img's getopt takes them (`create IMAGE -o OPTS SIZE`); its
