@@ -503,8 +503,6 @@ class Image:
         of the bytes [START, START+LENGTH) only, as qemu-img map's
         --start-offset and --max-length."""
         from .engine import extents
-        if start < 0 or (length is not None and length < 0):
-            raise UsageError("start and length must not be negative")
         if isinstance(snapshot, Disk):
             entry = snapshot._entry
         else:
@@ -685,10 +683,7 @@ async def info(path: str | os.PathLike[str], *, format: str | None = None,
     or "raw") as qemu-img's -f, else probed as qemu-img probes (a file that
     does not start with the qcow2 magic is raw). FORCE_SHARE as for `open`."""
     path = os.fspath(path)
-    fmt = format if format is not None else _probe(path)
-    if fmt not in ("qcow2", "raw"):
-        raise UsageError(f"unknown image format '{fmt}' (qcowfs reads qcow2 and raw)")
-    if fmt == "raw":
+    if _format(path, format) == "raw":
         from .engine.info import describe_raw
 
         # (no lock: a raw file's info is its size, and qemu-img info takes
@@ -710,9 +705,7 @@ async def map(path: str | os.PathLike[str], *, format: str | None = None, start:
     holes); START and LENGTH as qemu-img map's --start-offset and
     --max-length. FORMAT as qemu-img's -f, else probed."""
     path = os.fspath(path)
-    fmt = format if format is not None else _probe(path)
-    if start < 0 or (length is not None and length < 0):
-        raise UsageError("start and length must not be negative")
+    fmt = _format(path, format)
     if fmt == "raw":
         from .engine.extents import raw_map
 
@@ -723,8 +716,6 @@ async def map(path: str | os.PathLike[str], *, format: str | None = None, start:
             return raw_map(source, source.size, start, length)
         finally:
             await source.close()
-    if fmt != "qcow2":
-        raise UsageError(f"unknown image format '{fmt}' (qcowfs maps qcow2 and raw images)")
     async with Image(path, "r", force_share=force_share) as image:
         return await image.map(snapshot, start=start, length=length)
 
@@ -738,14 +729,11 @@ async def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = Fals
     "full": a raw file's grown tail reserved or written with zeros; only
     "off" for a qcow2 image here). FORMAT as qemu-img's -f, else probed."""
     path = os.fspath(path)
-    fmt = format if format is not None else _probe(path)
-    if fmt == "raw":
+    if _format(path, format) == "raw":
         from .engine.raw import resize_raw
 
         await in_thread(resize_raw, path, size, shrink, preallocation)
         return
-    if fmt != "qcow2":
-        raise UsageError(f"unknown image format '{fmt}' (qcowfs resizes qcow2 and raw images)")
     if preallocation != "off":
         raise UsageError(f"preallocation={preallocation} on resize is for raw images here: a qcow2 image's "
                          "grown area is left unallocated (it reads zeros)")
@@ -889,6 +877,16 @@ def _probe(path: str) -> str:
         raise QcowError(f"could not open {path}: {e.strerror}") from None
 
 
+def _format(path: str, format: str | None) -> str:
+    """FORMAT ("qcow2" or "raw", qemu-img's -f) of the image at PATH, else
+    its format as qemu-img probes it."""
+    if format is None:
+        return _probe(path)
+    if format not in ("qcow2", "raw"):
+        raise UsageError(f"unknown image format '{format}' (qcowfs takes qcow2 and raw)")
+    return format
+
+
 def _snapshot_key(spec: str) -> tuple[str, tuple[str, ...]]:
     """-l's forms, as qemu-img convert takes them: snapshot.id=ID,
     snapshot.name=NAME, or ID or NAME (an id first); the key and the order
@@ -908,7 +906,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                   progress: Callable[[float], None] | None = None, cache: str = "unsafe",
                   compress_threads: int | None = None, skip_create: bool = False, target_is_zero: bool = False,
                   salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
-                  rate_limit: int = 0, copy_offload: bool = False, source_range: tuple[int, int] | None = None,
+                  rate_limit: int = 0, copy_offload: bool = False, source_range: tuple[int, int | None] | None = None,
                   **options: Any) -> None:
     """Copy the disk of SRC into the new image DST, as `qemu-img convert`:
     SRC is qcow2 (any layout qcowfs reads; SNAPSHOT: an internal snapshot's
@@ -972,9 +970,10 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     anything is written, unless SKIP_BROKEN_BITMAPS (then it is left out,
     with a warning). A bitmap DST (-n) already has by that name is refused
     before anything is written too.
-    SOURCE_RANGE (START, END): only those bytes of SRC's disk, as a disk of
-    END - START bytes (`dd`); not with SKIP_CREATE, BACKING_FILE, BITMAPS or
-    COPY_OFFLOAD."""
+    SOURCE_RANGE (START, END): only those bytes of SRC's disk (END None or
+    past the disk: to its end), as a disk of their own (`dd`); a START past
+    the end of the disk is refused; not with SKIP_CREATE, BACKING_FILE,
+    BITMAPS or COPY_OFFLOAD."""
     from .engine import convert as _convert, create as _create
     from .host.logs import log
 
@@ -999,16 +998,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                          "or -C)")
     if out_format == "raw" and (compress or backing_file is not None):
         raise UsageError("-c and -B need a qcow2 target (-O qcow2)")
-    raw_preallocation = "off"
-    if out_format == "raw" and options:
-        # (a raw target takes qemu-img's one raw option: its space reserved or written first)
-        unknown = sorted(set(options) - {"preallocation"})
-        if unknown:
-            raise UsageError(f"invalid parameter '{unknown[0]}' for a raw target (known: preallocation)")
-        raw_preallocation = str(options.pop("preallocation"))
-        if raw_preallocation not in _create.RAW_PREALLOCATION_MODES:
-            raise UsageError(f"preallocation={raw_preallocation} is not supported for raw (one of "
-                             f"{', '.join(_create.RAW_PREALLOCATION_MODES)})")
+    # (a raw target takes qemu-img's one raw option: its space reserved or written first)
+    raw_preallocation = _create.raw_preallocation(**options) if out_format == "raw" else "off"
     check_cache_mode(cache)
     if sparse_size < 0 or sparse_size % 512:
         raise UsageError("the sparse size (-S) must be a multiple of 512")
@@ -1065,7 +1056,10 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
                                      "(qemu-img: source lacks bitmap support)")
                 copies, broken = await _bitmaps_to_copy(image._engine, skip_broken_bitmaps)
         if source_range is not None:
-            source = _convert.Window(source, *source_range)
+            start, end = source_range
+            if start > source.size:
+                raise RequestError(f"{src}: cannot skip to offset {start}: the disk has {source.size} bytes")
+            source = _convert.Window(source, start, source.size if end is None else max(start, min(end, source.size)))
         size = source.size
         if salvage:
             source = _convert.Salvaging(source, lambda line: log.warning("%s", line))
@@ -1203,21 +1197,9 @@ async def dd(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, block_
         raise UsageError("invalid bs: it must be between 1 and 2147483647 (as in qemu-img)")
     if skip < 0 or (count is not None and count < 0):
         raise UsageError("count and skip must not be negative")
-    path = os.fspath(src)
-    fmt = src_format or _probe(os.path.abspath(path))
-    keys = _keyring(passphrase, key_file)
-    closers: list[Callable[[], Awaitable[None]]] = []
-    try:
-        _, source = _source(os.path.abspath(path), fmt, keys, force_share, closers, None)
-        size = source.size
-    finally:
-        for close in closers:
-            await close()
-    if skip * block_size > size:
-        raise RequestError(f"{path}: cannot skip to offset {skip * block_size}: the disk has {size} bytes")
-    end = min(size, count * block_size) if count is not None else size
-    await convert(src, dst, src_format=fmt, out_format=out_format, force_share=force_share, passphrase=keys,
-                  source_range=(skip * block_size, max(end, skip * block_size)))
+    await convert(src, dst, src_format=src_format, out_format=out_format, force_share=force_share,
+                  passphrase=passphrase, key_file=key_file,
+                  source_range=(skip * block_size, None if count is None else count * block_size))
 
 
 async def compare(first: str | os.PathLike[str], second: str | os.PathLike[str], *,

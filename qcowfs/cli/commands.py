@@ -202,6 +202,7 @@ def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bo
 
     if force_share and repair:
         raise UsageError("-U (force share) cannot be used with --repair: a repair must own the image")
+    after = None  # (a last line, after the check's own)
     if _live(image_arg):
         if repair:
             raise UsageError(f"--repair needs the image to itself: unmount {image_arg} first "
@@ -210,11 +211,9 @@ def cmd_check(image_arg: str, repair: str | None, as_json: bool, force_share: bo
 
         result = _check_result(control.request(image_arg, "check")["check"])
         filename = result.json.get("filename", image_arg)
-        after = None
     else:
         from ..host.waiting import drive
 
-        after = None  # (a last line, after the check's own)
         if (fmt or probe_quietly(image_arg)) == "raw":  # (qemu-img's exit code for a format without checks)
             print(f"qcowfs: {image_arg} is a raw image: it has no metadata to check", file=sys.stderr)
             return CHECK_UNSUPPORTED
@@ -360,6 +359,7 @@ def cmd_map(a: argparse.Namespace) -> int:
     length = _map_bound(a.max_length, "max length") if a.max_length is not None else None
     if a.bitmap and (a.start_offset is not None or length is not None):
         raise UsageError("--start-offset and --max-length are for the allocation map, not --bitmap")
+    names: list[str] | None = None  # (the files of the layers by depth, where known already)
     if os.path.isdir(a.target):
         if a.start_offset is not None or length is not None:
             raise UsageError("--start-offset and --max-length need an image file (a mount's maps/ files "
@@ -376,9 +376,7 @@ def cmd_map(a: argparse.Namespace) -> int:
         if a.bitmap is not None or a.snapshot is not None:
             raise UsageError(f"{a.target} is a raw image: it has no {'bitmaps' if a.bitmap else 'snapshots'}")
         entries = drive(aio.map(a.target, format="raw", start=start, length=length, force_share=a.force_share))
-        if a.output != "json":
-            sys.stdout.write(_human_map(entries, [a.target]))
-            return 0
+        names = [a.target]
     else:
         image = _open_unmounted(a.target, force_share=a.force_share)
         entries = _run(image, lambda image: image.dirty_extents(a.bitmap) if a.bitmap is not None
@@ -391,7 +389,7 @@ def cmd_map(a: argparse.Namespace) -> int:
         for e in entries:
             print(f"{e['offset']:>14} {e['length']:>14} {e['type']:>4}  {e['description']}")
     else:
-        sys.stdout.write(_human_map(entries, _layer_names(a.target, a.force_share)))
+        sys.stdout.write(_human_map(entries, names if names is not None else _layer_names(a.target, a.force_share)))
     return 0
 
 
@@ -598,6 +596,18 @@ def secret_named(objects: list[str] | None, option: str, ident: str) -> bytes:
     return given[ident]
 
 
+def new_image_key(given: dict[str, str], key_files: list[str] | None, key_flag: str,
+                  objects: list[str] | None) -> "Keyring | bytes":
+    """The passphrase of a new encrypted image: the --object secret that -o
+    encrypt.key-secret names (GIVEN: the -o options), else KEY_FILES (or a
+    prompt); both at once is refused."""
+    if KEY_SECRET not in given:
+        return key_source(key_files)
+    if key_files:
+        raise UsageError(f"give the new image's passphrase once: {KEY_SECRET} or {key_flag}")
+    return secret_named(objects, KEY_SECRET, given[KEY_SECRET])
+
+
 def key_source(key_files: list[str] | None, objects: list[str] | None = None) -> Keyring:
     """The passphrases of the images a command opens: its --object secrets
     and --key-file FILEs (each tried in order on each encrypted image), else a
@@ -622,11 +632,7 @@ def cmd_create(a: argparse.Namespace) -> int:
 
     given = parse_qemu_options(a.options)
     kw = create_keywords({k: v for k, v in given.items() if k != KEY_SECRET})
-    new_key: Any = key_source(a.key_file)
-    if KEY_SECRET in given:
-        if a.key_file:
-            raise UsageError(f"give the new image's passphrase once: {KEY_SECRET} or --key-file")
-        new_key = secret_named(a.objects, KEY_SECRET, given[KEY_SECRET])
+    new_key = new_image_key(given, a.key_file, "--key-file", a.objects)
     if a.backing is not None:
         kw["backing_file"] = given["backing_file"] = a.backing
     if a.backing_format is not None:
@@ -658,11 +664,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.skip_create and a.options:  # (before -o's backing_file= becomes -B's)
         raise UsageError("-o has no effect when skipping image creation (-n), as in qemu-img")
     given = parse_qemu_options(a.options)
-    if a.output_format == "raw":  # (qemu-img's raw format has one option)
-        for name in given:
-            if name != "preallocation":
-                raise UsageError(f"invalid parameter '{name}' for raw (known: preallocation)")
-    kw = create_keywords({k: v for k, v in given.items() if k != KEY_SECRET})
+    options = {k: v for k, v in given.items() if k != KEY_SECRET}
+    # (a raw target's one option, preallocation, is checked by the library)
+    kw = dict(options) if a.output_format == "raw" else create_keywords(options)
     if "size" in kw:
         raise UsageError("convert takes the size of SRC (-o size= is not an option here)")
     # -o backing_file=/backing_fmt= say what -B/-F say; -B/-F win, as in qemu-img (and create)
@@ -681,11 +685,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         aio.check_cache_mode(a.source_cache, "-T")
     source_key = key_source(a.key_file, a.objects)
     # (a new encrypted image's passphrase, or -n's existing target's)
-    target_key: Any = key_source(a.target_key_file) if kw.get("encrypt_format") or a.skip_create else None
-    if KEY_SECRET in given:
-        if a.target_key_file:
-            raise UsageError(f"give the new image's passphrase once: {KEY_SECRET} or --target-key-file")
-        target_key = secret_named(a.objects, KEY_SECRET, given[KEY_SECRET])
+    target_key = (new_image_key(given, a.target_key_file, "--target-key-file", a.objects)
+                  if kw.get("encrypt_format") or a.skip_create or KEY_SECRET in given else None)
     with progress_printer(a.progress) as progress:
         drive(aio.convert(
             a.src, a.dst, src_format=a.format, out_format=a.output_format, compress=a.compress,

@@ -143,14 +143,17 @@ def cmd_resize(a: argparse.Namespace) -> int:
     text = a.size.strip()
     sign = text[0] if text[:1] in "+-" else ""
     amount = parse_size(text[1:] if sign else text, zero=True)
+
+    def new_size(current: int) -> int:  # (+SIZE, -SIZE: from the disk's size)
+        return current + amount if sign == "+" else current - amount if sign == "-" else amount
+
     if os.path.isdir(a.image):
         raise UsageError(f"{a.image} is a directory: resize takes an image file (on a mount, "
                          "truncate MOUNTPOINT/disk.raw grows the disk)")
     if (a.format if a.format is not None else probe_quietly(a.image)) == "raw":
         from .. import aio
 
-        current = drive(aio.info(a.image, format="raw"))["virtual-size"]
-        size = current + amount if sign == "+" else current - amount if sign == "-" else amount
+        size = new_size(drive(aio.info(a.image, format="raw"))["virtual-size"])
         if size < 0:
             raise UsageError("the new size must not be negative")
         drive(aio.resize(a.image, size, shrink=a.shrink, format="raw", preallocation=a.preallocation))
@@ -170,7 +173,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
     async def main() -> None:
         async with image:
             current = image.virtual_size
-            size = current + amount if sign == "+" else current - amount if sign == "-" else amount
+            size = new_size(current)
             if size <= 0:
                 raise UsageError("the new size must be positive")
             if size < current and not a.shrink:

@@ -22,6 +22,7 @@ import os
 from typing import Callable, Iterator
 
 from ..errors import QcowError, RequestError, UnsupportedFeatureError
+from ..format import whole_sectors
 from ..host.hostfile import HostFile, same_file
 from ..host.locking import lock_image
 from ..host.waiting import Pace
@@ -126,7 +127,7 @@ class RawTarget:
         except QcowError:
             self.file.close()
             raise
-        self.size = -(-self.file.known_size // 512) * 512
+        self.size = whole_sectors(self.file.known_size)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.file.write_sync(data, offset)

@@ -37,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Protocol
 
+from ..format import whole_sectors
 from ..format.compression import compress_cluster
 from ..errors import PassphraseError, QcowError, RequestError
 from ..host.hostfile import HostFile
@@ -131,7 +132,7 @@ class Window:
         self._src = source
         self._start = start
         self._length = max(0, end - start)
-        self.size = -(-self._length // SECTOR) * SECTOR
+        self.size = whole_sectors(self._length)
 
     async def data_ranges(self) -> list[tuple[int, int]]:
         lo, hi = self._start, self._start + self._length

@@ -31,7 +31,7 @@ from ..format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSIO
                       INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
                       OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Geometry, Header,
                       HeaderExtension, encode_table, feature_table, refcount_block_of_ones, wants_feature_table,
-                      zero_table)
+                      whole_sectors, zero_table)
 from ..host.hostfile import same_file
 from ..host.locking import lock_image
 from .opening import chain_files, refuse_loop, resolve_backing
@@ -180,7 +180,7 @@ def disk_size(size: Any) -> int:
     size = option_int("size", size)
     if size < 0 or size > MAX_VIRTUAL_SIZE:
         raise UsageError(f"invalid image size {size}")
-    return -(-size // 512) * 512
+    return whole_sectors(size)
 
 
 def create_options(size: int | None, **kwargs: Any) -> CreateOptions:
@@ -565,7 +565,7 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
     try:
         with open(path, "rb") as f:
             if fmt == "raw":
-                return -(-os.fstat(f.fileno()).st_size // 512) * 512
+                return whole_sectors(os.fstat(f.fileno()).st_size)
             return Header.parse(f.read(1 << MAX_CLUSTER_BITS)).size
     except OSError as e:
         raise QcowError(f"could not open backing file {backing}: {e.strerror}") from None
@@ -679,26 +679,34 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
             os.close(old)
 
 
-# What `qemu-img create -f raw` takes besides the size.
+# What a raw image takes besides its size: qemu-img's one raw option.
 RAW_PREALLOCATION_MODES = ("off", "falloc", "full")
 
 
-def create_raw(path: str, size: int | None, preallocation: str = "off", **others: Any) -> None:
-    """qemu-img create -f raw PATH SIZE: a file of SIZE bytes (rounded up to
-    whole sectors, as qemu-img does), a hole or preallocated, made as a qcow2
-    image is made (create_file: whole or not at all, never over a file
-    another program holds). OTHERS are refused as qemu-img refuses them."""
+def raw_preallocation(preallocation: Any = "off", **others: Any) -> str:
+    """The preallocation mode of a raw image (create -f raw, convert -O raw,
+    resize of a raw file), checked; OTHERS are refused as qemu-img refuses
+    them (a raw image has no other option)."""
     if others:
         name = next(iter(others))
         if name in ("backing_file", "backing_fmt"):
             raise UsageError("a backing file is not supported for the raw format")
         raise UsageError(f"invalid parameter '{KEYWORDS.get(name, name)}' for raw (known: size, preallocation)")
-    if size is None:
-        raise UsageError("image creation needs a size")
-    size = disk_size(size)
     if preallocation not in RAW_PREALLOCATION_MODES:
         raise UsageError(f"preallocation={preallocation} is not supported for raw (one of "
                          f"{', '.join(RAW_PREALLOCATION_MODES)})")
+    return str(preallocation)
+
+
+def create_raw(path: str, size: int | None, **options: Any) -> None:
+    """qemu-img create -f raw PATH SIZE: a file of SIZE bytes (rounded up to
+    whole sectors, as qemu-img does), a hole or preallocated, made as a qcow2
+    image is made (create_file: whole or not at all, never over a file
+    another program holds). OPTIONS: raw_preallocation's."""
+    preallocation = raw_preallocation(**options)
+    if size is None:
+        raise UsageError("image creation needs a size")
+    size = disk_size(size)
 
     def fill(fd: int) -> None:
         os.ftruncate(fd, size)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from .bitmaps import Bitmap, read_bitmap
 from .blocks import MAX_BUFFER, complement, zero_runs, zero_word_runs
+from ..errors import UsageError
 from ..format import L2E_OFFSET_MASK, Header, SnapshotEntry, SubclusterType, Table, cluster_type, subcluster_type
 from ..host.hostfile import HostFile
 from .mapper import NUMPY_THRESHOLD, L1Table, Mapper
@@ -97,6 +98,8 @@ def raw_map(raw: object, size: int, start: int = 0, length: int | None = None) -
 
 def _range_end(size: int, start: int, length: int | None) -> int:
     """The end of qemu-img map's range from START: LENGTH bytes, cut at SIZE."""
+    if start < 0 or (length is not None and length < 0):
+        raise UsageError("start and length must not be negative")
     return size if length is None else min(size, start + length)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..errors import UsageError
-from ..format import MAX_CLUSTER_BITS, MIN_CLUSTER_BITS
+from ..format import MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, whole_sectors
 from .create import (DEFAULT_CLUSTER_SIZE, KEYWORDS, OPTION_KINDS, PREALLOCATION_MODES, EncryptOptions,
                      option_bool, option_int, check_encrypt, luks_header_bytes, refcount_metadata_clusters)
 
@@ -109,7 +109,7 @@ def check_size(size: int) -> int:
     """--size, in whole sectors as qemu-img takes it."""
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_SIZE:
         raise UsageError(f"invalid image size {size!r} (it must be between 0 and {MAX_SIZE})")
-    return min(-(-size // 512) * 512, MAX_SIZE)
+    return min(whole_sectors(size), MAX_SIZE)
 
 
 def prealloc_size(virtual_size: int, o: MeasureOptions) -> int:

@@ -18,7 +18,7 @@ from ..errors import InvalidImageError, QcowError, TruncatedError, UnsupportedFe
 from ..format import (COMPRESSION_NAMES, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, EXT_BACKING_FORMAT, EXT_CRYPTO,
                       EXT_DATA_FILE, FEATURE_TYPE_INCOMPAT, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN,
                       MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, QCOW_MAGIC,
-                      CryptoHeaderExtension, Geometry, Header, SnapshotEntry)
+                      CryptoHeaderExtension, Geometry, Header, SnapshotEntry, whole_sectors)
 from ..host.hostfile import HostFile, same_file
 from ..host.locking import lock_image
 from . import DEFAULT_L2_CACHE_BYTES
@@ -74,12 +74,6 @@ class OpenOptions:
     open_backing: bool = True
 
 
-def raw_disk_size(file_size: int) -> int:
-    """The disk of a raw file of FILE_SIZE bytes: whole sectors, as QEMU
-    sizes a raw file (the tail past the file's end reads zeros)."""
-    return -(-file_size // 512) * 512
-
-
 class RawSource:
     """A raw backing file: reads past its end are zeros."""
 
@@ -89,7 +83,7 @@ class RawSource:
             self.file = HostFile(path)
         except OSError as e:  # (a directory; a pipe, which cannot seek)
             raise QcowError.from_os(f"cannot read {path}", e) from None
-        self.size = raw_disk_size(self.file.known_size)
+        self.size = whole_sectors(self.file.known_size)  # (as QEMU sizes a raw file: the tail reads zeros)
         try:
             lock_image(self.file.fd, path, writer=False, force_share=force_share)
         except QcowError:

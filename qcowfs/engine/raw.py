@@ -7,8 +7,8 @@ import stat
 
 from ..errors import QcowError, ResizeError, UsageError
 from ..host.locking import lock_image
-from .create import RAW_PREALLOCATION_MODES, preallocate_data
-from .opening import raw_disk_size
+from ..format import whole_sectors
+from .create import preallocate_data, raw_preallocation
 
 # The largest file a host takes (off_t, as qemu-img says for sizes).
 MAX_FILE_SIZE = 2**63 - 1
@@ -17,13 +17,11 @@ MAX_FILE_SIZE = 2**63 - 1
 def resize_raw(path: str, size: int, shrink: bool = False, preallocation: str = "off") -> None:
     """Make the raw file PATH SIZE bytes long, as `qemu-img resize -f raw`:
     the file is cut or extended to exactly SIZE; a size below its disk
-    (raw_disk_size) needs SHRINK, as qemu-img's --shrink; a grown tail is a
+    (its size in whole sectors) needs SHRINK, as qemu-img's --shrink; a grown tail is a
     hole, or with PREALLOCATION "falloc" reserved, with "full" written with
     zeros. QEMU's writer lock is taken first: a file another program holds
     is refused, unchanged."""
-    if preallocation not in RAW_PREALLOCATION_MODES:
-        raise UsageError(f"unsupported preallocation mode '{preallocation}' for raw "
-                         f"(one of {', '.join(RAW_PREALLOCATION_MODES)})")
+    raw_preallocation(preallocation)
     if not 0 <= size <= MAX_FILE_SIZE:
         raise ResizeError(f"the new size must be between 0 and {MAX_FILE_SIZE} bytes")
     try:
@@ -35,7 +33,7 @@ def resize_raw(path: str, size: int, shrink: bool = False, preallocation: str = 
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{path} is not a regular file: only a raw image file can be resized")
         lock_image(fd, path, writer=True)
-        disk = raw_disk_size(st.st_size)
+        disk = whole_sectors(st.st_size)
         if size < disk and not shrink:
             raise ResizeError(f"{size} is smaller than the disk ({disk}): shrinking drops what lies past "
                               "the new end; pass shrink=True (--shrink) to do it")

@@ -24,6 +24,9 @@ MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
 MAX_VIRTUAL_SIZE = 1 << 61
+# Disks are whole sectors (QEMU's BDRV_SECTOR_SIZE): a raw file's disk, a new
+# disk's size, a range of a disk as one of its own.
+SECTOR_SIZE = 512
 # Extended L2 entries split a cluster into this many subclusters.
 SUBCLUSTERS_PER_CLUSTER = 32
 
@@ -251,6 +254,11 @@ def feature_table() -> HeaderExtension:
     """QEMU's feature name table extension."""
     return HeaderExtension(EXT_FEATURE_TABLE, b"".join(bytes([t, bit]) + name.encode().ljust(46, b"\0")
                                                        for (t, bit), name in FEATURE_NAMES_BUILTIN.items()))
+
+
+def whole_sectors(n: int) -> int:
+    """N bytes rounded up to whole sectors: the disk QEMU makes of them."""
+    return -(-n // SECTOR_SIZE) * SECTOR_SIZE
 
 
 def wants_feature_table(version: int, cluster_size: int) -> bool:
