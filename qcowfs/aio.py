@@ -974,7 +974,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
     past the disk: to its end), as a disk of their own (`dd`); a START past
     the end of the disk is refused; not with SKIP_CREATE, BACKING_FILE,
     BITMAPS or COPY_OFFLOAD."""
-    from .engine import convert as _convert, create as _create
+    from .engine import builder as _builder, convert as _convert, create as _create
     from .host.logs import log
 
     src_path, dst_path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -1082,7 +1082,19 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         # -n: the target is told every range of zeros (unless it reads zeros, or
         # -B says it reads that file where the source does), freeing what it held there
         plan.unmap = skip_create
-        if out_format == "qcow2":
+        if out_format == "qcow2" and opts is not None and not copies and not compress and _builder.fits(opts):
+            # (a new plain image: written front to back, without the writer's refcount engine)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            made = True
+            os.close(fd)
+            built = _builder.ImageBuilder(tmp, opts, flushes=cache != "unsafe")
+            closers.insert(0, built.close)
+            plan.align = opts.cluster_size
+            if plan.granularity:
+                plan.granularity = opts.cluster_size
+            await _convert.copy(source, built, plan)
+            await built.finish()
+        elif out_format == "qcow2":
             if opts is not None:
                 await in_thread(lambda: _create.create(tmp, opts, target_key))
                 made = True

@@ -243,10 +243,11 @@ def test_creating_a_plain_image_loads_no_numpy(tmp_path: Path) -> None:
     assert {"numpy", "qcowfs.format.crypto"} <= loaded
 
 
-def test_converting_to_raw_loads_no_numpy(tmp_path: Path) -> None:
+def test_converting_loads_no_numpy(tmp_path: Path) -> None:
     """`qcowfs convert -O raw` (a qcow2 or raw source) finds the blocks of
     zeros without numpy, whose import (some 65 ms) was a third of a 1 GiB
-    convert; a qcow2 target's writer does load it (so the test can see it)."""
+    convert, and so does `-O qcow2` into a new plain image (engine.builder);
+    a compressed target's writer does load it (so the test can see it)."""
     img, raw = tmp_path / "img.qcow2", tmp_path / "img.raw"
     qemu_img("create", "-q", "-f", "qcow2", img, "16M")
     qemu_io(img, "write -P 0x5a 0 3M", "write -z 4M 1M")
@@ -256,7 +257,10 @@ def test_converting_to_raw_loads_no_numpy(tmp_path: Path) -> None:
         loaded = _modules(cli.format(["convert", "-O", "raw", str(src), str(tmp_path / "out.raw")]))
         assert "numpy" not in loaded, src
         assert "qcowfs.engine.convert" in loaded
-    loaded = _modules(cli.format(["convert", "-O", "qcow2", str(img), str(tmp_path / "out.qcow2")]))
+        loaded = _modules(cli.format(["convert", "-O", "qcow2", str(src), str(tmp_path / "out.qcow2")]))
+        assert "numpy" not in loaded, src
+        assert "qcowfs.engine.builder" in loaded
+    loaded = _modules(cli.format(["convert", "-c", "-O", "qcow2", str(img), str(tmp_path / "out.qcow2")]))
     assert "numpy" in loaded
 
 

@@ -16,7 +16,8 @@ is built on `image.Image`. By concern, as QEMU splits block/qcow2*.c:
 - `snapshots`, `snapshot_ops`: internal snapshots (qcow2-snapshot.c);
 - `bitmaps`, `bitmap_ops`: persistent dirty bitmaps (qcow2-bitmap.c);
 - `extents`: allocation and dirty maps; `check`: qemu-img check; `info`: qemu-img info;
-- `create`, `convert`, `chain_ops`, `resize`: what qemu-img makes and changes, and
+- `create`, `convert`, `chain_ops`, `resize`: what qemu-img makes and changes
+  (`builder`: the new plain image a convert writes front to back), and
   `blocks`, the block comparisons convert, rebase and the maps share;
 - `compare`: where two disks first differ (qemu-img compare).
 
