@@ -246,7 +246,10 @@ class RawTarget:
                                f"the disk {size}")
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        self.file.write_sync(data, offset)
+        if self.in_place:
+            self.file.write_sync(data, offset)
+        else:
+            self.file.write_new(data, offset)
         return len(data)
 
     def copy_from(self, fd: int, src_offset: int, offset: int, n: int) -> bool:

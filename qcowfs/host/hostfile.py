@@ -270,6 +270,20 @@ class HostFile:
         rest = memoryview(b"".join(parts))[n:] if n < total else memoryview(b"")
         self.write_sync(rest, offset + n)
 
+    def write_new(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """write_sync of DATA into a range of the file that holds nothing
+        yet (a copy's target): the range is allocated first, in one
+        fallocate, where the filesystem can. The page cache write then costs
+        less: ext4 otherwise reserves each page's block as it is written
+        (delayed allocation), 512 MiB in 2 MiB writes took 0.104 s against
+        0.073 with each range allocated first (docs/speed.md). Where it
+        cannot (no fallocate, a full disk) the write alone decides."""
+        try:
+            fallocate(self.fd, 0, offset, len(data))
+        except OSError:
+            pass
+        self.write_sync(data, offset)
+
     def zero_range(self, offset: int, length: int, punch: bool) -> bool:
         """Make host bytes read as zeros without writing them: PUNCH frees
         the space (PUNCH_HOLE), else it stays allocated (ZERO_RANGE); the
