@@ -233,6 +233,18 @@ def test_subcommand_help(cmd: str, words: list[str]):
         assert w in p.stdout, (cmd, w)
 
 
+@pytest.mark.parametrize("cmd", [[], ["convert"], ["check"]])
+def test_help_is_as_wide_as_the_terminal(cmd: list[str]):
+    """Help wraps at the terminal's width, COLUMNS when set, as argparse's
+    own would (its width is found without shutil: cli.main.HelpFormatter)."""
+    for columns in (50, 140):
+        p = subprocess.run([QCOWFS, *cmd, "--help"], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": str(columns)})
+        assert p.returncode == 0, p.stderr
+        widest = max(len(line) for line in p.stdout.splitlines())
+        assert columns - 12 < widest <= columns - 2, (columns, widest)
+
+
 def test_no_arguments_shows_usage():
     p = qcowfs()
     assert p.returncode != 0

@@ -11,11 +11,12 @@ command's start (docs/speed.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import signal
 import sys
-from typing import Callable, NoReturn, Sequence, TypeAlias
+from typing import Any, Callable, NoReturn, Sequence, TypeAlias
 
 from .. import __version__
 from ..errors import QcowError
@@ -29,11 +30,51 @@ from .lifecycle import (amend_parser, check_cache_flags, cmd_amend, cmd_commit, 
 
 # ---- argument parsing -------------------------------------------------------------
 
+@functools.cache
+def _help_width() -> int:
+    """The width argparse gives help and usage: the terminal's (COLUMNS, else
+    standard output's, else 80), less 2, as argparse takes it."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, as wide as the terminal, found without shutil:
+    argparse asks shutil for the width of every formatter it makes (one per
+    add_argument), and importing shutil loads bz2, lzma and fnmatch, some
+    4 ms of every command's start (docs/speed.md)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _help_width() if width is None else width)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """argparse's RawDescriptionHelpFormatter, with HelpFormatter's width."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `qcowfs` and of each command (a command's parser is
+    made of its parent's class): HelpFormatter unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The `qcowfs` parser with every command, or with the command ONLY
     alone: what `qcowfs COMMAND ...` needs (the other thirteen parsers cost some
     8 ms of every start, a sixth of a one-shot command; docs/speed.md)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qcowfs",
         description="Mount a qcow2 disk image as plain files: disk.raw (the virtual disk), "
                     "snapshots/NAME.raw (internal snapshots) and bitmaps/NAME (dirty bitmaps).",
@@ -58,7 +99,7 @@ QUIET_COMMANDS = ("check", "snapshot", "bitmap", "checkpoint", "create", "conver
 
 
 # One function per command, each adding that command's parser to SUB.
-Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Sub: TypeAlias = "argparse._SubParsersAction[Parser]"
 # What snapshot, bitmap and checkpoint act on.
 TARGET = ("an image file, or the mount point of a read-write mount (then the daemon does it "
           "at one instant while the disk stays in use)")
@@ -68,7 +109,7 @@ def _mount_parser(sub: Sub) -> None:
     m = sub.add_parser("mount", help="mount an image (returns once the mount is ready)",
                        description="Mount IMAGE on MOUNTPOINT. Returns once the mount is ready; "
                                    "the daemon keeps serving until unmounted.",
-                       epilog=mount_options_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=mount_options_text(), formatter_class=RawDescriptionHelpFormatter)
     m.add_argument("image", metavar="IMAGE", help="the qcow2 image file")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     _mount_args(m)
@@ -419,7 +460,7 @@ def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.Argum
 
 
 def _helper_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qcowfs", description="mount.fuse3 entry point")
+    p = Parser(prog="qcowfs", description="mount.fuse3 entry point")
     p.add_argument("image")
     p.add_argument("mountpoint")
     _mount_args(p)

@@ -32,10 +32,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, Protocol
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 from ..format import whole_sectors
 from ..format.compression import compress_cluster
@@ -45,6 +46,9 @@ from ..host.waiting import Pace, drive, in_thread
 from .blocks import MAX_BUFFER, Runs, complement, differing_runs, widened, zero_runs
 from .mapper import zero_fill
 from .opening import RawSource
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 # Bytes read and written per step: large enough that per-call costs vanish,
 # small enough to show progress and keep memory low.
@@ -381,7 +385,9 @@ class Lane:
 
     A job is the engine's own coroutine, driven to its end in the thread
     (host.waiting.drive): the lane has its own image (the source), which
-    nothing else touches while the job runs, so no lock is needed.
+    nothing else touches while the job runs, so no lock is needed. A thread
+    and two queues, not concurrent.futures: its import (with logging, which
+    it loads) was some 5 ms of every convert's start (docs/speed.md).
 
     Writes stay on the loop's thread: a second lane for them (the zero
     check and the writes of a chunk beside the next read) made the copy
@@ -391,31 +397,46 @@ class Lane:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._jobs: SimpleQueue[Coroutine[Any, Any, Any] | None] = SimpleQueue()
+        self._done: SimpleQueue[BaseException | None] = SimpleQueue()   # (what each job raised)
+        self._pending = False
 
     def start(self, job: Coroutine[Any, Any, Any]) -> None:
         """Run JOB; `result` waits for it. No job may be in flight."""
-        assert self._pending is None, "one job at a time"
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
-        self._pending = self._pool.submit(drive, job)
+        assert not self._pending, "one job at a time"
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        self._pending = True
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                drive(job)
+            except BaseException as e:  # noqa: BLE001 - raised again by result(), on the loop's thread
+                self._done.put(e)
+            else:
+                self._done.put(None)
 
     async def result(self) -> bool:
         """Wait for the job in flight, raise what it raised; False if there was none."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        if not self._pending:
             return False
-        if not pending.done():
-            await in_thread(wait, [pending])
-        pending.result()
+        self._pending = False
+        error = await in_thread(self._done.get)
+        if error is not None:
+            raise error
         return True
 
     def close(self) -> None:
         """Wait for the job in flight (its buffers and its image must outlive it)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._pending = None
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        self._pending = False
 
 
 def _steps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -489,6 +510,8 @@ class Compressor:
     of a loaded machine as qemu-img."""
 
     def __init__(self, dst: CompressedTarget, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # (-c alone: not every convert's start)
+
         self._dst = dst
         self._cs, self._ctype = dst.cluster_size, dst.compression_type
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="qcowfs-compress")
@@ -521,6 +544,8 @@ class Compressor:
         while len(self._queue) > left:
             offset, view, wanted, jobs = self._queue.popleft()
             if not all(j.done() for j in jobs):
+                from concurrent.futures import wait
+
                 await in_thread(wait, jobs)
             await self._write(offset, view, wanted, [b for j in jobs for b in j.result()])
 

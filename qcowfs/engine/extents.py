@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -314,20 +315,24 @@ def _pieces(mapper: Mapper, table: Table, base: int, first: int, last: int,
     entries = memoryview(table).cast("B")[first * 8 * words : (last + 1) * 8 * words]
     k = first
     for za, zb in [*zero_word_runs(entries, 8 * words), (last + 1 - first, last + 1 - first)]:
-        for k in range(k, first + za):
+        while k < first + za:
             c0 = base + (k << cb)
             if words == 2:
                 _subcluster_pieces(out, mapper, table[2 * k], table[2 * k + 1], c0)
+                k += 1
                 continue
             e = table[k]
             t = cluster_type(e, False, external)
             h = e & L2E_OFFSET_MASK
+            # (a host-contiguous run is one step: the image a copy made is mostly such runs)
+            n = _contiguous(table, k, first + za, cs) if t in _WITH_OFFSET else 1
+            k += n
             if out:
                 a, _, pt, ph = out[-1]
                 if pt == t and (t not in _WITH_OFFSET or ph + (c0 - a) == h):
-                    out[-1] = (a, c0 + cs, t, ph)
+                    out[-1] = (a, c0 + n * cs, t, ph)
                     continue
-            out.append((c0, c0 + cs, t, h))
+            out.append((c0, c0 + n * cs, t, h))
         k = first + zb
         if za < zb:
             c0, c1 = base + ((first + za) << cb), base + ((first + zb) << cb)
@@ -336,6 +341,23 @@ def _pieces(mapper: Mapper, table: Table, base: int, first: int, last: int,
             else:
                 out.append((c0, c1, unallocated, 0))
     return out
+
+
+def _contiguous(table: Table, k: int, end: int, step: int) -> int:
+    """How many entries of TABLE from K (before END) are table[K] plus STEP
+    each time (the same type and flags, host-contiguous clusters), in
+    comparisons of arrays (C loops): one where the whole range is a run."""
+    e = table[k]
+    lo, hi = 1, end - k     # (the first LO entries follow, the first HI may not)
+    if table[k:end] == array("Q", range(e, e + hi * step, step)):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if table[k:k + mid] == array("Q", range(e, e + mid * step, step)):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _subcluster_pieces(out: list[tuple[int, int, SubclusterType, int]], mapper: Mapper,
