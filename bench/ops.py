@@ -409,6 +409,10 @@ print(statistics.median(times[1:]))
 """
 
 
+# Rounds of each row of create and the plain converts, at least (see image_maker_times).
+SHORT_RUNS = 9
+
+
 def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
     """Median wall seconds (process start included) of create and convert,
     qcowfs and qemu-img; for convert also a row of their user+sys CPU
@@ -445,16 +449,20 @@ def image_maker_times(work: Path, runs: int) -> dict[str, dict[str, float]]:
         c_q: list[float] = []
         c_o: list[float] = []
         fmt = "raw" if "raw" in ours else "qcow2"
-        for _ in range(runs):
-            for args, times, cpus, out in ((["qemu-img", *theirs], t_q, c_q, q_out),
-                                           ([QCOWFS, *ours], t_o, c_o, o_out)):
+        pair = [(["qemu-img", *theirs], t_q, c_q, q_out), ([QCOWFS, *ours], t_o, c_o, o_out)]
+        # The short rows get SHORT_RUNS rounds at least: a few of any ten
+        # rounds take one tool or the other 0.3-3 s longer (the VM's first
+        # touch of memory for the page cache), so the median of three is
+        # the bursts' more than the tools'. The order alternates by round.
+        for round_ in range(runs if "-c" in ours else max(runs, SHORT_RUNS)):
+            for args, times, cpus, out in pair[::-1] if round_ % 2 else pair:
                 clear()
                 sh("sync")
                 wall, cpu = timed_cpu(*args, *([src] if not tail else []), out, *tail)
                 times.append(wall)
                 cpus.append(cpu)
-            if not tail:
-                sh("qemu-img", "compare", "-F", fmt, src, o_out)
+                if not tail and out == o_out:   # (before the other's round removes it)
+                    sh("qemu-img", "compare", "-F", fmt, src, o_out)
         rows[name] = {"qcowfs": statistics.median(t_o), "qemu-img": statistics.median(t_q)}
         if not tail:
             rows[f"{name[len('convert '):]} CPU"] = {"qcowfs": statistics.median(c_o),
