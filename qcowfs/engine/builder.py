@@ -78,7 +78,8 @@ class ImageBuilder:
             # the clusters of this write that this L2 table maps
             k = min(-(-(n - done) // cs), (self._l1_index + 1) * per_table - g)
             piece = view[done : min(n, done + k * cs)]
-            self._file.write_new(piece, self._next * cs)
+            self._file.allocate(self._next * cs, len(piece))
+            self._file.write_sync(piece, self._next * cs)
             for j in range(k):
                 at = (g + j - self._l1_index * per_table) * self._words
                 self._l2[at] = ((self._next + j) * cs) | OFLAG_COPIED

@@ -250,10 +250,9 @@ class RawTarget:
                                f"the disk {size}")
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        if self.in_place:
-            self.file.write_sync(data, offset)
-        else:
-            self.file.write_new(data, offset)
+        if not self.in_place:
+            self.file.allocate(offset, len(data))
+        self.file.write_sync(data, offset)
         return len(data)
 
     def copy_from(self, fd: int, src_offset: int, offset: int, n: int) -> bool:

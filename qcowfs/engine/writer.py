@@ -330,6 +330,8 @@ class Writer:
         if reuse:  # (new clusters were checked when allocated)
             self._check_host(host, n * cs, c0)
         at = host + (run_lo - c0)
+        if not reuse and not self.external:
+            self.data_file.allocate(at, run_hi - run_lo)   # (new clusters: see HostFile.allocate)
         if self.mapper.encrypted:
             # Encrypted where they now lie: old contents are plaintext (read
             # through the mapper), never copied ciphertext.
