@@ -150,3 +150,27 @@ def test_writes_out_of_order_are_refused(tmp_path: Path) -> None:
         await b.close()
 
     trio.run(go)
+
+
+def test_a_filesystem_without_fallocate_is_asked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder allocates each run before writing it (HostFile.allocate);
+    a filesystem that has no fallocate is asked once, and the image is the
+    same (the writes alone)."""
+    import errno
+
+    from qcowfs.host import hostfile
+
+    calls: list[int] = []
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
+        calls.append(offset)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    src = tmp_path / "src.raw"
+    write_source(src, 8 * MiB, [("data", 3 * MiB), ("hole", MiB), ("data", 3 * MiB)], random.Random(5))
+    monkeypatch.setattr(hostfile, "fallocate", unsupported)
+    qcowfs.convert(src, tmp_path / "ours.qcow2", src_format="raw", out_format="qcow2")
+    assert len(calls) == 1
+    p = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "ours.qcow2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert run("qemu-img", "check", tmp_path / "ours.qcow2").returncode == 0
