@@ -29,6 +29,9 @@ MAX_DIRECTORY_BYTES = 64 << 20
 
 @dataclass
 class Bitmap:
+    """A persistent bitmap of an open image: its directory entry, its table,
+    and (while tracked) its bits in memory."""
+
     entry: BitmapDirEntry
     virtual_size: int
     cluster_size: int

@@ -289,6 +289,9 @@ class RawTarget:
 
 @dataclass
 class CopyPlan:
+    """What one copy does besides moving data: which zeros stay holes, what
+    the target reads by itself, compression, -B, progress and pace."""
+
     size: int
     granularity: int          # zeros of this size (aligned) stay holes; 0: write all
     compress: bool = False

@@ -94,6 +94,8 @@ def pad8(n: int) -> int:
 
 @dataclass
 class HeaderExtension:
+    """One header extension: its type (EXT_*) and its data, unpadded."""
+
     type: int
     data: bytes
 
@@ -295,6 +297,9 @@ def parse_extensions(buf: bytes, start: int) -> Iterator[HeaderExtension]:
 
 @dataclass
 class BitmapsExtension:
+    """The bitmaps extension: where the bitmap directory lies and how many
+    bitmaps it lists."""
+
     nb_bitmaps: int
     directory_size: int
     directory_offset: int

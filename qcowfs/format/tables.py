@@ -36,6 +36,8 @@ _BME = struct.Struct(">QIIBBHI")
 
 @dataclass
 class SnapshotEntry:
+    """One entry of the snapshot table, as stored (its extra data kept whole)."""
+
     l1_table_offset: int
     l1_size: int
     id_str: str
@@ -103,6 +105,8 @@ class SnapshotEntry:
 
 @dataclass
 class BitmapDirEntry:
+    """One entry of the bitmap directory, as stored."""
+
     bitmap_table_offset: int
     bitmap_table_size: int
     flags: int

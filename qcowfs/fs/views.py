@@ -97,6 +97,8 @@ class FileView:
 
 @dataclass
 class DirNode:
+    """A directory of the mount's tree."""
+
     name: str
     children: dict[str, "DirNode | FileNode"] = field(default_factory=dict)
     mtime_ns: int = 0
@@ -108,6 +110,8 @@ class DirNode:
 
 @dataclass
 class FileNode:
+    """A file of the mount's tree: a name and the view that serves its bytes."""
+
     name: str
     view: FileView
 

@@ -38,6 +38,9 @@ class Hooks:
 
 @dataclass
 class Manager:
+    """What the control socket asks of a mounted image (info, check,
+    snapshots, bitmaps, checkpoints), run on the daemon's image."""
+
     image: Image
     hooks: Hooks = field(default_factory=Hooks)
 

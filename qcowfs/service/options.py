@@ -104,6 +104,8 @@ def parse_size(text: str, zero: bool = False) -> int:
 
 @dataclass
 class MountOptions:
+    """The options of one mount, parsed and checked (-o and the flags)."""
+
     read_only: bool = False
     allow_other: bool = False
     uid: int = field(default_factory=os.getuid)

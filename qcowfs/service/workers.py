@@ -63,6 +63,8 @@ def describe(status: int) -> str:
 
 @dataclass
 class Worker:
+    """One forked serving process of a mount."""
+
     index: int  # 1..N-1 (the daemon is 0)
     pid: int
     pidfd: int
