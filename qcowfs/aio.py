@@ -1084,9 +1084,8 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         plan.unmap = skip_create
         if out_format == "qcow2" and opts is not None and not copies and not compress and _builder.fits(opts):
             # (a new plain image: written front to back, without the writer's refcount engine)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.close(_create.new_file(tmp))
             made = True
-            os.close(fd)
             built = _builder.ImageBuilder(tmp, opts, flushes=cache != "unsafe")
             closers.insert(0, built.close)
             plan.align = opts.cluster_size
@@ -1135,7 +1134,7 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
             await out.close()
         else:
             if not in_place:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = _create.new_file(tmp)
                 made = True
                 try:
                     if raw_preallocation != "off":

@@ -26,9 +26,9 @@ compressed clusters (which share host clusters), bitmaps to copy.
 """
 from __future__ import annotations
 
-from ..format import OFLAG_COPIED, Table, encode_table, refcount_block_of_ones, zero_table
+from ..format import OFLAG_COPIED, Table, encode_table, zero_table
 from ..host.hostfile import HostFile
-from .create import CreateOptions, Layout, build_header, refcount_metadata_clusters
+from .create import CreateOptions, Layout, build_header, refcount_metadata_clusters, refcount_structures
 
 
 def fits(o: CreateOptions) -> bool:
@@ -113,14 +113,10 @@ class ImageBuilder:
         geo, cs = self._geo, self._geo.cluster_size
         used = self._next
         nblocks, table_clusters = refcount_metadata_clusters(used, cs, geo.refcount_order)
-        total = used + nblocks + table_clusters
-        per_block = geo.refcounts_per_block
-        table = zero_table(table_clusters * cs // 8)
-        for j in range(nblocks):
-            block = refcount_block_of_ones(min(per_block, total - j * per_block), geo.refcount_order, cs)
+        blocks, table = refcount_structures(geo, used + nblocks + table_clusters, used, nblocks, table_clusters)
+        for j, block in enumerate(blocks):
             self._file.write_sync(block, (used + j) * cs)
-            table[j] = (used + j) * cs
-        self._file.write_sync(encode_table(table), (used + nblocks) * cs)
+        self._file.write_sync(table, (used + nblocks) * cs)
         self._file.write_sync(encode_table(self._l1), cs)
         self._file.write_sync(self._layout(used, nblocks, table_clusters), 0)
         await self._file.sync()

@@ -431,6 +431,21 @@ def refcount_metadata_clusters(clusters: int, cluster_size: int, refcount_order:
         blocks, table = b, t
 
 
+def refcount_structures(geo: Geometry, used: int, blocks_at: int, nblocks: int,
+                        table_clusters: int) -> tuple[list[bytes], bytes]:
+    """The NBLOCKS refcount blocks (to lie from cluster BLOCKS_AT on) and the
+    refcount table (TABLE_CLUSTERS clusters) of a new image whose first USED
+    clusters are each used once: every count 1 (create's image, the
+    builder's), the table pointing at the blocks."""
+    cs, per_block = geo.cluster_size, geo.refcounts_per_block
+    table = zero_table(table_clusters * cs // 8)
+    blocks = []
+    for j in range(nblocks):
+        blocks.append(refcount_block_of_ones(min(per_block, max(0, used - j * per_block)), geo.refcount_order, cs))
+        table[j] = (blocks_at + j) * cs
+    return blocks, encode_table(table)
+
+
 def plan(o: CreateOptions, crypto_bytes: int) -> Layout:
     """The layout of a new image: the refcount structures sized to count
     themselves and everything else."""
@@ -532,13 +547,10 @@ def write_image(fd: int, o: CreateOptions, crypto: bytes) -> None:
     lay = plan(o, len(crypto))
     header = build_header(o, lay, len(crypto))
     used = 1 + lay.reftable_clusters + lay.nblocks + (lay.clusters - lay.l1)
-    rpb = geo.refcounts_per_block
-    table = zero_table(lay.reftable_clusters * cs // 8)
-    for j in range(lay.nblocks):
-        block = refcount_block_of_ones(min(rpb, max(0, used - j * rpb)), geo.refcount_order, cs)
+    blocks, table = refcount_structures(geo, used, lay.refblocks, lay.nblocks, lay.reftable_clusters)
+    for j, block in enumerate(blocks):
         os.pwrite(fd, block, (lay.refblocks + j) * cs)
-        table[j] = (lay.refblocks + j) * cs
-    os.pwrite(fd, encode_table(table), lay.reftable * cs)
+    os.pwrite(fd, table, lay.reftable * cs)
     if crypto:
         os.pwrite(fd, crypto + bytes(lay.crypto_clusters * cs - len(crypto)), lay.crypto * cs)
     l1 = zero_table(lay.l1_entries)
@@ -648,6 +660,12 @@ def replaced_file(path: str) -> str:
     return os.path.realpath(path)
 
 
+def new_file(path: str) -> int:
+    """A descriptor of the new, empty file PATH (read-write, mode 0644):
+    an image's temporary name, refused if anything is there."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+
 def create_file(path: str, fill: Callable[[int], None]) -> None:
     """Make PATH as FILL(fd) writes it into a new file: under a temporary
     name in the same directory, fsync'd, renamed over PATH (whose writer
@@ -657,7 +675,7 @@ def create_file(path: str, fill: Callable[[int], None]) -> None:
     old = hold_target(path)
     tmp = temp_name(path)
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = new_file(tmp)
     except OSError as e:
         if old >= 0:
             os.close(old)
