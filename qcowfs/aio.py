@@ -1082,56 +1082,59 @@ async def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, s
         # -n: the target is told every range of zeros (unless it reads zeros, or
         # -B says it reads that file where the source does), freeing what it held there
         plan.unmap = skip_create
-        if out_format == "qcow2" and opts is not None and not copies and not compress and _builder.fits(opts):
-            # (a new plain image: written front to back, without the writer's refcount engine)
-            os.close(_create.new_file(tmp))
-            made = True
-            built = _builder.ImageBuilder(tmp, opts, flushes=cache != "unsafe")
-            closers.insert(0, built.close)
-            plan.align = opts.cluster_size
-            if plan.granularity:
-                plan.granularity = opts.cluster_size
-            await _convert.copy(source, built, plan)
-            await built.finish()
-        elif out_format == "qcow2":
-            if opts is not None:
-                await in_thread(lambda: _create.create(tmp, opts, target_key))
+        if out_format == "qcow2":
+            target: Any
+            out: Image | None = None
+            if opts is not None and not copies and not compress and _builder.fits(opts):
+                # (a new plain image: written front to back, without the writer's refcount engine)
+                os.close(_create.new_file(tmp))
                 made = True
-            out = Image(tmp, "r+", passphrase=target_keys, cache=cache)
-            closers.insert(0, out.close)
-            if skip_create:   # (checked before the image is written: prepare may write)
-                if out.virtual_size < size:
-                    raise RequestError(f"{dst} is too small for the disk: {out.virtual_size} bytes, the disk "
-                                       f"{size} (as in qemu-img, -n does not grow it)")
-                if bitmaps and out.engine.header.version < 3:
-                    raise UsageError(f"--bitmaps: {dst} is a version 2 image, which has no persistent bitmaps")
-                if copies:   # (names free, else refused; bitmap_ops loads numpy: only for bitmaps)
-                    from .engine import bitmap_ops
-                    bitmap_ops.plan_copies(out.engine.meta, out.engine.bitmaps, copies)
-            await out.prepare()
-            if backing_file is not None:
-                if backing_fmt == "qcow2":
-                    base = Image(_create.resolve_backing(dst_path, backing_file), "r", passphrase=src_key,
-                                 force_share=True)
-                    closers.append(base.close)
-                    plan.backing = _QcowSource(base, None)
-                else:
-                    raw = _convert.RawDisk(_create.resolve_backing(dst_path, backing_file), force_share=True)
-                    closers.append(raw.close)
-                    plan.backing = raw
-            plan.align = out.cluster_size
-            plan.zero_init = (target_is_zero or backing_file is not None) if opts is None else opts.reads_zeros
+                target = _builder.ImageBuilder(tmp, opts, flushes=cache != "unsafe")
+                closers.insert(0, target.close)
+                cluster_size = opts.cluster_size
+            else:
+                if opts is not None:
+                    await in_thread(lambda: _create.create(tmp, opts, target_key))
+                    made = True
+                out = Image(tmp, "r+", passphrase=target_keys, cache=cache)
+                closers.insert(0, out.close)
+                if skip_create:   # (checked before the image is written: prepare may write)
+                    if out.virtual_size < size:
+                        raise RequestError(f"{dst} is too small for the disk: {out.virtual_size} bytes, the disk "
+                                           f"{size} (as in qemu-img, -n does not grow it)")
+                    if bitmaps and out.engine.header.version < 3:
+                        raise UsageError(f"--bitmaps: {dst} is a version 2 image, which has no persistent bitmaps")
+                    if copies:   # (names free, else refused; bitmap_ops loads numpy: only for bitmaps)
+                        from .engine import bitmap_ops
+                        bitmap_ops.plan_copies(out.engine.meta, out.engine.bitmaps, copies)
+                await out.prepare()
+                if backing_file is not None:
+                    if backing_fmt == "qcow2":
+                        base = Image(_create.resolve_backing(dst_path, backing_file), "r", passphrase=src_key,
+                                     force_share=True)
+                        closers.append(base.close)
+                        plan.backing = _QcowSource(base, None)
+                    else:
+                        raw = _convert.RawDisk(_create.resolve_backing(dst_path, backing_file), force_share=True)
+                        closers.append(raw.close)
+                        plan.backing = raw
+                plan.zero_init = (target_is_zero or backing_file is not None) if opts is None else opts.reads_zeros
+                target, cluster_size = _QcowTarget(out), out.cluster_size
+            plan.align = cluster_size
             if plan.granularity and not target_is_zero:
                 # (zeros stay holes by the cluster; in a target said to read zeros, blocks of
                 # -S's size are left out inside clusters too, as qemu-img leaves them)
-                plan.granularity = out.cluster_size
-            await _convert.copy(source, _QcowTarget(out), plan)
+                plan.granularity = cluster_size
+            await _convert.copy(source, target, plan)
             for bm in broken:
                 log.warning("skipping inconsistent bitmap '%s' (%s)", bm.name, bm.problem)
-            if copies:
-                await out.engine.copy_bitmaps(copies)
-            closers.remove(out.close)
-            await out.close()
+            if out is None:
+                await target.finish()   # (its closer stays: closing twice does nothing)
+            else:
+                if copies:
+                    await out.engine.copy_bitmaps(copies)
+                closers.remove(out.close)
+                await out.close()
         else:
             if not in_place:
                 fd = _create.new_file(tmp)

@@ -537,6 +537,21 @@ def test_inconsistent_bitmaps(tmp_path: Path):
     assert_clean(ours)
 
 
+def test_a_skipped_bitmap_is_named_when_none_is_copied(tmp_path: Path):
+    """With no consistent bitmap left to copy, the new image is a plain one
+    (written front to back): the skipped bitmap still gets its warning."""
+    src = images.create(tmp_path / "src.qcow2", 10 * MiB)
+    images.qio(src, "write -P 0xb1 0 1M")
+    qemu_img("bitmap", "--add", src, "b4")
+    assert run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xb2 2M 64k", "-c", "abort", src]).returncode != 0
+    ours = tmp_path / "ours.qcow2"
+    p = qcowfs("convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", src, ours)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [f"qcowfs: warning: skipping inconsistent bitmap 'b4' ({_problem(src, 'b4')})"]
+    assert bitmaps_of(ours) == [] and same_content(src, ours)
+    assert_clean(ours)
+
+
 def _problem(img: Path, name: str) -> str:
     import qcowfs as library
 
